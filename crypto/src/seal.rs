@@ -1,0 +1,247 @@
+//! Deterministic authenticated encryption of chunks and objects, in a versioned format.
+//!
+//! ```text
+//! sealed = version:u8 | algorithm:u8 | flags:u8 | nonce:[u8; 24] | ciphertext | tag:[u8; 16]
+//! ```
+//!
+//! * `version` is [`SEAL_FORMAT_VERSION`]; anything else is rejected.
+//! * `algorithm` 1 is XChaCha20-Poly1305 with a synthetic nonce (see below).
+//! * `flags` bit 0 says the payload was zstd-compressed (level [`ZSTD_LEVEL`], frozen
+//!   with this version) before encryption; other bits must be zero.
+//! * The header (version, algorithm, flags, nonce) and the caller's associated data are
+//!   authenticated, so no header byte can be flipped unnoticed, and a blob sealed for one
+//!   purpose (a chunk) cannot be passed off as another (an object).
+//!
+//! Sealing is deterministic: the nonce is a keyed BLAKE3 of the header and the payload
+//! under a subkey of the sealing key (an SIV construction). Equal inputs give equal
+//! ciphertext, which is what convergent dedup and stable object cids need; different
+//! payloads under one key get different nonces, so a nonce never repeats for two messages.
+//! Opening never returns unauthenticated bytes.
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+
+use crate::error::{CryptoError, Result};
+use crate::keys::KEY_BYTES;
+
+/// The sealed format version this build writes and reads.
+pub const SEAL_FORMAT_VERSION: u8 = 1;
+/// Algorithm byte for XChaCha20-Poly1305 with a BLAKE3 synthetic nonce.
+pub const ALGORITHM_XCHACHA20_POLY1305_SIV: u8 = 1;
+/// zstd level, frozen with [`SEAL_FORMAT_VERSION`]: changing it would change ciphertexts.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Flag bit: the payload was zstd-compressed before encryption.
+pub const FLAG_ZSTD: u8 = 0b0000_0001;
+
+const KNOWN_FLAGS: u8 = FLAG_ZSTD;
+const NONCE_BYTES: usize = 24;
+const TAG_BYTES: usize = 16;
+/// Bytes before the ciphertext: version, algorithm, flags, nonce.
+pub const SEAL_HEADER_BYTES: usize = 3 + NONCE_BYTES;
+/// Bytes a seal adds to an uncompressed payload.
+pub const SEAL_OVERHEAD_BYTES: usize = SEAL_HEADER_BYTES + TAG_BYTES;
+
+const CONTEXT_SYNTHETIC_NONCE: &str = "forge-vault 2026 v1 seal synthetic nonce key";
+const WHAT: &str = "sealed blob";
+
+/// Whether to try compressing before sealing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Store the plaintext as it is (already-compressed media, random data).
+    Never,
+    /// Compress with zstd and keep the result when it saves at least 1/32 of the size;
+    /// otherwise store as it is, so incompressible data costs no decompression later.
+    #[default]
+    WhenSmaller,
+}
+
+/// Seals `plaintext` under `key` with associated data `aad`.
+///
+/// `key` is a chunk key for chunks, a volume key for objects (see [`crate::keys`]).
+#[must_use]
+pub fn seal(
+    key: &[u8; KEY_BYTES],
+    plaintext: &[u8],
+    aad: &[u8],
+    compression: Compression,
+) -> Vec<u8> {
+    let compressed = match compression {
+        Compression::Never => None,
+        Compression::WhenSmaller => compress_if_smaller(plaintext),
+    };
+    let (flags, payload) = match &compressed {
+        Some(bytes) => (FLAG_ZSTD, bytes.as_slice()),
+        None => (0, plaintext),
+    };
+
+    let mut sealed = Vec::with_capacity(SEAL_OVERHEAD_BYTES + payload.len());
+    sealed.extend_from_slice(&[SEAL_FORMAT_VERSION, ALGORITHM_XCHACHA20_POLY1305_SIV, flags]);
+    let nonce = synthetic_nonce(key, flags, aad, payload);
+    sealed.extend_from_slice(&nonce);
+    sealed.extend_from_slice(payload);
+
+    let (header, body) = sealed.split_at_mut(SEAL_HEADER_BYTES);
+    let tag = cipher(key)
+        .encrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            &associated_data(header, aad),
+            body,
+        )
+        // Only fails for payloads beyond 256 GiB, far above any chunk or object limit.
+        .expect("XChaCha20-Poly1305 accepts payloads up to 2^38 bytes");
+    sealed.extend_from_slice(&tag);
+    sealed
+}
+
+/// Opens a sealed blob, returning the plaintext (decompressed when it was compressed).
+///
+/// `max_plaintext_bytes` bounds decompression, so a tiny authenticated blob can never make
+/// the reader allocate without limit.
+///
+/// # Errors
+/// Distinct errors for an unknown version or algorithm, unknown flags, truncated input,
+/// a failed tag (modified, or wrong key or associated data), and a payload that does not
+/// decompress within the limit.
+pub fn open(
+    key: &[u8; KEY_BYTES],
+    sealed: &[u8],
+    aad: &[u8],
+    max_plaintext_bytes: usize,
+) -> Result<Vec<u8>> {
+    let header = SealHeader::parse(sealed)?;
+    let mut body = sealed[SEAL_HEADER_BYTES..sealed.len() - TAG_BYTES].to_vec();
+    let tag = Tag::from_slice(&sealed[sealed.len() - TAG_BYTES..]);
+    cipher(key)
+        .decrypt_in_place_detached(
+            XNonce::from_slice(&header.nonce),
+            &associated_data(&sealed[..SEAL_HEADER_BYTES], aad),
+            &mut body,
+            tag,
+        )
+        .map_err(|_| CryptoError::AuthenticationFailed { what: WHAT })?;
+
+    if header.flags & FLAG_ZSTD == 0 {
+        if body.len() > max_plaintext_bytes {
+            return Err(CryptoError::Decompression {
+                reason: format!(
+                    "plaintext of {} bytes exceeds the limit of {max_plaintext_bytes}",
+                    body.len()
+                ),
+            });
+        }
+        return Ok(body);
+    }
+    zstd::bulk::decompress(&body, max_plaintext_bytes).map_err(|error| CryptoError::Decompression {
+        reason: format!("{error} (limit {max_plaintext_bytes} bytes)"),
+    })
+}
+
+/// The parsed fixed header of a sealed blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealHeader {
+    /// Format version (always [`SEAL_FORMAT_VERSION`] once parsed).
+    pub version: u8,
+    /// Algorithm byte.
+    pub algorithm: u8,
+    /// Flag bits; [`FLAG_ZSTD`] is the only one defined.
+    pub flags: u8,
+    /// The synthetic nonce.
+    pub nonce: [u8; NONCE_BYTES],
+}
+
+impl SealHeader {
+    /// Parses and validates the header of `sealed`, including its minimum length.
+    ///
+    /// # Errors
+    /// As [`open`], except authentication, which needs the key.
+    pub fn parse(sealed: &[u8]) -> Result<Self> {
+        let Some(&version) = sealed.first() else {
+            return Err(CryptoError::Truncated {
+                what: WHAT,
+                needed: SEAL_OVERHEAD_BYTES,
+                found: 0,
+            });
+        };
+        if version != SEAL_FORMAT_VERSION {
+            return Err(CryptoError::UnsupportedVersion {
+                what: WHAT,
+                found: version,
+                supported: SEAL_FORMAT_VERSION,
+            });
+        }
+        if sealed.len() < SEAL_OVERHEAD_BYTES {
+            return Err(CryptoError::Truncated {
+                what: WHAT,
+                needed: SEAL_OVERHEAD_BYTES,
+                found: sealed.len(),
+            });
+        }
+        let algorithm = sealed[1];
+        if algorithm != ALGORITHM_XCHACHA20_POLY1305_SIV {
+            return Err(CryptoError::UnknownAlgorithm {
+                what: WHAT,
+                found: algorithm,
+            });
+        }
+        let flags = sealed[2];
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(CryptoError::UnknownFlags {
+                what: WHAT,
+                found: flags,
+            });
+        }
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&sealed[3..SEAL_HEADER_BYTES]);
+        Ok(Self {
+            version,
+            algorithm,
+            flags,
+            nonce,
+        })
+    }
+
+    /// Whether the payload inside is zstd-compressed.
+    #[must_use]
+    pub fn is_compressed(&self) -> bool {
+        self.flags & FLAG_ZSTD != 0
+    }
+}
+
+fn cipher(key: &[u8; KEY_BYTES]) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(key.into())
+}
+
+fn compress_if_smaller(plaintext: &[u8]) -> Option<Vec<u8>> {
+    // Tiny inputs cannot shrink past zstd's frame overhead; skip the work.
+    if plaintext.len() < 64 {
+        return None;
+    }
+    let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok()?;
+    (compressed.len() + plaintext.len() / 32 < plaintext.len()).then_some(compressed)
+}
+
+fn synthetic_nonce(
+    key: &[u8; KEY_BYTES],
+    flags: u8,
+    aad: &[u8],
+    payload: &[u8],
+) -> [u8; NONCE_BYTES] {
+    let nonce_key = blake3::derive_key(CONTEXT_SYNTHETIC_NONCE, key);
+    let mut hasher = blake3::Hasher::new_keyed(&nonce_key);
+    hasher.update(&[SEAL_FORMAT_VERSION, ALGORITHM_XCHACHA20_POLY1305_SIV, flags]);
+    // Length-prefix the associated data so (aad, payload) splits are unambiguous.
+    hasher.update(&(aad.len() as u64).to_le_bytes());
+    hasher.update(aad);
+    hasher.update(payload);
+    let mut nonce = [0u8; NONCE_BYTES];
+    hasher.finalize_xof().fill(&mut nonce);
+    nonce
+}
+
+fn associated_data(header: &[u8], aad: &[u8]) -> Vec<u8> {
+    let mut joined = Vec::with_capacity(header.len() + 8 + aad.len());
+    joined.extend_from_slice(header);
+    joined.extend_from_slice(&(aad.len() as u64).to_le_bytes());
+    joined.extend_from_slice(aad);
+    joined
+}

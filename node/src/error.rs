@@ -1,0 +1,109 @@
+//! The errors of forge-node, each with the process exit code it maps to.
+
+use std::io;
+use std::path::PathBuf;
+
+use forge_crypto::CryptoError;
+
+/// Process exit codes of the `forge` binary (documented in README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// The command did what was asked.
+    Success = 0,
+    /// Any error not listed below.
+    Error = 1,
+    /// The command line was wrong.
+    Usage = 2,
+    /// Stored data failed verification: corruption found.
+    Integrity = 3,
+    /// A conflict with existing state, or the data directory is busy.
+    Conflict = 4,
+}
+
+/// Everything forge-node can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// `forge init` on a data directory that already holds a vault.
+    #[error("{path} already holds a Forge vault (node {node_id}); nothing was changed")]
+    AlreadyInitialized { path: PathBuf, node_id: String },
+
+    /// A command that needs a vault found none.
+    #[error(
+        "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"
+    )]
+    NotInitialized { path: PathBuf },
+
+    /// The path exists but is neither empty nor a vault; we never write into it.
+    #[error(
+        "{path} is not empty and is not a Forge vault; refusing to write into it (choose another --data-dir)"
+    )]
+    NotAVault { path: PathBuf },
+
+    /// The data directory was written by a newer (or unknown) format.
+    #[error(
+        "data directory {path} has format {found:?}; this forge reads format version {supported}"
+    )]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: String,
+        supported: u32,
+    },
+
+    /// A stored file failed to decode or verify.
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+
+    /// No passphrase could be obtained.
+    #[error("a passphrase is needed: set FORGE_PASSPHRASE or run on a terminal")]
+    PassphraseUnavailable,
+
+    /// The two passphrase entries differed.
+    #[error("the passphrases did not match; nothing was changed")]
+    PassphraseMismatch,
+
+    /// No default data directory can be worked out.
+    #[error(
+        "cannot choose a data directory: HOME is not set; pass --data-dir or set FORGE_DATA_DIR"
+    )]
+    NoDataDir,
+
+    /// An operating-system I/O error, with what we were doing.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A cryptographic failure (wrong passphrase, bad signature, ...).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl NodeError {
+    /// The exit code this error ends the process with.
+    #[must_use]
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::AlreadyInitialized { .. } => ExitCode::Conflict,
+            Self::Corrupt { .. } => ExitCode::Integrity,
+            _ => ExitCode::Error,
+        }
+    }
+
+    /// Wraps an I/O error with the action and path it concerns.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;

@@ -1,0 +1,88 @@
+//! The `forge` binary: parses the command line, runs the command, and turns the outcome
+//! into output and an exit code (0 ok, 1 error, 2 usage, 3 integrity, 4 conflict or busy).
+
+use std::io::Write;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use forge_node::cli::Cli;
+use forge_node::{ExitCode, NodeError};
+
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
+    init_tracing();
+    match cli.run() {
+        Ok(output) => {
+            let text = if cli.json {
+                output.json.to_string()
+            } else {
+                output.human
+            };
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`forge node id | head -c1`) is not an error worth a panic.
+            let _ = writeln!(stdout, "{text}");
+            exit(ExitCode::Success)
+        }
+        Err(error) => {
+            let error = anyhow::Error::new(error);
+            let code = error
+                .downcast_ref::<NodeError>()
+                .map_or(ExitCode::Error, NodeError::exit_code);
+            report(&error, code, cli.json)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn usage_error(error: &clap::Error) -> std::process::ExitCode {
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = error.print();
+        return exit(ExitCode::Success);
+    }
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return exit(ExitCode::Usage);
+    }
+    let json = std::env::args().any(|argument| argument == "--json");
+    let rendered = error.render().to_string();
+    let first_line = rendered
+        .lines()
+        .next()
+        .unwrap_or("error: invalid arguments");
+    let message = first_line.strip_prefix("error: ").unwrap_or(first_line);
+    let message = format!("{message} (see 'forge --help')");
+    report(&anyhow::anyhow!(message), ExitCode::Usage, json)
+}
+
+fn report(error: &anyhow::Error, code: ExitCode, json: bool) -> std::process::ExitCode {
+    // One line, whatever the error: the chain joined with ": ".
+    let message = format!("{error:#}").replace('\n', " ");
+    let line = if json {
+        serde_json::json!({ "error": message, "exit_code": code as u8 }).to_string()
+    } else {
+        format!("forge: {message}")
+    };
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    exit(code)
+}
+
+fn exit(code: ExitCode) -> std::process::ExitCode {
+    std::process::ExitCode::from(code as u8)
+}

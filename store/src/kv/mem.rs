@@ -1,0 +1,258 @@
+//! `MemKv`: an in-memory `KvEngine` with a crash model, for tests and the simulator.
+//!
+//! It keeps what a reader sees apart from what would survive a crash, with RocksDB's rules:
+//! a synced write (and every logged write before it) survives; an unsynced logged write may
+//! survive as a prefix of the log; an unlogged write survives only once its column family
+//! has been flushed. [`MemKv::crash`] drops everything else, as a power cut would.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use super::{
+    BatchOp, Column, Durability, KeyValue, KvEngine, KvError, WriteBatch, bounds, in_range,
+};
+
+type Table = BTreeMap<Vec<u8>, Vec<u8>>;
+/// Durable state keeps each key's sequence number, so a flush that makes an older unlogged
+/// write durable never overwrites a newer value that a sync already made durable.
+type DurableTable = BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
+
+#[derive(Debug, Default)]
+struct State {
+    visible: BTreeMap<Column, Table>,
+    visible_bytes: usize,
+    durable: BTreeMap<Column, DurableTable>,
+    pending: Vec<PendingBatch>,
+    next_sequence: u64,
+    capacity_bytes: Option<usize>,
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    sequence: u64,
+    ops: Vec<BatchOp>,
+    logged: bool,
+}
+
+/// In-memory engine with a crash model. Cheap to clone handles via `Arc`.
+#[derive(Debug, Default)]
+pub struct MemKv {
+    state: Mutex<State>,
+}
+
+impl MemKv {
+    /// An empty store with no capacity limit.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty store that refuses writes (with [`KvError::NoSpace`]) once its live keys
+    /// and values would exceed `capacity_bytes`: a disk-full test without a real disk.
+    #[must_use]
+    pub fn with_capacity_bytes(capacity_bytes: usize) -> Self {
+        let store = Self::default();
+        store.lock().capacity_bytes = Some(capacity_bytes);
+        store
+    }
+
+    /// Simulates a power cut and restart: every write that was not durable is lost, except
+    /// the first `surviving_unsynced_logged_batches` logged-but-unsynced batches (a torn log
+    /// keeps a prefix). Batches stay atomic.
+    pub fn crash(&self, surviving_unsynced_logged_batches: usize) {
+        let mut state = self.lock();
+        let pending = std::mem::take(&mut state.pending);
+        let surviving = pending
+            .into_iter()
+            .filter(|batch| batch.logged)
+            .take(surviving_unsynced_logged_batches);
+        for batch in surviving {
+            state.make_durable(batch.sequence, &batch.ops);
+        }
+        let mut visible: BTreeMap<Column, Table> = BTreeMap::new();
+        let mut visible_bytes = 0;
+        for (column, table) in &state.durable {
+            let live = visible.entry(*column).or_default();
+            for (key, (_, value)) in table {
+                if let Some(value) = value {
+                    visible_bytes += key.len() + value.len();
+                    live.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        state.visible = visible;
+        state.visible_bytes = visible_bytes;
+    }
+
+    /// Bytes of live keys and values.
+    #[must_use]
+    pub fn live_bytes(&self) -> usize {
+        self.lock().visible_bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent map (every mutation below is
+        // completed before returning), so a poisoned lock is safe to keep using.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn make_durable(&mut self, sequence: u64, ops: &[BatchOp]) {
+        for op in ops {
+            let (column, key, value) = match op {
+                BatchOp::Put { column, key, value } => (*column, key, Some(value.clone())),
+                BatchOp::Delete { column, key } => (*column, key, None),
+            };
+            let table = self.durable.entry(column).or_default();
+            match table.get(key) {
+                Some((existing, _)) if *existing > sequence => {}
+                _ => {
+                    table.insert(key.clone(), (sequence, value));
+                }
+            }
+        }
+    }
+
+    fn sync_logged(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for batch in pending {
+            if batch.logged {
+                self.make_durable(batch.sequence, &batch.ops);
+            } else {
+                self.pending.push(batch);
+            }
+        }
+    }
+
+    fn size_after(&self, batch: &WriteBatch) -> usize {
+        let mut size = self.visible_bytes;
+        for op in batch.ops() {
+            let (column, key) = match op {
+                BatchOp::Put { column, key, .. } | BatchOp::Delete { column, key } => {
+                    (*column, key)
+                }
+            };
+            if let Some(old) = self.visible.get(&column).and_then(|table| table.get(key)) {
+                size = size.saturating_sub(key.len() + old.len());
+            }
+            if let BatchOp::Put { value, .. } = op {
+                size += key.len() + value.len();
+            }
+        }
+        size
+    }
+}
+
+impl KvEngine for MemKv {
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .lock()
+            .visible
+            .get(&column)
+            .and_then(|table| table.get(key))
+            .cloned())
+    }
+
+    fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError> {
+        let mut state = self.lock();
+        let size_after = state.size_after(&batch);
+        if state
+            .capacity_bytes
+            .is_some_and(|capacity| size_after > capacity)
+        {
+            return Err(KvError::NoSpace {
+                path: "memory".into(),
+            });
+        }
+        state.visible_bytes = size_after;
+        for op in batch.ops() {
+            match op {
+                BatchOp::Put { column, key, value } => {
+                    state
+                        .visible
+                        .entry(*column)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                BatchOp::Delete { column, key } => {
+                    if let Some(table) = state.visible.get_mut(column) {
+                        table.remove(key);
+                    }
+                }
+            }
+        }
+        let sequence = state.next_sequence;
+        state.next_sequence += 1;
+        match durability {
+            Durability::Unlogged => state.pending.push(PendingBatch {
+                sequence,
+                ops: batch.ops,
+                logged: false,
+            }),
+            Durability::Logged => state.pending.push(PendingBatch {
+                sequence,
+                ops: batch.ops,
+                logged: true,
+            }),
+            Durability::Synced => {
+                state.sync_logged();
+                state.make_durable(sequence, &batch.ops);
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let state = self.lock();
+        let Some(table) = state.visible.get(&column) else {
+            return Ok(Vec::new());
+        };
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        Ok(table
+            .range::<[u8], _>(bounds(start, end))
+            .take(limit)
+            .inspect(|(key, _)| debug_assert!(in_range(key, start, end)))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
+    }
+
+    fn flush(&self, columns: &[Column]) -> Result<(), KvError> {
+        let mut state = self.lock();
+        let pending = std::mem::take(&mut state.pending);
+        for mut batch in pending {
+            let (flushed, kept): (Vec<BatchOp>, Vec<BatchOp>) =
+                batch.ops.into_iter().partition(|op| {
+                    let column = match op {
+                        BatchOp::Put { column, .. } | BatchOp::Delete { column, .. } => column,
+                    };
+                    columns.contains(column)
+                });
+            state.make_durable(batch.sequence, &flushed);
+            if !kept.is_empty() {
+                batch.ops = kept;
+                state.pending.push(batch);
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), KvError> {
+        self.lock().sync_logged();
+        Ok(())
+    }
+
+    fn compact(&self, _column: Column) -> Result<(), KvError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! `KvEngine`: the only door to storage. RocksDB in production ([`RocksKv`]), memory with a
+//! crash model in tests and the simulator ([`MemKv`]). Raft log, state machine and chunk
+//! store are written once, on top of this trait.
+//!
+//! Durability is explicit, because the snapshot is the unit of acknowledgement:
+//! chunk shards are written [`Durability::Unlogged`] (no write-ahead log, so their bytes
+//! reach the disk once, in blob files) and made durable by [`KvEngine::flush`]; the ref
+//! update that publishes a snapshot is written [`Durability::Synced`] afterwards.
+
+mod mem;
+mod rocks;
+
+use std::ops::Bound;
+
+pub use mem::MemKv;
+pub use rocks::{RocksKv, RocksKvOptions};
+
+/// The column families. Each is an independent ordered key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Column {
+    /// Erasure shards of chunk ciphertext, keyed by cid and shard index. Large values:
+    /// RocksDB keeps them in blob files.
+    Shards,
+    /// Sealed objects (manifests, trees, snapshot commits) and reference-index nodes.
+    Objects,
+    /// Branch refs, updated by compare-and-swap.
+    Refs,
+    /// Everything else small: volume records, domain records, dedup index, counters.
+    Meta,
+    /// Raft log entries (the cluster issue).
+    RaftLog,
+    /// Raft hard state and state-machine snapshots (the cluster issue).
+    RaftState,
+}
+
+impl Column {
+    /// Every column family, in a fixed order.
+    pub const ALL: [Self; 6] = [
+        Self::Shards,
+        Self::Objects,
+        Self::Refs,
+        Self::Meta,
+        Self::RaftLog,
+        Self::RaftState,
+    ];
+
+    /// The column family's name on disk. Frozen: renaming one orphans its data.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Shards => "shards",
+            Self::Objects => "objects",
+            Self::Refs => "refs",
+            Self::Meta => "meta",
+            Self::RaftLog => "raft_log",
+            Self::RaftState => "raft_state",
+        }
+    }
+
+    /// Whether values in this column are large enough to live in blob files.
+    #[must_use]
+    pub const fn holds_large_values(self) -> bool {
+        matches!(self, Self::Shards | Self::Objects)
+    }
+}
+
+/// How durable a write is when [`KvEngine::write`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Not logged: lost on a crash until a later [`KvEngine::flush`] of its columns. Used
+    /// for bulk chunk data, so its bytes are written once (blob file), not twice (log + blob).
+    Unlogged,
+    /// Logged but not synced: survives a process crash, not a power cut, until
+    /// [`KvEngine::sync`] or a later synced write.
+    Logged,
+    /// Logged and synced before returning.
+    Synced,
+}
+
+/// One operation in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Insert or overwrite.
+    Put {
+        column: Column,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Remove (absent keys are fine).
+    Delete { column: Column, key: Vec<u8> },
+}
+
+/// An atomic group of writes: all apply, or (after a crash) none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<BatchOp>,
+    payload_bytes: usize,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put.
+    pub fn put(&mut self, column: Column, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let (key, value) = (key.into(), value.into());
+        self.payload_bytes += key.len() + value.len();
+        self.ops.push(BatchOp::Put { column, key, value });
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, column: Column, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        self.payload_bytes += key.len();
+        self.ops.push(BatchOp::Delete { column, key });
+    }
+
+    /// The operations, in order.
+    #[must_use]
+    pub fn ops(&self) -> &[BatchOp] {
+        &self.ops
+    }
+
+    /// Number of operations.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no operations.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Key and value bytes in the batch, for sizing batches.
+    #[must_use]
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+}
+
+/// A key-value pair returned by a scan.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Errors of a storage engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// Another process holds the database (RocksDB admits one per directory).
+    #[error("the store at {path} is in use by another process")]
+    Busy { path: String },
+    /// The device is full; the write did not happen.
+    #[error(
+        "no space left on the device holding {path}: free space and retry (nothing was half-written)"
+    )]
+    NoSpace { path: String },
+    /// The engine reported corruption.
+    #[error("storage corruption: {detail}")]
+    Corruption { detail: String },
+    /// A simulated crash: the engine is unusable until reopened (MemKv only).
+    #[error("the store crashed (simulated) and must be reopened")]
+    Crashed,
+    /// Any other engine failure.
+    #[error("storage engine error: {detail}")]
+    Engine { detail: String },
+}
+
+/// The storage seam. Implementations are cheap to share across threads.
+pub trait KvEngine: Send + Sync + std::fmt::Debug {
+    /// Reads one value.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+
+    /// Applies a batch atomically with the given durability.
+    ///
+    /// # Errors
+    /// Engine failures, [`KvError::NoSpace`] when the disk is full (nothing applied).
+    fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError>;
+
+    /// Up to `limit` pairs with keys in `[start, end)` (or to the end), in key order.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn scan(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError>;
+
+    /// Makes every earlier write to `columns`, unlogged ones included, durable.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn flush(&self, columns: &[Column]) -> Result<(), KvError>;
+
+    /// Makes every earlier logged write durable.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn sync(&self) -> Result<(), KvError>;
+
+    /// Reclaims space of deleted values (compaction and blob garbage collection).
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn compact(&self, column: Column) -> Result<(), KvError>;
+}
+
+/// The exclusive upper bound of all keys that start with `prefix` (None: no bound).
+#[must_use]
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+pub(crate) fn in_range(key: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
+    key >= start && end.is_none_or(|end| key < end)
+}
+
+pub(crate) fn bounds<'a>(
+    start: &'a [u8],
+    end: Option<&'a [u8]>,
+) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    (
+        Bound::Included(start),
+        end.map_or(Bound::Unbounded, Bound::Excluded),
+    )
+}

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/forge-target}"
+# nextest does not run doctests; run them first so the suite's closing line is nextest's.
+cargo test --workspace --locked --doc --quiet
 cargo nextest run --workspace --locked --no-fail-fast
-# nextest does not run doctests; they are cheap, so run them too.
-cargo test --workspace --locked --doc

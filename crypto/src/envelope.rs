@@ -4,7 +4,7 @@
 //! ```text
 //! envelope = version:u8 | algorithm:u8 | kind:u8 | recipient:NodeId[32]
 //!          | ml_kem_ciphertext[1088] | x25519_ephemeral_public[32]
-//!          | XChaCha20-Poly1305(kek, nonce = 0, aad = all of the above || binding)(contents)
+//!          | XChaCha20-Poly1305(kek, nonce = 0, aad = all of the above || binding)(kind | keys)
 //! kek      = BLAKE3-derive_key(COMBINER_CONTEXT,
 //!                ml_kem_shared || x25519_shared || x25519_ephemeral_public || recipient_x25519_public)
 //! ```
@@ -36,6 +36,7 @@ const COMBINER_CONTEXT: &str = "forge-vault 2026 v1 hybrid ML-KEM-768+X25519 env
 const WHAT: &str = "key envelope";
 const KIND_READER: u8 = 1;
 const KIND_WRITER: u8 = 2;
+const KIND_DOMAIN: u8 = 3;
 const TAG_BYTES: usize = 16;
 const HEADER_BYTES: usize = 3 + DIGEST_BYTES + ml_kem_768::CIPHERTEXT_BYTES + 32;
 
@@ -50,23 +51,26 @@ pub enum EnvelopeContents {
         volume_key: VolumeKey,
         domain_key: DomainKey,
     },
+    /// A dedup domain's key alone, kept by the vault so new volumes can join the domain.
+    Domain { domain_key: DomainKey },
 }
 
 impl EnvelopeContents {
-    /// The volume key every envelope carries.
+    /// The volume key, unless this is a domain envelope.
     #[must_use]
-    pub fn volume_key(&self) -> &VolumeKey {
+    pub fn volume_key(&self) -> Option<&VolumeKey> {
         match self {
-            Self::Reader { volume_key } | Self::Writer { volume_key, .. } => volume_key,
+            Self::Reader { volume_key } | Self::Writer { volume_key, .. } => Some(volume_key),
+            Self::Domain { .. } => None,
         }
     }
 
-    /// The domain key, when this is a writer's envelope.
+    /// The domain key, for writer and domain envelopes.
     #[must_use]
     pub fn domain_key(&self) -> Option<&DomainKey> {
         match self {
             Self::Reader { .. } => None,
-            Self::Writer { domain_key, .. } => Some(domain_key),
+            Self::Writer { domain_key, .. } | Self::Domain { domain_key } => Some(domain_key),
         }
     }
 
@@ -74,46 +78,57 @@ impl EnvelopeContents {
         match self {
             Self::Reader { .. } => KIND_READER,
             Self::Writer { .. } => KIND_WRITER,
+            Self::Domain { .. } => KIND_DOMAIN,
         }
     }
 
-    /// The raw key bytes: the volume key, then the domain key for a writer.
+    /// The encoding: `kind:u8 | volume key (reader, writer) | domain key (writer, domain)`.
     #[must_use]
-    pub fn to_key_bytes(&self) -> Zeroizing<Vec<u8>> {
-        let mut bytes = Zeroizing::new(Vec::with_capacity(2 * KEY_BYTES));
-        bytes.extend_from_slice(self.volume_key().as_bytes());
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(1 + 2 * KEY_BYTES));
+        bytes.push(self.kind());
+        if let Some(volume_key) = self.volume_key() {
+            bytes.extend_from_slice(volume_key.as_bytes());
+        }
         if let Some(domain_key) = self.domain_key() {
             bytes.extend_from_slice(domain_key.as_bytes());
         }
         bytes
     }
 
-    /// Inverse of [`Self::to_key_bytes`]: 32 bytes make a reader, 64 a writer.
+    /// Inverse of [`Self::to_bytes`].
     ///
     /// # Errors
-    /// [`CryptoError::Malformed`] for any other length.
-    pub fn from_key_bytes(bytes: &[u8]) -> Result<Self> {
-        let key = |range: std::ops::Range<usize>| {
+    /// [`CryptoError::Malformed`] for an unknown kind or a wrong length.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let malformed = |reason: String| CryptoError::Malformed { what: "envelope contents", reason };
+        let (&kind, keys) = bytes.split_first().ok_or_else(|| malformed("empty".into()))?;
+        let expected = contents_len(kind).ok_or_else(|| malformed(format!("unknown kind {kind}")))? - 1;
+        if keys.len() != expected {
+            return Err(malformed(format!("kind {kind} needs {expected} key bytes, found {}", keys.len())));
+        }
+        let key = |index: usize| {
             let mut key = [0u8; KEY_BYTES];
-            key.copy_from_slice(&bytes[range]);
+            key.copy_from_slice(&keys[index * KEY_BYTES..(index + 1) * KEY_BYTES]);
             key
         };
-        match bytes.len() {
-            KEY_BYTES => Ok(Self::Reader {
-                volume_key: VolumeKey::from_bytes(key(0..KEY_BYTES)),
-            }),
-            len if len == 2 * KEY_BYTES => Ok(Self::Writer {
-                volume_key: VolumeKey::from_bytes(key(0..KEY_BYTES)),
-                domain_key: DomainKey::from_bytes(key(KEY_BYTES..2 * KEY_BYTES)),
-            }),
-            len => Err(CryptoError::Malformed {
-                what: "envelope contents",
-                reason: format!(
-                    "expected {KEY_BYTES} or {} key bytes, found {len}",
-                    2 * KEY_BYTES
-                ),
-            }),
-        }
+        Ok(match kind {
+            KIND_READER => Self::Reader { volume_key: VolumeKey::from_bytes(key(0)) },
+            KIND_WRITER => Self::Writer {
+                volume_key: VolumeKey::from_bytes(key(0)),
+                domain_key: DomainKey::from_bytes(key(1)),
+            },
+            _ => Self::Domain { domain_key: DomainKey::from_bytes(key(0)) },
+        })
+    }
+}
+
+/// Bytes of [`EnvelopeContents::to_bytes`] for a kind, or `None` for an unknown kind.
+fn contents_len(kind: u8) -> Option<usize> {
+    match kind {
+        KIND_READER | KIND_DOMAIN => Some(1 + KEY_BYTES),
+        KIND_WRITER => Some(1 + 2 * KEY_BYTES),
+        _ => None,
     }
 }
 
@@ -122,6 +137,7 @@ impl std::fmt::Debug for EnvelopeContents {
         formatter.write_str(match self {
             Self::Reader { .. } => "EnvelopeContents::Reader(<redacted>)",
             Self::Writer { .. } => "EnvelopeContents::Writer(<redacted>)",
+            Self::Domain { .. } => "EnvelopeContents::Domain(<redacted>)",
         })
     }
 }
@@ -183,7 +199,7 @@ pub fn wrap_with_randomness(
         recipient.x25519_public_key(),
     );
 
-    let mut envelope = Vec::with_capacity(HEADER_BYTES + 2 * KEY_BYTES + TAG_BYTES);
+    let mut envelope = Vec::with_capacity(HEADER_BYTES + 1 + 2 * KEY_BYTES + TAG_BYTES);
     envelope.extend_from_slice(&[
         ENVELOPE_FORMAT_VERSION,
         ALGORITHM_MLKEM768_X25519,
@@ -194,7 +210,7 @@ pub fn wrap_with_randomness(
     envelope.extend_from_slice(ephemeral_public.as_bytes());
     debug_assert_eq!(envelope.len(), HEADER_BYTES);
 
-    let plaintext = contents.to_key_bytes();
+    let plaintext = contents.to_bytes();
     let aad = associated_data(&envelope, binding);
     let ciphertext = XChaCha20Poly1305::new((&*kek).into())
         .encrypt(
@@ -253,7 +269,7 @@ pub fn unwrap(
             )
             .map_err(|_| CryptoError::EnvelopeNotForRecipient)?,
     );
-    let contents = EnvelopeContents::from_key_bytes(&plaintext)?;
+    let contents = EnvelopeContents::from_bytes(&plaintext)?;
     if contents.kind() != header.kind {
         return Err(CryptoError::Malformed {
             what: WHAT,
@@ -308,18 +324,11 @@ impl EnvelopeHeader {
             });
         }
         let kind = envelope[2];
-        let expected_len = HEADER_BYTES
-            + TAG_BYTES
-            + match kind {
-                KIND_READER => KEY_BYTES,
-                KIND_WRITER => 2 * KEY_BYTES,
-                other => {
-                    return Err(CryptoError::Malformed {
-                        what: WHAT,
-                        reason: format!("unknown kind {other}"),
-                    });
-                }
-            };
+        let contents = contents_len(kind).ok_or_else(|| CryptoError::Malformed {
+            what: WHAT,
+            reason: format!("unknown kind {kind}"),
+        })?;
+        let expected_len = HEADER_BYTES + contents + TAG_BYTES;
         if envelope.len() != expected_len {
             return Err(CryptoError::Malformed {
                 what: WHAT,

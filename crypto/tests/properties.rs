@@ -89,13 +89,14 @@ proptest! {
     }
 
     #[test]
-    fn envelopes_round_trip_and_only_open_for_their_recipient(volume in any::<[u8; 32]>(), domain in any::<[u8; 32]>(), writer in any::<bool>(), m in any::<[u8; 32]>(), ephemeral in any::<[u8; 32]>(), flip in any::<prop::sample::Index>()) {
+    fn envelopes_round_trip_and_only_open_for_their_recipient(volume in any::<[u8; 32]>(), domain in any::<[u8; 32]>(), kind in 0u8..3, m in any::<[u8; 32]>(), ephemeral in any::<[u8; 32]>(), flip in any::<prop::sample::Index>()) {
         let (alice, bob) = (node(1), node(2));
-        let contents = if writer {
-            EnvelopeContents::Writer { volume_key: VolumeKey::from_bytes(volume), domain_key: DomainKey::from_bytes(domain) }
-        } else {
-            EnvelopeContents::Reader { volume_key: VolumeKey::from_bytes(volume) }
+        let contents = match kind {
+            0 => EnvelopeContents::Reader { volume_key: VolumeKey::from_bytes(volume) },
+            1 => EnvelopeContents::Writer { volume_key: VolumeKey::from_bytes(volume), domain_key: DomainKey::from_bytes(domain) },
+            _ => EnvelopeContents::Domain { domain_key: DomainKey::from_bytes(domain) },
         };
+        prop_assert_eq!(EnvelopeContents::from_bytes(&contents.to_bytes()).unwrap(), contents.clone());
         let randomness = WrapRandomness { ml_kem_m: m, x25519_ephemeral: ephemeral };
         let wrapped = envelope::wrap_with_randomness(alice.public_keys(), &contents, b"volume-1", &randomness).unwrap();
         prop_assert_eq!(envelope::unwrap(&alice, &wrapped, b"volume-1").unwrap(), contents.clone());

@@ -2,13 +2,16 @@
 //!
 //! The shared identifiers; the `KvEngine` storage seam with RocksDB and an in-memory engine
 //! that models crashes; the FastCDC chunker; the Reed-Solomon erasure coder and its shard
-//! records; rendezvous placement. The object model, the reference index and the
-//! `MetadataStore` trait arrive with the rest of the single-node vault (ARCHITECTURE.md).
+//! records and the chunk store built on them; rendezvous placement; the object model and its
+//! codec; the `MetadataStore` trait (refs by compare-and-swap) and its local implementation.
 
 pub mod chunker;
+pub mod chunkstore;
 pub mod erasure;
 pub mod ids;
 pub mod kv;
+pub mod metadata;
+pub mod object;
 pub mod placement;
 
 pub use forge_crypto::{Cid, NodeId};

@@ -101,11 +101,20 @@ impl EnvelopeContents {
     /// # Errors
     /// [`CryptoError::Malformed`] for an unknown kind or a wrong length.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let malformed = |reason: String| CryptoError::Malformed { what: "envelope contents", reason };
-        let (&kind, keys) = bytes.split_first().ok_or_else(|| malformed("empty".into()))?;
-        let expected = contents_len(kind).ok_or_else(|| malformed(format!("unknown kind {kind}")))? - 1;
+        let malformed = |reason: String| CryptoError::Malformed {
+            what: "envelope contents",
+            reason,
+        };
+        let (&kind, keys) = bytes
+            .split_first()
+            .ok_or_else(|| malformed("empty".into()))?;
+        let expected =
+            contents_len(kind).ok_or_else(|| malformed(format!("unknown kind {kind}")))? - 1;
         if keys.len() != expected {
-            return Err(malformed(format!("kind {kind} needs {expected} key bytes, found {}", keys.len())));
+            return Err(malformed(format!(
+                "kind {kind} needs {expected} key bytes, found {}",
+                keys.len()
+            )));
         }
         let key = |index: usize| {
             let mut key = [0u8; KEY_BYTES];
@@ -113,12 +122,16 @@ impl EnvelopeContents {
             key
         };
         Ok(match kind {
-            KIND_READER => Self::Reader { volume_key: VolumeKey::from_bytes(key(0)) },
+            KIND_READER => Self::Reader {
+                volume_key: VolumeKey::from_bytes(key(0)),
+            },
             KIND_WRITER => Self::Writer {
                 volume_key: VolumeKey::from_bytes(key(0)),
                 domain_key: DomainKey::from_bytes(key(1)),
             },
-            _ => Self::Domain { domain_key: DomainKey::from_bytes(key(0)) },
+            _ => Self::Domain {
+                domain_key: DomainKey::from_bytes(key(0)),
+            },
         })
     }
 }

@@ -10,6 +10,11 @@ use serde_json::json;
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
 use crate::error::Result;
 use crate::passphrase;
+use crate::progress::{Progress, human_bytes};
+use crate::vault::export::SnapshotSelector;
+use crate::vault::records::VolumeRecord;
+use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, Vault};
+use forge_store::erasure::ErasureLayout;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
 ///
@@ -50,6 +55,84 @@ pub enum Command {
     /// This node's identity.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Volumes: create, list, import, export, statistics.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Statistics of the whole vault (bytes on disk).
+    Stats,
+}
+
+/// `forge volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        /// Its name: letters, digits, '.', '_', '-'.
+        name: String,
+        /// Erasure layout K+M: K data and M parity shards per chunk (default 1+0).
+        #[arg(long, value_name = "K+M")]
+        ec: Option<ErasureLayout>,
+        /// Dedup domain (default: the vault's default domain; a new name creates one;
+        /// "public" is the shared public domain).
+        #[arg(long, value_name = "D")]
+        domain: Option<String>,
+        /// Average chunk size of a new domain (e.g. 64K, 1M).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        chunk_avg: Option<u32>,
+        /// Wrap the volume's keys to a passphrase (FORGE_PASSPHRASE or prompted), in a
+        /// dedup domain of its own: the host cannot read it without you.
+        #[arg(long)]
+        encrypted: bool,
+    },
+    /// List volumes.
+    List,
+    /// Import a directory as a new snapshot.
+    Import {
+        /// The volume.
+        name: String,
+        /// The directory to import.
+        source: PathBuf,
+        /// Snapshot message.
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+        /// Branch to move (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// DNA fingerprint of the producing workload, KEY=VALUE (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        dna: Vec<(String, String)>,
+    },
+    /// Export a snapshot into an empty or absent directory.
+    Export {
+        /// The volume.
+        name: String,
+        /// Destination directory (empty or absent).
+        destination: PathBuf,
+        /// Snapshot id (or unique prefix of 8+ characters).
+        #[arg(long, conflicts_with = "branch")]
+        snapshot: Option<String>,
+        /// Branch whose head to export (default main).
+        #[arg(long)]
+        branch: Option<String>,
+    },
+    /// Statistics of a volume.
+    Stats {
+        /// The volume.
+        name: String,
+    },
+}
+
+/// `forge snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List a volume's snapshots, oldest first.
+    List {
+        /// The volume.
+        name: String,
+    },
 }
 
 /// Arguments of `forge init`.
@@ -97,8 +180,291 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
+            Command::Volume(command) => volume_command(&self.open_vault()?, command, self.json),
+            Command::Snapshot(SnapshotCommand::List { name }) => {
+                snapshot_list(&self.open_vault()?, name)
+            }
+            Command::Stats => vault_stats(&self.open_vault()?),
         }
     }
+
+    fn open_vault(&self) -> Result<Vault> {
+        Vault::open(&self.data_dir()?, &ask_passphrase)
+    }
+}
+
+fn ask_passphrase(prompt: &str, confirm: bool) -> Result<zeroize::Zeroizing<String>> {
+    passphrase::obtain(prompt, confirm)
+}
+
+fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<Output> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            ec,
+            domain,
+            chunk_avg,
+            encrypted,
+        } => {
+            let options = CreateVolumeOptions {
+                layout: *ec,
+                domain: domain.clone(),
+                chunk_avg_bytes: *chunk_avg,
+                encrypted: *encrypted,
+            };
+            let record = vault.create_volume(name, &options, &ask_passphrase)?;
+            let value = volume_json(&record);
+            Ok(Output {
+                human: format!(
+                    "created volume {name} (ec {}, domain {}{})",
+                    value["ec"].as_str().unwrap_or(""),
+                    record.domain,
+                    if record.encrypted { ", encrypted" } else { "" }
+                ),
+                json: value,
+            })
+        }
+        VolumeCommand::List => {
+            let volumes = vault.list_volumes()?;
+            let mut human = String::new();
+            for record in &volumes {
+                let _ = writeln!(
+                    human,
+                    "{:<24} ec {:<6} domain {}{}",
+                    record.name,
+                    format!("{}+{}", record.data_shards, record.parity_shards),
+                    record.domain,
+                    if record.encrypted { " (encrypted)" } else { "" }
+                );
+            }
+            if volumes.is_empty() {
+                human.push_str("no volumes yet: forge volume create NAME\n");
+            }
+            Ok(Output {
+                human: human.trim_end().to_owned(),
+                json: serde_json::Value::Array(volumes.iter().map(volume_json).collect()),
+            })
+        }
+        VolumeCommand::Import {
+            name,
+            source,
+            message,
+            branch,
+            dna,
+        } => {
+            let options = ImportOptions {
+                message: message.clone(),
+                branch: branch.clone(),
+                dna: dna.iter().cloned().collect(),
+            };
+            let progress = Progress::new("importing", !json);
+            let result = vault.import(name, source, &options, &ask_passphrase, &progress);
+            progress.finish();
+            let mut report = result?;
+            report.skipped.sort();
+            for (path, reason) in &report.skipped {
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!("forge: skipped {}: {reason}\n", path.display()),
+                );
+            }
+            let human = format!(
+                "snapshot {} on {branch}: {} files, {} in {:.1}s ({} new chunks, {} reused, {} written){}",
+                report.snapshot,
+                report.files,
+                human_bytes(report.logical_bytes),
+                report.elapsed_seconds,
+                report.new_chunks,
+                report.reused_chunks,
+                human_bytes(report.written_bytes),
+                if report.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} skipped", report.skipped.len())
+                }
+            );
+            Ok(Output {
+                human,
+                json: json!({
+                    "snapshot": report.snapshot.to_hex(),
+                    "branch": branch,
+                    "files": report.files,
+                    "logical_bytes": report.logical_bytes,
+                    "new_chunks": report.new_chunks,
+                    "reused_chunks": report.reused_chunks,
+                    "written_bytes": report.written_bytes,
+                    "elapsed_seconds": report.elapsed_seconds,
+                    "skipped": report.skipped.iter().map(|(path, reason)| json!({"path": path.to_string_lossy(), "reason": reason})).collect::<Vec<_>>(),
+                }),
+            })
+        }
+        VolumeCommand::Export {
+            name,
+            destination,
+            snapshot,
+            branch,
+        } => {
+            let selector = match snapshot {
+                Some(id) => SnapshotSelector::Id(id.clone()),
+                None => SnapshotSelector::Branch(
+                    branch.clone().unwrap_or_else(|| DEFAULT_BRANCH.to_owned()),
+                ),
+            };
+            let progress = Progress::new("exporting", !json);
+            let result = vault.export(name, destination, &selector, &ask_passphrase, &progress);
+            progress.finish();
+            let report = result?;
+            Ok(Output {
+                human: format!(
+                    "exported snapshot {} to {}: {} files, {} in {:.1}s",
+                    report.snapshot,
+                    destination.display(),
+                    report.files,
+                    human_bytes(report.bytes),
+                    report.elapsed_seconds
+                ),
+                json: json!({"snapshot": report.snapshot.to_hex(), "destination": destination.to_string_lossy(), "files": report.files, "bytes": report.bytes, "elapsed_seconds": report.elapsed_seconds}),
+            })
+        }
+        VolumeCommand::Stats { name } => {
+            let stats = vault.volume_stats(name, &ask_passphrase)?;
+            Ok(Output {
+                human: format!(
+                    "volume {name}: {} snapshots, {} logical, {} stored, {} unique chunks, dedup {:.2}x, compression {:.2}x",
+                    stats.snapshots,
+                    human_bytes(stats.logical_bytes),
+                    human_bytes(stats.stored_bytes),
+                    stats.unique_chunks,
+                    stats.dedup_ratio,
+                    stats.compression_ratio
+                ),
+                json: json!({
+                    "logical_bytes": stats.logical_bytes,
+                    "stored_bytes": stats.stored_bytes,
+                    "unique_chunks": stats.unique_chunks,
+                    "dedup_ratio": stats.dedup_ratio,
+                    "compression_ratio": stats.compression_ratio,
+                    "snapshots": stats.snapshots,
+                }),
+            })
+        }
+    }
+}
+
+fn snapshot_list(vault: &Vault, name: &str) -> Result<Output> {
+    let snapshots = vault.list_snapshots(name, &ask_passphrase)?;
+    let mut human = String::new();
+    let mut rows = Vec::new();
+    for snapshot in &snapshots {
+        let _ = writeln!(
+            human,
+            "{}  {}  {:>10}  {}{}",
+            &snapshot.id.to_hex()[..16],
+            format_time(snapshot.time_ns),
+            human_bytes(snapshot.logical_bytes),
+            snapshot.message,
+            if snapshot.branches.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", snapshot.branches.join(", "))
+            }
+        );
+        rows.push(json!({
+            "id": snapshot.id.to_hex(),
+            "parents": snapshot.parents.iter().map(forge_crypto::Cid::to_hex).collect::<Vec<_>>(),
+            "time": format_time(snapshot.time_ns),
+            "time_ns": snapshot.time_ns,
+            "message": snapshot.message,
+            "branches": snapshot.branches,
+            "logical_bytes": snapshot.logical_bytes,
+            "files": snapshot.file_count,
+        }));
+    }
+    if snapshots.is_empty() {
+        human.push_str("no snapshots yet: forge volume import NAME DIR");
+    }
+    Ok(Output {
+        human: human.trim_end().to_owned(),
+        json: serde_json::Value::Array(rows),
+    })
+}
+
+fn vault_stats(vault: &Vault) -> Result<Output> {
+    let stats = vault.vault_stats()?;
+    Ok(Output {
+        human: format!(
+            "{} volumes, {} on disk",
+            stats.volumes,
+            human_bytes(stats.physical_bytes)
+        ),
+        json: json!({"physical_bytes": stats.physical_bytes, "volumes": stats.volumes}),
+    })
+}
+
+fn volume_json(record: &VolumeRecord) -> serde_json::Value {
+    json!({
+        "name": record.name,
+        "id": data_encoding::HEXLOWER.encode(&record.id),
+        "ec": format!("{}+{}", record.data_shards, record.parity_shards),
+        "domain": record.domain,
+        "encrypted": record.encrypted,
+    })
+}
+
+/// Parses `64K`, `64KiB`, `1M`, `65536` (binary units).
+fn parse_size(text: &str) -> std::result::Result<u32, String> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(digits_end);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 64K or 1M"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("{text:?}: unknown unit (use K or M)")),
+    };
+    u32::try_from(number.saturating_mul(multiplier)).map_err(|_| format!("{text:?} is too large"))
+}
+
+fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("{text:?} has an empty key"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// `2026-11-28T19:03:09Z` from nanoseconds since the epoch (UTC, proleptic Gregorian).
+fn format_time(time_ns: i64) -> String {
+    let seconds = time_ns.div_euclid(1_000_000_000);
+    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60
+    )
 }
 
 fn version() -> Output {

@@ -81,6 +81,96 @@ pub enum NodeError {
     /// A cryptographic failure (wrong passphrase, bad signature, ...).
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+
+    /// A vault record did not decode.
+    #[error("vault {what} record is corrupt: {reason}")]
+    CorruptRecord { what: &'static str, reason: String },
+
+    /// `forge volume create` with a name in use.
+    #[error("volume {name:?} already exists")]
+    VolumeExists { name: String },
+
+    /// No volume by that name.
+    #[error("no volume named {name:?} (see `forge volume list`)")]
+    UnknownVolume { name: String },
+
+    /// No snapshot matches the id or prefix.
+    #[error("volume {volume:?} has no snapshot {id:?} (see `forge snapshot list {volume}`)")]
+    UnknownSnapshot { volume: String, id: String },
+
+    /// A snapshot prefix that matches several snapshots.
+    #[error("snapshot prefix {id:?} is ambiguous in volume {volume:?}: give more characters")]
+    AmbiguousSnapshot { volume: String, id: String },
+
+    /// No branch by that name.
+    #[error("volume {volume:?} has no branch {branch:?}")]
+    UnknownBranch { volume: String, branch: String },
+
+    /// A name or argument that cannot be used.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidArgument {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// Export into a directory that holds something already.
+    #[error("{path} is not empty: export needs an empty or absent directory")]
+    DestinationNotEmpty { path: PathBuf },
+
+    /// A branch moved under us (another import finished first).
+    #[error(
+        "branch moved while importing: {0}; the data written is kept and a re-import reuses it"
+    )]
+    BranchMoved(String),
+
+    /// Stored data failed verification.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+
+    /// The storage engine failed.
+    #[error(transparent)]
+    Kv(#[from] forge_store::KvError),
+
+    /// Chunking failed.
+    #[error(transparent)]
+    Chunker(#[from] forge_store::chunker::ChunkerError),
+
+    /// An erasure layout was refused.
+    #[error(transparent)]
+    Erasure(#[from] forge_store::erasure::ErasureError),
+}
+
+impl From<forge_store::chunkstore::ChunkStoreError> for NodeError {
+    fn from(error: forge_store::chunkstore::ChunkStoreError) -> Self {
+        match error {
+            forge_store::chunkstore::ChunkStoreError::Kv(kv) => Self::Kv(kv),
+            other => Self::Integrity(other.to_string()),
+        }
+    }
+}
+
+impl From<forge_store::object::ObjectError> for NodeError {
+    fn from(error: forge_store::object::ObjectError) -> Self {
+        match error {
+            forge_store::object::ObjectError::Crypto(crypto) => {
+                Self::Integrity(format!("object does not open: {crypto}"))
+            }
+            other => Self::Integrity(other.to_string()),
+        }
+    }
+}
+
+impl From<forge_store::metadata::MetadataError> for NodeError {
+    fn from(error: forge_store::metadata::MetadataError) -> Self {
+        match error {
+            forge_store::metadata::MetadataError::Kv(kv) => Self::Kv(kv),
+            conflict @ forge_store::metadata::MetadataError::Conflict { .. } => {
+                Self::BranchMoved(conflict.to_string())
+            }
+            other => Self::Integrity(other.to_string()),
+        }
+    }
 }
 
 impl NodeError {
@@ -88,8 +178,14 @@ impl NodeError {
     #[must_use]
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Self::AlreadyInitialized { .. } => ExitCode::Conflict,
-            Self::Corrupt { .. } => ExitCode::Integrity,
+            Self::AlreadyInitialized { .. } | Self::VolumeExists { .. } | Self::BranchMoved(_) => {
+                ExitCode::Conflict
+            }
+            Self::Kv(forge_store::KvError::Busy { .. }) => ExitCode::Conflict,
+            Self::Corrupt { .. } | Self::CorruptRecord { .. } | Self::Integrity(_) => {
+                ExitCode::Integrity
+            }
+            Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
             _ => ExitCode::Error,
         }
     }

@@ -1,9 +1,12 @@
-//! forge-node: the vault. Today: the data directory, the node's keys and the `forge` command
-//! line; volumes, snapshots, mounts and the control socket build on these.
+//! forge-node: the vault (data directory, node keys, volumes, import/export, snapshots,
+//! statistics) and the `forge` command line. Mounts and the control socket come next.
 
 pub mod cli;
+pub mod clock;
 pub mod datadir;
 pub mod error;
 pub mod passphrase;
+pub mod progress;
+pub mod vault;
 
 pub use error::{ExitCode, NodeError, Result};

@@ -16,8 +16,15 @@ pub enum ChunkStoreError {
     #[error("chunk {cid} is missing from the store")]
     Missing { cid: Cid },
     /// Too many shards are damaged or missing to rebuild the chunk.
-    #[error("chunk {cid} is unreadable: {intact} intact shards, {needed} needed ({damaged} damaged)")]
-    Unrecoverable { cid: Cid, intact: usize, needed: usize, damaged: usize },
+    #[error(
+        "chunk {cid} is unreadable: {intact} intact shards, {needed} needed ({damaged} damaged)"
+    )]
+    Unrecoverable {
+        cid: Cid,
+        intact: usize,
+        needed: usize,
+        damaged: usize,
+    },
     /// Erasure coding failed.
     #[error(transparent)]
     Erasure(#[from] ErasureError),
@@ -34,7 +41,11 @@ pub enum ChunkStoreError {
 pub fn shard_key(cid: &Cid, index: ShardIdx) -> Vec<u8> {
     let mut key = Vec::with_capacity(34);
     key.extend_from_slice(cid.as_bytes());
-    key.extend_from_slice(&u16::try_from(index.get()).expect("a ShardIdx is below 256").to_be_bytes());
+    key.extend_from_slice(
+        &u16::try_from(index.get())
+            .expect("a ShardIdx is below 256")
+            .to_be_bytes(),
+    );
     key
 }
 
@@ -42,17 +53,44 @@ pub fn shard_key(cid: &Cid, index: ShardIdx) -> Vec<u8> {
 ///
 /// # Errors
 /// Erasure errors (a ciphertext over 4 GiB).
-pub fn stage_chunk(batch: &mut WriteBatch, coder: &ErasureCoder, cid: &Cid, ciphertext: &[u8]) -> Result<usize, ChunkStoreError> {
-    debug_assert!(cid.matches(ciphertext), "a cid is the BLAKE3 of its ciphertext");
-    let ciphertext_len = u32::try_from(ciphertext.len()).map_err(|_| ErasureError::TooLarge { len: ciphertext.len() })?;
+pub fn stage_chunk(
+    batch: &mut WriteBatch,
+    coder: &ErasureCoder,
+    cid: &Cid,
+    ciphertext: &[u8],
+) -> Result<usize, ChunkStoreError> {
+    debug_assert!(
+        cid.matches(ciphertext),
+        "a cid is the BLAKE3 of its ciphertext"
+    );
+    let ciphertext_len = u32::try_from(ciphertext.len()).map_err(|_| ErasureError::TooLarge {
+        len: ciphertext.len(),
+    })?;
     let mut staged = 0;
     for (index, payload) in coder.encode(ciphertext)?.into_iter().enumerate() {
         let index = ShardIdx::new(index)?;
-        let record = ShardRecord { layout: coder.layout(), index, ciphertext_len, payload }.encode();
+        let record = ShardRecord {
+            layout: coder.layout(),
+            index,
+            ciphertext_len,
+            payload,
+        }
+        .encode();
         staged += record.len();
         batch.put(Column::Shards, shard_key(cid, index), record);
     }
     Ok(staged)
+}
+
+/// Whether any shard of chunk `cid` is stored (a cheap existence check for dedup).
+///
+/// # Errors
+/// Engine errors.
+pub fn has_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<bool, ChunkStoreError> {
+    let end = prefix_end(cid.as_bytes());
+    Ok(!kv
+        .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 1)?
+        .is_empty())
 }
 
 /// What reading a chunk found.
@@ -71,7 +109,12 @@ pub struct ChunkRead {
 /// [`ChunkStoreError::Missing`] or [`ChunkStoreError::Unrecoverable`]; engine errors.
 pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreError> {
     let end = prefix_end(cid.as_bytes());
-    let stored = kv.scan(Column::Shards, cid.as_bytes(), end.as_deref(), ShardIdx::COUNT_MAX)?;
+    let stored = kv.scan(
+        Column::Shards,
+        cid.as_bytes(),
+        end.as_deref(),
+        ShardIdx::COUNT_MAX,
+    )?;
     if stored.is_empty() {
         return Err(ChunkStoreError::Missing { cid: *cid });
     }
@@ -79,12 +122,19 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
     let mut damaged = 0;
     for (key, value) in &stored {
         match ShardRecord::decode(value) {
-            Ok(record) if key.len() == 34 && key[32..] == shard_key(cid, record.index)[32..] => records.push(record),
+            Ok(record) if key.len() == 34 && key[32..] == shard_key(cid, record.index)[32..] => {
+                records.push(record)
+            }
             _ => damaged += 1,
         }
     }
     let Some(first) = records.first() else {
-        return Err(ChunkStoreError::Unrecoverable { cid: *cid, intact: 0, needed: 1, damaged });
+        return Err(ChunkStoreError::Unrecoverable {
+            cid: *cid,
+            intact: 0,
+            needed: 1,
+            damaged,
+        });
     };
     let (layout, ciphertext_len) = (first.layout, first.ciphertext_len);
     let needed = layout.data_shards();
@@ -97,10 +147,19 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
         }
     }
     let intact = slots.iter().filter(|slot| slot.is_some()).count();
-    let missing: Vec<usize> = (0..slots.len()).filter(|index| slots[*index].is_none()).collect();
-    let unrecoverable = || ChunkStoreError::Unrecoverable { cid: *cid, intact, needed, damaged };
+    let missing: Vec<usize> = (0..slots.len())
+        .filter(|index| slots[*index].is_none())
+        .collect();
+    let unrecoverable = || ChunkStoreError::Unrecoverable {
+        cid: *cid,
+        intact,
+        needed,
+        damaged,
+    };
     let coder = ErasureCoder::new(layout)?;
-    let ciphertext = coder.reconstruct(&mut slots, ciphertext_len as usize).map_err(|_| unrecoverable())?;
+    let ciphertext = coder
+        .reconstruct(&mut slots, ciphertext_len as usize)
+        .map_err(|_| unrecoverable())?;
     if !cid.matches(&ciphertext) {
         // Every shard passed its checksum, yet the whole does not hash to the cid: the
         // chunk was stored wrong. Never hand such bytes out.
@@ -110,9 +169,21 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
     for index in missing {
         let payload = slots[index].take().unwrap_or_default();
         let index = ShardIdx::new(index)?;
-        rebuilt.push((index, ShardRecord { layout, index, ciphertext_len, payload }.encode()));
+        rebuilt.push((
+            index,
+            ShardRecord {
+                layout,
+                index,
+                ciphertext_len,
+                payload,
+            }
+            .encode(),
+        ));
     }
-    Ok(ChunkRead { ciphertext, rebuilt })
+    Ok(ChunkRead {
+        ciphertext,
+        rebuilt,
+    })
 }
 
 #[cfg(test)]
@@ -150,10 +221,26 @@ mod tests {
         corrupt(&kv, &cid, 4);
         let read = read_chunk(&kv, &cid).unwrap();
         assert_eq!(read.ciphertext, data);
-        assert_eq!(read.rebuilt.iter().map(|(index, _)| index.get()).collect::<Vec<_>>(), vec![0, 4]);
+        assert_eq!(
+            read.rebuilt
+                .iter()
+                .map(|(index, _)| index.get())
+                .collect::<Vec<_>>(),
+            vec![0, 4]
+        );
         corrupt(&kv, &cid, 1);
-        assert!(matches!(read_chunk(&kv, &cid), Err(ChunkStoreError::Unrecoverable { intact: 2, needed: 3, .. })));
-        assert!(matches!(read_chunk(&kv, &Cid::of(b"nothing")), Err(ChunkStoreError::Missing { .. })));
+        assert!(matches!(
+            read_chunk(&kv, &cid),
+            Err(ChunkStoreError::Unrecoverable {
+                intact: 2,
+                needed: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            read_chunk(&kv, &Cid::of(b"nothing")),
+            Err(ChunkStoreError::Missing { .. })
+        ));
     }
 
     #[test]

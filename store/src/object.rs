@@ -36,7 +36,10 @@ pub enum ObjectError {
     Malformed { reason: String },
     /// An object of another kind than the caller expected.
     #[error("expected a {expected} object, found a {found}")]
-    WrongKind { expected: &'static str, found: &'static str },
+    WrongKind {
+        expected: &'static str,
+        found: &'static str,
+    },
     /// The seal did not open (wrong volume key, or the object was modified).
     #[error(transparent)]
     Crypto(#[from] CryptoError),
@@ -190,7 +193,10 @@ impl Object {
             return Err(malformed("missing object header".into()));
         }
         if bytes[2] != OBJECT_FORMAT_VERSION {
-            return Err(malformed(format!("unsupported object version {}", bytes[2])));
+            return Err(malformed(format!(
+                "unsupported object version {}",
+                bytes[2]
+            )));
         }
         let body = &bytes[4..];
         let object = match bytes[3] {
@@ -215,13 +221,23 @@ impl Object {
                 }
                 for entry in &tree.entries {
                     let name = &entry.name;
-                    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-                        return malformed(format!("invalid entry name {:?}", String::from_utf8_lossy(name)));
+                    if name.is_empty()
+                        || name == b"."
+                        || name == b".."
+                        || name.contains(&b'/')
+                        || name.contains(&0)
+                    {
+                        return malformed(format!(
+                            "invalid entry name {:?}",
+                            String::from_utf8_lossy(name)
+                        ));
                     }
                     if let EntryContent::InlineFile(manifest) = &entry.content {
                         validate_manifest(manifest)?;
                         if manifest.size != entry.size {
-                            return malformed("inline manifest size differs from the entry's".into());
+                            return malformed(
+                                "inline manifest size differs from the entry's".into(),
+                            );
                         }
                     }
                 }
@@ -237,7 +253,12 @@ impl Object {
     /// Seals the object under `volume_key`, returning (cid, stored bytes).
     #[must_use]
     pub fn seal(&self, volume_key: &VolumeKey) -> (Cid, Vec<u8>) {
-        let sealed = seal::seal(volume_key.as_bytes(), &self.encode(), SEAL_AAD, Compression::WhenSmaller);
+        let sealed = seal::seal(
+            volume_key.as_bytes(),
+            &self.encode(),
+            SEAL_AAD,
+            Compression::WhenSmaller,
+        );
         (Cid::of(&sealed), sealed)
     }
 
@@ -248,7 +269,9 @@ impl Object {
     /// seal does not open; decode errors.
     pub fn open(volume_key: &VolumeKey, cid: &Cid, stored: &[u8]) -> Result<Self, ObjectError> {
         if !cid.matches(stored) {
-            return Err(ObjectError::Malformed { reason: format!("object {cid} does not match its id (corrupted on disk)") });
+            return Err(ObjectError::Malformed {
+                reason: format!("object {cid} does not match its id (corrupted on disk)"),
+            });
         }
         let encoded = seal::open(volume_key.as_bytes(), stored, SEAL_AAD, OBJECT_BYTES_MAX)?;
         Self::decode(&encoded)
@@ -261,7 +284,10 @@ impl Object {
     pub fn into_tree(self) -> Result<Tree, ObjectError> {
         match self {
             Self::Tree(tree) => Ok(tree),
-            other => Err(ObjectError::WrongKind { expected: "tree", found: other.name() }),
+            other => Err(ObjectError::WrongKind {
+                expected: "tree",
+                found: other.name(),
+            }),
         }
     }
 
@@ -272,7 +298,10 @@ impl Object {
     pub fn into_manifest(self) -> Result<FileManifest, ObjectError> {
         match self {
             Self::Manifest(manifest) => Ok(manifest),
-            other => Err(ObjectError::WrongKind { expected: "manifest", found: other.name() }),
+            other => Err(ObjectError::WrongKind {
+                expected: "manifest",
+                found: other.name(),
+            }),
         }
     }
 
@@ -283,7 +312,10 @@ impl Object {
     pub fn into_commit(self) -> Result<SignedCommit, ObjectError> {
         match self {
             Self::Commit(commit) => Ok(commit),
-            other => Err(ObjectError::WrongKind { expected: "commit", found: other.name() }),
+            other => Err(ObjectError::WrongKind {
+                expected: "commit",
+                found: other.name(),
+            }),
         }
     }
 
@@ -301,7 +333,9 @@ impl SnapshotCommit {
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = vec![b'F', b'C', OBJECT_FORMAT_VERSION];
-        bytes.extend_from_slice(&postcard::to_stdvec(self).expect("commits serialize with postcard"));
+        bytes.extend_from_slice(
+            &postcard::to_stdvec(self).expect("commits serialize with postcard"),
+        );
         bytes
     }
 
@@ -311,24 +345,37 @@ impl SnapshotCommit {
     /// [`ObjectError::Malformed`].
     pub fn decode(bytes: &[u8]) -> Result<Self, ObjectError> {
         if bytes.len() < 3 || &bytes[..2] != b"FC" || bytes[2] != OBJECT_FORMAT_VERSION {
-            return Err(ObjectError::Malformed { reason: "missing commit header".into() });
+            return Err(ObjectError::Malformed {
+                reason: "missing commit header".into(),
+            });
         }
         exact(&bytes[3..])
     }
 }
 
 fn validate_manifest(manifest: &FileManifest) -> Result<(), ObjectError> {
-    let total: u64 = manifest.chunks.iter().map(|chunk| u64::from(chunk.len)).sum();
+    let total: u64 = manifest
+        .chunks
+        .iter()
+        .map(|chunk| u64::from(chunk.len))
+        .sum();
     if total != manifest.size {
-        return Err(ObjectError::Malformed { reason: format!("manifest chunks add up to {total}, not {}", manifest.size) });
+        return Err(ObjectError::Malformed {
+            reason: format!("manifest chunks add up to {total}, not {}", manifest.size),
+        });
     }
     Ok(())
 }
 
 fn exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ObjectError> {
-    let (value, rest) = postcard::take_from_bytes(body).map_err(|error| ObjectError::Malformed { reason: error.to_string() })?;
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|error| ObjectError::Malformed {
+            reason: error.to_string(),
+        })?;
     if !rest.is_empty() {
-        return Err(ObjectError::Malformed { reason: format!("{} trailing bytes", rest.len()) });
+        return Err(ObjectError::Malformed {
+            reason: format!("{} trailing bytes", rest.len()),
+        });
     }
     Ok(value)
 }
@@ -340,9 +387,36 @@ mod tests {
     fn sample_tree() -> Tree {
         Tree {
             entries: vec![
-                TreeEntry { name: b"a file".to_vec(), mode: 0o644, mtime_ns: 1, size: 3, content: EntryContent::InlineFile(FileManifest { size: 3, chunks: vec![ChunkRef { cid: [1; 32], len: 3, key: [2; 32] }] }) },
-                TreeEntry { name: b"link".to_vec(), mode: 0o777, mtime_ns: 2, size: 4, content: EntryContent::Symlink { target: b"a fi".to_vec() } },
-                TreeEntry { name: vec![b'z', 0xff, b'\n'], mode: 0o755, mtime_ns: -5, size: 0, content: EntryContent::Directory { tree: [3; 32] } },
+                TreeEntry {
+                    name: b"a file".to_vec(),
+                    mode: 0o644,
+                    mtime_ns: 1,
+                    size: 3,
+                    content: EntryContent::InlineFile(FileManifest {
+                        size: 3,
+                        chunks: vec![ChunkRef {
+                            cid: [1; 32],
+                            len: 3,
+                            key: [2; 32],
+                        }],
+                    }),
+                },
+                TreeEntry {
+                    name: b"link".to_vec(),
+                    mode: 0o777,
+                    mtime_ns: 2,
+                    size: 4,
+                    content: EntryContent::Symlink {
+                        target: b"a fi".to_vec(),
+                    },
+                },
+                TreeEntry {
+                    name: vec![b'z', 0xff, b'\n'],
+                    mode: 0o755,
+                    mtime_ns: -5,
+                    size: 0,
+                    content: EntryContent::Directory { tree: [3; 32] },
+                },
             ],
         }
     }
@@ -369,7 +443,14 @@ mod tests {
         let mut dotdot = sample_tree();
         dotdot.entries[0].name = b"..".to_vec();
         assert!(Object::decode(&Object::Tree(dotdot).encode()).is_err());
-        let bad_sum = FileManifest { size: 10, chunks: vec![ChunkRef { cid: [0; 32], len: 3, key: [0; 32] }] };
+        let bad_sum = FileManifest {
+            size: 10,
+            chunks: vec![ChunkRef {
+                cid: [0; 32],
+                len: 3,
+                key: [0; 32],
+            }],
+        };
         assert!(Object::decode(&Object::Manifest(bad_sum).encode()).is_err());
         let mut trailing = Object::Tree(sample_tree()).encode();
         trailing.push(0);

@@ -119,6 +119,18 @@ impl WriteBatch {
         self.ops.push(BatchOp::Delete { column, key });
     }
 
+    /// Moves every operation of `other` to the end of this batch.
+    pub fn append(&mut self, other: WriteBatch) {
+        self.payload_bytes += other.payload_bytes;
+        self.ops.extend(other.ops);
+    }
+
+    /// Takes the operations out, leaving this batch empty.
+    #[must_use]
+    pub fn take(&mut self) -> WriteBatch {
+        std::mem::take(self)
+    }
+
     /// The operations, in order.
     #[must_use]
     pub fn ops(&self) -> &[BatchOp] {

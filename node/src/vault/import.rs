@@ -1,0 +1,428 @@
+//! Import: a directory tree becomes a new snapshot.
+//!
+//! Directories are walked in name order and their entries processed in parallel (rayon).
+//! Each file streams through the chunker; each chunk costs one keyed hash when it is a
+//! duplicate, otherwise chunk key → zstd (when it pays) → seal → cid → shards. Writes go
+//! out in unlogged batches of about [`BATCH_BYTES`]; at the end the shard, object and meta
+//! columns are flushed, then the signed commit is written synced, then the branch moves by
+//! compare-and-swap. Until that last step nothing of the import is visible, and whatever
+//! was written is reused by the next import.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use forge_crypto::seal::{self, Compression};
+use forge_crypto::{Cid, PlaintextHash, SignatureDomain};
+use forge_store::chunker::{Chunker, ChunkerError};
+use forge_store::chunkstore::stage_chunk;
+use forge_store::erasure::ErasureCoder;
+use forge_store::kv::{Column, Durability, WriteBatch};
+use forge_store::object::{
+    ChunkRef, EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, SignedCommit,
+    SnapshotCommit, Tree, TreeEntry,
+};
+use rayon::prelude::*;
+
+use super::records::{self, SnapshotListing, keys};
+use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
+use crate::clock::now_ns;
+use crate::error::{NodeError, Result};
+use crate::progress::Progress;
+
+/// Unlogged writes are sent to the engine in batches of about this many bytes.
+pub const BATCH_BYTES: usize = 8 << 20;
+
+/// Options of an import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// The snapshot message.
+    pub message: String,
+    /// The branch to move.
+    pub branch: String,
+    /// DNA fingerprint entries.
+    pub dna: BTreeMap<String, String>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// The new snapshot's id.
+    pub snapshot: Cid,
+    /// Regular files stored.
+    pub files: u64,
+    /// File bytes read.
+    pub logical_bytes: u64,
+    /// Chunks that were new.
+    pub new_chunks: u64,
+    /// Chunks found already stored (or earlier in this import).
+    pub reused_chunks: u64,
+    /// Bytes of shards and objects written.
+    pub written_bytes: u64,
+    /// Entries not stored, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Wall time.
+    pub elapsed_seconds: f64,
+}
+
+struct Importer<'a> {
+    vault: &'a Vault,
+    volume: &'a OpenVolume,
+    chunker: Chunker,
+    coder: ErasureCoder,
+    pending: Mutex<WriteBatch>,
+    seen: Mutex<BTreeMap<PlaintextHash, Cid>>,
+    counters: Mutex<Counters>,
+    skipped: Mutex<Vec<(PathBuf, String)>>,
+    progress: &'a Progress,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    files: u64,
+    logical_bytes: u64,
+    new_chunks: u64,
+    reused_chunks: u64,
+    written_bytes: u64,
+}
+
+impl Vault {
+    /// Imports `source` as a new snapshot on `options.branch` of volume `name`.
+    ///
+    /// # Errors
+    /// Unknown volume, unreadable source directory, engine errors (disk full: nothing is
+    /// visible), [`NodeError::BranchMoved`] when another import moved the branch first.
+    pub fn import(
+        &self,
+        name: &str,
+        source: &Path,
+        options: &ImportOptions,
+        passphrase: PassphraseSource<'_>,
+        progress: &Progress,
+    ) -> Result<ImportReport> {
+        validate_name("branch name", &options.branch)?;
+        let volume = self.open_volume(name, passphrase)?;
+        let metadata = fs::metadata(source).map_err(NodeError::io("reading", source))?;
+        if !metadata.is_dir() {
+            return Err(NodeError::InvalidArgument {
+                what: "source",
+                value: source.display().to_string(),
+                reason: "not a directory".into(),
+            });
+        }
+        let head = self.refs().get_ref(&volume.id, &options.branch)?;
+        let importer = Importer {
+            vault: self,
+            volume: &volume,
+            chunker: volume.chunker()?,
+            coder: volume.coder()?,
+            pending: Mutex::new(WriteBatch::new()),
+            seen: Mutex::new(BTreeMap::new()),
+            counters: Mutex::new(Counters::default()),
+            skipped: Mutex::new(Vec::new()),
+            progress,
+        };
+        let root = importer
+            .import_directory(source)?
+            .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
+        importer.write_pending()?;
+        // Chunks and objects must be durable before the snapshot that names them.
+        self.kv()
+            .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
+
+        let counters = importer
+            .counters
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let commit = SnapshotCommit {
+            volume: *volume.id.as_bytes(),
+            root: *root.as_bytes(),
+            parents: head.iter().map(|cid| *cid.as_bytes()).collect(),
+            author: *self.identity().node_id().as_bytes(),
+            time_ns: now_ns(),
+            message: options.message.clone(),
+            dna: options.dna.clone(),
+            logical_bytes: counters.logical_bytes,
+            file_count: counters.files,
+        };
+        let encoded = commit.encode();
+        let signature = self.identity().sign(SignatureDomain::Snapshot, &encoded)?;
+        let (snapshot, sealed) = Object::Commit(SignedCommit {
+            commit: encoded,
+            signature: signature.as_bytes().to_vec(),
+        })
+        .seal(&volume.volume_key);
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Objects, snapshot.as_bytes().to_vec(), sealed);
+        let listing = SnapshotListing {
+            time_ns: commit.time_ns,
+            logical_bytes: commit.logical_bytes,
+            file_count: commit.file_count,
+        };
+        batch.put(
+            Column::Meta,
+            keys::key(keys::SNAPSHOT, &[volume.id.as_bytes(), snapshot.as_bytes()]),
+            records::encode(&listing),
+        );
+        self.kv().write(batch, Durability::Synced)?;
+        // The acknowledgement: the branch moves only if nobody moved it since we started.
+        self.refs()
+            .compare_and_swap_ref(&volume.id, &options.branch, head, Some(snapshot))?;
+
+        Ok(ImportReport {
+            snapshot,
+            files: counters.files,
+            logical_bytes: counters.logical_bytes,
+            new_chunks: counters.new_chunks,
+            reused_chunks: counters.reused_chunks,
+            written_bytes: counters.written_bytes,
+            skipped: importer
+                .skipped
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            elapsed_seconds: progress.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+impl Importer<'_> {
+    /// Stores a directory's tree; `None` when the directory cannot be listed (skipped).
+    fn import_directory(&self, path: &Path) -> Result<Option<Cid>> {
+        let listing = match fs::read_dir(path) {
+            Ok(listing) => listing,
+            Err(error) => {
+                self.skip(path, &error);
+                return Ok(None);
+            }
+        };
+        let mut names: Vec<OsString> = Vec::new();
+        for entry in listing {
+            match entry {
+                Ok(entry) => names.push(entry.file_name()),
+                Err(error) => self.skip(path, &error),
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let entries = names
+            .par_iter()
+            .map(|name| self.import_entry(&path.join(name), name.as_bytes()))
+            .collect::<Result<Vec<Option<TreeEntry>>>>()?;
+        let tree = Tree {
+            entries: entries.into_iter().flatten().collect(),
+        };
+        Ok(Some(self.store_object(&Object::Tree(tree))?))
+    }
+
+    fn import_entry(&self, path: &Path, name: &[u8]) -> Result<Option<TreeEntry>> {
+        let metadata = match fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                self.skip(path, &error);
+                return Ok(None);
+            }
+        };
+        let file_type = metadata.file_type();
+        let mode = metadata.mode() & 0o7777;
+        let mtime_ns = metadata
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(metadata.mtime_nsec());
+        let (size, content) = if file_type.is_dir() {
+            match self.import_directory(path)? {
+                Some(tree) => (
+                    0,
+                    EntryContent::Directory {
+                        tree: *tree.as_bytes(),
+                    },
+                ),
+                None => return Ok(None),
+            }
+        } else if file_type.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => {
+                    let target = target.as_os_str().as_bytes().to_vec();
+                    (target.len() as u64, EntryContent::Symlink { target })
+                }
+                Err(error) => {
+                    self.skip(path, &error);
+                    return Ok(None);
+                }
+            }
+        } else if file_type.is_file() {
+            match self.import_file(path)? {
+                Ok(manifest) => {
+                    let size = manifest.size;
+                    self.progress.file_done(size);
+                    let mut counters = self.lock_counters();
+                    counters.files += 1;
+                    counters.logical_bytes += size;
+                    drop(counters);
+                    if manifest.chunks.len() <= INLINE_MANIFEST_CHUNKS_MAX {
+                        (size, EntryContent::InlineFile(manifest))
+                    } else {
+                        let cid = self.store_object(&Object::Manifest(manifest))?;
+                        (
+                            size,
+                            EntryContent::File {
+                                manifest: *cid.as_bytes(),
+                            },
+                        )
+                    }
+                }
+                Err(error) => {
+                    self.skip(path, &error);
+                    return Ok(None);
+                }
+            }
+        } else {
+            let kind = if file_type.is_socket() {
+                "socket"
+            } else if file_type.is_fifo() {
+                "fifo"
+            } else {
+                "device"
+            };
+            self.skip_reason(
+                path,
+                format!("{kind}: not stored (only files, directories and symlinks are)"),
+            );
+            return Ok(None);
+        };
+        Ok(Some(TreeEntry {
+            name: name.to_vec(),
+            mode,
+            mtime_ns,
+            size,
+            content,
+        }))
+    }
+
+    /// Chunks and stores one file. The outer error aborts the import (storage failed); the
+    /// inner one skips this file (it could not be read).
+    fn import_file(&self, path: &Path) -> Result<io::Result<FileManifest>> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(error) => return Ok(Err(error)),
+        };
+        let mut manifest = FileManifest::default();
+        for chunk in self.chunker.chunks(file) {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(ChunkerError::Read(error)) => return Ok(Err(error)),
+                Err(other) => return Err(other.into()),
+            };
+            let len = u32::try_from(chunk.data.len()).expect("chunks are at most 16 MiB");
+            let (cid, key) = self.store_chunk(&chunk.data)?;
+            manifest.size += u64::from(len);
+            manifest.chunks.push(ChunkRef {
+                cid: *cid.as_bytes(),
+                len,
+                key,
+            });
+        }
+        Ok(Ok(manifest))
+    }
+
+    /// Stores a chunk unless the domain already has it; returns its cid and key.
+    fn store_chunk(&self, plaintext: &[u8]) -> Result<(Cid, [u8; 32])> {
+        let domain_key = &self.volume.domain_key;
+        let hash = domain_key.plaintext_hash(plaintext);
+        let key = *domain_key.chunk_key(&hash).as_bytes();
+        if let Some(cid) = self.lock_seen().get(&hash) {
+            self.lock_counters().reused_chunks += 1;
+            return Ok((*cid, key));
+        }
+        let index_key = keys::key(keys::DEDUP, &[&self.volume.domain.id, hash.as_bytes()]);
+        if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)? {
+            if let Ok(cid) = Cid::from_slice(&value) {
+                if forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)? {
+                    self.lock_seen().insert(hash, cid);
+                    self.lock_counters().reused_chunks += 1;
+                    return Ok((cid, key));
+                }
+            }
+        }
+        let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
+        let cid = Cid::of(&sealed);
+        let mut batch = WriteBatch::new();
+        let written = stage_chunk(&mut batch, &self.coder, &cid, &sealed)?;
+        batch.put(Column::Meta, index_key, cid.as_bytes().to_vec());
+        if self.lock_seen().insert(hash, cid).is_some() {
+            // Another thread stored the same chunk meanwhile: writing it again is harmless
+            // (same bytes), but count it once.
+            self.lock_counters().reused_chunks += 1;
+            return Ok((cid, key));
+        }
+        let mut counters = self.lock_counters();
+        counters.new_chunks += 1;
+        counters.written_bytes += written as u64;
+        drop(counters);
+        self.stage(batch)?;
+        Ok((cid, key))
+    }
+
+    fn store_object(&self, object: &Object) -> Result<Cid> {
+        let (cid, sealed) = object.seal(&self.volume.volume_key);
+        self.lock_counters().written_bytes += sealed.len() as u64;
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Objects, cid.as_bytes().to_vec(), sealed);
+        self.stage(batch)?;
+        Ok(cid)
+    }
+
+    fn stage(&self, batch: WriteBatch) -> Result<()> {
+        let full = {
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.append(batch);
+            (pending.payload_bytes() >= BATCH_BYTES).then(|| pending.take())
+        };
+        if let Some(full) = full {
+            self.vault.kv().write(full, Durability::Unlogged)?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&self) -> Result<()> {
+        let rest = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if !rest.is_empty() {
+            self.vault.kv().write(rest, Durability::Unlogged)?;
+        }
+        Ok(())
+    }
+
+    fn skip(&self, path: &Path, error: &io::Error) {
+        self.skip_reason(path, error.to_string());
+    }
+
+    fn skip_reason(&self, path: &Path, reason: String) {
+        tracing::warn!(path = %path.display(), %reason, "skipped");
+        self.skipped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((path.to_owned(), reason));
+    }
+
+    fn lock_counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<PlaintextHash, Cid>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

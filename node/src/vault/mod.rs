@@ -1,0 +1,632 @@
+//! The single-node vault: one data directory, one RocksDB, this node's identity. Volumes,
+//! dedup domains, import, export, snapshots and statistics live here.
+//!
+//! One process owns a data directory at a time (RocksDB admits one): `Vault::open` takes an
+//! exclusive lock on `<data-dir>/lock`, and waits, saying so on stderr, while another
+//! short-lived forge command holds it.
+
+pub mod export;
+mod import;
+pub mod records;
+mod stats;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::sync::Arc;
+
+use forge_crypto::passphrase::{self, KdfParams};
+use forge_crypto::{Cid, DomainKey, EnvelopeContents, NodeIdentity, VolumeKey, envelope};
+use forge_store::VolumeId;
+use forge_store::chunker::{Chunker, ChunkerParams};
+use forge_store::erasure::{ErasureCoder, ErasureLayout};
+use forge_store::kv::{
+    Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
+};
+use forge_store::metadata::{LocalMetadataStore, MetadataStore};
+use forge_store::object::{Object, SnapshotCommit};
+use zeroize::Zeroizing;
+
+pub use export::ExportReport;
+pub use import::{ImportOptions, ImportReport};
+pub use stats::{VaultStats, VolumeStats};
+
+use crate::clock::now_ns;
+use crate::datadir::DataDir;
+use crate::error::{NodeError, Result};
+use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
+
+/// The name of the default dedup domain.
+pub const DEFAULT_DOMAIN: &str = "default";
+/// The opt-in shared public domain (a publicly known key: dedup across tenants).
+pub const PUBLIC_DOMAIN: &str = "public";
+/// The default branch.
+pub const DEFAULT_BRANCH: &str = "main";
+/// Associated data of sealed chunks.
+pub const CHUNK_AAD: &[u8] = b"forge-vault chunk v1";
+
+/// Supplies a passphrase when one is needed (prompt, environment, test value).
+pub type PassphraseSource<'a> = &'a dyn Fn(&str, bool) -> Result<Zeroizing<String>>;
+
+/// An open vault.
+pub struct Vault {
+    data_dir: DataDir,
+    kv: Arc<RocksKv>,
+    refs: LocalMetadataStore,
+    identity: NodeIdentity,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Vault")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of `volume create`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateVolumeOptions {
+    /// Erasure layout (default 1+0).
+    pub layout: Option<ErasureLayout>,
+    /// Dedup domain name (default: [`DEFAULT_DOMAIN`]).
+    pub domain: Option<String>,
+    /// Average chunk size for a new domain.
+    pub chunk_avg_bytes: Option<u32>,
+    /// Keys wrapped to a passphrase, in a domain of the volume's own.
+    pub encrypted: bool,
+}
+
+/// A volume opened for reading or writing: its record and keys.
+pub(crate) struct OpenVolume {
+    pub record: VolumeRecord,
+    pub id: VolumeId,
+    pub volume_key: VolumeKey,
+    pub domain_key: DomainKey,
+    pub domain: DomainRecord,
+}
+
+impl Vault {
+    /// Opens the vault in `data_dir`, waiting for the directory lock if another forge
+    /// command holds it.
+    ///
+    /// # Errors
+    /// Format, identity, lock and engine errors.
+    pub fn open(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
+        data_dir.check_format()?;
+        let lock_path = data_dir.path().join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(NodeError::io("opening", &lock_path))?;
+        if lock.try_lock().is_err() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "forge: waiting for another forge process using {} ...",
+                data_dir.path().display()
+            );
+            lock.lock().map_err(NodeError::io("locking", &lock_path))?;
+        }
+        let identity =
+            data_dir.load_identity(|| passphrase("Passphrase for this node's keys", false))?;
+        let kv = Arc::new(RocksKv::open(
+            &data_dir.path().join("db"),
+            &RocksKvOptions::default(),
+        )?);
+        let refs = LocalMetadataStore::new(kv.clone());
+        Ok(Self {
+            data_dir: data_dir.clone(),
+            kv,
+            refs,
+            identity,
+            _lock: lock,
+        })
+    }
+
+    /// The storage engine.
+    pub(crate) fn kv(&self) -> &dyn KvEngine {
+        self.kv.as_ref()
+    }
+
+    /// The refs.
+    pub(crate) fn refs(&self) -> &dyn MetadataStore {
+        &self.refs
+    }
+
+    /// This node's identity.
+    pub(crate) fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
+    /// Creates a volume.
+    ///
+    /// # Errors
+    /// [`NodeError::VolumeExists`], invalid names or sizes, engine errors.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        options: &CreateVolumeOptions,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<VolumeRecord> {
+        validate_name("volume name", name)?;
+        if self.volume_record(name)?.is_some() {
+            return Err(NodeError::VolumeExists {
+                name: name.to_owned(),
+            });
+        }
+        let id = VolumeId::from_bytes(random_bytes()?);
+        let layout = options.layout.unwrap_or(ErasureLayout::SINGLE);
+        let volume_key = VolumeKey::generate()?;
+        let mut batch = WriteBatch::new();
+
+        let (domain_name, domain_key) = if options.encrypted {
+            if options.domain.is_some() {
+                return Err(NodeError::InvalidArgument {
+                    what: "option",
+                    value: "--domain".into(),
+                    reason: "an --encrypted volume always gets a dedup domain of its own".into(),
+                });
+            }
+            let name = format!("private-{id}");
+            let params = chunker_params(options.chunk_avg_bytes)?;
+            let key = DomainKey::generate()?;
+            let record = domain_record(params, None)?;
+            batch.put(
+                Column::Meta,
+                keys::key(keys::DOMAIN, &[name.as_bytes()]),
+                records::encode(&record),
+            );
+            (name, key)
+        } else {
+            let name = options
+                .domain
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
+            validate_name("domain name", &name)?;
+            match self.domain_record(&name)? {
+                Some(existing) => {
+                    if let Some(avg) = options.chunk_avg_bytes {
+                        if avg != existing.chunk_avg_bytes {
+                            return Err(NodeError::InvalidArgument {
+                                what: "--chunk-avg",
+                                value: avg.to_string(),
+                                reason: format!(
+                                    "chunk sizes belong to the domain; {name:?} uses {} bytes",
+                                    existing.chunk_avg_bytes
+                                ),
+                            });
+                        }
+                    }
+                    let key = self.unwrap_domain_key(&name, &existing)?;
+                    (name, key)
+                }
+                None => {
+                    let key = if name == PUBLIC_DOMAIN {
+                        DomainKey::shared_public()
+                    } else {
+                        DomainKey::generate()?
+                    };
+                    let mut record = domain_record(chunker_params(options.chunk_avg_bytes)?, None)?;
+                    let contents = EnvelopeContents::Domain {
+                        domain_key: key.clone(),
+                    };
+                    record.key_envelope = Some(envelope::wrap(
+                        self.identity.public_keys(),
+                        &contents,
+                        &domain_binding(&record.id),
+                    )?);
+                    batch.put(
+                        Column::Meta,
+                        keys::key(keys::DOMAIN, &[name.as_bytes()]),
+                        records::encode(&record),
+                    );
+                    (name, key)
+                }
+            }
+        };
+
+        let contents = EnvelopeContents::Writer {
+            volume_key,
+            domain_key,
+        };
+        let volume_keys = if options.encrypted {
+            let secret = passphrase("New passphrase for this volume", true)?;
+            VolumeKeys::Passphrase(passphrase::protect(
+                secret.as_bytes(),
+                &contents.to_bytes(),
+                KdfParams::DEFAULT,
+            )?)
+        } else {
+            VolumeKeys::WrappedToNode(envelope::wrap(
+                self.identity.public_keys(),
+                &contents,
+                &volume_binding(&id),
+            )?)
+        };
+        let record = VolumeRecord {
+            id: *id.as_bytes(),
+            name: name.to_owned(),
+            data_shards: u16::try_from(layout.data_shards()).unwrap_or(u16::MAX),
+            parity_shards: u16::try_from(layout.parity_shards()).unwrap_or(u16::MAX),
+            domain: domain_name,
+            encrypted: options.encrypted,
+            created_ns: now_ns(),
+        };
+        batch.put(
+            Column::Meta,
+            keys::key(keys::VOLUME_KEYS, &[id.as_bytes()]),
+            records::encode(&volume_keys),
+        );
+        batch.put(
+            Column::Meta,
+            keys::key(keys::VOLUME, &[name.as_bytes()]),
+            records::encode(&record),
+        );
+        self.kv.write(batch, Durability::Synced)?;
+        Ok(record)
+    }
+
+    /// Every volume, sorted by name.
+    ///
+    /// # Errors
+    /// Engine errors or corrupt records.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let end = prefix_end(keys::VOLUME);
+        self.kv
+            .scan(Column::Meta, keys::VOLUME, end.as_deref(), usize::MAX)?
+            .iter()
+            .map(|(_, value)| records::decode("volume", value))
+            .collect()
+    }
+
+    /// The branches of a volume with their heads.
+    ///
+    /// # Errors
+    /// Unknown volume, engine errors.
+    pub fn branches(&self, volume: &str) -> Result<Vec<(String, Cid)>> {
+        let record = self.require_volume(volume)?;
+        Ok(self.refs.list_refs(&VolumeId::from_bytes(record.id))?)
+    }
+
+    /// The snapshots of a volume (listing entries with their ids), oldest first.
+    ///
+    /// # Errors
+    /// Unknown volume, engine errors.
+    pub(crate) fn snapshot_listings(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<Vec<(Cid, SnapshotListing)>> {
+        let prefix = keys::key(keys::SNAPSHOT, &[&record.id]);
+        let end = prefix_end(&prefix);
+        let mut listings = self
+            .kv
+            .scan(Column::Meta, &prefix, end.as_deref(), usize::MAX)?
+            .into_iter()
+            .map(|(key, value)| {
+                let cid = Cid::from_slice(&key[prefix.len()..]).map_err(|error| {
+                    NodeError::CorruptRecord {
+                        what: "snapshot listing",
+                        reason: error.to_string(),
+                    }
+                })?;
+                Ok((
+                    cid,
+                    records::decode::<SnapshotListing>("snapshot listing", &value)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        listings.sort_by_key(|(cid, listing)| (listing.time_ns, *cid));
+        Ok(listings)
+    }
+
+    /// Resolves a snapshot id or unique prefix (at least 8 characters) in a volume.
+    ///
+    /// # Errors
+    /// [`NodeError::UnknownSnapshot`], [`NodeError::AmbiguousSnapshot`], invalid prefix.
+    pub(crate) fn resolve_snapshot(&self, record: &VolumeRecord, id: &str) -> Result<Cid> {
+        let lower = id.to_ascii_lowercase();
+        if lower.len() < 8
+            || lower.len() > 64
+            || !lower.bytes().all(|byte| byte.is_ascii_hexdigit())
+        {
+            return Err(NodeError::InvalidArgument {
+                what: "snapshot id",
+                value: id.to_owned(),
+                reason: "give 8 to 64 hex characters".into(),
+            });
+        }
+        let matches: Vec<Cid> = self
+            .snapshot_listings(record)?
+            .into_iter()
+            .map(|(cid, _)| cid)
+            .filter(|cid| cid.to_hex().starts_with(&lower))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(NodeError::UnknownSnapshot {
+                volume: record.name.clone(),
+                id: id.to_owned(),
+            }),
+            _ => Err(NodeError::AmbiguousSnapshot {
+                volume: record.name.clone(),
+                id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// Reads and verifies a snapshot commit.
+    ///
+    /// # Errors
+    /// Integrity errors for a missing, undecodable or badly signed commit.
+    pub(crate) fn read_commit(&self, volume: &OpenVolume, cid: &Cid) -> Result<SnapshotCommit> {
+        let signed = self.read_object(volume, cid)?.into_commit()?;
+        self.identity
+            .public_keys()
+            .verify(
+                forge_crypto::SignatureDomain::Snapshot,
+                &signed.commit,
+                &forge_crypto::Signature::from_bytes(&signed.signature)?,
+            )
+            .map_err(|error| NodeError::Integrity(format!("snapshot {cid}: {error}")))?;
+        let commit = SnapshotCommit::decode(&signed.commit)?;
+        if commit.volume != *volume.id.as_bytes() {
+            return Err(NodeError::Integrity(format!(
+                "snapshot {cid} belongs to another volume"
+            )));
+        }
+        Ok(commit)
+    }
+
+    /// Reads, verifies and opens an object of a volume.
+    ///
+    /// # Errors
+    /// Integrity errors naming the cid.
+    pub(crate) fn read_object(&self, volume: &OpenVolume, cid: &Cid) -> Result<Object> {
+        let stored = self
+            .kv
+            .get(Column::Objects, cid.as_bytes())?
+            .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
+        Object::open(&volume.volume_key, cid, &stored)
+            .map_err(|error| NodeError::Integrity(format!("object {cid}: {error}")))
+    }
+
+    /// A volume's record, if it exists.
+    ///
+    /// # Errors
+    /// Engine errors or a corrupt record.
+    pub fn volume_record(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        self.kv
+            .get(Column::Meta, &keys::key(keys::VOLUME, &[name.as_bytes()]))?
+            .map(|value| records::decode("volume", &value))
+            .transpose()
+    }
+
+    pub(crate) fn require_volume(&self, name: &str) -> Result<VolumeRecord> {
+        self.volume_record(name)?
+            .ok_or_else(|| NodeError::UnknownVolume {
+                name: name.to_owned(),
+            })
+    }
+
+    fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
+        self.kv
+            .get(Column::Meta, &keys::key(keys::DOMAIN, &[name.as_bytes()]))?
+            .map(|value| records::decode("domain", &value))
+            .transpose()
+    }
+
+    fn unwrap_domain_key(&self, name: &str, record: &DomainRecord) -> Result<DomainKey> {
+        let Some(wrapped) = &record.key_envelope else {
+            return Err(NodeError::InvalidArgument {
+                what: "domain",
+                value: name.to_owned(),
+                reason: "it is private to an encrypted volume".into(),
+            });
+        };
+        let contents = envelope::unwrap(&self.identity, wrapped, &domain_binding(&record.id))?;
+        contents
+            .domain_key()
+            .cloned()
+            .ok_or_else(|| NodeError::CorruptRecord {
+                what: "domain",
+                reason: "envelope carries no domain key".into(),
+            })
+    }
+
+    /// Opens a volume's keys (asking for its passphrase if it is encrypted).
+    pub(crate) fn open_volume(
+        &self,
+        name: &str,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<OpenVolume> {
+        let record = self.require_volume(name)?;
+        let id = VolumeId::from_bytes(record.id);
+        let stored = self
+            .kv
+            .get(Column::Meta, &keys::key(keys::VOLUME_KEYS, &[&record.id]))?
+            .ok_or_else(|| NodeError::CorruptRecord {
+                what: "volume keys",
+                reason: format!("missing for volume {name:?}"),
+            })?;
+        let contents = match records::decode::<VolumeKeys>("volume keys", &stored)? {
+            VolumeKeys::WrappedToNode(wrapped) => {
+                envelope::unwrap(&self.identity, &wrapped, &volume_binding(&id))?
+            }
+            VolumeKeys::Passphrase(protected) => {
+                let secret = passphrase(&format!("Passphrase for volume {name}"), false)?;
+                EnvelopeContents::from_bytes(&passphrase::unprotect(
+                    secret.as_bytes(),
+                    &protected,
+                )?)?
+            }
+        };
+        let (Some(volume_key), Some(domain_key)) = (
+            contents.volume_key().cloned(),
+            contents.domain_key().cloned(),
+        ) else {
+            return Err(NodeError::CorruptRecord {
+                what: "volume keys",
+                reason: "not a writer's keys".into(),
+            });
+        };
+        let domain =
+            self.domain_record(&record.domain)?
+                .ok_or_else(|| NodeError::CorruptRecord {
+                    what: "domain",
+                    reason: format!("domain {:?} missing", record.domain),
+                })?;
+        Ok(OpenVolume {
+            record,
+            id,
+            volume_key,
+            domain_key,
+            domain,
+        })
+    }
+}
+
+impl OpenVolume {
+    pub(crate) fn chunker(&self) -> Result<Chunker> {
+        let params = ChunkerParams {
+            min_bytes: self.domain.chunk_min_bytes,
+            avg_bytes: self.domain.chunk_avg_bytes,
+            max_bytes: self.domain.chunk_max_bytes,
+        };
+        Ok(Chunker::new(params, self.domain_key.chunker_seed())?)
+    }
+
+    pub(crate) fn coder(&self) -> Result<ErasureCoder> {
+        let layout = ErasureLayout::new(
+            usize::from(self.record.data_shards),
+            usize::from(self.record.parity_shards),
+        )?;
+        Ok(ErasureCoder::new(layout)?)
+    }
+}
+
+fn chunker_params(avg_bytes: Option<u32>) -> Result<ChunkerParams> {
+    Ok(match avg_bytes {
+        Some(avg) => ChunkerParams::from_average(avg)?,
+        None => ChunkerParams::DEFAULT,
+    })
+}
+
+fn domain_record(params: ChunkerParams, key_envelope: Option<Vec<u8>>) -> Result<DomainRecord> {
+    Ok(DomainRecord {
+        id: random_bytes()?,
+        chunk_min_bytes: params.min_bytes,
+        chunk_avg_bytes: params.avg_bytes,
+        chunk_max_bytes: params.max_bytes,
+        key_envelope,
+    })
+}
+
+fn volume_binding(id: &VolumeId) -> Vec<u8> {
+    keys::key(b"volume:", &[id.as_bytes()])
+}
+
+fn domain_binding(id: &[u8; 16]) -> Vec<u8> {
+    keys::key(b"domain:", &[id])
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    // Volume and domain ids need uniqueness, not secrecy; a fresh volume key's bytes are a
+    // convenient OS-random source without another dependency.
+    let mut bytes = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        let key = VolumeKey::generate()?;
+        let take = (N - filled).min(32);
+        bytes[filled..filled + take].copy_from_slice(&key.as_bytes()[..take]);
+        filled += take;
+    }
+    Ok(bytes)
+}
+
+/// Checks a user-chosen name: 1 to 128 characters from `A-Z a-z 0-9 . _ -`, not starting
+/// with `.` or `-`.
+///
+/// # Errors
+/// [`NodeError::InvalidArgument`].
+pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() || name.len() > 128 {
+        Some("use 1 to 128 characters")
+    } else if name.starts_with('.') || name.starts_with('-') {
+        Some("must not start with '.' or '-'")
+    } else if !name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+    {
+        Some("use only letters, digits, '.', '_' and '-'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(NodeError::InvalidArgument {
+            what,
+            value: name.to_owned(),
+            reason: reason.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// One row of `forge snapshot list`.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// The snapshot id.
+    pub id: Cid,
+    /// Parent ids.
+    pub parents: Vec<Cid>,
+    /// Commit time, ns since the epoch.
+    pub time_ns: i64,
+    /// The message.
+    pub message: String,
+    /// Branches whose head it is.
+    pub branches: Vec<String>,
+    /// File bytes.
+    pub logical_bytes: u64,
+    /// Files.
+    pub file_count: u64,
+}
+
+impl Vault {
+    /// A volume's snapshots, oldest first, each with its verified commit.
+    ///
+    /// # Errors
+    /// Unknown volume, integrity errors.
+    pub fn list_snapshots(
+        &self,
+        name: &str,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let volume = self.open_volume(name, passphrase)?;
+        let heads = self.refs.list_refs(&volume.id)?;
+        self.snapshot_listings(&volume.record)?
+            .into_iter()
+            .map(|(id, listing)| {
+                let commit = self.read_commit(&volume, &id)?;
+                Ok(SnapshotInfo {
+                    id,
+                    parents: commit
+                        .parents
+                        .iter()
+                        .map(|parent| Cid::from_bytes(*parent))
+                        .collect(),
+                    time_ns: commit.time_ns,
+                    message: commit.message,
+                    branches: heads
+                        .iter()
+                        .filter(|(_, head)| *head == id)
+                        .map(|(branch, _)| branch.clone())
+                        .collect(),
+                    logical_bytes: listing.logical_bytes,
+                    file_count: listing.file_count,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,178 @@
+//! Statistics: per volume (what its snapshots reach) and for the whole vault (disk use).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use forge_crypto::Cid;
+use forge_store::erasure::ShardRecord;
+use forge_store::kv::{Column, prefix_end};
+use forge_store::object::EntryContent;
+
+use super::{OpenVolume, PassphraseSource, Vault};
+use crate::error::{NodeError, Result};
+
+/// Numbers about one volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeStats {
+    /// File bytes over all its snapshots.
+    pub logical_bytes: u64,
+    /// Bytes on disk of the distinct shards and objects its snapshots reach (parity
+    /// included, shared chunks counted in full).
+    pub stored_bytes: u64,
+    /// Distinct data chunks.
+    pub unique_chunks: u64,
+    /// logical bytes / plaintext bytes of the unique chunks.
+    pub dedup_ratio: f64,
+    /// plaintext bytes / ciphertext bytes of the unique chunks.
+    pub compression_ratio: f64,
+    /// Snapshots listed.
+    pub snapshots: u64,
+}
+
+/// Numbers about the whole vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultStats {
+    /// Bytes of files under the data directory.
+    pub physical_bytes: u64,
+    /// Volumes.
+    pub volumes: u64,
+}
+
+impl Vault {
+    /// Statistics of volume `name`.
+    ///
+    /// # Errors
+    /// Unknown volume, integrity errors while walking.
+    pub fn volume_stats(
+        &self,
+        name: &str,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<VolumeStats> {
+        let volume = self.open_volume(name, passphrase)?;
+        let listings = self.snapshot_listings(&volume.record)?;
+        let mut walk = Walk::default();
+        let mut logical_bytes = 0;
+        for (snapshot, listing) in &listings {
+            logical_bytes += listing.logical_bytes;
+            walk.object(self, &volume, snapshot)?;
+            let commit = self.read_commit(&volume, snapshot)?;
+            walk.tree(self, &volume, &Cid::from_bytes(commit.root))?;
+        }
+        let mut stored_bytes = walk.object_bytes;
+        let (mut plaintext_bytes, mut ciphertext_bytes) = (0u64, 0u64);
+        for (cid, plaintext_len) in &walk.chunks {
+            plaintext_bytes += plaintext_len;
+            let end = prefix_end(cid.as_bytes());
+            for (_, value) in
+                self.kv()
+                    .scan(Column::Shards, cid.as_bytes(), end.as_deref(), usize::MAX)?
+            {
+                stored_bytes += value.len() as u64;
+                if let Ok(record) = ShardRecord::decode(&value) {
+                    if record.index.get() == 0 {
+                        ciphertext_bytes += u64::from(record.ciphertext_len);
+                    }
+                }
+            }
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = |numerator: u64, denominator: u64| {
+            if denominator == 0 {
+                1.0
+            } else {
+                numerator as f64 / denominator as f64
+            }
+        };
+        Ok(VolumeStats {
+            logical_bytes,
+            stored_bytes,
+            unique_chunks: walk.chunks.len() as u64,
+            dedup_ratio: ratio(logical_bytes, plaintext_bytes),
+            compression_ratio: ratio(plaintext_bytes, ciphertext_bytes),
+            snapshots: listings.len() as u64,
+        })
+    }
+
+    /// Statistics of the whole vault.
+    ///
+    /// # Errors
+    /// I/O errors reading the data directory.
+    pub fn vault_stats(&self) -> Result<VaultStats> {
+        Ok(VaultStats {
+            physical_bytes: disk_usage(self.data_dir.path())?,
+            volumes: self.list_volumes()?.len() as u64,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Walk {
+    objects: BTreeSet<Cid>,
+    object_bytes: u64,
+    chunks: BTreeMap<Cid, u64>,
+}
+
+impl Walk {
+    /// Counts an object once; returns whether it was new.
+    fn object(&mut self, vault: &Vault, _volume: &OpenVolume, cid: &Cid) -> Result<bool> {
+        if !self.objects.insert(*cid) {
+            return Ok(false);
+        }
+        let stored = vault
+            .kv()
+            .get(Column::Objects, cid.as_bytes())?
+            .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
+        self.object_bytes += stored.len() as u64;
+        Ok(true)
+    }
+
+    fn tree(&mut self, vault: &Vault, volume: &OpenVolume, cid: &Cid) -> Result<()> {
+        if !self.object(vault, volume, cid)? {
+            return Ok(()); // An unchanged subtree shared with an earlier snapshot.
+        }
+        let tree = vault.read_object(volume, cid)?.into_tree()?;
+        for entry in tree.entries {
+            match entry.content {
+                EntryContent::Directory { tree } => {
+                    self.tree(vault, volume, &Cid::from_bytes(tree))?
+                }
+                EntryContent::InlineFile(manifest) => self.chunks.extend(
+                    manifest
+                        .chunks
+                        .iter()
+                        .map(|chunk| (chunk.cid(), u64::from(chunk.len))),
+                ),
+                EntryContent::File { manifest } => {
+                    let cid = Cid::from_bytes(manifest);
+                    if self.object(vault, volume, &cid)? {
+                        let manifest = vault.read_object(volume, &cid)?.into_manifest()?;
+                        self.chunks.extend(
+                            manifest
+                                .chunks
+                                .iter()
+                                .map(|chunk| (chunk.cid(), u64::from(chunk.len))),
+                        );
+                    }
+                }
+                EntryContent::Symlink { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn disk_usage(path: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).map_err(NodeError::io("reading", path))? {
+        let entry = entry.map_err(NodeError::io("reading", path))?;
+        let metadata = entry
+            .metadata()
+            .map_err(NodeError::io("reading", entry.path()))?;
+        total += if metadata.is_dir() {
+            disk_usage(&entry.path())?
+        } else {
+            metadata.len()
+        };
+    }
+    Ok(total)
+}

@@ -1,0 +1,282 @@
+//! End-to-end tests of volumes through the real `forge` binary: round trips that keep every
+//! kind of entry and its metadata, dedup across imports, repair from parity, refusal to
+//! return damaged data, encrypted volumes, skipped entries, and concurrent imports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+struct Vault {
+    _temp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Vault {
+    fn new() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().to_owned();
+        let vault = Self { _temp: temp, root };
+        vault.ok(&["init"]);
+        vault
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.join("vault")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::cargo_bin("forge").unwrap();
+        command.env_remove("FORGE_PASSPHRASE").env_remove("RUST_LOG").env("FORGE_DATA_DIR", self.data_dir()).args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "forge {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut bytes);
+    bytes
+}
+
+/// A source tree with every kind of entry the issue lists.
+fn make_source(root: &Path) {
+    fs::create_dir_all(root.join("dir/nested")).unwrap();
+    fs::create_dir_all(root.join("empty dir")).unwrap();
+    fs::write(root.join("small.txt"), b"hello forge\n").unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    fs::write(root.join("dir/nested/big.bin"), pseudo_random(3 << 20, 1)).unwrap();
+    fs::write(root.join("dir/text.py"), "print('x')\n".repeat(20_000)).unwrap();
+    fs::write(root.join("name with spaces\nand a newline"), b"odd").unwrap();
+    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), b"not utf-8").unwrap();
+    std::os::unix::fs::symlink("small.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(root.join("dir/text.py"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(root.join("dir/nested"), fs::Permissions::from_mode(0o750)).unwrap();
+    let old = filetime::FileTime::from_unix_time(1_000_000_000, 123_456_789);
+    filetime::set_file_mtime(root.join("small.txt"), old).unwrap();
+    filetime::set_file_mtime(root.join("dir/nested"), old).unwrap();
+    filetime::set_symlink_file_times(root.join("link"), old, old).unwrap();
+}
+
+/// Asserts two trees are equal: kinds, contents, link targets, permission bits, mtimes.
+fn assert_same_tree(expected: &Path, actual: &Path) {
+    let mut names: Vec<_> = fs::read_dir(expected).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    let mut actual_names: Vec<_> = fs::read_dir(actual).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    names.sort();
+    actual_names.sort();
+    assert_eq!(names, actual_names, "entries of {}", actual.display());
+    for name in names {
+        let (left, right) = (expected.join(&name), actual.join(&name));
+        let (left_meta, right_meta) = (fs::symlink_metadata(&left).unwrap(), fs::symlink_metadata(&right).unwrap());
+        assert_eq!(left_meta.file_type(), right_meta.file_type(), "{}", right.display());
+        assert_eq!(left_meta.mode() & 0o7777, right_meta.mode() & 0o7777, "mode of {}", right.display());
+        assert_eq!((left_meta.mtime(), left_meta.mtime_nsec()), (right_meta.mtime(), right_meta.mtime_nsec()), "mtime of {}", right.display());
+        if left_meta.is_dir() {
+            assert_same_tree(&left, &right);
+        } else if left_meta.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&left).unwrap(), fs::read_link(&right).unwrap());
+        } else {
+            assert!(fs::read(&left).unwrap() == fs::read(&right).unwrap(), "content of {}", right.display());
+        }
+    }
+}
+
+#[test]
+fn import_export_round_trip_keeps_everything_and_dedups_the_second_time() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    make_source(&source);
+    vault.ok(&["volume", "create", "docs"]);
+    let first = vault.json(&["volume", "import", "docs", source.to_str().unwrap(), "-m", "first"]);
+    assert_eq!(first["files"], 6);
+    assert!(first["new_chunks"].as_u64().unwrap() > 40, "3 MiB of random data is many chunks: {first}");
+    assert!(first["skipped"].as_array().unwrap().is_empty());
+
+    let second = vault.json(&["volume", "import", "docs", source.to_str().unwrap(), "-m", "second"]);
+    assert_eq!(second["new_chunks"], 0, "an unchanged tree stores no new chunk: {second}");
+    assert_ne!(first["snapshot"], second["snapshot"]);
+
+    let out = vault.path("out");
+    vault.ok(&["volume", "export", "docs", out.to_str().unwrap()]);
+    assert_same_tree(&source, &out);
+    let older = vault.path("older");
+    let first_id = first["snapshot"].as_str().unwrap();
+    vault.ok(&["volume", "export", "docs", older.to_str().unwrap(), "--snapshot", &first_id[..10]]);
+    assert_same_tree(&source, &older);
+
+    let snapshots = vault.json(&["snapshot", "list", "docs"]);
+    let snapshots = snapshots.as_array().unwrap();
+    assert_eq!(snapshots.len(), 2);
+    assert_eq!(snapshots[0]["id"], first["snapshot"]);
+    assert_eq!(snapshots[1]["parents"][0], first["snapshot"], "linear history");
+    assert_eq!(snapshots[1]["branches"][0], "main");
+    assert_eq!(snapshots[0]["message"], "first");
+
+    let stats = vault.json(&["volume", "stats", "docs"]);
+    assert_eq!(stats["snapshots"], 2);
+    let logical = stats["logical_bytes"].as_u64().unwrap();
+    assert_eq!(logical, 2 * first["logical_bytes"].as_u64().unwrap());
+    assert!((stats["dedup_ratio"].as_f64().unwrap() - 2.0).abs() < 0.01, "{stats}");
+    assert!(stats["stored_bytes"].as_u64().unwrap() < logical / 2 + 100_000, "{stats}");
+    assert!(stats["compression_ratio"].as_f64().unwrap() > 1.0, "the text file compresses: {stats}");
+    assert!(vault.json(&["stats"])["physical_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn erasure_coded_volume_repairs_a_damaged_shard_and_plain_volume_refuses_wrong_bytes() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("data.bin"), pseudo_random(200_000, 9)).unwrap();
+    vault.ok(&["volume", "create", "parity", "--ec", "2+1"]);
+    vault.ok(&["volume", "create", "plain", "--domain", "other"]);
+    vault.ok(&["volume", "import", "parity", source.to_str().unwrap()]);
+    vault.ok(&["volume", "import", "plain", source.to_str().unwrap()]);
+
+    // Flip a byte in shard 0 of every chunk, as bit rot on disk would.
+    {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&vault.data_dir().join("db"), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        for (key, mut value) in kv.scan(Column::Shards, b"", None, usize::MAX).unwrap() {
+            if key[32..] == [0, 0] {
+                let last = value.len() - 1;
+                value[last] ^= 0x01;
+                batch.put(Column::Shards, key, value);
+            }
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+    }
+    let repaired = vault.path("repaired");
+    vault.ok(&["volume", "export", "parity", repaired.to_str().unwrap()]);
+    assert_eq!(fs::read(repaired.join("data.bin")).unwrap(), fs::read(source.join("data.bin")).unwrap());
+
+    let refused = vault.run(&["volume", "export", "plain", vault.path("refused").to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(3), "integrity failure exit code");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("chunk ") && stderr.contains("unreadable"), "names the chunk: {stderr}");
+    let partial = vault.path("refused/data.bin");
+    assert!(!partial.exists() || fs::read(&partial).unwrap().len() < 200_000, "never the wrong bytes in full");
+}
+
+#[test]
+fn clear_errors_for_unknown_names_and_bad_arguments() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let unknown = vault.run(&["volume", "import", "nope", source.to_str().unwrap()]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no volume named \"nope\""));
+    vault.ok(&["volume", "create", "v"]);
+    assert_eq!(vault.run(&["volume", "create", "v"]).status.code(), Some(4), "exists: conflict");
+    assert_eq!(vault.run(&["volume", "create", "bad/name"]).status.code(), Some(1));
+    assert_eq!(vault.run(&["volume", "create", "w", "--ec", "0+1"]).status.code(), Some(2));
+    assert_eq!(vault.run(&["volume", "create", "w", "--ec", "200+57"]).status.code(), Some(2));
+    let missing_snapshot = vault.run(&["volume", "export", "v", vault.path("x").to_str().unwrap(), "--snapshot", "deadbeefdeadbeef"]);
+    assert!(String::from_utf8_lossy(&missing_snapshot.stderr).contains("no snapshot"));
+    let missing_branch = vault.run(&["volume", "export", "v", vault.path("y").to_str().unwrap(), "--branch", "dev"]);
+    assert!(String::from_utf8_lossy(&missing_branch.stderr).contains("no branch \"dev\""));
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let occupied = vault.path("occupied");
+    fs::create_dir_all(&occupied).unwrap();
+    fs::write(occupied.join("keep.txt"), b"mine").unwrap();
+    let refused = vault.run(&["volume", "export", "v", occupied.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not empty"));
+    assert_eq!(fs::read(occupied.join("keep.txt")).unwrap(), b"mine");
+}
+
+#[test]
+fn encrypted_volume_needs_its_passphrase() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("secret.txt"), b"for my eyes only").unwrap();
+    let created = vault.command(&["volume", "create", "private", "--encrypted", "--json"]).env("FORGE_PASSPHRASE", "right").output().unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let record: Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(record["encrypted"], true);
+    assert!(record["domain"].as_str().unwrap().starts_with("private-"), "a domain of its own");
+
+    let without = vault.run(&["volume", "import", "private", source.to_str().unwrap()]);
+    assert_eq!(without.status.code(), Some(1), "no passphrase, no terminal: a clear error");
+    let wrong = vault.command(&["volume", "import", "private", source.to_str().unwrap()]).env("FORGE_PASSPHRASE", "wrong").output().unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    vault.command(&["volume", "import", "private", source.to_str().unwrap()]).env("FORGE_PASSPHRASE", "right").assert().success();
+    let out = vault.path("out");
+    vault.command(&["volume", "export", "private", out.to_str().unwrap()]).env("FORGE_PASSPHRASE", "right").assert().success();
+    assert_eq!(fs::read(out.join("secret.txt")).unwrap(), b"for my eyes only");
+}
+
+#[test]
+fn sockets_are_reported_and_skipped_never_silently() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("file"), b"kept").unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(source.join("control.sock")).unwrap();
+    vault.ok(&["volume", "create", "v"]);
+    let output = vault.run(&["volume", "import", "v", source.to_str().unwrap(), "--json"]);
+    assert!(output.status.success());
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0]["path"].as_str().unwrap().ends_with("control.sock"));
+    assert!(skipped[0]["reason"].as_str().unwrap().contains("socket"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("skipped"), "also said on stderr");
+    assert_eq!(report["files"], 1);
+}
+
+#[test]
+fn two_imports_started_together_give_a_linear_history() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("data.bin"), pseudo_random(5 << 20, 3)).unwrap();
+    vault.ok(&["volume", "create", "v"]);
+    let spawn = || {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+            .env("FORGE_DATA_DIR", vault.data_dir())
+            .args(["volume", "import", "v", source.to_str().unwrap(), "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let (first, second) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    assert!(first.status.success() && second.status.success(), "{} / {}", String::from_utf8_lossy(&first.stderr), String::from_utf8_lossy(&second.stderr));
+    let snapshots = vault.json(&["snapshot", "list", "v"]);
+    let snapshots = snapshots.as_array().unwrap();
+    assert_eq!(snapshots.len(), 2);
+    assert_eq!(snapshots[1]["parents"][0], snapshots[0]["id"], "the second builds on the first");
+    assert!(snapshots[0]["parents"].as_array().unwrap().is_empty());
+}

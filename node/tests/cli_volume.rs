@@ -34,7 +34,11 @@ impl Vault {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::cargo_bin("forge").unwrap();
-        command.env_remove("FORGE_PASSPHRASE").env_remove("RUST_LOG").env("FORGE_DATA_DIR", self.data_dir()).args(args);
+        command
+            .env_remove("FORGE_PASSPHRASE")
+            .env_remove("RUST_LOG")
+            .env("FORGE_DATA_DIR", self.data_dir())
+            .args(args);
         command
     }
 
@@ -44,7 +48,11 @@ impl Vault {
 
     fn ok(&self, args: &[&str]) -> String {
         let output = self.run(args);
-        assert!(output.status.success(), "forge {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "forge {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap()
     }
 
@@ -61,7 +69,10 @@ impl Vault {
 
 fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
-    blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut bytes);
+    blake3::Hasher::new()
+        .update(&[seed])
+        .finalize_xof()
+        .fill(&mut bytes);
     bytes
 }
 
@@ -74,7 +85,11 @@ fn make_source(root: &Path) {
     fs::write(root.join("dir/nested/big.bin"), pseudo_random(3 << 20, 1)).unwrap();
     fs::write(root.join("dir/text.py"), "print('x')\n".repeat(20_000)).unwrap();
     fs::write(root.join("name with spaces\nand a newline"), b"odd").unwrap();
-    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), b"not utf-8").unwrap();
+    fs::write(
+        root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        b"not utf-8",
+    )
+    .unwrap();
     std::os::unix::fs::symlink("small.txt", root.join("link")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
     fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
@@ -88,23 +103,54 @@ fn make_source(root: &Path) {
 
 /// Asserts two trees are equal: kinds, contents, link targets, permission bits, mtimes.
 fn assert_same_tree(expected: &Path, actual: &Path) {
-    let mut names: Vec<_> = fs::read_dir(expected).unwrap().map(|entry| entry.unwrap().file_name()).collect();
-    let mut actual_names: Vec<_> = fs::read_dir(actual).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(expected)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    let mut actual_names: Vec<_> = fs::read_dir(actual)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
     names.sort();
     actual_names.sort();
     assert_eq!(names, actual_names, "entries of {}", actual.display());
     for name in names {
         let (left, right) = (expected.join(&name), actual.join(&name));
-        let (left_meta, right_meta) = (fs::symlink_metadata(&left).unwrap(), fs::symlink_metadata(&right).unwrap());
-        assert_eq!(left_meta.file_type(), right_meta.file_type(), "{}", right.display());
-        assert_eq!(left_meta.mode() & 0o7777, right_meta.mode() & 0o7777, "mode of {}", right.display());
-        assert_eq!((left_meta.mtime(), left_meta.mtime_nsec()), (right_meta.mtime(), right_meta.mtime_nsec()), "mtime of {}", right.display());
+        let (left_meta, right_meta) = (
+            fs::symlink_metadata(&left).unwrap(),
+            fs::symlink_metadata(&right).unwrap(),
+        );
+        assert_eq!(
+            left_meta.file_type(),
+            right_meta.file_type(),
+            "{}",
+            right.display()
+        );
+        assert_eq!(
+            left_meta.mode() & 0o7777,
+            right_meta.mode() & 0o7777,
+            "mode of {}",
+            right.display()
+        );
+        assert_eq!(
+            (left_meta.mtime(), left_meta.mtime_nsec()),
+            (right_meta.mtime(), right_meta.mtime_nsec()),
+            "mtime of {}",
+            right.display()
+        );
         if left_meta.is_dir() {
             assert_same_tree(&left, &right);
         } else if left_meta.file_type().is_symlink() {
-            assert_eq!(fs::read_link(&left).unwrap(), fs::read_link(&right).unwrap());
+            assert_eq!(
+                fs::read_link(&left).unwrap(),
+                fs::read_link(&right).unwrap()
+            );
         } else {
-            assert!(fs::read(&left).unwrap() == fs::read(&right).unwrap(), "content of {}", right.display());
+            assert!(
+                fs::read(&left).unwrap() == fs::read(&right).unwrap(),
+                "content of {}",
+                right.display()
+            );
         }
     }
 }
@@ -115,13 +161,33 @@ fn import_export_round_trip_keeps_everything_and_dedups_the_second_time() {
     let source = vault.path("source");
     make_source(&source);
     vault.ok(&["volume", "create", "docs"]);
-    let first = vault.json(&["volume", "import", "docs", source.to_str().unwrap(), "-m", "first"]);
+    let first = vault.json(&[
+        "volume",
+        "import",
+        "docs",
+        source.to_str().unwrap(),
+        "-m",
+        "first",
+    ]);
     assert_eq!(first["files"], 6);
-    assert!(first["new_chunks"].as_u64().unwrap() > 40, "3 MiB of random data is many chunks: {first}");
+    assert!(
+        first["new_chunks"].as_u64().unwrap() > 40,
+        "3 MiB of random data is many chunks: {first}"
+    );
     assert!(first["skipped"].as_array().unwrap().is_empty());
 
-    let second = vault.json(&["volume", "import", "docs", source.to_str().unwrap(), "-m", "second"]);
-    assert_eq!(second["new_chunks"], 0, "an unchanged tree stores no new chunk: {second}");
+    let second = vault.json(&[
+        "volume",
+        "import",
+        "docs",
+        source.to_str().unwrap(),
+        "-m",
+        "second",
+    ]);
+    assert_eq!(
+        second["new_chunks"], 0,
+        "an unchanged tree stores no new chunk: {second}"
+    );
     assert_ne!(first["snapshot"], second["snapshot"]);
 
     let out = vault.path("out");
@@ -129,14 +195,24 @@ fn import_export_round_trip_keeps_everything_and_dedups_the_second_time() {
     assert_same_tree(&source, &out);
     let older = vault.path("older");
     let first_id = first["snapshot"].as_str().unwrap();
-    vault.ok(&["volume", "export", "docs", older.to_str().unwrap(), "--snapshot", &first_id[..10]]);
+    vault.ok(&[
+        "volume",
+        "export",
+        "docs",
+        older.to_str().unwrap(),
+        "--snapshot",
+        &first_id[..10],
+    ]);
     assert_same_tree(&source, &older);
 
     let snapshots = vault.json(&["snapshot", "list", "docs"]);
     let snapshots = snapshots.as_array().unwrap();
     assert_eq!(snapshots.len(), 2);
     assert_eq!(snapshots[0]["id"], first["snapshot"]);
-    assert_eq!(snapshots[1]["parents"][0], first["snapshot"], "linear history");
+    assert_eq!(
+        snapshots[1]["parents"][0], first["snapshot"],
+        "linear history"
+    );
     assert_eq!(snapshots[1]["branches"][0], "main");
     assert_eq!(snapshots[0]["message"], "first");
 
@@ -144,10 +220,22 @@ fn import_export_round_trip_keeps_everything_and_dedups_the_second_time() {
     assert_eq!(stats["snapshots"], 2);
     let logical = stats["logical_bytes"].as_u64().unwrap();
     assert_eq!(logical, 2 * first["logical_bytes"].as_u64().unwrap());
-    assert!((stats["dedup_ratio"].as_f64().unwrap() - 2.0).abs() < 0.01, "{stats}");
-    assert!(stats["stored_bytes"].as_u64().unwrap() < logical / 2 + 100_000, "{stats}");
-    assert!(stats["compression_ratio"].as_f64().unwrap() > 1.0, "the text file compresses: {stats}");
+    assert!(
+        (stats["dedup_ratio"].as_f64().unwrap() - 2.0).abs() < 0.01,
+        "{stats}"
+    );
+    assert!(
+        stats["stored_bytes"].as_u64().unwrap() < logical / 2 + 100_000,
+        "{stats}"
+    );
+    assert!(
+        stats["compression_ratio"].as_f64().unwrap() > 1.0,
+        "the text file compresses: {stats}"
+    );
     assert!(vault.json(&["stats"])["physical_bytes"].as_u64().unwrap() > 0);
+    let fsck = vault.json(&["fsck"]);
+    assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+    assert_eq!(fsck["snapshots_checked"], 2);
 }
 
 #[test]
@@ -175,16 +263,102 @@ fn erasure_coded_volume_repairs_a_damaged_shard_and_plain_volume_refuses_wrong_b
         }
         kv.write(batch, Durability::Synced).unwrap();
     }
+    let fsck = vault.run(&["fsck"]);
+    assert_eq!(fsck.status.code(), Some(3), "fsck finds the damage");
+    assert!(
+        String::from_utf8_lossy(&fsck.stderr).contains("damaged shard"),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     let repaired = vault.path("repaired");
     vault.ok(&["volume", "export", "parity", repaired.to_str().unwrap()]);
-    assert_eq!(fs::read(repaired.join("data.bin")).unwrap(), fs::read(source.join("data.bin")).unwrap());
+    assert_eq!(
+        fs::read(repaired.join("data.bin")).unwrap(),
+        fs::read(source.join("data.bin")).unwrap()
+    );
 
-    let refused = vault.run(&["volume", "export", "plain", vault.path("refused").to_str().unwrap()]);
-    assert_eq!(refused.status.code(), Some(3), "integrity failure exit code");
+    let refused = vault.run(&[
+        "volume",
+        "export",
+        "plain",
+        vault.path("refused").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "integrity failure exit code"
+    );
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("chunk ") && stderr.contains("unreadable"), "names the chunk: {stderr}");
+    assert!(
+        stderr.contains("chunk ") && stderr.contains("unreadable"),
+        "names the chunk: {stderr}"
+    );
     let partial = vault.path("refused/data.bin");
-    assert!(!partial.exists() || fs::read(&partial).unwrap().len() < 200_000, "never the wrong bytes in full");
+    assert!(
+        !partial.exists() || fs::read(&partial).unwrap().len() < 200_000,
+        "never the wrong bytes in full"
+    );
+
+    // Scrub rebuilds what parity can, and names what it cannot.
+    let scrub = vault.run(&["scrub", "--repair", "--json"]);
+    assert_eq!(
+        scrub.status.code(),
+        Some(3),
+        "the plain volume's chunks are unrecoverable"
+    );
+    assert!(String::from_utf8_lossy(&scrub.stderr).contains("unreadable"));
+    assert_eq!(
+        vault.run(&["scrub"]).status.code(),
+        Some(3),
+        "still unrecoverable: nothing to rebuild from"
+    );
+    let parity_export = vault.path("after-repair");
+    vault.ok(&[
+        "volume",
+        "export",
+        "parity",
+        parity_export.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn scrub_repairs_and_fsck_is_clean_afterwards() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("data.bin"), pseudo_random(300_000, 4)).unwrap();
+    vault.ok(&["volume", "create", "v", "--ec", "3+2"]);
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    assert!(
+        vault.json(&["fsck"])["problems"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let damaged = {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&vault.data_dir().join("db"), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        let mut damaged = 0;
+        for (key, mut value) in kv.scan(Column::Shards, b"", None, usize::MAX).unwrap() {
+            if key[32..] == [0, 1] || key[32..] == [0, 4] {
+                value[50] ^= 0xff;
+                batch.put(Column::Shards, key, value);
+                damaged += 1;
+            }
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+        damaged
+    };
+    assert_eq!(vault.run(&["fsck"]).status.code(), Some(3));
+    let scrub = vault.json(&["scrub", "--repair"]);
+    assert_eq!(scrub["damaged_shards"], damaged);
+    assert_eq!(scrub["repaired_shards"], damaged);
+    assert_eq!(vault.json(&["scrub"])["damaged_shards"], 0);
+    let fsck = vault.json(&["fsck"]);
+    assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+    assert!(fsck["chunks_checked"].as_u64().unwrap() >= 2);
+    assert_eq!(fsck["snapshots_checked"], 1);
 }
 
 #[test]
@@ -196,13 +370,46 @@ fn clear_errors_for_unknown_names_and_bad_arguments() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no volume named \"nope\""));
     vault.ok(&["volume", "create", "v"]);
-    assert_eq!(vault.run(&["volume", "create", "v"]).status.code(), Some(4), "exists: conflict");
-    assert_eq!(vault.run(&["volume", "create", "bad/name"]).status.code(), Some(1));
-    assert_eq!(vault.run(&["volume", "create", "w", "--ec", "0+1"]).status.code(), Some(2));
-    assert_eq!(vault.run(&["volume", "create", "w", "--ec", "200+57"]).status.code(), Some(2));
-    let missing_snapshot = vault.run(&["volume", "export", "v", vault.path("x").to_str().unwrap(), "--snapshot", "deadbeefdeadbeef"]);
+    assert_eq!(
+        vault.run(&["volume", "create", "v"]).status.code(),
+        Some(4),
+        "exists: conflict"
+    );
+    assert_eq!(
+        vault.run(&["volume", "create", "bad/name"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        vault
+            .run(&["volume", "create", "w", "--ec", "0+1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        vault
+            .run(&["volume", "create", "w", "--ec", "200+57"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let missing_snapshot = vault.run(&[
+        "volume",
+        "export",
+        "v",
+        vault.path("x").to_str().unwrap(),
+        "--snapshot",
+        "deadbeefdeadbeef",
+    ]);
     assert!(String::from_utf8_lossy(&missing_snapshot.stderr).contains("no snapshot"));
-    let missing_branch = vault.run(&["volume", "export", "v", vault.path("y").to_str().unwrap(), "--branch", "dev"]);
+    let missing_branch = vault.run(&[
+        "volume",
+        "export",
+        "v",
+        vault.path("y").to_str().unwrap(),
+        "--branch",
+        "dev",
+    ]);
     assert!(String::from_utf8_lossy(&missing_branch.stderr).contains("no branch \"dev\""));
     vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
     let occupied = vault.path("occupied");
@@ -220,20 +427,54 @@ fn encrypted_volume_needs_its_passphrase() {
     let source = vault.path("source");
     fs::create_dir_all(&source).unwrap();
     fs::write(source.join("secret.txt"), b"for my eyes only").unwrap();
-    let created = vault.command(&["volume", "create", "private", "--encrypted", "--json"]).env("FORGE_PASSPHRASE", "right").output().unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let created = vault
+        .command(&["volume", "create", "private", "--encrypted", "--json"])
+        .env("FORGE_PASSPHRASE", "right")
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let record: Value = serde_json::from_slice(&created.stdout).unwrap();
     assert_eq!(record["encrypted"], true);
-    assert!(record["domain"].as_str().unwrap().starts_with("private-"), "a domain of its own");
+    assert!(
+        record["domain"].as_str().unwrap().starts_with("private-"),
+        "a domain of its own"
+    );
 
     let without = vault.run(&["volume", "import", "private", source.to_str().unwrap()]);
-    assert_eq!(without.status.code(), Some(1), "no passphrase, no terminal: a clear error");
-    let wrong = vault.command(&["volume", "import", "private", source.to_str().unwrap()]).env("FORGE_PASSPHRASE", "wrong").output().unwrap();
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"), "{}", String::from_utf8_lossy(&wrong.stderr));
-    vault.command(&["volume", "import", "private", source.to_str().unwrap()]).env("FORGE_PASSPHRASE", "right").assert().success();
+    assert_eq!(
+        without.status.code(),
+        Some(1),
+        "no passphrase, no terminal: a clear error"
+    );
+    let wrong = vault
+        .command(&["volume", "import", "private", source.to_str().unwrap()])
+        .env("FORGE_PASSPHRASE", "wrong")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    vault
+        .command(&["volume", "import", "private", source.to_str().unwrap()])
+        .env("FORGE_PASSPHRASE", "right")
+        .assert()
+        .success();
     let out = vault.path("out");
-    vault.command(&["volume", "export", "private", out.to_str().unwrap()]).env("FORGE_PASSPHRASE", "right").assert().success();
-    assert_eq!(fs::read(out.join("secret.txt")).unwrap(), b"for my eyes only");
+    vault
+        .command(&["volume", "export", "private", out.to_str().unwrap()])
+        .env("FORGE_PASSPHRASE", "right")
+        .assert()
+        .success();
+    assert_eq!(
+        fs::read(out.join("secret.txt")).unwrap(),
+        b"for my eyes only"
+    );
 }
 
 #[test]
@@ -249,9 +490,17 @@ fn sockets_are_reported_and_skipped_never_silently() {
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let skipped = report["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 1);
-    assert!(skipped[0]["path"].as_str().unwrap().ends_with("control.sock"));
+    assert!(
+        skipped[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("control.sock")
+    );
     assert!(skipped[0]["reason"].as_str().unwrap().contains("socket"));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("skipped"), "also said on stderr");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("skipped"),
+        "also said on stderr"
+    );
     assert_eq!(report["files"], 1);
 }
 
@@ -272,11 +521,22 @@ fn two_imports_started_together_give_a_linear_history() {
             .unwrap()
     };
     let (first, second) = (spawn(), spawn());
-    let (first, second) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
-    assert!(first.status.success() && second.status.success(), "{} / {}", String::from_utf8_lossy(&first.stderr), String::from_utf8_lossy(&second.stderr));
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(
+        first.status.success() && second.status.success(),
+        "{} / {}",
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&second.stderr)
+    );
     let snapshots = vault.json(&["snapshot", "list", "v"]);
     let snapshots = snapshots.as_array().unwrap();
     assert_eq!(snapshots.len(), 2);
-    assert_eq!(snapshots[1]["parents"][0], snapshots[0]["id"], "the second builds on the first");
+    assert_eq!(
+        snapshots[1]["parents"][0], snapshots[0]["id"],
+        "the second builds on the first"
+    );
     assert!(snapshots[0]["parents"].as_array().unwrap().is_empty());
 }

@@ -5,6 +5,7 @@
 //! exclusive lock on `<data-dir>/lock`, and waits, saying so on stderr, while another
 //! short-lived forge command holds it.
 
+pub mod check;
 pub mod export;
 mod import;
 pub mod records;

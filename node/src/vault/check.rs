@@ -1,0 +1,230 @@
+//! fsck (verify everything) and scrub (find damaged shards, rebuild them from parity).
+
+use std::collections::BTreeSet;
+
+use forge_crypto::Cid;
+use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key};
+use forge_store::kv::{Column, Durability, KvEngine, WriteBatch};
+use forge_store::object::EntryContent;
+
+use super::{OpenVolume, PassphraseSource, Vault};
+use crate::error::{NodeError, Result};
+
+/// Entries read per scan page, so a large store is walked in bounded memory.
+const SCAN_PAGE_ENTRIES: usize = 512;
+
+/// What fsck found.
+#[derive(Debug, Clone, Default)]
+pub struct FsckReport {
+    /// Objects checked against their cids.
+    pub objects_checked: u64,
+    /// Chunks read back and verified.
+    pub chunks_checked: u64,
+    /// Snapshots whose commit, trees and chunk references were walked.
+    pub snapshots_checked: u64,
+    /// Every problem, one line each, sorted.
+    pub problems: Vec<String>,
+    /// Damaged shards that parity can rebuild (`forge scrub --repair`).
+    pub repairable_shards: u64,
+    /// Volumes not walked (encrypted, no passphrase given).
+    pub skipped_volumes: Vec<String>,
+}
+
+/// What scrub found and did.
+#[derive(Debug, Clone, Default)]
+pub struct ScrubReport {
+    /// Chunks verified.
+    pub chunks_checked: u64,
+    /// Shards found damaged or missing.
+    pub damaged_shards: u64,
+    /// Shards rewritten from parity.
+    pub repaired_shards: u64,
+    /// Chunks that cannot be rebuilt, with the reason.
+    pub unrecoverable: Vec<String>,
+}
+
+impl Vault {
+    /// Verifies every object, every chunk, every ref and (for volumes whose keys are at
+    /// hand) every snapshot's reachable objects and chunks.
+    ///
+    /// # Errors
+    /// Engine errors only: what is wrong with the data is reported, not returned.
+    pub fn fsck(&self, passphrase: PassphraseSource<'_>) -> Result<FsckReport> {
+        let mut report = FsckReport::default();
+        for_each_entry(self.kv(), Column::Objects, |key, value| {
+            report.objects_checked += 1;
+            match Cid::from_slice(key) {
+                Ok(cid) if cid.matches(value) => {}
+                Ok(cid) => report
+                    .problems
+                    .push(format!("object {cid} does not match its id (corrupted)")),
+                Err(_) => report
+                    .problems
+                    .push(format!("object key of {} bytes is not a cid", key.len())),
+            }
+        })?;
+        for cid in chunk_ids(self.kv())? {
+            report.chunks_checked += 1;
+            match read_chunk(self.kv(), &cid) {
+                Ok(read) if read.rebuilt.is_empty() => {}
+                Ok(read) => {
+                    report.repairable_shards += read.rebuilt.len() as u64;
+                    report.problems.push(format!(
+                        "chunk {cid}: {} damaged shard(s), repairable with `forge scrub --repair`",
+                        read.rebuilt.len()
+                    ));
+                }
+                Err(error) => report.problems.push(error.to_string()),
+            }
+        }
+        for record in self.list_volumes()? {
+            let volume_id = forge_store::VolumeId::from_bytes(record.id);
+            let listed: BTreeSet<Cid> = self
+                .snapshot_listings(&record)?
+                .into_iter()
+                .map(|(cid, _)| cid)
+                .collect();
+            for (branch, head) in self.refs().list_refs(&volume_id)? {
+                if !listed.contains(&head)
+                    || self.kv().get(Column::Objects, head.as_bytes())?.is_none()
+                {
+                    report.problems.push(format!(
+                        "volume {}: branch {branch} points at missing snapshot {head}",
+                        record.name
+                    ));
+                }
+            }
+            let volume = if record.encrypted
+                && std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_none()
+            {
+                report.skipped_volumes.push(record.name.clone());
+                continue;
+            } else {
+                match self.open_volume(&record.name, passphrase) {
+                    Ok(volume) => volume,
+                    Err(error) => {
+                        report
+                            .problems
+                            .push(format!("volume {}: keys do not open: {error}", record.name));
+                        continue;
+                    }
+                }
+            };
+            let mut walked = BTreeSet::new();
+            for snapshot in &listed {
+                report.snapshots_checked += 1;
+                if let Err(error) = self.check_snapshot(&volume, snapshot, &mut walked) {
+                    report.problems.push(format!(
+                        "volume {} snapshot {snapshot}: {error}",
+                        record.name
+                    ));
+                }
+            }
+        }
+        report.problems.sort();
+        Ok(report)
+    }
+
+    fn check_snapshot(
+        &self,
+        volume: &OpenVolume,
+        snapshot: &Cid,
+        walked: &mut BTreeSet<Cid>,
+    ) -> Result<()> {
+        let commit = self.read_commit(volume, snapshot)?;
+        self.check_tree(volume, &Cid::from_bytes(commit.root), walked)
+    }
+
+    fn check_tree(&self, volume: &OpenVolume, cid: &Cid, walked: &mut BTreeSet<Cid>) -> Result<()> {
+        if !walked.insert(*cid) {
+            return Ok(());
+        }
+        for entry in self.read_object(volume, cid)?.into_tree()?.entries {
+            let chunks = match entry.content {
+                EntryContent::Directory { tree } => {
+                    self.check_tree(volume, &Cid::from_bytes(tree), walked)?;
+                    continue;
+                }
+                EntryContent::InlineFile(manifest) => manifest.chunks,
+                EntryContent::File { manifest } => {
+                    self.read_object(volume, &Cid::from_bytes(manifest))?
+                        .into_manifest()?
+                        .chunks
+                }
+                EntryContent::Symlink { .. } => continue,
+            };
+            for chunk in chunks {
+                if !has_chunk(self.kv(), &chunk.cid())? {
+                    return Err(NodeError::Integrity(format!(
+                        "chunk {} of {:?} is missing",
+                        chunk.cid(),
+                        String::from_utf8_lossy(&entry.name)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies every chunk; with `repair`, rewrites damaged shards rebuilt from parity.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn scrub(&self, repair: bool) -> Result<ScrubReport> {
+        let mut report = ScrubReport::default();
+        for cid in chunk_ids(self.kv())? {
+            report.chunks_checked += 1;
+            match read_chunk(self.kv(), &cid) {
+                Ok(read) => {
+                    report.damaged_shards += read.rebuilt.len() as u64;
+                    if repair && !read.rebuilt.is_empty() {
+                        let mut batch = WriteBatch::new();
+                        for (index, record) in read.rebuilt {
+                            batch.put(Column::Shards, shard_key(&cid, index), record);
+                            report.repaired_shards += 1;
+                        }
+                        self.kv().write(batch, Durability::Synced)?;
+                    }
+                }
+                Err(ChunkStoreError::Kv(error)) => return Err(error.into()),
+                Err(error) => report.unrecoverable.push(error.to_string()),
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Every chunk id in the shard column, in order.
+fn chunk_ids(kv: &dyn KvEngine) -> Result<Vec<Cid>> {
+    let mut ids: Vec<Cid> = Vec::new();
+    for_each_entry(kv, Column::Shards, |key, _| {
+        if let Ok(cid) = Cid::from_slice(&key[..key.len().min(32)]) {
+            if ids.last() != Some(&cid) {
+                ids.push(cid);
+            }
+        }
+    })?;
+    Ok(ids)
+}
+
+/// Visits every entry of a column, a page at a time.
+fn for_each_entry(
+    kv: &dyn KvEngine,
+    column: Column,
+    mut visit: impl FnMut(&[u8], &[u8]),
+) -> Result<()> {
+    let mut start: Vec<u8> = Vec::new();
+    loop {
+        let page = kv.scan(column, &start, None, SCAN_PAGE_ENTRIES)?;
+        for (key, value) in &page {
+            visit(key, value);
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == SCAN_PAGE_ENTRIES => {
+                start.clone_from(last);
+                start.push(0); // the smallest key after `last`
+            }
+            _ => return Ok(()),
+        }
+    }
+}

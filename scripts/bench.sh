@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: forge against restic on the same data in the same run, page cache
+# warm for both. Prints each figure and the ratio forge/restic (lower is better for time and
+# bytes), and the peak RSS of every forge command.
+#
+#   ./scripts/bench.sh [DATA_DIR]     # default: the Python standard library on this machine
+#
+# The second version of the data is a copy in which every 100th .py file (sorted order) has
+# two lines appended, every 50th .txt file is deleted, and a few files are added.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/forge-target}"
+data="${1:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}"
+
+need=()
+command -v restic >/dev/null 2>&1 || need+=(restic)
+[ -x /usr/bin/time ] || need+=(time)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --locked --bin forge >/dev/null
+forge="$CARGO_TARGET_DIR/release/forge"
+
+work="$(mktemp -d /var/tmp/forge-bench.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+echo "data: $data ($(find "$data" -type f | wc -l) files, $(du -sb "$data" | cut -f1) bytes as du counts)"
+echo "work: $work"
+
+# Version 1: an exact copy (so both tools read the same files); version 2: edited copy.
+cp -a "$data/." "$work/v1"
+cp -a "$work/v1/." "$work/v2"
+find "$work/v2" -type f -name '*.py' -print0 | sort -z | awk -v RS='\0' 'NR % 100 == 0' | while IFS= read -r file; do
+  printf '\n# forge bench edit\nEDITED = True\n' >> "$file"
+done
+find "$work/v2" -type f -name '*.txt' -print0 | sort -z | awk -v RS='\0' 'NR % 50 == 0' | while IFS= read -r file; do rm -f "$file"; done
+mkdir -p "$work/v2/forge_bench_added"
+for index in 1 2 3 4 5; do head -c 200000 /dev/urandom > "$work/v2/forge_bench_added/blob-$index.bin"; done
+
+warm() { tar cf - "$@" 2>/dev/null | cat > /dev/null; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+rss_of() { tail -n 1 "$1"; }   # /usr/bin/time -f %M writes KiB on the last line
+
+export FORGE_DATA_DIR="$work/forge-vault"
+"$forge" init >/dev/null
+"$forge" volume create bench >/dev/null
+export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$work/restic-repo"
+restic init --quiet >/dev/null
+
+warm "$work/v1"
+start=$(now); /usr/bin/time -f %M -o "$work/rss-import" "$forge" volume import bench "$work/v1" -m v1 >/dev/null; forge_import=$(elapsed "$start" "$(now)")
+warm "$work/v1"
+start=$(now); restic backup --quiet "$work/v1" >/dev/null; restic_backup=$(elapsed "$start" "$(now)")
+
+forge_v1_bytes=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
+restic_v1_bytes=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
+
+start=$(now); /usr/bin/time -f %M -o "$work/rss-export" "$forge" volume export bench "$work/forge-out" --branch main >/dev/null; forge_export=$(elapsed "$start" "$(now)")
+start=$(now); restic restore --quiet latest --target "$work/restic-out" >/dev/null; restic_restore=$(elapsed "$start" "$(now)")
+diff -r "$work/v1" "$work/forge-out" >/dev/null && echo "forge export is identical to the source" || { echo "forge export DIFFERS from the source"; exit 1; }
+start=$(now); cp -a "$work/v1" "$work/cp-out"; cp_time=$(elapsed "$start" "$(now)")
+
+warm "$work/v2"
+start=$(now); /usr/bin/time -f %M -o "$work/rss-import2" "$forge" volume import bench "$work/v2" -m v2 >/dev/null; forge_import2=$(elapsed "$start" "$(now)")
+start=$(now); restic backup --quiet "$work/v2" >/dev/null; restic_backup2=$(elapsed "$start" "$(now)")
+forge_v2_bytes=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
+restic_v2_bytes=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
+
+echo
+printf '%-34s %12s %12s %8s\n' "" forge restic ratio
+printf '%-34s %11ss %11ss %8s\n' "import v1 / backup" "$forge_import" "$restic_backup" "$(ratio "$forge_import" "$restic_backup")"
+printf '%-34s %11ss %11ss %8s\n' "export / restore" "$forge_export" "$restic_restore" "$(ratio "$forge_export" "$restic_restore")"
+printf '%-34s %12s %12s %8s\n' "stored bytes after v1" "$forge_v1_bytes" "$restic_v1_bytes" "$(ratio "$forge_v1_bytes" "$restic_v1_bytes")"
+printf '%-34s %11ss %11ss %8s\n' "import v2 / backup v2" "$forge_import2" "$restic_backup2" "$(ratio "$forge_import2" "$restic_backup2")"
+printf '%-34s %12s %12s %8s\n' "bytes added by v2" "$((forge_v2_bytes - forge_v1_bytes))" "$((restic_v2_bytes - restic_v1_bytes))" "$(ratio "$((forge_v2_bytes - forge_v1_bytes + 1))" "$((restic_v2_bytes - restic_v1_bytes + 1))")"
+printf '%-34s %11ss\n' "cp -a of the tree" "$cp_time"
+echo "peak RSS (KiB): import v1 $(rss_of "$work/rss-import"), export $(rss_of "$work/rss-export"), import v2 $(rss_of "$work/rss-import2")"
+"$forge" volume stats bench

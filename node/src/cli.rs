@@ -65,6 +65,8 @@ pub enum Command {
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
     Fsck,
+    /// Remove chunks and objects no snapshot reaches; report the bytes freed.
+    Gc,
     /// Verify every chunk; with --repair, rebuild damaged shards from parity.
     Scrub {
         /// Rewrite damaged shards rebuilt from parity.
@@ -141,6 +143,41 @@ pub enum SnapshotCommand {
         /// The volume.
         name: String,
     },
+    /// Paths added, removed and modified from snapshot A to snapshot B.
+    Diff {
+        /// The volume.
+        name: String,
+        /// The older snapshot (id or unique prefix).
+        a: String,
+        /// The newer snapshot.
+        b: String,
+    },
+    /// Write a snapshot into an empty or absent directory.
+    Restore {
+        /// The volume.
+        name: String,
+        /// The snapshot (id or unique prefix).
+        id: String,
+        /// Destination directory.
+        destination: PathBuf,
+    },
+    /// Create a branch at a snapshot (default: the head of main).
+    Branch {
+        /// The volume.
+        name: String,
+        /// The new branch.
+        new: String,
+        /// The snapshot to start from.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Drop a snapshot from the volume's list (its data is freed by `forge gc`).
+    Delete {
+        /// The volume.
+        name: String,
+        /// The snapshot (id or unique prefix).
+        id: String,
+    },
 }
 
 /// Arguments of `forge init`.
@@ -189,9 +226,8 @@ impl Cli {
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
             Command::Volume(command) => volume_command(&self.open_vault()?, command, self.json),
-            Command::Snapshot(SnapshotCommand::List { name }) => {
-                snapshot_list(&self.open_vault()?, name)
-            }
+            Command::Snapshot(command) => snapshot_command(&self.open_vault()?, command, self.json),
+            Command::Gc => gc(&self.open_vault()?),
             Command::Stats => vault_stats(&self.open_vault()?),
             Command::Fsck => fsck(&self.open_vault()?),
             Command::Scrub { repair } => scrub(&self.open_vault()?, *repair),
@@ -359,6 +395,83 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
             })
         }
     }
+}
+
+fn snapshot_command(vault: &Vault, command: &SnapshotCommand, json: bool) -> Result<Output> {
+    match command {
+        SnapshotCommand::List { name } => snapshot_list(vault, name),
+        SnapshotCommand::Diff { name, a, b } => {
+            let diff = vault.diff_snapshots(name, a, b, &ask_passphrase)?;
+            let mut human = String::new();
+            for (sign, paths) in [
+                ('+', &diff.added),
+                ('-', &diff.removed),
+                ('M', &diff.modified),
+            ] {
+                for path in paths {
+                    let _ = writeln!(human, "{sign} {}", path.escape_debug());
+                }
+            }
+            if human.is_empty() {
+                human.push_str("no differences");
+            }
+            Ok(Output {
+                human: human.trim_end().to_owned(),
+                json: json!({"added": diff.added, "removed": diff.removed, "modified": diff.modified}),
+            })
+        }
+        SnapshotCommand::Restore {
+            name,
+            id,
+            destination,
+        } => volume_command(
+            vault,
+            &VolumeCommand::Export {
+                name: name.clone(),
+                destination: destination.clone(),
+                snapshot: Some(id.clone()),
+                branch: None,
+            },
+            json,
+        ),
+        SnapshotCommand::Branch { name, new, from } => {
+            let target = vault.create_branch(name, new, from.as_deref())?;
+            Ok(Output {
+                human: format!("branch {new} of {name} at {target}"),
+                json: json!({"branch": new, "snapshot": target.to_hex()}),
+            })
+        }
+        SnapshotCommand::Delete { name, id } => {
+            let snapshot = vault.delete_snapshot(name, id)?;
+            Ok(Output {
+                human: format!(
+                    "deleted snapshot {snapshot} from {name}; run `forge gc` to free its data"
+                ),
+                json: json!({"deleted": snapshot.to_hex()}),
+            })
+        }
+    }
+}
+
+fn gc(vault: &Vault) -> Result<Output> {
+    let report = vault.gc(&ask_passphrase)?;
+    Ok(Output {
+        human: format!(
+            "removed {} chunks and {} objects, {} freed ({} -> {} on disk)",
+            report.chunks_removed,
+            report.objects_removed,
+            human_bytes(report.bytes_freed),
+            human_bytes(report.disk_bytes_before),
+            human_bytes(report.disk_bytes_after)
+        ),
+        json: json!({
+            "chunks_removed": report.chunks_removed,
+            "objects_removed": report.objects_removed,
+            "bytes_freed": report.bytes_freed,
+            "disk_bytes_before": report.disk_bytes_before,
+            "disk_bytes_after": report.disk_bytes_after,
+        }),
+    })
 }
 
 fn snapshot_list(vault: &Vault, name: &str) -> Result<Output> {

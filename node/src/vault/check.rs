@@ -208,7 +208,7 @@ fn chunk_ids(kv: &dyn KvEngine) -> Result<Vec<Cid>> {
 }
 
 /// Visits every entry of a column, a page at a time.
-fn for_each_entry(
+pub(super) fn for_each_entry(
     kv: &dyn KvEngine,
     column: Column,
     mut visit: impl FnMut(&[u8], &[u8]),

@@ -9,6 +9,7 @@ pub mod check;
 pub mod export;
 mod import;
 pub mod records;
+pub mod snapshots;
 mod stats;
 
 use std::fs::{File, OpenOptions};

@@ -350,8 +350,17 @@ impl Importer<'_> {
         let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
         let cid = Cid::of(&sealed);
         let mut batch = WriteBatch::new();
-        let written = stage_chunk(&mut batch, &self.coder, &cid, &sealed)?;
         batch.put(Column::Meta, index_key, cid.as_bytes().to_vec());
+        // The index is a cache; the shards are the truth. Sealing is deterministic, so a
+        // chunk whose index entry was lost (a crash, gc) is still found here and never
+        // written twice.
+        if forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)? {
+            self.lock_seen().insert(hash, cid);
+            self.lock_counters().reused_chunks += 1;
+            self.stage(batch)?;
+            return Ok((cid, key));
+        }
+        let written = stage_chunk(&mut batch, &self.coder, &cid, &sealed)?;
         if self.lock_seen().insert(hash, cid).is_some() {
             // Another thread stored the same chunk meanwhile: writing it again is harmless
             // (same bytes), but count it once.

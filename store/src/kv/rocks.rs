@@ -67,6 +67,10 @@ impl RocksKv {
         // Small sync steps keep write-back smooth instead of one long stall at flush time.
         db_options.set_bytes_per_sync(8 << 20);
         db_options.set_keep_log_file_num(4);
+        // Unlogged writes (chunk shards and the dedup index entries naming them) live only in
+        // memtables until flushed. Atomic flush persists every column family together, so a
+        // crash never keeps shards whose index entries were lost, or the reverse.
+        db_options.set_atomic_flush(true);
         let descriptors = Column::ALL.iter().map(|column| {
             ColumnFamilyDescriptor::new(column.name(), column_options(*column, options))
         });

@@ -43,10 +43,10 @@ impl Progress {
     pub fn file_done(&self, bytes: u64) {
         let files = self.files.fetch_add(1, Ordering::Relaxed) + 1;
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if let Some(bar) = &self.bar {
-            if files % 64 == 0 || bytes > 1 << 20 {
-                bar.set_message(self.describe(files, total));
-            }
+        if let Some(bar) = &self.bar
+            && (files.is_multiple_of(64) || bytes > 1 << 20)
+        {
+            bar.set_message(self.describe(files, total));
         }
     }
 

@@ -198,10 +198,10 @@ impl Vault {
 fn chunk_ids(kv: &dyn KvEngine) -> Result<Vec<Cid>> {
     let mut ids: Vec<Cid> = Vec::new();
     for_each_entry(kv, Column::Shards, |key, _| {
-        if let Ok(cid) = Cid::from_slice(&key[..key.len().min(32)]) {
-            if ids.last() != Some(&cid) {
-                ids.push(cid);
-            }
+        if let Ok(cid) = Cid::from_slice(&key[..key.len().min(32)])
+            && ids.last() != Some(&cid)
+        {
+            ids.push(cid);
         }
     })?;
     Ok(ids)

@@ -338,14 +338,13 @@ impl Importer<'_> {
             return Ok((*cid, key));
         }
         let index_key = keys::key(keys::DEDUP, &[&self.volume.domain.id, hash.as_bytes()]);
-        if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)? {
-            if let Ok(cid) = Cid::from_slice(&value) {
-                if forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)? {
-                    self.lock_seen().insert(hash, cid);
-                    self.lock_counters().reused_chunks += 1;
-                    return Ok((cid, key));
-                }
-            }
+        if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)?
+            && let Ok(cid) = Cid::from_slice(&value)
+            && forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)?
+        {
+            self.lock_seen().insert(hash, cid);
+            self.lock_counters().reused_chunks += 1;
+            return Ok((cid, key));
         }
         let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
         let cid = Cid::of(&sealed);

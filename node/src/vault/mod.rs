@@ -190,17 +190,17 @@ impl Vault {
             validate_name("domain name", &name)?;
             match self.domain_record(&name)? {
                 Some(existing) => {
-                    if let Some(avg) = options.chunk_avg_bytes {
-                        if avg != existing.chunk_avg_bytes {
-                            return Err(NodeError::InvalidArgument {
-                                what: "--chunk-avg",
-                                value: avg.to_string(),
-                                reason: format!(
-                                    "chunk sizes belong to the domain; {name:?} uses {} bytes",
-                                    existing.chunk_avg_bytes
-                                ),
-                            });
-                        }
+                    if let Some(avg) = options.chunk_avg_bytes
+                        && avg != existing.chunk_avg_bytes
+                    {
+                        return Err(NodeError::InvalidArgument {
+                            what: "--chunk-avg",
+                            value: avg.to_string(),
+                            reason: format!(
+                                "chunk sizes belong to the domain; {name:?} uses {} bytes",
+                                existing.chunk_avg_bytes
+                            ),
+                        });
                     }
                     let key = self.unwrap_domain_key(&name, &existing)?;
                     (name, key)

@@ -68,10 +68,10 @@ impl Vault {
                     .scan(Column::Shards, cid.as_bytes(), end.as_deref(), usize::MAX)?
             {
                 stored_bytes += value.len() as u64;
-                if let Ok(record) = ShardRecord::decode(&value) {
-                    if record.index.get() == 0 {
-                        ciphertext_bytes += u64::from(record.ciphertext_len);
-                    }
+                if let Ok(record) = ShardRecord::decode(&value)
+                    && record.index.get() == 0
+                {
+                    ciphertext_bytes += u64::from(record.ciphertext_len);
                 }
             }
         }

@@ -48,8 +48,16 @@ export FORGE_DATA_DIR="$work/forge-vault"
 export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$work/restic-repo"
 restic init --quiet >/dev/null
 
+# Write amplification: sectors the work directory's block device wrote during the import
+# (after a sync on both sides), over the bytes the vault holds afterwards.
+device="$(basename "$(df --output=source "$work" | tail -n 1)")"
+sectors_written() { sync; awk '{print $7}' "/sys/class/block/$device/stat" 2>/dev/null || echo 0; }
+
 warm "$work/v1"
+vault_bytes_before=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
+sectors_before=$(sectors_written)
 start=$(now); /usr/bin/time -f %M -o "$work/rss-import" "$forge" volume import bench "$work/v1" -m v1 >/dev/null; forge_import=$(elapsed "$start" "$(now)")
+sectors_after=$(sectors_written)
 warm "$work/v1"
 start=$(now); restic backup --quiet "$work/v1" >/dev/null; restic_backup=$(elapsed "$start" "$(now)")
 
@@ -75,5 +83,8 @@ printf '%-34s %12s %12s %8s\n' "stored bytes after v1" "$forge_v1_bytes" "$resti
 printf '%-34s %11ss %11ss %8s\n' "import v2 / backup v2" "$forge_import2" "$restic_backup2" "$(ratio "$forge_import2" "$restic_backup2")"
 printf '%-34s %12s %12s %8s\n' "bytes added by v2" "$((forge_v2_bytes - forge_v1_bytes))" "$((restic_v2_bytes - restic_v1_bytes))" "$(ratio "$((forge_v2_bytes - forge_v1_bytes + 1))" "$((restic_v2_bytes - restic_v1_bytes + 1))")"
 printf '%-34s %11ss\n' "cp -a of the tree" "$cp_time"
+vault_growth=$(( $(du -sb "$FORGE_DATA_DIR" | cut -f1) - vault_bytes_before ))
+disk_writes=$(( (sectors_after - sectors_before) * 512 ))
+echo "write amplification of import v1: $disk_writes bytes written to $device / $vault_growth bytes stored = $(ratio "$disk_writes" "$((vault_growth + 1))") (device-wide: other writers count too)"
 echo "peak RSS (KiB): import v1 $(rss_of "$work/rss-import"), export $(rss_of "$work/rss-export"), import v2 $(rss_of "$work/rss-import2")"
 "$forge" volume stats bench

@@ -641,3 +641,41 @@ fn diff_branch_restore_delete_and_gc_that_really_frees_space() {
     vault.ok(&["volume", "export", "v", back.to_str().unwrap()]);
     assert_same_tree(&one, &back);
 }
+
+#[test]
+fn a_corrupted_object_fails_the_read_naming_its_cid() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(source.join("dir")).unwrap();
+    fs::write(source.join("dir/file.txt"), b"content").unwrap();
+    vault.ok(&["volume", "create", "v"]);
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let damaged_cids: Vec<String> = {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&vault.data_dir().join("db"), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        let mut cids = Vec::new();
+        for (key, mut value) in kv.scan(Column::Objects, b"", None, usize::MAX).unwrap() {
+            let middle = value.len() / 2;
+            value[middle] ^= 0x20;
+            cids.push(data_encoding::HEXLOWER.encode(&key));
+            batch.put(Column::Objects, key, value);
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+        cids
+    };
+    let export = vault.run(&["volume", "export", "v", vault.path("out").to_str().unwrap()]);
+    assert_eq!(export.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert!(
+        damaged_cids.iter().any(|cid| stderr.contains(cid.as_str())),
+        "names the object: {stderr}"
+    );
+    assert!(
+        !vault.path("out/dir/file.txt").exists(),
+        "nothing read from a damaged tree"
+    );
+    let fsck = vault.run(&["fsck"]);
+    assert_eq!(fsck.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&fsck.stderr).contains("does not match its id"));
+}

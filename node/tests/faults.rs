@@ -51,21 +51,20 @@ fn write_random(path: &Path, len: usize, seed: u8) {
     }
 }
 
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| {
-            let metadata = entry.metadata().unwrap();
-            if metadata.is_dir() {
-                dir_size(&entry.path())
-            } else {
-                metadata.len()
-            }
-        })
-        .sum()
+/// Bytes in RocksDB blob files: chunk data reaches them only when a memtable is flushed.
+fn blob_bytes(db: &Path) -> u64 {
+    fs::read_dir(db).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|entry| {
+                entry
+                    .path()
+                    .extension()
+                    .is_some_and(|extension| extension == "blob")
+            })
+            .map(|entry| entry.metadata().map_or(0, |metadata| metadata.len()))
+            .sum()
+    })
 }
 
 fn is_root() -> bool {
@@ -83,7 +82,7 @@ fn kill_9_during_import_moves_no_ref_and_the_next_import_reuses_what_was_written
     let (vault, source) = (temp.path().join("vault"), temp.path().join("source"));
     fs::create_dir_all(&source).unwrap();
     for index in 0..4u8 {
-        write_random(&source.join(format!("part-{index}.bin")), 48 << 20, index);
+        write_random(&source.join(format!("part-{index}.bin")), 64 << 20, index);
     }
     assert!(forge(&vault, &["init"]).status.success());
     assert!(forge(&vault, &["volume", "create", "v"]).status.success());
@@ -95,16 +94,22 @@ fn kill_9_during_import_moves_no_ref_and_the_next_import_reuses_what_was_written
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Kill once RocksDB has flushed at least one memtable of chunk data to disk.
+    // Kill once RocksDB has flushed its first 64 MiB memtable of chunk data (the blob file is
+    // written, and a moment later the flush is recorded), with most of the import to go.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while dir_size(&vault.join("db")) < 70 << 20 {
+    while blob_bytes(&vault.join("db")) < 60 << 20 {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the import finished before it could be killed: make the data larger"
         );
         assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the import finished before it could be killed: make the data larger"
+    );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 

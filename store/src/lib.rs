@@ -13,6 +13,7 @@ pub mod kv;
 pub mod metadata;
 pub mod object;
 pub mod placement;
+pub mod refindex;
 
 pub use forge_crypto::{Cid, NodeId};
 pub use ids::{IdError, ShardIdx, VolumeId};

@@ -94,6 +94,27 @@ impl Vault {
                     ));
                 }
             }
+            // Keyless check through each snapshot's signed reference index: every cid it
+            // names must be stored (as an object or as a chunk).
+            for snapshot in &listed {
+                match self.walk_index(&record, snapshot) {
+                    Ok((cids, _)) => {
+                        for cid in cids {
+                            if self.kv().get(Column::Objects, cid.as_bytes())?.is_none()
+                                && !has_chunk(self.kv(), &cid)?
+                            {
+                                report.problems.push(format!(
+                                    "volume {} snapshot {snapshot}: {cid} is missing",
+                                    record.name
+                                ));
+                            }
+                        }
+                    }
+                    Err(error) => report
+                        .problems
+                        .push(format!("volume {}: {error}", record.name)),
+                }
+            }
             let volume = if record.encrypted
                 && std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_none()
             {

@@ -27,9 +27,10 @@ use forge_store::object::{
     ChunkRef, EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, SignedCommit,
     SnapshotCommit, Tree, TreeEntry,
 };
+use forge_store::refindex;
 use rayon::prelude::*;
 
-use super::records::{self, SnapshotListing, keys};
+use super::records::{self, IndexHead, SnapshotListing, keys};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::clock::now_ns;
 use crate::error::{NodeError, Result};
@@ -79,6 +80,8 @@ struct Importer<'a> {
     seen: Mutex<BTreeMap<PlaintextHash, Cid>>,
     counters: Mutex<Counters>,
     skipped: Mutex<Vec<(PathBuf, String)>>,
+    /// Every chunk and object cid the snapshot reaches, for its reference index.
+    reached: Mutex<Vec<Cid>>,
     progress: &'a Progress,
 }
 
@@ -125,11 +128,24 @@ impl Vault {
             seen: Mutex::new(BTreeMap::new()),
             counters: Mutex::new(Counters::default()),
             skipped: Mutex::new(Vec::new()),
+            reached: Mutex::new(Vec::new()),
             progress,
         };
         let root = importer
             .import_directory(source)?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
+        // The reference index: every cid reached, stored as plaintext nodes beside the objects.
+        let reached = std::mem::take(
+            &mut *importer
+                .reached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut index_nodes = WriteBatch::new();
+        let index_root = refindex::build(&reached, |id, bytes| {
+            index_nodes.put(Column::Objects, id.as_bytes().to_vec(), bytes)
+        });
+        importer.stage(index_nodes)?;
         importer.write_pending()?;
         // Chunks and objects must be durable before the snapshot that names them.
         self.kv()
@@ -168,6 +184,28 @@ impl Vault {
             Column::Meta,
             keys::key(keys::SNAPSHOT, &[volume.id.as_bytes(), snapshot.as_bytes()]),
             records::encode(&listing),
+        );
+        let head_message = IndexHead::signed_message(
+            volume.id.as_bytes(),
+            snapshot.as_bytes(),
+            index_root.as_bytes(),
+        );
+        let index_head = IndexHead {
+            root: *index_root.as_bytes(),
+            author: *self.identity().node_id().as_bytes(),
+            signature: self
+                .identity()
+                .sign(SignatureDomain::Snapshot, &head_message)?
+                .as_bytes()
+                .to_vec(),
+        };
+        batch.put(
+            Column::Meta,
+            keys::key(
+                keys::INDEX_HEAD,
+                &[volume.id.as_bytes(), snapshot.as_bytes()],
+            ),
+            records::encode(&index_head),
         );
         self.kv().write(batch, Durability::Synced)?;
         // The acknowledgement: the branch moves only if nobody moved it since we started.
@@ -318,6 +356,7 @@ impl Importer<'_> {
             };
             let len = u32::try_from(chunk.data.len()).expect("chunks are at most 16 MiB");
             let (cid, key) = self.store_chunk(&chunk.data)?;
+            self.reach(cid);
             manifest.size += u64::from(len);
             manifest.chunks.push(ChunkRef {
                 cid: *cid.as_bytes(),
@@ -376,6 +415,7 @@ impl Importer<'_> {
 
     fn store_object(&self, object: &Object) -> Result<Cid> {
         let (cid, sealed) = object.seal(&self.volume.volume_key);
+        self.reach(cid);
         self.lock_counters().written_bytes += sealed.len() as u64;
         let mut batch = WriteBatch::new();
         batch.put(Column::Objects, cid.as_bytes().to_vec(), sealed);
@@ -408,6 +448,13 @@ impl Importer<'_> {
             self.vault.kv().write(rest, Durability::Unlogged)?;
         }
         Ok(())
+    }
+
+    fn reach(&self, cid: Cid) {
+        self.reached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(cid);
     }
 
     fn skip(&self, path: &Path, error: &io::Error) {

@@ -632,3 +632,55 @@ impl Vault {
             .collect()
     }
 }
+
+impl Vault {
+    /// The signed reference-index head of a snapshot, checked against this node's key.
+    ///
+    /// # Errors
+    /// Integrity errors for a missing head, a bad record or a bad signature.
+    pub(crate) fn index_head(
+        &self,
+        record: &VolumeRecord,
+        snapshot: &Cid,
+    ) -> Result<records::IndexHead> {
+        let key = keys::key(keys::INDEX_HEAD, &[&record.id, snapshot.as_bytes()]);
+        let stored = self.kv.get(Column::Meta, &key)?.ok_or_else(|| {
+            NodeError::Integrity(format!("snapshot {snapshot} has no reference index head"))
+        })?;
+        let head: records::IndexHead = records::decode("reference index head", &stored)?;
+        let message =
+            records::IndexHead::signed_message(&record.id, snapshot.as_bytes(), &head.root);
+        if head.author != *self.identity.node_id().as_bytes() {
+            return Err(NodeError::Integrity(format!(
+                "snapshot {snapshot}: index head signed by an unknown node"
+            )));
+        }
+        self.identity
+            .public_keys()
+            .verify(
+                forge_crypto::SignatureDomain::Snapshot,
+                &message,
+                &forge_crypto::Signature::from_bytes(&head.signature)?,
+            )
+            .map_err(|error| {
+                NodeError::Integrity(format!("snapshot {snapshot} index head: {error}"))
+            })?;
+        Ok(head)
+    }
+
+    /// Walks a snapshot's reference index without any key: (cids reached, index node ids).
+    ///
+    /// # Errors
+    /// Integrity errors for missing or damaged nodes.
+    pub(crate) fn walk_index(
+        &self,
+        record: &VolumeRecord,
+        snapshot: &Cid,
+    ) -> Result<(Vec<Cid>, Vec<Cid>)> {
+        let head = self.index_head(record, snapshot)?;
+        forge_store::refindex::walk(&Cid::from_bytes(head.root), |id| {
+            self.kv.get(Column::Objects, id.as_bytes()).ok().flatten()
+        })
+        .map_err(|error| NodeError::Integrity(format!("snapshot {snapshot}: {error}")))
+    }
+}

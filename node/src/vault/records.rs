@@ -64,6 +64,30 @@ pub struct SnapshotListing {
     pub file_count: u64,
 }
 
+/// The signed head of a snapshot's reference index: plaintext, so a vault without keys can
+/// find and verify every cid the snapshot reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexHead {
+    /// Root node id of the reference index.
+    pub root: [u8; 32],
+    /// The node that signed it.
+    pub author: [u8; 32],
+    /// ML-DSA-65 signature (domain `Snapshot`) over [`IndexHead::signed_message`].
+    pub signature: Vec<u8>,
+}
+
+impl IndexHead {
+    /// The bytes signed: a label, the volume, the snapshot and the index root.
+    #[must_use]
+    pub fn signed_message(volume: &[u8; 16], snapshot: &[u8; 32], root: &[u8; 32]) -> Vec<u8> {
+        let mut message = b"forge-vault reference index head v1".to_vec();
+        message.extend_from_slice(volume);
+        message.extend_from_slice(snapshot);
+        message.extend_from_slice(root);
+        message
+    }
+}
+
 /// Key prefixes in the `Meta` column.
 pub mod keys {
     /// `volume/<name>` → [`super::VolumeRecord`].
@@ -76,6 +100,8 @@ pub mod keys {
     pub const DEDUP: &[u8] = b"dedup/";
     /// `snapshot/<volume id><cid>` → [`super::SnapshotListing`].
     pub const SNAPSHOT: &[u8] = b"snapshot/";
+    /// `refindex/<volume id><cid>` → [`super::IndexHead`].
+    pub const INDEX_HEAD: &[u8] = b"refindex/";
 
     /// Joins a prefix and parts into a key.
     #[must_use]

@@ -97,6 +97,10 @@ impl Vault {
             Column::Meta,
             keys::key(keys::SNAPSHOT, &[&record.id, snapshot.as_bytes()]),
         );
+        batch.delete(
+            Column::Meta,
+            keys::key(keys::INDEX_HEAD, &[&record.id, snapshot.as_bytes()]),
+        );
         self.kv().write(batch, Durability::Synced)?;
         Ok(snapshot)
     }
@@ -264,6 +268,8 @@ impl Vault {
             );
             for snapshot in roots {
                 live_objects.insert(snapshot);
+                let (_, index_nodes) = self.walk_index(&record, &snapshot)?;
+                live_objects.extend(index_nodes);
                 let commit = self.read_commit(&volume, &snapshot)?;
                 self.mark_tree(
                     &volume,

@@ -679,3 +679,51 @@ fn a_corrupted_object_fails_the_read_naming_its_cid() {
     assert_eq!(fsck.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&fsck.stderr).contains("does not match its id"));
 }
+
+#[test]
+fn fsck_checks_an_encrypted_volume_through_its_reference_index_without_the_passphrase() {
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("a.bin"), pseudo_random(100_000, 5)).unwrap();
+    let create = vault
+        .command(&["volume", "create", "sealed", "--encrypted"])
+        .env("FORGE_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(create.status.success());
+    let import = vault
+        .command(&["volume", "import", "sealed", source.to_str().unwrap()])
+        .env("FORGE_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let clean = vault.json(&["fsck"]);
+    assert!(clean["problems"].as_array().unwrap().is_empty(), "{clean}");
+    assert_eq!(
+        clean["skipped_volumes"][0], "sealed",
+        "not walked with keys"
+    );
+
+    // Remove every shard: the keyless index walk still notices the missing chunks.
+    {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&vault.data_dir().join("db"), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        for (key, _) in kv.scan(Column::Shards, b"", None, usize::MAX).unwrap() {
+            batch.delete(Column::Shards, key);
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+    }
+    let broken = vault.run(&["fsck"]);
+    assert_eq!(broken.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("is missing"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+}

@@ -90,8 +90,11 @@ pub(crate) fn fill_random(buffer: &mut [u8]) -> Result<()> {
     })
 }
 
-/// Returns `N` random bytes from the operating system's CSPRNG.
-pub(crate) fn random_array<const N: usize>() -> Result<[u8; N]> {
+/// Returns `N` random bytes from the operating system's CSPRNG (ids, salts, keys).
+///
+/// # Errors
+/// [`CryptoError::Randomness`] when the OS RNG fails.
+pub fn random_array<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
     fill_random(&mut bytes)?;
     Ok(bytes)

@@ -262,8 +262,9 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
             let value = volume_json(&record);
             Ok(Output {
                 human: format!(
-                    "created volume {name} (ec {}, domain {}{})",
-                    value["ec"].as_str().unwrap_or(""),
+                    "created volume {name} (ec {}+{}, domain {}{})",
+                    record.data_shards,
+                    record.parity_shards,
                     record.domain,
                     if record.encrypted { ", encrypted" } else { "" }
                 ),

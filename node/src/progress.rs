@@ -76,7 +76,7 @@ impl Progress {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
         #[allow(clippy::cast_precision_loss)] // A display rate needs no exactness.
         let rate = bytes as f64 / seconds / 1e6;
-        format!("{files} files, {} , {rate:.1} MB/s", human_bytes(bytes))
+        format!("{files} files, {}, {rate:.1} MB/s", human_bytes(bytes))
     }
 }
 

@@ -535,17 +535,7 @@ fn domain_binding(id: &[u8; 16]) -> Vec<u8> {
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    // Volume and domain ids need uniqueness, not secrecy; a fresh volume key's bytes are a
-    // convenient OS-random source without another dependency.
-    let mut bytes = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        let key = VolumeKey::generate()?;
-        let take = (N - filled).min(32);
-        bytes[filled..filled + take].copy_from_slice(&key.as_bytes()[..take]);
-        filled += take;
-    }
-    Ok(bytes)
+    Ok(forge_crypto::random_array()?)
 }
 
 /// Checks a user-chosen name: 1 to 128 characters from `A-Z a-z 0-9 . _ -`, not starting

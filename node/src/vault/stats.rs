@@ -54,7 +54,7 @@ impl Vault {
         let mut logical_bytes = 0;
         for (snapshot, listing) in &listings {
             logical_bytes += listing.logical_bytes;
-            walk.object(self, &volume, snapshot)?;
+            walk.object(self, snapshot)?;
             let commit = self.read_commit(&volume, snapshot)?;
             walk.tree(self, &volume, &Cid::from_bytes(commit.root))?;
         }
@@ -114,7 +114,7 @@ struct Walk {
 
 impl Walk {
     /// Counts an object once; returns whether it was new.
-    fn object(&mut self, vault: &Vault, _volume: &OpenVolume, cid: &Cid) -> Result<bool> {
+    fn object(&mut self, vault: &Vault, cid: &Cid) -> Result<bool> {
         if !self.objects.insert(*cid) {
             return Ok(false);
         }
@@ -127,7 +127,7 @@ impl Walk {
     }
 
     fn tree(&mut self, vault: &Vault, volume: &OpenVolume, cid: &Cid) -> Result<()> {
-        if !self.object(vault, volume, cid)? {
+        if !self.object(vault, cid)? {
             return Ok(()); // An unchanged subtree shared with an earlier snapshot.
         }
         let tree = vault.read_object(volume, cid)?.into_tree()?;
@@ -144,7 +144,7 @@ impl Walk {
                 ),
                 EntryContent::File { manifest } => {
                     let cid = Cid::from_bytes(manifest);
-                    if self.object(vault, volume, &cid)? {
+                    if self.object(vault, &cid)? {
                         let manifest = vault.read_object(volume, &cid)?.into_manifest()?;
                         self.chunks.extend(
                             manifest

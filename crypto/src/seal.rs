@@ -131,7 +131,7 @@ pub fn open(
         }
         return Ok(body);
     }
-    zstd::bulk::decompress(&body, max_plaintext_bytes).map_err(|error| CryptoError::Decompression {
+    zstd_decompress(&body, max_plaintext_bytes).map_err(|error| CryptoError::Decompression {
         reason: format!("{error} (limit {max_plaintext_bytes} bytes)"),
     })
 }
@@ -211,12 +211,42 @@ fn cipher(key: &[u8; KEY_BYTES]) -> XChaCha20Poly1305 {
     XChaCha20Poly1305::new(key.into())
 }
 
+thread_local! {
+    // A zstd context is expensive to create (allocations and tables sized for the level);
+    // an import seals tens of thousands of chunks per thread, so each thread keeps one.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(data).ok()
+    })
+}
+
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(decompressor) => decompressor.decompress(data, capacity),
+            None => zstd::bulk::decompress(data, capacity),
+        }
+    })
+}
+
 fn compress_if_smaller(plaintext: &[u8]) -> Option<Vec<u8>> {
     // Tiny inputs cannot shrink past zstd's frame overhead; skip the work.
     if plaintext.len() < 64 {
         return None;
     }
-    let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok()?;
+    let compressed = zstd_compress(plaintext)?;
     (compressed.len() + plaintext.len() / 32 < plaintext.len()).then_some(compressed)
 }
 

@@ -129,6 +129,29 @@ impl Chunker {
         self.params
     }
 
+    /// Cut points of `data` already in memory, as (offset, length) pairs. The same
+    /// boundaries as [`Self::chunks`] gives for the same bytes, without the streaming
+    /// buffer (which costs a zeroed maximum-size allocation per file).
+    pub fn cut_points(&self, data: &[u8]) -> Vec<(usize, usize)> {
+        if data.len() <= self.params.min_bytes as usize {
+            return if data.is_empty() {
+                Vec::new()
+            } else {
+                vec![(0, data.len())]
+            };
+        }
+        fastcdc::v2020::FastCDC::with_level_and_seed(
+            data,
+            self.params.min_bytes,
+            self.params.avg_bytes,
+            self.params.max_bytes,
+            Normalization::Level1,
+            self.seed,
+        )
+        .map(|chunk| (chunk.offset, chunk.length))
+        .collect()
+    }
+
     /// Cuts `reader` into chunks, holding at most one maximum-size chunk in memory.
     pub fn chunks<R: Read>(&self, reader: R) -> impl Iterator<Item = Result<Chunk, ChunkerError>> {
         StreamCDC::with_level_and_seed(
@@ -241,6 +264,20 @@ mod tests {
             "shared {shared} of {}",
             before.len()
         );
+    }
+
+    #[test]
+    fn in_memory_cuts_match_streaming_cuts() {
+        let chunker = Chunker::new(ChunkerParams::DEFAULT, 11).unwrap();
+        for len in [0, 1, 16 << 10, (16 << 10) + 1, 200_000, 256 << 10, 3 << 20] {
+            let data = pseudo_random(len, 4);
+            let streamed: Vec<(usize, usize)> = chunker
+                .chunks(&data[..])
+                .map(|c| c.unwrap())
+                .map(|c| (c.offset as usize, c.data.len()))
+                .collect();
+            assert_eq!(chunker.cut_points(&data), streamed, "len {len}");
+        }
     }
 
     proptest! {

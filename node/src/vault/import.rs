@@ -292,7 +292,7 @@ impl Importer<'_> {
                 }
             }
         } else if file_type.is_file() {
-            match self.import_file(path)? {
+            match self.import_file(path, metadata.len())? {
                 Ok(manifest) => {
                     let size = manifest.size;
                     self.progress.file_done(size);
@@ -342,29 +342,55 @@ impl Importer<'_> {
 
     /// Chunks and stores one file. The outer error aborts the import (storage failed); the
     /// inner one skips this file (it could not be read).
-    fn import_file(&self, path: &Path) -> Result<io::Result<FileManifest>> {
-        let file = match File::open(path) {
+    fn import_file(&self, path: &Path, size_hint: u64) -> Result<io::Result<FileManifest>> {
+        let mut file = match File::open(path) {
             Ok(file) => file,
             Err(error) => return Ok(Err(error)),
         };
         let mut manifest = FileManifest::default();
+        // Most files fit in one maximum-size chunk: read them whole and cut in memory, which
+        // avoids the streaming chunker's per-file buffer. Larger (or growing) files stream.
+        if size_hint <= u64::from(self.chunker.params().max_bytes) {
+            let mut data = Vec::with_capacity(usize::try_from(size_hint).unwrap_or(0) + 1);
+            let limit = u64::from(self.chunker.params().max_bytes) + 1;
+            if let Err(error) =
+                io::Read::read_to_end(&mut io::Read::take(&mut file, limit), &mut data)
+            {
+                return Ok(Err(error));
+            }
+            if data.len() as u64 <= u64::from(self.chunker.params().max_bytes) {
+                for (offset, len) in self.chunker.cut_points(&data) {
+                    self.add_chunk(&mut manifest, &data[offset..offset + len])?;
+                }
+                return Ok(Ok(manifest));
+            }
+            // The file grew past one chunk while we read it: start over, streaming.
+            if let Err(error) = io::Seek::rewind(&mut file) {
+                return Ok(Err(error));
+            }
+        }
         for chunk in self.chunker.chunks(file) {
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(ChunkerError::Read(error)) => return Ok(Err(error)),
                 Err(other) => return Err(other.into()),
             };
-            let len = u32::try_from(chunk.data.len()).expect("chunks are at most 16 MiB");
-            let (cid, key) = self.store_chunk(&chunk.data)?;
-            self.reach(cid);
-            manifest.size += u64::from(len);
-            manifest.chunks.push(ChunkRef {
-                cid: *cid.as_bytes(),
-                len,
-                key,
-            });
+            self.add_chunk(&mut manifest, &chunk.data)?;
         }
         Ok(Ok(manifest))
+    }
+
+    fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {
+        let len = u32::try_from(data.len()).expect("chunks are at most 16 MiB");
+        let (cid, key) = self.store_chunk(data)?;
+        self.reach(cid);
+        manifest.size += u64::from(len);
+        manifest.chunks.push(ChunkRef {
+            cid: *cid.as_bytes(),
+            len,
+            key,
+        });
+        Ok(())
     }
 
     /// Stores a chunk unless the domain already has it; returns its cid and key.

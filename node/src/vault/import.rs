@@ -398,17 +398,17 @@ impl Importer<'_> {
         let domain_key = &self.volume.domain_key;
         let hash = domain_key.plaintext_hash(plaintext);
         let key = *domain_key.chunk_key(&hash).as_bytes();
-        if let Some(cid) = self.lock_seen().get(&hash) {
+        let seen = self.lock_seen().get(&hash).copied();
+        if let Some(cid) = seen {
             self.lock_counters().reused_chunks += 1;
-            return Ok((*cid, key));
+            return Ok((cid, key));
         }
         let index_key = keys::key(keys::DEDUP, &[&self.volume.domain.id, hash.as_bytes()]);
         if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)?
             && let Ok(cid) = Cid::from_slice(&value)
             && forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)?
         {
-            self.lock_seen().insert(hash, cid);
-            self.lock_counters().reused_chunks += 1;
+            self.reuse(hash, cid);
             return Ok((cid, key));
         }
         let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
@@ -419,8 +419,7 @@ impl Importer<'_> {
         // chunk whose index entry was lost (a crash, gc) is still found here and never
         // written twice.
         if forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)? {
-            self.lock_seen().insert(hash, cid);
-            self.lock_counters().reused_chunks += 1;
+            self.reuse(hash, cid);
             self.stage(batch)?;
             return Ok((cid, key));
         }
@@ -437,6 +436,12 @@ impl Importer<'_> {
         drop(counters);
         self.stage(batch)?;
         Ok((cid, key))
+    }
+
+    /// Records a chunk found already stored: later duplicates in this import cost one hash.
+    fn reuse(&self, hash: PlaintextHash, cid: Cid) {
+        self.lock_seen().insert(hash, cid);
+        self.lock_counters().reused_chunks += 1;
     }
 
     fn store_object(&self, object: &Object) -> Result<Cid> {

@@ -66,7 +66,10 @@ impl RocksKv {
         db_options.set_max_background_jobs(options.background_jobs);
         // Small sync steps keep write-back smooth instead of one long stall at flush time.
         db_options.set_bytes_per_sync(8 << 20);
-        db_options.set_keep_log_file_num(4);
+        // Every forge command opens the store; at the default info level each open would
+        // leave ~100 KiB of RocksDB LOG behind. Warnings and errors are what an operator needs.
+        db_options.set_log_level(rocksdb::LogLevel::Warn);
+        db_options.set_keep_log_file_num(2);
         // Unlogged writes (chunk shards and the dedup index entries naming them) live only in
         // memtables until flushed. Atomic flush persists every column family together, so a
         // crash never keeps shards whose index entries were lost, or the reverse.

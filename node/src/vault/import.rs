@@ -141,11 +141,11 @@ impl Vault {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        let mut index_nodes = WriteBatch::new();
-        let index_root = refindex::build(&reached, |id, bytes| {
-            index_nodes.put(Column::Objects, id.as_bytes().to_vec(), bytes)
-        });
-        importer.stage(index_nodes)?;
+        let mut index_nodes = Vec::new();
+        let index_root = refindex::build(&reached, |id, bytes| index_nodes.push((id, bytes)));
+        for (id, bytes) in index_nodes {
+            importer.stage_object(id, bytes)?;
+        }
         importer.write_pending()?;
         // Chunks and objects must be durable before the snapshot that names them.
         self.kv()
@@ -447,11 +447,26 @@ impl Importer<'_> {
     fn store_object(&self, object: &Object) -> Result<Cid> {
         let (cid, sealed) = object.seal(&self.volume.volume_key);
         self.reach(cid);
-        self.lock_counters().written_bytes += sealed.len() as u64;
-        let mut batch = WriteBatch::new();
-        batch.put(Column::Objects, cid.as_bytes().to_vec(), sealed);
-        self.stage(batch)?;
+        self.stage_object(cid, sealed)?;
         Ok(cid)
+    }
+
+    /// Stages an object (or reference-index node) unless it is already stored: unchanged
+    /// subtrees keep their cids, and writing them again would only cost disk until the next
+    /// compaction.
+    fn stage_object(&self, cid: Cid, bytes: Vec<u8>) -> Result<()> {
+        if self
+            .vault
+            .kv()
+            .get(Column::Objects, cid.as_bytes())?
+            .is_some()
+        {
+            return Ok(());
+        }
+        self.lock_counters().written_bytes += bytes.len() as u64;
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Objects, cid.as_bytes().to_vec(), bytes);
+        self.stage(batch)
     }
 
     fn stage(&self, batch: WriteBatch) -> Result<()> {

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use forge_crypto::Cid;
 use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key};
 use forge_store::kv::{Column, Durability, KvEngine, WriteBatch};
-use forge_store::object::EntryContent;
 
 use super::{OpenVolume, PassphraseSource, Vault};
 use crate::error::{NodeError, Result};
@@ -153,38 +152,21 @@ impl Vault {
         walked: &mut BTreeSet<Cid>,
     ) -> Result<()> {
         let commit = self.read_commit(volume, snapshot)?;
-        self.check_tree(volume, &Cid::from_bytes(commit.root), walked)
-    }
-
-    fn check_tree(&self, volume: &OpenVolume, cid: &Cid, walked: &mut BTreeSet<Cid>) -> Result<()> {
-        if !walked.insert(*cid) {
-            return Ok(());
-        }
-        for entry in self.read_object(volume, cid)?.into_tree()?.entries {
-            let chunks = match entry.content {
-                EntryContent::Directory { tree } => {
-                    self.check_tree(volume, &Cid::from_bytes(tree), walked)?;
-                    continue;
+        self.walk_tree(
+            volume,
+            Cid::from_bytes(commit.root),
+            walked,
+            &mut |name, chunk| {
+                if has_chunk(self.kv(), &chunk.cid())? {
+                    return Ok(());
                 }
-                EntryContent::InlineFile(manifest) => manifest.chunks,
-                EntryContent::File { manifest } => {
-                    self.read_object(volume, &Cid::from_bytes(manifest))?
-                        .into_manifest()?
-                        .chunks
-                }
-                EntryContent::Symlink { .. } => continue,
-            };
-            for chunk in chunks {
-                if !has_chunk(self.kv(), &chunk.cid())? {
-                    return Err(NodeError::Integrity(format!(
-                        "chunk {} of {:?} is missing",
-                        chunk.cid(),
-                        String::from_utf8_lossy(&entry.name)
-                    )));
-                }
-            }
-        }
-        Ok(())
+                Err(NodeError::Integrity(format!(
+                    "chunk {} of {:?} is missing",
+                    chunk.cid(),
+                    String::from_utf8_lossy(name)
+                )))
+            },
+        )
     }
 
     /// Verifies every chunk; with `repair`, rewrites damaged shards rebuilt from parity.

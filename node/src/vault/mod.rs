@@ -12,6 +12,7 @@ pub mod records;
 pub mod snapshots;
 mod stats;
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use forge_store::kv::{
     Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
 };
 use forge_store::metadata::{LocalMetadataStore, MetadataStore};
-use forge_store::object::{Object, SnapshotCommit};
+use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
 use zeroize::Zeroizing;
 
 pub use export::ExportReport;
@@ -672,5 +673,44 @@ impl Vault {
             self.kv.get(Column::Objects, id.as_bytes()).ok().flatten()
         })
         .map_err(|error| NodeError::Integrity(format!("snapshot {snapshot}: {error}")))
+    }
+}
+
+impl Vault {
+    /// Walks the tree under `root` for fsck, gc and stats alike. Each tree and manifest object
+    /// is visited once: its cid goes into `visited`, and a subtree already there (shared with
+    /// an earlier snapshot) is skipped. `visit_chunk` gets every chunk of every new file,
+    /// with the file's name.
+    pub(crate) fn walk_tree(
+        &self,
+        volume: &OpenVolume,
+        root: Cid,
+        visited: &mut BTreeSet<Cid>,
+        visit_chunk: &mut dyn FnMut(&[u8], &ChunkRef) -> Result<()>,
+    ) -> Result<()> {
+        if !visited.insert(root) {
+            return Ok(());
+        }
+        for entry in self.read_object(volume, &root)?.into_tree()?.entries {
+            let chunks = match entry.content {
+                EntryContent::Directory { tree } => {
+                    self.walk_tree(volume, Cid::from_bytes(tree), visited, visit_chunk)?;
+                    continue;
+                }
+                EntryContent::InlineFile(manifest) => manifest.chunks,
+                EntryContent::File { manifest } => {
+                    let cid = Cid::from_bytes(manifest);
+                    if !visited.insert(cid) {
+                        continue;
+                    }
+                    self.read_object(volume, &cid)?.into_manifest()?.chunks
+                }
+                EntryContent::Symlink { .. } => continue,
+            };
+            for chunk in &chunks {
+                visit_chunk(&entry.name, chunk)?;
+            }
+        }
+        Ok(())
     }
 }

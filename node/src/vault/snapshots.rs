@@ -271,11 +271,14 @@ impl Vault {
                 let (_, index_nodes) = self.walk_index(&record, &snapshot)?;
                 live_objects.extend(index_nodes);
                 let commit = self.read_commit(&volume, &snapshot)?;
-                self.mark_tree(
+                self.walk_tree(
                     &volume,
                     Cid::from_bytes(commit.root),
                     &mut live_objects,
-                    &mut live_chunks,
+                    &mut |_, chunk| {
+                        live_chunks.insert(chunk.cid());
+                        Ok(())
+                    },
                 )?;
             }
         }
@@ -331,45 +334,6 @@ impl Vault {
             self.kv().write(batch, Durability::Synced)?;
         }
         doomed.clear();
-        Ok(())
-    }
-
-    fn mark_tree(
-        &self,
-        volume: &OpenVolume,
-        tree: Cid,
-        objects: &mut BTreeSet<Cid>,
-        chunks: &mut BTreeSet<Cid>,
-    ) -> Result<()> {
-        if !objects.insert(tree) {
-            return Ok(());
-        }
-        for entry in self.read_object(volume, &tree)?.into_tree()?.entries {
-            match entry.content {
-                EntryContent::Directory { tree } => {
-                    self.mark_tree(volume, Cid::from_bytes(tree), objects, chunks)?
-                }
-                EntryContent::InlineFile(manifest) => chunks.extend(
-                    manifest
-                        .chunks
-                        .iter()
-                        .map(forge_store::object::ChunkRef::cid),
-                ),
-                EntryContent::File { manifest } => {
-                    let cid = Cid::from_bytes(manifest);
-                    if objects.insert(cid) {
-                        let manifest = self.read_object(volume, &cid)?.into_manifest()?;
-                        chunks.extend(
-                            manifest
-                                .chunks
-                                .iter()
-                                .map(forge_store::object::ChunkRef::cid),
-                        );
-                    }
-                }
-                EntryContent::Symlink { .. } => {}
-            }
-        }
         Ok(())
     }
 }

@@ -6,9 +6,8 @@ use std::path::Path;
 use forge_crypto::Cid;
 use forge_store::erasure::ShardRecord;
 use forge_store::kv::{Column, prefix_end};
-use forge_store::object::EntryContent;
 
-use super::{OpenVolume, PassphraseSource, Vault};
+use super::{PassphraseSource, Vault};
 use crate::error::{NodeError, Result};
 
 /// Numbers about one volume.
@@ -50,17 +49,33 @@ impl Vault {
     ) -> Result<VolumeStats> {
         let volume = self.open_volume(name, passphrase)?;
         let listings = self.snapshot_listings(&volume.record)?;
-        let mut walk = Walk::default();
+        let mut objects = BTreeSet::new();
+        let mut chunks: BTreeMap<Cid, u64> = BTreeMap::new();
         let mut logical_bytes = 0;
         for (snapshot, listing) in &listings {
             logical_bytes += listing.logical_bytes;
-            walk.object(self, snapshot)?;
+            objects.insert(*snapshot);
             let commit = self.read_commit(&volume, snapshot)?;
-            walk.tree(self, &volume, &Cid::from_bytes(commit.root))?;
+            self.walk_tree(
+                &volume,
+                Cid::from_bytes(commit.root),
+                &mut objects,
+                &mut |_, chunk| {
+                    chunks.insert(chunk.cid(), u64::from(chunk.len));
+                    Ok(())
+                },
+            )?;
         }
-        let mut stored_bytes = walk.object_bytes;
+        let mut stored_bytes = 0;
+        for cid in &objects {
+            let stored = self
+                .kv()
+                .get(Column::Objects, cid.as_bytes())?
+                .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
+            stored_bytes += stored.len() as u64;
+        }
         let (mut plaintext_bytes, mut ciphertext_bytes) = (0u64, 0u64);
-        for (cid, plaintext_len) in &walk.chunks {
+        for (cid, plaintext_len) in &chunks {
             plaintext_bytes += plaintext_len;
             let end = prefix_end(cid.as_bytes());
             for (_, value) in
@@ -86,7 +101,7 @@ impl Vault {
         Ok(VolumeStats {
             logical_bytes,
             stored_bytes,
-            unique_chunks: walk.chunks.len() as u64,
+            unique_chunks: chunks.len() as u64,
             dedup_ratio: ratio(logical_bytes, plaintext_bytes),
             compression_ratio: ratio(plaintext_bytes, ciphertext_bytes),
             snapshots: listings.len() as u64,
@@ -102,62 +117,6 @@ impl Vault {
             physical_bytes: disk_usage(self.data_dir.path())?,
             volumes: self.list_volumes()?.len() as u64,
         })
-    }
-}
-
-#[derive(Default)]
-struct Walk {
-    objects: BTreeSet<Cid>,
-    object_bytes: u64,
-    chunks: BTreeMap<Cid, u64>,
-}
-
-impl Walk {
-    /// Counts an object once; returns whether it was new.
-    fn object(&mut self, vault: &Vault, cid: &Cid) -> Result<bool> {
-        if !self.objects.insert(*cid) {
-            return Ok(false);
-        }
-        let stored = vault
-            .kv()
-            .get(Column::Objects, cid.as_bytes())?
-            .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
-        self.object_bytes += stored.len() as u64;
-        Ok(true)
-    }
-
-    fn tree(&mut self, vault: &Vault, volume: &OpenVolume, cid: &Cid) -> Result<()> {
-        if !self.object(vault, cid)? {
-            return Ok(()); // An unchanged subtree shared with an earlier snapshot.
-        }
-        let tree = vault.read_object(volume, cid)?.into_tree()?;
-        for entry in tree.entries {
-            match entry.content {
-                EntryContent::Directory { tree } => {
-                    self.tree(vault, volume, &Cid::from_bytes(tree))?
-                }
-                EntryContent::InlineFile(manifest) => self.chunks.extend(
-                    manifest
-                        .chunks
-                        .iter()
-                        .map(|chunk| (chunk.cid(), u64::from(chunk.len))),
-                ),
-                EntryContent::File { manifest } => {
-                    let cid = Cid::from_bytes(manifest);
-                    if self.object(vault, &cid)? {
-                        let manifest = vault.read_object(volume, &cid)?.into_manifest()?;
-                        self.chunks.extend(
-                            manifest
-                                .chunks
-                                .iter()
-                                .map(|chunk| (chunk.cid(), u64::from(chunk.len))),
-                        );
-                    }
-                }
-                EntryContent::Symlink { .. } => {}
-            }
-        }
-        Ok(())
     }
 }
 

@@ -158,10 +158,10 @@ fn seal_decoding_errors_are_distinct() {
     let key = [3u8; 32];
     let sealed = seal::seal(&key, b"hello world", b"", Compression::Never);
     let mut version = sealed.clone();
-    version[0] = 2;
+    version[0] = 3;
     assert!(matches!(
         seal::open(&key, &version, b"", LIMIT),
-        Err(CryptoError::UnsupportedVersion { found: 2, .. })
+        Err(CryptoError::UnsupportedVersion { found: 3, .. })
     ));
     let mut algorithm = sealed.clone();
     algorithm[1] = 9;

@@ -515,13 +515,30 @@ fn snapshot_list(vault: &Vault, name: &str) -> Result<Output> {
 
 fn vault_stats(vault: &Vault) -> Result<Output> {
     let stats = vault.vault_stats()?;
+    let mut human = format!(
+        "{} volumes, {} on disk",
+        stats.volumes,
+        human_bytes(stats.physical_bytes)
+    );
+    let mut columns = serde_json::Map::new();
+    for (name, usage) in &stats.columns {
+        if usage.keys == 0 && usage.table_bytes == 0 && usage.blob_bytes == 0 {
+            continue;
+        }
+        human.push_str(&format!(
+            "\n  {name:<10} ~{} keys, {} in tables, {} in blob files",
+            usage.keys,
+            human_bytes(usage.table_bytes),
+            human_bytes(usage.blob_bytes)
+        ));
+        columns.insert(
+            (*name).to_owned(),
+            json!({"keys": usage.keys, "table_bytes": usage.table_bytes, "blob_bytes": usage.blob_bytes}),
+        );
+    }
     Ok(Output {
-        human: format!(
-            "{} volumes, {} on disk",
-            stats.volumes,
-            human_bytes(stats.physical_bytes)
-        ),
-        json: json!({"physical_bytes": stats.physical_bytes, "volumes": stats.volumes}),
+        human,
+        json: json!({"physical_bytes": stats.physical_bytes, "volumes": stats.volumes, "columns": columns}),
     })
 }
 

@@ -93,6 +93,16 @@ pub fn has_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<bool, ChunkStoreError> 
         .is_empty())
 }
 
+/// Whether shard 0 of chunk `cid` is stored: the dedup check of a write path. Cheaper than
+/// [`has_chunk`] (a point lookup behind bloom filters, where `has_chunk` must scan), and a
+/// chunk that lost shard 0 counts as absent, so writing it again heals it.
+///
+/// # Errors
+/// Engine errors.
+pub fn has_first_shard(kv: &dyn KvEngine, cid: &Cid) -> Result<bool, ChunkStoreError> {
+    Ok(kv.contains(Column::Shards, &shard_key(cid, ShardIdx::FIRST))?)
+}
+
 /// What reading a chunk found.
 #[derive(Debug)]
 pub struct ChunkRead {
@@ -161,6 +171,15 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
         .reconstruct(&mut slots, ciphertext_len as usize)
         .map_err(|_| unrecoverable())?;
     if !cid.matches(&ciphertext) {
+        if layout.total_shards() == 1 {
+            // A 1+0 record has no checksum of its own: the cid is its hash, and it failed.
+            return Err(ChunkStoreError::Unrecoverable {
+                cid: *cid,
+                intact: 0,
+                needed,
+                damaged: damaged + 1,
+            });
+        }
         // Every shard passed its checksum, yet the whole does not hash to the cid: the
         // chunk was stored wrong. Never hand such bytes out.
         return Err(unrecoverable());
@@ -250,6 +269,37 @@ mod tests {
         corrupt(&kv, &cid, 0);
         let error = read_chunk(&kv, &cid).unwrap_err();
         assert!(error.to_string().contains(&cid.to_hex()), "{error}");
-        let _ = ErasureLayout::SINGLE;
+        assert!(
+            matches!(
+                error,
+                ChunkStoreError::Unrecoverable {
+                    intact: 0,
+                    needed: 1,
+                    damaged: 1,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        // Every single-byte flip, header or payload, is refused.
+        let key = shard_key(&cid, ShardIdx::new(0).unwrap());
+        let pristine = ShardRecord {
+            layout: ErasureLayout::SINGLE,
+            index: ShardIdx::new(0).unwrap(),
+            ciphertext_len: 15,
+            payload: b"some ciphertext".to_vec(),
+        }
+        .encode();
+        for at in 0..pristine.len() {
+            let mut damaged = pristine.clone();
+            damaged[at] ^= 0x04;
+            let mut batch = WriteBatch::new();
+            batch.put(Column::Shards, key.clone(), damaged);
+            kv.write(batch, Durability::Synced).unwrap();
+            assert!(
+                read_chunk(&kv, &cid).is_err(),
+                "flip at {at} went unnoticed"
+            );
+        }
     }
 }

@@ -3,13 +3,18 @@
 //! bit-rot in any single shard and rebuild it from the others.
 //!
 //! ```text
-//! shard record = version:u8=1 | k:u16le | m:u16le | index:u16le | ciphertext_len:u32le
-//!              | checksum[32] | payload
-//! checksum     = BLAKE3(the 11 header bytes before it || payload)
+//! shard record v2 = version:u8=2 | k-1:u8 | m:u8 | index:u8 | ciphertext_len:u32le
+//!                 | checksum[32] (only when k+m > 1) | payload
+//! checksum        = BLAKE3(the 8 header bytes before it || payload)
 //! ```
 //!
 //! The checksum covers the header too, so a flipped layout or index byte is caught, not
-//! just a flipped payload byte.
+//! just a flipped payload byte. A 1+0 record holds the whole ciphertext, whose BLAKE3 is
+//! the cid its key already names, so it carries no second hash: the chunk store checks
+//! the cid on every read (32 bytes saved per chunk on the default layout).
+//!
+//! Version 1 (`k:u16le | m:u16le | index:u16le | ciphertext_len:u32le | checksum[32]`,
+//! checksum always present) is still read.
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,9 +23,13 @@ use reed_solomon_erasure::galois_8::ReedSolomon;
 
 use crate::ids::ShardIdx;
 
-/// Version of the shard record format.
-pub const SHARD_FORMAT_VERSION: u8 = 1;
-const SHARD_HEADER_BYTES: usize = 1 + 2 + 2 + 2 + 4 + 32;
+/// Version of the shard record format this build writes.
+pub const SHARD_FORMAT_VERSION: u8 = 2;
+const SHARD_V1: u8 = 1;
+const SHARD_V1_HEADER_BYTES: usize = 1 + 2 + 2 + 2 + 4 + 32;
+/// Header bytes of a v2 record before the (optional) checksum.
+const SHARD_V2_FIXED_BYTES: usize = 1 + 1 + 1 + 1 + 4;
+const CHECKSUM_BYTES: usize = 32;
 /// The largest ciphertext a shard record can describe.
 pub const CIPHERTEXT_BYTES_MAX: usize = u32::MAX as usize;
 
@@ -251,23 +260,33 @@ pub struct ShardRecord {
 }
 
 impl ShardRecord {
-    /// Encodes the record with a BLAKE3 of its payload.
+    /// Encodes the record (v2), with a BLAKE3 of header and payload unless the layout is
+    /// a single shard (whose hash is the cid).
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(SHARD_HEADER_BYTES + self.payload.len());
-        bytes.push(SHARD_FORMAT_VERSION);
-        bytes.extend_from_slice(&self.layout.data_shards.to_le_bytes());
-        bytes.extend_from_slice(&self.layout.parity_shards.to_le_bytes());
-        bytes.extend_from_slice(
-            &u16::try_from(self.index.get())
-                .expect("a ShardIdx is below 256")
-                .to_le_bytes(),
+        let checksummed = self.layout.total_shards() > 1;
+        let mut bytes = Vec::with_capacity(
+            SHARD_V2_FIXED_BYTES + usize::from(checksummed) * CHECKSUM_BYTES + self.payload.len(),
         );
+        bytes.push(SHARD_FORMAT_VERSION);
+        // k in 1..=256 and m, index in 0..=255: each fits a byte (k stored minus one).
+        bytes.push(u8::try_from(self.layout.data_shards - 1).expect("k <= 256"));
+        bytes.push(u8::try_from(self.layout.parity_shards).expect("m <= 255"));
+        bytes.push(u8::try_from(self.index.get()).expect("a ShardIdx is below 256"));
         bytes.extend_from_slice(&self.ciphertext_len.to_le_bytes());
-        let checksum = shard_checksum(&bytes, &self.payload);
-        bytes.extend_from_slice(&checksum);
+        if checksummed {
+            let checksum = shard_checksum(&bytes, &self.payload);
+            bytes.extend_from_slice(&checksum);
+        }
         bytes.extend_from_slice(&self.payload);
         bytes
+    }
+
+    /// Whether this record's payload is covered by its own checksum (every layout but
+    /// 1+0, whose payload the caller must check against the cid).
+    #[must_use]
+    pub fn has_own_checksum(&self) -> bool {
+        self.layout.total_shards() > 1
     }
 
     /// Decodes and verifies a record: format, layout, length and payload hash.
@@ -276,24 +295,61 @@ impl ShardRecord {
     /// [`ErasureError::CorruptShard`] naming what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self, ErasureError> {
         let corrupt = |reason: String| ErasureError::CorruptShard { reason };
-        if bytes.len() < SHARD_HEADER_BYTES {
+        let Some(&version) = bytes.first() else {
+            return Err(corrupt("empty record".into()));
+        };
+        let (layout, index, ciphertext_len, header_len, checksummed) = match version {
+            SHARD_FORMAT_VERSION => {
+                if bytes.len() < SHARD_V2_FIXED_BYTES {
+                    return Err(corrupt(format!(
+                        "{} bytes, shorter than the {SHARD_V2_FIXED_BYTES}-byte header",
+                        bytes.len()
+                    )));
+                }
+                let layout = ErasureLayout::new(usize::from(bytes[1]) + 1, usize::from(bytes[2]))
+                    .map_err(|error| corrupt(error.to_string()))?;
+                let checksummed = layout.total_shards() > 1;
+                let header_len = SHARD_V2_FIXED_BYTES + usize::from(checksummed) * CHECKSUM_BYTES;
+                let ciphertext_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+                (
+                    layout,
+                    usize::from(bytes[3]),
+                    ciphertext_len,
+                    header_len,
+                    checksummed,
+                )
+            }
+            SHARD_V1 => {
+                if bytes.len() < SHARD_V1_HEADER_BYTES {
+                    return Err(corrupt(format!(
+                        "{} bytes, shorter than the {SHARD_V1_HEADER_BYTES}-byte v1 header",
+                        bytes.len()
+                    )));
+                }
+                let word = |offset: usize| u16::from_le_bytes([bytes[offset], bytes[offset + 1]]);
+                let layout = ErasureLayout::new(usize::from(word(1)), usize::from(word(3)))
+                    .map_err(|error| corrupt(error.to_string()))?;
+                let ciphertext_len = u32::from_le_bytes([bytes[7], bytes[8], bytes[9], bytes[10]]);
+                (
+                    layout,
+                    usize::from(word(5)),
+                    ciphertext_len,
+                    SHARD_V1_HEADER_BYTES,
+                    true,
+                )
+            }
+            other => return Err(corrupt(format!("unsupported version {other}"))),
+        };
+        if bytes.len() < header_len {
             return Err(corrupt(format!(
-                "{} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header",
+                "{} bytes, shorter than the {header_len}-byte header",
                 bytes.len()
             )));
         }
-        if bytes[0] != SHARD_FORMAT_VERSION {
-            return Err(corrupt(format!("unsupported version {}", bytes[0])));
-        }
-        let word = |offset: usize| u16::from_le_bytes([bytes[offset], bytes[offset + 1]]);
-        let layout = ErasureLayout::new(usize::from(word(1)), usize::from(word(3)))
-            .map_err(|error| corrupt(error.to_string()))?;
-        let index = usize::from(word(5));
         if index >= layout.total_shards() {
             return Err(corrupt(format!("index {index} outside layout {layout}")));
         }
-        let ciphertext_len = u32::from_le_bytes([bytes[7], bytes[8], bytes[9], bytes[10]]);
-        let payload = &bytes[SHARD_HEADER_BYTES..];
+        let payload = &bytes[header_len..];
         let expected_len = layout.shard_len(ciphertext_len as usize);
         if payload.len() != expected_len {
             return Err(corrupt(format!(
@@ -301,8 +357,11 @@ impl ShardRecord {
                 payload.len()
             )));
         }
-        if shard_checksum(&bytes[..11], payload) != bytes[11..SHARD_HEADER_BYTES] {
-            return Err(corrupt("checksum mismatch (bit rot or tampering)".into()));
+        if checksummed {
+            let checksum_at = header_len - CHECKSUM_BYTES;
+            if shard_checksum(&bytes[..checksum_at], payload) != bytes[checksum_at..header_len] {
+                return Err(corrupt("checksum mismatch (bit rot or tampering)".into()));
+            }
         }
         Ok(Self {
             layout,
@@ -363,6 +422,47 @@ mod tests {
         }
         assert!(ShardRecord::decode(&encoded[..encoded.len() - 1]).is_err());
         assert!(ShardRecord::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn single_shard_records_carry_no_checksum_and_still_reject_header_damage() {
+        let record = ShardRecord {
+            layout: ErasureLayout::SINGLE,
+            index: ShardIdx::new(0).unwrap(),
+            ciphertext_len: 4,
+            payload: vec![9, 8, 7, 6],
+        };
+        let encoded = record.encode();
+        assert_eq!(encoded.len(), SHARD_V2_FIXED_BYTES + 4);
+        assert!(!record.has_own_checksum());
+        assert_eq!(ShardRecord::decode(&encoded).unwrap(), record);
+        for index in 0..SHARD_V2_FIXED_BYTES {
+            let mut damaged = encoded.clone();
+            damaged[index] ^= 0x01;
+            assert!(
+                ShardRecord::decode(&damaged).is_err(),
+                "flip at {index} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_records_are_still_read() {
+        let payload = [1u8, 2, 3];
+        let mut v1 = vec![SHARD_V1];
+        for word in [2u16, 1, 2] {
+            v1.extend_from_slice(&word.to_le_bytes());
+        }
+        v1.extend_from_slice(&5u32.to_le_bytes());
+        let checksum = shard_checksum(&v1, &payload);
+        v1.extend_from_slice(&checksum);
+        v1.extend_from_slice(&payload);
+        let record = ShardRecord::decode(&v1).unwrap();
+        assert_eq!(record.layout, ErasureLayout::new(2, 1).unwrap());
+        assert_eq!(record.index.get(), 2);
+        assert_eq!(record.payload, payload);
+        v1[20] ^= 1;
+        assert!(ShardRecord::decode(&v1).is_err());
     }
 
     proptest! {

@@ -82,6 +82,8 @@ pub struct ShardIdx(u8);
 impl ShardIdx {
     /// The most shards one chunk may have (Reed-Solomon over GF(2^8)).
     pub const COUNT_MAX: usize = 256;
+    /// Shard 0, which every layout has.
+    pub const FIRST: Self = Self(0);
 
     /// A shard index, checked against [`Self::COUNT_MAX`].
     ///

@@ -44,6 +44,8 @@ fn get_put_delete_and_column_isolation() {
         batch.delete(Column::Meta, b"never-existed");
         engine.write(batch, Durability::Synced).unwrap();
         assert_eq!(engine.get(Column::Meta, b"k").unwrap(), None);
+        assert!(!engine.contains(Column::Meta, b"k").unwrap());
+        assert!(engine.contains(Column::Objects, b"k").unwrap());
         assert_eq!(
             engine.get(Column::Objects, b"k").unwrap().as_deref(),
             Some(&b"other column"[..])
@@ -113,6 +115,10 @@ fn large_values_round_trip() {
         engine.write(batch, Durability::Unlogged).unwrap();
         engine.flush(&[Column::Shards]).unwrap();
         assert_eq!(engine.get(Column::Shards, b"big").unwrap(), Some(value));
+        assert!(engine.contains(Column::Shards, b"big").unwrap());
+        assert!(!engine.contains(Column::Shards, b"bif").unwrap());
+        let usage = engine.usage(Column::Shards).unwrap();
+        assert!(usage.blob_bytes >= 300_000, "{usage:?}");
         engine.compact(Column::Shards).unwrap();
     });
 }

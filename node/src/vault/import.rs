@@ -406,7 +406,7 @@ impl Importer<'_> {
         let index_key = keys::key(keys::DEDUP, &[&self.volume.domain.id, hash.as_bytes()]);
         if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)?
             && let Ok(cid) = Cid::from_slice(&value)
-            && forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)?
+            && forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)?
         {
             self.reuse(hash, cid);
             return Ok((cid, key));
@@ -418,7 +418,7 @@ impl Importer<'_> {
         // The index is a cache; the shards are the truth. Sealing is deterministic, so a
         // chunk whose index entry was lost (a crash, gc) is still found here and never
         // written twice.
-        if forge_store::chunkstore::has_chunk(self.vault.kv(), &cid)? {
+        if forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)? {
             self.reuse(hash, cid);
             self.stage(batch)?;
             return Ok((cid, key));

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use forge_crypto::Cid;
 use forge_store::erasure::ShardRecord;
-use forge_store::kv::{Column, prefix_end};
+use forge_store::kv::{Column, ColumnUsage, prefix_end};
 
 use super::{PassphraseSource, Vault};
 use crate::error::{NodeError, Result};
@@ -35,6 +35,8 @@ pub struct VaultStats {
     pub physical_bytes: u64,
     /// Volumes.
     pub volumes: u64,
+    /// What each column family of the store occupies, by name.
+    pub columns: Vec<(&'static str, ColumnUsage)>,
 }
 
 impl Vault {
@@ -116,6 +118,10 @@ impl Vault {
         Ok(VaultStats {
             physical_bytes: disk_usage(self.data_dir.path())?,
             volumes: self.list_volumes()?.len() as u64,
+            columns: Column::ALL
+                .iter()
+                .map(|column| Ok((column.name(), self.kv().usage(*column)?)))
+                .collect::<Result<_>>()?,
         })
     }
 }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    BatchOp, Column, Durability, KeyValue, KvEngine, KvError, WriteBatch, bounds, in_range,
+    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, WriteBatch, bounds,
+    in_range,
 };
 
 type Table = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -255,4 +256,22 @@ impl KvEngine for MemKv {
     fn compact(&self, _column: Column) -> Result<(), KvError> {
         Ok(())
     }
+
+    fn usage(&self, column: Column) -> Result<ColumnUsage, KvError> {
+        let state = self.lock();
+        let mut usage = ColumnUsage::default();
+        for (key, value) in state.visible.get(&column).into_iter().flatten() {
+            usage.keys += 1;
+            let bytes = (key.len() + value.len()) as u64;
+            if column.holds_large_values() && value.len() >= LARGE_VALUE_BYTES {
+                usage.blob_bytes += bytes;
+            } else {
+                usage.table_bytes += bytes;
+            }
+        }
+        Ok(usage)
+    }
 }
+
+/// Where MemKv counts a value as a blob in [`ColumnUsage`]: RocksKv's default minimum blob size.
+const LARGE_VALUE_BYTES: usize = 1024;

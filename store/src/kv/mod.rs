@@ -190,6 +190,15 @@ pub trait KvEngine: Send + Sync + std::fmt::Debug {
     /// Engine failures.
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
 
+    /// Whether `key` is stored in `column`. Cheaper than [`KvEngine::get`] when the
+    /// answer is usually no: RocksKv asks its bloom filters before touching a value.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn contains(&self, column: Column, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.get(column, key)?.is_some())
+    }
+
     /// Applies a batch atomically with the given durability.
     ///
     /// # Errors
@@ -225,6 +234,25 @@ pub trait KvEngine: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Engine failures.
     fn compact(&self, column: Column) -> Result<(), KvError>;
+
+    /// What `column` occupies: where the bytes go is what an operator (and the stored-bytes
+    /// benchmark) needs to see.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn usage(&self, column: Column) -> Result<ColumnUsage, KvError>;
+}
+
+/// Space used by one column family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ColumnUsage {
+    /// Keys, estimated by the engine.
+    pub keys: u64,
+    /// Bytes in table files (keys, small values, indexes, filters); for [`MemKv`], live
+    /// keys and values that are not large.
+    pub table_bytes: u64,
+    /// Bytes in blob files (large values, garbage not yet collected included).
+    pub blob_bytes: u64,
 }
 
 /// The exclusive upper bound of all keys that start with `prefix` (None: no bound).

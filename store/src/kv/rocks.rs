@@ -13,7 +13,9 @@ use rocksdb::{
     DBCompressionType, Direction, ErrorKind, FlushOptions, IteratorMode, Options, WriteOptions,
 };
 
-use super::{BatchOp, Column, Durability, KeyValue, KvEngine, KvError, WriteBatch, in_range};
+use super::{
+    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, WriteBatch, in_range,
+};
 
 /// Fraction of the oldest blob files that routine compactions garbage-collect.
 const ROUTINE_BLOB_GC_AGE_CUTOFF: f64 = 0.25;
@@ -34,7 +36,7 @@ pub struct RocksKvOptions {
 impl Default for RocksKvOptions {
     fn default() -> Self {
         Self {
-            min_blob_size_bytes: 1024,
+            min_blob_size_bytes: 4096,
             blob_file_size_bytes: 256 << 20,
             write_buffer_size_bytes: 64 << 20,
             background_jobs: 2,
@@ -166,6 +168,20 @@ impl KvEngine for RocksKv {
             .map_err(|error| self.error(&error))
     }
 
+    fn contains(&self, column: Column, key: &[u8]) -> Result<bool, KvError> {
+        let handle = self.handle(column)?;
+        // Bloom filters and memtables answer "certainly not" without reading a value; only
+        // a maybe pays for the lookup (which, for a blob, reads the value too).
+        if !self.db.key_may_exist_cf(handle, key) {
+            return Ok(false);
+        }
+        Ok(self
+            .db
+            .get_pinned_cf(handle, key)
+            .map_err(|error| self.error(&error))?
+            .is_some())
+    }
+
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError> {
         let mut rocks_batch = rocksdb::WriteBatch::default();
         for op in batch.ops() {
@@ -259,5 +275,21 @@ impl KvEngine for RocksKv {
                 .map_err(|error| self.error(&error))?;
         }
         Ok(())
+    }
+
+    fn usage(&self, column: Column) -> Result<ColumnUsage, KvError> {
+        let handle = self.handle(column)?;
+        let property = |name: &str| -> Result<u64, KvError> {
+            Ok(self
+                .db
+                .property_int_value_cf(handle, name)
+                .map_err(|error| self.error(&error))?
+                .unwrap_or(0))
+        };
+        Ok(ColumnUsage {
+            keys: property("rocksdb.estimate-num-keys")?,
+            table_bytes: property("rocksdb.total-sst-files-size")?,
+            blob_bytes: property("rocksdb.total-blob-file-size")?,
+        })
     }
 }

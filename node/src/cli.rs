@@ -133,6 +133,36 @@ pub enum VolumeCommand {
         /// The volume.
         name: String,
     },
+    /// Mount a branch read-write (default main), or a snapshot read-only, with FUSE.
+    ///
+    /// In the foreground it stays until unmounted (Ctrl-C or SIGTERM unmount cleanly);
+    /// unmounting commits the changes as a snapshot.
+    Mount {
+        /// The volume.
+        name: String,
+        /// An existing directory to mount on.
+        mountpoint: PathBuf,
+        /// The branch to mount (read-write unless --read-only).
+        #[arg(long, conflicts_with = "snapshot")]
+        branch: Option<String>,
+        /// A snapshot to mount read-only (id or unique prefix).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Return once mounted; a background process serves it until unmounted.
+        #[arg(long)]
+        background: bool,
+        /// Memory for decrypted chunks (e.g. 256M).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
+        cache_size: u32,
+    },
+    /// Unmount a forge mount, waiting until its changes are committed.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
 }
 
 /// `forge snapshot ...`
@@ -170,6 +200,14 @@ pub enum SnapshotCommand {
         /// The snapshot to start from.
         #[arg(long)]
         from: Option<String>,
+    },
+    /// Commit the working state of a mounted volume as a snapshot.
+    Create {
+        /// The volume.
+        name: String,
+        /// Snapshot message.
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
     },
     /// Drop a snapshot from the volume's list (its data is freed by `forge gc`).
     Delete {
@@ -225,6 +263,40 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
+            Command::Volume(VolumeCommand::Mount {
+                name,
+                mountpoint,
+                branch,
+                snapshot,
+                read_only,
+                background,
+                cache_size,
+            }) => {
+                let options = crate::mount::MountOptions {
+                    volume: name.clone(),
+                    mountpoint: mountpoint.clone(),
+                    branch: branch.clone(),
+                    snapshot: snapshot.clone(),
+                    read_only: *read_only,
+                    background: *background,
+                    cache_bytes: *cache_size as usize,
+                };
+                let summary = crate::mount::mount(&self.data_dir()?, &options, &ask_passphrase)?;
+                Ok(Output {
+                    json: json!({"summary": summary}),
+                    human: summary,
+                })
+            }
+            Command::Volume(VolumeCommand::Unmount { mountpoint }) => {
+                let summary = crate::mount::unmount(&self.data_dir()?, mountpoint)?;
+                Ok(Output {
+                    json: json!({"summary": summary}),
+                    human: summary,
+                })
+            }
+            Command::Snapshot(SnapshotCommand::Create { name, .. }) => {
+                snapshot_create(&self.data_dir()?, name)
+            }
             Command::Volume(command) => volume_command(&self.open_vault()?, command, self.json),
             Command::Snapshot(command) => snapshot_command(&self.open_vault()?, command, self.json),
             Command::Gc => gc(&self.open_vault()?),
@@ -395,6 +467,9 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
                 }),
             })
         }
+        VolumeCommand::Mount { .. } | VolumeCommand::Unmount { .. } => Err(NodeError::Mount(
+            "mount and unmount run without opening the vault first".into(),
+        )),
     }
 }
 
@@ -451,6 +526,11 @@ fn snapshot_command(vault: &Vault, command: &SnapshotCommand, json: bool) -> Res
                 json: json!({"deleted": snapshot.to_hex()}),
             })
         }
+        SnapshotCommand::Create { name, .. } => Err(NodeError::InvalidArgument {
+            what: "volume",
+            value: name.clone(),
+            reason: "not mounted".into(),
+        }),
     }
 }
 
@@ -649,6 +729,35 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
 }
 
 /// `2026-11-28T19:03:09Z` from nanoseconds since the epoch (UTC, proleptic Gregorian).
+/// `forge snapshot create` outside the mount process.
+fn snapshot_create(data_dir: &DataDir, name: &str) -> Result<Output> {
+    if let Some(running) = crate::mount::running_mounts(data_dir)?
+        .into_iter()
+        .find(|running| running.volume == name)
+    {
+        return Err(NodeError::Mount(format!(
+            "volume {name:?} is mounted at {} (pid {}): committing while mounted needs its \
+             control socket, which is not built yet; unmounting (forge volume unmount {}) \
+             commits the changes as a snapshot",
+            running.mountpoint.display(),
+            running.pid,
+            running.mountpoint.display()
+        )));
+    }
+    Err(NodeError::InvalidArgument {
+        what: "volume",
+        value: name.to_owned(),
+        reason: "it is not mounted, so there is nothing to commit; to snapshot a directory \
+                 use forge volume import NAME DIR"
+            .into(),
+    })
+}
+
+/// A timestamp usable in a branch name: `20261128T224501Z`.
+pub(crate) fn format_compact_time(time_ns: i64) -> String {
+    format_time(time_ns).replace(['-', ':'], "")
+}
+
 fn format_time(time_ns: i64) -> String {
     let seconds = time_ns.div_euclid(1_000_000_000);
     let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));

@@ -128,6 +128,22 @@ pub enum NodeError {
     #[error("integrity failure: {0}")]
     Integrity(String),
 
+    /// A branch already has its read-write mount.
+    #[error(
+        "volume {volume:?} branch {branch:?} is already mounted read-write at {mountpoint} \
+         (pid {pid}); unmount it first (forge volume unmount {mountpoint}) or mount read-only"
+    )]
+    AlreadyMounted {
+        volume: String,
+        branch: String,
+        mountpoint: String,
+        pid: u32,
+    },
+
+    /// Mounting or unmounting failed.
+    #[error("mount: {0}")]
+    Mount(String),
+
     /// The storage engine failed.
     #[error(transparent)]
     Kv(#[from] forge_store::KvError),
@@ -178,9 +194,10 @@ impl NodeError {
     #[must_use]
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Self::AlreadyInitialized { .. } | Self::VolumeExists { .. } | Self::BranchMoved(_) => {
-                ExitCode::Conflict
-            }
+            Self::AlreadyInitialized { .. }
+            | Self::VolumeExists { .. }
+            | Self::BranchMoved(_)
+            | Self::AlreadyMounted { .. } => ExitCode::Conflict,
             Self::Kv(forge_store::KvError::Busy { .. }) => ExitCode::Conflict,
             Self::Corrupt { .. } | Self::CorruptRecord { .. } | Self::Integrity(_) => {
                 ExitCode::Integrity

@@ -1,10 +1,11 @@
 //! forge-node: the vault (data directory, node keys, volumes, import/export, snapshots,
-//! statistics) and the `forge` command line. Mounts and the control socket come next.
+//! statistics), FUSE mounts, and the `forge` command line.
 
 pub mod cli;
 pub mod clock;
 pub mod datadir;
 pub mod error;
+pub mod mount;
 pub mod passphrase;
 pub mod progress;
 pub mod vault;

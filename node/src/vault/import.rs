@@ -71,7 +71,8 @@ pub struct ImportReport {
     pub elapsed_seconds: f64,
 }
 
-struct Importer<'a> {
+/// Stages chunks and objects of one new snapshot (an import, or a mount's working tree).
+pub(crate) struct Importer<'a> {
     vault: &'a Vault,
     volume: &'a OpenVolume,
     chunker: Chunker,
@@ -119,52 +120,84 @@ impl Vault {
             });
         }
         let head = self.refs().get_ref(&volume.id, &options.branch)?;
-        let importer = Importer {
-            vault: self,
-            volume: &volume,
-            chunker: volume.chunker()?,
-            coder: volume.coder()?,
-            pending: Mutex::new(WriteBatch::new()),
-            seen: Mutex::new(BTreeMap::new()),
-            counters: Mutex::new(Counters::default()),
-            skipped: Mutex::new(Vec::new()),
-            reached: Mutex::new(Vec::new()),
-            progress,
-        };
+        let importer = Importer::new(self, &volume, progress)?;
         let root = importer
             .import_directory(source)?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
-        // The reference index: every cid reached, stored as plaintext nodes beside the objects.
-        let reached = std::mem::take(
-            &mut *importer
-                .reached
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let mut index_nodes = Vec::new();
-        let index_root = refindex::build(&reached, |id, bytes| index_nodes.push((id, bytes)));
-        for (id, bytes) in index_nodes {
-            importer.stage_object(id, bytes)?;
-        }
+        let index_root = importer.stage_reference_index()?;
         importer.write_pending()?;
-        // Chunks and objects must be durable before the snapshot that names them.
-        self.kv()
-            .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
-
         let counters = importer
             .counters
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let snapshot = self.write_snapshot(
+            &volume,
+            &NewSnapshot {
+                root,
+                index_root,
+                parent: head,
+                message: options.message.clone(),
+                dna: options.dna.clone(),
+                logical_bytes: counters.logical_bytes,
+                file_count: counters.files,
+            },
+        )?;
+        // The acknowledgement: the branch moves only if nobody moved it since we started.
+        self.refs()
+            .compare_and_swap_ref(&volume.id, &options.branch, head, Some(snapshot))?;
+
+        Ok(ImportReport {
+            snapshot,
+            files: counters.files,
+            logical_bytes: counters.logical_bytes,
+            new_chunks: counters.new_chunks,
+            reused_chunks: counters.reused_chunks,
+            written_bytes: counters.written_bytes,
+            skipped: importer
+                .skipped
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            elapsed_seconds: progress.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// What [`Vault::commit_snapshot`] publishes.
+#[derive(Debug)]
+pub(crate) struct NewSnapshot {
+    /// Root tree (already stored, with everything it reaches).
+    pub root: Cid,
+    /// Root of the reference index of every cid the snapshot reaches (already stored).
+    pub index_root: Cid,
+    /// The snapshot it was built on (its parent).
+    pub parent: Option<Cid>,
+    pub message: String,
+    pub dna: BTreeMap<String, String>,
+    pub logical_bytes: u64,
+    pub file_count: u64,
+}
+
+impl Vault {
+    /// Writes a snapshot whose trees, chunks and index nodes were staged (unlogged):
+    /// flushes them, then writes the signed commit, listing and index head synced. The
+    /// caller then moves a branch to it by compare-and-swap; until then nothing is visible.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn write_snapshot(&self, volume: &OpenVolume, new: &NewSnapshot) -> Result<Cid> {
+        // Chunks and objects must be durable before the snapshot that names them.
+        self.kv()
+            .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
         let commit = SnapshotCommit {
             volume: *volume.id.as_bytes(),
-            root: *root.as_bytes(),
-            parents: head.iter().map(|cid| *cid.as_bytes()).collect(),
+            root: *new.root.as_bytes(),
+            parents: new.parent.iter().map(|cid| *cid.as_bytes()).collect(),
             author: *self.identity().node_id().as_bytes(),
             time_ns: now_ns(),
-            message: options.message.clone(),
-            dna: options.dna.clone(),
-            logical_bytes: counters.logical_bytes,
-            file_count: counters.files,
+            message: new.message.clone(),
+            dna: new.dna.clone(),
+            logical_bytes: new.logical_bytes,
+            file_count: new.file_count,
         };
         let encoded = commit.encode();
         let signature = self.identity().sign(SignatureDomain::Snapshot, &encoded)?;
@@ -188,10 +221,10 @@ impl Vault {
         let head_message = IndexHead::signed_message(
             volume.id.as_bytes(),
             snapshot.as_bytes(),
-            index_root.as_bytes(),
+            new.index_root.as_bytes(),
         );
         let index_head = IndexHead {
-            root: *index_root.as_bytes(),
+            root: *new.index_root.as_bytes(),
             author: *self.identity().node_id().as_bytes(),
             signature: self
                 .identity()
@@ -208,23 +241,58 @@ impl Vault {
             records::encode(&index_head),
         );
         self.kv().write(batch, Durability::Synced)?;
-        // The acknowledgement: the branch moves only if nobody moved it since we started.
-        self.refs()
-            .compare_and_swap_ref(&volume.id, &options.branch, head, Some(snapshot))?;
+        Ok(snapshot)
+    }
+}
 
-        Ok(ImportReport {
-            snapshot,
-            files: counters.files,
-            logical_bytes: counters.logical_bytes,
-            new_chunks: counters.new_chunks,
-            reused_chunks: counters.reused_chunks,
-            written_bytes: counters.written_bytes,
-            skipped: importer
-                .skipped
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            elapsed_seconds: progress.elapsed().as_secs_f64(),
+impl<'a> Importer<'a> {
+    pub(crate) fn new(
+        vault: &'a Vault,
+        volume: &'a OpenVolume,
+        progress: &'a Progress,
+    ) -> Result<Self> {
+        Ok(Importer {
+            vault,
+            volume,
+            chunker: volume.chunker()?,
+            coder: volume.coder()?,
+            pending: Mutex::new(WriteBatch::new()),
+            seen: Mutex::new(BTreeMap::new()),
+            counters: Mutex::new(Counters::default()),
+            skipped: Mutex::new(Vec::new()),
+            reached: Mutex::new(Vec::new()),
+            progress,
         })
+    }
+
+    /// The volume's chunker.
+    pub(crate) fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
+    /// Stages the reference index of every cid reached so far (plaintext nodes beside the
+    /// objects) and returns its root.
+    pub(crate) fn stage_reference_index(&self) -> Result<Cid> {
+        let reached = std::mem::take(
+            &mut *self
+                .reached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut index_nodes = Vec::new();
+        let index_root = refindex::build(&reached, |id, bytes| index_nodes.push((id, bytes)));
+        for (id, bytes) in index_nodes {
+            self.stage_object(id, bytes)?;
+        }
+        Ok(index_root)
+    }
+
+    /// Marks `cid` as reached by the snapshot being built (for its reference index).
+    pub(crate) fn reach(&self, cid: Cid) {
+        self.reached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(cid);
     }
 }
 
@@ -380,7 +448,7 @@ impl Importer<'_> {
         Ok(Ok(manifest))
     }
 
-    fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {
+    pub(crate) fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {
         let len = u32::try_from(data.len()).expect("chunks are at most 16 MiB");
         let (cid, key) = self.store_chunk(data)?;
         self.reach(cid);
@@ -394,7 +462,7 @@ impl Importer<'_> {
     }
 
     /// Stores a chunk unless the domain already has it; returns its cid and key.
-    fn store_chunk(&self, plaintext: &[u8]) -> Result<(Cid, [u8; 32])> {
+    pub(crate) fn store_chunk(&self, plaintext: &[u8]) -> Result<(Cid, [u8; 32])> {
         let domain_key = &self.volume.domain_key;
         let hash = domain_key.plaintext_hash(plaintext);
         let key = *domain_key.chunk_key(&hash).as_bytes();
@@ -444,7 +512,7 @@ impl Importer<'_> {
         self.lock_counters().reused_chunks += 1;
     }
 
-    fn store_object(&self, object: &Object) -> Result<Cid> {
+    pub(crate) fn store_object(&self, object: &Object) -> Result<Cid> {
         let (cid, sealed) = object.seal(&self.volume.volume_key);
         self.reach(cid);
         self.stage_object(cid, sealed)?;
@@ -484,7 +552,7 @@ impl Importer<'_> {
         Ok(())
     }
 
-    fn write_pending(&self) -> Result<()> {
+    pub(crate) fn write_pending(&self) -> Result<()> {
         let rest = self
             .pending
             .lock()
@@ -494,13 +562,6 @@ impl Importer<'_> {
             self.vault.kv().write(rest, Durability::Unlogged)?;
         }
         Ok(())
-    }
-
-    fn reach(&self, cid: Cid) {
-        self.reached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(cid);
     }
 
     fn skip(&self, path: &Path, error: &io::Error) {

@@ -7,7 +7,7 @@
 
 pub mod check;
 pub mod export;
-mod import;
+pub(crate) mod import;
 pub mod records;
 pub mod snapshots;
 mod stats;

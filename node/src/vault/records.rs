@@ -88,6 +88,16 @@ impl IndexHead {
     }
 }
 
+/// The working tree of a read-write mount as of its last fsync: what the next mount of the
+/// branch recovers after a crash. Deleted once committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingState {
+    /// Root tree of the working state (stored, with everything it reaches).
+    pub root: [u8; 32],
+    /// The branch head the mount started from.
+    pub base: Option<[u8; 32]>,
+}
+
 /// Key prefixes in the `Meta` column.
 pub mod keys {
     /// `volume/<name>` → [`super::VolumeRecord`].
@@ -102,6 +112,9 @@ pub mod keys {
     pub const SNAPSHOT: &[u8] = b"snapshot/";
     /// `refindex/<volume id><cid>` → [`super::IndexHead`].
     pub const INDEX_HEAD: &[u8] = b"refindex/";
+
+    /// `mountwork/<volume id><branch>` → [`super::WorkingState`].
+    pub const WORKING_STATE: &[u8] = b"mountwork/";
 
     /// Joins a prefix and parts into a key.
     #[must_use]

@@ -1,0 +1,1293 @@
+//! The mounted file system: an inode table over the volume's working tree, served to the
+//! kernel through `fuser` on several threads.
+//!
+//! Locks: `inodes` guards names, attributes and which content a file has, and is held only
+//! for short metadata steps. File bytes are read outside it (chunks through the cache), so
+//! readers of different files never wait on each other. A staged file's own lock is taken
+//! before `inodes` whenever both are needed (writes, truncation, chunking).
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use forge_crypto::Cid;
+use forge_store::object::{
+    EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, Tree, TreeEntry,
+};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use super::content::{BaseContent, ChunkCache, Staged, load_chunk, read_overlay, rechunk};
+use crate::clock::now_ns;
+use crate::error::{NodeError, Result};
+use crate::progress::Progress;
+use crate::vault::import::Importer;
+use crate::vault::{OpenVolume, Vault};
+
+const TTL: Duration = Duration::from_secs(1);
+const ROOT: u64 = 1;
+const BLOCK_BYTES: u32 = 4096;
+
+/// A directory's entries as opendir saw them: inode, kind, name.
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
+/// What kind of node an inode is, with its content.
+#[derive(Debug)]
+enum NodeKind {
+    Directory(Directory),
+    File(FileNode),
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Default)]
+struct Directory {
+    /// The stored tree this directory was loaded from (None: new, or changed since).
+    tree: Option<Cid>,
+    /// Entries by name; None until first needed (directories load lazily).
+    children: Option<BTreeMap<Vec<u8>, u64>>,
+}
+
+#[derive(Debug)]
+struct FileNode {
+    base: Arc<BaseContent>,
+    staged: Option<Arc<Staged>>,
+    size: u64,
+    /// Open handles that may write.
+    writers: u32,
+    /// Bumped on every change, so the kernel's page cache is kept only for unchanged files.
+    version: u64,
+    cached_version: u64,
+}
+
+#[derive(Debug)]
+struct Inode {
+    parent: u64,
+    name: Vec<u8>,
+    mode: u32,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    kind: NodeKind,
+}
+
+#[derive(Debug, Default)]
+struct Inodes {
+    nodes: BTreeMap<u64, Inode>,
+    next: u64,
+    /// Whether anything changed since the last commit.
+    changed: bool,
+}
+
+/// One mounted volume.
+pub struct MountedFs {
+    vault: Arc<Vault>,
+    volume: Arc<OpenVolume>,
+    read_only: bool,
+    inodes: Mutex<Inodes>,
+    cache: ChunkCache,
+    staging_dir: PathBuf,
+    next_handle: AtomicU64,
+    /// Directory listings taken at opendir, so offsets survive concurrent changes.
+    listings: Mutex<BTreeMap<u64, Arc<Listing>>>,
+    uid: u32,
+    gid: u32,
+    /// The branch a read-write mount commits to (None when read-only).
+    work: Option<Mutex<super::WorkTarget>>,
+}
+
+impl std::fmt::Debug for MountedFs {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("MountedFs")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Numbers of a built tree.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeTotals {
+    /// File bytes.
+    pub logical_bytes: u64,
+    /// Regular files.
+    pub files: u64,
+}
+
+fn errno_of(error: &NodeError) -> Errno {
+    match error {
+        NodeError::Io { source, .. } => {
+            Errno::from(std::io::Error::new(source.kind(), source.to_string()))
+        }
+        NodeError::Kv(forge_store::KvError::NoSpace { .. }) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
+fn log_error(what: &str, error: &NodeError) -> Errno {
+    tracing::error!(%error, "{what} failed");
+    errno_of(error)
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    let ns = u64::try_from(ns).unwrap_or(0);
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+fn time_ns(time: TimeOrNow) -> i64 {
+    match time {
+        TimeOrNow::Now => now_ns(),
+        TimeOrNow::SpecificTime(time) => time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX)
+        }),
+    }
+}
+
+impl MountedFs {
+    /// A file system over the tree `root` (None: an empty volume).
+    ///
+    /// # Errors
+    /// Creating the staging directory.
+    pub(crate) fn new(
+        vault: Arc<Vault>,
+        volume: Arc<OpenVolume>,
+        root: Option<Cid>,
+        read_only: bool,
+        cache_bytes: usize,
+        staging_dir: PathBuf,
+        work: Option<Mutex<super::WorkTarget>>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&staging_dir)
+            .map_err(NodeError::io("creating staging directory", &staging_dir))?;
+        let now = now_ns();
+        let mut inodes = Inodes {
+            next: ROOT + 1,
+            ..Inodes::default()
+        };
+        inodes.nodes.insert(
+            ROOT,
+            Inode {
+                parent: ROOT,
+                name: Vec::new(),
+                mode: 0o755,
+                mtime_ns: now,
+                ctime_ns: now,
+                kind: NodeKind::Directory(Directory {
+                    tree: root,
+                    children: root.is_none().then(BTreeMap::new),
+                }),
+            },
+        );
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        Ok(Self {
+            vault,
+            volume,
+            read_only,
+            inodes: Mutex::new(inodes),
+            cache: ChunkCache::new(cache_bytes),
+            staging_dir,
+            next_handle: AtomicU64::new(1),
+            listings: Mutex::new(BTreeMap::new()),
+            uid,
+            gid,
+            work,
+        })
+    }
+
+    /// The vault.
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    /// The mounted volume.
+    pub(crate) fn volume(&self) -> &OpenVolume {
+        &self.volume
+    }
+
+    /// Where a read-write mount commits.
+    pub fn work(&self) -> Option<&Mutex<super::WorkTarget>> {
+        self.work.as_ref()
+    }
+
+    /// Marks the working tree as changed (a recovered state must be committed).
+    pub fn mark_changed(&self) {
+        self.lock().changed = true;
+    }
+
+    /// Marks the working tree as committed.
+    pub fn mark_committed(&self) {
+        self.lock().changed = false;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inodes> {
+        self.inodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether anything changed since the last commit.
+    pub fn has_changes(&self) -> bool {
+        self.lock().changed
+    }
+
+    fn attr(&self, ino: u64, node: &Inode) -> FileAttr {
+        let (kind, size, nlink) = match &node.kind {
+            NodeKind::Directory(_) => (FileType::Directory, 0, 2),
+            NodeKind::File(file) => (FileType::RegularFile, file.size, 1),
+            NodeKind::Symlink(target) => (FileType::Symlink, target.len() as u64, 1),
+        };
+        let mtime = system_time(node.mtime_ns);
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: system_time(node.ctime_ns),
+            crtime: mtime,
+            kind,
+            perm: u16::try_from(node.mode & 0o7777).unwrap_or(0o644),
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK_BYTES,
+            flags: 0,
+        }
+    }
+
+    /// Loads a directory's entries from its tree if not done yet.
+    fn ensure_loaded(&self, inodes: &mut Inodes, ino: u64) -> Result<(), Errno> {
+        let tree = match inodes.nodes.get(&ino).map(|node| &node.kind) {
+            Some(NodeKind::Directory(directory)) => match (&directory.children, directory.tree) {
+                (Some(_), _) => return Ok(()),
+                (None, tree) => tree,
+            },
+            Some(_) => return Err(Errno::ENOTDIR),
+            None => return Err(Errno::ENOENT),
+        };
+        let mut children = BTreeMap::new();
+        if let Some(tree) = tree {
+            let entries = self
+                .vault
+                .read_object(&self.volume, &tree)
+                .and_then(|object| Ok(object.into_tree()?))
+                .map_err(|error| log_error(&format!("reading tree {tree}"), &error))?
+                .entries;
+            for entry in entries {
+                let kind = match entry.content {
+                    EntryContent::Directory { tree } => NodeKind::Directory(Directory {
+                        tree: Some(Cid::from_bytes(tree)),
+                        children: None,
+                    }),
+                    EntryContent::InlineFile(manifest) => NodeKind::File(file_node(manifest)),
+                    EntryContent::File { manifest } => {
+                        let cid = Cid::from_bytes(manifest);
+                        let manifest = self
+                            .vault
+                            .read_object(&self.volume, &cid)
+                            .and_then(|object| Ok(object.into_manifest()?))
+                            .map_err(|error| {
+                                log_error(&format!("reading manifest {cid}"), &error)
+                            })?;
+                        NodeKind::File(file_node(manifest))
+                    }
+                    EntryContent::Symlink { target } => NodeKind::Symlink(target),
+                };
+                let child = inodes.next;
+                inodes.next += 1;
+                inodes.nodes.insert(
+                    child,
+                    Inode {
+                        parent: ino,
+                        name: entry.name.clone(),
+                        mode: entry.mode,
+                        mtime_ns: entry.mtime_ns,
+                        ctime_ns: entry.mtime_ns,
+                        kind,
+                    },
+                );
+                children.insert(entry.name, child);
+            }
+        }
+        if let Some(Inode {
+            kind: NodeKind::Directory(directory),
+            ..
+        }) = inodes.nodes.get_mut(&ino)
+        {
+            directory.children = Some(children);
+        }
+        Ok(())
+    }
+
+    fn child(&self, inodes: &mut Inodes, parent: u64, name: &[u8]) -> Result<Option<u64>, Errno> {
+        self.ensure_loaded(inodes, parent)?;
+        Ok(children(inodes, parent).and_then(|children| children.get(name).copied()))
+    }
+
+    /// A directory's entries changed: new mtime, and its trees up to the root must be rebuilt.
+    fn touch_directory(inodes: &mut Inodes, ino: u64) {
+        if let Some(node) = inodes.nodes.get_mut(&ino) {
+            let now = now_ns();
+            node.mtime_ns = now;
+            node.ctime_ns = now;
+        }
+        Self::invalidate_trees(inodes, ino);
+    }
+
+    /// Something under directory `ino` changed: its stored tree and its ancestors' no longer
+    /// describe it.
+    fn invalidate_trees(inodes: &mut Inodes, mut ino: u64) {
+        inodes.changed = true;
+        loop {
+            let Some(node) = inodes.nodes.get_mut(&ino) else {
+                return;
+            };
+            if let NodeKind::Directory(directory) = &mut node.kind {
+                directory.tree = None;
+            }
+            if ino == ROOT {
+                return;
+            }
+            ino = node.parent;
+        }
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_name(name: &OsStr) -> Result<&[u8], Errno> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+            return Err(Errno::EINVAL);
+        }
+        if bytes.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(bytes)
+    }
+
+    /// Adds a new node under `parent`.
+    fn insert(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        kind: NodeKind,
+    ) -> Result<(u64, FileAttr), Errno> {
+        self.writable()?;
+        let name = Self::check_name(name)?;
+        let mut inodes = self.lock();
+        if self.child(&mut inodes, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let ino = inodes.next;
+        inodes.next += 1;
+        let now = now_ns();
+        let node = Inode {
+            parent,
+            name: name.to_vec(),
+            mode,
+            mtime_ns: now,
+            ctime_ns: now,
+            kind,
+        };
+        let attr = self.attr(ino, &node);
+        inodes.nodes.insert(ino, node);
+        if let Some(children) = children_mut(&mut inodes, parent) {
+            children.insert(name.to_vec(), ino);
+        }
+        Self::touch_directory(&mut inodes, parent);
+        Ok((ino, attr))
+    }
+
+    /// The staging file of file `ino`, created on first need.
+    fn staged_for(&self, ino: u64) -> Result<Arc<Staged>, Errno> {
+        let mut inodes = self.lock();
+        let Some(Inode {
+            kind: NodeKind::File(file),
+            ..
+        }) = inodes.nodes.get_mut(&ino)
+        else {
+            return Err(Errno::EISDIR);
+        };
+        if let Some(staged) = &file.staged {
+            return Ok(staged.clone());
+        }
+        let path = self.staging_dir.join(format!("{ino}-{}", file.version));
+        let staged = Arc::new(
+            Staged::create(path, file.base.size()).map_err(|error| log_error("staging", &error))?,
+        );
+        file.staged = Some(staged.clone());
+        Ok(staged)
+    }
+
+    /// Runs `change` with the file's staging state locked (retrying if it was retired by a
+    /// concurrent chunking), then updates size and times.
+    fn change_content(
+        &self,
+        ino: u64,
+        change: impl Fn(&Staged, &mut super::content::StagedState, &mut u64) -> Result<(), Errno>,
+    ) -> Result<FileAttr, Errno> {
+        loop {
+            let staged = self.staged_for(ino)?;
+            let mut state = staged.lock();
+            if state.retired {
+                continue;
+            }
+            let mut inodes = self.lock();
+            let Some(node) = inodes.nodes.get_mut(&ino) else {
+                return Err(Errno::ENOENT);
+            };
+            let NodeKind::File(file) = &mut node.kind else {
+                return Err(Errno::EISDIR);
+            };
+            change(&staged, &mut state, &mut file.size)?;
+            file.version += 1;
+            let now = now_ns();
+            node.mtime_ns = now;
+            node.ctime_ns = now;
+            let attr = self.attr(ino, node);
+            let parent = node.parent;
+            Self::invalidate_trees(&mut inodes, parent);
+            return Ok(attr);
+        }
+    }
+
+    /// Chunks a file's staged bytes into the working tree (on close, fsync and commit).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn chunk_file(&self, ino: u64) -> Result<()> {
+        let Some(staged) = ({
+            let inodes = self.lock();
+            match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::File(file)) => file.staged.clone(),
+                _ => None,
+            }
+        }) else {
+            return Ok(());
+        };
+        let mut state = staged.lock();
+        if state.retired {
+            return Ok(());
+        }
+        let (base, size) = {
+            let inodes = self.lock();
+            match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::File(file)) => (file.base.clone(), file.size),
+                _ => return Ok(()),
+            }
+        };
+        let progress = Progress::new("mount", false);
+        let importer = Importer::new(&self.vault, &self.volume, &progress)?;
+        let manifest = rechunk(
+            &self.vault,
+            &self.cache,
+            &importer,
+            &base,
+            &staged,
+            &state,
+            size,
+        )?;
+        importer.write_pending()?;
+        state.retired = true;
+        {
+            let mut inodes = self.lock();
+            if let Some(Inode {
+                kind: NodeKind::File(file),
+                ..
+            }) = inodes.nodes.get_mut(&ino)
+            {
+                file.base = Arc::new(BaseContent::new(manifest));
+                file.staged = None;
+            }
+        }
+        drop(state);
+        let _ = std::fs::remove_file(&staged.path);
+        Ok(())
+    }
+
+    /// Chunks every staged file.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn chunk_all(&self) -> Result<()> {
+        let staged: Vec<u64> = self
+            .lock()
+            .nodes
+            .iter()
+            .filter(|(_, node)| matches!(&node.kind, NodeKind::File(file) if file.staged.is_some()))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in staged {
+            self.chunk_file(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Stages the working tree's changed directories (and large manifests) on `importer`
+    /// and returns its root. Staged bytes not yet chunked are left out.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn store_tree(&self, importer: &Importer<'_>) -> Result<Cid> {
+        let mut inodes = self.lock();
+        self.store_directory(&mut inodes, importer, ROOT)
+    }
+
+    fn store_directory(
+        &self,
+        inodes: &mut Inodes,
+        importer: &Importer<'_>,
+        ino: u64,
+    ) -> Result<Cid> {
+        let (tree, children) = match inodes.nodes.get(&ino).map(|node| &node.kind) {
+            Some(NodeKind::Directory(directory)) => (directory.tree, directory.children.clone()),
+            _ => return Err(NodeError::Mount(format!("inode {ino} is not a directory"))),
+        };
+        if let Some(tree) = tree {
+            return Ok(tree);
+        }
+        let children = children.unwrap_or_default();
+        let mut entries = Vec::with_capacity(children.len());
+        for (name, child) in children {
+            let content = match inodes.nodes.get(&child).map(|node| &node.kind) {
+                Some(NodeKind::Directory(_)) => EntryContent::Directory {
+                    tree: *self.store_directory(inodes, importer, child)?.as_bytes(),
+                },
+                Some(NodeKind::File(file)) => {
+                    let manifest = file.base.manifest.clone();
+                    if manifest.chunks.len() <= INLINE_MANIFEST_CHUNKS_MAX {
+                        EntryContent::InlineFile(manifest)
+                    } else {
+                        EntryContent::File {
+                            manifest: *importer
+                                .store_object(&Object::Manifest(manifest))?
+                                .as_bytes(),
+                        }
+                    }
+                }
+                Some(NodeKind::Symlink(target)) => EntryContent::Symlink {
+                    target: target.clone(),
+                },
+                None => continue,
+            };
+            let Some(node) = inodes.nodes.get(&child) else {
+                continue;
+            };
+            let size = match &content {
+                EntryContent::InlineFile(manifest) => manifest.size,
+                EntryContent::File { .. } => match &node.kind {
+                    NodeKind::File(file) => file.base.size(),
+                    _ => 0,
+                },
+                EntryContent::Symlink { target } => target.len() as u64,
+                EntryContent::Directory { .. } => 0,
+            };
+            entries.push(TreeEntry {
+                name,
+                mode: node.mode & 0o7777,
+                mtime_ns: node.mtime_ns,
+                size,
+                content,
+            });
+        }
+        let cid = importer.store_object(&Object::Tree(Tree { entries }))?;
+        if let Some(Inode {
+            kind: NodeKind::Directory(directory),
+            ..
+        }) = inodes.nodes.get_mut(&ino)
+        {
+            directory.tree = Some(cid);
+        }
+        Ok(cid)
+    }
+
+    /// Prefetches the chunk after `index` of `base` into the cache, off the request thread.
+    fn read_ahead(self: &Arc<Self>, base: &Arc<BaseContent>, index: usize) {
+        let next = index + 1;
+        let Some(chunk) = base.manifest.chunks.get(next) else {
+            return;
+        };
+        if self.cache.contains(&chunk.cid()) {
+            return;
+        }
+        let (fs, base) = (self.clone(), base.clone());
+        rayon::spawn(move || {
+            let _ = load_chunk(&fs.vault, &fs.cache, &base, next);
+        });
+    }
+}
+
+fn file_node(manifest: FileManifest) -> FileNode {
+    let base = Arc::new(BaseContent::new(manifest));
+    FileNode {
+        size: base.size(),
+        base,
+        staged: None,
+        writers: 0,
+        version: 1,
+        cached_version: 0,
+    }
+}
+
+fn children(inodes: &Inodes, ino: u64) -> Option<&BTreeMap<Vec<u8>, u64>> {
+    match inodes.nodes.get(&ino).map(|node| &node.kind) {
+        Some(NodeKind::Directory(directory)) => directory.children.as_ref(),
+        _ => None,
+    }
+}
+
+fn children_mut(inodes: &mut Inodes, ino: u64) -> Option<&mut BTreeMap<Vec<u8>, u64>> {
+    match inodes.nodes.get_mut(&ino).map(|node| &mut node.kind) {
+        Some(NodeKind::Directory(directory)) => directory.children.as_mut(),
+        _ => None,
+    }
+}
+
+/// The file system as fuser serves it: the shared state behind an `Arc`, so request
+/// handlers can hand work (read-ahead) to other threads.
+#[derive(Debug, Clone)]
+pub struct FuseAdapter(pub Arc<MountedFs>);
+
+impl FuseAdapter {
+    fn entry(&self, reply: ReplyEntry, result: Result<(u64, FileAttr), Errno>) {
+        match result {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, directory: bool) -> Result<(), Errno> {
+        let fs = &self.0;
+        fs.writable()?;
+        let name = MountedFs::check_name(name)?;
+        let mut inodes = fs.lock();
+        let Some(child) = fs.child(&mut inodes, parent, name)? else {
+            return Err(Errno::ENOENT);
+        };
+        match (inodes.nodes.get(&child).map(|node| &node.kind), directory) {
+            (Some(NodeKind::Directory(_)), false) => return Err(Errno::EISDIR),
+            (Some(NodeKind::Directory(_)), true) => {
+                fs.ensure_loaded(&mut inodes, child)?;
+                if children(&inodes, child).is_some_and(|entries| !entries.is_empty()) {
+                    return Err(Errno::ENOTEMPTY);
+                }
+            }
+            (Some(_), true) => return Err(Errno::ENOTDIR),
+            (Some(_), false) => {}
+            (None, _) => return Err(Errno::ENOENT),
+        }
+        if let Some(entries) = children_mut(&mut inodes, parent) {
+            entries.remove(name);
+        }
+        // The inode stays until unmount: open handles keep working on it.
+        if let Some(node) = inodes.nodes.get_mut(&child) {
+            node.parent = 0;
+        }
+        MountedFs::touch_directory(&mut inodes, parent);
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let fs = &self.0;
+        fs.writable()?;
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return Err(Errno::EINVAL);
+        }
+        let (name, new_name) = (
+            MountedFs::check_name(name)?,
+            MountedFs::check_name(new_name)?,
+        );
+        let mut inodes = fs.lock();
+        let Some(moving) = fs.child(&mut inodes, parent, name)? else {
+            return Err(Errno::ENOENT);
+        };
+        fs.ensure_loaded(&mut inodes, new_parent)?;
+        // A directory cannot move under itself.
+        let mut ancestor = new_parent;
+        while ancestor != ROOT {
+            if ancestor == moving {
+                return Err(Errno::EINVAL);
+            }
+            ancestor = inodes.nodes.get(&ancestor).map_or(ROOT, |node| node.parent);
+        }
+        let moving_is_dir = matches!(
+            inodes.nodes.get(&moving).map(|node| &node.kind),
+            Some(NodeKind::Directory(_))
+        );
+        if let Some(target) = fs.child(&mut inodes, new_parent, new_name)? {
+            if target == moving {
+                return Ok(());
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+            let target_is_dir = matches!(
+                inodes.nodes.get(&target).map(|node| &node.kind),
+                Some(NodeKind::Directory(_))
+            );
+            match (moving_is_dir, target_is_dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) => {
+                    fs.ensure_loaded(&mut inodes, target)?;
+                    if children(&inodes, target).is_some_and(|entries| !entries.is_empty()) {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                }
+                (false, false) => {}
+            }
+            if let Some(node) = inodes.nodes.get_mut(&target) {
+                node.parent = 0;
+            }
+        }
+        if let Some(entries) = children_mut(&mut inodes, parent) {
+            entries.remove(name);
+        }
+        if let Some(entries) = children_mut(&mut inodes, new_parent) {
+            entries.insert(new_name.to_vec(), moving);
+        }
+        if let Some(node) = inodes.nodes.get_mut(&moving) {
+            node.parent = new_parent;
+            node.name = new_name.to_vec();
+            node.ctime_ns = now_ns();
+        }
+        MountedFs::touch_directory(&mut inodes, parent);
+        MountedFs::touch_directory(&mut inodes, new_parent);
+        Ok(())
+    }
+
+    fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(FileHandle, FopenFlags), Errno> {
+        let fs = &self.0;
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if write {
+            fs.writable()?;
+        }
+        let keep_cache = {
+            let mut inodes = fs.lock();
+            let Some(node) = inodes.nodes.get_mut(&ino) else {
+                return Err(Errno::ENOENT);
+            };
+            let NodeKind::File(file) = &mut node.kind else {
+                return Err(Errno::EISDIR);
+            };
+            if write {
+                file.writers += 1;
+            }
+            // The kernel may keep its cached pages only if the file did not change since
+            // they were read.
+            let keep = file.cached_version == file.version;
+            file.cached_version = file.version;
+            keep
+        };
+        if write && flags.0 & libc::O_TRUNC != 0 {
+            fs.change_content(ino, |staged, state, size| {
+                state.dirty.truncate(0);
+                state.base_limit = 0;
+                *size = 0;
+                staged.file.set_len(0).map_err(|_| Errno::EIO)
+            })?;
+        }
+        let handle = fs.next_handle.fetch_add(1, Ordering::Relaxed);
+        let mut open_flags = FopenFlags::empty();
+        if keep_cache {
+            open_flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        // The handle number's low bit records write access, for release.
+        Ok((FileHandle((handle << 1) | u64::from(write)), open_flags))
+    }
+
+    fn do_setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<FileAttr, Errno> {
+        let fs = &self.0;
+        if mode.is_some() || size.is_some() || mtime.is_some() {
+            fs.writable()?;
+        }
+        if let Some(new_size) = size {
+            fs.change_content(ino, |staged, state, file_size| {
+                state.dirty.truncate(new_size);
+                state.base_limit = state.base_limit.min(new_size);
+                *file_size = new_size;
+                staged.file.set_len(new_size).map_err(|_| Errno::EIO)
+            })?;
+        }
+        let mut inodes = fs.lock();
+        let Some(node) = inodes.nodes.get_mut(&ino) else {
+            return Err(Errno::ENOENT);
+        };
+        if let Some(mode) = mode {
+            node.mode = mode & 0o7777;
+            node.ctime_ns = now_ns();
+        }
+        if let Some(mtime) = mtime {
+            node.mtime_ns = time_ns(mtime);
+            node.ctime_ns = now_ns();
+        }
+        let attr = fs.attr(ino, node);
+        let parent = node.parent;
+        if mode.is_some() || mtime.is_some() {
+            MountedFs::invalidate_trees(&mut inodes, parent);
+        }
+        Ok(attr)
+    }
+
+    fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let fs = &self.0;
+        let (base, staged, file_size) = {
+            let inodes = fs.lock();
+            match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::File(file)) => (file.base.clone(), file.staged.clone(), file.size),
+                Some(_) => return Err(Errno::EISDIR),
+                None => return Err(Errno::ENOENT),
+            }
+        };
+        let result = match &staged {
+            Some(staged) => {
+                let state = staged.lock();
+                read_overlay(
+                    &fs.vault,
+                    &fs.cache,
+                    &base,
+                    Some((staged, &state)),
+                    file_size,
+                    offset,
+                    size as usize,
+                )
+            }
+            None => {
+                let data = read_overlay(
+                    &fs.vault,
+                    &fs.cache,
+                    &base,
+                    None,
+                    file_size,
+                    offset,
+                    size as usize,
+                );
+                // Sequential readers find the next chunk decrypted by the time they reach it.
+                let last = offset + u64::from(size).saturating_sub(1);
+                if let Some(index) = base.chunk_at(last.min(file_size.saturating_sub(1))) {
+                    fs.read_ahead(&base, index);
+                }
+                data
+            }
+        };
+        result.map_err(|error| log_error(&format!("read of inode {ino}"), &error))
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let fs = &self.0;
+        let mut inodes = fs.lock();
+        let result = fs
+            .child(&mut inodes, parent.0, name.as_bytes())
+            .and_then(|child| child.ok_or(Errno::ENOENT))
+            .and_then(|child| {
+                let node = inodes.nodes.get(&child).ok_or(Errno::ENOENT)?;
+                Ok((child, fs.attr(child, node)))
+            });
+        drop(inodes);
+        self.entry(reply, result);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = &self.0;
+        let inodes = fs.lock();
+        match inodes.nodes.get(&ino.0) {
+            Some(node) => reply.attr(&TTL, &fs.attr(ino.0, node)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino.0, mode, size, mtime) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let inodes = self.0.lock();
+        match inodes.nodes.get(&ino.0).map(|node| &node.kind) {
+            Some(NodeKind::Symlink(target)) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = NodeKind::Directory(Directory {
+            tree: None,
+            children: Some(BTreeMap::new()),
+        });
+        self.entry(
+            reply,
+            self.0.insert(parent.0, name, mode & !umask & 0o7777, kind),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let kind = NodeKind::Symlink(target.as_os_str().as_bytes().to_vec());
+        self.entry(reply, self.0.insert(parent.0, link_name, 0o777, kind));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent.0, name, newparent.0, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // Hard links have no place in the tree model (an entry is a name with its content).
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_file(ino.0, flags) {
+            Ok((handle, open_flags)) => reply.opened(handle, open_flags),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.0.writable().and_then(|()| {
+            self.0.change_content(ino.0, |staged, state, size| {
+                staged
+                    .file
+                    .write_all_at(data, offset)
+                    .map_err(Errno::from)?;
+                let end = offset + data.len() as u64;
+                state.dirty.insert(offset, end);
+                *size = (*size).max(end);
+                Ok(())
+            })
+        });
+        match result {
+            Ok(_) => reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX)),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        let last_writer = if fh.0 & 1 == 1 {
+            let mut inodes = fs.lock();
+            match inodes.nodes.get_mut(&ino.0).map(|node| &mut node.kind) {
+                Some(NodeKind::File(file)) => {
+                    file.writers = file.writers.saturating_sub(1);
+                    file.writers == 0
+                }
+                _ => false,
+            }
+        } else {
+            false
+        };
+        // Closed files are chunked into the working tree.
+        if last_writer && let Err(error) = fs.chunk_file(ino.0) {
+            reply.error(log_error("chunking a closed file", &error));
+            return;
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        let result = fs
+            .chunk_file(ino.0)
+            .and_then(|()| super::persist_working(fs));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_error("fsync", &error)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = &self.0;
+        let mut inodes = fs.lock();
+        if let Err(errno) = fs.ensure_loaded(&mut inodes, ino.0) {
+            reply.error(errno);
+            return;
+        }
+        let parent = inodes.nodes.get(&ino.0).map_or(ROOT, |node| node.parent);
+        let mut listing = vec![
+            (ino.0, FileType::Directory, b".".to_vec()),
+            (parent.max(ROOT), FileType::Directory, b"..".to_vec()),
+        ];
+        for (name, child) in children(&inodes, ino.0).into_iter().flatten() {
+            let kind = match inodes.nodes.get(child).map(|node| &node.kind) {
+                Some(NodeKind::Directory(_)) => FileType::Directory,
+                Some(NodeKind::Symlink(_)) => FileType::Symlink,
+                _ => FileType::RegularFile,
+            };
+            listing.push((*child, kind, name.clone()));
+        }
+        drop(inodes);
+        let handle = fs.next_handle.fetch_add(1, Ordering::Relaxed);
+        fs.listings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(handle, Arc::new(listing));
+        reply.opened(FileHandle(handle), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let listing = self
+            .0
+            .listings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&fh.0)
+            .cloned();
+        let Some(listing) = listing else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (index, (child, kind, name)) in listing.iter().enumerate().skip(start) {
+            if reply.add(
+                INodeNo(*child),
+                index as u64 + 1,
+                *kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.0
+            .listings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match super::persist_working(&self.0) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_error("fsyncdir", &error)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The vault's own file system bounds what can be written.
+        let path = self.0.staging_dir.clone();
+        match statvfs(&path) {
+            Some((blocks, free, available, files, files_free, block_size)) => {
+                reply.statfs(
+                    blocks, free, available, files, files_free, block_size, 255, block_size,
+                );
+            }
+            None => reply.statfs(0, 0, 0, 0, 0, BLOCK_BYTES, 255, BLOCK_BYTES),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let kind = NodeKind::File(file_node(FileManifest::default()));
+        let created = self.0.insert(parent.0, name, mode & !umask & 0o7777, kind);
+        match created.and_then(|(ino, attr)| {
+            Ok((
+                self.open_file(ino, OpenFlags(flags & !libc::O_TRUNC))?,
+                attr,
+            ))
+        }) {
+            Ok(((handle, open_flags), attr)) => {
+                reply.created(&TTL, &attr, Generation(0), handle, open_flags)
+            }
+            Err(errno) => reply.error(errno),
+        }
+    }
+}
+
+fn statvfs(path: &Path) -> Option<(u64, u64, u64, u64, u64, u32)> {
+    let stats = nix::sys::statvfs::statvfs(path).ok()?;
+    let block_size = u32::try_from(stats.fragment_size()).unwrap_or(BLOCK_BYTES);
+    Some((
+        stats.blocks(),
+        stats.blocks_free(),
+        stats.blocks_available(),
+        stats.files(),
+        stats.files_free(),
+        block_size,
+    ))
+}

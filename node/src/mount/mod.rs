@@ -1,0 +1,641 @@
+//! `forge volume mount` and `unmount`: a volume's branch read-write, or a snapshot
+//! read-only, as a FUSE file system (through `fuser`, no libfuse).
+//!
+//! The mount process owns the data directory for as long as it runs. Writes are staged in
+//! files under `<data-dir>/staging/`; a closed file is chunked into the working tree; fsync
+//! also stores the working tree and records it (`mountwork/` in the meta column), so the
+//! next mount of the branch after a crash recovers every fsynced byte. Unmount commits the
+//! working tree as a snapshot; if the branch moved meanwhile, to a new branch
+//! `BRANCH-conflict-TIME`. Each running mount is registered in `<data-dir>/mounts/PID.json`
+//! so `unmount` finds its process and a second read-write mount of a branch is refused.
+
+pub mod content;
+pub mod fs;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forge_crypto::Cid;
+use forge_store::kv::{Column, Durability, WriteBatch};
+use forge_store::object::EntryContent;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_ns;
+use crate::datadir::DataDir;
+use crate::error::{NodeError, Result};
+use crate::vault::import::{Importer, NewSnapshot};
+use crate::vault::records::{self, WorkingState, keys};
+use crate::vault::{DEFAULT_BRANCH, OpenVolume, PassphraseSource, Vault, validate_name};
+use fs::{FuseAdapter, MountedFs, TreeTotals};
+
+/// Environment variable marking the child process of `mount --background`.
+const BACKGROUND_CHILD_ENV: &str = "FORGE_MOUNT_BACKGROUND_CHILD";
+/// First word of the line a mount prints once it is ready.
+const READY_WORD: &str = "mounted";
+
+/// What to mount and how.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Volume name.
+    pub volume: String,
+    /// Where.
+    pub mountpoint: PathBuf,
+    /// Branch to mount read-write (default `main`).
+    pub branch: Option<String>,
+    /// Snapshot to mount read-only.
+    pub snapshot: Option<String>,
+    /// Mount a branch read-only.
+    pub read_only: bool,
+    /// Return once mounted, serving from a background process.
+    pub background: bool,
+    /// Bytes of decrypted chunks kept in memory.
+    pub cache_bytes: usize,
+}
+
+/// A registered running mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// The serving process.
+    pub pid: u32,
+    /// Volume name.
+    pub volume: String,
+    /// Branch (None for a snapshot mount).
+    pub branch: Option<String>,
+    /// Mount point (absolute).
+    pub mountpoint: PathBuf,
+    /// Whether writes are refused.
+    pub read_only: bool,
+}
+
+/// The working target of a read-write mount: the branch and the snapshot it builds on.
+#[derive(Debug)]
+pub struct WorkTarget {
+    /// Branch being written (a conflict branch after the original moved).
+    pub branch: String,
+    /// Its head as this mount last saw or wrote it.
+    pub base: Option<Cid>,
+}
+
+fn registry_dir(data_dir: &DataDir) -> PathBuf {
+    data_dir.path().join("mounts")
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // Signal "none" only checks that the process exists.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Running mounts of this data directory (stale records of dead processes are removed).
+///
+/// # Errors
+/// I/O errors reading the registry.
+pub fn running_mounts(data_dir: &DataDir) -> Result<Vec<MountRecord>> {
+    let dir = registry_dir(data_dir);
+    let mut mounts = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(mounts);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|extension| extension != "json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        match serde_json::from_str::<MountRecord>(&text) {
+            Ok(record) if process_alive(record.pid) => mounts.push(record),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(mounts)
+}
+
+/// Mounts a volume: in the foreground (returns after unmount, with the final summary), or
+/// with `--background` (returns once the mount is ready).
+///
+/// # Errors
+/// Unknown volume, branch or snapshot; a branch already mounted read-write; a data
+/// directory owned by another mount; FUSE failures.
+pub fn mount(
+    data_dir: &DataDir,
+    options: &MountOptions,
+    passphrase: PassphraseSource<'_>,
+) -> Result<String> {
+    if let Some(branch) = &options.branch {
+        validate_name("branch name", branch)?;
+    }
+    let metadata = std::fs::metadata(&options.mountpoint)
+        .map_err(NodeError::io("reading mount point", &options.mountpoint))?;
+    if !metadata.is_dir() {
+        return Err(NodeError::InvalidArgument {
+            what: "mount point",
+            value: options.mountpoint.display().to_string(),
+            reason: "not a directory".into(),
+        });
+    }
+    let mountpoint = options
+        .mountpoint
+        .canonicalize()
+        .map_err(NodeError::io("resolving", &options.mountpoint))?;
+    let read_only = options.read_only || options.snapshot.is_some();
+    let branch = options
+        .branch
+        .clone()
+        .unwrap_or_else(|| DEFAULT_BRANCH.to_owned());
+    if let Some(running) = running_mounts(data_dir)?.into_iter().next() {
+        if running.volume == options.volume
+            && running.branch.as_deref() == Some(branch.as_str())
+            && !running.read_only
+            && !read_only
+        {
+            return Err(NodeError::AlreadyMounted {
+                volume: running.volume,
+                branch,
+                mountpoint: running.mountpoint.display().to_string(),
+                pid: running.pid,
+            });
+        }
+        return Err(NodeError::Mount(format!(
+            "the data directory is owned by the mount of volume {:?} at {} (pid {}); one \
+             mount per data directory until commands can go through its control socket",
+            running.volume,
+            running.mountpoint.display(),
+            running.pid
+        )));
+    }
+    if options.background && std::env::var_os(BACKGROUND_CHILD_ENV).is_none() {
+        return spawn_background(data_dir, &mountpoint);
+    }
+    serve(
+        data_dir,
+        options,
+        &mountpoint,
+        read_only,
+        &branch,
+        passphrase,
+    )
+}
+
+/// Starts this same command again as a detached child and waits for its ready line.
+fn spawn_background(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
+    let registry = registry_dir(data_dir);
+    std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
+    let log_path = registry.join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(NodeError::io("opening", &log_path))?;
+    let exe = std::env::current_exe().map_err(NodeError::io("finding", "the forge binary"))?;
+    let arguments: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|argument| argument != "--background")
+        .collect();
+    let mut command = Command::new(exe);
+    command
+        .args(arguments)
+        .env(BACKGROUND_CHILD_ENV, "1")
+        .env("FORGE_DATA_DIR", data_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // Its own process group: a Ctrl-C in the shell that started it does not unmount it.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .spawn()
+        .map_err(NodeError::io("starting", "the background mount"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| NodeError::Mount("no pipe from the background mount".into()))?;
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if line.starts_with(READY_WORD) {
+        return Ok(format!("{} (pid {})", line.trim_end(), child.id()));
+    }
+    let status = child
+        .wait()
+        .map_err(NodeError::io("waiting for", "the background mount"))?;
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let reason = log_text
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("no output")
+        .trim_start_matches("forge: ")
+        .to_owned();
+    Err(NodeError::Mount(format!(
+        "the background mount at {} failed ({status}): {reason}",
+        mountpoint.display()
+    )))
+}
+
+/// Mounts and serves until unmounted; then commits. Returns the final summary.
+fn serve(
+    data_dir: &DataDir,
+    options: &MountOptions,
+    mountpoint: &Path,
+    read_only: bool,
+    branch: &str,
+    passphrase: PassphraseSource<'_>,
+) -> Result<String> {
+    let vault = Arc::new(Vault::open(data_dir, passphrase)?);
+    let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
+    let mut notes = Vec::new();
+    let (root, work) = if let Some(snapshot) = &options.snapshot {
+        let snapshot = vault.resolve_snapshot(&volume.record, snapshot)?;
+        let commit = vault.read_commit(&volume, &snapshot)?;
+        (Some(Cid::from_bytes(commit.root)), None)
+    } else {
+        let head = vault.refs().get_ref(&volume.id, branch)?;
+        if head.is_none() && branch != DEFAULT_BRANCH {
+            return Err(NodeError::UnknownBranch {
+                volume: options.volume.clone(),
+                branch: branch.to_owned(),
+            });
+        }
+        let mut root = match head {
+            Some(head) => Some(Cid::from_bytes(vault.read_commit(&volume, &head)?.root)),
+            None => None,
+        };
+        let mut base = head;
+        if let Some(state) = working_state(&vault, &volume, branch)? {
+            root = Some(Cid::from_bytes(state.root));
+            base = state.base.map(Cid::from_bytes);
+            notes.push("recovered the working state a previous mount left (fsynced data is back)");
+        }
+        let work = (!read_only).then(|| WorkTarget {
+            branch: branch.to_owned(),
+            base,
+        });
+        (root, work)
+    };
+    let recovered = !notes.is_empty();
+    let staging = data_dir
+        .path()
+        .join("staging")
+        .join(std::process::id().to_string());
+    let fs = Arc::new(MountedFs::new(
+        vault.clone(),
+        volume.clone(),
+        root,
+        read_only,
+        options.cache_bytes,
+        staging.clone(),
+        work.map(Mutex::new),
+    )?);
+    if recovered {
+        fs.mark_changed();
+    }
+    let mut mount_options = vec![
+        fuser::MountOption::FSName(format!("forge:{}", options.volume)),
+        fuser::MountOption::Subtype("forge".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    mount_options.push(if read_only {
+        fuser::MountOption::RO
+    } else {
+        fuser::MountOption::RW
+    });
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    block_termination_signals();
+    let mut session =
+        fuser::Session::new(FuseAdapter(fs.clone()), mountpoint, &config).map_err(|error| {
+            NodeError::Mount(format!("mounting at {}: {error}", mountpoint.display()))
+        })?;
+    let record = MountRecord {
+        pid: std::process::id(),
+        volume: options.volume.clone(),
+        branch: options.snapshot.is_none().then(|| branch.to_owned()),
+        mountpoint: mountpoint.to_owned(),
+        read_only,
+    };
+    let registry = registry_dir(data_dir);
+    std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
+    let record_path = registry.join(format!("{}.json", record.pid));
+    std::fs::write(
+        &record_path,
+        serde_json::to_vec(&record).map_err(|error| NodeError::Mount(error.to_string()))?,
+    )
+    .map_err(NodeError::io("writing", &record_path))?;
+    let what = match (&options.snapshot, read_only) {
+        (Some(snapshot), _) => format!("snapshot {snapshot} of {} read-only", options.volume),
+        (None, true) => format!("{} branch {branch} read-only", options.volume),
+        (None, false) => format!("{} branch {branch} read-write", options.volume),
+    };
+    let mut ready = format!("{READY_WORD} {what} at {}", mountpoint.display());
+    for note in &notes {
+        ready.push_str("; ");
+        ready.push_str(note);
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{ready}");
+        let _ = stdout.flush();
+    }
+    let mut unmounter = session.unmount_callable();
+    std::thread::spawn(move || {
+        wait_for_termination_signal();
+        let _ = unmounter.unmount();
+    });
+    let served = session.run();
+    let summary = match (served, read_only) {
+        (Err(error), _) => Err(NodeError::Mount(format!("serving {}: {error}", mountpoint.display()))),
+        (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),
+        (Ok(()), false) => commit(&fs, "unmount").map(|outcome| match outcome {
+            Some(CommitOutcome { snapshot, branch, conflict: false }) => format!(
+                "unmounted {}; snapshot {snapshot} committed to {branch}",
+                mountpoint.display()
+            ),
+            Some(CommitOutcome { snapshot, branch, conflict: true }) => format!(
+                "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
+                mountpoint.display()
+            ),
+            None => format!("unmounted {}; nothing changed", mountpoint.display()),
+        }),
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    let done_path = registry.join(format!("{}.done", record.pid));
+    let _ = std::fs::write(
+        &done_path,
+        match &summary {
+            Ok(text) => text.clone(),
+            Err(error) => format!("error: {error}"),
+        },
+    );
+    let _ = std::fs::remove_file(&record_path);
+    summary
+}
+
+/// What a commit of the working tree did.
+#[derive(Debug, Clone)]
+pub struct CommitOutcome {
+    /// The new snapshot.
+    pub snapshot: Cid,
+    /// The branch that now points at it.
+    pub branch: String,
+    /// Whether it went to a new conflict branch because the original moved.
+    pub conflict: bool,
+}
+
+/// Commits the working tree of a read-write mount as a snapshot (None: nothing changed).
+///
+/// # Errors
+/// Storage errors.
+pub fn commit(fs: &MountedFs, message: &str) -> Result<Option<CommitOutcome>> {
+    let Some(work) = fs.work() else {
+        return Ok(None);
+    };
+    fs.chunk_all()?;
+    if !fs.has_changes() {
+        return Ok(None);
+    }
+    let (vault, volume) = (fs.vault(), fs.volume());
+    let progress = crate::progress::Progress::new("commit", false);
+    let importer = Importer::new(vault, volume, &progress)?;
+    let root = fs.store_tree(&importer)?;
+    // The trees must be readable before walking them for the reference index.
+    importer.write_pending()?;
+    let totals = reach_tree(vault, volume, &importer, root)?;
+    let index_root = importer.stage_reference_index()?;
+    importer.write_pending()?;
+    let mut work = work
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let snapshot = vault.write_snapshot(
+        volume,
+        &NewSnapshot {
+            root,
+            index_root,
+            parent: work.base,
+            message: message.to_owned(),
+            dna: BTreeMap::new(),
+            logical_bytes: totals.logical_bytes,
+            file_count: totals.files,
+        },
+    )?;
+    let original = work.branch.clone();
+    let conflict =
+        match vault
+            .refs()
+            .compare_and_swap_ref(&volume.id, &work.branch, work.base, Some(snapshot))
+        {
+            Ok(()) => false,
+            Err(forge_store::metadata::MetadataError::Conflict { .. }) => {
+                let time = crate::cli::format_compact_time(now_ns());
+                let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
+                let mut attempt = 1;
+                while vault
+                    .refs()
+                    .get_ref(&volume.id, &conflict_branch)?
+                    .is_some()
+                {
+                    attempt += 1;
+                    conflict_branch = format!("{}-conflict-{time}-{attempt}", work.branch);
+                }
+                vault.refs().compare_and_swap_ref(
+                    &volume.id,
+                    &conflict_branch,
+                    None,
+                    Some(snapshot),
+                )?;
+                work.branch = conflict_branch;
+                true
+            }
+            Err(other) => return Err(other.into()),
+        };
+    work.base = Some(snapshot);
+    // The working state is now a snapshot: nothing is left to recover.
+    let mut batch = WriteBatch::new();
+    batch.delete(Column::Meta, working_key(volume, &original));
+    vault.kv().write(batch, Durability::Synced)?;
+    fs.mark_committed();
+    Ok(Some(CommitOutcome {
+        snapshot,
+        branch: work.branch.clone(),
+        conflict,
+    }))
+}
+
+/// Stores the working tree and records it durably, so a crash loses nothing fsynced.
+///
+/// # Errors
+/// Storage errors.
+pub fn persist_working(fs: &MountedFs) -> Result<()> {
+    let Some(work) = fs.work() else {
+        return Ok(());
+    };
+    let (vault, volume) = (fs.vault(), fs.volume());
+    let progress = crate::progress::Progress::new("fsync", false);
+    let importer = Importer::new(vault, volume, &progress)?;
+    let root = fs.store_tree(&importer)?;
+    importer.write_pending()?;
+    vault
+        .kv()
+        .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
+    let work = work
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let state = WorkingState {
+        root: *root.as_bytes(),
+        base: work.base.map(|base| *base.as_bytes()),
+    };
+    let mut batch = WriteBatch::new();
+    batch.put(
+        Column::Meta,
+        working_key(volume, &work.branch),
+        records::encode(&state),
+    );
+    vault.kv().write(batch, Durability::Synced)?;
+    Ok(())
+}
+
+fn working_key(volume: &OpenVolume, branch: &str) -> Vec<u8> {
+    keys::key(
+        keys::WORKING_STATE,
+        &[volume.id.as_bytes(), branch.as_bytes()],
+    )
+}
+
+fn working_state(vault: &Vault, volume: &OpenVolume, branch: &str) -> Result<Option<WorkingState>> {
+    vault
+        .kv()
+        .get(Column::Meta, &working_key(volume, branch))?
+        .map(|value| records::decode("working state", &value))
+        .transpose()
+}
+
+/// Every cid the tree at `root` reaches (marked on `importer` for the reference index),
+/// and its totals.
+///
+/// # Errors
+/// Integrity errors reading objects.
+pub(crate) fn reach_tree(
+    vault: &Vault,
+    volume: &OpenVolume,
+    importer: &Importer<'_>,
+    root: Cid,
+) -> Result<TreeTotals> {
+    let mut memo: BTreeMap<Cid, TreeTotals> = BTreeMap::new();
+    reach_directory(vault, volume, importer, root, &mut memo)
+}
+
+fn reach_directory(
+    vault: &Vault,
+    volume: &OpenVolume,
+    importer: &Importer<'_>,
+    tree: Cid,
+    memo: &mut BTreeMap<Cid, TreeTotals>,
+) -> Result<TreeTotals> {
+    if let Some(totals) = memo.get(&tree) {
+        return Ok(*totals);
+    }
+    importer.reach(tree);
+    let mut totals = TreeTotals::default();
+    for entry in vault.read_object(volume, &tree)?.into_tree()?.entries {
+        let manifest = match entry.content {
+            EntryContent::Directory { tree } => {
+                let below = reach_directory(vault, volume, importer, Cid::from_bytes(tree), memo)?;
+                totals.logical_bytes += below.logical_bytes;
+                totals.files += below.files;
+                continue;
+            }
+            EntryContent::InlineFile(manifest) => manifest,
+            EntryContent::File { manifest } => {
+                let cid = Cid::from_bytes(manifest);
+                importer.reach(cid);
+                vault.read_object(volume, &cid)?.into_manifest()?
+            }
+            EntryContent::Symlink { .. } => continue,
+        };
+        totals.files += 1;
+        totals.logical_bytes += manifest.size;
+        for chunk in &manifest.chunks {
+            importer.reach(chunk.cid());
+        }
+    }
+    memo.insert(tree, totals);
+    Ok(totals)
+}
+
+/// Unmounts `mountpoint` and waits for its mount process to commit and exit.
+///
+/// # Errors
+/// Not a forge mount; the file system is busy; the mount process failed.
+pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
+    let resolved = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_owned());
+    let record = running_mounts(data_dir)?
+        .into_iter()
+        .find(|record| record.mountpoint == resolved);
+    let output = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&resolved)
+        .output()
+        .map_err(NodeError::io("running", "fusermount3"))?;
+    if !output.status.success() {
+        let reason = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        return Err(NodeError::Mount(format!(
+            "unmounting {}: {}",
+            resolved.display(),
+            if reason.is_empty() {
+                "fusermount3 failed".to_owned()
+            } else {
+                reason
+            }
+        )));
+    }
+    let Some(record) = record else {
+        return Ok(format!(
+            "unmounted {} (no forge process was serving it)",
+            resolved.display()
+        ));
+    };
+    // The mount process commits the working tree, then exits.
+    while process_alive(record.pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let done_path = registry_dir(data_dir).join(format!("{}.done", record.pid));
+    let summary = std::fs::read_to_string(&done_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&done_path);
+    match summary.strip_prefix("error: ") {
+        Some(error) => Err(NodeError::Mount(error.to_owned())),
+        None if summary.is_empty() => Ok(format!("unmounted {}", resolved.display())),
+        None => Ok(summary),
+    }
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts later, so
+/// only [`wait_for_termination_signal`] receives them.
+fn block_termination_signals() {
+    let _ = termination_signals().thread_block();
+}
+
+fn wait_for_termination_signal() {
+    let _ = termination_signals().wait();
+}

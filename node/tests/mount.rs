@@ -1,0 +1,451 @@
+//! Real FUSE mounts through the `forge` binary: a tarball of real files extracted inside a
+//! mount, git inside a mount, rename storms, concurrent readers with a writer, persistence
+//! across unmount and mount, read-only refusal, crash recovery of fsynced data.
+//!
+//! These need /dev/fuse and fusermount3. Without them they fail, unless a person sets
+//! FORGE_SKIP_FUSE=1 (CI never does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command as StdCommand, Output};
+
+use assert_cmd::Command;
+
+fn fuse_available() -> bool {
+    let available = Path::new("/dev/fuse").exists()
+        && StdCommand::new("fusermount3").arg("-V").output().is_ok();
+    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
+        panic!(
+            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
+        );
+    }
+    available
+}
+
+struct Vault {
+    _temp: tempfile::TempDir,
+    root: PathBuf,
+    mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        // Never leave a mount behind, whatever the test did.
+        for mountpoint in self.mounts.borrow().iter() {
+            let _ = StdCommand::new("fusermount3")
+                .arg("-uz")
+                .arg(mountpoint)
+                .output();
+        }
+    }
+}
+
+impl Vault {
+    fn new() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().to_owned();
+        let vault = Self {
+            _temp: temp,
+            root,
+            mounts: std::cell::RefCell::new(Vec::new()),
+        };
+        vault.ok(&["init"]);
+        vault.ok(&["volume", "create", "v"]);
+        vault
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::cargo_bin("forge")
+            .unwrap()
+            .env_remove("FORGE_PASSPHRASE")
+            .env_remove("RUST_LOG")
+            .env("FORGE_DATA_DIR", self.root.join("vault"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "forge {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Mounts in the background; returns the mount point.
+    fn mount(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let mountpoint = self.path(name);
+        fs::create_dir_all(&mountpoint).unwrap();
+        self.mounts.borrow_mut().push(mountpoint.clone());
+        let mut args = vec![
+            "volume",
+            "mount",
+            "v",
+            mountpoint.to_str().unwrap(),
+            "--background",
+        ];
+        args.extend_from_slice(extra);
+        let printed = self.ok(&args);
+        assert!(printed.starts_with("mounted"), "{printed}");
+        mountpoint
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> String {
+        self.ok(&["volume", "unmount", mountpoint.to_str().unwrap()])
+    }
+}
+
+/// Every file, directory and symlink under `root`, with mode and content (or target).
+fn tree_of(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let metadata = fs::symlink_metadata(&path).unwrap();
+            let relative = path.strip_prefix(root).unwrap().to_owned();
+            let mode = metadata.mode() & 0o7777;
+            if metadata.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                out.push((relative, 0, target.as_os_str().as_encoded_bytes().to_vec()));
+            } else if metadata.is_dir() {
+                out.push((relative, mode, Vec::new()));
+                stack.push(path);
+            } else {
+                out.push((relative, mode, fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Real files: a part of /usr/share (documentation, many small files, symlinks).
+fn real_source(vault: &Vault) -> PathBuf {
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let status = StdCommand::new("cp")
+        .args(["-a", "/usr/share/doc", source.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A larger file spanning many chunks.
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(source.join("big.bin"), big).unwrap();
+    fs::set_permissions(source.join("big.bin"), fs::Permissions::from_mode(0o640)).unwrap();
+    source
+}
+
+#[test]
+fn a_tarball_extracted_in_a_mount_survives_unmount_and_mount_byte_for_byte() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = real_source(&vault);
+    let tarball = vault.path("source.tar");
+    let status = StdCommand::new("tar")
+        .args([
+            "-cf",
+            tarball.to_str().unwrap(),
+            "-C",
+            source.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mountpoint = vault.mount("mnt", &[]);
+    let status = StdCommand::new("tar")
+        .args([
+            "-xpf",
+            tarball.to_str().unwrap(),
+            "-C",
+            mountpoint.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(tree_of(&mountpoint), tree_of(&source), "inside the mount");
+
+    // A rename storm: files across directories and back, over existing targets.
+    fs::create_dir(mountpoint.join("storm")).unwrap();
+    for round in 0..200 {
+        let name = mountpoint.join("storm").join(format!("f{}", round % 7));
+        fs::write(&name, format!("round {round}")).unwrap();
+        fs::rename(&name, mountpoint.join(format!("moved{}", round % 5))).unwrap();
+    }
+    for index in 0..5 {
+        fs::remove_file(mountpoint.join(format!("moved{index}"))).unwrap();
+    }
+    fs::remove_dir(mountpoint.join("storm")).unwrap();
+
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("committed to main"), "{summary}");
+    // Persistence: a new mount shows the same tree, and so does an export.
+    let mountpoint = vault.mount("mnt", &["--read-only"]);
+    assert_eq!(
+        tree_of(&mountpoint),
+        tree_of(&source),
+        "after mounting again"
+    );
+    vault.unmount(&mountpoint);
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    assert_eq!(tree_of(&exported), tree_of(&source), "exported");
+    let fsck = vault.ok(&["fsck"]);
+    assert!(fsck.contains("no problems"), "{fsck}");
+}
+
+#[test]
+fn errors_have_the_right_errno_and_snapshots_are_read_only() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(source.join("dir")).unwrap();
+    fs::write(source.join("dir/file"), b"content").unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let mountpoint = vault.mount("mnt", &[]);
+    let error = fs::remove_dir(mountpoint.join("dir")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::ENOTEMPTY));
+    let error = fs::create_dir(mountpoint.join("dir")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EEXIST));
+    let error = fs::read(mountpoint.join("absent")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::ENOENT));
+    let error = fs::hard_link(mountpoint.join("dir/file"), mountpoint.join("link")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::ENOTSUP));
+
+    // A second read-write mount of the branch is refused, with the reason.
+    let other = vault.path("other");
+    fs::create_dir_all(&other).unwrap();
+    let output = vault.run(&[
+        "volume",
+        "mount",
+        "v",
+        other.to_str().unwrap(),
+        "--background",
+    ]);
+    assert_eq!(output.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already mounted read-write"));
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("nothing changed"), "{summary}");
+
+    let snapshot = vault.ok(&["snapshot", "list", "v"]);
+    let id = snapshot.split_whitespace().next().unwrap().to_owned();
+    let mountpoint = vault.mount("snap", &["--snapshot", &id]);
+    assert_eq!(fs::read(mountpoint.join("dir/file")).unwrap(), b"content");
+    let error = fs::write(mountpoint.join("dir/file"), b"x").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EROFS));
+    let error = fs::create_dir(mountpoint.join("new")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EROFS));
+    vault.unmount(&mountpoint);
+
+    // Without a mount there is nothing to commit.
+    let output = vault.run(&["snapshot", "create", "v"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("forge volume import"));
+}
+
+#[test]
+fn git_works_inside_a_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.mount("mnt", &[]);
+    let git = |args: &[&str]| {
+        let output = StdCommand::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.com",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&mountpoint)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    git(&["init", "-q"]);
+    fs::write(mountpoint.join("README"), b"hello from a forge mount\n").unwrap();
+    fs::create_dir(mountpoint.join("src")).unwrap();
+    fs::write(mountpoint.join("src/lib.rs"), b"pub fn f() {}\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "first"]);
+    fs::write(mountpoint.join("README"), b"changed\n").unwrap();
+    git(&["commit", "-q", "-am", "second"]);
+    git(&["fsck", "--strict"]);
+    assert_eq!(git(&["log", "--format=%s"]), "second\nfirst\n");
+    vault.unmount(&mountpoint);
+    let mountpoint = vault.mount("mnt", &[]);
+    let output = StdCommand::new("git")
+        .args(["log", "--format=%s"])
+        .current_dir(&mountpoint)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "second\nfirst\n");
+    vault.unmount(&mountpoint);
+}
+
+#[test]
+fn concurrent_readers_see_whole_files_while_a_writer_works() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    fs::write(source.join("shared.bin"), &data).unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let mountpoint = vault.mount("mnt", &[]);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..5 {
+                    assert_eq!(fs::read(mountpoint.join("shared.bin")).unwrap(), data);
+                }
+            });
+        }
+        scope.spawn(|| {
+            for index in 0..50 {
+                let path = mountpoint.join(format!("w{index}"));
+                let mut file = fs::File::create(&path).unwrap();
+                file.write_all(&data[..(index + 1) * 1000]).unwrap();
+            }
+        });
+    });
+    for index in 0..50 {
+        assert_eq!(
+            fs::read(mountpoint.join(format!("w{index}"))).unwrap(),
+            &data[..(index + 1) * 1000]
+        );
+    }
+    vault.unmount(&mountpoint);
+}
+
+#[test]
+fn fsynced_data_survives_a_killed_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.mount("mnt", &[]);
+    let mut file = fs::File::create(mountpoint.join("durable.txt")).unwrap();
+    file.write_all(b"fsynced before the crash").unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    // Kill the serving process the hard way.
+    let registry = vault.root.join("vault/mounts");
+    let record = fs::read_dir(&registry)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "json")
+        })
+        .unwrap();
+    let pid: String = record.file_stem().unwrap().to_string_lossy().into_owned();
+    assert!(
+        StdCommand::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = StdCommand::new("fusermount3")
+        .arg("-uz")
+        .arg(&mountpoint)
+        .output();
+
+    let printed = vault.ok(&[
+        "volume",
+        "mount",
+        "v",
+        mountpoint.to_str().unwrap(),
+        "--background",
+    ]);
+    assert!(printed.contains("recovered"), "{printed}");
+    assert_eq!(
+        fs::read(mountpoint.join("durable.txt")).unwrap(),
+        b"fsynced before the crash"
+    );
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("committed to main"), "{summary}");
+}
+
+#[test]
+fn appending_to_a_large_file_rewrites_only_its_tail() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let data: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    fs::write(source.join("large.bin"), &data).unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let before: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["volume", "stats", "v", "--json"])).unwrap();
+    let mountpoint = vault.mount("mnt", &[]);
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(mountpoint.join("large.bin"))
+        .unwrap();
+    file.write_all(b"appended").unwrap();
+    drop(file);
+    vault.unmount(&mountpoint);
+    let after: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["volume", "stats", "v", "--json"])).unwrap();
+    // The append re-chunks from the last chunk only: one or two new chunks, not ~120.
+    let new_chunks =
+        after["unique_chunks"].as_u64().unwrap() - before["unique_chunks"].as_u64().unwrap();
+    assert!((1..=3).contains(&new_chunks), "{new_chunks} new chunks");
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    let mut expected = data;
+    expected.extend_from_slice(b"appended");
+    assert_eq!(fs::read(exported.join("large.bin")).unwrap(), expected);
+}
+
+/// errno values (Linux).
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTEMPTY: i32 = 39;
+    pub const EROFS: i32 = 30;
+    pub const ENOTSUP: i32 = 95;
+}

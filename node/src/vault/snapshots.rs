@@ -10,7 +10,7 @@ use forge_store::kv::{Column, Durability, WriteBatch};
 use forge_store::object::{EntryContent, TreeEntry};
 
 use super::check::for_each_entry;
-use super::records::keys;
+use super::records::{self, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 
@@ -266,6 +266,27 @@ impl Vault {
                     .into_iter()
                     .map(|(_, cid)| cid),
             );
+            // A mount's working state left by a crash is recovered by the next mount: what
+            // it reaches is live too.
+            let prefix = keys::key(keys::WORKING_STATE, &[volume.id.as_bytes()]);
+            let mut working_roots = Vec::new();
+            for_each_entry(self.kv(), Column::Meta, |key, value| {
+                if key.starts_with(&prefix) {
+                    working_roots.push(value.to_vec());
+                }
+            })?;
+            for value in working_roots {
+                let state: records::WorkingState = records::decode("working state", &value)?;
+                self.walk_tree(
+                    &volume,
+                    Cid::from_bytes(state.root),
+                    &mut live_objects,
+                    &mut |_, chunk| {
+                        live_chunks.insert(chunk.cid());
+                        Ok(())
+                    },
+                )?;
+            }
             for snapshot in roots {
                 live_objects.insert(snapshot);
                 let (_, index_nodes) = self.walk_index(&record, &snapshot)?;

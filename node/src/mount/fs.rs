@@ -35,6 +35,8 @@ use crate::vault::{OpenVolume, Vault};
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
 const BLOCK_BYTES: u32 = 4096;
+/// Chunks decrypted ahead of a sequential reader.
+const READ_AHEAD_CHUNKS: usize = 4;
 
 /// A directory's entries as opendir saw them: inode, kind, name.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
@@ -100,6 +102,8 @@ pub struct MountedFs {
     gid: u32,
     /// The branch a read-write mount commits to (None when read-only).
     work: Option<Mutex<super::WorkTarget>>,
+    /// Chunks being read ahead right now.
+    prefetching: Mutex<std::collections::BTreeSet<Cid>>,
 }
 
 impl std::fmt::Debug for MountedFs {
@@ -200,6 +204,7 @@ impl MountedFs {
             uid,
             gid,
             work,
+            prefetching: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -618,19 +623,32 @@ impl MountedFs {
         Ok(cid)
     }
 
-    /// Prefetches the chunk after `index` of `base` into the cache, off the request thread.
+    /// Prefetches the chunks after `index` of `base` into the cache, off the request
+    /// thread, each at most once at a time.
     fn read_ahead(self: &Arc<Self>, base: &Arc<BaseContent>, index: usize) {
-        let next = index + 1;
-        let Some(chunk) = base.manifest.chunks.get(next) else {
-            return;
-        };
-        if self.cache.contains(&chunk.cid()) {
-            return;
+        for next in index + 1..=index + READ_AHEAD_CHUNKS {
+            let Some(chunk) = base.manifest.chunks.get(next) else {
+                return;
+            };
+            let cid = chunk.cid();
+            if self.cache.contains(&cid)
+                || !self
+                    .prefetching
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(cid)
+            {
+                continue;
+            }
+            let (fs, base) = (self.clone(), base.clone());
+            rayon::spawn(move || {
+                let _ = load_chunk(&fs.vault, &fs.cache, &base, next);
+                fs.prefetching
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&cid);
+            });
         }
-        let (fs, base) = (self.clone(), base.clone());
-        rayon::spawn(move || {
-            let _ = load_chunk(&fs.vault, &fs.cache, &base, next);
-        });
     }
 }
 
@@ -905,6 +923,13 @@ impl FuseAdapter {
 }
 
 impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Large kernel read-ahead and writes: fewer requests per MiB.
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let fs = &self.0;
         let mut inodes = fs.lock();

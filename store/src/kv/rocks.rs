@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions,
-    DBCompressionType, Direction, ErrorKind, FlushOptions, IteratorMode, Options, WriteOptions,
+    DBCompressionType, Direction, ErrorKind, FlushOptions, IteratorMode, Options, ReadOptions,
+    WriteOptions,
 };
 
 use super::{
@@ -117,6 +118,17 @@ impl RocksKv {
     }
 }
 
+/// Read options per column. Shard values verify themselves (each read checks the cid, or
+/// the shard's own BLAKE3), so RocksDB's CRC32C over them is skipped: built without SSE4.2,
+/// it cost half of a sequential read's CPU (200 MB/s through a mount).
+fn read_options(column: Column) -> ReadOptions {
+    let mut options = ReadOptions::default();
+    if column == Column::Shards {
+        options.set_verify_checksums(false);
+    }
+    options
+}
+
 fn column_options(column: Column, options: &RocksKvOptions) -> Options {
     let mut cf = Options::default();
     cf.set_write_buffer_size(options.write_buffer_size_bytes);
@@ -164,7 +176,7 @@ fn map_error(error: &rocksdb::Error, path: &Path) -> KvError {
 impl KvEngine for RocksKv {
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         self.db
-            .get_cf(self.handle(column)?, key)
+            .get_cf_opt(self.handle(column)?, key, &read_options(column))
             .map_err(|error| self.error(&error))
     }
 
@@ -216,8 +228,9 @@ impl KvEngine for RocksKv {
         if limit == 0 || end.is_some_and(|end| end <= start) {
             return Ok(pairs);
         }
-        let iterator = self.db.iterator_cf(
+        let iterator = self.db.iterator_cf_opt(
             self.handle(column)?,
+            read_options(column),
             IteratorMode::From(start, Direction::Forward),
         );
         for item in iterator {

@@ -13,7 +13,7 @@ use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::records::VolumeRecord;
-use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, Vault};
+use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, PassphraseSource, Vault};
 use forge_store::erasure::ErasureLayout;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
@@ -294,20 +294,67 @@ impl Cli {
                     human: summary,
                 })
             }
-            Command::Snapshot(SnapshotCommand::Create { name, .. }) => {
-                snapshot_create(&self.data_dir()?, name)
+            _ => {
+                let data_dir = self.data_dir()?;
+                // A running mount owns the data directory: the command runs there.
+                if let Some(output) = crate::control::forward(&data_dir)? {
+                    return Ok(output);
+                }
+                if let Command::Snapshot(SnapshotCommand::Create { name, .. }) = &self.command {
+                    return snapshot_create(&data_dir, name);
+                }
+                let vault = Vault::open(&data_dir, &ask_passphrase)?;
+                self.run_with(&VaultContext {
+                    vault: &vault,
+                    passphrase: &ask_passphrase,
+                    mount: None,
+                })
             }
-            Command::Volume(command) => volume_command(&self.open_vault()?, command, self.json),
-            Command::Snapshot(command) => snapshot_command(&self.open_vault()?, command, self.json),
-            Command::Gc => gc(&self.open_vault()?),
-            Command::Stats => vault_stats(&self.open_vault()?),
-            Command::Fsck => fsck(&self.open_vault()?),
-            Command::Scrub { repair } => scrub(&self.open_vault()?, *repair),
         }
     }
 
-    fn open_vault(&self) -> Result<Vault> {
-        Vault::open(&self.data_dir()?, &ask_passphrase)
+    /// Runs a command that needs the vault, against an open one (in this process, or in
+    /// the mount process that owns the data directory, for a command sent to its control
+    /// socket).
+    ///
+    /// # Errors
+    /// Whatever the command fails with.
+    pub fn run_with(&self, context: &VaultContext<'_>) -> Result<Output> {
+        match &self.command {
+            Command::Volume(command) => volume_command(context, command, self.json),
+            Command::Snapshot(command) => snapshot_command(context, command, self.json),
+            Command::Gc => gc(context),
+            Command::Stats => vault_stats(context.vault),
+            Command::Fsck => fsck(context),
+            Command::Scrub { repair } => scrub(context.vault, *repair),
+            Command::Version | Command::Init(_) | Command::Node(_) => {
+                Err(NodeError::InvalidArgument {
+                    what: "command",
+                    value: format!("{:?}", self.command),
+                    reason: "it does not run against an open vault".into(),
+                })
+            }
+        }
+    }
+}
+
+/// What a vault command runs against.
+pub struct VaultContext<'a> {
+    /// The open vault.
+    pub vault: &'a Vault,
+    /// Where passphrases come from.
+    pub passphrase: PassphraseSource<'a>,
+    /// The mount served by this process, when the command came through its control socket.
+    pub mount: Option<&'a crate::mount::Mounted>,
+}
+
+impl std::fmt::Debug for VaultContext<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VaultContext")
+            .field("vault", &self.vault)
+            .field("mount", &self.mount)
+            .finish_non_exhaustive()
     }
 }
 
@@ -315,7 +362,12 @@ fn ask_passphrase(prompt: &str, confirm: bool) -> Result<zeroize::Zeroizing<Stri
     passphrase::obtain(prompt, confirm)
 }
 
-fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<Output> {
+fn volume_command(
+    context: &VaultContext<'_>,
+    command: &VolumeCommand,
+    json: bool,
+) -> Result<Output> {
+    let vault = context.vault;
     match command {
         VolumeCommand::Create {
             name,
@@ -330,7 +382,7 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
                 chunk_avg_bytes: *chunk_avg,
                 encrypted: *encrypted,
             };
-            let record = vault.create_volume(name, &options, &ask_passphrase)?;
+            let record = vault.create_volume(name, &options, context.passphrase)?;
             let value = volume_json(&record);
             Ok(Output {
                 human: format!(
@@ -377,7 +429,7 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
                 dna: dna.iter().cloned().collect(),
             };
             let progress = Progress::new("importing", !json);
-            let result = vault.import(name, source, &options, &ask_passphrase, &progress);
+            let result = vault.import(name, source, &options, context.passphrase, &progress);
             progress.finish();
             let mut report = result?;
             report.skipped.sort();
@@ -430,7 +482,7 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
                 ),
             };
             let progress = Progress::new("exporting", !json);
-            let result = vault.export(name, destination, &selector, &ask_passphrase, &progress);
+            let result = vault.export(name, destination, &selector, context.passphrase, &progress);
             progress.finish();
             let report = result?;
             Ok(Output {
@@ -446,7 +498,7 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
             })
         }
         VolumeCommand::Stats { name } => {
-            let stats = vault.volume_stats(name, &ask_passphrase)?;
+            let stats = vault.volume_stats(name, context.passphrase)?;
             Ok(Output {
                 human: format!(
                     "volume {name}: {} snapshots, {} logical, {} stored, {} unique chunks, dedup {:.2}x, compression {:.2}x",
@@ -473,11 +525,16 @@ fn volume_command(vault: &Vault, command: &VolumeCommand, json: bool) -> Result<
     }
 }
 
-fn snapshot_command(vault: &Vault, command: &SnapshotCommand, json: bool) -> Result<Output> {
+fn snapshot_command(
+    context: &VaultContext<'_>,
+    command: &SnapshotCommand,
+    json: bool,
+) -> Result<Output> {
+    let vault = context.vault;
     match command {
-        SnapshotCommand::List { name } => snapshot_list(vault, name),
+        SnapshotCommand::List { name } => snapshot_list(context, name),
         SnapshotCommand::Diff { name, a, b } => {
-            let diff = vault.diff_snapshots(name, a, b, &ask_passphrase)?;
+            let diff = vault.diff_snapshots(name, a, b, context.passphrase)?;
             let mut human = String::new();
             for (sign, paths) in [
                 ('+', &diff.added),
@@ -501,7 +558,7 @@ fn snapshot_command(vault: &Vault, command: &SnapshotCommand, json: bool) -> Res
             id,
             destination,
         } => volume_command(
-            vault,
+            context,
             &VolumeCommand::Export {
                 name: name.clone(),
                 destination: destination.clone(),
@@ -526,16 +583,43 @@ fn snapshot_command(vault: &Vault, command: &SnapshotCommand, json: bool) -> Res
                 json: json!({"deleted": snapshot.to_hex()}),
             })
         }
-        SnapshotCommand::Create { name, .. } => Err(NodeError::InvalidArgument {
-            what: "volume",
-            value: name.clone(),
-            reason: "not mounted".into(),
-        }),
+        SnapshotCommand::Create { name, message } => match context.mount {
+            Some(mounted) if &mounted.volume == name => {
+                match crate::mount::commit(&mounted.fs, message)? {
+                    Some(outcome) => Ok(Output {
+                        human: if outcome.conflict {
+                            format!(
+                                "the branch moved meanwhile: snapshot {} committed to a new branch {}",
+                                outcome.snapshot, outcome.branch
+                            )
+                        } else {
+                            format!(
+                                "snapshot {} committed to {}",
+                                outcome.snapshot, outcome.branch
+                            )
+                        },
+                        json: json!({"snapshot": outcome.snapshot.to_hex(), "branch": outcome.branch, "conflict": outcome.conflict}),
+                    }),
+                    None => Ok(Output {
+                        human: format!("nothing changed in {name} since its last snapshot"),
+                        json: json!({"snapshot": null}),
+                    }),
+                }
+            }
+            _ => snapshot_create(&vault.data_dir().clone(), name),
+        },
     }
 }
 
-fn gc(vault: &Vault) -> Result<Output> {
-    let report = vault.gc(&ask_passphrase)?;
+fn gc(context: &VaultContext<'_>) -> Result<Output> {
+    if let Some(mounted) = context.mount.filter(|mounted| mounted.is_read_write()) {
+        return Err(NodeError::Mount(format!(
+            "gc is refused while volume {:?} is mounted read-write (data it is writing is not in any snapshot yet); unmount it first",
+            mounted.volume
+        )));
+    }
+    let vault = context.vault;
+    let report = vault.gc(context.passphrase)?;
     Ok(Output {
         human: format!(
             "removed {} chunks and {} objects, {} freed ({} -> {} on disk)",
@@ -555,8 +639,9 @@ fn gc(vault: &Vault) -> Result<Output> {
     })
 }
 
-fn snapshot_list(vault: &Vault, name: &str) -> Result<Output> {
-    let snapshots = vault.list_snapshots(name, &ask_passphrase)?;
+fn snapshot_list(context: &VaultContext<'_>, name: &str) -> Result<Output> {
+    let vault = context.vault;
+    let snapshots = vault.list_snapshots(name, context.passphrase)?;
     let mut human = String::new();
     let mut rows = Vec::new();
     for snapshot in &snapshots {
@@ -622,8 +707,9 @@ fn vault_stats(vault: &Vault) -> Result<Output> {
     })
 }
 
-fn fsck(vault: &Vault) -> Result<Output> {
-    let report = vault.fsck(&ask_passphrase)?;
+fn fsck(context: &VaultContext<'_>) -> Result<Output> {
+    let vault = context.vault;
+    let report = vault.fsck(context.passphrase)?;
     let mut human = format!(
         "checked {} objects, {} chunks, {} snapshots: {}",
         report.objects_checked,

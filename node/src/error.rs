@@ -144,6 +144,11 @@ pub enum NodeError {
     #[error("mount: {0}")]
     Mount(String),
 
+    /// A command run by the process that owns the data directory (through its control
+    /// socket) failed there.
+    #[error("{message}")]
+    Forwarded { message: String, exit_code: u8 },
+
     /// The storage engine failed.
     #[error(transparent)]
     Kv(#[from] forge_store::KvError),
@@ -203,6 +208,12 @@ impl NodeError {
                 ExitCode::Integrity
             }
             Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
+            Self::Forwarded { exit_code, .. } => match exit_code {
+                2 => ExitCode::Usage,
+                3 => ExitCode::Integrity,
+                4 => ExitCode::Conflict,
+                _ => ExitCode::Error,
+            },
             _ => ExitCode::Error,
         }
     }

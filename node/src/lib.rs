@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod control;
 pub mod datadir;
 pub mod error;
 pub mod mount;

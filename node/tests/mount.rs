@@ -451,3 +451,52 @@ mod libc_errno {
     pub const EROFS: i32 = 30;
     pub const ENOTSUP: i32 = 95;
 }
+
+#[test]
+fn commands_run_through_the_control_socket_while_mounted() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.mount("mnt", &[]);
+    fs::write(mountpoint.join("first.txt"), b"one").unwrap();
+    // The mount owns the data directory; these would otherwise wait for it forever.
+    let listed = vault.ok(&["volume", "list"]);
+    assert!(listed.starts_with('v'), "{listed}");
+    let created = vault.ok(&["snapshot", "create", "v", "-m", "while mounted"]);
+    assert!(created.contains("committed to main"), "{created}");
+    let again = vault.ok(&["snapshot", "create", "v"]);
+    assert!(again.contains("nothing changed"), "{again}");
+    let snapshots: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["--json", "snapshot", "list", "v"])).unwrap();
+    assert_eq!(snapshots[0]["message"], "while mounted");
+    // gc cannot see what the mount is writing: refused, not run.
+    let output = vault.run(&["gc"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("mounted read-write"));
+    // Paths are the client's: a relative source is resolved in its working directory.
+    fs::create_dir_all(vault.path("src")).unwrap();
+    fs::write(vault.path("src/x"), b"x").unwrap();
+    vault.ok(&["volume", "create", "w"]);
+    let output = Command::cargo_bin("forge")
+        .unwrap()
+        .env("FORGE_DATA_DIR", vault.root.join("vault"))
+        .current_dir(&vault.root)
+        .args(["volume", "import", "w", "src"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Errors keep their exit codes.
+    let output = vault.run(&["snapshot", "list", "absent"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("absent"));
+    fs::write(mountpoint.join("second.txt"), b"two").unwrap();
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("committed to main"), "{summary}");
+    assert!(!vault.root.join("vault/control.sock").exists());
+    assert_eq!(vault.ok(&["snapshot", "list", "v"]).lines().count(), 2);
+}

@@ -71,6 +71,23 @@ pub struct MountRecord {
     pub read_only: bool,
 }
 
+/// A mount served by this process, as the control socket's commands see it.
+#[derive(Debug, Clone)]
+pub struct Mounted {
+    /// The volume's name.
+    pub volume: String,
+    /// The file system.
+    pub fs: Arc<MountedFs>,
+}
+
+impl Mounted {
+    /// Whether it accepts writes.
+    #[must_use]
+    pub fn is_read_write(&self) -> bool {
+        self.fs.work().is_some()
+    }
+}
+
 /// The working target of a read-write mount: the branch and the snapshot it builds on.
 #[derive(Debug)]
 pub struct WorkTarget {
@@ -167,7 +184,7 @@ pub fn mount(
         }
         return Err(NodeError::Mount(format!(
             "the data directory is owned by the mount of volume {:?} at {} (pid {}); one \
-             mount per data directory until commands can go through its control socket",
+             mount per data directory for now (unmount it first, or use another data directory)",
             running.volume,
             running.mountpoint.display(),
             running.pid
@@ -348,12 +365,22 @@ fn serve(
         let _ = writeln!(stdout, "{ready}");
         let _ = stdout.flush();
     }
+    // Other commands on this data directory now run here, through the control socket.
+    let control = crate::control::serve(
+        vault.clone(),
+        Mounted {
+            volume: options.volume.clone(),
+            fs: fs.clone(),
+        },
+    )?;
     let mut unmounter = session.unmount_callable();
     std::thread::spawn(move || {
         wait_for_termination_signal();
         let _ = unmounter.unmount();
     });
     let served = session.run();
+    // No command may run beside the final commit.
+    drop(control);
     let summary = match (served, read_only) {
         (Err(error), _) => Err(NodeError::Mount(format!("serving {}: {error}", mountpoint.display()))),
         (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),

@@ -129,6 +129,12 @@ impl Vault {
         })
     }
 
+    /// The data directory.
+    #[must_use]
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
     /// The storage engine.
     pub(crate) fn kv(&self) -> &dyn KvEngine {
         self.kv.as_ref()

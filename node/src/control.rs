@@ -1,0 +1,263 @@
+//! The control socket: while a long-lived forge process (a mount) owns a data directory,
+//! every other `forge` command on it runs there. The client sends its command line (raw
+//! argument bytes, its working directory, and its `FORGE_PASSPHRASE` if set) over gRPC
+//! (tonic) on the Unix socket `<data-dir>/control.sock`; the owner parses it with the same
+//! `Cli`, runs it against its open vault, and sends back the output or the error with its
+//! exit code. The socket is created mode 0600 inside the 0700 data directory: only the
+//! vault's owner can connect.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Parser;
+use forge_proto::v1::control_client::ControlClient;
+use forge_proto::v1::control_server::{Control, ControlServer};
+use forge_proto::v1::{RunReply, RunRequest, VersionReply, VersionRequest};
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeCommand};
+use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
+use crate::error::{ExitCode, NodeError, Result};
+use crate::mount::Mounted;
+use crate::vault::Vault;
+
+/// The socket's file name in the data directory.
+pub const SOCKET_FILE: &str = "control.sock";
+
+/// Where the control socket of `data_dir` is.
+#[must_use]
+pub fn socket_path(data_dir: &DataDir) -> PathBuf {
+    data_dir.path().join(SOCKET_FILE)
+}
+
+/// Sends this process's command line to the process owning `data_dir`, if one serves a
+/// control socket; `None` when nobody does (the caller opens the vault itself).
+///
+/// # Errors
+/// The remote command's error, with its exit code; a socket that exists but does not
+/// answer.
+pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
+    let socket = socket_path(data_dir);
+    if !socket.exists() || crate::mount::running_mounts(data_dir)?.is_empty() {
+        return Ok(None);
+    }
+    let request = RunRequest {
+        args: std::env::args_os()
+            .skip(1)
+            .map(OsStringExt::into_vec)
+            .collect(),
+        cwd: std::env::current_dir()
+            .map(|cwd| cwd.into_os_string().into_vec())
+            .unwrap_or_default(),
+        passphrase: std::env::var("FORGE_PASSPHRASE").ok(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(NodeError::io("starting", "the control client"))?;
+    let reply = runtime.block_on(async {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .map_err(|error| {
+                    NodeError::Mount(format!("control socket {}: {error}", socket.display()))
+                })?;
+        let channel = endpoint.connect().await.map_err(|error| {
+            NodeError::Mount(format!(
+                "the forge process owning {} does not answer on {}: {error}",
+                data_dir.path().display(),
+                socket.display()
+            ))
+        })?;
+        ControlClient::new(channel)
+            .run(request)
+            .await
+            .map(Response::into_inner)
+            .map_err(|status| NodeError::Mount(format!("control socket: {}", status.message())))
+    })?;
+    if reply.exit_code == 0 {
+        let json = serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null);
+        return Ok(Some(Output {
+            human: reply.human,
+            json,
+        }));
+    }
+    Err(NodeError::Forwarded {
+        message: reply.error,
+        exit_code: u8::try_from(reply.exit_code).unwrap_or(1),
+    })
+}
+
+/// A running control server; dropping it stops it and removes the socket.
+#[derive(Debug)]
+pub struct ControlHandle {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Serves the control socket of `vault`'s data directory for `mounted`, on a thread of its
+/// own, until the handle is dropped.
+///
+/// # Errors
+/// The socket cannot be created.
+pub fn serve(vault: Arc<Vault>, mounted: Mounted) -> Result<ControlHandle> {
+    let socket = socket_path(vault.data_dir());
+    // A socket file left by a process that died is stale: we own the directory now.
+    let _ = std::fs::remove_file(&socket);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(NodeError::io("starting", "the control server"))?;
+    let listener = runtime
+        .block_on(async { tokio::net::UnixListener::bind(&socket) })
+        .map_err(NodeError::io("creating the control socket", &socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(NodeError::io("restricting", &socket))?;
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = ControlService { vault, mounted };
+    let thread = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let result = tonic::transport::Server::builder()
+                .add_service(ControlServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "control socket stopped");
+            }
+        });
+    });
+    Ok(ControlHandle {
+        shutdown: Some(shutdown),
+        thread: Some(thread),
+        socket,
+    })
+}
+
+struct ControlService {
+    vault: Arc<Vault>,
+    mounted: Mounted,
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn version(
+        &self,
+        _request: Request<VersionRequest>,
+    ) -> std::result::Result<Response<VersionReply>, Status> {
+        Ok(Response::new(VersionReply {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            data_format_version: DATA_FORMAT_VERSION,
+            node_id: self.vault.identity().node_id().to_string(),
+        }))
+    }
+
+    async fn run(
+        &self,
+        request: Request<RunRequest>,
+    ) -> std::result::Result<Response<RunReply>, Status> {
+        let request = request.into_inner();
+        let (vault, mounted) = (self.vault.clone(), self.mounted.clone());
+        // Commands are blocking (storage, chunking): off the async workers.
+        let reply = tokio::task::spawn_blocking(move || run_command(&vault, &mounted, request))
+            .await
+            .map_err(|error| Status::internal(format!("command panicked: {error}")))?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// Parses and runs one forwarded command line.
+fn run_command(vault: &Vault, mounted: &Mounted, request: RunRequest) -> RunReply {
+    let arguments = std::iter::once(OsString::from("forge"))
+        .chain(request.args.into_iter().map(OsString::from_vec));
+    let mut cli = match Cli::try_parse_from(arguments) {
+        Ok(cli) => cli,
+        Err(error) => {
+            return failure(
+                &NodeError::InvalidArgument {
+                    what: "command",
+                    value: String::new(),
+                    reason: error
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or("unparsable")
+                        .to_owned(),
+                },
+                ExitCode::Usage,
+            );
+        }
+    };
+    let cwd = PathBuf::from(OsString::from_vec(request.cwd));
+    absolutize_paths(&mut cli.command, &cwd);
+    let passphrase = request.passphrase.map(Zeroizing::new);
+    let source = move |_prompt: &str, _confirm: bool| -> Result<Zeroizing<String>> {
+        passphrase.clone().ok_or_else(|| NodeError::InvalidArgument {
+            what: "passphrase",
+            value: String::new(),
+            reason: "this command needs one and the mount process cannot prompt: set FORGE_PASSPHRASE".into(),
+        })
+    };
+    let context = VaultContext {
+        vault,
+        passphrase: &source,
+        mount: Some(mounted),
+    };
+    match cli.run_with(&context) {
+        Ok(output) => RunReply {
+            exit_code: 0,
+            human: output.human,
+            json: output.json.to_string(),
+            error: String::new(),
+        },
+        Err(error) => {
+            let code = error.exit_code();
+            failure(&error, code)
+        }
+    }
+}
+
+fn failure(error: &NodeError, code: ExitCode) -> RunReply {
+    RunReply {
+        exit_code: u32::from(code as u8),
+        human: String::new(),
+        json: String::new(),
+        error: error.to_string().replace('\n', " "),
+    }
+}
+
+/// Makes the command's path arguments absolute against the client's working directory.
+fn absolutize_paths(command: &mut Command, cwd: &Path) {
+    let fix = |path: &mut PathBuf| {
+        if path.is_relative() {
+            *path = cwd.join(&*path);
+        }
+    };
+    match command {
+        Command::Volume(VolumeCommand::Import { source, .. }) => fix(source),
+        Command::Volume(VolumeCommand::Export { destination, .. })
+        | Command::Snapshot(SnapshotCommand::Restore { destination, .. }) => fix(destination),
+        Command::Volume(VolumeCommand::Mount { mountpoint, .. })
+        | Command::Volume(VolumeCommand::Unmount { mountpoint }) => fix(mountpoint),
+        _ => {}
+    }
+}

@@ -184,6 +184,8 @@ impl Staged {
 pub struct ChunkCache {
     capacity_bytes: usize,
     inner: Mutex<CacheInner>,
+    /// Signalled whenever a load finishes, for readers waiting on one in flight.
+    loaded: std::sync::Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +194,8 @@ struct CacheInner {
     by_age: BTreeMap<u64, Cid>,
     bytes: usize,
     clock: u64,
+    /// Chunks some thread is reading and decrypting right now.
+    loading: std::collections::BTreeSet<Cid>,
 }
 
 impl ChunkCache {
@@ -201,7 +205,48 @@ impl ChunkCache {
         Self {
             capacity_bytes,
             inner: Mutex::new(CacheInner::default()),
+            loaded: std::sync::Condvar::new(),
         }
+    }
+
+    /// The cached chunk, or `load`'s result (cached). A chunk is loaded by one thread at a
+    /// time: a reader that needs a chunk being read ahead waits for it instead of reading
+    /// it a second time.
+    ///
+    /// # Errors
+    /// `load`'s.
+    pub fn get_or_load(
+        &self,
+        cid: &Cid,
+        load: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Arc<Vec<u8>>> {
+        {
+            let mut inner = self.lock();
+            loop {
+                if inner.entries.contains_key(cid) {
+                    drop(inner);
+                    if let Some(data) = self.get(cid) {
+                        return Ok(data);
+                    }
+                    break;
+                }
+                if !inner.loading.contains(cid) {
+                    inner.loading.insert(*cid);
+                    break;
+                }
+                inner = self
+                    .loaded
+                    .wait(inner)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        let result = load().map(Arc::new);
+        if let Ok(data) = &result {
+            self.insert(*cid, data.clone());
+        }
+        self.lock().loading.remove(cid);
+        self.loaded.notify_all();
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, CacheInner> {
@@ -263,22 +308,19 @@ pub fn load_chunk(
 ) -> Result<Arc<Vec<u8>>> {
     let chunk = &base.manifest.chunks[index];
     let cid = chunk.cid();
-    if let Some(data) = cache.get(&cid) {
-        return Ok(data);
-    }
-    let read = read_chunk(vault.kv(), &cid)?;
-    let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
-        .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
-    if plaintext.len() != chunk.len as usize {
-        return Err(NodeError::Integrity(format!(
-            "chunk {cid} has {} bytes, its manifest says {}",
-            plaintext.len(),
-            chunk.len
-        )));
-    }
-    let data = Arc::new(plaintext);
-    cache.insert(cid, data.clone());
-    Ok(data)
+    cache.get_or_load(&cid, || {
+        let read = read_chunk(vault.kv(), &cid)?;
+        let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
+            .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
+        if plaintext.len() != chunk.len as usize {
+            return Err(NodeError::Integrity(format!(
+                "chunk {cid} has {} bytes, its manifest says {}",
+                plaintext.len(),
+                chunk.len
+            )));
+        }
+        Ok(plaintext)
+    })
 }
 
 /// Fills `out` with the base bytes at `offset..offset + out.len()` (which must lie inside

@@ -36,7 +36,10 @@ const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
 const BLOCK_BYTES: u32 = 4096;
 /// Chunks decrypted ahead of a sequential reader.
-const READ_AHEAD_CHUNKS: usize = 4;
+const READ_AHEAD_CHUNKS: usize = 16;
+/// Threads fetching chunks ahead. More than the cores: a cold chunk waits on the disk, and
+/// several in flight keep it busy.
+const READ_AHEAD_THREADS: usize = 8;
 
 /// A directory's entries as opendir saw them: inode, kind, name.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
@@ -104,6 +107,8 @@ pub struct MountedFs {
     work: Option<Mutex<super::WorkTarget>>,
     /// Chunks being read ahead right now.
     prefetching: Mutex<std::collections::BTreeSet<Cid>>,
+    /// Where read-ahead runs (None if the pool could not start: no read-ahead).
+    read_ahead_pool: Option<rayon::ThreadPool>,
 }
 
 impl std::fmt::Debug for MountedFs {
@@ -205,6 +210,11 @@ impl MountedFs {
             gid,
             work,
             prefetching: Mutex::new(std::collections::BTreeSet::new()),
+            read_ahead_pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(READ_AHEAD_THREADS)
+                .thread_name(|index| format!("forge-read-ahead-{index}"))
+                .build()
+                .ok(),
         })
     }
 
@@ -626,6 +636,9 @@ impl MountedFs {
     /// Prefetches the chunks after `index` of `base` into the cache, off the request
     /// thread, each at most once at a time.
     fn read_ahead(self: &Arc<Self>, base: &Arc<BaseContent>, index: usize) {
+        let Some(pool) = &self.read_ahead_pool else {
+            return;
+        };
         for next in index + 1..=index + READ_AHEAD_CHUNKS {
             let Some(chunk) = base.manifest.chunks.get(next) else {
                 return;
@@ -641,7 +654,7 @@ impl MountedFs {
                 continue;
             }
             let (fs, base) = (self.clone(), base.clone());
-            rayon::spawn(move || {
+            pool.spawn(move || {
                 let _ = load_chunk(&fs.vault, &fs.cache, &base, next);
                 fs.prefetching
                     .lock()
@@ -927,6 +940,9 @@ impl Filesystem for FuseAdapter {
         // Large kernel read-ahead and writes: fewer requests per MiB.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
+        // Let the kernel keep more read-ahead requests in flight for the worker threads.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 

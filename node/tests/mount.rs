@@ -500,3 +500,43 @@ fn commands_run_through_the_control_socket_while_mounted() {
     assert!(!vault.root.join("vault/control.sock").exists());
     assert_eq!(vault.ok(&["snapshot", "list", "v"]).lines().count(), 2);
 }
+
+#[test]
+fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.path("mnt");
+    fs::create_dir_all(&mountpoint).unwrap();
+    vault.mounts.borrow_mut().push(mountpoint.clone());
+    let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("forge"))
+        .env("FORGE_DATA_DIR", vault.root.join("vault"))
+        .args(["volume", "mount", "v", mountpoint.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("mounted"), "{line}");
+    fs::write(mountpoint.join("note.txt"), b"written in the foreground").unwrap();
+    assert!(
+        StdCommand::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("committed to main"), "{rest}");
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(exported.join("note.txt")).unwrap(),
+        b"written in the foreground"
+    );
+}

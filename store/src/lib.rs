@@ -17,4 +17,6 @@ pub mod refindex;
 
 pub use forge_crypto::{Cid, NodeId};
 pub use ids::{IdError, ShardIdx, VolumeId};
-pub use kv::{Column, Durability, KvEngine, KvError, MemKv, RocksKv, WriteBatch};
+#[cfg(feature = "rocksdb")]
+pub use kv::RocksKv;
+pub use kv::{Column, Durability, KvEngine, KvError, MemKv, WriteBatch};

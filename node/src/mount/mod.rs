@@ -266,6 +266,9 @@ fn serve(
     branch: &str,
     passphrase: PassphraseSource<'_>,
 ) -> Result<String> {
+    // Before any thread starts (RocksDB's, the file system's): every thread inherits the
+    // mask, so SIGINT/SIGTERM reach only the thread that unmounts cleanly.
+    block_termination_signals();
     let vault = Arc::new(Vault::open(data_dir, passphrase)?);
     let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
     let mut notes = Vec::new();
@@ -330,7 +333,6 @@ fn serve(
     config.mount_options = mount_options;
     config.n_threads = Some(4);
     config.clone_fd = true;
-    block_termination_signals();
     let mut session =
         fuser::Session::new(FuseAdapter(fs.clone()), mountpoint, &config).map_err(|error| {
             NodeError::Mount(format!("mounting at {}: {error}", mountpoint.display()))
@@ -397,14 +399,21 @@ fn serve(
         }),
     };
     let _ = std::fs::remove_dir_all(&staging);
+    // Close the vault (and release the data directory) before telling `unmount` we are
+    // done, so the next command finds it free.
+    drop(fs);
+    drop(volume);
+    drop(vault);
     let done_path = registry.join(format!("{}.done", record.pid));
-    let _ = std::fs::write(
-        &done_path,
-        match &summary {
-            Ok(text) => text.clone(),
-            Err(error) => format!("error: {error}"),
-        },
-    );
+    let text = match &summary {
+        Ok(text) => text.clone(),
+        Err(error) => format!("error: {error}"),
+    };
+    // Written whole, then renamed: `unmount` never reads half a summary.
+    let partial = registry.join(format!("{}.done.partial", record.pid));
+    if std::fs::write(&partial, text).is_ok() {
+        let _ = std::fs::rename(&partial, &done_path);
+    }
     let _ = std::fs::remove_file(&record_path);
     summary
 }
@@ -634,11 +643,13 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
             resolved.display()
         ));
     };
-    // The mount process commits the working tree, then exits.
-    while process_alive(record.pid) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The mount process commits the working tree, writes its summary, then exits. (An
+    // exited process can linger as a zombie until its new parent reaps it: the summary
+    // file is the signal.)
     let done_path = registry_dir(data_dir).join(format!("{}.done", record.pid));
+    while process_alive(record.pid) && !done_path.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let summary = std::fs::read_to_string(&done_path).unwrap_or_default();
     let _ = std::fs::remove_file(&done_path);
     match summary.strip_prefix("error: ") {

@@ -8,11 +8,13 @@
 //! update that publishes a snapshot is written [`Durability::Synced`] afterwards.
 
 mod mem;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 use std::ops::Bound;
 
 pub use mem::MemKv;
+#[cfg(feature = "rocksdb")]
 pub use rocks::{RocksKv, RocksKvOptions};
 
 /// The column families. Each is an independent ordered key space.

@@ -446,6 +446,7 @@ fn appending_to_a_large_file_rewrites_only_its_tail() {
 /// errno values (Linux).
 mod libc_errno {
     pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
     pub const EEXIST: i32 = 17;
     pub const ENOTEMPTY: i32 = 39;
     pub const EROFS: i32 = 30;
@@ -539,4 +540,139 @@ fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
         fs::read(exported.join("note.txt")).unwrap(),
         b"written in the foreground"
     );
+}
+
+#[test]
+fn a_damaged_chunk_reads_as_eio_and_the_log_names_it() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("fine.txt"), b"this one is intact").unwrap();
+    let damaged: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+        .collect();
+    fs::write(source.join("damaged.bin"), &damaged).unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    // Flip a byte in every shard of the larger file (1+0: no parity to repair from).
+    let cids: Vec<String> = {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&vault.root.join("vault/db"), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        let mut cids = Vec::new();
+        for (key, mut value) in kv.scan(Column::Shards, b"", None, usize::MAX).unwrap() {
+            if value.len() < 1000 {
+                continue;
+            }
+            let middle = value.len() / 2;
+            value[middle] ^= 0x01;
+            cids.push(data_encoding::HEXLOWER.encode(&key[..32]));
+            batch.put(Column::Shards, key, value);
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+        cids
+    };
+    assert!(!cids.is_empty());
+    let mountpoint = vault.mount("mnt", &["--read-only"]);
+    assert_eq!(
+        fs::read(mountpoint.join("fine.txt")).unwrap(),
+        b"this one is intact"
+    );
+    let error = fs::read(mountpoint.join("damaged.bin")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EIO));
+    vault.unmount(&mountpoint);
+    let log = fs::read_to_string(vault.root.join("vault/mounts/mount.log")).unwrap();
+    assert!(
+        cids.iter().any(|cid| log.contains(cid.as_str())),
+        "the log names the chunk: {log}"
+    );
+}
+
+#[test]
+fn unmount_commits_to_a_conflict_branch_when_the_branch_moved() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.mount("mnt", &[]);
+    fs::write(mountpoint.join("from-the-mount.txt"), b"mine").unwrap();
+    // Meanwhile an import moves main (through the mount's control socket).
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("imported.txt"), b"theirs").unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("new branch main-conflict-"), "{summary}");
+    let snapshots: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["--json", "snapshot", "list", "v"])).unwrap();
+    let branches: Vec<String> = snapshots
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|snapshot| snapshot["branches"].as_array().unwrap().clone())
+        .map(|branch| branch.as_str().unwrap().to_owned())
+        .collect();
+    assert!(branches.contains(&"main".to_owned()), "{branches:?}");
+    let conflict = branches
+        .iter()
+        .find(|branch| branch.starts_with("main-conflict-"))
+        .unwrap();
+    // Nothing lost: main has the import, the conflict branch has the mount's work.
+    let main_out = vault.path("main-out");
+    vault.ok(&["volume", "export", "v", main_out.to_str().unwrap()]);
+    assert_eq!(fs::read(main_out.join("imported.txt")).unwrap(), b"theirs");
+    let conflict_out = vault.path("conflict-out");
+    vault.ok(&[
+        "volume",
+        "export",
+        "v",
+        conflict_out.to_str().unwrap(),
+        "--branch",
+        conflict,
+    ]);
+    assert_eq!(
+        fs::read(conflict_out.join("from-the-mount.txt")).unwrap(),
+        b"mine"
+    );
+}
+
+#[test]
+fn a_small_write_inside_a_large_file_rewrites_only_the_chunks_around_it() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let data: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    fs::write(source.join("large.bin"), &data).unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let before: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["volume", "stats", "v", "--json"])).unwrap();
+    let mountpoint = vault.mount("mnt", &[]);
+    {
+        use std::os::unix::fs::FileExt;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(mountpoint.join("large.bin"))
+            .unwrap();
+        file.write_all_at(b"0123456789", 4_000_000).unwrap();
+    }
+    vault.unmount(&mountpoint);
+    let after: serde_json::Value =
+        serde_json::from_str(&vault.ok(&["volume", "stats", "v", "--json"])).unwrap();
+    // Chunking rejoins the old boundaries right after the change: a few new chunks, not
+    // the ~60 from there to the end of the file.
+    let new_chunks =
+        after["unique_chunks"].as_u64().unwrap() - before["unique_chunks"].as_u64().unwrap();
+    assert!((1..=4).contains(&new_chunks), "{new_chunks} new chunks");
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    let mut expected = data;
+    expected[4_000_000..4_000_010].copy_from_slice(b"0123456789");
+    assert_eq!(fs::read(exported.join("large.bin")).unwrap(), expected);
 }

@@ -676,3 +676,63 @@ fn a_small_write_inside_a_large_file_rewrites_only_the_chunks_around_it() {
     expected[4_000_000..4_000_010].copy_from_slice(b"0123456789");
     assert_eq!(fs::read(exported.join("large.bin")).unwrap(), expected);
 }
+
+#[test]
+fn an_encrypted_volume_mounts_with_its_passphrase_only() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let forge = |args: &[&str], passphrase: &str| {
+        Command::cargo_bin("forge")
+            .unwrap()
+            .env("FORGE_DATA_DIR", vault.root.join("vault"))
+            .env("FORGE_PASSPHRASE", passphrase)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        forge(&["volume", "create", "secret", "--encrypted"], "right one")
+            .status
+            .success()
+    );
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("private.txt"), b"for my eyes").unwrap();
+    assert!(
+        forge(
+            &["volume", "import", "secret", source.to_str().unwrap()],
+            "right one"
+        )
+        .status
+        .success()
+    );
+    let mountpoint = vault.path("mnt");
+    fs::create_dir_all(&mountpoint).unwrap();
+    vault.mounts.borrow_mut().push(mountpoint.clone());
+    let mount = [
+        "volume",
+        "mount",
+        "secret",
+        mountpoint.to_str().unwrap(),
+        "--background",
+    ];
+    let refused = forge(&mount, "wrong one");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("passphrase"),
+        "{refused:?}"
+    );
+    let mounted = forge(&mount, "right one");
+    assert!(
+        mounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    assert_eq!(
+        fs::read(mountpoint.join("private.txt")).unwrap(),
+        b"for my eyes"
+    );
+    vault.unmount(&mountpoint);
+}

@@ -307,7 +307,7 @@ impl Cli {
                 self.run_with(&VaultContext {
                     vault: &vault,
                     passphrase: &ask_passphrase,
-                    mount: None,
+                    host: None,
                 })
             }
         }
@@ -344,8 +344,8 @@ pub struct VaultContext<'a> {
     pub vault: &'a Vault,
     /// Where passphrases come from.
     pub passphrase: PassphraseSource<'a>,
-    /// The mount served by this process, when the command came through its control socket.
-    pub mount: Option<&'a crate::mount::Mounted>,
+    /// The mount host this process is, when the command came through its control socket.
+    pub host: Option<&'a std::sync::Arc<crate::mount::Host>>,
 }
 
 impl std::fmt::Debug for VaultContext<'_> {
@@ -353,7 +353,7 @@ impl std::fmt::Debug for VaultContext<'_> {
         formatter
             .debug_struct("VaultContext")
             .field("vault", &self.vault)
-            .field("mount", &self.mount)
+            .field("host", &self.host)
             .finish_non_exhaustive()
     }
 }
@@ -519,8 +519,39 @@ fn volume_command(
                 }),
             })
         }
-        VolumeCommand::Mount { .. } | VolumeCommand::Unmount { .. } => Err(NodeError::Mount(
-            "mount and unmount run without opening the vault first".into(),
+        VolumeCommand::Mount {
+            name,
+            mountpoint,
+            branch,
+            snapshot,
+            read_only,
+            background,
+            cache_size,
+        } => {
+            // Sent by another `forge volume mount` to this mount host.
+            let Some(host) = context.host else {
+                return Err(NodeError::Mount(
+                    "mount runs without opening the vault first".into(),
+                ));
+            };
+            let options = crate::mount::MountOptions {
+                volume: name.clone(),
+                mountpoint: mountpoint.clone(),
+                branch: branch.clone(),
+                snapshot: snapshot.clone(),
+                read_only: *read_only,
+                background: *background,
+                cache_bytes: *cache_size as usize,
+            };
+            let ready = host.mount(&options, context.passphrase)?;
+            let human = format!("{ready} (served by forge process {})", std::process::id());
+            Ok(Output {
+                json: json!({"summary": human}),
+                human,
+            })
+        }
+        VolumeCommand::Unmount { .. } => Err(NodeError::Mount(
+            "unmount runs without opening the vault".into(),
         )),
     }
 }
@@ -583,39 +614,43 @@ fn snapshot_command(
                 json: json!({"deleted": snapshot.to_hex()}),
             })
         }
-        SnapshotCommand::Create { name, message } => match context.mount {
-            Some(mounted) if &mounted.volume == name => {
-                match crate::mount::commit(&mounted.fs, message)? {
-                    Some(outcome) => Ok(Output {
-                        human: if outcome.conflict {
+        SnapshotCommand::Create { name, message } => {
+            let Some(host) = context.host else {
+                return snapshot_create(vault.data_dir(), name);
+            };
+            let mut human = Vec::new();
+            let mut rows = Vec::new();
+            for outcome in host.commit_volume(name, message)? {
+                match outcome {
+                    Some(outcome) => {
+                        human.push(if outcome.conflict {
                             format!(
                                 "the branch moved meanwhile: snapshot {} committed to a new branch {}",
                                 outcome.snapshot, outcome.branch
                             )
                         } else {
-                            format!(
-                                "snapshot {} committed to {}",
-                                outcome.snapshot, outcome.branch
-                            )
-                        },
-                        json: json!({"snapshot": outcome.snapshot.to_hex(), "branch": outcome.branch, "conflict": outcome.conflict}),
-                    }),
-                    None => Ok(Output {
-                        human: format!("nothing changed in {name} since its last snapshot"),
-                        json: json!({"snapshot": null}),
-                    }),
+                            format!("snapshot {} committed to {}", outcome.snapshot, outcome.branch)
+                        });
+                        rows.push(json!({"snapshot": outcome.snapshot.to_hex(), "branch": outcome.branch, "conflict": outcome.conflict}));
+                    }
+                    None => {
+                        human.push(format!("nothing changed in {name} since its last snapshot"));
+                        rows.push(json!({"snapshot": null}));
+                    }
                 }
             }
-            _ => snapshot_create(&vault.data_dir().clone(), name),
-        },
+            Ok(Output {
+                human: human.join("\n"),
+                json: serde_json::Value::Array(rows),
+            })
+        }
     }
 }
 
 fn gc(context: &VaultContext<'_>) -> Result<Output> {
-    if let Some(mounted) = context.mount.filter(|mounted| mounted.is_read_write()) {
+    if let Some(volume) = context.host.and_then(|host| host.has_read_write_mount()) {
         return Err(NodeError::Mount(format!(
-            "gc is refused while volume {:?} is mounted read-write (data it is writing is not in any snapshot yet); unmount it first",
-            mounted.volume
+            "gc is refused while volume {volume:?} is mounted read-write (data it is writing is not in any snapshot yet); unmount it first"
         )));
     }
     let vault = context.vault;

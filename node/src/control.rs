@@ -22,8 +22,7 @@ use zeroize::Zeroizing;
 use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeCommand};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, NodeError, Result};
-use crate::mount::Mounted;
-use crate::vault::Vault;
+use crate::mount::Host;
 
 /// The socket's file name in the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -111,13 +110,13 @@ impl Drop for ControlHandle {
     }
 }
 
-/// Serves the control socket of `vault`'s data directory for `mounted`, on a thread of its
-/// own, until the handle is dropped.
+/// Serves the control socket of the host's data directory, on a thread of its own, until
+/// the handle is dropped.
 ///
 /// # Errors
 /// The socket cannot be created.
-pub fn serve(vault: Arc<Vault>, mounted: Mounted) -> Result<ControlHandle> {
-    let socket = socket_path(vault.data_dir());
+pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
+    let socket = socket_path(host.vault().data_dir());
     // A socket file left by a process that died is stale: we own the directory now.
     let _ = std::fs::remove_file(&socket);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,7 +130,7 @@ pub fn serve(vault: Arc<Vault>, mounted: Mounted) -> Result<ControlHandle> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(NodeError::io("restricting", &socket))?;
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = ControlService { vault, mounted };
+    let service = ControlService { host };
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -154,8 +153,7 @@ pub fn serve(vault: Arc<Vault>, mounted: Mounted) -> Result<ControlHandle> {
 }
 
 struct ControlService {
-    vault: Arc<Vault>,
-    mounted: Mounted,
+    host: Arc<Host>,
 }
 
 #[tonic::async_trait]
@@ -167,7 +165,7 @@ impl Control for ControlService {
         Ok(Response::new(VersionReply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             data_format_version: DATA_FORMAT_VERSION,
-            node_id: self.vault.identity().node_id().to_string(),
+            node_id: self.host.vault().identity().node_id().to_string(),
         }))
     }
 
@@ -176,9 +174,9 @@ impl Control for ControlService {
         request: Request<RunRequest>,
     ) -> std::result::Result<Response<RunReply>, Status> {
         let request = request.into_inner();
-        let (vault, mounted) = (self.vault.clone(), self.mounted.clone());
+        let host = self.host.clone();
         // Commands are blocking (storage, chunking): off the async workers.
-        let reply = tokio::task::spawn_blocking(move || run_command(&vault, &mounted, request))
+        let reply = tokio::task::spawn_blocking(move || run_command(&host, request))
             .await
             .map_err(|error| Status::internal(format!("command panicked: {error}")))?;
         Ok(Response::new(reply))
@@ -186,7 +184,7 @@ impl Control for ControlService {
 }
 
 /// Parses and runs one forwarded command line.
-fn run_command(vault: &Vault, mounted: &Mounted, request: RunRequest) -> RunReply {
+fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
     let arguments = std::iter::once(OsString::from("forge"))
         .chain(request.args.into_iter().map(OsString::from_vec));
     let mut cli = match Cli::try_parse_from(arguments) {
@@ -218,9 +216,9 @@ fn run_command(vault: &Vault, mounted: &Mounted, request: RunRequest) -> RunRepl
         })
     };
     let context = VaultContext {
-        vault,
+        vault: host.vault(),
         passphrase: &source,
-        mount: Some(mounted),
+        host: Some(host),
     };
     match cli.run_with(&context) {
         Ok(output) => RunReply {

@@ -83,15 +83,20 @@ impl Vault {
         String::from_utf8(output.stdout).unwrap()
     }
 
-    /// Mounts in the background; returns the mount point.
+    /// Mounts volume `v` in the background; returns the mount point.
     fn mount(&self, name: &str, extra: &[&str]) -> PathBuf {
+        self.mount_volume("v", name, extra)
+    }
+
+    /// Mounts `volume` in the background at `name` under the test directory.
+    fn mount_volume(&self, volume: &str, name: &str, extra: &[&str]) -> PathBuf {
         let mountpoint = self.path(name);
         fs::create_dir_all(&mountpoint).unwrap();
         self.mounts.borrow_mut().push(mountpoint.clone());
         let mut args = vec![
             "volume",
             "mount",
-            "v",
+            volume,
             mountpoint.to_str().unwrap(),
             "--background",
         ];
@@ -373,7 +378,9 @@ fn fsynced_data_survives_a_killed_mount() {
                 .is_some_and(|extension| extension == "json")
         })
         .unwrap();
-    let pid: String = record.file_stem().unwrap().to_string_lossy().into_owned();
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
+    let pid = record["pid"].as_u64().unwrap().to_string();
     assert!(
         StdCommand::new("kill")
             .args(["-9", &pid])
@@ -735,4 +742,64 @@ fn an_encrypted_volume_mounts_with_its_passphrase_only() {
         b"for my eyes"
     );
     vault.unmount(&mountpoint);
+}
+
+#[test]
+fn one_process_serves_several_mounts_and_exits_after_the_last() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("a.txt"), b"first version").unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    vault.ok(&["snapshot", "branch", "v", "feature"]);
+    vault.ok(&["volume", "create", "other"]);
+    let main = vault.mount("main", &[]);
+    // A second branch read-write, the same branch read-only, and another volume: all served
+    // by the first mount's process (through its control socket).
+    let feature = vault.mount("feature", &["--branch", "feature"]);
+    let readonly = vault.mount("readonly", &["--read-only"]);
+    let other = vault.mount_volume("other", "other", &[]);
+    // A second read-write mount of a branch is refused, also inside the host.
+    let twice = vault.path("twice");
+    fs::create_dir_all(&twice).unwrap();
+    let second = vault.run(&[
+        "volume",
+        "mount",
+        "other",
+        twice.to_str().unwrap(),
+        "--background",
+    ]);
+    assert_eq!(second.status.code(), Some(4), "{second:?}");
+    fs::write(main.join("a.txt"), b"changed on main").unwrap();
+    fs::write(feature.join("b.txt"), b"on the feature branch").unwrap();
+    fs::write(other.join("c.txt"), b"in another volume").unwrap();
+    assert_eq!(fs::read(readonly.join("a.txt")).unwrap(), b"first version");
+    let created = vault.ok(&["snapshot", "create", "v", "-m", "both branches"]);
+    assert_eq!(created.matches("committed to").count(), 2, "{created}");
+    for mountpoint in [&feature, &readonly, &other] {
+        vault.unmount(mountpoint);
+    }
+    // The host still serves main; after its unmount the process exits and frees the vault.
+    assert_eq!(fs::read(main.join("a.txt")).unwrap(), b"changed on main");
+    vault.unmount(&main);
+    let out = vault.path("feature-out");
+    vault.ok(&[
+        "volume",
+        "export",
+        "v",
+        out.to_str().unwrap(),
+        "--branch",
+        "feature",
+    ]);
+    assert_eq!(
+        fs::read(out.join("b.txt")).unwrap(),
+        b"on the feature branch"
+    );
+    let out = vault.path("other-out");
+    vault.ok(&["volume", "export", "other", out.to_str().unwrap()]);
+    assert_eq!(fs::read(out.join("c.txt")).unwrap(), b"in another volume");
+    assert!(!vault.root.join("vault/control.sock").exists());
 }

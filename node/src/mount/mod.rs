@@ -61,6 +61,8 @@ pub struct MountOptions {
 pub struct MountRecord {
     /// The serving process.
     pub pid: u32,
+    /// The mount's number within that process.
+    pub id: u64,
     /// Volume name.
     pub volume: String,
     /// Branch (None for a snapshot mount).
@@ -137,17 +139,61 @@ pub fn running_mounts(data_dir: &DataDir) -> Result<Vec<MountRecord>> {
     Ok(mounts)
 }
 
-/// Mounts a volume: in the foreground (returns after unmount, with the final summary), or
-/// with `--background` (returns once the mount is ready).
+/// Mounts a volume. If a forge process already owns the data directory, it serves the new
+/// mount too (the request goes through its control socket) and this returns at once.
+/// Otherwise this process becomes the mount host: in the foreground it returns when its
+/// mounts are all unmounted; with `--background` a detached child hosts them and this
+/// returns once the mount is ready.
 ///
 /// # Errors
-/// Unknown volume, branch or snapshot; a branch already mounted read-write; a data
-/// directory owned by another mount; FUSE failures.
+/// Unknown volume, branch or snapshot; a branch already mounted read-write; FUSE failures.
 pub fn mount(
     data_dir: &DataDir,
     options: &MountOptions,
     passphrase: PassphraseSource<'_>,
 ) -> Result<String> {
+    let (mountpoint, _, _) = check_options(options)?;
+    if let Some(output) = crate::control::forward(data_dir)? {
+        return Ok(output.human);
+    }
+    if options.background && std::env::var_os(BACKGROUND_CHILD_ENV).is_none() {
+        return spawn_background(data_dir, &mountpoint);
+    }
+    // Before any thread starts (RocksDB's, the file systems'): every thread inherits the
+    // mask, so SIGINT/SIGTERM reach only the thread that unmounts cleanly.
+    block_termination_signals();
+    let host = Arc::new(Host::open(data_dir, passphrase)?);
+    let ready = host.mount(options, passphrase)?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{ready}");
+        let _ = stdout.flush();
+    }
+    // Other commands on this data directory now run here, through the control socket.
+    let control = crate::control::serve(host.clone())?;
+    let signalled = host.clone();
+    std::thread::spawn(move || {
+        wait_for_termination_signal();
+        signalled.unmount_all();
+    });
+    let summaries = host.wait_until_idle(control);
+    let last = summaries.last().cloned();
+    // Close the vault (releasing the data directory) before the last summaries are
+    // published, so whoever waits for them finds the directory free.
+    let pending = host.take_pending_summaries();
+    drop(host);
+    for (id, text) in pending {
+        publish_summary(data_dir, id, &text);
+    }
+    match last {
+        Some(Ok(text)) => Ok(text),
+        Some(Err(error)) => Err(NodeError::Mount(error)),
+        None => Ok(format!("unmounted {}", mountpoint.display())),
+    }
+}
+
+/// Validates the options: the mount point (resolved), read-only-ness and branch.
+fn check_options(options: &MountOptions) -> Result<(PathBuf, bool, String)> {
     if let Some(branch) = &options.branch {
         validate_name("branch name", branch)?;
     }
@@ -169,38 +215,7 @@ pub fn mount(
         .branch
         .clone()
         .unwrap_or_else(|| DEFAULT_BRANCH.to_owned());
-    if let Some(running) = running_mounts(data_dir)?.into_iter().next() {
-        if running.volume == options.volume
-            && running.branch.as_deref() == Some(branch.as_str())
-            && !running.read_only
-            && !read_only
-        {
-            return Err(NodeError::AlreadyMounted {
-                volume: running.volume,
-                branch,
-                mountpoint: running.mountpoint.display().to_string(),
-                pid: running.pid,
-            });
-        }
-        return Err(NodeError::Mount(format!(
-            "the data directory is owned by the mount of volume {:?} at {} (pid {}); one \
-             mount per data directory for now (unmount it first, or use another data directory)",
-            running.volume,
-            running.mountpoint.display(),
-            running.pid
-        )));
-    }
-    if options.background && std::env::var_os(BACKGROUND_CHILD_ENV).is_none() {
-        return spawn_background(data_dir, &mountpoint);
-    }
-    serve(
-        data_dir,
-        options,
-        &mountpoint,
-        read_only,
-        &branch,
-        passphrase,
-    )
+    Ok((mountpoint, read_only, branch))
 }
 
 /// Starts this same command again as a detached child and waits for its ready line.
@@ -257,165 +272,367 @@ fn spawn_background(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     )))
 }
 
-/// Mounts and serves until unmounted; then commits. Returns the final summary.
-fn serve(
-    data_dir: &DataDir,
-    options: &MountOptions,
-    mountpoint: &Path,
-    read_only: bool,
-    branch: &str,
-    passphrase: PassphraseSource<'_>,
-) -> Result<String> {
-    // Before any thread starts (RocksDB's, the file system's): every thread inherits the
-    // mask, so SIGINT/SIGTERM reach only the thread that unmounts cleanly.
-    block_termination_signals();
-    let vault = Arc::new(Vault::open(data_dir, passphrase)?);
-    let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
-    let mut notes = Vec::new();
-    let (root, work) = if let Some(snapshot) = &options.snapshot {
-        let snapshot = vault.resolve_snapshot(&volume.record, snapshot)?;
-        let commit = vault.read_commit(&volume, &snapshot)?;
-        (Some(Cid::from_bytes(commit.root)), None)
-    } else {
-        let head = vault.refs().get_ref(&volume.id, branch)?;
-        if head.is_none() && branch != DEFAULT_BRANCH {
-            return Err(NodeError::UnknownBranch {
-                volume: options.volume.clone(),
-                branch: branch.to_owned(),
+/// The process that owns a data directory while volumes are mounted: the open vault and
+/// every mount it serves.
+pub struct Host {
+    data_dir: DataDir,
+    vault: Arc<Vault>,
+    state: Mutex<HostState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct HostState {
+    next_id: u64,
+    active: Vec<Arc<ActiveMount>>,
+    /// Summaries of finished mounts: (mount id, summary) with "error: " for failures.
+    finished: Vec<(u64, std::result::Result<String, String>)>,
+    /// Finished mounts whose summary is not published yet (the last ones wait for the
+    /// vault to close).
+    unpublished: Vec<(u64, String)>,
+}
+
+/// One mount a host serves.
+struct ActiveMount {
+    id: u64,
+    record: MountRecord,
+    fs: Arc<MountedFs>,
+    unmounter: Mutex<Option<fuser::SessionUnmounter>>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Host")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Opens the vault of `data_dir` to host mounts.
+    ///
+    /// # Errors
+    /// As [`Vault::open`].
+    pub fn open(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
+        Ok(Self {
+            data_dir: data_dir.clone(),
+            vault: Arc::new(Vault::open(data_dir, passphrase)?),
+            state: Mutex::new(HostState::default()),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// The open vault.
+    #[must_use]
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HostState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The mounts being served.
+    pub fn mounts(&self) -> Vec<Mounted> {
+        self.lock()
+            .active
+            .iter()
+            .map(|active| Mounted {
+                volume: active.record.volume.clone(),
+                fs: active.fs.clone(),
+            })
+            .collect()
+    }
+
+    /// Mounts a volume and serves it on a thread of its own; returns the ready line.
+    ///
+    /// # Errors
+    /// As [`mount`].
+    pub fn mount(
+        self: &Arc<Self>,
+        options: &MountOptions,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<String> {
+        let (mountpoint, read_only, branch) = check_options(options)?;
+        for active in &self.lock().active {
+            let record = &active.record;
+            if record.mountpoint == mountpoint {
+                return Err(NodeError::Mount(format!(
+                    "{} is already a forge mount",
+                    mountpoint.display()
+                )));
+            }
+            if record.volume == options.volume
+                && record.branch.as_deref() == Some(branch.as_str())
+                && !record.read_only
+                && !read_only
+            {
+                return Err(NodeError::AlreadyMounted {
+                    volume: record.volume.clone(),
+                    branch,
+                    mountpoint: record.mountpoint.display().to_string(),
+                    pid: record.pid,
+                });
+            }
+        }
+        let vault = &self.vault;
+        let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
+        let mut notes = Vec::new();
+        let (root, work) = if let Some(snapshot) = &options.snapshot {
+            let snapshot = vault.resolve_snapshot(&volume.record, snapshot)?;
+            let commit = vault.read_commit(&volume, &snapshot)?;
+            (Some(Cid::from_bytes(commit.root)), None)
+        } else {
+            let head = vault.refs().get_ref(&volume.id, &branch)?;
+            if head.is_none() && branch != DEFAULT_BRANCH {
+                return Err(NodeError::UnknownBranch {
+                    volume: options.volume.clone(),
+                    branch,
+                });
+            }
+            let mut root = match head {
+                Some(head) => Some(Cid::from_bytes(vault.read_commit(&volume, &head)?.root)),
+                None => None,
+            };
+            let mut base = head;
+            if !read_only && let Some(state) = working_state(vault, &volume, &branch)? {
+                root = Some(Cid::from_bytes(state.root));
+                base = state.base.map(Cid::from_bytes);
+                notes.push(
+                    "recovered the working state a previous mount left (fsynced data is back)",
+                );
+            }
+            let work = (!read_only).then(|| WorkTarget {
+                branch: branch.clone(),
+                base,
+            });
+            (root, work)
+        };
+        let id = {
+            let mut state = self.lock();
+            state.next_id += 1;
+            state.next_id
+        };
+        let staging = self
+            .data_dir
+            .path()
+            .join("staging")
+            .join(format!("{}-{id}", std::process::id()));
+        let fs = Arc::new(MountedFs::new(
+            vault.clone(),
+            volume,
+            root,
+            read_only,
+            options.cache_bytes,
+            staging.clone(),
+            work.map(Mutex::new),
+        )?);
+        if !notes.is_empty() {
+            fs.mark_changed();
+        }
+        let mut mount_options = vec![
+            fuser::MountOption::FSName(format!("forge:{}", options.volume)),
+            fuser::MountOption::Subtype("forge".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+        ];
+        mount_options.push(if read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        });
+        let mut config = fuser::Config::default();
+        config.mount_options = mount_options;
+        config.n_threads = Some(4);
+        config.clone_fd = true;
+        let mut session = fuser::Session::new(FuseAdapter(fs.clone()), &mountpoint, &config)
+            .map_err(|error| {
+                NodeError::Mount(format!("mounting at {}: {error}", mountpoint.display()))
+            })?;
+        let record = MountRecord {
+            pid: std::process::id(),
+            id,
+            volume: options.volume.clone(),
+            branch: options.snapshot.is_none().then(|| branch.clone()),
+            mountpoint: mountpoint.clone(),
+            read_only,
+        };
+        let registry = registry_dir(&self.data_dir);
+        std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
+        let record_path = registry.join(format!("{}-{id}.json", record.pid));
+        std::fs::write(
+            &record_path,
+            serde_json::to_vec(&record).map_err(|error| NodeError::Mount(error.to_string()))?,
+        )
+        .map_err(NodeError::io("writing", &record_path))?;
+        let active = Arc::new(ActiveMount {
+            id,
+            record,
+            fs,
+            unmounter: Mutex::new(Some(session.unmount_callable())),
+        });
+        self.lock().active.push(active.clone());
+        let host = self.clone();
+        std::thread::spawn(move || {
+            let served = session.run();
+            host.finish(&active, served, &staging, &record_path);
+        });
+        let what = match (&options.snapshot, read_only) {
+            (Some(snapshot), _) => format!("snapshot {snapshot} of {} read-only", options.volume),
+            (None, true) => format!("{} branch {branch} read-only", options.volume),
+            (None, false) => format!("{} branch {branch} read-write", options.volume),
+        };
+        let mut ready = format!("{READY_WORD} {what} at {}", mountpoint.display());
+        for note in &notes {
+            ready.push_str("; ");
+            ready.push_str(note);
+        }
+        Ok(ready)
+    }
+
+    /// After a mount's session ended: commit, record the summary, forget the mount.
+    fn finish(
+        &self,
+        active: &ActiveMount,
+        served: std::io::Result<()>,
+        staging: &Path,
+        record_path: &Path,
+    ) {
+        let mountpoint = &active.record.mountpoint;
+        let summary = match (served, active.record.read_only) {
+            (Err(error), _) => Err(format!("serving {}: {error}", mountpoint.display())),
+            (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),
+            (Ok(()), false) => commit(&active.fs, "unmount")
+                .map(|outcome| match outcome {
+                    Some(CommitOutcome { snapshot, branch, conflict: false }) => format!(
+                        "unmounted {}; snapshot {snapshot} committed to {branch}",
+                        mountpoint.display()
+                    ),
+                    Some(CommitOutcome { snapshot, branch, conflict: true }) => format!(
+                        "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
+                        mountpoint.display()
+                    ),
+                    None => format!("unmounted {}; nothing changed", mountpoint.display()),
+                })
+                .map_err(|error| error.to_string()),
+        };
+        if let Err(error) = &summary {
+            tracing::error!(%error, "mount at {} ended badly", mountpoint.display());
+        }
+        let _ = std::fs::remove_dir_all(staging);
+        let text = match &summary {
+            Ok(text) => text.clone(),
+            Err(error) => format!("error: {error}"),
+        };
+        let mut state = self.lock();
+        state.active.retain(|other| other.id != active.id);
+        state.finished.push((active.id, summary));
+        if state.active.is_empty() {
+            // The last mount: its summary waits until the vault is closed.
+            state.unpublished.push((active.id, text));
+        } else {
+            publish_summary(&self.data_dir, active.id, &text);
+        }
+        let _ = std::fs::remove_file(record_path);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Unmounts every mount (on SIGINT/SIGTERM).
+    pub fn unmount_all(&self) {
+        let active: Vec<Arc<ActiveMount>> = self.lock().active.clone();
+        for mount in active {
+            let unmounter = mount
+                .unmounter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(mut unmounter) = unmounter {
+                let _ = unmounter.unmount();
+            }
+        }
+    }
+
+    /// Waits until no mount is left, then stops the control socket (re-checking, so a
+    /// mount that arrived meanwhile is served too). Returns the summaries in order.
+    fn wait_until_idle(
+        &self,
+        control: crate::control::ControlHandle,
+    ) -> Vec<std::result::Result<String, String>> {
+        let mut control = Some(control);
+        loop {
+            let mut state = self.lock();
+            while !state.active.is_empty() {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            drop(state);
+            // No command may run beside the final commits or after the vault closes.
+            drop(control.take());
+            if self.lock().active.is_empty() {
+                break;
+            }
+        }
+        self.lock()
+            .finished
+            .iter()
+            .map(|(_, summary)| summary.clone())
+            .collect()
+    }
+
+    fn take_pending_summaries(&self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.lock().unpublished)
+    }
+
+    /// Commits the working state of every read-write mount of `volume`.
+    ///
+    /// # Errors
+    /// Storage errors; the volume is not mounted read-write here.
+    pub fn commit_volume(&self, volume: &str, message: &str) -> Result<Vec<Option<CommitOutcome>>> {
+        let mounts: Vec<Mounted> = self
+            .mounts()
+            .into_iter()
+            .filter(|mounted| mounted.volume == volume && mounted.is_read_write())
+            .collect();
+        if mounts.is_empty() {
+            return Err(NodeError::InvalidArgument {
+                what: "volume",
+                value: volume.to_owned(),
+                reason: "it is not mounted read-write, so there is nothing to commit; to \
+                         snapshot a directory use forge volume import NAME DIR"
+                    .into(),
             });
         }
-        let mut root = match head {
-            Some(head) => Some(Cid::from_bytes(vault.read_commit(&volume, &head)?.root)),
-            None => None,
-        };
-        let mut base = head;
-        if let Some(state) = working_state(&vault, &volume, branch)? {
-            root = Some(Cid::from_bytes(state.root));
-            base = state.base.map(Cid::from_bytes);
-            notes.push("recovered the working state a previous mount left (fsynced data is back)");
-        }
-        let work = (!read_only).then(|| WorkTarget {
-            branch: branch.to_owned(),
-            base,
-        });
-        (root, work)
-    };
-    let recovered = !notes.is_empty();
-    let staging = data_dir
-        .path()
-        .join("staging")
-        .join(std::process::id().to_string());
-    let fs = Arc::new(MountedFs::new(
-        vault.clone(),
-        volume.clone(),
-        root,
-        read_only,
-        options.cache_bytes,
-        staging.clone(),
-        work.map(Mutex::new),
-    )?);
-    if recovered {
-        fs.mark_changed();
+        mounts
+            .iter()
+            .map(|mounted| commit(&mounted.fs, message))
+            .collect()
     }
-    let mut mount_options = vec![
-        fuser::MountOption::FSName(format!("forge:{}", options.volume)),
-        fuser::MountOption::Subtype("forge".into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-    ];
-    mount_options.push(if read_only {
-        fuser::MountOption::RO
-    } else {
-        fuser::MountOption::RW
-    });
-    let mut config = fuser::Config::default();
-    config.mount_options = mount_options;
-    config.n_threads = Some(4);
-    config.clone_fd = true;
-    let mut session =
-        fuser::Session::new(FuseAdapter(fs.clone()), mountpoint, &config).map_err(|error| {
-            NodeError::Mount(format!("mounting at {}: {error}", mountpoint.display()))
-        })?;
-    let record = MountRecord {
-        pid: std::process::id(),
-        volume: options.volume.clone(),
-        branch: options.snapshot.is_none().then(|| branch.to_owned()),
-        mountpoint: mountpoint.to_owned(),
-        read_only,
-    };
+
+    /// Whether any mount accepts writes.
+    #[must_use]
+    pub fn has_read_write_mount(&self) -> Option<String> {
+        self.mounts()
+            .into_iter()
+            .find(Mounted::is_read_write)
+            .map(|mounted| mounted.volume)
+    }
+}
+
+/// Writes a finished mount's summary for `unmount` to read (whole, then renamed).
+fn publish_summary(data_dir: &DataDir, id: u64, text: &str) {
     let registry = registry_dir(data_dir);
-    std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
-    let record_path = registry.join(format!("{}.json", record.pid));
-    std::fs::write(
-        &record_path,
-        serde_json::to_vec(&record).map_err(|error| NodeError::Mount(error.to_string()))?,
-    )
-    .map_err(NodeError::io("writing", &record_path))?;
-    let what = match (&options.snapshot, read_only) {
-        (Some(snapshot), _) => format!("snapshot {snapshot} of {} read-only", options.volume),
-        (None, true) => format!("{} branch {branch} read-only", options.volume),
-        (None, false) => format!("{} branch {branch} read-write", options.volume),
-    };
-    let mut ready = format!("{READY_WORD} {what} at {}", mountpoint.display());
-    for note in &notes {
-        ready.push_str("; ");
-        ready.push_str(note);
-    }
-    {
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "{ready}");
-        let _ = stdout.flush();
-    }
-    // Other commands on this data directory now run here, through the control socket.
-    let control = crate::control::serve(
-        vault.clone(),
-        Mounted {
-            volume: options.volume.clone(),
-            fs: fs.clone(),
-        },
-    )?;
-    let mut unmounter = session.unmount_callable();
-    std::thread::spawn(move || {
-        wait_for_termination_signal();
-        let _ = unmounter.unmount();
-    });
-    let served = session.run();
-    // No command may run beside the final commit.
-    drop(control);
-    let summary = match (served, read_only) {
-        (Err(error), _) => Err(NodeError::Mount(format!("serving {}: {error}", mountpoint.display()))),
-        (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),
-        (Ok(()), false) => commit(&fs, "unmount").map(|outcome| match outcome {
-            Some(CommitOutcome { snapshot, branch, conflict: false }) => format!(
-                "unmounted {}; snapshot {snapshot} committed to {branch}",
-                mountpoint.display()
-            ),
-            Some(CommitOutcome { snapshot, branch, conflict: true }) => format!(
-                "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
-                mountpoint.display()
-            ),
-            None => format!("unmounted {}; nothing changed", mountpoint.display()),
-        }),
-    };
-    let _ = std::fs::remove_dir_all(&staging);
-    // Close the vault (and release the data directory) before telling `unmount` we are
-    // done, so the next command finds it free.
-    drop(fs);
-    drop(volume);
-    drop(vault);
-    let done_path = registry.join(format!("{}.done", record.pid));
-    let text = match &summary {
-        Ok(text) => text.clone(),
-        Err(error) => format!("error: {error}"),
-    };
-    // Written whole, then renamed: `unmount` never reads half a summary.
-    let partial = registry.join(format!("{}.done.partial", record.pid));
+    let done = registry.join(format!("{}-{id}.done", std::process::id()));
+    let partial = registry.join(format!("{}-{id}.done.partial", std::process::id()));
     if std::fs::write(&partial, text).is_ok() {
-        let _ = std::fs::rename(&partial, &done_path);
+        let _ = std::fs::rename(&partial, &done);
     }
-    let _ = std::fs::remove_file(&record_path);
-    summary
 }
 
 /// What a commit of the working tree did.
@@ -646,7 +863,7 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     // The mount process commits the working tree, writes its summary, then exits. (An
     // exited process can linger as a zombie until its new parent reaps it: the summary
     // file is the signal.)
-    let done_path = registry_dir(data_dir).join(format!("{}.done", record.pid));
+    let done_path = registry_dir(data_dir).join(format!("{}-{}.done", record.pid, record.id));
     while process_alive(record.pid) && !done_path.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -165,6 +165,34 @@ pub enum VolumeCommand {
     },
 }
 
+impl VolumeCommand {
+    /// The options of a `mount` command (None for any other).
+    #[must_use]
+    pub fn mount_options(&self) -> Option<crate::mount::MountOptions> {
+        let Self::Mount {
+            name,
+            mountpoint,
+            branch,
+            snapshot,
+            read_only,
+            background,
+            cache_size,
+        } = self
+        else {
+            return None;
+        };
+        Some(crate::mount::MountOptions {
+            volume: name.clone(),
+            mountpoint: mountpoint.clone(),
+            branch: branch.clone(),
+            snapshot: snapshot.clone(),
+            read_only: *read_only,
+            background: *background,
+            cache_bytes: *cache_size as usize,
+        })
+    }
+}
+
 /// `forge snapshot ...`
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -263,24 +291,10 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
-            Command::Volume(VolumeCommand::Mount {
-                name,
-                mountpoint,
-                branch,
-                snapshot,
-                read_only,
-                background,
-                cache_size,
-            }) => {
-                let options = crate::mount::MountOptions {
-                    volume: name.clone(),
-                    mountpoint: mountpoint.clone(),
-                    branch: branch.clone(),
-                    snapshot: snapshot.clone(),
-                    read_only: *read_only,
-                    background: *background,
-                    cache_bytes: *cache_size as usize,
-                };
+            Command::Volume(command @ VolumeCommand::Mount { .. }) => {
+                let options = command
+                    .mount_options()
+                    .ok_or_else(|| NodeError::Mount("not a mount command".into()))?;
                 let summary = crate::mount::mount(&self.data_dir()?, &options, &ask_passphrase)?;
                 Ok(Output {
                     json: json!({"summary": summary}),
@@ -519,29 +533,12 @@ fn volume_command(
                 }),
             })
         }
-        VolumeCommand::Mount {
-            name,
-            mountpoint,
-            branch,
-            snapshot,
-            read_only,
-            background,
-            cache_size,
-        } => {
+        VolumeCommand::Mount { .. } => {
             // Sent by another `forge volume mount` to this mount host.
-            let Some(host) = context.host else {
+            let (Some(host), Some(options)) = (context.host, command.mount_options()) else {
                 return Err(NodeError::Mount(
                     "mount runs without opening the vault first".into(),
                 ));
-            };
-            let options = crate::mount::MountOptions {
-                volume: name.clone(),
-                mountpoint: mountpoint.clone(),
-                branch: branch.clone(),
-                snapshot: snapshot.clone(),
-                read_only: *read_only,
-                background: *background,
-                cache_bytes: *cache_size as usize,
             };
             let ready = host.mount(&options, context.passphrase)?;
             let human = format!("{ready} (served by forge process {})", std::process::id());

@@ -15,13 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use forge_crypto::Cid;
-use forge_crypto::seal;
-use forge_store::chunkstore::read_chunk;
 use forge_store::object::FileManifest;
 
 use crate::error::{NodeError, Result};
+use crate::vault::Vault;
 use crate::vault::import::Importer;
-use crate::vault::{CHUNK_AAD, Vault};
 
 /// A committed file content with the start offset of every chunk.
 #[derive(Debug, Default)]
@@ -308,19 +306,7 @@ pub fn load_chunk(
 ) -> Result<Arc<Vec<u8>>> {
     let chunk = &base.manifest.chunks[index];
     let cid = chunk.cid();
-    cache.get_or_load(&cid, || {
-        let read = read_chunk(vault.kv(), &cid)?;
-        let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
-            .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
-        if plaintext.len() != chunk.len as usize {
-            return Err(NodeError::Integrity(format!(
-                "chunk {cid} has {} bytes, its manifest says {}",
-                plaintext.len(),
-                chunk.len
-            )));
-        }
-        Ok(plaintext)
-    })
+    cache.get_or_load(&cid, || vault.read_chunk_plaintext(chunk))
 }
 
 /// Fills `out` with the base bytes at `offset..offset + out.len()` (which must lie inside

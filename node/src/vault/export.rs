@@ -13,7 +13,7 @@ use filetime::FileTime;
 use forge_crypto::Cid;
 use forge_crypto::seal;
 use forge_store::chunkstore::read_chunk;
-use forge_store::object::{EntryContent, FileManifest, TreeEntry};
+use forge_store::object::{ChunkRef, EntryContent, FileManifest, TreeEntry};
 use rayon::prelude::*;
 
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
@@ -43,6 +43,27 @@ pub enum SnapshotSelector {
 }
 
 impl Vault {
+    /// The plaintext of one chunk: its shards gathered (and repaired from parity when
+    /// needed) and checked against the cid, the seal opened with the manifest's chunk key,
+    /// and the length checked. Never returns bytes that failed a check.
+    ///
+    /// # Errors
+    /// [`NodeError::Integrity`] naming the cid; engine errors.
+    pub(crate) fn read_chunk_plaintext(&self, chunk: &ChunkRef) -> Result<Vec<u8>> {
+        let cid = chunk.cid();
+        let read = read_chunk(self.kv(), &cid)?;
+        let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
+            .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
+        if plaintext.len() != chunk.len as usize {
+            return Err(NodeError::Integrity(format!(
+                "chunk {cid} has {} bytes, its manifest says {}",
+                plaintext.len(),
+                chunk.len
+            )));
+        }
+        Ok(plaintext)
+    }
+
     /// Resolves a selector to a snapshot id.
     ///
     /// # Errors
@@ -176,17 +197,7 @@ impl Exporter<'_> {
             .open(path)
             .map_err(NodeError::io("creating", path))?;
         for chunk in &manifest.chunks {
-            let cid = chunk.cid();
-            let read = read_chunk(self.vault.kv(), &cid)?;
-            let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
-                .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
-            if plaintext.len() != chunk.len as usize {
-                return Err(NodeError::Integrity(format!(
-                    "chunk {cid} has {} bytes, its manifest says {}",
-                    plaintext.len(),
-                    chunk.len
-                )));
-            }
+            let plaintext = self.vault.read_chunk_plaintext(chunk)?;
             file.write_all(&plaintext)
                 .map_err(NodeError::io("writing", path))?;
         }

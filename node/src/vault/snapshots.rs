@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt as _;
 
 use forge_crypto::Cid;
 use forge_store::VolumeId;
-use forge_store::kv::{Column, Durability, WriteBatch};
+use forge_store::kv::{Column, Durability, WriteBatch, prefix_end};
 use forge_store::object::{EntryContent, TreeEntry};
 
 use super::check::for_each_entry;
@@ -266,41 +266,29 @@ impl Vault {
                     .into_iter()
                     .map(|(_, cid)| cid),
             );
-            // A mount's working state left by a crash is recovered by the next mount: what
-            // it reaches is live too.
-            let prefix = keys::key(keys::WORKING_STATE, &[volume.id.as_bytes()]);
-            let mut working_roots = Vec::new();
-            for_each_entry(self.kv(), Column::Meta, |key, value| {
-                if key.starts_with(&prefix) {
-                    working_roots.push(value.to_vec());
-                }
-            })?;
-            for value in working_roots {
-                let state: records::WorkingState = records::decode("working state", &value)?;
-                self.walk_tree(
-                    &volume,
-                    Cid::from_bytes(state.root),
-                    &mut live_objects,
-                    &mut |_, chunk| {
-                        live_chunks.insert(chunk.cid());
-                        Ok(())
-                    },
-                )?;
-            }
+            let mut trees = Vec::new();
             for snapshot in roots {
                 live_objects.insert(snapshot);
                 let (_, index_nodes) = self.walk_index(&record, &snapshot)?;
                 live_objects.extend(index_nodes);
-                let commit = self.read_commit(&volume, &snapshot)?;
-                self.walk_tree(
-                    &volume,
-                    Cid::from_bytes(commit.root),
-                    &mut live_objects,
-                    &mut |_, chunk| {
-                        live_chunks.insert(chunk.cid());
-                        Ok(())
-                    },
-                )?;
+                trees.push(Cid::from_bytes(self.read_commit(&volume, &snapshot)?.root));
+            }
+            // A mount's working state left by a crash is recovered by the next mount: what
+            // it reaches is live too.
+            let prefix = keys::key(keys::WORKING_STATE, &[volume.id.as_bytes()]);
+            let end = prefix_end(&prefix);
+            for (_, value) in self
+                .kv()
+                .scan(Column::Meta, &prefix, end.as_deref(), usize::MAX)?
+            {
+                let state: records::WorkingState = records::decode("working state", &value)?;
+                trees.push(Cid::from_bytes(state.root));
+            }
+            for tree in trees {
+                self.walk_tree(&volume, tree, &mut live_objects, &mut |_, chunk| {
+                    live_chunks.insert(chunk.cid());
+                    Ok(())
+                })?;
             }
         }
         let mut report = GcReport {

@@ -799,3 +799,30 @@ fn one_process_serves_several_mounts_and_exits_after_the_last() {
     assert_eq!(fs::read(out.join("c.txt")).unwrap(), b"in another volume");
     assert!(!vault.root.join("vault/control.sock").exists());
 }
+
+#[test]
+fn a_file_closed_after_another_files_fsync_is_committed_whole() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let mountpoint = vault.mount("mnt", &[]);
+    fs::create_dir(mountpoint.join("dir")).unwrap();
+    // A stays open while B is fsynced (which stores the working tree with A's old
+    // content); A's close must still reach the commit.
+    let mut a = fs::File::create(mountpoint.join("dir/a.txt")).unwrap();
+    a.write_all(b"first half, second half").unwrap();
+    let mut b = fs::File::create(mountpoint.join("dir/b.txt")).unwrap();
+    b.write_all(b"fsynced").unwrap();
+    b.sync_all().unwrap();
+    drop(b);
+    drop(a);
+    vault.unmount(&mountpoint);
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(exported.join("dir/a.txt")).unwrap(),
+        b"first half, second half"
+    );
+    assert_eq!(fs::read(exported.join("dir/b.txt")).unwrap(), b"fsynced");
+}

@@ -524,12 +524,17 @@ impl MountedFs {
         {
             let mut inodes = self.lock();
             if let Some(Inode {
+                parent,
                 kind: NodeKind::File(file),
                 ..
             }) = inodes.nodes.get_mut(&ino)
             {
                 file.base = Arc::new(BaseContent::new(manifest));
                 file.staged = None;
+                // A tree stored since the write (by an fsync of another file) still names
+                // the old content: it must be stored again.
+                let parent = *parent;
+                Self::invalidate_trees(&mut inodes, parent);
             }
         }
         drop(state);

@@ -391,10 +391,19 @@ fn fsynced_data_survives_a_killed_mount() {
     while Path::new(&format!("/proc/{pid}")).exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let _ = StdCommand::new("fusermount3")
-        .arg("-uz")
-        .arg(&mountpoint)
-        .output();
+    // The dead mount is refused with a hint, and `unmount` clears it.
+    let refused = vault.run(&[
+        "volume",
+        "mount",
+        "v",
+        mountpoint.to_str().unwrap(),
+        "--background",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("forge volume unmount"),
+        "{refused:?}"
+    );
+    vault.unmount(&mountpoint);
     // gc keeps what the recoverable working state reaches.
     vault.ok(&["gc"]);
 

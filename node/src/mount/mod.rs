@@ -197,8 +197,22 @@ fn check_options(options: &MountOptions) -> Result<(PathBuf, bool, String)> {
     if let Some(branch) = &options.branch {
         validate_name("branch name", branch)?;
     }
-    let metadata = std::fs::metadata(&options.mountpoint)
-        .map_err(NodeError::io("reading mount point", &options.mountpoint))?;
+    let metadata = match std::fs::metadata(&options.mountpoint) {
+        Ok(metadata) => metadata,
+        Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(NodeError::Mount(format!(
+                "{} is still mounted but its process is gone (killed?); clear it with \
+                 forge volume unmount {}, then mount again (fsynced data comes back)",
+                options.mountpoint.display(),
+                options.mountpoint.display()
+            )));
+        }
+        Err(error) => {
+            return Err(NodeError::io("reading mount point", &options.mountpoint)(
+                error,
+            ));
+        }
+    };
     if !metadata.is_dir() {
         return Err(NodeError::InvalidArgument {
             what: "mount point",

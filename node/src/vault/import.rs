@@ -124,8 +124,10 @@ impl Vault {
         let root = importer
             .import_directory(source)?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
+        tracing::debug!(elapsed = ?progress.elapsed(), "import: tree walked and chunks staged");
         let index_root = importer.stage_reference_index()?;
         importer.write_pending()?;
+        tracing::debug!(elapsed = ?progress.elapsed(), "import: reference index staged");
         let counters = importer
             .counters
             .into_inner()
@@ -188,6 +190,7 @@ impl Vault {
         // Chunks and objects must be durable before the snapshot that names them.
         self.kv()
             .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
+        tracing::debug!("snapshot: staged data flushed");
         let commit = SnapshotCommit {
             volume: *volume.id.as_bytes(),
             root: *new.root.as_bytes(),

@@ -415,6 +415,11 @@ fn fsynced_data_survives_a_killed_mount() {
         "--background",
     ]);
     assert!(printed.contains("recovered"), "{printed}");
+    // The dead host's staging files are cleared by the new one.
+    let staging: Vec<_> = fs::read_dir(vault.root.join("vault/staging"))
+        .unwrap()
+        .collect();
+    assert_eq!(staging.len(), 1, "only the new host's staging directory");
     assert_eq!(
         fs::read(mountpoint.join("durable.txt")).unwrap(),
         b"fsynced before the crash"

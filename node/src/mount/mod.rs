@@ -329,9 +329,17 @@ impl Host {
     /// # Errors
     /// As [`Vault::open`].
     pub fn open(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
+        let vault = Arc::new(Vault::open(data_dir, passphrase)?);
+        // We own the directory now: staging files of earlier hosts are leftovers of a
+        // crash (their fsynced data lives in the vault, the rest was never acknowledged).
+        if let Ok(entries) = std::fs::read_dir(data_dir.path().join("staging")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         Ok(Self {
             data_dir: data_dir.clone(),
-            vault: Arc::new(Vault::open(data_dir, passphrase)?),
+            vault,
             state: Mutex::new(HostState::default()),
             changed: std::sync::Condvar::new(),
         })

@@ -22,3 +22,4 @@ echo "== vault in $FORGE_DATA_DIR"
 "$forge" volume stats demo
 "$forge" stats
 echo "== try: $forge volume export demo /tmp/demo-export   (with FORGE_DATA_DIR=$FORGE_DATA_DIR)"
+echo "== or:  mkdir -p /tmp/demo-mnt && $forge volume mount demo /tmp/demo-mnt --background   (then: $forge volume unmount /tmp/demo-mnt)"

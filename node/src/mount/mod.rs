@@ -293,6 +293,9 @@ pub struct Host {
     vault: Arc<Vault>,
     state: Mutex<HostState>,
     changed: std::sync::Condvar,
+    /// Held while a mount is checked and set up: two requests for the same branch cannot
+    /// both pass the one-read-write-mount check.
+    mounting: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -342,6 +345,7 @@ impl Host {
             vault,
             state: Mutex::new(HostState::default()),
             changed: std::sync::Condvar::new(),
+            mounting: Mutex::new(()),
         })
     }
 
@@ -379,6 +383,10 @@ impl Host {
         passphrase: PassphraseSource<'_>,
     ) -> Result<String> {
         let (mountpoint, read_only, branch) = check_options(options)?;
+        let _mounting = self
+            .mounting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for active in &self.lock().active {
             let record = &active.record;
             if record.mountpoint == mountpoint {

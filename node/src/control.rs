@@ -41,7 +41,17 @@ pub fn socket_path(data_dir: &DataDir) -> PathBuf {
 /// answer.
 pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
     let socket = socket_path(data_dir);
-    if !socket.exists() || crate::mount::running_mounts(data_dir)?.is_empty() {
+    if crate::mount::running_mounts(data_dir)?.is_empty() {
+        return Ok(None);
+    }
+    // A host registers its first mount just before its socket is up: give it a moment.
+    for _ in 0..250 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if !socket.exists() {
         return Ok(None);
     }
     let request = RunRequest {

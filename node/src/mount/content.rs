@@ -483,8 +483,128 @@ impl io::Read for OverlayReader<'_> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::datadir::{DataDir, SecretProtection};
+    use crate::progress::Progress;
+    use crate::vault::CreateVolumeOptions;
+    use proptest::prelude::*;
+
+    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
+        Err(NodeError::Mount("no passphrase in this test".into()))
+    }
+
+    /// What a test case does to the file after it was committed.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Write { offset: usize, len: usize, byte: u8 },
+        Truncate { len: usize },
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            3 => (0usize..40_000, 1usize..3_000, any::<u8>())
+                .prop_map(|(offset, len, byte)| Edit::Write { offset, len, byte }),
+            1 => (0usize..40_000).prop_map(|len| Edit::Truncate { len }),
+        ]
+    }
+
+    /// The invariant behind incremental re-chunking: whatever was written or cut off, the
+    /// chunks it produces are exactly those of chunking the final content from scratch,
+    /// and they read back as that content.
+    #[test]
+    fn rechunking_gives_the_chunks_of_chunking_from_scratch() {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(temp.path().join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        let options = CreateVolumeOptions {
+            domain: Some("small".into()),
+            chunk_avg_bytes: Some(1024),
+            ..CreateVolumeOptions::default()
+        };
+        vault.create_volume("v", &options, &no_passphrase).unwrap();
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let cache = ChunkCache::new(1 << 20);
+        let progress = Progress::new("test", false);
+        let chunk_all = |content: &[u8]| -> FileManifest {
+            let importer = Importer::new(&vault, &volume, &progress).unwrap();
+            let mut manifest = FileManifest::default();
+            for chunk in importer.chunker().chunks(content) {
+                importer
+                    .add_chunk(&mut manifest, &chunk.unwrap().data)
+                    .unwrap();
+            }
+            importer.write_pending().unwrap();
+            manifest
+        };
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 48,
+            ..ProptestConfig::default()
+        });
+        let strategy = (
+            any::<u64>(),
+            0usize..30_000,
+            proptest::collection::vec(edit(), 0..5),
+        );
+        let case = std::sync::atomic::AtomicU64::new(0);
+        runner
+            .run(&strategy, |(seed, size, edits)| {
+                let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let original: Vec<u8> = (0..size as u64)
+                    .map(|i| (seed.wrapping_add(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                    .collect();
+                let base = BaseContent::new(chunk_all(&original));
+                let staged =
+                    Staged::create(temp.path().join(format!("staged-{case}")), base.size())
+                        .unwrap();
+                let mut expected = original.clone();
+                let mut size = expected.len() as u64;
+                {
+                    let mut state = staged.lock();
+                    for edit in &edits {
+                        match *edit {
+                            Edit::Write { offset, len, byte } => {
+                                let data = vec![byte; len];
+                                staged.file.write_all_at(&data, offset as u64).unwrap();
+                                state.dirty.insert(offset as u64, (offset + len) as u64);
+                                if expected.len() < offset + len {
+                                    expected.resize(offset + len, 0);
+                                }
+                                expected[offset..offset + len].copy_from_slice(&data);
+                                size = size.max((offset + len) as u64);
+                            }
+                            Edit::Truncate { len } => {
+                                state.dirty.truncate(len as u64);
+                                state.base_limit = state.base_limit.min(len as u64);
+                                staged.file.set_len(len as u64).unwrap();
+                                expected.resize(len, 0);
+                                size = len as u64;
+                            }
+                        }
+                    }
+                }
+                let state = staged.lock();
+                let importer = Importer::new(&vault, &volume, &progress).unwrap();
+                let manifest =
+                    rechunk(&vault, &cache, &importer, &base, &staged, &state, size).unwrap();
+                importer.write_pending().unwrap();
+                let from_scratch = chunk_all(&expected);
+                prop_assert_eq!(&manifest, &from_scratch);
+                let mut read_back = vec![0u8; expected.len()];
+                read_base(
+                    &vault,
+                    &cache,
+                    &BaseContent::new(manifest),
+                    0,
+                    &mut read_back,
+                )
+                .unwrap();
+                prop_assert_eq!(read_back, expected);
+                Ok(())
+            })
+            .unwrap();
+    }
 
     #[test]
     fn range_sets_merge_and_truncate() {

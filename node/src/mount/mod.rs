@@ -164,13 +164,14 @@ pub fn mount(
     block_termination_signals();
     let host = Arc::new(Host::open(data_dir, passphrase)?);
     let ready = host.mount(options, passphrase)?;
+    // Other commands on this data directory now run here, through the control socket: it
+    // is up before anyone is told the mount is ready.
+    let control = crate::control::serve(host.clone())?;
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{ready}");
         let _ = stdout.flush();
     }
-    // Other commands on this data directory now run here, through the control socket.
-    let control = crate::control::serve(host.clone())?;
     let signalled = host.clone();
     std::thread::spawn(move || {
         wait_for_termination_signal();

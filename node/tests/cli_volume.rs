@@ -8,64 +8,12 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 
-use assert_cmd::Command;
 use serde_json::Value;
 
-struct Vault {
-    _temp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Vault {
-    fn new() -> Self {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().to_owned();
-        let vault = Self { _temp: temp, root };
-        vault.ok(&["init"]);
-        vault
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.root.join("vault")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::cargo_bin("forge").unwrap();
-        command
-            .env_remove("FORGE_PASSPHRASE")
-            .env_remove("RUST_LOG")
-            .env("FORGE_DATA_DIR", self.data_dir())
-            .args(args);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(
-            output.status.success(),
-            "forge {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        serde_json::from_str(&self.ok(&args)).unwrap()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
+mod common;
+use common::Vault;
 
 fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
     let mut bytes = vec![0u8; len];

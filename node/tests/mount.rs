@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command as StdCommand, Output};
+use std::process::Command as StdCommand;
 
 use assert_cmd::Command;
 
@@ -26,10 +26,20 @@ fn fuse_available() -> bool {
     available
 }
 
+mod common;
+
+/// A vault with a volume `v`, which unmounts whatever its test mounted when dropped.
 struct Vault {
-    _temp: tempfile::TempDir,
-    root: PathBuf,
+    inner: common::Vault,
     mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl std::ops::Deref for Vault {
+    type Target = common::Vault;
+
+    fn deref(&self) -> &common::Vault {
+        &self.inner
+    }
 }
 
 impl Drop for Vault {
@@ -46,41 +56,12 @@ impl Drop for Vault {
 
 impl Vault {
     fn new() -> Self {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().to_owned();
-        let vault = Self {
-            _temp: temp,
-            root,
+        let inner = common::Vault::new();
+        inner.ok(&["volume", "create", "v"]);
+        Self {
+            inner,
             mounts: std::cell::RefCell::new(Vec::new()),
-        };
-        vault.ok(&["init"]);
-        vault.ok(&["volume", "create", "v"]);
-        vault
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::cargo_bin("forge")
-            .unwrap()
-            .env_remove("FORGE_PASSPHRASE")
-            .env_remove("RUST_LOG")
-            .env("FORGE_DATA_DIR", self.root.join("vault"))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(
-            output.status.success(),
-            "forge {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        }
     }
 
     /// Mounts volume `v` in the background; returns the mount point.

@@ -1,0 +1,73 @@
+//! What the end-to-end test binaries share: a fresh vault in a temporary directory and
+//! the `forge` binary run against it.
+
+// Each test binary uses a part of this.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+/// A vault initialised in a temporary directory (removed on drop).
+pub struct Vault {
+    _temp: tempfile::TempDir,
+    /// The temporary directory; the vault is its `vault/` subdirectory.
+    pub root: PathBuf,
+}
+
+impl Vault {
+    /// A new, initialised vault.
+    pub fn new() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().to_owned();
+        let vault = Self { _temp: temp, root };
+        vault.ok(&["init"]);
+        vault
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("vault")
+    }
+
+    /// `forge ARGS` on this vault, with no passphrase and no log settings inherited.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::cargo_bin("forge").unwrap();
+        command
+            .env_remove("FORGE_PASSPHRASE")
+            .env_remove("RUST_LOG")
+            .env("FORGE_DATA_DIR", self.data_dir())
+            .args(args);
+        command
+    }
+
+    /// Runs `forge ARGS`, whatever its outcome.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs `forge ARGS`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "forge {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs `forge ARGS --json`, which must succeed; returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
+    /// A path in the temporary directory, beside the vault.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}

@@ -895,7 +895,18 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     // exited process can linger as a zombie until its new parent reaps it: the summary
     // file is the signal.)
     let done_path = registry_dir(data_dir).join(format!("{}-{}.done", record.pid, record.id));
+    let started = std::time::Instant::now();
+    let mut told = false;
     while process_alive(record.pid) && !done_path.exists() {
+        if !told && started.elapsed() > Duration::from_secs(1) {
+            // A large working tree takes a while to chunk and commit: say what we wait for.
+            let _ = writeln!(
+                std::io::stderr(),
+                "forge: waiting for the mount at {} to commit its changes ...",
+                resolved.display()
+            );
+            told = true;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     let summary = std::fs::read_to_string(&done_path).unwrap_or_default();

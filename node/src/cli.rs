@@ -315,7 +315,7 @@ impl Cli {
                     return Ok(output);
                 }
                 if let Command::Snapshot(SnapshotCommand::Create { name, .. }) = &self.command {
-                    return snapshot_create(&data_dir, name);
+                    return Err(crate::mount::nothing_to_commit(name));
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 self.run_with(&VaultContext {
@@ -613,7 +613,7 @@ fn snapshot_command(
         }
         SnapshotCommand::Create { name, message } => {
             let Some(host) = context.host else {
-                return snapshot_create(vault.data_dir(), name);
+                return Err(crate::mount::nothing_to_commit(name));
             };
             let mut human = Vec::new();
             let mut rows = Vec::new();
@@ -847,30 +847,6 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
 }
 
 /// `2026-11-28T19:03:09Z` from nanoseconds since the epoch (UTC, proleptic Gregorian).
-/// `forge snapshot create` outside the mount process.
-fn snapshot_create(data_dir: &DataDir, name: &str) -> Result<Output> {
-    if let Some(running) = crate::mount::running_mounts(data_dir)?
-        .into_iter()
-        .find(|running| running.volume == name)
-    {
-        return Err(NodeError::Mount(format!(
-            "volume {name:?} is mounted at {} (pid {}): committing while mounted needs its \
-             control socket, which is not built yet; unmounting (forge volume unmount {}) \
-             commits the changes as a snapshot",
-            running.mountpoint.display(),
-            running.pid,
-            running.mountpoint.display()
-        )));
-    }
-    Err(NodeError::InvalidArgument {
-        what: "volume",
-        value: name.to_owned(),
-        reason: "it is not mounted, so there is nothing to commit; to snapshot a directory \
-                 use forge volume import NAME DIR"
-            .into(),
-    })
-}
-
 /// A timestamp usable in a branch name: `20261128T224501Z`.
 pub(crate) fn format_compact_time(time_ns: i64) -> String {
     format_time(time_ns).replace(['-', ':'], "")

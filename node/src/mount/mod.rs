@@ -73,23 +73,6 @@ pub struct MountRecord {
     pub read_only: bool,
 }
 
-/// A mount served by this process, as the control socket's commands see it.
-#[derive(Debug, Clone)]
-pub struct Mounted {
-    /// The volume's name.
-    pub volume: String,
-    /// The file system.
-    pub fs: Arc<MountedFs>,
-}
-
-impl Mounted {
-    /// Whether it accepts writes.
-    #[must_use]
-    pub fn is_read_write(&self) -> bool {
-        self.fs.work().is_some()
-    }
-}
-
 /// The working target of a read-write mount: the branch and the snapshot it builds on.
 #[derive(Debug)]
 pub struct WorkTarget {
@@ -177,8 +160,7 @@ pub fn mount(
         wait_for_termination_signal();
         signalled.unmount_all();
     });
-    let summaries = host.wait_until_idle(control);
-    let last = summaries.last().cloned();
+    let last = host.wait_until_idle(control);
     // Close the vault (releasing the data directory) before the last summaries are
     // published, so whoever waits for them finds the directory free.
     let pending = host.take_pending_summaries();
@@ -303,8 +285,8 @@ pub struct Host {
 struct HostState {
     next_id: u64,
     active: Vec<Arc<ActiveMount>>,
-    /// Summaries of finished mounts: (mount id, summary) with "error: " for failures.
-    finished: Vec<(u64, std::result::Result<String, String>)>,
+    /// The summary of the mount that finished last.
+    last_summary: Option<std::result::Result<String, String>>,
     /// Finished mounts whose summary is not published yet (the last ones wait for the
     /// vault to close).
     unpublished: Vec<(u64, String)>,
@@ -360,18 +342,6 @@ impl Host {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The mounts being served.
-    pub fn mounts(&self) -> Vec<Mounted> {
-        self.lock()
-            .active
-            .iter()
-            .map(|active| Mounted {
-                volume: active.record.volume.clone(),
-                fs: active.fs.clone(),
-            })
-            .collect()
     }
 
     /// Mounts a volume and serves it on a thread of its own; returns the ready line.
@@ -506,7 +476,15 @@ impl Host {
             fs,
             unmounter: Mutex::new(Some(session.unmount_callable())),
         });
-        self.lock().active.push(active.clone());
+        let pending = {
+            let mut state = self.lock();
+            state.active.push(active.clone());
+            // A summary held back for the vault to close can go out now: it stays open.
+            std::mem::take(&mut state.unpublished)
+        };
+        for (id, text) in pending {
+            publish_summary(&self.data_dir, id, &text);
+        }
         let host = self.clone();
         std::thread::spawn(move || {
             let served = session.run();
@@ -561,7 +539,7 @@ impl Host {
         };
         let mut state = self.lock();
         state.active.retain(|other| other.id != active.id);
-        state.finished.push((active.id, summary));
+        state.last_summary = Some(summary);
         if state.active.is_empty() {
             // The last mount: its summary waits until the vault is closed.
             state.unpublished.push((active.id, text));
@@ -589,11 +567,11 @@ impl Host {
     }
 
     /// Waits until no mount is left, then stops the control socket (re-checking, so a
-    /// mount that arrived meanwhile is served too). Returns the summaries in order.
+    /// mount that arrived meanwhile is served too). Returns the last mount's summary.
     fn wait_until_idle(
         &self,
         control: crate::control::ControlHandle,
-    ) -> Vec<std::result::Result<String, String>> {
+    ) -> Option<std::result::Result<String, String>> {
         let mut control = Some(control);
         loop {
             let mut state = self.lock();
@@ -610,11 +588,7 @@ impl Host {
                 break;
             }
         }
-        self.lock()
-            .finished
-            .iter()
-            .map(|(_, summary)| summary.clone())
-            .collect()
+        self.lock().last_summary.clone()
     }
 
     fn take_pending_summaries(&self) -> Vec<(u64, String)> {
@@ -626,33 +600,39 @@ impl Host {
     /// # Errors
     /// Storage errors; the volume is not mounted read-write here.
     pub fn commit_volume(&self, volume: &str, message: &str) -> Result<Vec<Option<CommitOutcome>>> {
-        let mounts: Vec<Mounted> = self
-            .mounts()
-            .into_iter()
-            .filter(|mounted| mounted.volume == volume && mounted.is_read_write())
+        let mounts: Vec<Arc<MountedFs>> = self
+            .lock()
+            .active
+            .iter()
+            .filter(|active| active.record.volume == volume && !active.record.read_only)
+            .map(|active| active.fs.clone())
             .collect();
         if mounts.is_empty() {
-            return Err(NodeError::InvalidArgument {
-                what: "volume",
-                value: volume.to_owned(),
-                reason: "it is not mounted read-write, so there is nothing to commit; to \
-                         snapshot a directory use forge volume import NAME DIR"
-                    .into(),
-            });
+            return Err(nothing_to_commit(volume));
         }
-        mounts
-            .iter()
-            .map(|mounted| commit(&mounted.fs, message))
-            .collect()
+        mounts.iter().map(|fs| commit(fs, message)).collect()
     }
 
-    /// Whether any mount accepts writes.
+    /// A volume mounted read-write, if any.
     #[must_use]
     pub fn has_read_write_mount(&self) -> Option<String> {
-        self.mounts()
-            .into_iter()
-            .find(Mounted::is_read_write)
-            .map(|mounted| mounted.volume)
+        self.lock()
+            .active
+            .iter()
+            .find(|active| !active.record.read_only)
+            .map(|active| active.record.volume.clone())
+    }
+}
+
+/// `forge snapshot create` on a volume that is not mounted read-write.
+#[must_use]
+pub fn nothing_to_commit(volume: &str) -> NodeError {
+    NodeError::InvalidArgument {
+        what: "volume",
+        value: volume.to_owned(),
+        reason: "it is not mounted read-write, so there is nothing to commit; to snapshot a \
+                 directory use forge volume import NAME DIR"
+            .into(),
     }
 }
 

@@ -226,10 +226,10 @@ impl ChunkCache {
                     if let Some(data) = self.get(cid) {
                         return Ok(data);
                     }
+                    // Evicted in between: load it below (unclaimed, harmlessly).
                     break;
                 }
-                if !inner.loading.contains(cid) {
-                    inner.loading.insert(*cid);
+                if inner.loading.insert(*cid) {
                     break;
                 }
                 inner = self
@@ -239,12 +239,24 @@ impl ChunkCache {
             }
         }
         let result = load().map(Arc::new);
-        if let Ok(data) = &result {
-            self.insert(*cid, data.clone());
+        self.complete(cid, result.as_ref().ok().cloned());
+        result
+    }
+
+    /// Claims the loading of `cid` for a read-ahead: false if it is cached or some thread
+    /// is loading it already. A claim must end with [`Self::complete`].
+    pub fn claim(&self, cid: &Cid) -> bool {
+        let mut inner = self.lock();
+        !inner.entries.contains_key(cid) && inner.loading.insert(*cid)
+    }
+
+    /// Ends a load: caches the chunk (if it loaded) and wakes readers waiting for it.
+    pub fn complete(&self, cid: &Cid, data: Option<Arc<Vec<u8>>>) {
+        if let Some(data) = data {
+            self.insert(*cid, data);
         }
         self.lock().loading.remove(cid);
         self.loaded.notify_all();
-        result
     }
 
     fn lock(&self) -> MutexGuard<'_, CacheInner> {
@@ -267,7 +279,8 @@ impl ChunkCache {
     }
 
     /// Whether `cid` is cached (without touching its age).
-    pub fn contains(&self, cid: &Cid) -> bool {
+    #[cfg(test)]
+    fn contains(&self, cid: &Cid) -> bool {
         self.lock().entries.contains_key(cid)
     }
 

@@ -25,7 +25,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use super::content::{BaseContent, ChunkCache, Staged, load_chunk, read_overlay, rechunk};
+use super::content::{BaseContent, ChunkCache, Staged, read_overlay, rechunk};
 use crate::clock::now_ns;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
@@ -105,8 +105,6 @@ pub struct MountedFs {
     gid: u32,
     /// The branch a read-write mount commits to (None when read-only).
     work: Option<Mutex<super::WorkTarget>>,
-    /// Chunks being read ahead right now.
-    prefetching: Mutex<std::collections::BTreeSet<Cid>>,
     /// Where read-ahead runs (None if the pool could not start: no read-ahead).
     read_ahead_pool: Option<rayon::ThreadPool>,
 }
@@ -209,7 +207,6 @@ impl MountedFs {
             uid,
             gid,
             work,
-            prefetching: Mutex::new(std::collections::BTreeSet::new()),
             read_ahead_pool: rayon::ThreadPoolBuilder::new()
                 .num_threads(READ_AHEAD_THREADS)
                 .thread_name(|index| format!("forge-read-ahead-{index}"))
@@ -649,22 +646,13 @@ impl MountedFs {
                 return;
             };
             let cid = chunk.cid();
-            if self.cache.contains(&cid)
-                || !self
-                    .prefetching
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(cid)
-            {
+            if !self.cache.claim(&cid) {
                 continue;
             }
             let (fs, base) = (self.clone(), base.clone());
             pool.spawn(move || {
-                let _ = load_chunk(&fs.vault, &fs.cache, &base, next);
-                fs.prefetching
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&cid);
+                let loaded = fs.vault.read_chunk_plaintext(&base.manifest.chunks[next]);
+                fs.cache.complete(&cid, loaded.ok().map(Arc::new));
             });
         }
     }

@@ -893,37 +893,25 @@ impl FuseAdapter {
                 None => return Err(Errno::ENOENT),
             }
         };
-        let result = match &staged {
-            Some(staged) => {
-                let state = staged.lock();
-                read_overlay(
-                    &fs.vault,
-                    &fs.cache,
-                    &base,
-                    Some((staged, &state)),
-                    file_size,
-                    offset,
-                    size as usize,
-                )
+        let state = staged.as_ref().map(|staged| staged.lock());
+        let overlay = staged.as_deref().zip(state.as_deref());
+        let result = read_overlay(
+            &fs.vault,
+            &fs.cache,
+            &base,
+            overlay,
+            file_size,
+            offset,
+            size as usize,
+        );
+        drop(state);
+        if staged.is_none() {
+            // Sequential readers find the next chunk decrypted by the time they reach it.
+            let last = offset + u64::from(size).saturating_sub(1);
+            if let Some(index) = base.chunk_at(last.min(file_size.saturating_sub(1))) {
+                fs.read_ahead(&base, index);
             }
-            None => {
-                let data = read_overlay(
-                    &fs.vault,
-                    &fs.cache,
-                    &base,
-                    None,
-                    file_size,
-                    offset,
-                    size as usize,
-                );
-                // Sequential readers find the next chunk decrypted by the time they reach it.
-                let last = offset + u64::from(size).saturating_sub(1);
-                if let Some(index) = base.chunk_at(last.min(file_size.saturating_sub(1))) {
-                    fs.read_ahead(&base, index);
-                }
-                data
-            }
-        };
+        }
         result.map_err(|error| log_error(&format!("read of inode {ino}"), &error))
     }
 }

@@ -9,7 +9,11 @@ use forge_crypto::pq::{ml_dsa_65, ml_kem_768};
 use serde_json::Value;
 
 fn load(name: &str) -> Value {
-    let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    // The runner's CARGO_MANIFEST_DIR first: the compile-time one names wherever the binary
+    // was built, and cargo reuses a build across checkouts that share a target directory.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    let path = format!("{manifest_dir}/tests/data/{name}");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{path}: {error}"));
     serde_json::from_str(&text).unwrap_or_else(|error| panic!("{path}: {error}"))
 }

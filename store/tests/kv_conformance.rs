@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use forge_store::kv::{
-    Column, Durability, KvEngine, KvError, MemKv, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
+    Column, Durability, KvEngine, KvError, MemKv, RocksKv, RocksKvOptions, UnfinishedBlobFiles,
+    WriteBatch, prefix_end, remove_unfinished_blob_files,
 };
 use proptest::prelude::*;
 
@@ -146,6 +147,59 @@ fn rocks_keeps_flushed_and_synced_writes_across_reopen_and_refuses_a_second_open
     assert_eq!(
         engine.get(Column::Refs, b"main").unwrap().as_deref(),
         Some(&b"snapshot-1"[..])
+    );
+}
+
+#[test]
+fn unfinished_blob_files_are_removed_and_finished_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let value: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    {
+        let engine = RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap();
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Shards, b"chunk", value.clone());
+        engine.write(batch, Durability::Unlogged).unwrap();
+        engine.flush(&[Column::Shards]).unwrap();
+    }
+    let blob_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "blob")
+            })
+            .collect()
+    };
+    let finished = blob_files();
+    assert_eq!(finished.len(), 1, "the flush wrote one blob file");
+    // What an interrupted compaction leaves: a header and some records, no footer; and an
+    // empty file from a job stopped right after creating it.
+    let mut torn = std::fs::read(&finished[0]).unwrap();
+    torn.truncate(torn.len() - 32);
+    std::fs::write(dir.path().join("999999.blob"), &torn).unwrap();
+    std::fs::write(dir.path().join("999998.blob"), b"").unwrap();
+
+    let removed = remove_unfinished_blob_files(dir.path()).unwrap();
+    assert_eq!(
+        removed,
+        UnfinishedBlobFiles {
+            files: 2,
+            bytes: torn.len() as u64
+        }
+    );
+    assert_eq!(blob_files(), finished);
+    assert_eq!(
+        remove_unfinished_blob_files(dir.path()).unwrap(),
+        UnfinishedBlobFiles::default(),
+        "a second sweep finds nothing"
+    );
+    let engine = RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap();
+    assert_eq!(engine.get(Column::Shards, b"chunk").unwrap(), Some(value));
+    drop(engine);
+    assert_eq!(
+        remove_unfinished_blob_files(&dir.path().join("absent")).unwrap(),
+        UnfinishedBlobFiles::default()
     );
 }
 

@@ -24,6 +24,7 @@ use forge_store::chunker::{Chunker, ChunkerParams};
 use forge_store::erasure::{ErasureCoder, ErasureLayout};
 use forge_store::kv::{
     Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
+    remove_unfinished_blob_files,
 };
 use forge_store::metadata::{LocalMetadataStore, MetadataStore};
 use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
@@ -115,10 +116,17 @@ impl Vault {
         }
         let identity =
             data_dir.load_identity(|| passphrase("Passphrase for this node's keys", false))?;
-        let kv = Arc::new(RocksKv::open(
-            &data_dir.path().join("db"),
-            &RocksKvOptions::default(),
-        )?);
+        let db_path = data_dir.path().join("db");
+        // Safe only now: the directory lock is held and the database not yet open.
+        let unfinished = remove_unfinished_blob_files(&db_path)?;
+        if unfinished.files > 0 {
+            tracing::info!(
+                files = unfinished.files,
+                bytes = unfinished.bytes,
+                "removed blob files an interrupted flush or compaction left behind"
+            );
+        }
+        let kv = Arc::new(RocksKv::open(&db_path, &RocksKvOptions::default())?);
         let refs = LocalMetadataStore::new(kv.clone());
         Ok(Self {
             data_dir: data_dir.clone(),

@@ -15,7 +15,7 @@ use std::ops::Bound;
 
 pub use mem::MemKv;
 #[cfg(feature = "rocksdb")]
-pub use rocks::{RocksKv, RocksKvOptions};
+pub use rocks::{RocksKv, RocksKvOptions, UnfinishedBlobFiles, remove_unfinished_blob_files};
 
 /// The column families. Each is an independent ordered key space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -114,6 +114,79 @@ impl RocksKv {
     }
 }
 
+/// Blob files that RocksDB will never delete on its own, found and removed by
+/// [`remove_unfinished_blob_files`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnfinishedBlobFiles {
+    /// Files removed.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// RocksDB's blob log magic number, the first field of every blob file's footer.
+const BLOB_LOG_MAGIC: u32 = 0x0024_8f37;
+/// A blob file's header and footer sizes (RocksDB's `BlobLogHeader`/`BlobLogFooter`).
+const BLOB_LOG_HEADER_BYTES: u64 = 30;
+const BLOB_LOG_FOOTER_BYTES: u64 = 32;
+
+/// Removes the blob files that a flush or compaction began but never finished (the process
+/// exited or crashed first) from the database at `path`.
+///
+/// RocksDB writes a blob file's footer before the file joins the database, so a file
+/// without one is referenced by nothing. Since version 11 RocksDB keeps such files forever
+/// (for its blob direct write recovery, which forge does not use), so without this sweep
+/// every interrupted compaction would leak disk space.
+///
+/// Call it only while no process has the database open: forge calls it holding the data
+/// directory's lock, before [`RocksKv::open`]. A missing directory is an empty result.
+///
+/// # Errors
+/// [`KvError::Engine`] naming the file that could not be listed, read or removed.
+pub fn remove_unfinished_blob_files(path: &Path) -> Result<UnfinishedBlobFiles, KvError> {
+    let io_error = |what: &str, file: &Path, error: std::io::Error| KvError::Engine {
+        detail: format!("{what} {}: {error}", file.display()),
+    };
+    let mut removed = UnfinishedBlobFiles::default();
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(error) => return Err(io_error("listing", path, error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|error| io_error("listing", path, error))?;
+        let file = entry.path();
+        if file.extension().is_none_or(|extension| extension != "blob") {
+            continue;
+        }
+        let finished =
+            blob_file_has_footer(&file).map_err(|error| io_error("reading", &file, error))?;
+        if !finished {
+            let bytes = entry.metadata().map_or(0, |metadata| metadata.len());
+            std::fs::remove_file(&file).map_err(|error| io_error("removing", &file, error))?;
+            removed.files += 1;
+            removed.bytes += bytes;
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether the blob file ends with a footer (its magic number where the footer starts).
+/// Conservative: a finished file always passes, so only files no footer was written to
+/// are ever removed.
+fn blob_file_has_footer(file: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut handle = std::fs::File::open(file)?;
+    let len = handle.metadata()?.len();
+    if len < BLOB_LOG_HEADER_BYTES + BLOB_LOG_FOOTER_BYTES {
+        return Ok(false);
+    }
+    handle.seek(SeekFrom::Start(len - BLOB_LOG_FOOTER_BYTES))?;
+    let mut magic = [0u8; 4];
+    handle.read_exact(&mut magic)?;
+    Ok(u32::from_le_bytes(magic) == BLOB_LOG_MAGIC)
+}
+
 /// Read options per column. Shard values verify themselves (each read checks the cid, or
 /// the shard's own BLAKE3), so RocksDB's CRC32C over them is skipped: built without SSE4.2,
 /// it cost half of a sequential read's CPU (200 MB/s through a mount).

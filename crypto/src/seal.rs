@@ -71,20 +71,27 @@ pub fn seal(
     aad: &[u8],
     compression: Compression,
 ) -> Vec<u8> {
+    // The payload is compressed straight into the sealed buffer, after room for the header:
+    // no second buffer and no copy. Incompressible input replaces it with the plaintext.
+    let mut sealed = Vec::with_capacity(
+        SEAL_OVERHEAD_BYTES + zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len()),
+    );
+    sealed.extend_from_slice(&[SEAL_FORMAT_VERSION, ALGORITHM_XCHACHA20_POLY1305_SIV, 0]);
+    sealed.extend_from_slice(&[0; NONCE_BYTES]);
     let compressed = match compression {
-        Compression::Never => None,
-        Compression::WhenSmaller => compress_if_smaller(plaintext),
+        Compression::Never => false,
+        Compression::WhenSmaller => compress_if_smaller_into(plaintext, &mut sealed),
     };
-    let (flags, payload) = match &compressed {
-        Some(bytes) => (FLAG_ZSTD, bytes.as_slice()),
-        None => (0, plaintext),
+    let flags = if compressed {
+        FLAG_ZSTD
+    } else {
+        sealed.truncate(SEAL_HEADER_BYTES);
+        sealed.extend_from_slice(plaintext);
+        0
     };
-
-    let mut sealed = Vec::with_capacity(SEAL_OVERHEAD_BYTES + payload.len());
-    sealed.extend_from_slice(&[SEAL_FORMAT_VERSION, ALGORITHM_XCHACHA20_POLY1305_SIV, flags]);
-    let nonce = synthetic_nonce(key, flags, aad, payload);
-    sealed.extend_from_slice(&nonce);
-    sealed.extend_from_slice(payload);
+    sealed[2] = flags;
+    let nonce = synthetic_nonce(key, flags, aad, &sealed[SEAL_HEADER_BYTES..]);
+    sealed[3..SEAL_HEADER_BYTES].copy_from_slice(&nonce);
 
     let (header, body) = sealed.split_at_mut(SEAL_HEADER_BYTES);
     let tag = cipher(key)
@@ -224,13 +231,27 @@ thread_local! {
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+/// Compresses `data` into `out` after its current contents; false (and `out` unchanged in
+/// length) when compression fails.
+fn zstd_compress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
         }
-        slot.as_mut()?.compress(data).ok()
+        let Some(compressor) = slot.as_mut() else {
+            return false;
+        };
+        let start = out.len();
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        cursor.set_position(start as u64);
+        match compressor.compress_to_buffer(data, &mut cursor) {
+            Ok(_) => true,
+            Err(_) => {
+                out.truncate(start);
+                false
+            }
+        }
     })
 }
 
@@ -247,13 +268,24 @@ fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
-fn compress_if_smaller(plaintext: &[u8]) -> Option<Vec<u8>> {
+/// Appends the compressed `plaintext` to `out` when that saves at least 1/32 of its size;
+/// otherwise leaves `out` as it was and returns false.
+fn compress_if_smaller_into(plaintext: &[u8], out: &mut Vec<u8>) -> bool {
     // Tiny inputs cannot shrink past zstd's frame overhead; skip the work.
     if plaintext.len() < 64 {
-        return None;
+        return false;
     }
-    let compressed = zstd_compress(plaintext)?;
-    (compressed.len() + plaintext.len() / 32 < plaintext.len()).then_some(compressed)
+    let start = out.len();
+    if !zstd_compress_into(plaintext, out) {
+        return false;
+    }
+    let compressed_len = out.len() - start;
+    if compressed_len + plaintext.len() / 32 < plaintext.len() {
+        true
+    } else {
+        out.truncate(start);
+        false
+    }
 }
 
 fn synthetic_nonce(
@@ -325,5 +357,38 @@ mod tests {
             SealHeader::parse(&unknown),
             Err(CryptoError::UnsupportedVersion { found: 3, .. })
         ));
+    }
+
+    /// The exact bytes of version 2 are frozen: two vaults sealing the same chunk must agree
+    /// on its cid, whatever build of forge they run. Pinned here by the BLAKE3 of sealed
+    /// outputs (compressible text, incompressible bytes, and a tiny input).
+    #[test]
+    fn version_2_output_is_frozen() {
+        let key = [9u8; KEY_BYTES];
+        let text: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| format!("line {} of a compressible file\n", i % 97).into_bytes())
+            .collect();
+        let mut noise = vec![0u8; 70_000];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for byte in &mut noise {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        let digest = |sealed: &[u8]| blake3::hash(sealed).to_hex().to_string();
+        let compressed = seal(&key, &text, b"chunk", Compression::WhenSmaller);
+        assert!(SealHeader::parse(&compressed).unwrap().is_compressed());
+        let stored = seal(&key, &noise, b"chunk", Compression::WhenSmaller);
+        assert!(!SealHeader::parse(&stored).unwrap().is_compressed());
+        let tiny = seal(&key, b"tiny", b"object", Compression::WhenSmaller);
+        assert_eq!(
+            [digest(&compressed), digest(&stored), digest(&tiny)],
+            [
+                "f826ab024a341fddad5845b3cd5c3227025f222200890a31b129c4cc7fff7f0c",
+                "f058ee9ed2fea712f00a758f6617e388b7c12ab15e5060131c4413377220d086",
+                "cdef794716d8fb9b8786eca6215c39c54aea490f9258466a1a8076e6be13dbb8",
+            ]
+        );
     }
 }

@@ -66,6 +66,13 @@ pub fn stage_chunk(
     let ciphertext_len = u32::try_from(ciphertext.len()).map_err(|_| ErasureError::TooLarge {
         len: ciphertext.len(),
     })?;
+    if coder.layout().total_shards() == 1 {
+        let record =
+            ShardRecord::encode_parts(coder.layout(), ShardIdx::FIRST, ciphertext_len, ciphertext);
+        let staged = record.len();
+        batch.put(Column::Shards, shard_key(cid, ShardIdx::FIRST), record);
+        return Ok(staged);
+    }
     let mut staged = 0;
     for (index, payload) in coder.encode(ciphertext)?.into_iter().enumerate() {
         let index = ShardIdx::new(index)?;

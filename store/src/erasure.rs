@@ -264,21 +264,33 @@ impl ShardRecord {
     /// a single shard (whose hash is the cid).
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let checksummed = self.layout.total_shards() > 1;
+        Self::encode_parts(self.layout, self.index, self.ciphertext_len, &self.payload)
+    }
+
+    /// Encodes a record from its parts, borrowing the payload: a 1+0 chunk's only shard is
+    /// its whole ciphertext, which need not be copied into a record first.
+    #[must_use]
+    pub fn encode_parts(
+        layout: ErasureLayout,
+        index: ShardIdx,
+        ciphertext_len: u32,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let checksummed = layout.total_shards() > 1;
         let mut bytes = Vec::with_capacity(
-            SHARD_V2_FIXED_BYTES + usize::from(checksummed) * CHECKSUM_BYTES + self.payload.len(),
+            SHARD_V2_FIXED_BYTES + usize::from(checksummed) * CHECKSUM_BYTES + payload.len(),
         );
         bytes.push(SHARD_FORMAT_VERSION);
         // k in 1..=256 and m, index in 0..=255: each fits a byte (k stored minus one).
-        bytes.push(u8::try_from(self.layout.data_shards - 1).expect("k <= 256"));
-        bytes.push(u8::try_from(self.layout.parity_shards).expect("m <= 255"));
-        bytes.push(u8::try_from(self.index.get()).expect("a ShardIdx is below 256"));
-        bytes.extend_from_slice(&self.ciphertext_len.to_le_bytes());
+        bytes.push(u8::try_from(layout.data_shards - 1).expect("k <= 256"));
+        bytes.push(u8::try_from(layout.parity_shards).expect("m <= 255"));
+        bytes.push(u8::try_from(index.get()).expect("a ShardIdx is below 256"));
+        bytes.extend_from_slice(&ciphertext_len.to_le_bytes());
         if checksummed {
-            let checksum = shard_checksum(&bytes, &self.payload);
+            let checksum = shard_checksum(&bytes, payload);
             bytes.extend_from_slice(&checksum);
         }
-        bytes.extend_from_slice(&self.payload);
+        bytes.extend_from_slice(payload);
         bytes
     }
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: forge against restic on the same data in the same run, page cache
 # warm for both. Prints each figure and the ratio forge/restic (lower is better for time and
-# bytes), and the peak RSS of every forge command. The first import and backup run
-# FORGE_BENCH_ROUNDS times (default 3, fresh vault and repository each) and their medians
-# are compared.
+# bytes), and the peak RSS of every forge command. The first import and the export run
+# FORGE_BENCH_ROUNDS times (default 3; each import into a fresh vault and repository, the
+# order of the two tools alternating) and their medians are compared.
 #
 #   ./scripts/bench.sh [DATA_DIR]     # default: the Python standard library on this machine
 #
@@ -53,24 +53,50 @@ device="$(basename "$(df --output=source "$work" | tail -n 1)")"
 sectors_written() { sync; awk '{print $7}' "/sys/class/block/$device/stat" 2>/dev/null || echo 0; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'; }
 
-# The first import is timed over several rounds, each into a fresh vault and a fresh restic
-# repository, and the medians are compared: a single run on a shared VM varies by +-30%.
-# The last round's vault and repository go on to the export and the second version.
+# The first import and the export are timed over several rounds (the import into a fresh
+# vault and a fresh restic repository each time) and the medians are compared: a single run
+# on a shared VM varies by a third. Odd rounds run forge first, even rounds restic first, so
+# neither always meets the other's write-back. The last round's vault and repository go on
+# to the export and the second version.
 rounds="${FORGE_BENCH_ROUNDS:-3}"
-forge_imports=() restic_backups=()
+time_forge_import() {
+  warm "$work/v1"
+  vault_bytes_before=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
+  sectors_before=$(sectors_written)
+  local start; start=$(now)
+  /usr/bin/time -f %M -o "$work/rss-import" "$forge" volume import bench "$work/v1" -m v1 >/dev/null
+  forge_imports+=("$(elapsed "$start" "$(now)")")
+  sectors_after=$(sectors_written)
+}
+time_restic_backup() {
+  warm "$work/v1"
+  sync
+  local start; start=$(now)
+  restic backup --quiet "$work/v1" >/dev/null
+  restic_backups+=("$(elapsed "$start" "$(now)")")
+  sync
+}
+time_forge_export() {
+  rm -rf "$work/forge-out"
+  local start; start=$(now)
+  /usr/bin/time -f %M -o "$work/rss-export" "$forge" volume export bench "$work/forge-out" --branch main >/dev/null
+  forge_exports+=("$(elapsed "$start" "$(now)")")
+  sync
+}
+time_restic_restore() {
+  rm -rf "$work/restic-out"
+  local start; start=$(now)
+  restic restore --quiet latest --target "$work/restic-out" >/dev/null
+  restic_restores+=("$(elapsed "$start" "$(now)")")
+  sync
+}
+forge_imports=() restic_backups=() forge_exports=() restic_restores=()
 for round in $(seq 1 "$rounds"); do
   rm -rf "$FORGE_DATA_DIR" "$RESTIC_REPOSITORY"
   "$forge" init >/dev/null
   "$forge" volume create bench >/dev/null
   restic init --quiet >/dev/null
-  warm "$work/v1"
-  vault_bytes_before=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
-  sectors_before=$(sectors_written)
-  start=$(now); /usr/bin/time -f %M -o "$work/rss-import" "$forge" volume import bench "$work/v1" -m v1 >/dev/null; forge_imports+=("$(elapsed "$start" "$(now)")")
-  sectors_after=$(sectors_written)
-  warm "$work/v1"
-  start=$(now); restic backup --quiet "$work/v1" >/dev/null; restic_backups+=("$(elapsed "$start" "$(now)")")
-  sync
+  if (( round % 2 )); then time_forge_import; time_restic_backup; else time_restic_backup; time_forge_import; fi
 done
 forge_import=$(median "${forge_imports[@]}")
 restic_backup=$(median "${restic_backups[@]}")
@@ -78,8 +104,11 @@ restic_backup=$(median "${restic_backups[@]}")
 forge_v1_bytes=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
 restic_v1_bytes=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
 
-start=$(now); /usr/bin/time -f %M -o "$work/rss-export" "$forge" volume export bench "$work/forge-out" --branch main >/dev/null; forge_export=$(elapsed "$start" "$(now)")
-start=$(now); restic restore --quiet latest --target "$work/restic-out" >/dev/null; restic_restore=$(elapsed "$start" "$(now)")
+for round in $(seq 1 "$rounds"); do
+  if (( round % 2 )); then time_forge_export; time_restic_restore; else time_restic_restore; time_forge_export; fi
+done
+forge_export=$(median "${forge_exports[@]}")
+restic_restore=$(median "${restic_restores[@]}")
 diff -r "$work/v1" "$work/forge-out" >/dev/null && echo "forge export is identical to the source" || { echo "forge export DIFFERS from the source"; exit 1; }
 start=$(now); cp -a "$work/v1" "$work/cp-out"; cp_time=$(elapsed "$start" "$(now)")
 
@@ -93,7 +122,8 @@ echo
 printf '%-34s %12s %12s %8s\n' "" forge restic ratio
 printf '%-34s %11ss %11ss %8s\n' "import v1 / backup (median of $rounds)" "$forge_import" "$restic_backup" "$(ratio "$forge_import" "$restic_backup")"
 printf '%-34s %12s %12s\n' "  each round" "${forge_imports[*]}" "${restic_backups[*]}"
-printf '%-34s %11ss %11ss %8s\n' "export / restore" "$forge_export" "$restic_restore" "$(ratio "$forge_export" "$restic_restore")"
+printf '%-34s %11ss %11ss %8s\n' "export / restore (median of $rounds)" "$forge_export" "$restic_restore" "$(ratio "$forge_export" "$restic_restore")"
+printf '%-34s %12s %12s\n' "  each round" "${forge_exports[*]}" "${restic_restores[*]}"
 printf '%-34s %12s %12s %8s\n' "stored bytes after v1" "$forge_v1_bytes" "$restic_v1_bytes" "$(ratio "$forge_v1_bytes" "$restic_v1_bytes")"
 printf '%-34s %11ss %11ss %8s\n' "import v2 / backup v2" "$forge_import2" "$restic_backup2" "$(ratio "$forge_import2" "$restic_backup2")"
 printf '%-34s %12s %12s %8s\n' "bytes added by v2" "$((forge_v2_bytes - forge_v1_bytes))" "$((restic_v2_bytes - restic_v1_bytes))" "$(ratio "$((forge_v2_bytes - forge_v1_bytes + 1))" "$((restic_v2_bytes - restic_v1_bytes + 1))")"

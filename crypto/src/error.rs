@@ -84,7 +84,7 @@ pub enum CryptoError {
 pub type Result<T, E = CryptoError> = std::result::Result<T, E>;
 
 /// Fills `buffer` from the operating system's CSPRNG.
-pub(crate) fn fill_random(buffer: &mut [u8]) -> Result<()> {
+pub fn fill_random(buffer: &mut [u8]) -> Result<()> {
     getrandom::fill(buffer).map_err(|error| CryptoError::Randomness {
         reason: error.to_string(),
     })

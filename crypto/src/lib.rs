@@ -17,7 +17,7 @@ pub mod pq;
 pub mod seal;
 
 pub use envelope::{EnvelopeContents, EnvelopeHeader, WrapRandomness};
-pub use error::{CryptoError, Result, random_array};
+pub use error::{CryptoError, Result, fill_random, random_array};
 pub use id::{Cid, NodeId};
 pub use identity::{NodeIdentity, NodePublicKeys, NodeSecrets, Signature, SignatureDomain};
 pub use keys::{ChunkKey, DomainKey, PlaintextHash, VolumeKey};

@@ -21,8 +21,10 @@ pub const PASSPHRASE_FORMAT_VERSION: u8 = 1;
 /// KDF byte for Argon2id version 0x13.
 pub const KDF_ARGON2ID_V13: u8 = 1;
 
-const SALT_BYTES: usize = 16;
-const NONCE_BYTES: usize = 24;
+/// Bytes of the Argon2id salt.
+pub const SALT_BYTES: usize = 16;
+/// Bytes of the XChaCha20 nonce.
+pub const NONCE_BYTES: usize = 24;
 const TAG_BYTES: usize = 16;
 const HEADER_BYTES: usize = 2 + 12 + SALT_BYTES + NONCE_BYTES;
 const WHAT: &str = "passphrase-protected secret";
@@ -100,9 +102,22 @@ impl Default for KdfParams {
 /// [`CryptoError::InvalidKdfParams`] for out-of-range parameters;
 /// [`CryptoError::Randomness`] when the OS RNG fails.
 pub fn protect(passphrase: &[u8], secret: &[u8], params: KdfParams) -> Result<Vec<u8>> {
+    protect_with_randomness(passphrase, secret, params, random_array()?, random_array()?)
+}
+
+/// [`protect`] with caller-supplied salt and nonce (the simulator passes seeded bytes;
+/// production always uses [`protect`]).
+///
+/// # Errors
+/// [`CryptoError::InvalidKdfParams`] for out-of-range parameters.
+pub fn protect_with_randomness(
+    passphrase: &[u8],
+    secret: &[u8],
+    params: KdfParams,
+    salt: [u8; SALT_BYTES],
+    nonce: [u8; NONCE_BYTES],
+) -> Result<Vec<u8>> {
     let argon_params = params.validate()?;
-    let salt: [u8; SALT_BYTES] = random_array()?;
-    let nonce: [u8; NONCE_BYTES] = random_array()?;
     let key = derive(passphrase, &salt, argon_params)?;
 
     let mut protected = Vec::with_capacity(HEADER_BYTES + secret.len() + TAG_BYTES);

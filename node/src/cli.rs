@@ -1,5 +1,6 @@
 //! The `forge` command line: argument definitions and the commands behind them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -64,7 +65,12 @@ pub enum Command {
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
-    Fsck,
+    Fsck {
+        /// List every problem (by default: a count per volume and snapshot, and the first
+        /// few; --json always lists all).
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Remove chunks and objects no snapshot reaches; report the bytes freed.
     Gc,
     /// Verify every chunk; with --repair, rebuild damaged shards from parity.
@@ -321,6 +327,7 @@ impl Cli {
                 self.run_with(&VaultContext {
                     vault: &vault,
                     passphrase: &ask_passphrase,
+                    passphrase_given: std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_some(),
                     host: None,
                 })
             }
@@ -339,7 +346,7 @@ impl Cli {
             Command::Snapshot(command) => snapshot_command(context, command, self.json),
             Command::Gc => gc(context),
             Command::Stats => vault_stats(context.vault),
-            Command::Fsck => fsck(context),
+            Command::Fsck { verbose } => fsck(context, *verbose),
             Command::Scrub { repair } => scrub(context.vault, *repair),
             Command::Version | Command::Init(_) | Command::Node(_) => {
                 Err(NodeError::InvalidArgument {
@@ -358,6 +365,9 @@ pub struct VaultContext<'a> {
     pub vault: &'a Vault,
     /// Where passphrases come from.
     pub passphrase: PassphraseSource<'a>,
+    /// Whether the user gave a passphrase without being asked (`FORGE_PASSPHRASE`):
+    /// checks of every volume then use it instead of skipping encrypted ones.
+    pub passphrase_given: bool,
     /// The mount host this process is, when the command came through its control socket.
     pub host: Option<&'a std::sync::Arc<crate::mount::Host>>,
 }
@@ -645,11 +655,6 @@ fn snapshot_command(
 }
 
 fn gc(context: &VaultContext<'_>) -> Result<Output> {
-    if let Some(volume) = context.host.and_then(|host| host.has_read_write_mount()) {
-        return Err(NodeError::Mount(format!(
-            "gc is refused while volume {volume:?} is mounted read-write (data it is writing is not in any snapshot yet); unmount it first"
-        )));
-    }
     let vault = context.vault;
     let report = vault.gc(context.passphrase)?;
     Ok(Output {
@@ -739,9 +744,12 @@ fn vault_stats(vault: &Vault) -> Result<Output> {
     })
 }
 
-fn fsck(context: &VaultContext<'_>) -> Result<Output> {
+/// Problems fsck lists by default, before "... and N more".
+const FSCK_PROBLEMS_SHOWN: usize = 5;
+
+fn fsck(context: &VaultContext<'_>, verbose: bool) -> Result<Output> {
     let vault = context.vault;
-    let report = vault.fsck(context.passphrase)?;
+    let report = vault.fsck(context.passphrase_given.then_some(context.passphrase))?;
     let mut human = format!(
         "checked {} objects, {} chunks, {} snapshots: {}",
         report.objects_checked,
@@ -753,32 +761,97 @@ fn fsck(context: &VaultContext<'_>) -> Result<Output> {
             format!("{} problem(s)", report.problems.len())
         }
     );
+    // Counts per volume and snapshot, so a million missing chunks read as one line each.
+    let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
     for problem in &report.problems {
+        *groups
+            .entry((
+                problem.volume.clone().unwrap_or_default(),
+                problem.snapshot.clone().unwrap_or_default(),
+            ))
+            .or_default() += 1;
+    }
+    let group_summary: Vec<String> = groups
+        .iter()
+        .map(
+            |((volume, snapshot), count)| match (volume.is_empty(), snapshot.is_empty()) {
+                (true, _) => format!("store: {count}"),
+                (false, true) => format!("volume {volume}: {count}"),
+                (false, false) => format!("volume {volume} snapshot {snapshot}: {count}"),
+            },
+        )
+        .collect();
+    if groups.len() > 1 || (!verbose && report.problems.len() > FSCK_PROBLEMS_SHOWN) {
+        for group in &group_summary {
+            let _ = write!(human, "\n  {group}");
+        }
+    }
+    let shown = if verbose {
+        report.problems.len()
+    } else {
+        FSCK_PROBLEMS_SHOWN
+    };
+    for problem in report.problems.iter().take(shown) {
         let _ = write!(human, "\n  {problem}");
+    }
+    if report.problems.len() > shown {
+        let _ = write!(
+            human,
+            "\n  ... and {} more (all of them: forge fsck --verbose, or --json)",
+            report.problems.len() - shown
+        );
     }
     for volume in &report.skipped_volumes {
         let _ = write!(
             human,
-            "\n  volume {volume} is encrypted: its snapshots were not walked (set FORGE_PASSPHRASE)"
+            "\n  volume {volume} is encrypted: checked without its keys only (set FORGE_PASSPHRASE to check its snapshots too)"
         );
     }
+    for (volume, reason) in &report.keys_not_opened {
+        let _ = write!(
+            human,
+            "\n  volume {volume}: the passphrase given did not open its keys ({reason}); checked without its keys only"
+        );
+    }
+    let problems: Vec<serde_json::Value> = report
+        .problems
+        .iter()
+        .map(|problem| {
+            json!({
+                "volume": problem.volume,
+                "snapshot": problem.snapshot,
+                "detail": problem.detail,
+                "message": problem.to_string(),
+            })
+        })
+        .collect();
     let json = json!({
         "objects_checked": report.objects_checked,
         "chunks_checked": report.chunks_checked,
         "snapshots_checked": report.snapshots_checked,
         "repairable_shards": report.repairable_shards,
-        "problems": report.problems,
+        "problems": problems,
         "skipped_volumes": report.skipped_volumes,
+        "keys_not_opened": report.keys_not_opened.iter().map(|(volume, reason)| json!({"volume": volume, "reason": reason})).collect::<Vec<_>>(),
     });
-    if report.problems.is_empty() {
-        Ok(Output { human, json })
-    } else {
-        Err(NodeError::Integrity(format!(
-            "fsck found {} problem(s): {}",
-            report.problems.len(),
-            report.problems.join("; ")
-        )))
+    let output = Output { human, json };
+    if let Some(first) = report.problems.first() {
+        return Err(NodeError::Damaged {
+            summary: format!(
+                "fsck found {} problem(s) ({}); first: {first}",
+                report.problems.len(),
+                group_summary.join(", ")
+            ),
+            report: Box::new(output),
+        });
     }
+    if let Some((volume, _)) = report.keys_not_opened.first() {
+        return Err(NodeError::PassphraseDidNotOpen {
+            volume: volume.clone(),
+            report: Box::new(output),
+        });
+    }
+    Ok(output)
 }
 
 fn scrub(vault: &Vault, repair: bool) -> Result<Output> {

@@ -94,9 +94,16 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
             json,
         }));
     }
+    let report = (!reply.human.is_empty() || !reply.json.is_empty()).then(|| {
+        Box::new(Output {
+            json: serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null),
+            human: reply.human,
+        })
+    });
     Err(NodeError::Forwarded {
         message: reply.error,
         exit_code: u8::try_from(reply.exit_code).unwrap_or(1),
+        report,
     })
 }
 
@@ -217,6 +224,7 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
     };
     let cwd = PathBuf::from(OsString::from_vec(request.cwd));
     absolutize_paths(&mut cli.command, &cwd);
+    let passphrase_given = request.passphrase.is_some();
     let passphrase = request.passphrase.map(Zeroizing::new);
     let source = move |_prompt: &str, _confirm: bool| -> Result<Zeroizing<String>> {
         passphrase.clone().ok_or_else(|| NodeError::InvalidArgument {
@@ -228,6 +236,7 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
     let context = VaultContext {
         vault: host.vault(),
         passphrase: &source,
+        passphrase_given,
         host: Some(host),
     };
     match cli.run_with(&context) {
@@ -245,10 +254,13 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
 }
 
 fn failure(error: &NodeError, code: ExitCode) -> RunReply {
+    let (human, json) = error.report().map_or_else(Default::default, |report| {
+        (report.human.clone(), report.json.to_string())
+    });
     RunReply {
         exit_code: u32::from(code as u8),
-        human: String::new(),
-        json: String::new(),
+        human,
+        json,
         error: error.to_string().replace('\n', " "),
     }
 }

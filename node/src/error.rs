@@ -124,9 +124,57 @@ pub enum NodeError {
     )]
     BranchMoved(String),
 
+    /// `snapshot branch` onto a branch that exists.
+    #[error(
+        "volume {volume:?} already has a branch {branch:?}; pick another name (or delete \
+         that branch's snapshots first)"
+    )]
+    BranchExists { volume: String, branch: String },
+
+    /// Data past a limit of the format, refused where it is written (so nothing stored
+    /// is ever unreadable).
+    #[error("{what} is too large: {detail}; nothing was published")]
+    TooLarge { what: String, detail: String },
+
+    /// Something that runs one at a time is already running.
+    #[error("{what} is busy: {reason}")]
+    Busy { what: String, reason: String },
+
+    /// A snapshot about to be published names a cid that is no longer stored. The fence
+    /// against gc makes this impossible; the check guards against a bug ever publishing
+    /// a snapshot that cannot be read.
+    #[error(
+        "integrity failure: {cid}, which the snapshot being written names, is no longer \
+         stored (removed while it was written); nothing was published and the branch did not \
+         move, so retry the command (and please report this)"
+    )]
+    MissingWhileWriting { cid: String },
+
+    /// A metadata update whose condition did not hold, or a malformed record.
+    #[error(transparent)]
+    Metadata(forge_store::metadata::MetadataError),
+
     /// Stored data failed verification.
     #[error("integrity failure: {0}")]
     Integrity(String),
+
+    /// A check found damage; `report` is what it printed (its whole report).
+    #[error("integrity failure: {summary}")]
+    Damaged {
+        summary: String,
+        report: Box<crate::cli::Output>,
+    },
+
+    /// A check found no damage, but the passphrase given did not open a volume's keys.
+    #[error(
+        "the passphrase given did not open volume {volume:?} (wrong passphrase?): its data \
+         was checked without its keys and is intact; run again with its passphrase to check \
+         its snapshots too"
+    )]
+    PassphraseDidNotOpen {
+        volume: String,
+        report: Box<crate::cli::Output>,
+    },
 
     /// A branch already has its read-write mount.
     #[error(
@@ -145,9 +193,13 @@ pub enum NodeError {
     Mount(String),
 
     /// A command run by the process that owns the data directory (through its control
-    /// socket) failed there.
+    /// socket) failed there; `report` is what it printed before failing, if anything.
     #[error("{message}")]
-    Forwarded { message: String, exit_code: u8 },
+    Forwarded {
+        message: String,
+        exit_code: u8,
+        report: Option<Box<crate::cli::Output>>,
+    },
 
     /// The storage engine failed.
     #[error(transparent)]
@@ -189,12 +241,27 @@ impl From<forge_store::metadata::MetadataError> for NodeError {
             conflict @ forge_store::metadata::MetadataError::Conflict { .. } => {
                 Self::BranchMoved(conflict.to_string())
             }
-            other => Self::Integrity(other.to_string()),
+            corrupt @ forge_store::metadata::MetadataError::CorruptRef { .. } => {
+                Self::Integrity(corrupt.to_string())
+            }
+            other => Self::Metadata(other),
         }
     }
 }
 
 impl NodeError {
+    /// What the failed command printed before failing (a check's whole report).
+    #[must_use]
+    pub fn report(&self) -> Option<&crate::cli::Output> {
+        match self {
+            Self::Damaged { report, .. } | Self::PassphraseDidNotOpen { report, .. } => {
+                Some(report)
+            }
+            Self::Forwarded { report, .. } => report.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The exit code this error ends the process with.
     #[must_use]
     pub fn exit_code(&self) -> ExitCode {
@@ -202,11 +269,18 @@ impl NodeError {
             Self::AlreadyInitialized { .. }
             | Self::VolumeExists { .. }
             | Self::BranchMoved(_)
-            | Self::AlreadyMounted { .. } => ExitCode::Conflict,
-            Self::Kv(forge_store::KvError::Busy { .. }) => ExitCode::Conflict,
-            Self::Corrupt { .. } | Self::CorruptRecord { .. } | Self::Integrity(_) => {
-                ExitCode::Integrity
+            | Self::AlreadyMounted { .. }
+            | Self::BranchExists { .. }
+            | Self::Busy { .. }
+            | Self::Metadata(forge_store::metadata::MetadataError::RecordConflict { .. }) => {
+                ExitCode::Conflict
             }
+            Self::Kv(forge_store::KvError::Busy { .. }) => ExitCode::Conflict,
+            Self::Corrupt { .. }
+            | Self::CorruptRecord { .. }
+            | Self::Integrity(_)
+            | Self::Damaged { .. }
+            | Self::MissingWhileWriting { .. } => ExitCode::Integrity,
             Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
             Self::Forwarded { exit_code, .. } => match exit_code {
                 2 => ExitCode::Usage,

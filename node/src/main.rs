@@ -27,6 +27,15 @@ fn main() -> std::process::ExitCode {
             exit(ExitCode::Success)
         }
         Err(error) => {
+            // A check that found damage prints its report, then fails with one line.
+            if let Some(output) = error.report() {
+                let text = if cli.json {
+                    output.json.to_string()
+                } else {
+                    output.human.clone()
+                };
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
+            }
             let error = anyhow::Error::new(error);
             let code = error
                 .downcast_ref::<NodeError>()

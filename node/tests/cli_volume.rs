@@ -211,12 +211,12 @@ fn erasure_coded_volume_repairs_a_damaged_shard_and_plain_volume_refuses_wrong_b
         }
         kv.write(batch, Durability::Synced).unwrap();
     }
-    let fsck = vault.run(&["fsck"]);
+    let fsck = vault.run(&["fsck", "--verbose"]);
     assert_eq!(fsck.status.code(), Some(3), "fsck finds the damage");
     assert!(
-        String::from_utf8_lossy(&fsck.stderr).contains("damaged shard"),
+        String::from_utf8_lossy(&fsck.stdout).contains("damaged shard"),
         "{}",
-        String::from_utf8_lossy(&fsck.stderr)
+        String::from_utf8_lossy(&fsck.stdout)
     );
     let repaired = vault.path("repaired");
     vault.ok(&["volume", "export", "parity", repaired.to_str().unwrap()]);
@@ -523,11 +523,11 @@ fn diff_branch_restore_delete_and_gc_that_really_frees_space() {
     assert_eq!(diff["modified"], serde_json::json!(["sub/edit.txt"]));
 
     vault.ok(&["snapshot", "branch", "v", "dev", "--from", &a]);
-    assert_eq!(
-        vault.run(&["snapshot", "branch", "v", "dev"]).status.code(),
-        Some(4),
-        "branch exists"
-    );
+    let exists = vault.run(&["snapshot", "branch", "v", "dev"]);
+    assert_eq!(exists.status.code(), Some(4), "branch exists");
+    let stderr = String::from_utf8_lossy(&exists.stderr);
+    assert!(stderr.contains("already has a branch \"dev\""), "{stderr}");
+    assert!(!stderr.contains("importing"), "{stderr}");
     let restored = vault.path("restored");
     vault.ok(&["snapshot", "restore", "v", &a, restored.to_str().unwrap()]);
     assert_same_tree(&one, &restored);
@@ -656,6 +656,16 @@ fn fsck_checks_an_encrypted_volume_through_its_reference_index_without_the_passp
         clean["skipped_volumes"][0], "sealed",
         "not walked with keys"
     );
+    // Another volume's passphrase is not corruption: exit 1, saying so.
+    let wrong = vault
+        .command(&["fsck"])
+        .env("FORGE_PASSPHRASE", "another volume's")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not open"), "{stderr}");
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("checked without its keys"));
 
     // Remove every shard: the keyless index walk still notices the missing chunks.
     {
@@ -669,9 +679,23 @@ fn fsck_checks_an_encrypted_volume_through_its_reference_index_without_the_passp
     }
     let broken = vault.run(&["fsck"]);
     assert_eq!(broken.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(stderr.contains("is missing"), "{stderr}");
+    // One short line with the count, not every problem (the review saw 676 KB).
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.len() < 600, "{stderr}");
     assert!(
-        String::from_utf8_lossy(&broken.stderr).contains("is missing"),
-        "{}",
-        String::from_utf8_lossy(&broken.stderr)
+        stderr.contains("problem(s) (volume sealed snapshot"),
+        "{stderr}"
+    );
+    // Every problem under --json, grouped by volume and snapshot.
+    let json = vault.run(&["fsck", "--json"]);
+    assert_eq!(json.status.code(), Some(3));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert!(!problems.is_empty(), "{report}");
+    assert!(
+        problems.iter().all(|problem| problem["volume"] == "sealed"),
+        "{report}"
     );
 }

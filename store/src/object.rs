@@ -43,6 +43,13 @@ pub enum ObjectError {
     /// The seal did not open (wrong volume key, or the object was modified).
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// An object too large to be read back: refused when written, never stored.
+    #[error("a {kind} object of {bytes} bytes is over the {limit}-byte object limit")]
+    TooLarge {
+        kind: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 /// One chunk of a file, with what a reader needs to fetch and open it.
@@ -262,6 +269,42 @@ impl Object {
         (Cid::of(&sealed), sealed)
     }
 
+    /// [`Object::seal`], refusing an object that could not be read back: an encoding over
+    /// `limit_bytes` (at most [`OBJECT_BYTES_MAX`], what every reader accepts).
+    ///
+    /// # Errors
+    /// [`ObjectError::TooLarge`].
+    pub fn seal_within(
+        &self,
+        volume_key: &VolumeKey,
+        limit_bytes: usize,
+    ) -> Result<(Cid, Vec<u8>), ObjectError> {
+        let encoded = self.encode();
+        let limit = limit_bytes.min(OBJECT_BYTES_MAX);
+        if encoded.len() > limit {
+            return Err(ObjectError::TooLarge {
+                kind: self.description(),
+                bytes: encoded.len(),
+                limit,
+            });
+        }
+        let sealed = seal::seal(
+            volume_key.as_bytes(),
+            &encoded,
+            SEAL_AAD,
+            Compression::WhenSmaller,
+        );
+        Ok((Cid::of(&sealed), sealed))
+    }
+
+    fn description(&self) -> &'static str {
+        match self {
+            Self::Manifest(_) => "file manifest",
+            Self::Tree(_) => "tree",
+            Self::Commit(_) => "commit",
+        }
+    }
+
     /// Opens and decodes a stored object, checking it against `cid` first.
     ///
     /// # Errors
@@ -419,6 +462,31 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn an_object_over_the_limit_is_refused_when_sealed() {
+        let key = VolumeKey::from_bytes([9; 32]);
+        let manifest = Object::Manifest(FileManifest {
+            size: 100,
+            chunks: vec![
+                ChunkRef {
+                    cid: [1; 32],
+                    len: 50,
+                    key: [2; 32],
+                };
+                2
+            ],
+        });
+        let encoded = manifest.encode().len();
+        assert!(manifest.seal_within(&key, encoded).is_ok());
+        assert!(matches!(
+            manifest.seal_within(&key, encoded - 1),
+            Err(ObjectError::TooLarge {
+                kind: "file manifest",
+                ..
+            })
+        ));
     }
 
     #[test]

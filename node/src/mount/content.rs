@@ -538,10 +538,11 @@ mod tests {
         };
         vault.create_volume("v", &options, &no_passphrase).unwrap();
         let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let session = vault.open_write_session("test", volume.id).unwrap();
         let cache = ChunkCache::new(1 << 20);
         let progress = Progress::new("test", false);
         let chunk_all = |content: &[u8]| -> FileManifest {
-            let importer = Importer::new(&vault, &volume, &progress).unwrap();
+            let importer = Importer::new(&vault, &volume, &session, &progress).unwrap();
             let mut manifest = FileManifest::default();
             for chunk in importer.chunker().chunks(content) {
                 importer
@@ -598,7 +599,7 @@ mod tests {
                     }
                 }
                 let state = staged.lock();
-                let importer = Importer::new(&vault, &volume, &progress).unwrap();
+                let importer = Importer::new(&vault, &volume, &session, &progress).unwrap();
                 let manifest =
                     rechunk(&vault, &cache, &importer, &base, &staged, &state, size).unwrap();
                 importer.write_pending().unwrap();

@@ -29,6 +29,7 @@ use super::content::{BaseContent, ChunkCache, Staged, read_overlay, rechunk};
 use crate::clock::now_ns;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
+use crate::vault::fence::WriteSession;
 use crate::vault::import::Importer;
 use crate::vault::{OpenVolume, Vault};
 
@@ -40,6 +41,11 @@ const READ_AHEAD_CHUNKS: usize = 16;
 /// Threads fetching chunks ahead. More than the cores: a cold chunk waits on the disk, and
 /// several in flight keep it busy.
 const READ_AHEAD_THREADS: usize = 8;
+
+/// The largest file a mount accepts (1 TiB): a write or truncate past it fails with EFBIG.
+/// (Until manifests become trees, a file whose manifest is over the object limit, about
+/// 57 GiB at 64 KiB chunks, is also refused when it is committed.)
+pub const FILE_BYTES_MAX: u64 = 1 << 40;
 
 /// A directory's entries as opendir saw them: inode, kind, name.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
@@ -67,6 +73,8 @@ struct FileNode {
     size: u64,
     /// Open handles that may write.
     writers: u32,
+    /// Open handles of any kind: an unlinked file's staged bytes go when the last closes.
+    handles: u32,
     /// Bumped on every change, so the kernel's page cache is kept only for unchanged files.
     version: u64,
     cached_version: u64,
@@ -86,8 +94,10 @@ struct Inode {
 struct Inodes {
     nodes: BTreeMap<u64, Inode>,
     next: u64,
-    /// Whether anything changed since the last commit.
-    changed: bool,
+    /// Bumped by every change to the working tree.
+    generation: u64,
+    /// The generation the last commit captured: nothing made after it is committed.
+    committed_generation: u64,
 }
 
 /// One mounted volume.
@@ -105,6 +115,8 @@ pub struct MountedFs {
     gid: u32,
     /// The branch a read-write mount commits to (None when read-only).
     work: Option<Mutex<super::WorkTarget>>,
+    /// This mount's write session: pins what it serves, claims what it stages.
+    session: WriteSession,
     /// Where read-ahead runs (None if the pool could not start: no read-ahead).
     read_ahead_pool: Option<rayon::ThreadPool>,
 }
@@ -118,6 +130,17 @@ impl std::fmt::Debug for MountedFs {
     }
 }
 
+/// How a mount serves: writable or not, its cache, where its writes are staged.
+#[derive(Debug, Clone)]
+pub(crate) struct FsConfig {
+    /// Writes fail with EROFS.
+    pub read_only: bool,
+    /// Bytes of decrypted chunks kept in memory.
+    pub cache_bytes: usize,
+    /// Where written data is staged.
+    pub staging_dir: PathBuf,
+}
+
 /// Numbers of a built tree.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TreeTotals {
@@ -127,12 +150,28 @@ pub struct TreeTotals {
     pub files: u64,
 }
 
+/// The errno a failed operation returns: the operating system's own when there is one
+/// (ENOSPC stays ENOSPC, EMFILE stays EMFILE), EIO only for what has no better name.
 fn errno_of(error: &NodeError) -> Errno {
     match error {
-        NodeError::Io { source, .. } => {
-            Errno::from(std::io::Error::new(source.kind(), source.to_string()))
-        }
+        NodeError::Io { source, .. } => match source.raw_os_error() {
+            Some(code) => Errno::from_i32(code),
+            None => errno_of_kind(source.kind()),
+        },
         NodeError::Kv(forge_store::KvError::NoSpace { .. }) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
+fn errno_of_kind(kind: std::io::ErrorKind) -> Errno {
+    use std::io::ErrorKind;
+    match kind {
+        ErrorKind::StorageFull => Errno::ENOSPC,
+        ErrorKind::QuotaExceeded => Errno::EDQUOT,
+        ErrorKind::FileTooLarge => Errno::EFBIG,
+        ErrorKind::PermissionDenied => Errno::EACCES,
+        ErrorKind::NotFound => Errno::ENOENT,
+        ErrorKind::OutOfMemory => Errno::ENOMEM,
         _ => Errno::EIO,
     }
 }
@@ -165,11 +204,15 @@ impl MountedFs {
         vault: Arc<Vault>,
         volume: Arc<OpenVolume>,
         root: Option<Cid>,
-        read_only: bool,
-        cache_bytes: usize,
-        staging_dir: PathBuf,
+        config: FsConfig,
         work: Option<Mutex<super::WorkTarget>>,
+        session: WriteSession,
     ) -> Result<Self> {
+        let FsConfig {
+            read_only,
+            cache_bytes,
+            staging_dir,
+        } = config;
         std::fs::create_dir_all(&staging_dir)
             .map_err(NodeError::io("creating staging directory", &staging_dir))?;
         let now = now_ns();
@@ -207,6 +250,7 @@ impl MountedFs {
             uid,
             gid,
             work,
+            session,
             read_ahead_pool: rayon::ThreadPoolBuilder::new()
                 .num_threads(READ_AHEAD_THREADS)
                 .thread_name(|index| format!("forge-read-ahead-{index}"))
@@ -225,6 +269,11 @@ impl MountedFs {
         &self.volume
     }
 
+    /// The mount's write session (gc fence).
+    pub(crate) fn session(&self) -> &WriteSession {
+        &self.session
+    }
+
     /// Where a read-write mount commits.
     pub fn work(&self) -> Option<&Mutex<super::WorkTarget>> {
         self.work.as_ref()
@@ -232,12 +281,14 @@ impl MountedFs {
 
     /// Marks the working tree as changed (a recovered state must be committed).
     pub fn mark_changed(&self) {
-        self.lock().changed = true;
+        self.lock().generation += 1;
     }
 
-    /// Marks the working tree as committed.
-    pub fn mark_committed(&self) {
-        self.lock().changed = false;
+    /// Marks the working tree as committed up to `generation`, the one its commit
+    /// captured with [`MountedFs::store_tree`]: a change made since stays uncommitted.
+    pub fn mark_committed(&self, generation: u64) {
+        let mut inodes = self.lock();
+        inodes.committed_generation = inodes.committed_generation.max(generation);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inodes> {
@@ -248,7 +299,8 @@ impl MountedFs {
 
     /// Whether anything changed since the last commit.
     pub fn has_changes(&self) -> bool {
-        self.lock().changed
+        let inodes = self.lock();
+        inodes.generation > inodes.committed_generation
     }
 
     fn attr(&self, ino: u64, node: &Inode) -> FileAttr {
@@ -359,7 +411,7 @@ impl MountedFs {
     /// Something under directory `ino` changed: its stored tree and its ancestors' no longer
     /// describe it.
     fn invalidate_trees(inodes: &mut Inodes, mut ino: u64) {
-        inodes.changed = true;
+        inodes.generation += 1;
         loop {
             let Some(node) = inodes.nodes.get_mut(&ino) else {
                 return;
@@ -506,7 +558,7 @@ impl MountedFs {
             }
         };
         let progress = Progress::new("mount", false);
-        let importer = Importer::new(&self.vault, &self.volume, &progress)?;
+        let importer = Importer::new(&self.vault, &self.volume, &self.session, &progress)?;
         let manifest = rechunk(
             &self.vault,
             &self.cache,
@@ -539,6 +591,27 @@ impl MountedFs {
         Ok(())
     }
 
+    /// Drops the staged bytes of file `ino` if it is unlinked and no handle is open: its
+    /// space is released at once, not at unmount.
+    fn release_unlinked(&self, ino: u64) {
+        let staged = {
+            let mut inodes = self.lock();
+            match inodes.nodes.get_mut(&ino) {
+                Some(Inode {
+                    parent: 0,
+                    kind: NodeKind::File(file),
+                    ..
+                }) if file.handles == 0 => file.staged.take(),
+                _ => None,
+            }
+        };
+        if let Some(staged) = staged {
+            // Retired under its own lock, so a concurrent chunking leaves it alone.
+            staged.lock().retired = true;
+            let _ = std::fs::remove_file(&staged.path);
+        }
+    }
+
     /// Chunks every staged file.
     ///
     /// # Errors
@@ -558,13 +631,16 @@ impl MountedFs {
     }
 
     /// Stages the working tree's changed directories (and large manifests) on `importer`
-    /// and returns its root. Staged bytes not yet chunked are left out.
+    /// and returns its root with the change generation it captures (taken under the same
+    /// lock, so the root holds every change up to it and none after). Staged bytes not yet
+    /// chunked are left out.
     ///
     /// # Errors
     /// Storage errors.
-    pub(crate) fn store_tree(&self, importer: &Importer<'_>) -> Result<Cid> {
+    pub(crate) fn store_tree(&self, importer: &Importer<'_>) -> Result<(Cid, u64)> {
         let mut inodes = self.lock();
-        self.store_directory(&mut inodes, importer, ROOT)
+        let root = self.store_directory(&mut inodes, importer, ROOT)?;
+        Ok((root, inodes.generation))
     }
 
     fn store_directory(
@@ -665,6 +741,7 @@ fn file_node(manifest: FileManifest) -> FileNode {
         base,
         staged: None,
         writers: 0,
+        handles: 0,
         version: 1,
         cached_version: 0,
     }
@@ -720,11 +797,13 @@ impl FuseAdapter {
         if let Some(entries) = children_mut(&mut inodes, parent) {
             entries.remove(name);
         }
-        // The inode stays until unmount: open handles keep working on it.
+        // The inode stays: open handles keep working on it.
         if let Some(node) = inodes.nodes.get_mut(&child) {
             node.parent = 0;
         }
         MountedFs::touch_directory(&mut inodes, parent);
+        drop(inodes);
+        fs.release_unlinked(child);
         Ok(())
     }
 
@@ -762,6 +841,7 @@ impl FuseAdapter {
             inodes.nodes.get(&moving).map(|node| &node.kind),
             Some(NodeKind::Directory(_))
         );
+        let mut replaced = None;
         if let Some(target) = fs.child(&mut inodes, new_parent, new_name)? {
             if target == moving {
                 return Ok(());
@@ -787,6 +867,7 @@ impl FuseAdapter {
             if let Some(node) = inodes.nodes.get_mut(&target) {
                 node.parent = 0;
             }
+            replaced = Some(target);
         }
         if let Some(entries) = children_mut(&mut inodes, parent) {
             entries.remove(name);
@@ -801,6 +882,10 @@ impl FuseAdapter {
         }
         MountedFs::touch_directory(&mut inodes, parent);
         MountedFs::touch_directory(&mut inodes, new_parent);
+        drop(inodes);
+        if let Some(replaced) = replaced {
+            fs.release_unlinked(replaced);
+        }
         Ok(())
     }
 
@@ -821,6 +906,7 @@ impl FuseAdapter {
             if write {
                 file.writers += 1;
             }
+            file.handles += 1;
             // The kernel may keep its cached pages only if the file did not change since
             // they were read.
             let keep = file.cached_version == file.version;
@@ -856,11 +942,14 @@ impl FuseAdapter {
             fs.writable()?;
         }
         if let Some(new_size) = size {
+            if new_size > FILE_BYTES_MAX {
+                return Err(Errno::EFBIG);
+            }
             fs.change_content(ino, |staged, state, file_size| {
                 state.dirty.truncate(new_size);
                 state.base_limit = state.base_limit.min(new_size);
                 *file_size = new_size;
-                staged.file.set_len(new_size).map_err(|_| Errno::EIO)
+                staged.file.set_len(new_size).map_err(Errno::from)
             })?;
         }
         let mut inodes = fs.lock();
@@ -1093,6 +1182,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let result = self.0.writable().and_then(|()| {
+            let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+            if end > FILE_BYTES_MAX {
+                return Err(Errno::EFBIG);
+            }
             self.0.change_content(ino.0, |staged, state, size| {
                 staged
                     .file
@@ -1132,18 +1225,32 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = &self.0;
-        let last_writer = if fh.0 & 1 == 1 {
+        let (last_writer, unlinked) = {
             let mut inodes = fs.lock();
-            match inodes.nodes.get_mut(&ino.0).map(|node| &mut node.kind) {
-                Some(NodeKind::File(file)) => {
-                    file.writers = file.writers.saturating_sub(1);
-                    file.writers == 0
+            match inodes.nodes.get_mut(&ino.0) {
+                Some(Inode {
+                    parent,
+                    kind: NodeKind::File(file),
+                    ..
+                }) => {
+                    file.handles = file.handles.saturating_sub(1);
+                    let mut last_writer = false;
+                    if fh.0 & 1 == 1 {
+                        file.writers = file.writers.saturating_sub(1);
+                        last_writer = file.writers == 0;
+                    }
+                    (last_writer, *parent == 0)
                 }
-                _ => false,
+                _ => (false, false),
             }
-        } else {
-            false
         };
+        if unlinked {
+            // Nothing can name it any more: its staged bytes are garbage, and on a full
+            // disk they are the space the user is trying to get back.
+            fs.release_unlinked(ino.0);
+            reply.ok();
+            return;
+        }
         // Closed files are chunked into the working tree.
         if last_writer && let Err(error) = fs.chunk_file(ino.0) {
             reply.error(log_error("chunking a closed file", &error));
@@ -1312,4 +1419,169 @@ fn statvfs(path: &Path) -> Option<(u64, u64, u64, u64, u64, u32)> {
         stats.files_free(),
         block_size,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::datadir::{DataDir, SecretProtection};
+    use crate::mount::{WorkTarget, commit, commit_with};
+    use crate::vault::CreateVolumeOptions;
+
+    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
+        Err(NodeError::PassphraseUnavailable)
+    }
+
+    fn mounted(temp: &Path) -> MountedFs {
+        let data_dir = DataDir::new(temp.join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let vault = Arc::new(Vault::open(&data_dir, &no_passphrase).unwrap());
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let volume = Arc::new(vault.open_volume("v", &no_passphrase).unwrap());
+        let session = vault.open_write_session("mount", volume.id).unwrap();
+        MountedFs::new(
+            vault,
+            volume,
+            None,
+            FsConfig {
+                read_only: false,
+                cache_bytes: 1 << 20,
+                staging_dir: temp.join("staging"),
+            },
+            Some(Mutex::new(WorkTarget {
+                branch: "main".into(),
+                base: None,
+            })),
+            session,
+        )
+        .unwrap()
+    }
+
+    fn mkdir(fs: &MountedFs, name: &str) {
+        let kind = NodeKind::Directory(Directory {
+            tree: None,
+            children: Some(BTreeMap::new()),
+        });
+        fs.insert(ROOT, OsStr::new(name), 0o755, kind).unwrap();
+    }
+
+    /// The names at the root of the branch head.
+    fn committed_names(fs: &MountedFs) -> BTreeSet<String> {
+        let vault = fs.vault();
+        let volume = fs.volume();
+        let head = vault.refs().get_ref(&volume.id, "main").unwrap().unwrap();
+        let root = Cid::from_bytes(vault.read_commit(volume, &head).unwrap().root);
+        vault
+            .read_object(volume, &root)
+            .unwrap()
+            .into_tree()
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|entry| String::from_utf8(entry.name).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn failures_keep_their_errno() {
+        let io = |code| NodeError::Io {
+            action: "writing",
+            path: "staging".into(),
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        assert_eq!(errno_of(&io(libc::ENOSPC)), Errno::ENOSPC);
+        assert_eq!(errno_of(&io(libc::EMFILE)), Errno::EMFILE);
+        assert_eq!(errno_of(&io(libc::EDQUOT)), Errno::EDQUOT);
+        let kind_only = NodeError::Io {
+            action: "writing",
+            path: "staging".into(),
+            source: std::io::ErrorKind::StorageFull.into(),
+        };
+        assert_eq!(errno_of(&kind_only), Errno::ENOSPC);
+        let full = NodeError::Kv(forge_store::KvError::NoSpace { path: "db".into() });
+        assert_eq!(errno_of(&full), Errno::ENOSPC);
+        assert_eq!(errno_of(&NodeError::Integrity("x".into())), Errno::EIO);
+    }
+
+    #[test]
+    fn a_change_made_while_a_commit_builds_its_root_stays_uncommitted() {
+        let temp = tempfile::tempdir().unwrap();
+        let fs = mounted(temp.path());
+        mkdir(&fs, "before");
+        // The mkdir lands after the commit captured its tree, as a FUSE request running
+        // beside `forge snapshot create` does.
+        let outcome = commit_with(&fs, "first", &mut || mkdir(&fs, "during")).unwrap();
+        assert!(outcome.is_some());
+        assert_eq!(committed_names(&fs), BTreeSet::from(["before".to_owned()]));
+        assert!(
+            fs.has_changes(),
+            "the mkdir made during the commit was marked committed"
+        );
+        commit(&fs, "second")
+            .unwrap()
+            .expect("the mkdir is committed next");
+        assert_eq!(
+            committed_names(&fs),
+            BTreeSet::from(["before".to_owned(), "during".to_owned()])
+        );
+        assert!(!fs.has_changes());
+        assert!(commit(&fs, "third").unwrap().is_none(), "nothing left");
+    }
+
+    #[test]
+    fn concurrent_commits_never_move_the_branch_to_an_older_root() {
+        let temp = tempfile::tempdir().unwrap();
+        let fs = Arc::new(mounted(temp.path()));
+        std::thread::scope(|scope| {
+            let writer = {
+                let fs = fs.clone();
+                scope.spawn(move || {
+                    for index in 0..300 {
+                        mkdir(&fs, &format!("d{index:03}"));
+                    }
+                })
+            };
+            for _ in 0..2 {
+                let fs = fs.clone();
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        commit(&fs, "loop").unwrap();
+                    }
+                });
+            }
+            writer.join().unwrap();
+        });
+        commit(&fs, "last").unwrap();
+        let names = committed_names(&fs);
+        assert_eq!(names.len(), 300, "lost {} directories", 300 - names.len());
+        // Every snapshot's parent is the one before it: the branch only moved forward.
+        let vault = fs.vault();
+        let volume = fs.volume();
+        let mut snapshot = vault.refs().get_ref(&volume.id, "main").unwrap();
+        let mut previous_count = usize::MAX;
+        while let Some(cid) = snapshot {
+            let commit = vault.read_commit(volume, &cid).unwrap();
+            let root = Cid::from_bytes(commit.root);
+            let entries = vault
+                .read_object(volume, &root)
+                .unwrap()
+                .into_tree()
+                .unwrap()
+                .entries
+                .len();
+            assert!(
+                entries <= previous_count,
+                "a later snapshot has fewer entries"
+            );
+            previous_count = entries;
+            snapshot = commit
+                .parents
+                .first()
+                .map(|parent| Cid::from_bytes(*parent));
+        }
+    }
 }

@@ -27,9 +27,11 @@ use serde::{Deserialize, Serialize};
 use crate::clock::now_ns;
 use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
+use crate::vault::fence::PinnedRoot;
 use crate::vault::import::{Importer, NewSnapshot};
 use crate::vault::records::{self, WorkingState, keys};
 use crate::vault::{DEFAULT_BRANCH, OpenVolume, PassphraseSource, Vault, validate_name};
+use forge_store::metadata::ref_update;
 use fs::{FuseAdapter, MountedFs, TreeTotals};
 
 /// Environment variable marking the child process of `mount --background`.
@@ -381,6 +383,9 @@ impl Host {
         }
         let vault = &self.vault;
         let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
+        // The session starts before anything is resolved, so what the mount serves is
+        // pinned against gc before we check it is still there (see vault/fence.rs).
+        let session = vault.open_write_session("mount", volume.id)?;
         let mut notes = Vec::new();
         let (root, work) = if let Some(snapshot) = &options.snapshot {
             let snapshot = vault.resolve_snapshot(&volume.record, snapshot)?;
@@ -412,6 +417,7 @@ impl Host {
             });
             (root, work)
         };
+        pin_served_root(vault, &volume, &session, options, root, work.as_ref())?;
         let id = {
             let mut state = self.lock();
             state.next_id += 1;
@@ -426,10 +432,13 @@ impl Host {
             vault.clone(),
             volume,
             root,
-            read_only,
-            options.cache_bytes,
-            staging.clone(),
+            fs::FsConfig {
+                read_only,
+                cache_bytes: options.cache_bytes,
+                staging_dir: staging.clone(),
+            },
             work.map(Mutex::new),
+            session,
         )?);
         if !notes.is_empty() {
             fs.mark_changed();
@@ -612,16 +621,56 @@ impl Host {
         }
         mounts.iter().map(|fs| commit(fs, message)).collect()
     }
+}
 
-    /// A volume mounted read-write, if any.
-    #[must_use]
-    pub fn has_read_write_mount(&self) -> Option<String> {
-        self.lock()
-            .active
-            .iter()
-            .find(|active| !active.record.read_only)
-            .map(|active| active.record.volume.clone())
+/// Pins the root a new mount serves, then checks it is still stored: a snapshot still
+/// listed (or a working state still recorded) after the pin was live when any running gc
+/// marked, so none of it can be collected while the mount runs.
+fn pin_served_root(
+    vault: &Vault,
+    volume: &OpenVolume,
+    session: &crate::vault::fence::WriteSession,
+    options: &MountOptions,
+    root: Option<Cid>,
+    work: Option<&WorkTarget>,
+) -> Result<()> {
+    let Some(root) = root else {
+        return Ok(());
+    };
+    let snapshot = match (&options.snapshot, work) {
+        (Some(snapshot), _) => Some(vault.resolve_snapshot(&volume.record, snapshot)?),
+        (None, Some(work)) => work.base,
+        (None, None) => vault.refs().get_ref(
+            &volume.id,
+            options.branch.as_deref().unwrap_or(DEFAULT_BRANCH),
+        )?,
+    };
+    // A recovered working state is its own root; otherwise the root is the snapshot's.
+    let recovered = match snapshot {
+        Some(snapshot) => Cid::from_bytes(vault.read_commit(volume, &snapshot)?.root) != root,
+        None => true,
+    };
+    if recovered {
+        session.pin_root(volume.id, PinnedRoot::Tree(*root.as_bytes()), &[]);
+        let branch = work.map_or(DEFAULT_BRANCH, |work| work.branch.as_str());
+        let still = working_state(vault, volume, branch)?
+            .is_some_and(|state| state.root == *root.as_bytes());
+        if !still {
+            return Err(NodeError::Busy {
+                what: format!("volume {} branch {branch}", volume.record.name),
+                reason: "its working state changed while mounting; mount again".into(),
+            });
+        }
+    } else if let Some(snapshot) = snapshot {
+        session.pin_root(volume.id, PinnedRoot::Snapshot(*snapshot.as_bytes()), &[]);
+        if !vault.is_listed(volume, &snapshot)? {
+            return Err(NodeError::UnknownSnapshot {
+                volume: volume.record.name.clone(),
+                id: snapshot.to_hex(),
+            });
+        }
     }
+    Ok(())
 }
 
 /// `forge snapshot create` on a volume that is not mounted read-write.
@@ -659,76 +708,96 @@ pub struct CommitOutcome {
 
 /// Commits the working tree of a read-write mount as a snapshot (None: nothing changed).
 ///
+/// Commits of one mount run one at a time (the work target's lock is held throughout), so
+/// a branch never moves backwards to an older root. The commit captures the tree with its
+/// change generation: a change made while it runs stays uncommitted for the next one.
+///
 /// # Errors
 /// Storage errors.
 pub fn commit(fs: &MountedFs, message: &str) -> Result<Option<CommitOutcome>> {
+    commit_with(fs, message, &mut || {})
+}
+
+/// [`commit`], running `after_capture` once the tree is captured (tests change the tree
+/// there, as a concurrent FUSE request would).
+pub(crate) fn commit_with(
+    fs: &MountedFs,
+    message: &str,
+    after_capture: &mut dyn FnMut(),
+) -> Result<Option<CommitOutcome>> {
     let Some(work) = fs.work() else {
         return Ok(None);
     };
+    let mut work = work
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     fs.chunk_all()?;
     if !fs.has_changes() {
         return Ok(None);
     }
     let (vault, volume) = (fs.vault(), fs.volume());
     let progress = crate::progress::Progress::new("commit", false);
-    let importer = Importer::new(vault, volume, &progress)?;
-    let root = fs.store_tree(&importer)?;
+    let importer = Importer::new(vault, volume, fs.session(), &progress)?;
+    let (root, generation) = fs.store_tree(&importer)?;
+    after_capture();
     // The trees must be readable before walking them for the reference index.
     importer.write_pending()?;
     let totals = reach_tree(vault, volume, &importer, root)?;
     let index_root = importer.stage_reference_index()?;
     importer.write_pending()?;
-    let mut work = work
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let snapshot = vault.write_snapshot(
-        volume,
-        &NewSnapshot {
-            root,
-            index_root,
-            parent: work.base,
-            message: message.to_owned(),
-            dna: BTreeMap::new(),
-            logical_bytes: totals.logical_bytes,
-            file_count: totals.files,
-        },
-    )?;
+    let snapshot = importer.write_snapshot(&NewSnapshot {
+        root,
+        index_root,
+        parent: work.base,
+        message: message.to_owned(),
+        dna: BTreeMap::new(),
+        logical_bytes: totals.logical_bytes,
+        file_count: totals.files,
+    })?;
     let original = work.branch.clone();
-    let conflict =
-        match vault
-            .refs()
-            .compare_and_swap_ref(&volume.id, &work.branch, work.base, Some(snapshot))
-        {
-            Ok(()) => false,
-            Err(forge_store::metadata::MetadataError::Conflict { .. }) => {
-                let time = crate::cli::format_compact_time(now_ns());
-                let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
-                let mut attempt = 1;
-                while vault
-                    .refs()
-                    .get_ref(&volume.id, &conflict_branch)?
-                    .is_some()
-                {
-                    attempt += 1;
-                    conflict_branch = format!("{}-conflict-{time}-{attempt}", work.branch);
-                }
-                vault.refs().compare_and_swap_ref(
-                    &volume.id,
-                    &conflict_branch,
-                    None,
-                    Some(snapshot),
-                )?;
-                work.branch = conflict_branch;
-                true
+    let conflict = match importer.publish(&[ref_update(
+        &volume.id,
+        &work.branch,
+        work.base,
+        Some(snapshot),
+    )]) {
+        Ok(()) => false,
+        Err(NodeError::BranchMoved(_)) => {
+            let time = crate::cli::format_compact_time(now_ns());
+            let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
+            let mut attempt = 1;
+            while vault
+                .refs()
+                .get_ref(&volume.id, &conflict_branch)?
+                .is_some()
+            {
+                attempt += 1;
+                conflict_branch = format!("{}-conflict-{time}-{attempt}", work.branch);
             }
-            Err(other) => return Err(other.into()),
-        };
+            importer.publish(&[ref_update(
+                &volume.id,
+                &conflict_branch,
+                None,
+                Some(snapshot),
+            )])?;
+            work.branch = conflict_branch;
+            true
+        }
+        Err(other) => return Err(other),
+    };
     work.base = Some(snapshot);
+    // From now on the mount builds on the new snapshot: pin it, and release the claims it
+    // covers (a mount's claims would otherwise grow for as long as it runs).
+    fs.session().pin_root(
+        volume.id,
+        PinnedRoot::Snapshot(*snapshot.as_bytes()),
+        &importer.take_named(),
+    );
     // The working state is now a snapshot: nothing is left to recover.
     let mut batch = WriteBatch::new();
     batch.delete(Column::Meta, working_key(volume, &original));
     vault.kv().write(batch, Durability::Synced)?;
-    fs.mark_committed();
+    fs.mark_committed(generation);
     Ok(Some(CommitOutcome {
         snapshot,
         branch: work.branch.clone(),
@@ -744,17 +813,19 @@ pub fn persist_working(fs: &MountedFs) -> Result<()> {
     let Some(work) = fs.work() else {
         return Ok(());
     };
+    // Serialized with commits: a working state recorded after a commit is never older
+    // than that commit's tree.
+    let work = work
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (vault, volume) = (fs.vault(), fs.volume());
     let progress = crate::progress::Progress::new("fsync", false);
-    let importer = Importer::new(vault, volume, &progress)?;
-    let root = fs.store_tree(&importer)?;
+    let importer = Importer::new(vault, volume, fs.session(), &progress)?;
+    let (root, _) = fs.store_tree(&importer)?;
     importer.write_pending()?;
     vault
         .kv()
         .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
-    let work = work
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let state = WorkingState {
         root: *root.as_bytes(),
         base: work.base.map(|base| *base.as_bytes()),

@@ -9,6 +9,11 @@ use forge_store::kv::{Column, Durability, KvEngine, WriteBatch};
 use super::{OpenVolume, PassphraseSource, Vault};
 use crate::error::{NodeError, Result};
 
+/// The passphrase source of a check run without one: volumes that need it fail to open.
+fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
+    Err(NodeError::PassphraseUnavailable)
+}
+
 /// Entries read per scan page, so a large store is walked in bounded memory.
 const SCAN_PAGE_ENTRIES: usize = 512;
 
@@ -21,12 +26,65 @@ pub struct FsckReport {
     pub chunks_checked: u64,
     /// Snapshots whose commit, trees and chunk references were walked.
     pub snapshots_checked: u64,
-    /// Every problem, one line each, sorted.
-    pub problems: Vec<String>,
+    /// Every problem, sorted by volume, snapshot and detail.
+    pub problems: Vec<FsckProblem>,
     /// Damaged shards that parity can rebuild (`forge scrub --repair`).
     pub repairable_shards: u64,
     /// Volumes not walked (encrypted, no passphrase given).
     pub skipped_volumes: Vec<String>,
+    /// Volumes whose keys the passphrase given did not open, with the reason. Their data
+    /// was still checked keylessly through the reference index; this is not damage.
+    pub keys_not_opened: Vec<(String, String)>,
+}
+
+/// One problem fsck found, and where.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FsckProblem {
+    /// The volume it concerns (None: the store as a whole).
+    pub volume: Option<String>,
+    /// The snapshot it concerns.
+    pub snapshot: Option<String>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl FsckProblem {
+    fn store(detail: String) -> Self {
+        Self {
+            volume: None,
+            snapshot: None,
+            detail,
+        }
+    }
+
+    fn volume(volume: &str, detail: String) -> Self {
+        Self {
+            volume: Some(volume.to_owned()),
+            snapshot: None,
+            detail,
+        }
+    }
+
+    fn snapshot(volume: &str, snapshot: &Cid, detail: String) -> Self {
+        Self {
+            volume: Some(volume.to_owned()),
+            snapshot: Some(snapshot.to_hex()),
+            detail,
+        }
+    }
+}
+
+impl std::fmt::Display for FsckProblem {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.volume, &self.snapshot) {
+            (Some(volume), Some(snapshot)) => {
+                write!(formatter, "volume {volume} snapshot {snapshot}: ")?;
+            }
+            (Some(volume), None) => write!(formatter, "volume {volume}: ")?,
+            _ => {}
+        }
+        write!(formatter, "{}", self.detail)
+    }
 }
 
 /// What scrub found and did.
@@ -44,22 +102,24 @@ pub struct ScrubReport {
 
 impl Vault {
     /// Verifies every object, every chunk, every ref and (for volumes whose keys are at
-    /// hand) every snapshot's reachable objects and chunks.
+    /// hand) every snapshot's reachable objects and chunks. `passphrase` is None when none
+    /// was given: encrypted volumes are then checked keylessly only.
     ///
     /// # Errors
     /// Engine errors only: what is wrong with the data is reported, not returned.
-    pub fn fsck(&self, passphrase: PassphraseSource<'_>) -> Result<FsckReport> {
+    pub fn fsck(&self, passphrase: Option<PassphraseSource<'_>>) -> Result<FsckReport> {
         let mut report = FsckReport::default();
         for_each_entry(self.kv(), Column::Objects, |key, value| {
             report.objects_checked += 1;
             match Cid::from_slice(key) {
                 Ok(cid) if cid.matches(value) => {}
-                Ok(cid) => report
-                    .problems
-                    .push(format!("object {cid} does not match its id (corrupted)")),
-                Err(_) => report
-                    .problems
-                    .push(format!("object key of {} bytes is not a cid", key.len())),
+                Ok(cid) => report.problems.push(FsckProblem::store(format!(
+                    "object {cid} does not match its id (corrupted)"
+                ))),
+                Err(_) => report.problems.push(FsckProblem::store(format!(
+                    "object key of {} bytes is not a cid",
+                    key.len()
+                ))),
             }
         })?;
         for cid in chunk_ids(self.kv())? {
@@ -68,12 +128,12 @@ impl Vault {
                 Ok(read) if read.rebuilt.is_empty() => {}
                 Ok(read) => {
                     report.repairable_shards += read.rebuilt.len() as u64;
-                    report.problems.push(format!(
+                    report.problems.push(FsckProblem::store(format!(
                         "chunk {cid}: {} damaged shard(s), repairable with `forge scrub --repair`",
                         read.rebuilt.len()
-                    ));
+                    )));
                 }
-                Err(error) => report.problems.push(error.to_string()),
+                Err(error) => report.problems.push(FsckProblem::store(error.to_string())),
             }
         }
         for record in self.list_volumes()? {
@@ -87,9 +147,9 @@ impl Vault {
                 if !listed.contains(&head)
                     || self.kv().get(Column::Objects, head.as_bytes())?.is_none()
                 {
-                    report.problems.push(format!(
-                        "volume {}: branch {branch} points at missing snapshot {head}",
-                        record.name
+                    report.problems.push(FsckProblem::volume(
+                        &record.name,
+                        format!("branch {branch} points at missing snapshot {head}"),
                     ));
                 }
             }
@@ -102,31 +162,45 @@ impl Vault {
                             if self.kv().get(Column::Objects, cid.as_bytes())?.is_none()
                                 && !has_chunk(self.kv(), &cid)?
                             {
-                                report.problems.push(format!(
-                                    "volume {} snapshot {snapshot}: {cid} is missing",
-                                    record.name
+                                report.problems.push(FsckProblem::snapshot(
+                                    &record.name,
+                                    snapshot,
+                                    format!("{cid} is missing"),
                                 ));
                             }
                         }
                     }
-                    Err(error) => report
-                        .problems
-                        .push(format!("volume {}: {error}", record.name)),
+                    Err(error) => report.problems.push(FsckProblem::snapshot(
+                        &record.name,
+                        snapshot,
+                        error.to_string(),
+                    )),
                 }
             }
-            let volume = if record.encrypted
-                && std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_none()
-            {
-                report.skipped_volumes.push(record.name.clone());
-                continue;
-            } else {
-                match self.open_volume(&record.name, passphrase) {
-                    Ok(volume) => volume,
-                    Err(error) => {
-                        report
-                            .problems
-                            .push(format!("volume {}: keys do not open: {error}", record.name));
-                        continue;
+            let volume = match passphrase {
+                None if record.encrypted => {
+                    report.skipped_volumes.push(record.name.clone());
+                    continue;
+                }
+                _ => {
+                    let source = passphrase.unwrap_or(&no_passphrase);
+                    match self.open_volume(&record.name, source) {
+                        Ok(volume) => volume,
+                        // A passphrase that does not open the keys is the user's mistake,
+                        // not damage: the keyless check above already ran on its data.
+                        Err(error @ NodeError::Crypto(_)) if record.encrypted => {
+                            report
+                                .keys_not_opened
+                                .push((record.name.clone(), error.to_string()));
+                            continue;
+                        }
+                        Err(error) => {
+                            report.problems.push(FsckProblem::volume(
+                                &record.name,
+                                format!("keys do not open: {error}"),
+                            ));
+                            continue;
+                        }
                     }
                 }
             };
@@ -134,9 +208,10 @@ impl Vault {
             for snapshot in &listed {
                 report.snapshots_checked += 1;
                 if let Err(error) = self.check_snapshot(&volume, snapshot, &mut walked) {
-                    report.problems.push(format!(
-                        "volume {} snapshot {snapshot}: {error}",
-                        record.name
+                    report.problems.push(FsckProblem::snapshot(
+                        &record.name,
+                        snapshot,
+                        error.to_string(),
                     ));
                 }
             }

@@ -23,13 +23,15 @@ use forge_store::chunker::{Chunker, ChunkerError};
 use forge_store::chunkstore::stage_chunk;
 use forge_store::erasure::ErasureCoder;
 use forge_store::kv::{Column, Durability, WriteBatch};
+use forge_store::metadata::{RecordUpdate, ref_update};
 use forge_store::object::{
-    ChunkRef, EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, SignedCommit,
-    SnapshotCommit, Tree, TreeEntry,
+    ChunkRef, EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, ObjectError,
+    SignedCommit, SnapshotCommit, Tree, TreeEntry,
 };
 use forge_store::refindex;
 use rayon::prelude::*;
 
+use super::fence::WriteSession;
 use super::records::{self, IndexHead, SnapshotListing, keys};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::clock::now_ns;
@@ -75,6 +77,8 @@ pub struct ImportReport {
 pub(crate) struct Importer<'a> {
     vault: &'a Vault,
     volume: &'a OpenVolume,
+    /// Claims every cid staged or reused, so a concurrent gc keeps it.
+    session: &'a WriteSession,
     chunker: Chunker,
     coder: ErasureCoder,
     pending: Mutex<WriteBatch>,
@@ -83,6 +87,9 @@ pub(crate) struct Importer<'a> {
     skipped: Mutex<Vec<(PathBuf, String)>>,
     /// Every chunk and object cid the snapshot reaches, for its reference index.
     reached: Mutex<Vec<Cid>>,
+    /// What the snapshot names (sorted; index nodes included), once its index is staged:
+    /// checked before publishing if gc swept meanwhile.
+    named: Mutex<Vec<Cid>>,
     progress: &'a Progress,
 }
 
@@ -120,7 +127,8 @@ impl Vault {
             });
         }
         let head = self.refs().get_ref(&volume.id, &options.branch)?;
-        let importer = Importer::new(self, &volume, progress)?;
+        let session = self.open_write_session("import", volume.id)?;
+        let importer = Importer::new(self, &volume, &session, progress)?;
         let root = importer
             .import_directory(source)?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
@@ -128,25 +136,24 @@ impl Vault {
         let index_root = importer.stage_reference_index()?;
         importer.write_pending()?;
         tracing::debug!(elapsed = ?progress.elapsed(), "import: reference index staged");
-        let counters = importer
-            .counters
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let snapshot = self.write_snapshot(
-            &volume,
-            &NewSnapshot {
-                root,
-                index_root,
-                parent: head,
-                message: options.message.clone(),
-                dna: options.dna.clone(),
-                logical_bytes: counters.logical_bytes,
-                file_count: counters.files,
-            },
-        )?;
-        // The acknowledgement: the branch moves only if nobody moved it since we started.
-        self.refs()
-            .compare_and_swap_ref(&volume.id, &options.branch, head, Some(snapshot))?;
+        let counters = std::mem::take(&mut *importer.lock_counters());
+        let snapshot = importer.write_snapshot(&NewSnapshot {
+            root,
+            index_root,
+            parent: head,
+            message: options.message.clone(),
+            dna: options.dna.clone(),
+            logical_bytes: counters.logical_bytes,
+            file_count: counters.files,
+        })?;
+        // The acknowledgement: the branch moves only if nobody moved it since we started
+        // (and nothing the snapshot names was collected meanwhile).
+        importer.publish(&[ref_update(
+            &volume.id,
+            &options.branch,
+            head,
+            Some(snapshot),
+        )])?;
 
         Ok(ImportReport {
             snapshot,
@@ -155,10 +162,12 @@ impl Vault {
             new_chunks: counters.new_chunks,
             reused_chunks: counters.reused_chunks,
             written_bytes: counters.written_bytes,
-            skipped: importer
-                .skipped
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            skipped: std::mem::take(
+                &mut *importer
+                    .skipped
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
             elapsed_seconds: progress.elapsed().as_secs_f64(),
         })
     }
@@ -179,23 +188,26 @@ pub(crate) struct NewSnapshot {
     pub file_count: u64,
 }
 
-impl Vault {
+impl Importer<'_> {
     /// Writes a snapshot whose trees, chunks and index nodes were staged (unlogged):
     /// flushes them, then writes the signed commit, listing and index head synced. The
-    /// caller then moves a branch to it by compare-and-swap; until then nothing is visible.
+    /// caller then moves a branch to it with [`Importer::publish`]; until then nothing is
+    /// visible.
     ///
     /// # Errors
     /// Engine errors.
-    pub(crate) fn write_snapshot(&self, volume: &OpenVolume, new: &NewSnapshot) -> Result<Cid> {
+    pub(crate) fn write_snapshot(&self, new: &NewSnapshot) -> Result<Cid> {
+        let (vault, volume) = (self.vault, self.volume);
         // Chunks and objects must be durable before the snapshot that names them.
-        self.kv()
+        vault
+            .kv()
             .flush(&[Column::Shards, Column::Objects, Column::Meta])?;
         tracing::debug!("snapshot: staged data flushed");
         let commit = SnapshotCommit {
             volume: *volume.id.as_bytes(),
             root: *new.root.as_bytes(),
             parents: new.parent.iter().map(|cid| *cid.as_bytes()).collect(),
-            author: *self.identity().node_id().as_bytes(),
+            author: *vault.identity().node_id().as_bytes(),
             time_ns: now_ns(),
             message: new.message.clone(),
             dna: new.dna.clone(),
@@ -203,12 +215,14 @@ impl Vault {
             file_count: new.file_count,
         };
         let encoded = commit.encode();
-        let signature = self.identity().sign(SignatureDomain::Snapshot, &encoded)?;
+        let signature = vault.identity().sign(SignatureDomain::Snapshot, &encoded)?;
         let (snapshot, sealed) = Object::Commit(SignedCommit {
             commit: encoded,
             signature: signature.as_bytes().to_vec(),
         })
         .seal(&volume.volume_key);
+        self.session.claim(snapshot);
+        self.lock_named().push(snapshot);
         let mut batch = WriteBatch::new();
         batch.put(Column::Objects, snapshot.as_bytes().to_vec(), sealed);
         let listing = SnapshotListing {
@@ -228,8 +242,8 @@ impl Vault {
         );
         let index_head = IndexHead {
             root: *new.index_root.as_bytes(),
-            author: *self.identity().node_id().as_bytes(),
-            signature: self
+            author: *vault.identity().node_id().as_bytes(),
+            signature: vault
                 .identity()
                 .sign(SignatureDomain::Snapshot, &head_message)?
                 .as_bytes()
@@ -243,8 +257,34 @@ impl Vault {
             ),
             records::encode(&index_head),
         );
-        self.kv().write(batch, Durability::Synced)?;
+        vault.kv().write(batch, Durability::Synced)?;
         Ok(snapshot)
+    }
+
+    /// Applies `updates` (the ref move that publishes the snapshot) through the gc fence:
+    /// if gc swept while this snapshot was built, everything it names is checked first.
+    ///
+    /// # Errors
+    /// [`NodeError::BranchMoved`] when the ref moved; [`NodeError::MissingWhileWriting`];
+    /// engine errors.
+    pub(crate) fn publish(&self, updates: &[RecordUpdate]) -> Result<()> {
+        let named = self.lock_named();
+        let kv = self.vault.kv();
+        self.session.publish(updates, &named, &|cid| {
+            Ok(kv.contains(Column::Objects, cid.as_bytes())?
+                || forge_store::chunkstore::has_first_shard(kv, cid)?)
+        })
+    }
+
+    /// What the snapshot names (after it was published).
+    pub(crate) fn take_named(&self) -> Vec<Cid> {
+        std::mem::take(&mut *self.lock_named())
+    }
+
+    fn lock_named(&self) -> std::sync::MutexGuard<'_, Vec<Cid>> {
+        self.named
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -252,11 +292,13 @@ impl<'a> Importer<'a> {
     pub(crate) fn new(
         vault: &'a Vault,
         volume: &'a OpenVolume,
+        session: &'a WriteSession,
         progress: &'a Progress,
     ) -> Result<Self> {
         Ok(Importer {
             vault,
             volume,
+            session,
             chunker: volume.chunker()?,
             coder: volume.coder()?,
             pending: Mutex::new(WriteBatch::new()),
@@ -264,6 +306,7 @@ impl<'a> Importer<'a> {
             counters: Mutex::new(Counters::default()),
             skipped: Mutex::new(Vec::new()),
             reached: Mutex::new(Vec::new()),
+            named: Mutex::new(Vec::new()),
             progress,
         })
     }
@@ -284,9 +327,14 @@ impl<'a> Importer<'a> {
         );
         let mut index_nodes = Vec::new();
         let index_root = refindex::build(&reached, |id, bytes| index_nodes.push((id, bytes)));
+        let mut named = reached;
         for (id, bytes) in index_nodes {
+            named.push(id);
             self.stage_object(id, bytes)?;
         }
+        named.sort_unstable();
+        named.dedup();
+        self.lock_named().extend(named);
         Ok(index_root)
     }
 
@@ -475,15 +523,21 @@ impl Importer<'_> {
             return Ok((cid, key));
         }
         let index_key = keys::key(keys::DEDUP, &[&self.volume.domain.id, hash.as_bytes()]);
+        // Claim before checking that it is stored: from the claim on, gc keeps it (see
+        // fence.rs); if gc removed it just before, the check below sees that.
         if let Some(value) = self.vault.kv().get(Column::Meta, &index_key)?
             && let Ok(cid) = Cid::from_slice(&value)
-            && forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)?
+            && {
+                self.session.claim(cid);
+                forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)?
+            }
         {
             self.reuse(hash, cid);
             return Ok((cid, key));
         }
         let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
         let cid = Cid::of(&sealed);
+        self.session.claim(cid);
         let mut batch = WriteBatch::new();
         batch.put(Column::Meta, index_key, cid.as_bytes().to_vec());
         // The index is a cache; the shards are the truth. Sealing is deterministic, so a
@@ -516,7 +570,34 @@ impl Importer<'_> {
     }
 
     pub(crate) fn store_object(&self, object: &Object) -> Result<Cid> {
-        let (cid, sealed) = object.seal(&self.volume.volume_key);
+        let limit = self.vault.limits().object_bytes_max;
+        let (cid, sealed) = object.seal_within(&self.volume.volume_key, limit).map_err(
+            |error| match (error, object) {
+                (ObjectError::TooLarge { bytes, limit, .. }, Object::Manifest(manifest)) => {
+                    NodeError::TooLarge {
+                        what: format!(
+                            "a file of {} bytes in {} chunks",
+                            manifest.size,
+                            manifest.chunks.len()
+                        ),
+                        detail: format!(
+                            "its manifest needs {bytes} bytes, over the {limit}-byte object limit \
+                             (manifest trees for larger files are not built yet; a volume whose \
+                             domain has larger chunks holds larger files)"
+                        ),
+                    }
+                }
+                (ObjectError::TooLarge { bytes, limit, .. }, Object::Tree(tree)) => {
+                    NodeError::TooLarge {
+                        what: format!("a directory of {} entries", tree.entries.len()),
+                        detail: format!(
+                            "its tree needs {bytes} bytes, over the {limit}-byte object limit"
+                        ),
+                    }
+                }
+                (other, _) => other.into(),
+            },
+        )?;
         self.reach(cid);
         self.stage_object(cid, sealed)?;
         Ok(cid)
@@ -526,6 +607,7 @@ impl Importer<'_> {
     /// subtrees keep their cids, and writing them again would only cost disk until the next
     /// compaction.
     fn stage_object(&self, cid: Cid, bytes: Vec<u8>) -> Result<()> {
+        self.session.claim(cid);
         if self
             .vault
             .kv()
@@ -589,5 +671,82 @@ impl Importer<'_> {
         self.seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datadir::{DataDir, SecretProtection};
+    use crate::vault::{CreateVolumeOptions, VaultLimits};
+
+    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
+        Err(NodeError::PassphraseUnavailable)
+    }
+
+    /// Before the check, a file whose manifest was over the object limit imported with
+    /// success and could never be read ("Destination buffer is too small").
+    #[test]
+    fn a_manifest_over_the_object_limit_is_refused_when_written() {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(temp.path().join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let mut vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        vault.set_limits(VaultLimits {
+            object_bytes_max: 4096,
+        });
+        let options = CreateVolumeOptions {
+            domain: Some("small".into()),
+            chunk_avg_bytes: Some(1024),
+            ..CreateVolumeOptions::default()
+        };
+        vault.create_volume("v", &options, &no_passphrase).unwrap();
+        let source = temp.path().join("source");
+        fs::create_dir_all(&source).unwrap();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let big: Vec<u8> = (0..400_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect();
+        fs::write(source.join("big.bin"), &big).unwrap();
+        let import = |vault: &Vault| {
+            vault.import(
+                "v",
+                &source,
+                &ImportOptions {
+                    message: String::new(),
+                    branch: "main".into(),
+                    dna: BTreeMap::new(),
+                },
+                &no_passphrase,
+                &Progress::new("test", false),
+            )
+        };
+        let error = import(&vault).unwrap_err();
+        assert!(matches!(error, NodeError::TooLarge { .. }), "{error}");
+        assert!(error.to_string().contains("object limit"), "{error}");
+        let record = vault.require_volume("v").unwrap();
+        assert!(
+            vault.snapshot_listings(&record).unwrap().is_empty(),
+            "nothing published"
+        );
+        // Within the limit the same file imports and reads back.
+        vault.set_limits(VaultLimits::default());
+        let report = import(&vault).unwrap();
+        let out = temp.path().join("out");
+        vault
+            .export(
+                "v",
+                &out,
+                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
+                &no_passphrase,
+                &Progress::new("test", false),
+            )
+            .unwrap();
+        assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod export;
+pub mod fence;
 pub(crate) mod import;
 pub mod records;
 pub mod snapshots;
@@ -31,6 +32,7 @@ use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
 use zeroize::Zeroizing;
 
 pub use export::ExportReport;
+use fence::{GcFence, WriteSession};
 pub use import::{ImportOptions, ImportReport};
 pub use stats::{VaultStats, VolumeStats};
 
@@ -55,7 +57,9 @@ pub type PassphraseSource<'a> = &'a dyn Fn(&str, bool) -> Result<Zeroizing<Strin
 pub struct Vault {
     data_dir: DataDir,
     kv: Arc<RocksKv>,
-    refs: LocalMetadataStore,
+    metadata: Arc<dyn MetadataStore>,
+    fence: Arc<GcFence>,
+    limits: VaultLimits,
     identity: NodeIdentity,
     _lock: File,
 }
@@ -66,6 +70,22 @@ impl std::fmt::Debug for Vault {
             .debug_struct("Vault")
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
+    }
+}
+
+/// Limits checked where data is written, so nothing stored is ever unreadable. Tests set
+/// small ones to reach them with little data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaultLimits {
+    /// Largest encoded object (tree, manifest) written; at most what readers accept.
+    pub object_bytes_max: usize,
+}
+
+impl Default for VaultLimits {
+    fn default() -> Self {
+        Self {
+            object_bytes_max: forge_store::object::OBJECT_BYTES_MAX,
+        }
     }
 }
 
@@ -127,11 +147,17 @@ impl Vault {
             );
         }
         let kv = Arc::new(RocksKv::open(&db_path, &RocksKvOptions::default())?);
-        let refs = LocalMetadataStore::new(kv.clone());
+        let metadata: Arc<dyn MetadataStore> = Arc::new(LocalMetadataStore::new(kv.clone()));
+        let fence = Arc::new(GcFence::new(metadata.clone()));
+        // We hold the directory lock: pins and a gc sweep on record are an earlier
+        // process's, which no longer runs.
+        fence.recover()?;
         Ok(Self {
             data_dir: data_dir.clone(),
             kv,
-            refs,
+            metadata,
+            fence,
+            limits: VaultLimits::default(),
             identity,
             _lock: lock,
         })
@@ -148,9 +174,35 @@ impl Vault {
         self.kv.as_ref()
     }
 
-    /// The refs.
+    /// The limits writes are checked against.
+    #[must_use]
+    pub fn limits(&self) -> VaultLimits {
+        self.limits
+    }
+
+    /// Replaces the limits (tests use small ones).
+    pub fn set_limits(&mut self, limits: VaultLimits) {
+        self.limits = limits;
+    }
+
+    /// The metadata store (refs and every other replicated record).
     pub(crate) fn refs(&self) -> &dyn MetadataStore {
-        &self.refs
+        self.metadata.as_ref()
+    }
+
+    /// The fence between gc and writers.
+    pub(crate) fn fence(&self) -> &GcFence {
+        &self.fence
+    }
+
+    /// Opens a write session on `volume` (an import, a mount): what it claims is safe
+    /// from a concurrent gc until it is dropped.
+    ///
+    /// # Errors
+    /// Metadata errors recording its pin.
+    pub(crate) fn open_write_session(&self, kind: &str, volume: VolumeId) -> Result<WriteSession> {
+        self.fence
+            .open_session(kind, volume, *self.identity.node_id().as_bytes())
     }
 
     /// This node's identity.
@@ -305,7 +357,18 @@ impl Vault {
     /// Unknown volume, engine errors.
     pub fn branches(&self, volume: &str) -> Result<Vec<(String, Cid)>> {
         let record = self.require_volume(volume)?;
-        Ok(self.refs.list_refs(&VolumeId::from_bytes(record.id))?)
+        Ok(self.refs().list_refs(&VolumeId::from_bytes(record.id))?)
+    }
+
+    /// Whether `snapshot` is in its volume's listing.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn is_listed(&self, volume: &OpenVolume, snapshot: &Cid) -> Result<bool> {
+        Ok(self.kv.contains(
+            Column::Meta,
+            &keys::key(keys::SNAPSHOT, &[volume.id.as_bytes(), snapshot.as_bytes()]),
+        )?)
     }
 
     /// The snapshots of a volume (listing entries with their ids), oldest first.
@@ -611,7 +674,7 @@ impl Vault {
         passphrase: PassphraseSource<'_>,
     ) -> Result<Vec<SnapshotInfo>> {
         let volume = self.open_volume(name, passphrase)?;
-        let heads = self.refs.list_refs(&volume.id)?;
+        let heads = self.refs().list_refs(&volume.id)?;
         self.snapshot_listings(&volume.record)?
             .into_iter()
             .map(|(id, listing)| {

@@ -1,7 +1,7 @@
 //! Snapshot operations: branch, delete, diff, and garbage collection of what no snapshot
 //! reaches any more.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt as _;
 
 use forge_crypto::Cid;
@@ -9,13 +9,14 @@ use forge_store::VolumeId;
 use forge_store::kv::{Column, Durability, WriteBatch, prefix_end};
 use forge_store::object::{EntryContent, TreeEntry};
 
-use super::check::for_each_entry;
+use super::fence::PinnedRoot;
 use super::records::{self, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 
-/// Deletions per write batch during gc.
-const GC_DELETE_BATCH_KEYS: usize = 10_000;
+/// Keys gc reads (and deletes, in one batch) at a time. Values come with the keys (shard
+/// bytes among them), so this bounds gc's memory.
+const GC_SCAN_PAGE_ENTRIES: usize = 512;
 
 /// Paths that differ between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl Vault {
     /// Creates branch `new` at snapshot `from` (default: the head of `main`).
     ///
     /// # Errors
-    /// Unknown names, an existing branch ([`NodeError::BranchMoved`]).
+    /// Unknown names, an existing branch ([`NodeError::BranchExists`]).
     pub fn create_branch(&self, name: &str, new: &str, from: Option<&str>) -> Result<Cid> {
         validate_name("branch name", new)?;
         let record = self.require_volume(name)?;
@@ -62,8 +63,21 @@ impl Vault {
                     branch: super::DEFAULT_BRANCH.to_owned(),
                 })?,
         };
+        if self.refs().get_ref(&volume_id, new)?.is_some() {
+            return Err(NodeError::BranchExists {
+                volume: name.to_owned(),
+                branch: new.to_owned(),
+            });
+        }
         self.refs()
-            .compare_and_swap_ref(&volume_id, new, None, Some(target))?;
+            .compare_and_swap_ref(&volume_id, new, None, Some(target))
+            .map_err(|error| match error {
+                forge_store::metadata::MetadataError::Conflict { .. } => NodeError::BranchExists {
+                    volume: name.to_owned(),
+                    branch: new.to_owned(),
+                },
+                other => other.into(),
+            })?;
         Ok(target)
     }
 
@@ -231,30 +245,44 @@ impl Vault {
         Ok(())
     }
 
-    /// Removes every chunk and object that no branch and no listed snapshot reaches, then
-    /// compacts so the space is really returned to the filesystem.
+    /// Removes every chunk and object that no branch, no listed snapshot, no working
+    /// state and no open writer reaches, then compacts so the space is really returned to
+    /// the file system.
     ///
+    /// Runs beside imports and mount commits: it is fenced by their sessions' claims and
+    /// pinned roots and by the sweep epoch (see `fence.rs`), never by a process lock.
     /// Safe against a crash at any point: deletions only remove unreachable data, and an
     /// import never trusts the dedup index without checking that the chunk is still there.
-    /// Concurrent imports cannot interleave: one process owns the data directory.
+    /// Deletions stream, a page of keys at a time.
     ///
     /// # Errors
     /// [`NodeError::InvalidArgument`] when an encrypted volume's keys are not at hand (its
-    /// snapshots cannot be walked, so nothing could be collected safely); engine errors.
+    /// snapshots cannot be walked, so nothing could be collected safely); [`NodeError::Busy`]
+    /// when another gc runs in this process; engine errors.
     pub fn gc(&self, passphrase: PassphraseSource<'_>) -> Result<GcReport> {
         let disk_bytes_before = self.vault_stats()?.physical_bytes;
-        let mut live_objects = BTreeSet::new();
-        let mut live_chunks = BTreeSet::new();
+        self.fence().begin_sweep()?;
+        let swept = self.gc_sweep(passphrase);
+        let ended = self.fence().end_sweep();
+        let mut report = swept?;
+        ended?;
+        report.disk_bytes_before = disk_bytes_before;
+        self.kv().compact(Column::Shards)?;
+        self.kv().compact(Column::Objects)?;
+        self.kv().compact(Column::Meta)?;
+        report.disk_bytes_after = self.vault_stats()?.physical_bytes;
+        Ok(report)
+    }
+
+    fn gc_sweep(&self, passphrase: PassphraseSource<'_>) -> Result<GcReport> {
+        let mut mark = Mark {
+            passphrase,
+            volumes: BTreeMap::new(),
+            live: LiveSet::default(),
+            generation: 0,
+        };
         for record in self.list_volumes()? {
-            let volume = self
-                .open_volume(&record.name, passphrase)
-                .map_err(|error| NodeError::InvalidArgument {
-                    what: "gc",
-                    value: record.name.clone(),
-                    reason: format!(
-                        "cannot open this volume's keys, so its data cannot be traced: {error}"
-                    ),
-                })?;
+            let volume = self.open_volume_for_gc(&record.name, passphrase)?;
             let mut roots: BTreeSet<Cid> = self
                 .snapshot_listings(&record)?
                 .into_iter()
@@ -266,12 +294,12 @@ impl Vault {
                     .into_iter()
                     .map(|(_, cid)| cid),
             );
-            let mut trees = Vec::new();
             for snapshot in roots {
-                live_objects.insert(snapshot);
-                let (_, index_nodes) = self.walk_index(&record, &snapshot)?;
-                live_objects.extend(index_nodes);
-                trees.push(Cid::from_bytes(self.read_commit(&volume, &snapshot)?.root));
+                self.mark(
+                    &volume,
+                    PinnedRoot::Snapshot(*snapshot.as_bytes()),
+                    &mut mark.live,
+                )?;
             }
             // A mount's working state left by a crash is recovered by the next mount: what
             // it reaches is live too.
@@ -282,68 +310,225 @@ impl Vault {
                 .scan(Column::Meta, &prefix, end.as_deref(), usize::MAX)?
             {
                 let state: records::WorkingState = records::decode("working state", &value)?;
-                trees.push(Cid::from_bytes(state.root));
+                self.mark(&volume, PinnedRoot::Tree(state.root), &mut mark.live)?;
             }
-            for tree in trees {
-                self.walk_tree(&volume, tree, &mut live_objects, &mut |_, chunk| {
-                    live_chunks.insert(chunk.cid());
-                    Ok(())
-                })?;
-            }
+            mark.volumes.insert(volume.id, volume);
         }
-        let mut report = GcReport {
-            disk_bytes_before,
-            ..GcReport::default()
-        };
+        self.mark_pinned(&mut mark)?;
+        let mut report = GcReport::default();
+
         // Dedup index entries first: after a crash between the steps, the index may lack an
         // entry for a live chunk (costs a re-seal) but never names a removed one unchecked.
-        let mut doomed: Vec<(Column, Vec<u8>)> = Vec::new();
-        for_each_entry(self.kv(), Column::Meta, |key, value| {
-            if key.starts_with(keys::DEDUP)
-                && Cid::from_slice(value).map_or(true, |cid| !live_chunks.contains(&cid))
-            {
-                doomed.push((Column::Meta, key.to_vec()));
-            }
-        })?;
-        self.delete_all(&mut doomed)?;
-        for_each_entry(self.kv(), Column::Objects, |key, value| {
-            if Cid::from_slice(key).map_or(true, |cid| !live_objects.contains(&cid)) {
+        let end = prefix_end(keys::DEDUP);
+        for_each_page(
+            self.kv(),
+            Column::Meta,
+            keys::DEDUP,
+            end.as_deref(),
+            &mut |page| {
+                let candidates = page
+                    .iter()
+                    .filter_map(|(key, value)| {
+                        // A value that is no cid is garbage: it goes too.
+                        let cid = Cid::from_slice(value).unwrap_or_else(|_| Cid::of(key));
+                        (!mark.live.chunks.contains(&cid)).then(|| (cid, (key.clone(), 0)))
+                    })
+                    .collect();
+                self.delete_fenced(Column::Meta, candidates, &mut mark)
+                    .map(|_| ())
+            },
+        )?;
+        for_each_page(self.kv(), Column::Objects, &[], None, &mut |page| {
+            let candidates = page
+                .iter()
+                .filter_map(|(key, value)| {
+                    let cid = Cid::from_slice(key).ok();
+                    cid.is_none_or(|cid| !mark.live.objects.contains(&cid))
+                        .then(|| {
+                            (
+                                cid.unwrap_or_else(|| Cid::of(key)),
+                                (key.clone(), value.len()),
+                            )
+                        })
+                })
+                .collect();
+            for (_, (_, len)) in self.delete_fenced(Column::Objects, candidates, &mut mark)? {
                 report.objects_removed += 1;
-                report.bytes_freed += value.len() as u64;
-                doomed.push((Column::Objects, key.to_vec()));
+                report.bytes_freed += len as u64;
             }
+            Ok(())
         })?;
         let mut previous: Option<Cid> = None;
-        for_each_entry(self.kv(), Column::Shards, |key, value| {
-            let cid = Cid::from_slice(&key[..key.len().min(32)]).ok();
-            if cid.is_some_and(|cid| live_chunks.contains(&cid)) {
-                return;
+        for_each_page(self.kv(), Column::Shards, &[], None, &mut |page| {
+            let candidates = page
+                .iter()
+                .filter_map(|(key, value)| {
+                    let cid = Cid::from_slice(&key[..key.len().min(32)]).ok();
+                    cid.is_none_or(|cid| !mark.live.chunks.contains(&cid))
+                        .then(|| {
+                            (
+                                cid.unwrap_or_else(|| Cid::of(key)),
+                                (key.clone(), value.len()),
+                            )
+                        })
+                })
+                .collect();
+            for (cid, (_, len)) in self.delete_fenced(Column::Shards, candidates, &mut mark)? {
+                if Some(cid) != previous {
+                    report.chunks_removed += 1;
+                    previous = Some(cid);
+                }
+                report.bytes_freed += len as u64;
             }
-            if cid != previous {
-                report.chunks_removed += 1;
-                previous = cid;
-            }
-            report.bytes_freed += value.len() as u64;
-            doomed.push((Column::Shards, key.to_vec()));
+            Ok(())
         })?;
-        self.delete_all(&mut doomed)?;
-        self.kv().compact(Column::Shards)?;
-        self.kv().compact(Column::Objects)?;
-        self.kv().compact(Column::Meta)?;
-        report.disk_bytes_after = self.vault_stats()?.physical_bytes;
         Ok(report)
     }
 
-    fn delete_all(&self, doomed: &mut Vec<(Column, Vec<u8>)>) -> Result<()> {
-        for keys in doomed.chunks(GC_DELETE_BATCH_KEYS) {
-            let mut batch = WriteBatch::new();
-            for (column, key) in keys {
-                batch.delete(*column, key.clone());
+    fn open_volume_for_gc(
+        &self,
+        name: &str,
+        passphrase: PassphraseSource<'_>,
+    ) -> Result<OpenVolume> {
+        self.open_volume(name, passphrase)
+            .map_err(|error| NodeError::InvalidArgument {
+                what: "gc",
+                value: name.to_owned(),
+                reason: format!(
+                    "cannot open this volume's keys, so its data cannot be traced: {error}"
+                ),
+            })
+    }
+
+    /// Marks everything `root` reaches in `volume` as live.
+    fn mark(&self, volume: &OpenVolume, root: PinnedRoot, live: &mut LiveSet) -> Result<()> {
+        let tree = match root {
+            PinnedRoot::Snapshot(snapshot) => {
+                let snapshot = Cid::from_bytes(snapshot);
+                if !live.snapshots_done.insert(snapshot) {
+                    return Ok(());
+                }
+                live.objects.insert(snapshot);
+                let (_, index_nodes) = self.walk_index(&volume.record, &snapshot)?;
+                live.objects.extend(index_nodes);
+                Cid::from_bytes(self.read_commit(volume, &snapshot)?.root)
             }
-            self.kv().write(batch, Durability::Synced)?;
+            PinnedRoot::Tree(tree) => Cid::from_bytes(tree),
+        };
+        let chunks = &mut live.chunks;
+        self.walk_tree(volume, tree, &mut live.objects, &mut |_, chunk| {
+            chunks.insert(chunk.cid());
+            Ok(())
+        })
+    }
+
+    /// Marks the roots open writers pinned, and notes the generation they are as of.
+    fn mark_pinned(&self, mark: &mut Mark<'_>) -> Result<()> {
+        let (generation, pinned) = self.fence().pinned_roots();
+        for (volume_id, root) in pinned {
+            if !mark.volumes.contains_key(&volume_id) {
+                // A volume created since the sweep began.
+                let Some(record) = self
+                    .list_volumes()?
+                    .into_iter()
+                    .find(|record| record.id == *volume_id.as_bytes())
+                else {
+                    continue;
+                };
+                let volume = self.open_volume_for_gc(&record.name, mark.passphrase)?;
+                mark.volumes.insert(volume_id, volume);
+            }
+            if let Some(volume) = mark.volumes.get(&volume_id) {
+                self.mark(volume, root, &mut mark.live)?;
+            }
         }
-        doomed.clear();
+        mark.generation = generation;
         Ok(())
+    }
+
+    /// Deletes the candidates (cid, (key, value length)) that are still not live and not
+    /// claimed by a writer, in one synced batch; returns those deleted. Roots pinned since
+    /// the last mark are walked first.
+    fn delete_fenced(
+        &self,
+        column: Column,
+        mut candidates: Vec<Candidate>,
+        mark: &mut Mark<'_>,
+    ) -> Result<Vec<Candidate>> {
+        loop {
+            if candidates.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut deleted = Vec::new();
+            let done = self.fence().delete_unclaimed(
+                mark.generation,
+                candidates.clone(),
+                |unclaimed| {
+                    let mut batch = WriteBatch::new();
+                    for (_, (key, _)) in &unclaimed {
+                        batch.delete(column, key.clone());
+                    }
+                    self.kv().write(batch, Durability::Synced)?;
+                    deleted = unclaimed;
+                    Ok(())
+                },
+            )?;
+            if done.is_some() {
+                return Ok(deleted);
+            }
+            // A writer pinned a root since we marked: walk it, drop what it reaches.
+            self.mark_pinned(mark)?;
+            let live = &mark.live;
+            candidates.retain(|(cid, _)| match column {
+                Column::Objects => !live.objects.contains(cid),
+                _ => !live.chunks.contains(cid),
+            });
+        }
+    }
+}
+
+/// A key gc may delete: the cid it belongs to, the key, and its value's length.
+type Candidate = (Cid, (Vec<u8>, usize));
+
+/// A key and its value, as a scan returns them.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// gc's marking state: the volumes opened, what is live, and the pin generation marked.
+struct Mark<'a> {
+    passphrase: PassphraseSource<'a>,
+    volumes: BTreeMap<VolumeId, OpenVolume>,
+    live: LiveSet,
+    generation: u64,
+}
+
+/// What gc found reachable.
+#[derive(Debug, Default)]
+struct LiveSet {
+    objects: BTreeSet<Cid>,
+    chunks: BTreeSet<Cid>,
+    /// Snapshots whose index and trees were walked already.
+    snapshots_done: BTreeSet<Cid>,
+}
+
+/// Calls `visit` with each page of `column` from `start` to `end`, fallibly.
+fn for_each_page(
+    kv: &dyn forge_store::kv::KvEngine,
+    column: Column,
+    start: &[u8],
+    end: Option<&[u8]>,
+    visit: &mut dyn FnMut(&[KeyValue]) -> Result<()>,
+) -> Result<()> {
+    let mut from = start.to_vec();
+    loop {
+        let page = kv.scan(column, &from, end, GC_SCAN_PAGE_ENTRIES)?;
+        visit(&page)?;
+        match page.last() {
+            Some((last, _)) if page.len() == GC_SCAN_PAGE_ENTRIES => {
+                from.clone_from(last);
+                from.push(0); // the smallest key after `last`
+            }
+            _ => return Ok(()),
+        }
     }
 }
 

@@ -26,7 +26,6 @@ use fuser::{
 };
 
 use super::content::{BaseContent, ChunkCache, Staged, read_overlay, rechunk};
-use crate::clock::now_ns;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::fence::WriteSession;
@@ -186,9 +185,9 @@ fn system_time(ns: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
-fn time_ns(time: TimeOrNow) -> i64 {
+fn time_ns(time: TimeOrNow, now_ns: i64) -> i64 {
     match time {
-        TimeOrNow::Now => now_ns(),
+        TimeOrNow::Now => now_ns,
         TimeOrNow::SpecificTime(time) => time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| {
             i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX)
         }),
@@ -215,7 +214,7 @@ impl MountedFs {
         } = config;
         std::fs::create_dir_all(&staging_dir)
             .map_err(NodeError::io("creating staging directory", &staging_dir))?;
-        let now = now_ns();
+        let now = vault.now_ns();
         let mut inodes = Inodes {
             next: ROOT + 1,
             ..Inodes::default()
@@ -399,9 +398,8 @@ impl MountedFs {
     }
 
     /// A directory's entries changed: new mtime, and its trees up to the root must be rebuilt.
-    fn touch_directory(inodes: &mut Inodes, ino: u64) {
+    fn touch_directory(inodes: &mut Inodes, ino: u64, now: i64) {
         if let Some(node) = inodes.nodes.get_mut(&ino) {
-            let now = now_ns();
             node.mtime_ns = now;
             node.ctime_ns = now;
         }
@@ -461,7 +459,7 @@ impl MountedFs {
         }
         let ino = inodes.next;
         inodes.next += 1;
-        let now = now_ns();
+        let now = self.vault.now_ns();
         let node = Inode {
             parent,
             name: name.to_vec(),
@@ -475,7 +473,7 @@ impl MountedFs {
         if let Some(children) = children_mut(&mut inodes, parent) {
             children.insert(name.to_vec(), ino);
         }
-        Self::touch_directory(&mut inodes, parent);
+        Self::touch_directory(&mut inodes, parent, self.vault.now_ns());
         Ok((ino, attr))
     }
 
@@ -522,7 +520,7 @@ impl MountedFs {
             };
             change(&staged, &mut state, &mut file.size)?;
             file.version += 1;
-            let now = now_ns();
+            let now = self.vault.now_ns();
             node.mtime_ns = now;
             node.ctime_ns = now;
             let attr = self.attr(ino, node);
@@ -801,7 +799,7 @@ impl FuseAdapter {
         if let Some(node) = inodes.nodes.get_mut(&child) {
             node.parent = 0;
         }
-        MountedFs::touch_directory(&mut inodes, parent);
+        MountedFs::touch_directory(&mut inodes, parent, fs.vault.now_ns());
         drop(inodes);
         fs.release_unlinked(child);
         Ok(())
@@ -878,10 +876,11 @@ impl FuseAdapter {
         if let Some(node) = inodes.nodes.get_mut(&moving) {
             node.parent = new_parent;
             node.name = new_name.to_vec();
-            node.ctime_ns = now_ns();
+            node.ctime_ns = fs.vault.now_ns();
         }
-        MountedFs::touch_directory(&mut inodes, parent);
-        MountedFs::touch_directory(&mut inodes, new_parent);
+        let now = fs.vault.now_ns();
+        MountedFs::touch_directory(&mut inodes, parent, now);
+        MountedFs::touch_directory(&mut inodes, new_parent, now);
         drop(inodes);
         if let Some(replaced) = replaced {
             fs.release_unlinked(replaced);
@@ -956,13 +955,14 @@ impl FuseAdapter {
         let Some(node) = inodes.nodes.get_mut(&ino) else {
             return Err(Errno::ENOENT);
         };
+        let now = fs.vault.now_ns();
         if let Some(mode) = mode {
             node.mode = mode & 0o7777;
-            node.ctime_ns = now_ns();
+            node.ctime_ns = now;
         }
         if let Some(mtime) = mtime {
-            node.mtime_ns = time_ns(mtime);
-            node.ctime_ns = now_ns();
+            node.mtime_ns = time_ns(mtime, now);
+            node.ctime_ns = now;
         }
         let attr = fs.attr(ino, node);
         let parent = node.parent;

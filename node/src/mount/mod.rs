@@ -24,7 +24,6 @@ use forge_store::kv::{Column, Durability, WriteBatch};
 use forge_store::object::EntryContent;
 use serde::{Deserialize, Serialize};
 
-use crate::clock::now_ns;
 use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 use crate::vault::fence::PinnedRoot;
@@ -763,7 +762,7 @@ pub(crate) fn commit_with(
     )]) {
         Ok(()) => false,
         Err(NodeError::BranchMoved(_)) => {
-            let time = crate::cli::format_compact_time(now_ns());
+            let time = crate::cli::format_compact_time(vault.now_ns());
             let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
             let mut attempt = 1;
             while vault

@@ -34,7 +34,6 @@ use rayon::prelude::*;
 use super::fence::WriteSession;
 use super::records::{self, IndexHead, SnapshotListing, keys};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
-use crate::clock::now_ns;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
 
@@ -129,8 +128,8 @@ impl Vault {
         let head = self.refs().get_ref(&volume.id, &options.branch)?;
         let session = self.open_write_session("import", volume.id)?;
         let importer = Importer::new(self, &volume, &session, progress)?;
-        let root = importer
-            .import_directory(source)?
+        let root = self
+            .in_pool(|| importer.import_directory(source))?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
         tracing::debug!(elapsed = ?progress.elapsed(), "import: tree walked and chunks staged");
         let index_root = importer.stage_reference_index()?;
@@ -208,14 +207,14 @@ impl Importer<'_> {
             root: *new.root.as_bytes(),
             parents: new.parent.iter().map(|cid| *cid.as_bytes()).collect(),
             author: *vault.identity().node_id().as_bytes(),
-            time_ns: now_ns(),
+            time_ns: vault.now_ns(),
             message: new.message.clone(),
             dna: new.dna.clone(),
             logical_bytes: new.logical_bytes,
             file_count: new.file_count,
         };
         let encoded = commit.encode();
-        let signature = vault.identity().sign(SignatureDomain::Snapshot, &encoded)?;
+        let signature = vault.sign(SignatureDomain::Snapshot, &encoded)?;
         let (snapshot, sealed) = Object::Commit(SignedCommit {
             commit: encoded,
             signature: signature.as_bytes().to_vec(),
@@ -244,7 +243,6 @@ impl Importer<'_> {
             root: *new.index_root.as_bytes(),
             author: *vault.identity().node_id().as_bytes(),
             signature: vault
-                .identity()
                 .sign(SignatureDomain::Snapshot, &head_message)?
                 .as_bytes()
                 .to_vec(),

@@ -36,7 +36,7 @@ use fence::{GcFence, WriteSession};
 pub use import::{ImportOptions, ImportReport};
 pub use stats::{VaultStats, VolumeStats};
 
-use crate::clock::now_ns;
+use crate::clock::{Clock, OsRandomness, Randomness, SystemClock};
 use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
@@ -53,15 +53,51 @@ pub const CHUNK_AAD: &[u8] = b"forge-vault chunk v1";
 /// Supplies a passphrase when one is needed (prompt, environment, test value).
 pub type PassphraseSource<'a> = &'a dyn Fn(&str, bool) -> Result<Zeroizing<String>>;
 
+/// What a vault is built from. `forge` passes RocksDB, the local metadata store, the
+/// system clock, the OS random number generator and every core; tests and the simulator
+/// pass `MemKv`, a stepping clock, seeded randomness and one thread.
+#[derive(Debug, Clone)]
+pub struct VaultParts {
+    /// The storage engine.
+    pub kv: Arc<dyn KvEngine>,
+    /// The replicated records (refs, pins, gc state); None: a `LocalMetadataStore` on `kv`.
+    pub metadata: Option<Arc<dyn MetadataStore>>,
+    /// Where time comes from.
+    pub clock: Arc<dyn Clock>,
+    /// Where random bytes come from.
+    pub randomness: Arc<dyn Randomness>,
+    /// Threads for parallel work (import); 1 makes it sequential and repeatable.
+    pub threads: usize,
+}
+
+impl VaultParts {
+    /// The production parts around `kv`: system clock, OS randomness, every core.
+    #[must_use]
+    pub fn system(kv: Arc<dyn KvEngine>) -> Self {
+        Self {
+            kv,
+            metadata: None,
+            clock: Arc::new(SystemClock),
+            randomness: Arc::new(OsRandomness),
+            threads: std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+        }
+    }
+}
+
 /// An open vault.
 pub struct Vault {
     data_dir: DataDir,
-    kv: Arc<RocksKv>,
+    kv: Arc<dyn KvEngine>,
     metadata: Arc<dyn MetadataStore>,
     fence: Arc<GcFence>,
     limits: VaultLimits,
     identity: NodeIdentity,
-    _lock: File,
+    clock: Arc<dyn Clock>,
+    randomness: Arc<dyn Randomness>,
+    /// Where import's parallel work runs (None: the calling thread only).
+    pool: Option<rayon::ThreadPool>,
+    /// The data directory's lock (None when the caller guarantees exclusive use).
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -146,21 +182,97 @@ impl Vault {
                 "removed blob files an interrupted flush or compaction left behind"
             );
         }
-        let kv = Arc::new(RocksKv::open(&db_path, &RocksKvOptions::default())?);
-        let metadata: Arc<dyn MetadataStore> = Arc::new(LocalMetadataStore::new(kv.clone()));
+        let kv: Arc<dyn KvEngine> = Arc::new(RocksKv::open(&db_path, &RocksKvOptions::default())?);
+        let mut vault = Self::from_parts(data_dir, identity, VaultParts::system(kv))?;
+        vault._lock = Some(lock);
+        Ok(vault)
+    }
+
+    /// A vault over `parts`, with `identity` as this node. The caller guarantees that
+    /// nothing else uses the store (no directory lock is taken): tests, the simulator.
+    /// Pins and a gc sweep on record are taken to be an earlier process's, and cleared.
+    ///
+    /// # Errors
+    /// Engine errors clearing them.
+    pub fn from_parts(
+        data_dir: &DataDir,
+        identity: NodeIdentity,
+        parts: VaultParts,
+    ) -> Result<Self> {
+        let metadata = parts
+            .metadata
+            .unwrap_or_else(|| Arc::new(LocalMetadataStore::new(parts.kv.clone())));
         let fence = Arc::new(GcFence::new(metadata.clone()));
-        // We hold the directory lock: pins and a gc sweep on record are an earlier
-        // process's, which no longer runs.
         fence.recover()?;
+        let threads = parts.threads.max(1);
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|index| format!("forge-vault-{index}"))
+                    .build()
+                    .ok()
+            })
+            .flatten();
         Ok(Self {
             data_dir: data_dir.clone(),
-            kv,
+            kv: parts.kv,
             metadata,
             fence,
             limits: VaultLimits::default(),
             identity,
-            _lock: lock,
+            clock: parts.clock,
+            randomness: parts.randomness,
+            pool,
+            _lock: None,
         })
+    }
+
+    /// The time now, from the vault's clock.
+    #[must_use]
+    pub fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
+    }
+
+    /// `N` random bytes from the vault's source.
+    ///
+    /// # Errors
+    /// The source failed.
+    pub(crate) fn random_array<const N: usize>(&self) -> Result<[u8; N]> {
+        Ok(crate::clock::random_array(self.randomness.as_ref())?)
+    }
+
+    /// Runs `work` on the vault's threads (with one thread: on this one, in order).
+    pub(crate) fn in_pool<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        match &self.pool {
+            Some(pool) => pool.install(work),
+            None => work(),
+        }
+    }
+
+    /// Wraps `contents` to this node's keys, with randomness from the vault's source.
+    fn wrap_to_node(&self, contents: &EnvelopeContents, binding: &[u8]) -> Result<Vec<u8>> {
+        let randomness = forge_crypto::WrapRandomness {
+            ml_kem_m: self.random_array()?,
+            x25519_ephemeral: self.random_array()?,
+        };
+        Ok(envelope::wrap_with_randomness(
+            self.identity.public_keys(),
+            contents,
+            binding,
+            &randomness,
+        )?)
+    }
+
+    /// Signs `message` in `domain` as this node, with randomness from the vault's source.
+    pub(crate) fn sign(
+        &self,
+        domain: forge_crypto::SignatureDomain,
+        message: &[u8],
+    ) -> Result<forge_crypto::Signature> {
+        Ok(self
+            .identity
+            .sign_with_randomness(domain, message, self.random_array()?)?)
     }
 
     /// The data directory.
@@ -226,9 +338,9 @@ impl Vault {
                 name: name.to_owned(),
             });
         }
-        let id = VolumeId::from_bytes(random_bytes()?);
+        let id = VolumeId::from_bytes(self.random_array()?);
         let layout = options.layout.unwrap_or(ErasureLayout::SINGLE);
-        let volume_key = VolumeKey::generate()?;
+        let volume_key = VolumeKey::from_bytes(self.random_array()?);
         let mut batch = WriteBatch::new();
 
         let (domain_name, domain_key) = if options.encrypted {
@@ -241,8 +353,8 @@ impl Vault {
             }
             let name = format!("private-{id}");
             let params = chunker_params(options.chunk_avg_bytes)?;
-            let key = DomainKey::generate()?;
-            let record = domain_record(params, None)?;
+            let key = DomainKey::from_bytes(self.random_array()?);
+            let record = self.domain_record_new(params)?;
             batch.put(
                 Column::Meta,
                 keys::key(keys::DOMAIN, &[name.as_bytes()]),
@@ -276,17 +388,15 @@ impl Vault {
                     let key = if name == PUBLIC_DOMAIN {
                         DomainKey::shared_public()
                     } else {
-                        DomainKey::generate()?
+                        DomainKey::from_bytes(self.random_array()?)
                     };
-                    let mut record = domain_record(chunker_params(options.chunk_avg_bytes)?, None)?;
+                    let mut record =
+                        self.domain_record_new(chunker_params(options.chunk_avg_bytes)?)?;
                     let contents = EnvelopeContents::Domain {
                         domain_key: key.clone(),
                     };
-                    record.key_envelope = Some(envelope::wrap(
-                        self.identity.public_keys(),
-                        &contents,
-                        &domain_binding(&record.id),
-                    )?);
+                    record.key_envelope =
+                        Some(self.wrap_to_node(&contents, &domain_binding(&record.id))?);
                     batch.put(
                         Column::Meta,
                         keys::key(keys::DOMAIN, &[name.as_bytes()]),
@@ -303,17 +413,15 @@ impl Vault {
         };
         let volume_keys = if options.encrypted {
             let secret = passphrase("New passphrase for this volume", true)?;
-            VolumeKeys::Passphrase(passphrase::protect(
+            VolumeKeys::Passphrase(passphrase::protect_with_randomness(
                 secret.as_bytes(),
                 &contents.to_bytes(),
                 KdfParams::DEFAULT,
+                self.random_array()?,
+                self.random_array()?,
             )?)
         } else {
-            VolumeKeys::WrappedToNode(envelope::wrap(
-                self.identity.public_keys(),
-                &contents,
-                &volume_binding(&id),
-            )?)
+            VolumeKeys::WrappedToNode(self.wrap_to_node(&contents, &volume_binding(&id))?)
         };
         let record = VolumeRecord {
             id: *id.as_bytes(),
@@ -322,7 +430,7 @@ impl Vault {
             parity_shards: u16::try_from(layout.parity_shards()).unwrap_or(u16::MAX),
             domain: domain_name,
             encrypted: options.encrypted,
-            created_ns: now_ns(),
+            created_ns: self.now_ns(),
         };
         batch.put(
             Column::Meta,
@@ -491,6 +599,17 @@ impl Vault {
             })
     }
 
+    /// A new domain's record (its key envelope is added by the caller).
+    fn domain_record_new(&self, params: ChunkerParams) -> Result<DomainRecord> {
+        Ok(DomainRecord {
+            id: self.random_array()?,
+            chunk_min_bytes: params.min_bytes,
+            chunk_avg_bytes: params.avg_bytes,
+            chunk_max_bytes: params.max_bytes,
+            key_envelope: None,
+        })
+    }
+
     fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
         self.kv
             .get(Column::Meta, &keys::key(keys::DOMAIN, &[name.as_bytes()]))?
@@ -594,26 +713,12 @@ fn chunker_params(avg_bytes: Option<u32>) -> Result<ChunkerParams> {
     })
 }
 
-fn domain_record(params: ChunkerParams, key_envelope: Option<Vec<u8>>) -> Result<DomainRecord> {
-    Ok(DomainRecord {
-        id: random_bytes()?,
-        chunk_min_bytes: params.min_bytes,
-        chunk_avg_bytes: params.avg_bytes,
-        chunk_max_bytes: params.max_bytes,
-        key_envelope,
-    })
-}
-
 fn volume_binding(id: &VolumeId) -> Vec<u8> {
     keys::key(b"volume:", &[id.as_bytes()])
 }
 
 fn domain_binding(id: &[u8; 16]) -> Vec<u8> {
     keys::key(b"domain:", &[id])
-}
-
-fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    Ok(forge_crypto::random_array()?)
 }
 
 /// Checks a user-chosen name: 1 to 128 characters from `A-Z a-z 0-9 . _ -`, not starting

@@ -26,6 +26,10 @@ struct State {
     pending: Vec<PendingBatch>,
     next_sequence: u64,
     capacity_bytes: Option<usize>,
+    /// Writes (and flushes, syncs) left before the process "dies" (None: never).
+    writes_before_death: Option<usize>,
+    /// The process died at a crash point: every call fails until [`MemKv::crash`].
+    dead: bool,
 }
 
 #[derive(Debug)]
@@ -57,11 +61,26 @@ impl MemKv {
         store
     }
 
+    /// Arms a crash point: after `writes` more writes, flushes or syncs, the next one and
+    /// every call after it fail with [`KvError::Crashed`], as if the process died there,
+    /// until [`MemKv::crash`] restarts the store.
+    pub fn die_after_writes(&self, writes: usize) {
+        self.lock().writes_before_death = Some(writes);
+    }
+
+    /// Whether an armed crash point was reached.
+    #[must_use]
+    pub fn died(&self) -> bool {
+        self.lock().dead
+    }
+
     /// Simulates a power cut and restart: every write that was not durable is lost, except
     /// the first `surviving_unsynced_logged_batches` logged-but-unsynced batches (a torn log
     /// keeps a prefix). Batches stay atomic.
     pub fn crash(&self, surviving_unsynced_logged_batches: usize) {
         let mut state = self.lock();
+        state.dead = false;
+        state.writes_before_death = None;
         let pending = std::mem::take(&mut state.pending);
         let surviving = pending
             .into_iter()
@@ -101,6 +120,32 @@ impl MemKv {
 }
 
 impl State {
+    /// Counts one write towards an armed crash point; fails once the process is dead.
+    fn write_point(&mut self) -> Result<(), KvError> {
+        if self.dead {
+            return Err(KvError::Crashed);
+        }
+        match &mut self.writes_before_death {
+            Some(0) => {
+                self.dead = true;
+                Err(KvError::Crashed)
+            }
+            Some(left) => {
+                *left -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn alive(&self) -> Result<(), KvError> {
+        if self.dead {
+            Err(KvError::Crashed)
+        } else {
+            Ok(())
+        }
+    }
+
     fn make_durable(&mut self, sequence: u64, ops: &[BatchOp]) {
         for op in ops {
             let (column, key, value) = match op {
@@ -149,8 +194,9 @@ impl State {
 
 impl KvEngine for MemKv {
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .lock()
+        let state = self.lock();
+        state.alive()?;
+        Ok(state
             .visible
             .get(&column)
             .and_then(|table| table.get(key))
@@ -159,6 +205,7 @@ impl KvEngine for MemKv {
 
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError> {
         let mut state = self.lock();
+        state.write_point()?;
         let size_after = state.size_after(&batch);
         if state
             .capacity_bytes
@@ -214,6 +261,7 @@ impl KvEngine for MemKv {
         limit: usize,
     ) -> Result<Vec<KeyValue>, KvError> {
         let state = self.lock();
+        state.alive()?;
         let Some(table) = state.visible.get(&column) else {
             return Ok(Vec::new());
         };
@@ -230,6 +278,7 @@ impl KvEngine for MemKv {
 
     fn flush(&self, columns: &[Column]) -> Result<(), KvError> {
         let mut state = self.lock();
+        state.write_point()?;
         let pending = std::mem::take(&mut state.pending);
         for mut batch in pending {
             let (flushed, kept): (Vec<BatchOp>, Vec<BatchOp>) =
@@ -249,7 +298,9 @@ impl KvEngine for MemKv {
     }
 
     fn sync(&self) -> Result<(), KvError> {
-        self.lock().sync_logged();
+        let mut state = self.lock();
+        state.write_point()?;
+        state.sync_logged();
         Ok(())
     }
 

@@ -34,6 +34,49 @@ pub enum ChunkStoreError {
     /// A shard index out of range (a layout bug, never user input).
     #[error(transparent)]
     Id(#[from] crate::ids::IdError),
+    /// Bytes offered under a cid they do not hash to (from a peer, say): refused, never
+    /// stored.
+    #[error("bytes offered as chunk {cid} hash to {actual}: refused")]
+    CidMismatch { cid: Cid, actual: Cid },
+}
+
+/// Ciphertext together with its cid, checked: the only thing [`stage_chunk`] stores.
+/// Bytes this process sealed are hashed to get their cid ([`VerifiedChunk::hashed`]);
+/// bytes from anywhere else are checked against the cid they came with
+/// ([`VerifiedChunk::check`]), in release builds too.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedChunk<'a> {
+    cid: Cid,
+    ciphertext: &'a [u8],
+}
+
+impl<'a> VerifiedChunk<'a> {
+    /// Bytes sealed here: their cid is their hash.
+    #[must_use]
+    pub fn hashed(ciphertext: &'a [u8]) -> Self {
+        Self {
+            cid: Cid::of(ciphertext),
+            ciphertext,
+        }
+    }
+
+    /// Bytes that arrived named `cid`.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::CidMismatch`] when they hash to something else.
+    pub fn check(cid: Cid, ciphertext: &'a [u8]) -> Result<Self, ChunkStoreError> {
+        let actual = Cid::of(ciphertext);
+        if actual != cid {
+            return Err(ChunkStoreError::CidMismatch { cid, actual });
+        }
+        Ok(Self { cid, ciphertext })
+    }
+
+    /// The chunk's cid.
+    #[must_use]
+    pub fn cid(&self) -> Cid {
+        self.cid
+    }
 }
 
 /// The key of shard `index` of chunk `cid`.
@@ -49,16 +92,16 @@ pub fn shard_key(cid: &Cid, index: ShardIdx) -> Vec<u8> {
     key
 }
 
-/// Adds the shards of `ciphertext` (whose cid is `cid`) to `batch`; returns bytes staged.
+/// Adds the shards of a verified chunk to `batch`; returns bytes staged.
 ///
 /// # Errors
 /// Erasure errors (a ciphertext over 4 GiB).
 pub fn stage_chunk(
     batch: &mut WriteBatch,
     coder: &ErasureCoder,
-    cid: &Cid,
-    ciphertext: &[u8],
+    chunk: VerifiedChunk<'_>,
 ) -> Result<usize, ChunkStoreError> {
+    let (cid, ciphertext) = (&chunk.cid, chunk.ciphertext);
     debug_assert!(
         cid.matches(ciphertext),
         "a cid is the BLAKE3 of its ciphertext"
@@ -234,7 +277,12 @@ mod tests {
         let coder = ErasureCoder::new(layout.parse().unwrap()).unwrap();
         let cid = Cid::of(ciphertext);
         let mut batch = WriteBatch::new();
-        stage_chunk(&mut batch, &coder, &cid, ciphertext).unwrap();
+        stage_chunk(
+            &mut batch,
+            &coder,
+            VerifiedChunk::check(cid, ciphertext).unwrap(),
+        )
+        .unwrap();
         kv.write(batch, Durability::Synced).unwrap();
         cid
     }
@@ -320,5 +368,13 @@ mod tests {
                 "flip at {at} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn bytes_that_do_not_hash_to_their_cid_are_refused_in_release_builds_too() {
+        let claimed = Cid::of(b"what the peer said it sent");
+        let error = VerifiedChunk::check(claimed, b"what it sent").unwrap_err();
+        assert!(matches!(error, ChunkStoreError::CidMismatch { cid, .. } if cid == claimed));
+        assert!(VerifiedChunk::check(Cid::of(b"same"), b"same").is_ok());
     }
 }

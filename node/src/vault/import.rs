@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use forge_crypto::seal::{self, Compression};
 use forge_crypto::{Cid, PlaintextHash, SignatureDomain};
 use forge_store::chunker::{Chunker, ChunkerError};
-use forge_store::chunkstore::stage_chunk;
+use forge_store::chunkstore::{VerifiedChunk, stage_chunk};
 use forge_store::erasure::ErasureCoder;
 use forge_store::kv::{Column, Durability, WriteBatch};
 use forge_store::metadata::{RecordUpdate, ref_update};
@@ -534,7 +534,8 @@ impl Importer<'_> {
             return Ok((cid, key));
         }
         let sealed = seal::seal(&key, plaintext, CHUNK_AAD, Compression::WhenSmaller);
-        let cid = Cid::of(&sealed);
+        let chunk = VerifiedChunk::hashed(&sealed);
+        let cid = chunk.cid();
         self.session.claim(cid);
         let mut batch = WriteBatch::new();
         batch.put(Column::Meta, index_key, cid.as_bytes().to_vec());
@@ -546,7 +547,7 @@ impl Importer<'_> {
             self.stage(batch)?;
             return Ok((cid, key));
         }
-        let written = stage_chunk(&mut batch, &self.coder, &cid, &sealed)?;
+        let written = stage_chunk(&mut batch, &self.coder, chunk)?;
         if self.lock_seen().insert(hash, cid).is_some() {
             // Another thread stored the same chunk meanwhile: writing it again is harmless
             // (same bytes), but count it once.

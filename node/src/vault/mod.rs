@@ -358,7 +358,7 @@ impl Vault {
             batch.put(
                 Column::Meta,
                 keys::key(keys::DOMAIN, &[name.as_bytes()]),
-                records::encode(&record),
+                record.encode(),
             );
             (name, key)
         } else {
@@ -400,7 +400,7 @@ impl Vault {
                     batch.put(
                         Column::Meta,
                         keys::key(keys::DOMAIN, &[name.as_bytes()]),
-                        records::encode(&record),
+                        record.encode(),
                     );
                     (name, key)
                 }
@@ -602,6 +602,7 @@ impl Vault {
     /// A new domain's record (its key envelope is added by the caller).
     fn domain_record_new(&self, params: ChunkerParams) -> Result<DomainRecord> {
         Ok(DomainRecord {
+            chunker_version: records::CHUNKER_VERSION,
             id: self.random_array()?,
             chunk_min_bytes: params.min_bytes,
             chunk_avg_bytes: params.avg_bytes,
@@ -613,7 +614,7 @@ impl Vault {
     fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
         self.kv
             .get(Column::Meta, &keys::key(keys::DOMAIN, &[name.as_bytes()]))?
-            .map(|value| records::decode("domain", &value))
+            .map(|value| DomainRecord::decode(&value))
             .transpose()
     }
 
@@ -689,6 +690,17 @@ impl Vault {
 
 impl OpenVolume {
     pub(crate) fn chunker(&self) -> Result<Chunker> {
+        if self.domain.chunker_version != records::CHUNKER_VERSION {
+            return Err(NodeError::InvalidArgument {
+                what: "dedup domain",
+                value: self.record.domain.clone(),
+                reason: format!(
+                    "its chunks were cut by chunker version {}; this forge has version {}",
+                    self.domain.chunker_version,
+                    records::CHUNKER_VERSION
+                ),
+            });
+        }
         let params = ChunkerParams {
             min_bytes: self.domain.chunk_min_bytes,
             avg_bytes: self.domain.chunk_avg_bytes,

@@ -27,10 +27,22 @@ pub struct VolumeRecord {
     pub created_ns: i64,
 }
 
+/// The chunker a domain cuts with. Version 1: FastCDC 2020 (`fastcdc` pinned exactly),
+/// normalization level 1, the gear table seeded from the domain key; its cut points are
+/// pinned by a known-answer test. Another algorithm or table is another version: a cid
+/// must never change because a dependency did.
+pub const CHUNKER_VERSION: u8 = 1;
+
+/// The version of the domain record that carries [`DomainRecord::chunker_version`]
+/// (version 1 records, without it, were all cut by chunker version 1).
+pub const DOMAIN_RECORD_VERSION: u8 = 2;
+
 /// A dedup domain: chunker parameters and (unless private to an encrypted volume) its key
 /// wrapped to this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainRecord {
+    /// The chunker version its chunks were cut with ([`CHUNKER_VERSION`]).
+    pub chunker_version: u8,
     /// 128 random bits; scopes the dedup index.
     pub id: [u8; 16],
     /// Chunk size bounds.
@@ -42,6 +54,47 @@ pub struct DomainRecord {
     /// A `Domain` key envelope to this node; `None` for a domain private to an encrypted
     /// volume (its key travels only inside that volume's passphrase-protected keys).
     pub key_envelope: Option<Vec<u8>>,
+}
+
+/// A domain record as version 1 stored it (no chunker version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DomainRecordV1 {
+    id: [u8; 16],
+    chunk_min_bytes: u32,
+    chunk_avg_bytes: u32,
+    chunk_max_bytes: u32,
+    key_envelope: Option<Vec<u8>>,
+}
+
+impl DomainRecord {
+    /// Encodes as record version [`DOMAIN_RECORD_VERSION`].
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        encode_versioned(DOMAIN_RECORD_VERSION, self)
+    }
+
+    /// Decodes version 2, or version 1 (chunker version 1).
+    ///
+    /// # Errors
+    /// [`NodeError::CorruptRecord`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        match bytes.first() {
+            Some(&DOMAIN_RECORD_VERSION) => {
+                decode_versioned("domain", DOMAIN_RECORD_VERSION, bytes)
+            }
+            _ => {
+                let old: DomainRecordV1 = decode("domain", bytes)?;
+                Ok(Self {
+                    chunker_version: 1,
+                    id: old.id,
+                    chunk_min_bytes: old.chunk_min_bytes,
+                    chunk_avg_bytes: old.chunk_avg_bytes,
+                    chunk_max_bytes: old.chunk_max_bytes,
+                    key_envelope: old.key_envelope,
+                })
+            }
+        }
+    }
 }
 
 /// How a volume's keys are kept.
@@ -130,7 +183,11 @@ pub mod keys {
 /// Encodes a record with its version byte.
 #[must_use]
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    let mut bytes = vec![RECORD_FORMAT_VERSION];
+    encode_versioned(RECORD_FORMAT_VERSION, record)
+}
+
+fn encode_versioned<T: Serialize>(version: u8, record: &T) -> Vec<u8> {
+    let mut bytes = vec![version];
     bytes.extend_from_slice(&postcard::to_stdvec(record).expect("records serialize with postcard"));
     bytes
 }
@@ -140,9 +197,17 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 /// # Errors
 /// [`NodeError::CorruptRecord`].
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    decode_versioned(what, RECORD_FORMAT_VERSION, bytes)
+}
+
+fn decode_versioned<T: DeserializeOwned>(
+    what: &'static str,
+    expected: u8,
+    bytes: &[u8],
+) -> Result<T> {
     let corrupt = |reason: String| NodeError::CorruptRecord { what, reason };
     let (&version, body) = bytes.split_first().ok_or_else(|| corrupt("empty".into()))?;
-    if version != RECORD_FORMAT_VERSION {
+    if version != expected {
         return Err(corrupt(format!("unsupported record version {version}")));
     }
     let (record, rest) =
@@ -151,4 +216,26 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
         return Err(corrupt(format!("{} trailing bytes", rest.len())));
     }
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_domain_record_reads_as_chunker_version_1() {
+        let old = DomainRecordV1 {
+            id: [4; 16],
+            chunk_min_bytes: 16 << 10,
+            chunk_avg_bytes: 64 << 10,
+            chunk_max_bytes: 256 << 10,
+            key_envelope: Some(vec![1, 2, 3]),
+        };
+        let read = DomainRecord::decode(&encode(&old)).unwrap();
+        assert_eq!(read.chunker_version, 1);
+        assert_eq!(read.id, old.id);
+        assert_eq!(DomainRecord::decode(&read.encode()).unwrap(), read);
+        assert!(DomainRecord::decode(&[9, 1, 2]).is_err());
+        assert!(DomainRecord::decode(&[]).is_err());
+    }
 }

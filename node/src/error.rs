@@ -154,6 +154,13 @@ pub enum NodeError {
     #[error(transparent)]
     Metadata(forge_store::metadata::MetadataError),
 
+    /// A signature by a node this vault does not trust.
+    #[error(
+        "integrity failure: {what} is signed by node {node}, which is not in this vault's \
+         keyring (only its own and trusted nodes' signatures verify)"
+    )]
+    UntrustedSigner { what: String, node: String },
+
     /// Stored data failed verification.
     #[error("integrity failure: {0}")]
     Integrity(String),
@@ -280,6 +287,7 @@ impl NodeError {
             | Self::CorruptRecord { .. }
             | Self::Integrity(_)
             | Self::Damaged { .. }
+            | Self::UntrustedSigner { .. }
             | Self::MissingWhileWriting { .. } => ExitCode::Integrity,
             Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
             Self::Forwarded { exit_code, .. } => match exit_code {

@@ -19,7 +19,9 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use forge_crypto::passphrase::{self, KdfParams};
-use forge_crypto::{Cid, DomainKey, EnvelopeContents, NodeIdentity, VolumeKey, envelope};
+use forge_crypto::{
+    Cid, DomainKey, EnvelopeContents, NodeIdentity, NodePublicKeys, VolumeKey, envelope,
+};
 use forge_store::VolumeId;
 use forge_store::chunker::{Chunker, ChunkerParams};
 use forge_store::erasure::{ErasureCoder, ErasureLayout};
@@ -27,7 +29,9 @@ use forge_store::kv::{
     Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
     remove_unfinished_blob_files,
 };
-use forge_store::metadata::{LocalMetadataStore, MetadataStore};
+use forge_store::metadata::{
+    Change, Expected, LocalMetadataStore, MetadataStore, RecordSpace, RecordUpdate,
+};
 use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
 use zeroize::Zeroizing;
 
@@ -40,6 +44,9 @@ use crate::clock::{Clock, OsRandomness, Randomness, SystemClock};
 use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
+
+/// The record space of trusted node keys: NodeId → its `NodePublicKeys` encoding.
+pub const KEYRING: RecordSpace = RecordSpace::new("keyring");
 
 /// The name of the default dedup domain.
 pub const DEFAULT_DOMAIN: &str = "default";
@@ -545,21 +552,67 @@ impl Vault {
         }
     }
 
+    /// The public keys of node `node` if this vault trusts it: itself, or a node in the
+    /// keyring ([`KEYRING`]). The NodeId is recomputed from the stored key, never taken on
+    /// trust.
+    ///
+    /// # Errors
+    /// [`NodeError::UntrustedSigner`]; a keyring record that does not decode or names
+    /// another node.
+    pub(crate) fn trusted_keys(&self, node: &[u8; 32], what: &str) -> Result<NodePublicKeys> {
+        if node == self.identity.node_id().as_bytes() {
+            return Ok(self.identity.public_keys().clone());
+        }
+        let Some(bytes) = self.metadata.get_record(KEYRING, node)? else {
+            return Err(NodeError::UntrustedSigner {
+                what: what.to_owned(),
+                node: forge_crypto::NodeId::from_bytes(*node).to_hex(),
+            });
+        };
+        let keys = NodePublicKeys::decode(&bytes)?;
+        if keys.node_id().as_bytes() != node {
+            return Err(NodeError::CorruptRecord {
+                what: "keyring",
+                reason: format!(
+                    "the entry for node {} holds the keys of node {}",
+                    forge_crypto::NodeId::from_bytes(*node),
+                    keys.node_id()
+                ),
+            });
+        }
+        Ok(keys)
+    }
+
+    /// Adds a node's public keys to the keyring: snapshots and index heads it signed
+    /// verify here from now on (a group member's, a peer's).
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn trust_node(&self, keys: &NodePublicKeys) -> Result<()> {
+        self.metadata.apply(&[RecordUpdate::new(
+            KEYRING,
+            keys.node_id().as_bytes().to_vec(),
+            Expected::Any,
+            Change::Put(keys.encode()),
+        )])?;
+        Ok(())
+    }
+
     /// Reads and verifies a snapshot commit.
     ///
     /// # Errors
     /// Integrity errors for a missing, undecodable or badly signed commit.
     pub(crate) fn read_commit(&self, volume: &OpenVolume, cid: &Cid) -> Result<SnapshotCommit> {
         let signed = self.read_object(volume, cid)?.into_commit()?;
-        self.identity
-            .public_keys()
+        // Decoded first only to learn who signed it; nothing of it is used unverified.
+        let commit = SnapshotCommit::decode(&signed.commit)?;
+        self.trusted_keys(&commit.author, &format!("snapshot {cid}"))?
             .verify(
                 forge_crypto::SignatureDomain::Snapshot,
                 &signed.commit,
                 &forge_crypto::Signature::from_bytes(&signed.signature)?,
             )
             .map_err(|error| NodeError::Integrity(format!("snapshot {cid}: {error}")))?;
-        let commit = SnapshotCommit::decode(&signed.commit)?;
         if commit.volume != *volume.id.as_bytes() {
             return Err(NodeError::Integrity(format!(
                 "snapshot {cid} belongs to another volume"
@@ -835,13 +888,7 @@ impl Vault {
         let head: records::IndexHead = records::decode("reference index head", &stored)?;
         let message =
             records::IndexHead::signed_message(&record.id, snapshot.as_bytes(), &head.root);
-        if head.author != *self.identity.node_id().as_bytes() {
-            return Err(NodeError::Integrity(format!(
-                "snapshot {snapshot}: index head signed by an unknown node"
-            )));
-        }
-        self.identity
-            .public_keys()
+        self.trusted_keys(&head.author, &format!("snapshot {snapshot} index head"))?
             .verify(
                 forge_crypto::SignatureDomain::Snapshot,
                 &message,
@@ -906,5 +953,86 @@ impl Vault {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datadir::SecretProtection;
+    use forge_store::object::SignedCommit;
+
+    fn no_passphrase(_: &str, _: bool) -> Result<Zeroizing<String>> {
+        Err(NodeError::PassphraseUnavailable)
+    }
+
+    /// A snapshot written by another group member (or synced from a peer) must verify
+    /// against that node's key once it is trusted, and be refused before.
+    #[test]
+    fn snapshots_signed_by_another_node_verify_only_once_it_is_in_the_keyring() {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(temp.path().join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let (other, _) = NodeIdentity::generate().unwrap();
+        let commit = SnapshotCommit {
+            volume: *volume.id.as_bytes(),
+            root: [0; 32],
+            parents: Vec::new(),
+            author: *other.node_id().as_bytes(),
+            time_ns: 1,
+            message: "from a peer".into(),
+            dna: std::collections::BTreeMap::new(),
+            logical_bytes: 0,
+            file_count: 0,
+        };
+        let encoded = commit.encode();
+        let signature = other
+            .sign(forge_crypto::SignatureDomain::Snapshot, &encoded)
+            .unwrap();
+        let (cid, sealed) = Object::Commit(SignedCommit {
+            commit: encoded,
+            signature: signature.as_bytes().to_vec(),
+        })
+        .seal(&volume.volume_key);
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Objects, cid.as_bytes().to_vec(), sealed);
+        vault.kv().write(batch, Durability::Synced).unwrap();
+
+        let error = vault.read_commit(&volume, &cid).unwrap_err();
+        assert!(
+            matches!(error, NodeError::UntrustedSigner { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains(&other.node_id().to_hex()),
+            "{error}"
+        );
+        vault.trust_node(other.public_keys()).unwrap();
+        assert_eq!(
+            vault.read_commit(&volume, &cid).unwrap().message,
+            "from a peer"
+        );
+        // A keyring entry under one node's id holding another's keys is refused.
+        vault
+            .refs()
+            .apply(&[RecordUpdate::new(
+                KEYRING,
+                other.node_id().as_bytes().to_vec(),
+                Expected::Any,
+                Change::Put(vault.identity().public_keys().encode()),
+            )])
+            .unwrap();
+        assert!(matches!(
+            vault.read_commit(&volume, &cid),
+            Err(NodeError::CorruptRecord {
+                what: "keyring",
+                ..
+            })
+        ));
     }
 }

@@ -37,6 +37,10 @@ use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
 
+/// Chunks of one large file sealed in parallel at a time (at most 8 MiB of plaintext at
+/// the default maximum chunk size).
+const LARGE_FILE_BATCH_CHUNKS: usize = 32;
+
 /// Unlogged writes are sent to the engine in batches of about this many bytes.
 pub const BATCH_BYTES: usize = 8 << 20;
 
@@ -486,15 +490,64 @@ impl Importer<'_> {
                 return Ok(Err(error));
             }
         }
-        for chunk in self.chunker.chunks(file) {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(ChunkerError::Read(error)) => return Ok(Err(error)),
-                Err(other) => return Err(other.into()),
-            };
-            self.add_chunk(&mut manifest, &chunk.data)?;
+        // A large file (a VM image, a database) is cut on a thread of its own while the
+        // chunks already cut are hashed, compressed and sealed a batch at a time on every
+        // thread of the pool: one big file uses all the cores. The manifest keeps file
+        // order; at most two batches wait between the two sides.
+        let chunker = &self.chunker;
+        std::thread::scope(|scope| {
+            let (batches, received) =
+                std::sync::mpsc::sync_channel::<std::result::Result<Vec<Vec<u8>>, ChunkerError>>(2);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(LARGE_FILE_BATCH_CHUNKS);
+                for chunk in chunker.chunks(file) {
+                    match chunk {
+                        Ok(chunk) => batch.push(chunk.data),
+                        Err(error) => {
+                            let _ = batches.send(Err(error));
+                            return;
+                        }
+                    }
+                    if batch.len() == LARGE_FILE_BATCH_CHUNKS {
+                        let full = std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(LARGE_FILE_BATCH_CHUNKS),
+                        );
+                        if batches.send(Ok(full)).is_err() {
+                            return; // The consumer stopped on an error.
+                        }
+                    }
+                }
+                let _ = batches.send(Ok(batch));
+            });
+            for batch in received {
+                match batch {
+                    Ok(batch) => self.add_chunks(&mut manifest, &batch)?,
+                    Err(ChunkerError::Read(error)) => return Ok(Err(error)),
+                    Err(other) => return Err(other.into()),
+                }
+            }
+            Ok(Ok(manifest))
+        })
+    }
+
+    /// Stores `chunks` in parallel and appends them to `manifest` in order.
+    fn add_chunks(&self, manifest: &mut FileManifest, chunks: &[Vec<u8>]) -> Result<()> {
+        let stored = chunks
+            .par_iter()
+            .map(|data| self.store_chunk(data))
+            .collect::<Result<Vec<_>>>()?;
+        for (data, (cid, key)) in chunks.iter().zip(stored) {
+            let len = u32::try_from(data.len()).expect("chunks are at most 16 MiB");
+            self.reach(cid);
+            manifest.size += u64::from(len);
+            manifest.chunks.push(ChunkRef {
+                cid: *cid.as_bytes(),
+                len,
+                key,
+            });
         }
-        Ok(Ok(manifest))
+        Ok(())
     }
 
     pub(crate) fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {

@@ -101,8 +101,8 @@ pub struct Vault {
     identity: NodeIdentity,
     clock: Arc<dyn Clock>,
     randomness: Arc<dyn Randomness>,
-    /// Where import's parallel work runs (None: the calling thread only).
-    pool: Option<rayon::ThreadPool>,
+    /// Where import's parallel work runs.
+    pool: rayon::ThreadPool,
     /// The data directory's lock (None when the caller guarantees exclusive use).
     _lock: Option<File>,
 }
@@ -211,16 +211,17 @@ impl Vault {
             .unwrap_or_else(|| Arc::new(LocalMetadataStore::new(parts.kv.clone())));
         let fence = Arc::new(GcFence::new(metadata.clone()));
         fence.recover()?;
-        let threads = parts.threads.max(1);
-        let pool = (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|index| format!("forge-vault-{index}"))
-                    .build()
-                    .ok()
-            })
-            .flatten();
+        // A pool of its own even for one thread: parallel work inside it (import's
+        // par_iter) then stays on that thread, in order, instead of rayon's global pool.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(parts.threads.max(1))
+            .thread_name(|index| format!("forge-vault-{index}"))
+            .build()
+            .map_err(|error| NodeError::Io {
+                action: "starting the vault's threads",
+                path: data_dir.path().to_owned(),
+                source: std::io::Error::other(error.to_string()),
+            })?;
         Ok(Self {
             data_dir: data_dir.clone(),
             kv: parts.kv,
@@ -249,12 +250,9 @@ impl Vault {
         Ok(crate::clock::random_array(self.randomness.as_ref())?)
     }
 
-    /// Runs `work` on the vault's threads (with one thread: on this one, in order).
+    /// Runs `work` on the vault's threads (with one thread: sequentially, in order).
     pub(crate) fn in_pool<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
-        match &self.pool {
-            Some(pool) => pool.install(work),
-            None => work(),
-        }
+        self.pool.install(work)
     }
 
     /// Wraps `contents` to this node's keys, with randomness from the vault's source.

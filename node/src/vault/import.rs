@@ -12,8 +12,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::ffi::OsStringExt as _;
+
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
+use nix::sys::stat::{Mode, SFlag, fstatat};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -40,6 +44,12 @@ use crate::progress::Progress;
 /// Chunks of one large file sealed in parallel at a time (at most 8 MiB of plaintext at
 /// the default maximum chunk size).
 const LARGE_FILE_BATCH_CHUNKS: usize = 32;
+
+/// The deepest a volume's directory tree may be (the root is depth 0): an import of a
+/// deeper tree fails saying so, rather than storing what later walks could not handle
+/// (gc, fsck and stats walk iteratively; export, diff and a mount's commit still recurse,
+/// within this bound on a 2 MiB thread stack).
+pub const TREE_DEPTH_MAX: usize = 1_024;
 
 /// Unlogged writes are sent to the engine in batches of about this many bytes.
 pub const BATCH_BYTES: usize = 8 << 20;
@@ -132,8 +142,15 @@ impl Vault {
         let head = self.refs().get_ref(&volume.id, &options.branch)?;
         let session = self.open_write_session("import", volume.id)?;
         let importer = Importer::new(self, &volume, &session, progress)?;
+        let source_directory = openat(
+            nix::fcntl::AT_FDCWD,
+            source,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| NodeError::io("opening", source)(io::Error::from(errno)))?;
         let root = self
-            .in_pool(|| importer.import_directory(source))?
+            .in_pool(|| importer.import_directory(&source_directory, source, 0))?
             .ok_or_else(|| NodeError::io("reading", source)(io::Error::other("unreadable")))?;
         tracing::debug!(elapsed = ?progress.elapsed(), "import: tree walked and chunks staged");
         let index_root = importer.stage_reference_index()?;
@@ -350,26 +367,51 @@ impl<'a> Importer<'a> {
 }
 
 impl Importer<'_> {
-    /// Stores a directory's tree; `None` when the directory cannot be listed (skipped).
-    fn import_directory(&self, path: &Path) -> Result<Option<Cid>> {
-        let listing = match fs::read_dir(path) {
+    /// Stores the tree of the directory open as `directory` (shown as `path`); `None`
+    /// when it cannot be listed (skipped, and reported). Entries are opened relative to
+    /// the directory's descriptor (openat), so depth never meets the path length limit.
+    fn import_directory(
+        &self,
+        directory: &OwnedFd,
+        path: &Path,
+        depth: usize,
+    ) -> Result<Option<Cid>> {
+        if depth > TREE_DEPTH_MAX {
+            return Err(NodeError::TooLarge {
+                what: format!("the directory tree at {}", path.display()),
+                detail: format!(
+                    "it is nested deeper than {TREE_DEPTH_MAX} levels, the most a volume holds"
+                ),
+            });
+        }
+        let listing = directory
+            .try_clone()
+            .map_err(|error| nix::errno::Errno::from_raw(error.raw_os_error().unwrap_or(libc::EIO)))
+            .and_then(nix::dir::Dir::from_fd);
+        let mut listing = match listing {
             Ok(listing) => listing,
-            Err(error) => {
-                self.skip(path, &error);
+            Err(errno) => {
+                self.skip(path, &io::Error::from(errno));
                 return Ok(None);
             }
         };
         let mut names: Vec<OsString> = Vec::new();
-        for entry in listing {
+        for entry in listing.iter() {
             match entry {
-                Ok(entry) => names.push(entry.file_name()),
-                Err(error) => self.skip(path, &error),
+                Ok(entry) => {
+                    let name = entry.file_name().to_bytes();
+                    if name != b"." && name != b".." {
+                        names.push(OsString::from_vec(name.to_vec()));
+                    }
+                }
+                Err(errno) => self.skip(path, &io::Error::from(errno)),
             }
         }
+        drop(listing);
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let entries = names
             .par_iter()
-            .map(|name| self.import_entry(&path.join(name), name.as_bytes()))
+            .map(|name| self.import_entry(directory, &path.join(name), name, depth))
             .collect::<Result<Vec<Option<TreeEntry>>>>()?;
         let tree = Tree {
             entries: entries.into_iter().flatten().collect(),
@@ -377,22 +419,43 @@ impl Importer<'_> {
         Ok(Some(self.store_object(&Object::Tree(tree))?))
     }
 
-    fn import_entry(&self, path: &Path, name: &[u8]) -> Result<Option<TreeEntry>> {
-        let metadata = match fs::symlink_metadata(path) {
+    fn import_entry(
+        &self,
+        parent: &OwnedFd,
+        path: &Path,
+        name: &OsString,
+        depth: usize,
+    ) -> Result<Option<TreeEntry>> {
+        let metadata = match fstatat(parent, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(metadata) => metadata,
-            Err(error) => {
-                self.skip(path, &error);
+            Err(errno) => {
+                self.skip(path, &io::Error::from(errno));
                 return Ok(None);
             }
         };
-        let file_type = metadata.file_type();
-        let mode = metadata.mode() & 0o7777;
+        let kind = SFlag::from_bits_truncate(metadata.st_mode & SFlag::S_IFMT.bits());
+        let mode = metadata.st_mode & 0o7777;
         let mtime_ns = metadata
-            .mtime()
+            .st_mtime
             .saturating_mul(1_000_000_000)
-            .saturating_add(metadata.mtime_nsec());
-        let (size, content) = if file_type.is_dir() {
-            match self.import_directory(path)? {
+            .saturating_add(metadata.st_mtime_nsec);
+        let open = |flags: OFlag| {
+            openat(
+                parent,
+                name.as_os_str(),
+                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        let (size, content) = if kind == SFlag::S_IFDIR {
+            let directory = match open(OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(directory) => directory,
+                Err(errno) => {
+                    self.skip(path, &io::Error::from(errno));
+                    return Ok(None);
+                }
+            };
+            match self.import_directory(&directory, path, depth + 1)? {
                 Some(tree) => (
                     0,
                     EntryContent::Directory {
@@ -401,19 +464,27 @@ impl Importer<'_> {
                 ),
                 None => return Ok(None),
             }
-        } else if file_type.is_symlink() {
-            match fs::read_link(path) {
+        } else if kind == SFlag::S_IFLNK {
+            match readlinkat(parent, name.as_os_str()) {
                 Ok(target) => {
-                    let target = target.as_os_str().as_bytes().to_vec();
+                    let target = target.as_bytes().to_vec();
                     (target.len() as u64, EntryContent::Symlink { target })
                 }
-                Err(error) => {
-                    self.skip(path, &error);
+                Err(errno) => {
+                    self.skip(path, &io::Error::from(errno));
                     return Ok(None);
                 }
             }
-        } else if file_type.is_file() {
-            match self.import_file(path, metadata.len())? {
+        } else if kind == SFlag::S_IFREG {
+            let file = match open(OFlag::O_RDONLY) {
+                Ok(file) => File::from(file),
+                Err(errno) => {
+                    self.skip(path, &io::Error::from(errno));
+                    return Ok(None);
+                }
+            };
+            let size_hint = u64::try_from(metadata.st_size).unwrap_or(0);
+            match self.import_file(file, size_hint)? {
                 Ok(manifest) => {
                     let size = manifest.size;
                     self.progress.file_done(size);
@@ -439,12 +510,10 @@ impl Importer<'_> {
                 }
             }
         } else {
-            let kind = if file_type.is_socket() {
-                "socket"
-            } else if file_type.is_fifo() {
-                "fifo"
-            } else {
-                "device"
+            let kind = match kind {
+                SFlag::S_IFSOCK => "socket",
+                SFlag::S_IFIFO => "fifo",
+                _ => "device",
             };
             self.skip_reason(
                 path,
@@ -453,7 +522,7 @@ impl Importer<'_> {
             return Ok(None);
         };
         Ok(Some(TreeEntry {
-            name: name.to_vec(),
+            name: name.as_bytes().to_vec(),
             mode,
             mtime_ns,
             size,
@@ -463,11 +532,7 @@ impl Importer<'_> {
 
     /// Chunks and stores one file. The outer error aborts the import (storage failed); the
     /// inner one skips this file (it could not be read).
-    fn import_file(&self, path: &Path, size_hint: u64) -> Result<io::Result<FileManifest>> {
-        let mut file = match File::open(path) {
-            Ok(file) => file,
-            Err(error) => return Ok(Err(error)),
-        };
+    fn import_file(&self, mut file: File, size_hint: u64) -> Result<io::Result<FileManifest>> {
         let mut manifest = FileManifest::default();
         // Most files fit in one maximum-size chunk: read them whole and cut in memory, which
         // avoids the streaming chunker's per-file buffer. Larger (or growing) files stream.
@@ -800,5 +865,111 @@ mod tests {
             )
             .unwrap();
         assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
+    }
+
+    /// Makes a chain of `depth` directories named `dddddddd` under `root` (with `mkdirat`: the
+    /// full path is longer than the kernel's path limit) and a file `leaf` at the bottom.
+    fn deep_chain(root: &Path, depth: usize) {
+        use nix::fcntl::{OFlag, openat};
+        use nix::sys::stat::{Mode, mkdirat};
+        fs::create_dir_all(root).unwrap();
+        let mut directory = openat(
+            nix::fcntl::AT_FDCWD,
+            root,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..depth {
+            mkdirat(&directory, "dddddddd", Mode::from_bits_truncate(0o755)).unwrap();
+            directory = openat(
+                &directory,
+                "dddddddd",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let leaf = openat(
+            &directory,
+            "leaf",
+            OFlag::O_WRONLY | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        io::Write::write_all(&mut File::from(leaf), b"at the bottom").unwrap();
+    }
+
+    /// Before, import opened entries by full path: a chain of 5,000 directories stopped at
+    /// depth ~2,040 with "File name too long" and everything below was not captured.
+    #[test]
+    fn a_deep_chain_imports_whole_and_a_too_deep_one_is_refused_saying_so() {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(temp.path().join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let options = ImportOptions {
+            message: String::new(),
+            branch: "main".into(),
+            dna: BTreeMap::new(),
+        };
+        let progress = Progress::new("test", false);
+        // 1,000 levels of "dddddddd/": 9,000 bytes of path, past PATH_MAX (4,096).
+        let deep = temp.path().join("deep");
+        deep_chain(&deep, 1_000);
+        let report = vault
+            .import("v", &deep, &options, &no_passphrase, &progress)
+            .unwrap();
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped.first());
+        assert_eq!(report.files, 1, "the leaf at the bottom was captured");
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let mut tree = Cid::from_bytes(vault.read_commit(&volume, &report.snapshot).unwrap().root);
+        let mut levels = 0;
+        loop {
+            let entries = vault
+                .read_object(&volume, &tree)
+                .unwrap()
+                .into_tree()
+                .unwrap()
+                .entries;
+            match &entries[0].content {
+                EntryContent::Directory { tree: below } => {
+                    tree = Cid::from_bytes(*below);
+                    levels += 1;
+                }
+                EntryContent::InlineFile(manifest) => {
+                    assert_eq!(entries[0].name, b"leaf");
+                    assert_eq!(manifest.size, 13);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(levels, 1_000);
+        // The recursive walks (gc, fsck) handle the deepest tree a volume may hold.
+        vault.gc(&no_passphrase).unwrap();
+        assert!(
+            vault
+                .fsck(Some(&no_passphrase))
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+
+        let too_deep = temp.path().join("too-deep");
+        deep_chain(&too_deep, TREE_DEPTH_MAX + 2);
+        let error = vault
+            .import("v", &too_deep, &options, &no_passphrase, &progress)
+            .unwrap_err();
+        assert!(matches!(error, NodeError::TooLarge { .. }), "{error}");
+        assert!(error.to_string().contains("nested deeper than"), "{error}");
+        assert_eq!(
+            vault.refs().get_ref(&volume.id, "main").unwrap(),
+            Some(report.snapshot),
+            "nothing published"
+        );
     }
 }

@@ -45,6 +45,9 @@ use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
 
+/// Stack of the vault's worker threads.
+const VAULT_THREAD_STACK_BYTES: usize = 64 << 20;
+
 /// The record space of trusted node keys: NodeId → its `NodePublicKeys` encoding.
 pub const KEYRING: RecordSpace = RecordSpace::new("keyring");
 
@@ -216,6 +219,9 @@ impl Vault {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(parts.threads.max(1))
             .thread_name(|index| format!("forge-vault-{index}"))
+            // Import recurses once per directory level (up to TREE_DEPTH_MAX): room for
+            // it. Only the pages a walk touches are ever committed.
+            .stack_size(VAULT_THREAD_STACK_BYTES)
             .build()
             .map_err(|error| NodeError::Io {
                 action: "starting the vault's threads",
@@ -919,7 +925,8 @@ impl Vault {
     /// Walks the tree under `root` for fsck, gc and stats alike. Each tree and manifest object
     /// is visited once: its cid goes into `visited`, and a subtree already there (shared with
     /// an earlier snapshot) is skipped. `visit_chunk` gets every chunk of every new file,
-    /// with the file's name.
+    /// with the file's name. Iterative (an explicit stack of trees), so the depth of a tree
+    /// never meets the thread's stack.
     pub(crate) fn walk_tree(
         &self,
         volume: &OpenVolume,
@@ -927,27 +934,30 @@ impl Vault {
         visited: &mut BTreeSet<Cid>,
         visit_chunk: &mut dyn FnMut(&[u8], &ChunkRef) -> Result<()>,
     ) -> Result<()> {
-        if !visited.insert(root) {
-            return Ok(());
-        }
-        for entry in self.read_object(volume, &root)?.into_tree()?.entries {
-            let chunks = match entry.content {
-                EntryContent::Directory { tree } => {
-                    self.walk_tree(volume, Cid::from_bytes(tree), visited, visit_chunk)?;
-                    continue;
-                }
-                EntryContent::InlineFile(manifest) => manifest.chunks,
-                EntryContent::File { manifest } => {
-                    let cid = Cid::from_bytes(manifest);
-                    if !visited.insert(cid) {
+        let mut pending = vec![root];
+        while let Some(tree) = pending.pop() {
+            if !visited.insert(tree) {
+                continue;
+            }
+            for entry in self.read_object(volume, &tree)?.into_tree()?.entries {
+                let chunks = match entry.content {
+                    EntryContent::Directory { tree } => {
+                        pending.push(Cid::from_bytes(tree));
                         continue;
                     }
-                    self.read_object(volume, &cid)?.into_manifest()?.chunks
+                    EntryContent::InlineFile(manifest) => manifest.chunks,
+                    EntryContent::File { manifest } => {
+                        let cid = Cid::from_bytes(manifest);
+                        if !visited.insert(cid) {
+                            continue;
+                        }
+                        self.read_object(volume, &cid)?.into_manifest()?.chunks
+                    }
+                    EntryContent::Symlink { .. } => continue,
+                };
+                for chunk in &chunks {
+                    visit_chunk(&entry.name, chunk)?;
                 }
-                EntryContent::Symlink { .. } => continue,
-            };
-            for chunk in &chunks {
-                visit_chunk(&entry.name, chunk)?;
             }
         }
         Ok(())

@@ -11,4 +11,7 @@ pub mod passphrase;
 pub mod progress;
 pub mod vault;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{ExitCode, NodeError, Result};

@@ -1426,18 +1426,12 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::datadir::{DataDir, SecretProtection};
     use crate::mount::{WorkTarget, commit, commit_with};
+    use crate::test_support::{new_vault, no_passphrase};
     use crate::vault::CreateVolumeOptions;
 
-    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-        Err(NodeError::PassphraseUnavailable)
-    }
-
     fn mounted(temp: &Path) -> MountedFs {
-        let data_dir = DataDir::new(temp.join("vault"));
-        data_dir.init(&SecretProtection::FileMode).unwrap();
-        let vault = Arc::new(Vault::open(&data_dir, &no_passphrase).unwrap());
+        let vault = Arc::new(new_vault(temp));
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();

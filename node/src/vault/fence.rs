@@ -420,19 +420,13 @@ mod tests {
     use forge_store::object::FileManifest;
 
     use super::*;
-    use crate::datadir::{DataDir, SecretProtection};
     use crate::progress::Progress;
+    use crate::test_support::{new_vault, no_passphrase};
     use crate::vault::import::{ImportOptions, Importer, NewSnapshot};
     use crate::vault::{CreateVolumeOptions, Vault};
 
-    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-        Err(NodeError::PassphraseUnavailable)
-    }
-
     fn vault(temp: &Path) -> Vault {
-        let data_dir = DataDir::new(temp.join("vault"));
-        data_dir.init(&SecretProtection::FileMode).unwrap();
-        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        let vault = new_vault(temp);
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();

@@ -603,21 +603,20 @@ impl Importer<'_> {
             .map(|data| self.store_chunk(data))
             .collect::<Result<Vec<_>>>()?;
         for (data, (cid, key)) in chunks.iter().zip(stored) {
-            let len = u32::try_from(data.len()).expect("chunks are at most 16 MiB");
-            self.reach(cid);
-            manifest.size += u64::from(len);
-            manifest.chunks.push(ChunkRef {
-                cid: *cid.as_bytes(),
-                len,
-                key,
-            });
+            self.append_chunk(manifest, data.len(), cid, key);
         }
         Ok(())
     }
 
     pub(crate) fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {
-        let len = u32::try_from(data.len()).expect("chunks are at most 16 MiB");
         let (cid, key) = self.store_chunk(data)?;
+        self.append_chunk(manifest, data.len(), cid, key);
+        Ok(())
+    }
+
+    /// Appends a stored chunk to `manifest` (and to the snapshot's reach).
+    fn append_chunk(&self, manifest: &mut FileManifest, len: usize, cid: Cid, key: [u8; 32]) {
+        let len = u32::try_from(len).expect("chunks are at most 16 MiB");
         self.reach(cid);
         manifest.size += u64::from(len);
         manifest.chunks.push(ChunkRef {
@@ -625,7 +624,6 @@ impl Importer<'_> {
             len,
             key,
         });
-        Ok(())
     }
 
     /// Stores a chunk unless the domain already has it; returns its cid and key.
@@ -794,21 +792,15 @@ impl Importer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datadir::{DataDir, SecretProtection};
+    use crate::test_support::{new_vault, no_passphrase};
     use crate::vault::{CreateVolumeOptions, VaultLimits};
-
-    fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-        Err(NodeError::PassphraseUnavailable)
-    }
 
     /// Before the check, a file whose manifest was over the object limit imported with
     /// success and could never be read ("Destination buffer is too small").
     #[test]
     fn a_manifest_over_the_object_limit_is_refused_when_written() {
         let temp = tempfile::tempdir().unwrap();
-        let data_dir = DataDir::new(temp.path().join("vault"));
-        data_dir.init(&SecretProtection::FileMode).unwrap();
-        let mut vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        let mut vault = new_vault(temp.path());
         vault.set_limits(VaultLimits {
             object_bytes_max: 4096,
         });
@@ -905,9 +897,7 @@ mod tests {
     #[test]
     fn a_deep_chain_imports_whole_and_a_too_deep_one_is_refused_saying_so() {
         let temp = tempfile::tempdir().unwrap();
-        let data_dir = DataDir::new(temp.path().join("vault"));
-        data_dir.init(&SecretProtection::FileMode).unwrap();
-        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        let vault = new_vault(temp.path());
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();

@@ -967,21 +967,15 @@ impl Vault {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datadir::SecretProtection;
+    use crate::test_support::{new_vault, no_passphrase};
     use forge_store::object::SignedCommit;
-
-    fn no_passphrase(_: &str, _: bool) -> Result<Zeroizing<String>> {
-        Err(NodeError::PassphraseUnavailable)
-    }
 
     /// A snapshot written by another group member (or synced from a peer) must verify
     /// against that node's key once it is trusted, and be refused before.
     #[test]
     fn snapshots_signed_by_another_node_verify_only_once_it_is_in_the_keyring() {
         let temp = tempfile::tempdir().unwrap();
-        let data_dir = DataDir::new(temp.path().join("vault"));
-        data_dir.init(&SecretProtection::FileMode).unwrap();
-        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        let vault = new_vault(temp.path());
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();

@@ -386,9 +386,12 @@ impl Host {
         // pinned against gc before we check it is still there (see vault/fence.rs).
         let session = vault.open_write_session("mount", volume.id)?;
         let mut notes = Vec::new();
+        // What the mount serves, to pin: a snapshot, or a recovered working tree.
+        let mut served: Option<PinnedRoot>;
         let (root, work) = if let Some(snapshot) = &options.snapshot {
             let snapshot = vault.resolve_snapshot(&volume.record, snapshot)?;
             let commit = vault.read_commit(&volume, &snapshot)?;
+            served = Some(PinnedRoot::Snapshot(*snapshot.as_bytes()));
             (Some(Cid::from_bytes(commit.root)), None)
         } else {
             let head = vault.refs().get_ref(&volume.id, &branch)?;
@@ -403,8 +406,10 @@ impl Host {
                 None => None,
             };
             let mut base = head;
+            served = head.map(|head| PinnedRoot::Snapshot(*head.as_bytes()));
             if !read_only && let Some(state) = working_state(vault, &volume, &branch)? {
                 root = Some(Cid::from_bytes(state.root));
+                served = Some(PinnedRoot::Tree(state.root));
                 base = state.base.map(Cid::from_bytes);
                 notes.push(
                     "recovered the working state a previous mount left (fsynced data is back)",
@@ -416,7 +421,9 @@ impl Host {
             });
             (root, work)
         };
-        pin_served_root(vault, &volume, &session, options, root, work.as_ref())?;
+        if let Some(served) = served {
+            pin_served_root(vault, &volume, &session, served, &branch)?;
+        }
         let id = {
             let mut state = self.lock();
             state.next_id += 1;
@@ -629,44 +636,29 @@ fn pin_served_root(
     vault: &Vault,
     volume: &OpenVolume,
     session: &crate::vault::fence::WriteSession,
-    options: &MountOptions,
-    root: Option<Cid>,
-    work: Option<&WorkTarget>,
+    served: PinnedRoot,
+    branch: &str,
 ) -> Result<()> {
-    let Some(root) = root else {
-        return Ok(());
-    };
-    let snapshot = match (&options.snapshot, work) {
-        (Some(snapshot), _) => Some(vault.resolve_snapshot(&volume.record, snapshot)?),
-        (None, Some(work)) => work.base,
-        (None, None) => vault.refs().get_ref(
-            &volume.id,
-            options.branch.as_deref().unwrap_or(DEFAULT_BRANCH),
-        )?,
-    };
-    // A recovered working state is its own root; otherwise the root is the snapshot's.
-    let recovered = match snapshot {
-        Some(snapshot) => Cid::from_bytes(vault.read_commit(volume, &snapshot)?.root) != root,
-        None => true,
-    };
-    if recovered {
-        session.pin_root(volume.id, PinnedRoot::Tree(*root.as_bytes()), &[]);
-        let branch = work.map_or(DEFAULT_BRANCH, |work| work.branch.as_str());
-        let still = working_state(vault, volume, branch)?
-            .is_some_and(|state| state.root == *root.as_bytes());
-        if !still {
-            return Err(NodeError::Busy {
-                what: format!("volume {} branch {branch}", volume.record.name),
-                reason: "its working state changed while mounting; mount again".into(),
-            });
+    session.pin_root(volume.id, served, &[]);
+    match served {
+        PinnedRoot::Snapshot(snapshot) => {
+            let snapshot = Cid::from_bytes(snapshot);
+            if !vault.is_listed(volume, &snapshot)? {
+                return Err(NodeError::UnknownSnapshot {
+                    volume: volume.record.name.clone(),
+                    id: snapshot.to_hex(),
+                });
+            }
         }
-    } else if let Some(snapshot) = snapshot {
-        session.pin_root(volume.id, PinnedRoot::Snapshot(*snapshot.as_bytes()), &[]);
-        if !vault.is_listed(volume, &snapshot)? {
-            return Err(NodeError::UnknownSnapshot {
-                volume: volume.record.name.clone(),
-                id: snapshot.to_hex(),
-            });
+        PinnedRoot::Tree(root) => {
+            let still =
+                working_state(vault, volume, branch)?.is_some_and(|state| state.root == root);
+            if !still {
+                return Err(NodeError::Busy {
+                    what: format!("volume {} branch {branch}", volume.record.name),
+                    reason: "its working state changed while mounting; mount again".into(),
+                });
+            }
         }
     }
     Ok(())

@@ -1468,8 +1468,11 @@ mod tests {
 
     /// The names at the root of the branch head.
     fn committed_names(fs: &MountedFs) -> BTreeSet<String> {
-        let vault = fs.vault();
-        let volume = fs.volume();
+        head_names(fs.vault(), fs.volume())
+    }
+
+    /// The names at the root of the head of `main`.
+    fn head_names(vault: &Vault, volume: &OpenVolume) -> BTreeSet<String> {
         let head = vault.refs().get_ref(&volume.id, "main").unwrap().unwrap();
         let root = Cid::from_bytes(vault.read_commit(volume, &head).unwrap().root);
         vault
@@ -1563,17 +1566,7 @@ mod tests {
                 report.problems
             );
             let volume = vault.open_volume("v", &no_passphrase).unwrap();
-            let head = vault.refs().get_ref(&volume.id, "main").unwrap().unwrap();
-            let root = Cid::from_bytes(vault.read_commit(&volume, &head).unwrap().root);
-            let names: BTreeSet<String> = vault
-                .read_object(&volume, &root)
-                .unwrap()
-                .into_tree()
-                .unwrap()
-                .entries
-                .into_iter()
-                .map(|entry| String::from_utf8(entry.name).unwrap())
-                .collect();
+            let names = head_names(&vault, &volume);
             assert!(names.contains("acknowledged"), "seed {seed}: {names:?}");
             // What fsync acknowledged comes back at the next mount: the recorded working
             // tree reads whole.

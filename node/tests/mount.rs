@@ -847,13 +847,7 @@ fn a_file_closed_after_another_files_fsync_is_committed_whole() {
 
 /// Files of a source tree generated from `seed`: small text-like files, a few larger ones.
 fn generated_source(root: &Path, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = common::xorshift(seed);
     for directory in 0..6 {
         let dir = root.join(format!("dir{directory}"));
         fs::create_dir_all(&dir).unwrap();
@@ -1090,15 +1084,8 @@ fn space_of_a_file_removed_after_enospc_is_released_at_once() {
     let _unmount = Unmount(mountpoint.clone());
 
     // Incompressible, so the staged bytes and their chunks both need their full size.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let block: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect();
+    let mut next = common::xorshift(1);
+    let block: Vec<u8> = (0..1 << 20).map(|_| next().to_le_bytes()[0]).collect();
     let target = mountpoint.join("big.bin");
     let mut file = fs::File::create(&target).unwrap();
     let mut failure = None;

@@ -20,6 +20,8 @@ use forge_node::vault::export::SnapshotSelector;
 use forge_node::vault::{CreateVolumeOptions, ImportOptions, Vault, VaultParts};
 use forge_store::kv::MemKv;
 
+mod common;
+
 const SEEDS: u64 = 60;
 
 fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
@@ -49,13 +51,7 @@ fn open_with_threads(data_dir: &DataDir, kv: &Arc<MemKv>, seed: u64, threads: us
 }
 
 fn write_source(root: &Path, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = common::xorshift(seed);
     for file in 0..12 {
         let len = usize::try_from(next() % 90_000).unwrap();
         let content: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[2]).collect();

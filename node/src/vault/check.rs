@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use forge_crypto::Cid;
 use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key};
-use forge_store::kv::{Column, Durability, KvEngine, WriteBatch};
+use forge_store::kv::{Column, Durability, KeyValue, KvEngine, WriteBatch};
 
 use super::{OpenVolume, PassphraseSource, Vault};
 use crate::error::{NodeError, Result};
@@ -291,16 +291,31 @@ pub(super) fn for_each_entry(
     column: Column,
     mut visit: impl FnMut(&[u8], &[u8]),
 ) -> Result<()> {
-    let mut start: Vec<u8> = Vec::new();
-    loop {
-        let page = kv.scan(column, &start, None, SCAN_PAGE_ENTRIES)?;
-        for (key, value) in &page {
+    for_each_page(kv, column, &[], None, &mut |page| {
+        for (key, value) in page {
             visit(key, value);
         }
+        Ok(())
+    })
+}
+
+/// Calls `visit` with each page (up to [`SCAN_PAGE_ENTRIES`] entries) of `column` from
+/// `start` to `end`; an error from `visit` stops the walk.
+pub(super) fn for_each_page(
+    kv: &dyn KvEngine,
+    column: Column,
+    start: &[u8],
+    end: Option<&[u8]>,
+    visit: &mut dyn FnMut(&[KeyValue]) -> Result<()>,
+) -> Result<()> {
+    let mut from = start.to_vec();
+    loop {
+        let page = kv.scan(column, &from, end, SCAN_PAGE_ENTRIES)?;
+        visit(&page)?;
         match page.last() {
             Some((last, _)) if page.len() == SCAN_PAGE_ENTRIES => {
-                start.clone_from(last);
-                start.push(0); // the smallest key after `last`
+                from.clone_from(last);
+                from.push(0); // the smallest key after `last`
             }
             _ => return Ok(()),
         }

@@ -9,14 +9,11 @@ use forge_store::VolumeId;
 use forge_store::kv::{Column, Durability, WriteBatch, prefix_end};
 use forge_store::object::{EntryContent, TreeEntry};
 
+use super::check::for_each_page;
 use super::fence::PinnedRoot;
 use super::records::{self, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
-
-/// Keys gc reads (and deletes, in one batch) at a time. Values come with the keys (shard
-/// bytes among them), so this bounds gc's memory.
-const GC_SCAN_PAGE_ENTRIES: usize = 512;
 
 /// Paths that differ between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,12 +60,6 @@ impl Vault {
                     branch: super::DEFAULT_BRANCH.to_owned(),
                 })?,
         };
-        if self.refs().get_ref(&volume_id, new)?.is_some() {
-            return Err(NodeError::BranchExists {
-                volume: name.to_owned(),
-                branch: new.to_owned(),
-            });
-        }
         self.refs()
             .compare_and_swap_ref(&volume_id, new, None, Some(target))
             .map_err(|error| match error {
@@ -490,9 +481,6 @@ impl Vault {
 /// A key gc may delete: the cid it belongs to, the key, and its value's length.
 type Candidate = (Cid, (Vec<u8>, usize));
 
-/// A key and its value, as a scan returns them.
-type KeyValue = (Vec<u8>, Vec<u8>);
-
 /// gc's marking state: the volumes opened, what is live, and the pin generation marked.
 struct Mark<'a> {
     passphrase: PassphraseSource<'a>,
@@ -508,28 +496,6 @@ struct LiveSet {
     chunks: BTreeSet<Cid>,
     /// Snapshots whose index and trees were walked already.
     snapshots_done: BTreeSet<Cid>,
-}
-
-/// Calls `visit` with each page of `column` from `start` to `end`, fallibly.
-fn for_each_page(
-    kv: &dyn forge_store::kv::KvEngine,
-    column: Column,
-    start: &[u8],
-    end: Option<&[u8]>,
-    visit: &mut dyn FnMut(&[KeyValue]) -> Result<()>,
-) -> Result<()> {
-    let mut from = start.to_vec();
-    loop {
-        let page = kv.scan(column, &from, end, GC_SCAN_PAGE_ENTRIES)?;
-        visit(&page)?;
-        match page.last() {
-            Some((last, _)) if page.len() == GC_SCAN_PAGE_ENTRIES => {
-                from.clone_from(last);
-                from.push(0); // the smallest key after `last`
-            }
-            _ => return Ok(()),
-        }
-    }
 }
 
 fn join(prefix: &str, name: &[u8]) -> String {

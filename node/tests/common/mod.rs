@@ -71,3 +71,14 @@ impl Vault {
         self.root.join(name)
     }
 }
+
+/// A seeded xorshift stream: test data that is the same on every run.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -15,18 +15,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use forge_crypto::Cid;
-use forge_store::object::FileManifest;
+use forge_store::object::{ChunkRef, Extent, FileManifest, INLINE_DATA_BYTES_MAX};
 
 use crate::error::{NodeError, Result};
 use crate::vault::Vault;
 use crate::vault::import::Importer;
 
-/// A committed file content with the start offset of every chunk.
+/// A committed file content: its extents with the start offset of each, or the bytes of a
+/// small file stored inline in its tree.
 #[derive(Debug, Default)]
 pub struct BaseContent {
-    /// The chunks.
+    /// The extents (empty for inline bytes).
     pub manifest: FileManifest,
-    /// `offsets[i]` is where chunk `i` starts; one extra entry holds the size.
+    /// The bytes of a file stored inline.
+    inline: Option<Vec<u8>>,
+    /// `offsets[i]` is where extent `i` starts; one extra entry holds the size.
     offsets: Vec<u64>,
 }
 
@@ -34,14 +37,35 @@ impl BaseContent {
     /// Indexes a manifest.
     #[must_use]
     pub fn new(manifest: FileManifest) -> Self {
-        let mut offsets = Vec::with_capacity(manifest.chunks.len() + 1);
+        let mut offsets = Vec::with_capacity(manifest.extents.len() + 1);
         let mut at = 0u64;
         offsets.push(0);
-        for chunk in &manifest.chunks {
-            at += u64::from(chunk.len);
+        for extent in &manifest.extents {
+            at += extent.len();
             offsets.push(at);
         }
-        Self { manifest, offsets }
+        Self {
+            manifest,
+            inline: None,
+            offsets,
+        }
+    }
+
+    /// A small file's bytes, kept inline.
+    #[must_use]
+    pub fn inline(data: Vec<u8>) -> Self {
+        let size = data.len() as u64;
+        Self {
+            manifest: FileManifest::default(),
+            inline: Some(data),
+            offsets: vec![0, size],
+        }
+    }
+
+    /// The bytes of an inline file.
+    #[must_use]
+    pub fn inline_data(&self) -> Option<&[u8]> {
+        self.inline.as_deref()
     }
 
     /// Bytes of content.
@@ -50,14 +74,22 @@ impl BaseContent {
         self.offsets.last().copied().unwrap_or(0)
     }
 
-    /// The chunk holding byte `offset` (None past the end).
+    /// The extent holding byte `offset` (None past the end, and for inline bytes).
     #[must_use]
     pub fn chunk_at(&self, offset: u64) -> Option<usize> {
-        if offset >= self.size() {
+        if offset >= self.size() || self.inline.is_some() {
             return None;
         }
         // The last offset <= `offset`.
         Some(self.offsets.partition_point(|start| *start <= offset) - 1)
+    }
+
+    /// Whether any extent is a hole.
+    fn has_holes(&self) -> bool {
+        self.manifest
+            .extents
+            .iter()
+            .any(|extent| matches!(extent, Extent::Hole { .. }))
     }
 }
 
@@ -106,6 +138,12 @@ impl RangeSet {
     /// The ranges, in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.ranges.iter().map(|(start, end)| (*start, *end))
+    }
+
+    /// Whether it holds no range.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
     }
 
     /// The first changed byte.
@@ -306,24 +344,18 @@ impl ChunkCache {
     }
 }
 
-/// Reads and verifies chunk `index` of `base` (through the cache).
+/// Reads and verifies one chunk (through the cache).
 ///
 /// # Errors
 /// [`NodeError::Integrity`] naming the cid when the chunk is missing, damaged beyond repair
 /// or does not open; engine errors.
-pub fn load_chunk(
-    vault: &Vault,
-    cache: &ChunkCache,
-    base: &BaseContent,
-    index: usize,
-) -> Result<Arc<Vec<u8>>> {
-    let chunk = &base.manifest.chunks[index];
+pub fn load_chunk(vault: &Vault, cache: &ChunkCache, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>> {
     let cid = chunk.cid();
     cache.get_or_load(&cid, || vault.read_chunk_plaintext(chunk))
 }
 
 /// Fills `out` with the base bytes at `offset..offset + out.len()` (which must lie inside
-/// the base).
+/// the base). Holes read as zeros without touching the store.
 ///
 /// # Errors
 /// As [`load_chunk`].
@@ -334,16 +366,33 @@ pub fn read_base(
     offset: u64,
     out: &mut [u8],
 ) -> Result<()> {
+    if let Some(data) = base.inline_data() {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let take = out.len().min(data.len() - start);
+        out[..take].copy_from_slice(&data[start..start + take]);
+        return Ok(());
+    }
     let mut done = 0usize;
     while done < out.len() {
         let at = offset + done as u64;
         let Some(index) = base.chunk_at(at) else {
             break;
         };
-        let data = load_chunk(vault, cache, base, index)?;
-        let within = usize::try_from(at - base.offsets[index]).unwrap_or(usize::MAX);
-        let take = (data.len() - within).min(out.len() - done);
-        out[done..done + take].copy_from_slice(&data[within..within + take]);
+        let within = at - base.offsets[index];
+        let available = base.offsets[index + 1] - at;
+        let take = usize::try_from(available)
+            .unwrap_or(usize::MAX)
+            .min(out.len() - done);
+        match &base.manifest.extents[index] {
+            Extent::Chunk(chunk) => {
+                let data = load_chunk(vault, cache, chunk)?;
+                let within = usize::try_from(within).unwrap_or(usize::MAX);
+                out[done..done + take].copy_from_slice(&data[within..within + take]);
+            }
+            Extent::Hole { .. } => out[done..done + take].fill(0),
+        }
         done += take;
     }
     Ok(())
@@ -393,11 +442,154 @@ pub fn read_overlay(
     Ok(out)
 }
 
-/// Chunks a staged file into a new manifest, reusing every unchanged chunk of `base`.
+/// The shortest run of never-written zeros recorded as a hole (shorter ones are chunked
+/// with their neighbours).
+pub const HOLE_BYTES_MIN: u64 = 64 << 10;
+
+/// Chunks a staged file into its new content, reusing every unchanged chunk of `base`: a
+/// small file becomes inline bytes; runs of zeros nobody wrote (a truncate that grows, a
+/// write past the end, the base's holes) become holes, never chunks.
 ///
 /// # Errors
 /// Storage errors; integrity errors reading base chunks.
 pub(crate) fn rechunk(
+    vault: &Vault,
+    cache: &ChunkCache,
+    importer: &Importer<'_>,
+    base: &BaseContent,
+    staged: &Staged,
+    state: &StagedState,
+    size: u64,
+) -> Result<BaseContent> {
+    if size <= INLINE_DATA_BYTES_MAX as u64 {
+        let len = usize::try_from(size).unwrap_or(INLINE_DATA_BYTES_MAX);
+        let data = read_overlay(vault, cache, base, Some((staged, state)), size, 0, len)?;
+        return Ok(BaseContent::inline(data));
+    }
+    let holes = unwritten_zeros(base, state, size);
+    if holes.is_empty() && !base.has_holes() && base.inline_data().is_none() {
+        return Ok(BaseContent::new(rechunk_dense(
+            vault, cache, importer, base, staged, state, size,
+        )?));
+    }
+    let base_limit = state.base_limit.min(base.size());
+    let mut manifest = FileManifest::default();
+    let mut at = 0u64;
+    for (hole_start, hole_end) in holes.iter().chain(std::iter::once((size, size))) {
+        if at < hole_start {
+            rechunk_run(
+                vault,
+                cache,
+                importer,
+                base,
+                staged,
+                state,
+                base_limit,
+                at,
+                hole_start,
+                &mut manifest,
+            )?;
+        }
+        manifest.push_hole(hole_end - hole_start);
+        at = hole_end;
+    }
+    debug_assert_eq!(manifest.size, size, "re-chunking covers the whole file");
+    Ok(BaseContent::new(manifest))
+}
+
+/// Zeros in the new content that no write put there, in runs of at least
+/// [`HOLE_BYTES_MIN`]: the base's holes and everything past the base limit, less what was
+/// written since.
+fn unwritten_zeros(base: &BaseContent, state: &StagedState, size: u64) -> RangeSet {
+    let base_limit = state.base_limit.min(base.size());
+    let mut zeros = RangeSet::default();
+    if base.inline_data().is_none() {
+        for (index, extent) in base.manifest.extents.iter().enumerate() {
+            if let Extent::Hole { .. } = extent {
+                let start = base.offsets[index];
+                zeros.insert(
+                    start.min(base_limit),
+                    base.offsets[index + 1].min(base_limit),
+                );
+            }
+        }
+    }
+    zeros.insert(base_limit.min(size), size);
+    let mut holes = RangeSet::default();
+    for (start, end) in zeros.iter() {
+        let mut at = start;
+        for (written_start, written_end) in state.dirty.iter() {
+            if written_end <= at || written_start >= end {
+                continue;
+            }
+            if written_start > at && written_start - at >= HOLE_BYTES_MIN {
+                holes.insert(at, written_start);
+            }
+            at = at.max(written_end);
+        }
+        if end > at && end - at >= HOLE_BYTES_MIN {
+            holes.insert(at, end);
+        }
+    }
+    holes
+}
+
+/// Appends the content of `start..end` (a run between holes) to `manifest`: the base's own
+/// extents when the run is unchanged and lies on their boundaries, else chunked afresh.
+#[allow(clippy::too_many_arguments)]
+fn rechunk_run(
+    vault: &Vault,
+    cache: &ChunkCache,
+    importer: &Importer<'_>,
+    base: &BaseContent,
+    staged: &Staged,
+    state: &StagedState,
+    base_limit: u64,
+    start: u64,
+    end: u64,
+    manifest: &mut FileManifest,
+) -> Result<()> {
+    let written = state
+        .dirty
+        .iter()
+        .any(|(dirty_start, dirty_end)| dirty_start < end && dirty_end > start);
+    if !written && end <= base_limit && base.inline_data().is_none() {
+        let first = base.offsets.binary_search(&start);
+        let last = base.offsets.binary_search(&end);
+        if let (Ok(first), Ok(last)) = (first, last) {
+            let extents = &base.manifest.extents[first..last];
+            if extents
+                .iter()
+                .all(|extent| matches!(extent, Extent::Chunk(_)))
+            {
+                for extent in extents {
+                    if let Extent::Chunk(chunk) = extent {
+                        importer.reach(chunk.cid());
+                    }
+                    manifest.push(extent.clone());
+                }
+                return Ok(());
+            }
+        }
+    }
+    let reader = OverlayReader {
+        vault,
+        cache,
+        base,
+        staged,
+        state,
+        size: end,
+        position: start,
+    };
+    for chunk in importer.chunker().chunks(reader) {
+        importer.add_chunk(manifest, &chunk?.data)?;
+    }
+    Ok(())
+}
+
+/// Re-chunks a file without holes, keeping every chunk before the first change and
+/// rejoining the base's chunks once a new boundary lands on an old one.
+fn rechunk_dense(
     vault: &Vault,
     cache: &ChunkCache,
     importer: &Importer<'_>,
@@ -413,20 +605,22 @@ pub(crate) fn rechunk(
         first_change = first_change.min(base_limit).min(size);
     }
     if first_change == u64::MAX || (first_change >= size && size == base.size()) {
+        for chunk in base.manifest.chunks() {
+            importer.reach(chunk.cid());
+        }
         return Ok(base.manifest.clone());
     }
     // Keep every chunk that ends before the first change. The base's last chunk was cut by
     // the end of the file, not by content, so a change at or past its end restarts it.
     let keep = base
         .chunk_at(first_change)
-        .unwrap_or(base.manifest.chunks.len().saturating_sub(1));
-    let mut manifest = FileManifest {
-        size: 0,
-        chunks: base.manifest.chunks[..keep].to_vec(),
-    };
-    manifest.size = base.offsets[keep.min(base.offsets.len() - 1)];
-    for chunk in &manifest.chunks {
-        importer.reach(chunk.cid());
+        .unwrap_or(base.manifest.extents.len().saturating_sub(1));
+    let mut manifest = FileManifest::default();
+    for extent in &base.manifest.extents[..keep] {
+        if let Extent::Chunk(chunk) = extent {
+            importer.reach(chunk.cid());
+        }
+        manifest.push(extent.clone());
     }
     // Old boundaries where chunking may rejoin the base: content-defined ones (not the end
     // of the file), past every change, while the tail is untouched and the size unchanged.
@@ -453,10 +647,11 @@ pub(crate) fn rechunk(
         let chunk = chunk?;
         importer.add_chunk(&mut manifest, &chunk.data)?;
         if let Some(index) = rejoin.get(&manifest.size) {
-            for reused in &base.manifest.chunks[*index..] {
-                importer.reach(reused.cid());
-                manifest.size += u64::from(reused.len);
-                manifest.chunks.push(reused.clone());
+            for reused in &base.manifest.extents[*index..] {
+                if let Extent::Chunk(chunk) = reused {
+                    importer.reach(chunk.cid());
+                }
+                manifest.push(reused.clone());
             }
             break;
         }
@@ -465,7 +660,7 @@ pub(crate) fn rechunk(
     Ok(manifest)
 }
 
-/// The overlay as a reader, for the streaming chunker.
+/// The overlay as a reader, for the streaming chunker: from `position` up to `size`.
 struct OverlayReader<'a> {
     vault: &'a Vault,
     cache: &'a ChunkCache,
@@ -519,12 +714,17 @@ mod tests {
             3 => (0usize..40_000, 1usize..3_000, any::<u8>())
                 .prop_map(|(offset, len, byte)| Edit::Write { offset, len, byte }),
             1 => (0usize..40_000).prop_map(|len| Edit::Truncate { len }),
+            // Far past the end: the gap is never written and becomes a hole.
+            1 => (100_000usize..400_000, 1usize..3_000, any::<u8>())
+                .prop_map(|(offset, len, byte)| Edit::Write { offset, len, byte }),
+            1 => (100_000usize..400_000).prop_map(|len| Edit::Truncate { len }),
         ]
     }
 
     /// The invariant behind incremental re-chunking: whatever was written or cut off, the
-    /// chunks it produces are exactly those of chunking the final content from scratch,
-    /// and they read back as that content.
+    /// content reads back as the final content; without holes its chunks are exactly those
+    /// of chunking it from scratch; a small file comes out inline; the zeros of a gap
+    /// nobody wrote are a hole, not chunks.
     #[test]
     fn rechunking_gives_the_chunks_of_chunking_from_scratch() {
         let temp = tempfile::tempdir().unwrap();
@@ -600,24 +800,74 @@ mod tests {
                 }
                 let state = staged.lock();
                 let importer = Importer::new(&vault, &volume, &session, &progress).unwrap();
-                let manifest =
+                let content =
                     rechunk(&vault, &cache, &importer, &base, &staged, &state, size).unwrap();
                 importer.write_pending().unwrap();
-                let from_scratch = chunk_all(&expected);
-                prop_assert_eq!(&manifest, &from_scratch);
+                let holes: u64 = content
+                    .manifest
+                    .extents
+                    .iter()
+                    .filter(|extent| matches!(extent, Extent::Hole { .. }))
+                    .map(Extent::len)
+                    .sum();
+                if expected.len() <= INLINE_DATA_BYTES_MAX {
+                    prop_assert_eq!(content.inline_data(), Some(&expected[..]));
+                } else if holes == 0 {
+                    prop_assert_eq!(&content.manifest, &chunk_all(&expected));
+                }
+                let longest_zeros = expected
+                    .split(|byte| *byte != 0)
+                    .map(<[u8]>::len)
+                    .max()
+                    .unwrap_or(0);
+                if longest_zeros as u64 >= 2 * HOLE_BYTES_MIN + 3_000 {
+                    prop_assert!(holes > 0, "a gap of {longest_zeros} zeros was chunked");
+                }
+                prop_assert_eq!(content.size(), expected.len() as u64);
                 let mut read_back = vec![0u8; expected.len()];
-                read_base(
-                    &vault,
-                    &cache,
-                    &BaseContent::new(manifest),
-                    0,
-                    &mut read_back,
-                )
-                .unwrap();
+                read_base(&vault, &cache, &content, 0, &mut read_back).unwrap();
                 prop_assert_eq!(read_back, expected);
                 Ok(())
             })
             .unwrap();
+    }
+
+    /// A truncate that grows a file to a terabyte costs nothing: the growth is a hole
+    /// (before, the next commit hashed zeros for hours).
+    #[test]
+    fn growing_a_file_by_truncate_records_a_hole() {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(temp.path().join("vault"));
+        data_dir.init(&SecretProtection::FileMode).unwrap();
+        let vault = Vault::open(&data_dir, &no_passphrase).unwrap();
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let session = vault.open_write_session("test", volume.id).unwrap();
+        let cache = ChunkCache::new(1 << 20);
+        let progress = Progress::new("test", false);
+        let importer = Importer::new(&vault, &volume, &session, &progress).unwrap();
+        let base = BaseContent::default();
+        let staged = Staged::create(temp.path().join("staged"), 0).unwrap();
+        let tera = 1u64 << 40;
+        let mut state = staged.lock();
+        staged.file.write_all_at(b"head", 0).unwrap();
+        state.dirty.insert(0, 4);
+        staged.file.write_all_at(b"tail", tera - 4).unwrap();
+        state.dirty.insert(tera - 4, tera);
+        let content = rechunk(&vault, &cache, &importer, &base, &staged, &state, tera).unwrap();
+        assert_eq!(content.size(), tera);
+        assert_eq!(content.manifest.chunk_count(), 2);
+        assert!(matches!(
+            content.manifest.extents[1],
+            Extent::Hole { len } if len == tera - 8
+        ));
+        importer.write_pending().unwrap();
+        let mut out = vec![1u8; 8];
+        read_base(&vault, &cache, &content, tera - 8, &mut out).unwrap();
+        assert_eq!(&out[..4], &[0; 4]);
+        assert_eq!(&out[4..8], b"tail");
     }
 
     #[test]

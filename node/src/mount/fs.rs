@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forge_crypto::Cid;
-use forge_store::object::{
-    EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, Tree, TreeEntry,
-};
+use forge_store::object::{EntryContent, EntryMeta, Extent, Tree, TreeEntry};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -55,6 +53,8 @@ enum NodeKind {
     Directory(Directory),
     File(FileNode),
     Symlink(Vec<u8>),
+    /// A FIFO, socket or device from the tree, served and committed as it is.
+    Special(EntryContent),
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +87,8 @@ struct Inode {
     mtime_ns: i64,
     ctime_ns: i64,
     kind: NodeKind,
+    /// Owners, extended attributes and the like, kept from the tree through commits.
+    meta: EntryMeta,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +233,7 @@ impl MountedFs {
                     tree: root,
                     children: root.is_none().then(BTreeMap::new),
                 }),
+                meta: EntryMeta::default(),
             },
         );
         let (uid, gid) = (
@@ -303,10 +306,26 @@ impl MountedFs {
     }
 
     fn attr(&self, ino: u64, node: &Inode) -> FileAttr {
+        let mut rdev = 0;
         let (kind, size, nlink) = match &node.kind {
             NodeKind::Directory(_) => (FileType::Directory, 0, 2),
             NodeKind::File(file) => (FileType::RegularFile, file.size, 1),
             NodeKind::Symlink(target) => (FileType::Symlink, target.len() as u64, 1),
+            NodeKind::Special(content) => {
+                let kind = match content {
+                    EntryContent::CharDevice { major, minor } => {
+                        rdev = device_number(*major, *minor);
+                        FileType::CharDevice
+                    }
+                    EntryContent::BlockDevice { major, minor } => {
+                        rdev = device_number(*major, *minor);
+                        FileType::BlockDevice
+                    }
+                    EntryContent::Socket => FileType::Socket,
+                    _ => FileType::NamedPipe,
+                };
+                (kind, 0, 1)
+            }
         };
         let mtime = system_time(node.mtime_ns);
         FileAttr {
@@ -322,7 +341,7 @@ impl MountedFs {
             nlink,
             uid: self.uid,
             gid: self.gid,
-            rdev: 0,
+            rdev,
             blksize: BLOCK_BYTES,
             flags: 0,
         }
@@ -342,29 +361,35 @@ impl MountedFs {
         if let Some(tree) = tree {
             let entries = self
                 .vault
-                .read_object(&self.volume, &tree)
-                .and_then(|object| Ok(object.into_tree()?))
-                .map_err(|error| log_error(&format!("reading tree {tree}"), &error))?
-                .entries;
+                .read_tree(&self.volume, &tree)
+                .map_err(|error| log_error(&format!("reading tree {tree}"), &error))?;
             for entry in entries {
                 let kind = match entry.content {
                     EntryContent::Directory { tree } => NodeKind::Directory(Directory {
                         tree: Some(Cid::from_bytes(tree)),
                         children: None,
                     }),
-                    EntryContent::InlineFile(manifest) => NodeKind::File(file_node(manifest)),
+                    EntryContent::InlineFile(manifest) => {
+                        NodeKind::File(file_node(BaseContent::new(manifest)))
+                    }
+                    EntryContent::InlineData(data) => {
+                        NodeKind::File(file_node(BaseContent::inline(data)))
+                    }
                     EntryContent::File { manifest } => {
                         let cid = Cid::from_bytes(manifest);
-                        let manifest = self
-                            .vault
-                            .read_object(&self.volume, &cid)
-                            .and_then(|object| Ok(object.into_manifest()?))
-                            .map_err(|error| {
-                                log_error(&format!("reading manifest {cid}"), &error)
-                            })?;
-                        NodeKind::File(file_node(manifest))
+                        let manifest =
+                            self.vault
+                                .read_manifest(&self.volume, &cid)
+                                .map_err(|error| {
+                                    log_error(&format!("reading manifest {cid}"), &error)
+                                })?;
+                        NodeKind::File(file_node(BaseContent::new(manifest)))
                     }
                     EntryContent::Symlink { target } => NodeKind::Symlink(target),
+                    special @ (EntryContent::Fifo
+                    | EntryContent::Socket
+                    | EntryContent::CharDevice { .. }
+                    | EntryContent::BlockDevice { .. }) => NodeKind::Special(special),
                 };
                 let child = inodes.next;
                 inodes.next += 1;
@@ -375,8 +400,9 @@ impl MountedFs {
                         name: entry.name.clone(),
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
-                        ctime_ns: entry.mtime_ns,
+                        ctime_ns: entry.meta.ctime_ns.unwrap_or(entry.mtime_ns),
                         kind,
+                        meta: entry.meta,
                     },
                 );
                 children.insert(entry.name, child);
@@ -467,6 +493,7 @@ impl MountedFs {
             mtime_ns: now,
             ctime_ns: now,
             kind,
+            meta: EntryMeta::default(),
         };
         let attr = self.attr(ino, &node);
         inodes.nodes.insert(ino, node);
@@ -557,7 +584,7 @@ impl MountedFs {
         };
         let progress = Progress::new("mount", false);
         let importer = Importer::new(&self.vault, &self.volume, &self.session, &progress)?;
-        let manifest = rechunk(
+        let content = rechunk(
             &self.vault,
             &self.cache,
             &importer,
@@ -576,7 +603,7 @@ impl MountedFs {
                 ..
             }) = inodes.nodes.get_mut(&ino)
             {
-                file.base = Arc::new(BaseContent::new(manifest));
+                file.base = Arc::new(content);
                 file.staged = None;
                 // A tree stored since the write (by an fsync of another file) still names
                 // the old content: it must be stored again.
@@ -661,34 +688,23 @@ impl MountedFs {
                 Some(NodeKind::Directory(_)) => EntryContent::Directory {
                     tree: *self.store_directory(inodes, importer, child)?.as_bytes(),
                 },
-                Some(NodeKind::File(file)) => {
-                    let manifest = file.base.manifest.clone();
-                    if manifest.chunks.len() <= INLINE_MANIFEST_CHUNKS_MAX {
-                        EntryContent::InlineFile(manifest)
-                    } else {
-                        EntryContent::File {
-                            manifest: *importer
-                                .store_object(&Object::Manifest(manifest))?
-                                .as_bytes(),
-                        }
-                    }
-                }
+                Some(NodeKind::File(file)) => match file.base.inline_data() {
+                    Some(data) => EntryContent::InlineData(data.to_vec()),
+                    None => importer.file_content(file.base.manifest.clone())?,
+                },
                 Some(NodeKind::Symlink(target)) => EntryContent::Symlink {
                     target: target.clone(),
                 },
+                Some(NodeKind::Special(content)) => content.clone(),
                 None => continue,
             };
             let Some(node) = inodes.nodes.get(&child) else {
                 continue;
             };
-            let size = match &content {
-                EntryContent::InlineFile(manifest) => manifest.size,
-                EntryContent::File { .. } => match &node.kind {
-                    NodeKind::File(file) => file.base.size(),
-                    _ => 0,
-                },
-                EntryContent::Symlink { target } => target.len() as u64,
-                EntryContent::Directory { .. } => 0,
+            let size = match &node.kind {
+                NodeKind::File(file) => file.base.size(),
+                NodeKind::Symlink(target) => target.len() as u64,
+                NodeKind::Directory(_) | NodeKind::Special(_) => 0,
             };
             entries.push(TreeEntry {
                 name,
@@ -696,9 +712,10 @@ impl MountedFs {
                 mtime_ns: node.mtime_ns,
                 size,
                 content,
+                meta: node.meta.clone(),
             });
         }
-        let cid = importer.store_object(&Object::Tree(Tree { entries }))?;
+        let cid = importer.store_tree(Tree { entries })?;
         if let Some(Inode {
             kind: NodeKind::Directory(directory),
             ..
@@ -716,8 +733,11 @@ impl MountedFs {
             return;
         };
         for next in index + 1..=index + READ_AHEAD_CHUNKS {
-            let Some(chunk) = base.manifest.chunks.get(next) else {
+            let Some(extent) = base.manifest.extents.get(next) else {
                 return;
+            };
+            let Extent::Chunk(chunk) = extent else {
+                continue;
             };
             let cid = chunk.cid();
             if !self.cache.claim(&cid) {
@@ -725,15 +745,23 @@ impl MountedFs {
             }
             let (fs, base) = (self.clone(), base.clone());
             pool.spawn(move || {
-                let loaded = fs.vault.read_chunk_plaintext(&base.manifest.chunks[next]);
-                fs.cache.complete(&cid, loaded.ok().map(Arc::new));
+                let loaded = match &base.manifest.extents[next] {
+                    Extent::Chunk(chunk) => fs.vault.read_chunk_plaintext(chunk).ok(),
+                    Extent::Hole { .. } => None,
+                };
+                fs.cache.complete(&cid, loaded.map(Arc::new));
             });
         }
     }
 }
 
-fn file_node(manifest: FileManifest) -> FileNode {
-    let base = Arc::new(BaseContent::new(manifest));
+/// A device number as `st_rdev` holds it.
+fn device_number(major: u32, minor: u32) -> u32 {
+    u32::try_from(nix::sys::stat::makedev(major.into(), minor.into())).unwrap_or(0)
+}
+
+fn file_node(base: BaseContent) -> FileNode {
+    let base = Arc::new(base);
     FileNode {
         size: base.size(),
         base,
@@ -1392,7 +1420,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let kind = NodeKind::File(file_node(FileManifest::default()));
+        let kind = NodeKind::File(file_node(BaseContent::default()));
         let created = self.0.insert(parent.0, name, mode & !umask & 0o7777, kind);
         match created.and_then(|(ino, attr)| {
             Ok((

@@ -871,9 +871,9 @@ fn reach_directory(
     if let Some(totals) = memo.get(&tree) {
         return Ok(*totals);
     }
-    importer.reach(tree);
     let mut totals = TreeTotals::default();
-    for entry in vault.read_object(volume, &tree)?.into_tree()?.entries {
+    let entries = vault.read_tree_with(volume, &tree, &mut |part| importer.reach(part))?;
+    for entry in entries {
         let manifest = match entry.content {
             EntryContent::Directory { tree } => {
                 let below = reach_directory(vault, volume, importer, Cid::from_bytes(tree), memo)?;
@@ -881,17 +881,21 @@ fn reach_directory(
                 totals.files += below.files;
                 continue;
             }
-            EntryContent::InlineFile(manifest) => manifest,
-            EntryContent::File { manifest } => {
-                let cid = Cid::from_bytes(manifest);
-                importer.reach(cid);
-                vault.read_object(volume, &cid)?.into_manifest()?
+            EntryContent::InlineData(data) => {
+                totals.files += 1;
+                totals.logical_bytes += data.len() as u64;
+                continue;
             }
-            EntryContent::Symlink { .. } => continue,
+            content => match vault.entry_manifest(volume, &content, &mut |part| {
+                importer.reach(part);
+            })? {
+                Some(manifest) => manifest,
+                None => continue,
+            },
         };
         totals.files += 1;
         totals.logical_bytes += manifest.size;
-        for chunk in &manifest.chunks {
+        for chunk in manifest.chunks() {
             importer.reach(chunk.cid());
         }
     }

@@ -4,7 +4,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -13,7 +13,8 @@ use filetime::FileTime;
 use forge_crypto::Cid;
 use forge_crypto::seal;
 use forge_store::chunkstore::read_chunk;
-use forge_store::object::{ChunkRef, EntryContent, FileManifest, TreeEntry};
+use forge_store::object::{ChunkRef, EntryContent, Extent, FileManifest, TreeEntry};
+use nix::sys::stat::{Mode, SFlag};
 use rayon::prelude::*;
 
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
@@ -135,8 +136,8 @@ struct Exporter<'a> {
 
 impl Exporter<'_> {
     fn export_tree(&self, tree: &Cid, directory: &Path) -> Result<()> {
-        let tree = self.vault.read_object(self.volume, tree)?.into_tree()?;
-        tree.entries.par_iter().try_for_each(|entry| {
+        let entries = self.vault.read_tree(self.volume, tree)?;
+        entries.par_iter().try_for_each(|entry| {
             self.export_entry(entry, &directory.join(OsStr::from_bytes(&entry.name)))
         })
     }
@@ -164,20 +165,49 @@ impl Exporter<'_> {
                     .map_err(NodeError::io("setting mtime of", path))?;
             }
             EntryContent::InlineFile(manifest) => {
-                self.write_file(manifest, path, entry.mode, mtime)?
+                self.write_file(FileBytes::Extents(manifest), path, entry.mode, mtime)?
+            }
+            EntryContent::InlineData(data) => {
+                self.write_file(FileBytes::Inline(data), path, entry.mode, mtime)?
             }
             EntryContent::File { manifest } => {
                 let manifest = self
                     .vault
-                    .read_object(self.volume, &Cid::from_bytes(*manifest))?
-                    .into_manifest()?;
+                    .read_manifest(self.volume, &Cid::from_bytes(*manifest))?;
                 if manifest.size != entry.size {
                     return Err(NodeError::Integrity(format!(
                         "manifest of {} does not match its entry's size",
                         path.display()
                     )));
                 }
-                self.write_file(&manifest, path, entry.mode, mtime)?;
+                self.write_file(FileBytes::Extents(&manifest), path, entry.mode, mtime)?;
+            }
+            EntryContent::Fifo
+            | EntryContent::CharDevice { .. }
+            | EntryContent::BlockDevice { .. } => {
+                let (kind, device) = match entry.content {
+                    EntryContent::CharDevice { major, minor } => (
+                        SFlag::S_IFCHR,
+                        nix::sys::stat::makedev(major.into(), minor.into()),
+                    ),
+                    EntryContent::BlockDevice { major, minor } => (
+                        SFlag::S_IFBLK,
+                        nix::sys::stat::makedev(major.into(), minor.into()),
+                    ),
+                    _ => (SFlag::S_IFIFO, 0),
+                };
+                nix::sys::stat::mknod(path, kind, Mode::from_bits_truncate(entry.mode), device)
+                    .map_err(|errno| {
+                        NodeError::io("creating special file", path)(std::io::Error::from(errno))
+                    })?;
+                fs::set_permissions(path, Permissions::from_mode(entry.mode))
+                    .map_err(NodeError::io("setting permissions of", path))?;
+                filetime::set_file_mtime(path, mtime)
+                    .map_err(NodeError::io("setting mtime of", path))?;
+            }
+            EntryContent::Socket => {
+                // A socket is only a name: the process that listens on it makes it anew.
+                tracing::info!(path = %path.display(), "socket entry not recreated");
             }
         }
         Ok(())
@@ -185,7 +215,7 @@ impl Exporter<'_> {
 
     fn write_file(
         &self,
-        manifest: &FileManifest,
+        content: FileBytes<'_>,
         path: &Path,
         mode: u32,
         mtime: FileTime,
@@ -196,16 +226,45 @@ impl Exporter<'_> {
             .mode(0o600)
             .open(path)
             .map_err(NodeError::io("creating", path))?;
-        for chunk in &manifest.chunks {
-            let plaintext = self.vault.read_chunk_plaintext(chunk)?;
-            file.write_all(&plaintext)
-                .map_err(NodeError::io("writing", path))?;
-        }
+        let size = match content {
+            FileBytes::Inline(data) => {
+                file.write_all(data)
+                    .map_err(NodeError::io("writing", path))?;
+                data.len() as u64
+            }
+            FileBytes::Extents(manifest) => {
+                for extent in &manifest.extents {
+                    match extent {
+                        Extent::Chunk(chunk) => {
+                            let plaintext = self.vault.read_chunk_plaintext(chunk)?;
+                            file.write_all(&plaintext)
+                                .map_err(NodeError::io("writing", path))?;
+                        }
+                        // Holes stay holes: skip over them (the length is set below).
+                        Extent::Hole { len } => {
+                            let offset = i64::try_from(*len).unwrap_or(i64::MAX);
+                            file.seek(std::io::SeekFrom::Current(offset))
+                                .map_err(NodeError::io("writing", path))?;
+                        }
+                    }
+                }
+                file.set_len(manifest.size)
+                    .map_err(NodeError::io("writing", path))?;
+                manifest.size
+            }
+        };
         file.set_permissions(Permissions::from_mode(mode))
             .map_err(NodeError::io("setting permissions of", path))?;
         filetime::set_file_handle_times(&file, Some(mtime), Some(mtime))
             .map_err(NodeError::io("setting mtime of", path))?;
-        self.progress.file_done(manifest.size);
+        self.progress.file_done(size);
         Ok(())
     }
+}
+
+/// Where a file's bytes come from.
+#[derive(Clone, Copy)]
+enum FileBytes<'a> {
+    Inline(&'a [u8]),
+    Extents(&'a FileManifest),
 }

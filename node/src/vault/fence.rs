@@ -478,6 +478,7 @@ mod tests {
                 mtime_ns: 0,
                 size,
                 content: EntryContent::InlineFile(manifest),
+                meta: forge_store::object::EntryMeta::default(),
             }],
         }))?;
         let index_root = importer.stage_reference_index()?;
@@ -515,7 +516,7 @@ mod tests {
             .add_chunk(&mut manifest, &pseudo_random(1, 50_000))
             .unwrap();
         importer.write_pending().unwrap();
-        let staged = manifest.chunks[0].cid();
+        let staged = manifest.chunks().next().unwrap().cid();
 
         // Before the fence, this gc swept the staged chunk: nothing named it yet.
         vault.gc(&no_passphrase).unwrap();
@@ -553,7 +554,7 @@ mod tests {
         let mut manifest = FileManifest::default();
         importer.add_chunk(&mut manifest, &shared).unwrap();
         importer.write_pending().unwrap();
-        let reused = manifest.chunks[0].cid();
+        let reused = manifest.chunks().next().unwrap().cid();
 
         vault.gc(&no_passphrase).unwrap();
         assert!(

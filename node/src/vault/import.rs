@@ -29,7 +29,7 @@ use forge_store::erasure::ErasureCoder;
 use forge_store::kv::{Column, Durability, WriteBatch};
 use forge_store::metadata::{RecordUpdate, ref_update};
 use forge_store::object::{
-    ChunkRef, EntryContent, FileManifest, INLINE_MANIFEST_CHUNKS_MAX, Object, ObjectError,
+    ChunkRef, EntryContent, EntryMeta, FileManifest, INLINE_DATA_BYTES_MAX, Object, ObjectError,
     SignedCommit, SnapshotCommit, Tree, TreeEntry,
 };
 use forge_store::refindex;
@@ -84,6 +84,14 @@ pub struct ImportReport {
     pub skipped: Vec<(PathBuf, String)>,
     /// Wall time.
     pub elapsed_seconds: f64,
+}
+
+/// A file's content as import read it.
+enum FileContent {
+    /// Small enough to live in its directory's tree.
+    Inline(Vec<u8>),
+    /// Chunked and stored.
+    Chunked(FileManifest),
 }
 
 /// Stages chunks and objects of one new snapshot (an import, or a mount's working tree).
@@ -330,6 +338,11 @@ impl<'a> Importer<'a> {
         })
     }
 
+    /// The vault it stages into.
+    pub(crate) fn vault(&self) -> &Vault {
+        self.vault
+    }
+
     /// The volume's chunker.
     pub(crate) fn chunker(&self) -> &Chunker {
         &self.chunker
@@ -416,7 +429,7 @@ impl Importer<'_> {
         let tree = Tree {
             entries: entries.into_iter().flatten().collect(),
         };
-        Ok(Some(self.store_object(&Object::Tree(tree))?))
+        Ok(Some(self.store_tree(tree)?))
     }
 
     fn import_entry(
@@ -485,23 +498,19 @@ impl Importer<'_> {
             };
             let size_hint = u64::try_from(metadata.st_size).unwrap_or(0);
             match self.import_file(file, size_hint)? {
-                Ok(manifest) => {
-                    let size = manifest.size;
+                Ok(content) => {
+                    let size = match &content {
+                        FileContent::Inline(data) => data.len() as u64,
+                        FileContent::Chunked(manifest) => manifest.size,
+                    };
                     self.progress.file_done(size);
                     let mut counters = self.lock_counters();
                     counters.files += 1;
                     counters.logical_bytes += size;
                     drop(counters);
-                    if manifest.chunks.len() <= INLINE_MANIFEST_CHUNKS_MAX {
-                        (size, EntryContent::InlineFile(manifest))
-                    } else {
-                        let cid = self.store_object(&Object::Manifest(manifest))?;
-                        (
-                            size,
-                            EntryContent::File {
-                                manifest: *cid.as_bytes(),
-                            },
-                        )
+                    match content {
+                        FileContent::Inline(data) => (size, EntryContent::InlineData(data)),
+                        FileContent::Chunked(manifest) => (size, self.file_content(manifest)?),
                     }
                 }
                 Err(error) => {
@@ -527,12 +536,14 @@ impl Importer<'_> {
             mtime_ns,
             size,
             content,
+            meta: EntryMeta::default(),
         }))
     }
 
-    /// Chunks and stores one file. The outer error aborts the import (storage failed); the
-    /// inner one skips this file (it could not be read).
-    fn import_file(&self, mut file: File, size_hint: u64) -> Result<io::Result<FileManifest>> {
+    /// Chunks and stores one file (a small one is kept whole, for its tree). The outer
+    /// error aborts the import (storage failed); the inner one skips this file (it could
+    /// not be read).
+    fn import_file(&self, mut file: File, size_hint: u64) -> Result<io::Result<FileContent>> {
         let mut manifest = FileManifest::default();
         // Most files fit in one maximum-size chunk: read them whole and cut in memory, which
         // avoids the streaming chunker's per-file buffer. Larger (or growing) files stream.
@@ -544,11 +555,14 @@ impl Importer<'_> {
             {
                 return Ok(Err(error));
             }
+            if data.len() <= INLINE_DATA_BYTES_MAX {
+                return Ok(Ok(FileContent::Inline(data)));
+            }
             if data.len() as u64 <= u64::from(self.chunker.params().max_bytes) {
                 for (offset, len) in self.chunker.cut_points(&data) {
                     self.add_chunk(&mut manifest, &data[offset..offset + len])?;
                 }
-                return Ok(Ok(manifest));
+                return Ok(Ok(FileContent::Chunked(manifest)));
             }
             // The file grew past one chunk while we read it: start over, streaming.
             if let Err(error) = io::Seek::rewind(&mut file) {
@@ -592,7 +606,7 @@ impl Importer<'_> {
                     Err(other) => return Err(other.into()),
                 }
             }
-            Ok(Ok(manifest))
+            Ok(Ok(FileContent::Chunked(manifest)))
         })
     }
 
@@ -618,8 +632,7 @@ impl Importer<'_> {
     fn append_chunk(&self, manifest: &mut FileManifest, len: usize, cid: Cid, key: [u8; 32]) {
         let len = u32::try_from(len).expect("chunks are at most 16 MiB");
         self.reach(cid);
-        manifest.size += u64::from(len);
-        manifest.chunks.push(ChunkRef {
+        manifest.push_chunk(ChunkRef {
             cid: *cid.as_bytes(),
             len,
             key,
@@ -686,33 +699,32 @@ impl Importer<'_> {
 
     pub(crate) fn store_object(&self, object: &Object) -> Result<Cid> {
         let limit = self.vault.limits().object_bytes_max;
-        let (cid, sealed) = object.seal_within(&self.volume.volume_key, limit).map_err(
-            |error| match (error, object) {
-                (ObjectError::TooLarge { bytes, limit, .. }, Object::Manifest(manifest)) => {
-                    NodeError::TooLarge {
-                        what: format!(
-                            "a file of {} bytes in {} chunks",
-                            manifest.size,
-                            manifest.chunks.len()
-                        ),
-                        detail: format!(
-                            "its manifest needs {bytes} bytes, over the {limit}-byte object limit \
-                             (manifest trees for larger files are not built yet; a volume whose \
-                             domain has larger chunks holds larger files)"
-                        ),
+        let (cid, sealed) =
+            object
+                .seal_within(&self.volume.volume_key, limit)
+                .map_err(|error| match (error, object) {
+                    (ObjectError::TooLarge { bytes, limit, .. }, Object::Manifest(manifest)) => {
+                        NodeError::TooLarge {
+                            what: format!(
+                                "a file manifest part of {} bytes in {} extents",
+                                manifest.size,
+                                manifest.extents.len()
+                            ),
+                            detail: format!(
+                                "it needs {bytes} bytes, over the {limit}-byte object limit"
+                            ),
+                        }
                     }
-                }
-                (ObjectError::TooLarge { bytes, limit, .. }, Object::Tree(tree)) => {
-                    NodeError::TooLarge {
-                        what: format!("a directory of {} entries", tree.entries.len()),
-                        detail: format!(
-                            "its tree needs {bytes} bytes, over the {limit}-byte object limit"
-                        ),
+                    (ObjectError::TooLarge { bytes, limit, .. }, Object::Tree(tree)) => {
+                        NodeError::TooLarge {
+                            what: format!("a directory of {} entries", tree.entries.len()),
+                            detail: format!(
+                                "its tree needs {bytes} bytes, over the {limit}-byte object limit"
+                            ),
+                        }
                     }
-                }
-                (other, _) => other.into(),
-            },
-        )?;
+                    (other, _) => other.into(),
+                })?;
         self.reach(cid);
         self.stage_object(cid, sealed)?;
         Ok(cid)
@@ -795,14 +807,30 @@ mod tests {
     use crate::test_support::{new_vault, no_passphrase};
     use crate::vault::{CreateVolumeOptions, VaultLimits};
 
-    /// Before the check, a file whose manifest was over the object limit imported with
-    /// success and could never be read ("Destination buffer is too small").
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    /// Before manifest and tree indexes, a file whose manifest was over the object limit
+    /// imported with success and could never be read ("Destination buffer is too small"),
+    /// and a directory over it could not be stored. Now both are split into parts under
+    /// index objects (here two levels deep, with a small configured limit), read back
+    /// byte-exact, and a one-file change re-stores a part, not the directory.
     #[test]
-    fn a_manifest_over_the_object_limit_is_refused_when_written() {
+    fn files_and_directories_over_the_object_limit_are_split_and_read_back() {
         let temp = tempfile::tempdir().unwrap();
         let mut vault = new_vault(temp.path());
         vault.set_limits(VaultLimits {
-            object_bytes_max: 4096,
+            object_bytes_max: 2048,
+            part_bytes_min: 256,
         });
         let options = CreateVolumeOptions {
             domain: Some("small".into()),
@@ -811,52 +839,93 @@ mod tests {
         };
         vault.create_volume("v", &options, &no_passphrase).unwrap();
         let source = temp.path().join("source");
-        fs::create_dir_all(&source).unwrap();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let big: Vec<u8> = (0..400_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state.to_le_bytes()[0]
-            })
-            .collect();
+        let many = source.join("many");
+        fs::create_dir_all(&many).unwrap();
+        let big = pseudo_random(2_000_000, 0x2545_F491_4F6C_DD1D);
         fs::write(source.join("big.bin"), &big).unwrap();
-        let import = |vault: &Vault| {
-            vault.import(
-                "v",
-                &source,
-                &ImportOptions {
-                    message: String::new(),
-                    branch: "main".into(),
-                    dna: BTreeMap::new(),
-                },
-                &no_passphrase,
-                &Progress::new("test", false),
-            )
-        };
-        let error = import(&vault).unwrap_err();
-        assert!(matches!(error, NodeError::TooLarge { .. }), "{error}");
-        assert!(error.to_string().contains("object limit"), "{error}");
-        let record = vault.require_volume("v").unwrap();
-        assert!(
-            vault.snapshot_listings(&record).unwrap().is_empty(),
-            "nothing published"
-        );
-        // Within the limit the same file imports and reads back.
-        vault.set_limits(VaultLimits::default());
-        let report = import(&vault).unwrap();
-        let out = temp.path().join("out");
-        vault
-            .export(
-                "v",
-                &out,
-                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
-                &no_passphrase,
-                &Progress::new("test", false),
+        for index in 0..3_000u32 {
+            let len = (index % 90) as usize;
+            fs::write(
+                many.join(format!("file-{index:05}")),
+                pseudo_random(len, u64::from(index) + 1),
             )
             .unwrap();
+        }
+        let import = |vault: &Vault| {
+            vault
+                .import(
+                    "v",
+                    &source,
+                    &ImportOptions {
+                        message: String::new(),
+                        branch: "main".into(),
+                        dna: BTreeMap::new(),
+                    },
+                    &no_passphrase,
+                    &Progress::new("test", false),
+                )
+                .unwrap()
+        };
+        let first = import(&vault);
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let root = Cid::from_bytes(vault.read_commit(&volume, &first.snapshot).unwrap().root);
+        let entries = vault.read_tree(&volume, &root).unwrap();
+        let kind_of = |name: &[u8]| {
+            let entry = entries.iter().find(|entry| entry.name == name).unwrap();
+            let cid = match &entry.content {
+                EntryContent::File { manifest } => Cid::from_bytes(*manifest),
+                EntryContent::Directory { tree } => Cid::from_bytes(*tree),
+                other => panic!("{other:?}"),
+            };
+            match vault.read_object(&volume, &cid).unwrap() {
+                Object::ManifestIndex(index) => {
+                    let below = vault
+                        .read_object(&volume, &Cid::from_bytes(index.parts[0].cid))
+                        .unwrap();
+                    format!("manifest index over {}", below.name())
+                }
+                other => other.name().to_owned(),
+            }
+        };
+        assert_eq!(kind_of(b"big.bin"), "manifest index over manifest index");
+        assert_eq!(kind_of(b"many"), "tree index");
+
+        let out = temp.path().join("out");
+        let export = |snapshot: &Cid, out: &Path| {
+            vault
+                .export(
+                    "v",
+                    out,
+                    &crate::vault::export::SnapshotSelector::Id(snapshot.to_hex()),
+                    &no_passphrase,
+                    &Progress::new("test", false),
+                )
+                .unwrap();
+        };
+        export(&first.snapshot, &out);
         assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
+        for index in (0..3_000u32).step_by(7) {
+            let name = format!("file-{index:05}");
+            assert_eq!(
+                fs::read(out.join("many").join(&name)).unwrap(),
+                fs::read(many.join(&name)).unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(fs::read_dir(out.join("many")).unwrap().count(), 3_000);
+
+        fs::write(many.join("file-01500"), b"changed").unwrap();
+        let second = import(&vault);
+        assert!(
+            second.written_bytes < 32 << 10,
+            "one changed file re-stored {} bytes",
+            second.written_bytes
+        );
+        let out2 = temp.path().join("out2");
+        export(&second.snapshot, &out2);
+        assert_eq!(fs::read(out2.join("many/file-01500")).unwrap(), b"changed");
+        let report = vault.fsck(Some(&no_passphrase)).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
 
     /// Makes a chain of `depth` directories named `dddddddd` under `root` (with `mkdirat`: the
@@ -930,9 +999,9 @@ mod tests {
                     tree = Cid::from_bytes(*below);
                     levels += 1;
                 }
-                EntryContent::InlineFile(manifest) => {
+                EntryContent::InlineData(data) => {
                     assert_eq!(entries[0].name, b"leaf");
-                    assert_eq!(manifest.size, 13);
+                    assert_eq!(data.len(), 13);
                     break;
                 }
                 other => panic!("{other:?}"),

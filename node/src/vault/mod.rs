@@ -12,6 +12,7 @@ pub(crate) mod import;
 pub mod records;
 pub mod snapshots;
 mod stats;
+pub(crate) mod trees;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -125,12 +126,27 @@ impl std::fmt::Debug for Vault {
 pub struct VaultLimits {
     /// Largest encoded object (tree, manifest) written; at most what readers accept.
     pub object_bytes_max: usize,
+    /// The smallest part a large tree or manifest is split into; one over eight times this
+    /// (or over the object limit) is split (see trees.rs).
+    pub part_bytes_min: usize,
+}
+
+impl VaultLimits {
+    /// The largest tree or manifest object written whole (and the largest part).
+    #[must_use]
+    pub fn part_bytes_max(&self) -> usize {
+        self.part_bytes_min
+            .saturating_mul(8)
+            .min(self.object_bytes_max)
+            .min(forge_store::object::OBJECT_BYTES_MAX)
+    }
 }
 
 impl Default for VaultLimits {
     fn default() -> Self {
         Self {
             object_bytes_max: forge_store::object::OBJECT_BYTES_MAX,
+            part_bytes_min: 64 << 10,
         }
     }
 }
@@ -939,23 +955,28 @@ impl Vault {
             if !visited.insert(tree) {
                 continue;
             }
-            for entry in self.read_object(volume, &tree)?.into_tree()?.entries {
+            let entries = self.read_tree_with(volume, &tree, &mut |part| {
+                visited.insert(part);
+            })?;
+            for entry in entries {
                 let chunks = match entry.content {
                     EntryContent::Directory { tree } => {
                         pending.push(Cid::from_bytes(tree));
                         continue;
                     }
-                    EntryContent::InlineFile(manifest) => manifest.chunks,
+                    EntryContent::InlineFile(manifest) => manifest,
                     EntryContent::File { manifest } => {
                         let cid = Cid::from_bytes(manifest);
-                        if !visited.insert(cid) {
+                        if visited.contains(&cid) {
                             continue;
                         }
-                        self.read_object(volume, &cid)?.into_manifest()?.chunks
+                        self.read_manifest_with(volume, &cid, &mut |part| {
+                            visited.insert(part);
+                        })?
                     }
-                    EntryContent::Symlink { .. } => continue,
+                    _ => continue,
                 };
-                for chunk in &chunks {
+                for chunk in chunks.chunks() {
                     visit_chunk(&entry.name, chunk)?;
                 }
             }

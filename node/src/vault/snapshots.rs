@@ -155,7 +155,7 @@ impl Vault {
         }
         let entries = |tree: Option<Cid>| -> Result<Vec<TreeEntry>> {
             Ok(match tree {
-                Some(cid) => self.read_object(volume, &cid)?.into_tree()?.entries,
+                Some(cid) => self.read_tree(volume, &cid)?,
                 None => Vec::new(),
             })
         };

@@ -41,9 +41,21 @@ use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
 
-/// Chunks of one large file sealed in parallel at a time (at most 8 MiB of plaintext at
-/// the default maximum chunk size).
-const LARGE_FILE_BATCH_CHUNKS: usize = 32;
+/// Chunks of one large file cut and waiting to be sealed, at most (bounds its memory to
+/// this many maximum-size chunks).
+const LARGE_FILE_CHUNKS_IN_FLIGHT: usize = 32;
+
+/// A large file's manifest as its chunks are sealed, in any order, and appended in order.
+#[derive(Default)]
+struct Assembly {
+    manifest: FileManifest,
+    /// The index of the next chunk to append.
+    next: usize,
+    /// Sealed chunks waiting for an earlier one: (length, cid, chunk key).
+    done: BTreeMap<usize, Result<(usize, Cid, [u8; 32])>>,
+    /// The first storage error (the import fails with it).
+    error: Option<NodeError>,
+}
 
 /// The deepest a volume's directory tree may be (the root is depth 0): an import of a
 /// deeper tree fails saying so, rather than storing what later walks could not handle
@@ -569,57 +581,88 @@ impl Importer<'_> {
                 return Ok(Err(error));
             }
         }
-        // A large file (a VM image, a database) is cut on a thread of its own while the
-        // chunks already cut are hashed, compressed and sealed a batch at a time on every
-        // thread of the pool: one big file uses all the cores. The manifest keeps file
-        // order; at most two batches wait between the two sides.
-        let chunker = &self.chunker;
-        std::thread::scope(|scope| {
-            let (batches, received) =
-                std::sync::mpsc::sync_channel::<std::result::Result<Vec<Vec<u8>>, ChunkerError>>(2);
-            scope.spawn(move || {
-                let mut batch = Vec::with_capacity(LARGE_FILE_BATCH_CHUNKS);
-                for chunk in chunker.chunks(file) {
-                    match chunk {
-                        Ok(chunk) => batch.push(chunk.data),
-                        Err(error) => {
-                            let _ = batches.send(Err(error));
-                            return;
-                        }
-                    }
-                    if batch.len() == LARGE_FILE_BATCH_CHUNKS {
-                        let full = std::mem::replace(
-                            &mut batch,
-                            Vec::with_capacity(LARGE_FILE_BATCH_CHUNKS),
-                        );
-                        if batches.send(Ok(full)).is_err() {
-                            return; // The consumer stopped on an error.
-                        }
-                    }
-                }
-                let _ = batches.send(Ok(batch));
-            });
-            for batch in received {
-                match batch {
-                    Ok(batch) => self.add_chunks(&mut manifest, &batch)?,
-                    Err(ChunkerError::Read(error)) => return Ok(Err(error)),
-                    Err(other) => return Err(other.into()),
-                }
-            }
-            Ok(Ok(FileContent::Chunked(manifest)))
-        })
+        self.import_large_file(file)
     }
 
-    /// Stores `chunks` in parallel and appends them to `manifest` in order.
-    fn add_chunks(&self, manifest: &mut FileManifest, chunks: &[Vec<u8>]) -> Result<()> {
-        let stored = chunks
-            .par_iter()
-            .map(|data| self.store_chunk(data))
-            .collect::<Result<Vec<_>>>()?;
-        for (data, (cid, key)) in chunks.iter().zip(stored) {
-            self.append_chunk(manifest, data.len(), cid, key);
+    /// Chunks and stores a file too large to read whole (a VM image, a database) with every
+    /// core: this thread cuts it and hands each chunk to the pool to be hashed, compressed
+    /// and sealed; while [`LARGE_FILE_CHUNKS_IN_FLIGHT`] chunks wait, it seals some itself
+    /// (`rayon::yield_now`) instead of idling. Sealed chunks are appended in file order as
+    /// they complete, so the manifest is the same whatever the thread count.
+    fn import_large_file(&self, file: File) -> Result<io::Result<FileContent>> {
+        let assembly = Mutex::new(Assembly::default());
+        let in_flight = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut read_error = None;
+        rayon::in_place_scope(|scope| {
+            for (index, chunk) in self.chunker.chunks(file).enumerate() {
+                let data = match chunk {
+                    Ok(chunk) => chunk.data,
+                    Err(ChunkerError::Read(error)) => {
+                        read_error = Some(Ok(error));
+                        break;
+                    }
+                    Err(other) => {
+                        read_error = Some(Err(NodeError::from(other)));
+                        break;
+                    }
+                };
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                while in_flight.load(std::sync::atomic::Ordering::Acquire)
+                    >= LARGE_FILE_CHUNKS_IN_FLIGHT
+                {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::thread::yield_now();
+                    }
+                }
+                in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let (assembly, in_flight, failed) = (&assembly, &in_flight, &failed);
+                scope.spawn(move |_| {
+                    if !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        let stored = self
+                            .store_chunk(&data)
+                            .map(|(cid, key)| (data.len(), cid, key));
+                        if stored.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let mut assembly = assembly
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        assembly.done.insert(index, stored);
+                        self.assemble(&mut assembly);
+                    }
+                    in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                });
+            }
+        });
+        let assembly = assembly
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(error) = assembly.error {
+            return Err(error);
         }
-        Ok(())
+        match read_error {
+            Some(Ok(error)) => return Ok(Err(error)),
+            Some(Err(error)) => return Err(error),
+            None => {}
+        }
+        debug_assert!(assembly.done.is_empty(), "every sealed chunk was appended");
+        Ok(Ok(FileContent::Chunked(assembly.manifest)))
+    }
+
+    /// Appends the sealed chunks that are next in file order.
+    fn assemble(&self, assembly: &mut Assembly) {
+        while let Some(stored) = assembly.done.remove(&assembly.next) {
+            assembly.next += 1;
+            match stored {
+                Ok((len, cid, key)) => self.append_chunk(&mut assembly.manifest, len, cid, key),
+                Err(error) => {
+                    assembly.error.get_or_insert(error);
+                }
+            }
+        }
     }
 
     pub(crate) fn add_chunk(&self, manifest: &mut FileManifest, data: &[u8]) -> Result<()> {

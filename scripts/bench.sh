@@ -120,3 +120,51 @@ disk_writes=$(( (sectors_after - sectors_before) * 512 ))
 echo "write amplification of import v1: $disk_writes bytes written to $device / $vault_growth bytes stored = $(ratio "$disk_writes" "$((vault_growth + 1))") (device-wide: other writers count too)"
 echo "peak RSS (KiB): import v1 $(rss_of "$work/rss-import"), export $(rss_of "$work/rss-export"), import v2 $(rss_of "$work/rss-import2")"
 "$forge" volume stats bench
+
+# Many small files: 200,000 files of 0-4 KiB cut from the text of the data set (so they
+# compress like real files), 1,000 to a directory. FORGE_BENCH_SMALL_FILES sets the count
+# (0 skips the case).
+small_count="${FORGE_BENCH_SMALL_FILES:-200000}"
+if [ "$small_count" -gt 0 ]; then
+  python3 - "$data" "$work/small" "$small_count" <<'PY'
+import os, random, sys
+source, target, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+text = bytearray()
+for root, _, files in os.walk(source):
+    for name in sorted(files):
+        if name.endswith(('.py', '.txt', '.rst')) and len(text) < 64 << 20:
+            with open(os.path.join(root, name), 'rb') as handle:
+                text += handle.read()
+rng = random.Random(42)
+for index in range(count):
+    directory = os.path.join(target, f"d{index // 1000:04d}")
+    if index % 1000 == 0:
+        os.makedirs(directory, exist_ok=True)
+    size = rng.randrange(0, 4097)
+    start = rng.randrange(0, max(1, len(text) - size))
+    with open(os.path.join(directory, f"f{index:06d}.txt"), 'wb') as handle:
+        handle.write(text[start:start + size])
+PY
+  small_bytes=$(du -sb --apparent-size "$work/small" | cut -f1)
+  rm -rf "$FORGE_DATA_DIR" "$RESTIC_REPOSITORY" "$work/forge-small-out"
+  "$forge" init >/dev/null
+  "$forge" volume create small >/dev/null
+  restic init --quiet >/dev/null
+  warm "$work/small"
+  start=$(now); /usr/bin/time -f %M -o "$work/rss-small" "$forge" volume import small "$work/small" -m small >/dev/null; forge_small=$(elapsed "$start" "$(now)")
+  sync
+  warm "$work/small"
+  start=$(now); restic backup --quiet "$work/small" >/dev/null; restic_small=$(elapsed "$start" "$(now)")
+  sync
+  forge_small_bytes=$(du -sb "$FORGE_DATA_DIR" | cut -f1)
+  restic_small_bytes=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
+  start=$(now); "$forge" volume export small "$work/forge-small-out" --branch main >/dev/null; forge_small_export=$(elapsed "$start" "$(now)")
+  diff -r "$work/small" "$work/forge-small-out" >/dev/null && echo "forge export of the small files is identical to the source" || { echo "forge export of the small files DIFFERS from the source"; exit 1; }
+  echo
+  echo "many small files: $small_count files, $small_bytes bytes"
+  printf '%-34s %12s %12s %8s\n' "" forge restic ratio
+  printf '%-34s %11ss %11ss %8s\n' "import / backup" "$forge_small" "$restic_small" "$(ratio "$forge_small" "$restic_small")"
+  printf '%-34s %12s %12s %8s\n' "stored bytes" "$forge_small_bytes" "$restic_small_bytes" "$(ratio "$forge_small_bytes" "$restic_small_bytes")"
+  printf '%-34s %11ss\n' "forge export" "$forge_small_export"
+  echo "peak RSS (KiB): import $(rss_of "$work/rss-small")"
+fi

@@ -51,6 +51,18 @@ impl RecordSpace {
     pub const GC: Self = Self("gc");
     /// Writers' pins: one record per open write session (an import, a mount).
     pub const PINS: Self = Self("pins");
+    /// Volume records: key = volume name.
+    pub const VOLUMES: Self = Self("volumes");
+    /// Volume keys (wrapped to a node or a passphrase): key = volume id.
+    pub const VOLUME_KEYS: Self = Self("volume-keys");
+    /// Dedup domain records: key = domain name.
+    pub const DOMAINS: Self = Self("domains");
+    /// Snapshot listings: key = volume id ‖ snapshot cid.
+    pub const SNAPSHOTS: Self = Self("snapshots");
+    /// Signed reference-index heads: key = volume id ‖ snapshot cid.
+    pub const INDEX_HEADS: Self = Self("index-heads");
+    /// Mounts' working states: key = volume id ‖ branch.
+    pub const WORKING: Self = Self("working");
 
     /// A space by name (lower-case ASCII letters and '-'; checked when used).
     #[must_use]
@@ -223,9 +235,10 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The single-node `MetadataStore`: refs in the `Refs` column (their layout since format
-/// 1), every other space in `Meta` under `rec/<space>/`; updates serialized by a mutex and
-/// written synced.
+/// The single-node `MetadataStore`: refs in the `Refs` column and the volume, key, domain,
+/// listing, index-head and working-state spaces in `Meta` under the prefixes they have had
+/// since data-directory format 1 (so no data directory needs migrating), every other space
+/// in `Meta` under `rec/<space>/`; updates serialized by a mutex and written synced.
 #[derive(Debug)]
 pub struct LocalMetadataStore {
     kv: Arc<dyn KvEngine>,
@@ -246,6 +259,18 @@ impl LocalMetadataStore {
         space.check()?;
         if space == RecordSpace::REFS {
             return Ok((Column::Refs, key.to_vec()));
+        }
+        let format_1_prefix: Option<&[u8]> = match space {
+            RecordSpace::VOLUMES => Some(b"volume/"),
+            RecordSpace::VOLUME_KEYS => Some(b"volkeys/"),
+            RecordSpace::DOMAINS => Some(b"domain/"),
+            RecordSpace::SNAPSHOTS => Some(b"snapshot/"),
+            RecordSpace::INDEX_HEADS => Some(b"refindex/"),
+            RecordSpace::WORKING => Some(b"mountwork/"),
+            _ => None,
+        };
+        if let Some(prefix) = format_1_prefix {
+            return Ok((Column::Meta, [prefix, key].concat()));
         }
         let mut stored = Vec::with_capacity(5 + space.0.len() + key.len());
         stored.extend_from_slice(b"rec/");

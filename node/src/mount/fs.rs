@@ -1575,7 +1575,7 @@ mod tests {
             mkdir(&fs, "acknowledged");
             commit(&fs, "first").unwrap().unwrap();
             mkdir(&fs, "fsynced");
-            kv.die_after_writes(usize::try_from(seed / 3 % 10).unwrap());
+            kv.die_after_writes(usize::try_from(seed / 2 % 15).unwrap());
             let fsynced = super::super::persist_working(&fs).is_ok();
             mkdir(&fs, "late");
             let committed = fsynced && commit(&fs, "second").is_ok();
@@ -1630,7 +1630,7 @@ mod tests {
         }
         assert!(
             died > 5 && died < 30,
-            "{died} of 30 cuts fell inside the work"
+            "{died} of 30 cuts fell inside the work (none or all: move the cut points)"
         );
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use forge_crypto::Cid;
-use forge_store::kv::{Column, Durability, WriteBatch};
+use forge_store::kv::Column;
 use forge_store::object::EntryContent;
 use serde::{Deserialize, Serialize};
 
@@ -28,9 +28,9 @@ use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 use crate::vault::fence::PinnedRoot;
 use crate::vault::import::{Importer, NewSnapshot};
-use crate::vault::records::{self, WorkingState, keys};
+use crate::vault::records::{self, WorkingState};
 use crate::vault::{DEFAULT_BRANCH, OpenVolume, PassphraseSource, Vault, validate_name};
-use forge_store::metadata::ref_update;
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate, ref_update};
 use fs::{FuseAdapter, MountedFs, TreeTotals};
 
 /// Environment variable marking the child process of `mount --background`.
@@ -785,9 +785,12 @@ pub(crate) fn commit_with(
         &importer.take_named(),
     );
     // The working state is now a snapshot: nothing is left to recover.
-    let mut batch = WriteBatch::new();
-    batch.delete(Column::Meta, working_key(volume, &original));
-    vault.kv().write(batch, Durability::Synced)?;
+    vault.refs().apply(&[RecordUpdate::new(
+        RecordSpace::WORKING,
+        working_key(volume, &original),
+        Expected::Any,
+        Change::Delete,
+    )])?;
     fs.mark_committed(generation);
     Ok(Some(CommitOutcome {
         snapshot,
@@ -821,27 +824,24 @@ pub fn persist_working(fs: &MountedFs) -> Result<()> {
         root: *root.as_bytes(),
         base: work.base.map(|base| *base.as_bytes()),
     };
-    let mut batch = WriteBatch::new();
-    batch.put(
-        Column::Meta,
+    vault.refs().apply(&[RecordUpdate::new(
+        RecordSpace::WORKING,
         working_key(volume, &work.branch),
-        records::encode(&state),
-    );
-    vault.kv().write(batch, Durability::Synced)?;
+        Expected::Any,
+        Change::Put(records::encode(&state)),
+    )])?;
     Ok(())
 }
 
+/// The key of a branch's working state in [`RecordSpace::WORKING`].
 fn working_key(volume: &OpenVolume, branch: &str) -> Vec<u8> {
-    keys::key(
-        keys::WORKING_STATE,
-        &[volume.id.as_bytes(), branch.as_bytes()],
-    )
+    [volume.id.as_bytes().as_slice(), branch.as_bytes()].concat()
 }
 
 fn working_state(vault: &Vault, volume: &OpenVolume, branch: &str) -> Result<Option<WorkingState>> {
     vault
-        .kv()
-        .get(Column::Meta, &working_key(volume, branch))?
+        .refs()
+        .get_record(RecordSpace::WORKING, &working_key(volume, branch))?
         .map(|value| records::decode("working state", &value))
         .transpose()
 }

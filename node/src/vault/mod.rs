@@ -26,12 +26,9 @@ use forge_crypto::{
 use forge_store::VolumeId;
 use forge_store::chunker::{Chunker, ChunkerParams};
 use forge_store::erasure::{ErasureCoder, ErasureLayout};
-use forge_store::kv::{
-    Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch, prefix_end,
-    remove_unfinished_blob_files,
-};
+use forge_store::kv::{Column, KvEngine, RocksKv, RocksKvOptions, remove_unfinished_blob_files};
 use forge_store::metadata::{
-    Change, Expected, LocalMetadataStore, MetadataStore, RecordSpace, RecordUpdate,
+    Change, Expected, LocalMetadataStore, MetadataError, MetadataStore, RecordSpace, RecordUpdate,
 };
 use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
 use zeroize::Zeroizing;
@@ -368,7 +365,9 @@ impl Vault {
         let id = VolumeId::from_bytes(self.random_array()?);
         let layout = options.layout.unwrap_or(ErasureLayout::SINGLE);
         let volume_key = VolumeKey::from_bytes(self.random_array()?);
-        let mut batch = WriteBatch::new();
+        // One atomic update: the volume, its keys and a new domain appear together, and a
+        // volume or domain created meanwhile by another writer makes it fail, not overwrite.
+        let mut updates = Vec::new();
 
         let (domain_name, domain_key) = if options.encrypted {
             if options.domain.is_some() {
@@ -382,11 +381,12 @@ impl Vault {
             let params = chunker_params(options.chunk_avg_bytes)?;
             let key = DomainKey::from_bytes(self.random_array()?);
             let record = self.domain_record_new(params)?;
-            batch.put(
-                Column::Meta,
-                keys::key(keys::DOMAIN, &[name.as_bytes()]),
-                record.encode(),
-            );
+            updates.push(RecordUpdate::new(
+                RecordSpace::DOMAINS,
+                name.as_bytes().to_vec(),
+                Expected::Absent,
+                Change::Put(record.encode()),
+            ));
             (name, key)
         } else {
             let name = options
@@ -424,11 +424,12 @@ impl Vault {
                     };
                     record.key_envelope =
                         Some(self.wrap_to_node(&contents, &domain_binding(&record.id))?);
-                    batch.put(
-                        Column::Meta,
-                        keys::key(keys::DOMAIN, &[name.as_bytes()]),
-                        record.encode(),
-                    );
+                    updates.push(RecordUpdate::new(
+                        RecordSpace::DOMAINS,
+                        name.as_bytes().to_vec(),
+                        Expected::Absent,
+                        Change::Put(record.encode()),
+                    ));
                     (name, key)
                 }
             }
@@ -459,18 +460,29 @@ impl Vault {
             encrypted: options.encrypted,
             created_ns: self.now_ns(),
         };
-        batch.put(
-            Column::Meta,
-            keys::key(keys::VOLUME_KEYS, &[id.as_bytes()]),
-            records::encode(&volume_keys),
-        );
-        batch.put(
-            Column::Meta,
-            keys::key(keys::VOLUME, &[name.as_bytes()]),
-            records::encode(&record),
-        );
-        self.kv.write(batch, Durability::Synced)?;
-        Ok(record)
+        updates.push(RecordUpdate::new(
+            RecordSpace::VOLUME_KEYS,
+            id.as_bytes().to_vec(),
+            Expected::Absent,
+            Change::Put(records::encode(&volume_keys)),
+        ));
+        updates.push(RecordUpdate::new(
+            RecordSpace::VOLUMES,
+            name.as_bytes().to_vec(),
+            Expected::Absent,
+            Change::Put(records::encode(&record)),
+        ));
+        match self.metadata.apply(&updates) {
+            Ok(()) => Ok(record),
+            Err(MetadataError::RecordConflict { space, .. })
+                if space == RecordSpace::VOLUMES.name() =>
+            {
+                Err(NodeError::VolumeExists {
+                    name: name.to_owned(),
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Every volume, sorted by name.
@@ -478,9 +490,8 @@ impl Vault {
     /// # Errors
     /// Engine errors or corrupt records.
     pub fn list_volumes(&self) -> Result<Vec<VolumeRecord>> {
-        let end = prefix_end(keys::VOLUME);
-        self.kv
-            .scan(Column::Meta, keys::VOLUME, end.as_deref(), usize::MAX)?
+        self.metadata
+            .scan_records(RecordSpace::VOLUMES, b"")?
             .iter()
             .map(|(_, value)| records::decode("volume", value))
             .collect()
@@ -500,10 +511,13 @@ impl Vault {
     /// # Errors
     /// Engine errors.
     pub(crate) fn is_listed(&self, volume: &OpenVolume, snapshot: &Cid) -> Result<bool> {
-        Ok(self.kv.contains(
-            Column::Meta,
-            &keys::key(keys::SNAPSHOT, &[volume.id.as_bytes(), snapshot.as_bytes()]),
-        )?)
+        Ok(self
+            .metadata
+            .get_record(
+                RecordSpace::SNAPSHOTS,
+                &[volume.id.as_bytes().as_slice(), snapshot.as_bytes()].concat(),
+            )?
+            .is_some())
     }
 
     /// The snapshots of a volume (listing entries with their ids), oldest first.
@@ -514,11 +528,10 @@ impl Vault {
         &self,
         record: &VolumeRecord,
     ) -> Result<Vec<(Cid, SnapshotListing)>> {
-        let prefix = keys::key(keys::SNAPSHOT, &[&record.id]);
-        let end = prefix_end(&prefix);
+        let prefix = record.id;
         let mut listings = self
-            .kv
-            .scan(Column::Meta, &prefix, end.as_deref(), usize::MAX)?
+            .metadata
+            .scan_records(RecordSpace::SNAPSHOTS, &prefix)?
             .into_iter()
             .map(|(key, value)| {
                 let cid = Cid::from_slice(&key[prefix.len()..]).map_err(|error| {
@@ -659,8 +672,8 @@ impl Vault {
     /// # Errors
     /// Engine errors or a corrupt record.
     pub fn volume_record(&self, name: &str) -> Result<Option<VolumeRecord>> {
-        self.kv
-            .get(Column::Meta, &keys::key(keys::VOLUME, &[name.as_bytes()]))?
+        self.metadata
+            .get_record(RecordSpace::VOLUMES, name.as_bytes())?
             .map(|value| records::decode("volume", &value))
             .transpose()
     }
@@ -685,8 +698,8 @@ impl Vault {
     }
 
     fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
-        self.kv
-            .get(Column::Meta, &keys::key(keys::DOMAIN, &[name.as_bytes()]))?
+        self.metadata
+            .get_record(RecordSpace::DOMAINS, name.as_bytes())?
             .map(|value| DomainRecord::decode(&value))
             .transpose()
     }
@@ -718,8 +731,8 @@ impl Vault {
         let record = self.require_volume(name)?;
         let id = VolumeId::from_bytes(record.id);
         let stored = self
-            .kv
-            .get(Column::Meta, &keys::key(keys::VOLUME_KEYS, &[&record.id]))?
+            .metadata
+            .get_record(RecordSpace::VOLUME_KEYS, &record.id)?
             .ok_or_else(|| NodeError::CorruptRecord {
                 what: "volume keys",
                 reason: format!("missing for volume {name:?}"),
@@ -901,10 +914,13 @@ impl Vault {
         record: &VolumeRecord,
         snapshot: &Cid,
     ) -> Result<records::IndexHead> {
-        let key = keys::key(keys::INDEX_HEAD, &[&record.id, snapshot.as_bytes()]);
-        let stored = self.kv.get(Column::Meta, &key)?.ok_or_else(|| {
-            NodeError::Integrity(format!("snapshot {snapshot} has no reference index head"))
-        })?;
+        let key = [record.id.as_slice(), snapshot.as_bytes()].concat();
+        let stored = self
+            .metadata
+            .get_record(RecordSpace::INDEX_HEADS, &key)?
+            .ok_or_else(|| {
+                NodeError::Integrity(format!("snapshot {snapshot} has no reference index head"))
+            })?;
         let head: records::IndexHead = records::decode("reference index head", &stored)?;
         let message =
             records::IndexHead::signed_message(&record.id, snapshot.as_bytes(), &head.root);
@@ -989,6 +1005,7 @@ impl Vault {
 mod tests {
     use super::*;
     use crate::test_support::{new_vault, no_passphrase};
+    use forge_store::kv::{Durability, WriteBatch};
     use forge_store::object::SignedCommit;
 
     /// A snapshot written by another group member (or synced from a peer) must verify

@@ -151,23 +151,12 @@ pub struct WorkingState {
     pub base: Option<[u8; 32]>,
 }
 
-/// Key prefixes in the `Meta` column.
+/// Keys of what stays in this node's own engine (the `Meta` column). What a volume group
+/// replicates (volume, key and domain records, listings, index heads, working states)
+/// lives in the metadata store's record spaces (`forge_store::metadata::RecordSpace`).
 pub mod keys {
-    /// `volume/<name>` → [`super::VolumeRecord`].
-    pub const VOLUME: &[u8] = b"volume/";
-    /// `volkeys/<volume id>` → [`super::VolumeKeys`].
-    pub const VOLUME_KEYS: &[u8] = b"volkeys/";
-    /// `domain/<name>` → [`super::DomainRecord`].
-    pub const DOMAIN: &[u8] = b"domain/";
-    /// `dedup/<domain id><plaintext hash>` → cid.
+    /// `dedup/<domain id><plaintext hash>` → cid: a cache of this node's chunks.
     pub const DEDUP: &[u8] = b"dedup/";
-    /// `snapshot/<volume id><cid>` → [`super::SnapshotListing`].
-    pub const SNAPSHOT: &[u8] = b"snapshot/";
-    /// `refindex/<volume id><cid>` → [`super::IndexHead`].
-    pub const INDEX_HEAD: &[u8] = b"refindex/";
-
-    /// `mountwork/<volume id><branch>` → [`super::WorkingState`].
-    pub const WORKING_STATE: &[u8] = b"mountwork/";
 
     /// Joins a prefix and parts into a key.
     #[must_use]

@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use forge_crypto::Cid;
 use forge_store::VolumeId;
 use forge_store::kv::{Column, Durability, WriteBatch, prefix_end};
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
 use forge_store::object::{EntryContent, TreeEntry};
 
 use super::check::for_each_page;
@@ -97,16 +98,16 @@ impl Vault {
                 ),
             });
         }
-        let mut batch = WriteBatch::new();
-        batch.delete(
-            Column::Meta,
-            keys::key(keys::SNAPSHOT, &[&record.id, snapshot.as_bytes()]),
-        );
-        batch.delete(
-            Column::Meta,
-            keys::key(keys::INDEX_HEAD, &[&record.id, snapshot.as_bytes()]),
-        );
-        self.kv().write(batch, Durability::Synced)?;
+        let key = [record.id.as_slice(), snapshot.as_bytes()].concat();
+        self.refs().apply(&[
+            RecordUpdate::new(
+                RecordSpace::SNAPSHOTS,
+                key.clone(),
+                Expected::Any,
+                Change::Delete,
+            ),
+            RecordUpdate::new(RecordSpace::INDEX_HEADS, key, Expected::Any, Change::Delete),
+        ])?;
         Ok(snapshot)
     }
 
@@ -294,11 +295,9 @@ impl Vault {
             }
             // A mount's working state left by a crash is recovered by the next mount: what
             // it reaches is live too.
-            let prefix = keys::key(keys::WORKING_STATE, &[volume.id.as_bytes()]);
-            let end = prefix_end(&prefix);
             for (_, value) in self
-                .kv()
-                .scan(Column::Meta, &prefix, end.as_deref(), usize::MAX)?
+                .refs()
+                .scan_records(RecordSpace::WORKING, volume.id.as_bytes())?
             {
                 let state: records::WorkingState = records::decode("working state", &value)?;
                 self.mark(&volume, PinnedRoot::Tree(state.root), &mut mark.live)?;

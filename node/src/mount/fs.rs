@@ -89,6 +89,9 @@ struct Inode {
     kind: NodeKind,
     /// Owners, extended attributes and the like, kept from the tree through commits.
     meta: EntryMeta,
+    /// References the kernel holds (lookups not yet forgotten): an inode nobody references
+    /// can leave the table (see [`MountedFs::forget`]).
+    lookups: u64,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +237,7 @@ impl MountedFs {
                     children: root.is_none().then(BTreeMap::new),
                 }),
                 meta: EntryMeta::default(),
+                lookups: 0,
             },
         );
         let (uid, gid) = (
@@ -403,6 +407,7 @@ impl MountedFs {
                         ctime_ns: entry.meta.ctime_ns.unwrap_or(entry.mtime_ns),
                         kind,
                         meta: entry.meta,
+                        lookups: 0,
                     },
                 );
                 children.insert(entry.name, child);
@@ -494,6 +499,7 @@ impl MountedFs {
             ctime_ns: now,
             kind,
             meta: EntryMeta::default(),
+            lookups: 0,
         };
         let attr = self.attr(ino, &node);
         inodes.nodes.insert(ino, node);
@@ -616,6 +622,86 @@ impl MountedFs {
         Ok(())
     }
 
+    /// The kernel was given one more reference to `ino` (an entry or create reply).
+    fn remember(&self, ino: u64) {
+        if let Some(node) = self.lock().nodes.get_mut(&ino) {
+            node.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `count` references to `ino`. An inode nobody references leaves
+    /// the table when it can be had again: an unlinked file with no open handle (gone for
+    /// good), or an entry of a directory unchanged since its tree was stored, once none of
+    /// that directory's entries is in use (the listing is dropped and reloaded from the
+    /// tree when next needed). So a long mount's memory follows what is in use, not what
+    /// was ever touched.
+    pub(crate) fn forget(&self, ino: u64, count: u64) {
+        let mut inodes = self.lock();
+        let Some(node) = inodes.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups > 0 || ino == ROOT {
+            return;
+        }
+        let parent = node.parent;
+        if parent == 0 {
+            if let NodeKind::File(file) = &node.kind
+                && file.handles == 0
+            {
+                inodes.nodes.remove(&ino);
+            }
+            return;
+        }
+        Self::drop_unused_listing(&mut inodes, parent);
+    }
+
+    /// Drops the entries of directory `ino` if it is unchanged since its tree was stored and
+    /// none of them is referenced, open, staged or a loaded directory.
+    fn drop_unused_listing(inodes: &mut Inodes, ino: u64) {
+        let Some(Inode {
+            kind:
+                NodeKind::Directory(Directory {
+                    tree: Some(_),
+                    children: Some(children),
+                }),
+            ..
+        }) = inodes.nodes.get(&ino)
+        else {
+            return;
+        };
+        let unused = children.values().all(|child| {
+            inodes.nodes.get(child).is_none_or(|node| {
+                node.lookups == 0
+                    && match &node.kind {
+                        NodeKind::File(file) => file.handles == 0 && file.staged.is_none(),
+                        NodeKind::Directory(directory) => directory.children.is_none(),
+                        NodeKind::Symlink(_) | NodeKind::Special(_) => true,
+                    }
+            })
+        });
+        if !unused {
+            return;
+        }
+        let children: Vec<u64> = children.values().copied().collect();
+        for child in children {
+            inodes.nodes.remove(&child);
+        }
+        if let Some(Inode {
+            kind: NodeKind::Directory(directory),
+            ..
+        }) = inodes.nodes.get_mut(&ino)
+        {
+            directory.children = None;
+        }
+    }
+
+    /// How many inodes the table holds (for tests and the mount's statistics).
+    #[must_use]
+    pub fn inode_count(&self) -> usize {
+        self.lock().nodes.len()
+    }
+
     /// Drops the staged bytes of file `ino` if it is unlinked and no handle is open: its
     /// space is released at once, not at unmount.
     fn release_unlinked(&self, ino: u64) {
@@ -625,8 +711,16 @@ impl MountedFs {
                 Some(Inode {
                     parent: 0,
                     kind: NodeKind::File(file),
+                    lookups,
                     ..
-                }) if file.handles == 0 => file.staged.take(),
+                }) if file.handles == 0 => {
+                    let staged = file.staged.take();
+                    if *lookups == 0 {
+                        // Nothing names it and the kernel forgot it: it is gone.
+                        inodes.nodes.remove(&ino);
+                    }
+                    staged
+                }
                 _ => None,
             }
         };
@@ -795,7 +889,10 @@ pub struct FuseAdapter(pub Arc<MountedFs>);
 impl FuseAdapter {
     fn entry(&self, reply: ReplyEntry, result: Result<(u64, FileAttr), Errno>) {
         match result {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((ino, attr)) => {
+                self.0.remember(ino);
+                reply.entry(&TTL, &attr, Generation(0));
+            }
             Err(errno) => reply.error(errno),
         }
     }
@@ -1056,6 +1153,10 @@ impl Filesystem for FuseAdapter {
             });
         drop(inodes);
         self.entry(reply, result);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.0.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1429,7 +1530,8 @@ impl Filesystem for FuseAdapter {
             ))
         }) {
             Ok(((handle, open_flags), attr)) => {
-                reply.created(&TTL, &attr, Generation(0), handle, open_flags)
+                self.0.remember(attr.ino.0);
+                reply.created(&TTL, &attr, Generation(0), handle, open_flags);
             }
             Err(errno) => reply.error(errno),
         }
@@ -1512,6 +1614,64 @@ mod tests {
             .into_iter()
             .map(|entry| String::from_utf8(entry.name).unwrap())
             .collect()
+    }
+
+    /// Before `forget`, every inode a mount ever made or loaded stayed in its table for as
+    /// long as it ran (a long mount that creates and deletes millions of files grew without
+    /// bound). Now an unlinked, closed, forgotten file leaves at once, and an unchanged
+    /// directory's entries leave once none is referenced, to be reloaded from its tree.
+    #[test]
+    fn forgotten_inodes_leave_the_table() {
+        let temp = tempfile::tempdir().unwrap();
+        let fs = Arc::new(mounted(temp.path()));
+        let adapter = FuseAdapter(fs.clone());
+        mkdir(&fs, "d");
+        let directory = fs.child(&mut fs.lock(), ROOT, b"d").unwrap().unwrap();
+        for index in 0..200 {
+            let kind = NodeKind::File(file_node(BaseContent::inline(
+                format!("content {index}").into_bytes(),
+            )));
+            fs.insert(directory, OsStr::new(&format!("f{index}")), 0o644, kind)
+                .unwrap();
+        }
+        commit(&fs, "two hundred files").unwrap().unwrap();
+        assert_eq!(fs.inode_count(), 202);
+
+        // The kernel looks every file up, reads some, and forgets them all.
+        let mut looked_up = Vec::new();
+        for index in 0..200 {
+            let ino = fs
+                .child(&mut fs.lock(), directory, format!("f{index}").as_bytes())
+                .unwrap()
+                .unwrap();
+            fs.remember(ino);
+            looked_up.push(ino);
+        }
+        assert_eq!(adapter.do_read(looked_up[7], 0, 100).unwrap(), b"content 7");
+        for ino in &looked_up[..199] {
+            fs.forget(*ino, 1);
+        }
+        assert_eq!(fs.inode_count(), 202, "one entry still referenced");
+        fs.forget(looked_up[199], 1);
+        assert_eq!(fs.inode_count(), 2, "the root and the directory remain");
+        // Loaded again from the tree when next needed.
+        let again = fs
+            .child(&mut fs.lock(), directory, b"f123")
+            .unwrap()
+            .unwrap();
+        assert_eq!(adapter.do_read(again, 0, 100).unwrap(), b"content 123");
+
+        // Create and delete, many times: the table does not grow.
+        let before = fs.inode_count();
+        for round in 0..1_000 {
+            let name = format!("scratch-{round}");
+            let kind = NodeKind::File(file_node(BaseContent::default()));
+            let (ino, _) = fs.insert(ROOT, OsStr::new(&name), 0o644, kind).unwrap();
+            fs.remember(ino);
+            adapter.remove(ROOT, OsStr::new(&name), false).unwrap();
+            fs.forget(ino, 1);
+        }
+        assert_eq!(fs.inode_count(), before);
     }
 
     #[test]

@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
         Err(error) => return usage_error(&error),
     };
     init_tracing();
+    raise_open_file_limit();
     match cli.run() {
         Ok(output) => {
             let text = if cli.json {
@@ -42,6 +43,18 @@ fn main() -> std::process::ExitCode {
                 .map_or(ExitCode::Error, NodeError::exit_code);
             report(&error, code, cli.json)
         }
+    }
+}
+
+/// Import and export hold one descriptor per directory level they are inside (they work
+/// relative to it, never by full path), so a deep tree needs more than the usual soft
+/// limit of 1,024: raise it to the hard limit, as a file server does.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

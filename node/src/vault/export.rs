@@ -3,18 +3,23 @@
 //! (and rebuilt from parity when a shard is damaged) before a byte of it is written.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File};
 use std::io::{Seek, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use filetime::FileTime;
 use forge_crypto::Cid;
 use forge_crypto::seal;
 use forge_store::chunkstore::read_chunk;
 use forge_store::object::{ChunkRef, EntryContent, Extent, FileManifest, TreeEntry};
-use nix::sys::stat::{Mode, SFlag};
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev, mkdirat,
+    mknodat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::symlinkat;
 use rayon::prelude::*;
 
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
@@ -117,7 +122,15 @@ impl Vault {
             volume: &volume,
             progress,
         };
-        exporter.export_tree(&Cid::from_bytes(commit.root), destination)?;
+        let root = openat(
+            nix::fcntl::AT_FDCWD,
+            destination,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(at_error("opening", destination))?;
+        // In the vault's pool: its threads' stacks are sized for the deepest tree.
+        self.in_pool(|| exporter.export_tree(&Cid::from_bytes(commit.root), &root, destination))?;
         let (files, bytes) = progress.totals();
         Ok(ExportReport {
             snapshot,
@@ -134,41 +147,65 @@ struct Exporter<'a> {
     progress: &'a Progress,
 }
 
+/// An errno from a `*at` call as the I/O error of `action` on `path`.
+fn at_error(action: &'static str, path: &Path) -> impl FnOnce(nix::errno::Errno) -> NodeError {
+    let path = path.to_owned();
+    move |errno| NodeError::io(action, &path)(std::io::Error::from(errno))
+}
+
+fn timespec(ns: i64) -> TimeSpec {
+    TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+}
+
 impl Exporter<'_> {
-    fn export_tree(&self, tree: &Cid, directory: &Path) -> Result<()> {
+    /// Writes the entries of `tree` into the directory open as `directory` (shown as
+    /// `path`). Everything is created relative to its parent's descriptor (mkdirat,
+    /// openat, symlinkat, mknodat), so the depth of a tree never meets the path limit.
+    fn export_tree(&self, tree: &Cid, directory: &OwnedFd, path: &Path) -> Result<()> {
         let entries = self.vault.read_tree(self.volume, tree)?;
         entries.par_iter().try_for_each(|entry| {
-            self.export_entry(entry, &directory.join(OsStr::from_bytes(&entry.name)))
+            self.export_entry(entry, directory, &path.join(OsStr::from_bytes(&entry.name)))
         })
     }
 
-    fn export_entry(&self, entry: &TreeEntry, path: &Path) -> Result<()> {
-        let mtime = FileTime::from_unix_time(
-            entry.mtime_ns.div_euclid(1_000_000_000),
-            u32::try_from(entry.mtime_ns.rem_euclid(1_000_000_000)).unwrap_or(0),
-        );
+    fn export_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
+        let name = OsStr::from_bytes(&entry.name);
+        let mtime = timespec(entry.mtime_ns);
+        let mode = Mode::from_bits_truncate(entry.mode);
         match &entry.content {
             EntryContent::Directory { tree } => {
-                fs::create_dir(path).map_err(NodeError::io("creating", path))?;
-                self.export_tree(&Cid::from_bytes(*tree), path)?;
+                mkdirat(parent, name, Mode::from_bits_truncate(0o700))
+                    .map_err(at_error("creating", path))?;
+                let directory = openat(
+                    parent,
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(at_error("opening", path))?;
+                self.export_tree(&Cid::from_bytes(*tree), &directory, path)?;
                 // Permissions and times last: writing the children changed the mtime, and a
                 // read-only directory must still receive its children first.
-                fs::set_permissions(path, Permissions::from_mode(entry.mode))
-                    .map_err(NodeError::io("setting permissions of", path))?;
-                filetime::set_file_mtime(path, mtime)
-                    .map_err(NodeError::io("setting mtime of", path))?;
+                fchmod(&directory, mode).map_err(at_error("setting permissions of", path))?;
+                futimens(&directory, &mtime, &mtime).map_err(at_error("setting mtime of", path))?;
             }
             EntryContent::Symlink { target } => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), path)
-                    .map_err(NodeError::io("creating symlink", path))?;
-                filetime::set_symlink_file_times(path, mtime, mtime)
-                    .map_err(NodeError::io("setting mtime of", path))?;
+                symlinkat(OsStr::from_bytes(target), parent, name)
+                    .map_err(at_error("creating symlink", path))?;
+                utimensat(
+                    parent,
+                    name,
+                    &mtime,
+                    &mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(at_error("setting mtime of", path))?;
             }
             EntryContent::InlineFile(manifest) => {
-                self.write_file(FileBytes::Extents(manifest), path, entry.mode, mtime)?
+                self.write_file(FileBytes::Extents(manifest), parent, path, mode, mtime)?
             }
             EntryContent::InlineData(data) => {
-                self.write_file(FileBytes::Inline(data), path, entry.mode, mtime)?
+                self.write_file(FileBytes::Inline(data), parent, path, mode, mtime)?
             }
             EntryContent::File { manifest } => {
                 let manifest = self
@@ -180,30 +217,33 @@ impl Exporter<'_> {
                         path.display()
                     )));
                 }
-                self.write_file(FileBytes::Extents(&manifest), path, entry.mode, mtime)?;
+                self.write_file(FileBytes::Extents(&manifest), parent, path, mode, mtime)?;
             }
             EntryContent::Fifo
             | EntryContent::CharDevice { .. }
             | EntryContent::BlockDevice { .. } => {
                 let (kind, device) = match entry.content {
-                    EntryContent::CharDevice { major, minor } => (
-                        SFlag::S_IFCHR,
-                        nix::sys::stat::makedev(major.into(), minor.into()),
-                    ),
-                    EntryContent::BlockDevice { major, minor } => (
-                        SFlag::S_IFBLK,
-                        nix::sys::stat::makedev(major.into(), minor.into()),
-                    ),
+                    EntryContent::CharDevice { major, minor } => {
+                        (SFlag::S_IFCHR, makedev(major.into(), minor.into()))
+                    }
+                    EntryContent::BlockDevice { major, minor } => {
+                        (SFlag::S_IFBLK, makedev(major.into(), minor.into()))
+                    }
                     _ => (SFlag::S_IFIFO, 0),
                 };
-                nix::sys::stat::mknod(path, kind, Mode::from_bits_truncate(entry.mode), device)
-                    .map_err(|errno| {
-                        NodeError::io("creating special file", path)(std::io::Error::from(errno))
-                    })?;
-                fs::set_permissions(path, Permissions::from_mode(entry.mode))
-                    .map_err(NodeError::io("setting permissions of", path))?;
-                filetime::set_file_mtime(path, mtime)
-                    .map_err(NodeError::io("setting mtime of", path))?;
+                mknodat(parent, name, kind, mode, device)
+                    .map_err(at_error("creating special file", path))?;
+                // mknod applies the umask: set the bits exactly.
+                fchmodat(parent, name, mode, FchmodatFlags::FollowSymlink)
+                    .map_err(at_error("setting permissions of", path))?;
+                utimensat(
+                    parent,
+                    name,
+                    &mtime,
+                    &mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(at_error("setting mtime of", path))?;
             }
             EntryContent::Socket => {
                 // A socket is only a name: the process that listens on it makes it anew.
@@ -216,16 +256,24 @@ impl Exporter<'_> {
     fn write_file(
         &self,
         content: FileBytes<'_>,
+        parent: &OwnedFd,
         path: &Path,
-        mode: u32,
-        mtime: FileTime,
+        mode: Mode,
+        mtime: TimeSpec,
     ) -> Result<()> {
-        let mut file: File = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(NodeError::io("creating", path))?;
+        let mut file = File::from(
+            openat(
+                parent,
+                path.file_name().unwrap_or_default(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(at_error("creating", path))?,
+        );
         let size = match content {
             FileBytes::Inline(data) => {
                 file.write_all(data)
@@ -253,10 +301,8 @@ impl Exporter<'_> {
                 manifest.size
             }
         };
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(NodeError::io("setting permissions of", path))?;
-        filetime::set_file_handle_times(&file, Some(mtime), Some(mtime))
-            .map_err(NodeError::io("setting mtime of", path))?;
+        fchmod(&file, mode).map_err(at_error("setting permissions of", path))?;
+        futimens(&file, &mtime, &mtime).map_err(at_error("setting mtime of", path))?;
         self.progress.file_done(size);
         Ok(())
     }

@@ -1059,6 +1059,46 @@ mod tests {
             }
         }
         assert_eq!(levels, 1_000);
+        // Export writes the chain back whole: relative to each directory's descriptor,
+        // since its full path (9,000 bytes) is over the kernel's limit (before, export
+        // failed with "File name too long").
+        let out = temp.path().join("out");
+        vault
+            .export(
+                "v",
+                &out,
+                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
+                &no_passphrase,
+                &progress,
+            )
+            .unwrap();
+        let mut directory = nix::fcntl::openat(
+            nix::fcntl::AT_FDCWD,
+            &out,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..1_000 {
+            directory = nix::fcntl::openat(
+                &directory,
+                "dddddddd",
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+        }
+        let leaf = nix::fcntl::openat(
+            &directory,
+            "leaf",
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        assert_eq!(
+            io::read_to_string(File::from(leaf)).unwrap(),
+            "at the bottom"
+        );
         // The recursive walks (gc, fsck) handle the deepest tree a volume may hold.
         vault.gc(&no_passphrase).unwrap();
         assert!(

@@ -133,13 +133,16 @@ impl Vault {
             self.read_commit(&volume, &second)?,
         );
         let mut diff = SnapshotDiff::default();
-        self.diff_trees(
-            &volume,
-            Some(Cid::from_bytes(first.root)),
-            Some(Cid::from_bytes(second.root)),
-            "",
-            &mut diff,
-        )?;
+        // Recursive by depth: in the vault's pool, whose stacks are sized for the deepest tree.
+        self.in_pool(|| {
+            self.diff_trees(
+                &volume,
+                Some(Cid::from_bytes(first.root)),
+                Some(Cid::from_bytes(second.root)),
+                "",
+                &mut diff,
+            )
+        })?;
         Ok(diff)
     }
 

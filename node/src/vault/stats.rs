@@ -126,18 +126,32 @@ impl Vault {
     }
 }
 
+/// Bytes of the files under `path`. Files come and go while it counts (a mount's staging
+/// files, RocksDB's compactions): one that vanished between listing and stat counts as
+/// nothing, never as an error. Iterative, so no depth meets the stack.
 fn disk_usage(path: &Path) -> Result<u64> {
+    let vanished = |error: &std::io::Error| error.kind() == std::io::ErrorKind::NotFound;
     let mut total = 0;
-    for entry in std::fs::read_dir(path).map_err(NodeError::io("reading", path))? {
-        let entry = entry.map_err(NodeError::io("reading", path))?;
-        let metadata = entry
-            .metadata()
-            .map_err(NodeError::io("reading", entry.path()))?;
-        total += if metadata.is_dir() {
-            disk_usage(&entry.path())?
-        } else {
-            metadata.len()
+    let mut pending = vec![path.to_owned()];
+    while let Some(directory) = pending.pop() {
+        let entries = match std::fs::read_dir(&directory) {
+            Ok(entries) => entries,
+            Err(error) if vanished(&error) && directory != path => continue,
+            Err(error) => return Err(NodeError::io("reading", &directory)(error)),
         };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(error) if vanished(&error) => continue,
+                Err(error) => return Err(NodeError::io("reading", &directory)(error)),
+            };
+            match entry.metadata() {
+                Ok(metadata) if metadata.is_dir() => pending.push(entry.path()),
+                Ok(metadata) => total += metadata.len(),
+                Err(error) if vanished(&error) => {}
+                Err(error) => return Err(NodeError::io("reading", entry.path())(error)),
+            }
+        }
     }
     Ok(total)
 }

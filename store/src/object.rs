@@ -39,7 +39,7 @@ pub const OBJECT_BYTES_MAX: usize = 64 << 20;
 pub const INLINE_MANIFEST_CHUNKS_MAX: usize = 4;
 /// Files of at most this many bytes keep their bytes inline in the tree (compressed with
 /// their neighbours, no chunk of their own).
-pub const INLINE_DATA_BYTES_MAX: usize = 4 << 10;
+pub const INLINE_DATA_BYTES_MAX: usize = 16 << 10;
 /// The most bytes of extended attributes one entry carries (names and values).
 pub const XATTR_BYTES_MAX: usize = 64 << 10;
 /// How many index levels a tree or manifest may have (each level multiplies the reach by

@@ -143,7 +143,7 @@ impl Default for VaultLimits {
     fn default() -> Self {
         Self {
             object_bytes_max: forge_store::object::OBJECT_BYTES_MAX,
-            part_bytes_min: 64 << 10,
+            part_bytes_min: 16 << 10,
         }
     }
 }

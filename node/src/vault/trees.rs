@@ -5,7 +5,9 @@
 //! parts under a [`TreeIndex`] / [`ManifestIndex`] (an index over the limit is split the
 //! same way, up to [`INDEX_DEPTH_MAX`] levels). Parts are cut by content, like chunks: after
 //! at least `part_bytes_min` bytes, at an entry whose name (or a chunk whose cid) hashes to a
-//! boundary, so inserting one entry re-stores one part and the index, not the directory.
+//! boundary (with a probability that grows with the item's size, so a part holds about
+//! twice the minimum), so inserting one entry re-stores one part and the index, not the
+//! directory.
 //!
 //! [`VaultLimits::part_bytes_max`]: super::VaultLimits::part_bytes_max
 
@@ -21,8 +23,6 @@ use super::import::Importer;
 use super::{OpenVolume, Vault};
 use crate::error::{NodeError, Result};
 
-/// One in this many entries (by name hash) or chunks (by cid) may end a part.
-const BOUNDARY_ONE_IN: u8 = 16;
 /// What an object adds around its items' encodings: the header and the item count.
 const PART_OVERHEAD_BYTES: usize = 32;
 
@@ -175,7 +175,8 @@ impl Importer<'_> {
         let boundaries: Vec<bool> = tree
             .entries
             .iter()
-            .map(|entry| is_boundary(Cid::of(&entry.name).as_bytes()[0]))
+            .zip(&sizes)
+            .map(|(entry, size)| is_boundary(Cid::of(&entry.name).as_bytes(), *size, min))
             .collect();
         let mut parts = Vec::new();
         let mut entries = tree.entries.into_iter();
@@ -200,7 +201,8 @@ impl Importer<'_> {
             let sizes: Vec<usize> = parts.iter().map(encoded_len).collect();
             let boundaries: Vec<bool> = parts
                 .iter()
-                .map(|part| is_boundary(Cid::of(&part.first).as_bytes()[0]))
+                .zip(&sizes)
+                .map(|(part, size)| is_boundary(Cid::of(&part.first).as_bytes(), *size, min))
                 .collect();
             let mut upper = Vec::new();
             let mut lower = parts.into_iter();
@@ -261,7 +263,9 @@ impl Importer<'_> {
             .extents
             .iter()
             .map(|extent| match extent {
-                forge_store::object::Extent::Chunk(chunk) => is_boundary(chunk.cid[0]),
+                forge_store::object::Extent::Chunk(chunk) => {
+                    is_boundary(&chunk.cid, encoded_len(extent), min)
+                }
                 forge_store::object::Extent::Hole { .. } => false,
             })
             .collect();
@@ -288,7 +292,11 @@ impl Importer<'_> {
                 return self.store_object(&index);
             }
             let sizes: Vec<usize> = parts.iter().map(encoded_len).collect();
-            let boundaries: Vec<bool> = parts.iter().map(|part| is_boundary(part.cid[0])).collect();
+            let boundaries: Vec<bool> = parts
+                .iter()
+                .zip(&sizes)
+                .map(|(part, size)| is_boundary(&part.cid, *size, min))
+                .collect();
             let mut upper = Vec::new();
             let mut lower = parts.into_iter();
             for range in cut(&sizes, &boundaries, min, max - PART_OVERHEAD_BYTES) {
@@ -326,8 +334,13 @@ fn too_many_levels(what: String) -> NodeError {
     }
 }
 
-fn is_boundary(hash_byte: u8) -> bool {
-    hash_byte.is_multiple_of(BOUNDARY_ONE_IN)
+/// Whether an item (known by a hash of what names it, and its encoded size) may end a part:
+/// with probability `size / target`, so parts hold about `target` bytes past the minimum
+/// whatever their items' sizes (many small entries or a few large inline files alike).
+fn is_boundary(hash: &[u8; 32], size: usize, target: usize) -> bool {
+    let draw = u64::from(u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]));
+    let target = target.max(1) as u128;
+    u128::from(draw) * target < (size as u128) << 32
 }
 
 fn encoded_len<T: serde::Serialize>(value: &T) -> usize {

@@ -1794,6 +1794,40 @@ mod tests {
         );
     }
 
+    /// An unmount whose commit fails (a full disk, here a dead engine) says what the next
+    /// mount starts from, and the working state of the last fsync is really there.
+    #[test]
+    fn an_unmount_whose_commit_fails_keeps_the_working_state_and_says_so() {
+        use forge_store::kv::MemKv;
+        let temp = tempfile::tempdir().unwrap();
+        let kv = Arc::new(MemKv::new());
+        let vault = Arc::new(crate::test_support::vault_on(temp.path(), kv.clone(), 3));
+        let fs = mounted_on(vault.clone(), &temp.path().join("m"));
+        mkdir(&fs, "fsynced");
+        super::super::persist_working(&fs).unwrap();
+        mkdir(&fs, "late");
+        kv.die_after_writes(0);
+        let summary = super::super::unmount_commit(&fs, Path::new("/mnt/point")).unwrap_err();
+        assert!(summary.contains("the commit failed"), "{summary}");
+        assert!(summary.contains("mount branch main again"), "{summary}");
+        assert!(summary.contains("Nothing is lost"), "{summary}");
+        drop(fs);
+        drop(vault);
+        kv.crash(0);
+        let vault = crate::test_support::vault_on(temp.path(), kv.clone(), 4);
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let state = super::super::working_state(&vault, &volume, "main")
+            .unwrap()
+            .expect("the working state is kept");
+        let names: Vec<Vec<u8>> = vault
+            .read_tree(&volume, &Cid::from_bytes(state.root))
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect();
+        assert!(names.contains(&b"fsynced".to_vec()), "{names:?}");
+    }
+
     #[test]
     fn concurrent_commits_never_move_the_branch_to_an_older_root() {
         let temp = tempfile::tempdir().unwrap();

@@ -530,19 +530,7 @@ impl Host {
         let summary = match (served, active.record.read_only) {
             (Err(error), _) => Err(format!("serving {}: {error}", mountpoint.display())),
             (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),
-            (Ok(()), false) => commit(&active.fs, "unmount")
-                .map(|outcome| match outcome {
-                    Some(CommitOutcome { snapshot, branch, conflict: false }) => format!(
-                        "unmounted {}; snapshot {snapshot} committed to {branch}",
-                        mountpoint.display()
-                    ),
-                    Some(CommitOutcome { snapshot, branch, conflict: true }) => format!(
-                        "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
-                        mountpoint.display()
-                    ),
-                    None => format!("unmounted {}; nothing changed", mountpoint.display()),
-                })
-                .map_err(|error| error.to_string()),
+            (Ok(()), false) => unmount_commit(&active.fs, mountpoint),
         };
         if let Err(error) = &summary {
             tracing::error!(%error, "mount at {} ended badly", mountpoint.display());
@@ -662,6 +650,57 @@ fn pin_served_root(
         }
     }
     Ok(())
+}
+
+/// The commit that ends a read-write mount, as the unmount's summary. When it fails (a
+/// full disk, say) the working tree is recorded as far as it can be, and the summary says
+/// what the next mount of the branch starts from: nothing that reached the vault is lost.
+pub(crate) fn unmount_commit(fs: &MountedFs, mountpoint: &Path) -> Result<String, String> {
+    match commit(fs, "unmount") {
+        Ok(Some(CommitOutcome {
+            snapshot,
+            branch,
+            conflict: false,
+        })) => Ok(format!(
+            "unmounted {}; snapshot {snapshot} committed to {branch}",
+            mountpoint.display()
+        )),
+        Ok(Some(CommitOutcome {
+            snapshot,
+            branch,
+            conflict: true,
+        })) => Ok(format!(
+            "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
+            mountpoint.display()
+        )),
+        Ok(None) => Ok(format!(
+            "unmounted {}; nothing changed",
+            mountpoint.display()
+        )),
+        Err(error) => {
+            let branch = fs.work().map_or_else(String::new, |work| {
+                work.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .branch
+                    .clone()
+            });
+            let kept = match persist_working(fs) {
+                Ok(()) => "every change that reached the vault (written files that were \
+                           closed or fsynced, and the directory tree) is kept as the working \
+                           state"
+                    .to_owned(),
+                Err(second) => format!(
+                    "recording the rest failed too ({second}); the working state of the last \
+                     successful fsync is kept"
+                ),
+            };
+            Err(format!(
+                "unmounted {}, but the commit failed: {error}. Nothing is lost: {kept}; \
+                 free space and mount branch {branch} again to continue from it, then commit",
+                mountpoint.display()
+            ))
+        }
+    }
 }
 
 /// `forge snapshot create` on a volume that is not mounted read-write.

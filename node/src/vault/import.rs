@@ -586,7 +586,38 @@ impl Importer<'_> {
                 return Ok(Err(error));
             }
         }
-        self.import_large_file(file)
+        self.import_sparse_file(file, size_hint)
+    }
+
+    /// A large file as its data regions (SEEK_DATA / SEEK_HOLE) with holes between them:
+    /// each region is chunked on its own and every hole of at least
+    /// [`HOLE_BYTES_MIN`](crate::mount::content::HOLE_BYTES_MIN) becomes a hole extent, so a
+    /// sparse disk image costs what it holds, not its size. A file system that cannot tell
+    /// holes gives one region, the whole file.
+    fn import_sparse_file(&self, mut file: File, size: u64) -> Result<io::Result<FileContent>> {
+        let regions = data_regions(&file, size);
+        if regions.len() == 1 && regions[0] == (0, size) {
+            return self.import_large_file(file);
+        }
+        let mut manifest = FileManifest::default();
+        for (start, end) in regions {
+            manifest.push_hole(start - manifest.size);
+            if let Err(error) = io::Seek::seek(&mut file, io::SeekFrom::Start(start)) {
+                return Ok(Err(error));
+            }
+            let region = io::Read::take(&mut file, end - start);
+            match self.import_large_file(region)? {
+                Ok(FileContent::Chunked(part)) => {
+                    for extent in part.extents {
+                        manifest.push(extent);
+                    }
+                }
+                Ok(FileContent::Inline(_)) => unreachable!("regions are chunked"),
+                Err(error) => return Ok(Err(error)),
+            }
+        }
+        manifest.push_hole(size.saturating_sub(manifest.size));
+        Ok(Ok(FileContent::Chunked(manifest)))
     }
 
     /// Chunks and stores a file too large to read whole (a VM image, a database) with every
@@ -594,7 +625,7 @@ impl Importer<'_> {
     /// and sealed; while [`LARGE_FILE_CHUNKS_IN_FLIGHT`] chunks wait, it seals some itself
     /// (`rayon::yield_now`) instead of idling. Sealed chunks are appended in file order as
     /// they complete, so the manifest is the same whatever the thread count.
-    fn import_large_file(&self, file: File) -> Result<io::Result<FileContent>> {
+    fn import_large_file(&self, file: impl io::Read) -> Result<io::Result<FileContent>> {
         let assembly = Mutex::new(Assembly::default());
         let in_flight = std::sync::atomic::AtomicUsize::new(0);
         let failed = std::sync::atomic::AtomicBool::new(false);
@@ -849,6 +880,46 @@ impl Importer<'_> {
     }
 }
 
+/// The data regions of a file of `size` bytes, `(start, end)` in order, holes shorter than
+/// [`HOLE_BYTES_MIN`](crate::mount::content::HOLE_BYTES_MIN) merged into their neighbours.
+/// The whole file when the file system cannot tell (or the file changes while asked).
+fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{Whence, lseek};
+    let whole = vec![(0, size)];
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let Ok(offset) = i64::try_from(at) else {
+            return whole;
+        };
+        let start = match lseek(file, offset, Whence::SeekData) {
+            Ok(start) => u64::try_from(start).unwrap_or(size),
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(_) => return whole,
+        };
+        let Ok(from) = i64::try_from(start) else {
+            return whole;
+        };
+        let end = match lseek(file, from, Whence::SeekHole) {
+            Ok(end) => u64::try_from(end).unwrap_or(size).min(size),
+            Err(_) => return whole,
+        };
+        if start >= end {
+            break;
+        }
+        match regions.last_mut() {
+            Some(last) if start - last.1 < crate::mount::content::HOLE_BYTES_MIN => last.1 = end,
+            _ => regions.push((start, end)),
+        }
+        at = end;
+    }
+    if regions.is_empty() {
+        // All hole (or empty): no data region at all.
+        return Vec::new();
+    }
+    regions
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -977,6 +1048,98 @@ mod tests {
         assert_eq!(fs::read(out2.join("many/file-01500")).unwrap(), b"changed");
         let report = vault.fsck(Some(&no_passphrase)).unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    /// Before, a sparse file was chunked whole (a 100 GiB image with little data took minutes
+    /// of hashing zeros); now its holes are holes: imported as hole extents, exported as a
+    /// sparse file, byte-exact.
+    #[test]
+    fn a_sparse_file_keeps_its_holes_through_import_and_export() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let temp = tempfile::tempdir().unwrap();
+        let vault = new_vault(temp.path());
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let source = temp.path().join("source");
+        fs::create_dir_all(&source).unwrap();
+        let size: u64 = 8 << 30;
+        let image = fs::File::create(source.join("disk.img")).unwrap();
+        image.set_len(size).unwrap();
+        let head = pseudo_random(300_000, 5);
+        let middle = pseudo_random(200_000, 6);
+        image.write_all_at(&head, 0).unwrap();
+        image.write_all_at(&middle, 3 << 30).unwrap();
+        image.write_all_at(b"the end", size - 7).unwrap();
+        drop(image);
+        let progress = Progress::new("test", false);
+        let report = vault
+            .import(
+                "v",
+                &source,
+                &ImportOptions {
+                    message: String::new(),
+                    branch: "main".into(),
+                    dna: BTreeMap::new(),
+                },
+                &no_passphrase,
+                &progress,
+            )
+            .unwrap();
+        assert_eq!(report.logical_bytes, size);
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        let root = Cid::from_bytes(vault.read_commit(&volume, &report.snapshot).unwrap().root);
+        let entry = vault.read_tree(&volume, &root).unwrap().remove(0);
+        let manifest = vault
+            .entry_manifest(&volume, &entry.content, &mut |_| {})
+            .unwrap()
+            .unwrap();
+        let holes: u64 = manifest
+            .extents
+            .iter()
+            .filter(|extent| matches!(extent, forge_store::object::Extent::Hole { .. }))
+            .map(forge_store::object::Extent::len)
+            .sum();
+        assert!(
+            holes > size - (16 << 20),
+            "{holes} bytes of holes in {size}"
+        );
+        assert!(
+            manifest.chunk_count() < 64,
+            "{} chunks",
+            manifest.chunk_count()
+        );
+
+        let out = temp.path().join("out");
+        vault
+            .export(
+                "v",
+                &out,
+                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
+                &no_passphrase,
+                &progress,
+            )
+            .unwrap();
+        let exported = fs::File::open(out.join("disk.img")).unwrap();
+        let metadata = exported.metadata().unwrap();
+        assert_eq!(metadata.len(), size);
+        assert!(
+            metadata.blocks() * 512 < 64 << 20,
+            "exported sparse: {} bytes allocated",
+            metadata.blocks() * 512
+        );
+        let mut buffer = vec![0u8; head.len()];
+        exported.read_exact_at(&mut buffer, 0).unwrap();
+        assert_eq!(buffer, head);
+        let mut buffer = vec![0u8; middle.len()];
+        exported.read_exact_at(&mut buffer, 3 << 30).unwrap();
+        assert_eq!(buffer, middle);
+        let mut buffer = vec![1u8; 4096];
+        exported.read_exact_at(&mut buffer, 1 << 30).unwrap();
+        assert!(buffer.iter().all(|byte| *byte == 0));
+        let mut buffer = vec![0u8; 7];
+        exported.read_exact_at(&mut buffer, size - 7).unwrap();
+        assert_eq!(&buffer, b"the end");
     }
 
     /// Makes a chain of `depth` directories named `dddddddd` under `root` (with `mkdirat`: the

@@ -596,6 +596,10 @@ impl Importer<'_> {
     /// holes gives one region, the whole file.
     fn import_sparse_file(&self, mut file: File, size: u64) -> Result<io::Result<FileContent>> {
         let regions = data_regions(&file, size);
+        // SEEK_DATA and SEEK_HOLE move the file offset: back to the start.
+        if let Err(error) = io::Seek::rewind(&mut file) {
+            return Ok(Err(error));
+        }
         if regions.len() == 1 && regions[0] == (0, size) {
             return self.import_large_file(file);
         }

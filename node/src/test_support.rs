@@ -51,3 +51,16 @@ pub(crate) fn vault_on(
     )
     .unwrap()
 }
+
+/// `len` deterministic, incompressible bytes (xorshift from `seed`).
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}

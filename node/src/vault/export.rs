@@ -153,6 +153,13 @@ fn at_error(action: &'static str, path: &Path) -> impl FnOnce(nix::errno::Errno)
     move |errno| NodeError::io(action, &path)(std::io::Error::from(errno))
 }
 
+/// Sets the access and modification times of `name` in `parent` (a symlink itself, never
+/// what it points to).
+fn set_mtime_at(parent: &OwnedFd, name: &OsStr, mtime: &TimeSpec, path: &Path) -> Result<()> {
+    utimensat(parent, name, mtime, mtime, UtimensatFlags::NoFollowSymlink)
+        .map_err(at_error("setting mtime of", path))
+}
+
 fn timespec(ns: i64) -> TimeSpec {
     TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
@@ -192,14 +199,7 @@ impl Exporter<'_> {
             EntryContent::Symlink { target } => {
                 symlinkat(OsStr::from_bytes(target), parent, name)
                     .map_err(at_error("creating symlink", path))?;
-                utimensat(
-                    parent,
-                    name,
-                    &mtime,
-                    &mtime,
-                    UtimensatFlags::NoFollowSymlink,
-                )
-                .map_err(at_error("setting mtime of", path))?;
+                set_mtime_at(parent, name, &mtime, path)?;
             }
             EntryContent::InlineFile(manifest) => {
                 self.write_file(FileBytes::Extents(manifest), parent, path, mode, mtime)?
@@ -236,14 +236,7 @@ impl Exporter<'_> {
                 // mknod applies the umask: set the bits exactly.
                 fchmodat(parent, name, mode, FchmodatFlags::FollowSymlink)
                     .map_err(at_error("setting permissions of", path))?;
-                utimensat(
-                    parent,
-                    name,
-                    &mtime,
-                    &mtime,
-                    UtimensatFlags::NoFollowSymlink,
-                )
-                .map_err(at_error("setting mtime of", path))?;
+                set_mtime_at(parent, name, &mtime, path)?;
             }
             EntryContent::Socket => {
                 // A socket is only a name: the process that listens on it makes it anew.

@@ -456,15 +456,7 @@ mod tests {
     }
 
     fn pseudo_random(seed: u8, len: usize) -> Vec<u8> {
-        let mut state = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state.to_le_bytes()[0]
-            })
-            .collect()
+        crate::test_support::pseudo_random(len, u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     /// Publishes a snapshot of one file whose chunks are `manifest`'s, onto `main`.

@@ -927,20 +927,8 @@ fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{new_vault, no_passphrase};
+    use crate::test_support::{new_vault, no_passphrase, pseudo_random};
     use crate::vault::{CreateVolumeOptions, VaultLimits};
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state.to_le_bytes()[0]
-            })
-            .collect()
-    }
 
     /// Before manifest and tree indexes, a file whose manifest was over the object limit
     /// imported with success and could never be read ("Destination buffer is too small"),

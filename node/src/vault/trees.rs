@@ -262,10 +262,9 @@ impl Importer<'_> {
         let boundaries: Vec<bool> = manifest
             .extents
             .iter()
-            .map(|extent| match extent {
-                forge_store::object::Extent::Chunk(chunk) => {
-                    is_boundary(&chunk.cid, encoded_len(extent), min)
-                }
+            .zip(&sizes)
+            .map(|(extent, size)| match extent {
+                forge_store::object::Extent::Chunk(chunk) => is_boundary(&chunk.cid, *size, min),
                 forge_store::object::Extent::Hole { .. } => false,
             })
             .collect();

@@ -84,6 +84,13 @@ impl RocksKv {
         // memtables until flushed. Atomic flush persists every column family together, so a
         // crash never keeps shards whose index entries were lost, or the reverse.
         db_options.set_atomic_flush(true);
+        // Flushes and compactions write every chunk once, in bulk: through the page cache
+        // that is a kernel copy of each byte (a third of a large import's CPU, measured) and
+        // pages evicted later anyway. Direct I/O skips it where the file system has it
+        // (not tmpfs: probed).
+        if supports_direct_io(path) {
+            db_options.set_use_direct_io_for_flush_and_compaction(true);
+        }
         let descriptors = Column::ALL.iter().map(|column| {
             ColumnFamilyDescriptor::new(column.name(), column_options(*column, options))
         });
@@ -196,6 +203,24 @@ fn read_options(column: Column) -> ReadOptions {
         options.set_verify_checksums(false);
     }
     options
+}
+
+/// Whether files in `directory` (created if missing) can be opened with `O_DIRECT`.
+fn supports_direct_io(directory: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::create_dir_all(directory).is_err() {
+        return false;
+    }
+    let probe = directory.join("direct-io-probe");
+    let supported = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    supported
 }
 
 fn column_options(column: Column, options: &RocksKvOptions) -> Options {

@@ -52,7 +52,7 @@ struct Assembly {
     /// The index of the next chunk to append.
     next: usize,
     /// Sealed chunks waiting for an earlier one: (length, cid, chunk key).
-    done: BTreeMap<usize, Result<(usize, Cid, [u8; 32])>>,
+    done: BTreeMap<usize, (usize, Cid, [u8; 32])>,
     /// The first storage error (the import fails with it).
     error: Option<NodeError>,
 }
@@ -661,17 +661,22 @@ impl Importer<'_> {
                 let (assembly, in_flight, failed) = (&assembly, &in_flight, &failed);
                 scope.spawn(move |_| {
                     if !failed.load(std::sync::atomic::Ordering::Relaxed) {
-                        let stored = self
-                            .store_chunk(&data)
-                            .map(|(cid, key)| (data.len(), cid, key));
-                        if stored.is_err() {
-                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
+                        let stored = self.store_chunk(&data);
                         let mut assembly = assembly
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        assembly.done.insert(index, stored);
-                        self.assemble(&mut assembly);
+                        match stored {
+                            Ok((cid, key)) => {
+                                assembly.done.insert(index, (data.len(), cid, key));
+                                self.assemble(&mut assembly);
+                            }
+                            // Recorded at once, not in file order: chunks after it may
+                            // never be sealed, and the file must not end where they start.
+                            Err(error) => {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                assembly.error.get_or_insert(error);
+                            }
+                        }
                     }
                     in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 });
@@ -694,14 +699,9 @@ impl Importer<'_> {
 
     /// Appends the sealed chunks that are next in file order.
     fn assemble(&self, assembly: &mut Assembly) {
-        while let Some(stored) = assembly.done.remove(&assembly.next) {
+        while let Some((len, cid, key)) = assembly.done.remove(&assembly.next) {
             assembly.next += 1;
-            match stored {
-                Ok((len, cid, key)) => self.append_chunk(&mut assembly.manifest, len, cid, key),
-                Err(error) => {
-                    assembly.error.get_or_insert(error);
-                }
-            }
+            self.append_chunk(&mut assembly.manifest, len, cid, key);
         }
     }
 

@@ -201,11 +201,16 @@ impl Exporter<'_> {
                     .map_err(at_error("creating symlink", path))?;
                 set_mtime_at(parent, name, &mtime, path)?;
             }
-            EntryContent::InlineFile(manifest) => {
-                self.write_file(FileBytes::Extents(manifest), parent, path, mode, mtime)?
-            }
+            EntryContent::InlineFile(manifest) => self.write_file(
+                FileBytes::Extents(manifest),
+                parent,
+                name,
+                path,
+                mode,
+                mtime,
+            )?,
             EntryContent::InlineData(data) => {
-                self.write_file(FileBytes::Inline(data), parent, path, mode, mtime)?
+                self.write_file(FileBytes::Inline(data), parent, name, path, mode, mtime)?
             }
             EntryContent::File { manifest } => {
                 let manifest = self
@@ -217,7 +222,14 @@ impl Exporter<'_> {
                         path.display()
                     )));
                 }
-                self.write_file(FileBytes::Extents(&manifest), parent, path, mode, mtime)?;
+                self.write_file(
+                    FileBytes::Extents(&manifest),
+                    parent,
+                    name,
+                    path,
+                    mode,
+                    mtime,
+                )?;
             }
             EntryContent::Fifo
             | EntryContent::CharDevice { .. }
@@ -250,6 +262,7 @@ impl Exporter<'_> {
         &self,
         content: FileBytes<'_>,
         parent: &OwnedFd,
+        name: &OsStr,
         path: &Path,
         mode: Mode,
         mtime: TimeSpec,
@@ -257,7 +270,7 @@ impl Exporter<'_> {
         let mut file = File::from(
             openat(
                 parent,
-                path.file_name().unwrap_or_default(),
+                name,
                 OFlag::O_WRONLY
                     | OFlag::O_CREAT
                     | OFlag::O_EXCL

@@ -813,6 +813,26 @@ impl Importer<'_> {
         Ok(cid)
     }
 
+    /// Stores `object` if its encoding is at most `limit` bytes (at most the object limit);
+    /// `None`, with nothing stored, when it is larger. One encoding serves the size check
+    /// and the seal.
+    pub(crate) fn store_object_if_within(
+        &self,
+        object: &Object,
+        limit: usize,
+    ) -> Result<Option<Cid>> {
+        let limit = limit.min(self.vault.limits().object_bytes_max);
+        match object.seal_within(&self.volume.volume_key, limit) {
+            Ok((cid, sealed)) => {
+                self.reach(cid);
+                self.stage_object(cid, sealed)?;
+                Ok(Some(cid))
+            }
+            Err(ObjectError::TooLarge { .. }) => Ok(None),
+            Err(other) => Err(other.into()),
+        }
+    }
+
     /// Stages an object (or reference-index node) unless it is already stored: unchanged
     /// subtrees keep their cids, and writing them again would only cost disk until the next
     /// compaction.
@@ -930,6 +950,19 @@ mod tests {
     use crate::test_support::{new_vault, no_passphrase, pseudo_random};
     use crate::vault::{CreateVolumeOptions, VaultLimits};
 
+    /// Exports snapshot `snapshot` of volume `v` into `out`, which must succeed.
+    fn export_snapshot(vault: &Vault, snapshot: &Cid, out: &Path) {
+        vault
+            .export(
+                "v",
+                out,
+                &crate::vault::export::SnapshotSelector::Id(snapshot.to_hex()),
+                &no_passphrase,
+                &Progress::new("test", false),
+            )
+            .unwrap();
+    }
+
     /// Before manifest and tree indexes, a file whose manifest was over the object limit
     /// imported with success and could never be read ("Destination buffer is too small"),
     /// and a directory over it could not be stored. Now both are split into parts under
@@ -1002,18 +1035,7 @@ mod tests {
         assert_eq!(kind_of(b"many"), "tree index");
 
         let out = temp.path().join("out");
-        let export = |snapshot: &Cid, out: &Path| {
-            vault
-                .export(
-                    "v",
-                    out,
-                    &crate::vault::export::SnapshotSelector::Id(snapshot.to_hex()),
-                    &no_passphrase,
-                    &Progress::new("test", false),
-                )
-                .unwrap();
-        };
-        export(&first.snapshot, &out);
+        export_snapshot(&vault, &first.snapshot, &out);
         assert_eq!(fs::read(out.join("big.bin")).unwrap(), big);
         for index in (0..3_000u32).step_by(7) {
             let name = format!("file-{index:05}");
@@ -1036,7 +1058,7 @@ mod tests {
             second.written_bytes
         );
         let out2 = temp.path().join("out2");
-        export(&second.snapshot, &out2);
+        export_snapshot(&vault, &second.snapshot, &out2);
         assert_eq!(fs::read(out2.join("many/file-01500")).unwrap(), b"changed");
         let report = vault.fsck(Some(&no_passphrase)).unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -1103,15 +1125,7 @@ mod tests {
         );
 
         let out = temp.path().join("out");
-        vault
-            .export(
-                "v",
-                &out,
-                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
-                &no_passphrase,
-                &progress,
-            )
-            .unwrap();
+        export_snapshot(&vault, &report.snapshot, &out);
         let exported = fs::File::open(out.join("disk.img")).unwrap();
         let metadata = exported.metadata().unwrap();
         assert_eq!(metadata.len(), size);
@@ -1218,15 +1232,7 @@ mod tests {
         // since its full path (9,000 bytes) is over the kernel's limit (before, export
         // failed with "File name too long").
         let out = temp.path().join("out");
-        vault
-            .export(
-                "v",
-                &out,
-                &crate::vault::export::SnapshotSelector::Id(report.snapshot.to_hex()),
-                &no_passphrase,
-                &progress,
-            )
-            .unwrap();
+        export_snapshot(&vault, &report.snapshot, &out);
         let mut directory = nix::fcntl::openat(
             nix::fcntl::AT_FDCWD,
             &out,

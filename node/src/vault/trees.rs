@@ -164,8 +164,8 @@ impl Importer<'_> {
             limits.part_bytes_max().max(2 * PART_OVERHEAD_BYTES),
         );
         let object = Object::Tree(tree);
-        if object.encode().len() <= max {
-            return self.store_object(&object);
+        if let Some(cid) = self.store_object_if_within(&object, max)? {
+            return Ok(cid);
         }
         let Object::Tree(tree) = object else {
             unreachable!("built as a tree above")
@@ -195,8 +195,8 @@ impl Importer<'_> {
             let index = Object::TreeIndex(TreeIndex {
                 parts: parts.clone(),
             });
-            if index.encode().len() <= max {
-                return self.store_object(&index);
+            if let Some(cid) = self.store_object_if_within(&index, max)? {
+                return Ok(cid);
             }
             let sizes: Vec<usize> = parts.iter().map(encoded_len).collect();
             let boundaries: Vec<bool> = parts
@@ -252,8 +252,8 @@ impl Importer<'_> {
         );
         let file_size = manifest.size;
         let object = Object::Manifest(manifest);
-        if object.encode().len() <= max {
-            return self.store_object(&object);
+        if let Some(cid) = self.store_object_if_within(&object, max)? {
+            return Ok(cid);
         }
         let Object::Manifest(manifest) = object else {
             unreachable!("built as a manifest above")
@@ -287,8 +287,8 @@ impl Importer<'_> {
                 size: file_size,
                 parts: parts.clone(),
             });
-            if index.encode().len() <= max {
-                return self.store_object(&index);
+            if let Some(cid) = self.store_object_if_within(&index, max)? {
+                return Ok(cid);
             }
             let sizes: Vec<usize> = parts.iter().map(encoded_len).collect();
             let boundaries: Vec<bool> = parts

@@ -9,12 +9,14 @@ use forge_crypto::KdfParams;
 use serde_json::json;
 
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, MountFault, NodeError, Result};
 use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::records::VolumeRecord;
-use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, PassphraseSource, Vault};
+use crate::vault::{
+    CreateVolumeOptions, DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault,
+};
 use forge_store::erasure::ErasureLayout;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
@@ -120,6 +122,10 @@ pub enum VolumeCommand {
         /// DNA fingerprint of the producing workload, KEY=VALUE (repeatable).
         #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
         dna: Vec<(String, String)>,
+        /// Keep access times too (reading the source changes them, so a re-import stores
+        /// every directory read since anew).
+        #[arg(long)]
+        atime: bool,
     },
     /// Export a snapshot into an empty or absent directory.
     Export {
@@ -133,6 +139,10 @@ pub enum VolumeCommand {
         /// Branch whose head to export (default main).
         #[arg(long)]
         branch: Option<String>,
+        /// Restore owners by their recorded ids, not by the user and group names this
+        /// machine has (as root; a normal user's export leaves files its own).
+        #[arg(long)]
+        numeric_owner: bool,
     },
     /// Statistics of a volume.
     Stats {
@@ -224,6 +234,9 @@ pub enum SnapshotCommand {
         id: String,
         /// Destination directory.
         destination: PathBuf,
+        /// Restore owners by their recorded ids, not by name.
+        #[arg(long)]
+        numeric_owner: bool,
     },
     /// Create a branch at a snapshot (default: the head of main).
     Branch {
@@ -300,7 +313,9 @@ impl Cli {
             Command::Volume(command @ VolumeCommand::Mount { .. }) => {
                 let options = command
                     .mount_options()
-                    .ok_or_else(|| NodeError::Mount("not a mount command".into()))?;
+                    .ok_or_else(|| MountFault::Internal {
+                        what: "a mount command without mount options".into(),
+                    })?;
                 let summary = crate::mount::mount(&self.data_dir()?, &options, &ask_passphrase)?;
                 Ok(Output {
                     json: json!({"summary": summary}),
@@ -446,11 +461,13 @@ fn volume_command(
             message,
             branch,
             dna,
+            atime,
         } => {
             let options = ImportOptions {
                 message: message.clone(),
                 branch: branch.clone(),
                 dna: dna.iter().cloned().collect(),
+                atime: *atime,
             };
             let progress = Progress::new("importing", !json);
             let result = vault.import(name, source, &options, context.passphrase, &progress);
@@ -461,6 +478,13 @@ fn volume_command(
                 let _ = std::io::Write::write_fmt(
                     &mut std::io::stderr(),
                     format_args!("forge: skipped {}: {reason}\n", path.display()),
+                );
+            }
+            report.incomplete.sort();
+            for (path, reason) in &report.incomplete {
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!("forge: stored {} without its {reason}\n", path.display()),
                 );
             }
             let human = format!(
@@ -477,7 +501,11 @@ fn volume_command(
                 } else {
                     format!(", {} skipped", report.skipped.len())
                 }
-            );
+            ) + &if report.incomplete.is_empty() {
+                String::new()
+            } else {
+                format!(", {} stored incomplete", report.incomplete.len())
+            };
             Ok(Output {
                 human,
                 json: json!({
@@ -490,6 +518,7 @@ fn volume_command(
                     "written_bytes": report.written_bytes,
                     "elapsed_seconds": report.elapsed_seconds,
                     "skipped": report.skipped.iter().map(|(path, reason)| json!({"path": path.to_string_lossy(), "reason": reason})).collect::<Vec<_>>(),
+                    "incomplete": report.incomplete.iter().map(|(path, reason)| json!({"path": path.to_string_lossy(), "reason": reason})).collect::<Vec<_>>(),
                 }),
             })
         }
@@ -498,6 +527,7 @@ fn volume_command(
             destination,
             snapshot,
             branch,
+            numeric_owner,
         } => {
             let selector = match snapshot {
                 Some(id) => SnapshotSelector::Id(id.clone()),
@@ -506,19 +536,56 @@ fn volume_command(
                 ),
             };
             let progress = Progress::new("exporting", !json);
-            let result = vault.export(name, destination, &selector, context.passphrase, &progress);
+            let options = ExportOptions {
+                numeric_owner: *numeric_owner,
+            };
+            let result = vault.export(
+                name,
+                destination,
+                &selector,
+                &options,
+                context.passphrase,
+                &progress,
+            );
             progress.finish();
             let report = result?;
+            for (path, what) in &report.not_restored {
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!("forge: not restored at {}: {what}\n", path.display()),
+                );
+            }
+            let mut incomplete = String::new();
+            if report.owners_not_restored > 0 {
+                incomplete.push_str(&format!(
+                    "; {} entries left owned by you: only root restores other owners",
+                    report.owners_not_restored
+                ));
+            }
+            if !report.not_restored.is_empty() {
+                incomplete.push_str(&format!(
+                    "; {} entries not fully restored (above)",
+                    report.not_restored.len()
+                ));
+            }
             Ok(Output {
                 human: format!(
-                    "exported snapshot {} to {}: {} files, {} in {:.1}s",
+                    "exported snapshot {} to {}: {} files, {} in {:.1}s{incomplete}",
                     report.snapshot,
                     destination.display(),
                     report.files,
                     human_bytes(report.bytes),
                     report.elapsed_seconds
                 ),
-                json: json!({"snapshot": report.snapshot.to_hex(), "destination": destination.to_string_lossy(), "files": report.files, "bytes": report.bytes, "elapsed_seconds": report.elapsed_seconds}),
+                json: json!({
+                    "snapshot": report.snapshot.to_hex(),
+                    "destination": destination.to_string_lossy(),
+                    "files": report.files,
+                    "bytes": report.bytes,
+                    "elapsed_seconds": report.elapsed_seconds,
+                    "owners_not_restored": report.owners_not_restored,
+                    "not_restored": report.not_restored.iter().map(|(path, what)| json!({"path": path.to_string_lossy(), "what": what})).collect::<Vec<_>>(),
+                }),
             })
         }
         VolumeCommand::Stats { name } => {
@@ -546,9 +613,10 @@ fn volume_command(
         VolumeCommand::Mount { .. } => {
             // Sent by another `forge volume mount` to this mount host.
             let (Some(host), Some(options)) = (context.host, command.mount_options()) else {
-                return Err(NodeError::Mount(
-                    "mount runs without opening the vault first".into(),
-                ));
+                return Err(MountFault::Internal {
+                    what: "a forwarded mount reached a process that hosts no mounts".into(),
+                }
+                .into());
             };
             let ready = host.mount(&options, context.passphrase)?;
             let human = format!("{ready} (served by forge process {})", std::process::id());
@@ -557,9 +625,10 @@ fn volume_command(
                 human,
             })
         }
-        VolumeCommand::Unmount { .. } => Err(NodeError::Mount(
-            "unmount runs without opening the vault".into(),
-        )),
+        VolumeCommand::Unmount { .. } => Err(MountFault::Internal {
+            what: "unmount was dispatched as a vault command".into(),
+        }
+        .into()),
     }
 }
 
@@ -595,6 +664,7 @@ fn snapshot_command(
             name,
             id,
             destination,
+            numeric_owner,
         } => volume_command(
             context,
             &VolumeCommand::Export {
@@ -602,6 +672,7 @@ fn snapshot_command(
                 destination: destination.clone(),
                 snapshot: Some(id.clone()),
                 branch: None,
+                numeric_owner: *numeric_owner,
             },
             json,
         ),
@@ -864,10 +935,11 @@ fn scrub(vault: &Vault, repair: bool) -> Result<Output> {
         report.unrecoverable.len()
     );
     if !report.unrecoverable.is_empty() {
-        return Err(NodeError::Integrity(format!(
-            "{human}: {}",
-            report.unrecoverable.join("; ")
-        )));
+        return Err(IntegrityFault::Unrecoverable {
+            summary: human,
+            chunks: report.unrecoverable,
+        }
+        .into());
     }
     Ok(Output {
         human,

@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeCommand};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
-use crate::error::{ExitCode, NodeError, Result};
+use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
 
 /// The socket's file name in the data directory.
@@ -71,21 +71,28 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
     let reply = runtime.block_on(async {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .map_err(|error| {
-                    NodeError::Mount(format!("control socket {}: {error}", socket.display()))
+                .map_err(|error| MountFault::Unreachable {
+                    data_dir: data_dir.path().to_owned(),
+                    socket: socket.clone(),
+                    reason: error.to_string(),
                 })?;
-        let channel = endpoint.connect().await.map_err(|error| {
-            NodeError::Mount(format!(
-                "the forge process owning {} does not answer on {}: {error}",
-                data_dir.path().display(),
-                socket.display()
-            ))
-        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| MountFault::Unreachable {
+                data_dir: data_dir.path().to_owned(),
+                socket: socket.clone(),
+                reason: error.to_string(),
+            })?;
         ControlClient::new(channel)
             .run(request)
             .await
             .map(Response::into_inner)
-            .map_err(|status| NodeError::Mount(format!("control socket: {}", status.message())))
+            .map_err(|status| {
+                NodeError::from(MountFault::Control {
+                    reason: status.message().to_owned(),
+                })
+            })
     })?;
     if reply.exit_code == 0 {
         let json = serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null);

@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use forge_crypto::CryptoError;
+use forge_store::Cid;
 
 /// Process exit codes of the `forge` binary (documented in README.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,9 +162,9 @@ pub enum NodeError {
     )]
     UntrustedSigner { what: String, node: String },
 
-    /// Stored data failed verification.
+    /// Stored data failed verification: what was found, to match on.
     #[error("integrity failure: {0}")]
-    Integrity(String),
+    Integrity(#[from] IntegrityFault),
 
     /// A check found damage; `report` is what it printed (its whole report).
     #[error("integrity failure: {summary}")]
@@ -195,9 +196,9 @@ pub enum NodeError {
         pid: u32,
     },
 
-    /// Mounting or unmounting failed.
+    /// Mounting, unmounting or reaching the process that serves a mount failed.
     #[error("mount: {0}")]
-    Mount(String),
+    Mount(#[from] MountFault),
 
     /// A command run by the process that owns the data directory (through its control
     /// socket) failed there; `report` is what it printed before failing, if anything.
@@ -221,11 +222,163 @@ pub enum NodeError {
     Erasure(#[from] forge_store::erasure::ErasureError),
 }
 
+/// What a verification of stored data found wrong. Every case is corruption or loss of
+/// stored data (exit code 3); `forge fsck` reports the whole extent of it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntegrityFault {
+    /// An object a tree, manifest or snapshot names is not stored.
+    #[error("object {cid} is missing")]
+    MissingObject { cid: Cid },
+
+    /// A chunk a file's manifest names is not stored.
+    #[error("chunk {cid} of {file:?} is missing")]
+    MissingChunk { cid: Cid, file: String },
+
+    /// An object is stored but does not open (wrong key or damaged) or decode.
+    #[error("object {cid} is unreadable: {reason}")]
+    UnreadableObject { cid: Cid, reason: String },
+
+    /// A chunk is stored but does not open.
+    #[error("chunk {cid} is unreadable: {reason}")]
+    UnreadableChunk { cid: Cid, reason: String },
+
+    /// A chunk opened to another length than its manifest records.
+    #[error("chunk {cid} has {found} bytes, its manifest says {expected}")]
+    ChunkLength {
+        cid: Cid,
+        found: usize,
+        expected: u64,
+    },
+
+    /// An object of one kind where another belongs (a manifest where a tree is named).
+    #[error("object {cid} is a {found}, where a {expected} belongs")]
+    WrongKind {
+        cid: Cid,
+        found: &'static str,
+        expected: &'static str,
+    },
+
+    /// Index objects nested past the format's bound.
+    #[error("object {cid}: a {expected} index nested deeper than {levels} levels")]
+    IndexTooDeep {
+        cid: Cid,
+        expected: &'static str,
+        levels: usize,
+    },
+
+    /// A tree split into parts whose entries are not in name order.
+    #[error("tree {cid}: its parts' entries are not in name order")]
+    TreeOutOfOrder { cid: Cid },
+
+    /// A file's manifest holds another size than its tree entry.
+    #[error("the manifest of {path} does not match its entry's size")]
+    SizeMismatch { path: std::path::PathBuf },
+
+    /// A signature that does not verify.
+    #[error("{what}: {reason}")]
+    BadSignature { what: String, reason: String },
+
+    /// A snapshot commit signed for another volume.
+    #[error("snapshot {cid} belongs to another volume")]
+    ForeignSnapshot { cid: Cid },
+
+    /// A snapshot without its signed reference index head.
+    #[error("snapshot {snapshot} has no reference index head")]
+    MissingIndexHead { snapshot: Cid },
+
+    /// A snapshot's reference index is damaged or incomplete.
+    #[error("the reference index of snapshot {snapshot} is damaged: {reason}")]
+    BrokenIndex { snapshot: Cid, reason: String },
+
+    /// Chunks that scrub found damaged beyond what their parity repairs.
+    #[error("{summary}: {}", chunks.join("; "))]
+    Unrecoverable {
+        summary: String,
+        chunks: Vec<String>,
+    },
+
+    /// A stored chunk failed verification.
+    #[error(transparent)]
+    Chunk(forge_store::chunkstore::ChunkStoreError),
+
+    /// A stored object failed verification.
+    #[error(transparent)]
+    Object(forge_store::object::ObjectError),
+
+    /// A stored object that does not open with its key (damaged, or another key).
+    #[error("object does not open: {0}")]
+    ObjectDoesNotOpen(CryptoError),
+
+    /// A branch ref that does not decode.
+    #[error(transparent)]
+    Ref(forge_store::metadata::MetadataError),
+}
+
+/// Why mounting, unmounting or reaching a mount's process failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MountFault {
+    /// The kernel refused the FUSE mount.
+    #[error("mounting at {mountpoint}: {reason}")]
+    Refused {
+        mountpoint: std::path::PathBuf,
+        reason: String,
+    },
+
+    /// A mount point whose serving process is gone (killed, crashed).
+    #[error(
+        "{mountpoint} is still mounted but its process is gone (killed?); clear it with \
+         forge volume unmount {mountpoint}, then mount again (fsynced data comes back)"
+    )]
+    Stale { mountpoint: std::path::PathBuf },
+
+    /// A mount point that a forge mount already serves.
+    #[error("{mountpoint} is already a forge mount")]
+    AlreadyMounted { mountpoint: std::path::PathBuf },
+
+    /// `forge volume mount --background` whose mount process failed to start.
+    #[error("the background mount at {mountpoint} failed ({status}): {reason}")]
+    BackgroundFailed {
+        mountpoint: std::path::PathBuf,
+        status: String,
+        reason: String,
+    },
+
+    /// fusermount3 refused to unmount.
+    #[error("unmounting {mountpoint}: {reason}")]
+    UnmountRefused {
+        mountpoint: std::path::PathBuf,
+        reason: String,
+    },
+
+    /// The mount ended, but committing its changes failed (its working state is kept
+    /// for the next mount when it could be recorded; `reason` says).
+    #[error("{reason}")]
+    CommitFailed { reason: String },
+
+    /// The forge process owning the data directory does not answer its control socket.
+    #[error("the forge process owning {data_dir} does not answer on {socket}: {reason}")]
+    Unreachable {
+        data_dir: std::path::PathBuf,
+        socket: std::path::PathBuf,
+        reason: String,
+    },
+
+    /// A command forwarded to the owning process failed in transport.
+    #[error("control socket: {reason}")]
+    Control { reason: String },
+
+    /// A broken invariant of forge itself, not of the input: please report it.
+    #[error("internal error: {what} (please report this)")]
+    Internal { what: String },
+}
+
 impl From<forge_store::chunkstore::ChunkStoreError> for NodeError {
     fn from(error: forge_store::chunkstore::ChunkStoreError) -> Self {
         match error {
             forge_store::chunkstore::ChunkStoreError::Kv(kv) => Self::Kv(kv),
-            other => Self::Integrity(other.to_string()),
+            other => Self::Integrity(IntegrityFault::Chunk(other)),
         }
     }
 }
@@ -234,9 +387,9 @@ impl From<forge_store::object::ObjectError> for NodeError {
     fn from(error: forge_store::object::ObjectError) -> Self {
         match error {
             forge_store::object::ObjectError::Crypto(crypto) => {
-                Self::Integrity(format!("object does not open: {crypto}"))
+                Self::Integrity(IntegrityFault::ObjectDoesNotOpen(crypto))
             }
-            other => Self::Integrity(other.to_string()),
+            other => Self::Integrity(IntegrityFault::Object(other)),
         }
     }
 }
@@ -249,7 +402,7 @@ impl From<forge_store::metadata::MetadataError> for NodeError {
                 Self::BranchMoved(conflict.to_string())
             }
             corrupt @ forge_store::metadata::MetadataError::CorruptRef { .. } => {
-                Self::Integrity(corrupt.to_string())
+                Self::Integrity(IntegrityFault::Ref(corrupt))
             }
             other => Self::Metadata(other),
         }

@@ -14,4 +14,4 @@ pub mod vault;
 #[cfg(test)]
 mod test_support;
 
-pub use error::{ExitCode, NodeError, Result};
+pub use error::{ExitCode, IntegrityFault, MountFault, NodeError, Result};

@@ -66,6 +66,7 @@ fn import(vault: &Vault, source: &Path) -> Result<String> {
         message: String::new(),
         branch: "main".into(),
         dna: BTreeMap::new(),
+        atime: false,
     };
     Ok(vault
         .import(
@@ -151,6 +152,7 @@ fn acknowledged_snapshots_survive_a_power_cut_at_any_write_point() {
                     "v",
                     &out,
                     &SnapshotSelector::Id(snapshot.clone()),
+                    &forge_node::vault::ExportOptions::default(),
                     &no_passphrase,
                     &Progress::new("test", false),
                 )

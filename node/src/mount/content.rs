@@ -699,7 +699,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-        Err(NodeError::Mount("no passphrase in this test".into()))
+        Err(NodeError::PassphraseUnavailable)
     }
 
     /// What a test case does to the file after it was committed.

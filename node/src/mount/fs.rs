@@ -16,18 +16,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forge_crypto::Cid;
-use forge_store::object::{EntryContent, EntryMeta, Extent, Tree, TreeEntry};
+use forge_store::object::{
+    EntryContent, EntryMeta, Extent, Tree, TreeEntry, XATTR_BYTES_MAX, Xattr,
+};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use super::content::{BaseContent, ChunkCache, Staged, read_overlay, rechunk};
-use crate::error::{NodeError, Result};
+use crate::error::{MountFault, NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::fence::WriteSession;
-use crate::vault::import::Importer;
+use crate::vault::import::{Importer, too_deep};
+use crate::vault::posix::OwnerNames;
 use crate::vault::{OpenVolume, Vault};
 
 const TTL: Duration = Duration::from_secs(1);
@@ -115,8 +119,10 @@ pub struct MountedFs {
     next_handle: AtomicU64,
     /// Directory listings taken at opendir, so offsets survive concurrent changes.
     listings: Mutex<BTreeMap<u64, Arc<Listing>>>,
+    /// The mounting user, owner of the root and of entries a tree has no owner for.
     uid: u32,
     gid: u32,
+    owner_names: OwnerNames,
     /// The branch a read-write mount commits to (None when read-only).
     work: Option<Mutex<super::WorkTarget>>,
     /// This mount's write session: pins what it serves, claims what it stages.
@@ -255,6 +261,7 @@ impl MountedFs {
             listings: Mutex::new(BTreeMap::new()),
             uid,
             gid,
+            owner_names: OwnerNames::default(),
             work,
             session,
             read_ahead_pool: rayon::ThreadPoolBuilder::new()
@@ -336,15 +343,16 @@ impl MountedFs {
             ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
-            atime: mtime,
+            // Reads do not move it (as `noatime`); a utimensat does, and it is kept.
+            atime: node.meta.atime_ns.map_or(mtime, system_time),
             mtime,
             ctime: system_time(node.ctime_ns),
             crtime: mtime,
             kind,
             perm: u16::try_from(node.mode & 0o7777).unwrap_or(0o644),
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid: node.meta.uid.unwrap_or(self.uid),
+            gid: node.meta.gid.unwrap_or(self.gid),
             rdev,
             blksize: BLOCK_BYTES,
             flags: 0,
@@ -474,19 +482,31 @@ impl MountedFs {
         Ok(bytes)
     }
 
-    /// Adds a new node under `parent`.
+    /// Adds a new node under `parent`, owned by `creator` (the request's uid and gid) as
+    /// Linux does: the group is the directory's when it has the setgid bit, and a new
+    /// directory inherits that bit.
     fn insert(
         &self,
         parent: u64,
         name: &OsStr,
-        mode: u32,
+        mut mode: u32,
         kind: NodeKind,
+        creator: (u32, u32),
     ) -> Result<(u64, FileAttr), Errno> {
         self.writable()?;
         let name = Self::check_name(name)?;
         let mut inodes = self.lock();
         if self.child(&mut inodes, parent, name)?.is_some() {
             return Err(Errno::EEXIST);
+        }
+        let (uid, mut gid) = creator;
+        if let Some(directory) = inodes.nodes.get(&parent)
+            && directory.mode & libc::S_ISGID != 0
+        {
+            gid = directory.meta.gid.unwrap_or(self.gid);
+            if matches!(kind, NodeKind::Directory(_)) {
+                mode |= libc::S_ISGID;
+            }
         }
         let ino = inodes.next;
         inodes.next += 1;
@@ -498,7 +518,13 @@ impl MountedFs {
             mtime_ns: now,
             ctime_ns: now,
             kind,
-            meta: EntryMeta::default(),
+            meta: EntryMeta {
+                uid: Some(uid),
+                gid: Some(gid),
+                user: self.owner_names.user(uid),
+                group: self.owner_names.group(gid),
+                ..EntryMeta::default()
+            },
             lookups: 0,
         };
         let attr = self.attr(ino, &node);
@@ -556,6 +582,9 @@ impl MountedFs {
             let now = self.vault.now_ns();
             node.mtime_ns = now;
             node.ctime_ns = now;
+            // Names of an imported link group are served as separate files: once this
+            // one changes it is its own file (an export must not link the others to it).
+            node.meta.link_group = None;
             let attr = self.attr(ino, node);
             let parent = node.parent;
             Self::invalidate_trees(&mut inodes, parent);
@@ -762,26 +791,230 @@ impl MountedFs {
         Ok((root, inodes.generation))
     }
 
+    /// Stores every changed directory under `top` (children before parents, with an
+    /// explicit stack: a mount's tree may be as deep as the depth limit, far more than a
+    /// FUSE thread's stack would hold recursing) and returns `top`'s tree.
     fn store_directory(
         &self,
         inodes: &mut Inodes,
         importer: &Importer<'_>,
-        ino: u64,
+        top: u64,
     ) -> Result<Cid> {
-        let (tree, children) = match inodes.nodes.get(&ino).map(|node| &node.kind) {
-            Some(NodeKind::Directory(directory)) => (directory.tree, directory.children.clone()),
-            _ => return Err(NodeError::Mount(format!("inode {ino} is not a directory"))),
-        };
-        if let Some(tree) = tree {
-            return Ok(tree);
+        let depth_max = self.vault.limits().tree_depth_max;
+        // (inode, depth, whether its changed subdirectories are stored already)
+        let mut pending = vec![(top, 0usize, false)];
+        while let Some((ino, depth, children_stored)) = pending.pop() {
+            let children = match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::Directory(directory)) if directory.tree.is_some() => continue,
+                Some(NodeKind::Directory(directory)) => {
+                    directory.children.clone().unwrap_or_default()
+                }
+                _ => {
+                    return Err(MountFault::Internal {
+                        what: format!("storing inode {ino} as a directory, which it is not"),
+                    }
+                    .into());
+                }
+            };
+            if children_stored {
+                self.store_one_directory(inodes, importer, ino, children)?;
+                continue;
+            }
+            if depth > depth_max {
+                return Err(too_deep(&self.path_of(inodes, ino), depth_max));
+            }
+            pending.push((ino, depth, true));
+            for child in children.values() {
+                if let Some(NodeKind::Directory(directory)) =
+                    inodes.nodes.get(child).map(|node| &node.kind)
+                    && directory.tree.is_none()
+                {
+                    pending.push((*child, depth + 1, false));
+                }
+            }
         }
-        let children = children.unwrap_or_default();
+        match inodes.nodes.get(&top).map(|node| &node.kind) {
+            Some(NodeKind::Directory(Directory {
+                tree: Some(tree), ..
+            })) => Ok(*tree),
+            _ => Err(MountFault::Internal {
+                what: format!("directory inode {top} has no tree after storing it"),
+            }
+            .into()),
+        }
+    }
+
+    /// The path of `ino` in the volume, for messages; a long one keeps its first and last
+    /// components around an ellipsis.
+    /// `RENAME_EXCHANGE`: `first` (its parent, name and inode) and the entry at `second`
+    /// swap places atomically; both must exist, and neither may move under itself.
+    fn exchange(
+        &self,
+        inodes: &mut Inodes,
+        first: (u64, &[u8], u64),
+        second: (u64, &[u8]),
+    ) -> Result<(), Errno> {
+        let (parent, name, moving) = first;
+        let (new_parent, new_name) = second;
+        let Some(other) = self.child(inodes, new_parent, new_name)? else {
+            return Err(Errno::ENOENT);
+        };
+        if other == moving {
+            return Ok(());
+        }
+        let mut ancestor = parent;
+        while ancestor != ROOT {
+            if ancestor == other {
+                return Err(Errno::EINVAL);
+            }
+            ancestor = inodes.nodes.get(&ancestor).map_or(ROOT, |node| node.parent);
+        }
+        if let Some(entries) = children_mut(inodes, parent) {
+            entries.insert(name.to_vec(), other);
+        }
+        if let Some(entries) = children_mut(inodes, new_parent) {
+            entries.insert(new_name.to_vec(), moving);
+        }
+        let now = self.vault.now_ns();
+        for (ino, to_parent, to_name) in [(moving, new_parent, new_name), (other, parent, name)] {
+            if let Some(node) = inodes.nodes.get_mut(&ino) {
+                node.parent = to_parent;
+                node.name = to_name.to_vec();
+                node.ctime_ns = now;
+            }
+        }
+        Self::touch_directory(inodes, parent, now);
+        Self::touch_directory(inodes, new_parent, now);
+        Ok(())
+    }
+
+    /// The value of extended attribute `name` of `ino`.
+    fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        let inodes = self.lock();
+        let node = inodes.nodes.get(&ino).ok_or(Errno::ENOENT)?;
+        node.meta
+            .xattrs
+            .iter()
+            .find(|xattr| xattr.name == name)
+            .map(|xattr| xattr.value.clone())
+            .ok_or(Errno::ENODATA)
+    }
+
+    /// The names of `ino`'s extended attributes, each ended by NUL (listxattr's form);
+    /// `trusted.*` only when `privileged`.
+    fn xattr_names(&self, ino: u64, privileged: bool) -> Result<Vec<u8>, Errno> {
+        let inodes = self.lock();
+        let node = inodes.nodes.get(&ino).ok_or(Errno::ENOENT)?;
+        let mut names = Vec::new();
+        for xattr in &node.meta.xattrs {
+            if !privileged && xattr.name.starts_with(b"trusted.") {
+                continue;
+            }
+            names.extend_from_slice(&xattr.name);
+            names.push(0);
+        }
+        Ok(names)
+    }
+
+    /// Sets (`Some`) or removes (`None`) extended attribute `name` of `ino`. The
+    /// attributes of one entry are bounded as a volume stores them: past the bound,
+    /// ENOSPC (as ext4 says when an inode's attributes are full).
+    fn change_xattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: Option<&[u8]>,
+        how: XattrSet,
+    ) -> Result<(), Errno> {
+        self.writable()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Errno::ERANGE);
+        }
+        let now = self.vault.now_ns();
+        let mut inodes = self.lock();
+        let node = inodes.nodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        let xattrs = &mut node.meta.xattrs;
+        let at = xattrs.binary_search_by(|xattr| xattr.name.as_slice().cmp(name));
+        match (value, at) {
+            (None, Err(_)) => return Err(Errno::ENODATA),
+            (None, Ok(index)) => {
+                xattrs.remove(index);
+            }
+            (Some(_), Err(_)) if how == XattrSet::Replace => return Err(Errno::ENODATA),
+            (Some(_), Ok(_)) if how == XattrSet::Create => return Err(Errno::EEXIST),
+            (Some(value), found) => {
+                let others: usize = xattrs
+                    .iter()
+                    .filter(|xattr| xattr.name != name)
+                    .map(|xattr| xattr.name.len() + xattr.value.len())
+                    .sum();
+                if others + name.len() + value.len() > XATTR_BYTES_MAX {
+                    return Err(Errno::ENOSPC);
+                }
+                let xattr = Xattr {
+                    name: name.to_vec(),
+                    value: value.to_vec(),
+                };
+                match found {
+                    Ok(index) => xattrs[index] = xattr,
+                    Err(index) => xattrs.insert(index, xattr),
+                }
+            }
+        }
+        node.ctime_ns = now;
+        node.meta.link_group = None;
+        let parent = node.parent;
+        // (The root's attributes are in no tree: served until unmount, not committed.)
+        if ino != ROOT {
+            Self::invalidate_trees(&mut inodes, parent);
+        }
+        Ok(())
+    }
+
+    fn path_of(&self, inodes: &Inodes, ino: u64) -> PathBuf {
+        const SHOWN_AT_EACH_END: usize = 3;
+        let mut names = Vec::new();
+        let mut current = ino;
+        while current != ROOT {
+            let Some(inode) = inodes.nodes.get(&current) else {
+                break;
+            };
+            names.push(String::from_utf8_lossy(&inode.name).into_owned());
+            current = inode.parent;
+        }
+        names.reverse();
+        if names.len() > 2 * SHOWN_AT_EACH_END + 1 {
+            let omitted = names.len() - 2 * SHOWN_AT_EACH_END;
+            names.splice(
+                SHOWN_AT_EACH_END..names.len() - SHOWN_AT_EACH_END,
+                [format!("... {omitted} levels ...")],
+            );
+        }
+        std::iter::once("/".to_owned()).chain(names).collect()
+    }
+
+    /// Stores the tree of directory `ino`, whose changed subdirectories are stored.
+    fn store_one_directory(
+        &self,
+        inodes: &mut Inodes,
+        importer: &Importer<'_>,
+        ino: u64,
+        children: BTreeMap<Vec<u8>, u64>,
+    ) -> Result<Cid> {
         let mut entries = Vec::with_capacity(children.len());
         for (name, child) in children {
             let content = match inodes.nodes.get(&child).map(|node| &node.kind) {
-                Some(NodeKind::Directory(_)) => EntryContent::Directory {
-                    tree: *self.store_directory(inodes, importer, child)?.as_bytes(),
+                Some(NodeKind::Directory(Directory {
+                    tree: Some(tree), ..
+                })) => EntryContent::Directory {
+                    tree: *tree.as_bytes(),
                 },
+                Some(NodeKind::Directory(_)) => {
+                    return Err(MountFault::Internal {
+                        what: format!("directory inode {child} is not stored before its parent"),
+                    }
+                    .into());
+                }
                 Some(NodeKind::File(file)) => match file.base.inline_data() {
                     Some(data) => EntryContent::InlineData(data.to_vec()),
                     None => importer.file_content(file.base.manifest.clone())?,
@@ -806,10 +1039,17 @@ impl MountedFs {
                 mtime_ns: node.mtime_ns,
                 size,
                 content,
-                meta: node.meta.clone(),
+                meta: EntryMeta {
+                    ctime_ns: Some(node.ctime_ns),
+                    ..node.meta.clone()
+                },
             });
         }
         let cid = importer.store_tree(Tree { entries })?;
+        debug_assert!(
+            inodes.nodes.contains_key(&ino),
+            "a stored directory stays in the table"
+        );
         if let Some(Inode {
             kind: NodeKind::Directory(directory),
             ..
@@ -850,6 +1090,28 @@ impl MountedFs {
 }
 
 /// A device number as `st_rdev` holds it.
+/// What a setattr asks to change (`None`: leave it).
+#[derive(Debug, Clone, Copy)]
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
+/// How a setxattr treats an attribute that is there, or is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XattrSet {
+    /// Create or replace.
+    Any,
+    /// `XATTR_CREATE`: EEXIST if it is there.
+    Create,
+    /// `XATTR_REPLACE`: ENODATA if it is not.
+    Replace,
+}
+
 fn device_number(major: u32, minor: u32) -> u32 {
     u32::try_from(nix::sys::stat::makedev(major.into(), minor.into())).unwrap_or(0)
 }
@@ -940,7 +1202,8 @@ impl FuseAdapter {
     ) -> Result<(), Errno> {
         let fs = &self.0;
         fs.writable()?;
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        if exchange && flags.contains(RenameFlags::RENAME_NOREPLACE) {
             return Err(Errno::EINVAL);
         }
         let (name, new_name) = (
@@ -959,6 +1222,9 @@ impl FuseAdapter {
                 return Err(Errno::EINVAL);
             }
             ancestor = inodes.nodes.get(&ancestor).map_or(ROOT, |node| node.parent);
+        }
+        if exchange {
+            return fs.exchange(&mut inodes, (parent, name, moving), (new_parent, new_name));
         }
         let moving_is_dir = matches!(
             inodes.nodes.get(&moving).map(|node| &node.kind),
@@ -1054,15 +1320,22 @@ impl FuseAdapter {
         Ok((FileHandle((handle << 1) | u64::from(write)), open_flags))
     }
 
-    fn do_setattr(
-        &self,
-        ino: u64,
-        mode: Option<u32>,
-        size: Option<u64>,
-        mtime: Option<TimeOrNow>,
-    ) -> Result<FileAttr, Errno> {
+    /// A change of attributes the kernel has allowed (`default_permissions`: it checks
+    /// who may chown, chmod or set times, and asks to clear setuid and setgid as a chown
+    /// or a write must, by sending the mode without them).
+    fn do_setattr(&self, ino: u64, change: &AttrChange) -> Result<FileAttr, Errno> {
         let fs = &self.0;
-        if mode.is_some() || size.is_some() || mtime.is_some() {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = *change;
+        let metadata_changes =
+            mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
+        if metadata_changes || size.is_some() {
             fs.writable()?;
         }
         if let Some(new_size) = size {
@@ -1081,6 +1354,10 @@ impl FuseAdapter {
             return Err(Errno::ENOENT);
         };
         let now = fs.vault.now_ns();
+        if metadata_changes {
+            // (See change_content: a changed name leaves its imported link group.)
+            node.meta.link_group = None;
+        }
         if let Some(mode) = mode {
             node.mode = mode & 0o7777;
             node.ctime_ns = now;
@@ -1089,9 +1366,25 @@ impl FuseAdapter {
             node.mtime_ns = time_ns(mtime, now);
             node.ctime_ns = now;
         }
+        if let Some(atime) = atime {
+            node.meta.atime_ns = Some(time_ns(atime, now));
+            node.ctime_ns = now;
+        }
+        if let Some(uid) = uid {
+            node.meta.uid = Some(uid);
+            node.meta.user = fs.owner_names.user(uid);
+            node.ctime_ns = now;
+        }
+        if let Some(gid) = gid {
+            node.meta.gid = Some(gid);
+            node.meta.group = fs.owner_names.group(gid);
+            node.ctime_ns = now;
+        }
         let attr = fs.attr(ino, node);
         let parent = node.parent;
-        if mode.is_some() || mtime.is_some() {
+        // The root's own attributes are in no tree (a snapshot is its root's entries): a
+        // change to them is served until unmount, not committed.
+        if metadata_changes && ino != ROOT {
             MountedFs::invalidate_trees(&mut inodes, parent);
         }
         Ok(attr)
@@ -1173,10 +1466,10 @@ impl Filesystem for FuseAdapter {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -1186,7 +1479,15 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino.0, mode, size, mtime) {
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        match self.do_setattr(ino.0, &change) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(errno) => reply.error(errno),
         }
@@ -1203,7 +1504,7 @@ impl Filesystem for FuseAdapter {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -1216,7 +1517,13 @@ impl Filesystem for FuseAdapter {
         });
         self.entry(
             reply,
-            self.0.insert(parent.0, name, mode & !umask & 0o7777, kind),
+            self.0.insert(
+                parent.0,
+                name,
+                mode & !umask & 0o7777,
+                kind,
+                (req.uid(), req.gid()),
+            ),
         );
     }
 
@@ -1236,14 +1543,18 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
         let kind = NodeKind::Symlink(target.as_os_str().as_bytes().to_vec());
-        self.entry(reply, self.0.insert(parent.0, link_name, 0o777, kind));
+        self.entry(
+            reply,
+            self.0
+                .insert(parent.0, link_name, 0o777, kind, (req.uid(), req.gid())),
+        );
     }
 
     fn rename(
@@ -1272,6 +1583,93 @@ impl Filesystem for FuseAdapter {
     ) {
         // Hard links have no place in the tree model (an entry is a name with its content).
         reply.error(Errno::ENOTSUP);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // The kernel has checked CAP_MKNOD for devices (and `nodev` keeps them inert).
+        let (major, minor) = (
+            u32::try_from(nix::sys::stat::major(rdev.into())).unwrap_or(0),
+            u32::try_from(nix::sys::stat::minor(rdev.into())).unwrap_or(0),
+        );
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NodeKind::File(file_node(BaseContent::default())),
+            libc::S_IFIFO => NodeKind::Special(EntryContent::Fifo),
+            libc::S_IFSOCK => NodeKind::Special(EntryContent::Socket),
+            libc::S_IFCHR => NodeKind::Special(EntryContent::CharDevice { major, minor }),
+            libc::S_IFBLK => NodeKind::Special(EntryContent::BlockDevice { major, minor }),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        self.entry(
+            reply,
+            self.0.insert(
+                parent.0,
+                name,
+                mode & !umask & 0o7777,
+                kind,
+                (req.uid(), req.gid()),
+            ),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.0.xattr(ino.0, name.as_bytes()) {
+            Ok(value) => reply_xattr(reply, &value, size),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        // As local file systems do, trusted.* names are listed to root only (the kernel
+        // already refuses their values to others).
+        match self.0.xattr_names(ino.0, req.uid() == 0) {
+            Ok(names) => reply_xattr(reply, &names, size),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let how = if flags & libc::XATTR_CREATE != 0 {
+            XattrSet::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrSet::Replace
+        } else {
+            XattrSet::Any
+        };
+        match self
+            .0
+            .change_xattr(ino.0, name.as_bytes(), Some(value), how)
+        {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .0
+            .change_xattr(ino.0, name.as_bytes(), None, XattrSet::Any)
+        {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1513,7 +1911,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -1522,7 +1920,13 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let kind = NodeKind::File(file_node(BaseContent::default()));
-        let created = self.0.insert(parent.0, name, mode & !umask & 0o7777, kind);
+        let created = self.0.insert(
+            parent.0,
+            name,
+            mode & !umask & 0o7777,
+            kind,
+            (req.uid(), req.gid()),
+        );
         match created.and_then(|(ino, attr)| {
             Ok((
                 self.open_file(ino, OpenFlags(flags & !libc::O_TRUNC))?,
@@ -1535,6 +1939,19 @@ impl Filesystem for FuseAdapter {
             }
             Err(errno) => reply.error(errno),
         }
+    }
+}
+
+/// getxattr's and listxattr's reply: the size when asked for it (`size` 0), the bytes
+/// when they fit, ERANGE when they do not.
+fn reply_xattr(reply: ReplyXattr, bytes: &[u8], size: u32) {
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    if size == 0 {
+        reply.size(len);
+    } else if len <= size {
+        reply.data(bytes);
+    } else {
+        reply.error(Errno::ERANGE);
     }
 }
 
@@ -1593,7 +2010,8 @@ mod tests {
             tree: None,
             children: Some(BTreeMap::new()),
         });
-        fs.insert(ROOT, OsStr::new(name), 0o755, kind).unwrap();
+        fs.insert(ROOT, OsStr::new(name), 0o755, kind, (0, 0))
+            .unwrap();
     }
 
     /// The names at the root of the branch head.
@@ -1616,6 +2034,78 @@ mod tests {
             .collect()
     }
 
+    /// A mount's commit stored directories recursing once per level on the calling (FUSE)
+    /// thread: a deep tree made through a mount overflowed its stack. Now the walk is
+    /// iterative (here on a 256 KiB stack, 2,000 levels down) and a tree past the depth
+    /// limit is refused saying so, with nothing committed.
+    #[test]
+    fn a_deep_tree_commits_on_a_small_stack_and_one_past_the_limit_is_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let mut vault = new_vault(temp.path());
+        vault.set_limits(crate::vault::VaultLimits {
+            tree_depth_max: 3_000,
+            ..crate::vault::VaultLimits::default()
+        });
+        let fs = Arc::new(mounted_on(Arc::new(vault), temp.path()));
+        let chain = |fs: &MountedFs, top: &str, levels: usize| {
+            let mut parent = ROOT;
+            for level in 0..levels {
+                let name = if level == 0 { top } else { "d" };
+                let kind = NodeKind::Directory(Directory {
+                    tree: None,
+                    children: Some(BTreeMap::new()),
+                });
+                parent = fs
+                    .insert(parent, OsStr::new(name), 0o755, kind, (0, 0))
+                    .unwrap()
+                    .0;
+            }
+        };
+        chain(&fs, "deep", 2_000);
+        let on_small_stack = |fs: Arc<MountedFs>, message: &'static str| {
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || commit(&fs, message).map(|outcome| outcome.is_some()))
+                .unwrap()
+                .join()
+                .expect("the commit overflowed its stack")
+        };
+        assert!(on_small_stack(fs.clone(), "deep").unwrap());
+        let vault = fs.vault();
+        let volume = fs.volume();
+        let head = vault.refs().get_ref(&volume.id, "main").unwrap().unwrap();
+        let mut tree = Cid::from_bytes(vault.read_commit(volume, &head).unwrap().root);
+        let mut levels = 0;
+        while let Some(entry) = vault.read_tree(volume, &tree).unwrap().into_iter().next() {
+            let EntryContent::Directory { tree: below } = entry.content else {
+                panic!("{entry:?}");
+            };
+            tree = Cid::from_bytes(below);
+            levels += 1;
+        }
+        assert_eq!(levels, 2_000);
+
+        chain(&fs, "too-deep", 3_002);
+        let error = on_small_stack(fs.clone(), "too deep").unwrap_err();
+        assert!(matches!(error, NodeError::TooLarge { .. }), "{error}");
+        assert!(
+            error.to_string().contains("nested deeper than 3000"),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("/too-deep/d/d/... 2995 levels .../d/d/d"),
+            "{error}"
+        );
+        assert_eq!(
+            vault.refs().get_ref(&volume.id, "main").unwrap(),
+            Some(head),
+            "nothing committed"
+        );
+        assert!(fs.has_changes(), "the change stays in the working tree");
+    }
+
     /// Before `forget`, every inode a mount ever made or loaded stayed in its table for as
     /// long as it ran (a long mount that creates and deletes millions of files grew without
     /// bound). Now an unlinked, closed, forgotten file leaves at once, and an unchanged
@@ -1631,8 +2121,14 @@ mod tests {
             let kind = NodeKind::File(file_node(BaseContent::inline(
                 format!("content {index}").into_bytes(),
             )));
-            fs.insert(directory, OsStr::new(&format!("f{index}")), 0o644, kind)
-                .unwrap();
+            fs.insert(
+                directory,
+                OsStr::new(&format!("f{index}")),
+                0o644,
+                kind,
+                (0, 0),
+            )
+            .unwrap();
         }
         commit(&fs, "two hundred files").unwrap().unwrap();
         assert_eq!(fs.inode_count(), 202);
@@ -1666,7 +2162,9 @@ mod tests {
         for round in 0..1_000 {
             let name = format!("scratch-{round}");
             let kind = NodeKind::File(file_node(BaseContent::default()));
-            let (ino, _) = fs.insert(ROOT, OsStr::new(&name), 0o644, kind).unwrap();
+            let (ino, _) = fs
+                .insert(ROOT, OsStr::new(&name), 0o644, kind, (0, 0))
+                .unwrap();
             fs.remember(ino);
             adapter.remove(ROOT, OsStr::new(&name), false).unwrap();
             fs.forget(ino, 1);
@@ -1692,7 +2190,14 @@ mod tests {
         assert_eq!(errno_of(&kind_only), Errno::ENOSPC);
         let full = NodeError::Kv(forge_store::KvError::NoSpace { path: "db".into() });
         assert_eq!(errno_of(&full), Errno::ENOSPC);
-        assert_eq!(errno_of(&NodeError::Integrity("x".into())), Errno::EIO);
+        assert_eq!(
+            errno_of(&NodeError::Integrity(
+                crate::IntegrityFault::MissingObject {
+                    cid: Cid::from_bytes([0; 32])
+                }
+            )),
+            Errno::EIO
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use forge_store::object::EntryContent;
 use serde::{Deserialize, Serialize};
 
 use crate::datadir::DataDir;
-use crate::error::{NodeError, Result};
+use crate::error::{MountFault, NodeError, Result};
 use crate::vault::fence::PinnedRoot;
 use crate::vault::import::{Importer, NewSnapshot};
 use crate::vault::records::{self, WorkingState};
@@ -171,7 +171,7 @@ pub fn mount(
     }
     match last {
         Some(Ok(text)) => Ok(text),
-        Some(Err(error)) => Err(NodeError::Mount(error)),
+        Some(Err(reason)) => Err(MountFault::CommitFailed { reason }.into()),
         None => Ok(format!("unmounted {}", mountpoint.display())),
     }
 }
@@ -184,12 +184,10 @@ fn check_options(options: &MountOptions) -> Result<(PathBuf, bool, String)> {
     let metadata = match std::fs::metadata(&options.mountpoint) {
         Ok(metadata) => metadata,
         Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(NodeError::Mount(format!(
-                "{} is still mounted but its process is gone (killed?); clear it with \
-                 forge volume unmount {}, then mount again (fsynced data comes back)",
-                options.mountpoint.display(),
-                options.mountpoint.display()
-            )));
+            return Err(MountFault::Stale {
+                mountpoint: options.mountpoint.clone(),
+            }
+            .into());
         }
         Err(error) => {
             return Err(NodeError::io("reading mount point", &options.mountpoint)(
@@ -244,10 +242,9 @@ fn spawn_background(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     let mut child = command
         .spawn()
         .map_err(NodeError::io("starting", "the background mount"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| NodeError::Mount("no pipe from the background mount".into()))?;
+    let stdout = child.stdout.take().ok_or_else(|| MountFault::Internal {
+        what: "the background mount's standard output is not a pipe".into(),
+    })?;
     let mut line = String::new();
     let _ = std::io::BufReader::new(stdout).read_line(&mut line);
     if line.starts_with(READY_WORD) {
@@ -264,10 +261,12 @@ fn spawn_background(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
         .unwrap_or("no output")
         .trim_start_matches("forge: ")
         .to_owned();
-    Err(NodeError::Mount(format!(
-        "the background mount at {} failed ({status}): {reason}",
-        mountpoint.display()
-    )))
+    Err(MountFault::BackgroundFailed {
+        mountpoint: mountpoint.to_owned(),
+        status: status.to_string(),
+        reason,
+    }
+    .into())
 }
 
 /// The process that owns a data directory while volumes are mounted: the open vault and
@@ -362,10 +361,10 @@ impl Host {
         for active in &self.lock().active {
             let record = &active.record;
             if record.mountpoint == mountpoint {
-                return Err(NodeError::Mount(format!(
-                    "{} is already a forge mount",
-                    mountpoint.display()
-                )));
+                return Err(MountFault::AlreadyMounted {
+                    mountpoint: mountpoint.clone(),
+                }
+                .into());
             }
             if record.volume == options.volume
                 && record.branch.as_deref() == Some(branch.as_str())
@@ -463,11 +462,18 @@ impl Host {
         });
         let mut config = fuser::Config::default();
         config.mount_options = mount_options;
+        // Mounted by root, a volume serves every user (`allow_other`; the kernel checks
+        // each request against the owners and modes the volume keeps:
+        // `default_permissions`).
+        if nix::unistd::geteuid().is_root() {
+            config.acl = fuser::SessionACL::All;
+        }
         config.n_threads = Some(4);
         config.clone_fd = true;
         let mut session = fuser::Session::new(FuseAdapter(fs.clone()), &mountpoint, &config)
-            .map_err(|error| {
-                NodeError::Mount(format!("mounting at {}: {error}", mountpoint.display()))
+            .map_err(|error| MountFault::Refused {
+                mountpoint: mountpoint.clone(),
+                reason: error.to_string(),
             })?;
         let record = MountRecord {
             pid: std::process::id(),
@@ -482,7 +488,9 @@ impl Host {
         let record_path = registry.join(format!("{}-{id}.json", record.pid));
         std::fs::write(
             &record_path,
-            serde_json::to_vec(&record).map_err(|error| NodeError::Mount(error.to_string()))?,
+            serde_json::to_vec(&record).map_err(|error| MountFault::Internal {
+                what: format!("encoding the mount record: {error}"),
+            })?,
         )
         .map_err(NodeError::io("writing", &record_path))?;
         let active = Arc::new(ActiveMount {
@@ -896,33 +904,58 @@ pub(crate) fn reach_tree(
     importer: &Importer<'_>,
     root: Cid,
 ) -> Result<TreeTotals> {
-    let mut memo: BTreeMap<Cid, TreeTotals> = BTreeMap::new();
-    reach_directory(vault, volume, importer, root, &mut memo)
-}
-
-fn reach_directory(
-    vault: &Vault,
-    volume: &OpenVolume,
-    importer: &Importer<'_>,
-    tree: Cid,
-    memo: &mut BTreeMap<Cid, TreeTotals>,
-) -> Result<TreeTotals> {
-    if let Some(totals) = memo.get(&tree) {
-        return Ok(*totals);
+    /// A directory being walked: its entries still to visit and the totals so far.
+    struct Frame {
+        tree: Cid,
+        entries: std::vec::IntoIter<forge_store::object::TreeEntry>,
+        totals: TreeTotals,
     }
-    let mut totals = TreeTotals::default();
-    let entries = vault.read_tree_with(volume, &tree, &mut |part| importer.reach(part))?;
-    for entry in entries {
+    let open = |tree: Cid| -> Result<Frame> {
+        let entries = vault.read_tree_with(volume, &tree, &mut |part| importer.reach(part))?;
+        Ok(Frame {
+            tree,
+            entries: entries.into_iter(),
+            totals: TreeTotals::default(),
+        })
+    };
+    let add = |totals: &mut TreeTotals, more: TreeTotals| {
+        totals.logical_bytes += more.logical_bytes;
+        totals.files += more.files;
+    };
+    // Depth-first with an explicit stack (a tree may be as deep as the depth limit, far
+    // more than the committing thread's stack holds recursing); a subtree met again (the
+    // same directory content elsewhere) is counted from the memo, not walked again.
+    let mut memo: BTreeMap<Cid, TreeTotals> = BTreeMap::new();
+    let mut stack = vec![open(root)?];
+    while let Some(frame) = stack.last_mut() {
+        let Some(entry) = frame.entries.next() else {
+            let done = stack
+                .pop()
+                .unwrap_or_else(|| unreachable!("the loop saw a frame"));
+            memo.insert(done.tree, done.totals);
+            match stack.last_mut() {
+                Some(parent) => add(&mut parent.totals, done.totals),
+                None => return Ok(done.totals),
+            }
+            continue;
+        };
         let manifest = match entry.content {
             EntryContent::Directory { tree } => {
-                let below = reach_directory(vault, volume, importer, Cid::from_bytes(tree), memo)?;
-                totals.logical_bytes += below.logical_bytes;
-                totals.files += below.files;
+                let tree = Cid::from_bytes(tree);
+                match memo.get(&tree) {
+                    Some(below) => add(&mut frame.totals, *below),
+                    None => stack.push(open(tree)?),
+                }
                 continue;
             }
             EntryContent::InlineData(data) => {
-                totals.files += 1;
-                totals.logical_bytes += data.len() as u64;
+                add(
+                    &mut frame.totals,
+                    TreeTotals {
+                        logical_bytes: data.len() as u64,
+                        files: 1,
+                    },
+                );
                 continue;
             }
             content => match vault.entry_manifest(volume, &content, &mut |part| {
@@ -932,14 +965,18 @@ fn reach_directory(
                 None => continue,
             },
         };
-        totals.files += 1;
-        totals.logical_bytes += manifest.size;
         for chunk in manifest.chunks() {
             importer.reach(chunk.cid());
         }
+        add(
+            &mut frame.totals,
+            TreeTotals {
+                logical_bytes: manifest.size,
+                files: 1,
+            },
+        );
     }
-    memo.insert(tree, totals);
-    Ok(totals)
+    unreachable!("the walk returns when its root's frame is done")
 }
 
 /// Unmounts `mountpoint` and waits for its mount process to commit and exit.
@@ -960,15 +997,15 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
         .map_err(NodeError::io("running", "fusermount3"))?;
     if !output.status.success() {
         let reason = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-        return Err(NodeError::Mount(format!(
-            "unmounting {}: {}",
-            resolved.display(),
-            if reason.is_empty() {
+        return Err(MountFault::UnmountRefused {
+            mountpoint: resolved,
+            reason: if reason.is_empty() {
                 "fusermount3 failed".to_owned()
             } else {
                 reason
-            }
-        )));
+            },
+        }
+        .into());
     }
     let Some(record) = record else {
         return Ok(format!(
@@ -997,7 +1034,10 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     let summary = std::fs::read_to_string(&done_path).unwrap_or_default();
     let _ = std::fs::remove_file(&done_path);
     match summary.strip_prefix("error: ") {
-        Some(error) => Err(NodeError::Mount(error.to_owned())),
+        Some(reason) => Err(MountFault::CommitFailed {
+            reason: reason.to_owned(),
+        }
+        .into()),
         None if summary.is_empty() => Ok(format!("unmounted {}", resolved.display())),
         None => Ok(summary),
     }

@@ -7,7 +7,7 @@ use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key}
 use forge_store::kv::{Column, Durability, KeyValue, KvEngine, WriteBatch};
 
 use super::{OpenVolume, PassphraseSource, Vault};
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 
 /// The passphrase source of a check run without one: volumes that need it fail to open.
 fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
@@ -235,11 +235,11 @@ impl Vault {
                 if has_chunk(self.kv(), &chunk.cid())? {
                     return Ok(());
                 }
-                Err(NodeError::Integrity(format!(
-                    "chunk {} of {:?} is missing",
-                    chunk.cid(),
-                    String::from_utf8_lossy(name)
-                )))
+                Err(IntegrityFault::MissingChunk {
+                    cid: chunk.cid(),
+                    file: String::from_utf8_lossy(name).into_owned(),
+                }
+                .into())
             },
         )
     }

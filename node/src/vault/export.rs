@@ -2,28 +2,31 @@
 //! mtimes, symlinks (not followed) and any names. Every chunk is verified against its cid
 //! (and rebuilt from parity when a shard is damaged) before a byte of it is written.
 
-use std::ffi::OsStr;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Seek, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use forge_crypto::Cid;
 use forge_crypto::seal;
 use forge_store::chunkstore::read_chunk;
 use forge_store::object::{ChunkRef, EntryContent, Extent, FileManifest, TreeEntry};
-use nix::fcntl::{OFlag, openat};
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, openat};
 use nix::sys::stat::{
-    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev, mkdirat,
-    mknodat, utimensat,
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, makedev, mkdirat, mknodat, utimensat,
 };
 use nix::sys::time::TimeSpec;
-use nix::unistd::symlinkat;
+use nix::unistd::{Gid, Uid, fchownat, geteuid, linkat, symlinkat};
 use rayon::prelude::*;
 
+use super::posix::{self, OwnerMap};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 use crate::progress::Progress;
 
 /// What an export did.
@@ -35,8 +38,21 @@ pub struct ExportReport {
     pub files: u64,
     /// File bytes written.
     pub bytes: u64,
+    /// Entries restored without something the volume holds (a device a normal user cannot
+    /// create, attributes the destination refused), with what.
+    pub not_restored: Vec<(PathBuf, String)>,
+    /// Entries left owned by the exporting user: only root gives files other owners.
+    pub owners_not_restored: u64,
     /// Wall time.
     pub elapsed_seconds: f64,
+}
+
+/// How an export restores what the volume recorded.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Owners by their recorded ids, never mapped through the names this machine has for
+    /// them (tar's `--numeric-owner`).
+    pub numeric_owner: bool,
 }
 
 /// Which snapshot to export.
@@ -59,13 +75,17 @@ impl Vault {
         let cid = chunk.cid();
         let read = read_chunk(self.kv(), &cid)?;
         let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
-            .map_err(|error| NodeError::Integrity(format!("chunk {cid}: {error}")))?;
+            .map_err(|error| IntegrityFault::UnreadableChunk {
+                cid,
+                reason: error.to_string(),
+            })?;
         if plaintext.len() != chunk.len as usize {
-            return Err(NodeError::Integrity(format!(
-                "chunk {cid} has {} bytes, its manifest says {}",
-                plaintext.len(),
-                chunk.len
-            )));
+            return Err(IntegrityFault::ChunkLength {
+                cid,
+                found: plaintext.len(),
+                expected: u64::from(chunk.len),
+            }
+            .into());
         }
         Ok(plaintext)
     }
@@ -98,6 +118,7 @@ impl Vault {
         name: &str,
         destination: &Path,
         selector: &SnapshotSelector,
+        options: &ExportOptions,
         passphrase: PassphraseSource<'_>,
         progress: &Progress,
     ) -> Result<ExportReport> {
@@ -121,6 +142,11 @@ impl Vault {
             vault: self,
             volume: &volume,
             progress,
+            owners: OwnerMap::new(options.numeric_owner),
+            as_root: geteuid().is_root(),
+            links: Mutex::new(BTreeMap::new()),
+            not_restored: Mutex::new(Vec::new()),
+            owners_not_restored: AtomicU64::new(0),
         };
         let root = openat(
             nix::fcntl::AT_FDCWD,
@@ -132,10 +158,17 @@ impl Vault {
         // In the vault's pool: its threads' stacks are sized for the deepest tree.
         self.in_pool(|| exporter.export_tree(&Cid::from_bytes(commit.root), &root, destination))?;
         let (files, bytes) = progress.totals();
+        let mut not_restored = exporter
+            .not_restored
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        not_restored.sort();
         Ok(ExportReport {
             snapshot,
             files,
             bytes,
+            not_restored,
+            owners_not_restored: exporter.owners_not_restored.into_inner(),
             elapsed_seconds: progress.elapsed().as_secs_f64(),
         })
     }
@@ -145,19 +178,38 @@ struct Exporter<'a> {
     vault: &'a Vault,
     volume: &'a OpenVolume,
     progress: &'a Progress,
+    owners: OwnerMap,
+    /// Owners, devices and `trusted.*` attributes are restored only by root.
+    as_root: bool,
+    /// The first name written of each hard-link group, for its other names to link to.
+    links: Mutex<BTreeMap<u64, Arc<Mutex<Option<LinkSource>>>>>,
+    not_restored: Mutex<Vec<(PathBuf, String)>>,
+    owners_not_restored: AtomicU64,
 }
+
+/// The first name of a hard-link group, written whole: what it holds and where it is.
+struct LinkSource {
+    /// Only a name with this same content links to it (a tree whose group names differ
+    /// in content gets separate files, not one of them twice).
+    content: EntryContent,
+    at: LinkAt,
+}
+
+/// Where the first name of a hard-link group was written.
+enum LinkAt {
+    /// Its directory (still open) and name: linked relative to it, whatever the depth.
+    Open(OwnedFd, OsString),
+    /// Its path (past [`LINK_SOURCES_OPEN_MAX`] groups, not to hold a descriptor each).
+    Path(PathBuf),
+}
+
+/// Hard-link groups whose first name keeps its directory open, at most.
+const LINK_SOURCES_OPEN_MAX: usize = 1024;
 
 /// An errno from a `*at` call as the I/O error of `action` on `path`.
 fn at_error(action: &'static str, path: &Path) -> impl FnOnce(nix::errno::Errno) -> NodeError {
     let path = path.to_owned();
     move |errno| NodeError::io(action, &path)(std::io::Error::from(errno))
-}
-
-/// Sets the access and modification times of `name` in `parent` (a symlink itself, never
-/// what it points to).
-fn set_mtime_at(parent: &OwnedFd, name: &OsStr, mtime: &TimeSpec, path: &Path) -> Result<()> {
-    utimensat(parent, name, mtime, mtime, UtimensatFlags::NoFollowSymlink)
-        .map_err(at_error("setting mtime of", path))
 }
 
 fn timespec(ns: i64) -> TimeSpec {
@@ -176,9 +228,59 @@ impl Exporter<'_> {
     }
 
     fn export_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
+        let Some(group) = entry.meta.link_group else {
+            return self.create_entry(entry, parent, path);
+        };
+        // The first name of a group is written while its group is held; the others wait
+        // for it, then link to it (no bytes written twice, one inode as in the source).
+        let slot = Arc::clone(
+            self.links
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(group)
+                .or_default(),
+        );
+        let mut source = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let name = OsStr::from_bytes(&entry.name);
-        let mtime = timespec(entry.mtime_ns);
-        let mode = Mode::from_bits_truncate(entry.mode);
+        match &*source {
+            Some(first) if first.content != entry.content => self.create_entry(entry, parent, path),
+            Some(LinkSource {
+                at: LinkAt::Open(directory, first),
+                ..
+            }) => linkat(directory, first.as_os_str(), parent, name, AtFlags::empty())
+                .map_err(at_error("linking", path)),
+            Some(LinkSource {
+                at: LinkAt::Path(first),
+                ..
+            }) => linkat(AT_FDCWD, first.as_path(), parent, name, AtFlags::empty())
+                .map_err(at_error("linking", path)),
+            None => {
+                self.create_entry(entry, parent, path)?;
+                let open = self
+                    .links
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+                    <= LINK_SOURCES_OPEN_MAX;
+                let at = match parent.try_clone() {
+                    Ok(directory) if open => LinkAt::Open(directory, name.to_owned()),
+                    _ => LinkAt::Path(path.to_owned()),
+                };
+                *source = Some(LinkSource {
+                    content: entry.content.clone(),
+                    at,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates one entry (and, for a directory, everything below it), then gives it its
+    /// owner, permissions, extended attributes and times.
+    fn create_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
+        let name = OsStr::from_bytes(&entry.name);
         match &entry.content {
             EntryContent::Directory { tree } => {
                 mkdirat(parent, name, Mode::from_bits_truncate(0o700))
@@ -191,47 +293,33 @@ impl Exporter<'_> {
                 )
                 .map_err(at_error("opening", path))?;
                 self.export_tree(&Cid::from_bytes(*tree), &directory, path)?;
-                // Permissions and times last: writing the children changed the mtime, and a
-                // read-only directory must still receive its children first.
-                fchmod(&directory, mode).map_err(at_error("setting permissions of", path))?;
-                futimens(&directory, &mtime, &mtime).map_err(at_error("setting mtime of", path))?;
+                // Owner, permissions and times last: writing the children changed the
+                // mtime, and a read-only directory must still receive its children first.
             }
             EntryContent::Symlink { target } => {
                 symlinkat(OsStr::from_bytes(target), parent, name)
                     .map_err(at_error("creating symlink", path))?;
-                set_mtime_at(parent, name, &mtime, path)?;
             }
-            EntryContent::InlineFile(manifest) => self.write_file(
-                FileBytes::Extents(manifest),
-                parent,
-                name,
-                path,
-                mode,
-                mtime,
-            )?,
+            EntryContent::InlineFile(manifest) => {
+                self.write_file(FileBytes::Extents(manifest), parent, name, path)?;
+            }
             EntryContent::InlineData(data) => {
-                self.write_file(FileBytes::Inline(data), parent, name, path, mode, mtime)?
+                self.write_file(FileBytes::Inline(data), parent, name, path)?;
             }
             EntryContent::File { manifest } => {
                 let manifest = self
                     .vault
                     .read_manifest(self.volume, &Cid::from_bytes(*manifest))?;
                 if manifest.size != entry.size {
-                    return Err(NodeError::Integrity(format!(
-                        "manifest of {} does not match its entry's size",
-                        path.display()
-                    )));
+                    return Err(IntegrityFault::SizeMismatch {
+                        path: path.to_owned(),
+                    }
+                    .into());
                 }
-                self.write_file(
-                    FileBytes::Extents(&manifest),
-                    parent,
-                    name,
-                    path,
-                    mode,
-                    mtime,
-                )?;
+                self.write_file(FileBytes::Extents(&manifest), parent, name, path)?;
             }
             EntryContent::Fifo
+            | EntryContent::Socket
             | EntryContent::CharDevice { .. }
             | EntryContent::BlockDevice { .. } => {
                 let (kind, device) = match entry.content {
@@ -241,21 +329,99 @@ impl Exporter<'_> {
                     EntryContent::BlockDevice { major, minor } => {
                         (SFlag::S_IFBLK, makedev(major.into(), minor.into()))
                     }
+                    // A socket is restored as the inode it is (as rsync does); the process
+                    // that listens on it binds anew.
+                    EntryContent::Socket => (SFlag::S_IFSOCK, 0),
                     _ => (SFlag::S_IFIFO, 0),
                 };
-                mknodat(parent, name, kind, mode, device)
-                    .map_err(at_error("creating special file", path))?;
-                // mknod applies the umask: set the bits exactly.
-                fchmodat(parent, name, mode, FchmodatFlags::FollowSymlink)
-                    .map_err(at_error("setting permissions of", path))?;
-                set_mtime_at(parent, name, &mtime, path)?;
-            }
-            EntryContent::Socket => {
-                // A socket is only a name: the process that listens on it makes it anew.
-                tracing::info!(path = %path.display(), "socket entry not recreated");
+                match mknodat(parent, name, kind, Mode::from_bits_truncate(0o600), device) {
+                    Ok(()) => {}
+                    // Only root makes devices: say so and go on with the rest.
+                    Err(nix::errno::Errno::EPERM) if !self.as_root => {
+                        self.not_restored(path, "device not created: only root creates devices");
+                        return Ok(());
+                    }
+                    Err(errno) => return Err(at_error("creating special file", path)(errno)),
+                }
             }
         }
-        Ok(())
+        self.restore_metadata(entry, parent, name, path)
+    }
+
+    /// Owner first (a chown clears setuid and setgid), then permission bits, extended
+    /// attributes (an ACL after the bits it refines) and times last (each change before
+    /// would touch them).
+    fn restore_metadata(
+        &self,
+        entry: &TreeEntry,
+        parent: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+    ) -> Result<()> {
+        let symlink = matches!(entry.content, EntryContent::Symlink { .. });
+        let (uid, gid) = self.owners.owner(&entry.meta);
+        if uid.is_some() || gid.is_some() {
+            if self.as_root {
+                fchownat(
+                    parent,
+                    name,
+                    uid.map(Uid::from_raw),
+                    gid.map(Gid::from_raw),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(at_error("setting the owner of", path))?;
+            } else if uid.is_some_and(|uid| uid != geteuid().as_raw()) {
+                self.owners_not_restored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !symlink {
+            // Linux has no permission bits on symlinks (and fchmodat cannot skip them).
+            fchmodat(
+                parent,
+                name,
+                Mode::from_bits_truncate(entry.mode),
+                FchmodatFlags::FollowSymlink,
+            )
+            .map_err(at_error("setting permissions of", path))?;
+        }
+        if !entry.meta.xattrs.is_empty() {
+            let xattrs = &entry.meta.xattrs;
+            // trusted.* is root's alone: a normal user's restore says it skipped them.
+            let (settable, skipped): (Vec<_>, Vec<_>) = xattrs
+                .iter()
+                .cloned()
+                .partition(|xattr| self.as_root || !xattr.name.starts_with(b"trusted."));
+            if let Err(error) = posix::write_xattrs(&posix::entry_path(parent, name), &settable) {
+                self.not_restored(path, &error.to_string());
+            }
+            if !skipped.is_empty() {
+                self.not_restored(
+                    path,
+                    &format!(
+                        "{} trusted.* extended attributes not restored: only root sets them",
+                        skipped.len()
+                    ),
+                );
+            }
+        }
+        let mtime = timespec(entry.mtime_ns);
+        let atime = entry.meta.atime_ns.map_or(mtime, timespec);
+        utimensat(
+            parent,
+            name,
+            &atime,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(at_error("setting mtime of", path))
+    }
+
+    fn not_restored(&self, path: &Path, what: &str) {
+        tracing::warn!(path = %path.display(), what, "not restored");
+        self.not_restored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((path.to_owned(), what.to_owned()));
     }
 
     fn write_file(
@@ -264,8 +430,6 @@ impl Exporter<'_> {
         parent: &OwnedFd,
         name: &OsStr,
         path: &Path,
-        mode: Mode,
-        mtime: TimeSpec,
     ) -> Result<()> {
         let mut file = File::from(
             openat(
@@ -307,8 +471,6 @@ impl Exporter<'_> {
                 manifest.size
             }
         };
-        fchmod(&file, mode).map_err(at_error("setting permissions of", path))?;
-        futimens(&file, &mtime, &mtime).map_err(at_error("setting mtime of", path))?;
         self.progress.file_done(size);
         Ok(())
     }

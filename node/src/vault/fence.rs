@@ -442,6 +442,7 @@ mod tests {
             message: String::new(),
             branch: "main".into(),
             dna: BTreeMap::new(),
+            atime: false,
         };
         vault
             .import(

@@ -36,6 +36,7 @@ use forge_store::refindex;
 use rayon::prelude::*;
 
 use super::fence::WriteSession;
+use super::posix::{self, OwnerNames};
 use super::records::{self, IndexHead, SnapshotListing, keys};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
@@ -57,11 +58,12 @@ struct Assembly {
     error: Option<NodeError>,
 }
 
-/// The deepest a volume's directory tree may be (the root is depth 0): an import of a
-/// deeper tree fails saying so, rather than storing what later walks could not handle
-/// (gc, fsck and stats walk iteratively; export, diff and a mount's commit still recurse,
-/// within this bound on a 2 MiB thread stack).
-pub const TREE_DEPTH_MAX: usize = 1_024;
+/// The default deepest a volume's directory tree may be (the root is depth 0; see
+/// [`VaultLimits::tree_depth_max`](super::VaultLimits)): an import or a mount's commit of a
+/// deeper tree fails saying so, rather than storing what later walks could not handle.
+/// gc, fsck, stats and a mount's commit walk iteratively; import, export and diff recurse
+/// on the vault's threads, whose stacks are sized for this depth.
+pub const TREE_DEPTH_MAX: usize = 16_384;
 
 /// Unlogged writes are sent to the engine in batches of about this many bytes.
 pub const BATCH_BYTES: usize = 8 << 20;
@@ -75,6 +77,9 @@ pub struct ImportOptions {
     pub branch: String,
     /// DNA fingerprint entries.
     pub dna: BTreeMap<String, String>,
+    /// Keep access times (off by default: reading a tree changes them, so every import
+    /// would store every directory anew).
+    pub atime: bool,
 }
 
 /// What an import did.
@@ -94,6 +99,9 @@ pub struct ImportReport {
     pub written_bytes: u64,
     /// Entries not stored, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// Entries stored without something the source has (extended attributes that could
+    /// not be read or are past the bound), with what and why.
+    pub incomplete: Vec<(PathBuf, String)>,
     /// Wall time.
     pub elapsed_seconds: f64,
 }
@@ -118,6 +126,12 @@ pub(crate) struct Importer<'a> {
     seen: Mutex<BTreeMap<PlaintextHash, Cid>>,
     counters: Mutex<Counters>,
     skipped: Mutex<Vec<(PathBuf, String)>>,
+    incomplete: Mutex<Vec<(PathBuf, String)>>,
+    /// Whether entries keep their access time.
+    keep_atime: bool,
+    owner_names: OwnerNames,
+    /// The content of each hard-link group met so far: its other names are not read again.
+    linked: Mutex<BTreeMap<u64, (u64, EntryContent)>>,
     /// Every chunk and object cid the snapshot reaches, for its reference index.
     reached: Mutex<Vec<Cid>>,
     /// What the snapshot names (sorted; index nodes included), once its index is staged:
@@ -161,7 +175,8 @@ impl Vault {
         }
         let head = self.refs().get_ref(&volume.id, &options.branch)?;
         let session = self.open_write_session("import", volume.id)?;
-        let importer = Importer::new(self, &volume, &session, progress)?;
+        let mut importer = Importer::new(self, &volume, &session, progress)?;
+        importer.keep_atime = options.atime;
         let source_directory = openat(
             nix::fcntl::AT_FDCWD,
             source,
@@ -205,6 +220,12 @@ impl Vault {
             skipped: std::mem::take(
                 &mut *importer
                     .skipped
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
+            incomplete: std::mem::take(
+                &mut *importer
+                    .incomplete
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
             ),
@@ -349,6 +370,10 @@ impl<'a> Importer<'a> {
             seen: Mutex::new(BTreeMap::new()),
             counters: Mutex::new(Counters::default()),
             skipped: Mutex::new(Vec::new()),
+            incomplete: Mutex::new(Vec::new()),
+            keep_atime: false,
+            owner_names: OwnerNames::default(),
+            linked: Mutex::new(BTreeMap::new()),
             reached: Mutex::new(Vec::new()),
             named: Mutex::new(Vec::new()),
             progress,
@@ -396,6 +421,14 @@ impl<'a> Importer<'a> {
     }
 }
 
+/// The error for a directory nested deeper than a volume holds.
+pub(crate) fn too_deep(path: &Path, depth_max: usize) -> NodeError {
+    NodeError::TooLarge {
+        what: format!("the directory tree at {}", path.display()),
+        detail: format!("it is nested deeper than {depth_max} levels, the most a volume holds"),
+    }
+}
+
 impl Importer<'_> {
     /// Stores the tree of the directory open as `directory` (shown as `path`); `None`
     /// when it cannot be listed (skipped, and reported). Entries are opened relative to
@@ -406,13 +439,9 @@ impl Importer<'_> {
         path: &Path,
         depth: usize,
     ) -> Result<Option<Cid>> {
-        if depth > TREE_DEPTH_MAX {
-            return Err(NodeError::TooLarge {
-                what: format!("the directory tree at {}", path.display()),
-                detail: format!(
-                    "it is nested deeper than {TREE_DEPTH_MAX} levels, the most a volume holds"
-                ),
-            });
+        let depth_max = self.vault.limits().tree_depth_max;
+        if depth > depth_max {
+            return Err(too_deep(path, depth_max));
         }
         let listing = directory
             .try_clone()
@@ -465,10 +494,10 @@ impl Importer<'_> {
         };
         let kind = SFlag::from_bits_truncate(metadata.st_mode & SFlag::S_IFMT.bits());
         let mode = metadata.st_mode & 0o7777;
-        let mtime_ns = metadata
-            .st_mtime
-            .saturating_mul(1_000_000_000)
-            .saturating_add(metadata.st_mtime_nsec);
+        let mtime_ns = nanoseconds(metadata.st_mtime, metadata.st_mtime_nsec);
+        // Names of one inode (hard links) share a group; a directory's links are its own.
+        let link_group = (kind != SFlag::S_IFDIR && metadata.st_nlink > 1)
+            .then(|| posix::link_group(metadata.st_dev, metadata.st_ino));
         let open = |flags: OFlag| {
             openat(
                 parent,
@@ -505,6 +534,11 @@ impl Importer<'_> {
                     return Ok(None);
                 }
             }
+        } else if let Some((size, content)) =
+            link_group.and_then(|group| self.linked_content(group))
+        {
+            // Another name of an inode already read: the same content, not read again.
+            (size, content)
         } else if kind == SFlag::S_IFREG {
             let file = match open(OFlag::O_RDONLY) {
                 Ok(file) => File::from(file),
@@ -525,27 +559,64 @@ impl Importer<'_> {
                     counters.files += 1;
                     counters.logical_bytes += size;
                     drop(counters);
-                    match content {
-                        FileContent::Inline(data) => (size, EntryContent::InlineData(data)),
-                        FileContent::Chunked(manifest) => (size, self.file_content(manifest)?),
+                    let content = match content {
+                        FileContent::Inline(data) => EntryContent::InlineData(data),
+                        FileContent::Chunked(manifest) => self.file_content(manifest)?,
+                    };
+                    if let Some(group) = link_group {
+                        self.lock_linked().insert(group, (size, content.clone()));
                     }
+                    (size, content)
                 }
                 Err(error) => {
                     self.skip(path, &error);
                     return Ok(None);
                 }
             }
-        } else {
-            let kind = match kind {
-                SFlag::S_IFSOCK => "socket",
-                SFlag::S_IFIFO => "fifo",
-                _ => "device",
-            };
-            self.skip_reason(
-                path,
-                format!("{kind}: not stored (only files, directories and symlinks are)"),
+        } else if kind == SFlag::S_IFIFO {
+            (0, EntryContent::Fifo)
+        } else if kind == SFlag::S_IFSOCK {
+            (0, EntryContent::Socket)
+        } else if kind == SFlag::S_IFCHR || kind == SFlag::S_IFBLK {
+            let (major, minor) = (
+                nix::sys::stat::major(metadata.st_rdev),
+                nix::sys::stat::minor(metadata.st_rdev),
             );
+            let (Ok(major), Ok(minor)) = (u32::try_from(major), u32::try_from(minor)) else {
+                self.skip_reason(
+                    path,
+                    format!("device {major}:{minor}: numbers past 32 bits"),
+                );
+                return Ok(None);
+            };
+            if kind == SFlag::S_IFCHR {
+                (0, EntryContent::CharDevice { major, minor })
+            } else {
+                (0, EntryContent::BlockDevice { major, minor })
+            }
+        } else {
+            self.skip_reason(path, format!("unknown file type {:o}", kind.bits()));
             return Ok(None);
+        };
+        let xattrs = match posix::read_xattrs(&posix::entry_path(parent, name)) {
+            Ok(xattrs) => xattrs,
+            Err(error) => {
+                self.incomplete(path, format!("extended attributes ({error})"));
+                Vec::new()
+            }
+        };
+        let (uid, gid) = (metadata.st_uid, metadata.st_gid);
+        let meta = EntryMeta {
+            uid: Some(uid),
+            gid: Some(gid),
+            user: self.owner_names.user(uid),
+            group: self.owner_names.group(gid),
+            atime_ns: self
+                .keep_atime
+                .then(|| nanoseconds(metadata.st_atime, metadata.st_atime_nsec)),
+            ctime_ns: Some(nanoseconds(metadata.st_ctime, metadata.st_ctime_nsec)),
+            xattrs,
+            link_group,
         };
         Ok(Some(TreeEntry {
             name: name.as_bytes().to_vec(),
@@ -553,7 +624,7 @@ impl Importer<'_> {
             mtime_ns,
             size,
             content,
-            meta: EntryMeta::default(),
+            meta,
         }))
     }
 
@@ -891,6 +962,24 @@ impl Importer<'_> {
             .push((path.to_owned(), reason));
     }
 
+    fn incomplete(&self, path: &Path, reason: String) {
+        tracing::warn!(path = %path.display(), %reason, "stored incomplete");
+        self.incomplete
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((path.to_owned(), reason));
+    }
+
+    fn linked_content(&self, group: u64) -> Option<(u64, EntryContent)> {
+        self.lock_linked().get(&group).cloned()
+    }
+
+    fn lock_linked(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (u64, EntryContent)>> {
+        self.linked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn lock_counters(&self) -> std::sync::MutexGuard<'_, Counters> {
         self.counters
             .lock()
@@ -902,6 +991,13 @@ impl Importer<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// A `stat` time as nanoseconds since the Unix epoch (saturating far from it).
+fn nanoseconds(seconds: i64, nanoseconds: i64) -> i64 {
+    seconds
+        .saturating_mul(1_000_000_000)
+        .saturating_add(nanoseconds)
 }
 
 /// The data regions of a file of `size` bytes, `(start, end)` in order, holes shorter than
@@ -957,6 +1053,7 @@ mod tests {
                 "v",
                 out,
                 &crate::vault::export::SnapshotSelector::Id(snapshot.to_hex()),
+                &crate::vault::ExportOptions::default(),
                 &no_passphrase,
                 &Progress::new("test", false),
             )
@@ -975,6 +1072,7 @@ mod tests {
         vault.set_limits(VaultLimits {
             object_bytes_max: 2048,
             part_bytes_min: 256,
+            ..VaultLimits::default()
         });
         let options = CreateVolumeOptions {
             domain: Some("small".into()),
@@ -1004,6 +1102,7 @@ mod tests {
                         message: String::new(),
                         branch: "main".into(),
                         dna: BTreeMap::new(),
+                        atime: false,
                     },
                     &no_passphrase,
                     &Progress::new("test", false),
@@ -1095,6 +1194,7 @@ mod tests {
                     message: String::new(),
                     branch: "main".into(),
                     dna: BTreeMap::new(),
+                    atime: false,
                 },
                 &no_passphrase,
                 &progress,
@@ -1194,6 +1294,7 @@ mod tests {
             message: String::new(),
             branch: "main".into(),
             dna: BTreeMap::new(),
+            atime: false,
         };
         let progress = Progress::new("test", false);
         // 1,000 levels of "dddddddd/": 9,000 bytes of path, past PATH_MAX (4,096).
@@ -1270,8 +1371,15 @@ mod tests {
                 .is_empty()
         );
 
+        // Past the depth limit (a small one configured here; 16,384 by default, which
+        // scripts/bench-limits.sh reaches with a 10,000-level chain) import refuses.
+        let mut vault = vault;
+        vault.set_limits(VaultLimits {
+            tree_depth_max: 300,
+            ..VaultLimits::default()
+        });
         let too_deep = temp.path().join("too-deep");
-        deep_chain(&too_deep, TREE_DEPTH_MAX + 2);
+        deep_chain(&too_deep, 302);
         let error = vault
             .import("v", &too_deep, &options, &no_passphrase, &progress)
             .unwrap_err();

@@ -9,6 +9,7 @@ pub mod check;
 pub mod export;
 pub mod fence;
 pub(crate) mod import;
+pub(crate) mod posix;
 pub mod records;
 pub mod snapshots;
 mod stats;
@@ -33,18 +34,18 @@ use forge_store::metadata::{
 use forge_store::object::{ChunkRef, EntryContent, Object, SnapshotCommit};
 use zeroize::Zeroizing;
 
-pub use export::ExportReport;
+pub use export::{ExportOptions, ExportReport};
 use fence::{GcFence, WriteSession};
 pub use import::{ImportOptions, ImportReport};
 pub use stats::{VaultStats, VolumeStats};
 
 use crate::clock::{Clock, OsRandomness, Randomness, SystemClock};
 use crate::datadir::DataDir;
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
 
 /// Stack of the vault's worker threads.
-const VAULT_THREAD_STACK_BYTES: usize = 64 << 20;
+const VAULT_THREAD_STACK_BYTES: usize = 256 << 20;
 
 /// The record space of trusted node keys: NodeId → its `NodePublicKeys` encoding.
 pub const KEYRING: RecordSpace = RecordSpace::new("keyring");
@@ -126,6 +127,10 @@ pub struct VaultLimits {
     /// The smallest part a large tree or manifest is split into; one over eight times this
     /// (or over the object limit) is split (see trees.rs).
     pub part_bytes_min: usize,
+    /// The deepest directory nesting a volume holds (import and a mount's commit refuse
+    /// deeper trees, saying so). Walks hold a descriptor per level, so the default stays
+    /// well under the usual 20,000-descriptor hard limit.
+    pub tree_depth_max: usize,
 }
 
 impl VaultLimits {
@@ -144,6 +149,7 @@ impl Default for VaultLimits {
         Self {
             object_bytes_max: forge_store::object::OBJECT_BYTES_MAX,
             part_bytes_min: 16 << 10,
+            tree_depth_max: import::TREE_DEPTH_MAX,
         }
     }
 }
@@ -232,8 +238,9 @@ impl Vault {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(parts.threads.max(1))
             .thread_name(|index| format!("forge-vault-{index}"))
-            // Import recurses once per directory level (up to TREE_DEPTH_MAX): room for
-            // it. Only the pages a walk touches are ever committed.
+            // Import and export recurse once per directory level (up to the depth limit,
+            // 16,384 by default): room for it. Only the pages a walk touches are ever
+            // committed.
             .stack_size(VAULT_THREAD_STACK_BYTES)
             .build()
             .map_err(|error| NodeError::Io {
@@ -645,11 +652,12 @@ impl Vault {
                 &signed.commit,
                 &forge_crypto::Signature::from_bytes(&signed.signature)?,
             )
-            .map_err(|error| NodeError::Integrity(format!("snapshot {cid}: {error}")))?;
+            .map_err(|error| IntegrityFault::BadSignature {
+                what: format!("snapshot {cid}"),
+                reason: error.to_string(),
+            })?;
         if commit.volume != *volume.id.as_bytes() {
-            return Err(NodeError::Integrity(format!(
-                "snapshot {cid} belongs to another volume"
-            )));
+            return Err(IntegrityFault::ForeignSnapshot { cid: *cid }.into());
         }
         Ok(commit)
     }
@@ -662,9 +670,14 @@ impl Vault {
         let stored = self
             .kv
             .get(Column::Objects, cid.as_bytes())?
-            .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
-        Object::open(&volume.volume_key, cid, &stored)
-            .map_err(|error| NodeError::Integrity(format!("object {cid}: {error}")))
+            .ok_or(IntegrityFault::MissingObject { cid: *cid })?;
+        Object::open(&volume.volume_key, cid, &stored).map_err(|error| {
+            IntegrityFault::UnreadableObject {
+                cid: *cid,
+                reason: error.to_string(),
+            }
+            .into()
+        })
     }
 
     /// A volume's record, if it exists.
@@ -918,8 +931,8 @@ impl Vault {
         let stored = self
             .metadata
             .get_record(RecordSpace::INDEX_HEADS, &key)?
-            .ok_or_else(|| {
-                NodeError::Integrity(format!("snapshot {snapshot} has no reference index head"))
+            .ok_or(IntegrityFault::MissingIndexHead {
+                snapshot: *snapshot,
             })?;
         let head: records::IndexHead = records::decode("reference index head", &stored)?;
         let message =
@@ -930,8 +943,9 @@ impl Vault {
                 &message,
                 &forge_crypto::Signature::from_bytes(&head.signature)?,
             )
-            .map_err(|error| {
-                NodeError::Integrity(format!("snapshot {snapshot} index head: {error}"))
+            .map_err(|error| IntegrityFault::BadSignature {
+                what: format!("snapshot {snapshot} index head"),
+                reason: error.to_string(),
             })?;
         Ok(head)
     }
@@ -949,7 +963,13 @@ impl Vault {
         forge_store::refindex::walk(&Cid::from_bytes(head.root), |id| {
             self.kv.get(Column::Objects, id.as_bytes()).ok().flatten()
         })
-        .map_err(|error| NodeError::Integrity(format!("snapshot {snapshot}: {error}")))
+        .map_err(|error| {
+            IntegrityFault::BrokenIndex {
+                snapshot: *snapshot,
+                reason: error.to_string(),
+            }
+            .into()
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use forge_store::erasure::ShardRecord;
 use forge_store::kv::{Column, ColumnUsage, prefix_end};
 
 use super::{PassphraseSource, Vault};
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 
 /// Numbers about one volume.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +73,7 @@ impl Vault {
             let stored = self
                 .kv()
                 .get(Column::Objects, cid.as_bytes())?
-                .ok_or_else(|| NodeError::Integrity(format!("object {cid} is missing")))?;
+                .ok_or(IntegrityFault::MissingObject { cid: *cid })?;
             stored_bytes += stored.len() as u64;
         }
         let (mut plaintext_bytes, mut ciphertext_bytes) = (0u64, 0u64);

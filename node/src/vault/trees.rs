@@ -21,7 +21,7 @@ use forge_store::object::{
 
 use super::import::Importer;
 use super::{OpenVolume, Vault};
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 
 /// What an object adds around its items' encodings: the header and the item count.
 const PART_OVERHEAD_BYTES: usize = 32;
@@ -66,9 +66,7 @@ impl Vault {
             }
         }
         if entries.windows(2).any(|pair| pair[0].name >= pair[1].name) {
-            return Err(NodeError::Integrity(format!(
-                "tree {cid}: its parts' entries are not in name order"
-            )));
+            return Err(IntegrityFault::TreeOutOfOrder { cid: *cid }.into());
         }
         Ok(entries)
     }
@@ -138,16 +136,21 @@ impl Vault {
     }
 }
 
-fn misplaced(cid: &Cid, found: &Object, expected: &str, depth: usize) -> NodeError {
+fn misplaced(cid: &Cid, found: &Object, expected: &'static str, depth: usize) -> NodeError {
     if depth >= INDEX_DEPTH_MAX {
-        NodeError::Integrity(format!(
-            "object {cid}: a {expected} index nested deeper than {INDEX_DEPTH_MAX} levels"
-        ))
+        IntegrityFault::IndexTooDeep {
+            cid: *cid,
+            expected,
+            levels: INDEX_DEPTH_MAX,
+        }
+        .into()
     } else {
-        NodeError::Integrity(format!(
-            "object {cid} is a {}, where a {expected} belongs",
-            found.name()
-        ))
+        IntegrityFault::WrongKind {
+            cid: *cid,
+            found: found.name(),
+            expected,
+        }
+        .into()
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use librocksdb_sys as ffi;
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions,
     DBCompressionType, ErrorKind, FlushOptions, Options, ReadOptions, WriteOptions,
@@ -209,6 +210,80 @@ fn read_options(column: Column) -> ReadOptions {
     options
 }
 
+/// Whether `key` is in `column_family`, answered from keys alone: RocksDB's iterator with
+/// `allow_unprepared_value` positions on a key without loading its value (for a blob
+/// index, without reading the blob file). The Rust binding does not expose the option, so
+/// this goes through RocksDB's C API. An error is its message and whether it is corruption.
+#[allow(unsafe_code)]
+fn key_exists_unprepared(
+    db: &rocksdb::DB,
+    column_family: &rocksdb::ColumnFamily,
+    key: &[u8],
+) -> Result<bool, (String, bool)> {
+    use rocksdb::{AsColumnFamilyRef, AsRawPtr};
+    use std::ffi::{CStr, c_char, c_void};
+
+    /// Frees the C objects on every path out.
+    struct Resources {
+        options: *mut ffi::rocksdb_readoptions_t,
+        iterator: *mut ffi::rocksdb_iterator_t,
+    }
+    impl Drop for Resources {
+        fn drop(&mut self) {
+            // SAFETY: both were created below and are destroyed once, iterator first
+            // (it refers to the options' upper bound).
+            unsafe {
+                if !self.iterator.is_null() {
+                    ffi::rocksdb_iter_destroy(self.iterator);
+                }
+                ffi::rocksdb_readoptions_destroy(self.options);
+            }
+        }
+    }
+
+    // The exclusive upper bound `key ++ [0]` admits `key` alone, so the iterator never
+    // steps on to a neighbour. It must outlive the iterator: declared before `resources`.
+    let mut upper_bound = Vec::with_capacity(key.len() + 1);
+    upper_bound.extend_from_slice(key);
+    upper_bound.push(0);
+    // SAFETY: plain C calls on objects owned by `resources`; `db` and `column_family`
+    // outlive this function, `key` and `upper_bound` outlive every call that reads them.
+    unsafe {
+        let mut resources = Resources {
+            options: ffi::rocksdb_readoptions_create(),
+            iterator: std::ptr::null_mut(),
+        };
+        ffi::rocksdb_readoptions_set_allow_unprepared_value(resources.options, 1);
+        ffi::rocksdb_readoptions_set_iterate_upper_bound(
+            resources.options,
+            upper_bound.as_ptr().cast::<c_char>(),
+            upper_bound.len(),
+        );
+        resources.iterator = ffi::rocksdb_create_iterator_cf(
+            db.as_raw_ptr(),
+            resources.options,
+            column_family.inner(),
+        );
+        ffi::rocksdb_iter_seek(resources.iterator, key.as_ptr().cast::<c_char>(), key.len());
+        let mut found = false;
+        if ffi::rocksdb_iter_valid(resources.iterator) != 0 {
+            let mut length = 0usize;
+            let found_key = ffi::rocksdb_iter_key(resources.iterator, &raw mut length);
+            found = !found_key.is_null()
+                && std::slice::from_raw_parts(found_key.cast::<u8>(), length) == key;
+        }
+        let mut error: *mut c_char = std::ptr::null_mut();
+        ffi::rocksdb_iter_get_error(resources.iterator, &raw mut error);
+        if !error.is_null() {
+            let detail = CStr::from_ptr(error).to_string_lossy().into_owned();
+            ffi::rocksdb_free(error.cast::<c_void>());
+            let corruption = detail.starts_with("Corruption");
+            return Err((detail, corruption));
+        }
+        Ok(found)
+    }
+}
+
 /// Whether files in `directory` (created if missing) can be opened with `O_DIRECT`.
 fn supports_direct_io(directory: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
@@ -260,7 +335,15 @@ fn column_options(column: Column, options: &RocksKvOptions) -> Options {
 }
 
 fn map_error(error: &rocksdb::Error, path: &Path) -> KvError {
-    let detail = error.to_string();
+    map_error_detail(
+        error.to_string(),
+        error.kind() == ErrorKind::Corruption,
+        path,
+    )
+}
+
+/// [`map_error`] for a message straight from RocksDB's C API.
+fn map_error_detail(detail: String, corruption: bool, path: &Path) -> KvError {
     let path = path.display().to_string();
     if detail.contains("No space left on device") {
         return KvError::NoSpace { path };
@@ -272,9 +355,10 @@ fn map_error(error: &rocksdb::Error, path: &Path) -> KvError {
     {
         return KvError::Busy { path };
     }
-    match error.kind() {
-        ErrorKind::Corruption => KvError::Corruption { detail },
-        _ => KvError::Engine { detail },
+    if corruption {
+        KvError::Corruption { detail }
+    } else {
+        KvError::Engine { detail }
     }
 }
 
@@ -288,15 +372,15 @@ impl KvEngine for RocksKv {
     fn contains(&self, column: Column, key: &[u8]) -> Result<bool, KvError> {
         let handle = self.handle(column)?;
         // Bloom filters and memtables answer "certainly not" without reading a value; only
-        // a maybe pays for the lookup (which, for a blob, reads the value too).
+        // a maybe pays for the lookup.
         if !self.db.key_may_exist_cf(handle, key) {
             return Ok(false);
         }
-        Ok(self
-            .db
-            .get_pinned_cf(handle, key)
-            .map_err(|error| self.error(&error))?
-            .is_some())
+        // A get of a blob column's key reads the value from its blob file: every reused
+        // chunk of a re-import read its shard from disk only to learn that it is there.
+        // An iterator that leaves values unprepared answers from the keys alone.
+        key_exists_unprepared(&self.db, handle, key)
+            .map_err(|(detail, corruption)| map_error_detail(detail, corruption, &self.path))
     }
 
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError> {

@@ -906,7 +906,23 @@ impl MountedFs {
         let inodes = self.lock();
         let node = inodes.nodes.get(&ino).ok_or(Errno::ENOENT)?;
         let mut names = Vec::new();
-        for xattr in &node.meta.xattrs {
+        // Listed namespace by namespace in ext4's order (user, ACLs, trusted, security),
+        // so tools that archive attributes in listing order (tar) see what the source had.
+        let rank = |name: &[u8]| {
+            [
+                &b"user."[..],
+                b"system.posix_acl_access",
+                b"system.posix_acl_default",
+                b"trusted.",
+                b"security.",
+            ]
+            .iter()
+            .position(|prefix| name.starts_with(prefix))
+            .unwrap_or(usize::MAX)
+        };
+        let mut xattrs: Vec<&Xattr> = node.meta.xattrs.iter().collect();
+        xattrs.sort_by_key(|xattr| rank(&xattr.name));
+        for xattr in xattrs {
             if !privileged && xattr.name.starts_with(b"trusted.") {
                 continue;
             }

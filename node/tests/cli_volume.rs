@@ -703,3 +703,94 @@ fn fsck_checks_an_encrypted_volume_through_its_reference_index_without_the_passp
         "{report}"
     );
 }
+
+/// A normal user's export cannot give files other owners, make devices or set trusted.*
+/// attributes: it restores the rest and says what it did not, never silently.
+#[test]
+fn a_normal_users_export_says_what_only_root_could_restore() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to build the source and act as another user");
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("owned-by-root"), b"data").unwrap();
+    nix::sys::stat::mknod(
+        &source.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    rustix::fs::lsetxattr(
+        source.join("owned-by-root").as_path(),
+        "trusted.k",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    rustix::fs::lsetxattr(
+        source.join("owned-by-root").as_path(),
+        "user.k",
+        b"kept",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    vault.ok(&["volume", "create", "v"]);
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    // The vault and a place to export to, handed to user 1000.
+    fs::set_permissions(&vault.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = vault.path("out");
+    fs::create_dir(&out).unwrap();
+    for path in [vault.data_dir(), out.clone()] {
+        let status = std::process::Command::new("chown")
+            .args(["-R", "1000:1000"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let forge = assert_cmd::cargo::cargo_bin("forge");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+        .arg(&forge)
+        .args(["--json", "volume", "export", "v"])
+        .arg(&out)
+        .env("FORGE_DATA_DIR", vault.data_dir())
+        .env("HOME", &vault.root)
+        .env_remove("FORGE_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // (The device was not made at all: only the file is left owned by the exporter.)
+    assert_eq!(report["owners_not_restored"], 1, "{report}");
+    let not_restored: Vec<String> = report["not_restored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| format!("{} {}", item["path"], item["what"]))
+        .collect();
+    assert_eq!(not_restored.len(), 2, "{not_restored:?}");
+    assert!(not_restored[0].contains("null") && not_restored[0].contains("only root"));
+    assert!(not_restored[1].contains("owned-by-root") && not_restored[1].contains("trusted"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not restored"),
+        "said on stderr too: {stderr}"
+    );
+    assert_eq!(fs::read(out.join("owned-by-root")).unwrap(), b"data");
+    let kept = rustix::fs::lgetxattr(
+        out.join("owned-by-root").as_path(),
+        "user.k",
+        rustix::buffer::spare_capacity(&mut Vec::with_capacity(16)),
+    );
+    assert!(kept.is_ok(), "user.* restored: {kept:?}");
+    assert!(!out.join("null").exists());
+    assert_eq!(fs::metadata(out.join("owned-by-root")).unwrap().uid(), 1000);
+}

@@ -442,7 +442,11 @@ for path in ("etc", "srv", "home", "home/user", "etc/app"):
 "#,
     );
     let imported = vault.json(&["volume", "import", "v", source.to_str().unwrap()]);
-    assert_eq!(imported["skipped"].as_array().unwrap().len(), 0, "{imported}");
+    assert_eq!(
+        imported["skipped"].as_array().unwrap().len(),
+        0,
+        "{imported}"
+    );
     let mountpoint = vault.path("mnt");
     fs::create_dir_all(&mountpoint).unwrap();
     let _unmount = Unmount(mountpoint.clone());
@@ -487,7 +491,13 @@ for path in ("etc", "srv", "home", "home/user", "etc/app"):
             let path = std::env::temp_dir().join(name);
             fs::write(&path, archive).unwrap();
             let listing = StdCommand::new("tar")
-                .args(["--list", "--verbose", "--full-time", "--numeric-owner", "--file"])
+                .args([
+                    "--list",
+                    "--verbose",
+                    "--full-time",
+                    "--numeric-owner",
+                    "--file",
+                ])
                 .arg(&path)
                 .output()
                 .unwrap();

@@ -1169,3 +1169,48 @@ fn walk_sizes(root: &Path) -> u64 {
     }
     total
 }
+
+/// A sparse file keeps its holes through a mount: `st_blocks` counts its data only, and
+/// SEEK_DATA / SEEK_HOLE find the data where the source had it (so `cp --sparse`, tar
+/// --sparse and backup tools copy it sparse).
+#[test]
+fn a_sparse_file_is_served_with_its_holes() {
+    use nix::unistd::{Whence, lseek};
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let image = source.join("disk.img");
+    let file = fs::File::create(&image).unwrap();
+    file.set_len(1 << 30).unwrap();
+    let mut next = common::xorshift(9);
+    let data: Vec<u8> = (0..1 << 20).map(|_| next() as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&file, &data, 512 << 20).unwrap();
+    drop(file);
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let mountpoint = vault.mount("mnt", &["--read-only"]);
+    let served = fs::File::open(mountpoint.join("disk.img")).unwrap();
+    let metadata = served.metadata().unwrap();
+    assert_eq!(metadata.len(), 1 << 30);
+    assert!(
+        metadata.blocks() * 512 <= 2 << 20,
+        "{} blocks for 1 MiB of data",
+        metadata.blocks()
+    );
+    assert_eq!(lseek(&served, 0, Whence::SeekData).unwrap(), 512 << 20);
+    assert_eq!(
+        lseek(&served, 512 << 20, Whence::SeekHole).unwrap(),
+        513 << 20
+    );
+    assert_eq!(
+        lseek(&served, 513 << 20, Whence::SeekData),
+        Err(nix::errno::Errno::ENXIO)
+    );
+    let mut read = vec![0u8; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&served, &mut read, 512 << 20).unwrap();
+    assert_eq!(read, data);
+    drop(served);
+    vault.unmount(&mountpoint);
+}

@@ -31,6 +31,8 @@ pub struct BaseContent {
     inline: Option<Vec<u8>>,
     /// `offsets[i]` is where extent `i` starts; one extra entry holds the size.
     offsets: Vec<u64>,
+    /// Bytes in chunks (not holes), counted once: getattr asks for it often.
+    data_bytes: u64,
 }
 
 impl BaseContent {
@@ -39,15 +41,20 @@ impl BaseContent {
     pub fn new(manifest: FileManifest) -> Self {
         let mut offsets = Vec::with_capacity(manifest.extents.len() + 1);
         let mut at = 0u64;
+        let mut data_bytes = 0;
         offsets.push(0);
         for extent in &manifest.extents {
             at += extent.len();
             offsets.push(at);
+            if matches!(extent, Extent::Chunk(_)) {
+                data_bytes += extent.len();
+            }
         }
         Self {
             manifest,
             inline: None,
             offsets,
+            data_bytes,
         }
     }
 
@@ -59,6 +66,7 @@ impl BaseContent {
             manifest: FileManifest::default(),
             inline: Some(data),
             offsets: vec![0, size],
+            data_bytes: size,
         }
     }
 
@@ -82,6 +90,44 @@ impl BaseContent {
         }
         // The last offset <= `offset`.
         Some(self.offsets.partition_point(|start| *start <= offset) - 1)
+    }
+
+    /// Bytes that are data, not holes (what `st_blocks` counts).
+    #[must_use]
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    /// Where the run of data holding byte `at` ends (None: `at` is in a hole or past the
+    /// end).
+    fn data_run_end(&self, at: u64) -> Option<u64> {
+        if self.inline.is_some() {
+            return (at < self.size()).then(|| self.size());
+        }
+        let first = self.chunk_at(at)?;
+        let mut end = None;
+        for (index, extent) in self.manifest.extents.iter().enumerate().skip(first) {
+            match extent {
+                Extent::Chunk(_) => end = Some(self.offsets[index + 1]),
+                Extent::Hole { .. } => break,
+            }
+        }
+        end
+    }
+
+    /// The first data byte at or after `at` (None: only holes from there).
+    fn next_data(&self, at: u64) -> Option<u64> {
+        if self.inline.is_some() {
+            return (at < self.size()).then_some(at);
+        }
+        let first = self.chunk_at(at)?;
+        self.manifest
+            .extents
+            .iter()
+            .enumerate()
+            .skip(first)
+            .find(|(_, extent)| matches!(extent, Extent::Chunk(_)))
+            .map(|(index, _)| self.offsets[index].max(at))
     }
 
     /// Whether any extent is a hole.
@@ -146,6 +192,31 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
+    /// The range holding `at`, if one does.
+    #[must_use]
+    pub fn containing(&self, at: u64) -> Option<(u64, u64)> {
+        self.ranges
+            .range(..=at)
+            .next_back()
+            .filter(|(_, end)| **end > at)
+            .map(|(start, end)| (*start, *end))
+    }
+
+    /// The first byte of a range at or after `at`.
+    #[must_use]
+    pub fn next_from(&self, at: u64) -> Option<u64> {
+        if self.containing(at).is_some() {
+            return Some(at);
+        }
+        self.ranges.range(at..).next().map(|(start, _)| *start)
+    }
+
+    /// Bytes in all ranges.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.ranges.iter().map(|(start, end)| end - start).sum()
+    }
+
     /// The first changed byte.
     #[must_use]
     pub fn first(&self) -> Option<u64> {
@@ -156,6 +227,64 @@ impl RangeSet {
     #[must_use]
     pub fn end(&self) -> Option<u64> {
         self.ranges.values().next_back().copied()
+    }
+}
+
+/// SEEK_DATA: the first data byte at or after `offset` of a file of `size` bytes over
+/// `base`, with the writes and truncation of `staged` if it has any. None (ENXIO) when
+/// `offset` is at or past the end; the end when only a hole is left (the end is data's
+/// limit: lseek(2) then returns ENXIO too).
+#[must_use]
+pub fn seek_data(
+    base: &BaseContent,
+    staged: Option<&StagedState>,
+    size: u64,
+    offset: u64,
+) -> Option<u64> {
+    if offset >= size {
+        return None;
+    }
+    let base_limit = staged.map_or(size, |state| state.base_limit).min(size);
+    let from_base = base.next_data(offset).filter(|at| *at < base_limit);
+    let from_writes = staged.and_then(|state| state.dirty.next_from(offset));
+    [from_base, from_writes]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at < size)
+        .min()
+}
+
+/// SEEK_HOLE: the first byte at or after `offset` in a hole (the end of the file counts as
+/// one). None (ENXIO) when `offset` is at or past the end.
+#[must_use]
+pub fn seek_hole(
+    base: &BaseContent,
+    staged: Option<&StagedState>,
+    size: u64,
+    offset: u64,
+) -> Option<u64> {
+    if offset >= size {
+        return None;
+    }
+    let base_limit = staged.map_or(size, |state| state.base_limit).min(size);
+    let mut at = offset;
+    // Each step moves past one run of data: written ranges and base runs alternate at most
+    // as often as there are ranges and extents.
+    loop {
+        if at >= size {
+            return Some(size);
+        }
+        if let Some((_, end)) = staged.and_then(|state| state.dirty.containing(at)) {
+            at = end;
+            continue;
+        }
+        if at < base_limit
+            && let Some(end) = base.data_run_end(at)
+        {
+            at = end.min(base_limit);
+            continue;
+        }
+        return Some(at);
     }
 }
 
@@ -700,6 +829,71 @@ mod tests {
 
     fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
         Err(NodeError::PassphraseUnavailable)
+    }
+
+    proptest! {
+        /// SEEK_DATA, SEEK_HOLE and the data count agree with a model that marks each
+        /// byte data or hole: base extents cut at the truncation limit, then the writes.
+        #[test]
+        fn seeks_find_data_and_holes_as_a_byte_model_does(
+            extents in proptest::collection::vec((any::<bool>(), 1u64..40), 0..12),
+            writes in proptest::collection::vec((0u64..500, 1u64..30), 0..4),
+            base_limit in 0u64..500,
+            staged in any::<bool>(),
+            grow in 0u64..60,
+        ) {
+            let mut manifest = FileManifest::default();
+            for (data, len) in &extents {
+                if *data {
+                    manifest.push_chunk(ChunkRef {
+                        cid: [0; 32],
+                        len: u32::try_from(*len).unwrap(),
+                        key: [0; 32],
+                    });
+                } else {
+                    manifest.push_hole(*len);
+                }
+            }
+            let base = BaseContent::new(manifest);
+            let mut model: Vec<bool> = Vec::new();
+            for (data, len) in &extents {
+                model.extend(std::iter::repeat_n(*data, usize::try_from(*len).unwrap()));
+            }
+            let mut state = StagedState::default();
+            let size;
+            if staged {
+                let limit = base_limit.min(base.size());
+                model.truncate(usize::try_from(limit).unwrap());
+                state.base_limit = limit;
+                for (offset, len) in &writes {
+                    state.dirty.insert(*offset, offset + len);
+                    let end = usize::try_from(offset + len).unwrap();
+                    if model.len() < end {
+                        model.resize(end, false);
+                    }
+                    for byte in &mut model[usize::try_from(*offset).unwrap()..end] {
+                        *byte = true;
+                    }
+                }
+                size = model.len() as u64 + grow;
+                model.resize(usize::try_from(size).unwrap(), false);
+            } else {
+                size = base.size();
+            }
+            let state = staged.then_some(&state);
+            for offset in 0..=size + 2 {
+                let at = usize::try_from(offset).unwrap();
+                let data = (at..model.len()).find(|index| model[*index]).map(|index| index as u64);
+                let hole = (offset < size).then(|| {
+                    (at..model.len()).find(|index| !model[*index]).map_or(size, |index| index as u64)
+                });
+                prop_assert_eq!(seek_data(&base, state, size, offset), if offset < size { data } else { None });
+                prop_assert_eq!(seek_hole(&base, state, size, offset), hole);
+            }
+            if !staged {
+                prop_assert_eq!(base.data_bytes(), model.iter().filter(|byte| **byte).count() as u64);
+            }
+        }
     }
 
     /// What a test case does to the file after it was committed.

@@ -22,11 +22,13 @@ use forge_store::object::{
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
-use super::content::{BaseContent, ChunkCache, Staged, read_overlay, rechunk};
+use super::content::{
+    BaseContent, ChunkCache, Staged, read_overlay, rechunk, seek_data, seek_hole,
+};
 use crate::error::{MountFault, NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::fence::WriteSession;
@@ -318,9 +320,18 @@ impl MountedFs {
 
     fn attr(&self, ino: u64, node: &Inode) -> FileAttr {
         let mut rdev = 0;
+        let mut data_bytes = None;
         let (kind, size, nlink) = match &node.kind {
             NodeKind::Directory(_) => (FileType::Directory, 0, 2),
-            NodeKind::File(file) => (FileType::RegularFile, file.size, 1),
+            NodeKind::File(file) => {
+                // Holes take no blocks (a sparse image shows what it holds). A file with
+                // writes since its last chunking counts its size (its staging state is
+                // not read here: that lock is taken before this one elsewhere).
+                if file.staged.is_none() {
+                    data_bytes = Some(file.base.data_bytes().min(file.size));
+                }
+                (FileType::RegularFile, file.size, 1)
+            }
             NodeKind::Symlink(target) => (FileType::Symlink, target.len() as u64, 1),
             NodeKind::Special(content) => {
                 let kind = match content {
@@ -342,7 +353,7 @@ impl MountedFs {
         FileAttr {
             ino: INodeNo(ino),
             size,
-            blocks: size.div_ceil(512),
+            blocks: data_bytes.unwrap_or(size).div_ceil(512),
             // Reads do not move it (as `noatime`); a utimensat does, and it is kept.
             atime: node.meta.atime_ns.map_or(mtime, system_time),
             mtime,
@@ -1406,6 +1417,32 @@ impl FuseAdapter {
         Ok(attr)
     }
 
+    /// SEEK_DATA and SEEK_HOLE over the file's extents and its writes since chunking
+    /// (other whences the kernel answers itself).
+    fn do_lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let fs = &self.0;
+        let (base, staged, file_size) = {
+            let inodes = fs.lock();
+            match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::File(file)) => (file.base.clone(), file.staged.clone(), file.size),
+                Some(_) => return Err(Errno::EINVAL),
+                None => return Err(Errno::ENOENT),
+            }
+        };
+        let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let state = staged.as_ref().map(|staged| staged.lock());
+        let found = match whence {
+            libc::SEEK_DATA => seek_data(&base, state.as_deref(), file_size, offset),
+            libc::SEEK_HOLE => seek_hole(&base, state.as_deref(), file_size, offset),
+            _ => return Err(Errno::EINVAL),
+        };
+        // Past the end, or only a hole left for SEEK_DATA: ENXIO, as lseek(2) says.
+        found
+            .filter(|at| *at < file_size || whence == libc::SEEK_HOLE)
+            .and_then(|at| i64::try_from(at).ok())
+            .ok_or(Errno::ENXIO)
+    }
+
     fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let fs = &self.0;
         let (base, staged, file_size) = {
@@ -1599,6 +1636,21 @@ impl Filesystem for FuseAdapter {
     ) {
         // Hard links have no place in the tree model (an entry is a name with its content).
         reply.error(Errno::ENOTSUP);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.do_lseek(ino.0, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(errno) => reply.error(errno),
+        }
     }
 
     fn mknod(

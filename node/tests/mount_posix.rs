@@ -217,10 +217,65 @@ run("stat acl-file", lambda: st("acl-file"))
 "#,
         ),
         (
-            "known differences",
+            "ACL for a named user",
             User(1001, 1001, &[]),
             r#"
 run("read through an ACL", lambda: open("acl-file").read())
+run("write not granted", lambda: write("acl-file"))
+"#,
+        ),
+        (
+            "default ACL",
+            Root,
+            r#"
+import struct
+def acl(entries):
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+os.mkdir("inherit"); os.chmod("inherit", 0o777)
+run("set default ACL", lambda: os.setxattr("inherit", "system.posix_acl_default",
+    acl([(1, 7, 0xFFFFFFFF), (2, 6, 1001), (4, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)])))
+run("equivalent access ACL is the mode", lambda: os.setxattr("acl-file", "system.posix_acl_access",
+    acl([(1, 6, 0xFFFFFFFF), (4, 0, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])))
+run("stat after", lambda: st("acl-file"))
+run("attributes after", lambda: sorted(os.listxattr("acl-file")))
+run("garbage ACL", lambda: os.setxattr("acl-file", "system.posix_acl_access", b"junk"))
+"#,
+        ),
+        (
+            "inheriting a default ACL",
+            User(1000, 1000, &[]),
+            r#"
+run("create", lambda: write("inherit/new", b"x", os.O_WRONLY | os.O_CREAT))
+run("stat new", lambda: st("inherit/new"))
+run("new's ACL", lambda: os.getxattr("inherit/new", "system.posix_acl_access"))
+run("mkdir", lambda: os.mkdir("inherit/sub", 0o750))
+run("stat sub", lambda: st("inherit/sub"))
+run("sub's ACLs", lambda: (os.getxattr("inherit/sub", "system.posix_acl_access"), os.getxattr("inherit/sub", "system.posix_acl_default")))
+run("mkfifo", lambda: os.mkfifo("inherit/pipe", 0o666))
+run("stat pipe", lambda: st("inherit/pipe"))
+"#,
+        ),
+        (
+            "ACL after chmod",
+            User(1001, 1001, &[]),
+            r#"
+run("write through inherited ACL", lambda: write("inherit/new"))
+"#,
+        ),
+        (
+            "chmod moves the mask",
+            User(1000, 1000, &[]),
+            r#"
+run("chmod", lambda: os.chmod("inherit/new", 0o604))
+run("ACL after chmod", lambda: os.getxattr("inherit/new", "system.posix_acl_access"))
+run("stat after chmod", lambda: st("inherit/new"))
+"#,
+        ),
+        (
+            "mask shut",
+            User(1001, 1001, &[]),
+            r#"
+run("write after the mask shut", lambda: write("inherit/new"))
 "#,
         ),
         (
@@ -245,13 +300,6 @@ const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[
         "link ENOTSUP",
         "the mount serves each name as its own file; an imported link group is kept, \
          but no new link can be made through it yet",
-    ),
-    (
-        "read through an ACL ",
-        "read through an ACL EACCES",
-        "ACLs are stored, listed, committed and exported, but the kernel enforces only the \
-         mode bits: FUSE_POSIX_ACL would make the file system keep mode and ACL in step \
-         and inherit default ACLs itself, which it does not do yet",
     ),
     (
         "tmpfile ",

@@ -33,7 +33,7 @@ use crate::error::{MountFault, NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::fence::WriteSession;
 use crate::vault::import::{Importer, too_deep};
-use crate::vault::posix::OwnerNames;
+use crate::vault::posix::{self, OwnerNames};
 use crate::vault::{OpenVolume, Vault};
 
 const TTL: Duration = Duration::from_secs(1);
@@ -496,11 +496,15 @@ impl MountedFs {
     /// Adds a new node under `parent`, owned by `creator` (the request's uid and gid) as
     /// Linux does: the group is the directory's when it has the setgid bit, and a new
     /// directory inherits that bit.
+    ///
+    /// `mode` is what the request asked for, before its `umask`: under a directory with a
+    /// default ACL the ACL decides instead of the umask, and the new entry inherits it
+    /// (the kernel leaves both to the file system: `FUSE_POSIX_ACL`, `FUSE_DONT_MASK`).
     fn insert(
         &self,
         parent: u64,
         name: &OsStr,
-        mut mode: u32,
+        (mut mode, umask): (u32, u32),
         kind: NodeKind,
         creator: (u32, u32),
     ) -> Result<(u64, FileAttr), Errno> {
@@ -509,6 +513,36 @@ impl MountedFs {
         let mut inodes = self.lock();
         if self.child(&mut inodes, parent, name)?.is_some() {
             return Err(Errno::EEXIST);
+        }
+        let mut xattrs = Vec::new();
+        let default_acl = inodes.nodes.get(&parent).and_then(|directory| {
+            directory
+                .meta
+                .xattrs
+                .iter()
+                .find(|xattr| xattr.name == posix::ACL_DEFAULT)
+                .map(|xattr| xattr.value.clone())
+        });
+        let inherited = default_acl
+            .filter(|_| !matches!(kind, NodeKind::Symlink(_)))
+            .and_then(|default| Some((posix::inherit_acl(&default, mode)?, default)));
+        match inherited {
+            Some(((bits, access), default)) => {
+                mode = (mode & 0o7000) | bits;
+                if let Some(access) = access {
+                    xattrs.push(Xattr {
+                        name: posix::ACL_ACCESS.to_vec(),
+                        value: access,
+                    });
+                }
+                if matches!(kind, NodeKind::Directory(_)) {
+                    xattrs.push(Xattr {
+                        name: posix::ACL_DEFAULT.to_vec(),
+                        value: default,
+                    });
+                }
+            }
+            None => mode &= !umask,
         }
         let (uid, mut gid) = creator;
         if let Some(directory) = inodes.nodes.get(&parent)
@@ -534,6 +568,7 @@ impl MountedFs {
                 gid: Some(gid),
                 user: self.owner_names.user(uid),
                 group: self.owner_names.group(gid),
+                xattrs,
                 ..EntryMeta::default()
             },
             lookups: 0,
@@ -969,6 +1004,29 @@ impl MountedFs {
             }
             (Some(_), Err(_)) if how == XattrSet::Replace => return Err(Errno::ENODATA),
             (Some(_), Ok(_)) if how == XattrSet::Create => return Err(Errno::EEXIST),
+            (Some(value), _) if name == posix::ACL_DEFAULT && posix::parse_acl(value).is_none() => {
+                return Err(Errno::EINVAL);
+            }
+            // An access ACL sets the permission bits; one the bits say all of is not kept.
+            (Some(value), found) if name == posix::ACL_ACCESS => {
+                let entries = posix::parse_acl(value).ok_or(Errno::EINVAL)?;
+                let (bits, extended) = posix::mode_of_acl(&entries);
+                node.mode = (node.mode & 0o7000) | bits;
+                match (extended, found) {
+                    (true, Ok(index)) => xattrs[index].value = value.to_vec(),
+                    (true, Err(index)) => xattrs.insert(
+                        index,
+                        Xattr {
+                            name: name.to_vec(),
+                            value: value.to_vec(),
+                        },
+                    ),
+                    (false, Ok(index)) => {
+                        xattrs.remove(index);
+                    }
+                    (false, Err(_)) => {}
+                }
+            }
             (Some(value), found) => {
                 let others: usize = xattrs
                     .iter()
@@ -1388,6 +1446,16 @@ impl FuseAdapter {
         if let Some(mode) = mode {
             node.mode = mode & 0o7777;
             node.ctime_ns = now;
+            // The access ACL follows the new bits (owner, mask, other).
+            if let Some(acl) = node
+                .meta
+                .xattrs
+                .iter_mut()
+                .find(|xattr| xattr.name == posix::ACL_ACCESS)
+                && let Some(updated) = posix::chmod_acl(&acl.value, mode)
+            {
+                acl.value = updated;
+            }
         }
         if let Some(mtime) = mtime {
             node.mtime_ns = time_ns(mtime, now);
@@ -1484,6 +1552,14 @@ impl Filesystem for FuseAdapter {
         // Let the kernel keep more read-ahead requests in flight for the worker threads.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // ACLs enforced by the kernel against what the volume keeps; the file system keeps
+        // mode and ACL in step and applies umask or default ACL itself (see `insert`).
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_DONT_MASK)
+            .is_ok()
+        {
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL);
+        }
         Ok(())
     }
 
@@ -1573,7 +1649,7 @@ impl Filesystem for FuseAdapter {
             self.0.insert(
                 parent.0,
                 name,
-                mode & !umask & 0o7777,
+                (mode & 0o7777, umask),
                 kind,
                 (req.uid(), req.gid()),
             ),
@@ -1605,8 +1681,13 @@ impl Filesystem for FuseAdapter {
         let kind = NodeKind::Symlink(target.as_os_str().as_bytes().to_vec());
         self.entry(
             reply,
-            self.0
-                .insert(parent.0, link_name, 0o777, kind, (req.uid(), req.gid())),
+            self.0.insert(
+                parent.0,
+                link_name,
+                (0o777, 0),
+                kind,
+                (req.uid(), req.gid()),
+            ),
         );
     }
 
@@ -1681,7 +1762,7 @@ impl Filesystem for FuseAdapter {
             self.0.insert(
                 parent.0,
                 name,
-                mode & !umask & 0o7777,
+                (mode & 0o7777, umask),
                 kind,
                 (req.uid(), req.gid()),
             ),
@@ -1991,7 +2072,7 @@ impl Filesystem for FuseAdapter {
         let created = self.0.insert(
             parent.0,
             name,
-            mode & !umask & 0o7777,
+            (mode & 0o7777, umask),
             kind,
             (req.uid(), req.gid()),
         );
@@ -2078,7 +2159,7 @@ mod tests {
             tree: None,
             children: Some(BTreeMap::new()),
         });
-        fs.insert(ROOT, OsStr::new(name), 0o755, kind, (0, 0))
+        fs.insert(ROOT, OsStr::new(name), (0o755, 0), kind, (0, 0))
             .unwrap();
     }
 
@@ -2124,7 +2205,7 @@ mod tests {
                     children: Some(BTreeMap::new()),
                 });
                 parent = fs
-                    .insert(parent, OsStr::new(name), 0o755, kind, (0, 0))
+                    .insert(parent, OsStr::new(name), (0o755, 0), kind, (0, 0))
                     .unwrap()
                     .0;
             }
@@ -2192,7 +2273,7 @@ mod tests {
             fs.insert(
                 directory,
                 OsStr::new(&format!("f{index}")),
-                0o644,
+                (0o644, 0),
                 kind,
                 (0, 0),
             )
@@ -2231,7 +2312,7 @@ mod tests {
             let name = format!("scratch-{round}");
             let kind = NodeKind::File(file_node(BaseContent::default()));
             let (ino, _) = fs
-                .insert(ROOT, OsStr::new(&name), 0o644, kind, (0, 0))
+                .insert(ROOT, OsStr::new(&name), (0o644, 0), kind, (0, 0))
                 .unwrap();
             fs.remember(ino);
             adapter.remove(ROOT, OsStr::new(&name), false).unwrap();

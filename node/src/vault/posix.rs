@@ -138,6 +138,143 @@ pub(crate) fn link_group(device: u64, inode: u64) -> u64 {
     mix(mix(device) ^ inode)
 }
 
+/// The attribute holding a POSIX access ACL.
+pub(crate) const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+/// The attribute holding a directory's default ACL (inherited by what is made in it).
+pub(crate) const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// One entry of a POSIX ACL in the kernel's xattr form: tag, permission bits, id.
+type AclEntry = (u16, u16, u32);
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const ACL_XATTR_VERSION: u32 = 2;
+
+/// Decodes an ACL attribute value (version 2, 8-byte entries); None if malformed or
+/// without the three entries every ACL has.
+pub(crate) fn parse_acl(value: &[u8]) -> Option<Vec<AclEntry>> {
+    let (version, rest) = value.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*version) != ACL_XATTR_VERSION || rest.len() % 8 != 0 {
+        return None;
+    }
+    let entries: Vec<AclEntry> = rest
+        .chunks_exact(8)
+        .map(|entry| {
+            (
+                u16::from_le_bytes([entry[0], entry[1]]),
+                u16::from_le_bytes([entry[2], entry[3]]),
+                u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]),
+            )
+        })
+        .collect();
+    let has = |tag| entries.iter().any(|entry| entry.0 == tag);
+    let named = entries
+        .iter()
+        .any(|entry| entry.0 == ACL_USER || entry.0 == ACL_GROUP);
+    let valid_tags = entries.iter().all(|entry| {
+        matches!(
+            entry.0,
+            ACL_USER_OBJ | ACL_USER | ACL_GROUP_OBJ | ACL_GROUP | ACL_MASK | ACL_OTHER
+        ) && entry.1 & !7 == 0
+    });
+    (valid_tags
+        && has(ACL_USER_OBJ)
+        && has(ACL_GROUP_OBJ)
+        && has(ACL_OTHER)
+        && (!named || has(ACL_MASK)))
+    .then_some(entries)
+}
+
+fn encode_acl(entries: &[AclEntry]) -> Vec<u8> {
+    let mut value = ACL_XATTR_VERSION.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        value.extend_from_slice(&tag.to_le_bytes());
+        value.extend_from_slice(&perm.to_le_bytes());
+        value.extend_from_slice(&id.to_le_bytes());
+    }
+    value
+}
+
+/// The permission bits an access ACL gives (the group bits are its mask, when it has
+/// one), and whether the ACL says more than they do (`false`: the mode alone is the
+/// ACL, and the attribute need not be kept), as Linux's `posix_acl_equiv_mode`.
+pub(crate) fn mode_of_acl(entries: &[AclEntry]) -> (u32, bool) {
+    let perm = |tag| {
+        entries
+            .iter()
+            .find(|entry| entry.0 == tag)
+            .map_or(0, |entry| u32::from(entry.1 & 7))
+    };
+    let extended = entries
+        .iter()
+        .any(|entry| matches!(entry.0, ACL_USER | ACL_GROUP | ACL_MASK));
+    let group = if extended && entries.iter().any(|entry| entry.0 == ACL_MASK) {
+        perm(ACL_MASK)
+    } else {
+        perm(ACL_GROUP_OBJ)
+    };
+    (
+        (perm(ACL_USER_OBJ) << 6) | (group << 3) | perm(ACL_OTHER),
+        extended,
+    )
+}
+
+/// An access ACL after a chmod to `mode`: owner, mask (or group) and other take the new
+/// bits (Linux's `posix_acl_chmod`). None if `value` is not an ACL.
+pub(crate) fn chmod_acl(value: &[u8], mode: u32) -> Option<Vec<u8>> {
+    let mut entries = parse_acl(value)?;
+    let has_mask = entries.iter().any(|entry| entry.0 == ACL_MASK);
+    for entry in &mut entries {
+        let bits = match entry.0 {
+            ACL_USER_OBJ => mode >> 6,
+            ACL_MASK => mode >> 3,
+            ACL_GROUP_OBJ if !has_mask => mode >> 3,
+            ACL_OTHER => mode,
+            _ => continue,
+        };
+        entry.1 = u16::try_from(bits & 7).unwrap_or(0);
+    }
+    Some(encode_acl(&entries))
+}
+
+/// What an entry made in a directory with default ACL `default` gets, asked for with
+/// permission bits `mode` (no umask: a default ACL replaces it): its permission bits and
+/// its access ACL (None when the bits say it all), as Linux's `posix_acl_create`.
+pub(crate) fn inherit_acl(default: &[u8], mode: u32) -> Option<(u32, Option<Vec<u8>>)> {
+    let mut entries = parse_acl(default)?;
+    let mut mode = mode & 0o777;
+    let mut extended = false;
+    for entry in &mut entries {
+        match entry.0 {
+            ACL_USER_OBJ => {
+                entry.1 &= u16::try_from((mode >> 6) & 7).unwrap_or(0);
+                mode &= (u32::from(entry.1) << 6) | !0o700;
+            }
+            ACL_USER | ACL_GROUP | ACL_MASK => extended = true,
+            ACL_OTHER => {
+                entry.1 &= u16::try_from(mode & 7).unwrap_or(0);
+                mode &= u32::from(entry.1) | !0o007;
+            }
+            _ => {}
+        }
+    }
+    let group_tag = if entries.iter().any(|entry| entry.0 == ACL_MASK) {
+        ACL_MASK
+    } else {
+        ACL_GROUP_OBJ
+    };
+    for entry in &mut entries {
+        if entry.0 == group_tag {
+            entry.1 &= u16::try_from((mode >> 3) & 7).unwrap_or(0);
+            mode &= (u32::from(entry.1) << 3) | !0o070;
+        }
+    }
+    Some((mode & 0o777, extended.then(|| encode_acl(&entries))))
+}
+
 /// Names of this machine's users and groups by id, looked up once each (an import asks
 /// for the same few owners thousands of times).
 #[derive(Debug, Default)]
@@ -455,6 +592,60 @@ mod tests {
         let first_root = vault.read_commit(&volume, &report.snapshot).unwrap().root;
         let second_root = vault.read_commit(&volume, &again.snapshot).unwrap().root;
         assert_eq!(first_root, second_root);
+    }
+
+    #[test]
+    fn acls_give_modes_follow_chmod_and_are_inherited_as_linux_does() {
+        let acl = |entries: &[AclEntry]| encode_acl(entries);
+        let none = u32::MAX;
+        let plain = acl(&[(1, 6, none), (4, 4, none), (0x20, 4, none)]);
+        assert_eq!(mode_of_acl(&parse_acl(&plain).unwrap()), (0o644, false));
+        let named = acl(&[
+            (1, 7, none),
+            (2, 6, 1001),
+            (4, 5, none),
+            (0x10, 4, none),
+            (0x20, 0, none),
+        ]);
+        assert_eq!(mode_of_acl(&parse_acl(&named).unwrap()), (0o740, true));
+        // chmod moves the mask, not the owning group's entry.
+        let chmodded = chmod_acl(&named, 0o751).unwrap();
+        assert_eq!(
+            parse_acl(&chmodded).unwrap(),
+            vec![
+                (1, 7, none),
+                (2, 6, 1001),
+                (4, 5, none),
+                (0x10, 5, none),
+                (0x20, 1, none)
+            ]
+        );
+        // Created with 0666 under a default ACL: bits masked by the ACL, ACL by the bits.
+        let (mode, access) = inherit_acl(&named, 0o666).unwrap();
+        assert_eq!(mode, 0o640);
+        assert_eq!(
+            parse_acl(&access.unwrap()).unwrap(),
+            vec![
+                (1, 6, none),
+                (2, 6, 1001),
+                (4, 5, none),
+                (0x10, 4, none),
+                (0x20, 0, none)
+            ]
+        );
+        assert_eq!(inherit_acl(&plain, 0o777).unwrap(), (0o644, None));
+        // Garbage and ACLs missing a required entry are refused.
+        assert!(parse_acl(b"junk").is_none());
+        assert!(parse_acl(&acl(&[(1, 6, none), (0x20, 4, none)])).is_none());
+        assert!(
+            parse_acl(&acl(&[
+                (1, 6, none),
+                (2, 6, 7),
+                (4, 4, none),
+                (0x20, 4, none)
+            ]))
+            .is_none()
+        );
     }
 
     #[test]

@@ -1124,8 +1124,10 @@ impl MountedFs {
                 mtime_ns: node.mtime_ns,
                 size,
                 content,
+                // A ctime equal to the mtime is what a missing one reads as: leave it out,
+                // so an entry nobody touched encodes as it was.
                 meta: EntryMeta {
-                    ctime_ns: Some(node.ctime_ns),
+                    ctime_ns: (node.ctime_ns != node.mtime_ns).then_some(node.ctime_ns),
                     ..node.meta.clone()
                 },
             });

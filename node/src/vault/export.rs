@@ -18,10 +18,11 @@ use forge_store::chunkstore::read_chunk;
 use forge_store::object::{ChunkRef, EntryContent, Extent, FileManifest, TreeEntry};
 use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, openat};
 use nix::sys::stat::{
-    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, makedev, mkdirat, mknodat, utimensat,
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev, mkdirat,
+    mknodat, utimensat,
 };
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid, fchownat, geteuid, linkat, symlinkat};
+use nix::unistd::{Gid, Uid, fchown, fchownat, getegid, geteuid, linkat, symlinkat};
 use rayon::prelude::*;
 
 use super::posix::{self, OwnerMap};
@@ -281,7 +282,9 @@ impl Exporter<'_> {
     /// owner, permissions, extended attributes and times.
     fn create_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
         let name = OsStr::from_bytes(&entry.name);
-        match &entry.content {
+        // The entry's own descriptor when it has one (a file or directory): metadata is
+        // set through it, with no second lookup by name.
+        let open: Option<OwnedFd> = match &entry.content {
             EntryContent::Directory { tree } => {
                 mkdirat(parent, name, Mode::from_bits_truncate(0o700))
                     .map_err(at_error("creating", path))?;
@@ -295,16 +298,18 @@ impl Exporter<'_> {
                 self.export_tree(&Cid::from_bytes(*tree), &directory, path)?;
                 // Owner, permissions and times last: writing the children changed the
                 // mtime, and a read-only directory must still receive its children first.
+                Some(directory)
             }
             EntryContent::Symlink { target } => {
                 symlinkat(OsStr::from_bytes(target), parent, name)
                     .map_err(at_error("creating symlink", path))?;
+                None
             }
             EntryContent::InlineFile(manifest) => {
-                self.write_file(FileBytes::Extents(manifest), parent, name, path)?;
+                Some(self.write_file(FileBytes::Extents(manifest), parent, name, path)?)
             }
             EntryContent::InlineData(data) => {
-                self.write_file(FileBytes::Inline(data), parent, name, path)?;
+                Some(self.write_file(FileBytes::Inline(data), parent, name, path)?)
             }
             EntryContent::File { manifest } => {
                 let manifest = self
@@ -316,7 +321,7 @@ impl Exporter<'_> {
                     }
                     .into());
                 }
-                self.write_file(FileBytes::Extents(&manifest), parent, name, path)?;
+                Some(self.write_file(FileBytes::Extents(&manifest), parent, name, path)?)
             }
             EntryContent::Fifo
             | EntryContent::Socket
@@ -343,9 +348,10 @@ impl Exporter<'_> {
                     }
                     Err(errno) => return Err(at_error("creating special file", path)(errno)),
                 }
+                None
             }
-        }
-        self.restore_metadata(entry, parent, name, path)
+        };
+        self.restore_metadata(entry, (parent, name), open.as_ref(), path)
     }
 
     /// Owner first (a chown clears setuid and setgid), then permission bits, extended
@@ -354,34 +360,36 @@ impl Exporter<'_> {
     fn restore_metadata(
         &self,
         entry: &TreeEntry,
-        parent: &OwnedFd,
-        name: &OsStr,
+        (parent, name): (&OwnedFd, &OsStr),
+        open: Option<&OwnedFd>,
         path: &Path,
     ) -> Result<()> {
         let symlink = matches!(entry.content, EntryContent::Symlink { .. });
         let (uid, gid) = self.owners.owner(&entry.meta);
-        if uid.is_some() || gid.is_some() {
+        // What this process creates is its own (no directory is setgid while its children
+        // are written): a chown to that is skipped, which is most of a typical tree.
+        let (our_uid, our_gid) = (geteuid().as_raw(), getegid().as_raw());
+        let chown_needed =
+            uid.is_some_and(|uid| uid != our_uid) || gid.is_some_and(|gid| gid != our_gid);
+        if chown_needed {
             if self.as_root {
-                fchownat(
-                    parent,
-                    name,
-                    uid.map(Uid::from_raw),
-                    gid.map(Gid::from_raw),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
+                let (uid, gid) = (uid.map(Uid::from_raw), gid.map(Gid::from_raw));
+                match open {
+                    Some(descriptor) => fchown(descriptor, uid, gid),
+                    None => fchownat(parent, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW),
+                }
                 .map_err(at_error("setting the owner of", path))?;
-            } else if uid.is_some_and(|uid| uid != geteuid().as_raw()) {
+            } else if uid.is_some_and(|uid| uid != our_uid) {
                 self.owners_not_restored.fetch_add(1, Ordering::Relaxed);
             }
         }
         if !symlink {
             // Linux has no permission bits on symlinks (and fchmodat cannot skip them).
-            fchmodat(
-                parent,
-                name,
-                Mode::from_bits_truncate(entry.mode),
-                FchmodatFlags::FollowSymlink,
-            )
+            let mode = Mode::from_bits_truncate(entry.mode);
+            match open {
+                Some(descriptor) => fchmod(descriptor, mode),
+                None => fchmodat(parent, name, mode, FchmodatFlags::FollowSymlink),
+            }
             .map_err(at_error("setting permissions of", path))?;
         }
         if !entry.meta.xattrs.is_empty() {
@@ -406,13 +414,16 @@ impl Exporter<'_> {
         }
         let mtime = timespec(entry.mtime_ns);
         let atime = entry.meta.atime_ns.map_or(mtime, timespec);
-        utimensat(
-            parent,
-            name,
-            &atime,
-            &mtime,
-            UtimensatFlags::NoFollowSymlink,
-        )
+        match open {
+            Some(descriptor) => futimens(descriptor, &atime, &mtime),
+            None => utimensat(
+                parent,
+                name,
+                &atime,
+                &mtime,
+                UtimensatFlags::NoFollowSymlink,
+            ),
+        }
         .map_err(at_error("setting mtime of", path))
     }
 
@@ -430,7 +441,7 @@ impl Exporter<'_> {
         parent: &OwnedFd,
         name: &OsStr,
         path: &Path,
-    ) -> Result<()> {
+    ) -> Result<OwnedFd> {
         let mut file = File::from(
             openat(
                 parent,
@@ -472,7 +483,7 @@ impl Exporter<'_> {
             }
         };
         self.progress.file_done(size);
-        Ok(())
+        Ok(OwnedFd::from(file))
     }
 }
 

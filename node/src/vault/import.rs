@@ -614,7 +614,11 @@ impl Importer<'_> {
             atime_ns: self
                 .keep_atime
                 .then(|| nanoseconds(metadata.st_atime, metadata.st_atime_nsec)),
-            ctime_ns: Some(nanoseconds(metadata.st_ctime, metadata.st_ctime_nsec)),
+            // Not the source's ctime: a copy of a tree (cp -a, a restore, rsync) has new
+            // ctimes everywhere, and keeping them made every tree of the copy new (its
+            // second import stored 11x more). A mount reports ctime from mtime and keeps
+            // the ctimes of its own changes.
+            ctime_ns: None,
             xattrs,
             link_group,
         };

@@ -594,6 +594,40 @@ mod tests {
         assert_eq!(first_root, second_root);
     }
 
+    /// A copy of a tree (`cp -a`: same contents, modes, owners, mtimes and xattrs, new
+    /// ctimes and inodes) imports as the same root: nothing of it is stored again. With the
+    /// source's ctimes kept, every tree of the copy was new (the bench's second version
+    /// added 38.8 MB instead of 3.6 MB).
+    #[test]
+    fn a_copy_of_a_tree_imports_as_the_same_root() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = new_vault(temp.path());
+        vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let source = temp.path().join("source");
+        fs::create_dir_all(source.join("dir")).unwrap();
+        fs::write(source.join("dir/file"), b"some bytes").unwrap();
+        fs::write(source.join("top"), vec![7u8; 100_000]).unwrap();
+        set_xattr(&source.join("top"), "user.tag", b"x");
+        let copy = temp.path().join("copy");
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&source)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let first = import(&vault, &source);
+        let second = import(&vault, &copy);
+        let volume = vault.open_volume("v", &no_passphrase).unwrap();
+        assert_eq!(
+            vault.read_commit(&volume, &first.snapshot).unwrap().root,
+            vault.read_commit(&volume, &second.snapshot).unwrap().root
+        );
+        assert_eq!(second.new_chunks, 0);
+    }
+
     #[test]
     fn acls_give_modes_follow_chmod_and_are_inherited_as_linux_does() {
         let acl = |entries: &[AclEntry]| encode_acl(entries);

@@ -218,8 +218,10 @@ fn errors_have_the_right_errno_and_snapshots_are_read_only() {
     assert_eq!(error.raw_os_error(), Some(libc_errno::EEXIST));
     let error = fs::read(mountpoint.join("absent")).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc_errno::ENOENT));
-    let error = fs::hard_link(mountpoint.join("dir/file"), mountpoint.join("link")).unwrap_err();
-    assert_eq!(error.raw_os_error(), Some(libc_errno::ENOTSUP));
+    let error = fs::hard_link(mountpoint.join("dir"), mountpoint.join("link")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EPERM), "a directory");
+    let error = fs::hard_link(mountpoint.join("dir/file"), mountpoint.join("dir")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc_errno::EEXIST));
     // Past the maximum file size: EFBIG at once, not hours of hashing zeros at commit.
     let huge = fs::OpenOptions::new()
         .write(true)
@@ -497,7 +499,7 @@ mod libc_errno {
     pub const ENOSPC: i32 = 28;
     pub const ENOTEMPTY: i32 = 39;
     pub const EROFS: i32 = 30;
-    pub const ENOTSUP: i32 = 95;
+    pub const EPERM: i32 = 1;
 }
 
 #[test]

@@ -77,7 +77,9 @@ os.mkdir("sticky"); os.chmod("sticky", 0o1777)
 os.mkdir("private", 0o700); os.chown("private", 1000, 1000)
 write("private/f", flags=os.O_WRONLY | os.O_CREAT); os.chown("private/f", 1000, 1000)
 os.mkdir("shared"); os.chown("shared", 0, 2000); os.chmod("shared", 0o2775)
-for name, owner, mode in (("suid", (1000, 1000), 0o4755), ("sgid", (1000, 2000), 0o2755)):
+os.mkdir("links"); os.chown("links", 1000, 1000)
+for name, owner, mode in (("suid", (1000, 1000), 0o4755), ("sgid", (1000, 2000), 0o2755),
+                          ("sgid-acl", (1000, 2000), 0o2755), ("sgid-acl-kept", (1000, 2000), 0o2755)):
     write(name, flags=os.O_WRONLY | os.O_CREAT); os.chown(name, *owner); os.chmod(name, mode)
 run("stat suid", lambda: st("suid"))
 "#,
@@ -279,14 +281,80 @@ run("write after the mask shut", lambda: write("inherit/new"))
 "#,
         ),
         (
+            "hard links",
+            User(1000, 1000, &[]),
+            r#"
+write("links/a", b"one", os.O_WRONLY | os.O_CREAT)
+os.mkdir("links/sub")
+run("link", lambda: os.link("links/a", "links/b"))
+run("link into another directory", lambda: os.link("links/a", "links/sub/c"))
+run("nlink", lambda: os.lstat("links/a").st_nlink)
+run("one inode", lambda: len({os.lstat(p).st_ino for p in ("links/a", "links/b", "links/sub/c")}))
+run("write through one name", lambda: write("links/b", b"two"))
+run("read through another", lambda: open("links/sub/c", "rb").read())
+run("stat of a link", lambda: st("links/sub/c"))
+run("link onto an existing name", lambda: os.link("links/a", "links/b"))
+run("link a directory", lambda: os.link("links/sub", "links/sub2"))
+run("link a missing file", lambda: os.link("links/none", "links/x"))
+run("rename onto its own link", lambda: os.rename("links/a", "links/b"))
+run("both names stay", lambda: (os.path.exists("links/a"), os.path.exists("links/b")))
+run("unlink one name", lambda: os.unlink("links/b"))
+run("nlink after unlink", lambda: os.lstat("links/a").st_nlink)
+run("chmod through one name", lambda: os.chmod("links/sub/c", 0o640))
+run("mode through the other", lambda: st("links/a"))
+os.symlink("a", "links/sym"); os.mkfifo("links/fifo")
+run("link a symlink", lambda: os.link("links/sym", "links/sym2", follow_symlinks=False))
+run("link a fifo", lambda: os.link("links/fifo", "links/fifo2"))
+run("nlink of the fifo", lambda: os.lstat("links/fifo2").st_nlink)
+write("links/d", b"replaced", os.O_WRONLY | os.O_CREAT)
+run("link to rename over", lambda: os.link("links/d", "links/d2"))
+run("rename over a linked name", lambda: os.rename("links/sub/c", "links/d2"))
+run("nlink of the replaced", lambda: os.lstat("links/d").st_nlink)
+run("nlink of the moved", lambda: os.lstat("links/a").st_nlink)
+run("moved name's content", lambda: open("links/d2", "rb").read())
+write("links/e", b"open", os.O_WRONLY | os.O_CREAT)
+fd = os.open("links/e", os.O_RDONLY)
+run("unlink an open file's last name", lambda: os.unlink("links/e"))
+run("nlink of an unlinked open file", lambda: os.fstat(fd).st_nlink)
+os.close(fd)
+run("listing", lambda: sorted(os.listdir("links")))
+"#,
+        ),
+        (
+            "hard links by another user",
+            User(1001, 1001, &[]),
+            r#"
+run("link another user's private file", lambda: os.link("links/a", "sticky/stolen"))
+run("link into another user's directory", lambda: os.link("sticky/e3", "links/mine"))
+"#,
+        ),
+        (
+            "ACL on a setgid file, owner outside its group",
+            User(1000, 1000, &[]),
+            r#"
+import struct
+acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in
+    [(1, 7, 0xFFFFFFFF), (4, 5, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)])
+run("set access ACL", lambda: os.setxattr("sgid-acl", "system.posix_acl_access", acl))
+run("setgid cleared", lambda: st("sgid-acl"))
+"#,
+        ),
+        (
+            "ACL on a setgid file, owner in its group",
+            User(1000, 1000, &[2000]),
+            r#"
+import struct
+acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in
+    [(1, 7, 0xFFFFFFFF), (4, 5, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)])
+run("set access ACL", lambda: os.setxattr("sgid-acl-kept", "system.posix_acl_access", acl))
+run("setgid kept", lambda: st("sgid-acl-kept"))
+"#,
+        ),
+        (
             "known differences",
             User(1000, 1000, &[]),
             r#"
-run("link", lambda: os.link("sticky/e3", "sticky/e3-link"))
 run("tmpfile", lambda: os.close(os.open("sticky", os.O_TMPFILE | os.O_WRONLY, 0o600)))
-# (So the trees compared after the commit are the same.)
-if os.path.exists("sticky/e3-link"):
-    os.unlink("sticky/e3-link")
 "#,
         ),
     ]
@@ -294,19 +362,11 @@ if os.path.exists("sticky/e3-link"):
 
 /// Operations whose result on the mount is known to differ from a local file system,
 /// with the mount's result and the reason (asserted, so a change is noticed).
-const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[
-    (
-        "link ",
-        "link ENOTSUP",
-        "the mount serves each name as its own file; an imported link group is kept, \
-         but no new link can be made through it yet",
-    ),
-    (
-        "tmpfile ",
-        "tmpfile ENOTSUP",
-        "fuser has no tmpfile request (ENOTSUP is EOPNOTSUPP on Linux)",
-    ),
-];
+const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[(
+    "tmpfile ",
+    "tmpfile ENOTSUP",
+    "fuser has no tmpfile request (ENOTSUP is EOPNOTSUPP on Linux)",
+)];
 
 fn run_case(base: &Path, who: As, code: &str) -> Vec<String> {
     let mut command = match who {
@@ -453,7 +513,8 @@ for directory, names, files in sorted(os.walk(".")):
         xattrs = sorted((key, os.getxattr(path, key, follow_symlinks=False)) for key in os.listxattr(path, follow_symlinks=False))
         # Times only where a case set them (the rest were made at different moments).
         when = times(path) if path == "./sticky/a" else ""
-        print(path, st(path), xattrs, when)
+        links = "" if os.path.isdir(path) and not os.path.islink(path) else f" nlink {os.lstat(path).st_nlink}"
+        print(path, st(path), xattrs, when, links)
 "#,
         )
     };
@@ -471,8 +532,7 @@ for directory, names, files in sorted(os.walk(".")):
 
 /// `tar -cpf` of a mounted snapshot is byte-for-byte `tar -cpf` of the source it was
 /// imported from: the same members, owners, modes, times, device numbers, extended
-/// attributes and ACLs (hard links are the one known difference, left out here: see
-/// KNOWN_DIFFERENCES).
+/// attributes and ACLs, and hard links (tar writes a second name as a link member).
 #[test]
 fn tar_of_a_mounted_volume_equals_tar_of_its_source() {
     if !fuse_available() {
@@ -510,6 +570,8 @@ write("home/user/tool", b"\x7fELF", os.O_WRONLY | os.O_CREAT)
 os.chown("home/user/tool", 1000, 1000); os.chmod("home/user/tool", 0o4750)
 os.symlink("../etc/app/config", "home/user/config"); os.lchown("home/user/config", 1000, 1000)
 os.mkfifo("srv/pipe", 0o620)
+# A hard-link group across directories, and one within a directory.
+os.link("home/user/notes", "etc/app/notes-link"); os.link("etc/app/config", "etc/app/config.bak")
 os.mknod("srv/null", 0o666 | 0o020000, os.makedev(1, 3))
 os.mknod("srv/loop9", 0o660 | 0o060000, os.makedev(7, 9))
 for path in ("etc", "srv", "home", "home/user", "etc/app"):

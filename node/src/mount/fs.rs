@@ -87,8 +87,12 @@ struct FileNode {
 
 #[derive(Debug)]
 struct Inode {
+    /// The directory holding this inode's first name (0: it has no name left, unlinked).
     parent: u64,
     name: Vec<u8>,
+    /// Further names of a hard-linked file, symlink or special file: (directory, name).
+    /// Directories have one name.
+    more_names: Vec<(u64, Vec<u8>)>,
     mode: u32,
     mtime_ns: i64,
     ctime_ns: i64,
@@ -100,10 +104,72 @@ struct Inode {
     lookups: u64,
 }
 
+impl Inode {
+    /// Names this inode has (`st_nlink` of a non-directory).
+    fn link_count(&self) -> u32 {
+        if self.parent == 0 {
+            0
+        } else {
+            u32::try_from(1 + self.more_names.len()).unwrap_or(u32::MAX)
+        }
+    }
+
+    /// The directories holding its names (one each, even if several names are in one).
+    fn parents(&self) -> Vec<u64> {
+        let mut parents: Vec<u64> = std::iter::once(self.parent)
+            .filter(|parent| *parent != 0)
+            .chain(self.more_names.iter().map(|(parent, _)| *parent))
+            .collect();
+        parents.sort_unstable();
+        parents.dedup();
+        parents
+    }
+
+    /// Drops name `name` in directory `parent` (the first name's place goes to the next).
+    fn remove_name(&mut self, parent: u64, name: &[u8]) {
+        if self.parent == parent && self.name == name {
+            if self.more_names.is_empty() {
+                self.parent = 0;
+            } else {
+                (self.parent, self.name) = self.more_names.remove(0);
+            }
+        } else if let Some(at) = self
+            .more_names
+            .iter()
+            .position(|(other_parent, other)| *other_parent == parent && other == name)
+        {
+            self.more_names.remove(at);
+        }
+    }
+
+    /// Name `from` becomes `to`.
+    fn rename(&mut self, from: (u64, &[u8]), to: (u64, &[u8])) {
+        if self.parent == from.0 && self.name == from.1 {
+            (self.parent, self.name) = (to.0, to.1.to_vec());
+        } else if let Some(slot) = self
+            .more_names
+            .iter_mut()
+            .find(|(parent, name)| *parent == from.0 && name == from.1)
+        {
+            *slot = (to.0, to.1.to_vec());
+        }
+    }
+}
+
+/// The most names one inode may have (ext4's limit): past it, link fails with EMLINK.
+const LINK_COUNT_MAX: u32 = 65_000;
+
 #[derive(Debug, Default)]
 struct Inodes {
     nodes: BTreeMap<u64, Inode>,
     next: u64,
+    /// The inode serving each hard-link group met so far, with the content its first
+    /// name had in the tree (a name of the group with other content is its own file).
+    link_groups: BTreeMap<u64, (u64, EntryContent)>,
+    /// Whether every directory of the working tree holding a hard-linked name is loaded
+    /// (done once, the first time a mount meets one): from then on all names of a group
+    /// are in the table, so they share one inode and `st_nlink` counts them.
+    links_loaded: bool,
     /// Bumped by every change to the working tree.
     generation: u64,
     /// The generation the last commit captured: nothing made after it is committed.
@@ -237,6 +303,7 @@ impl MountedFs {
             Inode {
                 parent: ROOT,
                 name: Vec::new(),
+                more_names: Vec::new(),
                 mode: 0o755,
                 mtime_ns: now,
                 ctime_ns: now,
@@ -330,9 +397,11 @@ impl MountedFs {
                 if file.staged.is_none() {
                     data_bytes = Some(file.base.data_bytes().min(file.size));
                 }
-                (FileType::RegularFile, file.size, 1)
+                (FileType::RegularFile, file.size, node.link_count())
             }
-            NodeKind::Symlink(target) => (FileType::Symlink, target.len() as u64, 1),
+            NodeKind::Symlink(target) => {
+                (FileType::Symlink, target.len() as u64, node.link_count())
+            }
             NodeKind::Special(content) => {
                 let kind = match content {
                     EntryContent::CharDevice { major, minor } => {
@@ -346,7 +415,7 @@ impl MountedFs {
                     EntryContent::Socket => FileType::Socket,
                     _ => FileType::NamedPipe,
                 };
-                (kind, 0, 1)
+                (kind, 0, node.link_count())
             }
         };
         let mtime = system_time(node.mtime_ns);
@@ -386,41 +455,49 @@ impl MountedFs {
                 .vault
                 .read_tree(&self.volume, &tree)
                 .map_err(|error| log_error(&format!("reading tree {tree}"), &error))?;
-            for entry in entries {
-                let kind = match entry.content {
-                    EntryContent::Directory { tree } => NodeKind::Directory(Directory {
-                        tree: Some(Cid::from_bytes(tree)),
-                        children: None,
-                    }),
-                    EntryContent::InlineFile(manifest) => {
-                        NodeKind::File(file_node(BaseContent::new(manifest)))
-                    }
-                    EntryContent::InlineData(data) => {
-                        NodeKind::File(file_node(BaseContent::inline(data)))
-                    }
-                    EntryContent::File { manifest } => {
-                        let cid = Cid::from_bytes(manifest);
-                        let manifest =
-                            self.vault
-                                .read_manifest(&self.volume, &cid)
-                                .map_err(|error| {
-                                    log_error(&format!("reading manifest {cid}"), &error)
-                                })?;
-                        NodeKind::File(file_node(BaseContent::new(manifest)))
-                    }
-                    EntryContent::Symlink { target } => NodeKind::Symlink(target),
-                    special @ (EntryContent::Fifo
-                    | EntryContent::Socket
-                    | EntryContent::CharDevice { .. }
-                    | EntryContent::BlockDevice { .. }) => NodeKind::Special(special),
-                };
+            if !inodes.links_loaded && entries.iter().any(|entry| entry.meta.link_group.is_some()) {
+                // The first hard link met: load every directory with one (this one too),
+                // so each group is one inode with all its names before any is served.
+                inodes.links_loaded = true;
+                self.load_linked_directories(inodes)?;
+                if self::children(inodes, ino).is_some() {
+                    return Ok(());
+                }
+            }
+            // Every entry's node first (reading a manifest may fail), then the table: a
+            // failure leaves the table as it was.
+            let mut loaded = Vec::with_capacity(entries.len());
+            for mut entry in entries {
+                let linked = entry
+                    .meta
+                    .link_group
+                    .map(|group| (group, entry.content.clone()));
+                let content = std::mem::replace(&mut entry.content, EntryContent::Socket);
+                loaded.push((entry, linked, self.node_kind(content)?));
+            }
+            for (entry, linked, kind) in loaded {
+                if let Some((group, content)) = &linked
+                    && let Some((known, known_content)) = inodes.link_groups.get(group)
+                    && known_content == content
+                    && let Some(node) = inodes.nodes.get_mut(known)
+                    && node.parent != 0
+                {
+                    // Another name of an inode already in the table.
+                    node.more_names.push((ino, entry.name.clone()));
+                    children.insert(entry.name, *known);
+                    continue;
+                }
                 let child = inodes.next;
                 inodes.next += 1;
+                if let Some((group, content)) = linked {
+                    inodes.link_groups.insert(group, (child, content));
+                }
                 inodes.nodes.insert(
                     child,
                     Inode {
                         parent: ino,
                         name: entry.name.clone(),
+                        more_names: Vec::new(),
                         mode: entry.mode,
                         mtime_ns: entry.mtime_ns,
                         ctime_ns: entry.meta.ctime_ns.unwrap_or(entry.mtime_ns),
@@ -442,6 +519,105 @@ impl MountedFs {
         Ok(())
     }
 
+    /// The node serving an entry's content (a stored manifest is read here).
+    fn node_kind(&self, content: EntryContent) -> Result<NodeKind, Errno> {
+        Ok(match content {
+            EntryContent::Directory { tree } => NodeKind::Directory(Directory {
+                tree: Some(Cid::from_bytes(tree)),
+                children: None,
+            }),
+            EntryContent::InlineFile(manifest) => {
+                NodeKind::File(file_node(BaseContent::new(manifest)))
+            }
+            EntryContent::InlineData(data) => NodeKind::File(file_node(BaseContent::inline(data))),
+            EntryContent::File { manifest } => {
+                let cid = Cid::from_bytes(manifest);
+                let manifest = self
+                    .vault
+                    .read_manifest(&self.volume, &cid)
+                    .map_err(|error| log_error(&format!("reading manifest {cid}"), &error))?;
+                NodeKind::File(file_node(BaseContent::new(manifest)))
+            }
+            EntryContent::Symlink { target } => NodeKind::Symlink(target),
+            special @ (EntryContent::Fifo
+            | EntryContent::Socket
+            | EntryContent::CharDevice { .. }
+            | EntryContent::BlockDevice { .. }) => NodeKind::Special(special),
+        })
+    }
+
+    /// Loads every directory of the working tree whose stored tree holds a hard-linked
+    /// name (see [`Inodes::links_loaded`]). Reads each stored tree not loaded yet once,
+    /// with the table locked: a one-time cost of the first mount that meets a hard link.
+    fn load_linked_directories(&self, inodes: &mut Inodes) -> Result<(), Errno> {
+        let mut has_links = BTreeMap::new();
+        let mut pending = vec![ROOT];
+        while let Some(ino) = pending.pop() {
+            let unloaded_tree = match inodes.nodes.get(&ino).map(|node| &node.kind) {
+                Some(NodeKind::Directory(directory)) if directory.children.is_none() => {
+                    directory.tree
+                }
+                Some(NodeKind::Directory(_)) => None,
+                _ => continue,
+            };
+            if let Some(tree) = unloaded_tree {
+                if !self.tree_has_links(tree, &mut has_links)? {
+                    continue;
+                }
+                self.ensure_loaded(inodes, ino)?;
+            }
+            for child in children(inodes, ino).into_iter().flat_map(BTreeMap::values) {
+                if matches!(
+                    inodes.nodes.get(child).map(|node| &node.kind),
+                    Some(NodeKind::Directory(_))
+                ) {
+                    pending.push(*child);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether stored tree `top` or any tree below it has a hard-linked name (`memo` holds
+    /// the answers found so far, by tree). Iterative: trees are as deep as the depth limit.
+    fn tree_has_links(&self, top: Cid, memo: &mut BTreeMap<Cid, bool>) -> Result<bool, Errno> {
+        // (tree, its subtrees once read)
+        let mut pending: Vec<(Cid, Option<Vec<Cid>>)> = vec![(top, None)];
+        while let Some((tree, subtrees)) = pending.pop() {
+            if memo.contains_key(&tree) {
+                continue;
+            }
+            if let Some(subtrees) = subtrees {
+                let any = subtrees.iter().any(|sub| memo.get(sub) == Some(&true));
+                memo.insert(tree, any);
+                continue;
+            }
+            let entries = self
+                .vault
+                .read_tree(&self.volume, &tree)
+                .map_err(|error| log_error(&format!("reading tree {tree}"), &error))?;
+            if entries.iter().any(|entry| entry.meta.link_group.is_some()) {
+                memo.insert(tree, true);
+                continue;
+            }
+            let subtrees: Vec<Cid> = entries
+                .iter()
+                .filter_map(|entry| match entry.content {
+                    EntryContent::Directory { tree } => Some(Cid::from_bytes(tree)),
+                    _ => None,
+                })
+                .collect();
+            let unknown: Vec<Cid> = subtrees
+                .iter()
+                .filter(|sub| !memo.contains_key(*sub))
+                .copied()
+                .collect();
+            pending.push((tree, Some(subtrees)));
+            pending.extend(unknown.into_iter().map(|sub| (sub, None)));
+        }
+        Ok(memo.get(&top) == Some(&true))
+    }
+
     fn child(&self, inodes: &mut Inodes, parent: u64, name: &[u8]) -> Result<Option<u64>, Errno> {
         self.ensure_loaded(inodes, parent)?;
         Ok(children(inodes, parent).and_then(|children| children.get(name).copied()))
@@ -454,6 +630,19 @@ impl MountedFs {
             node.ctime_ns = now;
         }
         Self::invalidate_trees(inodes, ino);
+    }
+
+    /// Inode `ino` changed (content, attributes or names): the trees of every directory
+    /// naming it, and their ancestors', no longer describe it.
+    fn invalidate_names(inodes: &mut Inodes, ino: u64) {
+        let parents = inodes
+            .nodes
+            .get(&ino)
+            .map(Inode::parents)
+            .unwrap_or_default();
+        for parent in parents {
+            Self::invalidate_trees(inodes, parent);
+        }
     }
 
     /// Something under directory `ino` changed: its stored tree and its ancestors' no longer
@@ -559,6 +748,7 @@ impl MountedFs {
         let node = Inode {
             parent,
             name: name.to_vec(),
+            more_names: Vec::new(),
             mode,
             mtime_ns: now,
             ctime_ns: now,
@@ -579,6 +769,40 @@ impl MountedFs {
             children.insert(name.to_vec(), ino);
         }
         Self::touch_directory(&mut inodes, parent, self.vault.now_ns());
+        Ok((ino, attr))
+    }
+
+    /// Gives inode `ino` (not a directory) one more name, `name` in directory `parent`.
+    /// (The kernel has checked the caller may: write access to `parent`, and with
+    /// `fs.protected_hardlinks` ownership or read-write access to the file.)
+    fn link(&self, ino: u64, parent: u64, name: &OsStr) -> Result<(u64, FileAttr), Errno> {
+        self.writable()?;
+        let name = Self::check_name(name)?;
+        let mut inodes = self.lock();
+        match inodes.nodes.get(&ino) {
+            None => return Err(Errno::ENOENT),
+            Some(node) if matches!(node.kind, NodeKind::Directory(_)) => {
+                return Err(Errno::EPERM);
+            }
+            // An unlinked file cannot be named again (no O_TMPFILE here).
+            Some(node) if node.parent == 0 => return Err(Errno::ENOENT),
+            Some(node) if node.link_count() >= LINK_COUNT_MAX => return Err(Errno::EMLINK),
+            Some(_) => {}
+        }
+        if self.child(&mut inodes, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let now = self.vault.now_ns();
+        if let Some(children) = children_mut(&mut inodes, parent) {
+            children.insert(name.to_vec(), ino);
+        }
+        let node = inodes.nodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        node.more_names.push((parent, name.to_vec()));
+        node.ctime_ns = now;
+        let attr = self.attr(ino, node);
+        // Every name's entry gets the link group at the next commit.
+        Self::invalidate_names(&mut inodes, ino);
+        Self::touch_directory(&mut inodes, parent, now);
         Ok((ino, attr))
     }
 
@@ -628,12 +852,8 @@ impl MountedFs {
             let now = self.vault.now_ns();
             node.mtime_ns = now;
             node.ctime_ns = now;
-            // Names of an imported link group are served as separate files: once this
-            // one changes it is its own file (an export must not link the others to it).
-            node.meta.link_group = None;
             let attr = self.attr(ino, node);
-            let parent = node.parent;
-            Self::invalidate_trees(&mut inodes, parent);
+            Self::invalidate_names(&mut inodes, ino);
             return Ok(attr);
         }
     }
@@ -679,7 +899,6 @@ impl MountedFs {
         {
             let mut inodes = self.lock();
             if let Some(Inode {
-                parent,
                 kind: NodeKind::File(file),
                 ..
             }) = inodes.nodes.get_mut(&ino)
@@ -688,8 +907,7 @@ impl MountedFs {
                 file.staged = None;
                 // A tree stored since the write (by an fsync of another file) still names
                 // the old content: it must be stored again.
-                let parent = *parent;
-                Self::invalidate_trees(&mut inodes, parent);
+                Self::invalidate_names(&mut inodes, ino);
             }
         }
         drop(state);
@@ -719,8 +937,7 @@ impl MountedFs {
         if node.lookups > 0 || ino == ROOT {
             return;
         }
-        let parent = node.parent;
-        if parent == 0 {
+        if node.parent == 0 {
             if let NodeKind::File(file) = &node.kind
                 && file.handles == 0
             {
@@ -728,7 +945,9 @@ impl MountedFs {
             }
             return;
         }
-        Self::drop_unused_listing(&mut inodes, parent);
+        for parent in node.parents() {
+            Self::drop_unused_listing(&mut inodes, parent);
+        }
     }
 
     /// Drops the entries of directory `ino` if it is unchanged since its tree was stored and
@@ -745,9 +964,12 @@ impl MountedFs {
         else {
             return;
         };
+        // (A name of a hard-linked inode keeps its directory: all names of a group stay
+        // in the table, see `Inodes::links_loaded`.)
         let unused = children.values().all(|child| {
             inodes.nodes.get(child).is_none_or(|node| {
                 node.lookups == 0
+                    && node.more_names.is_empty()
                     && match &node.kind {
                         NodeKind::File(file) => file.handles == 0 && file.staged.is_none(),
                         NodeKind::Directory(directory) => directory.children.is_none(),
@@ -922,12 +1144,15 @@ impl MountedFs {
             entries.insert(new_name.to_vec(), moving);
         }
         let now = self.vault.now_ns();
-        for (ino, to_parent, to_name) in [(moving, new_parent, new_name), (other, parent, name)] {
+        for (ino, from, to) in [
+            (moving, (parent, name), (new_parent, new_name)),
+            (other, (new_parent, new_name), (parent, name)),
+        ] {
             if let Some(node) = inodes.nodes.get_mut(&ino) {
-                node.parent = to_parent;
-                node.name = to_name.to_vec();
+                node.rename(from, to);
                 node.ctime_ns = now;
             }
+            Self::invalidate_names(inodes, ino);
         }
         Self::touch_directory(inodes, parent, now);
         Self::touch_directory(inodes, new_parent, now);
@@ -981,12 +1206,18 @@ impl MountedFs {
     /// Sets (`Some`) or removes (`None`) extended attribute `name` of `ino`. The
     /// attributes of one entry are bounded as a volume stores them: past the bound,
     /// ENOSPC (as ext4 says when an inode's attributes are full).
+    ///
+    /// `keeps_setgid` says whether the caller may keep a file's setgid bit when it sets
+    /// the file's access ACL (given the file's group): Linux clears the bit for a caller
+    /// neither in that group nor privileged (`posix_acl_update_mode`). The kernel would
+    /// send that as `FUSE_SETXATTR_ACL_KILL_SGID`, which needs the extended setxattr
+    /// request fuser does not parse, so the mount decides it itself.
     fn change_xattr(
         &self,
         ino: u64,
-        name: &[u8],
-        value: Option<&[u8]>,
+        (name, value): (&[u8], Option<&[u8]>),
         how: XattrSet,
+        keeps_setgid: impl Fn(u32) -> bool,
     ) -> Result<(), Errno> {
         self.writable()?;
         if name.is_empty() || name.len() > 255 {
@@ -1012,6 +1243,9 @@ impl MountedFs {
                 let entries = posix::parse_acl(value).ok_or(Errno::EINVAL)?;
                 let (bits, extended) = posix::mode_of_acl(&entries);
                 node.mode = (node.mode & 0o7000) | bits;
+                if !keeps_setgid(node.meta.gid.unwrap_or(self.gid)) {
+                    node.mode &= !libc::S_ISGID;
+                }
                 match (extended, found) {
                     (true, Ok(index)) => xattrs[index].value = value.to_vec(),
                     (true, Err(index)) => xattrs.insert(
@@ -1047,11 +1281,9 @@ impl MountedFs {
             }
         }
         node.ctime_ns = now;
-        node.meta.link_group = None;
-        let parent = node.parent;
         // (The root's attributes are in no tree: served until unmount, not committed.)
         if ino != ROOT {
-            Self::invalidate_trees(&mut inodes, parent);
+            Self::invalidate_names(&mut inodes, ino);
         }
         Ok(())
     }
@@ -1110,6 +1342,7 @@ impl MountedFs {
                 Some(NodeKind::Special(content)) => content.clone(),
                 None => continue,
             };
+            let link_group = self.link_group_of(inodes, child)?;
             let Some(node) = inodes.nodes.get(&child) else {
                 continue;
             };
@@ -1128,6 +1361,7 @@ impl MountedFs {
                 // so an entry nobody touched encodes as it was.
                 meta: EntryMeta {
                     ctime_ns: (node.ctime_ns != node.mtime_ns).then_some(node.ctime_ns),
+                    link_group,
                     ..node.meta.clone()
                 },
             });
@@ -1145,6 +1379,25 @@ impl MountedFs {
             directory.tree = Some(cid);
         }
         Ok(cid)
+    }
+
+    /// The hard-link group entry `ino`'s names are stored with: none for a single name;
+    /// for several, the group it came with or, for links made through the mount, a new
+    /// one from the vault's randomness (kept, so each of its directories stores the same
+    /// group and later commits keep it).
+    fn link_group_of(&self, inodes: &mut Inodes, ino: u64) -> Result<Option<u64>> {
+        let Some(node) = inodes.nodes.get_mut(&ino) else {
+            return Ok(None);
+        };
+        if node.link_count() < 2 {
+            return Ok(None);
+        }
+        if let Some(group) = node.meta.link_group {
+            return Ok(Some(group));
+        }
+        let group = u64::from_le_bytes(self.vault.random_array()?);
+        node.meta.link_group = Some(group);
+        Ok(Some(group))
     }
 
     /// Prefetches the chunks after `index` of `base` into the cache, off the request
@@ -1201,6 +1454,36 @@ enum XattrSet {
 
 fn device_number(major: u32, minor: u32) -> u32 {
     u32::try_from(nix::sys::stat::makedev(major.into(), minor.into())).unwrap_or(0)
+}
+
+/// Whether the process behind `req` is root or a member of group `gid` (its supplementary
+/// groups read from `/proc/PID/status`: a FUSE request carries only the primary group).
+fn in_group_or_root(req: &Request, gid: u32) -> bool {
+    if req.uid() == 0 || req.gid() == gid {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", req.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|group| group.parse::<u32>() == Ok(gid))
+        })
+}
+
+/// What readdir reports an entry as.
+fn file_type(kind: &NodeKind) -> FileType {
+    match kind {
+        NodeKind::Directory(_) => FileType::Directory,
+        NodeKind::File(_) => FileType::RegularFile,
+        NodeKind::Symlink(_) => FileType::Symlink,
+        NodeKind::Special(EntryContent::CharDevice { .. }) => FileType::CharDevice,
+        NodeKind::Special(EntryContent::BlockDevice { .. }) => FileType::BlockDevice,
+        NodeKind::Special(EntryContent::Socket) => FileType::Socket,
+        NodeKind::Special(_) => FileType::NamedPipe,
+    }
 }
 
 fn file_node(base: BaseContent) -> FileNode {
@@ -1269,11 +1552,14 @@ impl FuseAdapter {
         if let Some(entries) = children_mut(&mut inodes, parent) {
             entries.remove(name);
         }
-        // The inode stays: open handles keep working on it.
+        // The inode stays: open handles (and its other names) keep working on it.
+        let now = fs.vault.now_ns();
         if let Some(node) = inodes.nodes.get_mut(&child) {
-            node.parent = 0;
+            node.remove_name(parent, name);
+            node.ctime_ns = now;
         }
-        MountedFs::touch_directory(&mut inodes, parent, fs.vault.now_ns());
+        MountedFs::invalidate_names(&mut inodes, child);
+        MountedFs::touch_directory(&mut inodes, parent, now);
         drop(inodes);
         fs.release_unlinked(child);
         Ok(())
@@ -1341,8 +1627,10 @@ impl FuseAdapter {
                 (false, false) => {}
             }
             if let Some(node) = inodes.nodes.get_mut(&target) {
-                node.parent = 0;
+                node.remove_name(new_parent, new_name);
+                node.ctime_ns = fs.vault.now_ns();
             }
+            MountedFs::invalidate_names(&mut inodes, target);
             replaced = Some(target);
         }
         if let Some(entries) = children_mut(&mut inodes, parent) {
@@ -1352,10 +1640,10 @@ impl FuseAdapter {
             entries.insert(new_name.to_vec(), moving);
         }
         if let Some(node) = inodes.nodes.get_mut(&moving) {
-            node.parent = new_parent;
-            node.name = new_name.to_vec();
+            node.rename((parent, name), (new_parent, new_name));
             node.ctime_ns = fs.vault.now_ns();
         }
+        MountedFs::invalidate_names(&mut inodes, moving);
         let now = fs.vault.now_ns();
         MountedFs::touch_directory(&mut inodes, parent, now);
         MountedFs::touch_directory(&mut inodes, new_parent, now);
@@ -1441,10 +1729,6 @@ impl FuseAdapter {
             return Err(Errno::ENOENT);
         };
         let now = fs.vault.now_ns();
-        if metadata_changes {
-            // (See change_content: a changed name leaves its imported link group.)
-            node.meta.link_group = None;
-        }
         if let Some(mode) = mode {
             node.mode = mode & 0o7777;
             node.ctime_ns = now;
@@ -1478,11 +1762,10 @@ impl FuseAdapter {
             node.ctime_ns = now;
         }
         let attr = fs.attr(ino, node);
-        let parent = node.parent;
         // The root's own attributes are in no tree (a snapshot is its root's entries): a
         // change to them is served until unmount, not committed.
         if metadata_changes && ino != ROOT {
-            MountedFs::invalidate_trees(&mut inodes, parent);
+            MountedFs::invalidate_names(&mut inodes, ino);
         }
         Ok(attr)
     }
@@ -1712,13 +1995,12 @@ impl Filesystem for FuseAdapter {
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        // Hard links have no place in the tree model (an entry is a name with its content).
-        reply.error(Errno::ENOTSUP);
+        self.entry(reply, self.0.link(ino.0, newparent.0, newname));
     }
 
     fn lseek(
@@ -1789,7 +2071,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -1806,8 +2088,9 @@ impl Filesystem for FuseAdapter {
         };
         match self
             .0
-            .change_xattr(ino.0, name.as_bytes(), Some(value), how)
-        {
+            .change_xattr(ino.0, (name.as_bytes(), Some(value)), how, |group| {
+                in_group_or_root(req, group)
+            }) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
         }
@@ -1816,7 +2099,7 @@ impl Filesystem for FuseAdapter {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self
             .0
-            .change_xattr(ino.0, name.as_bytes(), None, XattrSet::Any)
+            .change_xattr(ino.0, (name.as_bytes(), None), XattrSet::Any, |_| true)
         {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -1968,11 +2251,10 @@ impl Filesystem for FuseAdapter {
             (parent.max(ROOT), FileType::Directory, b"..".to_vec()),
         ];
         for (name, child) in children(&inodes, ino.0).into_iter().flatten() {
-            let kind = match inodes.nodes.get(child).map(|node| &node.kind) {
-                Some(NodeKind::Directory(_)) => FileType::Directory,
-                Some(NodeKind::Symlink(_)) => FileType::Symlink,
-                _ => FileType::RegularFile,
-            };
+            let kind = inodes
+                .nodes
+                .get(child)
+                .map_or(FileType::RegularFile, |node| file_type(&node.kind));
             listing.push((*child, kind, name.clone()));
         }
         drop(inodes);
@@ -2255,6 +2537,156 @@ mod tests {
             "nothing committed"
         );
         assert!(fs.has_changes(), "the change stays in the working tree");
+    }
+
+    /// Hard links were refused (ENOTSUP) and an imported group was served as separate
+    /// files with `st_nlink` 1. Now a link made through a mount is one inode with several
+    /// names, committed as a link group, and a later mount serves it as one inode again
+    /// (all names, even one in a directory not yet opened, counted in `st_nlink`).
+    #[test]
+    fn hard_links_are_one_inode_through_commits_and_later_mounts() {
+        let temp = tempfile::tempdir().unwrap();
+        let fs = Arc::new(mounted(temp.path()));
+        let adapter = FuseAdapter(fs.clone());
+        mkdir(&fs, "a");
+        mkdir(&fs, "b");
+        let a = fs.child(&mut fs.lock(), ROOT, b"a").unwrap().unwrap();
+        let b = fs.child(&mut fs.lock(), ROOT, b"b").unwrap().unwrap();
+        let kind = NodeKind::Directory(Directory {
+            tree: None,
+            children: Some(BTreeMap::new()),
+        });
+        let deep = fs
+            .insert(b, OsStr::new("deep"), (0o755, 0), kind, (0, 0))
+            .unwrap()
+            .0;
+        let kind = NodeKind::File(file_node(BaseContent::inline(b"shared bytes".to_vec())));
+        let file = fs
+            .insert(a, OsStr::new("x"), (0o644, 0), kind, (0, 0))
+            .unwrap()
+            .0;
+        let (linked, attr) = fs.link(file, deep, OsStr::new("y")).unwrap();
+        assert_eq!((linked, attr.nlink), (file, 2));
+        assert_eq!(fs.link(a, b, OsStr::new("dir")).unwrap_err(), Errno::EPERM);
+        assert_eq!(
+            fs.link(file, a, OsStr::new("x")).unwrap_err(),
+            Errno::EEXIST
+        );
+        commit(&fs, "linked").unwrap().unwrap();
+
+        // A second mount of the committed tree: only `a` is opened, yet x knows of y.
+        let head = fs
+            .vault()
+            .refs()
+            .get_ref(&fs.volume().id, "main")
+            .unwrap()
+            .unwrap();
+        let root = Cid::from_bytes(fs.vault().read_commit(fs.volume(), &head).unwrap().root);
+        let again = Arc::new(
+            MountedFs::new(
+                fs.vault.clone(),
+                fs.volume.clone(),
+                Some(root),
+                FsConfig {
+                    read_only: false,
+                    cache_bytes: 1 << 20,
+                    staging_dir: temp.path().join("staging-2"),
+                },
+                Some(Mutex::new(WorkTarget {
+                    branch: "main".into(),
+                    base: Some(head),
+                })),
+                fs.vault()
+                    .open_write_session("mount 2", fs.volume().id)
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
+        let lookup = |fs: &MountedFs, path: &[&str]| {
+            let mut inodes = fs.lock();
+            let mut ino = ROOT;
+            for name in path {
+                ino = fs
+                    .child(&mut inodes, ino, name.as_bytes())
+                    .unwrap()
+                    .unwrap();
+            }
+            let attr = fs.attr(ino, inodes.nodes.get(&ino).unwrap());
+            (ino, attr.nlink)
+        };
+        let (x, x_links) = lookup(&again, &["a", "x"]);
+        assert_eq!(
+            x_links, 2,
+            "the name in b/deep is counted before b is opened"
+        );
+        let (y, y_links) = lookup(&again, &["b", "deep", "y"]);
+        assert_eq!((y, y_links), (x, 2), "one inode");
+        let again_adapter = FuseAdapter(again.clone());
+        again
+            .change_content(x, |staged, state, size| {
+                staged
+                    .file
+                    .write_all_at(b"SHARED", 0)
+                    .map_err(Errno::from)?;
+                state.dirty.insert(0, 6);
+                *size = (*size).max(6);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(again_adapter.do_read(y, 0, 100).unwrap(), b"SHARED bytes");
+        commit(&again, "changed through one name").unwrap().unwrap();
+        drop(adapter);
+
+        // Both names hold the new bytes, in one group; after an unlink the other name is
+        // a plain file again.
+        let read_entry = |fs: &MountedFs, path: &[&str]| {
+            let head = fs
+                .vault()
+                .refs()
+                .get_ref(&fs.volume().id, "main")
+                .unwrap()
+                .unwrap();
+            let mut tree =
+                Cid::from_bytes(fs.vault().read_commit(fs.volume(), &head).unwrap().root);
+            let (last, directories) = path.split_last().unwrap();
+            for name in directories {
+                let entry = fs
+                    .vault()
+                    .read_tree(fs.volume(), &tree)
+                    .unwrap()
+                    .into_iter()
+                    .find(|entry| entry.name == name.as_bytes())
+                    .unwrap();
+                let EntryContent::Directory { tree: below } = entry.content else {
+                    panic!("{entry:?}");
+                };
+                tree = Cid::from_bytes(below);
+            }
+            fs.vault()
+                .read_tree(fs.volume(), &tree)
+                .unwrap()
+                .into_iter()
+                .find(|entry| entry.name == last.as_bytes())
+                .unwrap()
+        };
+        let (first, second) = (
+            read_entry(&again, &["a", "x"]),
+            read_entry(&again, &["b", "deep", "y"]),
+        );
+        assert_eq!(
+            first.content,
+            EntryContent::InlineData(b"SHARED bytes".to_vec())
+        );
+        assert_eq!(first.content, second.content);
+        assert!(first.meta.link_group.is_some());
+        assert_eq!(first.meta.link_group, second.meta.link_group);
+        again_adapter.remove(a, OsStr::new("x"), false).unwrap();
+        assert_eq!(lookup(&again, &["b", "deep", "y"]).1, 1);
+        commit(&again, "one name left").unwrap().unwrap();
+        assert_eq!(
+            read_entry(&again, &["b", "deep", "y"]).meta.link_group,
+            None
+        );
     }
 
     /// Before `forget`, every inode a mount ever made or loaded stayed in its table for as

@@ -14,6 +14,7 @@ use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::records::VolumeRecord;
+use crate::vault::snapshots::DiffChange;
 use crate::vault::{
     CreateVolumeOptions, DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault,
 };
@@ -641,23 +642,30 @@ fn snapshot_command(
     match command {
         SnapshotCommand::List { name } => snapshot_list(context, name),
         SnapshotCommand::Diff { name, a, b } => {
-            let diff = vault.diff_snapshots(name, a, b, context.passphrase)?;
-            let mut human = String::new();
-            for (sign, paths) in [
-                ('+', &diff.added),
-                ('-', &diff.removed),
-                ('M', &diff.modified),
-            ] {
-                for path in paths {
-                    let _ = writeln!(human, "{sign} {}", path.escape_debug());
-                }
+            // Only the form asked for is built: a diff can be as long as the volume.
+            if json {
+                let diff = vault.diff_snapshots(name, a, b, context.passphrase)?;
+                return Ok(Output {
+                    human: String::new(),
+                    json: json!({"added": diff.added, "removed": diff.removed, "modified": diff.modified}),
+                });
             }
+            let mut human = String::new();
+            vault.diff_snapshots_each(name, (a, b), context.passphrase, &mut |change, path| {
+                let sign = match change {
+                    DiffChange::Added => '+',
+                    DiffChange::Removed => '-',
+                    DiffChange::Modified => 'M',
+                };
+                let _ = writeln!(human, "{sign} {}", path.escape_debug());
+            })?;
             if human.is_empty() {
                 human.push_str("no differences");
             }
+            human.truncate(human.trim_end().len());
             Ok(Output {
-                human: human.trim_end().to_owned(),
-                json: json!({"added": diff.added, "removed": diff.removed, "modified": diff.modified}),
+                human,
+                json: serde_json::Value::Null,
             })
         }
         SnapshotCommand::Restore {

@@ -17,14 +17,17 @@ fn main() -> std::process::ExitCode {
     raise_open_file_limit();
     match cli.run() {
         Ok(output) => {
-            let text = if cli.json {
-                output.json.to_string()
-            } else {
-                output.human
-            };
-            let mut stdout = std::io::stdout().lock();
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
             // A closed pipe (`forge node id | head -c1`) is not an error worth a panic.
-            let _ = writeln!(stdout, "{text}");
+            // JSON is written as it is serialized: an output can be as long as a volume.
+            let _ = if cli.json {
+                serde_json::to_writer(&mut stdout, &output.json)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(stdout))
+            } else {
+                writeln!(stdout, "{}", output.human)
+            };
+            let _ = stdout.flush();
             exit(ExitCode::Success)
         }
         Err(error) => {

@@ -16,6 +16,17 @@ use super::records::{self, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 
+/// How a path differs between two snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffChange {
+    /// Present only in the second.
+    Added,
+    /// Present only in the first.
+    Removed,
+    /// Present in both with other content, kind or metadata.
+    Modified,
+}
+
 /// Paths that differ between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotDiff {
@@ -111,8 +122,8 @@ impl Vault {
         Ok(snapshot)
     }
 
-    /// Paths added, removed and modified from snapshot `a` to snapshot `b`. Subtrees with
-    /// equal cids are skipped, so the work is proportional to the difference.
+    /// Paths added, removed and modified from snapshot `a` to snapshot `b`, collected.
+    /// Subtrees with equal cids are skipped, so the work is proportional to the difference.
     ///
     /// # Errors
     /// Unknown names, integrity errors.
@@ -123,6 +134,40 @@ impl Vault {
         b: &str,
         passphrase: PassphraseSource<'_>,
     ) -> Result<SnapshotDiff> {
+        let mut diff = SnapshotDiff::default();
+        self.diff_snapshots_each(name, (a, b), passphrase, &mut |change, path| {
+            match change {
+                DiffChange::Added => &mut diff.added,
+                DiffChange::Removed => &mut diff.removed,
+                DiffChange::Modified => &mut diff.modified,
+            }
+            .push(path.to_owned());
+        })?;
+        Ok(diff)
+    }
+
+    /// Calls `visit` with each path that differs from snapshot `a` to snapshot `b`, in path
+    /// order (a directory as `path/`, before what is below it). Subtrees with equal cids
+    /// are skipped. The walk is iterative and holds one directory's entries per level and
+    /// one path buffer, so a chain of any depth costs memory by its depth (not by the sum
+    /// of its paths, as a recursion with a path per level did), and nothing is collected.
+    ///
+    /// # Errors
+    /// Unknown names, integrity errors.
+    pub fn diff_snapshots_each(
+        &self,
+        name: &str,
+        (a, b): (&str, &str),
+        passphrase: PassphraseSource<'_>,
+        visit: &mut dyn FnMut(DiffChange, &str),
+    ) -> Result<()> {
+        /// One directory level being compared: what is left of each side's entries, and
+        /// where its path ends in the shared buffer.
+        struct Level {
+            left: std::iter::Peekable<std::vec::IntoIter<TreeEntry>>,
+            right: std::iter::Peekable<std::vec::IntoIter<TreeEntry>>,
+            prefix_len: usize,
+        }
         let volume = self.open_volume(name, passphrase)?;
         let (first, second) = (
             self.resolve_snapshot(&volume.record, a)?,
@@ -132,111 +177,95 @@ impl Vault {
             self.read_commit(&volume, &first)?,
             self.read_commit(&volume, &second)?,
         );
-        let mut diff = SnapshotDiff::default();
-        // Recursive by depth: in the vault's pool, whose stacks are sized for the deepest tree.
-        self.in_pool(|| {
-            self.diff_trees(
-                &volume,
-                Some(Cid::from_bytes(first.root)),
-                Some(Cid::from_bytes(second.root)),
-                "",
-                &mut diff,
-            )
-        })?;
-        Ok(diff)
-    }
-
-    fn diff_trees(
-        &self,
-        volume: &OpenVolume,
-        a: Option<Cid>,
-        b: Option<Cid>,
-        prefix: &str,
-        diff: &mut SnapshotDiff,
-    ) -> Result<()> {
-        if a == b {
+        let entries =
+            |tree: Option<Cid>| -> Result<std::iter::Peekable<std::vec::IntoIter<TreeEntry>>> {
+                Ok(match tree {
+                    Some(cid) => self.read_tree(&volume, &cid)?,
+                    None => Vec::new(),
+                }
+                .into_iter()
+                .peekable())
+            };
+        let directory_of = |entry: Option<&TreeEntry>| match entry.map(|entry| &entry.content) {
+            Some(EntryContent::Directory { tree }) => Some(Cid::from_bytes(*tree)),
+            _ => None,
+        };
+        let (root_a, root_b) = (Cid::from_bytes(first.root), Cid::from_bytes(second.root));
+        if root_a == root_b {
             return Ok(());
         }
-        let entries = |tree: Option<Cid>| -> Result<Vec<TreeEntry>> {
-            Ok(match tree {
-                Some(cid) => self.read_tree(volume, &cid)?,
-                None => Vec::new(),
-            })
-        };
-        let (left, right) = (entries(a)?, entries(b)?);
-        let (mut left, mut right) = (left.into_iter().peekable(), right.into_iter().peekable());
-        loop {
-            let order = match (left.peek(), right.peek()) {
-                (None, None) => return Ok(()),
+        let mut path = String::new();
+        let mut levels = vec![Level {
+            left: entries(Some(root_a))?,
+            right: entries(Some(root_b))?,
+            prefix_len: 0,
+        }];
+        while let Some(level) = levels.last_mut() {
+            path.truncate(level.prefix_len);
+            let order = match (level.left.peek(), level.right.peek()) {
+                (None, None) => {
+                    levels.pop();
+                    continue;
+                }
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (Some(l), Some(r)) => l.name.cmp(&r.name),
             };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let entry = left.next().expect("peeked");
-                    self.diff_side(volume, &entry, prefix, diff, false)?;
-                }
-                std::cmp::Ordering::Greater => {
-                    let entry = right.next().expect("peeked");
-                    self.diff_side(volume, &entry, prefix, diff, true)?;
-                }
-                std::cmp::Ordering::Equal => {
-                    let (l, r) = (left.next().expect("peeked"), right.next().expect("peeked"));
-                    let path = join(prefix, &l.name);
-                    match (&l.content, &r.content) {
-                        (
-                            EntryContent::Directory { tree: lt },
-                            EntryContent::Directory { tree: rt },
-                        ) => {
-                            if l.mode != r.mode {
-                                diff.modified.push(format!("{path}/"));
-                            }
-                            self.diff_trees(
-                                volume,
-                                Some(Cid::from_bytes(*lt)),
-                                Some(Cid::from_bytes(*rt)),
-                                &path,
-                                diff,
-                            )?;
-                        }
-                        _ if l == r => {}
-                        _ => diff.modified.push(path),
-                    }
+            let (left, right) = match order {
+                std::cmp::Ordering::Less => (level.left.next(), None),
+                std::cmp::Ordering::Greater => (None, level.right.next()),
+                std::cmp::Ordering::Equal => (level.left.next(), level.right.next()),
+            };
+            let Some(named) = left.as_ref().or(right.as_ref()) else {
+                continue;
+            };
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(&std::ffi::OsStr::from_bytes(&named.name).to_string_lossy());
+            let (left_tree, right_tree) =
+                (directory_of(left.as_ref()), directory_of(right.as_ref()));
+            // (change, listed as a directory, walk below it)
+            let (change, directory, descend) = match (&left, &right) {
+                (Some(_), None) => (
+                    Some(DiffChange::Removed),
+                    left_tree.is_some(),
+                    left_tree.is_some(),
+                ),
+                (None, Some(_)) => (
+                    Some(DiffChange::Added),
+                    right_tree.is_some(),
+                    right_tree.is_some(),
+                ),
+                (Some(l), Some(r)) => match (left_tree, right_tree) {
+                    (Some(lt), Some(rt)) => (
+                        (l.mode != r.mode).then_some(DiffChange::Modified),
+                        true,
+                        lt != rt,
+                    ),
+                    // A directory replaced by a file (or the other way) is one modified
+                    // path: its old subtree is not listed entry by entry.
+                    _ => ((l != r).then_some(DiffChange::Modified), false, false),
+                },
+                (None, None) => (None, false, false),
+            };
+            if let Some(change) = change {
+                if directory {
+                    path.push('/');
+                    visit(change, &path);
+                    path.pop();
+                } else {
+                    visit(change, &path);
                 }
             }
+            if descend {
+                levels.push(Level {
+                    left: entries(left_tree)?,
+                    right: entries(right_tree)?,
+                    prefix_len: path.len(),
+                });
+            }
         }
-    }
-
-    fn diff_side(
-        &self,
-        volume: &OpenVolume,
-        entry: &TreeEntry,
-        prefix: &str,
-        diff: &mut SnapshotDiff,
-        added: bool,
-    ) -> Result<()> {
-        let path = join(prefix, &entry.name);
-        if let EntryContent::Directory { tree } = &entry.content {
-            let (a, b) = if added {
-                (None, Some(Cid::from_bytes(*tree)))
-            } else {
-                (Some(Cid::from_bytes(*tree)), None)
-            };
-            (if added {
-                &mut diff.added
-            } else {
-                &mut diff.removed
-            })
-            .push(format!("{path}/"));
-            return self.diff_trees(volume, a, b, &path, diff);
-        }
-        (if added {
-            &mut diff.added
-        } else {
-            &mut diff.removed
-        })
-        .push(path);
         Ok(())
     }
 
@@ -498,13 +527,4 @@ struct LiveSet {
     chunks: BTreeSet<Cid>,
     /// Snapshots whose index and trees were walked already.
     snapshots_done: BTreeSet<Cid>,
-}
-
-fn join(prefix: &str, name: &[u8]) -> String {
-    let name = std::ffi::OsStr::from_bytes(name).to_string_lossy();
-    if prefix.is_empty() {
-        name.into_owned()
-    } else {
-        format!("{prefix}/{name}")
-    }
 }

@@ -240,6 +240,13 @@ fn an_unreadable_file_is_reported_and_skipped_for_an_unprivileged_user() {
     fs::create_dir_all(&source).unwrap();
     fs::write(source.join("readable.txt"), b"ok").unwrap();
     fs::write(source.join("secret.txt"), b"root only").unwrap();
+    // Readable by others whatever the umask: only the secret is meant to be refused.
+    fs::set_permissions(&source, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        source.join("readable.txt"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     fs::set_permissions(source.join("secret.txt"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::create_dir_all(&vault).unwrap();
     // nobody:nogroup owns the vault; root keeps the secret file.

@@ -1329,11 +1329,25 @@ mod tests {
         fs::write(two.join("kind"), "a file now").unwrap();
         fs::create_dir(one.join("moded")).unwrap();
         fs::create_dir(two.join("moded")).unwrap();
-        fs::set_permissions(
-            two.join("moded"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        // Explicit modes and times: the same names must differ only where the test says,
+        // whatever the umask and however the writes fall on the file system's clock ticks.
+        for (root, mode) in [(&one, 0o755), (&two, 0o700)] {
+            fs::set_permissions(
+                root.join("moded"),
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            )
+            .unwrap();
+            for same in ["same.txt", "kept/inner/file"] {
+                fs::File::options()
+                    .write(true)
+                    .open(root.join(same))
+                    .unwrap()
+                    .set_modified(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                    )
+                    .unwrap();
+            }
+        }
         let first = vault
             .import("v", &one, &options, &no_passphrase, &progress)
             .unwrap()

@@ -7,6 +7,7 @@ packages=(
   protobuf-compiler         # tonic/prost code generation for the client API
   fuse3 libfuse3-dev        # FUSE mounts (fusermount3) and their tests
   pkg-config build-essential
+  acl attr                  # getfacl and getfattr: tests compare restores with them
 )
 missing=()
 for package in "${packages[@]}"; do

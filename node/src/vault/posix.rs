@@ -415,6 +415,38 @@ mod tests {
             .unwrap_or_else(|error| panic!("setting {name} on {}: {error}", path.display()));
     }
 
+    /// What `stat` (all but inode, times of change and access, device of the file
+    /// system), `getfattr -d -m -` and `getfacl` print for each of `paths` under `root`,
+    /// in that order: the same tools a user would compare a restore with.
+    fn tools_report(root: &Path, paths: &[&String]) -> String {
+        let run = |tool: &str, arguments: &[&str]| {
+            let output = std::process::Command::new(tool)
+                .args(arguments)
+                .arg("--")
+                .args(paths)
+                .current_dir(root)
+                .output()
+                .unwrap_or_else(|error| {
+                    panic!("running {tool} (scripts/setup.sh installs it): {error}")
+                });
+            assert!(
+                output.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        };
+        [
+            run(
+                "stat",
+                &["--printf", "%n %F %A %u:%g %U:%G %s %h %t:%T %y\\n"],
+            ),
+            run("getfattr", &["-d", "-m", "-", "-h", "--absolute-names"]),
+            run("getfacl", &["-P", "-n", "--absolute-names"]),
+        ]
+        .join("\n")
+    }
+
     /// Everything of an entry a restore must give back, by path relative to `root`; hard
     /// links as the sorted set of names sharing an inode.
     fn describe(root: &Path) -> (BTreeMap<String, String>, Vec<Vec<String>>) {
@@ -574,6 +606,12 @@ mod tests {
             assert_eq!(exported.owners_not_restored, 0);
             let actual = describe(&out);
             assert_eq!(actual.0, expected.0, "numeric owner {numeric_owner}");
+            let paths: Vec<&String> = expected.0.keys().collect();
+            assert_eq!(
+                tools_report(&out, &paths),
+                tools_report(&source, &paths),
+                "stat, getfattr -d and getfacl, numeric owner {numeric_owner}"
+            );
             assert_eq!(
                 actual.1, expected.1,
                 "hard links, numeric owner {numeric_owner}"

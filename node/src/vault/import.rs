@@ -61,7 +61,7 @@ struct Assembly {
 /// The default deepest a volume's directory tree may be (the root is depth 0; see
 /// [`VaultLimits::tree_depth_max`](super::VaultLimits)): an import or a mount's commit of a
 /// deeper tree fails saying so, rather than storing what later walks could not handle.
-/// gc, fsck, stats and a mount's commit walk iteratively; import, export and diff recurse
+/// gc, fsck, stats, diff and a mount's commit walk iteratively; import and export recurse
 /// on the vault's threads, whose stacks are sized for this depth.
 pub const TREE_DEPTH_MAX: usize = 16_384;
 

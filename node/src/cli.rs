@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use forge_crypto::KdfParams;
 use serde_json::json;
 
+use crate::clock::format_utc_time;
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
 use crate::error::{IntegrityFault, MountFault, NodeError, Result};
+pub use crate::output::Output;
 use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
@@ -279,15 +281,6 @@ pub struct InitArgs {
 pub enum NodeCommand {
     /// Print this node's id (with --json, also its public keys).
     Id,
-}
-
-/// What a successful command prints: a human text and a JSON value.
-#[derive(Debug)]
-pub struct Output {
-    /// For a terminal or a log.
-    pub human: String,
-    /// For `--json`.
-    pub json: serde_json::Value,
 }
 
 impl Cli {
@@ -765,7 +758,7 @@ fn snapshot_list(context: &VaultContext<'_>, name: &str) -> Result<Output> {
             human,
             "{}  {}  {:>10}  {}{}",
             &snapshot.id.to_hex()[..16],
-            format_time(snapshot.time_ns),
+            format_utc_time(snapshot.time_ns),
             human_bytes(snapshot.logical_bytes),
             snapshot.message,
             if snapshot.branches.is_empty() {
@@ -777,7 +770,7 @@ fn snapshot_list(context: &VaultContext<'_>, name: &str) -> Result<Output> {
         rows.push(json!({
             "id": snapshot.id.to_hex(),
             "parents": snapshot.parents.iter().map(forge_crypto::Cid::to_hex).collect::<Vec<_>>(),
-            "time": format_time(snapshot.time_ns),
+            "time": format_utc_time(snapshot.time_ns),
             "time_ns": snapshot.time_ns,
             "message": snapshot.message,
             "branches": snapshot.branches,
@@ -997,38 +990,6 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
         return Err(format!("{text:?} has an empty key"));
     }
     Ok((key.to_owned(), value.to_owned()))
-}
-
-/// `2026-11-28T19:03:09Z` from nanoseconds since the epoch (UTC, proleptic Gregorian).
-/// A timestamp usable in a branch name: `20261128T224501Z`.
-pub(crate) fn format_compact_time(time_ns: i64) -> String {
-    format_time(time_ns).replace(['-', ':'], "")
-}
-
-fn format_time(time_ns: i64) -> String {
-    let seconds = time_ns.div_euclid(1_000_000_000);
-    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        second_of_day / 3600,
-        second_of_day % 3600 / 60,
-        second_of_day % 60
-    )
 }
 
 fn version() -> Output {

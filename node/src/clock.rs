@@ -126,6 +126,40 @@ pub fn random_array<const N: usize>(randomness: &dyn Randomness) -> forge_crypto
     Ok(bytes)
 }
 
+/// A timestamp usable in a branch name: `20261128T224501Z`.
+#[must_use]
+pub fn format_compact_utc_time(time_ns: i64) -> String {
+    format_utc_time(time_ns).replace(['-', ':'], "")
+}
+
+/// `2026-11-28T19:03:09Z` from nanoseconds since the epoch (UTC, proleptic Gregorian).
+#[must_use]
+pub fn format_utc_time(time_ns: i64) -> String {
+    let seconds = time_ns.div_euclid(1_000_000_000);
+    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +181,20 @@ mod tests {
     fn the_stepping_clock_moves_by_its_step() {
         let clock = SteppingClock::new(1_000, 10);
         assert_eq!((clock.now_ns(), clock.now_ns()), (1_000, 1_010));
+    }
+
+    #[test]
+    fn times_format_as_utc_calendar_dates() {
+        assert_eq!(format_utc_time(0), "1970-01-01T00:00:00Z");
+        // 2024-02-29 (a leap day) 23:59:59 and one nanosecond short of the next second.
+        assert_eq!(
+            format_utc_time(1_709_251_199_999_999_999),
+            "2024-02-29T23:59:59Z"
+        );
+        assert_eq!(format_utc_time(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(
+            format_compact_utc_time(1_764_370_989_000_000_000),
+            "20251128T230309Z"
+        );
     }
 }

@@ -170,7 +170,7 @@ pub enum NodeError {
     #[error("integrity failure: {summary}")]
     Damaged {
         summary: String,
-        report: Box<crate::cli::Output>,
+        report: Box<crate::output::Output>,
     },
 
     /// A check found no damage, but the passphrase given did not open a volume's keys.
@@ -181,7 +181,7 @@ pub enum NodeError {
     )]
     PassphraseDidNotOpen {
         volume: String,
-        report: Box<crate::cli::Output>,
+        report: Box<crate::output::Output>,
     },
 
     /// A branch already has its read-write mount.
@@ -206,7 +206,7 @@ pub enum NodeError {
     Forwarded {
         message: String,
         exit_code: u8,
-        report: Option<Box<crate::cli::Output>>,
+        report: Option<Box<crate::output::Output>>,
     },
 
     /// The storage engine failed.
@@ -412,7 +412,7 @@ impl From<forge_store::metadata::MetadataError> for NodeError {
 impl NodeError {
     /// What the failed command printed before failing (a check's whole report).
     #[must_use]
-    pub fn report(&self) -> Option<&crate::cli::Output> {
+    pub fn report(&self) -> Option<&crate::output::Output> {
         match self {
             Self::Damaged { report, .. } | Self::PassphraseDidNotOpen { report, .. } => {
                 Some(report)

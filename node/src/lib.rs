@@ -7,6 +7,7 @@ pub mod control;
 pub mod datadir;
 pub mod error;
 pub mod mount;
+pub mod output;
 pub mod passphrase;
 pub mod progress;
 pub mod vault;

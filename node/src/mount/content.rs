@@ -571,9 +571,7 @@ pub fn read_overlay(
     Ok(out)
 }
 
-/// The shortest run of never-written zeros recorded as a hole (shorter ones are chunked
-/// with their neighbours).
-pub const HOLE_BYTES_MIN: u64 = 64 << 10;
+pub use crate::vault::import::HOLE_BYTES_MIN;
 
 /// Chunks a staged file into its new content, reusing every unchanged chunk of `base`: a
 /// small file becomes inline bytes; runs of zeros nobody wrote (a truncate that grows, a

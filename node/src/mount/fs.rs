@@ -367,7 +367,7 @@ impl MountedFs {
     }
 
     /// Marks the working tree as committed up to `generation`, the one its commit
-    /// captured with [`MountedFs::store_tree`]: a change made since stays uncommitted.
+    /// captured with `MountedFs::store_tree`: a change made since stays uncommitted.
     pub fn mark_committed(&self, generation: u64) {
         let mut inodes = self.lock();
         inodes.committed_generation = inodes.committed_generation.max(generation);

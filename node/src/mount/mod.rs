@@ -801,7 +801,7 @@ pub(crate) fn commit_with(
     )]) {
         Ok(()) => false,
         Err(NodeError::BranchMoved(_)) => {
-            let time = crate::cli::format_compact_time(vault.now_ns());
+            let time = crate::clock::format_compact_utc_time(vault.now_ns());
             let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
             let mut attempt = 1;
             while vault

@@ -65,6 +65,11 @@ struct Assembly {
 /// on the vault's threads, whose stacks are sized for this depth.
 pub const TREE_DEPTH_MAX: usize = 16_384;
 
+/// The shortest hole recorded as a hole extent, by import (a gap between a file's data
+/// regions) and by a mount (a run of never-written bytes); shorter ones are chunked with
+/// their neighbours.
+pub const HOLE_BYTES_MIN: u64 = 64 << 10;
+
 /// Unlogged writes are sent to the engine in batches of about this many bytes.
 pub const BATCH_BYTES: usize = 8 << 20;
 
@@ -666,7 +671,7 @@ impl Importer<'_> {
 
     /// A large file as its data regions (SEEK_DATA / SEEK_HOLE) with holes between them:
     /// each region is chunked on its own and every hole of at least
-    /// [`HOLE_BYTES_MIN`](crate::mount::content::HOLE_BYTES_MIN) becomes a hole extent, so a
+    /// [`HOLE_BYTES_MIN`] becomes a hole extent, so a
     /// sparse disk image costs what it holds, not its size. A file system that cannot tell
     /// holes gives one region, the whole file.
     fn import_sparse_file(&self, mut file: File, size: u64) -> Result<io::Result<FileContent>> {
@@ -1005,7 +1010,7 @@ fn nanoseconds(seconds: i64, nanoseconds: i64) -> i64 {
 }
 
 /// The data regions of a file of `size` bytes, `(start, end)` in order, holes shorter than
-/// [`HOLE_BYTES_MIN`](crate::mount::content::HOLE_BYTES_MIN) merged into their neighbours.
+/// [`HOLE_BYTES_MIN`] merged into their neighbours.
 /// The whole file when the file system cannot tell (or the file changes while asked).
 fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
     use nix::unistd::{Whence, lseek};
@@ -1032,7 +1037,7 @@ fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
             break;
         }
         match regions.last_mut() {
-            Some(last) if start - last.1 < crate::mount::content::HOLE_BYTES_MIN => last.1 = end,
+            Some(last) if start - last.1 < HOLE_BYTES_MIN => last.1 = end,
             _ => regions.push((start, end)),
         }
         at = end;

@@ -281,6 +281,9 @@ pub struct InitArgs {
 pub enum NodeCommand {
     /// Print this node's id (with --json, also its public keys).
     Id,
+    /// Show the forge process that owns this data directory (today: the mount host),
+    /// its mounts and its socket; exit 1 when none runs.
+    Status,
 }
 
 impl Cli {
@@ -304,6 +307,12 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
+            Command::Node(NodeCommand::Status) => {
+                let data_dir = self.data_dir()?;
+                crate::control::forward(&data_dir)?.ok_or_else(|| NodeError::NoDaemon {
+                    data_dir: data_dir.path().to_owned(),
+                })
+            }
             Command::Volume(command @ VolumeCommand::Mount { .. }) => {
                 let options = command
                     .mount_options()
@@ -357,7 +366,13 @@ impl Cli {
             Command::Stats => vault_stats(context.vault),
             Command::Fsck { verbose } => fsck(context, *verbose),
             Command::Scrub { repair } => scrub(context.vault, *repair),
-            Command::Version | Command::Init(_) | Command::Node(_) => {
+            Command::Node(NodeCommand::Status) => match context.host {
+                Some(host) => node_status(context.vault, host),
+                None => Err(NodeError::NoDaemon {
+                    data_dir: context.vault.data_dir().path().to_owned(),
+                }),
+            },
+            Command::Version | Command::Init(_) | Command::Node(NodeCommand::Id) => {
                 Err(NodeError::InvalidArgument {
                     what: "command",
                     value: format!("{:?}", self.command),
@@ -990,6 +1005,65 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
         return Err(format!("{text:?} has an empty key"));
     }
     Ok((key.to_owned(), value.to_owned()))
+}
+
+/// `forge node status`, answered by the process that owns the data directory.
+fn node_status(vault: &Vault, host: &crate::mount::Host) -> Result<Output> {
+    let (uptime, mounts) = host.status();
+    let volumes: Vec<String> = vault
+        .list_volumes()?
+        .into_iter()
+        .map(|record| record.name)
+        .collect();
+    let node_id = vault.identity().node_id().to_hex();
+    let socket = crate::control::socket_path(vault.data_dir());
+    let pid = std::process::id();
+    let version = env!("CARGO_PKG_VERSION");
+    let uptime_seconds = uptime.as_secs();
+    let mut human = format!(
+        "node {node_id} (forge {version}), pid {pid}, up {uptime_seconds} s\n\
+         socket {}\nmetrics: off (no daemon with a metrics listener yet)\n\
+         volumes: {}\nmounts: {}",
+        socket.display(),
+        volumes.len(),
+        mounts.len()
+    );
+    for mount in &mounts {
+        human.push_str(&format!(
+            "\n  {} <- {} {}{}",
+            mount.mountpoint.display(),
+            mount.volume,
+            mount.branch.as_deref().map_or_else(
+                || "(snapshot)".to_owned(),
+                |branch| format!("branch {branch}")
+            ),
+            if mount.read_only { ", read-only" } else { "" }
+        ));
+    }
+    let mounts_json: Vec<serde_json::Value> = mounts
+        .iter()
+        .map(|mount| {
+            json!({
+                "mountpoint": mount.mountpoint,
+                "volume": mount.volume,
+                "branch": mount.branch,
+                "read_only": mount.read_only,
+            })
+        })
+        .collect();
+    Ok(Output {
+        human,
+        json: json!({
+            "node_id": node_id,
+            "pid": pid,
+            "version": version,
+            "uptime_seconds": uptime_seconds,
+            "volumes": volumes,
+            "mounts": mounts_json,
+            "socket": socket,
+            "metrics_address": serde_json::Value::Null,
+        }),
+    })
 }
 
 fn version() -> Output {

@@ -30,6 +30,12 @@ pub enum NodeError {
     #[error("{path} already holds a Forge vault (node {node_id}); nothing was changed")]
     AlreadyInitialized { path: PathBuf, node_id: String },
 
+    /// `forge node status` (or another call for the owning process) found none running.
+    #[error(
+        "no daemon running for {data_dir}: no forge process owns it (a `forge volume mount` starts one)"
+    )]
+    NoDaemon { data_dir: PathBuf },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

@@ -564,6 +564,69 @@ fn commands_run_through_the_control_socket_while_mounted() {
     );
 }
 
+/// `forge node status` asks the process that owns the data directory (today the mount
+/// host) for its pid, version, uptime, volumes, mounts and socket; with none running it
+/// exits 1 saying so (before, the command did not exist).
+#[test]
+fn node_status_describes_the_owning_process_and_says_when_none_runs() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let absent = vault.run(&["node", "status"]);
+    assert_eq!(absent.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&absent.stderr).contains("no daemon running"),
+        "{}",
+        String::from_utf8_lossy(&absent.stderr)
+    );
+    vault.ok(&["volume", "create", "w"]);
+    let first = vault.mount("mnt", &[]);
+    let second = vault.mount_volume("w", "mnt-w", &["--read-only"]);
+    let status = vault.json(&["node", "status"]);
+    let registered: Vec<u64> = fs::read_dir(vault.root.join("vault/mounts"))
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".json")?.split('-').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(registered.len(), 2, "{registered:?}");
+    assert!(
+        registered.iter().all(|pid| status["pid"] == *pid),
+        "{status}"
+    );
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["node_id"], vault.ok(&["node", "id"]).trim());
+    assert!(status["uptime_seconds"].is_u64(), "{status}");
+    assert_eq!(status["volumes"], serde_json::json!(["v", "w"]));
+    assert_eq!(
+        status["socket"],
+        vault.root.join("vault/control.sock").to_str().unwrap()
+    );
+    assert!(status["metrics_address"].is_null());
+    let mounts = status["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 2, "{status}");
+    assert_eq!(mounts[0]["mountpoint"], first.to_str().unwrap());
+    assert_eq!(mounts[0]["branch"], "main");
+    assert_eq!(mounts[0]["read_only"], false);
+    assert_eq!(mounts[1]["mountpoint"], second.to_str().unwrap());
+    assert_eq!(mounts[1]["volume"], "w");
+    assert_eq!(mounts[1]["read_only"], true);
+    let human = vault.ok(&["node", "status"]);
+    assert!(human.contains("mounts: 2"), "{human}");
+    vault.unmount(&first);
+    assert_eq!(
+        vault.json(&["node", "status"])["mounts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    vault.unmount(&second);
+    assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
+}
+
 #[test]
 fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
     if !fuse_available() {

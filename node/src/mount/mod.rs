@@ -279,6 +279,8 @@ pub struct Host {
     /// Held while a mount is checked and set up: two requests for the same branch cannot
     /// both pass the one-read-write-mount check.
     mounting: Mutex<()>,
+    /// When the host opened the vault (for `forge node status`'s uptime).
+    started: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -329,7 +331,21 @@ impl Host {
             state: Mutex::new(HostState::default()),
             changed: std::sync::Condvar::new(),
             mounting: Mutex::new(()),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// How long this host has served, and the mounts it serves now (in the order they
+    /// were made).
+    #[must_use]
+    pub fn status(&self) -> (std::time::Duration, Vec<MountRecord>) {
+        let mounts = self
+            .lock()
+            .active
+            .iter()
+            .map(|active| active.record.clone())
+            .collect();
+        (self.started.elapsed(), mounts)
     }
 
     /// The open vault.

@@ -367,7 +367,7 @@ impl Cli {
             Command::Fsck { verbose } => fsck(context, *verbose),
             Command::Scrub { repair } => scrub(context.vault, *repair),
             Command::Node(NodeCommand::Status) => match context.host {
-                Some(host) => node_status(context.vault, host),
+                Some(host) => node_status(host),
                 None => Err(NodeError::NoDaemon {
                     data_dir: context.vault.data_dir().path().to_owned(),
                 }),
@@ -1008,7 +1008,8 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
 }
 
 /// `forge node status`, answered by the process that owns the data directory.
-fn node_status(vault: &Vault, host: &crate::mount::Host) -> Result<Output> {
+fn node_status(host: &crate::mount::Host) -> Result<Output> {
+    let vault = host.vault();
     let (uptime, mounts) = host.status();
     let volumes: Vec<String> = vault
         .list_volumes()?
@@ -1040,17 +1041,6 @@ fn node_status(vault: &Vault, host: &crate::mount::Host) -> Result<Output> {
             if mount.read_only { ", read-only" } else { "" }
         ));
     }
-    let mounts_json: Vec<serde_json::Value> = mounts
-        .iter()
-        .map(|mount| {
-            json!({
-                "mountpoint": mount.mountpoint,
-                "volume": mount.volume,
-                "branch": mount.branch,
-                "read_only": mount.read_only,
-            })
-        })
-        .collect();
     Ok(Output {
         human,
         json: json!({
@@ -1059,7 +1049,8 @@ fn node_status(vault: &Vault, host: &crate::mount::Host) -> Result<Output> {
             "version": version,
             "uptime_seconds": uptime_seconds,
             "volumes": volumes,
-            "mounts": mounts_json,
+            // Each as its registry record: pid, id, volume, branch, mountpoint, read_only.
+            "mounts": mounts,
             "socket": socket,
             "metrics_address": serde_json::Value::Null,
         }),

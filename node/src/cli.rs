@@ -281,9 +281,23 @@ pub struct InitArgs {
 pub enum NodeCommand {
     /// Print this node's id (with --json, also its public keys).
     Id,
-    /// Show the forge process that owns this data directory (today: the mount host),
-    /// its mounts and its socket; exit 1 when none runs.
+    /// Show the forge process that owns this data directory (the daemon, or a mount
+    /// host), its mounts and its socket; exit 1 when none runs.
     Status,
+    /// Start the daemon: it owns the data directory, hosts every mount and serves the
+    /// control socket until stopped. Returns once it serves (log in DATA_DIR/logs/).
+    Start {
+        /// Stay attached: serve in this process until SIGINT/SIGTERM or `node stop`.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the daemon (or mount host): unmount and commit every mount, close the vault,
+    /// exit; waits for it.
+    Stop {
+        /// Seconds to wait for it to exit.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 impl Cli {
@@ -307,6 +321,23 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
+            Command::Node(NodeCommand::Start { foreground }) => {
+                let line = crate::daemon::start(&self.data_dir()?, *foreground, &ask_passphrase)?;
+                Ok(Output {
+                    json: json!({"summary": line}),
+                    human: line,
+                })
+            }
+            Command::Node(NodeCommand::Stop { timeout }) => {
+                let line = crate::daemon::stop(
+                    &self.data_dir()?,
+                    std::time::Duration::from_secs(*timeout),
+                )?;
+                Ok(Output {
+                    json: json!({"summary": line}),
+                    human: line,
+                })
+            }
             Command::Node(NodeCommand::Status) => {
                 let data_dir = self.data_dir()?;
                 crate::control::forward(&data_dir)?.ok_or_else(|| NodeError::NoDaemon {
@@ -372,7 +403,15 @@ impl Cli {
                     data_dir: context.vault.data_dir().path().to_owned(),
                 }),
             },
-            Command::Version | Command::Init(_) | Command::Node(NodeCommand::Id) => {
+            Command::Node(NodeCommand::Stop { .. }) => match context.host {
+                Some(host) => Ok(stop_host(host)),
+                None => Err(NodeError::NoDaemon {
+                    data_dir: context.vault.data_dir().path().to_owned(),
+                }),
+            },
+            Command::Version
+            | Command::Init(_)
+            | Command::Node(NodeCommand::Id | NodeCommand::Start { .. }) => {
                 Err(NodeError::InvalidArgument {
                     what: "command",
                     value: format!("{:?}", self.command),
@@ -1005,6 +1044,24 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
         return Err(format!("{text:?} has an empty key"));
     }
     Ok((key.to_owned(), value.to_owned()))
+}
+
+/// `forge node stop`, run by the process that owns the data directory: it starts
+/// unmounting everything and replies at once; the client waits for it to exit.
+fn stop_host(host: &crate::mount::Host) -> Output {
+    let mounts = host.stop();
+    let names: Vec<String> = mounts
+        .iter()
+        .map(|mount| mount.mountpoint.display().to_string())
+        .collect();
+    Output {
+        human: if names.is_empty() {
+            "no mounts".to_owned()
+        } else {
+            format!("unmounted {}", names.join(", "))
+        },
+        json: json!({"pid": std::process::id(), "mounts": mounts}),
+    }
 }
 
 /// `forge node status`, answered by the process that owns the data directory.

@@ -41,7 +41,9 @@ pub fn socket_path(data_dir: &DataDir) -> PathBuf {
 /// answer.
 pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
     let socket = socket_path(data_dir);
-    if crate::mount::running_mounts(data_dir)?.is_empty() {
+    if crate::mount::running_mounts(data_dir)?.is_empty()
+        && crate::daemon::running(data_dir).is_none()
+    {
         return Ok(None);
     }
     // A host registers its first mount just before its socket is up: give it a moment.

@@ -36,6 +36,24 @@ pub enum NodeError {
     )]
     NoDaemon { data_dir: PathBuf },
 
+    /// `forge node start` in the background: the daemon exited before it served.
+    #[error("the daemon did not start ({status}): {reason} (its log: {log})")]
+    DaemonFailed {
+        status: String,
+        reason: String,
+        log: PathBuf,
+    },
+
+    /// `forge node stop`: the process asked to stop is still running at the deadline.
+    #[error(
+        "forge process {pid} has not exited after {seconds} s: it was unmounting and committing ({waiting_for}); wait, or run `forge node stop` again with a longer --timeout"
+    )]
+    StopTimedOut {
+        pid: u32,
+        seconds: u64,
+        waiting_for: String,
+    },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

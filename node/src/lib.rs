@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod clock;
 pub mod control;
+pub mod daemon;
 pub mod datadir;
 pub mod error;
 pub mod mount;

@@ -627,6 +627,129 @@ fn node_status_describes_the_owning_process_and_says_when_none_runs() {
     assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
 }
 
+/// Kills a daemon a test started, whatever the test did.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .output();
+    }
+}
+
+fn pid_of_started(line: &str) -> u32 {
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+/// `forge node start` makes a process that owns the data directory with no mount at all:
+/// commands run there, mounts come and go, and it serves until `forge node stop`, which
+/// unmounts and commits every mount before it exits. A daemon killed with SIGKILL leaves
+/// a record and a socket that the next commands clean up.
+#[test]
+fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let started = vault.ok(&["node", "start"]);
+    assert!(started.starts_with("started node "), "{started}");
+    let pid = pid_of_started(&started);
+    let _kill = KillOnDrop(pid);
+    assert!(vault.root.join("vault/logs/daemon.log").exists());
+    let status = vault.json(&["node", "status"]);
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["mounts"], serde_json::json!([]));
+    // One owner at a time.
+    let again = vault.run(&["node", "start"]);
+    assert_eq!(again.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains(&format!("forge process {pid} already owns it")),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // Commands run in the daemon, and mounts are its own: a mount returns at once.
+    fs::create_dir_all(vault.path("src")).unwrap();
+    fs::write(vault.path("src/imported.txt"), b"through the daemon").unwrap();
+    vault.ok(&["volume", "import", "v", vault.path("src").to_str().unwrap()]);
+    let mountpoint = vault.path("mnt");
+    fs::create_dir_all(&mountpoint).unwrap();
+    vault.mounts.borrow_mut().push(mountpoint.clone());
+    let mounted = vault.ok(&["volume", "mount", "v", mountpoint.to_str().unwrap()]);
+    assert!(mounted.starts_with("mounted"), "{mounted}");
+    fs::write(mountpoint.join("first.txt"), b"one").unwrap();
+    let summary = vault.unmount(&mountpoint);
+    assert!(summary.contains("committed to main"), "{summary}");
+    // The last unmount does not end a daemon.
+    assert_eq!(vault.json(&["node", "status"])["pid"], pid);
+    vault.ok(&["volume", "mount", "v", mountpoint.to_str().unwrap()]);
+    fs::write(mountpoint.join("second.txt"), b"two").unwrap();
+    let stopped = vault.ok(&["node", "stop"]);
+    assert!(
+        stopped.contains(&format!("stopped forge process {pid}")),
+        "{stopped}"
+    );
+    assert!(stopped.contains(mountpoint.to_str().unwrap()), "{stopped}");
+    assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
+    assert!(!vault.root.join("vault/daemon.json").exists());
+    assert!(!vault.root.join("vault/control.sock").exists());
+    let exported = vault.path("exported");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    for (name, bytes) in [
+        ("imported.txt", &b"through the daemon"[..]),
+        ("first.txt", b"one"),
+        ("second.txt", b"two"),
+    ] {
+        assert_eq!(fs::read(exported.join(name)).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(vault.run(&["node", "stop"]).status.code(), Some(1));
+
+    // SIGKILL: the record and socket stay behind; the next commands see no daemon, run
+    // in-process, and a new daemon starts.
+    let killed = pid_of_started(&vault.ok(&["node", "start"]));
+    let _kill_second = KillOnDrop(killed);
+    StdCommand::new("kill")
+        .args(["-KILL", &killed.to_string()])
+        .status()
+        .unwrap();
+    while fs::metadata(format!("/proc/{killed}")).is_ok_and(|_| {
+        fs::read_to_string(format!("/proc/{killed}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
+    }) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let absent = vault.run(&["node", "status"]);
+    assert_eq!(
+        absent.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&absent.stderr)
+    );
+    assert!(!vault.root.join("vault/daemon.json").exists());
+    assert_eq!(vault.ok(&["volume", "list"]).lines().count(), 1);
+    let third = pid_of_started(&vault.ok(&["node", "start"]));
+    let _kill_third = KillOnDrop(third);
+    assert_eq!(vault.json(&["node", "status"])["pid"], third);
+    // SIGTERM stops it as `node stop` does.
+    StdCommand::new("kill")
+        .args(["-TERM", &third.to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while vault.root.join("vault/daemon.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
+}
+
 #[test]
 fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
     if !fuse_available() {

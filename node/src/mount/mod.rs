@@ -13,9 +13,9 @@ pub mod content;
 pub mod fs;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,12 +87,22 @@ fn registry_dir(data_dir: &DataDir) -> PathBuf {
     data_dir.path().join("mounts")
 }
 
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+/// Whether process `pid` runs. A zombie does not: a killed daemon whose parent has not
+/// reaped it (an init that never waits) would otherwise own its data directory forever.
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
         return false;
     };
     // Signal "none" only checks that the process exists.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
+        return false;
+    }
+    // /proc/PID/stat: "PID (COMMAND) STATE ...", COMMAND may hold spaces and parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X")
+    })
 }
 
 /// Running mounts of this data directory (stale records of dead processes are removed).
@@ -216,57 +226,26 @@ fn check_options(options: &MountOptions) -> Result<(PathBuf, bool, String)> {
 
 /// Starts this same command again as a detached child and waits for its ready line.
 fn spawn_background(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
-    let registry = registry_dir(data_dir);
-    std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
-    let log_path = registry.join("mount.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(NodeError::io("opening", &log_path))?;
-    let exe = std::env::current_exe().map_err(NodeError::io("finding", "the forge binary"))?;
     let arguments: Vec<_> = std::env::args_os()
         .skip(1)
         .filter(|argument| argument != "--background")
         .collect();
-    let mut command = Command::new(exe);
-    command
-        .args(arguments)
-        .env(BACKGROUND_CHILD_ENV, "1")
-        .env("FORGE_DATA_DIR", data_dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    // Its own process group: a Ctrl-C in the shell that started it does not unmount it.
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child = command
-        .spawn()
-        .map_err(NodeError::io("starting", "the background mount"))?;
-    let stdout = child.stdout.take().ok_or_else(|| MountFault::Internal {
-        what: "the background mount's standard output is not a pipe".into(),
-    })?;
-    let mut line = String::new();
-    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-    if line.starts_with(READY_WORD) {
-        return Ok(format!("{} (pid {})", line.trim_end(), child.id()));
+    let log_path = registry_dir(data_dir).join("mount.log");
+    match crate::daemon::spawn_detached(
+        data_dir,
+        &arguments,
+        (BACKGROUND_CHILD_ENV, "1"),
+        &log_path,
+        READY_WORD,
+    )? {
+        crate::daemon::Detached::Ready(line) => Ok(line),
+        crate::daemon::Detached::Failed { status, reason } => Err(MountFault::BackgroundFailed {
+            mountpoint: mountpoint.to_owned(),
+            status,
+            reason,
+        }
+        .into()),
     }
-    let status = child
-        .wait()
-        .map_err(NodeError::io("waiting for", "the background mount"))?;
-    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let reason = log_text
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("no output")
-        .trim_start_matches("forge: ")
-        .to_owned();
-    Err(MountFault::BackgroundFailed {
-        mountpoint: mountpoint.to_owned(),
-        status: status.to_string(),
-        reason,
-    }
-    .into())
 }
 
 /// The process that owns a data directory while volumes are mounted: the open vault and
@@ -292,6 +271,17 @@ struct HostState {
     /// Finished mounts whose summary is not published yet (the last ones wait for the
     /// vault to close).
     unpublished: Vec<(u64, String)>,
+    /// Started by `forge node start`: serves until stopped, not only while mounts last.
+    persistent: bool,
+    /// `forge node stop` or a termination signal arrived: unmount everything and exit.
+    stopping: bool,
+}
+
+impl HostState {
+    /// Whether the host still has a reason to serve.
+    fn serving(&self) -> bool {
+        !self.active.is_empty() || (self.persistent && !self.stopping)
+    }
 }
 
 /// One mount a host serves.
@@ -333,6 +323,28 @@ impl Host {
             mounting: Mutex::new(()),
             started: std::time::Instant::now(),
         })
+    }
+
+    /// Makes this host serve until [`Host::stop`] (a daemon), not only while it has mounts.
+    pub(crate) fn keep_running(&self) {
+        self.lock().persistent = true;
+    }
+
+    /// Unmounts (and so commits) every mount and lets the host exit once they are done;
+    /// returns the mounts it is unmounting.
+    pub fn stop(&self) -> Vec<MountRecord> {
+        let mounts = {
+            let mut state = self.lock();
+            state.stopping = true;
+            state
+                .active
+                .iter()
+                .map(|active| active.record.clone())
+                .collect()
+        };
+        self.changed.notify_all();
+        self.unmount_all();
+        mounts
     }
 
     /// How long this host has served, and the mounts it serves now (in the order they
@@ -567,8 +579,9 @@ impl Host {
         let mut state = self.lock();
         state.active.retain(|other| other.id != active.id);
         state.last_summary = Some(summary);
-        if state.active.is_empty() {
-            // The last mount: its summary waits until the vault is closed.
+        if !state.serving() {
+            // The last mount of a host about to exit: its summary waits until the vault
+            // is closed.
             state.unpublished.push((active.id, text));
         } else {
             publish_summary(&self.data_dir, active.id, &text);
@@ -595,14 +608,14 @@ impl Host {
 
     /// Waits until no mount is left, then stops the control socket (re-checking, so a
     /// mount that arrived meanwhile is served too). Returns the last mount's summary.
-    fn wait_until_idle(
+    pub(crate) fn wait_until_idle(
         &self,
         control: crate::control::ControlHandle,
     ) -> Option<std::result::Result<String, String>> {
         let mut control = Some(control);
         loop {
             let mut state = self.lock();
-            while !state.active.is_empty() {
+            while state.serving() {
                 state = self
                     .changed
                     .wait(state)
@@ -611,14 +624,14 @@ impl Host {
             drop(state);
             // No command may run beside the final commits or after the vault closes.
             drop(control.take());
-            if self.lock().active.is_empty() {
+            if !self.lock().serving() {
                 break;
             }
         }
         self.lock().last_summary.clone()
     }
 
-    fn take_pending_summaries(&self) -> Vec<(u64, String)> {
+    pub(crate) fn take_pending_summaries(&self) -> Vec<(u64, String)> {
         std::mem::take(&mut self.lock().unpublished)
     }
 
@@ -740,7 +753,7 @@ pub fn nothing_to_commit(volume: &str) -> NodeError {
 }
 
 /// Writes a finished mount's summary for `unmount` to read (whole, then renamed).
-fn publish_summary(data_dir: &DataDir, id: u64, text: &str) {
+pub(crate) fn publish_summary(data_dir: &DataDir, id: u64, text: &str) {
     let registry = registry_dir(data_dir);
     let done = registry.join(format!("{}-{id}.done", std::process::id()));
     let partial = registry.join(format!("{}-{id}.done.partial", std::process::id()));
@@ -1070,10 +1083,10 @@ fn termination_signals() -> nix::sys::signal::SigSet {
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts later, so
 /// only [`wait_for_termination_signal`] receives them.
-fn block_termination_signals() {
+pub(crate) fn block_termination_signals() {
     let _ = termination_signals().thread_block();
 }
 
-fn wait_for_termination_signal() {
+pub(crate) fn wait_for_termination_signal() {
     let _ = termination_signals().wait();
 }

@@ -1,0 +1,268 @@
+//! `forge node start` and `forge node stop`: a long-lived forge process that owns the data
+//! directory, hosts every mount and serves the control socket until it is stopped (a mount
+//! started without one makes a host that exits after its last unmount). Process concerns
+//! only: the detached start, the record other commands find it by, signals; the host it
+//! runs is [`crate::mount::Host`].
+//!
+//! No network listener yet: the socket is `DATA_DIR/control.sock`, as for a mount host.
+
+use std::ffi::OsString;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datadir::DataDir;
+use crate::error::{NodeError, Result};
+use crate::mount::{Host, process_alive};
+use crate::vault::PassphraseSource;
+
+/// Environment variable marking the detached child of `forge node start`.
+const DAEMON_CHILD_ENV: &str = "FORGE_DAEMON_CHILD";
+/// First word of the line the daemon prints once it serves.
+const READY_WORD: &str = "started";
+
+/// What a running daemon leaves in the data directory for other commands to find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonRecord {
+    /// Format of this record.
+    pub version: u32,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+const DAEMON_RECORD_VERSION: u32 = 1;
+
+fn record_path(data_dir: &DataDir) -> PathBuf {
+    data_dir.path().join("daemon.json")
+}
+
+/// Where a daemon started in the background writes its log.
+#[must_use]
+pub fn log_path(data_dir: &DataDir) -> PathBuf {
+    data_dir.path().join("logs").join("daemon.log")
+}
+
+/// The daemon serving `data_dir`, if one runs. A record left by a process that died (or
+/// one this version cannot read) is removed.
+#[must_use]
+pub fn running(data_dir: &DataDir) -> Option<DaemonRecord> {
+    let path = record_path(data_dir);
+    let text = std::fs::read_to_string(&path).ok()?;
+    match serde_json::from_str::<DaemonRecord>(&text) {
+        Ok(record) if record.version == DAEMON_RECORD_VERSION && process_alive(record.pid) => {
+            Some(record)
+        }
+        _ => {
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
+}
+
+/// Starts the daemon. In the foreground this process serves until stopped (`forge node
+/// stop`, SIGINT, SIGTERM) and returns its last line; otherwise a detached child serves,
+/// logging to [`log_path`], and this returns once it does.
+///
+/// # Errors
+/// A forge process already owns the data directory; the vault cannot be opened; the
+/// socket cannot be created.
+pub fn start(
+    data_dir: &DataDir,
+    foreground: bool,
+    passphrase: PassphraseSource<'_>,
+) -> Result<String> {
+    if let Some(pid) = owner(data_dir)? {
+        return Err(NodeError::Busy {
+            what: data_dir.path().display().to_string(),
+            reason: format!(
+                "forge process {pid} already owns it (`forge node status` shows it, `forge node stop` stops it)"
+            ),
+        });
+    }
+    if !foreground && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
+        let arguments = [
+            OsString::from("node"),
+            "start".into(),
+            "--foreground".into(),
+        ];
+        return match spawn_detached(
+            data_dir,
+            &arguments,
+            (DAEMON_CHILD_ENV, "1"),
+            &log_path(data_dir),
+            READY_WORD,
+        )? {
+            Detached::Ready(line) => Ok(line),
+            Detached::Failed { status, reason } => Err(NodeError::DaemonFailed {
+                status,
+                reason,
+                log: log_path(data_dir),
+            }),
+        };
+    }
+    // Before any thread starts: every thread inherits the mask, so the signals reach
+    // only the thread that stops the host.
+    crate::mount::block_termination_signals();
+    let host = Arc::new(Host::open(data_dir, passphrase)?);
+    host.keep_running();
+    let control = crate::control::serve(host.clone())?;
+    let pid = std::process::id();
+    write_record(data_dir, pid)?;
+    let node_id = host.vault().identity().node_id().to_hex();
+    let socket = crate::control::socket_path(data_dir);
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(
+            stdout,
+            "{READY_WORD} node {node_id} (pid {pid}), socket {}",
+            socket.display()
+        );
+        let _ = stdout.flush();
+    }
+    tracing::info!(pid, "daemon serving {}", data_dir.path().display());
+    let signalled = host.clone();
+    std::thread::spawn(move || {
+        crate::mount::wait_for_termination_signal();
+        signalled.stop();
+    });
+    let _ = host.wait_until_idle(control);
+    let pending = host.take_pending_summaries();
+    drop(host);
+    // Whoever waits for the record to go finds the data directory free.
+    let _ = std::fs::remove_file(record_path(data_dir));
+    for (id, text) in pending {
+        crate::mount::publish_summary(data_dir, id, &text);
+    }
+    tracing::info!(pid, "daemon stopped");
+    Ok(format!("stopped node {node_id} (pid {pid})"))
+}
+
+/// Stops the process that owns `data_dir` (a daemon, or a mount host): it unmounts and
+/// commits every mount, closes the vault and exits; this waits for it up to `timeout`.
+///
+/// # Errors
+/// None runs; it has not exited in time (naming what it was unmounting).
+pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
+    let Some(output) = crate::control::forward(data_dir)? else {
+        return Err(NodeError::NoDaemon {
+            data_dir: data_dir.path().to_owned(),
+        });
+    };
+    let pid = output
+        .json
+        .get("pid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|pid| u32::try_from(pid).ok())
+        .ok_or_else(|| NodeError::Forwarded {
+            message: format!("the stop reply names no process: {}", output.json),
+            exit_code: 1,
+            report: None,
+        })?;
+    let deadline = std::time::Instant::now() + timeout;
+    while process_alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            return Err(NodeError::StopTimedOut {
+                pid,
+                seconds: timeout.as_secs(),
+                waiting_for: output.human,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(format!("stopped forge process {pid}; {}", output.human))
+}
+
+/// The pid of the process that owns `data_dir` (daemon or mount host), if one runs.
+fn owner(data_dir: &DataDir) -> Result<Option<u32>> {
+    if let Some(record) = running(data_dir) {
+        return Ok(Some(record.pid));
+    }
+    Ok(crate::mount::running_mounts(data_dir)?
+        .first()
+        .map(|mount| mount.pid))
+}
+
+fn write_record(data_dir: &DataDir, pid: u32) -> Result<()> {
+    let path = record_path(data_dir);
+    let partial = path.with_extension("json.partial");
+    let text = serde_json::json!({"version": DAEMON_RECORD_VERSION, "pid": pid}).to_string();
+    std::fs::write(&partial, text).map_err(NodeError::io("writing", &partial))?;
+    std::fs::rename(&partial, &path).map_err(NodeError::io("writing", &path))
+}
+
+/// How a detached child ended its start.
+#[derive(Debug)]
+pub(crate) enum Detached {
+    /// Its ready line, with its pid appended.
+    Ready(String),
+    /// It exited first: its status and the last line of its log.
+    Failed { status: String, reason: String },
+}
+
+/// Runs `forge ARGUMENTS` as a detached child (own process group, stdin closed, stderr
+/// appended to `log`, `marker` set in its environment) and waits for its first line:
+/// ready when it starts with `ready_word`.
+pub(crate) fn spawn_detached(
+    data_dir: &DataDir,
+    arguments: &[OsString],
+    marker: (&str, &str),
+    log: &Path,
+    ready_word: &str,
+) -> Result<Detached> {
+    if let Some(parent) = log.parent() {
+        std::fs::create_dir_all(parent).map_err(NodeError::io("creating", parent))?;
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(NodeError::io("opening", log))?;
+    let exe = std::env::current_exe().map_err(NodeError::io("finding", "the forge binary"))?;
+    let mut command = Command::new(exe);
+    command
+        .args(arguments)
+        .env(marker.0, marker.1)
+        .env("FORGE_DATA_DIR", data_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file));
+    // Its own process group: a Ctrl-C in the shell that started it does not stop it.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .spawn()
+        .map_err(NodeError::io("starting", "a detached forge process"))?;
+    let stdout = child.stdout.take().ok_or_else(|| {
+        NodeError::io("reading", "a detached forge process's output")(std::io::Error::other(
+            "its standard output is not a pipe",
+        ))
+    })?;
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if line.starts_with(ready_word) {
+        let line = line.trim_end();
+        return Ok(Detached::Ready(if line.contains("(pid ") {
+            line.to_owned()
+        } else {
+            format!("{line} (pid {})", child.id())
+        }));
+    }
+    let status = child
+        .wait()
+        .map_err(NodeError::io("waiting for", "a detached forge process"))?;
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let reason = log_text
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("no output")
+        .trim_start_matches("forge: ")
+        .to_owned();
+    Ok(Detached::Failed {
+        status: status.to_string(),
+        reason,
+    })
+}

@@ -9,6 +9,7 @@ use forge_crypto::KdfParams;
 use serde_json::json;
 
 use crate::clock::format_utc_time;
+use crate::config::{NodeConfig, parse_size};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
 use crate::error::{IntegrityFault, MountFault, NodeError, Result};
 pub use crate::output::Output;
@@ -173,9 +174,10 @@ pub enum VolumeCommand {
         /// Return once mounted; a background process serves it until unmounted.
         #[arg(long)]
         background: bool,
-        /// Memory for decrypted chunks (e.g. 256M).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
-        cache_size: u32,
+        /// Memory for decrypted chunks (e.g. 256M; default: forge.toml's
+        /// mount.cache_size, 256M without one).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cache_size: Option<u32>,
     },
     /// Unmount a forge mount, waiting until its changes are committed.
     Unmount {
@@ -187,7 +189,7 @@ pub enum VolumeCommand {
 impl VolumeCommand {
     /// The options of a `mount` command (None for any other).
     #[must_use]
-    pub fn mount_options(&self) -> Option<crate::mount::MountOptions> {
+    pub fn mount_options(&self, config: &NodeConfig) -> Option<crate::mount::MountOptions> {
         let Self::Mount {
             name,
             mountpoint,
@@ -207,7 +209,7 @@ impl VolumeCommand {
             snapshot: snapshot.clone(),
             read_only: *read_only,
             background: *background,
-            cache_bytes: *cache_size as usize,
+            cache_bytes: cache_size.map_or(config.mount_cache_bytes, |size| size as usize),
         })
     }
 }
@@ -291,6 +293,8 @@ pub enum NodeCommand {
         #[arg(long)]
         foreground: bool,
     },
+    /// Print the configuration in effect (DATA_DIR/forge.toml over the defaults).
+    Config,
     /// Stop the daemon (or mount host): unmount and commit every mount, close the vault,
     /// exit; waits for it.
     Stop {
@@ -338,6 +342,7 @@ impl Cli {
                     human: line,
                 })
             }
+            Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
             Command::Node(NodeCommand::Status) => {
                 let data_dir = self.data_dir()?;
                 crate::control::forward(&data_dir)?.ok_or_else(|| NodeError::NoDaemon {
@@ -345,12 +350,13 @@ impl Cli {
                 })
             }
             Command::Volume(command @ VolumeCommand::Mount { .. }) => {
+                let data_dir = self.data_dir()?;
                 let options = command
-                    .mount_options()
+                    .mount_options(&NodeConfig::load(&data_dir)?)
                     .ok_or_else(|| MountFault::Internal {
                         what: "a mount command without mount options".into(),
                     })?;
-                let summary = crate::mount::mount(&self.data_dir()?, &options, &ask_passphrase)?;
+                let summary = crate::mount::mount(&data_dir, &options, &ask_passphrase)?;
                 Ok(Output {
                     json: json!({"summary": summary}),
                     human: summary,
@@ -411,7 +417,7 @@ impl Cli {
             },
             Command::Version
             | Command::Init(_)
-            | Command::Node(NodeCommand::Id | NodeCommand::Start { .. }) => {
+            | Command::Node(NodeCommand::Id | NodeCommand::Start { .. } | NodeCommand::Config) => {
                 Err(NodeError::InvalidArgument {
                     what: "command",
                     value: format!("{:?}", self.command),
@@ -660,7 +666,8 @@ fn volume_command(
         }
         VolumeCommand::Mount { .. } => {
             // Sent by another `forge volume mount` to this mount host.
-            let (Some(host), Some(options)) = (context.host, command.mount_options()) else {
+            let config = NodeConfig::load(context.vault.data_dir())?;
+            let (Some(host), Some(options)) = (context.host, command.mount_options(&config)) else {
                 return Err(MountFault::Internal {
                     what: "a forwarded mount reached a process that hosts no mounts".into(),
                 }
@@ -1017,25 +1024,6 @@ fn volume_json(record: &VolumeRecord) -> serde_json::Value {
     })
 }
 
-/// Parses `64K`, `64KiB`, `1M`, `65536` (binary units).
-fn parse_size(text: &str) -> std::result::Result<u32, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(digits_end);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 64K or 1M"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        _ => return Err(format!("{text:?}: unknown unit (use K or M)")),
-    };
-    u32::try_from(number.saturating_mul(multiplier)).map_err(|_| format!("{text:?} is too large"))
-}
-
 fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
@@ -1062,6 +1050,28 @@ fn stop_host(host: &crate::mount::Host) -> Output {
         },
         json: json!({"pid": std::process::id(), "mounts": mounts}),
     }
+}
+
+/// `forge node config`: the configuration in effect, as forge.toml text.
+fn node_config(data_dir: &DataDir) -> Result<Output> {
+    let config = NodeConfig::load(data_dir)?;
+    let source = config.source.as_ref().map_or_else(
+        || {
+            format!(
+                "# no {}: the defaults",
+                data_dir.path().join(crate::config::CONFIG_FILE).display()
+            )
+        },
+        |path| format!("# {}", path.display()),
+    );
+    Ok(Output {
+        human: format!("{source}\n{}", config.to_toml().trim_end()),
+        json: json!({
+            "source": config.source,
+            "log_level": config.log_level,
+            "mount": {"cache_size_bytes": config.mount_cache_bytes},
+        }),
+    })
 }
 
 /// `forge node status`, answered by the process that owns the data directory.
@@ -1106,7 +1116,8 @@ fn node_status(host: &crate::mount::Host) -> Result<Output> {
             "version": version,
             "uptime_seconds": uptime_seconds,
             "volumes": volumes,
-            // Each as its registry record: pid, id, volume, branch, mountpoint, read_only.
+            // Each as its registry record: pid, id, volume, branch, mountpoint, read_only,
+            // cache_bytes.
             "mounts": mounts,
             "socket": socket,
             "metrics_address": serde_json::Value::Null,

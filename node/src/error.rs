@@ -54,6 +54,10 @@ pub enum NodeError {
         waiting_for: String,
     },
 
+    /// `DATA_DIR/forge.toml` is unreadable, malformed, or names an unknown key.
+    #[error("configuration {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

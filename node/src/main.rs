@@ -6,6 +6,7 @@ use std::io::Write;
 use clap::Parser;
 use clap::error::ErrorKind;
 use forge_node::cli::Cli;
+use forge_node::config::NodeConfig;
 use forge_node::{ExitCode, NodeError};
 
 fn main() -> std::process::ExitCode {
@@ -13,7 +14,18 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
-    init_tracing();
+    // forge.toml is checked before any command runs: a bad one fails every command
+    // that has a data directory, naming the file and the key.
+    let config = match cli.data_dir().map(|data_dir| NodeConfig::load(&data_dir)) {
+        Ok(Ok(config)) => config,
+        Ok(Err(error)) => {
+            let code = error.exit_code();
+            return report(&anyhow::Error::new(error), code, cli.json);
+        }
+        // No data directory: commands that need one say so.
+        Err(_) => NodeConfig::default_for_no_data_dir(),
+    };
+    init_tracing(&config.log_level);
     raise_open_file_limit();
     match cli.run() {
         Ok(output) => {
@@ -61,10 +73,10 @@ fn raise_open_file_limit() {
     }
 }
 
-fn init_tracing() {
+/// RUST_LOG if set, otherwise forge.toml's `log_level` (checked when it was loaded).
+fn init_tracing(log_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // fuser warns about every optional operation a file system leaves out (xattrs).
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -627,6 +627,54 @@ fn node_status_describes_the_owning_process_and_says_when_none_runs() {
     assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
 }
 
+/// `DATA_DIR/forge.toml` sets defaults a command line overrides, `forge node config`
+/// prints what is in effect, and a key this version does not know fails every command,
+/// naming the file and the key (before, there was no configuration file).
+#[test]
+fn forge_toml_sets_defaults_and_an_unknown_key_is_an_error() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let defaults = vault.json(&["node", "config"]);
+    assert!(defaults["source"].is_null(), "{defaults}");
+    assert_eq!(defaults["mount"]["cache_size_bytes"], 256 << 20);
+    let config_path = vault.root.join("vault/forge.toml");
+    fs::write(
+        &config_path,
+        "log_level = \"info\"\n[mount]\ncache_size = \"64K\"\n",
+    )
+    .unwrap();
+    let effective = vault.json(&["node", "config"]);
+    assert_eq!(effective["source"], config_path.to_str().unwrap());
+    assert_eq!(effective["log_level"], "info");
+    assert_eq!(effective["mount"]["cache_size_bytes"], 64 << 10);
+    let printed = vault.ok(&["node", "config"]);
+    assert!(printed.contains("cache_size = \"64K\""), "{printed}");
+    // The mount host reads it; --cache-size overrides it.
+    let first = vault.mount("mnt", &[]);
+    let second = vault.mount("mnt-ro", &["--read-only", "--cache-size", "1M"]);
+    let status = vault.json(&["node", "status"]);
+    assert_eq!(status["mounts"][0]["cache_bytes"], 64 << 10, "{status}");
+    assert_eq!(status["mounts"][1]["cache_bytes"], 1 << 20, "{status}");
+    vault.unmount(&second);
+    vault.unmount(&first);
+    fs::write(&config_path, "[mount]\ncache_sise = \"1M\"\n").unwrap();
+    for command in [
+        &["node", "config"][..],
+        &["volume", "list"],
+        &["node", "status"],
+    ] {
+        let output = vault.run(command);
+        assert_eq!(output.status.code(), Some(1), "{command:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("cache_sise") && stderr.contains(config_path.to_str().unwrap()),
+            "{command:?}: {stderr}"
+        );
+    }
+}
+
 /// Kills a daemon a test started, whatever the test did.
 struct KillOnDrop(u32);
 

@@ -72,6 +72,9 @@ pub struct MountRecord {
     pub mountpoint: PathBuf,
     /// Whether writes are refused.
     pub read_only: bool,
+    /// Bytes of decrypted chunks it keeps in memory (0 in records of older versions).
+    #[serde(default)]
+    pub cache_bytes: usize,
 }
 
 /// The working target of a read-write mount: the branch and the snapshot it builds on.
@@ -510,6 +513,7 @@ impl Host {
             branch: options.snapshot.is_none().then(|| branch.clone()),
             mountpoint: mountpoint.clone(),
             read_only,
+            cache_bytes: options.cache_bytes,
         };
         let registry = registry_dir(&self.data_dir);
         std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;

@@ -70,6 +70,12 @@ impl NodeConfig {
                     source: None,
                     ..config
                 }),
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(NodeError::DataDirPermission {
+                    data_dir: data_dir.path().to_owned(),
+                    owner: owner_of(data_dir.path()),
+                })
+            }
             Err(error) => Err(NodeError::io("reading", &path)(error)),
         }
     }
@@ -125,6 +131,15 @@ impl NodeConfig {
             format_size(self.mount_cache_bytes)
         )
     }
+}
+
+/// Who owns `path`, for an error message ("uid N", or "another user").
+pub(crate) fn owner_of(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or_else(
+        |_| "another user".to_owned(),
+        |metadata| format!("uid {}", metadata.uid()),
+    )
 }
 
 /// A size like `64K`, `64KiB`, `256M` or `1048576` (binary units); at most 4 GiB - 1.

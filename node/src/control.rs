@@ -56,6 +56,16 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
     if !socket.exists() {
         return Ok(None);
     }
+    // Connecting needs write access to the socket (mode 0600: its owner only); say so
+    // rather than a transport error.
+    if let Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) =
+        nix::unistd::access(&socket, nix::unistd::AccessFlags::W_OK)
+    {
+        return Err(NodeError::SocketPermission {
+            owner: crate::config::owner_of(&socket),
+            socket,
+        });
+    }
     let request = RunRequest {
         args: std::env::args_os()
             .skip(1)

@@ -58,6 +58,18 @@ pub enum NodeError {
     #[error("configuration {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    /// The data directory (mode 0700, its control socket 0600) belongs to someone else.
+    #[error(
+        "permission denied: {data_dir} belongs to {owner}, and only its owner may use it or its control socket {data_dir}/control.sock (run forge as that user, or pass --data-dir for your own vault)"
+    )]
+    DataDirPermission { data_dir: PathBuf, owner: String },
+
+    /// The control socket of the process owning the data directory is someone else's.
+    #[error(
+        "permission denied: the control socket {socket} belongs to {owner} (mode 0600: only its owner may connect); run forge as that user"
+    )]
+    SocketPermission { socket: PathBuf, owner: String },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

@@ -110,8 +110,18 @@ fn usage_error(error: &clap::Error) -> std::process::ExitCode {
 }
 
 fn report(error: &anyhow::Error, code: ExitCode, json: bool) -> std::process::ExitCode {
-    // One line, whatever the error: the chain joined with ": ".
-    let message = format!("{error:#}").replace('\n', " ");
+    // One line, whatever the error: the chain joined with ": ", each cause once (an
+    // error whose message already quotes its source, as every I/O error does, would
+    // otherwise print it twice).
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    let message = message.replace('\n', " ");
     let line = if json {
         serde_json::json!({ "error": message, "exit_code": code as u8 }).to_string()
     } else {

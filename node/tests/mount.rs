@@ -712,6 +712,42 @@ fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
     let status = vault.json(&["node", "status"]);
     assert_eq!(status["pid"], pid);
     assert_eq!(status["mounts"], serde_json::json!([]));
+    // Another user is told it may not, naming what it may not use (the data directory is
+    // 0700, the socket 0600 even where the directory is opened up).
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&vault.root, fs::Permissions::from_mode(0o755)).unwrap();
+        let data_dir = vault.root.join("vault");
+        let as_other_user = || {
+            let output = StdCommand::new("setpriv")
+                .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+                .arg(assert_cmd::cargo::cargo_bin("forge"))
+                .args(["node", "status"])
+                .env("FORGE_DATA_DIR", &data_dir)
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(1));
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        };
+        let refused = as_other_user();
+        assert!(
+            refused.contains(&format!(
+                "permission denied: {} belongs to uid 0",
+                data_dir.display()
+            )),
+            "{refused}"
+        );
+        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let refused = as_other_user();
+        assert!(
+            refused.contains(&format!(
+                "permission denied: the control socket {} belongs to uid 0",
+                data_dir.join("control.sock").display()
+            )),
+            "{refused}"
+        );
+        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    }
     // One owner at a time.
     let again = vault.run(&["node", "start"]);
     assert_eq!(again.status.code(), Some(4));

@@ -96,9 +96,11 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(raw) = libc::pid_t::try_from(pid) else {
         return false;
     };
-    // Signal "none" only checks that the process exists.
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
-        return false;
+    // Signal "none" only checks that the process exists (EPERM: it does, as another
+    // user's).
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
     }
     // /proc/PID/stat: "PID (COMMAND) STATE ...", COMMAND may hold spaces and parentheses.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {

@@ -292,6 +292,10 @@ pub enum NodeCommand {
         /// Stay attached: serve in this process until SIGINT/SIGTERM or `node stop`.
         #[arg(long)]
         foreground: bool,
+        /// Serve Prometheus metrics on this address (`off`: none; default: forge.toml's
+        /// metrics_listen, 127.0.0.1:9464 without one).
+        #[arg(long, value_name = "ADDR|off")]
+        metrics_listen: Option<String>,
     },
     /// Print the configuration in effect (DATA_DIR/forge.toml over the defaults).
     Config,
@@ -325,8 +329,23 @@ impl Cli {
             Command::Version => Ok(version()),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
-            Command::Node(NodeCommand::Start { foreground }) => {
-                let line = crate::daemon::start(&self.data_dir()?, *foreground, &ask_passphrase)?;
+            Command::Node(NodeCommand::Start {
+                foreground,
+                metrics_listen,
+            }) => {
+                let data_dir = self.data_dir()?;
+                let metrics_listen = match metrics_listen {
+                    Some(text) => crate::config::parse_listen(text).map_err(|reason| {
+                        NodeError::InvalidArgument {
+                            what: "--metrics-listen",
+                            value: text.clone(),
+                            reason,
+                        }
+                    })?,
+                    None => NodeConfig::load(&data_dir)?.metrics_listen,
+                };
+                let line =
+                    crate::daemon::start(&data_dir, *foreground, metrics_listen, &ask_passphrase)?;
                 Ok(Output {
                     json: json!({"summary": line}),
                     human: line,
@@ -1069,6 +1088,7 @@ fn node_config(data_dir: &DataDir) -> Result<Output> {
         json: json!({
             "source": config.source,
             "log_level": config.log_level,
+            "metrics_listen": config.metrics_listen,
             "mount": {"cache_size_bytes": config.mount_cache_bytes},
         }),
     })
@@ -1090,9 +1110,13 @@ fn node_status(host: &crate::mount::Host) -> Result<Output> {
     let uptime_seconds = uptime.as_secs();
     let mut human = format!(
         "node {node_id} (forge {version}), pid {pid}, up {uptime_seconds} s\n\
-         socket {}\nmetrics: off (no daemon with a metrics listener yet)\n\
+         socket {}\nmetrics: {}\n\
          volumes: {}\nmounts: {}",
         socket.display(),
+        host.metrics_address().map_or_else(
+            || "off".to_owned(),
+            |address| format!("http://{address}/metrics")
+        ),
         volumes.len(),
         mounts.len()
     );
@@ -1120,7 +1144,7 @@ fn node_status(host: &crate::mount::Host) -> Result<Output> {
             // cache_bytes.
             "mounts": mounts,
             "socket": socket,
-            "metrics_address": serde_json::Value::Null,
+            "metrics_address": host.metrics_address(),
         }),
     })
 }

@@ -5,12 +5,13 @@
 //!
 //! ```toml
 //! log_level = "warn"        # a tracing filter: "info", "warn,forge_node=debug", ...
+//! metrics_listen = "127.0.0.1:9464"   # where `forge node start` serves /metrics, or "off"
 //! [mount]
 //! cache_size = "256M"       # decrypted chunks kept in memory per mount
 //! ```
 //!
 //! `RUST_LOG` (a tracing filter) overrides `log_level`; `--cache-size` overrides
-//! `mount.cache_size`.
+//! `mount.cache_size`; `node start --metrics-listen` overrides `metrics_listen`.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,10 @@ pub const CONFIG_FILE: &str = "forge.toml";
 /// leaves out, so only its errors).
 pub const DEFAULT_LOG_LEVEL: &str = "warn,fuser=error";
 
+/// Where `forge node start` serves /metrics by default (9464: the port commonly used for
+/// a Prometheus exporter beside an application's own ports).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 /// The default memory for decrypted chunks per mount.
 pub const DEFAULT_MOUNT_CACHE: &str = "256M";
 
@@ -38,6 +43,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Bytes of decrypted chunks a mount keeps in memory.
     pub mount_cache_bytes: usize,
+    /// Where a started daemon serves /metrics (None: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The file as written (every field optional).
@@ -45,6 +52,7 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     log_level: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     mount: MountSection,
 }
@@ -87,6 +95,7 @@ impl NodeConfig {
             source: None,
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             mount_cache_bytes: 256 << 20,
+            metrics_listen: parse_listen(DEFAULT_METRICS_LISTEN).unwrap_or(None),
         }
     }
 
@@ -115,10 +124,17 @@ impl NodeConfig {
         let mount_cache_bytes = parse_size(cache)
             .map_err(|reason| invalid(format!("mount.cache_size: {reason}")))?
             as usize;
+        let metrics_listen = parse_listen(
+            file.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )
+        .map_err(|reason| invalid(format!("metrics_listen: {reason}")))?;
         Ok(Self {
             source: Some(path.to_owned()),
             log_level,
             mount_cache_bytes,
+            metrics_listen,
         })
     }
 
@@ -126,8 +142,10 @@ impl NodeConfig {
     #[must_use]
     pub fn to_toml(&self) -> String {
         format!(
-            "log_level = {:?}\n\n[mount]\ncache_size = \"{}\"\n",
+            "log_level = {:?}\nmetrics_listen = \"{}\"\n\n[mount]\ncache_size = \"{}\"\n",
             self.log_level,
+            self.metrics_listen
+                .map_or_else(|| "off".to_owned(), |address| address.to_string()),
             format_size(self.mount_cache_bytes)
         )
     }
@@ -140,6 +158,20 @@ pub(crate) fn owner_of(path: &Path) -> String {
         |_| "another user".to_owned(),
         |metadata| format!("uid {}", metadata.uid()),
     )
+}
+
+/// A listen address (`127.0.0.1:9464`, `[::1]:0`) or `off`.
+///
+/// # Errors
+/// Neither.
+pub fn parse_listen(text: &str) -> std::result::Result<Option<std::net::SocketAddr>, String> {
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9464, or off"))
 }
 
 /// A size like `64K`, `64KiB`, `256M` or `1048576` (binary units); at most 4 GiB - 1.
@@ -193,8 +225,12 @@ mod tests {
 
     #[test]
     fn set_keys_take_effect_and_round_trip() {
-        let config = parse("log_level = \"info\"\n[mount]\ncache_size = \"64K\"\n").unwrap();
+        let config = parse(
+            "log_level = \"info\"\nmetrics_listen = \"off\"\n[mount]\ncache_size = \"64K\"\n",
+        )
+        .unwrap();
         assert_eq!(config.log_level, "info");
+        assert_eq!(config.metrics_listen, None);
         assert_eq!(config.mount_cache_bytes, 64 << 10);
         assert_eq!(parse(&config.to_toml()).unwrap(), config);
     }
@@ -209,6 +245,7 @@ mod tests {
             ("[mount]\ncache_size = 5", "cache_size"),
             ("log_level = \"[\"", "log_level"),
             ("log_level = ", "/d/forge.toml"),
+            ("metrics_listen = \"localhost\"", "metrics_listen"),
         ] {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");

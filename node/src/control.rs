@@ -221,9 +221,10 @@ impl Control for ControlService {
 
 /// Parses and runs one forwarded command line.
 fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
-    let arguments = std::iter::once(OsString::from("forge"))
-        .chain(request.args.into_iter().map(OsString::from_vec));
-    let mut cli = match Cli::try_parse_from(arguments) {
+    let arguments: Vec<OsString> = std::iter::once(OsString::from("forge"))
+        .chain(request.args.into_iter().map(OsString::from_vec))
+        .collect();
+    let mut cli = match Cli::try_parse_from(&arguments) {
         Ok(cli) => cli,
         Err(error) => {
             return failure(
@@ -241,6 +242,7 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
             );
         }
     };
+    let method = method_name(&arguments);
     let cwd = PathBuf::from(OsString::from_vec(request.cwd));
     absolutize_paths(&mut cli.command, &cwd);
     let passphrase_given = request.passphrase.is_some();
@@ -258,7 +260,7 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
         passphrase_given,
         host: Some(host),
     };
-    match cli.run_with(&context) {
+    let reply = match cli.run_with(&context) {
         Ok(output) => RunReply {
             exit_code: 0,
             human: output.human,
@@ -269,7 +271,24 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
             let code = error.exit_code();
             failure(&error, code)
         }
+    };
+    host.metrics().count_call(&method, reply.exit_code);
+    reply
+}
+
+/// The command a forwarded command line names, as `volume import` (for the metrics).
+fn method_name(arguments: &[OsString]) -> String {
+    let Ok(matches) = <Cli as clap::CommandFactory>::command().try_get_matches_from(arguments)
+    else {
+        return "unparsable".to_owned();
+    };
+    let mut names = Vec::new();
+    let mut level = &matches;
+    while let Some((name, sub)) = level.subcommand() {
+        names.push(name.to_owned());
+        level = sub;
     }
+    names.join(" ")
 }
 
 fn failure(error: &NodeError, code: ExitCode) -> RunReply {

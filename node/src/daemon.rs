@@ -4,7 +4,8 @@
 //! only: the detached start, the record other commands find it by, signals; the host it
 //! runs is [`crate::mount::Host`].
 //!
-//! No network listener yet: the socket is `DATA_DIR/control.sock`, as for a mount host.
+//! The API socket is `DATA_DIR/control.sock`, as for a mount host; the only network
+//! listener is /metrics (`--metrics-listen`, see [`crate::metrics`]).
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
@@ -73,6 +74,7 @@ pub fn running(data_dir: &DataDir) -> Option<DaemonRecord> {
 pub fn start(
     data_dir: &DataDir,
     foreground: bool,
+    metrics_listen: Option<std::net::SocketAddr>,
     passphrase: PassphraseSource<'_>,
 ) -> Result<String> {
     if let Some(pid) = owner(data_dir)? {
@@ -88,6 +90,10 @@ pub fn start(
             OsString::from("node"),
             "start".into(),
             "--foreground".into(),
+            "--metrics-listen".into(),
+            metrics_listen
+                .map_or_else(|| "off".to_owned(), |address| address.to_string())
+                .into(),
         ];
         return match spawn_detached(
             data_dir,
@@ -109,6 +115,15 @@ pub fn start(
     crate::mount::block_termination_signals();
     let host = Arc::new(Host::open(data_dir, passphrase)?);
     host.keep_running();
+    // Bound before anything is announced: a busy port fails the start, naming it.
+    if let Some(address) = metrics_listen {
+        let listener = crate::metrics::bind(address)?;
+        let bound = listener
+            .local_addr()
+            .map_err(NodeError::io("reading the address of", address.to_string()))?;
+        host.set_metrics_address(bound);
+        crate::metrics::serve(listener, Arc::downgrade(&host));
+    }
     let control = crate::control::serve(host.clone())?;
     let pid = std::process::id();
     write_record(data_dir, pid)?;

@@ -70,6 +70,15 @@ pub enum NodeError {
     )]
     SocketPermission { socket: PathBuf, owner: String },
 
+    /// The metrics listener's address is taken or cannot be bound.
+    #[error(
+        "cannot listen for metrics on {address}: {reason} (choose another with --metrics-listen or forge.toml's metrics_listen, or `off`)"
+    )]
+    MetricsListen {
+        address: std::net::SocketAddr,
+        reason: String,
+    },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod datadir;
 pub mod error;
+pub mod metrics;
 pub mod mount;
 pub mod output;
 pub mod passphrase;

@@ -796,3 +796,129 @@ fn a_normal_users_export_says_what_only_root_could_restore() {
     assert!(!out.join("null").exists());
     assert_eq!(fs::metadata(out.join("owned-by-root")).unwrap().uid(), 1000);
 }
+
+/// Reads `http://ADDRESS/metrics` and returns the sample lines by series (name and labels).
+fn scrape(address: &str) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A daemon started with `--metrics-listen` serves Prometheus metrics whose volume numbers
+/// are `volume stats --json`'s, counts its API calls by command and exit code, and follows
+/// the vault as it changes; a port already taken fails the start, naming it; `off` opens
+/// none (before, there was no /metrics).
+#[test]
+fn a_daemon_serves_metrics_that_match_volume_stats() {
+    let vault = Vault::new();
+    vault.ok(&["volume", "create", "photos"]);
+    vault.ok(&["volume", "create", "empty"]);
+    let source = vault.path("source");
+    make_source(&source);
+    vault.ok(&["volume", "import", "photos", source.to_str().unwrap()]);
+    let started = vault.ok(&["node", "start", "--metrics-listen", "127.0.0.1:0"]);
+    let pid: u32 = started
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap();
+    struct Stop<'a>(&'a Vault, u32);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["node", "stop"]);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.1.to_string()])
+                .output();
+        }
+    }
+    let _stop = Stop(&vault, pid);
+    let address = vault.json(&["node", "status"])["metrics_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stats = vault.json(&["volume", "stats", "photos"]);
+    let metrics = scrape(&address);
+    let series = |name: &str, volume: &str| {
+        metrics
+            .get(&format!("{name}{{volume=\"{volume}\"}}"))
+            .copied()
+            .unwrap_or_else(|| panic!("no {name} for {volume}: {metrics:#?}"))
+    };
+    for (metric, field) in [
+        ("forge_volume_logical_bytes", "logical_bytes"),
+        ("forge_volume_stored_bytes", "stored_bytes"),
+        ("forge_volume_unique_chunks", "unique_chunks"),
+        ("forge_volume_snapshots", "snapshots"),
+        ("forge_volume_dedup_ratio", "dedup_ratio"),
+        ("forge_volume_compression_ratio", "compression_ratio"),
+    ] {
+        let expected = stats[field].as_f64().unwrap();
+        let actual = series(metric, "photos");
+        assert!(
+            (actual - expected).abs() <= expected.abs() * 1e-9,
+            "{metric}: {actual} vs {expected}"
+        );
+    }
+    assert_eq!(series("forge_volume_snapshots", "empty"), 0.0);
+    assert!(metrics["forge_vault_physical_bytes"] > 0.0);
+    assert!(metrics["forge_process_resident_memory_bytes"] > 1e6);
+    assert!(metrics["forge_process_open_fds"] > 0.0);
+    assert_eq!(metrics["forge_mounts"], 0.0);
+    assert_eq!(
+        metrics["forge_api_calls_total{method=\"volume stats\",code=\"0\"}"],
+        1.0
+    );
+    // The numbers follow the vault: a second snapshot, a failed call.
+    vault.ok(&["volume", "import", "photos", source.to_str().unwrap()]);
+    assert_eq!(
+        vault.run(&["volume", "stats", "absent"]).status.code(),
+        Some(1)
+    );
+    let later = scrape(&address);
+    assert_eq!(later["forge_volume_snapshots{volume=\"photos\"}"], 2.0);
+    assert_eq!(
+        later["forge_volume_logical_bytes{volume=\"photos\"}"],
+        2.0 * series("forge_volume_logical_bytes", "photos")
+    );
+    assert_eq!(
+        later["forge_api_calls_total{method=\"volume stats\",code=\"1\"}"],
+        1.0
+    );
+    assert_eq!(
+        later["forge_api_calls_total{method=\"volume import\",code=\"0\"}"],
+        1.0
+    );
+
+    // The same port for another vault's daemon: refused, naming the address.
+    let other = Vault::new();
+    let busy = other.run(&["node", "start", "--metrics-listen", &address]);
+    assert_eq!(busy.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen for metrics on {address}")),
+        "{stderr}"
+    );
+    assert_eq!(other.run(&["node", "status"]).status.code(), Some(1));
+    let quiet = other.ok(&["node", "start", "--metrics-listen", "off"]);
+    let quiet_pid: u32 = quiet
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap();
+    let _stop_other = Stop(&other, quiet_pid);
+    assert!(other.json(&["node", "status"])["metrics_address"].is_null());
+}

@@ -265,6 +265,10 @@ pub struct Host {
     mounting: Mutex<()>,
     /// When the host opened the vault (for `forge node status`'s uptime).
     started: std::time::Instant,
+    /// The daemon's metrics registry (served only when a listener is configured).
+    metrics: crate::metrics::Metrics,
+    /// Where /metrics is served, if anywhere.
+    metrics_address: Mutex<Option<std::net::SocketAddr>>,
 }
 
 #[derive(Default)]
@@ -327,7 +331,32 @@ impl Host {
             changed: std::sync::Condvar::new(),
             mounting: Mutex::new(()),
             started: std::time::Instant::now(),
+            metrics: crate::metrics::Metrics::new(),
+            metrics_address: Mutex::new(None),
         })
+    }
+
+    /// The metrics registry.
+    #[must_use]
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Where /metrics is served (None: no listener).
+    #[must_use]
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        *self
+            .metrics_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records where /metrics is served.
+    pub(crate) fn set_metrics_address(&self, address: std::net::SocketAddr) {
+        *self
+            .metrics_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(address);
     }
 
     /// Makes this host serve until [`Host::stop`] (a daemon), not only while it has mounts.

@@ -1,0 +1,379 @@
+//! Prometheus metrics of a daemon: one registry, served as text on `GET /metrics` by
+//! [`serve`] (only `forge node start` opens the listener; a mount host started by
+//! `forge volume mount` opens no port). Counters are updated where the work happens;
+//! gauges of volumes and of the vault are read from the vault at each scrape (a volume's
+//! statistics walk its snapshots, so they are kept until its snapshot list changes).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use forge_crypto::Cid;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::error::{NodeError, Result};
+use crate::mount::Host;
+use crate::vault::Vault;
+use crate::vault::VolumeStats;
+
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    volume_logical_bytes: Family<Labels, Gauge>,
+    volume_stored_bytes: Family<Labels, Gauge>,
+    volume_unique_chunks: Family<Labels, Gauge>,
+    volume_snapshots: Family<Labels, Gauge>,
+    volume_dedup_ratio: Family<Labels, FloatGauge>,
+    volume_compression_ratio: Family<Labels, FloatGauge>,
+    vault_physical_bytes: Gauge,
+    vault_table_bytes: Family<Labels, Gauge>,
+    vault_blob_bytes: Family<Labels, Gauge>,
+    mounts: Gauge,
+    process_resident_memory_bytes: Gauge,
+    process_open_fds: Gauge,
+    api_calls: Family<Labels, Counter>,
+    scrape_errors: Counter,
+    /// Each volume's statistics with the snapshot list they were computed for.
+    volume_cache: Mutex<BTreeMap<String, (Vec<Cid>, VolumeStats)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every series forge reports.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("forge");
+        let metrics = Self {
+            volume_logical_bytes: Family::default(),
+            volume_stored_bytes: Family::default(),
+            volume_unique_chunks: Family::default(),
+            volume_snapshots: Family::default(),
+            volume_dedup_ratio: Family::default(),
+            volume_compression_ratio: Family::default(),
+            vault_physical_bytes: Gauge::default(),
+            vault_table_bytes: Family::default(),
+            vault_blob_bytes: Family::default(),
+            mounts: Gauge::default(),
+            process_resident_memory_bytes: Gauge::default(),
+            process_open_fds: Gauge::default(),
+            api_calls: Family::default(),
+            scrape_errors: Counter::default(),
+            volume_cache: Mutex::new(BTreeMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "volume_logical_bytes",
+            "File bytes over all snapshots of a volume",
+            metrics.volume_logical_bytes.clone(),
+        );
+        registry.register(
+            "volume_stored_bytes",
+            "Bytes on disk of the distinct shards and objects a volume's snapshots reach",
+            metrics.volume_stored_bytes.clone(),
+        );
+        registry.register(
+            "volume_unique_chunks",
+            "Distinct data chunks of a volume",
+            metrics.volume_unique_chunks.clone(),
+        );
+        registry.register(
+            "volume_snapshots",
+            "Snapshots of a volume",
+            metrics.volume_snapshots.clone(),
+        );
+        registry.register(
+            "volume_dedup_ratio",
+            "Logical bytes over the plaintext bytes of a volume's unique chunks",
+            metrics.volume_dedup_ratio.clone(),
+        );
+        registry.register(
+            "volume_compression_ratio",
+            "Plaintext over stored bytes of a volume's unique chunks",
+            metrics.volume_compression_ratio.clone(),
+        );
+        registry.register(
+            "vault_physical_bytes",
+            "Bytes of the files under the data directory",
+            metrics.vault_physical_bytes.clone(),
+        );
+        registry.register(
+            "vault_table_bytes",
+            "Bytes in the storage engine's table files, by column",
+            metrics.vault_table_bytes.clone(),
+        );
+        registry.register(
+            "vault_blob_bytes",
+            "Bytes in the storage engine's blob files, by column",
+            metrics.vault_blob_bytes.clone(),
+        );
+        registry.register(
+            "mounts",
+            "Mounts this process serves",
+            metrics.mounts.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the forge process",
+            metrics.process_resident_memory_bytes.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the forge process",
+            metrics.process_open_fds.clone(),
+        );
+        registry.register(
+            "api_calls",
+            "Calls on the control socket, by method (the command) and exit code",
+            metrics.api_calls.clone(),
+        );
+        registry.register(
+            "scrape_errors",
+            "Scrapes that could not read a number (the rest of the scrape is served)",
+            metrics.scrape_errors.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Counts a call on the control socket.
+    pub fn count_call(&self, method: &str, exit_code: u32) {
+        self.api_calls
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("code", exit_code.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Reads the gauges from `host` and renders the registry (OpenMetrics text).
+    ///
+    /// # Errors
+    /// Only a formatting failure; a number that cannot be read is left out and counted
+    /// in `forge_scrape_errors_total`.
+    pub fn render(&self, host: &Host) -> Result<String> {
+        self.update(host);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).map_err(|error| {
+            NodeError::io("rendering", "the metrics")(std::io::Error::other(error.to_string()))
+        })?;
+        Ok(text)
+    }
+
+    fn update(&self, host: &Host) {
+        let vault = host.vault();
+        let (_, mounts) = host.status();
+        self.mounts.set(gauge_value(mounts.len() as u64));
+        if let Some(bytes) = resident_memory_bytes() {
+            self.process_resident_memory_bytes.set(gauge_value(bytes));
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds
+                .set(gauge_value(entries.count() as u64));
+        }
+        match vault.vault_stats() {
+            Ok(stats) => {
+                self.vault_physical_bytes
+                    .set(gauge_value(stats.physical_bytes));
+                for (column, usage) in stats.columns {
+                    let labels = vec![("column", column.to_owned())];
+                    self.vault_table_bytes
+                        .get_or_create(&labels)
+                        .set(gauge_value(usage.table_bytes));
+                    self.vault_blob_bytes
+                        .get_or_create(&labels)
+                        .set(gauge_value(usage.blob_bytes));
+                }
+            }
+            Err(error) => self.failed("vault statistics", &error),
+        }
+        self.update_volumes(vault);
+    }
+
+    fn update_volumes(&self, vault: &Vault) {
+        let records = match vault.list_volumes() {
+            Ok(records) => records,
+            Err(error) => return self.failed("the volume list", &error),
+        };
+        let mut cache = self
+            .volume_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Volumes deleted since the last scrape leave their series.
+        cache.retain(|name, _| records.iter().any(|record| &record.name == name));
+        for family in [
+            &self.volume_logical_bytes,
+            &self.volume_stored_bytes,
+            &self.volume_unique_chunks,
+            &self.volume_snapshots,
+        ] {
+            family.clear();
+        }
+        self.volume_dedup_ratio.clear();
+        self.volume_compression_ratio.clear();
+        // A daemon cannot prompt: a volume whose keys need a passphrase is left out.
+        let no_passphrase = |_: &str, _: bool| -> Result<zeroize::Zeroizing<String>> {
+            Err(NodeError::InvalidArgument {
+                what: "passphrase",
+                value: String::new(),
+                reason: "metrics are read without one".into(),
+            })
+        };
+        for record in records {
+            let snapshots = match vault.snapshot_listings(&record) {
+                Ok(listings) => listings.into_iter().map(|(cid, _)| cid).collect::<Vec<_>>(),
+                Err(error) => {
+                    self.failed("a snapshot list", &error);
+                    continue;
+                }
+            };
+            let cached = cache
+                .get(&record.name)
+                .filter(|(ids, _)| *ids == snapshots)
+                .map(|(_, stats)| stats.clone());
+            let stats = match cached {
+                Some(stats) => stats,
+                None if record.encrypted => continue,
+                None => match vault.volume_stats(&record.name, &no_passphrase) {
+                    Ok(stats) => {
+                        cache.insert(record.name.clone(), (snapshots, stats.clone()));
+                        stats
+                    }
+                    Err(error) => {
+                        self.failed("volume statistics", &error);
+                        continue;
+                    }
+                },
+            };
+            let labels = vec![("volume", record.name.clone())];
+            self.volume_logical_bytes
+                .get_or_create(&labels)
+                .set(gauge_value(stats.logical_bytes));
+            self.volume_stored_bytes
+                .get_or_create(&labels)
+                .set(gauge_value(stats.stored_bytes));
+            self.volume_unique_chunks
+                .get_or_create(&labels)
+                .set(gauge_value(stats.unique_chunks));
+            self.volume_snapshots
+                .get_or_create(&labels)
+                .set(gauge_value(stats.snapshots));
+            self.volume_dedup_ratio
+                .get_or_create(&labels)
+                .set(stats.dedup_ratio);
+            self.volume_compression_ratio
+                .get_or_create(&labels)
+                .set(stats.compression_ratio);
+        }
+    }
+
+    fn failed(&self, what: &str, error: &NodeError) {
+        tracing::warn!(%error, "metrics: reading {what}");
+        self.scrape_errors.inc();
+    }
+}
+
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// VmRSS of this process, from /proc/self/status.
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Binds the metrics listener (port 0: any free port).
+///
+/// # Errors
+/// The address is taken or not ours to bind, naming it.
+pub fn bind(address: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(address).map_err(|error| NodeError::MetricsListen {
+        address,
+        reason: error.to_string(),
+    })
+}
+
+/// Serves `GET /metrics` on `listener`, one connection at a time, on a thread of its own,
+/// for as long as the host lives (it holds only a weak reference: the vault closes when
+/// the daemon drops its host).
+pub fn serve(listener: TcpListener, host: Weak<Host>) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let Some(host) = host.upgrade() else { break };
+            if let Err(error) = answer(stream, &host) {
+                tracing::debug!(%error, "metrics request");
+            }
+        }
+    });
+}
+
+/// Reads one HTTP/1.x request and answers it (then closes the connection).
+fn answer(mut stream: TcpStream, host: &Host) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    // The request head only; a body (none is expected) is ignored.
+    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = stream.read(&mut buffer)?;
+        if read == 0 || request.len() > 8 << 10 {
+            break;
+        }
+        request.extend_from_slice(&buffer[..read]);
+    }
+    let head = String::from_utf8_lossy(&request);
+    let mut words = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => match host.metrics().render(host) {
+            Ok(text) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(error) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("{error}\n"),
+            ),
+        },
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}

@@ -138,6 +138,7 @@ pub fn start(
         );
         let _ = stdout.flush();
     }
+    notify_service_manager("READY=1");
     tracing::info!(pid, "daemon serving {}", data_dir.path().display());
     let signalled = host.clone();
     std::thread::spawn(move || {
@@ -145,6 +146,7 @@ pub fn start(
         signalled.stop();
     });
     let _ = host.wait_until_idle(control);
+    notify_service_manager("STOPPING=1");
     let pending = host.take_pending_summaries();
     drop(host);
     // Whoever waits for the record to go finds the data directory free.
@@ -154,6 +156,31 @@ pub fn start(
     }
     tracing::info!(pid, "daemon stopped");
     Ok(format!("stopped node {node_id} (pid {pid})"))
+}
+
+/// Tells systemd (a `Type=notify` unit sets `NOTIFY_SOCKET`) how the daemon is doing:
+/// `READY=1` once it serves, `STOPPING=1` when it starts to stop. Without the variable,
+/// nothing. Best effort: a service manager that does not listen changes nothing here.
+fn notify_service_manager(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = socket.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket (systemd's usual choice).
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name,
+        )
+        .and_then(|address| sender.send_to_addr(state.as_bytes(), &address))
+    } else {
+        sender.send_to(state.as_bytes(), &socket)
+    };
+    if let Err(error) = sent {
+        tracing::warn!(%error, "telling the service manager {state}");
+    }
 }
 
 /// Stops the process that owns `data_dir` (a daemon, or a mount host): it unmounts and

@@ -922,3 +922,39 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
     let _stop_other = Stop(&other, quiet_pid);
     assert!(other.json(&["node", "status"])["metrics_address"].is_null());
 }
+
+/// `forge node start --foreground` (what dist/forge.service runs, `Type=notify`) tells the
+/// service manager READY=1 on `$NOTIFY_SOCKET` once it serves and STOPPING=1 when
+/// `forge node stop` reaches it, then exits 0.
+#[test]
+fn a_foreground_daemon_notifies_the_service_manager() {
+    let vault = Vault::new();
+    let notify_path = vault.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let daemon = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+        .args(["node", "start", "--foreground", "--metrics-listen", "off"])
+        .env("FORGE_DATA_DIR", vault.data_dir())
+        .env_remove("FORGE_PASSPHRASE")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 64];
+    let length = notify.recv(&mut message).unwrap();
+    assert_eq!(&message[..length], b"READY=1");
+    // Ready means serving.
+    assert_eq!(
+        vault.json(&["node", "status"])["pid"],
+        u64::from(daemon.id())
+    );
+    vault.ok(&["node", "stop"]);
+    let length = notify.recv(&mut message).unwrap();
+    assert_eq!(&message[..length], b"STOPPING=1");
+    let output = daemon.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("stopped node"), "{printed}");
+}

@@ -1,5 +1,10 @@
 //! Compiles the client API's protobuf definitions with tonic.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure().compile_protos(&["proto/forge/v1/control.proto"], &["proto"])?;
+    // The descriptor set is served by gRPC reflection: clients list and call the services
+    // without the .proto files.
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("forge_descriptor.bin"))
+        .compile_protos(&["proto/forge/v1/control.proto"], &["proto"])?;
     Ok(())
 }

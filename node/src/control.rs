@@ -66,7 +66,7 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
             socket,
         });
     }
-    let request = RunRequest {
+    let mut request = Request::new(RunRequest {
         args: std::env::args_os()
             .skip(1)
             .map(OsStringExt::into_vec)
@@ -74,8 +74,18 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
         cwd: std::env::current_dir()
             .map(|cwd| cwd.into_os_string().into_vec())
             .unwrap_or_default(),
-        passphrase: std::env::var("FORGE_PASSPHRASE").ok(),
-    };
+    });
+    let metadata = request.metadata_mut();
+    metadata.insert(
+        forge_proto::VERSION_METADATA,
+        tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    if let Some(passphrase) = std::env::var_os(crate::passphrase::PASSPHRASE_ENV) {
+        metadata.insert_bin(
+            forge_proto::PASSPHRASE_METADATA,
+            tonic::metadata::MetadataValue::from_bytes(passphrase.as_encoded_bytes()),
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -167,10 +177,23 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         .map_err(NodeError::io("restricting", &socket))?;
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = ControlService { host };
+    // Reflection lets a client list and call the services without the .proto files;
+    // health answers SERVING for the control service while this socket is up.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(forge_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| MountFault::Internal {
+            what: format!("building the reflection service: {error}"),
+        })?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    runtime.block_on(health.set_serving::<ControlServer<ControlService>>());
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let result = tonic::transport::Server::builder()
+                .add_service(reflection)
+                .add_service(health_service)
                 .add_service(ControlServer::new(service))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
@@ -209,10 +232,25 @@ impl Control for ControlService {
         &self,
         request: Request<RunRequest>,
     ) -> std::result::Result<Response<RunReply>, Status> {
+        check_client_version(&request)?;
+        let passphrase = request
+            .metadata()
+            .get_bin(forge_proto::PASSPHRASE_METADATA)
+            .map(|value| {
+                value
+                    .to_bytes()
+                    .map_err(|_| Status::invalid_argument("the passphrase metadata is not base64"))
+                    .and_then(|bytes| {
+                        String::from_utf8(bytes.to_vec())
+                            .map_err(|_| Status::invalid_argument("the passphrase is not UTF-8"))
+                    })
+            })
+            .transpose()?
+            .map(Zeroizing::new);
         let request = request.into_inner();
         let host = self.host.clone();
         // Commands are blocking (storage, chunking): off the async workers.
-        let reply = tokio::task::spawn_blocking(move || run_command(&host, request))
+        let reply = tokio::task::spawn_blocking(move || run_command(&host, request, passphrase))
             .await
             .map_err(|error| Status::internal(format!("command panicked: {error}")))?;
         Ok(Response::new(reply))
@@ -220,7 +258,11 @@ impl Control for ControlService {
 }
 
 /// Parses and runs one forwarded command line.
-fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
+fn run_command(
+    host: &Arc<Host>,
+    request: RunRequest,
+    passphrase: Option<Zeroizing<String>>,
+) -> RunReply {
     let arguments: Vec<OsString> = std::iter::once(OsString::from("forge"))
         .chain(request.args.into_iter().map(OsString::from_vec))
         .collect();
@@ -245,8 +287,7 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
     let method = method_name(&arguments);
     let cwd = PathBuf::from(OsString::from_vec(request.cwd));
     absolutize_paths(&mut cli.command, &cwd);
-    let passphrase_given = request.passphrase.is_some();
-    let passphrase = request.passphrase.map(Zeroizing::new);
+    let passphrase_given = passphrase.is_some();
     let source = move |_prompt: &str, _confirm: bool| -> Result<Zeroizing<String>> {
         passphrase.clone().ok_or_else(|| NodeError::InvalidArgument {
             what: "passphrase",
@@ -274,6 +315,26 @@ fn run_command(host: &Arc<Host>, request: RunRequest) -> RunReply {
     };
     host.metrics().count_call(&method, reply.exit_code);
     reply
+}
+
+/// Refuses a client of another forge version (or one that does not say): this process
+/// would parse its command line with its own, possibly different, arguments.
+fn check_client_version<T>(request: &Request<T>) -> std::result::Result<(), Status> {
+    let ours = env!("CARGO_PKG_VERSION");
+    let theirs = request
+        .metadata()
+        .get(forge_proto::VERSION_METADATA)
+        .and_then(|value| value.to_str().ok());
+    match theirs {
+        Some(version) if version == ours => Ok(()),
+        Some(version) => Err(Status::failed_precondition(format!(
+            "this forge process runs version {ours} and the client is {version}: use the forge binary of the same version, or restart the daemon (`forge node stop`, `forge node start`)"
+        ))),
+        None => Err(Status::failed_precondition(format!(
+            "the request does not say its forge version (metadata `{}`); this process runs {ours}",
+            forge_proto::VERSION_METADATA
+        ))),
+    }
 }
 
 /// The command a forwarded command line names, as `volume import` (for the metrics).

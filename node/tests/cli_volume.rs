@@ -958,3 +958,167 @@ fn a_foreground_daemon_notifies_the_service_manager() {
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(printed.contains("stopped node"), "{printed}");
 }
+
+/// The control socket is a gRPC server a client can explore without the .proto files
+/// (reflection lists the services and serves their descriptors) and probe (health says
+/// SERVING); a request without the client's version, of another version, oversized or
+/// not gRPC at all gets a clear error, and the daemon keeps serving.
+#[test]
+fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
+    use forge_proto::v1::RunRequest;
+    use forge_proto::v1::control_client::ControlClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let vault = Vault::new();
+    let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
+    let pid = started
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap()
+        .to_owned();
+    struct Stop<'a>(&'a Vault, String);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["node", "stop"]);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.1])
+                .output();
+        }
+    }
+    let _stop = Stop(&vault, pid);
+    let socket = vault.data_dir().join("control.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let ask = |request: MessageRequest| {
+            tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            }])
+        };
+        let mut answers = reflection
+            .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list");
+        };
+        let names: Vec<String> = list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect();
+        for expected in ["forge.v1.Control", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|name| name == expected), "{names:?}");
+        }
+        let mut answers = reflection
+            .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+                "forge.v1.Control".into(),
+            )))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no descriptor for forge.v1.Control");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+
+        let health = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: "forge.v1.Control".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(health.status, 1, "SERVING");
+
+        let mut control = ControlClient::new(channel.clone());
+        let list = |version: Option<&'static str>, args: Vec<Vec<u8>>| {
+            let mut request = tonic::Request::new(RunRequest {
+                args,
+                cwd: b"/".to_vec(),
+            });
+            if let Some(version) = version {
+                request.metadata_mut().insert(
+                    forge_proto::VERSION_METADATA,
+                    tonic::metadata::MetadataValue::from_static(version),
+                );
+            }
+            request
+        };
+        let volume_list = || vec![b"volume".to_vec(), b"list".to_vec()];
+        let unversioned = control.run(list(None, volume_list())).await.unwrap_err();
+        assert_eq!(unversioned.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            unversioned.message().contains("forge-version"),
+            "{unversioned:?}"
+        );
+        let other = control
+            .run(list(Some("0.0.0-other"), volume_list()))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            other.message().contains("0.0.0-other")
+                && other.message().contains(env!("CARGO_PKG_VERSION")),
+            "{other:?}"
+        );
+        let oversized = control
+            .run(list(
+                Some(env!("CARGO_PKG_VERSION")),
+                vec![vec![b'x'; 5 << 20]],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                oversized.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{oversized:?}"
+        );
+        let garbage_args = control
+            .run(list(
+                Some(env!("CARGO_PKG_VERSION")),
+                vec![b"no-such-command".to_vec()],
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(garbage_args.exit_code, 2, "{garbage_args:?}");
+    });
+    // Not gRPC at all.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        raw.write_all(b"GET / HTTP/1.0\r\n\r\nthis is not a gRPC request\x00\xff")
+            .unwrap();
+        raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = raw.read_to_end(&mut answer);
+    }
+    // And the daemon still serves.
+    assert!(vault.json(&["node", "status"])["pid"].is_u64());
+    assert!(vault.ok(&["volume", "list"]).starts_with("no volumes yet"));
+}

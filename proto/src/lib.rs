@@ -12,3 +12,14 @@
 pub mod v1 {
     tonic::include_proto!("forge.v1");
 }
+
+/// The encoded descriptors of every forge service (for gRPC reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("forge_descriptor");
+
+/// Request metadata: the client's forge version (a daemon refuses another one, whose
+/// command line it might read differently).
+pub const VERSION_METADATA: &str = "forge-version";
+
+/// Request metadata (binary): the passphrase the client has, for commands that need one.
+/// It travels only here, never in a message body, and is never logged.
+pub const PASSPHRASE_METADATA: &str = "forge-passphrase-bin";

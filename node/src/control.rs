@@ -90,6 +90,7 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
         .enable_all()
         .build()
         .map_err(NodeError::io("starting", "the control client"))?;
+    let owner_before = crate::daemon::owner(data_dir).ok().flatten();
     let reply = runtime.block_on(async {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
@@ -115,7 +116,21 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
                     reason: status.message().to_owned(),
                 })
             })
-    })?;
+    });
+    let reply = match reply {
+        Ok(reply) => reply,
+        // The owner died under the call (killed, crashed): say so, not "transport error".
+        Err(error) => match owner_before {
+            Some(pid) if !crate::mount::process_alive(pid) => {
+                return Err(NodeError::OwnerEnded {
+                    pid,
+                    data_dir: data_dir.path().to_owned(),
+                    reason: error.to_string(),
+                });
+            }
+            _ => return Err(error),
+        },
+    };
     if reply.exit_code == 0 {
         let json = serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null);
         return Ok(Some(Output {

@@ -219,7 +219,7 @@ pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
 }
 
 /// The pid of the process that owns `data_dir` (daemon or mount host), if one runs.
-fn owner(data_dir: &DataDir) -> Result<Option<u32>> {
+pub(crate) fn owner(data_dir: &DataDir) -> Result<Option<u32>> {
     if let Some(record) = running(data_dir) {
         return Ok(Some(record.pid));
     }

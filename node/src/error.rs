@@ -79,6 +79,16 @@ pub enum NodeError {
         reason: String,
     },
 
+    /// The process running a forwarded command ended before it answered.
+    #[error(
+        "forge process {pid} owning {data_dir} ended before the command finished ({reason}): it was killed or crashed, so nothing it was doing was acknowledged; the next command recovers the data directory (run `forge fsck` to check it)"
+    )]
+    OwnerEnded {
+        pid: u32,
+        data_dir: PathBuf,
+        reason: String,
+    },
+
     /// A command that needs a vault found none.
     #[error(
         "no Forge vault at {path}: run `forge init` first, or pass --data-dir / set FORGE_DATA_DIR"

@@ -675,6 +675,67 @@ fn forge_toml_sets_defaults_and_an_unknown_key_is_an_error() {
     }
 }
 
+/// Through one daemon, two clients import into two volumes at the same time while a
+/// third reads a mount: both imports succeed with their own content and the reader sees
+/// the mounted file whole throughout.
+#[test]
+fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
+    let _kill = KillOnDrop(pid_of_started(&started));
+    let mountpoint = vault.mount("mnt", &[]);
+    let content: Vec<u8> = (0..4u32 << 20).map(|index| (index % 251) as u8).collect();
+    fs::write(mountpoint.join("big.bin"), &content).unwrap();
+    let mut sources = Vec::new();
+    for name in ["one", "two"] {
+        vault.ok(&["volume", "create", name]);
+        let source = vault.path(&format!("source-{name}"));
+        for index in 0..200 {
+            let directory = source.join(format!("d{}", index % 10));
+            fs::create_dir_all(&directory).unwrap();
+            fs::write(
+                directory.join(format!("{name}-{index}")),
+                format!("{name} {index}\n").repeat(index + 1),
+            )
+            .unwrap();
+        }
+        sources.push((name, source));
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads == 0 {
+                assert_eq!(fs::read(mountpoint.join("big.bin")).unwrap(), content);
+                reads += 1;
+            }
+            reads
+        });
+        let imports: Vec<_> = sources
+            .iter()
+            .map(|(name, source)| {
+                let inner: &common::Vault = &vault;
+                scope.spawn(move || inner.ok(&["volume", "import", name, source.to_str().unwrap()]))
+            })
+            .collect();
+        for import in imports {
+            let printed = import.join().unwrap();
+            assert!(printed.contains("snapshot"), "{printed}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    for (name, source) in &sources {
+        let exported = vault.path(&format!("exported-{name}"));
+        vault.ok(&["volume", "export", name, exported.to_str().unwrap()]);
+        assert_eq!(tree_of(source), tree_of(&exported), "{name}");
+    }
+    vault.ok(&["node", "stop"]);
+}
+
 /// Kills a daemon a test started, whatever the test did.
 struct KillOnDrop(u32);
 

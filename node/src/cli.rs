@@ -543,7 +543,22 @@ fn volume_command(
                 atime: *atime,
             };
             let progress = Progress::new("importing", !json);
-            let result = vault.import(name, source, &options, context.passphrase, &progress);
+            // On a terminal, a second thread counts what the import will read, so the line
+            // can show the share done and an ETA (it stops when the import ends).
+            let counted = std::sync::atomic::AtomicBool::new(false);
+            let result = std::thread::scope(|scope| {
+                if progress.is_live() {
+                    scope.spawn(|| {
+                        if let Some((files, bytes)) = crate::progress::count_tree(source, &counted)
+                        {
+                            progress.set_expected(files, bytes);
+                        }
+                    });
+                }
+                let result = vault.import(name, source, &options, context.passphrase, &progress);
+                counted.store(true, std::sync::atomic::Ordering::Relaxed);
+                result
+            });
             progress.finish();
             let mut report = result?;
             report.skipped.sort();

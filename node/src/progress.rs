@@ -1,8 +1,10 @@
-//! Progress of long work: a live line on a terminal (files, bytes, rate), nothing otherwise
-//! (the command prints a one-line summary when it ends).
+//! Progress of long work: a live line on a terminal (files, bytes, rate; once the totals
+//! are known, as restic does: the share done and an ETA), nothing otherwise (the command
+//! prints a one-line summary when it ends).
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,6 +14,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Progress {
     files: AtomicU64,
     bytes: AtomicU64,
+    /// The totals the work will reach, once something has counted them.
+    expected_files: AtomicU64,
+    expected_bytes: AtomicU64,
+    expected_known: AtomicBool,
     started: Instant,
     bar: Option<ProgressBar>,
 }
@@ -34,9 +40,26 @@ impl Progress {
         Self {
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            expected_files: AtomicU64::new(0),
+            expected_bytes: AtomicU64::new(0),
+            expected_known: AtomicBool::new(false),
             started: Instant::now(),
             bar,
         }
+    }
+
+    /// Whether anything is displayed (counting the totals is worth it only then).
+    #[must_use]
+    pub fn is_live(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    /// The totals the work will reach: from now on the line shows the share done and an
+    /// ETA.
+    pub fn set_expected(&self, files: u64, bytes: u64) {
+        self.expected_files.store(files, Ordering::Relaxed);
+        self.expected_bytes.store(bytes, Ordering::Relaxed);
+        self.expected_known.store(true, Ordering::Release);
     }
 
     /// Records one more file of `bytes` bytes.
@@ -73,11 +96,85 @@ impl Progress {
     }
 
     fn describe(&self, files: u64, bytes: u64) -> String {
-        let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
-        #[allow(clippy::cast_precision_loss)] // A display rate needs no exactness.
-        let rate = bytes as f64 / seconds / 1e6;
-        format!("{files} files, {}, {rate:.1} MB/s", human_bytes(bytes))
+        let expected = self.expected_known.load(Ordering::Acquire).then(|| {
+            (
+                self.expected_files.load(Ordering::Relaxed),
+                self.expected_bytes.load(Ordering::Relaxed),
+            )
+        });
+        describe_at(files, bytes, expected, self.started.elapsed())
     }
+}
+
+/// The live line: done so far, and against the expected totals when they are known.
+#[allow(clippy::cast_precision_loss)] // A display needs no exactness.
+fn describe_at(files: u64, bytes: u64, expected: Option<(u64, u64)>, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64().max(1e-3);
+    let rate = bytes as f64 / seconds / 1e6;
+    let Some((total_files, total_bytes)) = expected else {
+        return format!("{files} files, {}, {rate:.1} MB/s", human_bytes(bytes));
+    };
+    // By bytes (what takes the time), by files for a tree of empty files.
+    let share = if total_bytes > 0 {
+        bytes as f64 / total_bytes as f64
+    } else if total_files > 0 {
+        files as f64 / total_files as f64
+    } else {
+        1.0
+    }
+    .clamp(0.0, 1.0);
+    let eta = if share > 0.0 && share < 1.0 {
+        let remaining = seconds * (1.0 - share) / share;
+        format!(", ETA {}", human_duration(remaining))
+    } else {
+        String::new()
+    };
+    format!(
+        "{files}/{total_files} files, {}/{} ({:.0}%), {rate:.1} MB/s{eta}",
+        human_bytes(bytes),
+        human_bytes(total_bytes),
+        share * 100.0
+    )
+}
+
+/// `75.0` -> `"1m15s"`, `3725.0` -> `"1h02m"`, `9.4` -> `"9s"`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Non-negative, small.
+fn human_duration(seconds: f64) -> String {
+    let whole = seconds.max(0.0).round() as u64;
+    match whole {
+        0..60 => format!("{whole}s"),
+        60..3600 => format!("{}m{:02}s", whole / 60, whole % 60),
+        _ => format!("{}h{:02}m", whole / 3600, whole % 3600 / 60),
+    }
+}
+
+/// Counts the regular files under `root` and their bytes, as an import will meet them
+/// (symbolic links not followed, unreadable directories skipped), until `stop` is set;
+/// `None` if stopped first.
+#[must_use]
+pub fn count_tree(root: &Path, stop: &AtomicBool) -> Option<(u64, u64)> {
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut directories = vec![root.to_owned()];
+    while let Some(directory) = directories.pop() {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                directories.push(entry.path());
+            } else if kind.is_file() {
+                files += 1;
+                bytes += entry.metadata().map_or(0, |metadata| metadata.len());
+            }
+        }
+    }
+    Some((files, bytes))
 }
 
 /// `1234567` → `"1.2 MB"`.
@@ -95,5 +192,46 @@ pub fn human_bytes(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_shows_the_share_done_and_an_eta_once_totals_are_known() {
+        let ten_seconds = Duration::from_secs(10);
+        assert_eq!(
+            describe_at(5, 2_000_000, None, ten_seconds),
+            "5 files, 2.0 MB, 0.2 MB/s"
+        );
+        // A quarter of the bytes in 10 s: 30 s to go.
+        assert_eq!(
+            describe_at(5, 2_000_000, Some((40, 8_000_000)), ten_seconds),
+            "5/40 files, 2.0 MB/8.0 MB (25%), 0.2 MB/s, ETA 30s"
+        );
+        assert_eq!(
+            describe_at(40, 8_000_000, Some((40, 8_000_000)), ten_seconds),
+            "40/40 files, 8.0 MB/8.0 MB (100%), 0.8 MB/s"
+        );
+        // Empty files: by count.
+        assert_eq!(
+            describe_at(1, 0, Some((4, 0)), Duration::from_secs(100)),
+            "1/4 files, 0 B/0 B (25%), 0.0 MB/s, ETA 5m00s"
+        );
+        assert_eq!(human_duration(3725.0), "1h02m");
+    }
+
+    #[test]
+    fn counting_a_tree_finds_its_files_and_bytes_and_stops_when_asked() {
+        let temp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(temp.path().join("a/b")).unwrap();
+        std::fs::write(temp.path().join("a/one"), b"12345").unwrap();
+        std::fs::write(temp.path().join("a/b/two"), b"123").unwrap();
+        std::os::unix::fs::symlink("a/one", temp.path().join("link")).unwrap();
+        let running = AtomicBool::new(false);
+        assert_eq!(count_tree(temp.path(), &running), Some((2, 8)));
+        assert_eq!(count_tree(temp.path(), &AtomicBool::new(true)), None);
     }
 }

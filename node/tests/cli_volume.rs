@@ -829,22 +829,8 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
     make_source(&source);
     vault.ok(&["volume", "import", "photos", source.to_str().unwrap()]);
     let started = vault.ok(&["node", "start", "--metrics-listen", "127.0.0.1:0"]);
-    let pid: u32 = started
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap();
-    struct Stop<'a>(&'a Vault, u32);
-    impl Drop for Stop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.run(&["node", "stop"]);
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &self.1.to_string()])
-                .output();
-        }
-    }
-    let _stop = Stop(&vault, pid);
+    let pid = common::started_pid(&started);
+    let _kill = common::KillOnDrop(pid);
     let address = vault.json(&["node", "status"])["metrics_address"]
         .as_str()
         .unwrap()
@@ -913,13 +899,8 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
     );
     assert_eq!(other.run(&["node", "status"]).status.code(), Some(1));
     let quiet = other.ok(&["node", "start", "--metrics-listen", "off"]);
-    let quiet_pid: u32 = quiet
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap();
-    let _stop_other = Stop(&other, quiet_pid);
+    let quiet_pid = common::started_pid(&quiet);
+    let _kill_other = common::KillOnDrop(quiet_pid);
     assert!(other.json(&["node", "status"])["metrics_address"].is_null());
 }
 
@@ -976,22 +957,7 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
 
     let vault = Vault::new();
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
-    let pid = started
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .unwrap()
-        .to_owned();
-    struct Stop<'a>(&'a Vault, String);
-    impl Drop for Stop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.run(&["node", "stop"]);
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &self.1])
-                .output();
-        }
-    }
-    let _stop = Stop(&vault, pid);
+    let _kill = common::KillOnDrop(common::started_pid(&started));
     let socket = vault.data_dir().join("control.sock");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1144,12 +1110,8 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
         }
     }
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
-    let pid: i32 = started
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap();
+    let pid = common::started_pid(&started);
+    let _kill = common::KillOnDrop(pid);
     let import = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
         .args(["volume", "import", "v"])
         .arg(&source)
@@ -1160,7 +1122,7 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

@@ -685,7 +685,7 @@ fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
     }
     let vault = Vault::new();
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
-    let _kill = KillOnDrop(pid_of_started(&started));
+    let _kill = common::KillOnDrop(common::started_pid(&started));
     let mountpoint = vault.mount("mnt", &[]);
     let content: Vec<u8> = (0..4u32 << 20).map(|index| (index % 251) as u8).collect();
     fs::write(mountpoint.join("big.bin"), &content).unwrap();
@@ -736,25 +736,6 @@ fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
     vault.ok(&["node", "stop"]);
 }
 
-/// Kills a daemon a test started, whatever the test did.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = StdCommand::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .output();
-    }
-}
-
-fn pid_of_started(line: &str) -> u32 {
-    line.split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"))
-}
-
 /// `forge node start` makes a process that owns the data directory with no mount at all:
 /// commands run there, mounts come and go, and it serves until `forge node stop`, which
 /// unmounts and commits every mount before it exits. A daemon killed with SIGKILL leaves
@@ -767,8 +748,8 @@ fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
     let vault = Vault::new();
     let started = vault.ok(&["node", "start"]);
     assert!(started.starts_with("started node "), "{started}");
-    let pid = pid_of_started(&started);
-    let _kill = KillOnDrop(pid);
+    let pid = common::started_pid(&started);
+    let _kill = common::KillOnDrop(pid);
     assert!(vault.root.join("vault/logs/daemon.log").exists());
     let status = vault.json(&["node", "status"]);
     assert_eq!(status["pid"], pid);
@@ -856,8 +837,8 @@ fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
 
     // SIGKILL: the record and socket stay behind; the next commands see no daemon, run
     // in-process, and a new daemon starts.
-    let killed = pid_of_started(&vault.ok(&["node", "start"]));
-    let _kill_second = KillOnDrop(killed);
+    let killed = common::started_pid(&vault.ok(&["node", "start"]));
+    let _kill_second = common::KillOnDrop(killed);
     StdCommand::new("kill")
         .args(["-KILL", &killed.to_string()])
         .status()
@@ -876,8 +857,8 @@ fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
     );
     assert!(!vault.root.join("vault/daemon.json").exists());
     assert_eq!(vault.ok(&["volume", "list"]).lines().count(), 1);
-    let third = pid_of_started(&vault.ok(&["node", "start"]));
-    let _kill_third = KillOnDrop(third);
+    let third = common::started_pid(&vault.ok(&["node", "start"]));
+    let _kill_third = common::KillOnDrop(third);
     assert_eq!(vault.json(&["node", "status"])["pid"], third);
     // SIGTERM stops it as `node stop` does.
     StdCommand::new("kill")

@@ -82,3 +82,24 @@ pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
         state
     }
 }
+
+/// The pid in a `forge node start` line (`started node ID (pid N), socket ...`).
+pub fn started_pid(line: &str) -> u32 {
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+/// Kills a daemon a test started, whatever the test did (SIGKILL: a test that failed
+/// half-way must not leave it running).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .output();
+    }
+}

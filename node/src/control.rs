@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
 use forge_proto::v1::{RunReply, RunRequest, VersionReply, VersionRequest};
@@ -281,10 +281,16 @@ fn run_command(
     let arguments: Vec<OsString> = std::iter::once(OsString::from("forge"))
         .chain(request.args.into_iter().map(OsString::from_vec))
         .collect();
-    let mut cli = match Cli::try_parse_from(&arguments) {
-        Ok(cli) => cli,
+    // One parse gives both the command and its name (for the metrics).
+    let parsed = Cli::command()
+        .try_get_matches_from(&arguments)
+        .and_then(|matches| {
+            Cli::from_arg_matches(&matches).map(|cli| (cli, method_name(&matches)))
+        });
+    let (mut cli, method) = match parsed {
+        Ok(parsed) => parsed,
         Err(error) => {
-            return failure(
+            let reply = failure(
                 &NodeError::InvalidArgument {
                     what: "command",
                     value: String::new(),
@@ -297,9 +303,10 @@ fn run_command(
                 },
                 ExitCode::Usage,
             );
+            host.metrics().count_call("unparsable", reply.exit_code);
+            return reply;
         }
     };
-    let method = method_name(&arguments);
     let cwd = PathBuf::from(OsString::from_vec(request.cwd));
     absolutize_paths(&mut cli.command, &cwd);
     let passphrase_given = passphrase.is_some();
@@ -353,13 +360,9 @@ fn check_client_version<T>(request: &Request<T>) -> std::result::Result<(), Stat
 }
 
 /// The command a forwarded command line names, as `volume import` (for the metrics).
-fn method_name(arguments: &[OsString]) -> String {
-    let Ok(matches) = <Cli as clap::CommandFactory>::command().try_get_matches_from(arguments)
-    else {
-        return "unparsable".to_owned();
-    };
+fn method_name(matches: &clap::ArgMatches) -> String {
     let mut names = Vec::new();
-    let mut level = &matches;
+    let mut level = matches;
     while let Some((name, sub)) = level.subcommand() {
         names.push(name.to_owned());
         level = sub;

@@ -159,7 +159,8 @@ pub fn start(
 }
 
 /// Tells systemd (a `Type=notify` unit sets `NOTIFY_SOCKET`) how the daemon is doing:
-/// `READY=1` once it serves, `STOPPING=1` when it starts to stop. Without the variable,
+/// `READY=1` once it serves, `STOPPING=1` once its mounts are committed, just before it
+/// closes and exits. Without the variable,
 /// nothing. Best effort: a service manager that does not listen changes nothing here.
 fn notify_service_manager(state: &str) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {

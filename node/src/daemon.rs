@@ -149,7 +149,8 @@ pub fn start(
     notify_service_manager("STOPPING=1");
     let pending = host.take_pending_summaries();
     drop(host);
-    // Whoever waits for the record to go finds the data directory free.
+    // Commands stop forwarding here once the record is gone; the vault is released at
+    // exit, as for a mount host.
     let _ = std::fs::remove_file(record_path(data_dir));
     for (id, text) in pending {
         crate::mount::publish_summary(data_dir, id, &text);

@@ -177,8 +177,9 @@ pub fn mount(
         signalled.unmount_all();
     });
     let last = host.wait_until_idle(control);
-    // Close the vault (releasing the data directory) before the last summaries are
-    // published, so whoever waits for them finds the directory free.
+    // The last summaries are published only after the host is dropped here. The vault
+    // itself closes when the process exits (the signal thread holds the host too): the
+    // next command waits on the data-directory lock until then.
     let pending = host.take_pending_summaries();
     drop(host);
     for (id, text) in pending {

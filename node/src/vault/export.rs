@@ -23,9 +23,9 @@ use nix::sys::stat::{
 };
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchown, fchownat, getegid, geteuid, linkat, symlinkat};
-use rayon::prelude::*;
 
 use super::posix::{self, OwnerMap};
+use super::post_order::{self, PostOrderWalk, Visit};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
 use crate::error::{IntegrityFault, NodeError, Result};
 use crate::progress::Progress;
@@ -156,8 +156,17 @@ impl Vault {
             Mode::empty(),
         )
         .map_err(at_error("opening", destination))?;
-        // In the vault's pool: its threads' stacks are sized for the deepest tree.
-        self.in_pool(|| exporter.export_tree(&Cid::from_bytes(commit.root), &root, destination))?;
+        // On the vault's threads, which the walk keeps busy (post_order.rs).
+        self.in_pool(|| {
+            post_order::walk(
+                &exporter,
+                ExportDirectory {
+                    at: ExportAt::Root(root),
+                    tree: Cid::from_bytes(commit.root),
+                    path: destination.to_owned(),
+                },
+            )
+        })?;
         let (files, bytes) = progress.totals();
         let mut not_restored = exporter
             .not_restored
@@ -217,17 +226,103 @@ fn timespec(ns: i64) -> TimeSpec {
     TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 
-impl Exporter<'_> {
-    /// Writes the entries of `tree` into the directory open as `directory` (shown as
-    /// `path`). Everything is created relative to its parent's descriptor (mkdirat,
-    /// openat, symlinkat, mknodat), so the depth of a tree never meets the path limit.
-    fn export_tree(&self, tree: &Cid, directory: &OwnedFd, path: &Path) -> Result<()> {
-        let entries = self.vault.read_tree(self.volume, tree)?;
-        entries.par_iter().try_for_each(|entry| {
-            self.export_entry(entry, directory, &path.join(OsStr::from_bytes(&entry.name)))
-        })
+/// A directory to export.
+struct ExportDirectory {
+    at: ExportAt,
+    /// Its tree.
+    tree: Cid,
+    /// Shown in messages.
+    path: PathBuf,
+}
+
+/// Where a directory is exported.
+enum ExportAt {
+    /// The destination, open.
+    Root(OwnedFd),
+    /// A new directory for `entry` in the directory open as the descriptor: made when its
+    /// job runs, so directories waiting for a thread hold no descriptor.
+    In(Arc<OwnedFd>, Box<TreeEntry>),
+}
+
+/// A directory being exported: its descriptor, its entries, and (below the root) its
+/// parent's descriptor and its own entry, for its owner, mode and times once it is full.
+struct ExportOpen {
+    directory: Arc<OwnedFd>,
+    entries: Vec<TreeEntry>,
+    own: Option<(Arc<OwnedFd>, TreeEntry)>,
+    path: PathBuf,
+}
+
+impl PostOrderWalk for Exporter<'_> {
+    type Directory = ExportDirectory;
+    type Open = ExportOpen;
+    type Item = ();
+
+    fn open(
+        &self,
+        directory: ExportDirectory,
+        depth: usize,
+    ) -> Result<Option<(ExportOpen, usize)>> {
+        let ExportDirectory { at, tree, path } = directory;
+        let depth_max = self.vault.limits().tree_depth_max;
+        if depth > depth_max {
+            return Err(super::import::too_deep(&path, depth_max));
+        }
+        let (directory, own) = match at {
+            ExportAt::Root(directory) => (directory, None),
+            ExportAt::In(parent, entry) => {
+                let name = OsStr::from_bytes(&entry.name);
+                mkdirat(&*parent, name, Mode::from_bits_truncate(0o700))
+                    .map_err(at_error("creating", &path))?;
+                let directory = openat(
+                    &*parent,
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(at_error("opening", &path))?;
+                (directory, Some((parent, *entry)))
+            }
+        };
+        let entries = self.vault.read_tree(self.volume, &tree)?;
+        let count = entries.len();
+        Ok(Some((
+            ExportOpen {
+                directory: Arc::new(directory),
+                entries,
+                own,
+                path,
+            },
+            count,
+        )))
     }
 
+    fn visit(&self, open: &ExportOpen, index: usize) -> Result<Visit<ExportDirectory, ()>> {
+        let entry = &open.entries[index];
+        let path = open.path.join(OsStr::from_bytes(&entry.name));
+        if let EntryContent::Directory { tree } = &entry.content {
+            return Ok(Visit::Descend(ExportDirectory {
+                at: ExportAt::In(Arc::clone(&open.directory), Box::new(entry.clone())),
+                tree: Cid::from_bytes(*tree),
+                path,
+            }));
+        }
+        self.export_entry(entry, &open.directory, &path)?;
+        Ok(Visit::Done(()))
+    }
+
+    /// Owner, permissions and times last: writing the children changed the mtime, and a
+    /// read-only directory must still receive its children first.
+    fn finish(&self, open: &ExportOpen, _items: Vec<Option<()>>) -> Result<Option<()>> {
+        if let Some((parent, entry)) = &open.own {
+            let name = OsStr::from_bytes(&entry.name);
+            self.restore_metadata(entry, (parent, name), Some(&open.directory), &open.path)?;
+        }
+        Ok(Some(()))
+    }
+}
+
+impl Exporter<'_> {
     fn export_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
         let Some(group) = entry.meta.link_group else {
             return self.create_entry(entry, parent, path);
@@ -278,27 +373,15 @@ impl Exporter<'_> {
         }
     }
 
-    /// Creates one entry (and, for a directory, everything below it), then gives it its
-    /// owner, permissions, extended attributes and times.
+    /// Creates one entry other than a directory, then gives it its owner, permissions,
+    /// extended attributes and times.
     fn create_entry(&self, entry: &TreeEntry, parent: &OwnedFd, path: &Path) -> Result<()> {
         let name = OsStr::from_bytes(&entry.name);
         // The entry's own descriptor when it has one (a file or directory): metadata is
         // set through it, with no second lookup by name.
         let open: Option<OwnedFd> = match &entry.content {
-            EntryContent::Directory { tree } => {
-                mkdirat(parent, name, Mode::from_bits_truncate(0o700))
-                    .map_err(at_error("creating", path))?;
-                let directory = openat(
-                    parent,
-                    name,
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(at_error("opening", path))?;
-                self.export_tree(&Cid::from_bytes(*tree), &directory, path)?;
-                // Owner, permissions and times last: writing the children changed the
-                // mtime, and a read-only directory must still receive its children first.
-                Some(directory)
+            EntryContent::Directory { .. } => {
+                unreachable!("a directory is exported by the walk (ExportAt::In), never here")
             }
             EntryContent::Symlink { target } => {
                 symlinkat(OsStr::from_bytes(target), parent, name)

@@ -10,6 +10,7 @@ pub mod export;
 pub mod fence;
 pub(crate) mod import;
 pub(crate) mod posix;
+mod post_order;
 pub mod records;
 pub mod snapshots;
 mod stats;
@@ -44,8 +45,11 @@ use crate::datadir::DataDir;
 use crate::error::{IntegrityFault, NodeError, Result};
 use records::{DomainRecord, SnapshotListing, VolumeKeys, VolumeRecord, keys};
 
-/// Stack of the vault's worker threads.
-const VAULT_THREAD_STACK_BYTES: usize = 256 << 20;
+/// Stack of the vault's worker threads. No walk over a tree recurses (import and export
+/// are post-order jobs, post_order.rs; gc, fsck, stats, diff and mount commits keep
+/// explicit stacks), so the depth of a tree never meets it; it is room for rayon running a
+/// few jobs nested while one waits (a large file's sealing scope).
+const VAULT_THREAD_STACK_BYTES: usize = 16 << 20;
 
 /// The record space of trusted node keys: NodeId → its `NodePublicKeys` encoding.
 pub const KEYRING: RecordSpace = RecordSpace::new("keyring");
@@ -238,9 +242,6 @@ impl Vault {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(parts.threads.max(1))
             .thread_name(|index| format!("forge-vault-{index}"))
-            // Import and export recurse once per directory level (up to the depth limit,
-            // 16,384 by default): room for it. Only the pages a walk touches are ever
-            // committed.
             .stack_size(VAULT_THREAD_STACK_BYTES)
             .build()
             .map_err(|error| NodeError::Io {

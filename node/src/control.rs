@@ -278,6 +278,7 @@ fn run_command(
     request: RunRequest,
     passphrase: Option<Zeroizing<String>>,
 ) -> RunReply {
+    let started = std::time::Instant::now();
     let arguments: Vec<OsString> = std::iter::once(OsString::from("forge"))
         .chain(request.args.into_iter().map(OsString::from_vec))
         .collect();
@@ -303,7 +304,11 @@ fn run_command(
                 },
                 ExitCode::Usage,
             );
-            host.metrics().count_call("unparsable", reply.exit_code);
+            host.metrics().count_call(
+                "unparsable",
+                reply.exit_code,
+                started.elapsed().as_secs_f64(),
+            );
             return reply;
         }
     };
@@ -335,7 +340,8 @@ fn run_command(
             failure(&error, code)
         }
     };
-    host.metrics().count_call(&method, reply.exit_code);
+    host.metrics()
+        .count_call(&method, reply.exit_code, started.elapsed().as_secs_f64());
     reply
 }
 

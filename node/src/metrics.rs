@@ -15,10 +15,12 @@ use forge_crypto::Cid;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::{NodeError, Result};
 use crate::mount::Host;
+use crate::mount::requests::FuseMetrics;
 use crate::vault::Vault;
 use crate::vault::VolumeStats;
 
@@ -37,10 +39,16 @@ pub struct Metrics {
     vault_physical_bytes: Gauge,
     vault_table_bytes: Family<Labels, Gauge>,
     vault_blob_bytes: Family<Labels, Gauge>,
+    vault_pending_compaction_bytes: Family<Labels, Gauge>,
+    import_files: Counter,
+    import_bytes: Counter,
+    export_files: Counter,
+    export_bytes: Counter,
     mounts: Gauge,
     process_resident_memory_bytes: Gauge,
     process_open_fds: Gauge,
     api_calls: Family<Labels, Counter>,
+    api_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     scrape_errors: Counter,
     /// Each volume's statistics with the snapshot list they were computed for.
     volume_cache: Mutex<BTreeMap<String, (Vec<Cid>, VolumeStats)>>,
@@ -54,14 +62,20 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(&FuseMetrics::default())
     }
 }
 
+/// Buckets of an API call: 100 µs (a small call) to about 7 minutes (a large import), a
+/// factor of 4 apart.
+fn api_call_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(100e-6, 4.0, 12))
+}
+
 impl Metrics {
-    /// A registry with every series forge reports.
+    /// A registry with every series forge reports, the mounts' `fuse` among them.
     #[must_use]
-    pub fn new() -> Self {
+    pub fn new(fuse: &FuseMetrics) -> Self {
         let mut registry = Registry::with_prefix("forge");
         let metrics = Self {
             volume_logical_bytes: Family::default(),
@@ -73,10 +87,16 @@ impl Metrics {
             vault_physical_bytes: Gauge::default(),
             vault_table_bytes: Family::default(),
             vault_blob_bytes: Family::default(),
+            vault_pending_compaction_bytes: Family::default(),
+            import_files: Counter::default(),
+            import_bytes: Counter::default(),
+            export_files: Counter::default(),
+            export_bytes: Counter::default(),
             mounts: Gauge::default(),
             process_resident_memory_bytes: Gauge::default(),
             process_open_fds: Gauge::default(),
             api_calls: Family::default(),
+            api_call_seconds: Family::new_with_constructor(api_call_histogram),
             scrape_errors: Counter::default(),
             volume_cache: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -127,9 +147,54 @@ impl Metrics {
             metrics.vault_blob_bytes.clone(),
         );
         registry.register(
+            "vault_pending_compaction_bytes",
+            "Bytes the storage engine estimates its compactions must still rewrite, by column",
+            metrics.vault_pending_compaction_bytes.clone(),
+        );
+        registry.register(
+            "import_files",
+            "Files stored by imports since the daemon started",
+            metrics.import_files.clone(),
+        );
+        registry.register(
+            "import_bytes",
+            "File bytes stored by imports since the daemon started",
+            metrics.import_bytes.clone(),
+        );
+        registry.register(
+            "export_files",
+            "Files written by exports and restores since the daemon started",
+            metrics.export_files.clone(),
+        );
+        registry.register(
+            "export_bytes",
+            "File bytes written by exports and restores since the daemon started",
+            metrics.export_bytes.clone(),
+        );
+        registry.register(
             "mounts",
             "Mounts this process serves",
             metrics.mounts.clone(),
+        );
+        registry.register(
+            "fuse_request_seconds",
+            "Time to serve a FUSE request of a mount, by operation (its count: the requests)",
+            fuse.request_seconds.clone(),
+        );
+        registry.register(
+            "mount_cache_hits",
+            "Chunk reads of mounts served from their cache",
+            fuse.cache_hits.clone(),
+        );
+        registry.register(
+            "mount_cache_misses",
+            "Chunk reads of mounts that read and decrypted the chunk",
+            fuse.cache_misses.clone(),
+        );
+        registry.register(
+            "mount_read_ahead_chunks",
+            "Chunks mounts read and decrypted ahead of a sequential reader",
+            fuse.read_ahead_chunks.clone(),
         );
         registry.register(
             "process_resident_memory_bytes",
@@ -147,6 +212,11 @@ impl Metrics {
             metrics.api_calls.clone(),
         );
         registry.register(
+            "api_call_seconds",
+            "Time to answer a call on the control socket, by method",
+            metrics.api_call_seconds.clone(),
+        );
+        registry.register(
             "scrape_errors",
             "Scrapes that could not read a number (the rest of the scrape is served)",
             metrics.scrape_errors.clone(),
@@ -157,14 +227,17 @@ impl Metrics {
         }
     }
 
-    /// Counts a call on the control socket.
-    pub fn count_call(&self, method: &str, exit_code: u32) {
+    /// Counts a call on the control socket that took `seconds`.
+    pub fn count_call(&self, method: &str, exit_code: u32, seconds: f64) {
         self.api_calls
             .get_or_create(&vec![
                 ("method", method.to_owned()),
                 ("code", exit_code.to_string()),
             ])
             .inc();
+        self.api_call_seconds
+            .get_or_create(&vec![("method", method.to_owned())])
+            .observe(seconds);
     }
 
     /// Reads the gauges from `host` and renders the registry (OpenMetrics text).
@@ -204,9 +277,21 @@ impl Metrics {
                     self.vault_blob_bytes
                         .get_or_create(&labels)
                         .set(gauge_value(usage.blob_bytes));
+                    self.vault_pending_compaction_bytes
+                        .get_or_create(&labels)
+                        .set(gauge_value(usage.pending_compaction_bytes));
                 }
             }
             Err(error) => self.failed("vault statistics", &error),
+        }
+        let counters = vault.counters();
+        for (counter, total) in [
+            (&self.import_files, &counters.import_files),
+            (&self.import_bytes, &counters.import_bytes),
+            (&self.export_files, &counters.export_files),
+            (&self.export_bytes, &counters.export_bytes),
+        ] {
+            catch_up(counter, total.load(std::sync::atomic::Ordering::Relaxed));
         }
         self.update_volumes(vault);
     }
@@ -291,6 +376,15 @@ impl Metrics {
     fn failed(&self, what: &str, error: &NodeError) {
         tracing::warn!(%error, "metrics: reading {what}");
         self.scrape_errors.inc();
+    }
+}
+
+/// Moves `counter` up to `total`, the vault's own count (a counter only goes up: scrapes
+/// are serialized, and the vault's counts never go down).
+fn catch_up(counter: &Counter, total: u64) {
+    let shown = counter.get();
+    if total > shown {
+        counter.inc_by(total - shown);
     }
 }
 

@@ -797,25 +797,6 @@ fn a_normal_users_export_says_what_only_root_could_restore() {
     assert_eq!(fs::metadata(out.join("owned-by-root")).unwrap().uid(), 1000);
 }
 
-/// Reads `http://ADDRESS/metrics` and returns the sample lines by series (name and labels).
-fn scrape(address: &str) -> std::collections::BTreeMap<String, f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(body.ends_with("# EOF\n"), "{body}");
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 /// A daemon started with `--metrics-listen` serves Prometheus metrics whose volume numbers
 /// are `volume stats --json`'s, counts its API calls by command and exit code, and follows
 /// the vault as it changes; a port already taken fails the start, naming it; `off` opens
@@ -836,7 +817,7 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
         .unwrap()
         .to_owned();
     let stats = vault.json(&["volume", "stats", "photos"]);
-    let metrics = scrape(&address);
+    let metrics = common::scrape(&address);
     let series = |name: &str, volume: &str| {
         metrics
             .get(&format!("{name}{{volume=\"{volume}\"}}"))
@@ -868,12 +849,12 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
         1.0
     );
     // The numbers follow the vault: a second snapshot, a failed call.
-    vault.ok(&["volume", "import", "photos", source.to_str().unwrap()]);
+    let second = vault.json(&["volume", "import", "photos", source.to_str().unwrap()]);
     assert_eq!(
         vault.run(&["volume", "stats", "absent"]).status.code(),
         Some(1)
     );
-    let later = scrape(&address);
+    let later = common::scrape(&address);
     assert_eq!(later["forge_volume_snapshots{volume=\"photos\"}"], 2.0);
     assert_eq!(
         later["forge_volume_logical_bytes{volume=\"photos\"}"],
@@ -887,6 +868,44 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
         later["forge_api_calls_total{method=\"volume import\",code=\"0\"}"],
         1.0
     );
+    // What the daemon did, counted as it went: the second import's files and bytes (the
+    // first ran before it started), an export's, and each call's time.
+    assert_eq!(
+        later["forge_import_files_total"],
+        second["files"].as_f64().unwrap()
+    );
+    assert_eq!(
+        later["forge_import_bytes_total"],
+        second["logical_bytes"].as_f64().unwrap()
+    );
+    assert_eq!(later["forge_export_files_total"], 0.0);
+    let exported = vault.json(&[
+        "volume",
+        "export",
+        "photos",
+        vault.path("exported").to_str().unwrap(),
+    ]);
+    let after_export = common::scrape(&address);
+    assert_eq!(
+        after_export["forge_export_files_total"],
+        exported["files"].as_f64().unwrap()
+    );
+    assert_eq!(
+        after_export["forge_export_bytes_total"],
+        exported["bytes"].as_f64().unwrap()
+    );
+    assert_eq!(
+        after_export["forge_api_call_seconds_count{method=\"volume import\"}"],
+        1.0
+    );
+    assert!(after_export["forge_api_call_seconds_sum{method=\"volume import\"}"] > 0.0);
+    for column in ["shards", "objects", "meta"] {
+        let key = format!("forge_vault_pending_compaction_bytes{{column=\"{column}\"}}");
+        assert!(
+            after_export.contains_key(&key),
+            "no {key}: {after_export:#?}"
+        );
+    }
 
     // The same port for another vault's daemon: refused, naming the address.
     let other = Vault::new();

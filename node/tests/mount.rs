@@ -736,6 +736,63 @@ fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
     vault.ok(&["node", "stop"]);
 }
 
+/// A daemon's /metrics shows what its mounts serve: the time of each FUSE request by
+/// operation (its count is the requests) and the chunk cache's misses and hits, which
+/// outlive the mount (before, /metrics had no mount series).
+#[test]
+fn a_daemon_reports_fuse_requests_and_its_chunk_cache_on_metrics() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let source = vault.path("source");
+    fs::create_dir_all(&source).unwrap();
+    let mut next = common::xorshift(7);
+    let bytes: Vec<u8> = (0..3 << 20).map(|_| next() as u8).collect();
+    fs::write(source.join("data.bin"), &bytes).unwrap();
+    vault.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+    let started = vault.ok(&["node", "start", "--metrics-listen", "127.0.0.1:0"]);
+    let _kill = common::KillOnDrop(common::started_pid(&started));
+    let address = vault.json(&["node", "status"])["metrics_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mountpoint = vault.mount("mnt", &["--read-only"]);
+    assert_eq!(fs::read(mountpoint.join("data.bin")).unwrap(), bytes);
+    let metrics = common::scrape(&address);
+    let requests = |operation: &str| {
+        metrics
+            .get(&format!(
+                "forge_fuse_request_seconds_count{{operation=\"{operation}\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert!(requests("lookup") >= 1.0, "{metrics:#?}");
+    assert!(requests("open") >= 1.0, "{metrics:#?}");
+    assert!(requests("read") >= 1.0, "{metrics:#?}");
+    assert!(
+        metrics["forge_fuse_request_seconds_sum{operation=\"read\"}"] > 0.0,
+        "{metrics:#?}"
+    );
+    // A 3 MiB file is several chunks: the first read misses, and the read-ahead it starts
+    // loads the next ones, which later reads find (hits) or load themselves (misses).
+    let misses = metrics["forge_mount_cache_misses_total"];
+    let hits = metrics["forge_mount_cache_hits_total"];
+    let read_ahead = metrics["forge_mount_read_ahead_chunks_total"];
+    assert!(misses >= 1.0, "{metrics:#?}");
+    assert!(hits + misses >= 2.0, "{metrics:#?}");
+    assert!(misses + read_ahead >= 2.0, "{metrics:#?}");
+    vault.unmount(&mountpoint);
+    let after = common::scrape(&address);
+    assert_eq!(after["forge_mounts"], 0.0);
+    assert_eq!(
+        after["forge_mount_cache_misses_total"], misses,
+        "counters outlive a mount"
+    );
+    vault.ok(&["node", "stop"]);
+}
+
 /// `forge node start` makes a process that owns the data directory with no mount at all:
 /// commands run there, mounts come and go, and it serves until `forge node stop`, which
 /// unmounts and commits every mount before it exits. A daemon killed with SIGKILL leaves

@@ -348,6 +348,9 @@ impl Staged {
 #[derive(Debug)]
 pub struct ChunkCache {
     capacity_bytes: usize,
+    /// Reads served from the cache and reads that loaded (see [`ChunkCache::counting`]).
+    hits: prometheus_client::metrics::counter::Counter,
+    misses: prometheus_client::metrics::counter::Counter,
     inner: Mutex<CacheInner>,
     /// Signalled whenever a load finishes, for readers waiting on one in flight.
     loaded: std::sync::Condvar,
@@ -369,9 +372,24 @@ impl ChunkCache {
     pub fn new(capacity_bytes: usize) -> Self {
         Self {
             capacity_bytes,
+            hits: prometheus_client::metrics::counter::Counter::default(),
+            misses: prometheus_client::metrics::counter::Counter::default(),
             inner: Mutex::new(CacheInner::default()),
             loaded: std::sync::Condvar::new(),
         }
+    }
+
+    /// Counts each [`ChunkCache::get_or_load`] into `hits` (served from the cache, after
+    /// waiting for a load in flight included) or `misses` (it loaded the chunk).
+    #[must_use]
+    pub fn counting(
+        mut self,
+        hits: prometheus_client::metrics::counter::Counter,
+        misses: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.hits = hits;
+        self.misses = misses;
+        self
     }
 
     /// The cached chunk, or `load`'s result (cached). A chunk is loaded by one thread at a
@@ -391,6 +409,7 @@ impl ChunkCache {
                 if inner.entries.contains_key(cid) {
                     drop(inner);
                     if let Some(data) = self.get(cid) {
+                        self.hits.inc();
                         return Ok(data);
                     }
                     // Evicted in between: load it below (unclaimed, harmlessly).
@@ -405,6 +424,7 @@ impl ChunkCache {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         }
+        self.misses.inc();
         let result = load().map(Arc::new);
         self.complete(cid, result.as_ref().ok().cloned());
         result

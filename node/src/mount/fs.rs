@@ -29,6 +29,7 @@ use fuser::{
 use super::content::{
     BaseContent, ChunkCache, Staged, read_overlay, rechunk, seek_data, seek_hole,
 };
+use super::requests::FuseMetrics;
 use crate::error::{MountFault, NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::fence::WriteSession;
@@ -199,6 +200,8 @@ struct Inodes {
 
 /// One mounted volume.
 pub struct MountedFs {
+    /// Its requests' times, by operation, and its cache's hits (the host's series).
+    metrics: FuseMetrics,
     vault: Arc<Vault>,
     volume: Arc<OpenVolume>,
     read_only: bool,
@@ -238,6 +241,8 @@ pub(crate) struct FsConfig {
     pub cache_bytes: usize,
     /// Where written data is staged.
     pub staging_dir: PathBuf,
+    /// Where its requests and cache are counted (the host's /metrics series).
+    pub metrics: FuseMetrics,
 }
 
 /// Numbers of a built tree.
@@ -311,6 +316,7 @@ impl MountedFs {
             read_only,
             cache_bytes,
             staging_dir,
+            metrics,
         } = config;
         std::fs::create_dir_all(&staging_dir)
             .map_err(NodeError::io("creating staging directory", &staging_dir))?;
@@ -346,7 +352,9 @@ impl MountedFs {
             volume,
             read_only,
             inodes: Mutex::new(inodes),
-            cache: ChunkCache::new(cache_bytes),
+            cache: ChunkCache::new(cache_bytes)
+                .counting(metrics.cache_hits.clone(), metrics.cache_misses.clone()),
+            metrics,
             staging_dir,
             next_handle: AtomicU64::new(1),
             listings: Mutex::new(BTreeMap::new()),
@@ -1489,6 +1497,9 @@ impl MountedFs {
                     Extent::Chunk(chunk) => fs.vault.read_chunk_plaintext(chunk).ok(),
                     Extent::Hole { .. } => None,
                 };
+                if loaded.is_some() {
+                    fs.metrics.read_ahead_chunks.inc();
+                }
                 fs.cache.complete(&cid, loaded.map(Arc::new));
             });
         }
@@ -1953,6 +1964,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.0.metrics.time("lookup");
         let fs = &self.0;
         let mut inodes = fs.lock();
         let result = fs
@@ -1967,10 +1979,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _timer = self.0.metrics.time("forget");
         self.0.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.0.metrics.time("getattr");
         let fs = &self.0;
         let inodes = fs.lock();
         match inodes.nodes.get(&ino.0) {
@@ -1997,6 +2011,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.0.metrics.time("setattr");
         let change = AttrChange {
             mode,
             uid,
@@ -2012,6 +2027,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.0.metrics.time("readlink");
         let inodes = self.0.lock();
         match inodes.nodes.get(&ino.0).map(|node| &node.kind) {
             Some(NodeKind::Symlink(target)) => reply.data(target),
@@ -2029,6 +2045,7 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.metrics.time("mkdir");
         let kind = NodeKind::Directory(Directory {
             tree: None,
             children: Some(BTreeMap::new()),
@@ -2047,6 +2064,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.metrics.time("unlink");
         match self.remove(parent.0, name, false) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -2054,6 +2072,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.metrics.time("rmdir");
         match self.remove(parent.0, name, true) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -2068,6 +2087,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.metrics.time("symlink");
         let kind = NodeKind::Symlink(target.as_os_str().as_bytes().to_vec());
         self.entry(
             reply,
@@ -2091,6 +2111,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("rename");
         match self.do_rename(parent.0, name, newparent.0, newname, flags) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -2105,6 +2126,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.metrics.time("link");
         self.entry(reply, self.0.link(ino.0, newparent.0, newname));
     }
 
@@ -2117,6 +2139,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _timer = self.0.metrics.time("lseek");
         match self.do_lseek(ino.0, offset, whence) {
             Ok(at) => reply.offset(at),
             Err(errno) => reply.error(errno),
@@ -2133,6 +2156,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.metrics.time("mknod");
         // The kernel has checked CAP_MKNOD for devices (and `nodev` keeps them inert).
         let (major, minor) = (
             u32::try_from(nix::sys::stat::major(rdev.into())).unwrap_or(0),
@@ -2159,6 +2183,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.0.metrics.time("getxattr");
         match self.0.xattr(ino.0, name.as_bytes()) {
             Ok(value) => reply_xattr(reply, &value, size),
             Err(errno) => reply.error(errno),
@@ -2166,6 +2191,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.0.metrics.time("listxattr");
         // As local file systems do, trusted.* names are listed to root only (the kernel
         // already refuses their values to others).
         match self.0.xattr_names(ino.0, req.uid() == 0) {
@@ -2184,6 +2210,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("setxattr");
         let how = if flags & libc::XATTR_CREATE != 0 {
             XattrSet::Create
         } else if flags & libc::XATTR_REPLACE != 0 {
@@ -2202,6 +2229,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.metrics.time("removexattr");
         match self
             .0
             .change_xattr(ino.0, (name.as_bytes(), None), XattrSet::Any, |_| true)
@@ -2212,6 +2240,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.0.metrics.time("open");
         match self.open_file(ino.0, flags) {
             Ok((handle, open_flags)) => reply.opened(handle, open_flags),
             Err(errno) => reply.error(errno),
@@ -2229,6 +2258,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        let _timer = self.0.metrics.time("read");
         match self.do_read(ino.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(errno) => reply.error(errno),
@@ -2247,6 +2277,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = self.0.metrics.time("write");
         let result = self.0.writable().and_then(|()| {
             let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
             if end > FILE_BYTES_MAX {
@@ -2277,6 +2308,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("flush");
         reply.ok();
     }
 
@@ -2290,6 +2322,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("release");
         let fs = &self.0;
         let (last_writer, unlinked) = {
             let mut inodes = fs.lock();
@@ -2333,6 +2366,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("fsync");
         let fs = &self.0;
         let result = fs
             .chunk_file(ino.0)
@@ -2344,6 +2378,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.0.metrics.time("opendir");
         let fs = &self.0;
         let mut inodes = fs.lock();
         if let Err(errno) = fs.ensure_loaded(&mut inodes, ino.0) {
@@ -2382,6 +2417,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.0.metrics.time("readdir");
         let listing = self
             .0
             .listings
@@ -2415,6 +2451,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("releasedir");
         self.0
             .listings
             .lock()
@@ -2431,6 +2468,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.metrics.time("fsyncdir");
         match super::persist_working(&self.0) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_error("fsyncdir", &error)),
@@ -2438,6 +2476,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.0.metrics.time("statfs");
         // The vault's own file system bounds what can be written.
         let path = self.0.staging_dir.clone();
         match statvfs(&path) {
@@ -2460,6 +2499,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.0.metrics.time("create");
         let kind = NodeKind::File(file_node(BaseContent::default()));
         let created = self.0.insert(
             parent.0,
@@ -2536,6 +2576,7 @@ mod tests {
                 read_only: false,
                 cache_bytes: 1 << 20,
                 staging_dir: temp.join("staging"),
+                metrics: Default::default(),
             },
             Some(Mutex::new(WorkTarget {
                 branch: "main".into(),
@@ -2702,6 +2743,7 @@ mod tests {
                     read_only: false,
                     cache_bytes: 1 << 20,
                     staging_dir: temp.path().join("staging-2"),
+                    metrics: Default::default(),
                 },
                 Some(Mutex::new(WorkTarget {
                     branch: "main".into(),
@@ -2908,6 +2950,7 @@ mod tests {
                     read_only: false,
                     cache_bytes: 1 << 20,
                     staging_dir: temp.path().join("staging-2"),
+                    metrics: Default::default(),
                 },
                 Some(Mutex::new(WorkTarget {
                     branch: "main".into(),

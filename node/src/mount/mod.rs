@@ -11,6 +11,7 @@
 
 pub mod content;
 pub mod fs;
+pub mod requests;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -268,6 +269,8 @@ pub struct Host {
     started: std::time::Instant,
     /// The daemon's metrics registry (served only when a listener is configured).
     metrics: crate::metrics::Metrics,
+    /// What every mount of this host records its requests into (registered in `metrics`).
+    fuse_metrics: requests::FuseMetrics,
     /// Where /metrics is served, if anywhere.
     metrics_address: Mutex<Option<std::net::SocketAddr>>,
 }
@@ -318,6 +321,7 @@ impl Host {
     /// As [`Vault::open`].
     pub fn open(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
         let vault = Arc::new(Vault::open(data_dir, passphrase)?);
+        let fuse_metrics = requests::FuseMetrics::default();
         // We own the directory now: staging files of earlier hosts are leftovers of a
         // crash (their fsynced data lives in the vault, the rest was never acknowledged).
         if let Ok(entries) = std::fs::read_dir(data_dir.path().join("staging")) {
@@ -332,7 +336,8 @@ impl Host {
             changed: std::sync::Condvar::new(),
             mounting: Mutex::new(()),
             started: std::time::Instant::now(),
-            metrics: crate::metrics::Metrics::new(),
+            metrics: crate::metrics::Metrics::new(&fuse_metrics),
+            fuse_metrics,
             metrics_address: Mutex::new(None),
         })
     }
@@ -504,6 +509,7 @@ impl Host {
                 read_only,
                 cache_bytes: options.cache_bytes,
                 staging_dir: staging.clone(),
+                metrics: self.fuse_metrics.clone(),
             },
             work.map(Mutex::new),
             session,

@@ -566,6 +566,8 @@ impl Exporter<'_> {
             }
         };
         self.progress.file_done(size);
+        let totals = self.vault.counters();
+        super::OperationCounters::count_file(&totals.export_files, &totals.export_bytes, size);
         Ok(OwnedFd::from(file))
     }
 }

@@ -672,6 +672,12 @@ impl Importer<'_> {
                     counters.files += 1;
                     counters.logical_bytes += size;
                     drop(counters);
+                    let totals = self.vault.counters();
+                    super::OperationCounters::count_file(
+                        &totals.import_files,
+                        &totals.import_bytes,
+                        size,
+                    );
                     let content = match content {
                         FileContent::Inline(data) => EntryContent::InlineData(data),
                         FileContent::Chunked(manifest) => self.file_content(manifest)?,

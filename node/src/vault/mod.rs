@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use forge_crypto::passphrase::{self, KdfParams};
 use forge_crypto::{
@@ -97,6 +98,27 @@ impl VaultParts {
     }
 }
 
+/// Work a vault did since it opened, counted as it goes (the daemon's /metrics reads them).
+#[derive(Debug, Default)]
+pub struct OperationCounters {
+    /// Files imports stored.
+    pub import_files: AtomicU64,
+    /// Their bytes.
+    pub import_bytes: AtomicU64,
+    /// Files exports and restores wrote.
+    pub export_files: AtomicU64,
+    /// Their bytes.
+    pub export_bytes: AtomicU64,
+}
+
+impl OperationCounters {
+    /// Adds one file of `bytes` to `files` and `total`.
+    pub(crate) fn count_file(files: &AtomicU64, total: &AtomicU64, bytes: u64) {
+        files.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        total.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// An open vault.
 pub struct Vault {
     data_dir: DataDir,
@@ -109,6 +131,7 @@ pub struct Vault {
     randomness: Arc<dyn Randomness>,
     /// Where import's parallel work runs.
     pool: rayon::ThreadPool,
+    counters: OperationCounters,
     /// The data directory's lock (None when the caller guarantees exclusive use).
     _lock: Option<File>,
 }
@@ -259,6 +282,7 @@ impl Vault {
             clock: parts.clock,
             randomness: parts.randomness,
             pool,
+            counters: OperationCounters::default(),
             _lock: None,
         })
     }
@@ -275,6 +299,12 @@ impl Vault {
     /// The source failed.
     pub(crate) fn random_array<const N: usize>(&self) -> Result<[u8; N]> {
         Ok(crate::clock::random_array(self.randomness.as_ref())?)
+    }
+
+    /// What this vault did since it opened.
+    #[must_use]
+    pub fn counters(&self) -> &OperationCounters {
+        &self.counters
     }
 
     /// Runs `work` on the vault's threads (with one thread: sequentially, in order).

@@ -255,6 +255,9 @@ pub struct ColumnUsage {
     pub table_bytes: u64,
     /// Bytes in blob files (large values, garbage not yet collected included).
     pub blob_bytes: u64,
+    /// Bytes the engine estimates its compactions must still rewrite (0 for [`MemKv`]):
+    /// a backlog that grows under a sustained import means writes outrun compaction.
+    pub pending_compaction_bytes: u64,
 }
 
 /// The exclusive upper bound of all keys that start with `prefix` (None: no bound).

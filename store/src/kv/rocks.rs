@@ -502,6 +502,7 @@ impl KvEngine for RocksKv {
             keys: property("rocksdb.estimate-num-keys")?,
             table_bytes: property("rocksdb.total-sst-files-size")?,
             blob_bytes: property("rocksdb.total-blob-file-size")?,
+            pending_compaction_bytes: property("rocksdb.estimate-pending-compaction-bytes")?,
         })
     }
 }

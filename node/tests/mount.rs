@@ -348,6 +348,118 @@ fn concurrent_readers_see_whole_files_while_a_writer_works() {
     vault.unmount(&mountpoint);
 }
 
+/// `kill -9` of the daemon while a `snapshot create` commits its mount: the client says
+/// the process ended (or succeeded, if the commit was done first); afterwards no snapshot
+/// is half visible (each listed one exports whole), fsck is clean, the dead mount is
+/// cleared by `unmount`, a new daemon starts, and the next mount has every file that was
+/// fsynced before the kill.
+#[test]
+fn a_daemon_killed_during_a_mount_commit_keeps_what_was_fsynced() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
+    let pid = common::started_pid(&started);
+    let _kill = common::KillOnDrop(pid);
+    let mountpoint = vault.mount("mnt", &[]);
+    fs::create_dir(mountpoint.join("d")).unwrap();
+    let mut next = common::xorshift(11);
+    let mut written = Vec::new();
+    for index in 0..32 {
+        let bytes: Vec<u8> = (0..256 << 10).map(|_| next() as u8).collect();
+        let mut file = fs::File::create(mountpoint.join(format!("d/f{index:02}"))).unwrap();
+        file.write_all(&bytes).unwrap();
+        file.sync_all().unwrap();
+        written.push(bytes);
+    }
+    // Written, closed, not fsynced: the commit chunks and seals these 32 MB, so the kill
+    // lands while it works (if it does not, the commit was acknowledged: all must be there).
+    let mut unsynced = Vec::new();
+    for index in 0..64 {
+        let bytes: Vec<u8> = (0..512 << 10).map(|_| next() as u8).collect();
+        fs::write(mountpoint.join(format!("d/u{index:02}")), &bytes).unwrap();
+        unsynced.push(bytes);
+    }
+    let commit = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+        .args(["snapshot", "create", "v", "-m", "interrupted"])
+        .env("FORGE_DATA_DIR", vault.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let output = commit.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("commit killed: {}, {stderr}", !output.status.success());
+    if !output.status.success() {
+        assert!(
+            stderr.contains(&format!("forge process {pid} owning"))
+                && stderr.contains("ended before the command finished"),
+            "{stderr}"
+        );
+    }
+    while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z ")) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
+    vault.unmount(&mountpoint);
+    vault.ok(&["fsck"]);
+    let snapshots = vault.json(&["snapshot", "list", "v"]);
+    for snapshot in snapshots.as_array().unwrap() {
+        let id = snapshot["id"].as_str().unwrap();
+        let out = vault.path(&format!("export-{id}"));
+        vault.ok(&["snapshot", "restore", "v", id, out.to_str().unwrap()]);
+    }
+    if output.status.success() {
+        assert!(!snapshots.as_array().unwrap().is_empty());
+    }
+    let again = vault.ok(&["node", "start", "--metrics-listen", "off"]);
+    let _kill_again = common::KillOnDrop(common::started_pid(&again));
+    let mountpoint = vault.mount("mnt", &[]);
+    for (index, bytes) in written.iter().enumerate() {
+        assert_eq!(
+            &fs::read(mountpoint.join(format!("d/f{index:02}"))).unwrap(),
+            bytes,
+            "f{index:02}"
+        );
+    }
+    // A file never fsynced is there whole (the commit was acknowledged) or not at all.
+    for (index, bytes) in unsynced.iter().enumerate() {
+        match fs::read(mountpoint.join(format!("d/u{index:02}"))) {
+            Ok(found) => assert_eq!(&found, bytes, "u{index:02}"),
+            Err(error) => {
+                assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
+                assert!(
+                    !output.status.success(),
+                    "an acknowledged commit lost u{index:02}"
+                );
+            }
+        }
+    }
+    // What the interrupted commit did not publish, the unmount commits.
+    let summary = vault.unmount(&mountpoint);
+    if output.status.success() {
+        assert!(summary.contains("nothing changed"), "{summary}");
+    } else {
+        assert!(summary.contains("committed to main"), "{summary}");
+    }
+    vault.ok(&["node", "stop"]);
+    let exported = vault.path("final");
+    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    for (index, bytes) in written.iter().enumerate() {
+        assert_eq!(
+            &fs::read(exported.join(format!("d/f{index:02}"))).unwrap(),
+            bytes
+        );
+    }
+}
+
 #[test]
 fn fsynced_data_survives_a_killed_mount() {
     if !fuse_available() {

@@ -5,6 +5,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("forge_descriptor.bin"))
-        .compile_protos(&["proto/forge/v1/control.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/forge/v1/control.proto",
+                "proto/forge/v1/volume.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

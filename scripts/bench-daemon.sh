@@ -2,7 +2,7 @@
 # The daemon's costs: an import through `forge node start`'s daemon against the same
 # import in-process (no daemon), on the same data, median of FORGE_BENCH_ROUNDS (default
 # 3, alternating which goes first; each into a fresh volume); then the latency of a small
-# call on the control socket (`volume stats` of a one-file volume through Control.Run,
+# call on the control socket (`Volume.Stats`, typed, of a one-file volume,
 # one connection, 10,000 calls: p50, p99, max).
 #
 #   ./scripts/bench-daemon.sh [DATA_DIR]   # default: the Python standard library

@@ -1,5 +1,6 @@
-//! Latency of a small call on a daemon's control socket: one connection, `CALLS` calls of
-//! `forge volume stats VOLUME` through `Control.Run`, then p50, p99 and max. Used by
+//! Latency of a small call on a daemon's control socket: one connection, `CALLS` typed
+//! calls of `forge.v1.Volume/Stats` (what `forge volume stats VOLUME` sends), then p50, p99
+//! and max. Used by
 //! `scripts/bench-daemon.sh`; run it against a started daemon:
 //!
 //!     cargo run --release -p forge-node --example api_latency -- DATA_DIR VOLUME [CALLS]
@@ -8,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use forge_proto::v1::RunRequest;
-use forge_proto::v1::control_client::ControlClient;
+use forge_proto::v1::VolumeStatsRequest;
+use forge_proto::v1::volume_client::VolumeClient;
 
 fn main() {
     let mut arguments = std::env::args().skip(1);
@@ -32,25 +33,20 @@ fn main() {
                 .connect()
                 .await
                 .unwrap_or_else(|error| panic!("connecting to {}: {error}", socket.display()));
-        let mut client = ControlClient::new(channel);
+        let mut client = VolumeClient::new(channel);
         let mut latencies = Vec::with_capacity(calls);
         for _ in 0..calls {
-            let mut request = tonic::Request::new(RunRequest {
-                args: vec![
-                    b"volume".to_vec(),
-                    b"stats".to_vec(),
-                    volume.clone().into_bytes(),
-                ],
-                cwd: b"/".to_vec(),
+            let mut request = tonic::Request::new(VolumeStatsRequest {
+                name: volume.clone(),
             });
             request.metadata_mut().insert(
                 forge_proto::VERSION_METADATA,
                 tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
             );
             let start = Instant::now();
-            let reply = client.run(request).await.unwrap().into_inner();
+            let reply = client.stats(request).await.unwrap().into_inner();
             latencies.push(start.elapsed());
-            assert_eq!(reply.exit_code, 0, "{}", reply.error);
+            assert!(reply.logical_bytes > 0);
         }
         latencies
     });
@@ -64,7 +60,7 @@ fn main() {
         latencies[index].as_secs_f64() * 1e3
     };
     println!(
-        "{calls} calls of volume stats {volume}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "{calls} calls of Volume.Stats {volume}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         at(500),
         at(990),
         at(1000)

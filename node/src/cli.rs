@@ -15,12 +15,12 @@ use crate::error::{IntegrityFault, MountFault, NodeError, Result};
 pub use crate::output::Output;
 use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
+use crate::service::remote::RemoteVolumes;
+use crate::service::{self, LocalVolumes, VolumeService};
 use crate::vault::export::SnapshotSelector;
-use crate::vault::records::VolumeRecord;
 use crate::vault::snapshots::DiffChange;
-use crate::vault::{
-    CreateVolumeOptions, DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault,
-};
+use crate::vault::{DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault};
+use forge_proto::v1::{CreateVolumeRequest, ListVolumesRequest, VolumeStatsRequest};
 use forge_store::erasure::ErasureLayout;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
@@ -388,6 +388,26 @@ impl Cli {
                     human: summary,
                 })
             }
+            Command::Volume(
+                command @ (VolumeCommand::List
+                | VolumeCommand::Create { .. }
+                | VolumeCommand::Stats { .. }),
+            ) => {
+                // Typed calls: on the control socket when a process owns the data
+                // directory, else in this process; the same replies either way.
+                let data_dir = self.data_dir()?;
+                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
+                    return volume_call(&RemoteVolumes::new(&connection), command);
+                }
+                let vault = Vault::open(&data_dir, &ask_passphrase)?;
+                volume_call(
+                    &LocalVolumes {
+                        vault: &vault,
+                        passphrase: &ask_passphrase,
+                    },
+                    command,
+                )
+            }
             _ => {
                 let data_dir = self.data_dir()?;
                 // A running mount owns the data directory: the command runs there.
@@ -481,52 +501,14 @@ fn volume_command(
 ) -> Result<Output> {
     let vault = context.vault;
     match command {
-        VolumeCommand::Create {
-            name,
-            ec,
-            domain,
-            chunk_avg,
-            encrypted,
-        } => {
-            let options = CreateVolumeOptions {
-                layout: *ec,
-                domain: domain.clone(),
-                chunk_avg_bytes: *chunk_avg,
-                encrypted: *encrypted,
-            };
-            let record = vault.create_volume(name, &options, context.passphrase)?;
-            let value = volume_json(&record);
-            Ok(Output {
-                human: format!(
-                    "created volume {name} (ec {}+{}, domain {}{})",
-                    record.data_shards,
-                    record.parity_shards,
-                    record.domain,
-                    if record.encrypted { ", encrypted" } else { "" }
-                ),
-                json: value,
-            })
-        }
-        VolumeCommand::List => {
-            let volumes = vault.list_volumes()?;
-            let mut human = String::new();
-            for record in &volumes {
-                let _ = writeln!(
-                    human,
-                    "{:<24} ec {:<6} domain {}{}",
-                    record.name,
-                    format!("{}+{}", record.data_shards, record.parity_shards),
-                    record.domain,
-                    if record.encrypted { " (encrypted)" } else { "" }
-                );
-            }
-            if volumes.is_empty() {
-                human.push_str("no volumes yet: forge volume create NAME\n");
-            }
-            Ok(Output {
-                human: human.trim_end().to_owned(),
-                json: serde_json::Value::Array(volumes.iter().map(volume_json).collect()),
-            })
+        VolumeCommand::Create { .. } | VolumeCommand::List | VolumeCommand::Stats { .. } => {
+            volume_call(
+                &LocalVolumes {
+                    vault,
+                    passphrase: context.passphrase,
+                },
+                command,
+            )
         }
         VolumeCommand::Import {
             name,
@@ -673,28 +655,6 @@ fn volume_command(
                     "elapsed_seconds": report.elapsed_seconds,
                     "owners_not_restored": report.owners_not_restored,
                     "not_restored": report.not_restored.iter().map(|(path, what)| json!({"path": path.to_string_lossy(), "what": what})).collect::<Vec<_>>(),
-                }),
-            })
-        }
-        VolumeCommand::Stats { name } => {
-            let stats = vault.volume_stats(name, context.passphrase)?;
-            Ok(Output {
-                human: format!(
-                    "volume {name}: {} snapshots, {} logical, {} stored, {} unique chunks, dedup {:.2}x, compression {:.2}x",
-                    stats.snapshots,
-                    human_bytes(stats.logical_bytes),
-                    human_bytes(stats.stored_bytes),
-                    stats.unique_chunks,
-                    stats.dedup_ratio,
-                    stats.compression_ratio
-                ),
-                json: json!({
-                    "logical_bytes": stats.logical_bytes,
-                    "stored_bytes": stats.stored_bytes,
-                    "unique_chunks": stats.unique_chunks,
-                    "dedup_ratio": stats.dedup_ratio,
-                    "compression_ratio": stats.compression_ratio,
-                    "snapshots": stats.snapshots,
                 }),
             })
         }
@@ -1048,14 +1008,35 @@ fn scrub(vault: &Vault, repair: bool) -> Result<Output> {
     })
 }
 
-fn volume_json(record: &VolumeRecord) -> serde_json::Value {
-    json!({
-        "name": record.name,
-        "id": data_encoding::HEXLOWER.encode(&record.id),
-        "ec": format!("{}+{}", record.data_shards, record.parity_shards),
-        "domain": record.domain,
-        "encrypted": record.encrypted,
-    })
+/// Runs a typed volume command on `service` (this process's vault or the owning
+/// process's) and renders its reply.
+fn volume_call(service: &dyn VolumeService, command: &VolumeCommand) -> Result<Output> {
+    let count = |shards: usize| u32::try_from(shards).unwrap_or(u32::MAX);
+    match command {
+        VolumeCommand::List => Ok(service::render_list(&service.list(ListVolumesRequest {})?)),
+        VolumeCommand::Create {
+            name,
+            ec,
+            domain,
+            chunk_avg,
+            encrypted,
+        } => service::render_create(&service.create(CreateVolumeRequest {
+            name: name.clone(),
+            data_shards: ec.map_or(0, |layout| count(layout.data_shards())),
+            parity_shards: ec.map_or(0, |layout| count(layout.parity_shards())),
+            domain: domain.clone().unwrap_or_default(),
+            chunk_avg_bytes: chunk_avg.unwrap_or(0),
+            encrypted: *encrypted,
+        })?),
+        VolumeCommand::Stats { name } => Ok(service::render_stats(
+            name,
+            &service.stats(VolumeStatsRequest { name: name.clone() })?,
+        )),
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed volume call".into(),
+        }
+        .into()),
+    }
 }
 
 fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> {

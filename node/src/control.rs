@@ -15,7 +15,11 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
-use forge_proto::v1::{RunReply, RunRequest, VersionReply, VersionRequest};
+use forge_proto::v1::volume_server::{Volume, VolumeServer};
+use forge_proto::v1::{
+    CreateVolumeReply, CreateVolumeRequest, ListVolumesReply, ListVolumesRequest, RunReply,
+    RunRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -23,6 +27,7 @@ use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeComm
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
+use crate::service::{LocalVolumes, VolumeService};
 
 /// The socket's file name in the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -33,6 +38,195 @@ pub fn socket_path(data_dir: &DataDir) -> PathBuf {
     data_dir.path().join(SOCKET_FILE)
 }
 
+/// A client's connection to the process owning a data directory: the channel on its
+/// control socket, and what a call needs to say what happened if that process dies.
+pub struct Connection {
+    runtime: tokio::runtime::Runtime,
+    channel: tonic::transport::Channel,
+    data_dir: DataDir,
+    /// The owner's pid when we connected: if it is gone after a failed call, the call
+    /// failed because the process ended.
+    owner: Option<u32>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Connection")
+            .field("data_dir", &self.data_dir)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects to the process owning `data_dir`, if one serves a control socket; `None`
+    /// when nobody does (the caller opens the vault itself).
+    ///
+    /// # Errors
+    /// A socket this user may not open; one that exists but does not answer.
+    pub fn open(data_dir: &DataDir) -> Result<Option<Self>> {
+        let socket = socket_path(data_dir);
+        if crate::mount::running_mounts(data_dir)?.is_empty()
+            && crate::daemon::running(data_dir).is_none()
+        {
+            return Ok(None);
+        }
+        // A host registers its first mount just before its socket is up: give it a moment.
+        for _ in 0..250 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !socket.exists() {
+            return Ok(None);
+        }
+        // Connecting needs write access to the socket (mode 0600: its owner only); say so
+        // rather than a transport error.
+        if let Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) =
+            nix::unistd::access(&socket, nix::unistd::AccessFlags::W_OK)
+        {
+            return Err(NodeError::SocketPermission {
+                owner: crate::config::owner_of(&socket),
+                socket,
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NodeError::io("starting", "the control client"))?;
+        let owner = crate::daemon::owner(data_dir).ok().flatten();
+        let unreachable = |reason: String| MountFault::Unreachable {
+            data_dir: data_dir.path().to_owned(),
+            socket: socket.clone(),
+            reason,
+        };
+        let channel = runtime.block_on(async {
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .map_err(|error| unreachable(error.to_string()))?
+                .connect()
+                .await
+                .map_err(|error| unreachable(error.to_string()))
+        })?;
+        Ok(Some(Self {
+            runtime,
+            channel,
+            data_dir: data_dir.clone(),
+            owner,
+        }))
+    }
+
+    /// The channel, for a service's client.
+    #[must_use]
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.channel.clone()
+    }
+
+    /// `message` as a request carrying this client's version and, if it has one, its
+    /// passphrase (`FORGE_PASSPHRASE`), in metadata.
+    #[must_use]
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            forge_proto::VERSION_METADATA,
+            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(passphrase) = std::env::var_os(crate::passphrase::PASSPHRASE_ENV) {
+            metadata.insert_bin(
+                forge_proto::PASSPHRASE_METADATA,
+                tonic::metadata::MetadataValue::from_bytes(passphrase.as_encoded_bytes()),
+            );
+        }
+        request
+    }
+
+    /// Runs one call to completion. A status becomes forge's error: the one-line message
+    /// and the exit code the server sent, or, when the owner died under the call, an error
+    /// saying so (not "transport error").
+    ///
+    /// # Errors
+    /// The call's.
+    pub fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = std::result::Result<Response<T>, Status>>,
+    ) -> Result<T> {
+        match self.runtime.block_on(call) {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.error_of(&status)),
+        }
+    }
+
+    fn error_of(&self, status: &Status) -> NodeError {
+        if let Some(code) = status
+            .metadata()
+            .get(forge_proto::EXIT_CODE_METADATA)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse::<u8>().ok())
+        {
+            return NodeError::Forwarded {
+                message: status.message().to_owned(),
+                exit_code: code,
+                report: None,
+            };
+        }
+        let error = NodeError::from(MountFault::Control {
+            reason: status.message().to_owned(),
+        });
+        match self.owner {
+            // The owner died under the call (killed, crashed): say so. A killed process
+            // closes its sockets before it is gone, so the call can fail a moment before
+            // the process is seen dead: give it that moment.
+            Some(pid) if owner_ends_soon(pid) => NodeError::OwnerEnded {
+                pid,
+                data_dir: self.data_dir.path().to_owned(),
+                reason: error.to_string(),
+            },
+            _ => error,
+        }
+    }
+}
+
+/// Whether process `pid` is gone, or goes within half a second.
+fn owner_ends_soon(pid: u32) -> bool {
+    for _ in 0..50 {
+        if !crate::mount::process_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+/// A forge error as a gRPC status: its one-line message, a status code by kind, and the
+/// exit code in the metadata `forge-exit-code`.
+#[must_use]
+pub fn status_of(error: &NodeError) -> Status {
+    let exit_code = error.exit_code();
+    let code = match exit_code {
+        ExitCode::Usage => tonic::Code::InvalidArgument,
+        ExitCode::Integrity => tonic::Code::DataLoss,
+        ExitCode::Conflict => tonic::Code::Aborted,
+        _ => match error {
+            NodeError::UnknownVolume { .. }
+            | NodeError::UnknownSnapshot { .. }
+            | NodeError::UnknownBranch { .. } => tonic::Code::NotFound,
+            NodeError::VolumeExists { .. } | NodeError::BranchExists { .. } => {
+                tonic::Code::AlreadyExists
+            }
+            NodeError::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            _ => tonic::Code::Unknown,
+        },
+    };
+    let mut status = Status::new(code, error.to_string());
+    status.metadata_mut().insert(
+        forge_proto::EXIT_CODE_METADATA,
+        tonic::metadata::MetadataValue::from(u32::from(exit_code as u8)),
+    );
+    status
+}
+
 /// Sends this process's command line to the process owning `data_dir`, if one serves a
 /// control socket; `None` when nobody does (the caller opens the vault itself).
 ///
@@ -40,33 +234,10 @@ pub fn socket_path(data_dir: &DataDir) -> PathBuf {
 /// The remote command's error, with its exit code; a socket that exists but does not
 /// answer.
 pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
-    let socket = socket_path(data_dir);
-    if crate::mount::running_mounts(data_dir)?.is_empty()
-        && crate::daemon::running(data_dir).is_none()
-    {
+    let Some(connection) = Connection::open(data_dir)? else {
         return Ok(None);
-    }
-    // A host registers its first mount just before its socket is up: give it a moment.
-    for _ in 0..250 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    if !socket.exists() {
-        return Ok(None);
-    }
-    // Connecting needs write access to the socket (mode 0600: its owner only); say so
-    // rather than a transport error.
-    if let Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) =
-        nix::unistd::access(&socket, nix::unistd::AccessFlags::W_OK)
-    {
-        return Err(NodeError::SocketPermission {
-            owner: crate::config::owner_of(&socket),
-            socket,
-        });
-    }
-    let mut request = Request::new(RunRequest {
+    };
+    let request = connection.request(RunRequest {
         args: std::env::args_os()
             .skip(1)
             .map(OsStringExt::into_vec)
@@ -75,62 +246,7 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
             .map(|cwd| cwd.into_os_string().into_vec())
             .unwrap_or_default(),
     });
-    let metadata = request.metadata_mut();
-    metadata.insert(
-        forge_proto::VERSION_METADATA,
-        tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
-    );
-    if let Some(passphrase) = std::env::var_os(crate::passphrase::PASSPHRASE_ENV) {
-        metadata.insert_bin(
-            forge_proto::PASSPHRASE_METADATA,
-            tonic::metadata::MetadataValue::from_bytes(passphrase.as_encoded_bytes()),
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(NodeError::io("starting", "the control client"))?;
-    let owner_before = crate::daemon::owner(data_dir).ok().flatten();
-    let reply = runtime.block_on(async {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .map_err(|error| MountFault::Unreachable {
-                    data_dir: data_dir.path().to_owned(),
-                    socket: socket.clone(),
-                    reason: error.to_string(),
-                })?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|error| MountFault::Unreachable {
-                data_dir: data_dir.path().to_owned(),
-                socket: socket.clone(),
-                reason: error.to_string(),
-            })?;
-        ControlClient::new(channel)
-            .run(request)
-            .await
-            .map(Response::into_inner)
-            .map_err(|status| {
-                NodeError::from(MountFault::Control {
-                    reason: status.message().to_owned(),
-                })
-            })
-    });
-    let reply = match reply {
-        Ok(reply) => reply,
-        // The owner died under the call (killed, crashed): say so, not "transport error".
-        Err(error) => match owner_before {
-            Some(pid) if !crate::mount::process_alive(pid) => {
-                return Err(NodeError::OwnerEnded {
-                    pid,
-                    data_dir: data_dir.path().to_owned(),
-                    reason: error.to_string(),
-                });
-            }
-            _ => return Err(error),
-        },
-    };
+    let reply = connection.call(ControlClient::new(connection.channel()).run(request))?;
     if reply.exit_code == 0 {
         let json = serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null);
         return Ok(Some(Output {
@@ -191,6 +307,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(NodeError::io("restricting", &socket))?;
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let volumes = VolumeGrpc { host: host.clone() };
     let service = ControlService { host };
     // Reflection lets a client list and call the services without the .proto files;
     // health answers SERVING for the control service while this socket is up.
@@ -202,7 +319,10 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
             what: format!("building the reflection service: {error}"),
         })?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    runtime.block_on(health.set_serving::<ControlServer<ControlService>>());
+    runtime.block_on(async {
+        health.set_serving::<ControlServer<ControlService>>().await;
+        health.set_serving::<VolumeServer<VolumeGrpc>>().await;
+    });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -210,6 +330,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(reflection)
                 .add_service(health_service)
                 .add_service(ControlServer::new(service))
+                .add_service(VolumeServer::new(volumes))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
@@ -248,20 +369,7 @@ impl Control for ControlService {
         request: Request<RunRequest>,
     ) -> std::result::Result<Response<RunReply>, Status> {
         check_client_version(&request)?;
-        let passphrase = request
-            .metadata()
-            .get_bin(forge_proto::PASSPHRASE_METADATA)
-            .map(|value| {
-                value
-                    .to_bytes()
-                    .map_err(|_| Status::invalid_argument("the passphrase metadata is not base64"))
-                    .and_then(|bytes| {
-                        String::from_utf8(bytes.to_vec())
-                            .map_err(|_| Status::invalid_argument("the passphrase is not UTF-8"))
-                    })
-            })
-            .transpose()?
-            .map(Zeroizing::new);
+        let passphrase = passphrase_of(&request)?;
         let request = request.into_inner();
         let host = self.host.clone();
         // Commands are blocking (storage, chunking): off the async workers.
@@ -315,13 +423,7 @@ fn run_command(
     let cwd = PathBuf::from(OsString::from_vec(request.cwd));
     absolutize_paths(&mut cli.command, &cwd);
     let passphrase_given = passphrase.is_some();
-    let source = move |_prompt: &str, _confirm: bool| -> Result<Zeroizing<String>> {
-        passphrase.clone().ok_or_else(|| NodeError::InvalidArgument {
-            what: "passphrase",
-            value: String::new(),
-            reason: "this command needs one and the mount process cannot prompt: set FORGE_PASSPHRASE".into(),
-        })
-    };
+    let source = passphrase_source(passphrase);
     let context = VaultContext {
         vault: host.vault(),
         passphrase: &source,
@@ -343,6 +445,113 @@ fn run_command(
     host.metrics()
         .count_call(&method, reply.exit_code, started.elapsed().as_secs_f64());
     reply
+}
+
+/// The passphrase a request carries in its metadata, if any.
+fn passphrase_of<T>(
+    request: &Request<T>,
+) -> std::result::Result<Option<Zeroizing<String>>, Status> {
+    request
+        .metadata()
+        .get_bin(forge_proto::PASSPHRASE_METADATA)
+        .map(|value| {
+            value
+                .to_bytes()
+                .map_err(|_| Status::invalid_argument("the passphrase metadata is not base64"))
+                .and_then(|bytes| {
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| Status::invalid_argument("the passphrase is not UTF-8"))
+                })
+        })
+        .transpose()
+        .map(|passphrase| passphrase.map(Zeroizing::new))
+}
+
+/// Where a served call's passphrase comes from: the one the client sent, if any (this
+/// process cannot prompt anyone).
+fn passphrase_source(
+    passphrase: Option<Zeroizing<String>>,
+) -> impl Fn(&str, bool) -> Result<Zeroizing<String>> {
+    move |_prompt: &str, _confirm: bool| -> Result<Zeroizing<String>> {
+        passphrase.clone().ok_or_else(|| NodeError::InvalidArgument {
+            what: "passphrase",
+            value: String::new(),
+            reason: "this command needs one and the forge process owning the vault cannot prompt: set FORGE_PASSPHRASE".into(),
+        })
+    }
+}
+
+/// `forge.v1.Volume`, served with the vault of the host: each call runs the same
+/// [`LocalVolumes`] the CLI runs when no daemon owns the data directory.
+struct VolumeGrpc {
+    host: Arc<Host>,
+}
+
+impl VolumeGrpc {
+    /// Runs `call` on the host's vault off the async workers, with the request's
+    /// passphrase, counting it on /metrics as `method`.
+    async fn serve<T: Send + 'static, R: Send + 'static>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        call: impl FnOnce(&LocalVolumes<'_>, T) -> Result<R> + Send + 'static,
+    ) -> std::result::Result<Response<R>, Status> {
+        check_client_version(&request)?;
+        let passphrase = passphrase_of(&request)?;
+        let message = request.into_inner();
+        let host = self.host.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let source = passphrase_source(passphrase);
+            let service = LocalVolumes {
+                vault: host.vault(),
+                passphrase: &source,
+            };
+            let result = call(&service, message);
+            let code = result
+                .as_ref()
+                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
+            host.metrics()
+                .count_call(method, code, started.elapsed().as_secs_f64());
+            result
+        })
+        .await
+        .map_err(|error| Status::internal(format!("{method} panicked: {error}")))?;
+        result.map(Response::new).map_err(|error| status_of(&error))
+    }
+}
+
+#[tonic::async_trait]
+impl Volume for VolumeGrpc {
+    async fn list(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> std::result::Result<Response<ListVolumesReply>, Status> {
+        self.serve("Volume.List", request, |service, message| {
+            service.list(message)
+        })
+        .await
+    }
+
+    async fn create(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> std::result::Result<Response<CreateVolumeReply>, Status> {
+        self.serve("Volume.Create", request, |service, message| {
+            service.create(message)
+        })
+        .await
+    }
+
+    async fn stats(
+        &self,
+        request: Request<VolumeStatsRequest>,
+    ) -> std::result::Result<Response<VolumeStatsReply>, Status> {
+        self.serve("Volume.Stats", request, |service, message| {
+            service.stats(message)
+        })
+        .await
+    }
 }
 
 /// Refuses a client of another forge version (or one that does not say): this process

@@ -13,6 +13,7 @@ pub mod mount;
 pub mod output;
 pub mod passphrase;
 pub mod progress;
+pub mod service;
 pub mod vault;
 
 #[cfg(test)]

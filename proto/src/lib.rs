@@ -20,6 +20,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("forg
 /// command line it might read differently).
 pub const VERSION_METADATA: &str = "forge-version";
 
+/// Error metadata: the exit code (decimal) the client ends with, beside the status's
+/// message (forge's one-line error).
+pub const EXIT_CODE_METADATA: &str = "forge-exit-code";
+
 /// Request metadata (binary): the passphrase the client has, for commands that need one.
 /// It travels only here, never in a message body, and is never logged.
 pub const PASSPHRASE_METADATA: &str = "forge-passphrase-bin";

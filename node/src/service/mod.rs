@@ -1,0 +1,203 @@
+//! The typed API: every operation once, with typed requests and replies (the messages of
+//! `proto/forge/v1/*.proto`). The CLI calls it through [`LocalVolumes`] in its own process
+//! when no daemon owns the data directory, and through `remote::RemoteVolumes` on the
+//! control socket when one does; the daemon serves the socket with the same
+//! [`LocalVolumes`] over its open vault. So a reply is the same whichever way it came, and
+//! the CLI renders it the same way (`render_*`).
+//!
+//! Layering: this module uses the vault and nothing above it; the daemon (control.rs) and
+//! the CLI use it. Commands not moved here yet still travel as command lines
+//! (`Control.Run`).
+
+pub mod remote;
+
+use forge_proto::v1::{
+    CreateVolumeReply, CreateVolumeRequest, ListVolumesReply, ListVolumesRequest, VolumeInfo,
+    VolumeStatsReply, VolumeStatsRequest,
+};
+use forge_store::erasure::ErasureLayout;
+use serde_json::json;
+
+use crate::error::{NodeError, Result};
+use crate::output::Output;
+use crate::progress::human_bytes;
+use crate::vault::records::VolumeRecord;
+use crate::vault::{CreateVolumeOptions, PassphraseSource, Vault};
+
+/// Calls on volumes (`forge.v1.Volume`).
+pub trait VolumeService {
+    /// Every volume, by name.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn list(&self, request: ListVolumesRequest) -> Result<ListVolumesReply>;
+
+    /// Creates a volume.
+    ///
+    /// # Errors
+    /// A taken or invalid name, a bad layout or domain, storage errors.
+    fn create(&self, request: CreateVolumeRequest) -> Result<CreateVolumeReply>;
+
+    /// A volume's numbers.
+    ///
+    /// # Errors
+    /// An unknown volume, keys that do not open, storage errors.
+    fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply>;
+}
+
+/// The calls served by an open vault in this process.
+pub struct LocalVolumes<'a> {
+    /// The vault.
+    pub vault: &'a Vault,
+    /// Where a passphrase comes from when a volume's keys need one.
+    pub passphrase: PassphraseSource<'a>,
+}
+
+impl std::fmt::Debug for LocalVolumes<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LocalVolumes")
+            .field("vault", &self.vault)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VolumeService for LocalVolumes<'_> {
+    fn list(&self, _request: ListVolumesRequest) -> Result<ListVolumesReply> {
+        Ok(ListVolumesReply {
+            volumes: self.vault.list_volumes()?.iter().map(volume_info).collect(),
+        })
+    }
+
+    fn create(&self, request: CreateVolumeRequest) -> Result<CreateVolumeReply> {
+        let layout = match (request.data_shards, request.parity_shards) {
+            (0, 0) => None,
+            (data, parity) => Some(ErasureLayout::new(data as usize, parity as usize).map_err(
+                |error| NodeError::InvalidArgument {
+                    what: "erasure layout",
+                    value: format!("{data}+{parity}"),
+                    reason: error.to_string(),
+                },
+            )?),
+        };
+        let options = CreateVolumeOptions {
+            layout,
+            domain: (!request.domain.is_empty()).then_some(request.domain),
+            chunk_avg_bytes: (request.chunk_avg_bytes != 0).then_some(request.chunk_avg_bytes),
+            encrypted: request.encrypted,
+        };
+        let record = self
+            .vault
+            .create_volume(&request.name, &options, self.passphrase)?;
+        Ok(CreateVolumeReply {
+            volume: Some(volume_info(&record)),
+        })
+    }
+
+    fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply> {
+        let stats = self.vault.volume_stats(&request.name, self.passphrase)?;
+        Ok(VolumeStatsReply {
+            logical_bytes: stats.logical_bytes,
+            stored_bytes: stats.stored_bytes,
+            unique_chunks: stats.unique_chunks,
+            dedup_ratio: stats.dedup_ratio,
+            compression_ratio: stats.compression_ratio,
+            snapshots: stats.snapshots,
+        })
+    }
+}
+
+/// A volume record as the API shows it.
+#[must_use]
+pub fn volume_info(record: &VolumeRecord) -> VolumeInfo {
+    VolumeInfo {
+        name: record.name.clone(),
+        id: record.id.to_vec(),
+        data_shards: u32::from(record.data_shards),
+        parity_shards: u32::from(record.parity_shards),
+        domain: record.domain.clone(),
+        encrypted: record.encrypted,
+    }
+}
+
+fn volume_json(volume: &VolumeInfo) -> serde_json::Value {
+    json!({
+        "name": volume.name,
+        "id": data_encoding::HEXLOWER.encode(&volume.id),
+        "ec": format!("{}+{}", volume.data_shards, volume.parity_shards),
+        "domain": volume.domain,
+        "encrypted": volume.encrypted,
+    })
+}
+
+/// What `forge volume list` prints.
+#[must_use]
+pub fn render_list(reply: &ListVolumesReply) -> Output {
+    let mut human = String::new();
+    for volume in &reply.volumes {
+        human.push_str(&format!(
+            "{:<24} ec {:<6} domain {}{}\n",
+            volume.name,
+            format!("{}+{}", volume.data_shards, volume.parity_shards),
+            volume.domain,
+            if volume.encrypted { " (encrypted)" } else { "" }
+        ));
+    }
+    if reply.volumes.is_empty() {
+        human.push_str("no volumes yet: forge volume create NAME\n");
+    }
+    Output {
+        human: human.trim_end().to_owned(),
+        json: serde_json::Value::Array(reply.volumes.iter().map(volume_json).collect()),
+    }
+}
+
+/// What `forge volume create` prints.
+///
+/// # Errors
+/// A reply without its volume (a daemon that broke the API).
+pub fn render_create(reply: &CreateVolumeReply) -> Result<Output> {
+    let volume = reply
+        .volume
+        .as_ref()
+        .ok_or_else(|| NodeError::InvalidArgument {
+            what: "reply",
+            value: "Volume.Create".into(),
+            reason: "it names no volume".into(),
+        })?;
+    Ok(Output {
+        human: format!(
+            "created volume {} (ec {}+{}, domain {}{})",
+            volume.name,
+            volume.data_shards,
+            volume.parity_shards,
+            volume.domain,
+            if volume.encrypted { ", encrypted" } else { "" }
+        ),
+        json: volume_json(volume),
+    })
+}
+
+/// What `forge volume stats NAME` prints.
+#[must_use]
+pub fn render_stats(name: &str, stats: &VolumeStatsReply) -> Output {
+    Output {
+        human: format!(
+            "volume {name}: {} snapshots, {} logical, {} stored, {} unique chunks, dedup {:.2}x, compression {:.2}x",
+            stats.snapshots,
+            human_bytes(stats.logical_bytes),
+            human_bytes(stats.stored_bytes),
+            stats.unique_chunks,
+            stats.dedup_ratio,
+            stats.compression_ratio
+        ),
+        json: json!({
+            "logical_bytes": stats.logical_bytes,
+            "stored_bytes": stats.stored_bytes,
+            "unique_chunks": stats.unique_chunks,
+            "dedup_ratio": stats.dedup_ratio,
+            "compression_ratio": stats.compression_ratio,
+            "snapshots": stats.snapshots,
+        }),
+    }
+}

@@ -1163,35 +1163,12 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
     let pid = common::started_pid(&started);
     let _kill = common::KillOnDrop(pid);
-    let import = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
-        .args(["volume", "import", "v"])
-        .arg(&source)
-        .env("FORGE_DATA_DIR", vault.data_dir())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let output = import.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("import killed: {}, {stderr}", !output.status.success());
-    if !output.status.success() {
-        assert!(
-            stderr.contains(&format!("forge process {pid} owning"))
-                && stderr.contains("ended before the command finished"),
-            "{stderr}"
-        );
-    }
-    // The killed daemon's zombie is reaped by whoever adopted it; wait until it is gone or
-    // a zombie (which no command counts as alive).
-    while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z ")) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let output = common::kill_daemon_during(
+        &vault,
+        &["volume", "import", "v", source.to_str().unwrap()],
+        pid,
+        std::time::Duration::from_millis(300),
+    );
     assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
     vault.ok(&["fsck"]);
     let snapshots = vault.json(&["snapshot", "list", "v"]);

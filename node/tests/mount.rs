@@ -381,32 +381,12 @@ fn a_daemon_killed_during_a_mount_commit_keeps_what_was_fsynced() {
         fs::write(mountpoint.join(format!("d/u{index:02}")), &bytes).unwrap();
         unsynced.push(bytes);
     }
-    let commit = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
-        .args(["snapshot", "create", "v", "-m", "interrupted"])
-        .env("FORGE_DATA_DIR", vault.data_dir())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let output = commit.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("commit killed: {}, {stderr}", !output.status.success());
-    if !output.status.success() {
-        assert!(
-            stderr.contains(&format!("forge process {pid} owning"))
-                && stderr.contains("ended before the command finished"),
-            "{stderr}"
-        );
-    }
-    while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z ")) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let output = common::kill_daemon_during(
+        &vault,
+        &["snapshot", "create", "v", "-m", "interrupted"],
+        pid,
+        std::time::Duration::from_millis(100),
+    );
     assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
     vault.unmount(&mountpoint);
     vault.ok(&["fsck"]);

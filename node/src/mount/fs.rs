@@ -2587,6 +2587,37 @@ mod tests {
         .unwrap()
     }
 
+    /// A second mount of the head of `main` of `fs`'s volume, as a later `forge volume
+    /// mount` makes it.
+    fn mount_head(fs: &MountedFs, temp: &Path) -> MountedFs {
+        let head = fs
+            .vault()
+            .refs()
+            .get_ref(&fs.volume().id, "main")
+            .unwrap()
+            .unwrap();
+        let root = Cid::from_bytes(fs.vault().read_commit(fs.volume(), &head).unwrap().root);
+        MountedFs::new(
+            fs.vault.clone(),
+            fs.volume.clone(),
+            Some(root),
+            FsConfig {
+                read_only: false,
+                cache_bytes: 1 << 20,
+                staging_dir: temp.join("staging-2"),
+                metrics: Default::default(),
+            },
+            Some(Mutex::new(WorkTarget {
+                branch: "main".into(),
+                base: Some(head),
+            })),
+            fs.vault()
+                .open_write_session("mount 2", fs.volume().id)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
     fn mkdir(fs: &MountedFs, name: &str) {
         let kind = NodeKind::Directory(Directory {
             tree: None,
@@ -2727,34 +2758,7 @@ mod tests {
         commit(&fs, "linked").unwrap().unwrap();
 
         // A second mount of the committed tree: only `a` is opened, yet x knows of y.
-        let head = fs
-            .vault()
-            .refs()
-            .get_ref(&fs.volume().id, "main")
-            .unwrap()
-            .unwrap();
-        let root = Cid::from_bytes(fs.vault().read_commit(fs.volume(), &head).unwrap().root);
-        let again = Arc::new(
-            MountedFs::new(
-                fs.vault.clone(),
-                fs.volume.clone(),
-                Some(root),
-                FsConfig {
-                    read_only: false,
-                    cache_bytes: 1 << 20,
-                    staging_dir: temp.path().join("staging-2"),
-                    metrics: Default::default(),
-                },
-                Some(Mutex::new(WorkTarget {
-                    branch: "main".into(),
-                    base: Some(head),
-                })),
-                fs.vault()
-                    .open_write_session("mount 2", fs.volume().id)
-                    .unwrap(),
-            )
-            .unwrap(),
-        );
+        let again = Arc::new(mount_head(&fs, temp.path()));
         let lookup = |fs: &MountedFs, path: &[&str]| {
             let mut inodes = fs.lock();
             let mut ino = ROOT;
@@ -2934,34 +2938,7 @@ mod tests {
         }
         mkdir(&fs, "e");
         commit(&fs, "two thousand files").unwrap().unwrap();
-        let head = fs
-            .vault()
-            .refs()
-            .get_ref(&fs.volume().id, "main")
-            .unwrap()
-            .unwrap();
-        let root = Cid::from_bytes(fs.vault().read_commit(fs.volume(), &head).unwrap().root);
-        let again = Arc::new(
-            MountedFs::new(
-                fs.vault.clone(),
-                fs.volume.clone(),
-                Some(root),
-                FsConfig {
-                    read_only: false,
-                    cache_bytes: 1 << 20,
-                    staging_dir: temp.path().join("staging-2"),
-                    metrics: Default::default(),
-                },
-                Some(Mutex::new(WorkTarget {
-                    branch: "main".into(),
-                    base: Some(head),
-                })),
-                fs.vault()
-                    .open_write_session("mount 2", fs.volume().id)
-                    .unwrap(),
-            )
-            .unwrap(),
-        );
+        let again = Arc::new(mount_head(&fs, temp.path()));
         let adapter_again = FuseAdapter(again.clone());
         let directory = again.child(&mut again.lock(), ROOT, b"d").unwrap().unwrap();
         again.ensure_loaded(&mut again.lock(), directory).unwrap();

@@ -122,3 +122,47 @@ pub fn scrape(address: &str) -> std::collections::BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// Runs forge `args` on `vault`, kills the daemon `pid` with SIGKILL `after` the command
+/// started, and returns the command's output once the daemon is gone (or a zombie, which
+/// no command counts as alive). A command the kill interrupted must say the process ended
+/// and nothing was acknowledged, not print a transport error.
+pub fn kill_daemon_during(
+    vault: &Vault,
+    args: &[&str],
+    pid: u32,
+    after: std::time::Duration,
+) -> Output {
+    let command = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+        .args(args)
+        .env("FORGE_DATA_DIR", vault.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let output = command.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!(
+        "{args:?} interrupted: {}, {stderr}",
+        !output.status.success()
+    );
+    if !output.status.success() {
+        assert!(
+            stderr.contains(&format!("forge process {pid} owning"))
+                && stderr.contains("ended before the command finished"),
+            "{stderr}"
+        );
+    }
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z "))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    output
+}

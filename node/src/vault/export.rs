@@ -25,7 +25,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchown, fchownat, getegid, geteuid, linkat, symlinkat};
 
 use super::posix::{self, OwnerMap};
-use super::post_order::{self, PostOrderWalk, Visit};
+use super::post_order::{self, PostOrderWalk, TreePath, Visit};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault};
 use crate::error::{IntegrityFault, NodeError, Result};
 use crate::progress::Progress;
@@ -163,7 +163,7 @@ impl Vault {
                 ExportDirectory {
                     at: ExportAt::Root(root),
                     tree: Cid::from_bytes(commit.root),
-                    path: destination.to_owned(),
+                    path: TreePath::root(destination),
                 },
             )
         })?;
@@ -232,7 +232,7 @@ struct ExportDirectory {
     /// Its tree.
     tree: Cid,
     /// Shown in messages.
-    path: PathBuf,
+    path: TreePath,
 }
 
 /// Where a directory is exported.
@@ -250,7 +250,7 @@ struct ExportOpen {
     directory: Arc<OwnedFd>,
     entries: Vec<TreeEntry>,
     own: Option<(Arc<OwnedFd>, TreeEntry)>,
-    path: PathBuf,
+    path: TreePath,
 }
 
 impl PostOrderWalk for Exporter<'_> {
@@ -266,21 +266,21 @@ impl PostOrderWalk for Exporter<'_> {
         let ExportDirectory { at, tree, path } = directory;
         let depth_max = self.vault.limits().tree_depth_max;
         if depth > depth_max {
-            return Err(super::import::too_deep(&path, depth_max));
+            return Err(super::import::too_deep(&path.to_path(), depth_max));
         }
         let (directory, own) = match at {
             ExportAt::Root(directory) => (directory, None),
             ExportAt::In(parent, entry) => {
                 let name = OsStr::from_bytes(&entry.name);
                 mkdirat(&*parent, name, Mode::from_bits_truncate(0o700))
-                    .map_err(at_error("creating", &path))?;
+                    .map_err(|errno| at_error("creating", &path.to_path())(errno))?;
                 let directory = openat(
                     &*parent,
                     name,
                     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(at_error("opening", &path))?;
+                .map_err(|errno| at_error("opening", &path.to_path())(errno))?;
                 (directory, Some((parent, *entry)))
             }
         };
@@ -299,15 +299,15 @@ impl PostOrderWalk for Exporter<'_> {
 
     fn visit(&self, open: &ExportOpen, index: usize) -> Result<Visit<ExportDirectory, ()>> {
         let entry = &open.entries[index];
-        let path = open.path.join(OsStr::from_bytes(&entry.name));
+        let name = OsStr::from_bytes(&entry.name);
         if let EntryContent::Directory { tree } = &entry.content {
             return Ok(Visit::Descend(ExportDirectory {
                 at: ExportAt::In(Arc::clone(&open.directory), Box::new(entry.clone())),
                 tree: Cid::from_bytes(*tree),
-                path,
+                path: open.path.child(name),
             }));
         }
-        self.export_entry(entry, &open.directory, &path)?;
+        self.export_entry(entry, &open.directory, &open.path.join(name))?;
         Ok(Visit::Done(()))
     }
 
@@ -316,7 +316,8 @@ impl PostOrderWalk for Exporter<'_> {
     fn finish(&self, open: &ExportOpen, _items: Vec<Option<()>>) -> Result<Option<()>> {
         if let Some((parent, entry)) = &open.own {
             let name = OsStr::from_bytes(&entry.name);
-            self.restore_metadata(entry, (parent, name), Some(&open.directory), &open.path)?;
+            let path = open.path.to_path();
+            self.restore_metadata(entry, (parent, name), Some(&open.directory), &path)?;
         }
         Ok(Some(()))
     }

@@ -36,7 +36,7 @@ use forge_store::refindex;
 
 use super::fence::WriteSession;
 use super::posix::{self, OwnerNames};
-use super::post_order::{self, PostOrderWalk, Visit};
+use super::post_order::{self, PostOrderWalk, TreePath, Visit};
 use super::records::{self, IndexHead, SnapshotListing, keys};
 use super::{CHUNK_AAD, OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
@@ -439,7 +439,7 @@ pub(crate) fn too_deep(path: &Path, depth_max: usize) -> NodeError {
 pub(crate) struct ImportDirectory {
     at: DirectoryAt,
     /// Shown in messages.
-    path: PathBuf,
+    path: TreePath,
     /// Its entry in its parent's tree, all but the content (the root's is a placeholder).
     entry: TreeEntry,
 }
@@ -458,7 +458,7 @@ pub(crate) struct ImportOpen {
     /// Closed once every entry was visited: a chain of directories holds one descriptor
     /// per level being listed, not one per level whose tree waits to be stored.
     directory: Mutex<Option<Arc<OwnedFd>>>,
-    path: PathBuf,
+    path: TreePath,
     names: Vec<OsString>,
     entry: TreeEntry,
 }
@@ -480,7 +480,7 @@ impl Importer<'_> {
     fn import_tree(&self, directory: OwnedFd, path: &Path) -> Result<Option<Cid>> {
         let root = ImportDirectory {
             at: DirectoryAt::Open(directory),
-            path: path.to_owned(),
+            path: TreePath::root(path),
             entry: TreeEntry {
                 name: Vec::new(),
                 mode: 0,
@@ -512,7 +512,7 @@ impl PostOrderWalk for Importer<'_> {
         let ImportDirectory { at, path, entry } = directory;
         let depth_max = self.vault.limits().tree_depth_max;
         if depth > depth_max {
-            return Err(too_deep(&path, depth_max));
+            return Err(too_deep(&path.to_path(), depth_max));
         }
         let opened = match at {
             DirectoryAt::Open(directory) => Ok(directory),
@@ -526,7 +526,7 @@ impl PostOrderWalk for Importer<'_> {
         let directory = match opened {
             Ok(directory) => directory,
             Err(errno) => {
-                self.skip(&path, &io::Error::from(errno));
+                self.skip(&path.to_path(), &io::Error::from(errno));
                 return Ok(None);
             }
         };
@@ -537,7 +537,7 @@ impl PostOrderWalk for Importer<'_> {
         let mut listing = match listing {
             Ok(listing) => listing,
             Err(errno) => {
-                self.skip(&path, &io::Error::from(errno));
+                self.skip(&path.to_path(), &io::Error::from(errno));
                 return Ok(None);
             }
         };
@@ -550,7 +550,7 @@ impl PostOrderWalk for Importer<'_> {
                         names.push(OsString::from_vec(name.to_vec()));
                     }
                 }
-                Err(errno) => self.skip(&path, &io::Error::from(errno)),
+                Err(errno) => self.skip(&path.to_path(), &io::Error::from(errno)),
             }
         }
         drop(listing);
@@ -573,13 +573,15 @@ impl PostOrderWalk for Importer<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| NodeError::io("reading", &open.path)(io::Error::other("closed")))?;
+            .ok_or_else(|| {
+                NodeError::io("reading", &open.path.to_path())(io::Error::other("closed"))
+            })?;
         Ok(match self.import_entry(&directory, &path, name)? {
             EntryImport::Stored(entry) => Visit::Done(entry),
             EntryImport::Skipped => Visit::Skipped,
             EntryImport::Directory(entry) => Visit::Descend(ImportDirectory {
                 at: DirectoryAt::In(directory, name.clone()),
-                path,
+                path: open.path.child(name),
                 entry,
             }),
         })

@@ -12,10 +12,75 @@
 //! The depth limit is checked when a directory is opened: a tree deeper than a volume holds
 //! fails the walk with the walker's error, and nothing of it is used.
 
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{NodeError, Result};
+
+/// Where a directory of a walk is, as a chain of names up to the walk's root: each level
+/// holds its own name and a reference to its parent's, so the directories a walk holds
+/// cost their depth, not the sum of their paths' lengths (a 10,000-level chain of 9-byte
+/// names held 450 MB of paths: each level's full path). The full path is made only when
+/// a message needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct TreePath(Arc<PathLink>);
+
+#[derive(Debug)]
+struct PathLink {
+    /// None for the root, whose `name` is the whole root path.
+    parent: Option<TreePath>,
+    name: OsString,
+}
+
+impl TreePath {
+    /// The root of a walk.
+    pub(crate) fn root(path: &Path) -> Self {
+        Self(Arc::new(PathLink {
+            parent: None,
+            name: path.as_os_str().to_owned(),
+        }))
+    }
+
+    /// Entry `name` of this directory.
+    pub(crate) fn child(&self, name: &OsStr) -> Self {
+        Self(Arc::new(PathLink {
+            parent: Some(self.clone()),
+            name: name.to_owned(),
+        }))
+    }
+
+    /// The whole path (its length is the depth's: make it only to show it).
+    pub(crate) fn to_path(&self) -> PathBuf {
+        let mut names = Vec::new();
+        let mut link = Some(self);
+        while let Some(TreePath(current)) = link {
+            names.push(current.name.as_os_str());
+            link = current.parent.as_ref();
+        }
+        names.iter().rev().collect()
+    }
+
+    /// The path of entry `name` of this directory.
+    pub(crate) fn join(&self, name: &OsStr) -> PathBuf {
+        self.to_path().join(name)
+    }
+}
+
+impl Drop for PathLink {
+    /// Unlinks a chain whose last holder this was iteratively: dropping a 10,000-level
+    /// chain must not recurse once per level.
+    fn drop(&mut self) {
+        let mut parent = self.parent.take();
+        while let Some(TreePath(link)) = parent {
+            parent = match Arc::try_unwrap(link) {
+                Ok(mut unique) => unique.parent.take(),
+                Err(_) => None,
+            };
+        }
+    }
+}
 
 /// Entries of one directory handled by one job, at most: enough to amortize a job, few
 /// enough that a large directory spreads over every core.
@@ -239,5 +304,33 @@ impl<W: PostOrderWalk> Walk<'_, W> {
             }
             pending = parent;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path is made from its chain of names only when asked for, and a chain far deeper
+    /// than any tree drops without recursing (on a 64 KiB stack).
+    #[test]
+    fn tree_paths_hold_one_name_a_level_and_drop_iteratively() {
+        let root = TreePath::root(Path::new("/tmp/out"));
+        let child = root.child(OsStr::new("a"));
+        assert_eq!(child.join(OsStr::new("b")), Path::new("/tmp/out/a/b"));
+        assert_eq!(root.to_path(), Path::new("/tmp/out"));
+        std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| {
+                let mut deepest = TreePath::root(Path::new("/"));
+                for _ in 0..200_000 {
+                    deepest = deepest.child(OsStr::new("d"));
+                }
+                assert_eq!(deepest.to_path().as_os_str().len(), 1 + 2 * 200_000 - 1);
+                drop(deepest);
+            })
+            .unwrap()
+            .join()
+            .expect("a deep chain dropped without overflowing the stack");
     }
 }

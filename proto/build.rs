@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/forge/v1/control.proto",
                 "proto/forge/v1/volume.proto",
+                "proto/forge/v1/snapshot.proto",
             ],
             &["proto"],
         )?;

@@ -8,19 +8,21 @@ use clap::{Args, Parser, Subcommand};
 use forge_crypto::KdfParams;
 use serde_json::json;
 
-use crate::clock::format_utc_time;
 use crate::config::{NodeConfig, parse_size};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
 use crate::error::{IntegrityFault, MountFault, NodeError, Result};
 pub use crate::output::Output;
 use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
-use crate::service::remote::RemoteVolumes;
-use crate::service::{self, LocalVolumes, VolumeService};
+use crate::service::remote::RemoteApi;
+use crate::service::{self, LocalApi, SnapshotService, VolumeService};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::snapshots::DiffChange;
 use crate::vault::{DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault};
-use forge_proto::v1::{CreateVolumeRequest, ListVolumesRequest, VolumeStatsRequest};
+use forge_proto::v1::{
+    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ListSnapshotsRequest,
+    ListVolumesRequest, VolumeStatsRequest,
+};
 use forge_store::erasure::ErasureLayout;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
@@ -397,11 +399,29 @@ impl Cli {
                 // directory, else in this process; the same replies either way.
                 let data_dir = self.data_dir()?;
                 if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return volume_call(&RemoteVolumes::new(&connection), command);
+                    return volume_call(&RemoteApi::new(&connection), command);
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 volume_call(
-                    &LocalVolumes {
+                    &LocalApi {
+                        vault: &vault,
+                        passphrase: &ask_passphrase,
+                    },
+                    command,
+                )
+            }
+            Command::Snapshot(
+                command @ (SnapshotCommand::List { .. }
+                | SnapshotCommand::Branch { .. }
+                | SnapshotCommand::Delete { .. }),
+            ) => {
+                let data_dir = self.data_dir()?;
+                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
+                    return snapshot_call(&RemoteApi::new(&connection), command);
+                }
+                let vault = Vault::open(&data_dir, &ask_passphrase)?;
+                snapshot_call(
+                    &LocalApi {
                         vault: &vault,
                         passphrase: &ask_passphrase,
                     },
@@ -503,7 +523,7 @@ fn volume_command(
     match command {
         VolumeCommand::Create { .. } | VolumeCommand::List | VolumeCommand::Stats { .. } => {
             volume_call(
-                &LocalVolumes {
+                &LocalApi {
                     vault,
                     passphrase: context.passphrase,
                 },
@@ -688,7 +708,15 @@ fn snapshot_command(
 ) -> Result<Output> {
     let vault = context.vault;
     match command {
-        SnapshotCommand::List { name } => snapshot_list(context, name),
+        SnapshotCommand::List { .. }
+        | SnapshotCommand::Branch { .. }
+        | SnapshotCommand::Delete { .. } => snapshot_call(
+            &LocalApi {
+                vault,
+                passphrase: context.passphrase,
+            },
+            command,
+        ),
         SnapshotCommand::Diff { name, a, b } => {
             // Only the form asked for is built: a diff can be as long as the volume.
             if json {
@@ -732,22 +760,6 @@ fn snapshot_command(
             },
             json,
         ),
-        SnapshotCommand::Branch { name, new, from } => {
-            let target = vault.create_branch(name, new, from.as_deref())?;
-            Ok(Output {
-                human: format!("branch {new} of {name} at {target}"),
-                json: json!({"branch": new, "snapshot": target.to_hex()}),
-            })
-        }
-        SnapshotCommand::Delete { name, id } => {
-            let snapshot = vault.delete_snapshot(name, id)?;
-            Ok(Output {
-                human: format!(
-                    "deleted snapshot {snapshot} from {name}; run `forge gc` to free its data"
-                ),
-                json: json!({"deleted": snapshot.to_hex()}),
-            })
-        }
         SnapshotCommand::Create { name, message } => {
             let Some(host) = context.host else {
                 return Err(crate::mount::nothing_to_commit(name));
@@ -803,43 +815,36 @@ fn gc(context: &VaultContext<'_>) -> Result<Output> {
     })
 }
 
-fn snapshot_list(context: &VaultContext<'_>, name: &str) -> Result<Output> {
-    let vault = context.vault;
-    let snapshots = vault.list_snapshots(name, context.passphrase)?;
-    let mut human = String::new();
-    let mut rows = Vec::new();
-    for snapshot in &snapshots {
-        let _ = writeln!(
-            human,
-            "{}  {}  {:>10}  {}{}",
-            &snapshot.id.to_hex()[..16],
-            format_utc_time(snapshot.time_ns),
-            human_bytes(snapshot.logical_bytes),
-            snapshot.message,
-            if snapshot.branches.is_empty() {
-                String::new()
-            } else {
-                format!("  [{}]", snapshot.branches.join(", "))
-            }
-        );
-        rows.push(json!({
-            "id": snapshot.id.to_hex(),
-            "parents": snapshot.parents.iter().map(forge_crypto::Cid::to_hex).collect::<Vec<_>>(),
-            "time": format_utc_time(snapshot.time_ns),
-            "time_ns": snapshot.time_ns,
-            "message": snapshot.message,
-            "branches": snapshot.branches,
-            "logical_bytes": snapshot.logical_bytes,
-            "files": snapshot.file_count,
-        }));
+/// Runs a typed snapshot command on `service` (this process's vault or the owning
+/// process's) and renders its reply.
+fn snapshot_call(service: &dyn SnapshotService, command: &SnapshotCommand) -> Result<Output> {
+    match command {
+        SnapshotCommand::List { name } => {
+            service::render_snapshots(&service.list(ListSnapshotsRequest {
+                volume: name.clone(),
+            })?)
+        }
+        SnapshotCommand::Branch { name, new, from } => service::render_branch(
+            name,
+            new,
+            &service.branch(CreateBranchRequest {
+                volume: name.clone(),
+                branch: new.clone(),
+                from: from.clone().unwrap_or_default(),
+            })?,
+        ),
+        SnapshotCommand::Delete { name, id } => service::render_delete(
+            name,
+            &service.delete(DeleteSnapshotRequest {
+                volume: name.clone(),
+                snapshot: id.clone(),
+            })?,
+        ),
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed snapshot call".into(),
+        }
+        .into()),
     }
-    if snapshots.is_empty() {
-        human.push_str("no snapshots yet: forge volume import NAME DIR");
-    }
-    Ok(Output {
-        human: human.trim_end().to_owned(),
-        json: serde_json::Value::Array(rows),
-    })
 }
 
 fn vault_stats(vault: &Vault) -> Result<Output> {

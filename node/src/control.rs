@@ -15,10 +15,13 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
+use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
-    CreateVolumeReply, CreateVolumeRequest, ListVolumesReply, ListVolumesRequest, RunReply,
-    RunRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, RunReply, RunRequest, VersionReply, VersionRequest,
+    VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -27,7 +30,7 @@ use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeComm
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
-use crate::service::{LocalVolumes, VolumeService};
+use crate::service::{LocalApi, SnapshotService, VolumeService};
 
 /// The socket's file name in the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -307,7 +310,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(NodeError::io("restricting", &socket))?;
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    let volumes = VolumeGrpc { host: host.clone() };
+    let api = ApiGrpc { host: host.clone() };
     let service = ControlService { host };
     // Reflection lets a client list and call the services without the .proto files;
     // health answers SERVING for the control service while this socket is up.
@@ -321,7 +324,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
     let (health, health_service) = tonic_health::server::health_reporter();
     runtime.block_on(async {
         health.set_serving::<ControlServer<ControlService>>().await;
-        health.set_serving::<VolumeServer<VolumeGrpc>>().await;
+        health.set_serving::<VolumeServer<ApiGrpc>>().await;
+        health.set_serving::<SnapshotServer<ApiGrpc>>().await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -330,7 +334,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(reflection)
                 .add_service(health_service)
                 .add_service(ControlServer::new(service))
-                .add_service(VolumeServer::new(volumes))
+                .add_service(VolumeServer::new(api.clone()))
+                .add_service(SnapshotServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
@@ -481,20 +486,22 @@ fn passphrase_source(
     }
 }
 
-/// `forge.v1.Volume`, served with the vault of the host: each call runs the same
-/// [`LocalVolumes`] the CLI runs when no daemon owns the data directory.
-struct VolumeGrpc {
+/// The typed services (`forge.v1.Volume`, `forge.v1.Snapshot`), served with the vault of
+/// the host: each call runs the same [`LocalApi`] the CLI runs when no daemon owns the
+/// data directory.
+#[derive(Clone)]
+struct ApiGrpc {
     host: Arc<Host>,
 }
 
-impl VolumeGrpc {
+impl ApiGrpc {
     /// Runs `call` on the host's vault off the async workers, with the request's
     /// passphrase, counting it on /metrics as `method`.
     async fn serve<T: Send + 'static, R: Send + 'static>(
         &self,
         method: &'static str,
         request: Request<T>,
-        call: impl FnOnce(&LocalVolumes<'_>, T) -> Result<R> + Send + 'static,
+        call: impl FnOnce(&LocalApi<'_>, T) -> Result<R> + Send + 'static,
     ) -> std::result::Result<Response<R>, Status> {
         check_client_version(&request)?;
         let passphrase = passphrase_of(&request)?;
@@ -503,7 +510,7 @@ impl VolumeGrpc {
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let source = passphrase_source(passphrase);
-            let service = LocalVolumes {
+            let service = LocalApi {
                 vault: host.vault(),
                 passphrase: &source,
             };
@@ -522,13 +529,46 @@ impl VolumeGrpc {
 }
 
 #[tonic::async_trait]
-impl Volume for VolumeGrpc {
+impl Snapshot for ApiGrpc {
+    async fn list(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<ListSnapshotsReply>, Status> {
+        self.serve("Snapshot.List", request, |service, message| {
+            SnapshotService::list(service, message)
+        })
+        .await
+    }
+
+    async fn branch(
+        &self,
+        request: Request<CreateBranchRequest>,
+    ) -> std::result::Result<Response<CreateBranchReply>, Status> {
+        self.serve("Snapshot.Branch", request, |service, message| {
+            service.branch(message)
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> std::result::Result<Response<DeleteSnapshotReply>, Status> {
+        self.serve("Snapshot.Delete", request, |service, message| {
+            service.delete(message)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Volume for ApiGrpc {
     async fn list(
         &self,
         request: Request<ListVolumesRequest>,
     ) -> std::result::Result<Response<ListVolumesReply>, Status> {
         self.serve("Volume.List", request, |service, message| {
-            service.list(message)
+            VolumeService::list(service, message)
         })
         .await
     }

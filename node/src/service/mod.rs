@@ -1,8 +1,8 @@
 //! The typed API: every operation once, with typed requests and replies (the messages of
-//! `proto/forge/v1/*.proto`). The CLI calls it through [`LocalVolumes`] in its own process
-//! when no daemon owns the data directory, and through `remote::RemoteVolumes` on the
+//! `proto/forge/v1/*.proto`). The CLI calls it through [`LocalApi`] in its own process
+//! when no daemon owns the data directory, and through `remote::RemoteApi` on the
 //! control socket when one does; the daemon serves the socket with the same
-//! [`LocalVolumes`] over its open vault. So a reply is the same whichever way it came, and
+//! [`LocalApi`] over its open vault. So a reply is the same whichever way it came, and
 //! the CLI renders it the same way (`render_*`).
 //!
 //! Layering: this module uses the vault and nothing above it; the daemon (control.rs) and
@@ -11,13 +11,17 @@
 
 pub mod remote;
 
+use forge_crypto::Cid;
 use forge_proto::v1::{
-    CreateVolumeReply, CreateVolumeRequest, ListVolumesReply, ListVolumesRequest, VolumeInfo,
-    VolumeStatsReply, VolumeStatsRequest,
+    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, SnapshotInfo, VolumeInfo, VolumeStatsReply,
+    VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
 
+use crate::clock::format_utc_time;
 use crate::error::{NodeError, Result};
 use crate::output::Output;
 use crate::progress::human_bytes;
@@ -45,24 +49,45 @@ pub trait VolumeService {
     fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply>;
 }
 
+/// Calls on a volume's snapshots and branches (`forge.v1.Snapshot`).
+pub trait SnapshotService {
+    /// A volume's snapshots, oldest first.
+    ///
+    /// # Errors
+    /// An unknown volume, keys that do not open, integrity errors.
+    fn list(&self, request: ListSnapshotsRequest) -> Result<ListSnapshotsReply>;
+
+    /// Makes a branch at a snapshot.
+    ///
+    /// # Errors
+    /// An unknown volume or snapshot, a branch that exists, storage errors.
+    fn branch(&self, request: CreateBranchRequest) -> Result<CreateBranchReply>;
+
+    /// Deletes a snapshot no branch stands on.
+    ///
+    /// # Errors
+    /// An unknown volume or snapshot, a snapshot that is a branch's head.
+    fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply>;
+}
+
 /// The calls served by an open vault in this process.
-pub struct LocalVolumes<'a> {
+pub struct LocalApi<'a> {
     /// The vault.
     pub vault: &'a Vault,
     /// Where a passphrase comes from when a volume's keys need one.
     pub passphrase: PassphraseSource<'a>,
 }
 
-impl std::fmt::Debug for LocalVolumes<'_> {
+impl std::fmt::Debug for LocalApi<'_> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
-            .debug_struct("LocalVolumes")
+            .debug_struct("LocalApi")
             .field("vault", &self.vault)
             .finish_non_exhaustive()
     }
 }
 
-impl VolumeService for LocalVolumes<'_> {
+impl VolumeService for LocalApi<'_> {
     fn list(&self, _request: ListVolumesRequest) -> Result<ListVolumesReply> {
         Ok(ListVolumesReply {
             volumes: self.vault.list_volumes()?.iter().map(volume_info).collect(),
@@ -105,6 +130,137 @@ impl VolumeService for LocalVolumes<'_> {
             snapshots: stats.snapshots,
         })
     }
+}
+
+impl SnapshotService for LocalApi<'_> {
+    fn list(&self, request: ListSnapshotsRequest) -> Result<ListSnapshotsReply> {
+        let snapshots = self
+            .vault
+            .list_snapshots(&request.volume, self.passphrase)?;
+        Ok(ListSnapshotsReply {
+            snapshots: snapshots
+                .into_iter()
+                .map(|snapshot| SnapshotInfo {
+                    id: snapshot.id.as_bytes().to_vec(),
+                    parents: snapshot
+                        .parents
+                        .iter()
+                        .map(|parent| parent.as_bytes().to_vec())
+                        .collect(),
+                    time_ns: snapshot.time_ns,
+                    message: snapshot.message,
+                    branches: snapshot.branches,
+                    logical_bytes: snapshot.logical_bytes,
+                    files: snapshot.file_count,
+                })
+                .collect(),
+        })
+    }
+
+    fn branch(&self, request: CreateBranchRequest) -> Result<CreateBranchReply> {
+        let from = (!request.from.is_empty()).then_some(request.from.as_str());
+        let target = self
+            .vault
+            .create_branch(&request.volume, &request.branch, from)?;
+        Ok(CreateBranchReply {
+            snapshot: target.as_bytes().to_vec(),
+        })
+    }
+
+    fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {
+        let snapshot = self
+            .vault
+            .delete_snapshot(&request.volume, &request.snapshot)?;
+        Ok(DeleteSnapshotReply {
+            snapshot: snapshot.as_bytes().to_vec(),
+        })
+    }
+}
+
+/// A snapshot id from a reply (32 bytes).
+///
+/// # Errors
+/// Another length: a reply that breaks the API.
+fn reply_cid(bytes: &[u8]) -> Result<Cid> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Cid::from_bytes)
+        .map_err(|_| NodeError::InvalidArgument {
+            what: "reply",
+            value: format!("{} bytes", bytes.len()),
+            reason: "a snapshot id is 32 bytes".into(),
+        })
+}
+
+/// What `forge snapshot list NAME` prints.
+///
+/// # Errors
+/// A reply whose ids are not 32 bytes.
+pub fn render_snapshots(reply: &ListSnapshotsReply) -> Result<Output> {
+    let mut human = String::new();
+    let mut rows = Vec::new();
+    for snapshot in &reply.snapshots {
+        let id = reply_cid(&snapshot.id)?;
+        let parents = snapshot
+            .parents
+            .iter()
+            .map(|parent| reply_cid(parent).map(|cid| cid.to_hex()))
+            .collect::<Result<Vec<_>>>()?;
+        human.push_str(&format!(
+            "{}  {}  {:>10}  {}{}\n",
+            &id.to_hex()[..16],
+            format_utc_time(snapshot.time_ns),
+            human_bytes(snapshot.logical_bytes),
+            snapshot.message,
+            if snapshot.branches.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", snapshot.branches.join(", "))
+            }
+        ));
+        rows.push(json!({
+            "id": id.to_hex(),
+            "parents": parents,
+            "time": format_utc_time(snapshot.time_ns),
+            "time_ns": snapshot.time_ns,
+            "message": snapshot.message,
+            "branches": snapshot.branches,
+            "logical_bytes": snapshot.logical_bytes,
+            "files": snapshot.files,
+        }));
+    }
+    if reply.snapshots.is_empty() {
+        human.push_str("no snapshots yet: forge volume import NAME DIR");
+    }
+    Ok(Output {
+        human: human.trim_end().to_owned(),
+        json: serde_json::Value::Array(rows),
+    })
+}
+
+/// What `forge snapshot branch NAME NEW` prints.
+///
+/// # Errors
+/// A reply whose id is not 32 bytes.
+pub fn render_branch(volume: &str, branch: &str, reply: &CreateBranchReply) -> Result<Output> {
+    let target = reply_cid(&reply.snapshot)?;
+    Ok(Output {
+        human: format!("branch {branch} of {volume} at {target}"),
+        json: json!({"branch": branch, "snapshot": target.to_hex()}),
+    })
+}
+
+/// What `forge snapshot delete NAME ID` prints.
+///
+/// # Errors
+/// A reply whose id is not 32 bytes.
+pub fn render_delete(volume: &str, reply: &DeleteSnapshotReply) -> Result<Output> {
+    let snapshot = reply_cid(&reply.snapshot)?;
+    Ok(Output {
+        human: format!(
+            "deleted snapshot {snapshot} from {volume}; run `forge gc` to free its data"
+        ),
+        json: json!({"deleted": snapshot.to_hex()}),
+    })
 }
 
 /// A volume record as the API shows it.

@@ -2,47 +2,70 @@
 //! directory (a daemon or a mount host): the same [`VolumeService`] as in-process, so the
 //! CLI renders the same replies whichever way they came.
 
+use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
-    CreateVolumeReply, CreateVolumeRequest, ListVolumesReply, ListVolumesRequest, VolumeStatsReply,
-    VolumeStatsRequest,
+    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 
-use super::VolumeService;
+use super::{SnapshotService, VolumeService};
 use crate::control::Connection;
 use crate::error::Result;
 
-/// `forge.v1.Volume` over a connection to the owning process.
+/// The typed services over a connection to the owning process.
 #[derive(Debug)]
-pub struct RemoteVolumes<'a> {
+pub struct RemoteApi<'a> {
     connection: &'a Connection,
 }
 
-impl<'a> RemoteVolumes<'a> {
+impl<'a> RemoteApi<'a> {
     /// Calls over `connection`.
     #[must_use]
     pub fn new(connection: &'a Connection) -> Self {
         Self { connection }
     }
 
-    fn client(&self) -> VolumeClient<tonic::transport::Channel> {
+    fn volumes(&self) -> VolumeClient<tonic::transport::Channel> {
         VolumeClient::new(self.connection.channel())
+    }
+
+    fn snapshots(&self) -> SnapshotClient<tonic::transport::Channel> {
+        SnapshotClient::new(self.connection.channel())
     }
 }
 
-impl VolumeService for RemoteVolumes<'_> {
+impl VolumeService for RemoteApi<'_> {
     fn list(&self, request: ListVolumesRequest) -> Result<ListVolumesReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.client().list(request))
+        self.connection.call(self.volumes().list(request))
     }
 
     fn create(&self, request: CreateVolumeRequest) -> Result<CreateVolumeReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.client().create(request))
+        self.connection.call(self.volumes().create(request))
     }
 
     fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.client().stats(request))
+        self.connection.call(self.volumes().stats(request))
+    }
+}
+
+impl SnapshotService for RemoteApi<'_> {
+    fn list(&self, request: ListSnapshotsRequest) -> Result<ListSnapshotsReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.snapshots().list(request))
+    }
+
+    fn branch(&self, request: CreateBranchRequest) -> Result<CreateBranchReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.snapshots().branch(request))
+    }
+
+    fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.snapshots().delete(request))
     }
 }

@@ -18,10 +18,10 @@ use crate::service::remote::RemoteApi;
 use crate::service::{self, LocalApi, SnapshotService, VolumeService};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::snapshots::DiffChange;
-use crate::vault::{DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault};
+use crate::vault::{DEFAULT_BRANCH, ExportOptions, PassphraseSource, Vault};
 use forge_proto::v1::{
-    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ListSnapshotsRequest,
-    ListVolumesRequest, VolumeStatsRequest,
+    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ImportRequest,
+    ListSnapshotsRequest, ListVolumesRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -393,13 +393,14 @@ impl Cli {
             Command::Volume(
                 command @ (VolumeCommand::List
                 | VolumeCommand::Create { .. }
-                | VolumeCommand::Stats { .. }),
+                | VolumeCommand::Stats { .. }
+                | VolumeCommand::Import { .. }),
             ) => {
                 // Typed calls: on the control socket when a process owns the data
                 // directory, else in this process; the same replies either way.
                 let data_dir = self.data_dir()?;
                 if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return volume_call(&RemoteApi::new(&connection), command);
+                    return volume_call(&RemoteApi::new(&connection), command, self.json);
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 volume_call(
@@ -408,6 +409,7 @@ impl Cli {
                         passphrase: &ask_passphrase,
                     },
                     command,
+                    self.json,
                 )
             }
             Command::Snapshot(
@@ -521,97 +523,17 @@ fn volume_command(
 ) -> Result<Output> {
     let vault = context.vault;
     match command {
-        VolumeCommand::Create { .. } | VolumeCommand::List | VolumeCommand::Stats { .. } => {
-            volume_call(
-                &LocalApi {
-                    vault,
-                    passphrase: context.passphrase,
-                },
-                command,
-            )
-        }
-        VolumeCommand::Import {
-            name,
-            source,
-            message,
-            branch,
-            dna,
-            atime,
-        } => {
-            let options = ImportOptions {
-                message: message.clone(),
-                branch: branch.clone(),
-                dna: dna.iter().cloned().collect(),
-                atime: *atime,
-            };
-            let progress = Progress::new("importing", !json);
-            // On a terminal, a second thread counts what the import will read, so the line
-            // can show the share done and an ETA (it stops when the import ends).
-            let counted = std::sync::atomic::AtomicBool::new(false);
-            let result = std::thread::scope(|scope| {
-                if progress.is_live() {
-                    scope.spawn(|| {
-                        if let Some((files, bytes)) = crate::progress::count_tree(source, &counted)
-                        {
-                            progress.set_expected(files, bytes);
-                        }
-                    });
-                }
-                let result = vault.import(name, source, &options, context.passphrase, &progress);
-                counted.store(true, std::sync::atomic::Ordering::Relaxed);
-                result
-            });
-            progress.finish();
-            let mut report = result?;
-            report.skipped.sort();
-            for (path, reason) in &report.skipped {
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!("forge: skipped {}: {reason}\n", path.display()),
-                );
-            }
-            report.incomplete.sort();
-            for (path, reason) in &report.incomplete {
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!("forge: stored {} without its {reason}\n", path.display()),
-                );
-            }
-            let human = format!(
-                "snapshot {} on {branch}: {} files, {} in {:.1}s ({} new chunks, {} reused, {} written){}",
-                report.snapshot,
-                report.files,
-                human_bytes(report.logical_bytes),
-                report.elapsed_seconds,
-                report.new_chunks,
-                report.reused_chunks,
-                human_bytes(report.written_bytes),
-                if report.skipped.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} skipped", report.skipped.len())
-                }
-            ) + &if report.incomplete.is_empty() {
-                String::new()
-            } else {
-                format!(", {} stored incomplete", report.incomplete.len())
-            };
-            Ok(Output {
-                human,
-                json: json!({
-                    "snapshot": report.snapshot.to_hex(),
-                    "branch": branch,
-                    "files": report.files,
-                    "logical_bytes": report.logical_bytes,
-                    "new_chunks": report.new_chunks,
-                    "reused_chunks": report.reused_chunks,
-                    "written_bytes": report.written_bytes,
-                    "elapsed_seconds": report.elapsed_seconds,
-                    "skipped": report.skipped.iter().map(|(path, reason)| json!({"path": path.to_string_lossy(), "reason": reason})).collect::<Vec<_>>(),
-                    "incomplete": report.incomplete.iter().map(|(path, reason)| json!({"path": path.to_string_lossy(), "reason": reason})).collect::<Vec<_>>(),
-                }),
-            })
-        }
+        VolumeCommand::Create { .. }
+        | VolumeCommand::List
+        | VolumeCommand::Stats { .. }
+        | VolumeCommand::Import { .. } => volume_call(
+            &LocalApi {
+                vault,
+                passphrase: context.passphrase,
+            },
+            command,
+            json,
+        ),
         VolumeCommand::Export {
             name,
             destination,
@@ -1015,7 +937,7 @@ fn scrub(vault: &Vault, repair: bool) -> Result<Output> {
 
 /// Runs a typed volume command on `service` (this process's vault or the owning
 /// process's) and renders its reply.
-fn volume_call(service: &dyn VolumeService, command: &VolumeCommand) -> Result<Output> {
+fn volume_call(service: &dyn VolumeService, command: &VolumeCommand, json: bool) -> Result<Output> {
     let count = |shards: usize| u32::try_from(shards).unwrap_or(u32::MAX);
     match command {
         VolumeCommand::List => Ok(service::render_list(&service.list(ListVolumesRequest {})?)),
@@ -1037,6 +959,32 @@ fn volume_call(service: &dyn VolumeService, command: &VolumeCommand) -> Result<O
             name,
             &service.stats(VolumeStatsRequest { name: name.clone() })?,
         )),
+        VolumeCommand::Import {
+            name,
+            source,
+            message,
+            branch,
+            dna,
+            atime,
+        } => {
+            // The service takes absolute paths only: whoever serves it has its own cwd.
+            let source = std::path::absolute(source).map_err(NodeError::io("resolving", source))?;
+            let progress = Progress::new("importing", !json);
+            let reply = service.import(
+                ImportRequest {
+                    volume: name.clone(),
+                    source: source.into_os_string().into_encoded_bytes(),
+                    message: message.clone(),
+                    branch: branch.clone(),
+                    dna: dna.iter().cloned().collect(),
+                    atime: *atime,
+                    count_totals: progress.is_live(),
+                },
+                &progress,
+            );
+            progress.finish();
+            service::render_import(&reply?)
+        }
         _ => Err(MountFault::Internal {
             what: "a command that is not a typed volume call".into(),
         }

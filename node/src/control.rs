@@ -19,9 +19,9 @@ use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, RunReply, RunRequest, VersionReply, VersionRequest,
-    VolumeStatsReply, VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ImportEvent, ImportRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, RunReply, RunRequest, VersionReply,
+    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -161,6 +161,33 @@ impl Connection {
         }
     }
 
+    /// Runs a server-streaming call to its end, giving each message to `each`.
+    ///
+    /// # Errors
+    /// The call's, as [`Connection::call`] maps them, or `each`'s.
+    pub fn stream<T>(
+        &self,
+        call: impl std::future::Future<
+            Output = std::result::Result<Response<tonic::Streaming<T>>, Status>,
+        >,
+        mut each: impl FnMut(T) -> Result<()>,
+    ) -> Result<()> {
+        self.runtime.block_on(async {
+            let mut stream = call
+                .await
+                .map_err(|status| self.error_of(&status))?
+                .into_inner();
+            while let Some(message) = stream
+                .message()
+                .await
+                .map_err(|status| self.error_of(&status))?
+            {
+                each(message)?;
+            }
+            Ok(())
+        })
+    }
+
     fn error_of(&self, status: &Status) -> NodeError {
         if let Some(code) = status
             .metadata()
@@ -270,10 +297,13 @@ pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
     })
 }
 
+/// How long a stopping control server waits for its clients to close their connections.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running control server; dropping it stops it and removes the socket.
 #[derive(Debug)]
 pub struct ControlHandle {
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
     socket: PathBuf,
 }
@@ -281,7 +311,7 @@ pub struct ControlHandle {
 impl Drop for ControlHandle {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
+            let _ = shutdown.send(true);
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -309,7 +339,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         .map_err(NodeError::io("creating the control socket", &socket))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(NodeError::io("restricting", &socket))?;
-    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    let mut stopped_too = stopped.clone();
     let api = ApiGrpc { host: host.clone() };
     let service = ControlService { host };
     // Reflection lets a client list and call the services without the .proto files;
@@ -330,18 +361,32 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            let result = tonic::transport::Server::builder()
+            let mut stopped = stopped;
+            let server = tonic::transport::Server::builder()
                 .add_service(reflection)
                 .add_service(health_service)
                 .add_service(ControlServer::new(service))
                 .add_service(VolumeServer::new(api.clone()))
                 .add_service(SnapshotServer::new(api))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "control socket stopped");
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                });
+            // A graceful stop waits for clients to close their connections; one that keeps
+            // an idle connection open must not hold the daemon's stop: past the grace
+            // period the server is dropped, closing whatever is left.
+            let grace = async move {
+                let _ = stopped_too.wait_for(|stop| *stop).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            tokio::select! {
+                result = server => {
+                    if let Err(error) = result {
+                        tracing::error!(%error, "control socket stopped");
+                    }
+                }
+                () = grace => {
+                    tracing::warn!("control socket: clients still connected {SHUTDOWN_GRACE:?} after the stop; closing their connections");
+                }
             }
         });
     });
@@ -561,8 +606,82 @@ impl Snapshot for ApiGrpc {
     }
 }
 
+/// How often a long call's stream reports progress.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// An event of an import's stream.
+fn import_event(event: forge_proto::v1::import_event::Event) -> ImportEvent {
+    ImportEvent { event: Some(event) }
+}
+
 #[tonic::async_trait]
 impl Volume for ApiGrpc {
+    type ImportStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<ImportEvent, Status>>;
+
+    /// Runs the import off the async workers with a progress nobody displays here; a
+    /// second thread samples it every [`PROGRESS_INTERVAL`] into the stream (the totals
+    /// once counted), and the reply (or the error) ends it. A client that goes away does
+    /// not stop the import: it completes and publishes, as a killed client's would.
+    async fn import(
+        &self,
+        request: Request<ImportRequest>,
+    ) -> std::result::Result<Response<Self::ImportStream>, Status> {
+        use forge_proto::v1::Progress as Done;
+        use forge_proto::v1::import_event::Event;
+        check_client_version(&request)?;
+        let passphrase = passphrase_of(&request)?;
+        let message = request.into_inner();
+        let host = self.host.clone();
+        let (events, receiver) = tokio::sync::mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let source = passphrase_source(passphrase);
+            let service = LocalApi {
+                vault: host.vault(),
+                passphrase: &source,
+            };
+            let progress = crate::progress::Progress::new("importing", false);
+            let finished = std::sync::atomic::AtomicBool::new(false);
+            let result = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let mut totals_sent = false;
+                    while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(PROGRESS_INTERVAL);
+                        if !totals_sent && let Some((files, bytes)) = progress.expected() {
+                            totals_sent = true;
+                            let totals = Event::Totals(Done { files, bytes });
+                            if events.blocking_send(Ok(import_event(totals))).is_err() {
+                                return;
+                            }
+                        }
+                        let (files, bytes) = progress.totals();
+                        let done = Event::Progress(Done { files, bytes });
+                        if events.blocking_send(Ok(import_event(done))).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let result = VolumeService::import(&service, message, &progress);
+                finished.store(true, std::sync::atomic::Ordering::Relaxed);
+                result
+            });
+            let code = result
+                .as_ref()
+                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
+            host.metrics()
+                .count_call("Volume.Import", code, started.elapsed().as_secs_f64());
+            let last = match result {
+                Ok(reply) => Ok(import_event(Event::Done(reply))),
+                Err(error) => Err(status_of(&error)),
+            };
+            let _ = events.blocking_send(last);
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+
     async fn list(
         &self,
         request: Request<ListVolumesRequest>,

@@ -62,6 +62,27 @@ impl Progress {
         self.expected_known.store(true, Ordering::Release);
     }
 
+    /// The totals set by [`Progress::set_expected`], if any.
+    #[must_use]
+    pub fn expected(&self) -> Option<(u64, u64)> {
+        self.expected_known.load(Ordering::Acquire).then(|| {
+            (
+                self.expected_files.load(Ordering::Relaxed),
+                self.expected_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Sets what is done so far to `files` and `bytes` (work done elsewhere, reported by
+    /// the process doing it).
+    pub fn set_done(&self, files: u64, bytes: u64) {
+        self.files.store(files, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_message(self.describe(files, bytes));
+        }
+    }
+
     /// Records one more file of `bytes` bytes.
     pub fn file_done(&self, bytes: u64) {
         let files = self.files.fetch_add(1, Ordering::Relaxed) + 1;

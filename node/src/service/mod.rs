@@ -11,12 +11,16 @@
 
 pub mod remote;
 
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
 use forge_crypto::Cid;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, SnapshotInfo, VolumeInfo, VolumeStatsReply,
-    VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ImportNote, ImportReply, ImportRequest,
+    ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, SnapshotInfo,
+    VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
@@ -24,9 +28,9 @@ use serde_json::json;
 use crate::clock::format_utc_time;
 use crate::error::{NodeError, Result};
 use crate::output::Output;
-use crate::progress::human_bytes;
+use crate::progress::{Progress, human_bytes};
 use crate::vault::records::VolumeRecord;
-use crate::vault::{CreateVolumeOptions, PassphraseSource, Vault};
+use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, PassphraseSource, Vault};
 
 /// Calls on volumes (`forge.v1.Volume`).
 pub trait VolumeService {
@@ -47,6 +51,14 @@ pub trait VolumeService {
     /// # Errors
     /// An unknown volume, keys that do not open, storage errors.
     fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply>;
+
+    /// Imports a directory as a new snapshot, counting files and bytes into `progress` as
+    /// it goes (and its totals, if the request asks for them to be counted).
+    ///
+    /// # Errors
+    /// A relative or unreadable source, an unknown volume, a branch moved meanwhile,
+    /// storage errors (nothing is published then).
+    fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply>;
 }
 
 /// Calls on a volume's snapshots and branches (`forge.v1.Snapshot`).
@@ -116,6 +128,73 @@ impl VolumeService for LocalApi<'_> {
             .create_volume(&request.name, &options, self.passphrase)?;
         Ok(CreateVolumeReply {
             volume: Some(volume_info(&record)),
+        })
+    }
+
+    fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply> {
+        let source = PathBuf::from(OsString::from_vec(request.source));
+        if !source.is_absolute() {
+            return Err(NodeError::InvalidArgument {
+                what: "source",
+                value: source.display().to_string(),
+                reason: "the service takes absolute paths only (the CLI makes them so)".into(),
+            });
+        }
+        let branch = if request.branch.is_empty() {
+            DEFAULT_BRANCH.to_owned()
+        } else {
+            request.branch
+        };
+        let options = ImportOptions {
+            message: request.message,
+            branch: branch.clone(),
+            dna: request.dna.into_iter().collect(),
+            atime: request.atime,
+        };
+        // A second thread counts what the import will read, so progress can show the
+        // share done and an ETA (it stops when the import ends).
+        let counted = std::sync::atomic::AtomicBool::new(false);
+        let result = std::thread::scope(|scope| {
+            if request.count_totals {
+                scope.spawn(|| {
+                    if let Some((files, bytes)) = crate::progress::count_tree(&source, &counted) {
+                        progress.set_expected(files, bytes);
+                    }
+                });
+            }
+            let result = self.vault.import(
+                &request.volume,
+                &source,
+                &options,
+                self.passphrase,
+                progress,
+            );
+            counted.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        });
+        let report = result?;
+        let notes = |entries: Vec<(PathBuf, String)>| {
+            let mut entries = entries;
+            entries.sort();
+            entries
+                .into_iter()
+                .map(|(path, reason)| ImportNote {
+                    path: path.into_os_string().into_vec(),
+                    reason,
+                })
+                .collect()
+        };
+        Ok(ImportReply {
+            snapshot: report.snapshot.as_bytes().to_vec(),
+            branch,
+            files: report.files,
+            logical_bytes: report.logical_bytes,
+            new_chunks: report.new_chunks,
+            reused_chunks: report.reused_chunks,
+            written_bytes: report.written_bytes,
+            elapsed_seconds: report.elapsed_seconds,
+            skipped: notes(report.skipped),
+            incomplete: notes(report.incomplete),
         })
     }
 
@@ -331,6 +410,67 @@ pub fn render_create(reply: &CreateVolumeReply) -> Result<Output> {
             if volume.encrypted { ", encrypted" } else { "" }
         ),
         json: volume_json(volume),
+    })
+}
+
+/// What `forge volume import` prints: its summary, and on stderr each entry it skipped or
+/// stored incomplete (the client's stderr, whichever process imported).
+///
+/// # Errors
+/// A reply whose snapshot id is not 32 bytes.
+pub fn render_import(reply: &ImportReply) -> Result<Output> {
+    let snapshot = reply_cid(&reply.snapshot)?;
+    let shown = |note: &ImportNote| {
+        Path::new(std::ffi::OsStr::from_bytes(&note.path))
+            .display()
+            .to_string()
+    };
+    for note in &reply.skipped {
+        eprintln!("forge: skipped {}: {}", shown(note), note.reason);
+    }
+    for note in &reply.incomplete {
+        eprintln!("forge: stored {} without its {}", shown(note), note.reason);
+    }
+    let human = format!(
+        "snapshot {snapshot} on {}: {} files, {} in {:.1}s ({} new chunks, {} reused, {} written){}{}",
+        reply.branch,
+        reply.files,
+        human_bytes(reply.logical_bytes),
+        reply.elapsed_seconds,
+        reply.new_chunks,
+        reply.reused_chunks,
+        human_bytes(reply.written_bytes),
+        if reply.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} skipped", reply.skipped.len())
+        },
+        if reply.incomplete.is_empty() {
+            String::new()
+        } else {
+            format!(", {} stored incomplete", reply.incomplete.len())
+        }
+    );
+    let notes = |notes: &[ImportNote]| {
+        notes
+            .iter()
+            .map(|note| json!({"path": shown(note), "reason": note.reason}))
+            .collect::<Vec<_>>()
+    };
+    Ok(Output {
+        human,
+        json: json!({
+            "snapshot": snapshot.to_hex(),
+            "branch": reply.branch,
+            "files": reply.files,
+            "logical_bytes": reply.logical_bytes,
+            "new_chunks": reply.new_chunks,
+            "reused_chunks": reply.reused_chunks,
+            "written_bytes": reply.written_bytes,
+            "elapsed_seconds": reply.elapsed_seconds,
+            "skipped": notes(&reply.skipped),
+            "incomplete": notes(&reply.incomplete),
+        }),
     })
 }
 

@@ -2,17 +2,20 @@
 //! directory (a daemon or a mount host): the same [`VolumeService`] as in-process, so the
 //! CLI renders the same replies whichever way they came.
 
+use forge_proto::v1::import_event::Event;
 use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, VolumeStatsReply, VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ImportReply, ImportRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, VolumeStatsReply,
+    VolumeStatsRequest,
 };
 
 use super::{SnapshotService, VolumeService};
 use crate::control::Connection;
-use crate::error::Result;
+use crate::error::{NodeError, Result};
+use crate::progress::Progress;
 
 /// The typed services over a connection to the owning process.
 #[derive(Debug)]
@@ -50,6 +53,28 @@ impl VolumeService for RemoteApi<'_> {
     fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply> {
         let request = self.connection.request(request);
         self.connection.call(self.volumes().stats(request))
+    }
+
+    fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply> {
+        let request = self.connection.request(request);
+        let mut reply = None;
+        self.connection
+            .stream(self.volumes().import(request), |event| {
+                match event.event {
+                    Some(Event::Progress(done)) => progress.set_done(done.files, done.bytes),
+                    Some(Event::Totals(totals)) => {
+                        progress.set_expected(totals.files, totals.bytes)
+                    }
+                    Some(Event::Done(done)) => reply = Some(done),
+                    None => {}
+                }
+                Ok(())
+            })?;
+        reply.ok_or_else(|| NodeError::InvalidArgument {
+            what: "reply",
+            value: "Volume.Import".into(),
+            reason: "the stream ended without the import's report".into(),
+        })
     }
 }
 

@@ -16,11 +16,10 @@ use crate::passphrase;
 use crate::progress::{Progress, human_bytes};
 use crate::service::remote::RemoteApi;
 use crate::service::{self, LocalApi, SnapshotService, VolumeService};
-use crate::vault::export::SnapshotSelector;
 use crate::vault::snapshots::DiffChange;
-use crate::vault::{DEFAULT_BRANCH, ExportOptions, PassphraseSource, Vault};
+use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
-    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ImportRequest,
+    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest, ImportRequest,
     ListSnapshotsRequest, ListVolumesRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
@@ -394,7 +393,8 @@ impl Cli {
                 command @ (VolumeCommand::List
                 | VolumeCommand::Create { .. }
                 | VolumeCommand::Stats { .. }
-                | VolumeCommand::Import { .. }),
+                | VolumeCommand::Import { .. }
+                | VolumeCommand::Export { .. }),
             ) => {
                 // Typed calls: on the control socket when a process owns the data
                 // directory, else in this process; the same replies either way.
@@ -409,6 +409,34 @@ impl Cli {
                         passphrase: &ask_passphrase,
                     },
                     command,
+                    self.json,
+                )
+            }
+            Command::Snapshot(SnapshotCommand::Restore {
+                name,
+                id,
+                destination,
+                numeric_owner,
+            }) => {
+                // A restore is an export of one snapshot.
+                let export = VolumeCommand::Export {
+                    name: name.clone(),
+                    destination: destination.clone(),
+                    snapshot: Some(id.clone()),
+                    branch: None,
+                    numeric_owner: *numeric_owner,
+                };
+                let data_dir = self.data_dir()?;
+                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
+                    return volume_call(&RemoteApi::new(&connection), &export, self.json);
+                }
+                let vault = Vault::open(&data_dir, &ask_passphrase)?;
+                volume_call(
+                    &LocalApi {
+                        vault: &vault,
+                        passphrase: &ask_passphrase,
+                    },
+                    &export,
                     self.json,
                 )
             }
@@ -526,7 +554,8 @@ fn volume_command(
         VolumeCommand::Create { .. }
         | VolumeCommand::List
         | VolumeCommand::Stats { .. }
-        | VolumeCommand::Import { .. } => volume_call(
+        | VolumeCommand::Import { .. }
+        | VolumeCommand::Export { .. } => volume_call(
             &LocalApi {
                 vault,
                 passphrase: context.passphrase,
@@ -534,72 +563,6 @@ fn volume_command(
             command,
             json,
         ),
-        VolumeCommand::Export {
-            name,
-            destination,
-            snapshot,
-            branch,
-            numeric_owner,
-        } => {
-            let selector = match snapshot {
-                Some(id) => SnapshotSelector::Id(id.clone()),
-                None => SnapshotSelector::Branch(
-                    branch.clone().unwrap_or_else(|| DEFAULT_BRANCH.to_owned()),
-                ),
-            };
-            let progress = Progress::new("exporting", !json);
-            let options = ExportOptions {
-                numeric_owner: *numeric_owner,
-            };
-            let result = vault.export(
-                name,
-                destination,
-                &selector,
-                &options,
-                context.passphrase,
-                &progress,
-            );
-            progress.finish();
-            let report = result?;
-            for (path, what) in &report.not_restored {
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!("forge: not restored at {}: {what}\n", path.display()),
-                );
-            }
-            let mut incomplete = String::new();
-            if report.owners_not_restored > 0 {
-                incomplete.push_str(&format!(
-                    "; {} entries left owned by you: only root restores other owners",
-                    report.owners_not_restored
-                ));
-            }
-            if !report.not_restored.is_empty() {
-                incomplete.push_str(&format!(
-                    "; {} entries not fully restored (above)",
-                    report.not_restored.len()
-                ));
-            }
-            Ok(Output {
-                human: format!(
-                    "exported snapshot {} to {}: {} files, {} in {:.1}s{incomplete}",
-                    report.snapshot,
-                    destination.display(),
-                    report.files,
-                    human_bytes(report.bytes),
-                    report.elapsed_seconds
-                ),
-                json: json!({
-                    "snapshot": report.snapshot.to_hex(),
-                    "destination": destination.to_string_lossy(),
-                    "files": report.files,
-                    "bytes": report.bytes,
-                    "elapsed_seconds": report.elapsed_seconds,
-                    "owners_not_restored": report.owners_not_restored,
-                    "not_restored": report.not_restored.iter().map(|(path, what)| json!({"path": path.to_string_lossy(), "what": what})).collect::<Vec<_>>(),
-                }),
-            })
-        }
         VolumeCommand::Mount { .. } => {
             // Sent by another `forge volume mount` to this mount host.
             let config = NodeConfig::load(context.vault.data_dir())?;
@@ -984,6 +947,29 @@ fn volume_call(service: &dyn VolumeService, command: &VolumeCommand, json: bool)
             );
             progress.finish();
             service::render_import(&reply?)
+        }
+        VolumeCommand::Export {
+            name,
+            destination,
+            snapshot,
+            branch,
+            numeric_owner,
+        } => {
+            let destination = std::path::absolute(destination)
+                .map_err(NodeError::io("resolving", destination))?;
+            let progress = Progress::new("exporting", !json);
+            let reply = service.export(
+                ExportRequest {
+                    volume: name.clone(),
+                    destination: destination.into_os_string().into_encoded_bytes(),
+                    snapshot: snapshot.clone().unwrap_or_default(),
+                    branch: branch.clone().unwrap_or_default(),
+                    numeric_owner: *numeric_owner,
+                },
+                &progress,
+            );
+            progress.finish();
+            service::render_export(&reply?)
         }
         _ => Err(MountFault::Internal {
             what: "a command that is not a typed volume call".into(),

@@ -19,9 +19,9 @@ use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ImportEvent, ImportRequest, ListSnapshotsReply,
-    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, RunReply, RunRequest, VersionReply,
-    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ExportEvent, ExportRequest, ImportEvent,
+    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    RunReply, RunRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -609,31 +609,50 @@ impl Snapshot for ApiGrpc {
 /// How often a long call's stream reports progress.
 const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// An event of an import's stream.
-fn import_event(event: forge_proto::v1::import_event::Event) -> ImportEvent {
-    ImportEvent { event: Some(event) }
+/// How a long call's stream says what it has to say.
+struct StreamEvents<E, R> {
+    /// Done so far.
+    progress: fn(forge_proto::v1::Progress) -> E,
+    /// The whole the work will reach.
+    totals: fn(forge_proto::v1::Progress) -> E,
+    /// The reply, last.
+    done: fn(R) -> E,
 }
 
-#[tonic::async_trait]
-impl Volume for ApiGrpc {
-    type ImportStream =
-        tokio_stream::wrappers::ReceiverStream<std::result::Result<ImportEvent, Status>>;
+// Function pointers only: copied whatever E and R are (a derive would ask them to be).
+impl<E, R> Clone for StreamEvents<E, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E, R> Copy for StreamEvents<E, R> {}
 
-    /// Runs the import off the async workers with a progress nobody displays here; a
+impl ApiGrpc {
+    /// Runs a long call off the async workers with a progress nobody displays here; a
     /// second thread samples it every [`PROGRESS_INTERVAL`] into the stream (the totals
-    /// once counted), and the reply (or the error) ends it. A client that goes away does
-    /// not stop the import: it completes and publishes, as a killed client's would.
-    async fn import(
+    /// once known), and the reply (or the error) ends it. A client that goes away does not
+    /// stop the work: it completes (and an import publishes), as a killed client's would.
+    fn serve_streaming<T, R, E>(
         &self,
-        request: Request<ImportRequest>,
-    ) -> std::result::Result<Response<Self::ImportStream>, Status> {
+        method: &'static str,
+        request: Request<T>,
+        events: StreamEvents<E, R>,
+        call: impl FnOnce(&LocalApi<'_>, T, &crate::progress::Progress) -> Result<R> + Send + 'static,
+    ) -> std::result::Result<
+        Response<tokio_stream::wrappers::ReceiverStream<std::result::Result<E, Status>>>,
+        Status,
+    >
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
         use forge_proto::v1::Progress as Done;
-        use forge_proto::v1::import_event::Event;
         check_client_version(&request)?;
         let passphrase = passphrase_of(&request)?;
         let message = request.into_inner();
         let host = self.host.clone();
-        let (events, receiver) = tokio::sync::mpsc::channel(16);
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let source = passphrase_source(passphrase);
@@ -641,7 +660,7 @@ impl Volume for ApiGrpc {
                 vault: host.vault(),
                 passphrase: &source,
             };
-            let progress = crate::progress::Progress::new("importing", false);
+            let progress = crate::progress::Progress::new(method, false);
             let finished = std::sync::atomic::AtomicBool::new(false);
             let result = std::thread::scope(|scope| {
                 scope.spawn(|| {
@@ -650,19 +669,19 @@ impl Volume for ApiGrpc {
                         std::thread::sleep(PROGRESS_INTERVAL);
                         if !totals_sent && let Some((files, bytes)) = progress.expected() {
                             totals_sent = true;
-                            let totals = Event::Totals(Done { files, bytes });
-                            if events.blocking_send(Ok(import_event(totals))).is_err() {
+                            let totals = (events.totals)(Done { files, bytes });
+                            if sender.blocking_send(Ok(totals)).is_err() {
                                 return;
                             }
                         }
                         let (files, bytes) = progress.totals();
-                        let done = Event::Progress(Done { files, bytes });
-                        if events.blocking_send(Ok(import_event(done))).is_err() {
+                        let done = (events.progress)(Done { files, bytes });
+                        if sender.blocking_send(Ok(done)).is_err() {
                             return;
                         }
                     }
                 });
-                let result = VolumeService::import(&service, message, &progress);
+                let result = call(&service, message, &progress);
                 finished.store(true, std::sync::atomic::Ordering::Relaxed);
                 result
             });
@@ -670,16 +689,67 @@ impl Volume for ApiGrpc {
                 .as_ref()
                 .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
             host.metrics()
-                .count_call("Volume.Import", code, started.elapsed().as_secs_f64());
-            let last = match result {
-                Ok(reply) => Ok(import_event(Event::Done(reply))),
-                Err(error) => Err(status_of(&error)),
-            };
-            let _ = events.blocking_send(last);
+                .count_call(method, code, started.elapsed().as_secs_f64());
+            let last = result.map(events.done).map_err(|error| status_of(&error));
+            let _ = sender.blocking_send(last);
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             receiver,
         )))
+    }
+}
+
+#[tonic::async_trait]
+impl Volume for ApiGrpc {
+    type ImportStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<ImportEvent, Status>>;
+    type ExportStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<ExportEvent, Status>>;
+
+    async fn import(
+        &self,
+        request: Request<ImportRequest>,
+    ) -> std::result::Result<Response<Self::ImportStream>, Status> {
+        use forge_proto::v1::import_event::Event;
+        self.serve_streaming(
+            "Volume.Import",
+            request,
+            StreamEvents {
+                progress: |done| ImportEvent {
+                    event: Some(Event::Progress(done)),
+                },
+                totals: |totals| ImportEvent {
+                    event: Some(Event::Totals(totals)),
+                },
+                done: |reply| ImportEvent {
+                    event: Some(Event::Done(reply)),
+                },
+            },
+            |service, message, progress| VolumeService::import(service, message, progress),
+        )
+    }
+
+    async fn export(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> std::result::Result<Response<Self::ExportStream>, Status> {
+        use forge_proto::v1::export_event::Event;
+        self.serve_streaming(
+            "Volume.Export",
+            request,
+            StreamEvents {
+                progress: |done| ExportEvent {
+                    event: Some(Event::Progress(done)),
+                },
+                totals: |totals| ExportEvent {
+                    event: Some(Event::Totals(totals)),
+                },
+                done: |reply| ExportEvent {
+                    event: Some(Event::Done(reply)),
+                },
+            },
+            |service, message, progress| service.export(message, progress),
+        )
     }
 
     async fn list(

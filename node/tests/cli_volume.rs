@@ -1426,9 +1426,50 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
         "{relative:?}"
     );
     assert!(relative.message().contains("absolute"), "{relative:?}");
-    // The snapshot is there, whole.
+    // Export streams too: the totals (from the snapshot's commit) before any progress,
+    // then progress, the reply last; the tree is whole.
     let exported = vault.path("exported");
-    vault.ok(&["volume", "export", "v", exported.to_str().unwrap()]);
+    let export_events = runtime.block_on(async {
+        use forge_proto::v1::ExportRequest;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut request = tonic::Request::new(ExportRequest {
+            volume: "v".into(),
+            destination: exported.as_os_str().as_encoded_bytes().to_vec(),
+            ..ExportRequest::default()
+        });
+        request.metadata_mut().insert(
+            forge_proto::VERSION_METADATA,
+            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+        );
+        let mut stream = VolumeClient::new(channel)
+            .export(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            events.push(event.event.unwrap());
+        }
+        events
+    });
+    use forge_proto::v1::export_event::Event as ExportEvent;
+    match export_events.first() {
+        Some(ExportEvent::Totals(totals)) => {
+            assert_eq!((totals.files, totals.bytes), (64, 64 << 20));
+        }
+        // A fast export may end before the first sample: then only its reply came.
+        Some(ExportEvent::Done(_)) => assert_eq!(export_events.len(), 1),
+        other => panic!("an export stream began with {other:?}"),
+    }
+    let Some(ExportEvent::Done(reply)) = export_events.last() else {
+        panic!("no reply last: {export_events:?}");
+    };
+    assert_eq!((reply.files, reply.bytes), (64, 64 << 20));
     assert_same_tree(&source, &exported);
     // The client's connection is still open (its runtime lives, idle): the stop does not
     // wait for it (it did, until `node stop` gave up after 120 s).

@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use forge_crypto::Cid;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ImportNote, ImportReply, ImportRequest,
-    ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, SnapshotInfo,
-    VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote, ExportReply, ExportRequest, ImportReply,
+    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    SnapshotInfo, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
@@ -29,8 +29,11 @@ use crate::clock::format_utc_time;
 use crate::error::{NodeError, Result};
 use crate::output::Output;
 use crate::progress::{Progress, human_bytes};
+use crate::vault::export::SnapshotSelector;
 use crate::vault::records::VolumeRecord;
-use crate::vault::{CreateVolumeOptions, DEFAULT_BRANCH, ImportOptions, PassphraseSource, Vault};
+use crate::vault::{
+    CreateVolumeOptions, DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault,
+};
 
 /// Calls on volumes (`forge.v1.Volume`).
 pub trait VolumeService {
@@ -59,6 +62,14 @@ pub trait VolumeService {
     /// A relative or unreadable source, an unknown volume, a branch moved meanwhile,
     /// storage errors (nothing is published then).
     fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply>;
+
+    /// Writes a snapshot into an empty or absent directory, counting into `progress`
+    /// (whose totals are the snapshot's, known from its commit).
+    ///
+    /// # Errors
+    /// A relative or non-empty destination, unknown names, I/O errors, integrity errors
+    /// naming what failed verification (nothing unverified is written).
+    fn export(&self, request: ExportRequest, progress: &Progress) -> Result<ExportReply>;
 }
 
 /// Calls on a volume's snapshots and branches (`forge.v1.Snapshot`).
@@ -132,14 +143,7 @@ impl VolumeService for LocalApi<'_> {
     }
 
     fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply> {
-        let source = PathBuf::from(OsString::from_vec(request.source));
-        if !source.is_absolute() {
-            return Err(NodeError::InvalidArgument {
-                what: "source",
-                value: source.display().to_string(),
-                reason: "the service takes absolute paths only (the CLI makes them so)".into(),
-            });
-        }
+        let source = absolute_path("source", request.source)?;
         let branch = if request.branch.is_empty() {
             DEFAULT_BRANCH.to_owned()
         } else {
@@ -172,18 +176,9 @@ impl VolumeService for LocalApi<'_> {
             counted.store(true, std::sync::atomic::Ordering::Relaxed);
             result
         });
-        let report = result?;
-        let notes = |entries: Vec<(PathBuf, String)>| {
-            let mut entries = entries;
-            entries.sort();
-            entries
-                .into_iter()
-                .map(|(path, reason)| ImportNote {
-                    path: path.into_os_string().into_vec(),
-                    reason,
-                })
-                .collect()
-        };
+        let mut report = result?;
+        report.skipped.sort();
+        report.incomplete.sort();
         Ok(ImportReply {
             snapshot: report.snapshot.as_bytes().to_vec(),
             branch,
@@ -193,8 +188,42 @@ impl VolumeService for LocalApi<'_> {
             reused_chunks: report.reused_chunks,
             written_bytes: report.written_bytes,
             elapsed_seconds: report.elapsed_seconds,
-            skipped: notes(report.skipped),
-            incomplete: notes(report.incomplete),
+            skipped: entry_notes(report.skipped),
+            incomplete: entry_notes(report.incomplete),
+        })
+    }
+
+    fn export(&self, request: ExportRequest, progress: &Progress) -> Result<ExportReply> {
+        let destination = absolute_path("destination", request.destination)?;
+        let selector = if request.snapshot.is_empty() {
+            SnapshotSelector::Branch(if request.branch.is_empty() {
+                DEFAULT_BRANCH.to_owned()
+            } else {
+                request.branch
+            })
+        } else {
+            SnapshotSelector::Id(request.snapshot)
+        };
+        let options = ExportOptions {
+            numeric_owner: request.numeric_owner,
+        };
+        let mut report = self.vault.export(
+            &request.volume,
+            &destination,
+            &selector,
+            &options,
+            self.passphrase,
+            progress,
+        )?;
+        report.not_restored.sort();
+        Ok(ExportReply {
+            snapshot: report.snapshot.as_bytes().to_vec(),
+            destination: destination.into_os_string().into_vec(),
+            files: report.files,
+            bytes: report.bytes,
+            elapsed_seconds: report.elapsed_seconds,
+            owners_not_restored: report.owners_not_restored,
+            not_restored: entry_notes(report.not_restored),
         })
     }
 
@@ -254,6 +283,32 @@ impl SnapshotService for LocalApi<'_> {
             snapshot: snapshot.as_bytes().to_vec(),
         })
     }
+}
+
+/// A path from a request: absolute, or refused (whoever serves the call has a working
+/// directory of its own; the CLI makes its paths absolute before calling).
+fn absolute_path(what: &'static str, bytes: Vec<u8>) -> Result<PathBuf> {
+    let path = PathBuf::from(OsString::from_vec(bytes));
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(NodeError::InvalidArgument {
+            what,
+            value: path.display().to_string(),
+            reason: "the service takes absolute paths only (the CLI makes them so)".into(),
+        })
+    }
+}
+
+/// Entries with what happened to each, as a reply carries them.
+fn entry_notes(entries: Vec<(PathBuf, String)>) -> Vec<EntryNote> {
+    entries
+        .into_iter()
+        .map(|(path, reason)| EntryNote {
+            path: path.into_os_string().into_vec(),
+            reason,
+        })
+        .collect()
 }
 
 /// A snapshot id from a reply (32 bytes).
@@ -420,7 +475,7 @@ pub fn render_create(reply: &CreateVolumeReply) -> Result<Output> {
 /// A reply whose snapshot id is not 32 bytes.
 pub fn render_import(reply: &ImportReply) -> Result<Output> {
     let snapshot = reply_cid(&reply.snapshot)?;
-    let shown = |note: &ImportNote| {
+    let shown = |note: &EntryNote| {
         Path::new(std::ffi::OsStr::from_bytes(&note.path))
             .display()
             .to_string()
@@ -451,7 +506,7 @@ pub fn render_import(reply: &ImportReply) -> Result<Output> {
             format!(", {} stored incomplete", reply.incomplete.len())
         }
     );
-    let notes = |notes: &[ImportNote]| {
+    let notes = |notes: &[EntryNote]| {
         notes
             .iter()
             .map(|note| json!({"path": shown(note), "reason": note.reason}))
@@ -470,6 +525,58 @@ pub fn render_import(reply: &ImportReply) -> Result<Output> {
             "elapsed_seconds": reply.elapsed_seconds,
             "skipped": notes(&reply.skipped),
             "incomplete": notes(&reply.incomplete),
+        }),
+    })
+}
+
+/// What `forge volume export` (and `snapshot restore`) prints: its summary, and on stderr
+/// each entry not fully restored (the client's stderr, whichever process exported).
+///
+/// # Errors
+/// A reply whose snapshot id is not 32 bytes.
+pub fn render_export(reply: &ExportReply) -> Result<Output> {
+    let snapshot = reply_cid(&reply.snapshot)?;
+    let shown = |bytes: &[u8]| {
+        Path::new(std::ffi::OsStr::from_bytes(bytes))
+            .display()
+            .to_string()
+    };
+    for note in &reply.not_restored {
+        eprintln!(
+            "forge: not restored at {}: {}",
+            shown(&note.path),
+            note.reason
+        );
+    }
+    let mut incomplete = String::new();
+    if reply.owners_not_restored > 0 {
+        incomplete.push_str(&format!(
+            "; {} entries left owned by you: only root restores other owners",
+            reply.owners_not_restored
+        ));
+    }
+    if !reply.not_restored.is_empty() {
+        incomplete.push_str(&format!(
+            "; {} entries not fully restored (above)",
+            reply.not_restored.len()
+        ));
+    }
+    Ok(Output {
+        human: format!(
+            "exported snapshot {snapshot} to {}: {} files, {} in {:.1}s{incomplete}",
+            shown(&reply.destination),
+            reply.files,
+            human_bytes(reply.bytes),
+            reply.elapsed_seconds
+        ),
+        json: json!({
+            "snapshot": snapshot.to_hex(),
+            "destination": shown(&reply.destination),
+            "files": reply.files,
+            "bytes": reply.bytes,
+            "elapsed_seconds": reply.elapsed_seconds,
+            "owners_not_restored": reply.owners_not_restored,
+            "not_restored": reply.not_restored.iter().map(|note| json!({"path": shown(&note.path), "what": note.reason})).collect::<Vec<_>>(),
         }),
     })
 }

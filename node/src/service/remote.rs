@@ -2,15 +2,15 @@
 //! directory (a daemon or a mount host): the same [`VolumeService`] as in-process, so the
 //! CLI renders the same replies whichever way they came.
 
-use forge_proto::v1::import_event::Event;
 use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ImportReply, ImportRequest, ListSnapshotsReply,
-    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, VolumeStatsReply,
-    VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest, ImportReply,
+    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    VolumeStatsReply, VolumeStatsRequest,
 };
+use forge_proto::v1::{export_event, import_event};
 
 use super::{SnapshotService, VolumeService};
 use crate::control::Connection;
@@ -61,20 +61,38 @@ impl VolumeService for RemoteApi<'_> {
         self.connection
             .stream(self.volumes().import(request), |event| {
                 match event.event {
-                    Some(Event::Progress(done)) => progress.set_done(done.files, done.bytes),
-                    Some(Event::Totals(totals)) => {
-                        progress.set_expected(totals.files, totals.bytes)
+                    Some(import_event::Event::Progress(done)) => {
+                        progress.set_done(done.files, done.bytes);
                     }
-                    Some(Event::Done(done)) => reply = Some(done),
+                    Some(import_event::Event::Totals(totals)) => {
+                        progress.set_expected(totals.files, totals.bytes);
+                    }
+                    Some(import_event::Event::Done(done)) => reply = Some(done),
                     None => {}
                 }
                 Ok(())
             })?;
-        reply.ok_or_else(|| NodeError::InvalidArgument {
-            what: "reply",
-            value: "Volume.Import".into(),
-            reason: "the stream ended without the import's report".into(),
-        })
+        reply.ok_or_else(|| without_reply("Volume.Import"))
+    }
+
+    fn export(&self, request: ExportRequest, progress: &Progress) -> Result<ExportReply> {
+        let request = self.connection.request(request);
+        let mut reply = None;
+        self.connection
+            .stream(self.volumes().export(request), |event| {
+                match event.event {
+                    Some(export_event::Event::Progress(done)) => {
+                        progress.set_done(done.files, done.bytes);
+                    }
+                    Some(export_event::Event::Totals(totals)) => {
+                        progress.set_expected(totals.files, totals.bytes);
+                    }
+                    Some(export_event::Event::Done(done)) => reply = Some(done),
+                    None => {}
+                }
+                Ok(())
+            })?;
+        reply.ok_or_else(|| without_reply("Volume.Export"))
     }
 }
 
@@ -92,5 +110,14 @@ impl SnapshotService for RemoteApi<'_> {
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {
         let request = self.connection.request(request);
         self.connection.call(self.snapshots().delete(request))
+    }
+}
+
+/// A stream that ended without its reply: a server that broke the API.
+fn without_reply(method: &str) -> NodeError {
+    NodeError::InvalidArgument {
+        what: "reply",
+        value: method.to_owned(),
+        reason: "the stream ended without the call's reply".into(),
     }
 }

@@ -126,6 +126,8 @@ impl Vault {
         let snapshot = self.select_snapshot(name, selector)?;
         let volume = self.open_volume(name, passphrase)?;
         let commit = self.read_commit(&volume, &snapshot)?;
+        // The commit says what the export will write: progress shows the share and an ETA.
+        progress.set_expected(commit.file_count, commit.logical_bytes);
         match fs::read_dir(destination) {
             Ok(mut entries) => {
                 if entries.next().is_some() {

@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/forge/v1/control.proto",
                 "proto/forge/v1/volume.proto",
                 "proto/forge/v1/snapshot.proto",
+                "proto/forge/v1/maintenance.proto",
             ],
             &["proto"],
         )?;

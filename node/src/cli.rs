@@ -10,17 +10,18 @@ use serde_json::json;
 
 use crate::config::{NodeConfig, parse_size};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir, SecretProtection};
-use crate::error::{IntegrityFault, MountFault, NodeError, Result};
+use crate::error::{MountFault, NodeError, Result};
 pub use crate::output::Output;
 use crate::passphrase;
-use crate::progress::{Progress, human_bytes};
+use crate::progress::Progress;
 use crate::service::remote::RemoteApi;
-use crate::service::{self, LocalApi, SnapshotService, VolumeService};
+use crate::service::{self, LocalApi, MaintenanceService, SnapshotService, VolumeService};
 use crate::vault::snapshots::DiffChange;
 use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
-    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest, ImportRequest,
-    ListSnapshotsRequest, ListVolumesRequest, VolumeStatsRequest,
+    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest, GcRequest,
+    ImportRequest, ListSnapshotsRequest, ListVolumesRequest, ScrubRequest, VaultStatsRequest,
+    VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -412,6 +413,20 @@ impl Cli {
                     self.json,
                 )
             }
+            Command::Gc | Command::Stats | Command::Scrub { .. } => {
+                let data_dir = self.data_dir()?;
+                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
+                    return maintenance_call(&RemoteApi::new(&connection), &self.command);
+                }
+                let vault = Vault::open(&data_dir, &ask_passphrase)?;
+                maintenance_call(
+                    &LocalApi {
+                        vault: &vault,
+                        passphrase: &ask_passphrase,
+                    },
+                    &self.command,
+                )
+            }
             Command::Snapshot(SnapshotCommand::Restore {
                 name,
                 id,
@@ -488,10 +503,14 @@ impl Cli {
         match &self.command {
             Command::Volume(command) => volume_command(context, command, self.json),
             Command::Snapshot(command) => snapshot_command(context, command, self.json),
-            Command::Gc => gc(context),
-            Command::Stats => vault_stats(context.vault),
+            Command::Gc | Command::Stats | Command::Scrub { .. } => maintenance_call(
+                &LocalApi {
+                    vault: context.vault,
+                    passphrase: context.passphrase,
+                },
+                &self.command,
+            ),
             Command::Fsck { verbose } => fsck(context, *verbose),
-            Command::Scrub { repair } => scrub(context.vault, *repair),
             Command::Node(NodeCommand::Status) => match context.host {
                 Some(host) => node_status(host),
                 None => Err(NodeError::NoDaemon {
@@ -678,26 +697,22 @@ fn snapshot_command(
     }
 }
 
-fn gc(context: &VaultContext<'_>) -> Result<Output> {
-    let vault = context.vault;
-    let report = vault.gc(context.passphrase)?;
-    Ok(Output {
-        human: format!(
-            "removed {} chunks and {} objects, {} freed ({} -> {} on disk)",
-            report.chunks_removed,
-            report.objects_removed,
-            human_bytes(report.bytes_freed),
-            human_bytes(report.disk_bytes_before),
-            human_bytes(report.disk_bytes_after)
-        ),
-        json: json!({
-            "chunks_removed": report.chunks_removed,
-            "objects_removed": report.objects_removed,
-            "bytes_freed": report.bytes_freed,
-            "disk_bytes_before": report.disk_bytes_before,
-            "disk_bytes_after": report.disk_bytes_after,
-        }),
-    })
+/// Runs a typed maintenance command (gc, scrub, vault stats) on `service` (this process's
+/// vault or the owning process's) and renders its reply.
+fn maintenance_call(service: &dyn MaintenanceService, command: &Command) -> Result<Output> {
+    match command {
+        Command::Gc => Ok(service::render_gc(&service.gc(GcRequest {})?)),
+        Command::Scrub { repair } => {
+            service::render_scrub(&service.scrub(ScrubRequest { repair: *repair })?)
+        }
+        Command::Stats => Ok(service::render_vault_stats(
+            &service.stats(VaultStatsRequest {})?,
+        )),
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed maintenance call".into(),
+        }
+        .into()),
+    }
 }
 
 /// Runs a typed snapshot command on `service` (this process's vault or the owning
@@ -730,35 +745,6 @@ fn snapshot_call(service: &dyn SnapshotService, command: &SnapshotCommand) -> Re
         }
         .into()),
     }
-}
-
-fn vault_stats(vault: &Vault) -> Result<Output> {
-    let stats = vault.vault_stats()?;
-    let mut human = format!(
-        "{} volumes, {} on disk",
-        stats.volumes,
-        human_bytes(stats.physical_bytes)
-    );
-    let mut columns = serde_json::Map::new();
-    for (name, usage) in &stats.columns {
-        if usage.keys == 0 && usage.table_bytes == 0 && usage.blob_bytes == 0 {
-            continue;
-        }
-        human.push_str(&format!(
-            "\n  {name:<10} ~{} keys, {} in tables, {} in blob files",
-            usage.keys,
-            human_bytes(usage.table_bytes),
-            human_bytes(usage.blob_bytes)
-        ));
-        columns.insert(
-            (*name).to_owned(),
-            json!({"keys": usage.keys, "table_bytes": usage.table_bytes, "blob_bytes": usage.blob_bytes}),
-        );
-    }
-    Ok(Output {
-        human,
-        json: json!({"physical_bytes": stats.physical_bytes, "volumes": stats.volumes, "columns": columns}),
-    })
 }
 
 /// Problems fsck lists by default, before "... and N more".
@@ -869,33 +855,6 @@ fn fsck(context: &VaultContext<'_>, verbose: bool) -> Result<Output> {
         });
     }
     Ok(output)
-}
-
-fn scrub(vault: &Vault, repair: bool) -> Result<Output> {
-    let report = vault.scrub(repair)?;
-    let human = format!(
-        "scrubbed {} chunks: {} damaged shard(s), {} repaired, {} unrecoverable chunk(s)",
-        report.chunks_checked,
-        report.damaged_shards,
-        report.repaired_shards,
-        report.unrecoverable.len()
-    );
-    if !report.unrecoverable.is_empty() {
-        return Err(IntegrityFault::Unrecoverable {
-            summary: human,
-            chunks: report.unrecoverable,
-        }
-        .into());
-    }
-    Ok(Output {
-        human,
-        json: json!({
-            "chunks_checked": report.chunks_checked,
-            "damaged_shards": report.damaged_shards,
-            "repaired_shards": report.repaired_shards,
-            "unrecoverable": report.unrecoverable,
-        }),
-    })
 }
 
 /// Runs a typed volume command on `service` (this process's vault or the owning

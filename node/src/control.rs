@@ -15,13 +15,15 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
+use forge_proto::v1::maintenance_server::{Maintenance, MaintenanceServer};
 use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ExportEvent, ExportRequest, ImportEvent,
-    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
-    RunReply, RunRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ExportEvent, ExportRequest, GcReply, GcRequest,
+    ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
+    ListVolumesRequest, RunReply, RunRequest, ScrubReply, ScrubRequest, VaultStatsReply,
+    VaultStatsRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -30,7 +32,7 @@ use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeComm
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
-use crate::service::{LocalApi, SnapshotService, VolumeService};
+use crate::service::{LocalApi, MaintenanceService, SnapshotService, VolumeService};
 
 /// The socket's file name in the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -357,6 +359,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health.set_serving::<ControlServer<ControlService>>().await;
         health.set_serving::<VolumeServer<ApiGrpc>>().await;
         health.set_serving::<SnapshotServer<ApiGrpc>>().await;
+        health.set_serving::<MaintenanceServer<ApiGrpc>>().await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -367,7 +370,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(health_service)
                 .add_service(ControlServer::new(service))
                 .add_service(VolumeServer::new(api.clone()))
-                .add_service(SnapshotServer::new(api))
+                .add_service(SnapshotServer::new(api.clone()))
+                .add_service(MaintenanceServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 });
@@ -570,6 +574,39 @@ impl ApiGrpc {
         .await
         .map_err(|error| Status::internal(format!("{method} panicked: {error}")))?;
         result.map(Response::new).map_err(|error| status_of(&error))
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for ApiGrpc {
+    async fn gc(
+        &self,
+        request: Request<GcRequest>,
+    ) -> std::result::Result<Response<GcReply>, Status> {
+        self.serve("Maintenance.Gc", request, |service, message| {
+            service.gc(message)
+        })
+        .await
+    }
+
+    async fn scrub(
+        &self,
+        request: Request<ScrubRequest>,
+    ) -> std::result::Result<Response<ScrubReply>, Status> {
+        self.serve("Maintenance.Scrub", request, |service, message| {
+            service.scrub(message)
+        })
+        .await
+    }
+
+    async fn stats(
+        &self,
+        request: Request<VaultStatsRequest>,
+    ) -> std::result::Result<Response<VaultStatsReply>, Status> {
+        self.serve("Maintenance.Stats", request, |service, message| {
+            MaintenanceService::stats(service, message)
+        })
+        .await
     }
 }
 
@@ -777,7 +814,7 @@ impl Volume for ApiGrpc {
         request: Request<VolumeStatsRequest>,
     ) -> std::result::Result<Response<VolumeStatsReply>, Status> {
         self.serve("Volume.Stats", request, |service, message| {
-            service.stats(message)
+            VolumeService::stats(service, message)
         })
         .await
     }

@@ -1188,7 +1188,7 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
 }
 
 /// The typed calls (`forge.v1.Volume`: list, create, stats; `forge.v1.Snapshot`: list,
-/// branch, delete) answer the same in the CLI's own process and through a daemon's control
+/// branch, delete; `forge.v1.Maintenance`: scrub, gc, stats) answer the same in the CLI's own process and through a daemon's control
 /// socket. Two copies of one data directory (same keys, same snapshots): each command of the
 /// table runs in-process on one and through the other's daemon, and the outputs (`--json`
 /// and human), exit codes and error lines are compared; only a new volume's random id may
@@ -1291,10 +1291,30 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         &["snapshot", "delete", "a", &second, "--json"],
         &["snapshot", "delete", "a", &second],
         &["snapshot", "list", "a"],
+        &["scrub"],
+        &["scrub", "--json"],
+        &["scrub", "--repair", "--json"],
     ];
     for row in table {
         let (here, there) = (outcome(&local, row), outcome(&remote, row));
         assert_eq!(here, there, "{row:?}");
+    }
+    // gc and vault stats count bytes of files whose sizes differ between two copies (the
+    // storage engine's logs and compactions): the same fields, the same removals.
+    for row in [&["gc", "--json"][..], &["stats", "--json"][..]] {
+        let (here, there) = (local.json(&row[..1]), remote.json(&row[..1]));
+        let keys = |value: &serde_json::Value| {
+            value
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&here), keys(&there), "{row:?}");
+        for field in ["chunks_removed", "objects_removed", "volumes"] {
+            assert_eq!(here.get(field), there.get(field), "{row:?} {field}");
+        }
     }
     let address = remote.json(&["node", "status"])["metrics_address"]
         .as_str()
@@ -1311,6 +1331,9 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         ("Snapshot.List", 0, 5.0),
         ("Snapshot.Branch", 0, 3.0),
         ("Snapshot.Delete", 0, 1.0),
+        ("Maintenance.Scrub", 0, 3.0),
+        ("Maintenance.Gc", 0, 1.0),
+        ("Maintenance.Stats", 0, 1.0),
     ] {
         let key = format!("forge_api_calls_total{{method=\"{method}\",code=\"{code}\"}}");
         assert_eq!(

@@ -17,16 +17,17 @@ use std::path::{Path, PathBuf};
 
 use forge_crypto::Cid;
 use forge_proto::v1::{
-    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote, ExportReply, ExportRequest, ImportReply,
-    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
-    SnapshotInfo, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
+    ColumnStats, CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote, ExportReply, ExportRequest, GcReply,
+    GcRequest, ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, ScrubReply, ScrubRequest, SnapshotInfo, VaultStatsReply,
+    VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
 
 use crate::clock::format_utc_time;
-use crate::error::{NodeError, Result};
+use crate::error::{IntegrityFault, NodeError, Result};
 use crate::output::Output;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
@@ -91,6 +92,27 @@ pub trait SnapshotService {
     /// # Errors
     /// An unknown volume or snapshot, a snapshot that is a branch's head.
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply>;
+}
+
+/// Calls on the whole vault (`forge.v1.Maintenance`).
+pub trait MaintenanceService {
+    /// Removes what no snapshot reaches (fenced against concurrent writers).
+    ///
+    /// # Errors
+    /// Keys that do not open, storage errors.
+    fn gc(&self, request: GcRequest) -> Result<GcReply>;
+
+    /// Verifies every chunk's shards, rebuilding damaged ones from parity if asked.
+    ///
+    /// # Errors
+    /// Storage errors (unrecoverable chunks are in the reply).
+    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply>;
+
+    /// The vault's numbers.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn stats(&self, request: VaultStatsRequest) -> Result<VaultStatsReply>;
 }
 
 /// The calls served by an open vault in this process.
@@ -282,6 +304,131 @@ impl SnapshotService for LocalApi<'_> {
         Ok(DeleteSnapshotReply {
             snapshot: snapshot.as_bytes().to_vec(),
         })
+    }
+}
+
+impl MaintenanceService for LocalApi<'_> {
+    fn gc(&self, _request: GcRequest) -> Result<GcReply> {
+        let report = self.vault.gc(self.passphrase)?;
+        Ok(GcReply {
+            chunks_removed: report.chunks_removed,
+            objects_removed: report.objects_removed,
+            bytes_freed: report.bytes_freed,
+            disk_bytes_before: report.disk_bytes_before,
+            disk_bytes_after: report.disk_bytes_after,
+        })
+    }
+
+    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply> {
+        let report = self.vault.scrub(request.repair)?;
+        Ok(ScrubReply {
+            chunks_checked: report.chunks_checked,
+            damaged_shards: report.damaged_shards,
+            repaired_shards: report.repaired_shards,
+            unrecoverable: report.unrecoverable,
+        })
+    }
+
+    fn stats(&self, _request: VaultStatsRequest) -> Result<VaultStatsReply> {
+        let stats = self.vault.vault_stats()?;
+        Ok(VaultStatsReply {
+            physical_bytes: stats.physical_bytes,
+            volumes: stats.volumes,
+            columns: stats
+                .columns
+                .into_iter()
+                .map(|(name, usage)| ColumnStats {
+                    name: name.to_owned(),
+                    keys: usage.keys,
+                    table_bytes: usage.table_bytes,
+                    blob_bytes: usage.blob_bytes,
+                    pending_compaction_bytes: usage.pending_compaction_bytes,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What `forge gc` prints.
+#[must_use]
+pub fn render_gc(reply: &GcReply) -> Output {
+    Output {
+        human: format!(
+            "removed {} chunks and {} objects, {} freed ({} -> {} on disk)",
+            reply.chunks_removed,
+            reply.objects_removed,
+            human_bytes(reply.bytes_freed),
+            human_bytes(reply.disk_bytes_before),
+            human_bytes(reply.disk_bytes_after)
+        ),
+        json: json!({
+            "chunks_removed": reply.chunks_removed,
+            "objects_removed": reply.objects_removed,
+            "bytes_freed": reply.bytes_freed,
+            "disk_bytes_before": reply.disk_bytes_before,
+            "disk_bytes_after": reply.disk_bytes_after,
+        }),
+    }
+}
+
+/// What `forge scrub` prints, or its failure (exit 3) when a chunk cannot be rebuilt.
+///
+/// # Errors
+/// [`IntegrityFault::Unrecoverable`] listing those chunks.
+pub fn render_scrub(reply: &ScrubReply) -> Result<Output> {
+    let human = format!(
+        "scrubbed {} chunks: {} damaged shard(s), {} repaired, {} unrecoverable chunk(s)",
+        reply.chunks_checked,
+        reply.damaged_shards,
+        reply.repaired_shards,
+        reply.unrecoverable.len()
+    );
+    if !reply.unrecoverable.is_empty() {
+        return Err(IntegrityFault::Unrecoverable {
+            summary: human,
+            chunks: reply.unrecoverable.clone(),
+        }
+        .into());
+    }
+    Ok(Output {
+        human,
+        json: json!({
+            "chunks_checked": reply.chunks_checked,
+            "damaged_shards": reply.damaged_shards,
+            "repaired_shards": reply.repaired_shards,
+            "unrecoverable": reply.unrecoverable,
+        }),
+    })
+}
+
+/// What `forge stats` prints (columns holding nothing are left out).
+#[must_use]
+pub fn render_vault_stats(reply: &VaultStatsReply) -> Output {
+    let mut human = format!(
+        "{} volumes, {} on disk",
+        reply.volumes,
+        human_bytes(reply.physical_bytes)
+    );
+    let mut columns = serde_json::Map::new();
+    for column in &reply.columns {
+        if column.keys == 0 && column.table_bytes == 0 && column.blob_bytes == 0 {
+            continue;
+        }
+        human.push_str(&format!(
+            "\n  {:<10} ~{} keys, {} in tables, {} in blob files",
+            column.name,
+            column.keys,
+            human_bytes(column.table_bytes),
+            human_bytes(column.blob_bytes)
+        ));
+        columns.insert(
+            column.name.clone(),
+            json!({"keys": column.keys, "table_bytes": column.table_bytes, "blob_bytes": column.blob_bytes}),
+        );
+    }
+    Output {
+        human,
+        json: json!({"physical_bytes": reply.physical_bytes, "volumes": reply.volumes, "columns": columns}),
     }
 }
 

@@ -2,17 +2,19 @@
 //! directory (a daemon or a mount host): the same [`VolumeService`] as in-process, so the
 //! CLI renders the same replies whichever way they came.
 
+use forge_proto::v1::maintenance_client::MaintenanceClient;
 use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest, ImportReply,
-    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest, GcReply, GcRequest,
+    ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
+    ListVolumesRequest, ScrubReply, ScrubRequest, VaultStatsReply, VaultStatsRequest,
     VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_proto::v1::{export_event, import_event};
 
-use super::{SnapshotService, VolumeService};
+use super::{MaintenanceService, SnapshotService, VolumeService};
 use crate::control::Connection;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
@@ -36,6 +38,10 @@ impl<'a> RemoteApi<'a> {
 
     fn snapshots(&self) -> SnapshotClient<tonic::transport::Channel> {
         SnapshotClient::new(self.connection.channel())
+    }
+
+    fn maintenance(&self) -> MaintenanceClient<tonic::transport::Channel> {
+        MaintenanceClient::new(self.connection.channel())
     }
 }
 
@@ -110,6 +116,23 @@ impl SnapshotService for RemoteApi<'_> {
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {
         let request = self.connection.request(request);
         self.connection.call(self.snapshots().delete(request))
+    }
+}
+
+impl MaintenanceService for RemoteApi<'_> {
+    fn gc(&self, request: GcRequest) -> Result<GcReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.maintenance().gc(request))
+    }
+
+    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.maintenance().scrub(request))
+    }
+
+    fn stats(&self, request: VaultStatsRequest) -> Result<VaultStatsReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.maintenance().stats(request))
     }
 }
 

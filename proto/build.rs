@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/forge/v1/volume.proto",
                 "proto/forge/v1/snapshot.proto",
                 "proto/forge/v1/maintenance.proto",
+                "proto/forge/v1/node.proto",
             ],
             &["proto"],
         )?;

@@ -15,13 +15,15 @@ pub use crate::output::Output;
 use crate::passphrase;
 use crate::progress::Progress;
 use crate::service::remote::RemoteApi;
-use crate::service::{self, LocalApi, MaintenanceService, SnapshotService, VolumeService};
+use crate::service::{
+    self, LocalApi, MaintenanceService, NodeService, SnapshotService, VolumeService,
+};
 use crate::vault::snapshots::DiffChange;
 use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
     CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest, GcRequest,
-    ImportRequest, ListSnapshotsRequest, ListVolumesRequest, ScrubRequest, VaultStatsRequest,
-    VolumeStatsRequest,
+    ImportRequest, ListSnapshotsRequest, ListVolumesRequest, NodeStatusRequest, ScrubRequest,
+    StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -366,9 +368,14 @@ impl Cli {
             Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
             Command::Node(NodeCommand::Status) => {
                 let data_dir = self.data_dir()?;
-                crate::control::forward(&data_dir)?.ok_or_else(|| NodeError::NoDaemon {
-                    data_dir: data_dir.path().to_owned(),
-                })
+                let Some(connection) = crate::control::Connection::open(&data_dir)? else {
+                    return Err(NodeError::NoDaemon {
+                        data_dir: data_dir.path().to_owned(),
+                    });
+                };
+                Ok(service::render_node_status(
+                    &RemoteApi::new(&connection).status(NodeStatusRequest {})?,
+                ))
             }
             Command::Volume(command @ VolumeCommand::Mount { .. }) => {
                 let data_dir = self.data_dir()?;
@@ -512,13 +519,22 @@ impl Cli {
             ),
             Command::Fsck { verbose } => fsck(context, *verbose),
             Command::Node(NodeCommand::Status) => match context.host {
-                Some(host) => node_status(host),
+                Some(host) => Ok(service::render_node_status(&NodeService::status(
+                    host.as_ref(),
+                    NodeStatusRequest {},
+                )?)),
                 None => Err(NodeError::NoDaemon {
                     data_dir: context.vault.data_dir().path().to_owned(),
                 }),
             },
             Command::Node(NodeCommand::Stop { .. }) => match context.host {
-                Some(host) => Ok(stop_host(host)),
+                Some(host) => {
+                    let reply = NodeService::stop(host.as_ref(), StopNodeRequest {})?;
+                    Ok(Output {
+                        human: service::describe_stop(&reply),
+                        json: json!({"pid": reply.pid}),
+                    })
+                }
                 None => Err(NodeError::NoDaemon {
                     data_dir: context.vault.data_dir().path().to_owned(),
                 }),
@@ -949,22 +965,6 @@ fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> 
 
 /// `forge node stop`, run by the process that owns the data directory: it starts
 /// unmounting everything and replies at once; the client waits for it to exit.
-fn stop_host(host: &crate::mount::Host) -> Output {
-    let mounts = host.stop();
-    let names: Vec<String> = mounts
-        .iter()
-        .map(|mount| mount.mountpoint.display().to_string())
-        .collect();
-    Output {
-        human: if names.is_empty() {
-            "no mounts".to_owned()
-        } else {
-            format!("unmounted {}", names.join(", "))
-        },
-        json: json!({"pid": std::process::id(), "mounts": mounts}),
-    }
-}
-
 /// `forge node config`: the configuration in effect, as forge.toml text.
 fn node_config(data_dir: &DataDir) -> Result<Output> {
     let config = NodeConfig::load(data_dir)?;
@@ -989,60 +989,6 @@ fn node_config(data_dir: &DataDir) -> Result<Output> {
 }
 
 /// `forge node status`, answered by the process that owns the data directory.
-fn node_status(host: &crate::mount::Host) -> Result<Output> {
-    let vault = host.vault();
-    let (uptime, mounts) = host.status();
-    let volumes: Vec<String> = vault
-        .list_volumes()?
-        .into_iter()
-        .map(|record| record.name)
-        .collect();
-    let node_id = vault.identity().node_id().to_hex();
-    let socket = crate::control::socket_path(vault.data_dir());
-    let pid = std::process::id();
-    let version = env!("CARGO_PKG_VERSION");
-    let uptime_seconds = uptime.as_secs();
-    let mut human = format!(
-        "node {node_id} (forge {version}), pid {pid}, up {uptime_seconds} s\n\
-         socket {}\nmetrics: {}\n\
-         volumes: {}\nmounts: {}",
-        socket.display(),
-        host.metrics_address().map_or_else(
-            || "off".to_owned(),
-            |address| format!("http://{address}/metrics")
-        ),
-        volumes.len(),
-        mounts.len()
-    );
-    for mount in &mounts {
-        human.push_str(&format!(
-            "\n  {} <- {} {}{}",
-            mount.mountpoint.display(),
-            mount.volume,
-            mount.branch.as_deref().map_or_else(
-                || "(snapshot)".to_owned(),
-                |branch| format!("branch {branch}")
-            ),
-            if mount.read_only { ", read-only" } else { "" }
-        ));
-    }
-    Ok(Output {
-        human,
-        json: json!({
-            "node_id": node_id,
-            "pid": pid,
-            "version": version,
-            "uptime_seconds": uptime_seconds,
-            "volumes": volumes,
-            // Each as its registry record: pid, id, volume, branch, mountpoint, read_only,
-            // cache_bytes.
-            "mounts": mounts,
-            "socket": socket,
-            "metrics_address": host.metrics_address(),
-        }),
-    })
-}
-
 fn version() -> Output {
     let version = env!("CARGO_PKG_VERSION");
     Output {

@@ -16,14 +16,16 @@ use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
 use forge_proto::v1::maintenance_server::{Maintenance, MaintenanceServer};
+use forge_proto::v1::node_server::{Node, NodeServer};
 use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
     DeleteSnapshotReply, DeleteSnapshotRequest, ExportEvent, ExportRequest, GcReply, GcRequest,
     ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, RunReply, RunRequest, ScrubReply, ScrubRequest, VaultStatsReply,
-    VaultStatsRequest, VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply,
+    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
+    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -360,6 +362,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health.set_serving::<VolumeServer<ApiGrpc>>().await;
         health.set_serving::<SnapshotServer<ApiGrpc>>().await;
         health.set_serving::<MaintenanceServer<ApiGrpc>>().await;
+        health.set_serving::<NodeServer<ApiGrpc>>().await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -371,7 +374,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(ControlServer::new(service))
                 .add_service(VolumeServer::new(api.clone()))
                 .add_service(SnapshotServer::new(api.clone()))
-                .add_service(MaintenanceServer::new(api))
+                .add_service(MaintenanceServer::new(api.clone()))
+                .add_service(NodeServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 });
@@ -564,6 +568,86 @@ impl ApiGrpc {
                 passphrase: &source,
             };
             let result = call(&service, message);
+            let code = result
+                .as_ref()
+                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
+            host.metrics()
+                .count_call(method, code, started.elapsed().as_secs_f64());
+            result
+        })
+        .await
+        .map_err(|error| Status::internal(format!("{method} panicked: {error}")))?;
+        result.map(Response::new).map_err(|error| status_of(&error))
+    }
+}
+
+/// `forge.v1.Node`: what the host is and serves, and its stop.
+impl crate::service::NodeService for Host {
+    fn status(&self, _request: NodeStatusRequest) -> Result<NodeStatusReply> {
+        let vault = self.vault();
+        let (uptime, mounts) = Host::status(self);
+        Ok(NodeStatusReply {
+            node_id: vault.identity().node_id().to_hex(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: uptime.as_secs(),
+            volumes: vault
+                .list_volumes()?
+                .into_iter()
+                .map(|record| record.name)
+                .collect(),
+            mounts: mounts.iter().map(crate::service::mount_info).collect(),
+            socket: socket_path(vault.data_dir()).into_os_string().into_vec(),
+            metrics_address: self.metrics_address().map(|address| address.to_string()),
+        })
+    }
+
+    fn stop(&self, _request: StopNodeRequest) -> Result<StopNodeReply> {
+        let mounts = Host::stop(self);
+        Ok(StopNodeReply {
+            pid: std::process::id(),
+            mounts: mounts.iter().map(crate::service::mount_info).collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Node for ApiGrpc {
+    async fn status(
+        &self,
+        request: Request<NodeStatusRequest>,
+    ) -> std::result::Result<Response<NodeStatusReply>, Status> {
+        self.serve_host("Node.Status", request, |host, message| {
+            crate::service::NodeService::status(host, message)
+        })
+        .await
+    }
+
+    async fn stop(
+        &self,
+        request: Request<StopNodeRequest>,
+    ) -> std::result::Result<Response<StopNodeReply>, Status> {
+        self.serve_host("Node.Stop", request, |host, message| {
+            crate::service::NodeService::stop(host, message)
+        })
+        .await
+    }
+}
+
+impl ApiGrpc {
+    /// Runs `call` on the host itself off the async workers, counting it as `method`.
+    async fn serve_host<T: Send + 'static, R: Send + 'static>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        call: impl FnOnce(&Host, T) -> Result<R> + Send + 'static,
+    ) -> std::result::Result<Response<R>, Status> {
+        check_client_version(&request)?;
+        let message = request.into_inner();
+        let host = self.host.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = call(&host, message);
             let code = result
                 .as_ref()
                 .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);

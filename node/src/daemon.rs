@@ -191,33 +191,28 @@ fn notify_service_manager(state: &str) {
 /// # Errors
 /// None runs; it has not exited in time (naming what it was unmounting).
 pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
-    let Some(output) = crate::control::forward(data_dir)? else {
+    use crate::service::NodeService as _;
+    let Some(connection) = crate::control::Connection::open(data_dir)? else {
         return Err(NodeError::NoDaemon {
             data_dir: data_dir.path().to_owned(),
         });
     };
-    let pid = output
-        .json
-        .get("pid")
-        .and_then(serde_json::Value::as_u64)
-        .and_then(|pid| u32::try_from(pid).ok())
-        .ok_or_else(|| NodeError::Forwarded {
-            message: format!("the stop reply names no process: {}", output.json),
-            exit_code: 1,
-            report: None,
-        })?;
+    let reply = crate::service::remote::RemoteApi::new(&connection)
+        .stop(forge_proto::v1::StopNodeRequest {})?;
+    let doing = crate::service::describe_stop(&reply);
+    let pid = reply.pid;
     let deadline = std::time::Instant::now() + timeout;
     while process_alive(pid) {
         if std::time::Instant::now() >= deadline {
             return Err(NodeError::StopTimedOut {
                 pid,
                 seconds: timeout.as_secs(),
-                waiting_for: output.human,
+                waiting_for: doing,
             });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(format!("stopped forge process {pid}; {}", output.human))
+    Ok(format!("stopped forge process {pid}; {doing}"))
 }
 
 /// The pid of the process that owns `data_dir` (daemon or mount host), if one runs.

@@ -20,7 +20,8 @@ use forge_proto::v1::{
     ColumnStats, CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
     DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote, ExportReply, ExportRequest, GcReply,
     GcRequest, ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, ScrubReply, ScrubRequest, SnapshotInfo, VaultStatsReply,
+    ListVolumesReply, ListVolumesRequest, MountInfo, NodeStatusReply, NodeStatusRequest,
+    ScrubReply, ScrubRequest, SnapshotInfo, StopNodeReply, StopNodeRequest, VaultStatsReply,
     VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
@@ -113,6 +114,113 @@ pub trait MaintenanceService {
     /// # Errors
     /// Storage errors.
     fn stats(&self, request: VaultStatsRequest) -> Result<VaultStatsReply>;
+}
+
+/// Calls on the daemon itself (`forge.v1.Node`): only a running daemon or mount host
+/// answers them (control.rs), so there is no in-process implementation.
+pub trait NodeService {
+    /// What the process is and serves.
+    ///
+    /// # Errors
+    /// Storage errors reading the volume list.
+    fn status(&self, request: NodeStatusRequest) -> Result<NodeStatusReply>;
+
+    /// Starts stopping: every mount is unmounted and committed, then the process exits.
+    ///
+    /// # Errors
+    /// Only a transport's.
+    fn stop(&self, request: StopNodeRequest) -> Result<StopNodeReply>;
+}
+
+/// A mount's registry record as the API shows it.
+#[must_use]
+pub fn mount_info(record: &crate::mount::MountRecord) -> MountInfo {
+    MountInfo {
+        pid: record.pid,
+        id: record.id,
+        volume: record.volume.clone(),
+        branch: record.branch.clone(),
+        mountpoint: record.mountpoint.clone().into_os_string().into_vec(),
+        read_only: record.read_only,
+        cache_bytes: record.cache_bytes as u64,
+    }
+}
+
+/// A mount as `--json` shows it: its registry record's fields.
+fn mount_json(mount: &MountInfo) -> serde_json::Value {
+    json!({
+        "pid": mount.pid,
+        "id": mount.id,
+        "volume": mount.volume,
+        "branch": mount.branch,
+        "mountpoint": Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint)),
+        "read_only": mount.read_only,
+        "cache_bytes": mount.cache_bytes,
+    })
+}
+
+/// What `forge node status` prints.
+#[must_use]
+pub fn render_node_status(reply: &NodeStatusReply) -> Output {
+    let socket = Path::new(std::ffi::OsStr::from_bytes(&reply.socket));
+    let mut human = format!(
+        "node {} (forge {}), pid {}, up {} s\nsocket {}\nmetrics: {}\nvolumes: {}\nmounts: {}",
+        reply.node_id,
+        reply.version,
+        reply.pid,
+        reply.uptime_seconds,
+        socket.display(),
+        reply.metrics_address.as_ref().map_or_else(
+            || "off".to_owned(),
+            |address| format!("http://{address}/metrics")
+        ),
+        reply.volumes.len(),
+        reply.mounts.len()
+    );
+    for mount in &reply.mounts {
+        human.push_str(&format!(
+            "\n  {} <- {} {}{}",
+            Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint)).display(),
+            mount.volume,
+            mount.branch.as_deref().map_or_else(
+                || "(snapshot)".to_owned(),
+                |branch| format!("branch {branch}")
+            ),
+            if mount.read_only { ", read-only" } else { "" }
+        ));
+    }
+    Output {
+        human,
+        json: json!({
+            "node_id": reply.node_id,
+            "pid": reply.pid,
+            "version": reply.version,
+            "uptime_seconds": reply.uptime_seconds,
+            "volumes": reply.volumes,
+            "mounts": reply.mounts.iter().map(mount_json).collect::<Vec<_>>(),
+            "socket": socket,
+            "metrics_address": reply.metrics_address,
+        }),
+    }
+}
+
+/// What a stop reply says it is doing, for `forge node stop`'s line.
+#[must_use]
+pub fn describe_stop(reply: &StopNodeReply) -> String {
+    if reply.mounts.is_empty() {
+        "no mounts".to_owned()
+    } else {
+        let names: Vec<String> = reply
+            .mounts
+            .iter()
+            .map(|mount| {
+                Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint))
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        format!("unmounted {}", names.join(", "))
+    }
 }
 
 /// The calls served by an open vault in this process.

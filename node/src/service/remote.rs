@@ -3,18 +3,20 @@
 //! CLI renders the same replies whichever way they came.
 
 use forge_proto::v1::maintenance_client::MaintenanceClient;
+use forge_proto::v1::node_client::NodeClient;
 use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
     DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest, GcReply, GcRequest,
     ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, ScrubReply, ScrubRequest, VaultStatsReply, VaultStatsRequest,
-    VolumeStatsReply, VolumeStatsRequest,
+    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
+    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VolumeStatsReply,
+    VolumeStatsRequest,
 };
 use forge_proto::v1::{export_event, import_event};
 
-use super::{MaintenanceService, SnapshotService, VolumeService};
+use super::{MaintenanceService, NodeService, SnapshotService, VolumeService};
 use crate::control::Connection;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
@@ -42,6 +44,10 @@ impl<'a> RemoteApi<'a> {
 
     fn maintenance(&self) -> MaintenanceClient<tonic::transport::Channel> {
         MaintenanceClient::new(self.connection.channel())
+    }
+
+    fn node(&self) -> NodeClient<tonic::transport::Channel> {
+        NodeClient::new(self.connection.channel())
     }
 }
 
@@ -133,6 +139,18 @@ impl MaintenanceService for RemoteApi<'_> {
     fn stats(&self, request: VaultStatsRequest) -> Result<VaultStatsReply> {
         let request = self.connection.request(request);
         self.connection.call(self.maintenance().stats(request))
+    }
+}
+
+impl NodeService for RemoteApi<'_> {
+    fn status(&self, request: NodeStatusRequest) -> Result<NodeStatusReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.node().status(request))
+    }
+
+    fn stop(&self, request: StopNodeRequest) -> Result<StopNodeReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.node().stop(request))
     }
 }
 

@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/forge/v1/snapshot.proto",
                 "proto/forge/v1/maintenance.proto",
                 "proto/forge/v1/node.proto",
+                "proto/forge/v1/mount.proto",
             ],
             &["proto"],
         )?;

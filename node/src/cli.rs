@@ -16,14 +16,14 @@ use crate::passphrase;
 use crate::progress::Progress;
 use crate::service::remote::RemoteApi;
 use crate::service::{
-    self, LocalApi, MaintenanceService, NodeService, SnapshotService, VolumeService,
+    self, LocalApi, MaintenanceService, MountService, NodeService, SnapshotService, VolumeService,
 };
 use crate::vault::snapshots::DiffChange;
 use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
-    CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest, GcRequest,
-    ImportRequest, ListSnapshotsRequest, ListVolumesRequest, NodeStatusRequest, ScrubRequest,
-    StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
+    CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest,
+    GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest, NodeStatusRequest,
+    ScrubRequest, StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -366,6 +366,20 @@ impl Cli {
                 })
             }
             Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
+            Command::Snapshot(SnapshotCommand::Create { name, message }) => {
+                // Only the process serving the mounts can commit them.
+                let data_dir = self.data_dir()?;
+                let Some(connection) = crate::control::Connection::open(&data_dir)? else {
+                    return Err(crate::mount::nothing_to_commit(name));
+                };
+                service::render_commit(
+                    name,
+                    &RemoteApi::new(&connection).commit(CommitRequest {
+                        volume: name.clone(),
+                        message: message.clone(),
+                    })?,
+                )
+            }
             Command::Node(NodeCommand::Status) => {
                 let data_dir = self.data_dir()?;
                 let Some(connection) = crate::control::Connection::open(&data_dir)? else {
@@ -485,9 +499,6 @@ impl Cli {
                 // A running mount owns the data directory: the command runs there.
                 if let Some(output) = crate::control::forward(&data_dir)? {
                     return Ok(output);
-                }
-                if let Command::Snapshot(SnapshotCommand::Create { name, .. }) = &self.command {
-                    return Err(crate::mount::nothing_to_commit(name));
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 self.run_with(&VaultContext {
@@ -684,31 +695,16 @@ fn snapshot_command(
             let Some(host) = context.host else {
                 return Err(crate::mount::nothing_to_commit(name));
             };
-            let mut human = Vec::new();
-            let mut rows = Vec::new();
-            for outcome in host.commit_volume(name, message)? {
-                match outcome {
-                    Some(outcome) => {
-                        human.push(if outcome.conflict {
-                            format!(
-                                "the branch moved meanwhile: snapshot {} committed to a new branch {}",
-                                outcome.snapshot, outcome.branch
-                            )
-                        } else {
-                            format!("snapshot {} committed to {}", outcome.snapshot, outcome.branch)
-                        });
-                        rows.push(json!({"snapshot": outcome.snapshot.to_hex(), "branch": outcome.branch, "conflict": outcome.conflict}));
-                    }
-                    None => {
-                        human.push(format!("nothing changed in {name} since its last snapshot"));
-                        rows.push(json!({"snapshot": null}));
-                    }
-                }
-            }
-            Ok(Output {
-                human: human.join("\n"),
-                json: serde_json::Value::Array(rows),
-            })
+            service::render_commit(
+                name,
+                &MountService::commit(
+                    host.as_ref(),
+                    CommitRequest {
+                        volume: name.clone(),
+                        message: message.clone(),
+                    },
+                )?,
+            )
         }
     }
 }

@@ -16,16 +16,18 @@ use clap::{CommandFactory, FromArgMatches};
 use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
 use forge_proto::v1::maintenance_server::{Maintenance, MaintenanceServer};
+use forge_proto::v1::mount_server::{Mount, MountServer};
 use forge_proto::v1::node_server::{Node, NodeServer};
 use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
-    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ExportEvent, ExportRequest, GcReply, GcRequest,
-    ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply,
-    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
-    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    CommitOutcome, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
+    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest,
+    ExportEvent, ExportRequest, GcReply, GcRequest, ImportEvent, ImportRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest,
+    RunReply, RunRequest, ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest,
+    VaultStatsReply, VaultStatsRequest, VersionReply, VersionRequest, VolumeStatsReply,
+    VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -363,6 +365,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health.set_serving::<SnapshotServer<ApiGrpc>>().await;
         health.set_serving::<MaintenanceServer<ApiGrpc>>().await;
         health.set_serving::<NodeServer<ApiGrpc>>().await;
+        health.set_serving::<MountServer<ApiGrpc>>().await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -375,7 +378,8 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(VolumeServer::new(api.clone()))
                 .add_service(SnapshotServer::new(api.clone()))
                 .add_service(MaintenanceServer::new(api.clone()))
-                .add_service(NodeServer::new(api))
+                .add_service(NodeServer::new(api.clone()))
+                .add_service(MountServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 });
@@ -608,6 +612,43 @@ impl crate::service::NodeService for Host {
             pid: std::process::id(),
             mounts: mounts.iter().map(crate::service::mount_info).collect(),
         })
+    }
+}
+
+/// `forge.v1.Mount`: commits of the host's read-write mounts.
+impl crate::service::MountService for Host {
+    fn commit(&self, request: CommitRequest) -> Result<CommitReply> {
+        let outcomes = self.commit_volume(&request.volume, &request.message)?;
+        Ok(CommitReply {
+            outcomes: outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    Some(outcome) => CommitOutcome {
+                        nothing_changed: false,
+                        snapshot: outcome.snapshot.as_bytes().to_vec(),
+                        branch: outcome.branch,
+                        conflict: outcome.conflict,
+                    },
+                    None => CommitOutcome {
+                        nothing_changed: true,
+                        ..CommitOutcome::default()
+                    },
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Mount for ApiGrpc {
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> std::result::Result<Response<CommitReply>, Status> {
+        self.serve_host("Mount.Commit", request, |host, message| {
+            crate::service::MountService::commit(host, message)
+        })
+        .await
     }
 }
 

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 
 use forge_crypto::Cid;
 use forge_proto::v1::{
-    ColumnStats, CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote, ExportReply, ExportRequest, GcReply,
-    GcRequest, ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, MountInfo, NodeStatusReply, NodeStatusRequest,
-    ScrubReply, ScrubRequest, SnapshotInfo, StopNodeReply, StopNodeRequest, VaultStatsReply,
-    VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
+    ColumnStats, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
+    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote,
+    ExportReply, ExportRequest, GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, MountInfo, NodeStatusReply,
+    NodeStatusRequest, ScrubReply, ScrubRequest, SnapshotInfo, StopNodeReply, StopNodeRequest,
+    VaultStatsReply, VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
@@ -130,6 +130,48 @@ pub trait NodeService {
     /// # Errors
     /// Only a transport's.
     fn stop(&self, request: StopNodeRequest) -> Result<StopNodeReply>;
+}
+
+/// Calls on the mounts a daemon serves (`forge.v1.Mount`): only that process answers
+/// them (control.rs); with none, nothing is mounted and there is nothing to commit.
+pub trait MountService {
+    /// Commits the working tree of each read-write mount of a volume as a snapshot.
+    ///
+    /// # Errors
+    /// The volume is not mounted read-write here; storage errors.
+    fn commit(&self, request: CommitRequest) -> Result<CommitReply>;
+}
+
+/// What `forge snapshot create` prints: a line per read-write mount of the volume.
+///
+/// # Errors
+/// A reply whose snapshot id is not 32 bytes.
+pub fn render_commit(volume: &str, reply: &CommitReply) -> Result<Output> {
+    let mut human = Vec::new();
+    let mut rows = Vec::new();
+    for outcome in &reply.outcomes {
+        if outcome.nothing_changed {
+            human.push(format!(
+                "nothing changed in {volume} since its last snapshot"
+            ));
+            rows.push(json!({"snapshot": null}));
+            continue;
+        }
+        let snapshot = reply_cid(&outcome.snapshot)?;
+        human.push(if outcome.conflict {
+            format!(
+                "the branch moved meanwhile: snapshot {snapshot} committed to a new branch {}",
+                outcome.branch
+            )
+        } else {
+            format!("snapshot {snapshot} committed to {}", outcome.branch)
+        });
+        rows.push(json!({"snapshot": snapshot.to_hex(), "branch": outcome.branch, "conflict": outcome.conflict}));
+    }
+    Ok(Output {
+        human: human.join("\n"),
+        json: serde_json::Value::Array(rows),
+    })
 }
 
 /// A mount's registry record as the API shows it.

@@ -3,20 +3,21 @@
 //! CLI renders the same replies whichever way they came.
 
 use forge_proto::v1::maintenance_client::MaintenanceClient;
+use forge_proto::v1::mount_client::MountClient;
 use forge_proto::v1::node_client::NodeClient;
 use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
-    CreateBranchReply, CreateBranchRequest, CreateVolumeReply, CreateVolumeRequest,
-    DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest, GcReply, GcRequest,
-    ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
-    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VolumeStatsReply,
-    VolumeStatsRequest,
+    CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest, CreateVolumeReply,
+    CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest,
+    GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply,
+    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest,
+    VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_proto::v1::{export_event, import_event};
 
-use super::{MaintenanceService, NodeService, SnapshotService, VolumeService};
+use super::{MaintenanceService, MountService, NodeService, SnapshotService, VolumeService};
 use crate::control::Connection;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
@@ -151,6 +152,14 @@ impl NodeService for RemoteApi<'_> {
     fn stop(&self, request: StopNodeRequest) -> Result<StopNodeReply> {
         let request = self.connection.request(request);
         self.connection.call(self.node().stop(request))
+    }
+}
+
+impl MountService for RemoteApi<'_> {
+    fn commit(&self, request: CommitRequest) -> Result<CommitReply> {
+        let request = self.connection.request(request);
+        self.connection
+            .call(MountClient::new(self.connection.channel()).commit(request))
     }
 }
 

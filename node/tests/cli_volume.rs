@@ -983,12 +983,7 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = common::control_channel(&socket).await;
         let mut reflection = ServerReflectionClient::new(channel.clone());
         let ask = |request: MessageRequest| {
             tokio_stream::iter([ServerReflectionRequest {
@@ -1051,13 +1046,9 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
 
         // A typed call's failure: a status by kind, forge's line, the exit code in metadata.
         let mut volumes = forge_proto::v1::volume_client::VolumeClient::new(channel.clone());
-        let mut request = tonic::Request::new(forge_proto::v1::VolumeStatsRequest {
+        let request = common::versioned(forge_proto::v1::VolumeStatsRequest {
             name: "absent".into(),
         });
-        request.metadata_mut().insert(
-            forge_proto::VERSION_METADATA,
-            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
-        );
         let absent = volumes.stats(request).await.unwrap_err();
         assert_eq!(absent.code(), tonic::Code::NotFound, "{absent:?}");
         assert!(absent.message().contains("absent"), "{absent:?}");
@@ -1377,25 +1368,15 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
         .build()
         .unwrap();
     let request = |source: &std::path::Path| {
-        let mut request = tonic::Request::new(ImportRequest {
+        common::versioned(ImportRequest {
             volume: "v".into(),
             source: source.as_os_str().as_encoded_bytes().to_vec(),
             count_totals: true,
             ..ImportRequest::default()
-        });
-        request.metadata_mut().insert(
-            forge_proto::VERSION_METADATA,
-            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
-        );
-        request
+        })
     };
     let (events, relative): (Vec<ImportEvent>, tonic::Status) = runtime.block_on(async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = common::control_channel(&socket).await;
         let mut client = VolumeClient::new(channel);
         let mut stream = client.import(request(&source)).await.unwrap().into_inner();
         let mut events = Vec::new();
@@ -1454,21 +1435,12 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
     let exported = vault.path("exported");
     let export_events = runtime.block_on(async {
         use forge_proto::v1::ExportRequest;
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-        let mut request = tonic::Request::new(ExportRequest {
+        let channel = common::control_channel(&socket).await;
+        let request = common::versioned(ExportRequest {
             volume: "v".into(),
             destination: exported.as_os_str().as_encoded_bytes().to_vec(),
             ..ExportRequest::default()
         });
-        request.metadata_mut().insert(
-            forge_proto::VERSION_METADATA,
-            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
-        );
         let mut stream = VolumeClient::new(channel)
             .export(request)
             .await

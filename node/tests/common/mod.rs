@@ -166,3 +166,22 @@ pub fn kill_daemon_during(
     }
     output
 }
+
+/// A channel to a daemon's control socket, as a raw gRPC client (not the CLI) opens one.
+pub async fn control_channel(socket: &std::path::Path) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|error| panic!("connecting to {}: {error}", socket.display()))
+}
+
+/// `message` as a request carrying this forge's version, as every call must.
+pub fn versioned<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        forge_proto::VERSION_METADATA,
+        tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    request
+}

@@ -1,6 +1,5 @@
 //! The `forge` command line: argument definitions and the commands behind them.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -22,8 +21,8 @@ use crate::vault::snapshots::DiffChange;
 use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest,
-    GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest, NodeStatusRequest,
-    ScrubRequest, StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
+    FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
+    NodeStatusRequest, ScrubRequest, StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -434,10 +433,18 @@ impl Cli {
                     self.json,
                 )
             }
-            Command::Gc | Command::Stats | Command::Scrub { .. } => {
+            Command::Gc | Command::Stats | Command::Scrub { .. } | Command::Fsck { .. } => {
                 let data_dir = self.data_dir()?;
+                // A passphrase given without being asked (FORGE_PASSPHRASE): fsck checks
+                // every encrypted volume's snapshots with it, not only keylessly.
+                let passphrase_given =
+                    std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_some();
                 if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return maintenance_call(&RemoteApi::new(&connection), &self.command);
+                    return maintenance_call(
+                        &RemoteApi::new(&connection),
+                        &self.command,
+                        passphrase_given,
+                    );
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 maintenance_call(
@@ -446,6 +453,7 @@ impl Cli {
                         passphrase: &ask_passphrase,
                     },
                     &self.command,
+                    passphrase_given,
                 )
             }
             Command::Snapshot(SnapshotCommand::Restore {
@@ -521,14 +529,16 @@ impl Cli {
         match &self.command {
             Command::Volume(command) => volume_command(context, command, self.json),
             Command::Snapshot(command) => snapshot_command(context, command, self.json),
-            Command::Gc | Command::Stats | Command::Scrub { .. } => maintenance_call(
-                &LocalApi {
-                    vault: context.vault,
-                    passphrase: context.passphrase,
-                },
-                &self.command,
-            ),
-            Command::Fsck { verbose } => fsck(context, *verbose),
+            Command::Gc | Command::Stats | Command::Scrub { .. } | Command::Fsck { .. } => {
+                maintenance_call(
+                    &LocalApi {
+                        vault: context.vault,
+                        passphrase: context.passphrase,
+                    },
+                    &self.command,
+                    context.passphrase_given,
+                )
+            }
             Command::Node(NodeCommand::Status) => match context.host {
                 Some(host) => Ok(service::render_node_status(&NodeService::status(
                     host.as_ref(),
@@ -711,9 +721,19 @@ fn snapshot_command(
 
 /// Runs a typed maintenance command (gc, scrub, vault stats) on `service` (this process's
 /// vault or the owning process's) and renders its reply.
-fn maintenance_call(service: &dyn MaintenanceService, command: &Command) -> Result<Output> {
+fn maintenance_call(
+    service: &dyn MaintenanceService,
+    command: &Command,
+    passphrase_given: bool,
+) -> Result<Output> {
     match command {
         Command::Gc => Ok(service::render_gc(&service.gc(GcRequest {})?)),
+        Command::Fsck { verbose } => service::render_fsck(
+            &service.fsck(FsckRequest {
+                use_passphrase: passphrase_given,
+            })?,
+            *verbose,
+        ),
         Command::Scrub { repair } => {
             service::render_scrub(&service.scrub(ScrubRequest { repair: *repair })?)
         }
@@ -757,116 +777,6 @@ fn snapshot_call(service: &dyn SnapshotService, command: &SnapshotCommand) -> Re
         }
         .into()),
     }
-}
-
-/// Problems fsck lists by default, before "... and N more".
-const FSCK_PROBLEMS_SHOWN: usize = 5;
-
-fn fsck(context: &VaultContext<'_>, verbose: bool) -> Result<Output> {
-    let vault = context.vault;
-    let report = vault.fsck(context.passphrase_given.then_some(context.passphrase))?;
-    let mut human = format!(
-        "checked {} objects, {} chunks, {} snapshots: {}",
-        report.objects_checked,
-        report.chunks_checked,
-        report.snapshots_checked,
-        if report.problems.is_empty() {
-            "no problems".to_owned()
-        } else {
-            format!("{} problem(s)", report.problems.len())
-        }
-    );
-    // Counts per volume and snapshot, so a million missing chunks read as one line each.
-    let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for problem in &report.problems {
-        *groups
-            .entry((
-                problem.volume.clone().unwrap_or_default(),
-                problem.snapshot.clone().unwrap_or_default(),
-            ))
-            .or_default() += 1;
-    }
-    let group_summary: Vec<String> = groups
-        .iter()
-        .map(
-            |((volume, snapshot), count)| match (volume.is_empty(), snapshot.is_empty()) {
-                (true, _) => format!("store: {count}"),
-                (false, true) => format!("volume {volume}: {count}"),
-                (false, false) => format!("volume {volume} snapshot {snapshot}: {count}"),
-            },
-        )
-        .collect();
-    if groups.len() > 1 || (!verbose && report.problems.len() > FSCK_PROBLEMS_SHOWN) {
-        for group in &group_summary {
-            let _ = write!(human, "\n  {group}");
-        }
-    }
-    let shown = if verbose {
-        report.problems.len()
-    } else {
-        FSCK_PROBLEMS_SHOWN
-    };
-    for problem in report.problems.iter().take(shown) {
-        let _ = write!(human, "\n  {problem}");
-    }
-    if report.problems.len() > shown {
-        let _ = write!(
-            human,
-            "\n  ... and {} more (all of them: forge fsck --verbose, or --json)",
-            report.problems.len() - shown
-        );
-    }
-    for volume in &report.skipped_volumes {
-        let _ = write!(
-            human,
-            "\n  volume {volume} is encrypted: checked without its keys only (set FORGE_PASSPHRASE to check its snapshots too)"
-        );
-    }
-    for (volume, reason) in &report.keys_not_opened {
-        let _ = write!(
-            human,
-            "\n  volume {volume}: the passphrase given did not open its keys ({reason}); checked without its keys only"
-        );
-    }
-    let problems: Vec<serde_json::Value> = report
-        .problems
-        .iter()
-        .map(|problem| {
-            json!({
-                "volume": problem.volume,
-                "snapshot": problem.snapshot,
-                "detail": problem.detail,
-                "message": problem.to_string(),
-            })
-        })
-        .collect();
-    let json = json!({
-        "objects_checked": report.objects_checked,
-        "chunks_checked": report.chunks_checked,
-        "snapshots_checked": report.snapshots_checked,
-        "repairable_shards": report.repairable_shards,
-        "problems": problems,
-        "skipped_volumes": report.skipped_volumes,
-        "keys_not_opened": report.keys_not_opened.iter().map(|(volume, reason)| json!({"volume": volume, "reason": reason})).collect::<Vec<_>>(),
-    });
-    let output = Output { human, json };
-    if let Some(first) = report.problems.first() {
-        return Err(NodeError::Damaged {
-            summary: format!(
-                "fsck found {} problem(s) ({}); first: {first}",
-                report.problems.len(),
-                group_summary.join(", ")
-            ),
-            report: Box::new(output),
-        });
-    }
-    if let Some((volume, _)) = report.keys_not_opened.first() {
-        return Err(NodeError::PassphraseDidNotOpen {
-            volume: volume.clone(),
-            report: Box::new(output),
-        });
-    }
-    Ok(output)
 }
 
 /// Runs a typed volume command on `service` (this process's vault or the owning

@@ -23,11 +23,11 @@ use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CommitOutcome, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
     CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest,
-    ExportEvent, ExportRequest, GcReply, GcRequest, ImportEvent, ImportRequest, ListSnapshotsReply,
-    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest,
-    RunReply, RunRequest, ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest,
-    VaultStatsReply, VaultStatsRequest, VersionReply, VersionRequest, VolumeStatsReply,
-    VolumeStatsRequest,
+    ExportEvent, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest, ImportEvent,
+    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply, ScrubRequest,
+    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
+    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -704,6 +704,16 @@ impl ApiGrpc {
 
 #[tonic::async_trait]
 impl Maintenance for ApiGrpc {
+    async fn fsck(
+        &self,
+        request: Request<FsckRequest>,
+    ) -> std::result::Result<Response<FsckReply>, Status> {
+        self.serve("Maintenance.Fsck", request, |service, message| {
+            service.fsck(message)
+        })
+        .await
+    }
+
     async fn gc(
         &self,
         request: Request<GcRequest>,

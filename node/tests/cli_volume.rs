@@ -1179,7 +1179,7 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
 }
 
 /// The typed calls (`forge.v1.Volume`: list, create, stats; `forge.v1.Snapshot`: list,
-/// branch, delete; `forge.v1.Maintenance`: scrub, gc, stats) answer the same in the CLI's own process and through a daemon's control
+/// branch, delete; `forge.v1.Maintenance`: fsck, scrub, gc, stats) answer the same in the CLI's own process and through a daemon's control
 /// socket. Two copies of one data directory (same keys, same snapshots): each command of the
 /// table runs in-process on one and through the other's daemon, and the outputs (`--json`
 /// and human), exit codes and error lines are compared; only a new volume's random id may
@@ -1285,6 +1285,9 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         &["scrub"],
         &["scrub", "--json"],
         &["scrub", "--repair", "--json"],
+        &["fsck"],
+        &["fsck", "--json"],
+        &["fsck", "--verbose"],
     ];
     for row in table {
         let (here, there) = (outcome(&local, row), outcome(&remote, row));
@@ -1323,6 +1326,7 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         ("Snapshot.Branch", 0, 3.0),
         ("Snapshot.Delete", 0, 1.0),
         ("Maintenance.Scrub", 0, 3.0),
+        ("Maintenance.Fsck", 0, 3.0),
         ("Maintenance.Gc", 0, 1.0),
         ("Maintenance.Stats", 0, 1.0),
     ] {

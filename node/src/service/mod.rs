@@ -11,7 +11,9 @@
 
 pub mod remote;
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -19,10 +21,11 @@ use forge_crypto::Cid;
 use forge_proto::v1::{
     ColumnStats, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
     CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote,
-    ExportReply, ExportRequest, GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply,
-    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, MountInfo, NodeStatusReply,
-    NodeStatusRequest, ScrubReply, ScrubRequest, SnapshotInfo, StopNodeReply, StopNodeRequest,
-    VaultStatsReply, VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
+    ExportReply, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest, ImportReply,
+    ImportRequest, KeysNotOpened, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
+    ListVolumesRequest, MountInfo, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
+    SnapshotInfo, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VolumeInfo,
+    VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
@@ -97,6 +100,12 @@ pub trait SnapshotService {
 
 /// Calls on the whole vault (`forge.v1.Maintenance`).
 pub trait MaintenanceService {
+    /// Verifies every object, shard and reference: the report, problems included.
+    ///
+    /// # Errors
+    /// Storage errors (what was found is the reply).
+    fn fsck(&self, request: FsckRequest) -> Result<FsckReply>;
+
     /// Removes what no snapshot reaches (fenced against concurrent writers).
     ///
     /// # Errors
@@ -458,6 +467,33 @@ impl SnapshotService for LocalApi<'_> {
 }
 
 impl MaintenanceService for LocalApi<'_> {
+    fn fsck(&self, request: FsckRequest) -> Result<FsckReply> {
+        let report = self
+            .vault
+            .fsck(request.use_passphrase.then_some(self.passphrase))?;
+        Ok(FsckReply {
+            objects_checked: report.objects_checked,
+            chunks_checked: report.chunks_checked,
+            snapshots_checked: report.snapshots_checked,
+            problems: report
+                .problems
+                .into_iter()
+                .map(|problem| forge_proto::v1::FsckProblem {
+                    volume: problem.volume,
+                    snapshot: problem.snapshot,
+                    detail: problem.detail,
+                })
+                .collect(),
+            repairable_shards: report.repairable_shards,
+            skipped_volumes: report.skipped_volumes,
+            keys_not_opened: report
+                .keys_not_opened
+                .into_iter()
+                .map(|(volume, reason)| KeysNotOpened { volume, reason })
+                .collect(),
+        })
+    }
+
     fn gc(&self, _request: GcRequest) -> Result<GcReply> {
         let report = self.vault.gc(self.passphrase)?;
         Ok(GcReply {
@@ -496,6 +532,146 @@ impl MaintenanceService for LocalApi<'_> {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Problems fsck lists by default, before "... and N more".
+pub const FSCK_PROBLEMS_SHOWN: usize = 5;
+
+/// What `forge fsck` prints: a count per volume and snapshot and the first few problems
+/// (all with `verbose`; `--json` always lists all). Problems fail it (exit 3) and a
+/// passphrase that did not open a volume's keys fails it (exit 1), each with the report.
+///
+/// # Errors
+/// [`NodeError::Damaged`], [`NodeError::PassphraseDidNotOpen`], carrying the report.
+pub fn render_fsck(reply: &FsckReply, verbose: bool) -> Result<Output> {
+    let report = fsck_report(reply);
+    let mut human = format!(
+        "checked {} objects, {} chunks, {} snapshots: {}",
+        report.objects_checked,
+        report.chunks_checked,
+        report.snapshots_checked,
+        if report.problems.is_empty() {
+            "no problems".to_owned()
+        } else {
+            format!("{} problem(s)", report.problems.len())
+        }
+    );
+    // Counts per volume and snapshot, so a million missing chunks read as one line each.
+    let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for problem in &report.problems {
+        *groups
+            .entry((
+                problem.volume.clone().unwrap_or_default(),
+                problem.snapshot.clone().unwrap_or_default(),
+            ))
+            .or_default() += 1;
+    }
+    let group_summary: Vec<String> = groups
+        .iter()
+        .map(
+            |((volume, snapshot), count)| match (volume.is_empty(), snapshot.is_empty()) {
+                (true, _) => format!("store: {count}"),
+                (false, true) => format!("volume {volume}: {count}"),
+                (false, false) => format!("volume {volume} snapshot {snapshot}: {count}"),
+            },
+        )
+        .collect();
+    if groups.len() > 1 || (!verbose && report.problems.len() > FSCK_PROBLEMS_SHOWN) {
+        for group in &group_summary {
+            let _ = write!(human, "\n  {group}");
+        }
+    }
+    let shown = if verbose {
+        report.problems.len()
+    } else {
+        FSCK_PROBLEMS_SHOWN
+    };
+    for problem in report.problems.iter().take(shown) {
+        let _ = write!(human, "\n  {problem}");
+    }
+    if report.problems.len() > shown {
+        let _ = write!(
+            human,
+            "\n  ... and {} more (all of them: forge fsck --verbose, or --json)",
+            report.problems.len() - shown
+        );
+    }
+    for volume in &report.skipped_volumes {
+        let _ = write!(
+            human,
+            "\n  volume {volume} is encrypted: checked without its keys only (set FORGE_PASSPHRASE to check its snapshots too)"
+        );
+    }
+    for (volume, reason) in &report.keys_not_opened {
+        let _ = write!(
+            human,
+            "\n  volume {volume}: the passphrase given did not open its keys ({reason}); checked without its keys only"
+        );
+    }
+    let problems: Vec<serde_json::Value> = report
+        .problems
+        .iter()
+        .map(|problem| {
+            json!({
+                "volume": problem.volume,
+                "snapshot": problem.snapshot,
+                "detail": problem.detail,
+                "message": problem.to_string(),
+            })
+        })
+        .collect();
+    let json = json!({
+        "objects_checked": report.objects_checked,
+        "chunks_checked": report.chunks_checked,
+        "snapshots_checked": report.snapshots_checked,
+        "repairable_shards": report.repairable_shards,
+        "problems": problems,
+        "skipped_volumes": report.skipped_volumes,
+        "keys_not_opened": report.keys_not_opened.iter().map(|(volume, reason)| json!({"volume": volume, "reason": reason})).collect::<Vec<_>>(),
+    });
+    let output = Output { human, json };
+    if let Some(first) = report.problems.first() {
+        return Err(NodeError::Damaged {
+            summary: format!(
+                "fsck found {} problem(s) ({}); first: {first}",
+                report.problems.len(),
+                group_summary.join(", ")
+            ),
+            report: Box::new(output),
+        });
+    }
+    if let Some((volume, _)) = report.keys_not_opened.first() {
+        return Err(NodeError::PassphraseDidNotOpen {
+            volume: volume.clone(),
+            report: Box::new(output),
+        });
+    }
+    Ok(output)
+}
+
+/// The reply as the vault's report (the same problems, so the same lines).
+fn fsck_report(reply: &FsckReply) -> crate::vault::check::FsckReport {
+    crate::vault::check::FsckReport {
+        objects_checked: reply.objects_checked,
+        chunks_checked: reply.chunks_checked,
+        snapshots_checked: reply.snapshots_checked,
+        problems: reply
+            .problems
+            .iter()
+            .map(|problem| crate::vault::check::FsckProblem {
+                volume: problem.volume.clone(),
+                snapshot: problem.snapshot.clone(),
+                detail: problem.detail.clone(),
+            })
+            .collect(),
+        repairable_shards: reply.repairable_shards,
+        skipped_volumes: reply.skipped_volumes.clone(),
+        keys_not_opened: reply
+            .keys_not_opened
+            .iter()
+            .map(|keys| (keys.volume.clone(), keys.reason.clone()))
+            .collect(),
     }
 }
 

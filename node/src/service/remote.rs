@@ -10,9 +10,9 @@ use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest, CreateVolumeReply,
     CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest,
-    GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest,
-    ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply,
-    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest,
+    FsckReply, FsckRequest, GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest,
+    ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest,
     VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_proto::v1::{export_event, import_event};
@@ -127,6 +127,11 @@ impl SnapshotService for RemoteApi<'_> {
 }
 
 impl MaintenanceService for RemoteApi<'_> {
+    fn fsck(&self, request: FsckRequest) -> Result<FsckReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.maintenance().fsck(request))
+    }
+
     fn gc(&self, request: GcRequest) -> Result<GcReply> {
         let request = self.connection.request(request);
         self.connection.call(self.maintenance().gc(request))

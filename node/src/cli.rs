@@ -20,8 +20,8 @@ use crate::service::{
 use crate::vault::snapshots::DiffChange;
 use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
-    CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, ExportRequest,
-    FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
+    CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
+    ExportRequest, FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
     NodeStatusRequest, ScrubRequest, StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
@@ -487,11 +487,12 @@ impl Cli {
             Command::Snapshot(
                 command @ (SnapshotCommand::List { .. }
                 | SnapshotCommand::Branch { .. }
-                | SnapshotCommand::Delete { .. }),
+                | SnapshotCommand::Delete { .. }
+                | SnapshotCommand::Diff { .. }),
             ) => {
                 let data_dir = self.data_dir()?;
                 if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return snapshot_call(&RemoteApi::new(&connection), command);
+                    return snapshot_call(&RemoteApi::new(&connection), command, self.json);
                 }
                 let vault = Vault::open(&data_dir, &ask_passphrase)?;
                 snapshot_call(
@@ -500,21 +501,8 @@ impl Cli {
                         passphrase: &ask_passphrase,
                     },
                     command,
+                    self.json,
                 )
-            }
-            _ => {
-                let data_dir = self.data_dir()?;
-                // A running mount owns the data directory: the command runs there.
-                if let Some(output) = crate::control::forward(&data_dir)? {
-                    return Ok(output);
-                }
-                let vault = Vault::open(&data_dir, &ask_passphrase)?;
-                self.run_with(&VaultContext {
-                    vault: &vault,
-                    passphrase: &ask_passphrase,
-                    passphrase_given: std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_some(),
-                    host: None,
-                })
             }
         }
     }
@@ -651,40 +639,15 @@ fn snapshot_command(
     match command {
         SnapshotCommand::List { .. }
         | SnapshotCommand::Branch { .. }
-        | SnapshotCommand::Delete { .. } => snapshot_call(
+        | SnapshotCommand::Delete { .. }
+        | SnapshotCommand::Diff { .. } => snapshot_call(
             &LocalApi {
                 vault,
                 passphrase: context.passphrase,
             },
             command,
+            json,
         ),
-        SnapshotCommand::Diff { name, a, b } => {
-            // Only the form asked for is built: a diff can be as long as the volume.
-            if json {
-                let diff = vault.diff_snapshots(name, a, b, context.passphrase)?;
-                return Ok(Output {
-                    human: String::new(),
-                    json: json!({"added": diff.added, "removed": diff.removed, "modified": diff.modified}),
-                });
-            }
-            let mut human = String::new();
-            vault.diff_snapshots_each(name, (a, b), context.passphrase, &mut |change, path| {
-                let sign = match change {
-                    DiffChange::Added => '+',
-                    DiffChange::Removed => '-',
-                    DiffChange::Modified => 'M',
-                };
-                let _ = writeln!(human, "{sign} {}", path.escape_debug());
-            })?;
-            if human.is_empty() {
-                human.push_str("no differences");
-            }
-            human.truncate(human.trim_end().len());
-            Ok(Output {
-                human,
-                json: serde_json::Value::Null,
-            })
-        }
         SnapshotCommand::Restore {
             name,
             id,
@@ -749,8 +712,52 @@ fn maintenance_call(
 
 /// Runs a typed snapshot command on `service` (this process's vault or the owning
 /// process's) and renders its reply.
-fn snapshot_call(service: &dyn SnapshotService, command: &SnapshotCommand) -> Result<Output> {
+fn snapshot_call(
+    service: &dyn SnapshotService,
+    command: &SnapshotCommand,
+    json: bool,
+) -> Result<Output> {
     match command {
+        SnapshotCommand::Diff { name, a, b } => {
+            let request = DiffRequest {
+                volume: name.clone(),
+                from: a.clone(),
+                to: b.clone(),
+            };
+            // Only the form asked for is built: a diff can be as long as the volume.
+            if json {
+                let (mut added, mut removed, mut modified) = (Vec::new(), Vec::new(), Vec::new());
+                service.diff(request, &mut |change, path| {
+                    match change {
+                        DiffChange::Added => &mut added,
+                        DiffChange::Removed => &mut removed,
+                        DiffChange::Modified => &mut modified,
+                    }
+                    .push(path.to_owned());
+                })?;
+                return Ok(Output {
+                    human: String::new(),
+                    json: json!({"added": added, "removed": removed, "modified": modified}),
+                });
+            }
+            let mut human = String::new();
+            service.diff(request, &mut |change, path| {
+                let sign = match change {
+                    DiffChange::Added => '+',
+                    DiffChange::Removed => '-',
+                    DiffChange::Modified => 'M',
+                };
+                let _ = writeln!(human, "{sign} {}", path.escape_debug());
+            })?;
+            if human.is_empty() {
+                human.push_str("no differences");
+            }
+            human.truncate(human.trim_end().len());
+            Ok(Output {
+                human,
+                json: serde_json::Value::Null,
+            })
+        }
         SnapshotCommand::List { name } => {
             service::render_snapshots(&service.list(ListSnapshotsRequest {
                 volume: name.clone(),

@@ -22,11 +22,11 @@ use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
     CommitOutcome, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
-    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest,
-    ExportEvent, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest, ImportEvent,
-    ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
-    NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply, ScrubRequest,
-    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
+    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, DiffBatch,
+    DiffEntry, DiffRequest, ExportEvent, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest,
+    ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
+    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply,
+    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
     VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use tonic::{Request, Response, Status};
@@ -776,7 +776,70 @@ impl Snapshot for ApiGrpc {
         })
         .await
     }
+
+    type DiffStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<DiffBatch, Status>>;
+
+    /// Streams the differences in batches of [`DIFF_BATCH_ENTRIES`] as the walk finds them:
+    /// neither side holds a whole diff.
+    async fn diff(
+        &self,
+        request: Request<DiffRequest>,
+    ) -> std::result::Result<Response<Self::DiffStream>, Status> {
+        use forge_proto::v1::diff_entry::Change;
+        check_client_version(&request)?;
+        let passphrase = passphrase_of(&request)?;
+        let message = request.into_inner();
+        let host = self.host.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let source = passphrase_source(passphrase);
+            let service = LocalApi {
+                vault: host.vault(),
+                passphrase: &source,
+            };
+            let mut batch = Vec::with_capacity(DIFF_BATCH_ENTRIES);
+            let mut client_gone = false;
+            let result = service.diff(message, &mut |change, path| {
+                if client_gone {
+                    return;
+                }
+                let change = match change {
+                    crate::vault::snapshots::DiffChange::Added => Change::Added,
+                    crate::vault::snapshots::DiffChange::Removed => Change::Removed,
+                    crate::vault::snapshots::DiffChange::Modified => Change::Modified,
+                };
+                batch.push(DiffEntry {
+                    change: change.into(),
+                    path: path.as_bytes().to_vec(),
+                });
+                if batch.len() == DIFF_BATCH_ENTRIES {
+                    let entries =
+                        std::mem::replace(&mut batch, Vec::with_capacity(DIFF_BATCH_ENTRIES));
+                    client_gone = sender.blocking_send(Ok(DiffBatch { entries })).is_err();
+                }
+            });
+            let code = result
+                .as_ref()
+                .map_or_else(|error| u32::from(error.exit_code() as u8), |()| 0);
+            host.metrics()
+                .count_call("Snapshot.Diff", code, started.elapsed().as_secs_f64());
+            let last = match result {
+                Ok(()) if batch.is_empty() => return,
+                Ok(()) => Ok(DiffBatch { entries: batch }),
+                Err(error) => Err(status_of(&error)),
+            };
+            let _ = sender.blocking_send(last);
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
 }
+
+/// Paths a diff's stream sends per message.
+const DIFF_BATCH_ENTRIES: usize = 1024;
 
 /// How often a long call's stream reports progress.
 const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);

@@ -1179,7 +1179,7 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
 }
 
 /// The typed calls (`forge.v1.Volume`: list, create, stats; `forge.v1.Snapshot`: list,
-/// branch, delete; `forge.v1.Maintenance`: fsck, scrub, gc, stats) answer the same in the CLI's own process and through a daemon's control
+/// branch, delete, diff; `forge.v1.Maintenance`: fsck, scrub, gc, stats) answer the same in the CLI's own process and through a daemon's control
 /// socket. Two copies of one data directory (same keys, same snapshots): each command of the
 /// table runs in-process on one and through the other's daemon, and the outputs (`--json`
 /// and human), exit codes and error lines are compared; only a new volume's random id may
@@ -1263,6 +1263,10 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         &["snapshot", "list", "a", "--json"],
         &["snapshot", "list", "b"],
         &["snapshot", "list", "absent", "--json"],
+        &["snapshot", "diff", "a", &first, &second],
+        &["snapshot", "diff", "a", &first, &second, "--json"],
+        &["snapshot", "diff", "a", &second, &second],
+        &["snapshot", "diff", "a", &first, "ffff"],
         &["snapshot", "branch", "a", "old", "--from", &first],
         &["snapshot", "branch", "a", "dev", "--json"],
         &["snapshot", "branch", "a", "dev"],
@@ -1289,6 +1293,10 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         &["fsck", "--json"],
         &["fsck", "--verbose"],
     ];
+    // The diff the daemon streamed is the real one: the one file the second import changed.
+    let diff = remote.json(&["snapshot", "diff", "a", &first, &second]);
+    assert_eq!(diff["modified"], serde_json::json!(["small.txt"]), "{diff}");
+    assert_eq!(diff["added"], serde_json::json!([]), "{diff}");
     for row in table {
         let (here, there) = (outcome(&local, row), outcome(&remote, row));
         assert_eq!(here, there, "{row:?}");
@@ -1325,6 +1333,8 @@ fn typed_calls_answer_the_same_in_process_and_through_a_daemon() {
         ("Snapshot.List", 0, 5.0),
         ("Snapshot.Branch", 0, 3.0),
         ("Snapshot.Delete", 0, 1.0),
+        ("Snapshot.Diff", 0, 4.0),
+        ("Snapshot.Diff", 1, 1.0),
         ("Maintenance.Scrub", 0, 3.0),
         ("Maintenance.Fsck", 0, 3.0),
         ("Maintenance.Gc", 0, 1.0),

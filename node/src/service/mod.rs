@@ -20,12 +20,12 @@ use std::path::{Path, PathBuf};
 use forge_crypto::Cid;
 use forge_proto::v1::{
     ColumnStats, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
-    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, EntryNote,
-    ExportReply, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest, ImportReply,
-    ImportRequest, KeysNotOpened, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, MountInfo, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
-    SnapshotInfo, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VolumeInfo,
-    VolumeStatsReply, VolumeStatsRequest,
+    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest,
+    DiffRequest, EntryNote, ExportReply, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest,
+    ImportReply, ImportRequest, KeysNotOpened, ListSnapshotsReply, ListSnapshotsRequest,
+    ListVolumesReply, ListVolumesRequest, MountInfo, NodeStatusReply, NodeStatusRequest,
+    ScrubReply, ScrubRequest, SnapshotInfo, StopNodeReply, StopNodeRequest, VaultStatsReply,
+    VaultStatsRequest, VolumeInfo, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 use serde_json::json;
@@ -36,6 +36,7 @@ use crate::output::Output;
 use crate::progress::{Progress, human_bytes};
 use crate::vault::export::SnapshotSelector;
 use crate::vault::records::VolumeRecord;
+use crate::vault::snapshots::DiffChange;
 use crate::vault::{
     CreateVolumeOptions, DEFAULT_BRANCH, ExportOptions, ImportOptions, PassphraseSource, Vault,
 };
@@ -96,6 +97,13 @@ pub trait SnapshotService {
     /// # Errors
     /// An unknown volume or snapshot, a snapshot that is a branch's head.
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply>;
+
+    /// Gives `each` every path that differs between two snapshots, in path order (a
+    /// directory as `path/`, before what is below it), as it is found.
+    ///
+    /// # Errors
+    /// Unknown names, integrity errors.
+    fn diff(&self, request: DiffRequest, each: &mut dyn FnMut(DiffChange, &str)) -> Result<()>;
 }
 
 /// Calls on the whole vault (`forge.v1.Maintenance`).
@@ -454,6 +462,15 @@ impl SnapshotService for LocalApi<'_> {
         Ok(CreateBranchReply {
             snapshot: target.as_bytes().to_vec(),
         })
+    }
+
+    fn diff(&self, request: DiffRequest, each: &mut dyn FnMut(DiffChange, &str)) -> Result<()> {
+        self.vault.diff_snapshots_each(
+            &request.volume,
+            (&request.from, &request.to),
+            self.passphrase,
+            each,
+        )
     }
 
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {

@@ -9,18 +9,19 @@ use forge_proto::v1::snapshot_client::SnapshotClient;
 use forge_proto::v1::volume_client::VolumeClient;
 use forge_proto::v1::{
     CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest, CreateVolumeReply,
-    CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, ExportReply, ExportRequest,
-    FsckReply, FsckRequest, GcReply, GcRequest, ImportReply, ImportRequest, ListSnapshotsReply,
-    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, NodeStatusReply, NodeStatusRequest,
-    ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest,
-    VolumeStatsReply, VolumeStatsRequest,
+    CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, DiffRequest, ExportReply,
+    ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest, ImportReply, ImportRequest,
+    ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest,
+    NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest,
+    VaultStatsReply, VaultStatsRequest, VolumeStatsReply, VolumeStatsRequest,
 };
-use forge_proto::v1::{export_event, import_event};
+use forge_proto::v1::{diff_entry, export_event, import_event};
 
 use super::{MaintenanceService, MountService, NodeService, SnapshotService, VolumeService};
 use crate::control::Connection;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
+use crate::vault::snapshots::DiffChange;
 
 /// The typed services over a connection to the owning process.
 #[derive(Debug)]
@@ -123,6 +124,29 @@ impl SnapshotService for RemoteApi<'_> {
     fn delete(&self, request: DeleteSnapshotRequest) -> Result<DeleteSnapshotReply> {
         let request = self.connection.request(request);
         self.connection.call(self.snapshots().delete(request))
+    }
+
+    fn diff(&self, request: DiffRequest, each: &mut dyn FnMut(DiffChange, &str)) -> Result<()> {
+        let request = self.connection.request(request);
+        self.connection
+            .stream(self.snapshots().diff(request), |batch| {
+                for entry in batch.entries {
+                    let change = match diff_entry::Change::try_from(entry.change) {
+                        Ok(diff_entry::Change::Added) => DiffChange::Added,
+                        Ok(diff_entry::Change::Removed) => DiffChange::Removed,
+                        Ok(diff_entry::Change::Modified) => DiffChange::Modified,
+                        _ => {
+                            return Err(NodeError::InvalidArgument {
+                                what: "reply",
+                                value: format!("change {}", entry.change),
+                                reason: "Snapshot.Diff sent a change of no known kind".into(),
+                            });
+                        }
+                    };
+                    each(change, &String::from_utf8_lossy(&entry.path));
+                }
+                Ok(())
+            })
     }
 }
 

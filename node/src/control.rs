@@ -29,6 +29,7 @@ use forge_proto::v1::{
     ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
     VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
+use forge_proto::v1::{MountReply, MountRequest};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -641,6 +642,49 @@ impl crate::service::MountService for Host {
 
 #[tonic::async_trait]
 impl Mount for ApiGrpc {
+    /// Mounts in this host, with the passphrase the call carried (an encrypted volume's
+    /// keys need it), and answers with the ready line.
+    async fn mount(
+        &self,
+        request: Request<MountRequest>,
+    ) -> std::result::Result<Response<MountReply>, Status> {
+        check_client_version(&request)?;
+        let passphrase = passphrase_of(&request)?;
+        let message = request.into_inner();
+        let host = self.host.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let source = passphrase_source(passphrase);
+            let options = crate::mount::MountOptions {
+                volume: message.volume,
+                mountpoint: PathBuf::from(OsString::from_vec(message.mountpoint)),
+                branch: message.branch,
+                snapshot: message.snapshot,
+                read_only: message.read_only,
+                background: false,
+                cache_bytes: usize::try_from(message.cache_bytes).unwrap_or(usize::MAX),
+            };
+            let result = if options.mountpoint.is_absolute() {
+                host.mount(&options, &source)
+            } else {
+                Err(NodeError::InvalidArgument {
+                    what: "mount point",
+                    value: options.mountpoint.display().to_string(),
+                    reason: "the service takes absolute paths only (the CLI makes them so)".into(),
+                })
+            };
+            let code = result
+                .as_ref()
+                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
+            host.metrics()
+                .count_call("Mount.Mount", code, started.elapsed().as_secs_f64());
+            result.map(|summary| MountReply { summary })
+        })
+        .await
+        .map_err(|error| Status::internal(format!("Mount.Mount panicked: {error}")))?;
+        result.map(Response::new).map_err(|error| status_of(&error))
+    }
+
     async fn commit(
         &self,
         request: Request<CommitRequest>,

@@ -153,8 +153,18 @@ pub fn mount(
     passphrase: PassphraseSource<'_>,
 ) -> Result<String> {
     let (mountpoint, _, _) = check_options(options)?;
-    if let Some(output) = crate::control::forward(data_dir)? {
-        return Ok(output.human);
+    if let Some(connection) = crate::control::Connection::open(data_dir)? {
+        let reply = crate::service::remote::RemoteApi::new(&connection).mount(
+            forge_proto::v1::MountRequest {
+                volume: options.volume.clone(),
+                mountpoint: mountpoint.clone().into_os_string().into_encoded_bytes(),
+                branch: options.branch.clone(),
+                snapshot: options.snapshot.clone(),
+                read_only: options.read_only,
+                cache_bytes: options.cache_bytes as u64,
+            },
+        )?;
+        return Ok(reply.summary);
     }
     if options.background && std::env::var_os(BACKGROUND_CHILD_ENV).is_none() {
         return spawn_background(data_dir, &mountpoint);

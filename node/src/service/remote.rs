@@ -15,7 +15,7 @@ use forge_proto::v1::{
     NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest,
     VaultStatsReply, VaultStatsRequest, VolumeStatsReply, VolumeStatsRequest,
 };
-use forge_proto::v1::{diff_entry, export_event, import_event};
+use forge_proto::v1::{MountReply, MountRequest, diff_entry, export_event, import_event};
 
 use super::{MaintenanceService, MountService, NodeService, SnapshotService, VolumeService};
 use crate::control::Connection;
@@ -50,6 +50,18 @@ impl<'a> RemoteApi<'a> {
 
     fn node(&self) -> NodeClient<tonic::transport::Channel> {
         NodeClient::new(self.connection.channel())
+    }
+
+    /// Mounts a volume in the process serving the connection (`forge.v1.Mount/Mount`):
+    /// only a running host mounts for another process, so this has no in-process twin.
+    ///
+    /// # Errors
+    /// The host's: unknown volume, branch or snapshot; a branch mounted read-write
+    /// already; FUSE failures.
+    pub fn mount(&self, request: MountRequest) -> Result<MountReply> {
+        let request = self.connection.request(request);
+        self.connection
+            .call(MountClient::new(self.connection.channel()).mount(request))
     }
 }
 

@@ -17,12 +17,12 @@ use crate::service::remote::RemoteApi;
 use crate::service::{
     self, LocalApi, MaintenanceService, MountService, NodeService, SnapshotService, VolumeService,
 };
+use crate::vault::Vault;
 use crate::vault::snapshots::DiffChange;
-use crate::vault::{PassphraseSource, Vault};
 use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
     ExportRequest, FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
-    NodeStatusRequest, ScrubRequest, StopNodeRequest, VaultStatsRequest, VolumeStatsRequest,
+    NodeStatusRequest, ScrubRequest, VaultStatsRequest, VolumeStatsRequest,
 };
 use forge_store::erasure::ErasureLayout;
 
@@ -506,180 +506,10 @@ impl Cli {
             }
         }
     }
-
-    /// Runs a command that needs the vault, against an open one (in this process, or in
-    /// the mount process that owns the data directory, for a command sent to its control
-    /// socket).
-    ///
-    /// # Errors
-    /// Whatever the command fails with.
-    pub fn run_with(&self, context: &VaultContext<'_>) -> Result<Output> {
-        match &self.command {
-            Command::Volume(command) => volume_command(context, command, self.json),
-            Command::Snapshot(command) => snapshot_command(context, command, self.json),
-            Command::Gc | Command::Stats | Command::Scrub { .. } | Command::Fsck { .. } => {
-                maintenance_call(
-                    &LocalApi {
-                        vault: context.vault,
-                        passphrase: context.passphrase,
-                    },
-                    &self.command,
-                    context.passphrase_given,
-                )
-            }
-            Command::Node(NodeCommand::Status) => match context.host {
-                Some(host) => Ok(service::render_node_status(&NodeService::status(
-                    host.as_ref(),
-                    NodeStatusRequest {},
-                )?)),
-                None => Err(NodeError::NoDaemon {
-                    data_dir: context.vault.data_dir().path().to_owned(),
-                }),
-            },
-            Command::Node(NodeCommand::Stop { .. }) => match context.host {
-                Some(host) => {
-                    let reply = NodeService::stop(host.as_ref(), StopNodeRequest {})?;
-                    Ok(Output {
-                        human: service::describe_stop(&reply),
-                        json: json!({"pid": reply.pid}),
-                    })
-                }
-                None => Err(NodeError::NoDaemon {
-                    data_dir: context.vault.data_dir().path().to_owned(),
-                }),
-            },
-            Command::Version
-            | Command::Init(_)
-            | Command::Node(NodeCommand::Id | NodeCommand::Start { .. } | NodeCommand::Config) => {
-                Err(NodeError::InvalidArgument {
-                    what: "command",
-                    value: format!("{:?}", self.command),
-                    reason: "it does not run against an open vault".into(),
-                })
-            }
-        }
-    }
-}
-
-/// What a vault command runs against.
-pub struct VaultContext<'a> {
-    /// The open vault.
-    pub vault: &'a Vault,
-    /// Where passphrases come from.
-    pub passphrase: PassphraseSource<'a>,
-    /// Whether the user gave a passphrase without being asked (`FORGE_PASSPHRASE`):
-    /// checks of every volume then use it instead of skipping encrypted ones.
-    pub passphrase_given: bool,
-    /// The mount host this process is, when the command came through its control socket.
-    pub host: Option<&'a std::sync::Arc<crate::mount::Host>>,
-}
-
-impl std::fmt::Debug for VaultContext<'_> {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("VaultContext")
-            .field("vault", &self.vault)
-            .field("host", &self.host)
-            .finish_non_exhaustive()
-    }
 }
 
 fn ask_passphrase(prompt: &str, confirm: bool) -> Result<zeroize::Zeroizing<String>> {
     passphrase::obtain(prompt, confirm)
-}
-
-fn volume_command(
-    context: &VaultContext<'_>,
-    command: &VolumeCommand,
-    json: bool,
-) -> Result<Output> {
-    let vault = context.vault;
-    match command {
-        VolumeCommand::Create { .. }
-        | VolumeCommand::List
-        | VolumeCommand::Stats { .. }
-        | VolumeCommand::Import { .. }
-        | VolumeCommand::Export { .. } => volume_call(
-            &LocalApi {
-                vault,
-                passphrase: context.passphrase,
-            },
-            command,
-            json,
-        ),
-        VolumeCommand::Mount { .. } => {
-            // Sent by another `forge volume mount` to this mount host.
-            let config = NodeConfig::load(context.vault.data_dir())?;
-            let (Some(host), Some(options)) = (context.host, command.mount_options(&config)) else {
-                return Err(MountFault::Internal {
-                    what: "a forwarded mount reached a process that hosts no mounts".into(),
-                }
-                .into());
-            };
-            let ready = host.mount(&options, context.passphrase)?;
-            let human = format!("{ready} (served by forge process {})", std::process::id());
-            Ok(Output {
-                json: json!({"summary": human}),
-                human,
-            })
-        }
-        VolumeCommand::Unmount { .. } => Err(MountFault::Internal {
-            what: "unmount was dispatched as a vault command".into(),
-        }
-        .into()),
-    }
-}
-
-fn snapshot_command(
-    context: &VaultContext<'_>,
-    command: &SnapshotCommand,
-    json: bool,
-) -> Result<Output> {
-    let vault = context.vault;
-    match command {
-        SnapshotCommand::List { .. }
-        | SnapshotCommand::Branch { .. }
-        | SnapshotCommand::Delete { .. }
-        | SnapshotCommand::Diff { .. } => snapshot_call(
-            &LocalApi {
-                vault,
-                passphrase: context.passphrase,
-            },
-            command,
-            json,
-        ),
-        SnapshotCommand::Restore {
-            name,
-            id,
-            destination,
-            numeric_owner,
-        } => volume_command(
-            context,
-            &VolumeCommand::Export {
-                name: name.clone(),
-                destination: destination.clone(),
-                snapshot: Some(id.clone()),
-                branch: None,
-                numeric_owner: *numeric_owner,
-            },
-            json,
-        ),
-        SnapshotCommand::Create { name, message } => {
-            let Some(host) = context.host else {
-                return Err(crate::mount::nothing_to_commit(name));
-            };
-            service::render_commit(
-                name,
-                &MountService::commit(
-                    host.as_ref(),
-                    CommitRequest {
-                        volume: name.clone(),
-                        message: message.clone(),
-                    },
-                )?,
-            )
-        }
-    }
 }
 
 /// Runs a typed maintenance command (gc, scrub, vault stats) on `service` (this process's

@@ -9,11 +9,9 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{CommandFactory, FromArgMatches};
-use forge_proto::v1::control_client::ControlClient;
 use forge_proto::v1::control_server::{Control, ControlServer};
 use forge_proto::v1::maintenance_server::{Maintenance, MaintenanceServer};
 use forge_proto::v1::mount_server::{Mount, MountServer};
@@ -25,15 +23,14 @@ use forge_proto::v1::{
     CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, DiffBatch,
     DiffEntry, DiffRequest, ExportEvent, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest,
     ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, RunReply, RunRequest, ScrubReply,
-    ScrubRequest, StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
+    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
+    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
     VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_proto::v1::{MountReply, MountRequest};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::cli::{Cli, Command, Output, SnapshotCommand, VaultContext, VolumeCommand};
 use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
@@ -264,46 +261,6 @@ pub fn status_of(error: &NodeError) -> Status {
     status
 }
 
-/// Sends this process's command line to the process owning `data_dir`, if one serves a
-/// control socket; `None` when nobody does (the caller opens the vault itself).
-///
-/// # Errors
-/// The remote command's error, with its exit code; a socket that exists but does not
-/// answer.
-pub fn forward(data_dir: &DataDir) -> Result<Option<Output>> {
-    let Some(connection) = Connection::open(data_dir)? else {
-        return Ok(None);
-    };
-    let request = connection.request(RunRequest {
-        args: std::env::args_os()
-            .skip(1)
-            .map(OsStringExt::into_vec)
-            .collect(),
-        cwd: std::env::current_dir()
-            .map(|cwd| cwd.into_os_string().into_vec())
-            .unwrap_or_default(),
-    });
-    let reply = connection.call(ControlClient::new(connection.channel()).run(request))?;
-    if reply.exit_code == 0 {
-        let json = serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null);
-        return Ok(Some(Output {
-            human: reply.human,
-            json,
-        }));
-    }
-    let report = (!reply.human.is_empty() || !reply.json.is_empty()).then(|| {
-        Box::new(Output {
-            json: serde_json::from_str(&reply.json).unwrap_or(serde_json::Value::Null),
-            human: reply.human,
-        })
-    });
-    Err(NodeError::Forwarded {
-        message: reply.error,
-        exit_code: u8::try_from(reply.exit_code).unwrap_or(1),
-        report,
-    })
-}
-
 /// How long a stopping control server waits for its clients to close their connections.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -426,88 +383,6 @@ impl Control for ControlService {
             node_id: self.host.vault().identity().node_id().to_string(),
         }))
     }
-
-    async fn run(
-        &self,
-        request: Request<RunRequest>,
-    ) -> std::result::Result<Response<RunReply>, Status> {
-        check_client_version(&request)?;
-        let passphrase = passphrase_of(&request)?;
-        let request = request.into_inner();
-        let host = self.host.clone();
-        // Commands are blocking (storage, chunking): off the async workers.
-        let reply = tokio::task::spawn_blocking(move || run_command(&host, request, passphrase))
-            .await
-            .map_err(|error| Status::internal(format!("command panicked: {error}")))?;
-        Ok(Response::new(reply))
-    }
-}
-
-/// Parses and runs one forwarded command line.
-fn run_command(
-    host: &Arc<Host>,
-    request: RunRequest,
-    passphrase: Option<Zeroizing<String>>,
-) -> RunReply {
-    let started = std::time::Instant::now();
-    let arguments: Vec<OsString> = std::iter::once(OsString::from("forge"))
-        .chain(request.args.into_iter().map(OsString::from_vec))
-        .collect();
-    // One parse gives both the command and its name (for the metrics).
-    let parsed = Cli::command()
-        .try_get_matches_from(&arguments)
-        .and_then(|matches| {
-            Cli::from_arg_matches(&matches).map(|cli| (cli, method_name(&matches)))
-        });
-    let (mut cli, method) = match parsed {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            let reply = failure(
-                &NodeError::InvalidArgument {
-                    what: "command",
-                    value: String::new(),
-                    reason: error
-                        .to_string()
-                        .lines()
-                        .next()
-                        .unwrap_or("unparsable")
-                        .to_owned(),
-                },
-                ExitCode::Usage,
-            );
-            host.metrics().count_call(
-                "unparsable",
-                reply.exit_code,
-                started.elapsed().as_secs_f64(),
-            );
-            return reply;
-        }
-    };
-    let cwd = PathBuf::from(OsString::from_vec(request.cwd));
-    absolutize_paths(&mut cli.command, &cwd);
-    let passphrase_given = passphrase.is_some();
-    let source = passphrase_source(passphrase);
-    let context = VaultContext {
-        vault: host.vault(),
-        passphrase: &source,
-        passphrase_given,
-        host: Some(host),
-    };
-    let reply = match cli.run_with(&context) {
-        Ok(output) => RunReply {
-            exit_code: 0,
-            human: output.human,
-            json: output.json.to_string(),
-            error: String::new(),
-        },
-        Err(error) => {
-            let code = error.exit_code();
-            failure(&error, code)
-        }
-    };
-    host.metrics()
-        .count_call(&method, reply.exit_code, started.elapsed().as_secs_f64());
-    reply
 }
 
 /// The passphrase a request carries in its metadata, if any.
@@ -1062,8 +937,8 @@ impl Volume for ApiGrpc {
     }
 }
 
-/// Refuses a client of another forge version (or one that does not say): this process
-/// would parse its command line with its own, possibly different, arguments.
+/// Refuses a client of another forge version (or one that does not say): the messages of
+/// another version may mean something else.
 fn check_client_version<T>(request: &Request<T>) -> std::result::Result<(), Status> {
     let ours = env!("CARGO_PKG_VERSION");
     let theirs = request
@@ -1079,45 +954,5 @@ fn check_client_version<T>(request: &Request<T>) -> std::result::Result<(), Stat
             "the request does not say its forge version (metadata `{}`); this process runs {ours}",
             forge_proto::VERSION_METADATA
         ))),
-    }
-}
-
-/// The command a forwarded command line names, as `volume import` (for the metrics).
-fn method_name(matches: &clap::ArgMatches) -> String {
-    let mut names = Vec::new();
-    let mut level = matches;
-    while let Some((name, sub)) = level.subcommand() {
-        names.push(name.to_owned());
-        level = sub;
-    }
-    names.join(" ")
-}
-
-fn failure(error: &NodeError, code: ExitCode) -> RunReply {
-    let (human, json) = error.report().map_or_else(Default::default, |report| {
-        (report.human.clone(), report.json.to_string())
-    });
-    RunReply {
-        exit_code: u32::from(code as u8),
-        human,
-        json,
-        error: error.to_string().replace('\n', " "),
-    }
-}
-
-/// Makes the command's path arguments absolute against the client's working directory.
-fn absolutize_paths(command: &mut Command, cwd: &Path) {
-    let fix = |path: &mut PathBuf| {
-        if path.is_relative() {
-            *path = cwd.join(&*path);
-        }
-    };
-    match command {
-        Command::Volume(VolumeCommand::Import { source, .. }) => fix(source),
-        Command::Volume(VolumeCommand::Export { destination, .. })
-        | Command::Snapshot(SnapshotCommand::Restore { destination, .. }) => fix(destination),
-        Command::Volume(VolumeCommand::Mount { mountpoint, .. })
-        | Command::Volume(VolumeCommand::Unmount { mountpoint }) => fix(mountpoint),
-        _ => {}
     }
 }

@@ -965,7 +965,6 @@ fn a_foreground_daemon_notifies_the_service_manager() {
 /// not gRPC at all gets a clear error, and the daemon keeps serving.
 #[test]
 fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
-    use forge_proto::v1::RunRequest;
     use forge_proto::v1::control_client::ControlClient;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
@@ -1061,11 +1060,16 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
         );
 
         let mut control = ControlClient::new(channel.clone());
-        let list = |version: Option<&'static str>, args: Vec<Vec<u8>>| {
-            let mut request = tonic::Request::new(RunRequest {
-                args,
-                cwd: b"/".to_vec(),
-            });
+        let version = control
+            .version(common::versioned(forge_proto::v1::VersionRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(version.version, env!("CARGO_PKG_VERSION"));
+        // A typed call of another version, of none, too large, or with a name no volume
+        // has: each a clear status, and the daemon keeps serving.
+        let stats = |version: Option<&'static str>, name: String| {
+            let mut request = tonic::Request::new(forge_proto::v1::VolumeStatsRequest { name });
             if let Some(version) = version {
                 request.metadata_mut().insert(
                     forge_proto::VERSION_METADATA,
@@ -1074,15 +1078,14 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
             }
             request
         };
-        let volume_list = || vec![b"volume".to_vec(), b"list".to_vec()];
-        let unversioned = control.run(list(None, volume_list())).await.unwrap_err();
+        let unversioned = volumes.stats(stats(None, "v".into())).await.unwrap_err();
         assert_eq!(unversioned.code(), tonic::Code::FailedPrecondition);
         assert!(
             unversioned.message().contains("forge-version"),
             "{unversioned:?}"
         );
-        let other = control
-            .run(list(Some("0.0.0-other"), volume_list()))
+        let other = volumes
+            .stats(stats(Some("0.0.0-other"), "v".into()))
             .await
             .unwrap_err();
         assert_eq!(other.code(), tonic::Code::FailedPrecondition);
@@ -1091,11 +1094,8 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
                 && other.message().contains(env!("CARGO_PKG_VERSION")),
             "{other:?}"
         );
-        let oversized = control
-            .run(list(
-                Some(env!("CARGO_PKG_VERSION")),
-                vec![vec![b'x'; 5 << 20]],
-            ))
+        let oversized = volumes
+            .stats(stats(Some(env!("CARGO_PKG_VERSION")), "x".repeat(5 << 20)))
             .await
             .unwrap_err();
         assert!(
@@ -1105,15 +1105,21 @@ fn the_control_socket_serves_reflection_and_health_and_refuses_bad_requests() {
             ),
             "{oversized:?}"
         );
-        let garbage_args = control
-            .run(list(
+        let bad_name = volumes
+            .stats(stats(
                 Some(env!("CARGO_PKG_VERSION")),
-                vec![b"no-such-command".to_vec()],
+                "no/such volume".into(),
             ))
             .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(garbage_args.exit_code, 2, "{garbage_args:?}");
+            .unwrap_err();
+        assert_eq!(
+            bad_name
+                .metadata()
+                .get(forge_proto::EXIT_CODE_METADATA)
+                .unwrap(),
+            "1",
+            "{bad_name:?}"
+        );
     });
     // Not gRPC at all.
     {

@@ -35,6 +35,7 @@ use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
 use crate::error::{ExitCode, MountFault, NodeError, Result};
 use crate::mount::Host;
 use crate::service::{LocalApi, MaintenanceService, SnapshotService, VolumeService};
+use crate::vault::PassphraseSource;
 
 /// The socket's file name in the data directory.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -436,6 +437,24 @@ impl ApiGrpc {
         request: Request<T>,
         call: impl FnOnce(&LocalApi<'_>, T) -> Result<R> + Send + 'static,
     ) -> std::result::Result<Response<R>, Status> {
+        self.serve_host(method, request, move |host, passphrase, message| {
+            let service = LocalApi {
+                vault: host.vault(),
+                passphrase,
+            };
+            call(&service, message)
+        })
+        .await
+    }
+
+    /// Runs `call` on the host itself off the async workers, with the request's
+    /// passphrase, counting it on /metrics as `method`.
+    async fn serve_host<T: Send + 'static, R: Send + 'static>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        call: impl FnOnce(&Arc<Host>, PassphraseSource<'_>, T) -> Result<R> + Send + 'static,
+    ) -> std::result::Result<Response<R>, Status> {
         check_client_version(&request)?;
         let passphrase = passphrase_of(&request)?;
         let message = request.into_inner();
@@ -443,22 +462,23 @@ impl ApiGrpc {
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let source = passphrase_source(passphrase);
-            let service = LocalApi {
-                vault: host.vault(),
-                passphrase: &source,
-            };
-            let result = call(&service, message);
-            let code = result
-                .as_ref()
-                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
-            host.metrics()
-                .count_call(method, code, started.elapsed().as_secs_f64());
+            let result = call(&host, &source, message);
+            count_served(&host, method, &result, started);
             result
         })
         .await
         .map_err(|error| Status::internal(format!("{method} panicked: {error}")))?;
         result.map(Response::new).map_err(|error| status_of(&error))
     }
+}
+
+/// Counts a served call on /metrics by method and exit code, with its time.
+fn count_served<R>(host: &Host, method: &str, result: &Result<R>, started: std::time::Instant) {
+    let code = result
+        .as_ref()
+        .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
+    host.metrics()
+        .count_call(method, code, started.elapsed().as_secs_f64());
 }
 
 /// `forge.v1.Node`: what the host is and serves, and its stop.
@@ -523,13 +543,7 @@ impl Mount for ApiGrpc {
         &self,
         request: Request<MountRequest>,
     ) -> std::result::Result<Response<MountReply>, Status> {
-        check_client_version(&request)?;
-        let passphrase = passphrase_of(&request)?;
-        let message = request.into_inner();
-        let host = self.host.clone();
-        let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let source = passphrase_source(passphrase);
+        self.serve_host("Mount.Mount", request, |host, passphrase, message| {
             let options = crate::mount::MountOptions {
                 volume: message.volume,
                 mountpoint: PathBuf::from(OsString::from_vec(message.mountpoint)),
@@ -539,33 +553,25 @@ impl Mount for ApiGrpc {
                 background: false,
                 cache_bytes: usize::try_from(message.cache_bytes).unwrap_or(usize::MAX),
             };
-            let result = if options.mountpoint.is_absolute() {
-                host.mount(&options, &source)
-            } else {
-                Err(NodeError::InvalidArgument {
+            if !options.mountpoint.is_absolute() {
+                return Err(NodeError::InvalidArgument {
                     what: "mount point",
                     value: options.mountpoint.display().to_string(),
                     reason: "the service takes absolute paths only (the CLI makes them so)".into(),
-                })
-            };
-            let code = result
-                .as_ref()
-                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
-            host.metrics()
-                .count_call("Mount.Mount", code, started.elapsed().as_secs_f64());
-            result.map(|summary| MountReply { summary })
+                });
+            }
+            let summary = host.mount(&options, passphrase)?;
+            Ok(MountReply { summary })
         })
         .await
-        .map_err(|error| Status::internal(format!("Mount.Mount panicked: {error}")))?;
-        result.map(Response::new).map_err(|error| status_of(&error))
     }
 
     async fn commit(
         &self,
         request: Request<CommitRequest>,
     ) -> std::result::Result<Response<CommitReply>, Status> {
-        self.serve_host("Mount.Commit", request, |host, message| {
-            crate::service::MountService::commit(host, message)
+        self.serve_host("Mount.Commit", request, |host, _, message| {
+            crate::service::MountService::commit(host.as_ref(), message)
         })
         .await
     }
@@ -577,8 +583,8 @@ impl Node for ApiGrpc {
         &self,
         request: Request<NodeStatusRequest>,
     ) -> std::result::Result<Response<NodeStatusReply>, Status> {
-        self.serve_host("Node.Status", request, |host, message| {
-            crate::service::NodeService::status(host, message)
+        self.serve_host("Node.Status", request, |host, _, message| {
+            crate::service::NodeService::status(host.as_ref(), message)
         })
         .await
     }
@@ -587,37 +593,10 @@ impl Node for ApiGrpc {
         &self,
         request: Request<StopNodeRequest>,
     ) -> std::result::Result<Response<StopNodeReply>, Status> {
-        self.serve_host("Node.Stop", request, |host, message| {
-            crate::service::NodeService::stop(host, message)
+        self.serve_host("Node.Stop", request, |host, _, message| {
+            crate::service::NodeService::stop(host.as_ref(), message)
         })
         .await
-    }
-}
-
-impl ApiGrpc {
-    /// Runs `call` on the host itself off the async workers, counting it as `method`.
-    async fn serve_host<T: Send + 'static, R: Send + 'static>(
-        &self,
-        method: &'static str,
-        request: Request<T>,
-        call: impl FnOnce(&Host, T) -> Result<R> + Send + 'static,
-    ) -> std::result::Result<Response<R>, Status> {
-        check_client_version(&request)?;
-        let message = request.into_inner();
-        let host = self.host.clone();
-        let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let result = call(&host, message);
-            let code = result
-                .as_ref()
-                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
-            host.metrics()
-                .count_call(method, code, started.elapsed().as_secs_f64());
-            result
-        })
-        .await
-        .map_err(|error| Status::internal(format!("{method} panicked: {error}")))?;
-        result.map(Response::new).map_err(|error| status_of(&error))
     }
 }
 
@@ -739,11 +718,7 @@ impl Snapshot for ApiGrpc {
                     client_gone = sender.blocking_send(Ok(DiffBatch { entries })).is_err();
                 }
             });
-            let code = result
-                .as_ref()
-                .map_or_else(|error| u32::from(error.exit_code() as u8), |()| 0);
-            host.metrics()
-                .count_call("Snapshot.Diff", code, started.elapsed().as_secs_f64());
+            count_served(&host, "Snapshot.Diff", &result, started);
             let last = match result {
                 Ok(()) if batch.is_empty() => return,
                 Ok(()) => Ok(DiffBatch { entries: batch }),
@@ -839,11 +814,7 @@ impl ApiGrpc {
                 finished.store(true, std::sync::atomic::Ordering::Relaxed);
                 result
             });
-            let code = result
-                .as_ref()
-                .map_or_else(|error| u32::from(error.exit_code() as u8), |_| 0);
-            host.metrics()
-                .count_call(method, code, started.elapsed().as_secs_f64());
+            count_served(&host, method, &result, started);
             let last = result.map(events.done).map_err(|error| status_of(&error));
             let _ = sender.blocking_send(last);
         });

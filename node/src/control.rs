@@ -790,12 +790,16 @@ impl ApiGrpc {
                 passphrase: &source,
             };
             let progress = crate::progress::Progress::new(method, false);
-            let finished = std::sync::atomic::AtomicBool::new(false);
+            // The sampler waits on this between samples: the call's end wakes it at once,
+            // so the reply is not held back until the next tick.
+            let (finished, wake) = std::sync::mpsc::channel::<()>();
+            let (progress, sender) = (&progress, &sender);
             let result = std::thread::scope(|scope| {
-                scope.spawn(|| {
+                scope.spawn(move || {
                     let mut totals_sent = false;
-                    while !finished.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(PROGRESS_INTERVAL);
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        wake.recv_timeout(PROGRESS_INTERVAL)
+                    {
                         if !totals_sent && let Some((files, bytes)) = progress.expected() {
                             totals_sent = true;
                             let totals = (events.totals)(Done { files, bytes });
@@ -810,10 +814,13 @@ impl ApiGrpc {
                         }
                     }
                 });
-                let result = call(&service, message, &progress);
-                finished.store(true, std::sync::atomic::Ordering::Relaxed);
+                let result = call(&service, message, progress);
+                drop(finished);
                 result
             });
+            // The final counts, so a client's line ends where the work did.
+            let (files, bytes) = progress.totals();
+            let _ = sender.blocking_send(Ok((events.progress)(Done { files, bytes })));
             count_served(&host, method, &result, started);
             let last = result.map(events.done).map_err(|error| status_of(&error));
             let _ = sender.blocking_send(last);

@@ -1408,7 +1408,15 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
             .await
             .unwrap()
             .into_inner();
-        (events, refused.message().await.unwrap_err())
+        // (A progress event with the final counts may come before the error.)
+        let error = loop {
+            match refused.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the refused import's stream ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        (events, error)
     });
     let Some(Event::Done(reply)) = events.last().and_then(|event| event.event.clone()) else {
         panic!("the stream did not end with the reply: {events:?}");
@@ -1432,6 +1440,11 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
         progress
             .iter()
             .all(|&(files, bytes)| files <= 64 && bytes <= 64 << 20)
+    );
+    assert_eq!(
+        progress.last(),
+        Some(&(64, 64 << 20)),
+        "the final count comes last"
     );
     let totals: Vec<_> = events
         .iter()
@@ -1473,14 +1486,24 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
         events
     });
     use forge_proto::v1::export_event::Event as ExportEvent;
-    match export_events.first() {
-        Some(ExportEvent::Totals(totals)) => {
+    // Totals, when sampled (an export faster than the first sample sends none), come
+    // before any progress; the last progress is the final count.
+    let first_progress = export_events
+        .iter()
+        .position(|event| matches!(event, ExportEvent::Progress(_)));
+    for (at, event) in export_events.iter().enumerate() {
+        if let ExportEvent::Totals(totals) = event {
             assert_eq!((totals.files, totals.bytes), (64, 64 << 20));
+            assert!(
+                first_progress.is_none_or(|first| at < first),
+                "{export_events:?}"
+            );
         }
-        // A fast export may end before the first sample: then only its reply came.
-        Some(ExportEvent::Done(_)) => assert_eq!(export_events.len(), 1),
-        other => panic!("an export stream began with {other:?}"),
     }
+    let Some(ExportEvent::Progress(last)) = export_events.iter().rev().nth(1) else {
+        panic!("no final progress before the reply: {export_events:?}");
+    };
+    assert_eq!((last.files, last.bytes), (64, 64 << 20));
     let Some(ExportEvent::Done(reply)) = export_events.last() else {
         panic!("no reply last: {export_events:?}");
     };

@@ -416,45 +416,13 @@ impl Cli {
                 | VolumeCommand::Stats { .. }
                 | VolumeCommand::Import { .. }
                 | VolumeCommand::Export { .. }),
-            ) => {
-                // Typed calls: on the control socket when a process owns the data
-                // directory, else in this process; the same replies either way.
-                let data_dir = self.data_dir()?;
-                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return volume_call(&RemoteApi::new(&connection), command, self.json);
-                }
-                let vault = Vault::open(&data_dir, &ask_passphrase)?;
-                volume_call(
-                    &LocalApi {
-                        vault: &vault,
-                        passphrase: &ask_passphrase,
-                    },
-                    command,
-                    self.json,
-                )
-            }
+            ) => self.with_api(|api| volume_call(api, command, self.json)),
             Command::Gc | Command::Stats | Command::Scrub { .. } | Command::Fsck { .. } => {
-                let data_dir = self.data_dir()?;
                 // A passphrase given without being asked (FORGE_PASSPHRASE): fsck checks
                 // every encrypted volume's snapshots with it, not only keylessly.
                 let passphrase_given =
                     std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_some();
-                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return maintenance_call(
-                        &RemoteApi::new(&connection),
-                        &self.command,
-                        passphrase_given,
-                    );
-                }
-                let vault = Vault::open(&data_dir, &ask_passphrase)?;
-                maintenance_call(
-                    &LocalApi {
-                        vault: &vault,
-                        passphrase: &ask_passphrase,
-                    },
-                    &self.command,
-                    passphrase_given,
-                )
+                self.with_api(|api| maintenance_call(api, &self.command, passphrase_given))
             }
             Command::Snapshot(SnapshotCommand::Restore {
                 name,
@@ -470,41 +438,29 @@ impl Cli {
                     branch: None,
                     numeric_owner: *numeric_owner,
                 };
-                let data_dir = self.data_dir()?;
-                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return volume_call(&RemoteApi::new(&connection), &export, self.json);
-                }
-                let vault = Vault::open(&data_dir, &ask_passphrase)?;
-                volume_call(
-                    &LocalApi {
-                        vault: &vault,
-                        passphrase: &ask_passphrase,
-                    },
-                    &export,
-                    self.json,
-                )
+                self.with_api(|api| volume_call(api, &export, self.json))
             }
             Command::Snapshot(
                 command @ (SnapshotCommand::List { .. }
                 | SnapshotCommand::Branch { .. }
                 | SnapshotCommand::Delete { .. }
                 | SnapshotCommand::Diff { .. }),
-            ) => {
-                let data_dir = self.data_dir()?;
-                if let Some(connection) = crate::control::Connection::open(&data_dir)? {
-                    return snapshot_call(&RemoteApi::new(&connection), command, self.json);
-                }
-                let vault = Vault::open(&data_dir, &ask_passphrase)?;
-                snapshot_call(
-                    &LocalApi {
-                        vault: &vault,
-                        passphrase: &ask_passphrase,
-                    },
-                    command,
-                    self.json,
-                )
-            }
+            ) => self.with_api(|api| snapshot_call(api, command, self.json)),
         }
+    }
+
+    /// Runs `call` on the typed API: on the control socket when a process owns the data
+    /// directory, else on the vault opened in this process; the same replies either way.
+    fn with_api(&self, call: impl FnOnce(&dyn service::Api) -> Result<Output>) -> Result<Output> {
+        let data_dir = self.data_dir()?;
+        if let Some(connection) = crate::control::Connection::open(&data_dir)? {
+            return call(&RemoteApi::new(&connection));
+        }
+        let vault = Vault::open(&data_dir, &ask_passphrase)?;
+        call(&LocalApi {
+            vault: &vault,
+            passphrase: &ask_passphrase,
+        })
     }
 }
 

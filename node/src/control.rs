@@ -6,7 +6,6 @@
 //! exit code. The socket is created mode 0600 inside the 0700 data directory: only the
 //! vault's owner can connect.
 
-use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -546,20 +545,13 @@ impl Mount for ApiGrpc {
         self.serve_host("Mount.Mount", request, |host, passphrase, message| {
             let options = crate::mount::MountOptions {
                 volume: message.volume,
-                mountpoint: PathBuf::from(OsString::from_vec(message.mountpoint)),
+                mountpoint: crate::service::absolute_path("mount point", message.mountpoint)?,
                 branch: message.branch,
                 snapshot: message.snapshot,
                 read_only: message.read_only,
                 background: false,
                 cache_bytes: usize::try_from(message.cache_bytes).unwrap_or(usize::MAX),
             };
-            if !options.mountpoint.is_absolute() {
-                return Err(NodeError::InvalidArgument {
-                    what: "mount point",
-                    value: options.mountpoint.display().to_string(),
-                    reason: "the service takes absolute paths only (the CLI makes them so)".into(),
-                });
-            }
             let summary = host.mount(&options, passphrase)?;
             Ok(MountReply { summary })
         })

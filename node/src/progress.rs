@@ -117,13 +117,7 @@ impl Progress {
     }
 
     fn describe(&self, files: u64, bytes: u64) -> String {
-        let expected = self.expected_known.load(Ordering::Acquire).then(|| {
-            (
-                self.expected_files.load(Ordering::Relaxed),
-                self.expected_bytes.load(Ordering::Relaxed),
-            )
-        });
-        describe_at(files, bytes, expected, self.started.elapsed())
+        describe_at(files, bytes, self.expected(), self.started.elapsed())
     }
 }
 

@@ -106,6 +106,12 @@ pub trait SnapshotService {
     fn diff(&self, request: DiffRequest, each: &mut dyn FnMut(DiffChange, &str)) -> Result<()>;
 }
 
+/// The calls both transports serve (in this process over an open vault, or on a daemon's
+/// control socket): what the CLI runs a vault command on.
+pub trait Api: VolumeService + SnapshotService + MaintenanceService {}
+
+impl<T: VolumeService + SnapshotService + MaintenanceService> Api for T {}
+
 /// Calls on the whole vault (`forge.v1.Maintenance`).
 pub trait MaintenanceService {
     /// Verifies every object, shard and reference: the report, problems included.
@@ -191,6 +197,11 @@ pub fn render_commit(volume: &str, reply: &CommitReply) -> Result<Output> {
     })
 }
 
+/// A path as a message carries it (raw bytes: any file name).
+fn wire_path(bytes: &[u8]) -> &Path {
+    Path::new(std::ffi::OsStr::from_bytes(bytes))
+}
+
 /// A mount's registry record as the API shows it.
 #[must_use]
 pub fn mount_info(record: &crate::mount::MountRecord) -> MountInfo {
@@ -212,7 +223,7 @@ fn mount_json(mount: &MountInfo) -> serde_json::Value {
         "id": mount.id,
         "volume": mount.volume,
         "branch": mount.branch,
-        "mountpoint": Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint)),
+        "mountpoint": wire_path(&mount.mountpoint),
         "read_only": mount.read_only,
         "cache_bytes": mount.cache_bytes,
     })
@@ -221,7 +232,7 @@ fn mount_json(mount: &MountInfo) -> serde_json::Value {
 /// What `forge node status` prints.
 #[must_use]
 pub fn render_node_status(reply: &NodeStatusReply) -> Output {
-    let socket = Path::new(std::ffi::OsStr::from_bytes(&reply.socket));
+    let socket = wire_path(&reply.socket);
     let mut human = format!(
         "node {} (forge {}), pid {}, up {} s\nsocket {}\nmetrics: {}\nvolumes: {}\nmounts: {}",
         reply.node_id,
@@ -239,7 +250,7 @@ pub fn render_node_status(reply: &NodeStatusReply) -> Output {
     for mount in &reply.mounts {
         human.push_str(&format!(
             "\n  {} <- {} {}{}",
-            Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint)).display(),
+            wire_path(&mount.mountpoint).display(),
             mount.volume,
             mount.branch.as_deref().map_or_else(
                 || "(snapshot)".to_owned(),
@@ -272,11 +283,7 @@ pub fn describe_stop(reply: &StopNodeReply) -> String {
         let names: Vec<String> = reply
             .mounts
             .iter()
-            .map(|mount| {
-                Path::new(std::ffi::OsStr::from_bytes(&mount.mountpoint))
-                    .display()
-                    .to_string()
-            })
+            .map(|mount| wire_path(&mount.mountpoint).display().to_string())
             .collect();
         format!("unmounted {}", names.join(", "))
     }
@@ -777,7 +784,7 @@ pub fn render_vault_stats(reply: &VaultStatsReply) -> Output {
 
 /// A path from a request: absolute, or refused (whoever serves the call has a working
 /// directory of its own; the CLI makes its paths absolute before calling).
-fn absolute_path(what: &'static str, bytes: Vec<u8>) -> Result<PathBuf> {
+pub(crate) fn absolute_path(what: &'static str, bytes: Vec<u8>) -> Result<PathBuf> {
     let path = PathBuf::from(OsString::from_vec(bytes));
     if path.is_absolute() {
         Ok(path)
@@ -965,11 +972,7 @@ pub fn render_create(reply: &CreateVolumeReply) -> Result<Output> {
 /// A reply whose snapshot id is not 32 bytes.
 pub fn render_import(reply: &ImportReply) -> Result<Output> {
     let snapshot = reply_cid(&reply.snapshot)?;
-    let shown = |note: &EntryNote| {
-        Path::new(std::ffi::OsStr::from_bytes(&note.path))
-            .display()
-            .to_string()
-    };
+    let shown = |note: &EntryNote| wire_path(&note.path).display().to_string();
     for note in &reply.skipped {
         eprintln!("forge: skipped {}: {}", shown(note), note.reason);
     }
@@ -1026,11 +1029,7 @@ pub fn render_import(reply: &ImportReply) -> Result<Output> {
 /// A reply whose snapshot id is not 32 bytes.
 pub fn render_export(reply: &ExportReply) -> Result<Output> {
     let snapshot = reply_cid(&reply.snapshot)?;
-    let shown = |bytes: &[u8]| {
-        Path::new(std::ffi::OsStr::from_bytes(bytes))
-            .display()
-            .to_string()
-    };
+    let shown = |bytes: &[u8]| wire_path(bytes).display().to_string();
     for note in &reply.not_restored {
         eprintln!(
             "forge: not restored at {}: {}",

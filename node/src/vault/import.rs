@@ -1176,6 +1176,16 @@ mod tests {
     use crate::test_support::{new_vault, no_passphrase, pseudo_random};
     use crate::vault::{CreateVolumeOptions, VaultLimits};
 
+    /// Import options for `main`, with no message or DNA.
+    fn main_branch() -> ImportOptions {
+        ImportOptions {
+            message: String::new(),
+            branch: "main".into(),
+            dna: BTreeMap::new(),
+            atime: false,
+        }
+    }
+
     /// Exports snapshot `snapshot` of volume `v` into `out`, which must succeed.
     fn export_snapshot(vault: &Vault, snapshot: &Cid, out: &Path) {
         vault
@@ -1429,12 +1439,7 @@ mod tests {
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();
-        let options = ImportOptions {
-            message: String::new(),
-            branch: "main".into(),
-            dna: BTreeMap::new(),
-            atime: false,
-        };
+        let options = main_branch();
         let progress = Progress::new("test", false);
         let (one, two) = (temp.path().join("one"), temp.path().join("two"));
         deep_chain_with(&one, 1_000, b"at the bottom");
@@ -1561,12 +1566,7 @@ mod tests {
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();
-        let options = ImportOptions {
-            message: String::new(),
-            branch: "main".into(),
-            dna: BTreeMap::new(),
-            atime: false,
-        };
+        let options = main_branch();
         let deep = temp.path().join("deep");
         deep_chain(&deep, LEVELS);
         let report = vault
@@ -1646,12 +1646,7 @@ mod tests {
         vault
             .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
             .unwrap();
-        let options = ImportOptions {
-            message: String::new(),
-            branch: "main".into(),
-            dna: BTreeMap::new(),
-            atime: false,
-        };
+        let options = main_branch();
         let progress = Progress::new("test", false);
         // 1,000 levels of "dddddddd/": 9,000 bytes of path, past PATH_MAX (4,096).
         let deep = temp.path().join("deep");

@@ -19,6 +19,8 @@ pub struct Progress {
     expected_bytes: AtomicU64,
     expected_known: AtomicBool,
     started: Instant,
+    /// What `files` counts ("files"; "items" for a check or a sweep).
+    unit: &'static str,
     bar: Option<ProgressBar>,
 }
 
@@ -27,6 +29,13 @@ impl Progress {
     /// terminal and `enabled`.
     #[must_use]
     pub fn new(verb: &'static str, enabled: bool) -> Self {
+        Self::counting(verb, "files", enabled)
+    }
+
+    /// [`Progress::new`] for work that counts `unit` rather than files (fsck checks
+    /// objects, chunks and snapshots: "items").
+    #[must_use]
+    pub fn counting(verb: &'static str, unit: &'static str, enabled: bool) -> Self {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
@@ -44,6 +53,7 @@ impl Progress {
             expected_bytes: AtomicU64::new(0),
             expected_known: AtomicBool::new(false),
             started: Instant::now(),
+            unit,
             bar,
         }
     }
@@ -94,6 +104,15 @@ impl Progress {
         }
     }
 
+    /// Records `count` more items of `bytes` bytes in all (work counted a page at a time).
+    pub fn add_done(&self, count: u64, bytes: u64) {
+        let files = self.files.fetch_add(count, Ordering::Relaxed) + count;
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_message(self.describe(files, total));
+        }
+    }
+
     /// Files and bytes so far.
     #[must_use]
     pub fn totals(&self) -> (u64, u64) {
@@ -117,17 +136,29 @@ impl Progress {
     }
 
     fn describe(&self, files: u64, bytes: u64) -> String {
-        describe_at(files, bytes, self.expected(), self.started.elapsed())
+        describe_at(
+            files,
+            bytes,
+            self.expected(),
+            self.started.elapsed(),
+            self.unit,
+        )
     }
 }
 
 /// The live line: done so far, and against the expected totals when they are known.
 #[allow(clippy::cast_precision_loss)] // A display needs no exactness.
-fn describe_at(files: u64, bytes: u64, expected: Option<(u64, u64)>, elapsed: Duration) -> String {
+fn describe_at(
+    files: u64,
+    bytes: u64,
+    expected: Option<(u64, u64)>,
+    elapsed: Duration,
+    unit: &str,
+) -> String {
     let seconds = elapsed.as_secs_f64().max(1e-3);
     let rate = bytes as f64 / seconds / 1e6;
     let Some((total_files, total_bytes)) = expected else {
-        return format!("{files} files, {}, {rate:.1} MB/s", human_bytes(bytes));
+        return format!("{files} {unit}, {}, {rate:.1} MB/s", human_bytes(bytes));
     };
     // By bytes (what takes the time), by files for a tree of empty files.
     let share = if total_bytes > 0 {
@@ -145,7 +176,7 @@ fn describe_at(files: u64, bytes: u64, expected: Option<(u64, u64)>, elapsed: Du
         String::new()
     };
     format!(
-        "{files}/{total_files} files, {}/{} ({:.0}%), {rate:.1} MB/s{eta}",
+        "{files}/{total_files} {unit}, {}/{} ({:.0}%), {rate:.1} MB/s{eta}",
         human_bytes(bytes),
         human_bytes(total_bytes),
         share * 100.0
@@ -218,21 +249,21 @@ mod tests {
     fn the_line_shows_the_share_done_and_an_eta_once_totals_are_known() {
         let ten_seconds = Duration::from_secs(10);
         assert_eq!(
-            describe_at(5, 2_000_000, None, ten_seconds),
+            describe_at(5, 2_000_000, None, ten_seconds, "files"),
             "5 files, 2.0 MB, 0.2 MB/s"
         );
         // A quarter of the bytes in 10 s: 30 s to go.
         assert_eq!(
-            describe_at(5, 2_000_000, Some((40, 8_000_000)), ten_seconds),
+            describe_at(5, 2_000_000, Some((40, 8_000_000)), ten_seconds, "files"),
             "5/40 files, 2.0 MB/8.0 MB (25%), 0.2 MB/s, ETA 30s"
         );
         assert_eq!(
-            describe_at(40, 8_000_000, Some((40, 8_000_000)), ten_seconds),
+            describe_at(40, 8_000_000, Some((40, 8_000_000)), ten_seconds, "files"),
             "40/40 files, 8.0 MB/8.0 MB (100%), 0.8 MB/s"
         );
         // Empty files: by count.
         assert_eq!(
-            describe_at(1, 0, Some((4, 0)), Duration::from_secs(100)),
+            describe_at(1, 0, Some((4, 0)), Duration::from_secs(100), "files"),
             "1/4 files, 0 B/0 B (25%), 0.0 MB/s, ETA 5m00s"
         );
         assert_eq!(human_duration(3725.0), "1h02m");

@@ -809,6 +809,42 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
     let source = vault.path("source");
     make_source(&source);
     vault.ok(&["volume", "import", "photos", source.to_str().unwrap()]);
+    // An encrypted volume: the daemon cannot prompt for its keys, so it counts what the
+    // reference indexes tell (the ratios need plaintext lengths: none).
+    let with_passphrase = |args: &[&str]| -> Value {
+        let output = vault
+            .command(&[args, &["--json"]].concat())
+            .env("FORGE_PASSPHRASE", "sesame")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    with_passphrase(&["volume", "create", "secret", "--encrypted"]);
+    let secret_source = vault.path("secret source");
+    make_source(&secret_source);
+    with_passphrase(&[
+        "volume",
+        "import",
+        "secret",
+        secret_source.to_str().unwrap(),
+    ]);
+    fs::write(
+        secret_source.join("one more.txt"),
+        b"a second snapshot of the secret",
+    )
+    .unwrap();
+    with_passphrase(&[
+        "volume",
+        "import",
+        "secret",
+        secret_source.to_str().unwrap(),
+    ]);
+    let secret_stats = with_passphrase(&["volume", "stats", "secret"]);
     let started = vault.ok(&["node", "start", "--metrics-listen", "127.0.0.1:0"]);
     let pid = common::started_pid(&started);
     let _kill = common::KillOnDrop(pid);
@@ -840,6 +876,19 @@ fn a_daemon_serves_metrics_that_match_volume_stats() {
         );
     }
     assert_eq!(series("forge_volume_snapshots", "empty"), 0.0);
+    for (metric, field) in [
+        ("forge_volume_logical_bytes", "logical_bytes"),
+        ("forge_volume_stored_bytes", "stored_bytes"),
+        ("forge_volume_unique_chunks", "unique_chunks"),
+        ("forge_volume_snapshots", "snapshots"),
+    ] {
+        assert_eq!(
+            series(metric, "secret"),
+            secret_stats[field].as_f64().unwrap(),
+            "{metric} of the encrypted volume"
+        );
+    }
+    assert!(!metrics.contains_key("forge_volume_dedup_ratio{volume=\"secret\"}"));
     assert!(metrics["forge_vault_physical_bytes"] > 0.0);
     assert!(metrics["forge_process_resident_memory_bytes"] > 1e6);
     assert!(metrics["forge_process_open_fds"] > 0.0);
@@ -1518,4 +1567,188 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
         stopping.elapsed()
     );
     drop(runtime);
+}
+
+/// Fsck, gc and scrub through a daemon stream their progress as import does: counts that
+/// never go back (scrub's against the chunk total, sent before any progress), the final
+/// count just before the reply, the reply last. Before, they were unary: silent until done.
+#[test]
+fn maintenance_calls_through_the_daemon_stream_progress_then_their_reply() {
+    use forge_proto::v1::maintenance_client::MaintenanceClient;
+    use forge_proto::v1::{FsckRequest, GcRequest, Progress, ScrubRequest};
+
+    let vault = Vault::new();
+    vault.ok(&["volume", "create", "v"]);
+    let source = vault.path("source");
+    make_source(&source);
+    let imported = vault.json(&["volume", "import", "v", source.to_str().unwrap()]);
+    let chunks = vault.json(&["volume", "stats", "v"])["unique_chunks"]
+        .as_u64()
+        .unwrap();
+    assert!(chunks > 1, "{imported}");
+    let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
+    let _kill = common::KillOnDrop(common::started_pid(&started));
+    let socket = vault.data_dir().join("control.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    /// A stream's events as (kind, files, bytes) rows, the reply as kind "done".
+    fn rows<E>(
+        events: Vec<E>,
+        read: impl Fn(E) -> (&'static str, Option<Progress>),
+    ) -> Vec<(&'static str, u64, u64)> {
+        events
+            .into_iter()
+            .map(|event| {
+                let (kind, progress) = read(event);
+                let progress = progress.unwrap_or_default();
+                (kind, progress.files, progress.bytes)
+            })
+            .collect()
+    }
+    let (scrub, fsck, gc) = runtime.block_on(async {
+        use forge_proto::v1::{fsck_event, gc_event, scrub_event};
+        let channel = common::control_channel(&socket).await;
+        let mut client = MaintenanceClient::new(channel);
+        let mut stream = client
+            .scrub(common::versioned(ScrubRequest { repair: false }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut scrub = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            scrub.push(event);
+        }
+        let mut stream = client
+            .fsck(common::versioned(FsckRequest {
+                use_passphrase: false,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut fsck = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            fsck.push(event);
+        }
+        let mut stream = client
+            .gc(common::versioned(GcRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut gc = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            gc.push(event);
+        }
+        (
+            rows(scrub, |event| match event.event {
+                Some(scrub_event::Event::Progress(done)) => ("progress", Some(done)),
+                Some(scrub_event::Event::Totals(totals)) => ("totals", Some(totals)),
+                Some(scrub_event::Event::Done(reply)) => {
+                    assert_eq!(reply.chunks_checked, chunks);
+                    assert!(reply.unrecoverable.is_empty());
+                    ("done", None)
+                }
+                None => ("none", None),
+            }),
+            rows(fsck, |event| match event.event {
+                Some(fsck_event::Event::Progress(done)) => ("progress", Some(done)),
+                Some(fsck_event::Event::Totals(totals)) => ("totals", Some(totals)),
+                Some(fsck_event::Event::Done(reply)) => {
+                    assert!(reply.problems.is_empty(), "{:?}", reply.problems);
+                    assert_eq!(reply.chunks_checked, chunks);
+                    ("done", None)
+                }
+                None => ("none", None),
+            }),
+            rows(gc, |event| match event.event {
+                Some(gc_event::Event::Progress(done)) => ("progress", Some(done)),
+                Some(gc_event::Event::Totals(totals)) => ("totals", Some(totals)),
+                Some(gc_event::Event::Done(reply)) => {
+                    assert_eq!(reply.chunks_removed, 0, "everything is reachable");
+                    ("done", None)
+                }
+                None => ("none", None),
+            }),
+        )
+    });
+    for (call, events) in [("scrub", &scrub), ("fsck", &fsck), ("gc", &gc)] {
+        assert_eq!(
+            events.last().map(|row| row.0),
+            Some("done"),
+            "{call}: {events:?}"
+        );
+        let progress: Vec<(u64, u64)> = events
+            .iter()
+            .filter(|row| row.0 == "progress")
+            .map(|row| (row.1, row.2))
+            .collect();
+        assert!(!progress.is_empty(), "{call}: {events:?}");
+        assert!(
+            progress.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{call}: {progress:?}"
+        );
+        assert_eq!(
+            events[events.len() - 2].0,
+            "progress",
+            "{call}: the final count comes just before the reply"
+        );
+    }
+    // Scrub: its chunks, all counted, against the total listed first.
+    let scrub_totals: Vec<_> = scrub.iter().filter(|row| row.0 == "totals").collect();
+    assert!(scrub_totals.len() <= 1, "{scrub:?}");
+    if let Some(totals) = scrub_totals.first() {
+        assert_eq!(totals.1, chunks);
+    }
+    assert_eq!(scrub[scrub.len() - 2].1, chunks);
+    // Fsck counted every object, chunk and snapshot it checked.
+    assert!(fsck[fsck.len() - 2].1 > chunks, "{fsck:?}");
+    // Gc swept at least every chunk's shards.
+    assert!(gc[gc.len() - 2].1 >= chunks, "{gc:?}");
+}
+
+/// Two `forge node start` at once: one serves, the other fails at once saying another
+/// process owns the data directory (before, the second waited on the lock for the first
+/// to stop, then started as if nothing had happened).
+#[test]
+fn two_daemons_started_together_give_one_owner_and_a_clear_refusal() {
+    let vault = Vault::new();
+    vault.ok(&["volume", "create", "v"]);
+    for round in 0..3 {
+        let starts: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+                    .args(["node", "start", "--metrics-listen", "off"])
+                    .env_remove("FORGE_PASSPHRASE")
+                    .env("FORGE_DATA_DIR", vault.data_dir())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outputs: Vec<_> = starts
+            .into_iter()
+            .map(|child| child.wait_with_output().unwrap())
+            .collect();
+        let served: Vec<_> = outputs
+            .iter()
+            .filter(|output| output.status.success())
+            .collect();
+        assert_eq!(served.len(), 1, "round {round}: {outputs:?}");
+        let pid = common::started_pid(&String::from_utf8_lossy(&served[0].stdout));
+        let _kill = common::KillOnDrop(pid);
+        let refused = outputs
+            .iter()
+            .find(|output| !output.status.success())
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("already owns it") || stderr.contains("another forge process"),
+            "round {round}: {stderr}"
+        );
+        assert_eq!(vault.json(&["node", "status"])["pid"], pid);
+        vault.ok(&["node", "stop"]);
+        assert_eq!(vault.run(&["node", "status"]).status.code(), Some(1));
+    }
 }

@@ -129,8 +129,10 @@ fn acknowledged_snapshots_survive_a_power_cut_at_any_write_point() {
         kv.die_after_writes(usize::try_from(seed / 3 % 8).unwrap());
         let outcome = match operation {
             0 => import(&vault, &sources[2]).map(|snapshot| acknowledged.push((snapshot, 2))),
-            1 => vault.gc(&no_passphrase).map(|_| ()),
-            _ => vault.scrub(true).map(|_| ()),
+            1 => vault
+                .gc(&no_passphrase, &Progress::new("test", false))
+                .map(|_| ()),
+            _ => vault.scrub(true, &Progress::new("test", false)).map(|_| ()),
         };
         if outcome.is_err() {
             assert!(kv.died(), "seed {seed}: failed without dying: {outcome:?}");
@@ -139,7 +141,7 @@ fn acknowledged_snapshots_survive_a_power_cut_at_any_write_point() {
         drop(vault);
         kv.crash(usize::try_from(seed % 4).unwrap());
         let vault = open(&data_dir, &kv, seed + 1_000);
-        let report = vault.fsck(None).unwrap();
+        let report = vault.fsck(None, &Progress::new("test", false)).unwrap();
         assert!(
             report.problems.is_empty(),
             "seed {seed} (replay: this test, seed {seed}): fsck after the cut: {:?}",
@@ -161,9 +163,18 @@ fn acknowledged_snapshots_survive_a_power_cut_at_any_write_point() {
             fs::remove_dir_all(&out).unwrap();
         }
         // The vault keeps working after the cut: gc and a new import.
-        vault.gc(&no_passphrase).unwrap();
+        vault
+            .gc(&no_passphrase, &Progress::new("test", false))
+            .unwrap();
         import(&vault, &sources[2]).unwrap();
-        assert!(vault.fsck(None).unwrap().problems.is_empty(), "seed {seed}");
+        assert!(
+            vault
+                .fsck(None, &Progress::new("test", false))
+                .unwrap()
+                .problems
+                .is_empty(),
+            "seed {seed}"
+        );
     }
     // The crash points fall inside the operations, and some operations finish first.
     assert!(

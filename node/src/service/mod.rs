@@ -5,10 +5,11 @@
 //! [`LocalApi`] over its open vault. So a reply is the same whichever way it came, and
 //! the CLI renders it the same way (`render_*`).
 //!
-//! Layering: this module uses the vault and nothing above it; the daemon (control.rs) and
-//! the CLI use it. Commands not moved here yet still travel as command lines
-//! (`Control.Run`).
+//! Layering: this module uses the vault and nothing above it; the daemon (`daemon/`) and
+//! the CLI (`cli/`) use it. `client` is the control socket's client side, `remote` the
+//! typed calls over it.
 
+pub mod client;
 pub mod remote;
 
 use std::collections::BTreeMap;
@@ -115,22 +116,25 @@ impl<T: VolumeService + SnapshotService + MaintenanceService> Api for T {}
 /// Calls on the whole vault (`forge.v1.Maintenance`).
 pub trait MaintenanceService {
     /// Verifies every object, shard and reference: the report, problems included.
+    /// `progress` counts the items checked (objects, chunks, snapshots) and their bytes.
     ///
     /// # Errors
     /// Storage errors (what was found is the reply).
-    fn fsck(&self, request: FsckRequest) -> Result<FsckReply>;
+    fn fsck(&self, request: FsckRequest, progress: &Progress) -> Result<FsckReply>;
 
-    /// Removes what no snapshot reaches (fenced against concurrent writers).
+    /// Removes what no snapshot reaches (fenced against concurrent writers). `progress`
+    /// counts the entries swept.
     ///
     /// # Errors
     /// Keys that do not open, storage errors.
-    fn gc(&self, request: GcRequest) -> Result<GcReply>;
+    fn gc(&self, request: GcRequest, progress: &Progress) -> Result<GcReply>;
 
     /// Verifies every chunk's shards, rebuilding damaged ones from parity if asked.
+    /// `progress` counts chunks checked against their total.
     ///
     /// # Errors
     /// Storage errors (unrecoverable chunks are in the reply).
-    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply>;
+    fn scrub(&self, request: ScrubRequest, progress: &Progress) -> Result<ScrubReply>;
 
     /// The vault's numbers.
     ///
@@ -200,20 +204,6 @@ pub fn render_commit(volume: &str, reply: &CommitReply) -> Result<Output> {
 /// A path as a message carries it (raw bytes: any file name).
 fn wire_path(bytes: &[u8]) -> &Path {
     Path::new(std::ffi::OsStr::from_bytes(bytes))
-}
-
-/// A mount's registry record as the API shows it.
-#[must_use]
-pub fn mount_info(record: &crate::mount::MountRecord) -> MountInfo {
-    MountInfo {
-        pid: record.pid,
-        id: record.id,
-        volume: record.volume.clone(),
-        branch: record.branch.clone(),
-        mountpoint: record.mountpoint.clone().into_os_string().into_vec(),
-        read_only: record.read_only,
-        cache_bytes: record.cache_bytes as u64,
-    }
 }
 
 /// A mount as `--json` shows it: its registry record's fields.
@@ -491,10 +481,10 @@ impl SnapshotService for LocalApi<'_> {
 }
 
 impl MaintenanceService for LocalApi<'_> {
-    fn fsck(&self, request: FsckRequest) -> Result<FsckReply> {
+    fn fsck(&self, request: FsckRequest, progress: &Progress) -> Result<FsckReply> {
         let report = self
             .vault
-            .fsck(request.use_passphrase.then_some(self.passphrase))?;
+            .fsck(request.use_passphrase.then_some(self.passphrase), progress)?;
         Ok(FsckReply {
             objects_checked: report.objects_checked,
             chunks_checked: report.chunks_checked,
@@ -518,8 +508,8 @@ impl MaintenanceService for LocalApi<'_> {
         })
     }
 
-    fn gc(&self, _request: GcRequest) -> Result<GcReply> {
-        let report = self.vault.gc(self.passphrase)?;
+    fn gc(&self, _request: GcRequest, progress: &Progress) -> Result<GcReply> {
+        let report = self.vault.gc(self.passphrase, progress)?;
         Ok(GcReply {
             chunks_removed: report.chunks_removed,
             objects_removed: report.objects_removed,
@@ -529,8 +519,8 @@ impl MaintenanceService for LocalApi<'_> {
         })
     }
 
-    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply> {
-        let report = self.vault.scrub(request.repair)?;
+    fn scrub(&self, request: ScrubRequest, progress: &Progress) -> Result<ScrubReply> {
+        let report = self.vault.scrub(request.repair, progress)?;
         Ok(ScrubReply {
             chunks_checked: report.chunks_checked,
             damaged_shards: report.damaged_shards,

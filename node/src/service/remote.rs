@@ -15,13 +15,32 @@ use forge_proto::v1::{
     NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest, StopNodeReply, StopNodeRequest,
     VaultStatsReply, VaultStatsRequest, VolumeStatsReply, VolumeStatsRequest,
 };
-use forge_proto::v1::{MountReply, MountRequest, diff_entry, export_event, import_event};
+use forge_proto::v1::{MountReply, MountRequest, diff_entry};
 
+use super::client::Connection;
 use super::{MaintenanceService, MountService, NodeService, SnapshotService, VolumeService};
-use crate::control::Connection;
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
 use crate::vault::snapshots::DiffChange;
+
+/// One event of a streamed call, whatever the call: every stream's `oneof` has these three.
+enum Streamed<R> {
+    Progress(forge_proto::v1::Progress),
+    Totals(forge_proto::v1::Progress),
+    Done(R),
+}
+
+/// Reads `$event` (a streamed call's event, whose `oneof` lives in `forge_proto::v1::$module`)
+/// as a [`Streamed`].
+macro_rules! streamed_event {
+    ($event:expr, $module:ident) => {
+        $event.event.map(|event| match event {
+            forge_proto::v1::$module::Event::Progress(done) => Streamed::Progress(done),
+            forge_proto::v1::$module::Event::Totals(totals) => Streamed::Totals(totals),
+            forge_proto::v1::$module::Event::Done(reply) => Streamed::Done(reply),
+        })
+    };
+}
 
 /// The typed services over a connection to the owning process.
 #[derive(Debug)]
@@ -50,6 +69,32 @@ impl<'a> RemoteApi<'a> {
 
     fn node(&self) -> NodeClient<tonic::transport::Channel> {
         NodeClient::new(self.connection.channel())
+    }
+
+    /// Runs a streamed call: its progress and totals go into `progress`, its reply (the
+    /// last event) is returned. `event_of` reads one event of the call's type.
+    fn streamed<E, R>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<
+            Output = std::result::Result<tonic::Response<tonic::Streaming<E>>, tonic::Status>,
+        >,
+        progress: &Progress,
+        event_of: impl Fn(E) -> Option<Streamed<R>>,
+    ) -> Result<R> {
+        let mut reply = None;
+        self.connection.stream(call, |event| {
+            match event_of(event) {
+                Some(Streamed::Progress(done)) => progress.set_done(done.files, done.bytes),
+                Some(Streamed::Totals(totals)) => {
+                    progress.set_expected(totals.files, totals.bytes);
+                }
+                Some(Streamed::Done(done)) => reply = Some(done),
+                None => {}
+            }
+            Ok(())
+        })?;
+        reply.ok_or_else(|| without_reply(method))
     }
 
     /// Mounts a volume in the process serving the connection (`forge.v1.Mount/Mount`):
@@ -83,42 +128,22 @@ impl VolumeService for RemoteApi<'_> {
 
     fn import(&self, request: ImportRequest, progress: &Progress) -> Result<ImportReply> {
         let request = self.connection.request(request);
-        let mut reply = None;
-        self.connection
-            .stream(self.volumes().import(request), |event| {
-                match event.event {
-                    Some(import_event::Event::Progress(done)) => {
-                        progress.set_done(done.files, done.bytes);
-                    }
-                    Some(import_event::Event::Totals(totals)) => {
-                        progress.set_expected(totals.files, totals.bytes);
-                    }
-                    Some(import_event::Event::Done(done)) => reply = Some(done),
-                    None => {}
-                }
-                Ok(())
-            })?;
-        reply.ok_or_else(|| without_reply("Volume.Import"))
+        self.streamed(
+            "Volume.Import",
+            self.volumes().import(request),
+            progress,
+            |event| streamed_event!(event, import_event),
+        )
     }
 
     fn export(&self, request: ExportRequest, progress: &Progress) -> Result<ExportReply> {
         let request = self.connection.request(request);
-        let mut reply = None;
-        self.connection
-            .stream(self.volumes().export(request), |event| {
-                match event.event {
-                    Some(export_event::Event::Progress(done)) => {
-                        progress.set_done(done.files, done.bytes);
-                    }
-                    Some(export_event::Event::Totals(totals)) => {
-                        progress.set_expected(totals.files, totals.bytes);
-                    }
-                    Some(export_event::Event::Done(done)) => reply = Some(done),
-                    None => {}
-                }
-                Ok(())
-            })?;
-        reply.ok_or_else(|| without_reply("Volume.Export"))
+        self.streamed(
+            "Volume.Export",
+            self.volumes().export(request),
+            progress,
+            |event| streamed_event!(event, export_event),
+        )
     }
 }
 
@@ -163,19 +188,34 @@ impl SnapshotService for RemoteApi<'_> {
 }
 
 impl MaintenanceService for RemoteApi<'_> {
-    fn fsck(&self, request: FsckRequest) -> Result<FsckReply> {
+    fn fsck(&self, request: FsckRequest, progress: &Progress) -> Result<FsckReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.maintenance().fsck(request))
+        self.streamed(
+            "Maintenance.Fsck",
+            self.maintenance().fsck(request),
+            progress,
+            |event| streamed_event!(event, fsck_event),
+        )
     }
 
-    fn gc(&self, request: GcRequest) -> Result<GcReply> {
+    fn gc(&self, request: GcRequest, progress: &Progress) -> Result<GcReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.maintenance().gc(request))
+        self.streamed(
+            "Maintenance.Gc",
+            self.maintenance().gc(request),
+            progress,
+            |event| streamed_event!(event, gc_event),
+        )
     }
 
-    fn scrub(&self, request: ScrubRequest) -> Result<ScrubReply> {
+    fn scrub(&self, request: ScrubRequest, progress: &Progress) -> Result<ScrubReply> {
         let request = self.connection.request(request);
-        self.connection.call(self.maintenance().scrub(request))
+        self.streamed(
+            "Maintenance.Scrub",
+            self.maintenance().scrub(request),
+            progress,
+            |event| streamed_event!(event, scrub_event),
+        )
     }
 
     fn stats(&self, request: VaultStatsRequest) -> Result<VaultStatsReply> {

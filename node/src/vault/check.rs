@@ -8,6 +8,7 @@ use forge_store::kv::{Column, Durability, KeyValue, KvEngine, WriteBatch};
 
 use super::{OpenVolume, PassphraseSource, Vault};
 use crate::error::{IntegrityFault, NodeError, Result};
+use crate::progress::Progress;
 
 /// The passphrase source of a check run without one: volumes that need it fail to open.
 fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
@@ -107,10 +108,15 @@ impl Vault {
     ///
     /// # Errors
     /// Engine errors only: what is wrong with the data is reported, not returned.
-    pub fn fsck(&self, passphrase: Option<PassphraseSource<'_>>) -> Result<FsckReport> {
+    pub fn fsck(
+        &self,
+        passphrase: Option<PassphraseSource<'_>>,
+        progress: &Progress,
+    ) -> Result<FsckReport> {
         let mut report = FsckReport::default();
         for_each_entry(self.kv(), Column::Objects, |key, value| {
             report.objects_checked += 1;
+            progress.file_done(value.len() as u64);
             match Cid::from_slice(key) {
                 Ok(cid) if cid.matches(value) => {}
                 Ok(cid) => report.problems.push(FsckProblem::store(format!(
@@ -124,7 +130,9 @@ impl Vault {
         })?;
         for cid in chunk_ids(self.kv())? {
             report.chunks_checked += 1;
-            match read_chunk(self.kv(), &cid) {
+            let read = read_chunk(self.kv(), &cid);
+            progress.file_done(read.as_ref().map_or(0, |read| read.ciphertext.len() as u64));
+            match read {
                 Ok(read) if read.rebuilt.is_empty() => {}
                 Ok(read) => {
                     report.repairable_shards += read.rebuilt.len() as u64;
@@ -207,6 +215,7 @@ impl Vault {
             let mut walked = BTreeSet::new();
             for snapshot in &listed {
                 report.snapshots_checked += 1;
+                progress.file_done(0);
                 if let Err(error) = self.check_snapshot(&volume, snapshot, &mut walked) {
                     report.problems.push(FsckProblem::snapshot(
                         &record.name,
@@ -248,11 +257,15 @@ impl Vault {
     ///
     /// # Errors
     /// Engine errors.
-    pub fn scrub(&self, repair: bool) -> Result<ScrubReport> {
+    pub fn scrub(&self, repair: bool, progress: &Progress) -> Result<ScrubReport> {
         let mut report = ScrubReport::default();
-        for cid in chunk_ids(self.kv())? {
+        let chunks = chunk_ids(self.kv())?;
+        progress.set_expected(chunks.len() as u64, 0);
+        for cid in chunks {
             report.chunks_checked += 1;
-            match read_chunk(self.kv(), &cid) {
+            let read = read_chunk(self.kv(), &cid);
+            progress.file_done(read.as_ref().map_or(0, |read| read.ciphertext.len() as u64));
+            match read {
                 Ok(read) => {
                     report.damaged_shards += read.rebuilt.len() as u64;
                     if repair && !read.rebuilt.is_empty() {

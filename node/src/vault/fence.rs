@@ -492,7 +492,7 @@ mod tests {
     }
 
     fn assert_clean(vault: &Vault) {
-        let report = vault.fsck(None).unwrap();
+        let report = vault.fsck(None, &Progress::new("test", false)).unwrap();
         assert!(report.problems.is_empty(), "fsck: {:?}", report.problems);
     }
 
@@ -512,13 +512,17 @@ mod tests {
         let staged = manifest.chunks().next().unwrap().cid();
 
         // Before the fence, this gc swept the staged chunk: nothing named it yet.
-        vault.gc(&no_passphrase).unwrap();
+        vault
+            .gc(&no_passphrase, &Progress::new("test", false))
+            .unwrap();
         assert!(has_first_shard(vault.kv(), &staged).unwrap());
 
         publish_file(&vault, &importer, manifest).unwrap();
         drop(session);
         assert_clean(&vault);
-        vault.gc(&no_passphrase).unwrap();
+        vault
+            .gc(&no_passphrase, &Progress::new("test", false))
+            .unwrap();
         assert!(
             has_first_shard(vault.kv(), &staged).unwrap(),
             "published: live"
@@ -549,7 +553,9 @@ mod tests {
         importer.write_pending().unwrap();
         let reused = manifest.chunks().next().unwrap().cid();
 
-        vault.gc(&no_passphrase).unwrap();
+        vault
+            .gc(&no_passphrase, &Progress::new("test", false))
+            .unwrap();
         assert!(
             has_first_shard(vault.kv(), &reused).unwrap(),
             "a chunk the import deduplicated against was swept"

@@ -1299,7 +1299,9 @@ mod tests {
         let out2 = temp.path().join("out2");
         export_snapshot(&vault, &second.snapshot, &out2);
         assert_eq!(fs::read(out2.join("many/file-01500")).unwrap(), b"changed");
-        let report = vault.fsck(Some(&no_passphrase)).unwrap();
+        let report = vault
+            .fsck(Some(&no_passphrase), &Progress::new("test", false))
+            .unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
 
@@ -1621,7 +1623,7 @@ mod tests {
         );
         assert!(
             vault
-                .fsck(Some(&no_passphrase))
+                .fsck(Some(&no_passphrase), &Progress::new("test", false))
                 .unwrap()
                 .problems
                 .is_empty()
@@ -1713,10 +1715,12 @@ mod tests {
             "at the bottom"
         );
         // The recursive walks (gc, fsck) handle the deepest tree a volume may hold.
-        vault.gc(&no_passphrase).unwrap();
+        vault
+            .gc(&no_passphrase, &Progress::new("test", false))
+            .unwrap();
         assert!(
             vault
-                .fsck(Some(&no_passphrase))
+                .fsck(Some(&no_passphrase), &Progress::new("test", false))
                 .unwrap()
                 .problems
                 .is_empty()

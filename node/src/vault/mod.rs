@@ -194,6 +194,15 @@ pub struct CreateVolumeOptions {
     pub encrypted: bool,
 }
 
+/// Whether opening a vault waits for the data directory's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockWait {
+    /// Wait (a short command queues behind another).
+    Wait,
+    /// Wait while no owner (daemon, mount host) is recorded; fail once one is.
+    UnlessOwned,
+}
+
 /// A volume opened for reading or writing: its record and keys.
 pub(crate) struct OpenVolume {
     pub record: VolumeRecord,
@@ -210,6 +219,25 @@ impl Vault {
     /// # Errors
     /// Format, identity, lock and engine errors.
     pub fn open(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
+        Self::open_locking(data_dir, passphrase, LockWait::Wait)
+    }
+
+    /// [`Vault::open`] for a process that will own the data directory (a daemon, a mount
+    /// host): it waits for a short command holding the lock, but fails once another owner
+    /// is recorded, so of two owners starting together one serves and the other is told
+    /// (it would otherwise wait for the first to exit, then serve).
+    ///
+    /// # Errors
+    /// [`NodeError::Busy`] naming the owner; as [`Vault::open`].
+    pub fn open_owned(data_dir: &DataDir, passphrase: PassphraseSource<'_>) -> Result<Self> {
+        Self::open_locking(data_dir, passphrase, LockWait::UnlessOwned)
+    }
+
+    fn open_locking(
+        data_dir: &DataDir,
+        passphrase: PassphraseSource<'_>,
+        wait: LockWait,
+    ) -> Result<Self> {
         data_dir.check_format()?;
         let lock_path = data_dir.path().join("lock");
         let lock = OpenOptions::new()
@@ -224,7 +252,26 @@ impl Vault {
                 "forge: waiting for another forge process using {} ...",
                 data_dir.path().display()
             );
-            lock.lock().map_err(NodeError::io("locking", &lock_path))?;
+            match wait {
+                LockWait::Wait => lock.lock().map_err(NodeError::io("locking", &lock_path))?,
+                // A short command ends on its own: wait for it. An owner (a daemon or mount
+                // host, recorded once it serves) does not: refuse, naming it.
+                LockWait::UnlessOwned => loop {
+                    if let Some(pid) = crate::owner::owner(data_dir)? {
+                        return Err(NodeError::Busy {
+                            what: data_dir.path().display().to_string(),
+                            reason: format!(
+                                "forge process {pid} already owns it (`forge node status` \
+                                 shows it, `forge node stop` stops it)"
+                            ),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    if lock.try_lock().is_ok() {
+                        break;
+                    }
+                },
+            }
         }
         let identity =
             data_dir.load_identity(|| passphrase("Passphrase for this node's keys", false))?;

@@ -15,6 +15,7 @@ use super::fence::PinnedRoot;
 use super::records::{self, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
+use crate::progress::Progress;
 
 /// How a path differs between two snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,10 +284,10 @@ impl Vault {
     /// [`NodeError::InvalidArgument`] when an encrypted volume's keys are not at hand (its
     /// snapshots cannot be walked, so nothing could be collected safely); [`NodeError::Busy`]
     /// when another gc runs in this process; engine errors.
-    pub fn gc(&self, passphrase: PassphraseSource<'_>) -> Result<GcReport> {
+    pub fn gc(&self, passphrase: PassphraseSource<'_>, progress: &Progress) -> Result<GcReport> {
         let disk_bytes_before = self.vault_stats()?.physical_bytes;
         self.fence().begin_sweep()?;
-        let swept = self.gc_sweep(passphrase);
+        let swept = self.gc_sweep(passphrase, progress);
         let ended = self.fence().end_sweep();
         let mut report = swept?;
         ended?;
@@ -298,7 +299,8 @@ impl Vault {
         Ok(report)
     }
 
-    fn gc_sweep(&self, passphrase: PassphraseSource<'_>) -> Result<GcReport> {
+    /// Progress counts the entries swept (dedup index, objects, shards), their bytes.
+    fn gc_sweep(&self, passphrase: PassphraseSource<'_>, progress: &Progress) -> Result<GcReport> {
         let mut mark = Mark {
             passphrase,
             volumes: BTreeMap::new(),
@@ -348,6 +350,7 @@ impl Vault {
             keys::DEDUP,
             end.as_deref(),
             &mut |page| {
+                progress.add_done(page.len() as u64, 0);
                 let candidates = page
                     .iter()
                     .filter_map(|(key, value)| {
@@ -361,6 +364,7 @@ impl Vault {
             },
         )?;
         for_each_page(self.kv(), Column::Objects, &[], None, &mut |page| {
+            progress.add_done(page.len() as u64, page_bytes(page));
             let candidates = page
                 .iter()
                 .filter_map(|(key, value)| {
@@ -382,6 +386,7 @@ impl Vault {
         })?;
         let mut previous: Option<Cid> = None;
         for_each_page(self.kv(), Column::Shards, &[], None, &mut |page| {
+            progress.add_done(page.len() as u64, page_bytes(page));
             let candidates = page
                 .iter()
                 .filter_map(|(key, value)| {
@@ -527,4 +532,9 @@ struct LiveSet {
     chunks: BTreeSet<Cid>,
     /// Snapshots whose index and trees were walked already.
     snapshots_done: BTreeSet<Cid>,
+}
+
+/// The bytes of a page's values.
+fn page_bytes(page: &[forge_store::kv::KeyValue]) -> u64 {
+    page.iter().map(|(_, value)| value.len() as u64).sum()
 }

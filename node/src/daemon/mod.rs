@@ -1,11 +1,16 @@
-//! `forge node start` and `forge node stop`: a long-lived forge process that owns the data
-//! directory, hosts every mount and serves the control socket until it is stopped (a mount
-//! started without one makes a host that exits after its last unmount). Process concerns
-//! only: the detached start, the record other commands find it by, signals; the host it
-//! runs is [`crate::mount::Host`].
+//! The daemon: the process layer. `forge node start` and `forge node stop` (here): a
+//! long-lived forge process that owns the data directory, hosts every mount and serves the
+//! control socket until it is stopped (a mount started without one makes a host that exits
+//! after its last unmount). Here: the detached start, the record other commands find it by
+//! ([`crate::owner`]), readiness; [`host`]: the open vault and its mounts, signals;
+//! [`control`]: the typed API served on the socket; [`metrics`]: /metrics.
 //!
 //! The API socket is `DATA_DIR/control.sock`, as for a mount host; the only network
-//! listener is /metrics (`--metrics-listen`, see [`crate::metrics`]).
+//! listener is /metrics (`--metrics-listen`).
+
+pub mod control;
+pub mod host;
+pub mod metrics;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
@@ -14,54 +19,21 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
-use crate::mount::{Host, process_alive};
+use crate::owner::{owner, process_alive, record_path, write_record};
 use crate::vault::PassphraseSource;
+use host::Host;
 
 /// Environment variable marking the detached child of `forge node start`.
 const DAEMON_CHILD_ENV: &str = "FORGE_DAEMON_CHILD";
 /// First word of the line the daemon prints once it serves.
 const READY_WORD: &str = "started";
 
-/// What a running daemon leaves in the data directory for other commands to find it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DaemonRecord {
-    /// Format of this record.
-    pub version: u32,
-    /// The daemon's process id.
-    pub pid: u32,
-}
-
-const DAEMON_RECORD_VERSION: u32 = 1;
-
-fn record_path(data_dir: &DataDir) -> PathBuf {
-    data_dir.path().join("daemon.json")
-}
-
 /// Where a daemon started in the background writes its log.
 #[must_use]
 pub fn log_path(data_dir: &DataDir) -> PathBuf {
     data_dir.path().join("logs").join("daemon.log")
-}
-
-/// The daemon serving `data_dir`, if one runs. A record left by a process that died (or
-/// one this version cannot read) is removed.
-#[must_use]
-pub fn running(data_dir: &DataDir) -> Option<DaemonRecord> {
-    let path = record_path(data_dir);
-    let text = std::fs::read_to_string(&path).ok()?;
-    match serde_json::from_str::<DaemonRecord>(&text) {
-        Ok(record) if record.version == DAEMON_RECORD_VERSION && process_alive(record.pid) => {
-            Some(record)
-        }
-        _ => {
-            let _ = std::fs::remove_file(&path);
-            None
-        }
-    }
 }
 
 /// Starts the daemon. In the foreground this process serves until stopped (`forge node
@@ -112,23 +84,23 @@ pub fn start(
     }
     // Before any thread starts: every thread inherits the mask, so the signals reach
     // only the thread that stops the host.
-    crate::mount::block_termination_signals();
+    host::block_termination_signals();
     let host = Arc::new(Host::open(data_dir, passphrase)?);
     host.keep_running();
     // Bound before anything is announced: a busy port fails the start, naming it.
     if let Some(address) = metrics_listen {
-        let listener = crate::metrics::bind(address)?;
+        let listener = metrics::bind(address)?;
         let bound = listener
             .local_addr()
             .map_err(NodeError::io("reading the address of", address.to_string()))?;
         host.set_metrics_address(bound);
-        crate::metrics::serve(listener, Arc::downgrade(&host));
+        metrics::serve(listener, Arc::downgrade(&host));
     }
-    let control = crate::control::serve(host.clone())?;
+    let control = control::serve(host.clone())?;
     let pid = std::process::id();
     write_record(data_dir, pid)?;
     let node_id = host.vault().identity().node_id().to_hex();
-    let socket = crate::control::socket_path(data_dir);
+    let socket = crate::owner::socket_path(data_dir);
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(
@@ -142,7 +114,7 @@ pub fn start(
     tracing::info!(pid, "daemon serving {}", data_dir.path().display());
     let signalled = host.clone();
     std::thread::spawn(move || {
-        crate::mount::wait_for_termination_signal();
+        host::wait_for_termination_signal();
         signalled.stop();
     });
     let _ = host.wait_until_idle(control);
@@ -153,7 +125,7 @@ pub fn start(
     // exit, as for a mount host.
     let _ = std::fs::remove_file(record_path(data_dir));
     for (id, text) in pending {
-        crate::mount::publish_summary(data_dir, id, &text);
+        host::publish_summary(data_dir, id, &text);
     }
     tracing::info!(pid, "daemon stopped");
     Ok(format!("stopped node {node_id} (pid {pid})"))
@@ -192,7 +164,7 @@ fn notify_service_manager(state: &str) {
 /// None runs; it has not exited in time (naming what it was unmounting).
 pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
     use crate::service::NodeService as _;
-    let Some(connection) = crate::control::Connection::open(data_dir)? else {
+    let Some(connection) = crate::service::client::Connection::open(data_dir)? else {
         return Err(NodeError::NoDaemon {
             data_dir: data_dir.path().to_owned(),
         });
@@ -213,24 +185,6 @@ pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(format!("stopped forge process {pid}; {doing}"))
-}
-
-/// The pid of the process that owns `data_dir` (daemon or mount host), if one runs.
-pub(crate) fn owner(data_dir: &DataDir) -> Result<Option<u32>> {
-    if let Some(record) = running(data_dir) {
-        return Ok(Some(record.pid));
-    }
-    Ok(crate::mount::running_mounts(data_dir)?
-        .first()
-        .map(|mount| mount.pid))
-}
-
-fn write_record(data_dir: &DataDir, pid: u32) -> Result<()> {
-    let path = record_path(data_dir);
-    let partial = path.with_extension("json.partial");
-    let text = serde_json::json!({"version": DAEMON_RECORD_VERSION, "pid": pid}).to_string();
-    std::fs::write(&partial, text).map_err(NodeError::io("writing", &partial))?;
-    std::fs::rename(&partial, &path).map_err(NodeError::io("writing", &path))
 }
 
 /// How a detached child ended its start.

@@ -1,12 +1,12 @@
-//! The control socket: while a long-lived forge process (a mount) owns a data directory,
-//! every other `forge` command on it runs there. The client sends its command line (raw
-//! argument bytes, its working directory, and its `FORGE_PASSPHRASE` if set) over gRPC
-//! (tonic) on the Unix socket `<data-dir>/control.sock`; the owner parses it with the same
-//! `Cli`, runs it against its open vault, and sends back the output or the error with its
-//! exit code. The socket is created mode 0600 inside the 0700 data directory: only the
-//! vault's owner can connect.
+//! The server side of the control socket: while a long-lived forge process (a daemon or a
+//! mount host) owns a data directory, every other `forge` command on it is a typed call
+//! here (`forge.v1.Volume`, `Snapshot`, `Maintenance`, `Node`, `Mount`; tonic over the Unix
+//! socket `<data-dir>/control.sock`, with reflection and health). Each call runs the same
+//! [`LocalApi`] the CLI runs in-process, on the host's open vault; long calls stream
+//! progress and end with their reply. The socket is created mode 0600 inside the 0700
+//! data directory: only the vault's owner can connect. A passphrase travels in request
+//! metadata only, and is never logged.
 
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,11 +18,11 @@ use forge_proto::v1::node_server::{Node, NodeServer};
 use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
 use forge_proto::v1::volume_server::{Volume, VolumeServer};
 use forge_proto::v1::{
-    CommitOutcome, CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest,
-    CreateVolumeReply, CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, DiffBatch,
-    DiffEntry, DiffRequest, ExportEvent, ExportRequest, FsckReply, FsckRequest, GcReply, GcRequest,
+    CommitReply, CommitRequest, CreateBranchReply, CreateBranchRequest, CreateVolumeReply,
+    CreateVolumeRequest, DeleteSnapshotReply, DeleteSnapshotRequest, DiffBatch, DiffEntry,
+    DiffRequest, ExportEvent, ExportRequest, FsckEvent, FsckRequest, GcEvent, GcRequest,
     ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
-    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubReply, ScrubRequest,
+    ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubEvent, ScrubRequest,
     StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
     VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
@@ -30,208 +30,50 @@ use forge_proto::v1::{MountReply, MountRequest};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::datadir::{DATA_FORMAT_VERSION, DataDir};
+use crate::daemon::host::Host;
+use crate::datadir::DATA_FORMAT_VERSION;
 use crate::error::{ExitCode, MountFault, NodeError, Result};
-use crate::mount::Host;
 use crate::service::{LocalApi, MaintenanceService, SnapshotService, VolumeService};
 use crate::vault::PassphraseSource;
 
-/// The socket's file name in the data directory.
-pub const SOCKET_FILE: &str = "control.sock";
-
-/// Where the control socket of `data_dir` is.
-#[must_use]
-pub fn socket_path(data_dir: &DataDir) -> PathBuf {
-    data_dir.path().join(SOCKET_FILE)
+/// How a long call's stream says what it has to say.
+struct StreamEvents<E, R> {
+    /// Done so far.
+    progress: fn(forge_proto::v1::Progress) -> E,
+    /// The whole the work will reach.
+    totals: fn(forge_proto::v1::Progress) -> E,
+    /// The reply, last.
+    done: fn(R) -> E,
 }
 
-/// A client's connection to the process owning a data directory: the channel on its
-/// control socket, and what a call needs to say what happened if that process dies.
-pub struct Connection {
-    runtime: tokio::runtime::Runtime,
-    channel: tonic::transport::Channel,
-    data_dir: DataDir,
-    /// The owner's pid when we connected: if it is gone after a failed call, the call
-    /// failed because the process ended.
-    owner: Option<u32>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Connection")
-            .field("data_dir", &self.data_dir)
-            .field("owner", &self.owner)
-            .finish_non_exhaustive()
+// Function pointers only: copied whatever E and R are (a derive would ask them to be).
+impl<E, R> Clone for StreamEvents<E, R> {
+    fn clone(&self) -> Self {
+        *self
     }
 }
+impl<E, R> Copy for StreamEvents<E, R> {}
 
-impl Connection {
-    /// Connects to the process owning `data_dir`, if one serves a control socket; `None`
-    /// when nobody does (the caller opens the vault itself).
-    ///
-    /// # Errors
-    /// A socket this user may not open; one that exists but does not answer.
-    pub fn open(data_dir: &DataDir) -> Result<Option<Self>> {
-        let socket = socket_path(data_dir);
-        if crate::mount::running_mounts(data_dir)?.is_empty()
-            && crate::daemon::running(data_dir).is_none()
-        {
-            return Ok(None);
-        }
-        // A host registers its first mount just before its socket is up: give it a moment.
-        for _ in 0..250 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        if !socket.exists() {
-            return Ok(None);
-        }
-        // Connecting needs write access to the socket (mode 0600: its owner only); say so
-        // rather than a transport error.
-        if let Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) =
-            nix::unistd::access(&socket, nix::unistd::AccessFlags::W_OK)
-        {
-            return Err(NodeError::SocketPermission {
-                owner: crate::config::owner_of(&socket),
-                socket,
-            });
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(NodeError::io("starting", "the control client"))?;
-        let owner = crate::daemon::owner(data_dir).ok().flatten();
-        let unreachable = |reason: String| MountFault::Unreachable {
-            data_dir: data_dir.path().to_owned(),
-            socket: socket.clone(),
-            reason,
-        };
-        let channel = runtime.block_on(async {
-            tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))
-                .map_err(|error| unreachable(error.to_string()))?
-                .connect()
-                .await
-                .map_err(|error| unreachable(error.to_string()))
-        })?;
-        Ok(Some(Self {
-            runtime,
-            channel,
-            data_dir: data_dir.clone(),
-            owner,
-        }))
-    }
-
-    /// The channel, for a service's client.
-    #[must_use]
-    pub fn channel(&self) -> tonic::transport::Channel {
-        self.channel.clone()
-    }
-
-    /// `message` as a request carrying this client's version and, if it has one, its
-    /// passphrase (`FORGE_PASSPHRASE`), in metadata.
-    #[must_use]
-    pub fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        let metadata = request.metadata_mut();
-        metadata.insert(
-            forge_proto::VERSION_METADATA,
-            tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
-        );
-        if let Some(passphrase) = std::env::var_os(crate::passphrase::PASSPHRASE_ENV) {
-            metadata.insert_bin(
-                forge_proto::PASSPHRASE_METADATA,
-                tonic::metadata::MetadataValue::from_bytes(passphrase.as_encoded_bytes()),
-            );
-        }
-        request
-    }
-
-    /// Runs one call to completion. A status becomes forge's error: the one-line message
-    /// and the exit code the server sent, or, when the owner died under the call, an error
-    /// saying so (not "transport error").
-    ///
-    /// # Errors
-    /// The call's.
-    pub fn call<T>(
-        &self,
-        call: impl std::future::Future<Output = std::result::Result<Response<T>, Status>>,
-    ) -> Result<T> {
-        match self.runtime.block_on(call) {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.error_of(&status)),
-        }
-    }
-
-    /// Runs a server-streaming call to its end, giving each message to `each`.
-    ///
-    /// # Errors
-    /// The call's, as [`Connection::call`] maps them, or `each`'s.
-    pub fn stream<T>(
-        &self,
-        call: impl std::future::Future<
-            Output = std::result::Result<Response<tonic::Streaming<T>>, Status>,
-        >,
-        mut each: impl FnMut(T) -> Result<()>,
-    ) -> Result<()> {
-        self.runtime.block_on(async {
-            let mut stream = call
-                .await
-                .map_err(|status| self.error_of(&status))?
-                .into_inner();
-            while let Some(message) = stream
-                .message()
-                .await
-                .map_err(|status| self.error_of(&status))?
-            {
-                each(message)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn error_of(&self, status: &Status) -> NodeError {
-        if let Some(code) = status
-            .metadata()
-            .get(forge_proto::EXIT_CODE_METADATA)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|text| text.parse::<u8>().ok())
-        {
-            return NodeError::Forwarded {
-                message: status.message().to_owned(),
-                exit_code: code,
-                report: None,
-            };
-        }
-        let error = NodeError::from(MountFault::Control {
-            reason: status.message().to_owned(),
-        });
-        match self.owner {
-            // The owner died under the call (killed, crashed): say so. A killed process
-            // closes its sockets before it is gone, so the call can fail a moment before
-            // the process is seen dead: give it that moment.
-            Some(pid) if owner_ends_soon(pid) => NodeError::OwnerEnded {
-                pid,
-                data_dir: self.data_dir.path().to_owned(),
-                reason: error.to_string(),
+/// The [`StreamEvents`] of `$event`, whose `oneof` lives in `forge_proto::v1::$module`
+/// (every streamed call's event has the same three cases).
+macro_rules! stream_events {
+    ($event:ident, $module:ident) => {
+        StreamEvents {
+            progress: |done| $event {
+                event: Some(forge_proto::v1::$module::Event::Progress(done)),
             },
-            _ => error,
+            totals: |totals| $event {
+                event: Some(forge_proto::v1::$module::Event::Totals(totals)),
+            },
+            done: |reply| $event {
+                event: Some(forge_proto::v1::$module::Event::Done(reply)),
+            },
         }
-    }
+    };
 }
 
-/// Whether process `pid` is gone, or goes within half a second.
-fn owner_ends_soon(pid: u32) -> bool {
-    for _ in 0..50 {
-        if !crate::mount::process_alive(pid) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    false
-}
+/// What a streamed call returns.
+type EventStream<E> = tokio_stream::wrappers::ReceiverStream<std::result::Result<E, Status>>;
 
 /// A forge error as a gRPC status: its one-line message, a status code by kind, and the
 /// exit code in the metadata `forge-exit-code`.
@@ -290,7 +132,7 @@ impl Drop for ControlHandle {
 /// # Errors
 /// The socket cannot be created.
 pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
-    let socket = socket_path(host.vault().data_dir());
+    let socket = crate::owner::socket_path(host.vault().data_dir());
     // A socket file left by a process that died is stale: we own the directory now.
     let _ = std::fs::remove_file(&socket);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -480,60 +322,6 @@ fn count_served<R>(host: &Host, method: &str, result: &Result<R>, started: std::
         .count_call(method, code, started.elapsed().as_secs_f64());
 }
 
-/// `forge.v1.Node`: what the host is and serves, and its stop.
-impl crate::service::NodeService for Host {
-    fn status(&self, _request: NodeStatusRequest) -> Result<NodeStatusReply> {
-        let vault = self.vault();
-        let (uptime, mounts) = Host::status(self);
-        Ok(NodeStatusReply {
-            node_id: vault.identity().node_id().to_hex(),
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            uptime_seconds: uptime.as_secs(),
-            volumes: vault
-                .list_volumes()?
-                .into_iter()
-                .map(|record| record.name)
-                .collect(),
-            mounts: mounts.iter().map(crate::service::mount_info).collect(),
-            socket: socket_path(vault.data_dir()).into_os_string().into_vec(),
-            metrics_address: self.metrics_address().map(|address| address.to_string()),
-        })
-    }
-
-    fn stop(&self, _request: StopNodeRequest) -> Result<StopNodeReply> {
-        let mounts = Host::stop(self);
-        Ok(StopNodeReply {
-            pid: std::process::id(),
-            mounts: mounts.iter().map(crate::service::mount_info).collect(),
-        })
-    }
-}
-
-/// `forge.v1.Mount`: commits of the host's read-write mounts.
-impl crate::service::MountService for Host {
-    fn commit(&self, request: CommitRequest) -> Result<CommitReply> {
-        let outcomes = self.commit_volume(&request.volume, &request.message)?;
-        Ok(CommitReply {
-            outcomes: outcomes
-                .into_iter()
-                .map(|outcome| match outcome {
-                    Some(outcome) => CommitOutcome {
-                        nothing_changed: false,
-                        snapshot: outcome.snapshot.as_bytes().to_vec(),
-                        branch: outcome.branch,
-                        conflict: outcome.conflict,
-                    },
-                    None => CommitOutcome {
-                        nothing_changed: true,
-                        ..CommitOutcome::default()
-                    },
-                })
-                .collect(),
-        })
-    }
-}
-
 #[tonic::async_trait]
 impl Mount for ApiGrpc {
     /// Mounts in this host, with the passphrase the call carried (an encrypted volume's
@@ -543,7 +331,7 @@ impl Mount for ApiGrpc {
         request: Request<MountRequest>,
     ) -> std::result::Result<Response<MountReply>, Status> {
         self.serve_host("Mount.Mount", request, |host, passphrase, message| {
-            let options = crate::mount::MountOptions {
+            let options = crate::daemon::host::MountOptions {
                 volume: message.volume,
                 mountpoint: crate::service::absolute_path("mount point", message.mountpoint)?,
                 branch: message.branch,
@@ -594,34 +382,44 @@ impl Node for ApiGrpc {
 
 #[tonic::async_trait]
 impl Maintenance for ApiGrpc {
+    type FsckStream = EventStream<FsckEvent>;
+    type GcStream = EventStream<GcEvent>;
+    type ScrubStream = EventStream<ScrubEvent>;
+
     async fn fsck(
         &self,
         request: Request<FsckRequest>,
-    ) -> std::result::Result<Response<FsckReply>, Status> {
-        self.serve("Maintenance.Fsck", request, |service, message| {
-            service.fsck(message)
-        })
-        .await
+    ) -> std::result::Result<Response<Self::FsckStream>, Status> {
+        self.serve_streaming(
+            "Maintenance.Fsck",
+            request,
+            stream_events!(FsckEvent, fsck_event),
+            |service, message, progress| service.fsck(message, progress),
+        )
     }
 
     async fn gc(
         &self,
         request: Request<GcRequest>,
-    ) -> std::result::Result<Response<GcReply>, Status> {
-        self.serve("Maintenance.Gc", request, |service, message| {
-            service.gc(message)
-        })
-        .await
+    ) -> std::result::Result<Response<Self::GcStream>, Status> {
+        self.serve_streaming(
+            "Maintenance.Gc",
+            request,
+            stream_events!(GcEvent, gc_event),
+            |service, message, progress| service.gc(message, progress),
+        )
     }
 
     async fn scrub(
         &self,
         request: Request<ScrubRequest>,
-    ) -> std::result::Result<Response<ScrubReply>, Status> {
-        self.serve("Maintenance.Scrub", request, |service, message| {
-            service.scrub(message)
-        })
-        .await
+    ) -> std::result::Result<Response<Self::ScrubStream>, Status> {
+        self.serve_streaming(
+            "Maintenance.Scrub",
+            request,
+            stream_events!(ScrubEvent, scrub_event),
+            |service, message, progress| service.scrub(message, progress),
+        )
     }
 
     async fn stats(
@@ -667,8 +465,7 @@ impl Snapshot for ApiGrpc {
         .await
     }
 
-    type DiffStream =
-        tokio_stream::wrappers::ReceiverStream<std::result::Result<DiffBatch, Status>>;
+    type DiffStream = EventStream<DiffBatch>;
 
     /// Streams the differences in batches of [`DIFF_BATCH_ENTRIES`] as the walk finds them:
     /// neither side holds a whole diff.
@@ -730,24 +527,6 @@ const DIFF_BATCH_ENTRIES: usize = 1024;
 /// How often a long call's stream reports progress.
 const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// How a long call's stream says what it has to say.
-struct StreamEvents<E, R> {
-    /// Done so far.
-    progress: fn(forge_proto::v1::Progress) -> E,
-    /// The whole the work will reach.
-    totals: fn(forge_proto::v1::Progress) -> E,
-    /// The reply, last.
-    done: fn(R) -> E,
-}
-
-// Function pointers only: copied whatever E and R are (a derive would ask them to be).
-impl<E, R> Clone for StreamEvents<E, R> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<E, R> Copy for StreamEvents<E, R> {}
-
 impl ApiGrpc {
     /// Runs a long call off the async workers with a progress nobody displays here; a
     /// second thread samples it every [`PROGRESS_INTERVAL`] into the stream (the totals
@@ -759,10 +538,7 @@ impl ApiGrpc {
         request: Request<T>,
         events: StreamEvents<E, R>,
         call: impl FnOnce(&LocalApi<'_>, T, &crate::progress::Progress) -> Result<R> + Send + 'static,
-    ) -> std::result::Result<
-        Response<tokio_stream::wrappers::ReceiverStream<std::result::Result<E, Status>>>,
-        Status,
-    >
+    ) -> std::result::Result<Response<EventStream<E>>, Status>
     where
         T: Send + 'static,
         R: Send + 'static,
@@ -825,30 +601,17 @@ impl ApiGrpc {
 
 #[tonic::async_trait]
 impl Volume for ApiGrpc {
-    type ImportStream =
-        tokio_stream::wrappers::ReceiverStream<std::result::Result<ImportEvent, Status>>;
-    type ExportStream =
-        tokio_stream::wrappers::ReceiverStream<std::result::Result<ExportEvent, Status>>;
+    type ImportStream = EventStream<ImportEvent>;
+    type ExportStream = EventStream<ExportEvent>;
 
     async fn import(
         &self,
         request: Request<ImportRequest>,
     ) -> std::result::Result<Response<Self::ImportStream>, Status> {
-        use forge_proto::v1::import_event::Event;
         self.serve_streaming(
             "Volume.Import",
             request,
-            StreamEvents {
-                progress: |done| ImportEvent {
-                    event: Some(Event::Progress(done)),
-                },
-                totals: |totals| ImportEvent {
-                    event: Some(Event::Totals(totals)),
-                },
-                done: |reply| ImportEvent {
-                    event: Some(Event::Done(reply)),
-                },
-            },
+            stream_events!(ImportEvent, import_event),
             |service, message, progress| VolumeService::import(service, message, progress),
         )
     }
@@ -857,21 +620,10 @@ impl Volume for ApiGrpc {
         &self,
         request: Request<ExportRequest>,
     ) -> std::result::Result<Response<Self::ExportStream>, Status> {
-        use forge_proto::v1::export_event::Event;
         self.serve_streaming(
             "Volume.Export",
             request,
-            StreamEvents {
-                progress: |done| ExportEvent {
-                    event: Some(Event::Progress(done)),
-                },
-                totals: |totals| ExportEvent {
-                    event: Some(Event::Totals(totals)),
-                },
-                done: |reply| ExportEvent {
-                    event: Some(Event::Done(reply)),
-                },
-            },
+            stream_events!(ExportEvent, export_event),
             |service, message, progress| service.export(message, progress),
         )
     }

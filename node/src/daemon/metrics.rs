@@ -18,8 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::daemon::host::Host;
 use crate::error::{NodeError, Result};
-use crate::mount::Host;
 use crate::mount::requests::FuseMetrics;
 use crate::vault::Vault;
 use crate::vault::VolumeStats;
@@ -317,7 +317,7 @@ impl Metrics {
         }
         self.volume_dedup_ratio.clear();
         self.volume_compression_ratio.clear();
-        // A daemon cannot prompt: a volume whose keys need a passphrase is left out.
+        // A daemon cannot prompt: a volume whose keys need a passphrase is counted keylessly.
         let no_passphrase = |_: &str, _: bool| -> Result<zeroize::Zeroizing<String>> {
             Err(NodeError::InvalidArgument {
                 what: "passphrase",
@@ -339,7 +339,17 @@ impl Metrics {
                 .map(|(_, stats)| stats.clone());
             let stats = match cached {
                 Some(stats) => stats,
-                None if record.encrypted => continue,
+                // Its keys need a passphrase: what the reference indexes tell, keylessly.
+                None if record.encrypted => match vault.volume_stats_keyless(&record.name) {
+                    Ok(stats) => {
+                        cache.insert(record.name.clone(), (snapshots, stats.clone()));
+                        stats
+                    }
+                    Err(error) => {
+                        self.failed("keyless volume statistics", &error);
+                        continue;
+                    }
+                },
                 None => match vault.volume_stats(&record.name, &no_passphrase) {
                     Ok(stats) => {
                         cache.insert(record.name.clone(), (snapshots, stats.clone()));
@@ -364,12 +374,15 @@ impl Metrics {
             self.volume_snapshots
                 .get_or_create(&labels)
                 .set(gauge_value(stats.snapshots));
-            self.volume_dedup_ratio
-                .get_or_create(&labels)
-                .set(stats.dedup_ratio);
-            self.volume_compression_ratio
-                .get_or_create(&labels)
-                .set(stats.compression_ratio);
+            // Ratios need plaintext lengths: none for a volume counted without its keys.
+            if !record.encrypted {
+                self.volume_dedup_ratio
+                    .get_or_create(&labels)
+                    .set(stats.dedup_ratio);
+                self.volume_compression_ratio
+                    .get_or_create(&labels)
+                    .set(stats.compression_ratio);
+            }
         }
     }
 

@@ -1,0 +1,311 @@
+//! The `forge` command line: the arguments (here), what runs them (`run`: the typed
+//! commands through the service, in this process or on the daemon) and the commands that
+//! need no vault (`local`: version, init, node id and config).
+
+mod local;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{NodeConfig, parse_size};
+use crate::datadir::DataDir;
+use crate::error::{NodeError, Result};
+pub use crate::output::Output;
+use forge_store::erasure::ErasureLayout;
+
+/// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
+///
+/// With no cluster configured, forge runs as a single embedded vault in its data directory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "forge",
+    version,
+    propagate_version = true,
+    disable_version_flag = false
+)]
+pub struct Cli {
+    /// The data directory [default: $FORGE_DATA_DIR, else ~/.local/share/forge].
+    #[arg(
+        long,
+        global = true,
+        env = "FORGE_DATA_DIR",
+        value_name = "DIR",
+        hide_env = true
+    )]
+    pub data_dir: Option<PathBuf>,
+
+    /// Machine-readable output: JSON on stdout; errors as one JSON line on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the version of forge and of the formats it reads and writes.
+    Version,
+    /// Create a new vault: the data directory, its format marker and this node's keys.
+    Init(InitArgs),
+    /// This node's identity.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Volumes: create, list, import, export, statistics.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Statistics of the whole vault (bytes on disk).
+    Stats,
+    /// Verify every object, shard and reference (exit 3 when something is wrong).
+    Fsck {
+        /// List every problem (by default: a count per volume and snapshot, and the first
+        /// few; --json always lists all).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Remove chunks and objects no snapshot reaches; report the bytes freed.
+    Gc,
+    /// Verify every chunk; with --repair, rebuild damaged shards from parity.
+    Scrub {
+        /// Rewrite damaged shards rebuilt from parity.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+/// `forge volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        /// Its name: letters, digits, '.', '_', '-'.
+        name: String,
+        /// Erasure layout K+M: K data and M parity shards per chunk (default 1+0).
+        #[arg(long, value_name = "K+M")]
+        ec: Option<ErasureLayout>,
+        /// Dedup domain (default: the vault's default domain; a new name creates one;
+        /// "public" is the shared public domain).
+        #[arg(long, value_name = "D")]
+        domain: Option<String>,
+        /// Average chunk size of a new domain (e.g. 64K, 1M).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        chunk_avg: Option<u32>,
+        /// Wrap the volume's keys to a passphrase (FORGE_PASSPHRASE or prompted), in a
+        /// dedup domain of its own: the host cannot read it without you.
+        #[arg(long)]
+        encrypted: bool,
+    },
+    /// List volumes.
+    List,
+    /// Import a directory as a new snapshot.
+    Import {
+        /// The volume.
+        name: String,
+        /// The directory to import.
+        source: PathBuf,
+        /// Snapshot message.
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+        /// Branch to move (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// DNA fingerprint of the producing workload, KEY=VALUE (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        dna: Vec<(String, String)>,
+        /// Keep access times too (reading the source changes them, so a re-import stores
+        /// every directory read since anew).
+        #[arg(long)]
+        atime: bool,
+    },
+    /// Export a snapshot into an empty or absent directory.
+    Export {
+        /// The volume.
+        name: String,
+        /// Destination directory (empty or absent).
+        destination: PathBuf,
+        /// Snapshot id (or unique prefix of 8+ characters).
+        #[arg(long, conflicts_with = "branch")]
+        snapshot: Option<String>,
+        /// Branch whose head to export (default main).
+        #[arg(long)]
+        branch: Option<String>,
+        /// Restore owners by their recorded ids, not by the user and group names this
+        /// machine has (as root; a normal user's export leaves files its own).
+        #[arg(long)]
+        numeric_owner: bool,
+    },
+    /// Statistics of a volume.
+    Stats {
+        /// The volume.
+        name: String,
+    },
+    /// Mount a branch read-write (default main), or a snapshot read-only, with FUSE.
+    ///
+    /// In the foreground it stays until unmounted (Ctrl-C or SIGTERM unmount cleanly);
+    /// unmounting commits the changes as a snapshot.
+    Mount {
+        /// The volume.
+        name: String,
+        /// An existing directory to mount on.
+        mountpoint: PathBuf,
+        /// The branch to mount (read-write unless --read-only).
+        #[arg(long, conflicts_with = "snapshot")]
+        branch: Option<String>,
+        /// A snapshot to mount read-only (id or unique prefix).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Return once mounted; a background process serves it until unmounted.
+        #[arg(long)]
+        background: bool,
+        /// Memory for decrypted chunks (e.g. 256M; default: forge.toml's
+        /// mount.cache_size, 256M without one).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cache_size: Option<u32>,
+    },
+    /// Unmount a forge mount, waiting until its changes are committed.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+}
+
+impl VolumeCommand {
+    /// The options of a `mount` command (None for any other).
+    #[must_use]
+    pub fn mount_options(&self, config: &NodeConfig) -> Option<crate::daemon::host::MountOptions> {
+        let Self::Mount {
+            name,
+            mountpoint,
+            branch,
+            snapshot,
+            read_only,
+            background,
+            cache_size,
+        } = self
+        else {
+            return None;
+        };
+        Some(crate::daemon::host::MountOptions {
+            volume: name.clone(),
+            mountpoint: mountpoint.clone(),
+            branch: branch.clone(),
+            snapshot: snapshot.clone(),
+            read_only: *read_only,
+            background: *background,
+            cache_bytes: cache_size.map_or(config.mount_cache_bytes, |size| size as usize),
+        })
+    }
+}
+
+/// `forge snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List a volume's snapshots, oldest first.
+    List {
+        /// The volume.
+        name: String,
+    },
+    /// Paths added, removed and modified from snapshot A to snapshot B.
+    Diff {
+        /// The volume.
+        name: String,
+        /// The older snapshot (id or unique prefix).
+        a: String,
+        /// The newer snapshot.
+        b: String,
+    },
+    /// Write a snapshot into an empty or absent directory.
+    Restore {
+        /// The volume.
+        name: String,
+        /// The snapshot (id or unique prefix).
+        id: String,
+        /// Destination directory.
+        destination: PathBuf,
+        /// Restore owners by their recorded ids, not by name.
+        #[arg(long)]
+        numeric_owner: bool,
+    },
+    /// Create a branch at a snapshot (default: the head of main).
+    Branch {
+        /// The volume.
+        name: String,
+        /// The new branch.
+        new: String,
+        /// The snapshot to start from.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Commit the working state of a mounted volume as a snapshot.
+    Create {
+        /// The volume.
+        name: String,
+        /// Snapshot message.
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+    },
+    /// Drop a snapshot from the volume's list (its data is freed by `forge gc`).
+    Delete {
+        /// The volume.
+        name: String,
+        /// The snapshot (id or unique prefix).
+        id: String,
+    },
+}
+
+/// Arguments of `forge init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Protect the node's secret keys with a passphrase (from FORGE_PASSPHRASE, or prompted).
+    #[arg(long)]
+    pub passphrase: bool,
+}
+
+/// `forge node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Print this node's id (with --json, also its public keys).
+    Id,
+    /// Show the forge process that owns this data directory (the daemon, or a mount
+    /// host), its mounts and its socket; exit 1 when none runs.
+    Status,
+    /// Start the daemon: it owns the data directory, hosts every mount and serves the
+    /// control socket until stopped. Returns once it serves (log in DATA_DIR/logs/).
+    Start {
+        /// Stay attached: serve in this process until SIGINT/SIGTERM or `node stop`.
+        #[arg(long)]
+        foreground: bool,
+        /// Serve Prometheus metrics on this address (`off`: none; default: forge.toml's
+        /// metrics_listen, 127.0.0.1:9464 without one).
+        #[arg(long, value_name = "ADDR|off")]
+        metrics_listen: Option<String>,
+    },
+    /// Print the configuration in effect (DATA_DIR/forge.toml over the defaults).
+    Config,
+    /// Stop the daemon (or mount host): unmount and commit every mount, close the vault,
+    /// exit; waits for it.
+    Stop {
+        /// Seconds to wait for it to exit.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+fn parse_key_value(text: &str) -> std::result::Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("{text:?} has an empty key"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}

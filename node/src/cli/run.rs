@@ -1,0 +1,381 @@
+//! Running a parsed command: the typed ones through the service (on the daemon's socket
+//! when a process owns the data directory, else on the vault opened here), the process
+//! ones (node start and stop, mount and unmount) through the daemon, the rest locally.
+
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use super::local::{init, node_config, node_id, version};
+use super::*;
+use crate::error::MountFault;
+use crate::passphrase;
+use crate::progress::Progress;
+use crate::service::remote::RemoteApi;
+use crate::service::{
+    self, LocalApi, MaintenanceService, MountService, NodeService, SnapshotService, VolumeService,
+};
+use crate::vault::Vault;
+use crate::vault::snapshots::DiffChange;
+use forge_proto::v1::{
+    CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
+    ExportRequest, FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
+    NodeStatusRequest, ScrubRequest, VaultStatsRequest, VolumeStatsRequest,
+};
+
+impl Cli {
+    /// The data directory this invocation works on.
+    ///
+    /// # Errors
+    /// [`crate::NodeError::NoDataDir`] when neither flag, variable nor `HOME` gives one.
+    pub fn data_dir(&self) -> Result<DataDir> {
+        match &self.data_dir {
+            Some(path) => Ok(DataDir::new(path)),
+            None => DataDir::default_path().map(DataDir::new),
+        }
+    }
+
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// Whatever the command fails with; the binary maps it to an exit code.
+    pub fn run(&self) -> Result<Output> {
+        match &self.command {
+            Command::Version => Ok(version()),
+            Command::Init(args) => init(&self.data_dir()?, args),
+            Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
+            Command::Node(NodeCommand::Start {
+                foreground,
+                metrics_listen,
+            }) => {
+                let data_dir = self.data_dir()?;
+                let metrics_listen = match metrics_listen {
+                    Some(text) => crate::config::parse_listen(text).map_err(|reason| {
+                        NodeError::InvalidArgument {
+                            what: "--metrics-listen",
+                            value: text.clone(),
+                            reason,
+                        }
+                    })?,
+                    None => NodeConfig::load(&data_dir)?.metrics_listen,
+                };
+                let line =
+                    crate::daemon::start(&data_dir, *foreground, metrics_listen, &ask_passphrase)?;
+                Ok(Output {
+                    json: json!({"summary": line}),
+                    human: line,
+                })
+            }
+            Command::Node(NodeCommand::Stop { timeout }) => {
+                let line = crate::daemon::stop(
+                    &self.data_dir()?,
+                    std::time::Duration::from_secs(*timeout),
+                )?;
+                Ok(Output {
+                    json: json!({"summary": line}),
+                    human: line,
+                })
+            }
+            Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
+            Command::Snapshot(SnapshotCommand::Create { name, message }) => {
+                // Only the process serving the mounts can commit them.
+                let data_dir = self.data_dir()?;
+                let Some(connection) = crate::service::client::Connection::open(&data_dir)? else {
+                    return Err(crate::mount::nothing_to_commit(name));
+                };
+                service::render_commit(
+                    name,
+                    &RemoteApi::new(&connection).commit(CommitRequest {
+                        volume: name.clone(),
+                        message: message.clone(),
+                    })?,
+                )
+            }
+            Command::Node(NodeCommand::Status) => {
+                let data_dir = self.data_dir()?;
+                let Some(connection) = crate::service::client::Connection::open(&data_dir)? else {
+                    return Err(NodeError::NoDaemon {
+                        data_dir: data_dir.path().to_owned(),
+                    });
+                };
+                Ok(service::render_node_status(
+                    &RemoteApi::new(&connection).status(NodeStatusRequest {})?,
+                ))
+            }
+            Command::Volume(command @ VolumeCommand::Mount { .. }) => {
+                let data_dir = self.data_dir()?;
+                let options = command
+                    .mount_options(&NodeConfig::load(&data_dir)?)
+                    .ok_or_else(|| MountFault::Internal {
+                        what: "a mount command without mount options".into(),
+                    })?;
+                let summary = crate::daemon::host::mount(&data_dir, &options, &ask_passphrase)?;
+                Ok(Output {
+                    json: json!({"summary": summary}),
+                    human: summary,
+                })
+            }
+            Command::Volume(VolumeCommand::Unmount { mountpoint }) => {
+                let summary = crate::daemon::host::unmount(&self.data_dir()?, mountpoint)?;
+                Ok(Output {
+                    json: json!({"summary": summary}),
+                    human: summary,
+                })
+            }
+            Command::Volume(
+                command @ (VolumeCommand::List
+                | VolumeCommand::Create { .. }
+                | VolumeCommand::Stats { .. }
+                | VolumeCommand::Import { .. }
+                | VolumeCommand::Export { .. }),
+            ) => self.with_api(|api| volume_call(api, command, self.json)),
+            Command::Gc | Command::Stats | Command::Scrub { .. } | Command::Fsck { .. } => {
+                // A passphrase given without being asked (FORGE_PASSPHRASE): fsck checks
+                // every encrypted volume's snapshots with it, not only keylessly.
+                let passphrase_given =
+                    std::env::var_os(crate::passphrase::PASSPHRASE_ENV).is_some();
+                self.with_api(|api| {
+                    maintenance_call(api, &self.command, passphrase_given, self.json)
+                })
+            }
+            Command::Snapshot(SnapshotCommand::Restore {
+                name,
+                id,
+                destination,
+                numeric_owner,
+            }) => {
+                // A restore is an export of one snapshot.
+                let export = VolumeCommand::Export {
+                    name: name.clone(),
+                    destination: destination.clone(),
+                    snapshot: Some(id.clone()),
+                    branch: None,
+                    numeric_owner: *numeric_owner,
+                };
+                self.with_api(|api| volume_call(api, &export, self.json))
+            }
+            Command::Snapshot(
+                command @ (SnapshotCommand::List { .. }
+                | SnapshotCommand::Branch { .. }
+                | SnapshotCommand::Delete { .. }
+                | SnapshotCommand::Diff { .. }),
+            ) => self.with_api(|api| snapshot_call(api, command, self.json)),
+        }
+    }
+
+    /// Runs `call` on the typed API: on the control socket when a process owns the data
+    /// directory, else on the vault opened in this process; the same replies either way.
+    fn with_api(&self, call: impl FnOnce(&dyn service::Api) -> Result<Output>) -> Result<Output> {
+        let data_dir = self.data_dir()?;
+        if let Some(connection) = crate::service::client::Connection::open(&data_dir)? {
+            return call(&RemoteApi::new(&connection));
+        }
+        let vault = Vault::open(&data_dir, &ask_passphrase)?;
+        call(&LocalApi {
+            vault: &vault,
+            passphrase: &ask_passphrase,
+        })
+    }
+}
+
+fn ask_passphrase(prompt: &str, confirm: bool) -> Result<zeroize::Zeroizing<String>> {
+    passphrase::obtain(prompt, confirm)
+}
+
+/// Runs a typed maintenance command (gc, scrub, vault stats) on `service` (this process's
+/// vault or the owning process's) and renders its reply.
+fn maintenance_call(
+    service: &dyn MaintenanceService,
+    command: &Command,
+    passphrase_given: bool,
+    json: bool,
+) -> Result<Output> {
+    match command {
+        Command::Gc => {
+            let progress = Progress::counting("collecting", "entries", !json);
+            let reply = service.gc(GcRequest {}, &progress);
+            progress.finish();
+            Ok(service::render_gc(&reply?))
+        }
+        Command::Fsck { verbose } => {
+            let progress = Progress::counting("checking", "items", !json);
+            let reply = service.fsck(
+                FsckRequest {
+                    use_passphrase: passphrase_given,
+                },
+                &progress,
+            );
+            progress.finish();
+            service::render_fsck(&reply?, *verbose)
+        }
+        Command::Scrub { repair } => {
+            let progress = Progress::counting("scrubbing", "chunks", !json);
+            let reply = service.scrub(ScrubRequest { repair: *repair }, &progress);
+            progress.finish();
+            service::render_scrub(&reply?)
+        }
+        Command::Stats => Ok(service::render_vault_stats(
+            &service.stats(VaultStatsRequest {})?,
+        )),
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed maintenance call".into(),
+        }
+        .into()),
+    }
+}
+
+/// Runs a typed snapshot command on `service` (this process's vault or the owning
+/// process's) and renders its reply.
+fn snapshot_call(
+    service: &dyn SnapshotService,
+    command: &SnapshotCommand,
+    json: bool,
+) -> Result<Output> {
+    match command {
+        SnapshotCommand::Diff { name, a, b } => {
+            let request = DiffRequest {
+                volume: name.clone(),
+                from: a.clone(),
+                to: b.clone(),
+            };
+            // Only the form asked for is built: a diff can be as long as the volume.
+            if json {
+                let (mut added, mut removed, mut modified) = (Vec::new(), Vec::new(), Vec::new());
+                service.diff(request, &mut |change, path| {
+                    match change {
+                        DiffChange::Added => &mut added,
+                        DiffChange::Removed => &mut removed,
+                        DiffChange::Modified => &mut modified,
+                    }
+                    .push(path.to_owned());
+                })?;
+                return Ok(Output {
+                    human: String::new(),
+                    json: json!({"added": added, "removed": removed, "modified": modified}),
+                });
+            }
+            let mut human = String::new();
+            service.diff(request, &mut |change, path| {
+                let sign = match change {
+                    DiffChange::Added => '+',
+                    DiffChange::Removed => '-',
+                    DiffChange::Modified => 'M',
+                };
+                let _ = writeln!(human, "{sign} {}", path.escape_debug());
+            })?;
+            if human.is_empty() {
+                human.push_str("no differences");
+            }
+            human.truncate(human.trim_end().len());
+            Ok(Output {
+                human,
+                json: serde_json::Value::Null,
+            })
+        }
+        SnapshotCommand::List { name } => {
+            service::render_snapshots(&service.list(ListSnapshotsRequest {
+                volume: name.clone(),
+            })?)
+        }
+        SnapshotCommand::Branch { name, new, from } => service::render_branch(
+            name,
+            new,
+            &service.branch(CreateBranchRequest {
+                volume: name.clone(),
+                branch: new.clone(),
+                from: from.clone().unwrap_or_default(),
+            })?,
+        ),
+        SnapshotCommand::Delete { name, id } => service::render_delete(
+            name,
+            &service.delete(DeleteSnapshotRequest {
+                volume: name.clone(),
+                snapshot: id.clone(),
+            })?,
+        ),
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed snapshot call".into(),
+        }
+        .into()),
+    }
+}
+
+/// Runs a typed volume command on `service` (this process's vault or the owning
+/// process's) and renders its reply.
+fn volume_call(service: &dyn VolumeService, command: &VolumeCommand, json: bool) -> Result<Output> {
+    let count = |shards: usize| u32::try_from(shards).unwrap_or(u32::MAX);
+    match command {
+        VolumeCommand::List => Ok(service::render_list(&service.list(ListVolumesRequest {})?)),
+        VolumeCommand::Create {
+            name,
+            ec,
+            domain,
+            chunk_avg,
+            encrypted,
+        } => service::render_create(&service.create(CreateVolumeRequest {
+            name: name.clone(),
+            data_shards: ec.map_or(0, |layout| count(layout.data_shards())),
+            parity_shards: ec.map_or(0, |layout| count(layout.parity_shards())),
+            domain: domain.clone().unwrap_or_default(),
+            chunk_avg_bytes: chunk_avg.unwrap_or(0),
+            encrypted: *encrypted,
+        })?),
+        VolumeCommand::Stats { name } => Ok(service::render_stats(
+            name,
+            &service.stats(VolumeStatsRequest { name: name.clone() })?,
+        )),
+        VolumeCommand::Import {
+            name,
+            source,
+            message,
+            branch,
+            dna,
+            atime,
+        } => {
+            // The service takes absolute paths only: whoever serves it has its own cwd.
+            let source = std::path::absolute(source).map_err(NodeError::io("resolving", source))?;
+            let progress = Progress::new("importing", !json);
+            let reply = service.import(
+                ImportRequest {
+                    volume: name.clone(),
+                    source: source.into_os_string().into_encoded_bytes(),
+                    message: message.clone(),
+                    branch: branch.clone(),
+                    dna: dna.iter().cloned().collect(),
+                    atime: *atime,
+                    count_totals: progress.is_live(),
+                },
+                &progress,
+            );
+            progress.finish();
+            service::render_import(&reply?)
+        }
+        VolumeCommand::Export {
+            name,
+            destination,
+            snapshot,
+            branch,
+            numeric_owner,
+        } => {
+            let destination = std::path::absolute(destination)
+                .map_err(NodeError::io("resolving", destination))?;
+            let progress = Progress::new("exporting", !json);
+            let reply = service.export(
+                ExportRequest {
+                    volume: name.clone(),
+                    destination: destination.into_os_string().into_encoded_bytes(),
+                    snapshot: snapshot.clone().unwrap_or_default(),
+                    branch: branch.clone().unwrap_or_default(),
+                    numeric_owner: *numeric_owner,
+                },
+                &progress,
+            );
+            progress.finish();
+            service::render_export(&reply?)
+        }
+        _ => Err(MountFault::Internal {
+            what: "a command that is not a typed volume call".into(),
+        }
+        .into()),
+    }
+}

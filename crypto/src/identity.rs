@@ -104,6 +104,8 @@ pub struct NodeSecrets {
 }
 
 const SECRETS_MAGIC: &[u8; 4] = b"FGNS";
+/// Frozen: changing it changes every node's transport key (and PeerId).
+const TRANSPORT_SEED_CONTEXT: &str = "forge-vault 2026 v1 node transport ed25519 seed";
 const PUBLIC_MAGIC: &[u8; 4] = b"FGNP";
 /// Version of the node-secrets and node-public-keys encodings.
 pub const IDENTITY_FORMAT_VERSION: u8 = 1;
@@ -139,6 +141,21 @@ impl NodeSecrets {
         secrets.ml_kem_z.copy_from_slice(&bytes[64..96]);
         secrets.x25519_secret.copy_from_slice(&bytes[96..128]);
         secrets
+    }
+
+    /// The seed of this node's transport key (libp2p's ed25519), derived from all its
+    /// seeds with BLAKE3 `derive_key` under a frozen context, so the key needs no storage
+    /// of its own (and no new identity format) and changes only with the node's identity.
+    /// The transport key is not trusted on its own: a certificate signed by the ML-DSA key
+    /// binds it to the node.
+    #[must_use]
+    pub fn transport_seed(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_derive_key(TRANSPORT_SEED_CONTEXT);
+        hasher.update(&self.ml_dsa_seed);
+        hasher.update(&self.ml_kem_d);
+        hasher.update(&self.ml_kem_z);
+        hasher.update(&self.x25519_secret);
+        *hasher.finalize().as_bytes()
     }
 
     /// The versioned encoding: `"FGNS" | version | ml-dsa seed | ml-kem d | ml-kem z | x25519`.
@@ -415,6 +432,29 @@ mod tests {
 
     fn identity(seed: u8) -> NodeIdentity {
         NodeIdentity::from_secrets(&NodeSecrets::from_seed_bytes([seed; 128]))
+    }
+
+    #[test]
+    fn the_transport_seed_is_stable_per_node_and_depends_on_every_seed() {
+        let seeds = |byte: u8, at: usize| {
+            let mut bytes = [byte; 128];
+            bytes[at] ^= 1;
+            NodeSecrets::from_seed_bytes(bytes).transport_seed()
+        };
+        let base = NodeSecrets::from_seed_bytes([1; 128]).transport_seed();
+        assert_eq!(
+            NodeSecrets::from_seed_bytes([1; 128]).transport_seed(),
+            base
+        );
+        // A change in any of the four seeds changes it.
+        for at in [0, 40, 70, 127] {
+            assert_ne!(seeds(1, at), base, "byte {at}");
+        }
+        // Frozen: the same secrets give the same key (and PeerId) in every release.
+        assert_eq!(
+            data_encoding::HEXLOWER.encode(&base),
+            "466ac26f3cb5002c082ab74c395eb8048aa4137ca462b0354bf36db21d688372"
+        );
     }
 
     #[test]

@@ -6,17 +6,24 @@
 //!   delay, duplication, corruption, partitions) for tests and the simulator;
 //! - [`hello`]: the certificate binding a transport key to a node's ML-DSA-65 identity and
 //!   the replay-proof Hello exchanged on every connection (sans-IO);
+//! - [`proof`]: transfer receipts (signed by the receiver, countersigned by the sender)
+//!   and proof files anyone can verify offline;
 //! - [`sync`]: the sender's walk of a reference index (sans-IO): asks what the receiver
 //!   holds, sends only what it lacks, index nodes only after their subtrees.
 //!
-//! The libp2p (QUIC) implementation sits behind the `libp2p` feature, so crates that only
+//! [`quic`] is the production implementation (libp2p over QUIC, with the Hello on every
+//! connection). It sits behind the `libp2p` feature, so crates that only
 //! need the trait (consensus, the simulator) do not build libp2p.
 
 pub mod hello;
 pub mod memory;
 pub mod net;
+pub mod proof;
+#[cfg(feature = "libp2p")]
+pub mod quic;
 pub mod sync;
 
 pub use hello::{Certificate, Handshake, VerifiedPeer};
 pub use memory::{FaultPlan, MemoryNetwork, MemoryPeer, NetStats};
 pub use net::{Answer, BoxFuture, Inbound, InboundRequest, MeshError, PeerNet, Protocol};
+pub use proof::{Receipt, TransferProof};

@@ -103,6 +103,12 @@ pub enum MeshError {
         /// What failed.
         reason: String,
     },
+    /// A transfer proof or receipt that does not verify.
+    #[error("invalid transfer proof: {reason}")]
+    InvalidProof {
+        /// The first thing found wrong.
+        reason: String,
+    },
     /// This node already serves the protocol, or serves nothing any more.
     #[error("{what}")]
     Local {

@@ -12,7 +12,7 @@ use forge_store::refindex::Node;
 use tokio::task::JoinSet;
 
 use super::walker::{Item, Step, SyncWalker, WalkStats};
-use super::wire::{Message, PutOutcome};
+use super::wire::{DataKind, Message, PutOutcome};
 use crate::net::{Inbound, MeshError, PeerNet, Protocol};
 
 /// The sync protocol: requests carry up to a batch of chunks (several MiB).
@@ -32,17 +32,20 @@ pub trait SyncStore: Send + Sync {
     /// The store failing ([`MeshError::Local`]).
     fn holds(&self, cid: &Cid) -> Result<bool, MeshError>;
 
-    /// The bytes of an index node or object, or a chunk's ciphertext (the sender's side).
+    /// The bytes of an index node or object, or a chunk's ciphertext, and which it is
+    /// (the sender's side).
     ///
     /// # Errors
     /// Not held; the store failing.
-    fn read(&self, item: &Item) -> Result<Vec<u8>, MeshError>;
+    fn read(&self, item: &Item) -> Result<(DataKind, Vec<u8>), MeshError>;
 
-    /// Stores bytes already checked against their cid, durably (the receiver's side).
+    /// Stores bytes already checked against their cid, durably (the receiver's side): an
+    /// object or index node as it is, a chunk's ciphertext as shards of this vault's own
+    /// erasure layout.
     ///
     /// # Errors
     /// The store failing.
-    fn write(&self, item: &Item, bytes: Vec<u8>) -> Result<(), MeshError>;
+    fn write(&self, item: &Item, kind: DataKind, bytes: Vec<u8>) -> Result<(), MeshError>;
 }
 
 /// How a push paces itself.
@@ -145,7 +148,7 @@ async fn run_step(
     let answer = match &step {
         Step::Ask(items) => exchange(&*net, peer, &Message::Have(items.clone()), &config).await,
         Step::SendNode(node) => match store.read(&Item::Node(*node)) {
-            Ok(bytes) => exchange(&*net, peer, &Message::PutNode(*node, bytes), &config).await,
+            Ok((_, bytes)) => exchange(&*net, peer, &Message::PutNode(*node, bytes), &config).await,
             Err(error) => Err(error),
         },
         Step::Send(cids) => send_data(&*net, &*store, peer, cids, &config).await,
@@ -164,12 +167,12 @@ async fn send_data(
     config: &PushConfig,
 ) -> Result<(Message, u64, u64), MeshError> {
     let (mut outcomes, mut sent, mut retries) = (Vec::with_capacity(cids.len()), 0, 0);
-    let mut batch: Vec<(Cid, Vec<u8>)> = Vec::new();
+    let mut batch: Vec<(Cid, DataKind, Vec<u8>)> = Vec::new();
     let mut batch_bytes = 0;
     for (index, cid) in cids.iter().enumerate() {
-        let bytes = store.read(&Item::Data(*cid))?;
+        let (kind, bytes) = store.read(&Item::Data(*cid))?;
         batch_bytes += bytes.len();
-        batch.push((*cid, bytes));
+        batch.push((*cid, kind, bytes));
         if batch_bytes >= config.batch_bytes || index + 1 == cids.len() {
             let count = batch.len();
             let message = Message::PutData(std::mem::take(&mut batch));
@@ -211,7 +214,7 @@ pub async fn push(
             match walker.next_step() {
                 Step::Done | Step::Wait => break,
                 Step::Load(node) => {
-                    let bytes = store.read(&Item::Node(node))?;
+                    let (_, bytes) = store.read(&Item::Node(node))?;
                     let decoded =
                         Node::decode(&node, &bytes).map_err(|error| MeshError::Local {
                             what: format!("this vault's own index: {error}"),
@@ -303,10 +306,10 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
         ),
         Message::PutData(entries) => {
             let mut outcomes = Vec::with_capacity(entries.len());
-            for (cid, bytes) in entries {
+            for (cid, kind, bytes) in entries {
                 // Never stored unverified: the bytes must hash to the cid they came under.
                 if cid.matches(&bytes) {
-                    store.write(&Item::Data(cid), bytes)?;
+                    store.write(&Item::Data(cid), kind, bytes)?;
                     outcomes.push(PutOutcome::Stored);
                 } else {
                     outcomes.push(PutOutcome::WrongBytes);
@@ -327,7 +330,7 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
                     }
                     // Holding a node means holding its subtree: stored only once it does.
                     if complete {
-                        store.write(&Item::Node(id), bytes)?;
+                        store.write(&Item::Node(id), DataKind::Object, bytes)?;
                         PutOutcome::Stored
                     } else {
                         PutOutcome::ChildrenMissing
@@ -404,18 +407,27 @@ mod tests {
             Ok(self.items.lock().unwrap().contains_key(cid))
         }
 
-        fn read(&self, item: &Item) -> Result<Vec<u8>, MeshError> {
-            self.items
+        fn read(&self, item: &Item) -> Result<(DataKind, Vec<u8>), MeshError> {
+            let bytes = self
+                .items
                 .lock()
                 .unwrap()
                 .get(&item.cid())
                 .cloned()
                 .ok_or_else(|| MeshError::Local {
                     what: format!("{item:?} not held"),
-                })
+                })?;
+            let kind = match item {
+                Item::Node(_) => DataKind::Object,
+                Item::Data(_) => DataKind::Chunk,
+            };
+            Ok((kind, bytes))
         }
 
-        fn write(&self, item: &Item, bytes: Vec<u8>) -> Result<(), MeshError> {
+        fn write(&self, item: &Item, kind: DataKind, bytes: Vec<u8>) -> Result<(), MeshError> {
+            if let Item::Node(_) = item {
+                assert_eq!(kind, DataKind::Object, "an index node is an object");
+            }
             assert!(item.cid().matches(&bytes), "stored unverified: {item:?}");
             if let Item::Node(id) = item {
                 let node = Node::decode(id, &bytes).expect("a valid node");
@@ -466,7 +478,7 @@ mod tests {
         let receiver = Arc::new(CheckedStore::default());
         // What an interrupted earlier sync got across: some chunks, no index nodes.
         for cid in cids.iter().take(usize::try_from(already).unwrap()) {
-            receiver.insert(*cid, sender.read(&Item::Data(*cid)).unwrap());
+            receiver.insert(*cid, sender.read(&Item::Data(*cid)).unwrap().1);
         }
         let inbound = receiver_net.serve(SYNC_PROTOCOL).unwrap();
         let serving = receiver.clone();

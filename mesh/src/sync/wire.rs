@@ -6,7 +6,8 @@
 //! ```text
 //! message  = "FS" | version:u8=1 | kind:u8 | body | check[16]
 //! Have     (kind 1) = count:u32le | (tag:u8 (0 node, 1 data) | cid[32]) * count
-//! PutData  (kind 2) = count:u32le | (cid[32] | len:u32le | bytes) * count
+//! PutData  (kind 2) = count:u32le | (cid[32] | what:u8 (0 object, 1 chunk) | len:u32le
+//!                     | bytes) * count
 //! PutNode  (kind 3) = cid[32] | len:u32le | bytes
 //! Held     (kind 129) = count:u32le | bitmap[ceil(count / 8)] (bit i: item i is held)
 //! Stored   (kind 130) = count:u32le | outcome:u8 * count (0 stored, 1 wrong bytes for
@@ -25,6 +26,16 @@ const CHECK_BYTES: usize = 16;
 /// Items in one Have or PutData (bounds the decoder's allocations).
 pub const ITEMS_MAX: usize = 65_536;
 
+/// What a piece of data is: the receiver stores an object as it is and a chunk's
+/// ciphertext as shards of its own erasure layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    /// A sealed object (commit, tree, manifest) or an index node.
+    Object,
+    /// A chunk's ciphertext.
+    Chunk,
+}
+
 /// What happened to one item a sender put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -41,8 +52,8 @@ pub enum PutOutcome {
 pub enum Message {
     /// Which of these does the receiver hold?
     Have(Vec<Item>),
-    /// Chunks or objects, each with its cid.
-    PutData(Vec<(Cid, Vec<u8>)>),
+    /// Chunks or objects, each with its cid and kind.
+    PutData(Vec<(Cid, DataKind, Vec<u8>)>),
     /// One index node.
     PutNode(Cid, Vec<u8>),
     /// The answer to `Have`, in its order.
@@ -84,8 +95,12 @@ impl Message {
             Self::PutData(entries) => {
                 bytes.push(2);
                 push_len(&mut bytes, entries.len());
-                for (cid, data) in entries {
+                for (cid, kind, data) in entries {
                     bytes.extend_from_slice(cid.as_bytes());
+                    bytes.push(match kind {
+                        DataKind::Object => 0,
+                        DataKind::Chunk => 1,
+                    });
                     push_len(&mut bytes, data.len());
                     bytes.extend_from_slice(data);
                 }
@@ -162,8 +177,13 @@ impl Message {
                 let mut entries = Vec::with_capacity(count.min(1024));
                 for _ in 0..count {
                     let cid = reader.cid()?;
+                    let kind = match reader.take(1)?[0] {
+                        0 => DataKind::Object,
+                        1 => DataKind::Chunk,
+                        other => return Err(malformed(format!("data kind {other}"))),
+                    };
                     let len = reader.len()?;
-                    entries.push((cid, reader.take(len)?.to_vec()));
+                    entries.push((cid, kind, reader.take(len)?.to_vec()));
                 }
                 Self::PutData(entries)
             }
@@ -267,6 +287,7 @@ mod tests {
             proptest::collection::vec(
                 (
                     cid_strategy(),
+                    prop_oneof![Just(DataKind::Object), Just(DataKind::Chunk)],
                     proptest::collection::vec(any::<u8>(), 0..300)
                 ),
                 0..8

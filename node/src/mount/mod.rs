@@ -1,13 +1,13 @@
-//! `forge volume mount` and `unmount`: a volume's branch read-write, or a snapshot
-//! read-only, as a FUSE file system (through `fuser`, no libfuse).
+//! A volume as a file system: a branch read-write, or a snapshot read-only, served through
+//! FUSE (`fuser`, no libfuse). No process concerns here: the daemon's host
+//! (`daemon/host.rs`) mounts, registers and unmounts these.
 //!
-//! The mount process owns the data directory for as long as it runs. Writes are staged in
-//! files under `<data-dir>/staging/`; a closed file is chunked into the working tree; fsync
-//! also stores the working tree and records it (`mountwork/` in the meta column), so the
-//! next mount of the branch after a crash recovers every fsynced byte. Unmount commits the
-//! working tree as a snapshot; if the branch moved meanwhile, to a new branch
-//! `BRANCH-conflict-TIME`. Each running mount is registered in `<data-dir>/mounts/PID.json`
-//! so `unmount` finds its process and a second read-write mount of a branch is refused.
+//! Writes are staged in files under `<data-dir>/staging/`; a closed file is chunked into
+//! the working tree (`fs/`); fsync also stores the working tree and records it
+//! (`mountwork/` in the meta column), so the next mount of the branch after a crash
+//! recovers every fsynced byte; unmount commits the working tree as a snapshot, to a new
+//! branch `BRANCH-conflict-TIME` if the branch moved meanwhile (`working.rs`). File
+//! contents: `content.rs`; per-request metrics: `requests.rs`.
 
 pub mod content;
 pub mod fs;

@@ -1,0 +1,918 @@
+//! The production [`PeerNet`]: libp2p over QUIC (quic-v1), with request/response on one
+//! stream protocol (`/forge/rpc/1`) and our own length-prefixed frames (not cbor's 1 MiB /
+//! 10 MiB defaults: each [`Protocol`] caps its own bodies). Every connection starts with
+//! the Hello of [`crate::hello`]: until both sides have verified each other's, every other
+//! request on it is refused, and peers are named by the NodeId their certificate proves.
+//!
+//! One task owns the swarm; [`QuicNet`] is a handle that sends it commands.
+//!
+//! ```text
+//! frame    = len:u32le | bytes                          (len <= FRAME_BYTES_MAX)
+//! request  = name_len:u8 | protocol name | body
+//! response = status:u8 | body    (0 ok, 1 failed: message, 2 refused: rule,
+//!                                 3 busy, 4 too large: message)
+//! hello    : 1 challenge(nonce[32]) -> 2 (nonce[32] | Hello over our nonce);
+//!            3 finish(Hello over its nonce) -> 4 accepted
+//! ```
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forge_crypto::{NodeId, NodeIdentity};
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{
+    self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hello::{Certificate, Handshake};
+use crate::net::{Answer, BoxFuture, Inbound, InboundRequest, MeshError, PeerNet, Protocol};
+
+/// The one stream protocol every request rides.
+const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/forge/rpc/1");
+/// The Hello's own inner protocol name.
+const HELLO: &str = "/forge/hello/1";
+/// The largest frame read: above every protocol's cap, so a cap is reported as such.
+const FRAME_BYTES_MAX: usize = 64 << 20;
+/// How long a Hello may take before the connection counts as unusable.
+const HELLO_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Length-prefixed frames.
+#[derive(Debug, Clone, Copy, Default)]
+struct FrameCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if len > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (at most {FRAME_BYTES_MAX})"),
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    io.read_exact(&mut bytes).await?;
+    Ok(bytes)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_le_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &request).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &response).await
+    }
+}
+
+fn envelope(name: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + name.len() + body.len());
+    // Protocol names are short constants.
+    bytes.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn open_envelope(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let (&len, rest) = bytes.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let name = std::str::from_utf8(&rest[..len]).ok()?;
+    Some((name, &rest[len..]))
+}
+
+fn response(status: u8, body: &[u8]) -> Vec<u8> {
+    [&[status][..], body].concat()
+}
+
+/// What a request asked of the swarm task.
+enum Command {
+    Request {
+        peer: NodeId,
+        protocol: Protocol,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
+    },
+    Connect {
+        address: Multiaddr,
+        reply: oneshot::Sender<Result<NodeId, MeshError>>,
+    },
+    Respond {
+        channel: u64,
+        response: Vec<u8>,
+    },
+    Addresses {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// The protocols a node serves and their inbound queues, shared by the handle (which
+/// registers them) and the swarm task (which feeds them).
+type Served =
+    Arc<std::sync::Mutex<BTreeMap<&'static str, (Protocol, mpsc::Sender<InboundRequest>)>>>;
+
+fn served_entry(served: &Served, name: &str) -> Option<(Protocol, mpsc::Sender<InboundRequest>)> {
+    served
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(name)
+        .map(|(protocol, queue)| (*protocol, queue.clone()))
+}
+
+/// What an outbound request was for.
+enum Outbound {
+    User {
+        peer: NodeId,
+        protocol: Protocol,
+        reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
+    },
+    HelloChallenge(PeerId),
+    HelloFinish(PeerId, NodeId),
+}
+
+/// The swarm task's state.
+struct Driver {
+    swarm: Swarm<request_response::Behaviour<FrameCodec>>,
+    identity: Arc<NodeIdentity>,
+    certificate: Certificate,
+    local_peer: PeerId,
+    commands: mpsc::Receiver<Command>,
+    responses: mpsc::Sender<Command>,
+    protocols: Served,
+    /// Peers whose Hello verified (both ways for peers we dialed).
+    verified: BTreeMap<PeerId, NodeId>,
+    /// The connection to use for each verified node.
+    nodes: BTreeMap<NodeId, PeerId>,
+    /// Our side of each Hello in progress.
+    handshakes: BTreeMap<PeerId, Handshake>,
+    /// `connect` calls waiting for their dial, then for the Hello.
+    dials: BTreeMap<ConnectionId, oneshot::Sender<Result<NodeId, MeshError>>>,
+    hellos: BTreeMap<PeerId, Vec<oneshot::Sender<Result<NodeId, MeshError>>>>,
+    outbound: BTreeMap<OutboundRequestId, Outbound>,
+    channels: BTreeMap<u64, ResponseChannel<Vec<u8>>>,
+    next_channel: u64,
+    listening: Vec<Multiaddr>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    // Every handle is gone: stop serving.
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                protocol,
+                body,
+                reply,
+            } => {
+                let Some(peer_id) = self.nodes.get(&peer).copied() else {
+                    let _ = reply.send(Err(MeshError::Unreachable {
+                        peer,
+                        reason: "no verified connection to it (connect to its address first)"
+                            .into(),
+                    }));
+                    return;
+                };
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .send_request(&peer_id, envelope(protocol.name, &body));
+                self.outbound.insert(
+                    id,
+                    Outbound::User {
+                        peer,
+                        protocol,
+                        reply,
+                    },
+                );
+            }
+            Command::Connect { address, reply } => {
+                let options = DialOpts::unknown_peer_id().address(address.clone()).build();
+                let connection = options.connection_id();
+                match self.swarm.dial(options) {
+                    Ok(()) => {
+                        self.dials.insert(connection, reply);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(MeshError::Local {
+                            what: format!("cannot dial {address}: {error}"),
+                        }));
+                    }
+                }
+            }
+            Command::Respond { channel, response } => {
+                if let Some(channel) = self.channels.remove(&channel) {
+                    let _ = self.swarm.behaviour_mut().send_response(channel, response);
+                }
+            }
+            Command::Addresses { reply } => {
+                let peer = self.local_peer;
+                let _ = reply.send(
+                    self.listening
+                        .iter()
+                        .map(|address| address.clone().with_p2p(peer).unwrap_or_else(|a| a))
+                        .collect(),
+                );
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<request_response::Event<Vec<u8>, Vec<u8>>>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => self.listening.push(address),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(waiter) = self.dials.remove(&connection_id) {
+                    self.hellos.entry(peer_id).or_default().push(waiter);
+                }
+                // The dialer opens the Hello; the listener answers it.
+                if endpoint.is_dialer() && !self.verified.contains_key(&peer_id) {
+                    self.start_hello(peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some(waiter) = self.dials.remove(&connection_id) {
+                    let _ = waiter.send(Err(MeshError::Local {
+                        what: format!("cannot connect: {error}"),
+                    }));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                if let Some(node) = self.verified.remove(&peer_id) {
+                    self.nodes.remove(&node);
+                }
+                self.handshakes.remove(&peer_id);
+                self.fail_hellos(peer_id, "the connection closed during the hello");
+            }
+            SwarmEvent::Behaviour(event) => self.rpc_event(event),
+            _ => {}
+        }
+    }
+
+    fn fail_hellos(&mut self, peer: PeerId, reason: &str) {
+        for waiter in self.hellos.remove(&peer).unwrap_or_default() {
+            let _ = waiter.send(Err(MeshError::Handshake {
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    fn new_handshake(&self, peer: PeerId) -> Result<Handshake, MeshError> {
+        let nonce = forge_crypto::random_array().map_err(|error| MeshError::Local {
+            what: format!("no randomness for a hello: {error}"),
+        })?;
+        Handshake::new(
+            &self.certificate,
+            &self.local_peer.to_bytes(),
+            &peer.to_bytes(),
+            nonce,
+        )
+    }
+
+    fn start_hello(&mut self, peer: PeerId) {
+        match self.new_handshake(peer) {
+            Ok(handshake) => {
+                let challenge = [&[1u8][..], &handshake.challenge()].concat();
+                self.handshakes.insert(peer, handshake);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .send_request(&peer, envelope(HELLO, &challenge));
+                self.outbound.insert(id, Outbound::HelloChallenge(peer));
+            }
+            Err(error) => self.fail_hellos(peer, &error.to_string()),
+        }
+    }
+
+    fn rpc_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.inbound(peer, &request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.answered(request_id, &response),
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => self.outbound_failed(request_id, &error),
+            _ => {}
+        }
+    }
+
+    fn reply_now(&mut self, channel: ResponseChannel<Vec<u8>>, bytes: Vec<u8>) {
+        let _ = self.swarm.behaviour_mut().send_response(channel, bytes);
+    }
+
+    fn inbound(&mut self, peer: PeerId, request: &[u8], channel: ResponseChannel<Vec<u8>>) {
+        let Some((name, body)) = open_envelope(request) else {
+            return self.reply_now(channel, response(2, b"a malformed request"));
+        };
+        if name == HELLO {
+            let answer = self.hello_request(peer, body);
+            return self.reply_now(channel, answer);
+        }
+        let Some(from) = self.verified.get(&peer).copied() else {
+            let refusal = response(
+                2,
+                b"no verified hello on this connection: every request is refused",
+            );
+            return self.reply_now(channel, refusal);
+        };
+        let Some((protocol, queue)) = served_entry(&self.protocols, name) else {
+            let refusal = response(2, b"this node does not serve the protocol");
+            return self.reply_now(channel, refusal);
+        };
+        if body.len() > protocol.max_request_bytes {
+            let message = format!(
+                "a request of {} bytes exceeds {}'s limit of {} bytes",
+                body.len(),
+                protocol.name,
+                protocol.max_request_bytes
+            );
+            return self.reply_now(channel, response(4, message.as_bytes()));
+        }
+        let max_response = protocol.max_response_bytes;
+        let (answer_sender, answer) = oneshot::channel();
+        match queue.try_send(InboundRequest::new(from, body.to_vec(), answer_sender)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return self.reply_now(channel, response(3, b""));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let refusal = response(2, b"this node stopped serving the protocol");
+                return self.reply_now(channel, refusal);
+            }
+        }
+        let id = self.next_channel;
+        self.next_channel += 1;
+        self.channels.insert(id, channel);
+        let responses = self.responses.clone();
+        tokio::spawn(async move {
+            // Dropped unanswered: the channel closes and the requester sees a failure.
+            let Ok(answer) = answer.await else {
+                let _ = responses
+                    .send(Command::Respond {
+                        channel: id,
+                        response: response(1, b"the request was dropped unanswered"),
+                    })
+                    .await;
+                return;
+            };
+            let bytes = match answer {
+                Answer::Ok(body) if body.len() > max_response => response(
+                    4,
+                    format!("a response of {} bytes exceeds the limit", body.len()).as_bytes(),
+                ),
+                Answer::Ok(body) => response(0, &body),
+                Answer::Failed(message) => response(1, message.as_bytes()),
+                Answer::Refused(reason) => response(2, reason.as_bytes()),
+            };
+            let _ = responses
+                .send(Command::Respond {
+                    channel: id,
+                    response: bytes,
+                })
+                .await;
+        });
+    }
+
+    /// The listener's side of a Hello: answers a challenge with ours and our Hello;
+    /// checks the dialer's Hello.
+    fn hello_request(&mut self, peer: PeerId, body: &[u8]) -> Vec<u8> {
+        match body.split_first() {
+            Some((1, nonce)) if nonce.len() == 32 => {
+                let mut their_nonce = [0u8; 32];
+                their_nonce.copy_from_slice(nonce);
+                let handshake = match self.new_handshake(peer) {
+                    Ok(handshake) => handshake,
+                    Err(error) => return response(1, error.to_string().as_bytes()),
+                };
+                match handshake.hello(&self.identity, &their_nonce) {
+                    Ok(hello) => {
+                        let answer = [&[2u8][..], &handshake.challenge(), &hello].concat();
+                        self.handshakes.insert(peer, handshake);
+                        response(0, &answer)
+                    }
+                    Err(error) => response(1, error.to_string().as_bytes()),
+                }
+            }
+            Some((3, hello)) => {
+                let Some(handshake) = self.handshakes.remove(&peer) else {
+                    return response(2, b"a hello finish without a challenge");
+                };
+                match handshake.verify(hello) {
+                    Ok(verified) => {
+                        self.verified.insert(peer, verified.node_id);
+                        self.nodes.insert(verified.node_id, peer);
+                        response(0, &[4])
+                    }
+                    Err(error) => response(2, error.to_string().as_bytes()),
+                }
+            }
+            _ => response(2, b"a malformed hello"),
+        }
+    }
+
+    fn answered(&mut self, request_id: OutboundRequestId, answer: &[u8]) {
+        let Some(outbound) = self.outbound.remove(&request_id) else {
+            return;
+        };
+        let (status, body) = answer
+            .split_first()
+            .map_or((255, &[][..]), |(s, b)| (*s, b));
+        match outbound {
+            Outbound::User {
+                peer,
+                protocol,
+                reply,
+            } => {
+                let message = || String::from_utf8_lossy(body).into_owned();
+                let result = match status {
+                    0 if body.len() > protocol.max_response_bytes => Err(MeshError::TooLarge {
+                        protocol: protocol.name,
+                        what: "response",
+                        bytes: body.len(),
+                        limit: protocol.max_response_bytes,
+                    }),
+                    0 => Ok(body.to_vec()),
+                    1 | 4 => Err(MeshError::Remote {
+                        peer,
+                        protocol: protocol.name,
+                        message: message(),
+                    }),
+                    2 => Err(MeshError::Refused {
+                        peer,
+                        protocol: protocol.name,
+                        reason: message(),
+                    }),
+                    3 => Err(MeshError::Busy {
+                        peer,
+                        protocol: protocol.name,
+                    }),
+                    _ => Err(MeshError::Remote {
+                        peer,
+                        protocol: protocol.name,
+                        message: "a malformed response".into(),
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+            Outbound::HelloChallenge(peer) => {
+                let verified = match (status, body.split_first()) {
+                    (0, Some((2, rest))) if rest.len() > 32 => {
+                        let mut their_nonce = [0u8; 32];
+                        their_nonce.copy_from_slice(&rest[..32]);
+                        self.handshakes
+                            .get(&peer)
+                            .ok_or_else(|| MeshError::Handshake {
+                                reason: "no hello in progress".into(),
+                            })
+                            .and_then(|handshake| {
+                                let node = handshake.verify(&rest[32..])?;
+                                let finish = handshake.hello(&self.identity, &their_nonce)?;
+                                Ok((node.node_id, finish))
+                            })
+                    }
+                    _ => Err(MeshError::Handshake {
+                        reason: format!(
+                            "the peer refused our hello: {}",
+                            String::from_utf8_lossy(body)
+                        ),
+                    }),
+                };
+                self.handshakes.remove(&peer);
+                match verified {
+                    Ok((node, finish)) => {
+                        let finish = [&[3u8][..], &finish].concat();
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .send_request(&peer, envelope(HELLO, &finish));
+                        self.outbound.insert(id, Outbound::HelloFinish(peer, node));
+                    }
+                    Err(error) => {
+                        self.fail_hellos(peer, &error.to_string());
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
+            }
+            Outbound::HelloFinish(peer, node) => {
+                if status == 0 && body == [4] {
+                    self.verified.insert(peer, node);
+                    self.nodes.insert(node, peer);
+                    for waiter in self.hellos.remove(&peer).unwrap_or_default() {
+                        let _ = waiter.send(Ok(node));
+                    }
+                } else {
+                    let reason = format!(
+                        "the peer refused our hello: {}",
+                        String::from_utf8_lossy(body)
+                    );
+                    self.fail_hellos(peer, &reason);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+        }
+    }
+
+    fn outbound_failed(&mut self, request_id: OutboundRequestId, error: &OutboundFailure) {
+        let Some(outbound) = self.outbound.remove(&request_id) else {
+            return;
+        };
+        match outbound {
+            Outbound::User {
+                peer,
+                protocol,
+                reply,
+            } => {
+                let error = match error {
+                    OutboundFailure::DialFailure => MeshError::Unreachable {
+                        peer,
+                        reason: error.to_string(),
+                    },
+                    OutboundFailure::UnsupportedProtocols => MeshError::Refused {
+                        peer,
+                        protocol: protocol.name,
+                        reason: error.to_string(),
+                    },
+                    // Sent, and then the stream or connection failed: the outcome is unknown.
+                    _ => MeshError::Timeout {
+                        peer,
+                        protocol: protocol.name,
+                        after: Duration::ZERO,
+                    },
+                };
+                let _ = reply.send(Err(error));
+            }
+            Outbound::HelloChallenge(peer) | Outbound::HelloFinish(peer, _) => {
+                self.handshakes.remove(&peer);
+                self.fail_hellos(peer, &format!("the hello failed: {error}"));
+            }
+        }
+    }
+}
+
+/// A handle on the QUIC network of one node. Cloning shares it; the swarm stops when the
+/// last handle is dropped.
+#[derive(Clone)]
+pub struct QuicNet {
+    local: NodeId,
+    commands: mpsc::Sender<Command>,
+    protocols: Served,
+}
+
+impl std::fmt::Debug for QuicNet {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("QuicNet")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicNet {
+    /// Starts this node's network on the current tokio runtime, listening on `listen`
+    /// (e.g. `/ip4/0.0.0.0/udp/7946/quic-v1`; port 0 picks one), with the ed25519
+    /// transport key from `transport_seed` (see `NodeSecrets::transport_seed`), certified
+    /// by `identity` as of `now_ns`.
+    ///
+    /// # Errors
+    /// A bad seed; the address cannot be listened on (naming it).
+    pub fn start(
+        identity: &Arc<NodeIdentity>,
+        transport_seed: [u8; 32],
+        listen: &Multiaddr,
+        now_ns: i64,
+    ) -> Result<Self, MeshError> {
+        let mut seed = transport_seed;
+        let keypair =
+            libp2p::identity::Keypair::ed25519_from_bytes(&mut seed).map_err(|error| {
+                MeshError::Local {
+                    what: format!("the transport key: {error}"),
+                }
+            })?;
+        let local_peer = keypair.public().to_peer_id();
+        let certificate = Certificate::issue(identity, &local_peer.to_bytes(), now_ns)?;
+        let behaviour = request_response::Behaviour::with_codec(
+            FrameCodec,
+            [(RPC_PROTOCOL, ProtocolSupport::Full)],
+            // Our own deadlines apply per call; this only reaps what nobody waits for.
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(600))
+                .with_max_concurrent_streams(256),
+        );
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_quic()
+            .with_behaviour(|_| behaviour)
+            .map_err(|error| MeshError::Local {
+                what: format!("building the network: {error}"),
+            })?
+            .with_swarm_config(|config| {
+                config.with_idle_connection_timeout(Duration::from_secs(300))
+            })
+            .build();
+        swarm
+            .listen_on(listen.clone())
+            .map_err(|error| MeshError::Local {
+                what: format!("cannot listen on {listen}: {error}"),
+            })?;
+        let (commands, receiver) = mpsc::channel(1024);
+        let protocols = Served::default();
+        let driver = Driver {
+            swarm,
+            identity: identity.clone(),
+            certificate,
+            local_peer,
+            commands: receiver,
+            responses: commands.clone(),
+            protocols: protocols.clone(),
+            verified: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            handshakes: BTreeMap::new(),
+            dials: BTreeMap::new(),
+            hellos: BTreeMap::new(),
+            outbound: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            next_channel: 0,
+            listening: Vec::new(),
+        };
+        tokio::spawn(driver.run());
+        Ok(Self {
+            local: identity.node_id(),
+            commands,
+            protocols,
+        })
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || MeshError::Local {
+            what: "the network task stopped".into(),
+        };
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    /// Connects to `address` and completes the Hello; the NodeId it proved.
+    ///
+    /// # Errors
+    /// Unreachable address, a Hello that does not verify, or `deadline` passing.
+    pub async fn connect(
+        &self,
+        address: Multiaddr,
+        deadline: Duration,
+    ) -> Result<NodeId, MeshError> {
+        let shown = address.to_string();
+        match tokio::time::timeout(
+            deadline.min(HELLO_DEADLINE),
+            self.ask(|reply| Command::Connect { address, reply }),
+        )
+        .await
+        {
+            Ok(result) => result?,
+            Err(_) => Err(MeshError::Local {
+                what: format!("no verified connection to {shown} within {deadline:?}"),
+            }),
+        }
+    }
+
+    /// The addresses this node listens on, each ending in `/p2p/PEER_ID` (dialable).
+    ///
+    /// # Errors
+    /// The network task stopped.
+    pub async fn addresses(&self) -> Result<Vec<Multiaddr>, MeshError> {
+        self.ask(|reply| Command::Addresses { reply }).await
+    }
+}
+
+impl PeerNet for QuicNet {
+    fn local_id(&self) -> NodeId {
+        self.local
+    }
+
+    fn request(
+        &self,
+        peer: NodeId,
+        protocol: Protocol,
+        body: Vec<u8>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<Vec<u8>, MeshError>> {
+        Box::pin(async move {
+            crate::net::check_size(&protocol, "request", body.len())?;
+            let asked = self.ask(|reply| Command::Request {
+                peer,
+                protocol,
+                body,
+                reply,
+            });
+            match tokio::time::timeout(deadline, asked).await {
+                Ok(result) => result?,
+                Err(_) => Err(MeshError::Timeout {
+                    peer,
+                    protocol: protocol.name,
+                    after: deadline,
+                }),
+            }
+        })
+    }
+
+    fn serve(&self, protocol: Protocol) -> Result<Inbound, MeshError> {
+        let mut served = self
+            .protocols
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if served
+            .get(protocol.name)
+            .is_some_and(|(_, queue)| !queue.is_closed())
+        {
+            return Err(MeshError::Local {
+                what: format!("{} is served already on this node", protocol.name),
+            });
+        }
+        let (queue, receiver) = mpsc::channel(protocol.inbound_queue.max(1));
+        served.insert(protocol.name, (protocol, queue));
+        Ok(Inbound::new(receiver))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use forge_crypto::NodeSecrets;
+
+    use super::*;
+
+    const ECHO: Protocol = Protocol {
+        name: "/forge/test-echo/1",
+        max_request_bytes: 4 << 20,
+        max_response_bytes: 8 << 20,
+        inbound_queue: 8,
+    };
+
+    fn node(byte: u8) -> (Arc<NodeIdentity>, [u8; 32]) {
+        let secrets = NodeSecrets::from_seed_bytes([byte; 128]);
+        (
+            Arc::new(NodeIdentity::from_secrets(&secrets)),
+            secrets.transport_seed(),
+        )
+    }
+
+    fn loopback() -> Multiaddr {
+        "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("address")
+    }
+
+    async fn listening(net: &QuicNet) -> Multiaddr {
+        for _ in 0..100 {
+            if let Some(address) = net.addresses().await.expect("addresses").first() {
+                return address.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the node never listened");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_verify_each_other_over_quic_and_exchange_requests() {
+        let (a_identity, a_seed) = node(1);
+        let (b_identity, b_seed) = node(2);
+        let a = QuicNet::start(&a_identity, a_seed, &loopback(), 1).expect("a");
+        let b = QuicNet::start(&b_identity, b_seed, &loopback(), 1).expect("b");
+        let mut inbound = b.serve(ECHO).expect("serve");
+        let a_id = a_identity.node_id();
+        tokio::spawn(async move {
+            while let Some(request) = inbound.next().await {
+                assert_eq!(request.from, a_id, "requests name the verified sender");
+                let body = [request.body.as_slice(), request.body.as_slice()].concat();
+                request.respond(body);
+            }
+        });
+        let b_address = listening(&b).await;
+        assert!(b_address.to_string().contains("/p2p/"), "{b_address}");
+        let learned = a
+            .connect(b_address, Duration::from_secs(10))
+            .await
+            .expect("connect");
+        assert_eq!(
+            learned,
+            b_identity.node_id(),
+            "the NodeId comes from b's certificate"
+        );
+        let second = Duration::from_secs(10);
+        let answer = a
+            .request(b_identity.node_id(), ECHO, b"over quic".to_vec(), second)
+            .await
+            .expect("echo");
+        assert_eq!(answer, b"over quicover quic");
+        // Megabytes, past cbor's defaults.
+        let big = vec![7u8; 3 << 20];
+        let answer = a
+            .request(b_identity.node_id(), ECHO, big.clone(), second)
+            .await
+            .expect("big echo");
+        assert_eq!(answer.len(), 6 << 20);
+        assert!(matches!(
+            a.request(b_identity.node_id(), ECHO, vec![0; (4 << 20) + 1], second)
+                .await,
+            Err(MeshError::TooLarge { .. })
+        ));
+        let other = Protocol {
+            name: "/forge/other/1",
+            ..ECHO
+        };
+        assert!(matches!(
+            a.request(b_identity.node_id(), other, vec![1], second)
+                .await,
+            Err(MeshError::Refused { .. })
+        ));
+        // b reaches a over the same verified connection, a serves nothing: refused.
+        assert!(matches!(
+            b.request(a_identity.node_id(), ECHO, vec![1], second).await,
+            Err(MeshError::Refused { .. })
+        ));
+        // A node nobody connected to is unreachable, at once.
+        let (c_identity, _) = node(3);
+        assert!(matches!(
+            a.request(c_identity.node_id(), ECHO, vec![1], second).await,
+            Err(MeshError::Unreachable { .. })
+        ));
+    }
+}

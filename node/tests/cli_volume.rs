@@ -1447,11 +1447,7 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
     let (events, relative): (Vec<ImportEvent>, tonic::Status) = runtime.block_on(async {
         let channel = common::control_channel(&socket).await;
         let mut client = VolumeClient::new(channel);
-        let mut stream = client.import(request(&source)).await.unwrap().into_inner();
-        let mut events = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            events.push(event);
-        }
+        let events = common::drain(client.import(request(&source)).await.unwrap()).await;
         let mut refused = client
             .import(request(std::path::Path::new("relative/dir")))
             .await
@@ -1523,16 +1519,11 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
             destination: exported.as_os_str().as_encoded_bytes().to_vec(),
             ..ExportRequest::default()
         });
-        let mut stream = VolumeClient::new(channel)
-            .export(request)
+        common::drain(VolumeClient::new(channel).export(request).await.unwrap())
             .await
-            .unwrap()
-            .into_inner();
-        let mut events = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            events.push(event.event.unwrap());
-        }
-        events
+            .into_iter()
+            .map(|event| event.event.unwrap())
+            .collect::<Vec<_>>()
     });
     use forge_proto::v1::export_event::Event as ExportEvent;
     // Totals, when sampled (an export faster than the first sample sends none), come
@@ -1611,35 +1602,23 @@ fn maintenance_calls_through_the_daemon_stream_progress_then_their_reply() {
         use forge_proto::v1::{fsck_event, gc_event, scrub_event};
         let channel = common::control_channel(&socket).await;
         let mut client = MaintenanceClient::new(channel);
-        let mut stream = client
-            .scrub(common::versioned(ScrubRequest { repair: false }))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut scrub = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            scrub.push(event);
-        }
-        let mut stream = client
-            .fsck(common::versioned(FsckRequest {
-                use_passphrase: false,
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut fsck = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            fsck.push(event);
-        }
-        let mut stream = client
-            .gc(common::versioned(GcRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut gc = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            gc.push(event);
-        }
+        let scrub = common::drain(
+            client
+                .scrub(common::versioned(ScrubRequest { repair: false }))
+                .await
+                .unwrap(),
+        )
+        .await;
+        let fsck = common::drain(
+            client
+                .fsck(common::versioned(FsckRequest {
+                    use_passphrase: false,
+                }))
+                .await
+                .unwrap(),
+        )
+        .await;
+        let gc = common::drain(client.gc(common::versioned(GcRequest {})).await.unwrap()).await;
         (
             rows(scrub, |event| match event.event {
                 Some(scrub_event::Event::Progress(done)) => ("progress", Some(done)),

@@ -185,3 +185,14 @@ pub fn versioned<T>(message: T) -> tonic::Request<T> {
     );
     request
 }
+
+/// Every event of a streamed call, in order, until the stream ends (a status fails the
+/// test).
+pub async fn drain<T>(response: tonic::Response<tonic::Streaming<T>>) -> Vec<T> {
+    let mut stream = response.into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        events.push(event);
+    }
+    events
+}

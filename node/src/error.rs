@@ -279,6 +279,10 @@ pub enum NodeError {
     /// An erasure layout was refused.
     #[error(transparent)]
     Erasure(#[from] forge_store::erasure::ErasureError),
+
+    /// A peer, the network or a transfer proof.
+    #[error(transparent)]
+    Mesh(#[from] forge_mesh::MeshError),
 }
 
 /// What a verification of stored data found wrong. Every case is corruption or loss of
@@ -500,7 +504,8 @@ impl NodeError {
             | Self::Integrity(_)
             | Self::Damaged { .. }
             | Self::UntrustedSigner { .. }
-            | Self::MissingWhileWriting { .. } => ExitCode::Integrity,
+            | Self::MissingWhileWriting { .. }
+            | Self::Mesh(forge_mesh::MeshError::InvalidProof { .. }) => ExitCode::Integrity,
             Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
             Self::Forwarded { exit_code, .. } => match exit_code {
                 2 => ExitCode::Usage,

@@ -322,3 +322,82 @@ fn secrets_mismatching_the_public_key_are_detected() {
         "{error}"
     );
 }
+
+/// `forge proof verify FILE` checks a transfer proof offline, with no vault: a proof both
+/// nodes signed is "valid" and names what was transferred; the same file with one byte
+/// changed, or a file that is no proof, fails with exit 3 naming what is wrong.
+#[test]
+fn proof_verify_accepts_a_signed_proof_and_refuses_a_tampered_one() {
+    use forge_crypto::{Cid, NodeIdentity, NodeSecrets};
+    use forge_mesh::{Receipt, TransferProof};
+
+    let sender = NodeIdentity::from_secrets(&NodeSecrets::from_seed_bytes([1; 128]));
+    let receiver = NodeIdentity::from_secrets(&NodeSecrets::from_seed_bytes([2; 128]));
+    let receipt = Receipt {
+        volume: [5; 16],
+        snapshot: Cid::of(b"a snapshot"),
+        index_root: Cid::of(b"its index"),
+        chunks: 42,
+        bytes: 4_200_000,
+        sender: sender.node_id(),
+        receiver: receiver.node_id(),
+        time_ns: 1_780_000_000_000_000_000,
+        nonce: [3; 32],
+    };
+    let receiver_signature = receipt.sign_as_receiver(&receiver).unwrap();
+    let sender_signature = receipt
+        .countersign(&sender, receiver.public_keys(), &receiver_signature)
+        .unwrap();
+    let proof = TransferProof {
+        receipt,
+        receiver_signature,
+        sender_signature,
+        receiver_keys: receiver.public_keys().clone(),
+        sender_keys: sender.public_keys().clone(),
+    }
+    .encode();
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("transfer.proof");
+    fs::write(&file, &proof).unwrap();
+    // No vault anywhere: the data directory does not exist.
+    let nowhere = temp.path().join("no vault");
+    let valid = forge(&nowhere)
+        .args(["proof", "verify", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stderr)
+    );
+    let line = String::from_utf8_lossy(&valid.stdout);
+    assert!(line.starts_with("valid: "), "{line}");
+    assert!(line.contains("42 chunks"), "{line}");
+    assert!(line.contains(&sender.node_id().to_hex()), "{line}");
+    let json = stdout_json(
+        &forge(&nowhere)
+            .args(["--json", "proof", "verify", file.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["receiver"], receiver.node_id().to_hex());
+    assert_eq!(json["bytes"], 4_200_000);
+    let mut tampered = proof.clone();
+    tampered[40] ^= 0x01; // inside the receipt
+    fs::write(&file, &tampered).unwrap();
+    let refused = forge(&nowhere)
+        .args(["proof", "verify", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("invalid transfer proof"), "{stderr}");
+    fs::write(&file, b"not a proof").unwrap();
+    let garbage = forge(&nowhere)
+        .args(["proof", "verify", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(garbage.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("not a forge transfer proof"));
+}

@@ -7,4 +7,4 @@ pub mod wire;
 
 pub use session::{PushConfig, PushReport, SYNC_PROTOCOL, SyncStore, push, serve_sync};
 pub use walker::{Item, Step, SyncWalker, WalkStats};
-pub use wire::{Message, PutOutcome};
+pub use wire::{DataKind, Message, PutOutcome};

@@ -39,13 +39,13 @@ pub trait SyncStore: Send + Sync {
     /// Not held; the store failing.
     fn read(&self, item: &Item) -> Result<(DataKind, Vec<u8>), MeshError>;
 
-    /// Stores bytes already checked against their cid, durably (the receiver's side): an
-    /// object or index node as it is, a chunk's ciphertext as shards of this vault's own
-    /// erasure layout.
+    /// Stores items already checked against their cids, durably and as one group (the
+    /// receiver's side: one sync per request, not per chunk): an object or index node as
+    /// it is, a chunk's ciphertext as shards of this vault's own erasure layout.
     ///
     /// # Errors
-    /// The store failing.
-    fn write(&self, item: &Item, kind: DataKind, bytes: Vec<u8>) -> Result<(), MeshError>;
+    /// The store failing (nothing of the group may be taken as stored then).
+    fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> Result<(), MeshError>;
 }
 
 /// How a push paces itself.
@@ -306,14 +306,18 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
         ),
         Message::PutData(entries) => {
             let mut outcomes = Vec::with_capacity(entries.len());
+            let mut verified = Vec::with_capacity(entries.len());
             for (cid, kind, bytes) in entries {
                 // Never stored unverified: the bytes must hash to the cid they came under.
                 if cid.matches(&bytes) {
-                    store.write(&Item::Data(cid), kind, bytes)?;
+                    verified.push((Item::Data(cid), kind, bytes));
                     outcomes.push(PutOutcome::Stored);
                 } else {
                     outcomes.push(PutOutcome::WrongBytes);
                 }
+            }
+            if !verified.is_empty() {
+                store.store(verified)?;
             }
             Message::Stored(outcomes)
         }
@@ -330,7 +334,7 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
                     }
                     // Holding a node means holding its subtree: stored only once it does.
                     if complete {
-                        store.write(&Item::Node(id), DataKind::Object, bytes)?;
+                        store.store(vec![(Item::Node(id), DataKind::Object, bytes)])?;
                         PutOutcome::Stored
                     } else {
                         PutOutcome::ChildrenMissing
@@ -424,22 +428,22 @@ mod tests {
             Ok((kind, bytes))
         }
 
-        fn write(&self, item: &Item, kind: DataKind, bytes: Vec<u8>) -> Result<(), MeshError> {
-            if let Item::Node(_) = item {
-                assert_eq!(kind, DataKind::Object, "an index node is an object");
-            }
-            assert!(item.cid().matches(&bytes), "stored unverified: {item:?}");
-            if let Item::Node(id) = item {
-                let node = Node::decode(id, &bytes).expect("a valid node");
-                let items = self.items.lock().unwrap();
-                for child in &node.entries {
-                    assert!(
-                        items.contains_key(child),
-                        "node {id} before its child {child}"
-                    );
+        fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> Result<(), MeshError> {
+            for (item, kind, bytes) in items {
+                assert!(item.cid().matches(&bytes), "stored unverified: {item:?}");
+                if let Item::Node(id) = item {
+                    assert_eq!(kind, DataKind::Object, "an index node is an object");
+                    let node = Node::decode(&id, &bytes).expect("a valid node");
+                    let held = self.items.lock().unwrap();
+                    for child in &node.entries {
+                        assert!(
+                            held.contains_key(child),
+                            "node {id} before its child {child}"
+                        );
+                    }
                 }
+                self.insert(item.cid(), bytes);
             }
-            self.insert(item.cid(), bytes);
             Ok(())
         }
     }

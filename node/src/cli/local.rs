@@ -1,4 +1,5 @@
-//! The commands that need no open vault and no daemon: version, init, node id, node config.
+//! The commands that need no open vault and no daemon: version, init, node id, node
+//! config, proof verify.
 
 use std::fmt::Write as _;
 
@@ -90,6 +91,38 @@ pub(super) fn node_id(data_dir: &DataDir) -> Result<Output> {
             "ml_kem_768_public_key": hex.encode(keys.ml_kem_public_key()),
             "x25519_public_key": hex.encode(keys.x25519_public_key()),
             "passphrase_protected": data_dir.secrets_are_protected(),
+        }),
+    })
+}
+
+/// `forge proof verify FILE`: the proof checked offline, and what it proves.
+pub(super) fn proof_verify(file: &std::path::Path) -> Result<Output> {
+    let bytes = std::fs::read(file).map_err(NodeError::io("reading", file))?;
+    let proof = forge_mesh::TransferProof::decode_verified(&bytes)?;
+    let receipt = &proof.receipt;
+    let time = crate::clock::format_utc_time(receipt.time_ns);
+    let volume = data_encoding::HEXLOWER.encode(&receipt.volume);
+    Ok(Output {
+        human: format!(
+            "valid: node {} received {} chunks ({} bytes) of snapshot {} (index {}) of volume \
+             {volume} from node {} at {time}",
+            receipt.receiver,
+            receipt.chunks,
+            receipt.bytes,
+            receipt.snapshot,
+            receipt.index_root,
+            receipt.sender,
+        ),
+        json: json!({
+            "valid": true,
+            "volume": volume,
+            "snapshot": receipt.snapshot.to_hex(),
+            "index_root": receipt.index_root.to_hex(),
+            "chunks": receipt.chunks,
+            "bytes": receipt.bytes,
+            "sender": receipt.sender.to_hex(),
+            "receiver": receipt.receiver.to_hex(),
+            "time": time,
         }),
     })
 }

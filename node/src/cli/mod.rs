@@ -60,6 +60,9 @@ pub enum Command {
     /// Snapshots of a volume.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Transfer proofs: receipts of syncs, signed by both sides.
+    #[command(subcommand)]
+    Proof(ProofCommand),
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
@@ -268,6 +271,18 @@ pub struct InitArgs {
     /// Protect the node's secret keys with a passphrase (from FORGE_PASSPHRASE, or prompted).
     #[arg(long)]
     pub passphrase: bool,
+}
+
+/// `forge proof ...`
+#[derive(Debug, Subcommand)]
+pub enum ProofCommand {
+    /// Verify a transfer proof file offline: both nodes' keys must hash to the NodeIds
+    /// its receipt names, and both signatures must verify (exit 0 and "valid", or 3
+    /// naming what is wrong). Needs no vault.
+    Verify {
+        /// The proof file.
+        file: PathBuf,
+    },
 }
 
 /// `forge node ...`

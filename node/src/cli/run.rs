@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
-use super::local::{init, node_config, node_id, version};
+use super::local::{init, node_config, node_id, proof_verify, version};
 use super::*;
 use crate::error::MountFault;
 use crate::passphrase;
@@ -42,6 +42,7 @@ impl Cli {
     pub fn run(&self) -> Result<Output> {
         match &self.command {
             Command::Version => Ok(version()),
+            Command::Proof(ProofCommand::Verify { file }) => proof_verify(file),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
             Command::Node(NodeCommand::Start {

@@ -14,6 +14,7 @@ mod post_order;
 pub mod records;
 pub mod snapshots;
 mod stats;
+pub mod sync;
 pub(crate) mod trees;
 
 use std::collections::BTreeSet;

@@ -1,0 +1,241 @@
+//! The vault's store as a sync sees it (forge-mesh's `SyncStore`): every object, index
+//! node and chunk it holds, whatever volume they belong to, so data another volume of the
+//! vault shares is never sent again.
+//!
+//! Received data is written inside a write session ("sync"), claimed before it is checked
+//! or written, as an import's is (see `fence.rs`): a gc running during the sync keeps it
+//! until the session ends, which is after the snapshot that names it is published. A
+//! chunk arrives as ciphertext and is stored as shards of *this* vault's erasure layout
+//! for the volume (the sender's layout may differ).
+
+use std::sync::Arc;
+
+use forge_crypto::Cid;
+use forge_mesh::MeshError;
+use forge_mesh::sync::{DataKind, Item, SyncStore};
+use forge_store::VolumeId;
+use forge_store::chunkstore::{VerifiedChunk, has_chunk, read_chunk, stage_chunk};
+use forge_store::erasure::{ErasureCoder, ErasureLayout};
+use forge_store::kv::{Column, Durability, WriteBatch};
+
+use super::Vault;
+use super::fence::WriteSession;
+use crate::error::Result;
+
+/// A vault's store for one sync into (or out of) one volume.
+pub struct VaultSyncStore {
+    vault: Arc<Vault>,
+    session: WriteSession,
+    coder: ErasureCoder,
+}
+
+impl std::fmt::Debug for VaultSyncStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VaultSyncStore")
+            .field("layout", &self.coder.layout())
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_error(error: impl std::fmt::Display) -> MeshError {
+    MeshError::Local {
+        what: format!("this vault's store: {error}"),
+    }
+}
+
+impl VaultSyncStore {
+    /// A store for a sync of volume `volume`, writing chunks in `layout`.
+    ///
+    /// # Errors
+    /// A layout the erasure coder refuses; the session cannot be recorded.
+    pub fn open(vault: Arc<Vault>, volume: VolumeId, layout: ErasureLayout) -> Result<Self> {
+        let session = vault.open_write_session("sync", volume)?;
+        Ok(Self {
+            vault,
+            session,
+            coder: ErasureCoder::new(layout)?,
+        })
+    }
+}
+
+impl SyncStore for VaultSyncStore {
+    fn holds(&self, cid: &Cid) -> std::result::Result<bool, MeshError> {
+        // Claimed before it is checked: a gc sweeping now cannot remove it after we said
+        // we hold it (the sender would then skip it).
+        self.session.claim(*cid);
+        let kv = self.vault.kv();
+        if kv
+            .get(Column::Objects, cid.as_bytes())
+            .map_err(store_error)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        has_chunk(kv, cid).map_err(store_error)
+    }
+
+    fn read(&self, item: &Item) -> std::result::Result<(DataKind, Vec<u8>), MeshError> {
+        let kv = self.vault.kv();
+        let cid = item.cid();
+        if let Some(bytes) = kv
+            .get(Column::Objects, cid.as_bytes())
+            .map_err(store_error)?
+        {
+            return Ok((DataKind::Object, bytes));
+        }
+        if let Item::Node(_) = item {
+            return Err(store_error(format!("index node {cid} is not stored")));
+        }
+        // Verified on the way out too (read_chunk checks the cid, rebuilding from parity).
+        let read = read_chunk(kv, &cid).map_err(store_error)?;
+        Ok((DataKind::Chunk, read.ciphertext))
+    }
+
+    fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> std::result::Result<(), MeshError> {
+        let mut batch = WriteBatch::new();
+        for (item, kind, bytes) in &items {
+            let cid = item.cid();
+            self.session.claim(cid);
+            match kind {
+                DataKind::Object => {
+                    // The caller checked it; a cid is never stored over other bytes.
+                    debug_assert!(cid.matches(bytes), "checked before storing");
+                    batch.put(Column::Objects, cid.as_bytes().to_vec(), bytes.clone());
+                }
+                DataKind::Chunk => {
+                    let chunk = VerifiedChunk::check(cid, bytes).map_err(store_error)?;
+                    stage_chunk(&mut batch, &self.coder, chunk).map_err(store_error)?;
+                }
+            }
+        }
+        self.vault
+            .kv()
+            .write(batch, Durability::Synced)
+            .map_err(store_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use forge_crypto::NodeId;
+    use forge_mesh::PeerNet;
+    use forge_mesh::memory::{FaultPlan, MemoryNetwork};
+    use forge_mesh::sync::{PushConfig, SYNC_PROTOCOL, push, serve_sync};
+
+    use super::*;
+    use crate::progress::Progress;
+    use crate::test_support::{new_vault, no_passphrase};
+    use crate::vault::CreateVolumeOptions;
+    use crate::vault::import::ImportOptions;
+
+    fn write_tree(root: &std::path::Path) {
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        for file in 0u32..12 {
+            let bytes: Vec<u8> = (0..(file * 40_000 + 11))
+                .map(|i| u8::try_from((i * 7 + file * 13) % 251).unwrap())
+                .collect();
+            std::fs::write(root.join("dir").join(format!("f{file}")), bytes).unwrap();
+        }
+        std::fs::write(root.join("small.txt"), b"inline").unwrap();
+    }
+
+    /// Pushes the reference index of volume `v`'s head on `from` into `to` over an
+    /// in-process network with `faults`; the push's report.
+    async fn sync_index(
+        from: &Arc<Vault>,
+        to: &Arc<Vault>,
+        faults: FaultPlan,
+    ) -> forge_mesh::sync::PushReport {
+        let record = from.require_volume("v").unwrap();
+        let volume = VolumeId::from_bytes(record.id);
+        let head = from.refs().get_ref(&volume, "main").unwrap().unwrap();
+        let root = Cid::from_bytes(from.index_head(&record, &head).unwrap().root);
+        let layout = ErasureLayout::new(4, 2).unwrap();
+        let network = MemoryNetwork::new(11);
+        network.set_faults(faults);
+        let (sender_id, receiver_id) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        let sender: Arc<dyn PeerNet> = network.join(sender_id);
+        let receiver = network.join(receiver_id);
+        let receiving: Arc<dyn SyncStore> =
+            Arc::new(VaultSyncStore::open(to.clone(), volume, layout).unwrap());
+        tokio::spawn(serve_sync(
+            receiver.serve(SYNC_PROTOCOL).unwrap(),
+            receiving,
+            |_| Ok(()),
+        ));
+        let sending: Arc<dyn SyncStore> =
+            Arc::new(VaultSyncStore::open(from.clone(), volume, layout).unwrap());
+        let config = PushConfig {
+            deadline: Duration::from_millis(400),
+            attempts: 10,
+            ..PushConfig::default()
+        };
+        push(sender, receiver_id, sending, root, config)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vault_receives_every_chunk_and_object_verified_in_its_own_layout() {
+        let temp = tempfile::tempdir().unwrap();
+        let from = Arc::new(new_vault(&temp.path().join("a")));
+        let to = Arc::new(new_vault(&temp.path().join("b")));
+        from.create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let source = temp.path().join("source");
+        write_tree(&source);
+        let options = ImportOptions {
+            message: String::new(),
+            branch: "main".into(),
+            dna: BTreeMap::new(),
+            atime: false,
+        };
+        let report = from
+            .import(
+                "v",
+                &source,
+                &options,
+                &no_passphrase,
+                &Progress::new("test", false),
+            )
+            .unwrap();
+        let faults = FaultPlan {
+            loss: 0.05,
+            delay_min: Duration::from_millis(1),
+            delay_max: Duration::from_millis(30),
+            duplicate: 0.05,
+            corrupt_request: 0.05,
+            corrupt_response: 0.05,
+        };
+        let first = sync_index(&from, &to, faults).await;
+        assert!(first.walk.data_sent >= report.new_chunks, "{first:?}");
+        // Every cid the snapshot's index names is on the receiver, verified, chunks in
+        // the receiver's 4+2 layout.
+        let record = from.require_volume("v").unwrap();
+        let (cids, nodes) = from.walk_index(&record, &report.snapshot).unwrap();
+        let kv = to.kv();
+        for node in &nodes {
+            assert!(kv.get(Column::Objects, node.as_bytes()).unwrap().is_some());
+        }
+        for cid in &cids {
+            if kv.get(Column::Objects, cid.as_bytes()).unwrap().is_none() {
+                let read = read_chunk(kv, cid).unwrap();
+                assert!(cid.matches(&read.ciphertext));
+                assert!(read.rebuilt.is_empty());
+                let end = forge_store::kv::prefix_end(cid.as_bytes());
+                let shards = kv
+                    .scan(Column::Shards, cid.as_bytes(), end.as_deref(), usize::MAX)
+                    .unwrap();
+                assert_eq!(shards.len(), 6, "4+2 shards of {cid}");
+            }
+        }
+        // Again: everything is held, nothing is sent.
+        let again = sync_index(&from, &to, FaultPlan::NONE).await;
+        assert_eq!((again.walk.data_sent, again.walk.nodes_sent), (0, 0));
+        assert_eq!(again.walk.held, 1, "the root is held: one question");
+    }
+}

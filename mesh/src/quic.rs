@@ -138,15 +138,18 @@ enum Command {
         peer: NodeId,
         protocol: Protocol,
         body: Vec<u8>,
+        deadline: Duration,
         reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
     },
     Connect {
         address: Multiaddr,
         reply: oneshot::Sender<Result<NodeId, MeshError>>,
     },
+    /// Answer an inbound request (`None`: it was dropped unanswered; close its stream
+    /// without an answer, so the requester sees an unknown outcome, as after a crash).
     Respond {
         channel: u64,
-        response: Vec<u8>,
+        response: Option<Vec<u8>>,
     },
     Addresses {
         reply: oneshot::Sender<Vec<Multiaddr>>,
@@ -171,6 +174,7 @@ enum Outbound {
     User {
         peer: NodeId,
         protocol: Protocol,
+        deadline: Duration,
         reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
     },
     HelloChallenge(PeerId),
@@ -221,6 +225,7 @@ impl Driver {
                 peer,
                 protocol,
                 body,
+                deadline,
                 reply,
             } => {
                 let Some(peer_id) = self.nodes.get(&peer).copied() else {
@@ -240,6 +245,7 @@ impl Driver {
                     Outbound::User {
                         peer,
                         protocol,
+                        deadline,
                         reply,
                     },
                 );
@@ -259,7 +265,8 @@ impl Driver {
                 }
             }
             Command::Respond { channel, response } => {
-                if let Some(channel) = self.channels.remove(&channel) {
+                if let (Some(channel), Some(response)) = (self.channels.remove(&channel), response)
+                {
                     let _ = self.swarm.behaviour_mut().send_response(channel, response);
                 }
             }
@@ -421,12 +428,13 @@ impl Driver {
         self.channels.insert(id, channel);
         let responses = self.responses.clone();
         tokio::spawn(async move {
-            // Dropped unanswered: the channel closes and the requester sees a failure.
+            // Dropped unanswered: the stream closes with no answer, and the requester sees
+            // an unknown outcome (a timeout), as the PeerNet contract says.
             let Ok(answer) = answer.await else {
                 let _ = responses
                     .send(Command::Respond {
                         channel: id,
-                        response: response(1, b"the request was dropped unanswered"),
+                        response: None,
                     })
                     .await;
                 return;
@@ -443,7 +451,7 @@ impl Driver {
             let _ = responses
                 .send(Command::Respond {
                     channel: id,
-                    response: bytes,
+                    response: Some(bytes),
                 })
                 .await;
         });
@@ -498,6 +506,7 @@ impl Driver {
                 peer,
                 protocol,
                 reply,
+                ..
             } => {
                 let message = || String::from_utf8_lossy(body).into_owned();
                 let result = match status {
@@ -596,6 +605,7 @@ impl Driver {
             Outbound::User {
                 peer,
                 protocol,
+                deadline,
                 reply,
             } => {
                 let error = match error {
@@ -608,11 +618,12 @@ impl Driver {
                         protocol: protocol.name,
                         reason: error.to_string(),
                     },
-                    // Sent, and then the stream or connection failed: the outcome is unknown.
+                    // Sent, and then the stream or connection failed (or the peer dropped
+                    // it unanswered): the outcome is unknown, as after a timeout.
                     _ => MeshError::Timeout {
                         peer,
                         protocol: protocol.name,
-                        after: Duration::ZERO,
+                        after: deadline,
                     },
                 };
                 let _ = reply.send(Err(error));
@@ -783,6 +794,7 @@ impl PeerNet for QuicNet {
                 peer,
                 protocol,
                 body,
+                deadline,
                 reply,
             });
             match tokio::time::timeout(deadline, asked).await {
@@ -861,6 +873,10 @@ mod tests {
         tokio::spawn(async move {
             while let Some(request) = inbound.next().await {
                 assert_eq!(request.from, a_id, "requests name the verified sender");
+                if request.body == b"drop" {
+                    // Dropped unanswered, as by a crash.
+                    continue;
+                }
                 let body = [request.body.as_slice(), request.body.as_slice()].concat();
                 request.respond(body);
             }
@@ -907,6 +923,12 @@ mod tests {
         assert!(matches!(
             b.request(a_identity.node_id(), ECHO, vec![1], second).await,
             Err(MeshError::Refused { .. })
+        ));
+        // Dropped unanswered: an unknown outcome, a timeout (not an answer).
+        assert!(matches!(
+            a.request(b_identity.node_id(), ECHO, b"drop".to_vec(), second)
+                .await,
+            Err(MeshError::Timeout { .. })
         ));
         // A node nobody connected to is unreachable, at once.
         let (c_identity, _) = node(3);

@@ -19,7 +19,7 @@ use crate::datadir::DataDir;
 use crate::error::{MountFault, NodeError, Result};
 use crate::mount::fs::{self, FuseAdapter, MountedFs};
 use crate::mount::requests;
-use crate::mount::working::{unmount_commit, working_state};
+use crate::mount::working::{recoverable_working_state, unmount_commit, working_state};
 use crate::mount::{CommitOutcome, WorkTarget, commit, nothing_to_commit};
 use crate::owner::{MountRecord, process_alive, registry_dir, running_mounts, socket_path};
 use crate::vault::fence::PinnedRoot;
@@ -424,7 +424,9 @@ impl Host {
             };
             let mut base = head;
             served = head.map(|head| PinnedRoot::Snapshot(*head.as_bytes()));
-            if !read_only && let Some(state) = working_state(vault, &volume, &branch)? {
+            if !read_only
+                && let Some(state) = recoverable_working_state(vault, &volume, &branch, root)?
+            {
                 root = Some(Cid::from_bytes(state.root));
                 served = Some(PinnedRoot::Tree(state.root));
                 base = state.base.map(Cid::from_bytes);

@@ -245,6 +245,36 @@ pub(crate) fn working_state(
         .transpose()
 }
 
+/// The working state a previous mount of `branch` left, if it still holds something to
+/// recover. A state whose tree is the branch head's own tree was committed already: the
+/// process died after the commit was published and before the record was removed. That
+/// record is removed here and the head is mounted as it is; recovering it would commit the
+/// same tree again at the next unmount, to a conflict branch (the branch moved from the
+/// state's base to that very commit).
+///
+/// # Errors
+/// Engine errors; a corrupt record.
+pub(crate) fn recoverable_working_state(
+    vault: &Vault,
+    volume: &OpenVolume,
+    branch: &str,
+    head_root: Option<Cid>,
+) -> Result<Option<WorkingState>> {
+    let Some(state) = working_state(vault, volume, branch)? else {
+        return Ok(None);
+    };
+    if head_root.is_some_and(|root| *root.as_bytes() == state.root) {
+        vault.refs().apply(&[RecordUpdate::new(
+            RecordSpace::WORKING,
+            working_key(volume, branch),
+            Expected::Any,
+            Change::Delete,
+        )])?;
+        return Ok(None);
+    }
+    Ok(Some(state))
+}
+
 /// Every cid the tree at `root` reaches (marked on `importer` for the reference index),
 /// and its totals.
 ///

@@ -651,3 +651,60 @@ fn concurrent_commits_never_move_the_branch_to_an_older_root() {
             .map(|parent| Cid::from_bytes(*parent));
     }
 }
+
+/// A mount killed after its commit was published but before it removed its working state
+/// (the record then names the committed tree, on the old base): the next mount of the
+/// branch mounts the head and drops the record, instead of recovering it and committing
+/// the same tree to `main-conflict-...` at its unmount (found in stop 23's kill tests).
+#[test]
+fn a_working_state_already_committed_is_not_recovered_again() {
+    let temp = tempfile::tempdir().unwrap();
+    let fs = mounted(temp.path());
+    mkdir(&fs, "kept");
+    crate::mount::persist_working(&fs).unwrap();
+    let (vault, volume) = (fs.vault(), fs.volume());
+    let stale = crate::mount::working::working_state(vault, volume, "main")
+        .unwrap()
+        .expect("fsync recorded the working state");
+    let committed = commit(&fs, "unmount").unwrap().expect("a change to commit");
+    assert!(!committed.conflict);
+    // The kill: the record the commit removed is back, as if it never was removed.
+    vault
+        .refs()
+        .apply(&[forge_store::metadata::RecordUpdate::new(
+            forge_store::metadata::RecordSpace::WORKING,
+            [volume.id.as_bytes().as_slice(), b"main"].concat(),
+            forge_store::metadata::Expected::Any,
+            forge_store::metadata::Change::Put(crate::vault::records::encode(&stale)),
+        )])
+        .unwrap();
+    let head = vault.refs().get_ref(&volume.id, "main").unwrap().unwrap();
+    assert_eq!(head, committed.snapshot);
+    let head_root = Cid::from_bytes(vault.read_commit(volume, &head).unwrap().root);
+    assert_eq!(
+        head_root.as_bytes(),
+        &stale.root,
+        "the record names the committed tree"
+    );
+    let recovered =
+        crate::mount::working::recoverable_working_state(vault, volume, "main", Some(head_root))
+            .unwrap();
+    assert!(
+        recovered.is_none(),
+        "an already committed state is not recovered"
+    );
+    assert!(
+        crate::mount::working::working_state(vault, volume, "main")
+            .unwrap()
+            .is_none(),
+        "and its record is gone"
+    );
+    // A state with something new on top of the head is still recovered.
+    mkdir(&fs, "after the commit");
+    crate::mount::persist_working(&fs).unwrap();
+    assert!(
+        crate::mount::working::recoverable_working_state(vault, volume, "main", Some(head_root))
+            .unwrap()
+            .is_some()
+    );
+}

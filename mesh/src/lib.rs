@@ -6,6 +6,8 @@
 //!   delay, duplication, corruption, partitions) for tests and the simulator;
 //! - [`hello`]: the certificate binding a transport key to a node's ML-DSA-65 identity and
 //!   the replay-proof Hello exchanged on every connection (sans-IO);
+//! - [`announce`]: signed announcements of new heads (Announcement domain), sent to
+//!   followers over `PeerNet`, taken only from trusted authors and only when newer;
 //! - [`proof`]: transfer receipts (signed by the receiver, countersigned by the sender)
 //!   and proof files anyone can verify offline;
 //! - [`sync`]: the sender's walk of a reference index (sans-IO): asks what the receiver
@@ -15,6 +17,7 @@
 //! connection). It sits behind the `libp2p` feature, so crates that only
 //! need the trait (consensus, the simulator) do not build libp2p.
 
+pub mod announce;
 pub mod hello;
 pub mod memory;
 pub mod net;

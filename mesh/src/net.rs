@@ -103,6 +103,12 @@ pub enum MeshError {
         /// What failed.
         reason: String,
     },
+    /// An announcement of a head that does not verify (garbage, another author's keys).
+    #[error("invalid announcement: {reason}")]
+    InvalidAnnouncement {
+        /// The first thing found wrong.
+        reason: String,
+    },
     /// A transfer proof or receipt that does not verify.
     #[error("invalid transfer proof: {reason}")]
     InvalidProof {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodePublicKeys, Signature, SignatureDomain};
 
+use crate::bytes::Reader;
 use crate::net::{Inbound, MeshError, PeerNet, Protocol};
 
 /// Version of the announcement encoding.
@@ -95,49 +96,33 @@ impl Announcement {
     /// # Errors
     /// Garbage, another version, another author's keys, a signature that does not verify.
     pub fn decode_verified(bytes: &[u8], author_keys: &NodePublicKeys) -> Result<Self, MeshError> {
-        let fixed = 4 + 1 + 16 + 1;
-        if bytes.len() < fixed + 32 * 3 + 16 + Signature::BYTES || &bytes[..4] != MAGIC {
+        if bytes.len() < MAGIC.len() + 1 + 16 + 1 + 32 * 3 + 16 + Signature::BYTES
+            || &bytes[..4] != MAGIC
+        {
             return Err(invalid("not an announcement"));
         }
-        if bytes[4] != ANNOUNCEMENT_FORMAT_VERSION {
-            return Err(invalid(format!(
-                "version {}; this forge reads version {ANNOUNCEMENT_FORMAT_VERSION}",
-                bytes[4]
-            )));
-        }
-        let branch_len = usize::from(bytes[fixed - 1]);
-        let signed_len = fixed + branch_len + 32 * 3 + 16;
-        if bytes.len() != signed_len + Signature::BYTES {
-            return Err(invalid("its length does not match its branch name"));
-        }
-        let mut volume = [0u8; 16];
-        volume.copy_from_slice(&bytes[5..21]);
-        let branch = std::str::from_utf8(&bytes[fixed..fixed + branch_len])
+        let mut reader = Reader::new(bytes, invalid);
+        reader.header(MAGIC, ANNOUNCEMENT_FORMAT_VERSION)?;
+        let volume = reader.array16()?;
+        let branch_len = usize::from(reader.u8()?);
+        let branch = std::str::from_utf8(reader.take(branch_len)?)
             .map_err(|_| invalid("a branch name that is not UTF-8"))?
             .to_owned();
-        let mut at = fixed + branch_len;
-        let mut cid = || {
-            let mut array = [0u8; 32];
-            array.copy_from_slice(&bytes[at..at + 32]);
-            at += 32;
-            array
-        };
-        let head = Cid::from_bytes(cid());
-        let index_root = Cid::from_bytes(cid());
-        let author = NodeId::from_bytes(cid());
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[at..at + 8]);
-        let sequence = u64::from_le_bytes(word);
-        word.copy_from_slice(&bytes[at + 8..at + 16]);
-        let time_ns = i64::from_le_bytes(word);
+        let head = Cid::from_bytes(reader.array32()?);
+        let index_root = Cid::from_bytes(reader.array32()?);
+        let author = NodeId::from_bytes(reader.array32()?);
+        let sequence = reader.u64()?;
+        let time_ns = reader.i64()?;
+        let signed_len = bytes.len() - reader.remaining();
+        let signature = Signature::from_bytes(reader.take(Signature::BYTES)?)
+            .map_err(|error| invalid(error.to_string()))?;
+        reader.end()?;
         if author_keys.node_id() != author {
             return Err(invalid(format!(
                 "signed for author {author}, checked with the keys of {}",
                 author_keys.node_id()
             )));
         }
-        let signature = Signature::from_bytes(&bytes[signed_len..])
-            .map_err(|error| invalid(error.to_string()))?;
         author_keys
             .verify(
                 SignatureDomain::Announcement,

@@ -19,6 +19,7 @@
 
 use forge_crypto::{NodeId, NodeIdentity, NodePublicKeys, Signature, SignatureDomain};
 
+use crate::bytes::Reader;
 use crate::net::MeshError;
 
 /// Version of the certificate and Hello encodings.
@@ -31,48 +32,6 @@ const TRANSPORT_ID_BYTES_MAX: usize = 256;
 fn refused(reason: impl Into<String>) -> MeshError {
     MeshError::Handshake {
         reason: reason.into(),
-    }
-}
-
-/// A reader over a byte slice that fails with a handshake error instead of panicking.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, count: usize) -> Result<&'a [u8], MeshError> {
-        if self.bytes.len() < count {
-            return Err(refused(format!("{} is truncated", self.what)));
-        }
-        let (head, rest) = self.bytes.split_at(count);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn u16(&mut self) -> Result<usize, MeshError> {
-        let bytes = self.take(2)?;
-        Ok(usize::from(u16::from_le_bytes([bytes[0], bytes[1]])))
-    }
-
-    fn u32(&mut self) -> Result<usize, MeshError> {
-        let bytes = self.take(4)?;
-        usize::try_from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-            .map_err(|_| refused(format!("{} has an impossible length", self.what)))
-    }
-
-    fn header(&mut self, magic: &[u8; 4]) -> Result<(), MeshError> {
-        if self.take(4)? != magic {
-            return Err(refused(format!("{} has a bad magic", self.what)));
-        }
-        let version = self.take(1)?[0];
-        if version != HELLO_FORMAT_VERSION {
-            return Err(refused(format!(
-                "{} has version {version}; this node reads version {HELLO_FORMAT_VERSION}",
-                self.what
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -158,27 +117,23 @@ impl Certificate {
     /// # Errors
     /// [`MeshError::Handshake`] naming what is wrong.
     pub fn decode_verified(bytes: &[u8]) -> Result<Self, MeshError> {
-        let mut reader = Reader {
-            bytes,
-            what: "the certificate",
-        };
-        reader.header(CERTIFICATE_MAGIC)?;
-        let keys_len = reader.u32()?;
+        let mut reader = Reader::new(bytes, |reason| {
+            refused(format!("the certificate: {reason}"))
+        });
+        reader.header(CERTIFICATE_MAGIC, HELLO_FORMAT_VERSION)?;
+        let keys_len = reader.u32_len()?;
         let node_keys = NodePublicKeys::decode(reader.take(keys_len)?)
             .map_err(|error| refused(format!("the certificate's keys: {error}")))?;
-        let transport_len = reader.u16()?;
+        let transport_len = reader.u16_len()?;
         if transport_len > TRANSPORT_ID_BYTES_MAX {
             return Err(refused("the certificate's transport identity is too long"));
         }
         let transport_id = reader.take(transport_len)?.to_vec();
-        let time = reader.take(8)?;
-        let issued_at_ns = i64::from_le_bytes(time.try_into().map_err(|_| refused("time"))?);
-        let signed_len = bytes.len() - reader.bytes.len();
+        let issued_at_ns = reader.i64()?;
+        let signed_len = bytes.len() - reader.remaining();
         let signature = Signature::from_bytes(reader.take(Signature::BYTES)?)
             .map_err(|error| refused(format!("the certificate's signature: {error}")))?;
-        if !reader.bytes.is_empty() {
-            return Err(refused("the certificate has trailing bytes"));
-        }
+        reader.end()?;
         node_keys
             .verify(
                 SignatureDomain::Certificate,
@@ -304,19 +259,14 @@ impl Handshake {
     /// # Errors
     /// [`MeshError::Handshake`] naming what failed.
     pub fn verify(&self, hello: &[u8]) -> Result<VerifiedPeer, MeshError> {
-        let mut reader = Reader {
-            bytes: hello,
-            what: "the hello",
-        };
-        reader.header(HELLO_MAGIC)?;
-        let certificate_len = reader.u32()?;
+        let mut reader = Reader::new(hello, |reason| refused(format!("the hello: {reason}")));
+        reader.header(HELLO_MAGIC, HELLO_FORMAT_VERSION)?;
+        let certificate_len = reader.u32_len()?;
         let certificate_bytes = reader.take(certificate_len)?;
         let certificate = Certificate::decode_verified(certificate_bytes)?;
         let signature = Signature::from_bytes(reader.take(Signature::BYTES)?)
             .map_err(|error| refused(format!("the hello's signature: {error}")))?;
-        if !reader.bytes.is_empty() {
-            return Err(refused("the hello has trailing bytes"));
-        }
+        reader.end()?;
         let node_id = certificate.node_id();
         if certificate.transport_id != self.remote_transport {
             return Err(refused(format!(

@@ -18,6 +18,7 @@
 //! need the trait (consensus, the simulator) do not build libp2p.
 
 pub mod announce;
+mod bytes;
 pub mod hello;
 pub mod memory;
 pub mod net;

@@ -20,6 +20,7 @@
 
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodePublicKeys, Signature, SignatureDomain};
 
+use crate::bytes::Reader;
 use crate::net::MeshError;
 
 /// Version of the receipt and proof encodings.
@@ -89,41 +90,18 @@ impl Receipt {
                 bytes.len()
             )));
         }
-        if &bytes[..4] != RECEIPT_MAGIC {
-            return Err(invalid("not a receipt (bad magic)"));
-        }
-        if bytes[4] != PROOF_FORMAT_VERSION {
-            return Err(invalid(format!(
-                "receipt version {}; this forge reads version {PROOF_FORMAT_VERSION}",
-                bytes[4]
-            )));
-        }
-        let mut at = 5;
-        let mut take = |count: usize| {
-            let field = &bytes[at..at + count];
-            at += count;
-            field
-        };
-        let array32 = |field: &[u8]| {
-            let mut array = [0u8; 32];
-            array.copy_from_slice(field);
-            array
-        };
-        let mut volume = [0u8; 16];
-        volume.copy_from_slice(take(16));
-        let snapshot = Cid::from_bytes(array32(take(32)));
-        let index_root = Cid::from_bytes(array32(take(32)));
-        let u64_of = |field: &[u8]| {
-            let mut array = [0u8; 8];
-            array.copy_from_slice(field);
-            array
-        };
-        let chunks = u64::from_le_bytes(u64_of(take(8)));
-        let sent_bytes = u64::from_le_bytes(u64_of(take(8)));
-        let sender = NodeId::from_bytes(array32(take(32)));
-        let receiver = NodeId::from_bytes(array32(take(32)));
-        let time_ns = i64::from_le_bytes(u64_of(take(8)));
-        let nonce = array32(take(32));
+        let mut reader = Reader::new(bytes, |reason| invalid(format!("the receipt: {reason}")));
+        reader.header(RECEIPT_MAGIC, PROOF_FORMAT_VERSION)?;
+        let volume = reader.array16()?;
+        let snapshot = Cid::from_bytes(reader.array32()?);
+        let index_root = Cid::from_bytes(reader.array32()?);
+        let chunks = reader.u64()?;
+        let sent_bytes = reader.u64()?;
+        let sender = NodeId::from_bytes(reader.array32()?);
+        let receiver = NodeId::from_bytes(reader.array32()?);
+        let time_ns = reader.i64()?;
+        let nonce = reader.array32()?;
+        reader.end()?;
         Ok(Self {
             volume,
             snapshot,
@@ -242,44 +220,28 @@ impl TransferProof {
     /// # Errors
     /// [`MeshError::InvalidProof`] naming the first thing wrong.
     pub fn decode_verified(bytes: &[u8]) -> Result<Self, MeshError> {
-        let header = 5;
-        let fixed = header + RECEIPT_BYTES + 2 * Signature::BYTES;
+        let fixed = PROOF_MAGIC.len() + 1 + RECEIPT_BYTES + 2 * Signature::BYTES;
         if bytes.len() < fixed + 8 || &bytes[..4] != PROOF_MAGIC {
             return Err(invalid("not a forge transfer proof"));
         }
-        if bytes[4] != PROOF_FORMAT_VERSION {
-            return Err(invalid(format!(
-                "proof version {}; this forge reads version {PROOF_FORMAT_VERSION}",
-                bytes[4]
-            )));
-        }
-        let receipt = Receipt::decode(&bytes[header..header + RECEIPT_BYTES])?;
-        let signatures = &bytes[header + RECEIPT_BYTES..fixed];
-        let receiver_signature = Signature::from_bytes(&signatures[..Signature::BYTES])
-            .map_err(|error| invalid(error.to_string()))?;
-        let sender_signature = Signature::from_bytes(&signatures[Signature::BYTES..])
-            .map_err(|error| invalid(error.to_string()))?;
-        let mut rest = &bytes[fixed..];
+        let mut reader = Reader::new(bytes, |reason| invalid(format!("the proof: {reason}")));
+        reader.header(PROOF_MAGIC, PROOF_FORMAT_VERSION)?;
+        let receipt = Receipt::decode(reader.take(RECEIPT_BYTES)?)?;
+        let mut signature = || {
+            Signature::from_bytes(reader.take(Signature::BYTES)?)
+                .map_err(|error| invalid(error.to_string()))
+        };
+        let receiver_signature = signature()?;
+        let sender_signature = signature()?;
         let mut keys = Vec::with_capacity(2);
         for whose in ["receiver", "sender"] {
-            if rest.len() < 4 {
-                return Err(invalid(format!("the {whose}'s keys are missing")));
-            }
-            let len = usize::try_from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]))
-                .map_err(|_| invalid("a key length"))?;
-            rest = &rest[4..];
-            if rest.len() < len {
-                return Err(invalid(format!("the {whose}'s keys are truncated")));
-            }
+            let len = reader.u32_len()?;
             keys.push(
-                NodePublicKeys::decode(&rest[..len])
+                NodePublicKeys::decode(reader.take(len)?)
                     .map_err(|error| invalid(format!("the {whose}'s keys: {error}")))?,
             );
-            rest = &rest[len..];
         }
-        if !rest.is_empty() {
-            return Err(invalid("trailing bytes after the proof"));
-        }
+        reader.end()?;
         let sender_keys = keys.pop().ok_or_else(|| invalid("no sender keys"))?;
         let receiver_keys = keys.pop().ok_or_else(|| invalid("no receiver keys"))?;
         if receiver_keys.node_id() != receipt.receiver {

@@ -17,6 +17,7 @@
 use forge_crypto::Cid;
 
 use super::walker::Item;
+use crate::bytes::Reader;
 use crate::net::MeshError;
 
 /// Version of the sync messages.
@@ -147,23 +148,15 @@ impl Message {
         if blake3::hash(body).as_bytes()[..CHECK_BYTES] != *check {
             return Err(malformed("its check does not match (damaged in transit)"));
         }
-        if &body[..2] != MAGIC {
-            return Err(malformed("bad magic"));
-        }
-        if body[2] != SYNC_WIRE_VERSION {
-            return Err(malformed(format!(
-                "version {}; this node speaks version {SYNC_WIRE_VERSION}",
-                body[2]
-            )));
-        }
-        let mut reader = Reader { bytes: &body[4..] };
-        let message = match body[3] {
+        let mut reader = Reader::new(body, malformed);
+        reader.header(MAGIC, SYNC_WIRE_VERSION)?;
+        let message = match reader.u8()? {
             1 => {
-                let count = reader.count()?;
+                let count = count(&mut reader)?;
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let tag = reader.take(1)?[0];
-                    let cid = reader.cid()?;
+                    let tag = reader.u8()?;
+                    let cid = cid(&mut reader)?;
                     items.push(match tag {
                         0 => Item::Node(cid),
                         1 => Item::Data(cid),
@@ -173,27 +166,27 @@ impl Message {
                 Self::Have(items)
             }
             2 => {
-                let count = reader.count()?;
+                let count = count(&mut reader)?;
                 let mut entries = Vec::with_capacity(count.min(1024));
                 for _ in 0..count {
-                    let cid = reader.cid()?;
-                    let kind = match reader.take(1)?[0] {
+                    let cid = cid(&mut reader)?;
+                    let kind = match reader.u8()? {
                         0 => DataKind::Object,
                         1 => DataKind::Chunk,
                         other => return Err(malformed(format!("data kind {other}"))),
                     };
-                    let len = reader.len()?;
+                    let len = reader.u32_len()?;
                     entries.push((cid, kind, reader.take(len)?.to_vec()));
                 }
                 Self::PutData(entries)
             }
             3 => {
-                let cid = reader.cid()?;
-                let len = reader.len()?;
+                let cid = cid(&mut reader)?;
+                let len = reader.u32_len()?;
                 Self::PutNode(cid, reader.take(len)?.to_vec())
             }
             129 => {
-                let count = reader.count()?;
+                let count = count(&mut reader)?;
                 let bitmap = reader.take(count.div_ceil(8))?;
                 if count % 8 != 0 && bitmap[count / 8] >> (count % 8) != 0 {
                     return Err(malformed("bits set past the count"));
@@ -205,7 +198,7 @@ impl Message {
                 )
             }
             130 => {
-                let count = reader.count()?;
+                let count = count(&mut reader)?;
                 let outcomes = reader
                     .take(count)?
                     .iter()
@@ -220,47 +213,22 @@ impl Message {
             }
             other => return Err(malformed(format!("kind {other}"))),
         };
-        if !reader.bytes.is_empty() {
-            return Err(malformed("trailing bytes"));
-        }
+        reader.end()?;
         Ok(message)
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// An item count, bounded (so a decoder allocates no more than the input justifies).
+fn count(reader: &mut Reader<'_>) -> Result<usize, MeshError> {
+    let count = reader.u32_len()?;
+    if count > ITEMS_MAX {
+        return Err(malformed(format!("{count} items (at most {ITEMS_MAX})")));
+    }
+    Ok(count)
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, count: usize) -> Result<&'a [u8], MeshError> {
-        if self.bytes.len() < count {
-            return Err(malformed("truncated"));
-        }
-        let (head, rest) = self.bytes.split_at(count);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn len(&mut self) -> Result<usize, MeshError> {
-        let bytes = self.take(4)?;
-        usize::try_from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-            .map_err(|_| malformed("length"))
-    }
-
-    fn count(&mut self) -> Result<usize, MeshError> {
-        let count = self.len()?;
-        if count > ITEMS_MAX {
-            return Err(malformed(format!("{count} items (at most {ITEMS_MAX})")));
-        }
-        Ok(count)
-    }
-
-    fn cid(&mut self) -> Result<Cid, MeshError> {
-        let bytes = self.take(32)?;
-        let mut array = [0u8; 32];
-        array.copy_from_slice(bytes);
-        Ok(Cid::from_bytes(array))
-    }
+fn cid(reader: &mut Reader<'_>) -> Result<Cid, MeshError> {
+    Ok(Cid::from_bytes(reader.array32()?))
 }
 
 #[cfg(test)]

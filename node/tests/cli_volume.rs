@@ -49,6 +49,22 @@ fn make_source(root: &Path) {
     filetime::set_symlink_file_times(root.join("link"), old, old).unwrap();
 }
 
+/// `directories` directories of 16 files of `file_bytes` pseudo-random bytes each (every
+/// file different) under `root`.
+fn random_tree(root: &Path, directories: u8, file_bytes: usize) {
+    for directory in 0..directories {
+        let path = root.join(format!("d{directory}"));
+        fs::create_dir_all(&path).unwrap();
+        for file in 0u8..16 {
+            fs::write(
+                path.join(format!("f{file}")),
+                pseudo_random(file_bytes, directory * 16 + file),
+            )
+            .unwrap();
+        }
+    }
+}
+
 /// Asserts two trees are equal: kinds, contents, link targets, permission bits, mtimes.
 fn assert_same_tree(expected: &Path, actual: &Path) {
     let mut names: Vec<_> = fs::read_dir(expected)
@@ -1195,17 +1211,7 @@ fn a_daemon_killed_during_an_import_leaves_a_clean_vault() {
     let vault = Vault::new();
     vault.ok(&["volume", "create", "v"]);
     let source = vault.path("source");
-    for directory in 0u8..8 {
-        let path = source.join(format!("d{directory}"));
-        fs::create_dir_all(&path).unwrap();
-        for file in 0u8..16 {
-            fs::write(
-                path.join(format!("f{file}")),
-                pseudo_random(512 << 10, directory * 16 + file),
-            )
-            .unwrap();
-        }
-    }
+    random_tree(&source, 8, 512 << 10);
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
     let pid = common::started_pid(&started);
     let _kill = common::KillOnDrop(pid);
@@ -1418,17 +1424,7 @@ fn an_import_through_the_daemon_streams_progress_then_its_reply() {
     let vault = Vault::new();
     vault.ok(&["volume", "create", "v"]);
     let source = vault.path("source");
-    for directory in 0u8..4 {
-        let path = source.join(format!("d{directory}"));
-        fs::create_dir_all(&path).unwrap();
-        for file in 0u8..16 {
-            fs::write(
-                path.join(format!("f{file}")),
-                pseudo_random(1 << 20, directory * 16 + file),
-            )
-            .unwrap();
-        }
-    }
+    random_tree(&source, 4, 1 << 20);
     let started = vault.ok(&["node", "start", "--metrics-listen", "off"]);
     let _kill = common::KillOnDrop(common::started_pid(&started));
     let socket = vault.data_dir().join("control.sock");

@@ -283,6 +283,26 @@ pub enum NodeError {
     /// A peer, the network or a transfer proof.
     #[error(transparent)]
     Mesh(#[from] forge_mesh::MeshError),
+
+    /// A volume this vault holds without its key (a zero-knowledge copy).
+    #[error(
+        "no key for volume {name} on this node: it holds the volume's ciphertext only (ask a \
+         node that can read it to run `forge volume share {name} --to {node}`)"
+    )]
+    NoVolumeKey { name: String, node: String },
+
+    /// A peer that is not in `forge peer list`.
+    #[error(
+        "no peer {peer:?} here (see `forge peer list`; add one with `forge peer add MULTIADDR`)"
+    )]
+    UnknownPeer { peer: String },
+
+    /// Networking needs the daemon (it owns the node's network).
+    #[error(
+        "{what} needs this node's network: start it with `forge node start` (it listens on \
+         {listen} by default)"
+    )]
+    NeedsDaemon { what: String, listen: String },
 }
 
 /// What a verification of stored data found wrong. Every case is corruption or loss of

@@ -48,6 +48,9 @@ pub trait SyncStore: Send + Sync {
     fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> Result<(), MeshError>;
 }
 
+/// Called as a push goes: (chunks and objects sent, bytes sent) so far.
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// How a push paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PushConfig {
@@ -206,6 +209,21 @@ pub async fn push(
     root: Cid,
     config: PushConfig,
 ) -> Result<PushReport, MeshError> {
+    push_with_progress(net, peer, store, root, config, None).await
+}
+
+/// [`push`], telling `progress` what went out as it goes.
+///
+/// # Errors
+/// As [`push`].
+pub async fn push_with_progress(
+    net: Arc<dyn PeerNet>,
+    peer: NodeId,
+    store: Arc<dyn SyncStore>,
+    root: Cid,
+    config: PushConfig,
+    progress: Option<ProgressFn>,
+) -> Result<PushReport, MeshError> {
     let mut walker = SyncWalker::new(root, config.batch_items);
     let mut report = PushReport::default();
     let mut in_flight: JoinSet<Answered> = JoinSet::new();
@@ -262,6 +280,9 @@ pub async fn push(
                 )?;
             }
             (_, answer) => return Err(unexpected(&answer)),
+        }
+        if let Some(progress) = &progress {
+            progress(walker.stats().data_sent, report.bytes_sent);
         }
     }
     report.walk = walker.stats();
@@ -352,15 +373,27 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
 /// is dropped unanswered, as the network would drop a damaged packet: its sender repeats
 /// it.
 pub async fn serve_sync(
-    mut inbound: Inbound,
+    inbound: Inbound,
     store: Arc<dyn SyncStore>,
     allowed: impl Fn(&NodeId) -> Result<(), String>,
 ) {
+    serve_sync_resolved(inbound, move |from| allowed(from).map(|()| store.clone())).await;
+}
+
+/// [`serve_sync`] with the store chosen per sender: `resolve` gives the store of the sync
+/// accepted from that peer, or the rule that refuses its request.
+pub async fn serve_sync_resolved(
+    mut inbound: Inbound,
+    resolve: impl Fn(&NodeId) -> Result<Arc<dyn SyncStore>, String>,
+) {
     while let Some(request) = inbound.next().await {
-        if let Err(rule) = allowed(&request.from) {
-            request.refuse(rule);
-            continue;
-        }
+        let store = match resolve(&request.from) {
+            Ok(store) => store,
+            Err(rule) => {
+                request.refuse(rule);
+                continue;
+            }
+        };
         let Ok(message) = Message::decode(&request.body) else {
             continue;
         };

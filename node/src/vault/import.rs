@@ -324,9 +324,17 @@ impl Importer<'_> {
             ),
             RecordUpdate::new(
                 RecordSpace::INDEX_HEADS,
-                key,
+                key.clone(),
                 Expected::Any,
                 Change::Put(records::encode(&index_head)),
+            ),
+            // Its parents in plaintext: a vault holding the volume without its key serves
+            // the history onward from them.
+            RecordUpdate::new(
+                super::peers::LINEAGE,
+                key,
+                Expected::Any,
+                Change::Put(records::encode(&commit.parents)),
             ),
         ])?;
         Ok(snapshot)
@@ -925,7 +933,7 @@ impl Importer<'_> {
 
     /// Stores a chunk unless the domain already has it; returns its cid and key.
     pub(crate) fn store_chunk(&self, plaintext: &[u8]) -> Result<(Cid, [u8; 32])> {
-        let domain_key = &self.volume.domain_key;
+        let domain_key = self.volume.domain_key()?;
         let hash = domain_key.plaintext_hash(plaintext);
         let key = *domain_key.chunk_key(&hash).as_bytes();
         let seen = self.lock_seen().get(&hash).copied();

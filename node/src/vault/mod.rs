@@ -9,12 +9,14 @@ pub mod check;
 pub mod export;
 pub mod fence;
 pub(crate) mod import;
+pub mod peers;
 pub(crate) mod posix;
 mod post_order;
 pub mod records;
 pub mod snapshots;
 mod stats;
 pub mod sync;
+pub mod transfer;
 pub(crate) mod trees;
 
 use std::collections::BTreeSet;
@@ -209,7 +211,8 @@ pub(crate) struct OpenVolume {
     pub record: VolumeRecord,
     pub id: VolumeId,
     pub volume_key: VolumeKey,
-    pub domain_key: DomainKey,
+    /// None for a reader's share: it reads, it cannot write (no convergent keys).
+    pub domain_key: Option<DomainKey>,
     pub domain: DomainRecord,
 }
 
@@ -759,6 +762,18 @@ impl Vault {
         })
     }
 
+    /// Whether this vault holds a volume's keys (wrapped to it or to a passphrase); a
+    /// volume received without them is a zero-knowledge copy.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn holds_volume_keys(&self, record: &VolumeRecord) -> Result<bool> {
+        Ok(self
+            .metadata
+            .get_record(RecordSpace::VOLUME_KEYS, &record.id)?
+            .is_some())
+    }
+
     /// A volume's record, if it exists.
     ///
     /// # Errors
@@ -789,7 +804,7 @@ impl Vault {
         })
     }
 
-    fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
+    pub(crate) fn domain_record(&self, name: &str) -> Result<Option<DomainRecord>> {
         self.metadata
             .get_record(RecordSpace::DOMAINS, name.as_bytes())?
             .map(|value| DomainRecord::decode(&value))
@@ -822,12 +837,13 @@ impl Vault {
     ) -> Result<OpenVolume> {
         let record = self.require_volume(name)?;
         let id = VolumeId::from_bytes(record.id);
+        // No keys: a volume received without an envelope for this node.
         let stored = self
             .metadata
             .get_record(RecordSpace::VOLUME_KEYS, &record.id)?
-            .ok_or_else(|| NodeError::CorruptRecord {
-                what: "volume keys",
-                reason: format!("missing for volume {name:?}"),
+            .ok_or_else(|| NodeError::NoVolumeKey {
+                name: name.to_owned(),
+                node: self.identity.node_id().to_hex(),
             })?;
         let contents = match records::decode::<VolumeKeys>("volume keys", &stored)? {
             VolumeKeys::WrappedToNode(wrapped) => {
@@ -841,15 +857,13 @@ impl Vault {
                 )?)?
             }
         };
-        let (Some(volume_key), Some(domain_key)) = (
-            contents.volume_key().cloned(),
-            contents.domain_key().cloned(),
-        ) else {
+        let Some(volume_key) = contents.volume_key().cloned() else {
             return Err(NodeError::CorruptRecord {
                 what: "volume keys",
-                reason: "not a writer's keys".into(),
+                reason: "no volume key in them".into(),
             });
         };
+        let domain_key = contents.domain_key().cloned();
         let domain =
             self.domain_record(&record.domain)?
                 .ok_or_else(|| NodeError::CorruptRecord {
@@ -867,6 +881,22 @@ impl Vault {
 }
 
 impl OpenVolume {
+    /// The dedup domain's key, which writing needs.
+    ///
+    /// # Errors
+    /// A volume shared with this node for reading only.
+    pub(crate) fn domain_key(&self) -> Result<&DomainKey> {
+        self.domain_key
+            .as_ref()
+            .ok_or_else(|| NodeError::InvalidArgument {
+                what: "volume",
+                value: self.record.name.clone(),
+                reason: "this node may only read it (it was shared without --write): it holds \
+                         no domain key to write with"
+                    .into(),
+            })
+    }
+
     pub(crate) fn chunker(&self) -> Result<Chunker> {
         if self.domain.chunker_version != records::CHUNKER_VERSION {
             return Err(NodeError::InvalidArgument {
@@ -884,7 +914,7 @@ impl OpenVolume {
             avg_bytes: self.domain.chunk_avg_bytes,
             max_bytes: self.domain.chunk_max_bytes,
         };
-        Ok(Chunker::new(params, self.domain_key.chunker_seed())?)
+        Ok(Chunker::new(params, self.domain_key()?.chunker_seed())?)
     }
 
     pub(crate) fn coder(&self) -> Result<ErasureCoder> {
@@ -903,7 +933,7 @@ fn chunker_params(avg_bytes: Option<u32>) -> Result<ChunkerParams> {
     })
 }
 
-fn volume_binding(id: &VolumeId) -> Vec<u8> {
+pub(crate) fn volume_binding(id: &VolumeId) -> Vec<u8> {
     keys::key(b"volume:", &[id.as_bytes()])
 }
 

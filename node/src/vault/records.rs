@@ -132,12 +132,9 @@ pub struct IndexHead {
 impl IndexHead {
     /// The bytes signed: a label, the volume, the snapshot and the index root.
     #[must_use]
+    /// (One definition, in forge-mesh: a vault receiving a sync checks heads with it.)
     pub fn signed_message(volume: &[u8; 16], snapshot: &[u8; 32], root: &[u8; 32]) -> Vec<u8> {
-        let mut message = b"forge-vault reference index head v1".to_vec();
-        message.extend_from_slice(volume);
-        message.extend_from_slice(snapshot);
-        message.extend_from_slice(root);
-        message
+        forge_mesh::sync::index_head_message(volume, snapshot, root)
     }
 }
 

@@ -12,7 +12,7 @@ use forge_store::object::{EntryContent, TreeEntry};
 
 use super::check::for_each_page;
 use super::fence::PinnedRoot;
-use super::records::{self, keys};
+use super::records::{self, VolumeRecord, keys};
 use super::{OpenVolume, PassphraseSource, Vault, validate_name};
 use crate::error::{NodeError, Result};
 use crate::progress::Progress;
@@ -308,6 +308,11 @@ impl Vault {
             generation: 0,
         };
         for record in self.list_volumes()? {
+            if !self.holds_volume_keys(&record)? {
+                // A zero-knowledge copy: traced from its plaintext reference indexes.
+                self.mark_keyless(&record, &mut mark.live)?;
+                continue;
+            }
             let volume = self.open_volume_for_gc(&record.name, passphrase)?;
             let mut roots: BTreeSet<Cid> = self
                 .snapshot_listings(&record)?
@@ -427,6 +432,35 @@ impl Vault {
             })
     }
 
+    /// Marks everything a volume held without its key reaches: every listed snapshot and
+    /// branch head, its commit, and every cid and node of its reference index (a cid
+    /// there is a chunk or an object; both sets keep it).
+    fn mark_keyless(&self, record: &VolumeRecord, live: &mut LiveSet) -> Result<()> {
+        let volume = VolumeId::from_bytes(record.id);
+        let mut roots: BTreeSet<Cid> = self
+            .snapshot_listings(record)?
+            .into_iter()
+            .map(|(cid, _)| cid)
+            .collect();
+        roots.extend(
+            self.refs()
+                .list_refs(&volume)?
+                .into_iter()
+                .map(|(_, cid)| cid),
+        );
+        for snapshot in roots {
+            if !live.snapshots_done.insert(snapshot) {
+                continue;
+            }
+            live.objects.insert(snapshot);
+            let (cids, nodes) = self.walk_index(record, &snapshot)?;
+            live.objects.extend(nodes);
+            live.objects.extend(cids.iter().copied());
+            live.chunks.extend(cids);
+        }
+        Ok(())
+    }
+
     /// Marks everything `root` reaches in `volume` as live.
     fn mark(&self, volume: &OpenVolume, root: PinnedRoot, live: &mut LiveSet) -> Result<()> {
         let tree = match root {
@@ -462,6 +496,12 @@ impl Vault {
                 else {
                     continue;
                 };
+                if !self.holds_volume_keys(&record)? {
+                    // Received without its key: nothing writes it here but syncs, whose
+                    // claims (not pinned roots) keep what they store.
+                    self.mark_keyless(&record, &mut mark.live)?;
+                    continue;
+                }
                 let volume = self.open_volume_for_gc(&record.name, mark.passphrase)?;
                 mark.volumes.insert(volume_id, volume);
             }

@@ -59,6 +59,24 @@ impl VaultSyncStore {
     }
 }
 
+impl VaultSyncStore {
+    /// Publishes what the sync received (a ref move) through the gc fence: if gc swept
+    /// while it arrived, everything in `named` is checked first.
+    ///
+    /// # Errors
+    /// [`crate::error::NodeError::MissingWhileWriting`]; the ref moved; engine errors.
+    pub(crate) fn publish(
+        &self,
+        updates: &[forge_store::metadata::RecordUpdate],
+        named: &[Cid],
+    ) -> Result<()> {
+        let vault = &*self.vault;
+        self.session.publish(updates, named, &|cid| {
+            super::transfer::is_stored(vault, cid)
+        })
+    }
+}
+
 impl SyncStore for VaultSyncStore {
     fn holds(&self, cid: &Cid) -> std::result::Result<bool, MeshError> {
         // Claimed before it is checked: a gc sweeping now cannot remove it after we said

@@ -1,0 +1,410 @@
+//! Other vaults this one knows: peers (their addresses, names and what they are trusted
+//! with), the key envelopes of volumes shared with other nodes, the lineage of snapshots
+//! (so a vault without a volume's key can still serve its history onward), and the
+//! transfer proofs this vault keeps. All are records of the metadata store.
+//!
+//! Trust is per volume (by VolumeId, the same on every vault): a peer trusted to *read* a
+//! volume may pull it; one trusted to *write* it may push it (and counts as an author of
+//! its snapshots); `new_volumes` lets a peer push volumes this vault does not have yet.
+
+use forge_crypto::{Cid, NodeId, NodePublicKeys};
+use forge_mesh::TransferProof;
+use forge_store::VolumeId;
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
+use serde::{Deserialize, Serialize};
+
+use super::records;
+use super::{KEYRING, Vault, validate_name};
+use crate::error::{NodeError, Result};
+
+/// Peers: key = NodeId, value = [`PeerRecord`].
+pub const PEERS: RecordSpace = RecordSpace::new("peers");
+/// Key envelopes of a volume for other nodes: key = volume id ‖ NodeId.
+pub const SHARES: RecordSpace = RecordSpace::new("shares");
+/// A snapshot's parents: key = volume id ‖ snapshot, value = parents.
+pub const LINEAGE: RecordSpace = RecordSpace::new("lineage");
+/// Transfer proofs: key = proof id (8 bytes), value = the proof file.
+pub const PROOFS: RecordSpace = RecordSpace::new("proofs");
+
+/// What a peer may do with one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeTrust {
+    /// The volume's id.
+    pub volume: [u8; 16],
+    /// Push (and author snapshots of) it, not only pull it.
+    pub write: bool,
+}
+
+/// A peer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The user's name for it.
+    pub name: Option<String>,
+    /// Where it was reached (multiaddrs).
+    pub addresses: Vec<String>,
+    /// When it was added, ns since the epoch.
+    pub added_ns: i64,
+    /// It may push volumes this vault does not have yet.
+    pub new_volumes: bool,
+    /// Volumes it is trusted with.
+    pub volumes: Vec<VolumeTrust>,
+    /// Whether its public keys are known (learned from its Hello or a sync).
+    pub keys_known: bool,
+}
+
+impl PeerRecord {
+    /// Its trust for `volume`, if any.
+    #[must_use]
+    pub fn trust(&self, volume: &[u8; 16]) -> Option<VolumeTrust> {
+        self.volumes
+            .iter()
+            .find(|trust| &trust.volume == volume)
+            .copied()
+    }
+}
+
+/// A proof's id: the first 8 bytes of the BLAKE3 of its file, in hex.
+#[must_use]
+pub fn proof_id(proof: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(&Cid::of(proof).as_bytes()[..8])
+}
+
+impl Vault {
+    /// Every peer, by NodeId.
+    ///
+    /// # Errors
+    /// Metadata errors, corrupt records.
+    pub fn peers(&self) -> Result<Vec<(NodeId, PeerRecord)>> {
+        self.refs()
+            .scan_records(PEERS, b"")?
+            .into_iter()
+            .map(|(key, value)| {
+                let node = NodeId::from_slice(&key).map_err(|error| NodeError::CorruptRecord {
+                    what: "peer",
+                    reason: error.to_string(),
+                })?;
+                Ok((node, records::decode("peer", &value)?))
+            })
+            .collect()
+    }
+
+    /// One peer's record.
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt record.
+    pub fn peer(&self, node: &NodeId) -> Result<Option<PeerRecord>> {
+        self.refs()
+            .get_record(PEERS, node.as_bytes())?
+            .map(|value| records::decode("peer", &value))
+            .transpose()
+    }
+
+    /// The peer `text` names: its name, its NodeId, or a unique NodeId prefix of at least
+    /// 8 hex characters.
+    ///
+    /// # Errors
+    /// [`NodeError::UnknownPeer`]; an ambiguous prefix.
+    pub fn resolve_peer(&self, text: &str) -> Result<(NodeId, PeerRecord)> {
+        let peers = self.peers()?;
+        if let Some(found) = peers
+            .iter()
+            .find(|(_, record)| record.name.as_deref() == Some(text))
+        {
+            return Ok(found.clone());
+        }
+        let lower = text.to_ascii_lowercase();
+        let matches: Vec<_> = if lower.len() >= 8 && lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+            peers
+                .into_iter()
+                .filter(|(node, _)| node.to_hex().starts_with(&lower))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        match matches.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(NodeError::UnknownPeer {
+                peer: text.to_owned(),
+            }),
+            _ => Err(NodeError::InvalidArgument {
+                what: "peer",
+                value: text.to_owned(),
+                reason: "several peers' NodeIds start so: give more characters".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn put_peer(&self, node: &NodeId, record: &PeerRecord) -> Result<()> {
+        self.refs().apply(&[RecordUpdate::new(
+            PEERS,
+            node.as_bytes().to_vec(),
+            Expected::Any,
+            Change::Put(records::encode(record)),
+        )])?;
+        Ok(())
+    }
+
+    /// Adds (or updates) a peer whose keys its Hello proved: its keys go into the keyring,
+    /// the address and name into its record.
+    ///
+    /// # Errors
+    /// A name another peer has; metadata errors.
+    pub fn add_peer(
+        &self,
+        keys: &NodePublicKeys,
+        address: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<PeerRecord> {
+        let node = keys.node_id();
+        if node == self.identity().node_id() {
+            return Err(NodeError::InvalidArgument {
+                what: "peer",
+                value: address.unwrap_or_default().to_owned(),
+                reason: "that address is this node itself".into(),
+            });
+        }
+        if let Some(name) = name {
+            validate_name("peer name", name)?;
+            if let Some((other, _)) = self
+                .peers()?
+                .into_iter()
+                .find(|(other, record)| *other != node && record.name.as_deref() == Some(name))
+            {
+                return Err(NodeError::InvalidArgument {
+                    what: "peer name",
+                    value: name.to_owned(),
+                    reason: format!("peer {other} has it already"),
+                });
+            }
+        }
+        self.trust_node(keys)?;
+        let mut record = self.peer(&node)?.unwrap_or_else(|| PeerRecord {
+            added_ns: self.now_ns(),
+            ..PeerRecord::default()
+        });
+        if let Some(address) = address
+            && !record.addresses.iter().any(|known| known == address)
+        {
+            record.addresses.insert(0, address.to_owned());
+        }
+        if let Some(name) = name {
+            record.name = Some(name.to_owned());
+        }
+        record.keys_known = true;
+        self.put_peer(&node, &record)?;
+        Ok(record)
+    }
+
+    /// Trusts `node` with `volume` (read, or write too), or with new volumes. A node not
+    /// yet added gets a record without address (an author whose snapshots arrive through
+    /// another peer).
+    ///
+    /// # Errors
+    /// An unknown volume; metadata errors.
+    pub fn trust_peer(
+        &self,
+        node: &NodeId,
+        volume: Option<&str>,
+        write: bool,
+        new_volumes: bool,
+    ) -> Result<PeerRecord> {
+        let mut record = self.peer(node)?.unwrap_or_else(|| PeerRecord {
+            added_ns: self.now_ns(),
+            ..PeerRecord::default()
+        });
+        if let Some(name) = volume {
+            let volume = self.require_volume(name)?;
+            record.volumes.retain(|trust| trust.volume != volume.id);
+            record.volumes.push(VolumeTrust {
+                volume: volume.id,
+                write,
+            });
+        }
+        if new_volumes {
+            record.new_volumes = true;
+        }
+        self.put_peer(node, &record)?;
+        Ok(record)
+    }
+
+    /// Takes every trust from `node` (its record, name and addresses stay; snapshots it
+    /// signed still verify, since its keys stay in the keyring).
+    ///
+    /// # Errors
+    /// [`NodeError::UnknownPeer`]; metadata errors.
+    pub fn revoke_peer(&self, node: &NodeId) -> Result<PeerRecord> {
+        let mut record = self.peer(node)?.ok_or_else(|| NodeError::UnknownPeer {
+            peer: node.to_hex(),
+        })?;
+        record.volumes.clear();
+        record.new_volumes = false;
+        self.put_peer(node, &record)?;
+        Ok(record)
+    }
+
+    /// The key envelopes of a volume for other nodes.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn volume_shares(&self, volume: &VolumeId) -> Result<Vec<(NodeId, Vec<u8>)>> {
+        self.refs()
+            .scan_records(SHARES, volume.as_bytes())?
+            .into_iter()
+            .map(|(key, value)| {
+                let node =
+                    NodeId::from_slice(&key[16..]).map_err(|error| NodeError::CorruptRecord {
+                        what: "share",
+                        reason: error.to_string(),
+                    })?;
+                Ok((node, value))
+            })
+            .collect()
+    }
+
+    /// Shares volume `name` with node `to` (in the keyring: a peer added, or an author
+    /// met in a sync): wraps its volume key (and, for a writer, its domain key) to that
+    /// node's ML-KEM-768 + X25519 key. The envelope travels with the volume's next sync
+    /// to any vault, and only `to` can open it.
+    ///
+    /// # Errors
+    /// An unknown volume or node, keys that do not open, a reader's share asked to give
+    /// write; metadata errors.
+    pub fn share_volume(
+        &self,
+        name: &str,
+        to: &NodeId,
+        write: bool,
+        passphrase: super::PassphraseSource<'_>,
+    ) -> Result<()> {
+        let open = self.open_volume(name, passphrase)?;
+        let keys = match self.trusted_keys(to.as_bytes(), &format!("node {to}")) {
+            Err(NodeError::UntrustedSigner { .. }) => {
+                return Err(NodeError::UnknownPeer { peer: to.to_hex() });
+            }
+            other => other?,
+        };
+        let contents = if write {
+            forge_crypto::EnvelopeContents::Writer {
+                volume_key: open.volume_key.clone(),
+                domain_key: open.domain_key()?.clone(),
+            }
+        } else {
+            forge_crypto::EnvelopeContents::Reader {
+                volume_key: open.volume_key.clone(),
+            }
+        };
+        let randomness = forge_crypto::WrapRandomness {
+            ml_kem_m: self.random_array()?,
+            x25519_ephemeral: self.random_array()?,
+        };
+        let envelope = forge_crypto::envelope::wrap_with_randomness(
+            &keys,
+            &contents,
+            &super::volume_binding(&open.id),
+            &randomness,
+        )?;
+        self.refs().apply(&[RecordUpdate::new(
+            SHARES,
+            [open.id.as_bytes().as_slice(), to.as_bytes()].concat(),
+            Expected::Any,
+            Change::Put(envelope),
+        )])?;
+        Ok(())
+    }
+
+    /// A snapshot's parents as recorded (None: not recorded; read its commit instead).
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt record.
+    pub(crate) fn recorded_lineage(
+        &self,
+        volume: &VolumeId,
+        snapshot: &Cid,
+    ) -> Result<Option<Vec<Cid>>> {
+        let key = [volume.as_bytes().as_slice(), snapshot.as_bytes()].concat();
+        Ok(self
+            .refs()
+            .get_record(LINEAGE, &key)?
+            .map(|value| records::decode::<Vec<[u8; 32]>>("lineage", &value))
+            .transpose()?
+            .map(|parents| parents.into_iter().map(Cid::from_bytes).collect()))
+    }
+
+    /// Keeps a transfer proof; its id.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn keep_proof(&self, proof: &TransferProof) -> Result<String> {
+        let bytes = proof.encode();
+        let id = proof_id(&bytes);
+        let key = data_encoding::HEXLOWER
+            .decode(id.as_bytes())
+            .map_err(|error| NodeError::CorruptRecord {
+                what: "proof id",
+                reason: error.to_string(),
+            })?;
+        self.refs().apply(&[RecordUpdate::new(
+            PROOFS,
+            key,
+            Expected::Any,
+            Change::Put(bytes),
+        )])?;
+        Ok(id)
+    }
+
+    /// Every proof kept, verified, oldest first; only those of `volume` if given.
+    ///
+    /// # Errors
+    /// An unknown volume; metadata errors; a kept proof that no longer verifies.
+    pub fn proofs(&self, volume: Option<&str>) -> Result<Vec<(String, TransferProof)>> {
+        let volume = volume.map(|name| self.require_volume(name)).transpose()?;
+        let mut proofs = Vec::new();
+        for (_, bytes) in self.refs().scan_records(PROOFS, b"")? {
+            let proof = TransferProof::decode_verified(&bytes)?;
+            if volume
+                .as_ref()
+                .is_none_or(|record| record.id == proof.receipt.volume)
+            {
+                proofs.push((proof_id(&bytes), proof));
+            }
+        }
+        proofs.sort_by_key(|(id, proof)| (proof.receipt.time_ns, id.clone()));
+        Ok(proofs)
+    }
+
+    /// The file of the proof `id` names (its id or a unique prefix of it).
+    ///
+    /// # Errors
+    /// No such proof, an ambiguous prefix, metadata errors.
+    pub fn proof_file(&self, id: &str) -> Result<Vec<u8>> {
+        let lower = id.to_ascii_lowercase();
+        let found: Vec<Vec<u8>> = self
+            .refs()
+            .scan_records(PROOFS, b"")?
+            .into_iter()
+            .map(|(_, bytes)| bytes)
+            .filter(|bytes| !lower.is_empty() && proof_id(bytes).starts_with(&lower))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(NodeError::InvalidArgument {
+                what: "proof id",
+                value: id.to_owned(),
+                reason: "no proof has it (see `forge proof list`)".into(),
+            }),
+            _ => Err(NodeError::InvalidArgument {
+                what: "proof id",
+                value: id.to_owned(),
+                reason: "several proofs start so: give more characters".into(),
+            }),
+        }
+    }
+
+    /// Whether `node` is in the keyring (its signatures verify here).
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub(crate) fn knows_keys(&self, node: &NodeId) -> Result<bool> {
+        Ok(self.refs().get_record(KEYRING, node.as_bytes())?.is_some())
+    }
+}

@@ -1,0 +1,923 @@
+//! The vault behind a volume sync (forge-mesh's `VolumeHost`): what it offers when it
+//! sends, the rules by which it accepts a sync (trust, names, authors), and how it
+//! publishes one (history records, key envelopes, the ref move, never overwriting a
+//! diverged branch).
+//!
+//! A vault that receives a volume without a key envelope for itself holds its ciphertext
+//! only (a zero-knowledge copy): it checks everything by cid and by the authors'
+//! signatures over the reference-index heads, and can serve the volume onward.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use forge_crypto::{Cid, NodeId, NodeIdentity};
+use forge_mesh::sync::{
+    DomainInfo, Incoming, Offer, Outgoing, Published, RefMove, SnapshotEntry, SyncStore,
+    VolumeHost, ancestors,
+};
+use forge_mesh::{MeshError, TransferProof};
+use forge_store::VolumeId;
+use forge_store::erasure::ErasureLayout;
+use forge_store::kv::Column;
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate, ref_update};
+
+use super::peers::{LINEAGE, SHARES};
+use super::records::{self, DomainRecord, IndexHead, SnapshotListing, VolumeKeys, VolumeRecord};
+use super::sync::VaultSyncStore;
+use super::{Vault, validate_name};
+use crate::clock::format_compact_utc_time;
+use crate::error::{NodeError, Result};
+
+/// Counts what syncs moved, per peer (the daemon's /metrics reads it).
+pub type TransferCounter = Arc<dyn Fn(NodeId, bool, u64, u64) + Send + Sync>;
+
+/// A vault as the sync protocol sees it.
+pub struct VaultVolumeHost {
+    vault: Arc<Vault>,
+    incoming: Incoming,
+    /// The stores of syncs being received, by sender (their write sessions publish).
+    receiving: Mutex<BTreeMap<NodeId, Arc<VaultSyncStore>>>,
+    counter: Option<TransferCounter>,
+}
+
+impl std::fmt::Debug for VaultVolumeHost {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VaultVolumeHost")
+            .field("vault", &self.vault)
+            .finish_non_exhaustive()
+    }
+}
+
+fn local(error: impl std::fmt::Display) -> MeshError {
+    MeshError::Local {
+        what: error.to_string(),
+    }
+}
+
+/// A passphrase source for a process that cannot ask (the daemon): an encrypted volume's
+/// commits stay closed, and what needs them says so.
+fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
+    Err(NodeError::PassphraseUnavailable)
+}
+
+impl VaultVolumeHost {
+    /// The host of `vault`, sharing `incoming` with the protocol's server.
+    #[must_use]
+    pub fn new(vault: Arc<Vault>, incoming: Incoming, counter: Option<TransferCounter>) -> Self {
+        Self {
+            vault,
+            incoming,
+            receiving: Mutex::new(BTreeMap::new()),
+            counter,
+        }
+    }
+
+    fn receiving(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Arc<VaultSyncStore>>> {
+        self.receiving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The local volume with id `id`, if any.
+    fn volume_by_id(&self, id: &[u8; 16]) -> Result<Option<VolumeRecord>> {
+        Ok(self
+            .vault
+            .list_volumes()?
+            .into_iter()
+            .find(|record| &record.id == id))
+    }
+
+    fn build_offer(
+        &self,
+        name: &str,
+        branch: &str,
+        as_name: &str,
+    ) -> Result<(Offer, VolumeRecord, u64)> {
+        let vault = &*self.vault;
+        let record = vault.require_volume(name)?;
+        let volume = VolumeId::from_bytes(record.id);
+        let head =
+            vault
+                .refs()
+                .get_ref(&volume, branch)?
+                .ok_or_else(|| NodeError::UnknownBranch {
+                    volume: name.to_owned(),
+                    branch: branch.to_owned(),
+                })?;
+        let listings: BTreeMap<Cid, SnapshotListing> =
+            vault.snapshot_listings(&record)?.into_iter().collect();
+        let mut parents = BTreeMap::new();
+        let mut pending = vec![head];
+        while let Some(snapshot) = pending.pop() {
+            if parents.contains_key(&snapshot) || !listings.contains_key(&snapshot) {
+                // Not listed: deleted here, so the history sent ends there.
+                continue;
+            }
+            let of = vault.parents_of(&record, &snapshot)?;
+            pending.extend(of.iter().copied());
+            parents.insert(snapshot, of);
+        }
+        let mut snapshots = Vec::with_capacity(parents.len());
+        let mut authors = BTreeMap::new();
+        for (snapshot, of) in parents {
+            let listing = &listings[&snapshot];
+            let head_record = vault.index_head(&record, &snapshot)?;
+            let author = NodeId::from_bytes(head_record.author);
+            if let std::collections::btree_map::Entry::Vacant(slot) = authors.entry(author) {
+                slot.insert(
+                    vault.trusted_keys(&head_record.author, &format!("snapshot {snapshot}"))?,
+                );
+            }
+            snapshots.push(SnapshotEntry {
+                id: snapshot,
+                parents: of,
+                time_ns: listing.time_ns,
+                logical_bytes: listing.logical_bytes,
+                file_count: listing.file_count,
+                index_root: Cid::from_bytes(head_record.root),
+                author,
+                signature: head_record.signature,
+            });
+        }
+        snapshots.sort_by_key(|entry| (entry.time_ns, entry.id));
+        let domain =
+            vault
+                .domain_record(&record.domain)?
+                .ok_or_else(|| NodeError::CorruptRecord {
+                    what: "domain",
+                    reason: format!("domain {:?} missing", record.domain),
+                })?;
+        let head_chunks = vault.walk_index(&record, &head)?.0.len() as u64;
+        let offer = Offer {
+            nonce: vault.random_array()?,
+            volume: record.id,
+            name: as_name.to_owned(),
+            branch: branch.to_owned(),
+            head,
+            data_shards: record.data_shards,
+            parity_shards: record.parity_shards,
+            domain: DomainInfo {
+                id: domain.id,
+                chunker_version: domain.chunker_version,
+                chunk_min_bytes: domain.chunk_min_bytes,
+                chunk_avg_bytes: domain.chunk_avg_bytes,
+                chunk_max_bytes: domain.chunk_max_bytes,
+            },
+            authors: authors.into_values().collect(),
+            envelopes: vault.volume_shares(&volume)?,
+            snapshots,
+        };
+        Ok((offer, record, head_chunks))
+    }
+
+    /// Whether `author` may have written snapshots of volume `id` received from `from`.
+    fn trusted_author(&self, from: NodeId, id: &[u8; 16], author: &NodeId) -> bool {
+        if *author == self.vault.identity().node_id() || *author == from {
+            return true;
+        }
+        self.vault
+            .peer(author)
+            .ok()
+            .flatten()
+            .is_some_and(|peer| peer.trust(id).is_some_and(|trust| trust.write) || peer.new_volumes)
+    }
+
+    fn check_offer(&self, from: NodeId, offer: &Offer) -> Result<VolumeRecord> {
+        validate_name("volume name", &offer.name)?;
+        validate_name("branch name", &offer.branch)?;
+        let peer = self.vault.peer(&from)?;
+        let asked = self.incoming.pull_expected(from, &offer.name);
+        let refuse = |rule: String| NodeError::InvalidArgument {
+            what: "sync",
+            value: offer.name.clone(),
+            reason: rule,
+        };
+        let record = match self.volume_by_id(&offer.volume)? {
+            Some(record) => {
+                let may_write = peer
+                    .as_ref()
+                    .and_then(|peer| peer.trust(&record.id))
+                    .is_some_and(|trust| trust.write);
+                if !may_write && !asked {
+                    return Err(refuse(format!(
+                        "node {from} is not trusted to write volume {} here (forge peer trust \
+                         {from} --volume {} --write)",
+                        record.name, record.name
+                    )));
+                }
+                record
+            }
+            None => {
+                if !asked && !peer.as_ref().is_some_and(|peer| peer.new_volumes) {
+                    return Err(refuse(format!(
+                        "node {from} may not push new volumes here (forge peer trust {from} \
+                         --new-volumes)"
+                    )));
+                }
+                if let Some(taken) = self.vault.volume_record(&offer.name)? {
+                    return Err(refuse(format!(
+                        "a volume named {} exists here already, with another id ({}); sync it \
+                         under another name with --as NAME",
+                        taken.name,
+                        VolumeId::from_bytes(taken.id)
+                    )));
+                }
+                let layout = ErasureLayout::new(
+                    usize::from(offer.data_shards),
+                    usize::from(offer.parity_shards),
+                )?;
+                if offer.domain.chunker_version != records::CHUNKER_VERSION {
+                    return Err(refuse(format!(
+                        "its chunks were cut by chunker version {}; this forge has version {}",
+                        offer.domain.chunker_version,
+                        records::CHUNKER_VERSION
+                    )));
+                }
+                VolumeRecord {
+                    id: offer.volume,
+                    name: offer.name.clone(),
+                    data_shards: u16::try_from(layout.data_shards()).unwrap_or(u16::MAX),
+                    parity_shards: u16::try_from(layout.parity_shards()).unwrap_or(u16::MAX),
+                    domain: String::new(),
+                    encrypted: false,
+                    created_ns: self.vault.now_ns(),
+                }
+            }
+        };
+        offer
+            .verify(|author| self.trusted_author(from, &offer.volume, author))
+            .map_err(refuse)?;
+        Ok(record)
+    }
+
+    fn publish_offer(&self, from: NodeId, offer: &Offer) -> Result<Published> {
+        let vault = &*self.vault;
+        let store =
+            self.receiving()
+                .get(&from)
+                .cloned()
+                .ok_or_else(|| NodeError::InvalidArgument {
+                    what: "sync",
+                    value: offer.name.clone(),
+                    reason: format!("no sync from node {from} is open"),
+                })?;
+        // Everything arrived: each snapshot's commit and whole index (holding an index
+        // node means holding its subtree).
+        for entry in &offer.snapshots {
+            for (what, cid) in [("commit", entry.id), ("reference index", entry.index_root)] {
+                if !store.holds(&cid).map_err(NodeError::Mesh)? {
+                    return Err(NodeError::InvalidArgument {
+                        what: "sync",
+                        value: offer.name.clone(),
+                        reason: format!(
+                            "the {what} {cid} of snapshot {} did not arrive; nothing was \
+                             published (run the sync again)",
+                            entry.id
+                        ),
+                    });
+                }
+            }
+        }
+        let volume = VolumeId::from_bytes(offer.volume);
+        let mut updates = Vec::new();
+        let existing = self.volume_by_id(&offer.volume)?;
+        let record = match &existing {
+            Some(record) => record.clone(),
+            None => {
+                let domain = self.domain_for(&offer.domain, &mut updates)?;
+                let mut record = self.check_offer(from, offer)?;
+                record.domain = domain;
+                updates.push(RecordUpdate::new(
+                    RecordSpace::VOLUMES,
+                    record.name.as_bytes().to_vec(),
+                    Expected::Absent,
+                    Change::Put(records::encode(&record)),
+                ));
+                record
+            }
+        };
+        let me = vault.identity().node_id();
+        let has_keys = vault
+            .refs()
+            .get_record(RecordSpace::VOLUME_KEYS, &offer.volume)?
+            .is_some();
+        for (node, envelope) in &offer.envelopes {
+            if *node == me {
+                if !has_keys {
+                    // The envelope opens with this node's key: it is this vault's key now.
+                    forge_crypto::envelope::unwrap(
+                        vault.identity(),
+                        envelope,
+                        &super::volume_binding(&volume),
+                    )?;
+                    updates.push(RecordUpdate::new(
+                        RecordSpace::VOLUME_KEYS,
+                        offer.volume.to_vec(),
+                        Expected::Absent,
+                        Change::Put(records::encode(&VolumeKeys::WrappedToNode(
+                            envelope.clone(),
+                        ))),
+                    ));
+                }
+            } else {
+                // Kept to travel onward with the volume.
+                updates.push(RecordUpdate::new(
+                    SHARES,
+                    [offer.volume.as_slice(), node.as_bytes()].concat(),
+                    Expected::Any,
+                    Change::Put(envelope.clone()),
+                ));
+            }
+        }
+        for keys in &offer.authors {
+            if keys.node_id() != me && !vault.knows_keys(&keys.node_id())? {
+                vault.trust_node(keys)?;
+            }
+        }
+        for entry in &offer.snapshots {
+            let key = [offer.volume.as_slice(), entry.id.as_bytes()].concat();
+            updates.push(RecordUpdate::new(
+                RecordSpace::SNAPSHOTS,
+                key.clone(),
+                Expected::Any,
+                Change::Put(records::encode(&SnapshotListing {
+                    time_ns: entry.time_ns,
+                    logical_bytes: entry.logical_bytes,
+                    file_count: entry.file_count,
+                })),
+            ));
+            updates.push(RecordUpdate::new(
+                RecordSpace::INDEX_HEADS,
+                key.clone(),
+                Expected::Any,
+                Change::Put(records::encode(&IndexHead {
+                    root: *entry.index_root.as_bytes(),
+                    author: *entry.author.as_bytes(),
+                    signature: entry.signature.clone(),
+                })),
+            ));
+            updates.push(RecordUpdate::new(
+                LINEAGE,
+                key,
+                Expected::Any,
+                Change::Put(records::encode(
+                    &entry
+                        .parents
+                        .iter()
+                        .map(|parent| *parent.as_bytes())
+                        .collect::<Vec<_>>(),
+                )),
+            ));
+        }
+        vault.refs().apply(&updates)?;
+        if existing.is_none() && !self.incoming.pull_expected(from, &offer.name) {
+            // Pushed as a new volume: its source keeps pushing it (trusted to write it).
+            if let Some(mut peer) = vault.peer(&from)? {
+                peer.volumes.retain(|trust| trust.volume != offer.volume);
+                peer.volumes.push(super::peers::VolumeTrust {
+                    volume: offer.volume,
+                    write: true,
+                });
+                vault.put_peer(&from, &peer)?;
+            }
+        }
+        // With the volume's key at hand, each commit is checked too: its signature, its
+        // volume, and the parents the sender stated.
+        if let Ok(open) = vault.open_volume(&record.name, &no_passphrase) {
+            for entry in &offer.snapshots {
+                let commit = vault.read_commit(&open, &entry.id)?;
+                let parents: Vec<Cid> =
+                    commit.parents.iter().map(|p| Cid::from_bytes(*p)).collect();
+                if parents != entry.parents {
+                    return Err(NodeError::InvalidArgument {
+                        what: "sync",
+                        value: offer.name.clone(),
+                        reason: format!(
+                            "snapshot {} has other parents than the sender stated",
+                            entry.id
+                        ),
+                    });
+                }
+            }
+        }
+        let local = vault.refs().get_ref(&volume, &offer.branch)?;
+        let incoming_lineage = offer.lineage_of_head();
+        let local_lineage = match local {
+            Some(head) => ancestors(head, |id| vault.parents_of(&record, id).ok()),
+            None => BTreeSet::new(),
+        };
+        let moved = RefMove::decide(local, offer.head, &incoming_lineage, &local_lineage);
+        let named: Vec<Cid> = offer
+            .snapshots
+            .iter()
+            .flat_map(|entry| [entry.id, entry.index_root])
+            .collect();
+        let branch = match moved {
+            RefMove::Create | RefMove::FastForward => {
+                store.publish(
+                    &[ref_update(&volume, &offer.branch, local, Some(offer.head))],
+                    &named,
+                )?;
+                offer.branch.clone()
+            }
+            RefMove::UpToDate | RefMove::ReceiverAhead => offer.branch.clone(),
+            RefMove::Diverged => {
+                let peer_name = vault
+                    .peer(&from)?
+                    .and_then(|peer| peer.name)
+                    .unwrap_or_else(|| from.to_hex()[..12].to_owned());
+                let branch = format!(
+                    "{}-from-{peer_name}-{}",
+                    offer.branch,
+                    format_compact_utc_time(vault.now_ns())
+                );
+                store.publish(
+                    &[ref_update(&volume, &branch, None, Some(offer.head))],
+                    &named,
+                )?;
+                branch
+            }
+        };
+        Ok(Published { moved, branch })
+    }
+
+    /// The name of the local domain with the offer's domain id, creating its record (no
+    /// key: the key arrives in a writer's envelope, if ever) when there is none.
+    fn domain_for(&self, info: &DomainInfo, updates: &mut Vec<RecordUpdate>) -> Result<String> {
+        for (name, value) in self.vault.refs().scan_records(RecordSpace::DOMAINS, b"")? {
+            if DomainRecord::decode(&value)?.id == info.id {
+                return String::from_utf8(name).map_err(|_| NodeError::CorruptRecord {
+                    what: "domain",
+                    reason: "a name that is not UTF-8".into(),
+                });
+            }
+        }
+        let name = format!("peer-{}", data_encoding::HEXLOWER.encode(&info.id));
+        updates.push(RecordUpdate::new(
+            RecordSpace::DOMAINS,
+            name.as_bytes().to_vec(),
+            Expected::Absent,
+            Change::Put(
+                DomainRecord {
+                    chunker_version: info.chunker_version,
+                    id: info.id,
+                    chunk_min_bytes: info.chunk_min_bytes,
+                    chunk_avg_bytes: info.chunk_avg_bytes,
+                    chunk_max_bytes: info.chunk_max_bytes,
+                    key_envelope: None,
+                }
+                .encode(),
+            ),
+        ));
+        Ok(name)
+    }
+}
+
+impl Vault {
+    /// A snapshot's parents: recorded with it, or read from its commit (which needs the
+    /// volume's key).
+    ///
+    /// # Errors
+    /// Neither is at hand; integrity errors.
+    pub(crate) fn parents_of(&self, record: &VolumeRecord, snapshot: &Cid) -> Result<Vec<Cid>> {
+        let volume = VolumeId::from_bytes(record.id);
+        if let Some(parents) = self.recorded_lineage(&volume, snapshot)? {
+            return Ok(parents);
+        }
+        let open = self.open_volume(&record.name, &no_passphrase)?;
+        Ok(self
+            .read_commit(&open, snapshot)?
+            .parents
+            .into_iter()
+            .map(Cid::from_bytes)
+            .collect())
+    }
+}
+
+impl VolumeHost for VaultVolumeHost {
+    fn identity(&self) -> &NodeIdentity {
+        self.vault.identity()
+    }
+
+    fn now_ns(&self) -> i64 {
+        self.vault.now_ns()
+    }
+
+    fn outgoing(
+        &self,
+        _peer: NodeId,
+        name: &str,
+        branch: &str,
+        as_name: &str,
+    ) -> std::result::Result<Outgoing, MeshError> {
+        let (offer, record, head_chunks) =
+            self.build_offer(name, branch, as_name).map_err(local)?;
+        let layout = ErasureLayout::new(
+            usize::from(record.data_shards),
+            usize::from(record.parity_shards),
+        )
+        .map_err(local)?;
+        let store =
+            VaultSyncStore::open(self.vault.clone(), VolumeId::from_bytes(record.id), layout)
+                .map_err(local)?;
+        Ok(Outgoing {
+            offer,
+            store: Arc::new(store),
+            head_chunks,
+        })
+    }
+
+    fn accept(
+        &self,
+        from: NodeId,
+        offer: &Offer,
+    ) -> std::result::Result<Arc<dyn SyncStore>, String> {
+        let record = self
+            .check_offer(from, offer)
+            .map_err(|error| error.to_string())?;
+        let layout = ErasureLayout::new(
+            usize::from(record.data_shards),
+            usize::from(record.parity_shards),
+        )
+        .map_err(|error| error.to_string())?;
+        let store = Arc::new(
+            VaultSyncStore::open(
+                self.vault.clone(),
+                VolumeId::from_bytes(offer.volume),
+                layout,
+            )
+            .map_err(|error| format!("this vault cannot receive now: {error}"))?,
+        );
+        self.receiving().insert(from, store.clone());
+        Ok(store)
+    }
+
+    fn publish(&self, from: NodeId, offer: &Offer) -> std::result::Result<Published, MeshError> {
+        self.publish_offer(from, offer)
+            .map_err(|error| match error {
+                NodeError::Mesh(error) => error,
+                other => MeshError::Remote {
+                    peer: self.vault.identity().node_id(),
+                    protocol: forge_mesh::sync::VOLUME_PROTOCOL.name,
+                    message: other.to_string(),
+                },
+            })
+    }
+
+    fn keep_proof(&self, proof: &TransferProof) -> std::result::Result<(), MeshError> {
+        self.vault.keep_proof(proof).map_err(local)?;
+        // The receiving side is over: its session (and claims) end.
+        if proof.receipt.receiver == self.vault.identity().node_id() {
+            self.receiving().remove(&proof.receipt.sender);
+        }
+        Ok(())
+    }
+
+    fn may_pull(&self, from: NodeId, name: &str) -> std::result::Result<(), String> {
+        let record = self
+            .vault
+            .require_volume(name)
+            .map_err(|error| error.to_string())?;
+        let trusted = self
+            .vault
+            .peer(&from)
+            .map_err(|error| error.to_string())?
+            .is_some_and(|peer| peer.trust(&record.id).is_some());
+        if trusted {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {from} is not trusted to read volume {name} here (forge peer trust {from} \
+                 --volume {name} --read)"
+            ))
+        }
+    }
+
+    fn count(&self, peer: NodeId, sent: bool, chunks: u64, bytes: u64) {
+        if let Some(counter) = &self.counter {
+            counter(peer, sent, chunks, bytes);
+        }
+    }
+}
+
+/// Whether the chunk or object `cid` is stored here (whole).
+pub(crate) fn is_stored(vault: &Vault, cid: &Cid) -> Result<bool> {
+    Ok(vault.kv().contains(Column::Objects, cid.as_bytes())?
+        || forge_store::chunkstore::has_first_shard(vault.kv(), cid)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use forge_mesh::memory::MemoryNetwork;
+    use forge_mesh::sync::{
+        TransferConfig, TransferSummary, pull_volume, send_volume, serve_volumes,
+    };
+    use forge_mesh::{PeerNet, TransferProof};
+
+    use super::*;
+    use crate::progress::Progress;
+    use crate::test_support::{new_vault, no_passphrase, pseudo_random};
+    use crate::vault::export::SnapshotSelector;
+    use crate::vault::{CreateVolumeOptions, ExportOptions, ImportOptions};
+
+    /// A vault on an in-process network, serving syncs.
+    struct Site {
+        vault: Arc<Vault>,
+        net: Arc<dyn PeerNet>,
+        host: Arc<VaultVolumeHost>,
+        incoming: Incoming,
+    }
+
+    impl Site {
+        fn join(network: &MemoryNetwork, root: &Path) -> Self {
+            let vault = Arc::new(new_vault(root));
+            let net: Arc<dyn PeerNet> = network.join(vault.identity().node_id());
+            let incoming = Incoming::default();
+            let host = Arc::new(VaultVolumeHost::new(vault.clone(), incoming.clone(), None));
+            serve_volumes(net.clone(), host.clone(), incoming.clone(), config()).unwrap();
+            Self {
+                vault,
+                net,
+                host,
+                incoming,
+            }
+        }
+
+        fn id(&self) -> NodeId {
+            self.vault.identity().node_id()
+        }
+
+        /// Adds `other` as a peer named `name` (its keys, as its Hello would prove them).
+        fn meet(&self, other: &Site, name: &str) {
+            self.vault
+                .add_peer(other.vault.identity().public_keys(), None, Some(name))
+                .unwrap();
+        }
+
+        async fn send(
+            &self,
+            to: &Site,
+            volume: &str,
+        ) -> std::result::Result<TransferSummary, MeshError> {
+            send_volume(
+                self.net.clone(),
+                self.host.clone(),
+                to.id(),
+                volume,
+                "main",
+                volume,
+                &config(),
+            )
+            .await
+        }
+
+        fn import(&self, volume: &str, source: &Path) -> Cid {
+            let options = ImportOptions {
+                message: String::new(),
+                branch: "main".into(),
+                dna: BTreeMap::new(),
+                atime: false,
+            };
+            self.vault
+                .import(
+                    volume,
+                    source,
+                    &options,
+                    &no_passphrase,
+                    &Progress::new("test", false),
+                )
+                .unwrap()
+                .snapshot
+        }
+
+        fn export(&self, volume: &str, branch: &str, to: &Path) -> Result<()> {
+            self.vault
+                .export(
+                    volume,
+                    to,
+                    &SnapshotSelector::Branch(branch.into()),
+                    &ExportOptions::default(),
+                    &no_passphrase,
+                    &Progress::new("test", false),
+                )
+                .map(|_| ())
+        }
+    }
+
+    fn config() -> TransferConfig {
+        TransferConfig {
+            control_deadline: Duration::from_secs(30),
+            ..TransferConfig::default()
+        }
+    }
+
+    fn write_tree(root: &Path, seed: u64, files: u64) {
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        for file in 0..files {
+            std::fs::write(
+                root.join("d").join(format!("f{file}")),
+                pseudo_random(usize::try_from(20_000 + file * 9_000).unwrap(), seed + file),
+            )
+            .unwrap();
+        }
+    }
+
+    fn same_tree(a: &Path, b: &Path) {
+        let mut names: Vec<_> = std::fs::read_dir(a.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut other: Vec<_> = std::fs::read_dir(b.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        other.sort();
+        assert_eq!(names, other);
+        for name in names {
+            assert_eq!(
+                std::fs::read(a.join("d").join(&name)).unwrap(),
+                std::fs::read(b.join("d").join(&name)).unwrap(),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pushed_volume_arrives_keyless_then_incrementally_then_readable_once_shared() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(3);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let first_tree = temp.path().join("first");
+        write_tree(&first_tree, 1, 12);
+        let first = a.import("v", &first_tree);
+
+        // Nothing is taken from a node b does not trust; nothing is stored.
+        let refused = a.send(&b, "v").await.unwrap_err();
+        assert!(refused.to_string().contains("--new-volumes"), "{refused}");
+        assert!(b.vault.volume_record("v").unwrap().is_none());
+
+        b.meet(&a, "site-a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let pushed = a.send(&b, "v").await.unwrap();
+        assert_eq!(pushed.moved, RefMove::Create);
+        assert!(pushed.chunks_sent >= 12, "{pushed:?}");
+        let record = b.vault.require_volume("v").unwrap();
+        assert!(!b.vault.holds_volume_keys(&record).unwrap());
+        assert_eq!(b.vault.branches("v").unwrap(), vec![("main".into(), first)]);
+        // A zero-knowledge copy: no export, but gc keeps all of it.
+        let refused = b
+            .export("v", "main", &temp.path().join("out0"))
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("no key for volume v on this node"),
+            "{refused}"
+        );
+        b.vault
+            .gc(&no_passphrase, &Progress::new("gc", false))
+            .unwrap();
+        let (cids, _) = b.vault.walk_index(&record, &first).unwrap();
+        for cid in &cids {
+            assert!(is_stored(&b.vault, cid).unwrap(), "{cid} kept by gc");
+        }
+
+        // One file changed: the next push sends about that much.
+        let second_tree = temp.path().join("second");
+        write_tree(&second_tree, 1, 12);
+        std::fs::write(second_tree.join("d/f3"), pseudo_random(40_000, 999)).unwrap();
+        let second = a.import("v", &second_tree);
+        let pushed = a.send(&b, "v").await.unwrap();
+        assert_eq!(pushed.moved, RefMove::FastForward);
+        assert!(
+            pushed.chunks_sent <= 6,
+            "only the changed file's chunks: {pushed:?}"
+        );
+        assert!(pushed.chunks_skipped >= 11, "{pushed:?}");
+        assert_eq!(
+            b.vault.branches("v").unwrap(),
+            vec![("main".into(), second)]
+        );
+
+        // Shared for writing: the envelope travels with the next sync; b reads and writes.
+        let unknown = a
+            .vault
+            .share_volume("v", &b.id(), true, &no_passphrase)
+            .unwrap_err();
+        assert!(unknown.to_string().contains("forge peer add"), "{unknown}");
+        a.meet(&b, "site-b");
+        a.vault
+            .share_volume("v", &b.id(), true, &no_passphrase)
+            .unwrap();
+        let pushed = a.send(&b, "v").await.unwrap();
+        assert_eq!(pushed.moved, RefMove::UpToDate);
+        assert_eq!(pushed.chunks_sent, 0, "{pushed:?}");
+        let out = temp.path().join("out");
+        b.export("v", "main", &out).unwrap();
+        same_tree(&second_tree, &out);
+        assert_eq!(
+            b.vault.list_snapshots("v", &no_passphrase).unwrap().len(),
+            2
+        );
+
+        // Both keep every proof; each verifies offline and names the transfer.
+        let (sent, received) = (a.vault.proofs(None).unwrap(), b.vault.proofs(None).unwrap());
+        assert_eq!(sent.len(), 3);
+        assert_eq!(
+            sent.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            received.iter().map(|(id, _)| id).collect::<Vec<_>>()
+        );
+        for (id, proof) in &sent {
+            let file = a.vault.proof_file(id).unwrap();
+            let verified = TransferProof::decode_verified(&file).unwrap();
+            assert_eq!(verified.receipt, proof.receipt);
+            assert_eq!(
+                (proof.receipt.sender, proof.receipt.receiver),
+                (a.id(), b.id())
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_diverged_branch_is_kept_beside_and_a_pull_needs_read_trust() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(4);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let tree = temp.path().join("t1");
+        write_tree(&tree, 5, 4);
+        a.import("v", &tree);
+        a.meet(&b, "site-b");
+        b.meet(&a, "site-a");
+        a.vault
+            .share_volume("v", &b.id(), true, &no_passphrase)
+            .unwrap();
+
+        // b pulls: refused until a trusts b to read the volume.
+        b.incoming.expect_pull(a.id(), "v");
+        let refused = pull_volume(&*b.net, a.id(), "v", "main", &config())
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("not trusted to read volume v"),
+            "{refused}"
+        );
+        a.vault
+            .trust_peer(&b.id(), Some("v"), false, false)
+            .unwrap();
+        let pulled = pull_volume(&*b.net, a.id(), "v", "main", &config())
+            .await
+            .unwrap();
+        assert_eq!(pulled.moved, RefMove::Create);
+        b.incoming.pull_ended(a.id(), "v");
+
+        // Both write: a's next push diverges from b's head and lands beside it.
+        let mine = temp.path().join("t2");
+        write_tree(&mine, 6, 4);
+        let b_head = b.import("v", &mine);
+        let theirs = temp.path().join("t3");
+        write_tree(&theirs, 7, 4);
+        let a_head = a.import("v", &theirs);
+        b.vault.trust_peer(&a.id(), Some("v"), true, false).unwrap();
+        let pushed = a.send(&b, "v").await.unwrap();
+        assert_eq!(pushed.moved, RefMove::Diverged);
+        assert!(
+            pushed.branch.starts_with("main-from-site-a-"),
+            "{}",
+            pushed.branch
+        );
+        let branches: BTreeMap<String, Cid> = b.vault.branches("v").unwrap().into_iter().collect();
+        assert_eq!(branches["main"], b_head, "never overwritten");
+        assert_eq!(branches[&pushed.branch], a_head);
+        let out = temp.path().join("out");
+        b.export("v", &pushed.branch, &out).unwrap();
+        same_tree(&theirs, &out);
+
+        // A node b trusts for nothing is refused, and stores nothing.
+        b.vault.revoke_peer(&a.id()).unwrap();
+        let again = temp.path().join("t4");
+        write_tree(&again, 8, 2);
+        a.import("v", &again);
+        let refused = a.send(&b, "v").await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("not trusted to write volume v"),
+            "{refused}"
+        );
+        assert_eq!(b.vault.branches("v").unwrap().len(), 2);
+    }
+}

@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/forge/v1/maintenance.proto",
                 "proto/forge/v1/node.proto",
                 "proto/forge/v1/mount.proto",
+                "proto/forge/v1/mesh.proto",
             ],
             &["proto"],
         )?;

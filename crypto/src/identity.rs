@@ -310,6 +310,8 @@ pub struct NodeIdentity {
     signing_key: ml_dsa_65::SigningKey,
     ml_kem_secret: ml_kem_768::DecapsulationKey,
     x25519_secret: X25519Secret,
+    /// The seed of the transport key ([`NodeSecrets::transport_seed`]).
+    transport_seed: zeroize::Zeroizing<[u8; 32]>,
     public: NodePublicKeys,
 }
 
@@ -335,6 +337,7 @@ impl NodeIdentity {
             signing_key,
             ml_kem_secret,
             x25519_secret,
+            transport_seed: zeroize::Zeroizing::new(secrets.transport_seed()),
             public: NodePublicKeys {
                 node_id: NodeId::of_signing_key(verifying_key.as_bytes()),
                 ml_dsa: verifying_key,
@@ -348,6 +351,12 @@ impl NodeIdentity {
     #[must_use]
     pub fn node_id(&self) -> NodeId {
         self.public.node_id
+    }
+
+    /// The seed of this node's transport key (see [`NodeSecrets::transport_seed`]).
+    #[must_use]
+    pub fn transport_seed(&self) -> [u8; 32] {
+        *self.transport_seed
     }
 
     /// This node's public keys.

@@ -20,14 +20,15 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forge_crypto::{NodeId, NodeIdentity};
+use forge_crypto::{NodeId, NodeIdentity, NodePublicKeys};
+pub use libp2p::Multiaddr;
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{
     self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
 };
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{PeerId, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hello::{Certificate, Handshake};
@@ -154,6 +155,13 @@ enum Command {
     Addresses {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
+    PeerKeys {
+        node: NodeId,
+        reply: oneshot::Sender<Option<NodePublicKeys>>,
+    },
+    Connected {
+        reply: oneshot::Sender<Vec<NodeId>>,
+    },
 }
 
 /// The protocols a node serves and their inbound queues, shared by the handle (which
@@ -190,6 +198,8 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     responses: mpsc::Sender<Command>,
     protocols: Served,
+    /// The public keys each verified Hello proved, by node.
+    keys: BTreeMap<NodeId, NodePublicKeys>,
     /// Peers whose Hello verified (both ways for peers we dialed).
     verified: BTreeMap<PeerId, NodeId>,
     /// The connection to use for each verified node.
@@ -269,6 +279,12 @@ impl Driver {
                 {
                     let _ = self.swarm.behaviour_mut().send_response(channel, response);
                 }
+            }
+            Command::Connected { reply } => {
+                let _ = reply.send(self.nodes.keys().copied().collect());
+            }
+            Command::PeerKeys { node, reply } => {
+                let _ = reply.send(self.keys.get(&node).cloned());
             }
             Command::Addresses { reply } => {
                 let peer = self.local_peer;
@@ -485,6 +501,7 @@ impl Driver {
                     Ok(verified) => {
                         self.verified.insert(peer, verified.node_id);
                         self.nodes.insert(verified.node_id, peer);
+                        self.keys.insert(verified.node_id, verified.node_keys);
                         response(0, &[4])
                     }
                     Err(error) => response(2, error.to_string().as_bytes()),
@@ -552,7 +569,7 @@ impl Driver {
                             .and_then(|handshake| {
                                 let node = handshake.verify(&rest[32..])?;
                                 let finish = handshake.hello(&self.identity, &their_nonce)?;
-                                Ok((node.node_id, finish))
+                                Ok((node, finish))
                             })
                     }
                     _ => Err(MeshError::Handshake {
@@ -564,7 +581,9 @@ impl Driver {
                 };
                 self.handshakes.remove(&peer);
                 match verified {
-                    Ok((node, finish)) => {
+                    Ok((verified, finish)) => {
+                        let node = verified.node_id;
+                        self.keys.insert(node, verified.node_keys);
                         let finish = [&[3u8][..], &finish].concat();
                         let id = self
                             .swarm
@@ -682,7 +701,8 @@ impl QuicNet {
             [(RPC_PROTOCOL, ProtocolSupport::Full)],
             // Our own deadlines apply per call; this only reaps what nobody waits for.
             request_response::Config::default()
-                .with_request_timeout(Duration::from_secs(600))
+                // (A pull's request waits for the whole push it starts: up to a day.)
+                .with_request_timeout(Duration::from_secs(24 * 3600))
                 .with_max_concurrent_streams(256),
         );
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -712,6 +732,7 @@ impl QuicNet {
             responses: commands.clone(),
             protocols: protocols.clone(),
             verified: BTreeMap::new(),
+            keys: BTreeMap::new(),
             nodes: BTreeMap::new(),
             handshakes: BTreeMap::new(),
             dials: BTreeMap::new(),
@@ -765,6 +786,22 @@ impl QuicNet {
                 what: format!("no verified connection to {shown} within {deadline:?}"),
             }),
         }
+    }
+
+    /// The public keys a verified Hello of `node` proved (None: never verified here).
+    ///
+    /// # Errors
+    /// The network task stopped.
+    pub async fn peer_keys(&self, node: NodeId) -> Result<Option<NodePublicKeys>, MeshError> {
+        self.ask(|reply| Command::PeerKeys { node, reply }).await
+    }
+
+    /// The nodes this one has a verified connection with.
+    ///
+    /// # Errors
+    /// The network task stopped.
+    pub async fn connected(&self) -> Result<Vec<NodeId>, MeshError> {
+        self.ask(|reply| Command::Connected { reply }).await
     }
 
     /// The addresses this node listens on, each ending in `/p2p/PEER_ID` (dialable).

@@ -6,12 +6,14 @@
 //! ```toml
 //! log_level = "warn"        # a tracing filter: "info", "warn,forge_node=debug", ...
 //! metrics_listen = "127.0.0.1:9464"   # where `forge node start` serves /metrics, or "off"
+//! listen = "/ip4/0.0.0.0/udp/4710/quic-v1"  # where the daemon meets peers, or "off"
 //! [mount]
 //! cache_size = "256M"       # decrypted chunks kept in memory per mount
 //! ```
 //!
 //! `RUST_LOG` (a tracing filter) overrides `log_level`; `--cache-size` overrides
-//! `mount.cache_size`; `node start --metrics-listen` overrides `metrics_listen`.
+//! `mount.cache_size`; `node start --metrics-listen` overrides `metrics_listen`; `node start --listen` overrides
+//! `listen`.
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +33,33 @@ pub const DEFAULT_LOG_LEVEL: &str = "warn,fuser=error";
 /// a Prometheus exporter beside an application's own ports).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
+/// Where the daemon listens for peers by default: QUIC on UDP 4710, every interface. When
+/// that port is taken (a second vault on the host) and no address was configured, the
+/// daemon takes another port and says so; `forge node addr` prints the one in use.
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/udp/4710/quic-v1";
+
 /// The default memory for decrypted chunks per mount.
 pub const DEFAULT_MOUNT_CACHE: &str = "256M";
+
+/// A peer listen address: a QUIC multiaddr (`/ip4/A/udp/PORT/quic-v1`, or `/ip6/...`),
+/// or `off` (None).
+///
+/// # Errors
+/// Anything else, saying what is expected.
+pub fn parse_mesh_listen(text: &str) -> std::result::Result<Option<String>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let address: forge_mesh::quic::Multiaddr = text
+        .parse()
+        .map_err(|error| format!("{text:?} is not a multiaddr ({error}); e.g. {DEFAULT_LISTEN}"))?;
+    if !text.contains("/udp/") || !text.ends_with("/quic-v1") {
+        return Err(format!(
+            "{address} is not a QUIC address: give /ip4/ADDR/udp/PORT/quic-v1 (or off)"
+        ));
+    }
+    Ok(Some(text.to_owned()))
+}
 
 /// The configuration in effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +72,11 @@ pub struct NodeConfig {
     pub mount_cache_bytes: usize,
     /// Where a started daemon serves /metrics (None: off).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where a started daemon listens for peers (a multiaddr; None: off).
+    pub listen: Option<String>,
+    /// Whether `listen` was configured (a configured address that is taken fails the
+    /// start; the default one falls back to another port).
+    pub listen_configured: bool,
 }
 
 /// The file as written (every field optional).
@@ -53,6 +85,7 @@ pub struct NodeConfig {
 struct ConfigFile {
     log_level: Option<String>,
     metrics_listen: Option<String>,
+    listen: Option<String>,
     #[serde(default)]
     mount: MountSection,
 }
@@ -96,6 +129,8 @@ impl NodeConfig {
             log_level: DEFAULT_LOG_LEVEL.to_owned(),
             mount_cache_bytes: 256 << 20,
             metrics_listen: parse_listen(DEFAULT_METRICS_LISTEN).unwrap_or(None),
+            listen: Some(DEFAULT_LISTEN.to_owned()),
+            listen_configured: false,
         }
     }
 
@@ -130,11 +165,15 @@ impl NodeConfig {
                 .unwrap_or(DEFAULT_METRICS_LISTEN),
         )
         .map_err(|reason| invalid(format!("metrics_listen: {reason}")))?;
+        let listen = parse_mesh_listen(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN))
+            .map_err(|reason| invalid(format!("listen: {reason}")))?;
         Ok(Self {
             source: Some(path.to_owned()),
             log_level,
             mount_cache_bytes,
             metrics_listen,
+            listen,
+            listen_configured: file.listen.is_some(),
         })
     }
 
@@ -142,10 +181,17 @@ impl NodeConfig {
     #[must_use]
     pub fn to_toml(&self) -> String {
         format!(
-            "log_level = {:?}\nmetrics_listen = \"{}\"\n\n[mount]\ncache_size = \"{}\"\n",
+            "log_level = {:?}\nmetrics_listen = \"{}\"\n{}listen = \"{}\"\n\n[mount]\ncache_size = \"{}\"\n",
             self.log_level,
             self.metrics_listen
                 .map_or_else(|| "off".to_owned(), |address| address.to_string()),
+            // The default is not pinned: its port is taken over by another when busy.
+            if self.listen_configured {
+                ""
+            } else {
+                "# (the default) "
+            },
+            self.listen.as_deref().unwrap_or("off"),
             format_size(self.mount_cache_bytes)
         )
     }

@@ -291,6 +291,10 @@ pub enum NodeError {
     )]
     NoVolumeKey { name: String, node: String },
 
+    /// This vault refused a sync offered to it (the peer sees this).
+    #[error("{reason}; nothing was stored")]
+    SyncRefused { reason: String },
+
     /// A peer that is not in `forge peer list`.
     #[error(
         "no peer {peer:?} here (see `forge peer list`; add one with `forge peer add MULTIADDR`)"

@@ -15,7 +15,7 @@
 //! Offer    (1)   = offer (see offer.rs)
 //! Finish   (2)   = nonce[32]
 //! Proof    (3)   = proof file
-//! Pull     (4)   = name:str16 | branch:str16
+//! Pull     (4)   = name:str16 | branch:str16 | as_name:str16
 //! Accepted (129) = (empty)
 //! Finished (130) = move:u8 | branch:str16 | receipt:blob | signature:blob | keys:blob
 //! Kept     (131) = (empty)
@@ -66,6 +66,8 @@ pub enum VolumeMessage {
         name: String,
         /// The branch.
         branch: String,
+        /// The name it gets here if it is new here.
+        as_name: String,
     },
     /// The offer is taken: send.
     Accepted,
@@ -159,10 +161,15 @@ impl VolumeMessage {
                 bytes.push(3);
                 bytes.extend_from_slice(proof);
             }
-            Self::Pull { name, branch } => {
+            Self::Pull {
+                name,
+                branch,
+                as_name,
+            } => {
                 bytes.push(4);
                 put_str(&mut bytes, name);
                 put_str(&mut bytes, branch);
+                put_str(&mut bytes, as_name);
             }
             Self::Accepted => bytes.push(129),
             Self::Finished {
@@ -220,6 +227,7 @@ impl VolumeMessage {
             4 => Self::Pull {
                 name: take_str(&mut reader)?,
                 branch: take_str(&mut reader)?,
+                as_name: take_str(&mut reader)?,
             },
             129 => Self::Accepted,
             130 => Self::Finished {
@@ -614,23 +622,29 @@ async fn request_sync(
     }
 }
 
-/// Asks `peer` to push its volume `name`'s `branch` here; waits until it has (up to the
-/// pull deadline). This vault must expect it (see [`Incoming::expect_pull`]).
+/// Asks `peer` to push its volume `name`'s `branch` here (named `as_name` here if new);
+/// waits until it has (up to the pull deadline). The push is taken as asked for while
+/// this runs (the authors must still be trusted).
 ///
 /// # Errors
 /// The peer refused, the network failed, this vault refused the push.
 pub async fn pull_volume(
     net: &dyn PeerNet,
+    incoming: &Incoming,
     peer: NodeId,
-    name: &str,
-    branch: &str,
+    names: [&str; 3],
     config: &TransferConfig,
 ) -> Result<TransferSummary, MeshError> {
+    let [name, branch, as_name] = names;
     let message = VolumeMessage::Pull {
         name: name.to_owned(),
         branch: branch.to_owned(),
+        as_name: as_name.to_owned(),
     };
-    match ask(net, peer, &message, config.pull_deadline).await? {
+    incoming.expect_pull(peer, as_name);
+    let answer = ask(net, peer, &message, config.pull_deadline).await;
+    incoming.pull_ended(peer, as_name);
+    match answer? {
         VolumeMessage::Pulled(summary) => Ok(summary),
         other => Err(broke_protocol(
             peer,
@@ -771,10 +785,15 @@ async fn volume_loop(
             continue;
         };
         match message {
-            VolumeMessage::Pull { name, branch } => {
+            VolumeMessage::Pull {
+                name,
+                branch,
+                as_name,
+            } => {
                 // A pull runs a whole push: on its own task, so other requests go on.
                 let (net, host, config) = (net.clone(), host.clone(), config.clone());
-                tokio::spawn(serve_pull(request, net, host, name, branch, config));
+                let names = [name, branch, as_name];
+                tokio::spawn(serve_pull(request, net, host, names, config));
             }
             message => {
                 // Offers and finishes touch the store: off the async threads.
@@ -794,20 +813,21 @@ async fn volume_loop(
     }
 }
 
+/// Serves a pull: `names` are the volume's name here, the branch, its name at the puller.
 async fn serve_pull(
     request: InboundRequest,
     net: Arc<dyn PeerNet>,
     host: Arc<dyn VolumeHost>,
-    name: String,
-    branch: String,
+    names: [String; 3],
     config: TransferConfig,
 ) {
     let from = request.from;
+    let [name, branch, as_name] = names;
     if let Err(rule) = host.may_pull(from, &name) {
         request.refuse(rule);
         return;
     }
-    match send_volume(net, host, from, &name, &branch, &name, &config).await {
+    match send_volume(net, host, from, &name, &branch, &as_name, &config).await {
         Ok(summary) => request.respond(VolumeMessage::Pulled(summary).encode()),
         Err(MeshError::Refused { reason, .. }) => request.refuse(reason),
         Err(error) => request.fail(error.to_string()),
@@ -919,6 +939,7 @@ mod tests {
             VolumeMessage::Pull {
                 name: "photos".into(),
                 branch: "main".into(),
+                as_name: "pictures".into(),
             },
             VolumeMessage::Accepted,
             VolumeMessage::Finished {

@@ -63,6 +63,9 @@ pub enum Command {
     /// Transfer proofs: receipts of syncs, signed by both sides.
     #[command(subcommand)]
     Proof(ProofCommand),
+    /// Other vaults: add them, list them, trust them with volumes.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
@@ -179,6 +182,36 @@ pub enum VolumeCommand {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Sync a volume with a peer: push it (default) or pull it, sending only what the
+    /// receiver lacks; both sides keep a signed transfer proof. Needs the daemon.
+    Sync {
+        /// The volume (its name here; with --pull, its name at the peer).
+        name: String,
+        /// The peer: a name from `forge peer list`, a NodeId, or a multiaddr.
+        #[arg(long)]
+        peer: String,
+        /// Pull from the peer instead of pushing to it.
+        #[arg(long)]
+        pull: bool,
+        /// The branch (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The volume's name at the receiver if it is new there.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Wrap a volume's key to a node (a peer), so that it can read the volume (and, with
+    /// --write, write it) once the volume's next sync brings it the envelope.
+    Share {
+        /// The volume.
+        name: String,
+        /// The node: a peer's name or NodeId.
+        #[arg(long)]
+        to: String,
+        /// Let it write too (its envelope carries the dedup domain's key as well).
+        #[arg(long)]
+        write: bool,
+    },
 }
 
 impl VolumeCommand {
@@ -273,9 +306,64 @@ pub struct InitArgs {
     pub passphrase: bool,
 }
 
+/// `forge peer ...`
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Connect to a peer, verify its identity, and remember it (needs the daemon).
+    Add {
+        /// Its multiaddr (`forge node addr` there prints it).
+        address: String,
+        /// A name for it.
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse it unless it proves this NodeId (or a prefix of it).
+        #[arg(long, value_name = "NODE_ID")]
+        expect: Option<String>,
+    },
+    /// List peers and what they are trusted with.
+    List,
+    /// Trust a peer with a volume (read: it may pull it; write: push it too), or with
+    /// pushing new volumes.
+    Trust {
+        /// The peer: its name, NodeId or a unique prefix (or the NodeId of an author met
+        /// through another peer).
+        peer: String,
+        /// The volume.
+        #[arg(long, required_unless_present = "new_volumes")]
+        volume: Option<String>,
+        /// Read only (the default).
+        #[arg(long, conflicts_with = "write")]
+        read: bool,
+        /// Read and write.
+        #[arg(long)]
+        write: bool,
+        /// It may push volumes this vault does not have yet.
+        #[arg(long)]
+        new_volumes: bool,
+    },
+    /// Take every trust from a peer.
+    Revoke {
+        /// The peer.
+        peer: String,
+    },
+}
+
 /// `forge proof ...`
 #[derive(Debug, Subcommand)]
 pub enum ProofCommand {
+    /// The transfer proofs this vault keeps (of syncs it sent and received).
+    List {
+        /// Only those of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Write a proof's file (for `forge proof verify` anywhere).
+    Export {
+        /// The proof's id (or a unique prefix).
+        id: String,
+        /// Where to write it.
+        file: PathBuf,
+    },
     /// Verify a transfer proof file offline: both nodes' keys must hash to the NodeIds
     /// its receipt names, and both signatures must verify (exit 0 and "valid", or 3
     /// naming what is wrong). Needs no vault.
@@ -303,7 +391,13 @@ pub enum NodeCommand {
         /// metrics_listen, 127.0.0.1:9464 without one).
         #[arg(long, value_name = "ADDR|off")]
         metrics_listen: Option<String>,
+        /// Listen for peers on this QUIC multiaddr (`off`: no network; default:
+        /// forge.toml's listen, /ip4/0.0.0.0/udp/4710/quic-v1 without one).
+        #[arg(long, value_name = "MULTIADDR|off")]
+        listen: Option<String>,
     },
+    /// Print this node's dialable addresses (for `forge peer add` on another node).
+    Addr,
     /// Print the configuration in effect (DATA_DIR/forge.toml over the defaults).
     Config,
     /// Stop the daemon (or mount host): unmount and commit every mount, close the vault,

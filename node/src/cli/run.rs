@@ -18,6 +18,10 @@ use crate::service::{
 use crate::vault::Vault;
 use crate::vault::snapshots::DiffChange;
 use forge_proto::v1::{
+    AddPeerRequest, ExportProofRequest, ListPeersRequest, ListProofsRequest, NodeAddrRequest,
+    RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest, TrustPeerRequest,
+};
+use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
     ExportRequest, FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
     NodeStatusRequest, ScrubRequest, VaultStatsRequest, VolumeStatsRequest,
@@ -48,6 +52,7 @@ impl Cli {
             Command::Node(NodeCommand::Start {
                 foreground,
                 metrics_listen,
+                listen,
             }) => {
                 let data_dir = self.data_dir()?;
                 let metrics_listen = match metrics_listen {
@@ -60,8 +65,13 @@ impl Cli {
                     })?,
                     None => NodeConfig::load(&data_dir)?.metrics_listen,
                 };
-                let line =
-                    crate::daemon::start(&data_dir, *foreground, metrics_listen, &ask_passphrase)?;
+                let line = crate::daemon::start(
+                    &data_dir,
+                    *foreground,
+                    metrics_listen,
+                    listen.as_deref(),
+                    &ask_passphrase,
+                )?;
                 Ok(Output {
                     json: json!({"summary": line}),
                     human: line,
@@ -78,6 +88,66 @@ impl Cli {
                 })
             }
             Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
+            Command::Node(NodeCommand::Addr) => self.with_mesh(|mesh| {
+                Ok(service::mesh::render_addresses(
+                    &mesh.addresses(NodeAddrRequest {})?,
+                ))
+            }),
+            Command::Peer(command) => self.with_mesh(|mesh| peer_call(mesh, command)),
+            Command::Proof(ProofCommand::List { volume }) => self.with_mesh(|mesh| {
+                Ok(service::mesh::render_proofs(&mesh.list_proofs(
+                    ListProofsRequest {
+                        volume: volume.clone(),
+                    },
+                )?))
+            }),
+            Command::Proof(ProofCommand::Export { id, file }) => self.with_mesh(|mesh| {
+                let reply = mesh.export_proof(ExportProofRequest { id: id.clone() })?;
+                // Never over another file: a proof is evidence, and so may be what is there.
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(file)
+                    .map_err(NodeError::io("creating", file))?;
+                std::io::Write::write_all(&mut out, &reply.proof)
+                    .and_then(|()| out.sync_all())
+                    .map_err(NodeError::io("writing", file))?;
+                Ok(Output {
+                    human: format!("proof {} written to {}", reply.id, file.display()),
+                    json: json!({"id": reply.id, "file": file}),
+                })
+            }),
+            Command::Volume(VolumeCommand::Sync {
+                name,
+                peer,
+                pull,
+                branch,
+                as_name,
+            }) => self.with_mesh(|mesh| {
+                let progress = Progress::counting("syncing", "chunks", !self.json);
+                let reply = mesh.sync(
+                    SyncVolumeRequest {
+                        volume: name.clone(),
+                        peer: peer.clone(),
+                        pull: *pull,
+                        branch: branch.clone(),
+                        as_name: as_name.clone(),
+                    },
+                    &progress,
+                );
+                progress.finish();
+                Ok(service::mesh::render_sync(&reply?))
+            }),
+            Command::Volume(VolumeCommand::Share { name, to, write }) => self.with_mesh(|mesh| {
+                Ok(service::mesh::render_share(
+                    name,
+                    &mesh.share(ShareVolumeRequest {
+                        volume: name.clone(),
+                        to: to.clone(),
+                        write: *write,
+                    })?,
+                ))
+            }),
             Command::Snapshot(SnapshotCommand::Create { name, message }) => {
                 // Only the process serving the mounts can commit them.
                 let data_dir = self.data_dir()?;
@@ -162,6 +232,23 @@ impl Cli {
                 | SnapshotCommand::Diff { .. }),
             ) => self.with_api(|api| snapshot_call(api, command, self.json)),
         }
+    }
+
+    /// Runs `call` on the mesh calls: on the control socket when a process owns the data
+    /// directory (a daemon serves the network ones), else on the vault opened here.
+    fn with_mesh(
+        &self,
+        call: impl FnOnce(&dyn service::mesh::MeshService) -> Result<Output>,
+    ) -> Result<Output> {
+        let data_dir = self.data_dir()?;
+        if let Some(connection) = crate::service::client::Connection::open(&data_dir)? {
+            return call(&RemoteApi::new(&connection));
+        }
+        let vault = Vault::open(&data_dir, &ask_passphrase)?;
+        call(&LocalApi {
+            vault: &vault,
+            passphrase: &ask_passphrase,
+        })
     }
 
     /// Runs `call` on the typed API: on the control socket when a process owns the data
@@ -378,5 +465,44 @@ fn volume_call(service: &dyn VolumeService, command: &VolumeCommand, json: bool)
             what: "a command that is not a typed volume call".into(),
         }
         .into()),
+    }
+}
+
+/// Runs a `forge peer` command on `mesh` and renders its reply.
+fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Result<Output> {
+    use service::mesh::{render_peer, render_peers};
+    match command {
+        PeerCommand::Add {
+            address,
+            name,
+            expect,
+        } => Ok(render_peer(
+            "added",
+            &mesh.add_peer(AddPeerRequest {
+                address: address.clone(),
+                name: name.clone(),
+                expect: expect.clone(),
+            })?,
+        )),
+        PeerCommand::List => Ok(render_peers(&mesh.list_peers(ListPeersRequest {})?)),
+        PeerCommand::Trust {
+            peer,
+            volume,
+            read: _,
+            write,
+            new_volumes,
+        } => Ok(render_peer(
+            "trusted",
+            &mesh.trust_peer(TrustPeerRequest {
+                peer: peer.clone(),
+                volume: volume.clone(),
+                write: *write,
+                new_volumes: *new_volumes,
+            })?,
+        )),
+        PeerCommand::Revoke { peer } => Ok(render_peer(
+            "revoked",
+            &mesh.revoke_peer(RevokePeerRequest { peer: peer.clone() })?,
+        )),
     }
 }

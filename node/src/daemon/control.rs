@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use forge_proto::v1::control_server::{Control, ControlServer};
 use forge_proto::v1::maintenance_server::{Maintenance, MaintenanceServer};
+use forge_proto::v1::mesh_server::{Mesh, MeshServer};
 use forge_proto::v1::mount_server::{Mount, MountServer};
 use forge_proto::v1::node_server::{Node, NodeServer};
 use forge_proto::v1::snapshot_server::{Snapshot, SnapshotServer};
@@ -23,8 +24,8 @@ use forge_proto::v1::{
     DiffRequest, ExportEvent, ExportRequest, FsckEvent, FsckRequest, GcEvent, GcRequest,
     ImportEvent, ImportRequest, ListSnapshotsReply, ListSnapshotsRequest, ListVolumesReply,
     ListVolumesRequest, NodeStatusReply, NodeStatusRequest, ScrubEvent, ScrubRequest,
-    StopNodeReply, StopNodeRequest, VaultStatsReply, VaultStatsRequest, VersionReply,
-    VersionRequest, VolumeStatsReply, VolumeStatsRequest,
+    StopNodeReply, StopNodeRequest, SyncVolumeEvent, VaultStatsReply, VaultStatsRequest,
+    VersionReply, VersionRequest, VolumeStatsReply, VolumeStatsRequest,
 };
 use forge_proto::v1::{MountReply, MountRequest};
 use tonic::{Request, Response, Status};
@@ -166,6 +167,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health.set_serving::<MaintenanceServer<ApiGrpc>>().await;
         health.set_serving::<NodeServer<ApiGrpc>>().await;
         health.set_serving::<MountServer<ApiGrpc>>().await;
+        health.set_serving::<MeshServer<ApiGrpc>>().await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -179,6 +181,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(SnapshotServer::new(api.clone()))
                 .add_service(MaintenanceServer::new(api.clone()))
                 .add_service(NodeServer::new(api.clone()))
+                .add_service(MeshServer::new(api.clone()))
                 .add_service(MountServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
@@ -544,6 +547,35 @@ impl ApiGrpc {
         R: Send + 'static,
         E: Send + 'static,
     {
+        self.serve_streaming_host(
+            method,
+            request,
+            events,
+            |host, passphrase, message, progress| {
+                let service = LocalApi {
+                    vault: host.vault(),
+                    passphrase,
+                };
+                call(&service, message, progress)
+            },
+        )
+    }
+
+    /// [`ApiGrpc::serve_streaming`] of a call on the host itself.
+    fn serve_streaming_host<T, R, E>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        events: StreamEvents<E, R>,
+        call: impl FnOnce(&Arc<Host>, PassphraseSource<'_>, T, &crate::progress::Progress) -> Result<R>
+        + Send
+        + 'static,
+    ) -> std::result::Result<Response<EventStream<E>>, Status>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
         use forge_proto::v1::Progress as Done;
         check_client_version(&request)?;
         let passphrase = passphrase_of(&request)?;
@@ -553,10 +585,6 @@ impl ApiGrpc {
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let source = passphrase_source(passphrase);
-            let service = LocalApi {
-                vault: host.vault(),
-                passphrase: &source,
-            };
             let progress = crate::progress::Progress::new(method, false);
             // The sampler waits on this between samples: the call's end wakes it at once,
             // so the reply is not held back until the next tick.
@@ -582,7 +610,7 @@ impl ApiGrpc {
                         }
                     }
                 });
-                let result = call(&service, message, progress);
+                let result = call(&host, &source, message, progress);
                 drop(finished);
                 result
             });
@@ -676,5 +704,108 @@ fn check_client_version<T>(request: &Request<T>) -> std::result::Result<(), Stat
             "the request does not say its forge version (metadata `{}`); this process runs {ours}",
             forge_proto::VERSION_METADATA
         ))),
+    }
+}
+
+/// Runs a `forge.v1.Mesh` call on the host: through its network if it runs one (a
+/// daemon), else in-process (a mount host: network calls say to start the daemon).
+fn on_mesh<R>(
+    host: &Arc<Host>,
+    passphrase: PassphraseSource<'_>,
+    call: impl FnOnce(&dyn crate::service::mesh::MeshService) -> Result<R>,
+) -> Result<R> {
+    let api = LocalApi {
+        vault: host.vault(),
+        passphrase,
+    };
+    match host.mesh() {
+        Some(node) => call(&crate::daemon::mesh::DaemonMesh { api, node }),
+        None => call(&api),
+    }
+}
+
+/// A unary `forge.v1.Mesh` call: `$method` of the service on `$request`.
+macro_rules! mesh_call {
+    ($self:ident, $name:literal, $request:ident, $method:ident) => {
+        $self
+            .serve_host($name, $request, |host, passphrase, message| {
+                on_mesh(host, passphrase, |service| service.$method(message))
+            })
+            .await
+    };
+}
+
+#[tonic::async_trait]
+impl Mesh for ApiGrpc {
+    type SyncStream = EventStream<forge_proto::v1::SyncVolumeEvent>;
+
+    async fn addresses(
+        &self,
+        request: Request<forge_proto::v1::NodeAddrRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::NodeAddrReply>, Status> {
+        mesh_call!(self, "Mesh.Addresses", request, addresses)
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<forge_proto::v1::AddPeerRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::PeerInfo>, Status> {
+        mesh_call!(self, "Mesh.AddPeer", request, add_peer)
+    }
+
+    async fn list_peers(
+        &self,
+        request: Request<forge_proto::v1::ListPeersRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ListPeersReply>, Status> {
+        mesh_call!(self, "Mesh.ListPeers", request, list_peers)
+    }
+
+    async fn trust_peer(
+        &self,
+        request: Request<forge_proto::v1::TrustPeerRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::PeerInfo>, Status> {
+        mesh_call!(self, "Mesh.TrustPeer", request, trust_peer)
+    }
+
+    async fn revoke_peer(
+        &self,
+        request: Request<forge_proto::v1::RevokePeerRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::PeerInfo>, Status> {
+        mesh_call!(self, "Mesh.RevokePeer", request, revoke_peer)
+    }
+
+    async fn share(
+        &self,
+        request: Request<forge_proto::v1::ShareVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ShareVolumeReply>, Status> {
+        mesh_call!(self, "Mesh.Share", request, share)
+    }
+
+    async fn sync(
+        &self,
+        request: Request<forge_proto::v1::SyncVolumeRequest>,
+    ) -> std::result::Result<Response<Self::SyncStream>, Status> {
+        self.serve_streaming_host(
+            "Mesh.Sync",
+            request,
+            stream_events!(SyncVolumeEvent, sync_volume_event),
+            |host, passphrase, message, progress| {
+                on_mesh(host, passphrase, |service| service.sync(message, progress))
+            },
+        )
+    }
+
+    async fn list_proofs(
+        &self,
+        request: Request<forge_proto::v1::ListProofsRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ListProofsReply>, Status> {
+        mesh_call!(self, "Mesh.ListProofs", request, list_proofs)
+    }
+
+    async fn export_proof(
+        &self,
+        request: Request<forge_proto::v1::ExportProofRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ExportProofReply>, Status> {
+        mesh_call!(self, "Mesh.ExportProof", request, export_proof)
     }
 }

@@ -223,6 +223,8 @@ pub struct Host {
     fuse_metrics: requests::FuseMetrics,
     /// Where /metrics is served, if anywhere.
     metrics_address: Mutex<Option<std::net::SocketAddr>>,
+    /// The node's network (a daemon's; a mount host has none).
+    mesh: std::sync::OnceLock<crate::daemon::mesh::MeshNode>,
 }
 
 #[derive(Default)]
@@ -289,7 +291,24 @@ impl Host {
             metrics: crate::daemon::metrics::Metrics::new(&fuse_metrics),
             fuse_metrics,
             metrics_address: Mutex::new(None),
+            mesh: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Starts the node's network on `listen` (see [`crate::daemon::mesh::MeshNode::start`]).
+    ///
+    /// # Errors
+    /// The address cannot be listened on.
+    pub fn start_mesh(self: &Arc<Self>, listen: &str, configured: bool) -> Result<()> {
+        let node = crate::daemon::mesh::MeshNode::start(self, listen, configured)?;
+        let _ = self.mesh.set(node);
+        Ok(())
+    }
+
+    /// The node's network, if this host runs one.
+    #[must_use]
+    pub fn mesh(&self) -> Option<&crate::daemon::mesh::MeshNode> {
+        self.mesh.get()
     }
 
     /// The metrics registry.

@@ -50,6 +50,11 @@ pub struct Metrics {
     api_calls: Family<Labels, Counter>,
     api_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     scrape_errors: Counter,
+    sync_chunks: Family<Labels, Counter>,
+    sync_bytes: Family<Labels, Counter>,
+    sync_errors: Family<Labels, Counter>,
+    peers_known: Gauge,
+    peers_connected: Gauge,
     /// Each volume's statistics with the snapshot list they were computed for.
     volume_cache: Mutex<BTreeMap<String, (Vec<Cid>, VolumeStats)>>,
 }
@@ -98,6 +103,11 @@ impl Metrics {
             api_calls: Family::default(),
             api_call_seconds: Family::new_with_constructor(api_call_histogram),
             scrape_errors: Counter::default(),
+            sync_chunks: Family::default(),
+            sync_bytes: Family::default(),
+            sync_errors: Family::default(),
+            peers_known: Gauge::default(),
+            peers_connected: Gauge::default(),
             volume_cache: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -221,10 +231,64 @@ impl Metrics {
             "Scrapes that could not read a number (the rest of the scrape is served)",
             metrics.scrape_errors.clone(),
         );
+        registry.register(
+            "sync_chunks",
+            "Chunks and objects syncs moved, by peer (NodeId) and direction (sent, received)",
+            metrics.sync_chunks.clone(),
+        );
+        registry.register(
+            "sync_bytes",
+            "Bytes syncs moved, by peer (NodeId) and direction (sent, received)",
+            metrics.sync_bytes.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Syncs this node started that failed, by direction (push, pull)",
+            metrics.sync_errors.clone(),
+        );
+        registry.register(
+            "peers_known",
+            "Peers in `forge peer list`",
+            metrics.peers_known.clone(),
+        );
+        registry.register(
+            "peers_connected",
+            "Nodes with a verified connection to this one",
+            metrics.peers_connected.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts what a sync with `peer` moved.
+    pub fn count_sync(&self, peer: &forge_crypto::NodeId, sent: bool, chunks: u64, bytes: u64) {
+        let labels = vec![
+            ("peer", peer.to_hex()),
+            (
+                "direction",
+                if sent { "sent" } else { "received" }.to_owned(),
+            ),
+        ];
+        self.sync_chunks.get_or_create(&labels).inc_by(chunks);
+        self.sync_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    /// Counts a sync that failed.
+    pub fn count_sync_error(&self, pull: bool) {
+        self.sync_errors
+            .get_or_create(&vec![(
+                "direction",
+                if pull { "pull" } else { "push" }.to_owned(),
+            )])
+            .inc();
+    }
+
+    /// Sets the peer gauges.
+    pub fn set_peers(&self, known: usize, connected: usize) {
+        self.peers_known.set(gauge_value(known as u64));
+        self.peers_connected.set(gauge_value(connected as u64));
     }
 
     /// Counts a call on the control socket that took `seconds`.
@@ -256,6 +320,12 @@ impl Metrics {
 
     fn update(&self, host: &Host) {
         let vault = host.vault();
+        if let Some(mesh) = host.mesh() {
+            match (vault.peers(), mesh.connected()) {
+                (Ok(known), Ok(connected)) => self.set_peers(known.len(), connected.len()),
+                (Err(error), _) | (_, Err(error)) => self.failed("peers", &error),
+            }
+        }
         let (_, mounts) = host.status();
         self.mounts.set(gauge_value(mounts.len() as u64));
         if let Some(bytes) = resident_memory_bytes() {

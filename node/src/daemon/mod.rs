@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod host;
+pub mod mesh;
 pub mod metrics;
 
 use std::ffi::OsString;
@@ -47,6 +48,7 @@ pub fn start(
     data_dir: &DataDir,
     foreground: bool,
     metrics_listen: Option<std::net::SocketAddr>,
+    listen: Option<&str>,
     passphrase: PassphraseSource<'_>,
 ) -> Result<String> {
     if let Some(pid) = owner(data_dir)? {
@@ -58,7 +60,7 @@ pub fn start(
         });
     }
     if !foreground && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
-        let arguments = [
+        let mut arguments = vec![
             OsString::from("node"),
             "start".into(),
             "--foreground".into(),
@@ -67,6 +69,9 @@ pub fn start(
                 .map_or_else(|| "off".to_owned(), |address| address.to_string())
                 .into(),
         ];
+        if let Some(listen) = listen {
+            arguments.extend(["--listen".into(), listen.into()]);
+        }
         return match spawn_detached(
             data_dir,
             &arguments,
@@ -95,6 +100,26 @@ pub fn start(
             .map_err(NodeError::io("reading the address of", address.to_string()))?;
         host.set_metrics_address(bound);
         metrics::serve(listener, Arc::downgrade(&host));
+    }
+    // The peer listener: given on the command line, else forge.toml's (or the default).
+    let (listen, configured) = match listen {
+        Some(text) => (
+            crate::config::parse_mesh_listen(text).map_err(|reason| {
+                NodeError::InvalidArgument {
+                    what: "--listen",
+                    value: text.to_owned(),
+                    reason,
+                }
+            })?,
+            true,
+        ),
+        None => {
+            let config = crate::config::NodeConfig::load(data_dir)?;
+            (config.listen, config.listen_configured)
+        }
+    };
+    if let Some(listen) = &listen {
+        host.start_mesh(listen, configured)?;
     }
     let control = control::serve(host.clone())?;
     let pid = std::process::id();

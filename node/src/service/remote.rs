@@ -3,6 +3,7 @@
 //! CLI renders the same replies whichever way they came.
 
 use forge_proto::v1::maintenance_client::MaintenanceClient;
+use forge_proto::v1::mesh_client::MeshClient;
 use forge_proto::v1::mount_client::MountClient;
 use forge_proto::v1::node_client::NodeClient;
 use forge_proto::v1::snapshot_client::SnapshotClient;
@@ -250,5 +251,88 @@ fn without_reply(method: &str) -> NodeError {
         what: "reply",
         value: method.to_owned(),
         reason: "the stream ended without the call's reply".into(),
+    }
+}
+
+impl RemoteApi<'_> {
+    fn mesh(&self) -> MeshClient<tonic::transport::Channel> {
+        MeshClient::new(self.connection.channel())
+    }
+}
+
+impl super::mesh::MeshService for RemoteApi<'_> {
+    fn addresses(
+        &self,
+        request: forge_proto::v1::NodeAddrRequest,
+    ) -> Result<forge_proto::v1::NodeAddrReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().addresses(request))
+    }
+
+    fn add_peer(
+        &self,
+        request: forge_proto::v1::AddPeerRequest,
+    ) -> Result<forge_proto::v1::PeerInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().add_peer(request))
+    }
+
+    fn list_peers(
+        &self,
+        request: forge_proto::v1::ListPeersRequest,
+    ) -> Result<forge_proto::v1::ListPeersReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().list_peers(request))
+    }
+
+    fn trust_peer(
+        &self,
+        request: forge_proto::v1::TrustPeerRequest,
+    ) -> Result<forge_proto::v1::PeerInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().trust_peer(request))
+    }
+
+    fn revoke_peer(
+        &self,
+        request: forge_proto::v1::RevokePeerRequest,
+    ) -> Result<forge_proto::v1::PeerInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().revoke_peer(request))
+    }
+
+    fn share(
+        &self,
+        request: forge_proto::v1::ShareVolumeRequest,
+    ) -> Result<forge_proto::v1::ShareVolumeReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().share(request))
+    }
+
+    fn sync(
+        &self,
+        request: forge_proto::v1::SyncVolumeRequest,
+        progress: &Progress,
+    ) -> Result<forge_proto::v1::SyncVolumeReply> {
+        let request = self.connection.request(request);
+        self.streamed("Mesh.Sync", self.mesh().sync(request), progress, |event| {
+            streamed_event!(event, sync_volume_event)
+        })
+    }
+
+    fn list_proofs(
+        &self,
+        request: forge_proto::v1::ListProofsRequest,
+    ) -> Result<forge_proto::v1::ListProofsReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().list_proofs(request))
+    }
+
+    fn export_proof(
+        &self,
+        request: forge_proto::v1::ExportProofRequest,
+    ) -> Result<forge_proto::v1::ExportProofReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().export_proof(request))
     }
 }

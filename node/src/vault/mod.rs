@@ -129,7 +129,7 @@ pub struct Vault {
     metadata: Arc<dyn MetadataStore>,
     fence: Arc<GcFence>,
     limits: VaultLimits,
-    identity: NodeIdentity,
+    identity: Arc<NodeIdentity>,
     clock: Arc<dyn Clock>,
     randomness: Arc<dyn Randomness>,
     /// Where import's parallel work runs.
@@ -329,7 +329,7 @@ impl Vault {
             metadata,
             fence,
             limits: VaultLimits::default(),
-            identity,
+            identity: Arc::new(identity),
             clock: parts.clock,
             randomness: parts.randomness,
             pool,
@@ -433,6 +433,12 @@ impl Vault {
     /// This node's identity.
     pub(crate) fn identity(&self) -> &NodeIdentity {
         &self.identity
+    }
+
+    /// This node's identity, shared (the network signs its Hellos with it).
+    #[must_use]
+    pub fn shared_identity(&self) -> Arc<NodeIdentity> {
+        self.identity.clone()
     }
 
     /// Creates a volume.

@@ -188,11 +188,7 @@ impl VaultVolumeHost {
         validate_name("branch name", &offer.branch)?;
         let peer = self.vault.peer(&from)?;
         let asked = self.incoming.pull_expected(from, &offer.name);
-        let refuse = |rule: String| NodeError::InvalidArgument {
-            what: "sync",
-            value: offer.name.clone(),
-            reason: rule,
-        };
+        let refuse = |reason: String| NodeError::SyncRefused { reason };
         let record = match self.volume_by_id(&offer.volume)? {
             Some(record) => {
                 let may_write = peer
@@ -267,12 +263,10 @@ impl VaultVolumeHost {
         for entry in &offer.snapshots {
             for (what, cid) in [("commit", entry.id), ("reference index", entry.index_root)] {
                 if !store.holds(&cid).map_err(NodeError::Mesh)? {
-                    return Err(NodeError::InvalidArgument {
-                        what: "sync",
-                        value: offer.name.clone(),
+                    return Err(NodeError::SyncRefused {
                         reason: format!(
-                            "the {what} {cid} of snapshot {} did not arrive; nothing was \
-                             published (run the sync again)",
+                            "the {what} {cid} of snapshot {} did not arrive (run the sync \
+                             again: what arrived is kept)",
                             entry.id
                         ),
                     });
@@ -390,9 +384,7 @@ impl VaultVolumeHost {
                 let parents: Vec<Cid> =
                     commit.parents.iter().map(|p| Cid::from_bytes(*p)).collect();
                 if parents != entry.parents {
-                    return Err(NodeError::InvalidArgument {
-                        what: "sync",
-                        value: offer.name.clone(),
+                    return Err(NodeError::SyncRefused {
                         reason: format!(
                             "snapshot {} has other parents than the sender stated",
                             entry.id
@@ -867,10 +859,9 @@ mod tests {
             .unwrap();
 
         // b pulls: refused until a trusts b to read the volume.
-        b.incoming.expect_pull(a.id(), "v");
-        let refused = pull_volume(&*b.net, a.id(), "v", "main", &config())
-            .await
-            .unwrap_err();
+        let pulling = config();
+        let pull = || pull_volume(&*b.net, &b.incoming, a.id(), ["v", "main", "v"], &pulling);
+        let refused = pull().await.unwrap_err();
         assert!(
             refused.to_string().contains("not trusted to read volume v"),
             "{refused}"
@@ -878,11 +869,8 @@ mod tests {
         a.vault
             .trust_peer(&b.id(), Some("v"), false, false)
             .unwrap();
-        let pulled = pull_volume(&*b.net, a.id(), "v", "main", &config())
-            .await
-            .unwrap();
+        let pulled = pull().await.unwrap();
         assert_eq!(pulled.moved, RefMove::Create);
-        b.incoming.pull_ended(a.id(), "v");
 
         // Both write: a's next push diverges from b's head and lands beside it.
         let mine = temp.path().join("t2");

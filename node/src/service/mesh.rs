@@ -1,0 +1,433 @@
+//! Calls on this node's place in the mesh (`forge.v1.Mesh`): peers and their trust, key
+//! shares and transfer proofs (records of the vault: served in this process too), and
+//! the calls that need the node's network (its addresses, adding a peer, syncing), which
+//! only the daemon serves (`daemon/mesh.rs`); here they say to start it.
+
+use std::fmt::Write as _;
+
+use forge_crypto::NodeId;
+use forge_mesh::TransferProof;
+use forge_proto::v1::{
+    AddPeerRequest, ExportProofReply, ExportProofRequest, ListPeersReply, ListPeersRequest,
+    ListProofsReply, ListProofsRequest, NodeAddrReply, NodeAddrRequest, PeerInfo, PeerVolumeTrust,
+    ProofInfo, RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply,
+    SyncVolumeRequest, TrustPeerRequest,
+};
+use forge_store::VolumeId;
+use serde_json::json;
+
+use super::LocalApi;
+use crate::clock::format_utc_time;
+use crate::config::DEFAULT_LISTEN;
+use crate::error::{NodeError, Result};
+use crate::output::Output;
+use crate::progress::{Progress, human_bytes};
+use crate::vault::Vault;
+use crate::vault::peers::PeerRecord;
+
+/// Calls on the mesh (`forge.v1.Mesh`).
+pub trait MeshService {
+    /// This node's dialable addresses.
+    ///
+    /// # Errors
+    /// No network here (no daemon).
+    fn addresses(&self, request: NodeAddrRequest) -> Result<NodeAddrReply>;
+
+    /// Connects to a multiaddr, verifies the peer's Hello and records it.
+    ///
+    /// # Errors
+    /// Unreachable, a Hello that does not verify, a NodeId other than the one expected.
+    fn add_peer(&self, request: AddPeerRequest) -> Result<PeerInfo>;
+
+    /// Every peer.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn list_peers(&self, request: ListPeersRequest) -> Result<ListPeersReply>;
+
+    /// Trusts a peer with a volume, or with new volumes.
+    ///
+    /// # Errors
+    /// Unknown peer or volume.
+    fn trust_peer(&self, request: TrustPeerRequest) -> Result<PeerInfo>;
+
+    /// Takes every trust from a peer.
+    ///
+    /// # Errors
+    /// Unknown peer.
+    fn revoke_peer(&self, request: RevokePeerRequest) -> Result<PeerInfo>;
+
+    /// Wraps a volume's key to a node.
+    ///
+    /// # Errors
+    /// Unknown volume or node, keys that do not open.
+    fn share(&self, request: ShareVolumeRequest) -> Result<ShareVolumeReply>;
+
+    /// Syncs a volume with a peer, counting chunks and bytes into `progress`.
+    ///
+    /// # Errors
+    /// No network here; the peer refused or failed; nothing is published then.
+    fn sync(&self, request: SyncVolumeRequest, progress: &Progress) -> Result<SyncVolumeReply>;
+
+    /// The transfer proofs kept.
+    ///
+    /// # Errors
+    /// Unknown volume; a kept proof that no longer verifies.
+    fn list_proofs(&self, request: ListProofsRequest) -> Result<ListProofsReply>;
+
+    /// One proof's file.
+    ///
+    /// # Errors
+    /// No such proof.
+    fn export_proof(&self, request: ExportProofRequest) -> Result<ExportProofReply>;
+}
+
+fn needs_daemon(what: &str) -> NodeError {
+    NodeError::NeedsDaemon {
+        what: what.to_owned(),
+        listen: DEFAULT_LISTEN.to_owned(),
+    }
+}
+
+/// The NodeId `text` names: a peer's name, its NodeId or a unique prefix, or (with
+/// `any_node`) a full NodeId not added as a peer (an author met through another).
+///
+/// # Errors
+/// [`NodeError::UnknownPeer`].
+pub(crate) fn peer_node(vault: &Vault, text: &str, any_node: bool) -> Result<NodeId> {
+    match vault.resolve_peer(text) {
+        Ok((node, _)) => Ok(node),
+        Err(NodeError::UnknownPeer { .. }) if any_node && text.len() == 64 => {
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(text.as_bytes())
+                .ok()
+                .and_then(|bytes| NodeId::from_slice(&bytes).ok())
+                .ok_or_else(|| NodeError::UnknownPeer {
+                    peer: text.to_owned(),
+                })
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// A peer as the API shows it.
+pub(crate) fn peer_info(vault: &Vault, node: &NodeId, record: &PeerRecord) -> Result<PeerInfo> {
+    let volumes = vault.list_volumes()?;
+    Ok(PeerInfo {
+        node_id: node.to_hex(),
+        name: record.name.clone(),
+        addresses: record.addresses.clone(),
+        new_volumes: record.new_volumes,
+        volumes: record
+            .volumes
+            .iter()
+            .map(|trust| PeerVolumeTrust {
+                volume: volumes
+                    .iter()
+                    .find(|volume| volume.id == trust.volume)
+                    .map(|volume| volume.name.clone())
+                    .unwrap_or_default(),
+                volume_id: VolumeId::from_bytes(trust.volume).to_string(),
+                write: trust.write,
+            })
+            .collect(),
+        keys_known: record.keys_known,
+    })
+}
+
+fn proof_info(vault: &Vault, id: String, proof: &TransferProof) -> Result<ProofInfo> {
+    let receipt = &proof.receipt;
+    Ok(ProofInfo {
+        id,
+        volume_id: VolumeId::from_bytes(receipt.volume).to_string(),
+        volume: vault
+            .list_volumes()?
+            .into_iter()
+            .find(|volume| volume.id == receipt.volume)
+            .map(|volume| volume.name),
+        snapshot: receipt.snapshot.to_hex(),
+        sender: receipt.sender.to_hex(),
+        receiver: receipt.receiver.to_hex(),
+        chunks: receipt.chunks,
+        bytes: receipt.bytes,
+        time_ns: receipt.time_ns,
+    })
+}
+
+impl MeshService for LocalApi<'_> {
+    fn addresses(&self, _request: NodeAddrRequest) -> Result<NodeAddrReply> {
+        Err(needs_daemon("`forge node addr`"))
+    }
+
+    fn add_peer(&self, _request: AddPeerRequest) -> Result<PeerInfo> {
+        Err(needs_daemon("`forge peer add`"))
+    }
+
+    fn list_peers(&self, _request: ListPeersRequest) -> Result<ListPeersReply> {
+        Ok(ListPeersReply {
+            peers: self
+                .vault
+                .peers()?
+                .iter()
+                .map(|(node, record)| peer_info(self.vault, node, record))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn trust_peer(&self, request: TrustPeerRequest) -> Result<PeerInfo> {
+        if request.volume.is_none() && !request.new_volumes {
+            return Err(NodeError::InvalidArgument {
+                what: "trust",
+                value: request.peer,
+                reason: "say what with: --volume NAME [--read|--write], or --new-volumes".into(),
+            });
+        }
+        let node = peer_node(self.vault, &request.peer, true)?;
+        let record = self.vault.trust_peer(
+            &node,
+            request.volume.as_deref(),
+            request.write,
+            request.new_volumes,
+        )?;
+        peer_info(self.vault, &node, &record)
+    }
+
+    fn revoke_peer(&self, request: RevokePeerRequest) -> Result<PeerInfo> {
+        let node = peer_node(self.vault, &request.peer, true)?;
+        let record = self.vault.revoke_peer(&node)?;
+        peer_info(self.vault, &node, &record)
+    }
+
+    fn share(&self, request: ShareVolumeRequest) -> Result<ShareVolumeReply> {
+        let node = peer_node(self.vault, &request.to, true)?;
+        self.vault
+            .share_volume(&request.volume, &node, request.write, self.passphrase)?;
+        Ok(ShareVolumeReply {
+            node_id: node.to_hex(),
+            write: request.write,
+        })
+    }
+
+    fn sync(&self, _request: SyncVolumeRequest, _progress: &Progress) -> Result<SyncVolumeReply> {
+        Err(needs_daemon("`forge volume sync`"))
+    }
+
+    fn list_proofs(&self, request: ListProofsRequest) -> Result<ListProofsReply> {
+        Ok(ListProofsReply {
+            proofs: self
+                .vault
+                .proofs(request.volume.as_deref())?
+                .into_iter()
+                .map(|(id, proof)| proof_info(self.vault, id, &proof))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn export_proof(&self, request: ExportProofRequest) -> Result<ExportProofReply> {
+        let proof = self.vault.proof_file(&request.id)?;
+        Ok(ExportProofReply {
+            id: crate::vault::peers::proof_id(&proof),
+            proof,
+        })
+    }
+}
+
+fn peer_json(peer: &PeerInfo) -> serde_json::Value {
+    json!({
+        "node_id": peer.node_id,
+        "name": peer.name,
+        "addresses": peer.addresses,
+        "new_volumes": peer.new_volumes,
+        "keys_known": peer.keys_known,
+        "volumes": peer.volumes.iter().map(|trust| json!({
+            "volume": trust.volume,
+            "volume_id": trust.volume_id,
+            "access": if trust.write { "write" } else { "read" },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn describe_trust(peer: &PeerInfo) -> String {
+    let mut trusts: Vec<String> = peer
+        .volumes
+        .iter()
+        .map(|trust| {
+            let name = if trust.volume.is_empty() {
+                &trust.volume_id
+            } else {
+                &trust.volume
+            };
+            format!("{name} ({})", if trust.write { "write" } else { "read" })
+        })
+        .collect();
+    if peer.new_volumes {
+        trusts.push("new volumes".into());
+    }
+    if trusts.is_empty() {
+        "nothing".into()
+    } else {
+        trusts.join(", ")
+    }
+}
+
+/// What `forge peer add|trust|revoke` prints.
+#[must_use]
+pub fn render_peer(verb: &str, peer: &PeerInfo) -> Output {
+    let name = peer
+        .name
+        .as_deref()
+        .map_or_else(String::new, |name| format!(" ({name})"));
+    Output {
+        human: format!(
+            "{verb} peer {}{name}; trusted with {}",
+            peer.node_id,
+            describe_trust(peer)
+        ),
+        json: peer_json(peer),
+    }
+}
+
+/// What `forge peer list` prints.
+#[must_use]
+pub fn render_peers(reply: &ListPeersReply) -> Output {
+    let mut human = String::new();
+    for peer in &reply.peers {
+        let _ = writeln!(
+            human,
+            "{} {:<16} trusted with {}{}",
+            peer.node_id,
+            peer.name.as_deref().unwrap_or("-"),
+            describe_trust(peer),
+            peer.addresses
+                .first()
+                .map_or_else(String::new, |address| format!("\n    at {address}")),
+        );
+    }
+    if reply.peers.is_empty() {
+        human.push_str("no peers yet: forge peer add MULTIADDR (see `forge node addr` there)");
+    }
+    Output {
+        human: human.trim_end().to_owned(),
+        json: serde_json::Value::Array(reply.peers.iter().map(peer_json).collect()),
+    }
+}
+
+/// What `forge node addr` prints.
+#[must_use]
+pub fn render_addresses(reply: &NodeAddrReply) -> Output {
+    Output {
+        human: reply.addresses.join("\n"),
+        json: json!({"node_id": reply.node_id, "addresses": reply.addresses}),
+    }
+}
+
+/// What `forge volume share` prints.
+#[must_use]
+pub fn render_share(volume: &str, reply: &ShareVolumeReply) -> Output {
+    let access = if reply.write {
+        "read and write"
+    } else {
+        "read"
+    };
+    Output {
+        human: format!(
+            "volume {volume}'s key is wrapped to node {} (it may {access}); the envelope travels \
+             with the volume's next sync to it",
+            reply.node_id
+        ),
+        json: json!({"volume": volume, "node_id": reply.node_id, "write": reply.write}),
+    }
+}
+
+/// What `forge volume sync` prints.
+#[must_use]
+pub fn render_sync(reply: &SyncVolumeReply) -> Output {
+    let direction = if reply.pull {
+        "pulled from"
+    } else {
+        "pushed to"
+    };
+    let rate = if reply.seconds > 0.0 {
+        format!(
+            ", {:.1} MB/s",
+            reply.bytes_sent as f64 / 1e6 / reply.seconds
+        )
+    } else {
+        String::new()
+    };
+    Output {
+        human: format!(
+            "{} {direction} {}: {} chunks sent ({}), {} already there, in {:.1} s{rate}\n\
+             branch {} {} at {}\nproof {} (forge proof export {} FILE)",
+            reply.volume,
+            reply.peer,
+            reply.chunks_sent,
+            human_bytes(reply.bytes_sent),
+            reply.chunks_skipped,
+            reply.seconds,
+            reply.branch,
+            reply.moved,
+            reply.snapshot,
+            reply.proof,
+            reply.proof
+        ),
+        json: json!({
+            "volume": reply.volume,
+            "peer": reply.peer,
+            "pull": reply.pull,
+            "moved": reply.moved,
+            "branch": reply.branch,
+            "snapshot": reply.snapshot,
+            "chunks_sent": reply.chunks_sent,
+            "bytes_sent": reply.bytes_sent,
+            "chunks_skipped": reply.chunks_skipped,
+            "seconds": reply.seconds,
+            "proof": reply.proof,
+        }),
+    }
+}
+
+/// What `forge proof list` prints.
+#[must_use]
+pub fn render_proofs(reply: &ListProofsReply) -> Output {
+    let mut human = String::new();
+    for proof in &reply.proofs {
+        let _ = writeln!(
+            human,
+            "{}  {}  {} snapshot {}  {} chunks ({})  {} -> {}",
+            proof.id,
+            format_utc_time(proof.time_ns),
+            proof.volume.as_deref().unwrap_or(&proof.volume_id),
+            &proof.snapshot[..16.min(proof.snapshot.len())],
+            proof.chunks,
+            human_bytes(proof.bytes),
+            &proof.sender[..12.min(proof.sender.len())],
+            &proof.receiver[..12.min(proof.receiver.len())],
+        );
+    }
+    if reply.proofs.is_empty() {
+        human.push_str("no transfer proofs yet (a `forge volume sync` leaves one on both sides)");
+    }
+    Output {
+        human: human.trim_end().to_owned(),
+        json: serde_json::Value::Array(
+            reply
+                .proofs
+                .iter()
+                .map(|proof| {
+                    json!({
+                        "id": proof.id,
+                        "volume_id": proof.volume_id,
+                        "volume": proof.volume,
+                        "snapshot": proof.snapshot,
+                        "sender": proof.sender,
+                        "receiver": proof.receiver,
+                        "chunks": proof.chunks,
+                        "bytes": proof.bytes,
+                        "time": format_utc_time(proof.time_ns),
+                    })
+                })
+                .collect(),
+        ),
+    }
+}

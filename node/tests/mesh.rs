@@ -1,0 +1,327 @@
+//! Vaults syncing over the real network: `forge` daemons on loopback QUIC, each in its own
+//! data directory, driven through the CLI as a user would.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{KillOnDrop, Vault, scrape, started_pid, xorshift};
+use serde_json::Value;
+
+/// A vault whose daemon listens on a loopback port of its own.
+struct Site {
+    vault: Vault,
+    daemon: Option<KillOnDrop>,
+    id: String,
+    metrics: String,
+}
+
+impl Site {
+    fn start() -> Self {
+        let vault = Vault::new();
+        let id = vault.json(&["node", "id"])["node_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut site = Self {
+            vault,
+            daemon: None,
+            id,
+            metrics: String::new(),
+        };
+        site.restart();
+        site
+    }
+
+    /// Starts (again) its daemon.
+    fn restart(&mut self) {
+        let line = self.vault.ok(&[
+            "node",
+            "start",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ]);
+        self.daemon = Some(KillOnDrop(started_pid(&line)));
+        self.metrics = self.vault.json(&["node", "status"])["metrics_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+
+    fn address(&self) -> String {
+        self.vault.json(&["node", "addr"])["addresses"][0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Adds `other` as a peer named `name`.
+    fn meet(&self, other: &Site, name: &str) {
+        let added = self.vault.json(&[
+            "peer",
+            "add",
+            &other.address(),
+            "--name",
+            name,
+            "--expect",
+            &other.id,
+        ]);
+        assert_eq!(added["node_id"], other.id.as_str());
+    }
+
+    fn sync(&self, volume: &str, peer: &str) -> Value {
+        self.vault.json(&["volume", "sync", volume, "--peer", peer])
+    }
+
+    fn dir_bytes(&self) -> u64 {
+        fn walk(path: &Path) -> u64 {
+            std::fs::read_dir(path).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .map(|entry| match entry.metadata() {
+                        Ok(meta) if meta.is_dir() => walk(&entry.path()),
+                        Ok(meta) => meta.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+        }
+        walk(&self.vault.data_dir())
+    }
+}
+
+/// `files` files of pseudo-random bytes (half of each compressible text) under `root`,
+/// `file_bytes` each.
+fn write_tree(root: &Path, files: usize, file_bytes: usize, seed: u64) {
+    let mut next = xorshift(seed);
+    for file in 0..files {
+        let dir = root.join(format!("d{}", file % 7));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut bytes = Vec::with_capacity(file_bytes);
+        while bytes.len() < file_bytes / 2 {
+            bytes.extend_from_slice(&next().to_le_bytes());
+        }
+        while bytes.len() < file_bytes {
+            bytes.extend_from_slice(format!("line {} of file {file}\n", bytes.len()).as_bytes());
+        }
+        bytes.truncate(file_bytes);
+        std::fs::write(dir.join(format!("f{file}.bin")), bytes).unwrap();
+    }
+}
+
+fn same_tree(a: &Path, b: &Path) {
+    let output = std::process::Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+fn number(value: &Value, key: &str) -> u64 {
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+#[test]
+fn two_vaults_sync_a_tree_its_change_and_a_sibling_volume_sending_only_what_is_missing() {
+    let (a, b) = (Site::start(), Site::start());
+    let source = a.vault.path("source");
+    write_tree(&source, 100, 1 << 20, 1);
+    a.vault.ok(&["volume", "create", "data"]);
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    a.meet(&b, "b");
+
+    // b trusts nobody yet: refused, naming the rule, and nothing is stored.
+    let refused = a.vault.run(&["volume", "sync", "data", "--peer", "b"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("--new-volumes"), "{message}");
+    assert_eq!(b.vault.json(&["volume", "list"]), serde_json::json!([]));
+
+    b.vault.ok(&["peer", "trust", &a.id, "--new-volumes"]);
+    let first = a.sync("data", "b");
+    assert_eq!(first["moved"], "created");
+    let first_bytes = number(&first, "bytes_sent");
+    // 100 MiB, half of it text that compresses.
+    assert!(first_bytes > 40 << 20, "{first}");
+    assert!(number(&first, "chunks_sent") > 100, "{first}");
+
+    // A zero-knowledge copy: stored and listed, not readable.
+    let out = b.vault.path("out");
+    let refused = b
+        .vault
+        .run(&["volume", "export", "data", out.to_str().unwrap()]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("no key for volume data on this node"),
+        "{message}"
+    );
+
+    // One file in a hundred changes: about that much goes.
+    let changed = source.join("d3/f3.bin");
+    let mut bytes = std::fs::read(&changed).unwrap();
+    let mut next = xorshift(99);
+    for byte in bytes.iter_mut().step_by(4096) {
+        *byte ^= u8::try_from(next() % 255 + 1).unwrap();
+    }
+    std::fs::write(&changed, bytes).unwrap();
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    let second = a.sync("data", "b");
+    assert_eq!(second["moved"], "fast-forwarded");
+    let second_bytes = number(&second, "bytes_sent");
+    assert!(second_bytes < first_bytes / 20, "{second} after {first}");
+    assert!(number(&second, "chunks_skipped") > 100, "{second}");
+
+    // A sibling volume sharing most of its chunks with `data`: only the difference goes.
+    std::fs::write(source.join("extra.txt"), "one more file\n".repeat(1000)).unwrap();
+    a.vault.ok(&["volume", "create", "sibling"]);
+    a.vault
+        .ok(&["volume", "import", "sibling", source.to_str().unwrap()]);
+    let sibling = a.sync("sibling", "b");
+    assert_eq!(sibling["moved"], "created");
+    assert!(
+        number(&sibling, "bytes_sent") < first_bytes / 20,
+        "{sibling} after {first}"
+    );
+
+    // Shared with b: the envelope travels with the next sync, and b reads it byte for byte.
+    a.vault.ok(&["volume", "share", "data", "--to", "b"]);
+    let third = a.sync("data", "b");
+    assert_eq!(third["moved"], "up to date");
+    assert_eq!(number(&third, "chunks_sent"), 0);
+    b.vault
+        .ok(&["volume", "export", "data", out.to_str().unwrap()]);
+    std::fs::remove_file(source.join("extra.txt")).unwrap();
+    same_tree(&source, &out);
+
+    // Both keep every proof; one verifies offline, and a changed byte does not.
+    let proofs = a.vault.json(&["proof", "list"]);
+    assert_eq!(proofs.as_array().unwrap().len(), 4);
+    assert_eq!(
+        b.vault
+            .json(&["proof", "list", "--volume", "data"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let id = third["proof"].as_str().unwrap();
+    let file = a.vault.path("proof.bin");
+    a.vault.ok(&["proof", "export", id, file.to_str().unwrap()]);
+    let valid = a.vault.ok(&["proof", "verify", file.to_str().unwrap()]);
+    assert!(valid.starts_with("valid"), "{valid}");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[200] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let tampered = a.vault.run(&["proof", "verify", file.to_str().unwrap()]);
+    assert_eq!(tampered.status.code(), Some(3));
+
+    // Both daemons count the bytes per peer.
+    let sent = scrape(&a.metrics);
+    let key = format!(
+        "forge_sync_bytes_total{{peer=\"{}\",direction=\"sent\"}}",
+        b.id
+    );
+    assert!(
+        sent.get(&key).copied().unwrap_or(0.0) >= first_bytes as f64,
+        "{key}: {sent:?}"
+    );
+    let received = scrape(&b.metrics);
+    let key = format!(
+        "forge_sync_bytes_total{{peer=\"{}\",direction=\"received\"}}",
+        a.id
+    );
+    assert!(received.get(&key).copied().unwrap_or(0.0) > 0.0, "{key}");
+    assert_eq!(received.get("forge_peers_connected"), Some(&1.0));
+}
+
+#[test]
+fn a_zero_knowledge_vault_serves_onward_and_a_killed_sender_resumes_without_resending() {
+    let (mut a, b, c) = (Site::start(), Site::start(), Site::start());
+    let source = a.vault.path("source");
+    write_tree(&source, 12, 256 << 10, 7);
+    a.vault.ok(&["volume", "create", "data"]);
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    a.meet(&b, "b");
+    b.meet(&c, "c");
+    b.vault.ok(&["peer", "trust", &a.id, "--new-volumes"]);
+    // c takes new volumes from b, and snapshots written by a (met only through b).
+    c.vault.ok(&["peer", "trust", &b.id, "--new-volumes"]);
+    c.vault.ok(&["peer", "trust", &a.id, "--new-volumes"]);
+    a.sync("data", "b");
+    let onward = b.sync("data", "c");
+    assert_eq!(onward["moved"], "created");
+
+    // a shares with c through b, which cannot read what it carries.
+    a.vault.ok(&["peer", "trust", &c.id, "--volume", "data"]);
+    let unknown = a.vault.run(&["volume", "share", "data", "--to", &c.id]);
+    assert!(!unknown.status.success(), "a has never met c's keys");
+    a.meet(&c, "c");
+    a.vault.ok(&["volume", "share", "data", "--to", "c"]);
+    a.sync("data", "b");
+    let out = c.vault.path("before");
+    let refused = c
+        .vault
+        .run(&["volume", "export", "data", out.to_str().unwrap()]);
+    assert!(!refused.status.success(), "the envelope is still at b");
+    b.sync("data", "c");
+    c.vault
+        .ok(&["volume", "export", "data", out.to_str().unwrap()]);
+    same_tree(&source, &out);
+
+    // A large change; the sender is killed (SIGKILL) half-way through its push.
+    let big = a.vault.path("big");
+    write_tree(&big, 60, 1 << 20, 11);
+    a.vault
+        .ok(&["volume", "import", "data", big.to_str().unwrap()]);
+    let before = b.dir_bytes();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("forge"))
+        .env("FORGE_DATA_DIR", a.vault.data_dir())
+        .args(["volume", "sync", "data", "--peer", "b", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.dir_bytes() < before + (15 << 20) {
+        assert!(Instant::now() < deadline, "nothing arrived at b");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(a.daemon.take());
+    let interrupted = child.wait_with_output().unwrap();
+    assert!(!interrupted.status.success(), "the sync was cut off");
+
+    // Rerun: what b holds is not sent again; the result is byte for byte.
+    a.restart();
+    let resumed = a.sync("data", "b");
+    assert_eq!(resumed["moved"], "fast-forwarded");
+    // What a push from scratch would send: the volume's stored bytes. At least 15 MiB of
+    // it had arrived before the kill, and is not sent again.
+    let whole = number(&a.vault.json(&["volume", "stats", "data"]), "stored_bytes");
+    let resent = number(&resumed, "bytes_sent");
+    assert!(
+        resent > 0 && resent + (12 << 20) < whole,
+        "{resumed}, volume {whole} bytes"
+    );
+    let again = a.sync("data", "b");
+    assert_eq!(number(&again, "chunks_sent"), 0, "{again}");
+    a.vault.ok(&["volume", "share", "data", "--to", "b"]);
+    a.sync("data", "b");
+    let out = b.vault.path("after");
+    b.vault
+        .ok(&["volume", "export", "data", out.to_str().unwrap()]);
+    same_tree(&big, &out);
+}

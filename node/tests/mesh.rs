@@ -1,6 +1,8 @@
 //! Vaults syncing over the real network: `forge` daemons on loopback QUIC, each in its own
 //! data directory, driven through the CLI as a user would.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -308,7 +308,13 @@ impl Driver {
                 ..
             } => {
                 if let Some(waiter) = self.dials.remove(&connection_id) {
-                    self.hellos.entry(peer_id).or_default().push(waiter);
+                    match self.verified.get(&peer_id) {
+                        // Already verified on another connection (it dialed us first).
+                        Some(node) => {
+                            let _ = waiter.send(Ok(*node));
+                        }
+                        None => self.hellos.entry(peer_id).or_default().push(waiter),
+                    }
                 }
                 // The dialer opens the Hello; the listener answers it.
                 if endpoint.is_dialer() && !self.verified.contains_key(&peer_id) {

@@ -327,3 +327,78 @@ fn a_zero_knowledge_vault_serves_onward_and_a_killed_sender_resumes_without_rese
         .ok(&["volume", "export", "data", out.to_str().unwrap()]);
     same_tree(&big, &out);
 }
+
+/// Polls `check` for up to 30 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_follower_pulls_each_announced_head_and_what_it_missed_while_down() {
+    let (a, mut b) = (Site::start(), Site::start());
+    let source = a.vault.path("source");
+    write_tree(&source, 6, 64 << 10, 3);
+    a.vault.ok(&["volume", "create", "data"]);
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    b.meet(&a, "a");
+    a.meet(&b, "b");
+    a.vault.ok(&["volume", "share", "data", "--to", "b"]);
+
+    // Not trusted to read: refused.
+    let refused = b.vault.run(&["volume", "follow", "data", "--peer", "a"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("not trusted to read volume data"),
+        "{message}"
+    );
+
+    a.vault
+        .ok(&["peer", "trust", "b", "--volume", "data", "--read"]);
+    let followed = b.vault.json(&["volume", "follow", "data", "--peer", "a"]);
+    assert_eq!(followed["following"], true);
+    assert_eq!(followed["pulled"]["moved"], "created");
+    let snapshots = |site: &Site| {
+        site.vault
+            .json(&["snapshot", "list", "data"])
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(snapshots(&b), 1);
+
+    // A new head at a is announced, and b pulls it.
+    std::fs::write(source.join("new.txt"), "announced\n").unwrap();
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    eventually("the pull of the announced head", || snapshots(&b) == 2);
+
+    // b is down while a moves on; b pulls what it missed when it starts again.
+    b.vault.ok(&["node", "stop"]);
+    std::fs::write(source.join("missed.txt"), "while down\n").unwrap();
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    b.restart();
+    eventually("the pull at start", || snapshots(&b) == 3);
+    let out = b.vault.path("out");
+    b.vault
+        .ok(&["volume", "export", "data", out.to_str().unwrap()]);
+    same_tree(&source, &out);
+
+    // Unfollowed: a's next head stays at a.
+    let stopped = b.vault.json(&["volume", "unfollow", "data", "--peer", "a"]);
+    assert_eq!(stopped["following"], false);
+    std::fs::write(source.join("later.txt"), "not followed\n").unwrap();
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(snapshots(&b), 3);
+}

@@ -14,7 +14,7 @@ pub use session::{
 };
 pub use transfer::{
     Incoming, Outgoing, Published, TransferConfig, TransferSummary, VOLUME_PROTOCOL, VolumeHost,
-    VolumeMessage, pull_volume, send_volume, serve_volumes,
+    VolumeMessage, follow_volume, pull_volume, send_volume, serve_volumes,
 };
 pub use walker::{Item, Step, SyncWalker, WalkStats};
 pub use wire::{DataKind, Message, PutOutcome};

@@ -16,9 +16,11 @@
 //! Finish   (2)   = nonce[32]
 //! Proof    (3)   = proof file
 //! Pull     (4)   = name:str16 | branch:str16 | as_name:str16
+//! Follow   (5)   = on:u8 (1 follow, 0 unfollow) | name:str16 | branch:str16
 //! Accepted (129) = (empty)
 //! Finished (130) = move:u8 | branch:str16 | receipt:blob | signature:blob | keys:blob
 //! Kept     (131) = (empty)
+//! Following (133) = volume[16]
 //! Pulled   (132) = move:u8 | branch:str16 | chunks_sent:u64 | bytes_sent:u64
 //!                  | chunks_skipped:u64 | proof:blob
 //! blob     = len:u32le | bytes
@@ -69,8 +71,19 @@ pub enum VolumeMessage {
         /// The name it gets here if it is new here.
         as_name: String,
     },
+    /// Announce this volume's branch to me from now on (or stop).
+    Follow {
+        /// Follow (true) or stop (false).
+        on: bool,
+        /// The volume's name at the peer.
+        name: String,
+        /// The branch.
+        branch: String,
+    },
     /// The offer is taken: send.
     Accepted,
+    /// Followed (or no longer): the volume's id.
+    Following([u8; 16]),
     /// Published: what happened to the branch, and the signed receipt.
     Finished {
         /// The ref move.
@@ -171,6 +184,16 @@ impl VolumeMessage {
                 put_str(&mut bytes, branch);
                 put_str(&mut bytes, as_name);
             }
+            Self::Follow { on, name, branch } => {
+                bytes.push(5);
+                bytes.push(u8::from(*on));
+                put_str(&mut bytes, name);
+                put_str(&mut bytes, branch);
+            }
+            Self::Following(volume) => {
+                bytes.push(133);
+                bytes.extend_from_slice(volume);
+            }
             Self::Accepted => bytes.push(129),
             Self::Finished {
                 moved,
@@ -229,6 +252,16 @@ impl VolumeMessage {
                 branch: take_str(&mut reader)?,
                 as_name: take_str(&mut reader)?,
             },
+            5 => Self::Follow {
+                on: match reader.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(reader.fail(format!("follow flag {other}"))),
+                },
+                name: take_str(&mut reader)?,
+                branch: take_str(&mut reader)?,
+            },
+            133 => Self::Following(reader.array16()?),
             129 => Self::Accepted,
             130 => Self::Finished {
                 moved: take_move(&mut reader)?,
@@ -328,6 +361,13 @@ pub trait VolumeHost: Send + Sync {
     /// # Errors
     /// The refusal.
     fn may_pull(&self, from: NodeId, name: &str) -> Result<(), String>;
+
+    /// `from` follows volume `name`'s `branch` here from now on (or stops, `on` false):
+    /// it must be trusted to read it. The volume's id.
+    ///
+    /// # Errors
+    /// The refusal.
+    fn follow(&self, from: NodeId, name: &str, branch: &str, on: bool) -> Result<[u8; 16], String>;
 
     /// The sync with `peer` moved data: chunks and bytes, sent (true) or received.
     fn count(&self, _peer: NodeId, _sent: bool, _chunks: u64, _bytes: u64) {}
@@ -653,6 +693,33 @@ pub async fn pull_volume(
     }
 }
 
+/// Asks `peer` to announce its volume `name`'s `branch` to this node from now on (`on`),
+/// or to stop; the volume's id.
+///
+/// # Errors
+/// The peer refused (not trusted to read it), the network failed.
+pub async fn follow_volume(
+    net: &dyn PeerNet,
+    peer: NodeId,
+    name: &str,
+    branch: &str,
+    on: bool,
+    config: &TransferConfig,
+) -> Result<[u8; 16], MeshError> {
+    let message = VolumeMessage::Follow {
+        on,
+        name: name.to_owned(),
+        branch: branch.to_owned(),
+    };
+    match ask(net, peer, &message, config.control_deadline).await? {
+        VolumeMessage::Following(volume) => Ok(volume),
+        other => Err(broke_protocol(
+            peer,
+            format!("answered a follow with {other:?}"),
+        )),
+    }
+}
+
 /// One sync being received.
 struct Session {
     offer: Offer,
@@ -919,7 +986,12 @@ fn answer(
             incoming.lock().remove(&from);
             Ok(VolumeMessage::Kept)
         }
+        VolumeMessage::Follow { on, name, branch } => host
+            .follow(from, &name, &branch, on)
+            .map(VolumeMessage::Following)
+            .map_err(Refusal::Rule),
         VolumeMessage::Pull { .. }
+        | VolumeMessage::Following(_)
         | VolumeMessage::Accepted
         | VolumeMessage::Finished { .. }
         | VolumeMessage::Kept
@@ -950,6 +1022,12 @@ mod tests {
                 keys: vec![7; 3],
             },
             VolumeMessage::Kept,
+            VolumeMessage::Follow {
+                on: true,
+                name: "photos".into(),
+                branch: "main".into(),
+            },
+            VolumeMessage::Following([6; 16]),
             VolumeMessage::Pulled(TransferSummary {
                 moved: RefMove::FastForward,
                 branch: "main".into(),

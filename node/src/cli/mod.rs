@@ -200,6 +200,32 @@ pub enum VolumeCommand {
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
     },
+    /// Follow a peer's branch: pulled now, then each time the peer announces a new head
+    /// (and when the daemon starts). The peer must trust this node to read the volume.
+    Follow {
+        /// The volume's name at the peer.
+        name: String,
+        /// The peer: a name from `forge peer list` or a NodeId.
+        #[arg(long)]
+        peer: String,
+        /// The branch (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Its name here if it is new here.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Stop following a peer's branch.
+    Unfollow {
+        /// The volume's name at the peer.
+        name: String,
+        /// The peer.
+        #[arg(long)]
+        peer: String,
+        /// The branch (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+    },
     /// Wrap a volume's key to a node (a peer), so that it can read the volume (and, with
     /// --write, write it) once the volume's next sync brings it the envelope.
     Share {

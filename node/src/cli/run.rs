@@ -18,8 +18,8 @@ use crate::service::{
 use crate::vault::Vault;
 use crate::vault::snapshots::DiffChange;
 use forge_proto::v1::{
-    AddPeerRequest, ExportProofRequest, ListPeersRequest, ListProofsRequest, NodeAddrRequest,
-    RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest, TrustPeerRequest,
+    AddPeerRequest, ExportProofRequest, FollowVolumeRequest, ListPeersRequest, ListProofsRequest,
+    NodeAddrRequest, RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest, TrustPeerRequest,
 };
 use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
@@ -138,6 +138,41 @@ impl Cli {
                 progress.finish();
                 Ok(service::mesh::render_sync(&reply?))
             }),
+            Command::Volume(VolumeCommand::Follow {
+                name,
+                peer,
+                branch,
+                as_name,
+            }) => self.with_mesh(|mesh| {
+                let progress = Progress::counting("pulling", "chunks", false);
+                let reply = mesh.follow(
+                    FollowVolumeRequest {
+                        volume: name.clone(),
+                        peer: peer.clone(),
+                        branch: branch.clone(),
+                        as_name: as_name.clone(),
+                        unfollow: false,
+                    },
+                    &progress,
+                )?;
+                Ok(service::mesh::render_follow(name, peer, &reply))
+            }),
+            Command::Volume(VolumeCommand::Unfollow { name, peer, branch }) => {
+                self.with_mesh(|mesh| {
+                    let progress = Progress::counting("unfollowing", "chunks", false);
+                    let reply = mesh.follow(
+                        FollowVolumeRequest {
+                            volume: name.clone(),
+                            peer: peer.clone(),
+                            branch: branch.clone(),
+                            as_name: None,
+                            unfollow: true,
+                        },
+                        &progress,
+                    )?;
+                    Ok(service::mesh::render_follow(name, peer, &reply))
+                })
+            }
             Command::Volume(VolumeCommand::Share { name, to, write }) => self.with_mesh(|mesh| {
                 Ok(service::mesh::render_share(
                     name,

@@ -795,6 +795,19 @@ impl Mesh for ApiGrpc {
         )
     }
 
+    async fn follow(
+        &self,
+        request: Request<forge_proto::v1::FollowVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::FollowVolumeReply>, Status> {
+        self.serve_host("Mesh.Follow", request, |host, passphrase, message| {
+            let progress = crate::progress::Progress::new("following", false);
+            on_mesh(host, passphrase, |service| {
+                service.follow(message, &progress)
+            })
+        })
+        .await
+    }
+
     async fn list_proofs(
         &self,
         request: Request<forge_proto::v1::ListProofsRequest>,

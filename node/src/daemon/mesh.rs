@@ -113,6 +113,39 @@ impl MeshNode {
             TransferConfig::default(),
         )
         .map_err(mesh_error)?;
+        let follow = Arc::new(Follow {
+            net: net.clone(),
+            vault: vault.clone(),
+            incoming: incoming.clone(),
+            pulling: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        });
+        let announcements = net
+            .serve(forge_mesh::announce::ANNOUNCE_PROTOCOL)
+            .map_err(mesh_error)?;
+        let (keys_vault, taker) = (vault.clone(), follow.clone());
+        tokio::spawn(forge_mesh::announce::serve_announcements(
+            announcements,
+            // Announcements are taken only from peers this vault follows.
+            move |author| {
+                let followed = keys_vault
+                    .followings()
+                    .ok()?
+                    .iter()
+                    .any(|(peer, _)| peer == author);
+                if !followed {
+                    return None;
+                }
+                keys_vault.peer_keys(author).ok().flatten()
+            },
+            move |announcement| {
+                tokio::spawn(taker.clone().pull(announcement.author, announcement.volume));
+            },
+        ));
+        tokio::spawn(follow.clone().announce_loop());
+        // What was announced while this daemon was down: pulled now.
+        for (peer, following) in vault.followings()? {
+            tokio::spawn(follow.clone().pull(peer, following.volume));
+        }
         drop(_entered);
         Ok(Self {
             runtime,
@@ -174,30 +207,9 @@ impl MeshNode {
 
     /// Makes sure there is a verified connection to `node`, dialing its known addresses.
     fn reach(&self, node: &NodeId) -> Result<()> {
-        if self.connected()?.contains(node) {
-            return Ok(());
-        }
-        let addresses = self
-            .vault
-            .peer(node)?
-            .map(|record| record.addresses)
-            .unwrap_or_default();
-        let mut last = None;
-        for address in &addresses {
-            match self.connect(address) {
-                Ok((reached, _)) if reached == *node => return Ok(()),
-                Ok((reached, _)) => {
-                    last = Some(format!("{address} is now node {reached}"));
-                }
-                Err(error) => last = Some(format!("{address}: {error}")),
-            }
-        }
-        Err(NodeError::Mesh(MeshError::Unreachable {
-            peer: *node,
-            reason: last.unwrap_or_else(|| {
-                "no address is known for it (forge peer add MULTIADDR)".to_owned()
-            }),
-        }))
+        let (net, vault, node) = (self.net.clone(), self.vault.clone(), *node);
+        self.run(async move { reach(&net, &vault, node).await })?
+            .map_err(mesh_error)
     }
 
     fn daemon(&self) -> Result<Arc<Host>> {
@@ -206,6 +218,183 @@ impl MeshNode {
                 what: "the daemon is stopping".into(),
             })
         })
+    }
+}
+
+/// Makes sure `net` has a verified connection to `node`, dialing the addresses its peer
+/// record knows.
+async fn reach(net: &QuicNet, vault: &Vault, node: NodeId) -> std::result::Result<(), MeshError> {
+    if net.connected().await?.contains(&node) {
+        return Ok(());
+    }
+    let addresses = vault
+        .peer(&node)
+        .ok()
+        .flatten()
+        .map(|record| record.addresses)
+        .unwrap_or_default();
+    let mut last = None;
+    for address in &addresses {
+        let Ok(parsed) = address.parse::<Multiaddr>() else {
+            last = Some(format!("{address} is not a multiaddr"));
+            continue;
+        };
+        match net.connect(parsed, CONNECT_DEADLINE).await {
+            Ok(reached) if reached == node => return Ok(()),
+            Ok(reached) => last = Some(format!("{address} is now node {reached}")),
+            Err(error) => last = Some(format!("{address}: {error}")),
+        }
+    }
+    Err(MeshError::Unreachable {
+        peer: node,
+        reason: last
+            .unwrap_or_else(|| "no address is known for it (forge peer add MULTIADDR)".to_owned()),
+    })
+}
+
+/// Following: this node announces new heads of branches others follow here (checked
+/// every [`ANNOUNCE_EVERY`]), takes announcements from the peers it follows, and pulls
+/// on each (and once when the daemon starts, for what it missed while down).
+struct Follow {
+    net: QuicNet,
+    vault: Arc<Vault>,
+    incoming: Incoming,
+    /// Pulls running, by (peer, volume): true when another announcement came meanwhile.
+    pulling: std::sync::Mutex<std::collections::BTreeMap<(NodeId, [u8; 16]), bool>>,
+}
+
+/// How often this node looks for new heads to announce.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+
+/// What was announced to whom: (volume, follower, branch) → head.
+type Announced = std::collections::BTreeMap<([u8; 16], NodeId, String), forge_crypto::Cid>;
+
+impl Follow {
+    /// Announces each followed branch's head to its follower once it changes; a follower
+    /// unreachable now hears of it at the next look.
+    async fn announce_loop(self: Arc<Self>) {
+        let mut announced = Announced::new();
+        loop {
+            tokio::time::sleep(ANNOUNCE_EVERY).await;
+            let Ok(followers) = self.vault.followers() else {
+                continue;
+            };
+            for (volume, follower, branch) in followers {
+                let key = (volume, follower, branch.clone());
+                let head = self
+                    .vault
+                    .refs()
+                    .get_ref(&forge_store::VolumeId::from_bytes(volume), &branch);
+                let Ok(Some(head)) = head else { continue };
+                if announced.get(&key) == Some(&head) {
+                    continue;
+                }
+                match self.announce(volume, &branch, head, follower).await {
+                    Ok(()) => {
+                        announced.insert(key, head);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %follower, "announcing a head: will try again");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn announce(
+        &self,
+        volume: [u8; 16],
+        branch: &str,
+        head: forge_crypto::Cid,
+        follower: NodeId,
+    ) -> std::result::Result<(), MeshError> {
+        let local = |error: NodeError| MeshError::Local {
+            what: error.to_string(),
+        };
+        let record = self
+            .vault
+            .list_volumes()
+            .map_err(local)?
+            .into_iter()
+            .find(|record| record.id == volume)
+            .ok_or_else(|| MeshError::Local {
+                what: "a followed volume that is gone".into(),
+            })?;
+        let index = self.vault.index_head(&record, &head).map_err(local)?;
+        let now = self.vault.now_ns();
+        let signed = forge_mesh::announce::Announcement {
+            volume,
+            branch: branch.to_owned(),
+            head,
+            index_root: forge_crypto::Cid::from_bytes(index.root),
+            author: self.vault.identity().node_id(),
+            sequence: u64::try_from(now).unwrap_or_default(),
+            time_ns: now,
+        }
+        .sign(self.vault.identity())?;
+        reach(&self.net, &self.vault, follower).await?;
+        let failed =
+            forge_mesh::announce::announce(&self.net, &[follower], &signed, CONNECT_DEADLINE).await;
+        match failed.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Pulls the followed branch of `volume` from `peer`, again while announcements keep
+    /// coming during the pull.
+    async fn pull(self: Arc<Self>, peer: NodeId, volume: [u8; 16]) {
+        {
+            let mut pulling = self
+                .pulling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(again) = pulling.get_mut(&(peer, volume)) {
+                *again = true;
+                return;
+            }
+            pulling.insert((peer, volume), false);
+        }
+        loop {
+            let following = self.vault.followings().ok().and_then(|all| {
+                all.into_iter()
+                    .find(|(node, following)| *node == peer && following.volume == volume)
+            });
+            if let Some((_, following)) = following {
+                let names = [
+                    following.name.as_str(),
+                    following.branch.as_str(),
+                    following.local_name.as_str(),
+                ];
+                let pulled = match reach(&self.net, &self.vault, peer).await {
+                    Ok(()) => {
+                        let config = TransferConfig::default();
+                        pull_volume(&self.net, &self.incoming, peer, names, &config).await
+                    }
+                    Err(error) => Err(error),
+                };
+                match pulled {
+                    Ok(summary) => tracing::info!(
+                        volume = following.local_name,
+                        %peer,
+                        chunks = summary.chunks_sent,
+                        moved = summary.moved.describe(),
+                        "pulled a followed branch"
+                    ),
+                    Err(error) => tracing::warn!(%error, %peer, "pulling a followed branch"),
+                }
+            }
+            let mut pulling = self
+                .pulling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pulling.get(&(peer, volume)) == Some(&true) {
+                pulling.insert((peer, volume), false);
+                continue;
+            }
+            pulling.remove(&(peer, volume));
+            return;
+        }
     }
 }
 
@@ -374,6 +563,60 @@ impl MeshService for DaemonMesh<'_> {
             seconds: started.elapsed().as_secs_f64(),
             proof: crate::vault::peers::proof_id(&summary.proof),
             snapshot: proof.receipt.snapshot.to_hex(),
+        })
+    }
+
+    fn follow(
+        &self,
+        request: forge_proto::v1::FollowVolumeRequest,
+        progress: &Progress,
+    ) -> Result<forge_proto::v1::FollowVolumeReply> {
+        let vault = self.api.vault;
+        let node = peer_node(vault, &request.peer, false)?;
+        self.node.reach(&node)?;
+        let branch = if request.branch.is_empty() {
+            DEFAULT_BRANCH.to_owned()
+        } else {
+            request.branch.clone()
+        };
+        let on = !request.unfollow;
+        let net = self.node.net.clone();
+        let (name, asked_branch) = (request.volume.clone(), branch.clone());
+        let volume = self
+            .node
+            .run(async move {
+                let config = TransferConfig::default();
+                forge_mesh::sync::follow_volume(&net, node, &name, &asked_branch, on, &config).await
+            })?
+            .map_err(mesh_error)?;
+        let following = crate::vault::peers::Following {
+            volume,
+            name: request.volume.clone(),
+            branch: branch.clone(),
+            local_name: request
+                .as_name
+                .clone()
+                .unwrap_or_else(|| request.volume.clone()),
+        };
+        vault.set_following(&node, &following, on)?;
+        let pulled = if on {
+            Some(self.sync(
+                SyncVolumeRequest {
+                    volume: request.volume.clone(),
+                    peer: node.to_hex(),
+                    pull: true,
+                    branch,
+                    as_name: request.as_name.clone(),
+                },
+                progress,
+            )?)
+        } else {
+            None
+        };
+        Ok(forge_proto::v1::FollowVolumeReply {
+            volume_id: forge_store::VolumeId::from_bytes(volume).to_string(),
+            following: on,
+            pulled,
         })
     }
 

@@ -8,10 +8,10 @@ use std::fmt::Write as _;
 use forge_crypto::NodeId;
 use forge_mesh::TransferProof;
 use forge_proto::v1::{
-    AddPeerRequest, ExportProofReply, ExportProofRequest, ListPeersReply, ListPeersRequest,
-    ListProofsReply, ListProofsRequest, NodeAddrReply, NodeAddrRequest, PeerInfo, PeerVolumeTrust,
-    ProofInfo, RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply,
-    SyncVolumeRequest, TrustPeerRequest,
+    AddPeerRequest, ExportProofReply, ExportProofRequest, FollowVolumeReply, FollowVolumeRequest,
+    ListPeersReply, ListPeersRequest, ListProofsReply, ListProofsRequest, NodeAddrReply,
+    NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo, RevokePeerRequest, ShareVolumeReply,
+    ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest, TrustPeerRequest,
 };
 use forge_store::VolumeId;
 use serde_json::json;
@@ -68,6 +68,16 @@ pub trait MeshService {
     /// # Errors
     /// No network here; the peer refused or failed; nothing is published then.
     fn sync(&self, request: SyncVolumeRequest, progress: &Progress) -> Result<SyncVolumeReply>;
+
+    /// Follows a peer's branch (and pulls it now), or stops following it.
+    ///
+    /// # Errors
+    /// No network here; the peer refused (not trusted to read).
+    fn follow(
+        &self,
+        request: FollowVolumeRequest,
+        progress: &Progress,
+    ) -> Result<FollowVolumeReply>;
 
     /// The transfer proofs kept.
     ///
@@ -210,6 +220,14 @@ impl MeshService for LocalApi<'_> {
 
     fn sync(&self, _request: SyncVolumeRequest, _progress: &Progress) -> Result<SyncVolumeReply> {
         Err(needs_daemon("`forge volume sync`"))
+    }
+
+    fn follow(
+        &self,
+        _request: FollowVolumeRequest,
+        _progress: &Progress,
+    ) -> Result<FollowVolumeReply> {
+        Err(needs_daemon("`forge volume follow`"))
     }
 
     fn list_proofs(&self, request: ListProofsRequest) -> Result<ListProofsReply> {
@@ -429,5 +447,31 @@ pub fn render_proofs(reply: &ListProofsReply) -> Output {
                 })
                 .collect(),
         ),
+    }
+}
+
+/// What `forge volume follow|unfollow` prints.
+#[must_use]
+pub fn render_follow(volume: &str, peer: &str, reply: &FollowVolumeReply) -> Output {
+    let pulled = reply.pulled.as_ref().map(render_sync);
+    let human = if reply.following {
+        format!(
+            "following {volume} at {peer}: each head it announces is pulled{}",
+            pulled
+                .as_ref()
+                .map_or_else(String::new, |output| format!("\n{}", output.human))
+        )
+    } else {
+        format!("no longer following {volume} at {peer}")
+    };
+    Output {
+        human,
+        json: json!({
+            "volume": volume,
+            "peer": peer,
+            "volume_id": reply.volume_id,
+            "following": reply.following,
+            "pulled": pulled.map(|output| output.json),
+        }),
     }
 }

@@ -320,6 +320,15 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         })
     }
 
+    fn follow(
+        &self,
+        request: forge_proto::v1::FollowVolumeRequest,
+        _progress: &Progress,
+    ) -> Result<forge_proto::v1::FollowVolumeReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().follow(request))
+    }
+
     fn list_proofs(
         &self,
         request: forge_proto::v1::ListProofsRequest,

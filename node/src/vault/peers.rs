@@ -25,6 +25,24 @@ pub const SHARES: RecordSpace = RecordSpace::new("shares");
 pub const LINEAGE: RecordSpace = RecordSpace::new("lineage");
 /// Transfer proofs: key = proof id (8 bytes), value = the proof file.
 pub const PROOFS: RecordSpace = RecordSpace::new("proofs");
+/// Nodes following a volume's branch here: key = volume id ‖ NodeId, value = branch.
+pub const FOLLOWERS: RecordSpace = RecordSpace::new("followers");
+/// Branches this vault follows at peers: key = NodeId ‖ volume id, value = [`Following`].
+pub const FOLLOWING: RecordSpace = RecordSpace::new("following");
+
+/// A branch this vault follows at a peer: pulled when the peer announces a new head,
+/// and when the daemon starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Following {
+    /// The volume's id.
+    pub volume: [u8; 16],
+    /// Its name at the peer.
+    pub name: String,
+    /// The branch.
+    pub branch: String,
+    /// Its name here.
+    pub local_name: String,
+}
 
 /// What a peer may do with one volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +415,106 @@ impl Vault {
                 value: id.to_owned(),
                 reason: "several proofs start so: give more characters".into(),
             }),
+        }
+    }
+
+    /// Records that `node` follows volume `volume`'s `branch` (or no longer, `on` false).
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn set_follower(
+        &self,
+        volume: &[u8; 16],
+        node: &NodeId,
+        branch: &str,
+        on: bool,
+    ) -> Result<()> {
+        let change = if on {
+            Change::Put(branch.as_bytes().to_vec())
+        } else {
+            Change::Delete
+        };
+        self.refs().apply(&[RecordUpdate::new(
+            FOLLOWERS,
+            [volume.as_slice(), node.as_bytes()].concat(),
+            Expected::Any,
+            change,
+        )])?;
+        Ok(())
+    }
+
+    /// Every follower: (volume id, node, branch).
+    ///
+    /// # Errors
+    /// Metadata errors, corrupt records.
+    pub fn followers(&self) -> Result<Vec<([u8; 16], NodeId, String)>> {
+        self.refs()
+            .scan_records(FOLLOWERS, b"")?
+            .into_iter()
+            .map(|(key, value)| {
+                let corrupt = |reason: String| NodeError::CorruptRecord {
+                    what: "follower",
+                    reason,
+                };
+                let volume: [u8; 16] = key
+                    .get(..16)
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .ok_or_else(|| corrupt("a short key".into()))?;
+                let node = NodeId::from_slice(&key[16..]).map_err(|e| corrupt(e.to_string()))?;
+                let branch = String::from_utf8(value).map_err(|e| corrupt(e.to_string()))?;
+                Ok((volume, node, branch))
+            })
+            .collect()
+    }
+
+    /// Records that this vault follows `following` at `peer` (or no longer, `on` false).
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn set_following(&self, peer: &NodeId, following: &Following, on: bool) -> Result<()> {
+        let change = if on {
+            Change::Put(records::encode(following))
+        } else {
+            Change::Delete
+        };
+        self.refs().apply(&[RecordUpdate::new(
+            FOLLOWING,
+            [peer.as_bytes().as_slice(), following.volume.as_slice()].concat(),
+            Expected::Any,
+            change,
+        )])?;
+        Ok(())
+    }
+
+    /// Every branch this vault follows: (peer, what).
+    ///
+    /// # Errors
+    /// Metadata errors, corrupt records.
+    pub fn followings(&self) -> Result<Vec<(NodeId, Following)>> {
+        self.refs()
+            .scan_records(FOLLOWING, b"")?
+            .into_iter()
+            .map(|(key, value)| {
+                let node = NodeId::from_slice(&key[..32.min(key.len())]).map_err(|error| {
+                    NodeError::CorruptRecord {
+                        what: "following",
+                        reason: error.to_string(),
+                    }
+                })?;
+                Ok((node, records::decode("following", &value)?))
+            })
+            .collect()
+    }
+
+    /// The public keys of `node` if this vault knows them (its keyring).
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt record.
+    pub fn peer_keys(&self, node: &NodeId) -> Result<Option<NodePublicKeys>> {
+        match self.trusted_keys(node.as_bytes(), "peer") {
+            Ok(keys) => Ok(Some(keys)),
+            Err(NodeError::UntrustedSigner { .. }) => Ok(None),
+            Err(error) => Err(error),
         }
     }
 

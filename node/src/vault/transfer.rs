@@ -586,6 +586,27 @@ impl VolumeHost for VaultVolumeHost {
         }
     }
 
+    fn follow(
+        &self,
+        from: NodeId,
+        name: &str,
+        branch: &str,
+        on: bool,
+    ) -> std::result::Result<[u8; 16], String> {
+        if on {
+            self.may_pull(from, name)?;
+            validate_name("branch name", branch).map_err(|error| error.to_string())?;
+        }
+        let record = self
+            .vault
+            .require_volume(name)
+            .map_err(|error| error.to_string())?;
+        self.vault
+            .set_follower(&record.id, &from, branch, on)
+            .map_err(|error| error.to_string())?;
+        Ok(record.id)
+    }
+
     fn count(&self, peer: NodeId, sent: bool, chunks: u64, bytes: u64) {
         if let Some(counter) = &self.counter {
             counter(peer, sent, chunks, bytes);

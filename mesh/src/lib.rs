@@ -6,6 +6,8 @@
 //!   delay, duplication, corruption, partitions) for tests and the simulator;
 //! - [`hello`]: the certificate binding a transport key to a node's ML-DSA-65 identity and
 //!   the replay-proof Hello exchanged on every connection (sans-IO);
+//! - [`audit`]: storage audits (random byte ranges of chunks, proved with BLAKE3 verified
+//!   streaming against their cids, without downloading them);
 //! - [`announce`]: signed announcements of new heads (Announcement domain), sent to
 //!   followers over `PeerNet`, taken only from trusted authors and only when newer;
 //! - [`proof`]: transfer receipts (signed by the receiver, countersigned by the sender)
@@ -18,6 +20,7 @@
 //! need the trait (consensus, the simulator) do not build libp2p.
 
 pub mod announce;
+pub mod audit;
 mod bytes;
 pub mod hello;
 pub mod memory;

@@ -141,6 +141,14 @@ enum Command {
         body: Vec<u8>,
         deadline: Duration,
         reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
+        /// Sent again after dialing the peer's remembered address (never dials twice).
+        redialed: bool,
+    },
+    /// Remember where `node` was reached, to dial it again when a request finds no
+    /// connection to it.
+    Remember {
+        node: NodeId,
+        address: Multiaddr,
     },
     Connect {
         address: Multiaddr,
@@ -198,6 +206,8 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     responses: mpsc::Sender<Command>,
     protocols: Served,
+    /// Where each node was last reached (dialed again when a request finds no connection).
+    book: BTreeMap<NodeId, Multiaddr>,
     /// The public keys each verified Hello proved, by node.
     keys: BTreeMap<NodeId, NodePublicKeys>,
     /// Peers whose Hello verified (both ways for peers we dialed).
@@ -231,19 +241,57 @@ impl Driver {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Remember { node, address } => {
+                self.book.insert(node, address);
+            }
             Command::Request {
                 peer,
                 protocol,
                 body,
                 deadline,
                 reply,
+                redialed,
             } => {
                 let Some(peer_id) = self.nodes.get(&peer).copied() else {
-                    let _ = reply.send(Err(MeshError::Unreachable {
-                        peer,
-                        reason: "no verified connection to it (connect to its address first)"
-                            .into(),
-                    }));
+                    match self.book.get(&peer).cloned() {
+                        // Reconnect: dial where it was reached, then send (nothing was
+                        // sent yet, so this is safe for any request).
+                        Some(address) if !redialed => {
+                            let (dialed, dial_result) = oneshot::channel();
+                            self.dial(address, dialed);
+                            let commands = self.responses.clone();
+                            tokio::spawn(async move {
+                                let reason = match dial_result.await {
+                                    Ok(Ok(node)) if node == peer => {
+                                        let again = Command::Request {
+                                            peer,
+                                            protocol,
+                                            body,
+                                            deadline,
+                                            reply,
+                                            redialed: true,
+                                        };
+                                        let _ = commands.send(again).await;
+                                        return;
+                                    }
+                                    Ok(Ok(other)) => {
+                                        format!("its last address now leads to node {other}")
+                                    }
+                                    Ok(Err(error)) => error.to_string(),
+                                    Err(_) => "the network task stopped".to_owned(),
+                                };
+                                let _ = reply.send(Err(MeshError::Unreachable { peer, reason }));
+                            });
+                        }
+                        _ => {
+                            let _ = reply.send(Err(MeshError::Unreachable {
+                                peer,
+                                reason: "no verified connection to it (connect to its address \
+                                         first)"
+                                    .into(),
+                            }));
+                        }
+                    }
                     return;
                 };
                 let id = self
@@ -260,20 +308,7 @@ impl Driver {
                     },
                 );
             }
-            Command::Connect { address, reply } => {
-                let options = DialOpts::unknown_peer_id().address(address.clone()).build();
-                let connection = options.connection_id();
-                match self.swarm.dial(options) {
-                    Ok(()) => {
-                        self.dials.insert(connection, reply);
-                    }
-                    Err(error) => {
-                        let _ = reply.send(Err(MeshError::Local {
-                            what: format!("cannot dial {address}: {error}"),
-                        }));
-                    }
-                }
-            }
+            Command::Connect { address, reply } => self.dial(address, reply),
             Command::Respond { channel, response } => {
                 if let (Some(channel), Some(response)) = (self.channels.remove(&channel), response)
                 {
@@ -366,6 +401,23 @@ impl Driver {
             &peer.to_bytes(),
             nonce,
         )
+    }
+
+    /// Dials `address`; `reply` hears the NodeId its Hello proves (or why not).
+    fn dial(&mut self, address: Multiaddr, reply: oneshot::Sender<Result<NodeId, MeshError>>) {
+        let shown = address.to_string();
+        let options = DialOpts::unknown_peer_id().address(address).build();
+        let connection = options.connection_id();
+        match self.swarm.dial(options) {
+            Ok(()) => {
+                self.dials.insert(connection, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(MeshError::Local {
+                    what: format!("cannot dial {shown}: {error}"),
+                }));
+            }
+        }
     }
 
     fn start_hello(&mut self, peer: PeerId) {
@@ -739,6 +791,7 @@ impl QuicNet {
             protocols: protocols.clone(),
             verified: BTreeMap::new(),
             keys: BTreeMap::new(),
+            book: BTreeMap::new(),
             nodes: BTreeMap::new(),
             handshakes: BTreeMap::new(),
             dials: BTreeMap::new(),
@@ -781,13 +834,18 @@ impl QuicNet {
         deadline: Duration,
     ) -> Result<NodeId, MeshError> {
         let shown = address.to_string();
+        let dialed = address.clone();
         match tokio::time::timeout(
             deadline.min(HELLO_DEADLINE),
             self.ask(|reply| Command::Connect { address, reply }),
         )
         .await
         {
-            Ok(result) => result?,
+            Ok(result) => {
+                let node = result??;
+                self.remember(node, dialed).await?;
+                Ok(node)
+            }
             Err(_) => Err(MeshError::Local {
                 what: format!("no verified connection to {shown} within {deadline:?}"),
             }),
@@ -800,6 +858,20 @@ impl QuicNet {
     /// The network task stopped.
     pub async fn peer_keys(&self, node: NodeId) -> Result<Option<NodePublicKeys>, MeshError> {
         self.ask(|reply| Command::PeerKeys { node, reply }).await
+    }
+
+    /// Remembers that `node` is reached at `address`: a request to it that finds no
+    /// connection dials there first (a reconnect).
+    ///
+    /// # Errors
+    /// The network task stopped.
+    pub async fn remember(&self, node: NodeId, address: Multiaddr) -> Result<(), MeshError> {
+        self.commands
+            .send(Command::Remember { node, address })
+            .await
+            .map_err(|_| MeshError::Local {
+                what: "the network task stopped".into(),
+            })
     }
 
     /// The nodes this one has a verified connection with.
@@ -839,6 +911,7 @@ impl PeerNet for QuicNet {
                 body,
                 deadline,
                 reply,
+                redialed: false,
             });
             match tokio::time::timeout(deadline, asked).await {
                 Ok(result) => result?,

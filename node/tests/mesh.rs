@@ -17,6 +17,8 @@ struct Site {
     daemon: Option<KillOnDrop>,
     id: String,
     metrics: String,
+    /// Its peer port (0 until it first listened).
+    port: String,
 }
 
 impl Site {
@@ -31,25 +33,35 @@ impl Site {
             daemon: None,
             id,
             metrics: String::new(),
+            port: "0".to_owned(),
         };
         site.restart();
         site
     }
 
-    /// Starts (again) its daemon.
+    /// Starts (again) its daemon, on the port it had (peers remember it).
     fn restart(&mut self) {
+        let _ = self.vault.run(&["node", "stop"]);
+        let listen = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.port);
         let line = self.vault.ok(&[
             "node",
             "start",
             "--metrics-listen",
             "127.0.0.1:0",
             "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
+            &listen,
         ]);
         self.daemon = Some(KillOnDrop(started_pid(&line)));
         self.metrics = self.vault.json(&["node", "status"])["metrics_address"]
             .as_str()
             .unwrap_or_default()
+            .to_owned();
+        self.port = self
+            .address()
+            .split("/udp/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
             .to_owned();
     }
 
@@ -401,4 +413,80 @@ fn a_follower_pulls_each_announced_head_and_what_it_missed_while_down() {
         .ok(&["volume", "import", "data", source.to_str().unwrap()]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(snapshots(&b), 3);
+}
+
+#[test]
+fn an_audit_passes_on_a_faithful_peer_and_fails_once_it_lost_a_chunk() {
+    let (a, mut b) = (Site::start(), Site::start());
+    let source = a.vault.path("source");
+    write_tree(&source, 5, 200 << 10, 21);
+    a.vault.ok(&["volume", "create", "data"]);
+    a.vault
+        .ok(&["volume", "import", "data", source.to_str().unwrap()]);
+    a.meet(&b, "b");
+    b.vault.ok(&["peer", "trust", &a.id, "--new-volumes"]);
+    a.sync("data", "b");
+
+    // Every chunk sampled (more samples than chunks): all proved, none downloaded whole.
+    let passed = a.vault.json(&[
+        "volume",
+        "audit",
+        "data",
+        "--peer",
+        "b",
+        "--samples",
+        "1000",
+    ]);
+    let samples = passed["samples"].as_array().unwrap().len() as u64;
+    assert!(samples >= 10, "{passed}");
+    assert_eq!(
+        (number(&passed, "passed"), number(&passed, "failed")),
+        (samples, 0)
+    );
+
+    // b loses one chunk (every shard of it), as a disk would.
+    b.vault.ok(&["node", "stop"]);
+    let lost = {
+        use forge_store::kv::{Column, Durability, KvEngine, RocksKv, RocksKvOptions, WriteBatch};
+        let kv = RocksKv::open(&b.vault.data_dir().join("db"), &RocksKvOptions::default()).unwrap();
+        let shards = kv.scan(Column::Shards, b"", None, usize::MAX).unwrap();
+        let cid = shards[0].0[..32].to_vec();
+        let mut batch = WriteBatch::new();
+        for (key, _) in shards.iter().filter(|(key, _)| key[..32] == cid[..]) {
+            batch.delete(Column::Shards, key.clone());
+        }
+        kv.write(batch, Durability::Synced).unwrap();
+        cid.iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    };
+    b.restart();
+    let failed = a.vault.run(&[
+        "volume",
+        "audit",
+        "data",
+        "--peer",
+        "b",
+        "--samples",
+        "1000",
+    ]);
+    assert_eq!(
+        failed.status.code(),
+        Some(3),
+        "an integrity failure: {}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let report = String::from_utf8_lossy(&failed.stdout);
+    assert!(report.contains(&format!("missing {lost}")), "{report}");
+    assert_eq!(
+        report.matches("\nmissing ").count() + usize::from(report.starts_with("missing ")),
+        1,
+        "{report}"
+    );
+    let metrics = scrape(&a.metrics);
+    let key = format!(
+        "forge_audit_samples_total{{peer=\"{}\",result=\"failed\"}}",
+        b.id
+    );
+    assert_eq!(metrics.get(&key), Some(&1.0), "{key}");
 }

@@ -455,14 +455,16 @@ pub async fn send_volume(
         .ok_or_else(|| MeshError::Local {
             what: "an offer without its head".into(),
         })?;
-    match ask(
-        &*net,
-        peer,
-        &VolumeMessage::Offer(offer.clone()),
-        config.control_deadline,
-    )
-    .await?
-    {
+    let offered = VolumeMessage::Offer(offer.clone());
+    let answer = match ask(&*net, peer, &offered, config.control_deadline).await {
+        // A connection that died unnoticed (the peer restarted): an offer only opens a
+        // session, so once more, on a new connection.
+        Err(MeshError::Timeout { .. } | MeshError::Unreachable { .. }) => {
+            ask(&*net, peer, &offered, config.control_deadline).await?
+        }
+        other => other?,
+    };
+    match answer {
         VolumeMessage::Accepted => {}
         other => {
             return Err(broke_protocol(

@@ -215,6 +215,22 @@ pub enum VolumeCommand {
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
     },
+    /// Challenge a peer to prove it holds the volume: random byte ranges of random chunks
+    /// of the branch's head, proved against their cids without downloading them (exit 3
+    /// when a chunk fails).
+    Audit {
+        /// The volume.
+        name: String,
+        /// The peer.
+        #[arg(long)]
+        peer: String,
+        /// Chunks to sample (all of them when at least their number).
+        #[arg(long, default_value_t = 32)]
+        samples: u32,
+        /// The branch whose head is audited (default main).
+        #[arg(long, default_value = "main")]
+        branch: String,
+    },
     /// Stop following a peer's branch.
     Unfollow {
         /// The volume's name at the peer.

@@ -18,8 +18,9 @@ use crate::service::{
 use crate::vault::Vault;
 use crate::vault::snapshots::DiffChange;
 use forge_proto::v1::{
-    AddPeerRequest, ExportProofRequest, FollowVolumeRequest, ListPeersRequest, ListProofsRequest,
-    NodeAddrRequest, RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest, TrustPeerRequest,
+    AddPeerRequest, AuditVolumeRequest, ExportProofRequest, FollowVolumeRequest, ListPeersRequest,
+    ListProofsRequest, NodeAddrRequest, RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest,
+    TrustPeerRequest,
 };
 use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
@@ -156,6 +157,19 @@ impl Cli {
                     &progress,
                 )?;
                 Ok(service::mesh::render_follow(name, peer, &reply))
+            }),
+            Command::Volume(VolumeCommand::Audit {
+                name,
+                peer,
+                samples,
+                branch,
+            }) => self.with_mesh(|mesh| {
+                service::mesh::render_audit(&mesh.audit(AuditVolumeRequest {
+                    volume: name.clone(),
+                    peer: peer.clone(),
+                    samples: *samples,
+                    branch: branch.clone(),
+                })?)
             }),
             Command::Volume(VolumeCommand::Unfollow { name, peer, branch }) => {
                 self.with_mesh(|mesh| {

@@ -795,6 +795,13 @@ impl Mesh for ApiGrpc {
         )
     }
 
+    async fn audit(
+        &self,
+        request: Request<forge_proto::v1::AuditVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::AuditVolumeReply>, Status> {
+        mesh_call!(self, "Mesh.Audit", request, audit)
+    }
+
     async fn follow(
         &self,
         request: Request<forge_proto::v1::FollowVolumeRequest>,

@@ -142,6 +142,30 @@ impl MeshNode {
             },
         ));
         tokio::spawn(follow.clone().announce_loop());
+        // Where each peer was reached: a request that finds no connection dials there.
+        for (node, record) in vault.peers()? {
+            if let Some(address) = record
+                .addresses
+                .iter()
+                .find_map(|address| address.parse::<Multiaddr>().ok())
+            {
+                let net = net.clone();
+                tokio::spawn(async move { net.remember(node, address).await });
+            }
+        }
+        let audits = net
+            .serve(forge_mesh::audit::AUDIT_PROTOCOL)
+            .map_err(mesh_error)?;
+        let rules = vault.clone();
+        tokio::spawn(forge_mesh::audit::serve_audits(
+            audits,
+            Arc::new(crate::vault::sync::VaultReader::new(vault.clone())),
+            // Only a peer trusted with something here may make this vault read for it.
+            move |from| match rules.peer(from) {
+                Ok(Some(peer)) if peer.new_volumes || !peer.volumes.is_empty() => Ok(()),
+                _ => Err(format!("node {from} is trusted with nothing here")),
+            },
+        ));
         // What was announced while this daemon was down: pulled now.
         for (peer, following) in vault.followings()? {
             tokio::spawn(follow.clone().pull(peer, following.volume));
@@ -622,6 +646,108 @@ impl MeshService for DaemonMesh<'_> {
 
     fn list_proofs(&self, request: ListProofsRequest) -> Result<ListProofsReply> {
         self.api.list_proofs(request)
+    }
+
+    fn audit(
+        &self,
+        request: forge_proto::v1::AuditVolumeRequest,
+    ) -> Result<forge_proto::v1::AuditVolumeReply> {
+        use forge_mesh::audit::{Verdict, audit, pick, sample};
+        let vault = self.api.vault;
+        let node = peer_node(vault, &request.peer, false)?;
+        let record = vault.require_volume(&request.volume)?;
+        let branch = if request.branch.is_empty() {
+            DEFAULT_BRANCH
+        } else {
+            &request.branch
+        };
+        let head = vault
+            .refs()
+            .get_ref(&forge_store::VolumeId::from_bytes(record.id), branch)?
+            .ok_or_else(|| NodeError::UnknownBranch {
+                volume: request.volume.clone(),
+                branch: branch.to_owned(),
+            })?;
+        // The head's chunks this vault holds (it reads each sampled one for its size).
+        let (cids, _) = vault.walk_index(&record, &head)?;
+        let mut chunks = Vec::with_capacity(cids.len());
+        for cid in cids {
+            if forge_store::chunkstore::has_first_shard(vault.kv(), &cid)? {
+                chunks.push(cid);
+            }
+        }
+        if chunks.is_empty() {
+            return Err(NodeError::InvalidArgument {
+                what: "audit",
+                value: request.volume,
+                reason: "this vault holds none of the head's chunks to audit against".into(),
+            });
+        }
+        let mut random = || {
+            vault
+                .random_array::<8>()
+                .map(u64::from_le_bytes)
+                .unwrap_or_default()
+        };
+        let wanted = if request.samples == 0 {
+            32
+        } else {
+            request.samples as usize
+        };
+        let mut samples = Vec::new();
+        for cid in pick(&chunks, wanted, &mut random) {
+            let size = forge_store::chunkstore::read_chunk(vault.kv(), &cid)?
+                .ciphertext
+                .len() as u64;
+            samples.push(sample(cid, size, &mut random));
+        }
+        self.node.reach(&node)?;
+        let net = self.node.net.clone();
+        let asked = samples.clone();
+        let verdicts = self
+            .node
+            .run(async move {
+                let deadline = Duration::from_secs(120);
+                match audit(&net, node, &asked, deadline).await {
+                    // A connection that died unnoticed (the peer restarted): once more, on a
+                    // new one (an audit only reads).
+                    Err(MeshError::Timeout { .. } | MeshError::Unreachable { .. }) => {
+                        audit(&net, node, &asked, deadline).await
+                    }
+                    other => other,
+                }
+            })?
+            .map_err(mesh_error)?;
+        let mut reply = forge_proto::v1::AuditVolumeReply {
+            volume: request.volume,
+            peer: node.to_hex(),
+            snapshot: head.to_hex(),
+            ..forge_proto::v1::AuditVolumeReply::default()
+        };
+        for (asked, verdict) in samples.iter().zip(verdicts) {
+            let (result, reason) = match verdict {
+                Verdict::Passed => ("passed", String::new()),
+                Verdict::Missing => ("missing", "the peer does not hold it".to_owned()),
+                Verdict::Failed(reason) => ("failed", reason),
+            };
+            if result == "passed" {
+                reply.passed += 1;
+            } else {
+                reply.failed += 1;
+            }
+            reply.samples.push(forge_proto::v1::AuditSample {
+                cid: asked.cid.to_hex(),
+                first_kib: asked.first_kib,
+                result: result.to_owned(),
+                reason,
+            });
+        }
+        if let Ok(daemon) = self.node.daemon() {
+            daemon
+                .metrics()
+                .count_audit(&node, reply.passed, reply.failed);
+        }
+        Ok(reply)
     }
 
     fn export_proof(&self, request: ExportProofRequest) -> Result<ExportProofReply> {

@@ -53,6 +53,7 @@ pub struct Metrics {
     sync_chunks: Family<Labels, Counter>,
     sync_bytes: Family<Labels, Counter>,
     sync_errors: Family<Labels, Counter>,
+    audit_samples: Family<Labels, Counter>,
     peers_known: Gauge,
     peers_connected: Gauge,
     /// Each volume's statistics with the snapshot list they were computed for.
@@ -106,6 +107,7 @@ impl Metrics {
             sync_chunks: Family::default(),
             sync_bytes: Family::default(),
             sync_errors: Family::default(),
+            audit_samples: Family::default(),
             peers_known: Gauge::default(),
             peers_connected: Gauge::default(),
             volume_cache: Mutex::new(BTreeMap::new()),
@@ -247,6 +249,11 @@ impl Metrics {
             metrics.sync_errors.clone(),
         );
         registry.register(
+            "audit_samples",
+            "Chunks this node audited at peers, by peer and result (passed, failed)",
+            metrics.audit_samples.clone(),
+        );
+        registry.register(
             "peers_known",
             "Peers in `forge peer list`",
             metrics.peers_known.clone(),
@@ -283,6 +290,18 @@ impl Metrics {
                 if pull { "pull" } else { "push" }.to_owned(),
             )])
             .inc();
+    }
+
+    /// Counts an audit's samples.
+    pub fn count_audit(&self, peer: &forge_crypto::NodeId, passed: u64, failed: u64) {
+        for (result, count) in [("passed", passed), ("failed", failed)] {
+            self.audit_samples
+                .get_or_create(&vec![
+                    ("peer", peer.to_hex()),
+                    ("result", result.to_owned()),
+                ])
+                .inc_by(count);
+        }
     }
 
     /// Sets the peer gauges.

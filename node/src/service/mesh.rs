@@ -8,10 +8,11 @@ use std::fmt::Write as _;
 use forge_crypto::NodeId;
 use forge_mesh::TransferProof;
 use forge_proto::v1::{
-    AddPeerRequest, ExportProofReply, ExportProofRequest, FollowVolumeReply, FollowVolumeRequest,
-    ListPeersReply, ListPeersRequest, ListProofsReply, ListProofsRequest, NodeAddrReply,
-    NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo, RevokePeerRequest, ShareVolumeReply,
-    ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest, TrustPeerRequest,
+    AddPeerRequest, AuditVolumeReply, AuditVolumeRequest, ExportProofReply, ExportProofRequest,
+    FollowVolumeReply, FollowVolumeRequest, ListPeersReply, ListPeersRequest, ListProofsReply,
+    ListProofsRequest, NodeAddrReply, NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo,
+    RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest,
+    TrustPeerRequest,
 };
 use forge_store::VolumeId;
 use serde_json::json;
@@ -78,6 +79,13 @@ pub trait MeshService {
         request: FollowVolumeRequest,
         progress: &Progress,
     ) -> Result<FollowVolumeReply>;
+
+    /// Audits a peer: random ranges of the volume's chunks it should hold, proved against
+    /// their cids.
+    ///
+    /// # Errors
+    /// No network here; the peer refused or is unreachable.
+    fn audit(&self, request: AuditVolumeRequest) -> Result<AuditVolumeReply>;
 
     /// The transfer proofs kept.
     ///
@@ -220,6 +228,10 @@ impl MeshService for LocalApi<'_> {
 
     fn sync(&self, _request: SyncVolumeRequest, _progress: &Progress) -> Result<SyncVolumeReply> {
         Err(needs_daemon("`forge volume sync`"))
+    }
+
+    fn audit(&self, _request: AuditVolumeRequest) -> Result<AuditVolumeReply> {
+        Err(needs_daemon("`forge volume audit`"))
     }
 
     fn follow(
@@ -474,4 +486,65 @@ pub fn render_follow(volume: &str, peer: &str, reply: &FollowVolumeReply) -> Out
             "pulled": pulled.map(|output| output.json),
         }),
     }
+}
+
+/// What `forge volume audit` prints.
+///
+/// # Errors
+/// [`NodeError::Damaged`] (exit 3) when a sample failed, carrying the whole report.
+pub fn render_audit(reply: &AuditVolumeReply) -> Result<Output> {
+    let mut human = String::new();
+    for sample in &reply.samples {
+        let _ = writeln!(
+            human,
+            "{} {} (KiB {}){}",
+            sample.result,
+            sample.cid,
+            sample.first_kib,
+            if sample.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", sample.reason)
+            }
+        );
+    }
+    let summary = format!(
+        "audit of {} at {}: {} of {} chunks proved, {} failed (snapshot {})",
+        reply.volume,
+        reply.peer,
+        reply.passed,
+        reply.samples.len(),
+        reply.failed,
+        reply.snapshot
+    );
+    human.push_str(&summary);
+    let output = Output {
+        human,
+        json: json!({
+            "volume": reply.volume,
+            "peer": reply.peer,
+            "snapshot": reply.snapshot,
+            "passed": reply.passed,
+            "failed": reply.failed,
+            "samples": reply.samples.iter().map(|sample| json!({
+                "cid": sample.cid,
+                "first_kib": sample.first_kib,
+                "result": sample.result,
+                "reason": sample.reason,
+            })).collect::<Vec<_>>(),
+        }),
+    };
+    if reply.failed > 0 {
+        return Err(NodeError::Damaged {
+            summary: format!(
+                "peer {} failed {} of {} audited chunks of volume {}",
+                reply.peer,
+                reply.failed,
+                reply.samples.len(),
+                reply.volume
+            ),
+            report: Box::new(output),
+        });
+    }
+    Ok(output)
 }

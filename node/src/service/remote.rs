@@ -320,6 +320,14 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         })
     }
 
+    fn audit(
+        &self,
+        request: forge_proto::v1::AuditVolumeRequest,
+    ) -> Result<forge_proto::v1::AuditVolumeReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().audit(request))
+    }
+
     fn follow(
         &self,
         request: forge_proto::v1::FollowVolumeRequest,

@@ -134,6 +134,50 @@ impl SyncStore for VaultSyncStore {
     }
 }
 
+/// The vault's store read-only, without claims (what an audit reads).
+pub struct VaultReader {
+    vault: Arc<Vault>,
+}
+
+impl std::fmt::Debug for VaultReader {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VaultReader")
+            .finish_non_exhaustive()
+    }
+}
+
+impl VaultReader {
+    /// A reader of `vault`.
+    #[must_use]
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+impl SyncStore for VaultReader {
+    fn holds(&self, cid: &Cid) -> std::result::Result<bool, MeshError> {
+        super::transfer::is_stored(&self.vault, cid).map_err(store_error)
+    }
+
+    fn read(&self, item: &Item) -> std::result::Result<(DataKind, Vec<u8>), MeshError> {
+        let kv = self.vault.kv();
+        let cid = item.cid();
+        if let Some(bytes) = kv
+            .get(Column::Objects, cid.as_bytes())
+            .map_err(store_error)?
+        {
+            return Ok((DataKind::Object, bytes));
+        }
+        let read = read_chunk(kv, &cid).map_err(store_error)?;
+        Ok((DataKind::Chunk, read.ciphertext))
+    }
+
+    fn store(&self, _items: Vec<(Item, DataKind, Vec<u8>)>) -> std::result::Result<(), MeshError> {
+        Err(store_error("this store is read-only"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -181,6 +181,10 @@ fn two_vaults_sync_a_tree_its_change_and_a_sibling_volume_sending_only_what_is_m
         message.contains("no key for volume data on this node"),
         "{message}"
     );
+    // It still counts what it holds (from the reference index), and fsck checks it.
+    let stats = b.vault.json(&["volume", "stats", "data"]);
+    assert!(number(&stats, "stored_bytes") > 40 << 20, "{stats}");
+    b.vault.ok(&["fsck"]);
 
     // One file in a hundred changes: about that much goes.
     let changed = source.join("d3/f3.bin");

@@ -428,17 +428,20 @@ impl Metrics {
                 .map(|(_, stats)| stats.clone());
             let stats = match cached {
                 Some(stats) => stats,
-                // Its keys need a passphrase: what the reference indexes tell, keylessly.
-                None if record.encrypted => match vault.volume_stats_keyless(&record.name) {
-                    Ok(stats) => {
-                        cache.insert(record.name.clone(), (snapshots, stats.clone()));
-                        stats
+                // Its keys need a passphrase, or this vault holds none (a zero-knowledge
+                // copy): what the reference indexes tell, keylessly.
+                None if record.encrypted || !vault.holds_volume_keys(&record).unwrap_or(true) => {
+                    match vault.volume_stats_keyless(&record.name) {
+                        Ok(stats) => {
+                            cache.insert(record.name.clone(), (snapshots, stats.clone()));
+                            stats
+                        }
+                        Err(error) => {
+                            self.failed("keyless volume statistics", &error);
+                            continue;
+                        }
                     }
-                    Err(error) => {
-                        self.failed("keyless volume statistics", &error);
-                        continue;
-                    }
-                },
+                }
                 None => match vault.volume_stats(&record.name, &no_passphrase) {
                     Ok(stats) => {
                         cache.insert(record.name.clone(), (snapshots, stats.clone()));

@@ -312,7 +312,13 @@ impl VolumeService for LocalApi<'_> {
     }
 
     fn stats(&self, request: VolumeStatsRequest) -> Result<VolumeStatsReply> {
-        let stats = self.vault.volume_stats(&request.name, self.passphrase)?;
+        let record = self.vault.require_volume(&request.name)?;
+        // A zero-knowledge copy: what its reference indexes tell (no plaintext ratios).
+        let stats = if self.vault.holds_volume_keys(&record)? {
+            self.vault.volume_stats(&request.name, self.passphrase)?
+        } else {
+            self.vault.volume_stats_keyless(&request.name)?
+        };
         Ok(VolumeStatsReply {
             logical_bytes: stats.logical_bytes,
             stored_bytes: stats.stored_bytes,

@@ -185,6 +185,10 @@ impl Vault {
                     )),
                 }
             }
+            if !self.holds_volume_keys(&record)? {
+                // A zero-knowledge copy: the keyless check above is all there is to do.
+                continue;
+            }
             let volume = match passphrase {
                 None if record.encrypted => {
                     report.skipped_volumes.push(record.name.clone());

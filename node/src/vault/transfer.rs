@@ -800,6 +800,9 @@ mod tests {
         b.vault
             .gc(&no_passphrase, &Progress::new("gc", false))
             .unwrap();
+        let checked = b.vault.fsck(None, &Progress::new("fsck", false)).unwrap();
+        assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+        assert!(checked.chunks_checked >= 12);
         let (cids, _) = b.vault.walk_index(&record, &first).unwrap();
         for cid in &cids {
             assert!(is_stored(&b.vault, cid).unwrap(), "{cid} kept by gc");

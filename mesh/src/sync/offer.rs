@@ -11,6 +11,7 @@
 //!            | chunk_max:u32le
 //!            | authors:u16le | (len:u32le | NodePublicKeys) * authors
 //!            | envelopes:u16le | (node[32] | len:u32le | envelope) * envelopes
+//!            | chain:u16le | (generation:u32le | len:u32le | sealed key) * chain
 //!            | snapshots:u32le | snapshot * snapshots            (oldest first)
 //! snapshot = id[32] | parents:u8 | parent[32] * parents | time_ns:i64le
 //!            | logical_bytes:u64le | files:u64le | index_root[32] | author[32]
@@ -106,6 +107,9 @@ pub struct Offer {
     pub authors: Vec<NodePublicKeys>,
     /// Key envelopes of the volume, by the node they are wrapped to.
     pub envelopes: Vec<(NodeId, Vec<u8>)>,
+    /// The volume's key chain (generation, the key before it sealed under its key): a
+    /// holder of the newest key reads what older keys sealed.
+    pub key_chain: Vec<(u32, Vec<u8>)>,
     /// Every snapshot reachable from the head, oldest first (the head last).
     pub snapshots: Vec<SnapshotEntry>,
 }
@@ -183,6 +187,11 @@ impl Offer {
             bytes.extend_from_slice(node.as_bytes());
             put_blob(&mut bytes, envelope);
         }
+        count(&mut bytes, self.key_chain.len(), false);
+        for (generation, sealed) in &self.key_chain {
+            bytes.extend_from_slice(&generation.to_le_bytes());
+            put_blob(&mut bytes, sealed);
+        }
         count(&mut bytes, self.snapshots.len(), true);
         for entry in &self.snapshots {
             bytes.extend_from_slice(entry.id.as_bytes());
@@ -243,6 +252,16 @@ impl Offer {
             let len = reader.u32_len()?;
             envelopes.push((node, reader.take(len)?.to_vec()));
         }
+        let chain_len = reader.u16_len()?;
+        if chain_len > AUTHORS_MAX {
+            return Err(reader.fail(format!("{chain_len} key chain entries")));
+        }
+        let mut key_chain = Vec::with_capacity(chain_len);
+        for _ in 0..chain_len {
+            let generation = u32::try_from(reader.u32_len()?).unwrap_or(u32::MAX);
+            let len = reader.u32_len()?;
+            key_chain.push((generation, reader.take(len)?.to_vec()));
+        }
         let snapshots_len = reader.u32_len()?;
         if snapshots_len > OFFER_SNAPSHOTS_MAX {
             return Err(reader.fail(format!(
@@ -289,6 +308,7 @@ impl Offer {
             domain,
             authors,
             envelopes,
+            key_chain,
             snapshots,
         })
     }
@@ -508,6 +528,7 @@ mod tests {
             },
             authors: vec![author.public_keys().clone()],
             envelopes: vec![(NodeId::from_bytes([5; 32]), vec![1, 2, 3])],
+            key_chain: vec![(1, vec![4; 40])],
             snapshots: vec![entry(cid(1), vec![]), entry(cid(2), vec![cid(1)])],
         }
     }

@@ -215,6 +215,16 @@ pub enum VolumeCommand {
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
     },
+    /// Stop sharing a volume with a node: its envelope is dropped and the volume key
+    /// rotated, so snapshots made from now on are sealed with a key it does not get. It
+    /// keeps what it could read before (older snapshots; for a writer, the domain key).
+    Unshare {
+        /// The volume.
+        name: String,
+        /// The node: a peer's name or NodeId.
+        #[arg(long)]
+        from: String,
+    },
     /// Challenge a peer to prove it holds the volume: random byte ranges of random chunks
     /// of the branch's head, proved against their cids without downloading them (exit 3
     /// when a chunk fails).

@@ -20,7 +20,7 @@ use crate::vault::snapshots::DiffChange;
 use forge_proto::v1::{
     AddPeerRequest, AuditVolumeRequest, ExportProofRequest, FollowVolumeRequest, ListPeersRequest,
     ListProofsRequest, NodeAddrRequest, RevokePeerRequest, ShareVolumeRequest, SyncVolumeRequest,
-    TrustPeerRequest,
+    TrustPeerRequest, UnshareVolumeRequest,
 };
 use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
@@ -187,6 +187,15 @@ impl Cli {
                     Ok(service::mesh::render_follow(name, peer, &reply))
                 })
             }
+            Command::Volume(VolumeCommand::Unshare { name, from }) => self.with_mesh(|mesh| {
+                Ok(service::mesh::render_unshare(
+                    name,
+                    &mesh.unshare(UnshareVolumeRequest {
+                        volume: name.clone(),
+                        from: from.clone(),
+                    })?,
+                ))
+            }),
             Command::Volume(VolumeCommand::Share { name, to, write }) => self.with_mesh(|mesh| {
                 Ok(service::mesh::render_share(
                     name,

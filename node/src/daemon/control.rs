@@ -781,6 +781,13 @@ impl Mesh for ApiGrpc {
         mesh_call!(self, "Mesh.Share", request, share)
     }
 
+    async fn unshare(
+        &self,
+        request: Request<forge_proto::v1::UnshareVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::UnshareVolumeReply>, Status> {
+        mesh_call!(self, "Mesh.Unshare", request, unshare)
+    }
+
     async fn sync(
         &self,
         request: Request<forge_proto::v1::SyncVolumeRequest>,

@@ -497,6 +497,13 @@ impl MeshService for DaemonMesh<'_> {
         self.api.share(request)
     }
 
+    fn unshare(
+        &self,
+        request: forge_proto::v1::UnshareVolumeRequest,
+    ) -> Result<forge_proto::v1::UnshareVolumeReply> {
+        self.api.unshare(request)
+    }
+
     fn sync(&self, request: SyncVolumeRequest, progress: &Progress) -> Result<SyncVolumeReply> {
         let started = Instant::now();
         let vault = self.api.vault;

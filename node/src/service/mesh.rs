@@ -12,7 +12,7 @@ use forge_proto::v1::{
     FollowVolumeReply, FollowVolumeRequest, ListPeersReply, ListPeersRequest, ListProofsReply,
     ListProofsRequest, NodeAddrReply, NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo,
     RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest,
-    TrustPeerRequest,
+    TrustPeerRequest, UnshareVolumeReply, UnshareVolumeRequest,
 };
 use forge_store::VolumeId;
 use serde_json::json;
@@ -63,6 +63,12 @@ pub trait MeshService {
     /// # Errors
     /// Unknown volume or node, keys that do not open.
     fn share(&self, request: ShareVolumeRequest) -> Result<ShareVolumeReply>;
+
+    /// Drops a node's envelope and rotates the volume key for new snapshots.
+    ///
+    /// # Errors
+    /// Not shared with it; keys that do not open.
+    fn unshare(&self, request: UnshareVolumeRequest) -> Result<UnshareVolumeReply>;
 
     /// Syncs a volume with a peer, counting chunks and bytes into `progress`.
     ///
@@ -223,6 +229,17 @@ impl MeshService for LocalApi<'_> {
         Ok(ShareVolumeReply {
             node_id: node.to_hex(),
             write: request.write,
+        })
+    }
+
+    fn unshare(&self, request: UnshareVolumeRequest) -> Result<UnshareVolumeReply> {
+        let node = peer_node(self.vault, &request.from, true)?;
+        let not_rewrapped = self
+            .vault
+            .unshare_volume(&request.volume, &node, self.passphrase)?;
+        Ok(UnshareVolumeReply {
+            node_id: node.to_hex(),
+            not_rewrapped: not_rewrapped as u64,
         })
     }
 
@@ -547,4 +564,31 @@ pub fn render_audit(reply: &AuditVolumeReply) -> Result<Output> {
         });
     }
     Ok(output)
+}
+
+/// What `forge volume unshare` prints.
+#[must_use]
+pub fn render_unshare(volume: &str, reply: &UnshareVolumeReply) -> Output {
+    let mut human = format!(
+        "volume {volume} is no longer shared with node {}: its key is rotated, and snapshots \
+         made from now on are sealed with the new one (the node keeps what it could read \
+         before: the older snapshots, and for a writer the dedup domain's key)",
+        reply.node_id
+    );
+    if reply.not_rewrapped > 0 {
+        let _ = write!(
+            human,
+            "\n{} other share(s) could not be wrapped again (their nodes' keys are unknown \
+             here: forge peer add them, then forge volume share again)",
+            reply.not_rewrapped
+        );
+    }
+    Output {
+        human,
+        json: json!({
+            "volume": volume,
+            "node_id": reply.node_id,
+            "not_rewrapped": reply.not_rewrapped,
+        }),
+    }
 }

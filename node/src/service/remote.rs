@@ -309,6 +309,14 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         self.connection.call(self.mesh().share(request))
     }
 
+    fn unshare(
+        &self,
+        request: forge_proto::v1::UnshareVolumeRequest,
+    ) -> Result<forge_proto::v1::UnshareVolumeReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().unshare(request))
+    }
+
     fn sync(
         &self,
         request: forge_proto::v1::SyncVolumeRequest,

@@ -210,7 +210,11 @@ enum LockWait {
 pub(crate) struct OpenVolume {
     pub record: VolumeRecord,
     pub id: VolumeId,
+    /// The key new objects are sealed with (the newest this node holds).
     pub volume_key: VolumeKey,
+    /// The keys before it, newest first (from the key chain: `unshare` rotates the key);
+    /// objects sealed before a rotation open with one of them.
+    pub older_keys: Vec<VolumeKey>,
     /// None for a reader's share: it reads, it cannot write (no convergent keys).
     pub domain_key: Option<DomainKey>,
     pub domain: DomainRecord,
@@ -365,12 +369,22 @@ impl Vault {
 
     /// Wraps `contents` to this node's keys, with randomness from the vault's source.
     fn wrap_to_node(&self, contents: &EnvelopeContents, binding: &[u8]) -> Result<Vec<u8>> {
+        self.wrap_to(self.identity.public_keys(), contents, binding)
+    }
+
+    /// Wraps `contents` to `recipient`, with randomness from the vault's source.
+    pub(crate) fn wrap_to(
+        &self,
+        recipient: &NodePublicKeys,
+        contents: &EnvelopeContents,
+        binding: &[u8],
+    ) -> Result<Vec<u8>> {
         let randomness = forge_crypto::WrapRandomness {
             ml_kem_m: self.random_array()?,
             x25519_ephemeral: self.random_array()?,
         };
         Ok(envelope::wrap_with_randomness(
-            self.identity.public_keys(),
+            recipient,
             contents,
             binding,
             &randomness,
@@ -759,7 +773,17 @@ impl Vault {
             .kv
             .get(Column::Objects, cid.as_bytes())?
             .ok_or(IntegrityFault::MissingObject { cid: *cid })?;
-        Object::open(&volume.volume_key, cid, &stored).map_err(|error| {
+        let opened = Object::open(&volume.volume_key, cid, &stored);
+        let opened = match opened {
+            // Sealed before the key was rotated: one of the older keys opens it.
+            Err(error) => volume
+                .older_keys
+                .iter()
+                .find_map(|key| Object::open(key, cid, &stored).ok())
+                .ok_or(error),
+            ok => ok,
+        };
+        opened.map_err(|error| {
             IntegrityFault::UnreadableObject {
                 cid: *cid,
                 reason: error.to_string(),
@@ -876,10 +900,12 @@ impl Vault {
                     what: "domain",
                     reason: format!("domain {:?} missing", record.domain),
                 })?;
+        let older_keys = self.older_volume_keys(&id, &volume_key)?;
         Ok(OpenVolume {
             record,
             id,
             volume_key,
+            older_keys,
             domain_key,
             domain,
         })

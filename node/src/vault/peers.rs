@@ -25,6 +25,12 @@ pub const SHARES: RecordSpace = RecordSpace::new("shares");
 pub const LINEAGE: RecordSpace = RecordSpace::new("lineage");
 /// Transfer proofs: key = proof id (8 bytes), value = the proof file.
 pub const PROOFS: RecordSpace = RecordSpace::new("proofs");
+/// A volume's key chain: key = volume id ‖ generation (u32 big-endian, from 1), value =
+/// the key of the generation before, sealed under this generation's key. Whoever holds
+/// the newest key reads every older snapshot; a node holding an older key (unshared)
+/// does not read what was sealed after it.
+pub const KEY_CHAIN: RecordSpace = RecordSpace::new("key-chain");
+
 /// Nodes following a volume's branch here: key = volume id ‖ NodeId, value = branch.
 pub const FOLLOWERS: RecordSpace = RecordSpace::new("followers");
 /// Branches this vault follows at peers: key = NodeId ‖ volume id, value = [`Following`].
@@ -311,16 +317,7 @@ impl Vault {
                 volume_key: open.volume_key.clone(),
             }
         };
-        let randomness = forge_crypto::WrapRandomness {
-            ml_kem_m: self.random_array()?,
-            x25519_ephemeral: self.random_array()?,
-        };
-        let envelope = forge_crypto::envelope::wrap_with_randomness(
-            &keys,
-            &contents,
-            &super::volume_binding(&open.id),
-            &randomness,
-        )?;
+        let envelope = self.wrap_to(&keys, &contents, &super::volume_binding(&open.id))?;
         self.refs().apply(&[RecordUpdate::new(
             SHARES,
             [open.id.as_bytes().as_slice(), to.as_bytes()].concat(),
@@ -328,6 +325,167 @@ impl Vault {
             Change::Put(envelope),
         )])?;
         Ok(())
+    }
+
+    /// Stops sharing volume `name` with node `from`: its envelope is dropped, the volume
+    /// key is rotated (the old key, sealed under the new one, goes into the key chain),
+    /// and this node's keys and every other share are wrapped again with the new key.
+    /// Snapshots made from now on are sealed with it; `from` keeps what it could read
+    /// before (the older snapshots, and for a writer the dedup domain's key). The number
+    /// of other shares that could not be wrapped again (their node's keys unknown here:
+    /// they keep reading only what came before).
+    ///
+    /// # Errors
+    /// Not shared with `from`; keys that do not open; a reader's share (it cannot
+    /// rotate); metadata errors.
+    pub fn unshare_volume(
+        &self,
+        name: &str,
+        from: &NodeId,
+        passphrase: super::PassphraseSource<'_>,
+    ) -> Result<usize> {
+        let open = self.open_volume(name, passphrase)?;
+        let shares = self.volume_shares(&open.id)?;
+        if !shares.iter().any(|(node, _)| node == from) {
+            return Err(NodeError::InvalidArgument {
+                what: "unshare",
+                value: from.to_hex(),
+                reason: format!("volume {name} is not shared with that node here"),
+            });
+        }
+        let domain_key = open.domain_key()?.clone();
+        let chain = self.key_chain(&open.id)?;
+        if let Some((generation, sealed)) = chain.last()
+            && open_chain(&open.volume_key, &open.id, *generation, sealed).is_err()
+        {
+            return Err(NodeError::InvalidArgument {
+                what: "unshare",
+                value: name.to_owned(),
+                reason: "this node does not hold the volume's newest key (it was rotated \
+                         elsewhere): sync it from the node that rotated it first"
+                    .into(),
+            });
+        }
+        let new_key = forge_crypto::VolumeKey::from_bytes(self.random_array()?);
+        let generation = u32::try_from(chain.len() + 1).unwrap_or(u32::MAX);
+        let mut updates = vec![RecordUpdate::new(
+            KEY_CHAIN,
+            chain_key(&open.id, generation),
+            Expected::Absent,
+            Change::Put(forge_crypto::seal::seal(
+                new_key.as_bytes(),
+                open.volume_key.as_bytes(),
+                &chain_aad(&open.id, generation),
+                forge_crypto::Compression::Never,
+            )),
+        )];
+        let writer = forge_crypto::EnvelopeContents::Writer {
+            volume_key: new_key.clone(),
+            domain_key: domain_key.clone(),
+        };
+        let binding = super::volume_binding(&open.id);
+        let own = if open.record.encrypted {
+            let secret = passphrase(&format!("Passphrase for volume {name}"), false)?;
+            records::VolumeKeys::Passphrase(forge_crypto::passphrase::protect_with_randomness(
+                secret.as_bytes(),
+                &writer.to_bytes(),
+                forge_crypto::KdfParams::DEFAULT,
+                self.random_array()?,
+                self.random_array()?,
+            )?)
+        } else {
+            records::VolumeKeys::WrappedToNode(self.wrap_to(
+                self.identity().public_keys(),
+                &writer,
+                &binding,
+            )?)
+        };
+        updates.push(RecordUpdate::new(
+            RecordSpace::VOLUME_KEYS,
+            open.id.as_bytes().to_vec(),
+            Expected::Any,
+            Change::Put(records::encode(&own)),
+        ));
+        let mut not_rewrapped = 0;
+        for (node, envelope) in shares {
+            let key = [open.id.as_bytes().as_slice(), node.as_bytes()].concat();
+            if node == *from {
+                updates.push(RecordUpdate::new(
+                    SHARES,
+                    key,
+                    Expected::Any,
+                    Change::Delete,
+                ));
+                continue;
+            }
+            let Some(keys) = self.peer_keys(&node)? else {
+                not_rewrapped += 1;
+                continue;
+            };
+            let contents = if forge_crypto::EnvelopeHeader::parse(&envelope)?.is_writer {
+                writer.clone()
+            } else {
+                forge_crypto::EnvelopeContents::Reader {
+                    volume_key: new_key.clone(),
+                }
+            };
+            updates.push(RecordUpdate::new(
+                SHARES,
+                key,
+                Expected::Any,
+                Change::Put(self.wrap_to(&keys, &contents, &binding)?),
+            ));
+        }
+        self.refs().apply(&updates)?;
+        Ok(not_rewrapped)
+    }
+
+    /// The keys older than `current` for volume `volume`, newest first, opened down its
+    /// key chain from the generation `current` is.
+    ///
+    /// # Errors
+    /// Metadata errors; a chain entry that does not open with the key above it.
+    pub(crate) fn older_volume_keys(
+        &self,
+        volume: &VolumeId,
+        current: &forge_crypto::VolumeKey,
+    ) -> Result<Vec<forge_crypto::VolumeKey>> {
+        let chain = self.key_chain(volume)?;
+        // The generation `current` is: the newest entry it opens (none: the first key).
+        let Some(start) = chain.iter().rposition(|(generation, sealed)| {
+            open_chain(current, volume, *generation, sealed).is_ok()
+        }) else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::with_capacity(start + 1);
+        let mut key = current.clone();
+        for (generation, sealed) in chain[..=start].iter().rev() {
+            key = open_chain(&key, volume, *generation, sealed)?;
+            keys.push(key.clone());
+        }
+        Ok(keys)
+    }
+
+    /// A volume's key chain, oldest generation first.
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt key.
+    pub fn key_chain(&self, volume: &VolumeId) -> Result<Vec<(u32, Vec<u8>)>> {
+        self.refs()
+            .scan_records(KEY_CHAIN, volume.as_bytes())?
+            .into_iter()
+            .map(|(key, value)| {
+                let generation = key
+                    .get(16..20)
+                    .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| NodeError::CorruptRecord {
+                        what: "key chain",
+                        reason: "a key without its generation".into(),
+                    })?;
+                Ok((generation, value))
+            })
+            .collect()
     }
 
     /// A snapshot's parents as recorded (None: not recorded; read its commit instead).
@@ -525,4 +683,46 @@ impl Vault {
     pub(crate) fn knows_keys(&self, node: &NodeId) -> Result<bool> {
         Ok(self.refs().get_record(KEYRING, node.as_bytes())?.is_some())
     }
+}
+
+/// The record key of generation `generation` of `volume`'s key chain.
+pub(crate) fn chain_key(volume: &VolumeId, generation: u32) -> Vec<u8> {
+    [volume.as_bytes().as_slice(), &generation.to_be_bytes()].concat()
+}
+
+/// What a key chain entry's seal binds it to: its volume and generation.
+fn chain_aad(volume: &VolumeId, generation: u32) -> Vec<u8> {
+    let mut aad = b"forge-vault volume key chain v1".to_vec();
+    aad.extend_from_slice(volume.as_bytes());
+    aad.extend_from_slice(&generation.to_be_bytes());
+    aad
+}
+
+/// Opens key chain entry `generation` with the key of that generation: the key before.
+fn open_chain(
+    key: &forge_crypto::VolumeKey,
+    volume: &VolumeId,
+    generation: u32,
+    sealed: &[u8],
+) -> Result<forge_crypto::VolumeKey> {
+    let bytes =
+        forge_crypto::seal::open(key.as_bytes(), sealed, &chain_aad(volume, generation), 64)?;
+    let array: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| NodeError::CorruptRecord {
+            what: "key chain",
+            reason: format!("generation {generation} holds no 32-byte key"),
+        })?;
+    Ok(forge_crypto::VolumeKey::from_bytes(array))
+}
+
+/// Whether `key` is the key of chain generation `generation` (its entry opens with it).
+pub(crate) fn opens_chain(
+    key: &forge_crypto::VolumeKey,
+    volume: &VolumeId,
+    generation: u32,
+    sealed: &[u8],
+) -> bool {
+    open_chain(key, volume, generation, sealed).is_ok()
 }

@@ -166,6 +166,7 @@ impl VaultVolumeHost {
             },
             authors: authors.into_values().collect(),
             envelopes: vault.volume_shares(&volume)?,
+            key_chain: vault.key_chain(&volume)?,
             snapshots,
         };
         Ok((offer, record, head_chunks))
@@ -292,10 +293,26 @@ impl VaultVolumeHost {
             }
         };
         let me = vault.identity().node_id();
-        let has_keys = vault
+        let held_chain = vault.key_chain(&volume)?;
+        for (generation, sealed) in &offer.key_chain {
+            // A generation this vault has keeps its entry (the chain only grows).
+            if !held_chain.iter().any(|(held, _)| held == generation) {
+                updates.push(RecordUpdate::new(
+                    super::peers::KEY_CHAIN,
+                    super::peers::chain_key(&volume, *generation),
+                    Expected::Absent,
+                    Change::Put(sealed.clone()),
+                ));
+            }
+        }
+        let has_keys = match vault
             .refs()
             .get_record(RecordSpace::VOLUME_KEYS, &offer.volume)?
-            .is_some();
+        {
+            None => false,
+            // Keys held, but the offered envelope may carry a newer key (rotated there).
+            Some(_) => !self.offered_key_is_newer(offer, &volume)?,
+        };
         for (node, envelope) in &offer.envelopes {
             if *node == me {
                 if !has_keys {
@@ -308,7 +325,7 @@ impl VaultVolumeHost {
                     updates.push(RecordUpdate::new(
                         RecordSpace::VOLUME_KEYS,
                         offer.volume.to_vec(),
-                        Expected::Absent,
+                        Expected::Any,
                         Change::Put(records::encode(&VolumeKeys::WrappedToNode(
                             envelope.clone(),
                         ))),
@@ -380,7 +397,15 @@ impl VaultVolumeHost {
         // volume, and the parents the sender stated.
         if let Ok(open) = vault.open_volume(&record.name, &no_passphrase) {
             for entry in &offer.snapshots {
-                let commit = vault.read_commit(&open, &entry.id)?;
+                let commit = match vault.read_commit(&open, &entry.id) {
+                    Ok(commit) => commit,
+                    // Sealed with a key this node was not given (rotated after an
+                    // unshare): held as ciphertext, checked by its signed index head only.
+                    Err(NodeError::Integrity(crate::error::IntegrityFault::UnreadableObject {
+                        ..
+                    })) => continue,
+                    Err(error) => return Err(error),
+                };
                 let parents: Vec<Cid> =
                     commit.parents.iter().map(|p| Cid::from_bytes(*p)).collect();
                 if parents != entry.parents {
@@ -432,6 +457,43 @@ impl VaultVolumeHost {
             }
         };
         Ok(Published { moved, branch })
+    }
+
+    /// Whether the offer's envelope for this node holds a newer key than the one it has
+    /// (its key was rotated at the sender): the newest chain entry opens with the offered
+    /// key and not with the held one. A passphrase-protected key is never replaced.
+    fn offered_key_is_newer(&self, offer: &Offer, volume: &VolumeId) -> Result<bool> {
+        let vault = &*self.vault;
+        let me = vault.identity().node_id();
+        let Some((_, offered)) = offer.envelopes.iter().find(|(node, _)| *node == me) else {
+            return Ok(false);
+        };
+        let Some((generation, newest)) = offer.key_chain.iter().max_by_key(|(g, _)| *g) else {
+            return Ok(false);
+        };
+        let binding = super::volume_binding(volume);
+        let Some(stored) = vault
+            .refs()
+            .get_record(RecordSpace::VOLUME_KEYS, volume.as_bytes())?
+        else {
+            return Ok(true);
+        };
+        let VolumeKeys::WrappedToNode(held) =
+            records::decode::<VolumeKeys>("volume keys", &stored)?
+        else {
+            return Ok(false);
+        };
+        let key_of = |envelope: &[u8]| -> Option<forge_crypto::VolumeKey> {
+            forge_crypto::envelope::unwrap(vault.identity(), envelope, &binding)
+                .ok()?
+                .volume_key()
+                .cloned()
+        };
+        let opens = |key: &Option<forge_crypto::VolumeKey>| {
+            key.as_ref()
+                .is_some_and(|key| super::peers::opens_chain(key, volume, *generation, newest))
+        };
+        Ok(opens(&key_of(offered)) && !opens(&key_of(&held)))
     }
 
     /// The name of the local domain with the offer's domain id, creating its record (no
@@ -931,5 +993,96 @@ mod tests {
             "{refused}"
         );
         assert_eq!(b.vault.branches("v").unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unshared_node_keeps_the_old_snapshots_and_cannot_read_the_new_ones() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(6);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        let c = Site::join(&network, &temp.path().join("c"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let old_tree = temp.path().join("old");
+        write_tree(&old_tree, 9, 5);
+        let old = a.import("v", &old_tree);
+        for (site, name) in [(&b, "b"), (&c, "c")] {
+            a.meet(site, name);
+            site.meet(&a, "a");
+            site.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        }
+        a.vault
+            .share_volume("v", &b.id(), true, &no_passphrase)
+            .unwrap();
+        a.vault
+            .share_volume("v", &c.id(), false, &no_passphrase)
+            .unwrap();
+        for site in [&b, &c] {
+            a.send(site, "v").await.unwrap();
+            let out = temp.path().join(format!("first-{}", site.id()));
+            site.export("v", "main", &out).unwrap();
+            same_tree(&old_tree, &out);
+        }
+        // A reader's share cannot write.
+        let refused = c.vault.import(
+            "v",
+            &old_tree,
+            &ImportOptions {
+                message: String::new(),
+                branch: "main".into(),
+                dna: BTreeMap::new(),
+                atime: false,
+            },
+            &no_passphrase,
+            &Progress::new("test", false),
+        );
+        assert!(refused.unwrap_err().to_string().contains("may only read"));
+
+        assert_eq!(
+            a.vault
+                .unshare_volume("v", &b.id(), &no_passphrase)
+                .unwrap(),
+            0
+        );
+        let new_tree = temp.path().join("new");
+        write_tree(&new_tree, 10, 5);
+        a.import("v", &new_tree);
+        for site in [&b, &c] {
+            a.send(site, "v").await.unwrap();
+        }
+        let export_old = |site: &Site, to: &str| {
+            site.vault
+                .export(
+                    "v",
+                    &temp.path().join(to),
+                    &SnapshotSelector::Id(old.to_hex()),
+                    &ExportOptions::default(),
+                    &no_passphrase,
+                    &Progress::new("test", false),
+                )
+                .map(|_| ())
+        };
+        // c, still shared, got the new key: it reads both.
+        let out = temp.path().join("c-new");
+        c.export("v", "main", &out).unwrap();
+        same_tree(&new_tree, &out);
+        export_old(&c, "c-old").unwrap();
+        same_tree(&old_tree, &temp.path().join("c-old"));
+        // b keeps what it had, not what came after.
+        export_old(&b, "b-old").unwrap();
+        let refused = b
+            .export("v", "main", &temp.path().join("b-new"))
+            .unwrap_err();
+        assert!(refused.to_string().contains("unreadable"), "{refused}");
+        // a reads both through the key chain.
+        export_old(&a, "a-old").unwrap();
+        a.export("v", "main", &temp.path().join("a-new")).unwrap();
+        let again = a
+            .vault
+            .unshare_volume("v", &b.id(), &no_passphrase)
+            .unwrap_err();
+        assert!(again.to_string().contains("not shared"), "{again}");
     }
 }

@@ -1,8 +1,10 @@
 //! Announcements of new snapshot heads: a vault that commits to a followed branch tells its
-//! followers, who then pull. An announcement is signed by the head's author in the
-//! Announcement domain, so a follower acts only on heads a trusted author really made;
-//! it rides `PeerNet` (`/forge/announce/1`), so the in-process network and the simulator
-//! carry it like any other request (gossipsub is the libp2p implementation's business).
+//! followers, who then pull. An announcement is signed by the node that announces (the
+//! head's author, or a vault serving the volume onward) in the Announcement domain, so a
+//! follower acts only on heads announced by a node it trusts (the one it follows);
+//! it rides `PeerNet::publish` on the volume's topic ([`topic`]), so the in-process network
+//! and the simulator carry it like anything else (gossipsub is the libp2p
+//! implementation's transport for it).
 //!
 //! ```text
 //! announcement = "FGAN" | version:u8=1 | volume[16] | branch_len:u8 | branch
@@ -12,24 +14,14 @@
 //! `sequence` grows with each announcement of a (volume, branch) by its author: a follower
 //! ignores one not newer than the last it acted on (a replay, or a late duplicate).
 
-use std::time::Duration;
-
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodePublicKeys, Signature, SignatureDomain};
 
 use crate::bytes::Reader;
-use crate::net::{Inbound, MeshError, PeerNet, Protocol};
+use crate::net::{MeshError, PeerNet, Subscription};
 
 /// Version of the announcement encoding.
 pub const ANNOUNCEMENT_FORMAT_VERSION: u8 = 1;
 const MAGIC: &[u8; 4] = b"FGAN";
-
-/// The announcement protocol: small messages, a short queue.
-pub const ANNOUNCE_PROTOCOL: Protocol = Protocol {
-    name: "/forge/announce/1",
-    max_request_bytes: 8 << 10,
-    max_response_bytes: 64,
-    inbound_queue: 64,
-};
 
 fn invalid(reason: impl Into<String>) -> MeshError {
     MeshError::InvalidAnnouncement {
@@ -153,61 +145,102 @@ impl Announcement {
     }
 }
 
-/// Sends a signed announcement to each of `followers`; the ones that did not take it (to
-/// try again on reconnect).
-pub async fn announce(
-    net: &dyn PeerNet,
-    followers: &[NodeId],
-    signed: &[u8],
-    deadline: Duration,
-) -> Vec<(NodeId, MeshError)> {
-    let mut failed = Vec::new();
-    for follower in followers {
-        if let Err(error) = net
-            .request(*follower, ANNOUNCE_PROTOCOL, signed.to_vec(), deadline)
-            .await
-        {
-            failed.push((*follower, error));
-        }
-    }
-    failed
+/// The topic a volume's heads are announced on.
+#[must_use]
+pub fn topic(volume: &[u8; 16]) -> String {
+    let hex: String = volume.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("/forge/heads/1/{hex}")
 }
 
-/// Receives announcements on `inbound` until the node stops serving: each one whose author
-/// `keys_of` knows (a trusted author's keys), whose signature verifies, and whose sequence
-/// is newer than the last taken for its (volume, branch, author) goes to `deliver`; the
-/// sender hears "taken" or why not.
-pub async fn serve_announcements(
-    mut inbound: Inbound,
-    keys_of: impl Fn(&NodeId) -> Option<NodePublicKeys>,
-    mut deliver: impl FnMut(Announcement),
-) {
-    let mut newest: std::collections::BTreeMap<([u8; 16], String, NodeId), u64> =
-        std::collections::BTreeMap::new();
-    while let Some(request) = inbound.next().await {
-        let Some(author) = Announcement::claimed_author(&request.body) else {
-            request.refuse("not an announcement");
-            continue;
+/// Publishes a signed announcement of a head of `volume` to its followers (gossip: best
+/// effort; the announcer publishes again while it matters, a follower pulls on
+/// reconnect).
+///
+/// # Errors
+/// No follower reachable now.
+pub async fn announce(
+    net: &dyn PeerNet,
+    volume: &[u8; 16],
+    signed: &[u8],
+) -> Result<(), MeshError> {
+    if signed.len() > ANNOUNCE_BYTES_MAX {
+        return Err(MeshError::TooLarge {
+            protocol: "gossip",
+            what: "announcement",
+            bytes: signed.len(),
+            limit: ANNOUNCE_BYTES_MAX,
+        });
+    }
+    net.publish(&topic(volume), signed.to_vec()).await
+}
+
+/// The largest announcement (a branch name is at most 255 bytes).
+pub const ANNOUNCE_BYTES_MAX: usize = 8 << 10;
+
+/// What a follower made of one announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Verified, newer: delivered.
+    Delivered,
+    /// Not newer than the last taken for its branch and author (a replay, a repeat).
+    Stale,
+    /// Not from a trusted author, or not verifying: why.
+    Refused(String),
+}
+
+/// The announcements a follower has taken: each one whose author `keys_of` knows (a
+/// trusted author's keys), whose signature verifies and whose sequence is newer than the
+/// last taken for its (volume, branch, author). Sans-IO: [`serve_announcements`] feeds it.
+#[derive(Debug, Default)]
+pub struct Follower {
+    newest: std::collections::BTreeMap<([u8; 16], String, NodeId), u64>,
+}
+
+impl Follower {
+    /// Takes one announcement's bytes.
+    pub fn take(
+        &mut self,
+        bytes: &[u8],
+        keys_of: impl Fn(&NodeId) -> Option<NodePublicKeys>,
+    ) -> (Taken, Option<Announcement>) {
+        let Some(author) = Announcement::claimed_author(bytes) else {
+            return (Taken::Refused("not an announcement".into()), None);
         };
         let Some(keys) = keys_of(&author) else {
-            request.refuse(format!("author {author} is not trusted here"));
-            continue;
+            return (
+                Taken::Refused(format!("author {author} is not trusted here")),
+                None,
+            );
         };
-        match Announcement::decode_verified(&request.body, &keys) {
+        match Announcement::decode_verified(bytes, &keys) {
             Ok(announcement) => {
                 let key = (announcement.volume, announcement.branch.clone(), author);
-                if newest
+                if self
+                    .newest
                     .get(&key)
                     .is_some_and(|last| *last >= announcement.sequence)
                 {
-                    request.respond(b"stale".to_vec());
-                    continue;
+                    return (Taken::Stale, None);
                 }
-                newest.insert(key, announcement.sequence);
-                request.respond(b"taken".to_vec());
-                deliver(announcement);
+                self.newest.insert(key, announcement.sequence);
+                (Taken::Delivered, Some(announcement))
             }
-            Err(error) => request.refuse(error.to_string()),
+            Err(error) => (Taken::Refused(error.to_string()), None),
+        }
+    }
+}
+
+/// Receives the announcements published on `subscription` until it ends: each one a
+/// [`Follower`] takes goes to `deliver`.
+pub async fn serve_announcements(
+    mut subscription: Subscription,
+    keys_of: impl Fn(&NodeId) -> Option<NodePublicKeys>,
+    mut deliver: impl FnMut(Announcement),
+) {
+    let mut follower = Follower::default();
+    while let Some(gossip) = subscription.next().await {
+        if let (Taken::Delivered, Some(announcement)) = follower.take(&gossip.message, &keys_of) {
+            deliver(announcement);
         }
     }
 }
@@ -273,42 +306,37 @@ mod tests {
         let sink = taken.clone();
         let trusted = author.public_keys().clone();
         let trusted_id = author.node_id();
+        let volume = [4; 16];
+        // Nobody follows yet: nobody to tell.
+        let first = head(&author, 1).sign(&author).unwrap();
+        assert!(announce(&*announcer, &volume, &first).await.is_err());
         tokio::spawn(serve_announcements(
-            follower.serve(ANNOUNCE_PROTOCOL).expect("serve"),
+            follower.subscribe(&topic(&volume)).expect("subscribe"),
             move |id| (*id == trusted_id).then(|| trusted.clone()),
             move |announcement| sink.lock().unwrap().push(announcement.sequence),
         ));
-        let second = Duration::from_secs(1);
-        let first = head(&author, 1).sign(&author).unwrap();
-        assert!(
-            announce(&*announcer, &[follower_id], &first, second)
-                .await
-                .is_empty()
-        );
-        // Partitioned: not taken, and the announcer knows whom to tell again.
+        announce(&*announcer, &volume, &first).await.unwrap();
+        // Partitioned: not delivered, and the announcer hears so (it publishes again).
         network.partition(&[author.node_id()], &[follower_id]);
         let later = head(&author, 2).sign(&author).unwrap();
-        let failed = announce(&*announcer, &[follower_id], &later, second).await;
-        assert_eq!(failed.len(), 1);
+        assert!(announce(&*announcer, &volume, &later).await.is_err());
         network.heal();
-        assert!(
-            announce(&*announcer, &[follower_id], &later, second)
-                .await
-                .is_empty()
-        );
-        // A replay of the first is stale; an untrusted author is refused.
-        assert!(
-            announce(&*announcer, &[follower_id], &first, second)
-                .await
-                .is_empty()
-        );
+        announce(&*announcer, &volume, &later).await.unwrap();
+        // A replay of the first is stale; an untrusted author's is refused.
+        announce(&*announcer, &volume, &first).await.unwrap();
         let stranger_net = network.join(stranger.node_id());
         let forged = head(&stranger, 9).sign(&stranger).unwrap();
-        let refused = announce(&*stranger_net, &[follower_id], &forged, second).await;
-        assert!(
-            matches!(&refused[..], [(_, MeshError::Refused { reason, .. })] if reason.contains("not trusted")),
-            "{refused:?}"
-        );
+        announce(&*stranger_net, &volume, &forged).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         assert_eq!(*taken.lock().unwrap(), vec![1, 2]);
+        let mut alone = Follower::default();
+        let keys = author.public_keys().clone();
+        let known = |id: &NodeId| (*id == author.node_id()).then(|| keys.clone());
+        assert_eq!(alone.take(&later, known).0, Taken::Delivered);
+        assert_eq!(alone.take(&later, known).0, Taken::Stale);
+        assert!(
+            matches!(alone.take(&forged, known).0, Taken::Refused(reason) if reason.contains("not trusted"))
+        );
+        assert!(matches!(alone.take(b"junk", known).0, Taken::Refused(_)));
     }
 }

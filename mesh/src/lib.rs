@@ -32,5 +32,7 @@ pub mod sync;
 
 pub use hello::{Certificate, Handshake, VerifiedPeer};
 pub use memory::{FaultPlan, MemoryNetwork, MemoryPeer, NetStats};
-pub use net::{Answer, BoxFuture, Inbound, InboundRequest, MeshError, PeerNet, Protocol};
+pub use net::{
+    Answer, BoxFuture, Gossip, Inbound, InboundRequest, MeshError, PeerNet, Protocol, Subscription,
+};
 pub use proof::{Receipt, TransferProof};

@@ -102,6 +102,7 @@ impl SeededRng {
 struct NodeEntry {
     up: bool,
     protocols: BTreeMap<&'static str, mpsc::Sender<InboundRequest>>,
+    topics: BTreeMap<String, mpsc::Sender<crate::net::Gossip>>,
 }
 
 #[derive(Debug)]
@@ -192,6 +193,7 @@ impl MemoryNetwork {
         if let Some(node) = self.lock().nodes.get_mut(&id) {
             node.up = false;
             node.protocols.clear();
+            node.topics.clear();
         }
     }
 
@@ -412,6 +414,58 @@ impl PeerNet for MemoryPeer {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<Vec<u8>, MeshError>> {
         Box::pin(self.exchange(peer, protocol, body, deadline))
+    }
+
+    fn publish(&self, topic: &str, message: Vec<u8>) -> BoxFuture<'_, Result<(), MeshError>> {
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            // Drawn under the hub's lock in node order: the same seed, the same deliveries.
+            let deliveries: Vec<_> = {
+                let mut hub = self.network.lock();
+                let subscribers: Vec<(NodeId, mpsc::Sender<crate::net::Gossip>)> = hub
+                    .nodes
+                    .iter()
+                    .filter(|(id, node)| **id != self.id && node.up)
+                    .filter_map(|(id, node)| node.topics.get(&topic).map(|tx| (*id, tx.clone())))
+                    .collect();
+                let mut deliveries = Vec::new();
+                for (id, sender) in subscribers {
+                    let loss = hub.faults.loss;
+                    if hub.blocked.contains(&(self.id, id)) || hub.rng.chance(loss) {
+                        hub.record("gossip-lost", &self.id, &id, message.len() as u64);
+                        continue;
+                    }
+                    hub.record("gossip", &self.id, &id, message.len() as u64);
+                    deliveries.push(sender);
+                }
+                deliveries
+            };
+            if deliveries.is_empty() {
+                return Err(MeshError::Unreachable {
+                    peer: self.id,
+                    reason: format!("no node subscribed to {topic} is reachable"),
+                });
+            }
+            for sender in deliveries {
+                let _ = sender.try_send(crate::net::Gossip {
+                    from: self.id,
+                    message: message.clone(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn subscribe(&self, topic: &str) -> Result<crate::net::Subscription, MeshError> {
+        let (sender, receiver) = mpsc::channel(crate::net::GOSSIP_QUEUE);
+        self.network
+            .lock()
+            .nodes
+            .entry(self.id)
+            .or_default()
+            .topics
+            .insert(topic.to_owned(), sender);
+        Ok(crate::net::Subscription::new(receiver))
     }
 
     fn serve(&self, protocol: Protocol) -> Result<Inbound, MeshError> {

@@ -188,6 +188,39 @@ impl Inbound {
     }
 }
 
+/// A message published on a topic, as a subscriber receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gossip {
+    /// The node it came from (the verified node that forwarded it; a gossip message is
+    /// not authenticated by the transport beyond that: its content must be).
+    pub from: NodeId,
+    /// The message.
+    pub message: Vec<u8>,
+}
+
+/// The messages of one topic this node subscribed to.
+#[derive(Debug)]
+pub struct Subscription {
+    receiver: mpsc::Receiver<Gossip>,
+}
+
+impl Subscription {
+    /// A subscription fed by `receiver` (for implementations).
+    #[must_use]
+    pub fn new(receiver: mpsc::Receiver<Gossip>) -> Self {
+        Self { receiver }
+    }
+
+    /// The next message; `None` once unsubscribed.
+    pub async fn next(&mut self) -> Option<Gossip> {
+        self.receiver.recv().await
+    }
+}
+
+/// The most gossip messages waiting for a subscriber before new ones are dropped (gossip
+/// is best effort: a lost message is a missed announcement, which a pull makes up for).
+pub const GOSSIP_QUEUE: usize = 256;
+
 /// The network as a node sees it.
 pub trait PeerNet: Send + Sync {
     /// This node.
@@ -207,6 +240,21 @@ pub trait PeerNet: Send + Sync {
     /// # Errors
     /// [`MeshError::Local`] when it is served already.
     fn serve(&self, protocol: Protocol) -> Result<Inbound, MeshError>;
+
+    /// Publishes `message` on `topic` to the nodes subscribed to it, best effort: no
+    /// acknowledgement, and a node not reachable now misses it (announcements ride this;
+    /// a follower that missed one pulls when it reconnects).
+    ///
+    /// # Errors
+    /// Too large, or no subscribed node reachable now ([`MeshError::Unreachable`]).
+    fn publish(&self, topic: &str, message: Vec<u8>) -> BoxFuture<'_, Result<(), MeshError>>;
+
+    /// Starts receiving what others publish on `topic` (a second subscription to the same
+    /// topic replaces the first).
+    ///
+    /// # Errors
+    /// The network stopped.
+    fn subscribe(&self, topic: &str) -> Result<Subscription, MeshError>;
 }
 
 /// Checks a body against a protocol's cap.

@@ -170,6 +170,16 @@ enum Command {
     Connected {
         reply: oneshot::Sender<Vec<NodeId>>,
     },
+    Publish {
+        topic: String,
+        message: Vec<u8>,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
+    Subscribe {
+        topic: String,
+        queue: mpsc::Sender<crate::net::Gossip>,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
 }
 
 /// The protocols a node serves and their inbound queues, shared by the handle (which
@@ -197,9 +207,22 @@ enum Outbound {
     HelloFinish(PeerId, NodeId),
 }
 
+/// What the swarm runs: request/response (every protocol, the Hello first), gossipsub
+/// (announcements: `PeerNet::publish`), identify (so peers learn each other's listen
+/// addresses).
+#[derive(libp2p::swarm::NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct Behaviour {
+    rpc: request_response::Behaviour<FrameCodec>,
+    gossip: libp2p::gossipsub::Behaviour,
+    identify: libp2p::identify::Behaviour,
+}
+
 /// The swarm task's state.
 struct Driver {
-    swarm: Swarm<request_response::Behaviour<FrameCodec>>,
+    swarm: Swarm<Behaviour>,
+    /// Subscribed topics and where their messages go.
+    topics: BTreeMap<libp2p::gossipsub::TopicHash, mpsc::Sender<crate::net::Gossip>>,
     identity: Arc<NodeIdentity>,
     certificate: Certificate,
     local_peer: PeerId,
@@ -297,6 +320,7 @@ impl Driver {
                 let id = self
                     .swarm
                     .behaviour_mut()
+                    .rpc
                     .send_request(&peer_id, envelope(protocol.name, &body));
                 self.outbound.insert(
                     id,
@@ -312,8 +336,49 @@ impl Driver {
             Command::Respond { channel, response } => {
                 if let (Some(channel), Some(response)) = (self.channels.remove(&channel), response)
                 {
-                    let _ = self.swarm.behaviour_mut().send_response(channel, response);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, response);
                 }
+            }
+            Command::Publish {
+                topic,
+                message,
+                reply,
+            } => {
+                let published = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .publish(libp2p::gossipsub::IdentTopic::new(&topic), message)
+                    .map(|_| ())
+                    .map_err(|error| MeshError::Unreachable {
+                        peer: self.identity.node_id(),
+                        reason: format!("publishing on {topic}: {error}"),
+                    });
+                let _ = reply.send(published);
+            }
+            Command::Subscribe {
+                topic,
+                queue,
+                reply,
+            } => {
+                let ident = libp2p::gossipsub::IdentTopic::new(&topic);
+                let subscribed = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .subscribe(&ident)
+                    .map(|_| ())
+                    .map_err(|error| MeshError::Local {
+                        what: format!("subscribing to {topic}: {error}"),
+                    });
+                if subscribed.is_ok() {
+                    self.topics.insert(ident.hash(), queue);
+                }
+                let _ = reply.send(subscribed);
             }
             Command::Connected { reply } => {
                 let _ = reply.send(self.nodes.keys().copied().collect());
@@ -333,7 +398,7 @@ impl Driver {
         }
     }
 
-    fn event(&mut self, event: SwarmEvent<request_response::Event<Vec<u8>, Vec<u8>>>) {
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => self.listening.push(address),
             SwarmEvent::ConnectionEstablished {
@@ -378,8 +443,39 @@ impl Driver {
                 self.handshakes.remove(&peer_id);
                 self.fail_hellos(peer_id, "the connection closed during the hello");
             }
-            SwarmEvent::Behaviour(event) => self.rpc_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.rpc_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(libp2p::gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) => self.gossip(propagation_source, message),
             _ => {}
+        }
+    }
+
+    /// A gossip message: handed to its topic's subscriber, if it came through a peer whose
+    /// Hello verified (as every request must).
+    fn gossip(&mut self, source: PeerId, message: libp2p::gossipsub::Message) {
+        let Some(from) = self.verified.get(&source).copied() else {
+            return;
+        };
+        let closed = match self.topics.get(&message.topic) {
+            Some(queue) => matches!(
+                queue.try_send(crate::net::Gossip {
+                    from,
+                    message: message.data,
+                }),
+                Err(mpsc::error::TrySendError::Closed(_))
+            ),
+            None => false,
+        };
+        if closed {
+            self.topics.remove(&message.topic);
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossip
+                .unsubscribe(&libp2p::gossipsub::IdentTopic::new(message.topic.as_str()));
         }
     }
 
@@ -428,6 +524,7 @@ impl Driver {
                 let id = self
                     .swarm
                     .behaviour_mut()
+                    .rpc
                     .send_request(&peer, envelope(HELLO, &challenge));
                 self.outbound.insert(id, Outbound::HelloChallenge(peer));
             }
@@ -454,7 +551,7 @@ impl Driver {
     }
 
     fn reply_now(&mut self, channel: ResponseChannel<Vec<u8>>, bytes: Vec<u8>) {
-        let _ = self.swarm.behaviour_mut().send_response(channel, bytes);
+        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, bytes);
     }
 
     fn inbound(&mut self, peer: PeerId, request: &[u8], channel: ResponseChannel<Vec<u8>>) {
@@ -646,6 +743,7 @@ impl Driver {
                         let id = self
                             .swarm
                             .behaviour_mut()
+                            .rpc
                             .send_request(&peer, envelope(HELLO, &finish));
                         self.outbound.insert(id, Outbound::HelloFinish(peer, node));
                     }
@@ -763,6 +861,28 @@ impl QuicNet {
                 .with_request_timeout(Duration::from_secs(24 * 3600))
                 .with_max_concurrent_streams(256),
         );
+        let gossip = libp2p::gossipsub::Behaviour::new(
+            libp2p::gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+            libp2p::gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .max_transmit_size(64 << 10)
+                .build()
+                .map_err(|error| MeshError::Local {
+                    what: format!("configuring gossip: {error}"),
+                })?,
+        )
+        .map_err(|error| MeshError::Local {
+            what: format!("configuring gossip: {error}"),
+        })?;
+        let identify = libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
+            "/forge/1".into(),
+            keypair.public(),
+        ));
+        let behaviour = Behaviour {
+            rpc: behaviour,
+            gossip,
+            identify,
+        };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_quic()
@@ -790,6 +910,7 @@ impl QuicNet {
             responses: commands.clone(),
             protocols: protocols.clone(),
             verified: BTreeMap::new(),
+            topics: BTreeMap::new(),
             keys: BTreeMap::new(),
             book: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -924,6 +1045,36 @@ impl PeerNet for QuicNet {
         })
     }
 
+    fn publish(&self, topic: &str, message: Vec<u8>) -> BoxFuture<'_, Result<(), MeshError>> {
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            self.ask(|reply| Command::Publish {
+                topic,
+                message,
+                reply,
+            })
+            .await?
+        })
+    }
+
+    fn subscribe(&self, topic: &str) -> Result<crate::net::Subscription, MeshError> {
+        let (queue, receiver) = mpsc::channel(crate::net::GOSSIP_QUEUE);
+        let (reply, _answer) = oneshot::channel();
+        // Sent without waiting (this is not async): the subscription starts as soon as
+        // the network task reads it; a failure is logged by nobody, as gossip is best
+        // effort (a missed announcement is made up by a pull).
+        self.commands
+            .try_send(Command::Subscribe {
+                topic: topic.to_owned(),
+                queue,
+                reply,
+            })
+            .map_err(|_| MeshError::Local {
+                what: "the network task is not taking commands".into(),
+            })?;
+        Ok(crate::net::Subscription::new(receiver))
+    }
+
     fn serve(&self, protocol: Protocol) -> Result<Inbound, MeshError> {
         let mut served = self
             .protocols
@@ -1052,5 +1203,44 @@ mod tests {
             a.request(c_identity.node_id(), ECHO, vec![1], second).await,
             Err(MeshError::Unreachable { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_reaches_a_connected_subscriber_named_by_its_verified_node() {
+        let (a_identity, a_seed) = node(5);
+        let (b_identity, b_seed) = node(6);
+        let a = QuicNet::start(&a_identity, a_seed, &loopback(), 1).expect("a");
+        let b = QuicNet::start(&b_identity, b_seed, &loopback(), 1).expect("b");
+        let mut heads = b.subscribe("/forge/heads/1/test").expect("subscribe");
+        let b_address = listening(&b).await;
+        a.connect(b_address, Duration::from_secs(10))
+            .await
+            .expect("connect");
+        // The gossip mesh forms on a heartbeat: publish until b has it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let received = loop {
+            let _ = a.publish("/forge/heads/1/test", b"new head".to_vec()).await;
+            if let Ok(Some(gossip)) =
+                tokio::time::timeout(Duration::from_millis(300), heads.next()).await
+            {
+                break gossip;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no gossip within 20 s"
+            );
+        };
+        assert_eq!(received.message, b"new head");
+        assert_eq!(
+            received.from,
+            a_identity.node_id(),
+            "named by its verified node"
+        );
+        // Nobody subscribed to another topic: publishing there reaches no one.
+        assert!(
+            a.publish("/forge/heads/1/other", b"x".to_vec())
+                .await
+                .is_err()
+        );
     }
 }

@@ -37,6 +37,7 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
 pub struct MeshNode {
     runtime: tokio::runtime::Runtime,
     net: QuicNet,
+    follow: Arc<Follow>,
     host: Arc<VaultVolumeHost>,
     incoming: Incoming,
     vault: Arc<Vault>,
@@ -119,28 +120,12 @@ impl MeshNode {
             incoming: incoming.clone(),
             pulling: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         });
-        let announcements = net
-            .serve(forge_mesh::announce::ANNOUNCE_PROTOCOL)
-            .map_err(mesh_error)?;
-        let (keys_vault, taker) = (vault.clone(), follow.clone());
-        tokio::spawn(forge_mesh::announce::serve_announcements(
-            announcements,
-            // Announcements are taken only from peers this vault follows.
-            move |author| {
-                let followed = keys_vault
-                    .followings()
-                    .ok()?
-                    .iter()
-                    .any(|(peer, _)| peer == author);
-                if !followed {
-                    return None;
-                }
-                keys_vault.peer_keys(author).ok().flatten()
-            },
-            move |announcement| {
-                tokio::spawn(taker.clone().pull(announcement.author, announcement.volume));
-            },
-        ));
+        // Each followed volume's announcements (its topic), and the followed peers kept
+        // connected (a reconnect pulls what was missed).
+        for (_, following) in vault.followings()? {
+            follow.listen(following.volume);
+        }
+        tokio::spawn(follow.clone().keep_connected());
         tokio::spawn(follow.clone().announce_loop());
         // Where each peer was reached: a request that finds no connection dials there.
         for (node, record) in vault.peers()? {
@@ -174,6 +159,7 @@ impl MeshNode {
         Ok(Self {
             runtime,
             net,
+            follow,
             host,
             incoming,
             vault,
@@ -290,12 +276,20 @@ struct Follow {
 /// How often this node looks for new heads to announce.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
-/// What was announced to whom: (volume, follower, branch) → head.
-type Announced = std::collections::BTreeMap<([u8; 16], NodeId, String), forge_crypto::Cid>;
+/// What was announced last: (volume, branch) → (head, when).
+type Announced = std::collections::BTreeMap<([u8; 16], String), (forge_crypto::Cid, Instant)>;
+
+/// How often a followed branch's unchanged head is announced again.
+const ANNOUNCE_AGAIN: Duration = Duration::from_secs(30);
+
+/// How often a follower checks it is still connected to the peers it follows.
+const KEEP_CONNECTED_EVERY: Duration = Duration::from_secs(10);
 
 impl Follow {
-    /// Announces each followed branch's head to its follower once it changes; a follower
-    /// unreachable now hears of it at the next look.
+    /// Publishes each followed branch's head on its volume's topic when it changes, and
+    /// again every [`ANNOUNCE_AGAIN`] (gossip is best effort; a follower that already has
+    /// the head does nothing with it). Not published while no follower is reachable: it
+    /// is tried again at the next look.
     async fn announce_loop(self: Arc<Self>) {
         let mut announced = Announced::new();
         loop {
@@ -303,22 +297,29 @@ impl Follow {
             let Ok(followers) = self.vault.followers() else {
                 continue;
             };
-            for (volume, follower, branch) in followers {
-                let key = (volume, follower, branch.clone());
+            let branches: std::collections::BTreeSet<([u8; 16], String)> = followers
+                .into_iter()
+                .map(|(volume, _, branch)| (volume, branch))
+                .collect();
+            for (volume, branch) in branches {
                 let head = self
                     .vault
                     .refs()
                     .get_ref(&forge_store::VolumeId::from_bytes(volume), &branch);
                 let Ok(Some(head)) = head else { continue };
-                if announced.get(&key) == Some(&head) {
+                let key = (volume, branch.clone());
+                if announced
+                    .get(&key)
+                    .is_some_and(|(last, at)| *last == head && at.elapsed() < ANNOUNCE_AGAIN)
+                {
                     continue;
                 }
-                match self.announce(volume, &branch, head, follower).await {
+                match self.announce(volume, &branch, head).await {
                     Ok(()) => {
-                        announced.insert(key, head);
+                        announced.insert(key, (head, Instant::now()));
                     }
                     Err(error) => {
-                        tracing::debug!(%error, %follower, "announcing a head: will try again");
+                        tracing::debug!(%error, "announcing a head: will try again");
                     }
                 }
             }
@@ -330,7 +331,6 @@ impl Follow {
         volume: [u8; 16],
         branch: &str,
         head: forge_crypto::Cid,
-        follower: NodeId,
     ) -> std::result::Result<(), MeshError> {
         let local = |error: NodeError| MeshError::Local {
             what: error.to_string(),
@@ -356,12 +356,72 @@ impl Follow {
             time_ns: now,
         }
         .sign(self.vault.identity())?;
-        reach(&self.net, &self.vault, follower).await?;
-        let failed =
-            forge_mesh::announce::announce(&self.net, &[follower], &signed, CONNECT_DEADLINE).await;
-        match failed.into_iter().next() {
-            Some((_, error)) => Err(error),
-            None => Ok(()),
+        forge_mesh::announce::announce(&self.net, &volume, &signed).await
+    }
+
+    /// Takes announcements of `volume` from the peers this vault follows it at: each new
+    /// head this vault does not have yet is pulled.
+    fn listen(self: &Arc<Self>, volume: [u8; 16]) {
+        let topic = forge_mesh::announce::topic(&volume);
+        let subscription = match self.net.subscribe(&topic) {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::warn!(%error, "subscribing to a followed volume's heads");
+                return;
+            }
+        };
+        let (keys_vault, taker) = (self.vault.clone(), self.clone());
+        tokio::spawn(forge_mesh::announce::serve_announcements(
+            subscription,
+            // Taken only from a peer this vault follows the volume at.
+            move |author| {
+                let followed = keys_vault
+                    .followings()
+                    .ok()?
+                    .iter()
+                    .any(|(peer, following)| peer == author && following.volume == volume);
+                if !followed {
+                    return None;
+                }
+                keys_vault.peer_keys(author).ok().flatten()
+            },
+            move |announcement| {
+                let held = taker
+                    .vault
+                    .refs()
+                    .get_ref(
+                        &forge_store::VolumeId::from_bytes(announcement.volume),
+                        &announcement.branch,
+                    )
+                    .ok()
+                    .flatten();
+                if held != Some(announcement.head) {
+                    tokio::spawn(taker.clone().pull(announcement.author, announcement.volume));
+                }
+            },
+        ));
+    }
+
+    /// Keeps a connection to every peer this vault follows something at (gossip reaches
+    /// only connected nodes); a peer reached again after losing it is pulled from, for
+    /// what it announced meanwhile.
+    async fn keep_connected(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(KEEP_CONNECTED_EVERY).await;
+            let Ok(followings) = self.vault.followings() else {
+                continue;
+            };
+            let Ok(connected) = self.net.connected().await else {
+                continue;
+            };
+            for (peer, following) in followings {
+                if connected.contains(&peer) {
+                    continue;
+                }
+                if reach(&self.net, &self.vault, peer).await.is_ok() {
+                    tokio::spawn(self.clone().pull(peer, following.volume));
+                }
+            }
         }
     }
 
@@ -630,6 +690,10 @@ impl MeshService for DaemonMesh<'_> {
                 .unwrap_or_else(|| request.volume.clone()),
         };
         vault.set_following(&node, &following, on)?;
+        if on {
+            let (follow, volume) = (self.node.follow.clone(), following.volume);
+            self.node.run(async move { follow.listen(volume) })?;
+        }
         let pulled = if on {
             Some(self.sync(
                 SyncVolumeRequest {

@@ -763,6 +763,24 @@ impl Incoming {
             })
     }
 
+    /// What the sync being received from `from` has stored so far: (items, bytes); zeros
+    /// when none is open (a pull's progress, seen from the receiving side).
+    #[must_use]
+    pub fn received(&self, from: &NodeId) -> (u64, u64) {
+        self.lock().get(from).map_or((0, 0), |session| {
+            (
+                session
+                    .store
+                    .chunks
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                session
+                    .store
+                    .bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Notes that this vault asked `peer` for volume `name`: its push of it is taken as
     /// asked for (the authors must still be trusted).
     pub fn expect_pull(&self, peer: NodeId, name: &str) {

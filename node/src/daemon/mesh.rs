@@ -601,14 +601,21 @@ impl MeshService for DaemonMesh<'_> {
         let (finished, wake) = std::sync::mpsc::channel::<()>();
         let outcome = std::thread::scope(|scope| {
             let sampled = &sent;
+            // A pull's data arrives here: its progress is what this vault has stored.
+            let (pulling, incoming) = (request.pull, &self.node.incoming);
             scope.spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     wake.recv_timeout(Duration::from_millis(200))
                 {
-                    progress.set_done(
-                        sampled.0.load(Ordering::Relaxed),
-                        sampled.1.load(Ordering::Relaxed),
-                    );
+                    let (chunks, bytes) = if pulling {
+                        incoming.received(&node)
+                    } else {
+                        (
+                            sampled.0.load(Ordering::Relaxed),
+                            sampled.1.load(Ordering::Relaxed),
+                        )
+                    };
+                    progress.set_done(chunks, bytes);
                 }
             });
             let outcome = if request.pull {
@@ -627,10 +634,12 @@ impl MeshService for DaemonMesh<'_> {
             drop(finished);
             outcome
         })?;
-        progress.set_done(
-            sent.0.load(Ordering::Relaxed),
-            sent.1.load(Ordering::Relaxed),
-        );
+        if !request.pull {
+            progress.set_done(
+                sent.0.load(Ordering::Relaxed),
+                sent.1.load(Ordering::Relaxed),
+            );
+        }
         let summary: TransferSummary = match outcome {
             Ok(summary) => summary,
             Err(error) => {

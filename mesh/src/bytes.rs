@@ -80,6 +80,20 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// A UTF-8 string after its u16 length (`what` names it in the error).
+    pub(crate) fn str16(&mut self, what: &str) -> Result<String, MeshError> {
+        let len = self.u16_len()?;
+        std::str::from_utf8(self.take(len)?)
+            .map(str::to_owned)
+            .map_err(|_| self.fail(format!("a {what} that is not UTF-8")))
+    }
+
+    /// Bytes after their u32 length.
+    pub(crate) fn blob32(&mut self) -> Result<Vec<u8>, MeshError> {
+        let len = self.u32_len()?;
+        Ok(self.take(len)?.to_vec())
+    }
+
     /// How many bytes are left.
     pub(crate) fn remaining(&self) -> usize {
         self.bytes.len()
@@ -93,4 +107,19 @@ impl<'a> Reader<'a> {
             Err(self.fail("trailing bytes"))
         }
     }
+}
+
+/// Appends `text` after its u16 length. Names are validated to far less than 64 KiB
+/// before they reach a message; a longer one is cut there (and then fails its decoder's
+/// checks), never a panic.
+pub(crate) fn put_str16(bytes: &mut Vec<u8>, text: &str) {
+    let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
+}
+
+/// Appends `blob` after its u32 length (bodies are capped far below 4 GiB).
+pub(crate) fn put_blob32(bytes: &mut Vec<u8>, blob: &[u8]) {
+    bytes.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_le_bytes());
+    bytes.extend_from_slice(blob);
 }

@@ -2,16 +2,12 @@
 
 use std::path::Path;
 
-use zeroize::Zeroizing;
-
 use crate::datadir::{DataDir, SecretProtection};
-use crate::error::{NodeError, Result};
+use crate::error::NodeError;
 use crate::vault::Vault;
 
 /// The passphrase source of a test that has none to give.
-pub(crate) fn no_passphrase(_: &str, _: bool) -> Result<Zeroizing<String>> {
-    Err(NodeError::PassphraseUnavailable)
-}
+pub(crate) use crate::vault::no_passphrase;
 
 /// A vault initialised in `root/vault` and opened (RocksDB, this process's lock).
 pub(crate) fn new_vault(root: &Path) -> Vault {

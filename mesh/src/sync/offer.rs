@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use forge_crypto::{Cid, NodeId, NodePublicKeys, Signature, SignatureDomain};
 
-use crate::bytes::Reader;
+use crate::bytes::{Reader, put_blob32, put_str16};
 use crate::net::MeshError;
 
 /// The most snapshots one offer carries (bounds the decoder; about 3.5 KiB each).
@@ -130,25 +130,6 @@ fn malformed(reason: impl Into<String>) -> MeshError {
     }
 }
 
-fn put_str(bytes: &mut Vec<u8>, text: &str) {
-    // Names are validated to a few hundred bytes long before they reach an offer.
-    let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
-    bytes.extend_from_slice(&len.to_le_bytes());
-    bytes.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
-}
-
-fn put_blob(bytes: &mut Vec<u8>, blob: &[u8]) {
-    bytes.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_le_bytes());
-    bytes.extend_from_slice(blob);
-}
-
-fn take_str(reader: &mut Reader<'_>, what: &str) -> Result<String, MeshError> {
-    let len = reader.u16_len()?;
-    std::str::from_utf8(reader.take(len)?)
-        .map(str::to_owned)
-        .map_err(|_| reader.fail(format!("a {what} that is not UTF-8")))
-}
-
 fn count(bytes: &mut Vec<u8>, len: usize, wide: bool) {
     if wide {
         bytes.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
@@ -164,8 +145,8 @@ impl Offer {
         let mut bytes = Vec::with_capacity(256 + self.snapshots.len() * 3_600);
         bytes.extend_from_slice(&self.nonce);
         bytes.extend_from_slice(&self.volume);
-        put_str(&mut bytes, &self.name);
-        put_str(&mut bytes, &self.branch);
+        put_str16(&mut bytes, &self.name);
+        put_str16(&mut bytes, &self.branch);
         bytes.extend_from_slice(self.head.as_bytes());
         bytes.extend_from_slice(&self.data_shards.to_le_bytes());
         bytes.extend_from_slice(&self.parity_shards.to_le_bytes());
@@ -180,17 +161,17 @@ impl Offer {
         }
         count(&mut bytes, self.authors.len(), false);
         for keys in &self.authors {
-            put_blob(&mut bytes, &keys.encode());
+            put_blob32(&mut bytes, &keys.encode());
         }
         count(&mut bytes, self.envelopes.len(), false);
         for (node, envelope) in &self.envelopes {
             bytes.extend_from_slice(node.as_bytes());
-            put_blob(&mut bytes, envelope);
+            put_blob32(&mut bytes, envelope);
         }
         count(&mut bytes, self.key_chain.len(), false);
         for (generation, sealed) in &self.key_chain {
             bytes.extend_from_slice(&generation.to_le_bytes());
-            put_blob(&mut bytes, sealed);
+            put_blob32(&mut bytes, sealed);
         }
         count(&mut bytes, self.snapshots.len(), true);
         for entry in &self.snapshots {
@@ -218,8 +199,8 @@ impl Offer {
         let mut reader = Reader::new(bytes, malformed);
         let nonce = reader.array32()?;
         let volume = reader.array16()?;
-        let name = take_str(&mut reader, "volume name")?;
-        let branch = take_str(&mut reader, "branch name")?;
+        let name = reader.str16("volume name")?;
+        let branch = reader.str16("branch name")?;
         let head = Cid::from_bytes(reader.array32()?);
         let data_shards = u16::from_le_bytes([reader.u8()?, reader.u8()?]);
         let parity_shards = u16::from_le_bytes([reader.u8()?, reader.u8()?]);

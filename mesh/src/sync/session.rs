@@ -377,7 +377,12 @@ pub async fn serve_sync(
     store: Arc<dyn SyncStore>,
     allowed: impl Fn(&NodeId) -> Result<(), String>,
 ) {
-    serve_sync_resolved(inbound, move |from| allowed(from).map(|()| store.clone())).await;
+    serve_sync_resolved(
+        inbound,
+        move |from| allowed(from).map(|()| store.clone()),
+        1,
+    )
+    .await;
 }
 
 /// [`serve_sync`] with the store chosen per sender: `resolve` gives the store of the sync
@@ -385,7 +390,13 @@ pub async fn serve_sync(
 pub async fn serve_sync_resolved(
     mut inbound: Inbound,
     resolve: impl Fn(&NodeId) -> Result<Arc<dyn SyncStore>, String>,
+    workers: usize,
 ) {
+    // Requests answered at once, each on a blocking thread (hashing and synced writes):
+    // puts of content-addressed bytes commute, and a sender puts an index node only after
+    // its children were answered stored, so order within a sync does not matter. One
+    // worker answers in arrival order on this task (deterministic: tests, the simulator).
+    let permits = Arc::new(tokio::sync::Semaphore::new(workers.max(1)));
     while let Some(request) = inbound.next().await {
         let store = match resolve(&request.from) {
             Ok(store) => store,
@@ -397,11 +408,25 @@ pub async fn serve_sync_resolved(
         let Ok(message) = Message::decode(&request.body) else {
             continue;
         };
-        match answer(&*store, message) {
-            Ok(Some(reply)) => request.respond(reply.encode()),
-            Ok(None) => request.refuse("an answer is not a request"),
-            Err(error) => request.fail(error.to_string()),
+        let reply =
+            move |request: crate::net::InboundRequest, store: Arc<dyn SyncStore>| match answer(
+                &*store, message,
+            ) {
+                Ok(Some(reply)) => request.respond(reply.encode()),
+                Ok(None) => request.refuse("an answer is not a request"),
+                Err(error) => request.fail(error.to_string()),
+            };
+        if workers <= 1 {
+            reply(request, store);
+            continue;
         }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            reply(request, store);
+        });
     }
 }
 

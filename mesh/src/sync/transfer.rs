@@ -36,7 +36,7 @@ use super::offer::{Offer, RefMove};
 use super::session::{ProgressFn, PushConfig, SYNC_PROTOCOL, SyncStore, push_with_progress};
 use super::walker::Item;
 use super::wire::{DataKind, Message, PutOutcome};
-use crate::bytes::Reader;
+use crate::bytes::{Reader, put_blob32, put_str16};
 use crate::net::{Inbound, InboundRequest, MeshError, PeerNet, Protocol};
 use crate::proof::{Receipt, TransferProof};
 
@@ -127,29 +127,6 @@ fn malformed(reason: impl Into<String>) -> MeshError {
     }
 }
 
-fn put_str(bytes: &mut Vec<u8>, text: &str) {
-    let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
-    bytes.extend_from_slice(&len.to_le_bytes());
-    bytes.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
-}
-
-fn put_blob(bytes: &mut Vec<u8>, blob: &[u8]) {
-    bytes.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_le_bytes());
-    bytes.extend_from_slice(blob);
-}
-
-fn take_str(reader: &mut Reader<'_>) -> Result<String, MeshError> {
-    let len = reader.u16_len()?;
-    std::str::from_utf8(reader.take(len)?)
-        .map(str::to_owned)
-        .map_err(|_| reader.fail("a name that is not UTF-8"))
-}
-
-fn take_blob(reader: &mut Reader<'_>) -> Result<Vec<u8>, MeshError> {
-    let len = reader.u32_len()?;
-    Ok(reader.take(len)?.to_vec())
-}
-
 fn take_move(reader: &mut Reader<'_>) -> Result<RefMove, MeshError> {
     let code = reader.u8()?;
     RefMove::from_code(code).ok_or_else(|| reader.fail(format!("ref move {code}")))
@@ -180,15 +157,15 @@ impl VolumeMessage {
                 as_name,
             } => {
                 bytes.push(4);
-                put_str(&mut bytes, name);
-                put_str(&mut bytes, branch);
-                put_str(&mut bytes, as_name);
+                put_str16(&mut bytes, name);
+                put_str16(&mut bytes, branch);
+                put_str16(&mut bytes, as_name);
             }
             Self::Follow { on, name, branch } => {
                 bytes.push(5);
                 bytes.push(u8::from(*on));
-                put_str(&mut bytes, name);
-                put_str(&mut bytes, branch);
+                put_str16(&mut bytes, name);
+                put_str16(&mut bytes, branch);
             }
             Self::Following(volume) => {
                 bytes.push(133);
@@ -204,16 +181,16 @@ impl VolumeMessage {
             } => {
                 bytes.push(130);
                 bytes.push(moved.code());
-                put_str(&mut bytes, branch);
-                put_blob(&mut bytes, receipt);
-                put_blob(&mut bytes, signature);
-                put_blob(&mut bytes, keys);
+                put_str16(&mut bytes, branch);
+                put_blob32(&mut bytes, receipt);
+                put_blob32(&mut bytes, signature);
+                put_blob32(&mut bytes, keys);
             }
             Self::Kept => bytes.push(131),
             Self::Pulled(summary) => {
                 bytes.push(132);
                 bytes.push(summary.moved.code());
-                put_str(&mut bytes, &summary.branch);
+                put_str16(&mut bytes, &summary.branch);
                 for count in [
                     summary.chunks_sent,
                     summary.bytes_sent,
@@ -221,7 +198,7 @@ impl VolumeMessage {
                 ] {
                     bytes.extend_from_slice(&count.to_le_bytes());
                 }
-                put_blob(&mut bytes, &summary.proof);
+                put_blob32(&mut bytes, &summary.proof);
             }
         }
         let check = blake3::hash(&bytes);
@@ -248,9 +225,9 @@ impl VolumeMessage {
             2 => Self::Finish(reader.array32()?),
             3 => Self::Proof(reader.take(reader.remaining())?.to_vec()),
             4 => Self::Pull {
-                name: take_str(&mut reader)?,
-                branch: take_str(&mut reader)?,
-                as_name: take_str(&mut reader)?,
+                name: reader.str16("name")?,
+                branch: reader.str16("name")?,
+                as_name: reader.str16("name")?,
             },
             5 => Self::Follow {
                 on: match reader.u8()? {
@@ -258,26 +235,26 @@ impl VolumeMessage {
                     1 => true,
                     other => return Err(reader.fail(format!("follow flag {other}"))),
                 },
-                name: take_str(&mut reader)?,
-                branch: take_str(&mut reader)?,
+                name: reader.str16("name")?,
+                branch: reader.str16("name")?,
             },
             133 => Self::Following(reader.array16()?),
             129 => Self::Accepted,
             130 => Self::Finished {
                 moved: take_move(&mut reader)?,
-                branch: take_str(&mut reader)?,
-                receipt: take_blob(&mut reader)?,
-                signature: take_blob(&mut reader)?,
-                keys: take_blob(&mut reader)?,
+                branch: reader.str16("name")?,
+                receipt: reader.blob32()?,
+                signature: reader.blob32()?,
+                keys: reader.blob32()?,
             },
             131 => Self::Kept,
             132 => Self::Pulled(TransferSummary {
                 moved: take_move(&mut reader)?,
-                branch: take_str(&mut reader)?,
+                branch: reader.str16("name")?,
                 chunks_sent: reader.u64()?,
                 bytes_sent: reader.u64()?,
                 chunks_skipped: reader.u64()?,
-                proof: take_blob(&mut reader)?,
+                proof: reader.blob32()?,
             }),
             kind => return Err(reader.fail(format!("unknown kind {kind}"))),
         };
@@ -382,6 +359,8 @@ pub struct TransferConfig {
     pub control_deadline: Duration,
     /// Deadline of a whole pull (the peer pushes meanwhile).
     pub pull_deadline: Duration,
+    /// Sync requests a receiver answers at once (1: in order, deterministic).
+    pub receive_workers: usize,
     /// Called as data goes out: (chunks, bytes) so far.
     pub progress: Option<ProgressFn>,
 }
@@ -393,6 +372,7 @@ impl std::fmt::Debug for TransferConfig {
             .field("push", &self.push)
             .field("control_deadline", &self.control_deadline)
             .field("pull_deadline", &self.pull_deadline)
+            .field("receive_workers", &self.receive_workers)
             .finish_non_exhaustive()
     }
 }
@@ -403,6 +383,7 @@ impl Default for TransferConfig {
             push: PushConfig::default(),
             control_deadline: Duration::from_secs(120),
             pull_deadline: Duration::from_secs(24 * 3600),
+            receive_workers: 4,
             progress: None,
         }
     }
@@ -852,9 +833,11 @@ pub fn serve_volumes(
     let volumes = net.serve(VOLUME_PROTOCOL)?;
     let sync = net.serve(SYNC_PROTOCOL)?;
     let resolver = incoming.clone();
-    let sync_task = tokio::spawn(super::session::serve_sync_resolved(sync, move |from| {
-        resolver.store_for(from)
-    }));
+    let sync_task = tokio::spawn(super::session::serve_sync_resolved(
+        sync,
+        move |from| resolver.store_for(from),
+        config.receive_workers,
+    ));
     let volume_task = tokio::spawn(volume_loop(volumes, net, host, incoming, config));
     Ok([volume_task, sync_task])
 }

@@ -6,14 +6,9 @@ use forge_crypto::Cid;
 use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key};
 use forge_store::kv::{Column, Durability, KeyValue, KvEngine, WriteBatch};
 
-use super::{OpenVolume, PassphraseSource, Vault};
+use super::{OpenVolume, PassphraseSource, Vault, no_passphrase};
 use crate::error::{IntegrityFault, NodeError, Result};
 use crate::progress::Progress;
-
-/// The passphrase source of a check run without one: volumes that need it fail to open.
-fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-    Err(NodeError::PassphraseUnavailable)
-}
 
 /// Entries read per scan page, so a large store is walked in bounded memory.
 const SCAN_PAGE_ENTRIES: usize = 512;

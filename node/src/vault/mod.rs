@@ -70,6 +70,15 @@ pub const CHUNK_AAD: &[u8] = b"forge-vault chunk v1";
 /// Supplies a passphrase when one is needed (prompt, environment, test value).
 pub type PassphraseSource<'a> = &'a dyn Fn(&str, bool) -> Result<Zeroizing<String>>;
 
+/// The passphrase source of work that cannot ask anyone (a check, the daemon's own
+/// work): volumes whose keys need a passphrase do not open, saying so.
+///
+/// # Errors
+/// Always [`NodeError::PassphraseUnavailable`].
+pub fn no_passphrase(_: &str, _: bool) -> Result<Zeroizing<String>> {
+    Err(NodeError::PassphraseUnavailable)
+}
+
 /// What a vault is built from. `forge` passes RocksDB, the local metadata store, the
 /// system clock, the OS random number generator and every core; tests and the simulator
 /// pass `MemKv`, a stepping clock, seeded randomness and one thread.

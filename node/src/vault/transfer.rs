@@ -24,7 +24,7 @@ use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate, ref_upd
 use super::peers::{LINEAGE, SHARES};
 use super::records::{self, DomainRecord, IndexHead, SnapshotListing, VolumeKeys, VolumeRecord};
 use super::sync::VaultSyncStore;
-use super::{Vault, validate_name};
+use super::{Vault, no_passphrase, validate_name};
 use crate::clock::format_compact_utc_time;
 use crate::error::{NodeError, Result};
 
@@ -53,12 +53,6 @@ fn local(error: impl std::fmt::Display) -> MeshError {
     MeshError::Local {
         what: error.to_string(),
     }
-}
-
-/// A passphrase source for a process that cannot ask (the daemon): an encrypted volume's
-/// commits stay closed, and what needs them says so.
-fn no_passphrase(_: &str, _: bool) -> Result<zeroize::Zeroizing<String>> {
-    Err(NodeError::PassphraseUnavailable)
 }
 
 impl VaultVolumeHost {

@@ -457,13 +457,18 @@ pub async fn send_volume(
     let (mut chunks_sent, mut bytes_sent, mut head_sent) = (0, 0, 0);
     // Oldest first: an interrupted sync leaves whole older snapshots behind it.
     for entry in &offer.snapshots {
+        // Each snapshot's push counts from zero: progress adds what earlier ones sent.
+        let (chunks_before, bytes_before) = (chunks_sent, bytes_sent);
+        let progress = config.progress.clone().map(|progress| -> ProgressFn {
+            Arc::new(move |chunks, bytes| progress(chunks_before + chunks, bytes_before + bytes))
+        });
         let report = push_with_progress(
             net.clone(),
             peer,
             store.clone(),
             entry.index_root,
             config.push,
-            config.progress.clone(),
+            progress,
         )
         .await?;
         chunks_sent += report.walk.data_sent;

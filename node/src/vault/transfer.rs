@@ -35,8 +35,9 @@ pub type TransferCounter = Arc<dyn Fn(NodeId, bool, u64, u64) + Send + Sync>;
 pub struct VaultVolumeHost {
     vault: Arc<Vault>,
     incoming: Incoming,
-    /// The stores of syncs being received, by sender (their write sessions publish).
-    receiving: Mutex<BTreeMap<NodeId, Arc<VaultSyncStore>>>,
+    /// The syncs being received, by sender: the store (its write session publishes) and
+    /// the volume record the offer was accepted for (checked once, at the offer).
+    receiving: Mutex<BTreeMap<NodeId, (Arc<VaultSyncStore>, VolumeRecord)>>,
     counter: Option<TransferCounter>,
 }
 
@@ -67,7 +68,9 @@ impl VaultVolumeHost {
         }
     }
 
-    fn receiving(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Arc<VaultSyncStore>>> {
+    fn receiving(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, (Arc<VaultSyncStore>, VolumeRecord)>> {
         self.receiving
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -244,7 +247,7 @@ impl VaultVolumeHost {
 
     fn publish_offer(&self, from: NodeId, offer: &Offer) -> Result<Published> {
         let vault = &*self.vault;
-        let store =
+        let (store, accepted) =
             self.receiving()
                 .get(&from)
                 .cloned()
@@ -274,8 +277,10 @@ impl VaultVolumeHost {
         let record = match &existing {
             Some(record) => record.clone(),
             None => {
+                // As accepted at the offer; a volume named so since then fails the update
+                // (Expected::Absent), nothing is overwritten.
                 let domain = self.domain_for(&offer.domain, &mut updates)?;
-                let mut record = self.check_offer(from, offer)?;
+                let mut record = accepted;
                 record.domain = domain;
                 updates.push(RecordUpdate::new(
                     RecordSpace::VOLUMES,
@@ -597,7 +602,7 @@ impl VolumeHost for VaultVolumeHost {
             )
             .map_err(|error| format!("this vault cannot receive now: {error}"))?,
         );
-        self.receiving().insert(from, store.clone());
+        self.receiving().insert(from, (store.clone(), record));
         Ok(store)
     }
 

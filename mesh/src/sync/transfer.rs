@@ -721,6 +721,8 @@ pub struct Incoming {
     sessions: Arc<Mutex<BTreeMap<NodeId, Session>>>,
     /// Pulls this vault asked for: (peer, volume name at the peer) → when asked.
     expected: Arc<Mutex<BTreeMap<(NodeId, String), Instant>>>,
+    /// One push at a time to each peer: a receiver keeps one session per sender.
+    pushing: Arc<Mutex<BTreeMap<NodeId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -747,6 +749,20 @@ impl Incoming {
             .ok_or_else(|| {
                 format!("no sync from node {from} was accepted here: offer the volume first")
             })
+    }
+
+    /// Waits for this node's turn to push to `peer` and holds it until the guard drops:
+    /// the receiver keeps one session per sender, so two pushes to it at once (two
+    /// volumes, or a pull it asked for beside a sync) would take each other's place.
+    pub async fn push_turn(&self, peer: NodeId) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = self
+            .pushing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(peer)
+            .or_default()
+            .clone();
+        turn.lock_owned().await
     }
 
     /// What the sync being received from `from` has stored so far: (items, bytes); zeros
@@ -868,7 +884,11 @@ async fn volume_loop(
                 // A pull runs a whole push: on its own task, so other requests go on.
                 let (net, host, config) = (net.clone(), host.clone(), config.clone());
                 let names = [name, branch, as_name];
-                tokio::spawn(serve_pull(request, net, host, names, config));
+                let turn = incoming.clone();
+                tokio::spawn(async move {
+                    let _turn = turn.push_turn(request.from).await;
+                    serve_pull(request, net, host, names, config).await;
+                });
             }
             message => {
                 // Offers and finishes touch the store: off the async threads.

@@ -626,8 +626,10 @@ impl MeshService for DaemonMesh<'_> {
                 })
             } else {
                 let host: Arc<dyn forge_mesh::sync::VolumeHost> = self.node.host.clone();
+                let incoming = self.node.incoming.clone();
                 self.node.run(async move {
                     let [name, branch, as_name] = &names;
+                    let _turn = incoming.push_turn(node).await;
                     send_volume(net, host, node, name, branch, as_name, &config).await
                 })
             };

@@ -738,6 +738,7 @@ mod tests {
             to: &Site,
             volume: &str,
         ) -> std::result::Result<TransferSummary, MeshError> {
+            let _turn = self.incoming.push_turn(to.id()).await;
             send_volume(
                 self.net.clone(),
                 self.host.clone(),
@@ -1083,5 +1084,28 @@ mod tests {
             .unshare_volume("v", &b.id(), &no_passphrase)
             .unwrap_err();
         assert!(again.to_string().contains("not shared"), "{again}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_volumes_pushed_to_one_peer_at_once_both_arrive() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(8);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        b.meet(&a, "a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        for (name, seed) in [("v", 30), ("w", 40)] {
+            a.vault
+                .create_volume(name, &CreateVolumeOptions::default(), &no_passphrase)
+                .unwrap();
+            let tree = temp.path().join(name);
+            write_tree(&tree, seed, 6);
+            a.import(name, &tree);
+        }
+        // The receiver keeps one session per sender: the pushes take turns.
+        let (v, w) = tokio::join!(a.send(&b, "v"), a.send(&b, "w"));
+        assert_eq!(v.unwrap().moved, RefMove::Create);
+        assert_eq!(w.unwrap().moved, RefMove::Create);
+        assert_eq!(b.vault.list_volumes().unwrap().len(), 2);
     }
 }

@@ -64,6 +64,9 @@ pub struct PushConfig {
     pub deadline: Duration,
     /// Attempts of a request the network lost (timeouts, busy peer) before giving up.
     pub attempts: u32,
+    /// Read chunks on blocking threads (production), not on the task that sends them
+    /// (deterministic tests and the simulator, on one thread with paused time).
+    pub blocking_reads: bool,
 }
 
 impl Default for PushConfig {
@@ -74,6 +77,7 @@ impl Default for PushConfig {
             window: 8,
             deadline: Duration::from_secs(30),
             attempts: 5,
+            blocking_reads: false,
         }
     }
 }
@@ -154,7 +158,7 @@ async fn run_step(
             Ok((_, bytes)) => exchange(&*net, peer, &Message::PutNode(*node, bytes), &config).await,
             Err(error) => Err(error),
         },
-        Step::Send(cids) => send_data(&*net, &*store, peer, cids, &config).await,
+        Step::Send(cids) => send_data(&*net, &store, peer, cids, &config).await,
         Step::Load(_) | Step::Wait | Step::Done => Err(MeshError::Local {
             what: "a local step sent to the network".into(),
         }),
@@ -162,34 +166,62 @@ async fn run_step(
     Answered { step, answer }
 }
 
+/// Items of a `PutData`: each cid, its kind and its bytes.
+type DataBatch = Vec<(Cid, DataKind, Vec<u8>)>;
+
+/// Reads the data of `cids[start..]` until `limit` bytes (at least one item); the items
+/// and where the next read starts.
+fn read_batch(
+    store: &dyn SyncStore,
+    cids: &[Cid],
+    start: usize,
+    limit: usize,
+) -> Result<(DataBatch, usize), MeshError> {
+    let (mut batch, mut bytes, mut next) = (Vec::new(), 0, start);
+    while next < cids.len() && (batch.is_empty() || bytes < limit) {
+        let (kind, data) = store.read(&Item::Data(cids[next]))?;
+        bytes += data.len();
+        batch.push((cids[next], kind, data));
+        next += 1;
+    }
+    Ok((batch, next))
+}
+
 async fn send_data(
     net: &dyn PeerNet,
-    store: &dyn SyncStore,
+    store: &Arc<dyn SyncStore>,
     peer: NodeId,
     cids: &[Cid],
     config: &PushConfig,
 ) -> Result<(Message, u64, u64), MeshError> {
     let (mut outcomes, mut sent, mut retries) = (Vec::with_capacity(cids.len()), 0, 0);
-    let mut batch: Vec<(Cid, DataKind, Vec<u8>)> = Vec::new();
-    let mut batch_bytes = 0;
-    for (index, cid) in cids.iter().enumerate() {
-        let (kind, bytes) = store.read(&Item::Data(*cid))?;
-        batch_bytes += bytes.len();
-        batch.push((*cid, kind, bytes));
-        if batch_bytes >= config.batch_bytes || index + 1 == cids.len() {
-            let count = batch.len();
-            let message = Message::PutData(std::mem::take(&mut batch));
-            batch_bytes = 0;
-            let (answer, bytes, repeats) = exchange(net, peer, &message, config).await?;
-            sent += bytes;
-            retries += repeats;
-            match answer {
-                Message::Stored(more) if more.len() == count => outcomes.extend(more),
-                other => {
-                    return Err(MeshError::Local {
-                        what: format!("the receiver answered a put with {other:?}"),
-                    });
-                }
+    let mut start = 0;
+    while start < cids.len() {
+        let (batch, next) = if config.blocking_reads {
+            // Reads (and verifies) chunks off the async threads, which also drive the
+            // network.
+            let (store, owned) = (store.clone(), cids.to_vec());
+            let limit = config.batch_bytes;
+            tokio::task::spawn_blocking(move || read_batch(&*store, &owned, start, limit))
+                .await
+                .map_err(|error| MeshError::Local {
+                    what: format!("reading chunks to send: {error}"),
+                })??
+        } else {
+            read_batch(&**store, cids, start, config.batch_bytes)?
+        };
+        start = next;
+        let count = batch.len();
+        let (answer, bytes, repeats) =
+            exchange(net, peer, &Message::PutData(batch), config).await?;
+        sent += bytes;
+        retries += repeats;
+        match answer {
+            Message::Stored(more) if more.len() == count => outcomes.extend(more),
+            other => {
+                return Err(MeshError::Local {
+                    what: format!("the receiver answered a put with {other:?}"),
+                });
             }
         }
     }
@@ -557,6 +589,7 @@ mod tests {
             window: 4,
             deadline: Duration::from_millis(500),
             attempts: 12,
+            blocking_reads: false,
         };
         let report = push(sender_net, receiver_id, sender.clone(), root, config)
             .await

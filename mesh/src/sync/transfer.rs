@@ -380,7 +380,10 @@ impl std::fmt::Debug for TransferConfig {
 impl Default for TransferConfig {
     fn default() -> Self {
         Self {
-            push: PushConfig::default(),
+            push: PushConfig {
+                blocking_reads: true,
+                ..PushConfig::default()
+            },
             control_deadline: Duration::from_secs(120),
             pull_deadline: Duration::from_secs(24 * 3600),
             receive_workers: 4,

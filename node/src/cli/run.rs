@@ -89,20 +89,20 @@ impl Cli {
                 })
             }
             Command::Node(NodeCommand::Config) => Ok(node_config(&self.data_dir()?)?),
-            Command::Node(NodeCommand::Addr) => self.with_mesh(|mesh| {
+            Command::Node(NodeCommand::Addr) => self.with_api(|mesh| {
                 Ok(service::mesh::render_addresses(
                     &mesh.addresses(NodeAddrRequest {})?,
                 ))
             }),
-            Command::Peer(command) => self.with_mesh(|mesh| peer_call(mesh, command)),
-            Command::Proof(ProofCommand::List { volume }) => self.with_mesh(|mesh| {
+            Command::Peer(command) => self.with_api(|mesh| peer_call(mesh, command)),
+            Command::Proof(ProofCommand::List { volume }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_proofs(&mesh.list_proofs(
                     ListProofsRequest {
                         volume: volume.clone(),
                     },
                 )?))
             }),
-            Command::Proof(ProofCommand::Export { id, file }) => self.with_mesh(|mesh| {
+            Command::Proof(ProofCommand::Export { id, file }) => self.with_api(|mesh| {
                 let reply = mesh.export_proof(ExportProofRequest { id: id.clone() })?;
                 // Never over another file: a proof is evidence, and so may be what is there.
                 let mut out = std::fs::OpenOptions::new()
@@ -124,7 +124,7 @@ impl Cli {
                 pull,
                 branch,
                 as_name,
-            }) => self.with_mesh(|mesh| {
+            }) => self.with_api(|mesh| {
                 let progress = Progress::counting("syncing", "chunks", !self.json);
                 let reply = mesh.sync(
                     SyncVolumeRequest {
@@ -144,7 +144,7 @@ impl Cli {
                 peer,
                 branch,
                 as_name,
-            }) => self.with_mesh(|mesh| {
+            }) => self.with_api(|mesh| {
                 let progress = Progress::counting("pulling", "chunks", false);
                 let reply = mesh.follow(
                     FollowVolumeRequest {
@@ -163,7 +163,7 @@ impl Cli {
                 peer,
                 samples,
                 branch,
-            }) => self.with_mesh(|mesh| {
+            }) => self.with_api(|mesh| {
                 service::mesh::render_audit(&mesh.audit(AuditVolumeRequest {
                     volume: name.clone(),
                     peer: peer.clone(),
@@ -172,7 +172,7 @@ impl Cli {
                 })?)
             }),
             Command::Volume(VolumeCommand::Unfollow { name, peer, branch }) => {
-                self.with_mesh(|mesh| {
+                self.with_api(|mesh| {
                     let progress = Progress::counting("unfollowing", "chunks", false);
                     let reply = mesh.follow(
                         FollowVolumeRequest {
@@ -187,7 +187,7 @@ impl Cli {
                     Ok(service::mesh::render_follow(name, peer, &reply))
                 })
             }
-            Command::Volume(VolumeCommand::Unshare { name, from }) => self.with_mesh(|mesh| {
+            Command::Volume(VolumeCommand::Unshare { name, from }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_unshare(
                     name,
                     &mesh.unshare(UnshareVolumeRequest {
@@ -196,7 +196,7 @@ impl Cli {
                     })?,
                 ))
             }),
-            Command::Volume(VolumeCommand::Share { name, to, write }) => self.with_mesh(|mesh| {
+            Command::Volume(VolumeCommand::Share { name, to, write }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_share(
                     name,
                     &mesh.share(ShareVolumeRequest {
@@ -290,23 +290,6 @@ impl Cli {
                 | SnapshotCommand::Diff { .. }),
             ) => self.with_api(|api| snapshot_call(api, command, self.json)),
         }
-    }
-
-    /// Runs `call` on the mesh calls: on the control socket when a process owns the data
-    /// directory (a daemon serves the network ones), else on the vault opened here.
-    fn with_mesh(
-        &self,
-        call: impl FnOnce(&dyn service::mesh::MeshService) -> Result<Output>,
-    ) -> Result<Output> {
-        let data_dir = self.data_dir()?;
-        if let Some(connection) = crate::service::client::Connection::open(&data_dir)? {
-            return call(&RemoteApi::new(&connection));
-        }
-        let vault = Vault::open(&data_dir, &ask_passphrase)?;
-        call(&LocalApi {
-            vault: &vault,
-            passphrase: &ask_passphrase,
-        })
     }
 
     /// Runs `call` on the typed API: on the control socket when a process owns the data

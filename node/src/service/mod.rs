@@ -116,10 +116,11 @@ pub trait SnapshotService {
 }
 
 /// The calls both transports serve (in this process over an open vault, or on a daemon's
-/// control socket): what the CLI runs a vault command on.
-pub trait Api: VolumeService + SnapshotService + MaintenanceService {}
+/// control socket): what the CLI runs a vault command on. (The mesh's network calls are
+/// served only by a daemon; in this process they say to start one.)
+pub trait Api: VolumeService + SnapshotService + MaintenanceService + mesh::MeshService {}
 
-impl<T: VolumeService + SnapshotService + MaintenanceService> Api for T {}
+impl<T: VolumeService + SnapshotService + MaintenanceService + mesh::MeshService> Api for T {}
 
 /// Calls on the whole vault (`forge.v1.Maintenance`).
 pub trait MaintenanceService {

@@ -117,16 +117,19 @@ pub fn choose(held: &[(Cid, u64)], samples: usize, mut random: impl FnMut() -> u
         .collect()
 }
 
+/// The start of a request or response: magic, version, and how many samples follow
+/// (at most [`SAMPLES_MAX`], which fits a u16).
+fn header(count: usize) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    bytes.push(VERSION);
+    bytes.extend_from_slice(&u16::try_from(count).unwrap_or(u16::MAX).to_le_bytes());
+    bytes
+}
+
 /// A challenge's encoding.
 #[must_use]
 pub fn encode_request(samples: &[Sample]) -> Vec<u8> {
-    let mut bytes = MAGIC.to_vec();
-    bytes.push(VERSION);
-    bytes.extend_from_slice(
-        &u16::try_from(samples.len())
-            .unwrap_or(u16::MAX)
-            .to_le_bytes(),
-    );
+    let mut bytes = header(samples.len());
     for sample in samples {
         bytes.extend_from_slice(sample.cid.as_bytes());
         bytes.extend_from_slice(&sample.first_kib.to_le_bytes());
@@ -169,13 +172,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Vec<Sample>, MeshError> {
 /// # Errors
 /// The store failing (other than not holding a chunk).
 pub fn answer(store: &dyn SyncStore, samples: &[Sample]) -> Result<Vec<u8>, MeshError> {
-    let mut bytes = MAGIC.to_vec();
-    bytes.push(VERSION);
-    bytes.extend_from_slice(
-        &u16::try_from(samples.len())
-            .unwrap_or(u16::MAX)
-            .to_le_bytes(),
-    );
+    let mut bytes = header(samples.len());
     for sample in samples {
         let held = if store.holds(&sample.cid)? {
             match store.read(&Item::Data(sample.cid)) {

@@ -348,11 +348,8 @@ impl Importer<'_> {
     /// engine errors.
     pub(crate) fn publish(&self, updates: &[RecordUpdate]) -> Result<()> {
         let named = self.lock_named();
-        let kv = self.vault.kv();
-        self.session.publish(updates, &named, &|cid| {
-            Ok(kv.contains(Column::Objects, cid.as_bytes())?
-                || forge_store::chunkstore::has_first_shard(kv, cid)?)
-        })
+        self.session
+            .publish(updates, &named, &|cid| self.vault.stores(cid))
     }
 
     /// What the snapshot names (after it was published).

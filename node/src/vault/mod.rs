@@ -801,6 +801,16 @@ impl Vault {
         })
     }
 
+    /// Whether `cid` is stored here whole: an object (or index node), or a chunk (its
+    /// first shard, written last). What a publish re-checks after a gc overlapped it.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn stores(&self, cid: &Cid) -> Result<bool> {
+        Ok(self.kv.contains(Column::Objects, cid.as_bytes())?
+            || forge_store::chunkstore::has_first_shard(&*self.kv, cid)?)
+    }
+
     /// Whether this vault holds a volume's keys (wrapped to it or to a passphrase); a
     /// volume received without them is a zero-knowledge copy.
     ///

@@ -71,9 +71,8 @@ impl VaultSyncStore {
         named: &[Cid],
     ) -> Result<()> {
         let vault = &*self.vault;
-        self.session.publish(updates, named, &|cid| {
-            super::transfer::is_stored(vault, cid)
-        })
+        self.session
+            .publish(updates, named, &|cid| vault.stores(cid))
     }
 }
 
@@ -157,7 +156,7 @@ impl VaultReader {
 
 impl SyncStore for VaultReader {
     fn holds(&self, cid: &Cid) -> std::result::Result<bool, MeshError> {
-        super::transfer::is_stored(&self.vault, cid).map_err(store_error)
+        self.vault.stores(cid).map_err(store_error)
     }
 
     fn read(&self, item: &Item) -> std::result::Result<(DataKind, Vec<u8>), MeshError> {

@@ -279,8 +279,11 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 /// What was announced last: (volume, branch) → (head, when).
 type Announced = std::collections::BTreeMap<([u8; 16], String), (forge_crypto::Cid, Instant)>;
 
-/// How often a followed branch's unchanged head is announced again.
-const ANNOUNCE_AGAIN: Duration = Duration::from_secs(30);
+/// How often a followed branch's unchanged head is announced again. A publish that
+/// gossipsub accepts may still miss a follower whose subscription it has not grafted yet,
+/// so this bounds how late a follower learns of a head; a follower that has it does
+/// nothing with the repeat (one small message per followed branch).
+const ANNOUNCE_AGAIN: Duration = Duration::from_secs(5);
 
 /// How often a follower checks it is still connected to the peers it follows.
 const KEEP_CONNECTED_EVERY: Duration = Duration::from_secs(10);

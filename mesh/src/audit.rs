@@ -24,7 +24,7 @@ use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 use forge_crypto::{Cid, NodeId};
 
 use crate::bytes::Reader;
-use crate::net::{Inbound, MeshError, PeerNet, Protocol};
+use crate::net::{Inbound, MeshError, PeerNet, Protocol, request_idempotent};
 use crate::sync::{DataKind, Item, SyncStore};
 
 /// The audit protocol.
@@ -266,9 +266,9 @@ pub async fn audit(
     samples: &[Sample],
     deadline: Duration,
 ) -> Result<Vec<Verdict>, MeshError> {
-    let response = net
-        .request(peer, AUDIT_PROTOCOL, encode_request(samples), deadline)
-        .await?;
+    // An audit only reads: safe to send again when its connection turns out dead.
+    let response =
+        request_idempotent(net, peer, AUDIT_PROTOCOL, encode_request(samples), deadline).await?;
     check(samples, &response)
 }
 

@@ -57,6 +57,20 @@ pub enum MeshError {
         /// The deadline that passed.
         after: Duration,
     },
+    /// The connection broke after the request was sent (the peer restarted, a link died
+    /// unnoticed until now): the peer may or may not have acted on it.
+    #[error(
+        "the connection to peer {peer} broke during {protocol} ({reason}): the request may \
+         or may not have been carried out; retry only if it is idempotent"
+    )]
+    ConnectionLost {
+        /// The peer.
+        peer: NodeId,
+        /// The protocol.
+        protocol: &'static str,
+        /// What the transport said.
+        reason: String,
+    },
     /// The peer does not serve the protocol, or refused this node (not trusted, no Hello).
     #[error("peer {peer} refused {protocol}: {reason}")]
     Refused {
@@ -123,6 +137,40 @@ pub enum MeshError {
     },
 }
 
+/// How often [`request_idempotent`] sends a request whose connection broke.
+pub const IDEMPOTENT_ATTEMPTS: u32 = 3;
+
+/// Sends a request that is safe to repeat (a read, an offer that only opens a session)
+/// and sends it again when the connection it went out on turned out to be dead, or none
+/// could be made: a peer that restarted leaves this node a connection (sometimes two, one
+/// dialed from each side) that fails only when used or when its idle timeout passes, and
+/// the next attempt dials afresh. A deadline that passed is not repeated: the peer may be
+/// working on it.
+///
+/// # Errors
+/// The last attempt's error.
+pub async fn request_idempotent(
+    net: &dyn PeerNet,
+    peer: NodeId,
+    protocol: Protocol,
+    body: Vec<u8>,
+    deadline: Duration,
+) -> Result<Vec<u8>, MeshError> {
+    let mut attempt = 1;
+    loop {
+        match net.request(peer, protocol, body.clone(), deadline).await {
+            Err(MeshError::ConnectionLost { .. } | MeshError::Unreachable { .. })
+                if attempt < IDEMPOTENT_ATTEMPTS =>
+            {
+                attempt += 1;
+                // Lets the transport see the other dead connections close before the redial.
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How a request ended at the peer that received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -135,8 +183,9 @@ pub enum Answer {
 }
 
 /// A request delivered to this node, to answer with [`InboundRequest::respond`] (or
-/// [`InboundRequest::fail`], [`InboundRequest::refuse`]). Dropping it unanswered makes the
-/// requester time out, as a crash would.
+/// [`InboundRequest::fail`], [`InboundRequest::refuse`]). Dropping it unanswered gives the
+/// requester an unknown outcome: over QUIC the stream closes ([`MeshError::ConnectionLost`]
+/// at once); the in-process network models a crashed peer ([`MeshError::Timeout`]).
 #[derive(Debug)]
 pub struct InboundRequest {
     /// The verified sender.

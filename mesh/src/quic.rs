@@ -227,7 +227,9 @@ struct Driver {
     certificate: Certificate,
     local_peer: PeerId,
     commands: mpsc::Receiver<Command>,
-    responses: mpsc::Sender<Command>,
+    /// Weak, so that the task stops once every handle is gone (a strong sender here would
+    /// keep the swarm, and its port, alive for ever).
+    responses: mpsc::WeakSender<Command>,
     protocols: Served,
     /// Where each node was last reached (dialed again when a request finds no connection).
     book: BTreeMap<NodeId, Multiaddr>,
@@ -286,6 +288,9 @@ impl Driver {
                             tokio::spawn(async move {
                                 let reason = match dial_result.await {
                                     Ok(Ok(node)) if node == peer => {
+                                        let Some(commands) = commands.upgrade() else {
+                                            return;
+                                        };
                                         let again = Command::Request {
                                             peer,
                                             protocol,
@@ -600,8 +605,12 @@ impl Driver {
         let responses = self.responses.clone();
         tokio::spawn(async move {
             // Dropped unanswered: the stream closes with no answer, and the requester sees
-            // an unknown outcome (a timeout), as the PeerNet contract says.
-            let Ok(answer) = answer.await else {
+            // an unknown outcome (`ConnectionLost`), as the PeerNet contract says.
+            let answer = answer.await;
+            let Some(responses) = responses.upgrade() else {
+                return;
+            };
+            let Ok(answer) = answer else {
                 let _ = responses
                     .send(Command::Respond {
                         channel: id,
@@ -793,12 +802,17 @@ impl Driver {
                         protocol: protocol.name,
                         reason: error.to_string(),
                     },
-                    // Sent, and then the stream or connection failed (or the peer dropped
-                    // it unanswered): the outcome is unknown, as after a timeout.
-                    _ => MeshError::Timeout {
+                    OutboundFailure::Timeout => MeshError::Timeout {
                         peer,
                         protocol: protocol.name,
                         after: deadline,
+                    },
+                    // Sent, and then the stream or connection failed (or the peer dropped
+                    // it unanswered): the outcome is unknown, as after a timeout.
+                    _ => MeshError::ConnectionLost {
+                        peer,
+                        protocol: protocol.name,
+                        reason: error.to_string(),
                     },
                 };
                 let _ = reply.send(Err(error));
@@ -907,7 +921,7 @@ impl QuicNet {
             certificate,
             local_peer,
             commands: receiver,
-            responses: commands.clone(),
+            responses: commands.downgrade(),
             protocols: protocols.clone(),
             verified: BTreeMap::new(),
             topics: BTreeMap::new(),
@@ -1191,11 +1205,11 @@ mod tests {
             b.request(a_identity.node_id(), ECHO, vec![1], second).await,
             Err(MeshError::Refused { .. })
         ));
-        // Dropped unanswered: an unknown outcome, a timeout (not an answer).
+        // Dropped unanswered: an unknown outcome (not an answer), at once.
         assert!(matches!(
             a.request(b_identity.node_id(), ECHO, b"drop".to_vec(), second)
                 .await,
-            Err(MeshError::Timeout { .. })
+            Err(MeshError::ConnectionLost { .. })
         ));
         // A node nobody connected to is unreachable, at once.
         let (c_identity, _) = node(3);
@@ -1203,6 +1217,56 @@ mod tests {
             a.request(c_identity.node_id(), ECHO, vec![1], second).await,
             Err(MeshError::Unreachable { .. })
         ));
+    }
+
+    /// A restarted peer leaves this node its old connections (here two, one dialed from
+    /// each side, as `forge peer add` on both sites makes), which fail only when used or
+    /// idle for long: an idempotent request outlives all of them and reaches the new process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idempotent_request_reaches_a_peer_restarted_behind_its_dead_connections() {
+        let (a_identity, a_seed) = node(7);
+        let (b_identity, b_seed) = node(8);
+        let a = QuicNet::start(&a_identity, a_seed, &loopback(), 1).expect("a");
+        let b = QuicNet::start(&b_identity, b_seed, &loopback(), 1).expect("b");
+        let a_address = listening(&a).await;
+        let b_address = listening(&b).await;
+        a.connect(b_address.clone(), Duration::from_secs(10))
+            .await
+            .expect("a dials b");
+        b.connect(a_address, Duration::from_secs(10))
+            .await
+            .expect("b dials a");
+        drop(b);
+        // The swarm task notices its last handle is gone and releases the port.
+        let listen: Multiaddr = b_address
+            .iter()
+            .filter(|part| !matches!(part, libp2p::multiaddr::Protocol::P2p(_)))
+            .collect();
+        let restarted = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(net) = QuicNet::start(&b_identity, b_seed, &listen, 2) {
+                if !net.addresses().await.expect("addresses").is_empty() {
+                    break net;
+                }
+            }
+        };
+        let mut inbound = restarted.serve(ECHO).expect("serve");
+        tokio::spawn(async move {
+            while let Some(request) = inbound.next().await {
+                let body = request.body.clone();
+                request.respond(body);
+            }
+        });
+        let answer = crate::net::request_idempotent(
+            &a,
+            b_identity.node_id(),
+            ECHO,
+            b"after a restart".to_vec(),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the request reaches the restarted peer");
+        assert_eq!(answer, b"after a restart");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,10 @@ pub struct PushReport {
 fn retryable(error: &MeshError) -> bool {
     matches!(
         error,
-        MeshError::Timeout { .. } | MeshError::Busy { .. } | MeshError::Unreachable { .. }
+        MeshError::Timeout { .. }
+            | MeshError::ConnectionLost { .. }
+            | MeshError::Busy { .. }
+            | MeshError::Unreachable { .. }
     )
 }
 

@@ -37,7 +37,7 @@ use super::session::{ProgressFn, PushConfig, SYNC_PROTOCOL, SyncStore, push_with
 use super::walker::Item;
 use super::wire::{DataKind, Message, PutOutcome};
 use crate::bytes::{Reader, put_blob32, put_str16};
-use crate::net::{Inbound, InboundRequest, MeshError, PeerNet, Protocol};
+use crate::net::{Inbound, InboundRequest, MeshError, PeerNet, Protocol, request_idempotent};
 use crate::proof::{Receipt, TransferProof};
 
 /// The volume protocol: offers carry a volume's history (a few KiB per snapshot).
@@ -404,6 +404,18 @@ async fn ask(
     VolumeMessage::decode(&answer)
 }
 
+/// [`ask`] for a message that is safe to send twice (an offer only opens a session, a
+/// follow sets a flag): sent again when its connection turns out dead.
+async fn ask_idempotent(
+    net: &dyn PeerNet,
+    peer: NodeId,
+    message: &VolumeMessage,
+    deadline: Duration,
+) -> Result<VolumeMessage, MeshError> {
+    let answer = request_idempotent(net, peer, VOLUME_PROTOCOL, message.encode(), deadline).await?;
+    VolumeMessage::decode(&answer)
+}
+
 fn broke_protocol(peer: NodeId, what: impl Into<String>) -> MeshError {
     MeshError::Remote {
         peer,
@@ -440,14 +452,7 @@ pub async fn send_volume(
             what: "an offer without its head".into(),
         })?;
     let offered = VolumeMessage::Offer(offer.clone());
-    let answer = match ask(&*net, peer, &offered, config.control_deadline).await {
-        // A connection that died unnoticed (the peer restarted): an offer only opens a
-        // session, so once more, on a new connection.
-        Err(MeshError::Timeout { .. } | MeshError::Unreachable { .. }) => {
-            ask(&*net, peer, &offered, config.control_deadline).await?
-        }
-        other => other?,
-    };
+    let answer = ask_idempotent(&*net, peer, &offered, config.control_deadline).await?;
     match answer {
         VolumeMessage::Accepted => {}
         other => {
@@ -643,9 +648,12 @@ async fn request_sync(
             .and_then(|answer| Message::decode(&answer))
         {
             Ok(answer) => return Ok((answer, len * u64::from(attempt))),
-            Err(MeshError::Timeout { .. } | MeshError::Busy { .. } | MeshError::Local { .. })
-                if attempt < config.attempts =>
-            {
+            Err(
+                MeshError::Timeout { .. }
+                | MeshError::ConnectionLost { .. }
+                | MeshError::Busy { .. }
+                | MeshError::Local { .. },
+            ) if attempt < config.attempts => {
                 tokio::time::sleep(Duration::from_millis(50) * attempt).await;
             }
             Err(error) => return Err(error),
@@ -702,7 +710,7 @@ pub async fn follow_volume(
         name: name.to_owned(),
         branch: branch.to_owned(),
     };
-    match ask(net, peer, &message, config.control_deadline).await? {
+    match ask_idempotent(net, peer, &message, config.control_deadline).await? {
         VolumeMessage::Following(volume) => Ok(volume),
         other => Err(broke_protocol(
             peer,

@@ -793,14 +793,7 @@ impl MeshService for DaemonMesh<'_> {
             .node
             .run(async move {
                 let deadline = Duration::from_secs(120);
-                match audit(&net, node, &asked, deadline).await {
-                    // A connection that died unnoticed (the peer restarted): once more, on a
-                    // new one (an audit only reads).
-                    Err(MeshError::Timeout { .. } | MeshError::Unreachable { .. }) => {
-                        audit(&net, node, &asked, deadline).await
-                    }
-                    other => other,
-                }
+                audit(&net, node, &asked, deadline).await
             })?
             .map_err(mesh_error)?;
         let mut reply = forge_proto::v1::AuditVolumeReply {

@@ -1244,10 +1244,10 @@ mod tests {
             .collect();
         let restarted = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Ok(net) = QuicNet::start(&b_identity, b_seed, &listen, 2) {
-                if !net.addresses().await.expect("addresses").is_empty() {
-                    break net;
-                }
+            if let Ok(net) = QuicNet::start(&b_identity, b_seed, &listen, 2)
+                && !net.addresses().await.expect("addresses").is_empty()
+            {
+                break net;
             }
         };
         let mut inbound = restarted.serve(ECHO).expect("serve");

@@ -276,6 +276,106 @@ fn mem_flush_of_an_older_write_never_overrides_a_newer_durable_one() {
 }
 
 #[test]
+fn a_view_sees_the_store_as_it_was_when_taken() {
+    for_each_engine(|engine| {
+        put(engine, Column::RaftState, b"a", b"1");
+        put(engine, Column::RaftState, b"b", b"2");
+        let mut seen = Vec::new();
+        engine
+            .read_view(&mut |view| {
+                // Written while the view is open: invisible to it, visible to the engine.
+                let mut batch = WriteBatch::new();
+                batch.put(Column::RaftState, b"a", b"changed");
+                batch.put(Column::RaftState, b"c", b"3");
+                batch.delete(Column::RaftState, b"b");
+                engine.write(batch, Durability::Logged)?;
+                seen = view.scan(Column::RaftState, b"", None, usize::MAX)?;
+                assert_eq!(
+                    view.get(Column::RaftState, b"a")?.as_deref(),
+                    Some(&b"1"[..])
+                );
+                assert_eq!(view.get(Column::RaftState, b"c")?, None);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        assert_eq!(
+            engine.get(Column::RaftState, b"a").unwrap().as_deref(),
+            Some(&b"changed"[..])
+        );
+        // What the reader fails with is what read_view returns.
+        let failed = engine.read_view(&mut |_| {
+            Err(KvError::Engine {
+                detail: "stop".into(),
+            })
+        });
+        assert!(matches!(failed, Err(KvError::Engine { .. })));
+    });
+}
+
+#[test]
+fn a_range_delete_survives_reopen_and_leaves_its_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap();
+        for index in 0..10u8 {
+            put(&engine, Column::RaftLog, &[index], &[index]);
+        }
+        let mut batch = WriteBatch::new();
+        batch.delete_range(Column::RaftLog, [3u8], [7u8]);
+        engine.write(batch, Durability::Synced).unwrap();
+    }
+    let engine = RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap();
+    let keys: Vec<u8> = engine
+        .scan(Column::RaftLog, b"", None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(key, _)| key[0])
+        .collect();
+    assert_eq!(keys, [0, 1, 2, 7, 8, 9]);
+    assert_eq!(
+        engine
+            .last_in_range(Column::RaftLog, &[0], Some(&[7]))
+            .unwrap(),
+        Some((vec![2], vec![2]))
+    );
+}
+
+#[test]
+fn mem_a_durable_range_delete_is_not_undone_by_flushing_an_older_write() {
+    let engine = MemKv::new();
+    let mut old = WriteBatch::new();
+    old.put(Column::Objects, b"k", b"old");
+    engine.write(old, Durability::Unlogged).unwrap();
+    let mut range = WriteBatch::new();
+    range.delete_range(Column::Objects, b"a".to_vec(), b"z".to_vec());
+    engine.write(range, Durability::Synced).unwrap();
+    assert_eq!(engine.get(Column::Objects, b"k").unwrap(), None);
+    engine.flush(&[Column::Objects]).unwrap();
+    engine.crash(0);
+    assert_eq!(engine.get(Column::Objects, b"k").unwrap(), None);
+
+    // Unsynced, a range delete is lost in a crash with the rest of the unsynced log.
+    put(&engine, Column::RaftLog, b"1", b"x");
+    engine.sync().unwrap();
+    let mut range = WriteBatch::new();
+    range.delete_range(Column::RaftLog, b"0".to_vec(), b"9".to_vec());
+    engine.write(range, Durability::Logged).unwrap();
+    engine.crash(0);
+    assert_eq!(
+        engine.get(Column::RaftLog, b"1").unwrap().as_deref(),
+        Some(&b"x"[..])
+    );
+    assert_eq!(engine.live_bytes(), 2);
+}
+
+#[test]
 fn mem_capacity_refuses_writes_whole() {
     let engine = MemKv::with_capacity_bytes(100);
     let mut fits = WriteBatch::new();
@@ -304,7 +404,9 @@ fn mem_capacity_refuses_writes_whole() {
 enum Op {
     Put(u8, u8, Vec<u8>),
     Delete(u8, u8),
+    DeleteRange(u8, u8, u8),
     Scan(u8, u8),
+    Last(u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -316,7 +418,9 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(c, k, v)| Op::Put(c, k, v)),
         (0u8..3, any::<u8>()).prop_map(|(c, k)| Op::Delete(c, k)),
+        (0u8..3, any::<u8>(), any::<u8>()).prop_map(|(c, a, b)| Op::DeleteRange(c, a, b)),
         (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Scan(a, b)),
+        (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Last(a, b)),
     ]
 }
 
@@ -351,6 +455,24 @@ proptest! {
                     }
                     model.remove(&(c, vec![k]));
                 }
+                Op::DeleteRange(c, a, b) => {
+                    let (start, end) = (a.min(b), a.max(b));
+                    for engine in [&rocks as &dyn KvEngine, &mem] {
+                        let mut batch = WriteBatch::new();
+                        batch.delete_range(column(c), vec![start], vec![end]);
+                        engine.write(batch, Durability::Logged).unwrap();
+                    }
+                    model.retain(|(column, key), _| *column != c || key[0] < start || key[0] >= end);
+                }
+                Op::Last(a, b) => {
+                    let (start, end) = (vec![a.min(b)], vec![a.max(b)]);
+                    let expected = model.range((0, start.clone())..(0, end.clone())).next_back().map(|((_, k), v)| (k.clone(), v.clone()));
+                    for engine in [&rocks as &dyn KvEngine, &mem] {
+                        prop_assert_eq!(engine.last_in_range(Column::Meta, &start, Some(&end)).unwrap(), expected.clone());
+                        let unbounded = model.range((0, start.clone())..(1, Vec::new())).next_back().map(|((_, k), v)| (k.clone(), v.clone()));
+                        prop_assert_eq!(engine.last_in_range(Column::Meta, &start, None).unwrap(), unbounded);
+                    }
+                }
                 Op::Scan(a, b) => {
                     let (start, end) = (vec![a.min(b)], vec![a.max(b)]);
                     let expected: Vec<_> = model.range((0, start.clone())..(0, end.clone())).map(|((_, k), v)| (k.clone(), v.clone())).collect();
@@ -363,6 +485,13 @@ proptest! {
         for ((c, key), value) in &model {
             prop_assert_eq!(rocks.get(column(*c), key).unwrap(), Some(value.clone()));
             prop_assert_eq!(mem.get(column(*c), key).unwrap(), Some(value.clone()));
+        }
+        for engine in [&rocks as &dyn KvEngine, &mem] {
+            for c in 0..3u8 {
+                let stored = engine.scan(column(c), b"", None, usize::MAX).unwrap();
+                let expected: Vec<_> = model.range((c, Vec::new())..(c + 1, Vec::new())).map(|((_, k), v)| (k.clone(), v.clone())).collect();
+                prop_assert_eq!(stored, expected, "nothing deleted comes back, nothing else goes");
+            }
         }
     }
 }

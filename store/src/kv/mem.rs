@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, WriteBatch, bounds,
-    in_range,
+    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, KvView, ViewReader,
+    WriteBatch, bounds, in_range,
 };
 
 type Table = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -23,6 +23,9 @@ struct State {
     visible: BTreeMap<Column, Table>,
     visible_bytes: usize,
     durable: BTreeMap<Column, DurableTable>,
+    /// Durable range deletes still needed: a pending write older than one, made durable
+    /// later (an unlogged put flushed after a synced range delete), must stay deleted.
+    durable_ranges: Vec<DurableRange>,
     pending: Vec<PendingBatch>,
     next_sequence: u64,
     capacity_bytes: Option<usize>,
@@ -30,6 +33,14 @@ struct State {
     writes_before_death: Option<usize>,
     /// The process died at a crash point: every call fails until [`MemKv::crash`].
     dead: bool,
+}
+
+#[derive(Debug)]
+struct DurableRange {
+    column: Column,
+    start: Vec<u8>,
+    end: Vec<u8>,
+    sequence: u64,
 }
 
 #[derive(Debug)]
@@ -89,6 +100,7 @@ impl MemKv {
         for batch in surviving {
             state.make_durable(batch.sequence, &batch.ops);
         }
+        state.forget_spent_ranges();
         let mut visible: BTreeMap<Column, Table> = BTreeMap::new();
         let mut visible_bytes = 0;
         for (column, table) in &state.durable {
@@ -151,13 +163,59 @@ impl State {
             let (column, key, value) = match op {
                 BatchOp::Put { column, key, value } => (*column, key, Some(value.clone())),
                 BatchOp::Delete { column, key } => (*column, key, None),
+                BatchOp::DeleteRange { column, start, end } => {
+                    let table = self.durable.entry(*column).or_default();
+                    for (_, entry) in table.range_mut::<[u8], _>(bounds(start, Some(end))) {
+                        if entry.0 < sequence {
+                            *entry = (sequence, None);
+                        }
+                    }
+                    self.durable_ranges.push(DurableRange {
+                        column: *column,
+                        start: start.clone(),
+                        end: end.clone(),
+                        sequence,
+                    });
+                    continue;
+                }
             };
+            let deleted_later = self.durable_ranges.iter().any(|range| {
+                range.column == column
+                    && range.sequence > sequence
+                    && in_range(key, &range.start, Some(&range.end))
+            });
+            if deleted_later {
+                continue;
+            }
             let table = self.durable.entry(column).or_default();
             match table.get(key) {
                 Some((existing, _)) if *existing > sequence => {}
                 _ => {
                     table.insert(key.clone(), (sequence, value));
                 }
+            }
+        }
+    }
+
+    /// Drops the durable range deletes no pending write is older than (nothing can be
+    /// made durable under them any more). Called once `pending` is whole again.
+    fn forget_spent_ranges(&mut self) {
+        let oldest_pending = self.pending.iter().map(|batch| batch.sequence).min();
+        self.durable_ranges
+            .retain(|range| oldest_pending.is_some_and(|oldest| oldest < range.sequence));
+    }
+
+    fn remove_visible_range(&mut self, column: Column, start: &[u8], end: &[u8]) {
+        let Some(table) = self.visible.get_mut(&column) else {
+            return;
+        };
+        let doomed: Vec<Vec<u8>> = table
+            .range::<[u8], _>(bounds(start, Some(end)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in doomed {
+            if let Some(value) = table.remove(&key) {
+                self.visible_bytes = self.visible_bytes.saturating_sub(key.len() + value.len());
             }
         }
     }
@@ -171,14 +229,27 @@ impl State {
                 self.pending.push(batch);
             }
         }
+        self.forget_spent_ranges();
     }
 
+    /// The live bytes after `batch` (an estimate when one batch writes a key twice).
     fn size_after(&self, batch: &WriteBatch) -> usize {
         let mut size = self.visible_bytes;
         for op in batch.ops() {
             let (column, key) = match op {
                 BatchOp::Put { column, key, .. } | BatchOp::Delete { column, key } => {
                     (*column, key)
+                }
+                BatchOp::DeleteRange { column, start, end } => {
+                    let removed: usize = self
+                        .visible
+                        .get(column)
+                        .into_iter()
+                        .flat_map(|table| table.range::<[u8], _>(bounds(start, Some(end))))
+                        .map(|(key, value)| key.len() + value.len())
+                        .sum();
+                    size = size.saturating_sub(removed);
+                    continue;
                 }
             };
             if let Some(old) = self.visible.get(&column).and_then(|table| table.get(key)) {
@@ -215,7 +286,6 @@ impl KvEngine for MemKv {
                 path: "memory".into(),
             });
         }
-        state.visible_bytes = size_after;
         for op in batch.ops() {
             match op {
                 BatchOp::Put { column, key, value } => {
@@ -230,8 +300,12 @@ impl KvEngine for MemKv {
                         table.remove(key);
                     }
                 }
+                BatchOp::DeleteRange { column, start, end } => {
+                    state.remove_visible_range(*column, start, end);
+                }
             }
         }
+        state.visible_bytes = size_after;
         let sequence = state.next_sequence;
         state.next_sequence += 1;
         match durability {
@@ -248,6 +322,7 @@ impl KvEngine for MemKv {
             Durability::Synced => {
                 state.sync_logged();
                 state.make_durable(sequence, &batch.ops);
+                state.forget_spent_ranges();
             }
         }
         Ok(())
@@ -276,24 +351,52 @@ impl KvEngine for MemKv {
             .collect())
     }
 
+    fn last_in_range(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Option<KeyValue>, KvError> {
+        let state = self.lock();
+        state.alive()?;
+        if end.is_some_and(|end| end <= start) {
+            return Ok(None);
+        }
+        Ok(state.visible.get(&column).and_then(|table| {
+            table
+                .range::<[u8], _>(bounds(start, end))
+                .next_back()
+                .map(|(key, value)| (key.clone(), value.clone()))
+        }))
+    }
+
+    fn read_view(&self, read: &mut ViewReader<'_>) -> Result<(), KvError> {
+        let view = {
+            let state = self.lock();
+            state.alive()?;
+            MemView {
+                tables: state.visible.clone(),
+            }
+        };
+        read(&view)
+    }
+
     fn flush(&self, columns: &[Column]) -> Result<(), KvError> {
         let mut state = self.lock();
         state.write_point()?;
         let pending = std::mem::take(&mut state.pending);
         for mut batch in pending {
-            let (flushed, kept): (Vec<BatchOp>, Vec<BatchOp>) =
-                batch.ops.into_iter().partition(|op| {
-                    let column = match op {
-                        BatchOp::Put { column, .. } | BatchOp::Delete { column, .. } => column,
-                    };
-                    columns.contains(column)
-                });
+            let (flushed, kept): (Vec<BatchOp>, Vec<BatchOp>) = batch
+                .ops
+                .into_iter()
+                .partition(|op| columns.contains(&op.column()));
             state.make_durable(batch.sequence, &flushed);
             if !kept.is_empty() {
                 batch.ops = kept;
                 state.pending.push(batch);
             }
         }
+        state.forget_spent_ranges();
         Ok(())
     }
 
@@ -321,6 +424,41 @@ impl KvEngine for MemKv {
             }
         }
         Ok(usage)
+    }
+}
+
+/// A copy of what was visible when the view was taken.
+struct MemView {
+    tables: BTreeMap<Column, Table>,
+}
+
+impl KvView for MemView {
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .tables
+            .get(&column)
+            .and_then(|table| table.get(key))
+            .cloned())
+    }
+
+    fn scan(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .tables
+            .get(&column)
+            .into_iter()
+            .flat_map(|table| table.range::<[u8], _>(bounds(start, end)))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
     }
 }
 

@@ -10,12 +10,14 @@
 mod mem;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+mod syncer;
 
 use std::ops::Bound;
 
 pub use mem::MemKv;
 #[cfg(feature = "rocksdb")]
 pub use rocks::{RocksKv, RocksKvOptions, UnfinishedBlobFiles, remove_unfinished_blob_files};
+pub use syncer::{SyncDone, Syncer};
 
 /// The column families. Each is an independent ordered key space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -91,6 +93,25 @@ pub enum BatchOp {
     },
     /// Remove (absent keys are fine).
     Delete { column: Column, key: Vec<u8> },
+    /// Remove every key in `[start, end)` (a Raft log's truncation and purge, a group's
+    /// state replaced by a snapshot): one operation whatever the number of keys.
+    DeleteRange {
+        column: Column,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
+}
+
+impl BatchOp {
+    /// The column it writes.
+    #[must_use]
+    pub fn column(&self) -> Column {
+        match self {
+            Self::Put { column, .. }
+            | Self::Delete { column, .. }
+            | Self::DeleteRange { column, .. } => *column,
+        }
+    }
 }
 
 /// An atomic group of writes: all apply, or (after a crash) none.
@@ -119,6 +140,21 @@ impl WriteBatch {
         let key = key.into();
         self.payload_bytes += key.len();
         self.ops.push(BatchOp::Delete { column, key });
+    }
+
+    /// Adds a delete of every key in `[start, end)` of `column` (nothing when `end <= start`).
+    pub fn delete_range(
+        &mut self,
+        column: Column,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) {
+        let (start, end) = (start.into(), end.into());
+        if end <= start {
+            return;
+        }
+        self.payload_bytes += start.len() + end.len();
+        self.ops.push(BatchOp::DeleteRange { column, start, end });
     }
 
     /// Moves every operation of `other` to the end of this batch.
@@ -184,6 +220,33 @@ pub enum KvError {
     Engine { detail: String },
 }
 
+/// A consistent point-in-time view of an engine: every read sees the store as it was when
+/// the view was taken, whatever is written meanwhile (a state-machine snapshot is built
+/// from one while the group goes on applying).
+pub trait KvView {
+    /// Reads one value as of the view.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+
+    /// Up to `limit` pairs with keys in `[start, end)` (or to the end) as of the view, in
+    /// key order.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn scan(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError>;
+}
+
+/// What [`KvEngine::read_view`] runs against the view.
+pub type ViewReader<'a> = dyn FnMut(&dyn KvView) -> Result<(), KvError> + 'a;
+
 /// The storage seam. Implementations are cheap to share across threads.
 pub trait KvEngine: Send + Sync + std::fmt::Debug {
     /// Reads one value.
@@ -218,6 +281,25 @@ pub trait KvEngine: Send + Sync + std::fmt::Debug {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, KvError>;
+
+    /// The pair with the greatest key in `[start, end)` (or to the end), if any: a Raft
+    /// log's last entry without reading the log.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn last_in_range(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Option<KeyValue>, KvError>;
+
+    /// Runs `read` against a consistent point-in-time view of the whole store, released
+    /// when it returns.
+    ///
+    /// # Errors
+    /// Engine failures, or what `read` returns.
+    fn read_view(&self, read: &mut ViewReader<'_>) -> Result<(), KvError>;
 
     /// Makes every earlier write to `columns`, unlogged ones included, durable.
     ///

@@ -15,7 +15,8 @@ use rocksdb::{
 };
 
 use super::{
-    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, WriteBatch, in_range,
+    BatchOp, Column, ColumnUsage, Durability, KeyValue, KvEngine, KvError, KvView, ViewReader,
+    WriteBatch, in_range,
 };
 
 /// Tuning knobs of [`RocksKv`], with defaults for a single edge node.
@@ -362,6 +363,80 @@ fn map_error_detail(detail: String, corruption: bool, path: &Path) -> KvError {
     }
 }
 
+impl RocksKv {
+    /// Up to `limit` pairs of `[start, end)`, read with `options` (a view's snapshot).
+    fn scan_with(
+        &self,
+        mut options: ReadOptions,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let mut pairs = Vec::new();
+        if limit == 0 || end.is_some_and(|end| end <= start) {
+            return Ok(pairs);
+        }
+        // The upper bound keeps the iterator from stepping onto the first key past the
+        // range, which for a blob column would read that value from disk too (every
+        // single-chunk read used to read two chunks). A raw iterator steps only when asked.
+        if let Some(end) = end {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut iterator = self.db.raw_iterator_cf_opt(self.handle(column)?, options);
+        iterator.seek(start);
+        while iterator.valid() {
+            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
+                break;
+            };
+            if !in_range(key, start, end) {
+                break;
+            }
+            pairs.push((key.to_vec(), value.to_vec()));
+            if pairs.len() == limit {
+                return Ok(pairs);
+            }
+            iterator.next();
+        }
+        iterator.status().map_err(|error| self.error(&error))?;
+        Ok(pairs)
+    }
+}
+
+/// A RocksDB snapshot: reads through it see the sequence number it was taken at.
+struct RocksView<'a> {
+    kv: &'a RocksKv,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl RocksView<'_> {
+    fn options(&self, column: Column) -> ReadOptions {
+        let mut options = read_options(column);
+        options.set_snapshot(&self.snapshot);
+        options
+    }
+}
+
+impl KvView for RocksView<'_> {
+    fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.kv
+            .db
+            .get_cf_opt(self.kv.handle(column)?, key, &self.options(column))
+            .map_err(|error| self.kv.error(&error))
+    }
+
+    fn scan(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        self.kv
+            .scan_with(self.options(column), column, start, end, limit)
+    }
+}
+
 impl KvEngine for RocksKv {
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         self.db
@@ -398,6 +473,9 @@ impl KvEngine for RocksKv {
                 BatchOp::Delete { column, key } => {
                     rocks_batch.delete_cf(self.handle(*column)?, key)
                 }
+                BatchOp::DeleteRange { column, start, end } => {
+                    rocks_batch.delete_range_cf(self.handle(*column)?, start, end)
+                }
             }
         }
         let mut write_options = WriteOptions::default();
@@ -418,34 +496,41 @@ impl KvEngine for RocksKv {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, KvError> {
-        let mut pairs = Vec::new();
-        if limit == 0 || end.is_some_and(|end| end <= start) {
-            return Ok(pairs);
+        self.scan_with(read_options(column), column, start, end, limit)
+    }
+
+    fn last_in_range(
+        &self,
+        column: Column,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Option<KeyValue>, KvError> {
+        if end.is_some_and(|end| end <= start) {
+            return Ok(None);
         }
-        // The upper bound keeps the iterator from stepping onto the first key past the
-        // range, which for a blob column would read that value from disk too (every
-        // single-chunk read used to read two chunks). A raw iterator steps only when asked.
         let mut options = read_options(column);
+        options.set_iterate_lower_bound(start.to_vec());
         if let Some(end) = end {
             options.set_iterate_upper_bound(end.to_vec());
         }
         let mut iterator = self.db.raw_iterator_cf_opt(self.handle(column)?, options);
-        iterator.seek(start);
-        while iterator.valid() {
-            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
-                break;
-            };
-            if !in_range(key, start, end) {
-                break;
+        iterator.seek_to_last();
+        let last = match (iterator.valid(), iterator.key(), iterator.value()) {
+            (true, Some(key), Some(value)) if in_range(key, start, end) => {
+                Some((key.to_vec(), value.to_vec()))
             }
-            pairs.push((key.to_vec(), value.to_vec()));
-            if pairs.len() == limit {
-                return Ok(pairs);
-            }
-            iterator.next();
-        }
+            _ => None,
+        };
         iterator.status().map_err(|error| self.error(&error))?;
-        Ok(pairs)
+        Ok(last)
+    }
+
+    fn read_view(&self, read: &mut ViewReader<'_>) -> Result<(), KvError> {
+        let view = RocksView {
+            kv: self,
+            snapshot: self.db.snapshot(),
+        };
+        read(&view)
     }
 
     fn flush(&self, columns: &[Column]) -> Result<(), KvError> {

@@ -1,3 +1,27 @@
-//! forge-consensus: metadata replication with openraft, one Raft group per volume group,
-//! implementing forge-store's `MetadataStore`. Built by the cluster issue; until then the
-//! crate pins its dependencies (openraft `=0.10.0-alpha.37`) so their build cost is known.
+//! forge-consensus: metadata replicated with openraft, one Raft group per volume group and
+//! many groups per process (multi-raft), sharing one `KvEngine` and one `PeerNet`.
+//!
+//! - [`KvLogStore`]: a group's log and vote on the engine, fsyncs batched by one
+//!   [`Syncer`](forge_store::kv::Syncer) for every group.
+//! - [`KvStateMachine`]: a group's records, changed by all-or-nothing multi-record
+//!   compare-and-swap commands; snapshots from a point-in-time view of the engine.
+//! - [`network`]: Raft's messages over `PeerNet` (`/forge/raft/1`), one protocol for every
+//!   group; followers forward writes and reads to the leader.
+//! - [`GroupHandle`]: start, form, write, read linearizably, change members, status.
+//!
+//! Every openraft type stays inside this crate (its alpha API moves between releases).
+
+mod error;
+mod group;
+mod keys;
+mod log_store;
+pub mod network;
+mod state_machine;
+mod types;
+
+pub use error::ConsensusError;
+pub use group::{GroupHandle, GroupOptions, GroupStatus};
+pub use log_store::KvLogStore;
+pub use network::{GroupTable, RAFT_PROTOCOL, serve_raft};
+pub use state_machine::KvStateMachine;
+pub use types::{CLUSTER_GROUP, GroupId, Member, raft_id};

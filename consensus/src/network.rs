@@ -1,0 +1,328 @@
+//! Raft's messages over `PeerNet` (`/forge/raft/1`): every group of a node shares the
+//! node's one network, each message naming its group. A follower forwards a client's
+//! write or linearizable read to the leader over the same protocol.
+//!
+//! Wire: a request is [`crate::keys::encode`] of (group, [`RaftRequest`]), a response of
+//! [`RaftReply`]: a format byte, then postcard; anything else is refused.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forge_crypto::NodeId;
+use forge_mesh::net::{Inbound, MeshError, PeerNet, Protocol};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{decode, encode};
+use crate::types::{Command, GroupId, Member, Outcome, TypeConfig};
+
+/// The Raft protocol. Appends carry up to `max_payload_entries` entries; snapshots of a
+/// group's metadata go whole.
+pub const RAFT_PROTOCOL: Protocol = Protocol {
+    name: "/forge/raft/1",
+    max_request_bytes: 64 << 20,
+    max_response_bytes: 64 << 20,
+    inbound_queue: 1024,
+};
+
+/// A message to one group on a node.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRequest {
+    /// Replication (and heartbeats).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// An election.
+    Vote(VoteRequest<TypeConfig>),
+    /// Would the node vote (pre-vote: a node back from a partition asks before it bumps
+    /// its term, so it does not depose a healthy leader).
+    PreVote(VoteRequest<TypeConfig>),
+    /// A whole state-machine snapshot.
+    Snapshot {
+        /// The sender's vote.
+        vote: VoteOf<TypeConfig>,
+        /// What it covers.
+        meta: SnapshotMetaOf<TypeConfig>,
+        /// The encoded state.
+        data: Vec<u8>,
+    },
+    /// A client's write, forwarded to the leader.
+    Write(Command),
+    /// A linearizable read of one record, forwarded to the leader.
+    Read {
+        /// The record's space.
+        space: String,
+        /// Its key.
+        key: Vec<u8>,
+    },
+}
+
+/// A group's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    /// To an append.
+    Appended(AppendEntriesResponse<TypeConfig>),
+    /// To a vote or pre-vote.
+    Voted(VoteResponse<TypeConfig>),
+    /// To a snapshot.
+    Installed(SnapshotResponse<TypeConfig>),
+    /// To a write: how it applied.
+    Written(Outcome),
+    /// To a read.
+    Value(Option<Vec<u8>>),
+    /// This node does not lead the group (the leader it knows of, if any).
+    NotLeader(Option<Member>),
+}
+
+/// The groups a node runs, by id: what the server dispatches to.
+#[derive(Debug, Default, Clone)]
+pub struct GroupTable {
+    groups: Arc<Mutex<BTreeMap<GroupId, crate::group::GroupHandle>>>,
+}
+
+impl GroupTable {
+    /// An empty table.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn insert(&self, group: GroupId, handle: crate::group::GroupHandle) {
+        self.lock().insert(group, handle);
+    }
+
+    /// The group `group`, if this node runs it.
+    #[must_use]
+    pub fn get(&self, group: GroupId) -> Option<crate::group::GroupHandle> {
+        self.lock().get(&group).cloned()
+    }
+
+    /// Removes and returns every group (to shut them down).
+    #[must_use]
+    pub fn drain(&self) -> Vec<crate::group::GroupHandle> {
+        std::mem::take(&mut *self.lock()).into_values().collect()
+    }
+
+    /// The ids of the groups this node runs.
+    #[must_use]
+    pub fn ids(&self) -> Vec<GroupId> {
+        self.lock().keys().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, crate::group::GroupHandle>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Answers Raft requests from nodes `allowed` accepts, dispatching each to its group, until
+/// the network stops serving.
+pub async fn serve_raft(
+    mut inbound: Inbound,
+    groups: GroupTable,
+    allowed: impl Fn(&NodeId) -> Result<(), String> + Send + Sync + 'static,
+) {
+    while let Some(request) = inbound.next().await {
+        if let Err(reason) = allowed(&request.from) {
+            request.refuse(reason);
+            continue;
+        }
+        let groups = groups.clone();
+        tokio::spawn(async move {
+            let decoded: Result<(GroupId, RaftRequest), _> =
+                decode(&request.body, "a Raft request");
+            let (group, message) = match decoded {
+                Ok(decoded) => decoded,
+                Err(error) => return request.fail(error.to_string()),
+            };
+            let Some(handle) = groups.get(group) else {
+                return request.fail(format!("group {group} does not run on this node"));
+            };
+            match handle.answer(message).await {
+                Ok(reply) => match encode(&reply) {
+                    Ok(bytes) => request.respond(bytes),
+                    Err(error) => request.fail(error.to_string()),
+                },
+                Err(error) => request.fail(error.to_string()),
+            }
+        });
+    }
+}
+
+/// Sends `message` to `group` on `target`; its reply.
+pub(crate) async fn ask(
+    net: &dyn PeerNet,
+    target: NodeId,
+    group: GroupId,
+    message: &RaftRequest,
+    deadline: Duration,
+) -> Result<RaftReply, MeshError> {
+    let body = encode(&(group, message)).map_err(|error| MeshError::Local {
+        what: error.to_string(),
+    })?;
+    let answer = net.request(target, RAFT_PROTOCOL, body, deadline).await?;
+    decode(&answer, "a Raft reply").map_err(|error| MeshError::Remote {
+        peer: target,
+        protocol: RAFT_PROTOCOL.name,
+        message: error.to_string(),
+    })
+}
+
+fn rpc_error(error: &MeshError) -> RPCError<TypeConfig> {
+    match error {
+        MeshError::Remote { .. } | MeshError::Refused { .. } | MeshError::TooLarge { .. } => {
+            RPCError::Network(NetworkError::new(error))
+        }
+        _ => RPCError::Unreachable(Unreachable::new(error)),
+    }
+}
+
+fn unexpected(reply: &RaftReply) -> RPCError<TypeConfig> {
+    let error = MeshError::Local {
+        what: format!("an unexpected Raft reply: {reply:?}"),
+    };
+    RPCError::Network(NetworkError::new(&error))
+}
+
+/// Makes one [`RaftLink`] per target for a group.
+#[derive(Clone)]
+pub struct LinkFactory {
+    net: Arc<dyn PeerNet>,
+    group: GroupId,
+}
+
+impl std::fmt::Debug for LinkFactory {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LinkFactory")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkFactory {
+    /// Links of `group` over `net`.
+    #[must_use]
+    pub fn new(net: Arc<dyn PeerNet>, group: GroupId) -> Self {
+        Self { net, group }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for LinkFactory {
+    type Network = RaftLink;
+
+    async fn new_client(&mut self, _target: u64, node: &Member) -> Self::Network {
+        RaftLink {
+            net: self.net.clone(),
+            group: self.group,
+            target: node.node_id(),
+        }
+    }
+}
+
+/// One group's link to one member.
+pub struct RaftLink {
+    net: Arc<dyn PeerNet>,
+    group: GroupId,
+    target: NodeId,
+}
+
+impl std::fmt::Debug for RaftLink {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RaftLink")
+            .field("group", &self.group)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RaftLink {
+    async fn send(
+        &self,
+        message: &RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftReply, RPCError<TypeConfig>> {
+        ask(
+            &*self.net,
+            self.target,
+            self.group,
+            message,
+            option.hard_ttl(),
+        )
+        .await
+        .map_err(|error| rpc_error(&error))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for RaftLink {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.send(&RaftRequest::Append(rpc), &option).await? {
+            RaftReply::Appended(response) => Ok(response),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.send(&RaftRequest::Vote(rpc), &option).await? {
+            RaftReply::Voted(response) => Ok(response),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.send(&RaftRequest::PreVote(rpc), &option).await? {
+            RaftReply::Voted(response) => Ok(response),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Cursor<Vec<u8>>>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let message = RaftRequest::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let sent = self.send(&message, &option);
+        tokio::select! {
+            biased;
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = sent => match reply {
+                Ok(RaftReply::Installed(response)) => Ok(response),
+                Ok(other) => Err(StreamingError::Network(NetworkError::new(&MeshError::Local {
+                    what: format!("an unexpected Raft reply: {other:?}"),
+                }))),
+                Err(RPCError::Unreachable(error)) => Err(StreamingError::Unreachable(error)),
+                Err(RPCError::Network(error)) => Err(StreamingError::Network(error)),
+                Err(other) => Err(StreamingError::Network(NetworkError::new(&other))),
+            },
+        }
+    }
+}

@@ -35,6 +35,9 @@ pub struct GroupOptions {
     /// Entries kept in the log behind a snapshot (a follower that lags less catches up by
     /// log, one further behind by snapshot).
     pub entries_kept_after_snapshot: u64,
+    /// The seed of the group's random choices (election timeouts): set by the simulator
+    /// so a run replays; None draws them from the OS.
+    pub seed: Option<u64>,
 }
 
 impl Default for GroupOptions {
@@ -45,6 +48,7 @@ impl Default for GroupOptions {
             forward_deadline: Duration::from_secs(10),
             snapshot_after_entries: 5000,
             entries_kept_after_snapshot: 1000,
+            seed: None,
         }
     }
 }
@@ -64,6 +68,10 @@ pub struct GroupStatus {
     pub committed: Option<u64>,
     /// The last applied log index.
     pub applied: Option<u64>,
+    /// The last log index the current state-machine snapshot covers.
+    pub snapshot: Option<u64>,
+    /// The last log index purged from the log (compacted behind a snapshot).
+    pub purged: Option<u64>,
     /// The voters.
     pub voters: Vec<NodeId>,
     /// On the leader: each follower's lag in entries behind the leader's last log index.
@@ -128,14 +136,18 @@ impl GroupHandle {
         .map_err(raft_error)?;
         let log = KvLogStore::new(kv.clone(), group, syncer);
         let state = KvStateMachine::new(kv, group);
-        let raft = Raft::new(
+        let created = Raft::new(
             raft_id(&net.local_id()),
             Arc::new(config),
             LinkFactory::new(net.clone(), group),
             log,
             state.clone(),
-        )
-        .await
+        );
+        // The tasks Raft::new spawns inherit the seed: every later choice follows from it.
+        let raft = match options.seed {
+            Some(seed) => crate::runtime::seeded(seed, created).await,
+            None => created.await,
+        }
         .map_err(raft_error)?;
         let handle = Self {
             group,
@@ -392,6 +404,8 @@ impl GroupHandle {
             term: metrics.current_term,
             committed: metrics.local_committed.map(|log_id| log_id.index),
             applied: metrics.last_applied.map(|log_id| log_id.index),
+            snapshot: metrics.snapshot.map(|log_id| log_id.index),
+            purged: metrics.purged.map(|log_id| log_id.index),
             voters,
             lag,
         }

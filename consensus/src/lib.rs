@@ -16,6 +16,7 @@ mod group;
 mod keys;
 mod log_store;
 pub mod network;
+mod runtime;
 mod state_machine;
 mod types;
 
@@ -23,5 +24,6 @@ pub use error::ConsensusError;
 pub use group::{GroupHandle, GroupOptions, GroupStatus};
 pub use log_store::KvLogStore;
 pub use network::{GroupTable, RAFT_PROTOCOL, serve_raft};
+pub use runtime::seeded;
 pub use state_machine::KvStateMachine;
 pub use types::{CLUSTER_GROUP, GroupId, Member, raft_id};

@@ -139,6 +139,7 @@ openraft::declare_raft_types!(
         R = Outcome,
         NodeId = u64,
         Node = Member,
+        AsyncRuntime = crate::runtime::ForgeRuntime,
 );
 
 /// A group's Raft instance.

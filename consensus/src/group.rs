@@ -322,6 +322,9 @@ impl GroupHandle {
                 }
                 Err(error) => return Err(raft_error(error)),
             },
+            request @ (RaftRequest::AddMember(_) | RaftRequest::RemoveMember(_)) => {
+                return self.change_here(request).await;
+            }
             RaftRequest::Read { space, key } => {
                 match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
                     Ok(_) => RaftReply::Value(self.state.record(&space, &key)?),
@@ -335,46 +338,91 @@ impl GroupHandle {
     }
 
     /// Adds `node` as a voter: first as a learner that catches up (by log or snapshot),
-    /// then through joint consensus. On the leader.
+    /// then through joint consensus. Forwarded to the leader.
     ///
     /// # Errors
-    /// Not the leader; its Raft id collides with a member's; the change failed.
+    /// No leader; its Raft id collides with a member's; the change failed.
     pub async fn add_member(&self, node: &NodeId) -> Result<(), ConsensusError> {
-        let id = raft_id(node);
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        if let Some(existing) = metrics
-            .membership_config
-            .nodes()
-            .find(|(member_id, _)| **member_id == id)
-            .map(|(_, member)| member.node_id())
-            && existing != *node
-        {
-            return Err(ConsensusError::IdCollision {
-                node: node.to_hex(),
-                other: existing.to_hex(),
-            });
-        }
-        self.raft
-            .add_learner(id, Member::of(node), true)
-            .await
-            .map_err(raft_error)?;
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
-            .await
-            .map_err(raft_error)?;
-        Ok(())
+        self.change(RaftRequest::AddMember(Member::of(node))).await
     }
 
-    /// Removes `node` from the voters and the group. On the leader.
+    /// Removes `node` from the voters and the group. Forwarded to the leader.
     ///
     /// # Errors
-    /// Not the leader; the change failed.
+    /// No leader; the change failed.
     pub async fn remove_member(&self, node: &NodeId) -> Result<(), ConsensusError> {
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters([raft_id(node)].into()), false)
+        self.change(RaftRequest::RemoveMember(Member::of(node)))
             .await
-            .map_err(raft_error)?;
-        Ok(())
+    }
+
+    /// A membership change, here if this node leads, else at the leader.
+    async fn change(&self, request: RaftRequest) -> Result<(), ConsensusError> {
+        let leader = self.status().leader;
+        let reply = match leader {
+            Some(leader) if leader != self.net.local_id() => self.forward(leader, &request).await?,
+            _ => self.answer(request).await?,
+        };
+        match reply {
+            RaftReply::Changed => Ok(()),
+            RaftReply::NotLeader(_) => Err(ConsensusError::NoLeader { group: self.group }),
+            other => Err(ConsensusError::Raft {
+                detail: format!("a membership change was answered with {other:?}"),
+            }),
+        }
+    }
+
+    /// Applies a membership change on this node, which must lead.
+    async fn change_here(&self, request: RaftRequest) -> Result<RaftReply, ConsensusError> {
+        let not_leader = |error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>| {
+            error
+                .forward_to_leader()
+                .map(|forward| RaftReply::NotLeader(forward.leader_node.clone()))
+        };
+        match request {
+            RaftRequest::AddMember(member) => {
+                let node = member.node_id();
+                let id = raft_id(&node);
+                let metrics = self.raft.metrics().borrow_watched().clone();
+                if let Some(existing) = metrics
+                    .membership_config
+                    .nodes()
+                    .find(|(member_id, _)| **member_id == id)
+                    .map(|(_, member)| member.node_id())
+                    && existing != node
+                {
+                    return Err(ConsensusError::IdCollision {
+                        node: node.to_hex(),
+                        other: existing.to_hex(),
+                    });
+                }
+                if let Err(error) = self.raft.add_learner(id, member, true).await {
+                    return not_leader(&error).ok_or_else(|| raft_error(error));
+                }
+                if let Err(error) = self
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                    .await
+                {
+                    return not_leader(&error).ok_or_else(|| raft_error(error));
+                }
+            }
+            RaftRequest::RemoveMember(member) => {
+                let id = raft_id(&member.node_id());
+                if let Err(error) = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                    .await
+                {
+                    return not_leader(&error).ok_or_else(|| raft_error(error));
+                }
+            }
+            other => {
+                return Err(ConsensusError::Raft {
+                    detail: format!("not a membership change: {other:?}"),
+                });
+            }
+        }
+        Ok(RaftReply::Changed)
     }
 
     /// The group as this node sees it.

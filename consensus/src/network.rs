@@ -54,6 +54,10 @@ pub enum RaftRequest {
     },
     /// A client's write, forwarded to the leader.
     Write(Command),
+    /// Adds a voter (learner first, then joint consensus), forwarded to the leader.
+    AddMember(Member),
+    /// Removes a voter, forwarded to the leader.
+    RemoveMember(Member),
     /// A linearizable read of one record, forwarded to the leader.
     Read {
         /// The record's space.
@@ -76,6 +80,8 @@ pub enum RaftReply {
     Written(Outcome),
     /// To a read.
     Value(Option<Vec<u8>>),
+    /// To a membership change: done.
+    Changed,
     /// This node does not lead the group (the leader it knows of, if any).
     NotLeader(Option<Member>),
 }

@@ -601,3 +601,53 @@ async fn ref_updates_stay_linearizable_while_the_leader_is_killed_and_comes_back
         "not linearizable: {history:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_through_a_follower_catches_up_and_another_leaves() {
+    let network = MemoryNetwork::new(6);
+    let nodes: Vec<Node> = (1..=3).map(|index| Node::new(&network, index)).collect();
+    let first_two: Vec<GroupHandle> = vec![
+        nodes[0].start(4, fast()).await,
+        nodes[1].start(4, fast()).await,
+    ];
+    first_two[0]
+        .initialize(&[nodes[0].id, nodes[1].id])
+        .await
+        .unwrap();
+    let leader = leader_of(&first_two).await;
+    apply_eventually(&first_two[leader], &[put("before", "join")]).await;
+    // The newcomer runs the group unformed; a follower asks the leader to add it.
+    let newcomer = nodes[2].start(4, fast()).await;
+    first_two[1 - leader]
+        .add_member(&nodes[2].id)
+        .await
+        .unwrap();
+    let committed = first_two[leader].status().committed.unwrap();
+    newcomer
+        .wait_applied(committed, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(read(&newcomer, "before").await.as_deref(), Some("join"));
+    assert_eq!(first_two[leader].status().voters.len(), 3);
+    // The old leader leaves; the two others go on without it.
+    first_two[leader]
+        .remove_member(&nodes[leader].id)
+        .await
+        .unwrap();
+    let remaining = vec![first_two[1 - leader].clone(), newcomer.clone()];
+    let mut voters = Vec::new();
+    for _ in 0..200 {
+        voters = remaining[0].status().voters;
+        if voters.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(!voters.contains(&nodes[leader].id), "{voters:?}");
+    let new_leader = leader_of(&remaining).await;
+    apply_eventually(&remaining[new_leader], &[put("after", "leave")]).await;
+    assert_eq!(
+        read(&remaining[1 - new_leader], "after").await.as_deref(),
+        Some("leave")
+    );
+}

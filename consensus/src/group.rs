@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forge_crypto::NodeId;
-use forge_mesh::net::PeerNet;
+use forge_mesh::net::{MeshError, PeerNet};
 use forge_store::kv::{KvEngine, Syncer};
 use forge_store::metadata::RecordUpdate;
 use openraft::async_runtime::WatchReceiver;
@@ -355,20 +355,39 @@ impl GroupHandle {
             .await
     }
 
-    /// A membership change, here if this node leads, else at the leader.
+    /// A membership change, here if this node leads, else at the leader; followed to
+    /// the leader a refusal names, and retried for a few seconds while none is known (a
+    /// group in the middle of an election).
     async fn change(&self, request: RaftRequest) -> Result<(), ConsensusError> {
-        let leader = self.status().leader;
-        let reply = match leader {
-            Some(leader) if leader != self.net.local_id() => self.forward(leader, &request).await?,
-            _ => self.answer(request).await?,
-        };
-        match reply {
-            RaftReply::Changed => Ok(()),
-            RaftReply::NotLeader(_) => Err(ConsensusError::NoLeader { group: self.group }),
-            other => Err(ConsensusError::Raft {
-                detail: format!("a membership change was answered with {other:?}"),
-            }),
+        let me = self.net.local_id();
+        let mut target = self.status().leader;
+        for _ in 0..50 {
+            let reply = match target {
+                Some(leader) if leader != me => self.forward(leader, &request).await,
+                _ => self.answer(request.clone()).await,
+            };
+            match reply {
+                Ok(RaftReply::Changed) => return Ok(()),
+                Ok(RaftReply::NotLeader(Some(leader))) => target = Some(leader.node_id()),
+                Ok(RaftReply::NotLeader(None))
+                | Err(ConsensusError::Network(
+                    MeshError::Unreachable { .. }
+                    | MeshError::Timeout { .. }
+                    | MeshError::ConnectionLost { .. }
+                    | MeshError::Busy { .. },
+                )) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    target = self.status().leader;
+                }
+                Ok(other) => {
+                    return Err(ConsensusError::Raft {
+                        detail: format!("a membership change was answered with {other:?}"),
+                    });
+                }
+                Err(error) => return Err(error),
+            }
         }
+        Err(ConsensusError::NoLeader { group: self.group })
     }
 
     /// Applies a membership change on this node, which must lead.

@@ -34,7 +34,7 @@ pub const RAFT_PROTOCOL: Protocol = Protocol {
 };
 
 /// A message to one group on a node.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RaftRequest {
     /// Replication (and heartbeats).
     Append(AppendEntriesRequest<TypeConfig>),

@@ -283,6 +283,15 @@ pub enum NodeError {
     /// A peer, the network or a transfer proof.
     #[error(transparent)]
     Mesh(#[from] forge_mesh::MeshError),
+    /// A Raft group failed (no quorum, a conflict, storage).
+    #[error(transparent)]
+    Consensus(#[from] forge_consensus::ConsensusError),
+    /// A cluster call that cannot be done as asked (names what to do instead).
+    #[error("{reason}")]
+    Cluster {
+        /// What is wrong, and what to do.
+        reason: String,
+    },
 
     /// A volume this vault holds without its key (a zero-knowledge copy).
     #[error(
@@ -519,7 +528,8 @@ impl NodeError {
             | Self::AlreadyMounted { .. }
             | Self::BranchExists { .. }
             | Self::Busy { .. }
-            | Self::Metadata(forge_store::metadata::MetadataError::RecordConflict { .. }) => {
+            | Self::Metadata(forge_store::metadata::MetadataError::RecordConflict { .. })
+            | Self::Consensus(forge_consensus::ConsensusError::Conflict { .. }) => {
                 ExitCode::Conflict
             }
             Self::Kv(forge_store::KvError::Busy { .. }) => ExitCode::Conflict,

@@ -66,6 +66,12 @@ pub enum Command {
     /// Other vaults: add them, list them, trust them with volumes.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// The cluster of vaults at this site: form it, join it, see it, leave it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Volume groups: Raft groups of cluster members that keep volumes together.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
@@ -381,7 +387,7 @@ pub enum PeerCommand {
         /// through another peer).
         peer: String,
         /// The volume.
-        #[arg(long, required_unless_present = "new_volumes")]
+        #[arg(long, required_unless_present_any = ["new_volumes", "cluster"])]
         volume: Option<String>,
         /// Read only (the default).
         #[arg(long, conflicts_with = "write")]
@@ -392,11 +398,48 @@ pub enum PeerCommand {
         /// It may push volumes this vault does not have yet.
         #[arg(long)]
         new_volumes: bool,
+        /// It may join this node's cluster through this node (`forge cluster join`).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Take every trust from a peer.
     Revoke {
         /// The peer.
         peer: String,
+    },
+}
+
+/// `forge cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Form a cluster of this node alone (others join it). Needs the daemon.
+    Init,
+    /// Join the cluster of a peer (added with `forge peer add`, and trusting this node
+    /// with `forge peer trust NODE --cluster`).
+    Join {
+        /// The peer: its name, NodeId or a unique prefix.
+        peer: String,
+    },
+    /// Members and their reachability; each Raft group's leader, term, commit index and
+    /// the lag of each follower.
+    Status,
+    /// Leave the cluster (its groups go on without this node).
+    Leave,
+}
+
+/// `forge group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a volume group on cluster members.
+    Create {
+        /// Its name: letters, digits, '.', '_', '-'.
+        name: String,
+        /// The members that run it: NodeIds (or unique prefixes, or peer names), by commas.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Erasure layout K+M of its volumes (K+M at most the number of nodes).
+        #[arg(long, value_name = "K+M")]
+        ec: ErasureLayout,
     },
 }
 

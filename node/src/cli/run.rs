@@ -23,6 +23,10 @@ use forge_proto::v1::{
     TrustPeerRequest, UnshareVolumeRequest,
 };
 use forge_proto::v1::{
+    ClusterInitRequest, ClusterJoinRequest, ClusterLeaveRequest, ClusterStatusRequest,
+    CreateGroupRequest,
+};
+use forge_proto::v1::{
     CommitRequest, CreateBranchRequest, CreateVolumeRequest, DeleteSnapshotRequest, DiffRequest,
     ExportRequest, FsckRequest, GcRequest, ImportRequest, ListSnapshotsRequest, ListVolumesRequest,
     NodeStatusRequest, ScrubRequest, VaultStatsRequest, VolumeStatsRequest,
@@ -95,6 +99,26 @@ impl Cli {
                 ))
             }),
             Command::Peer(command) => self.with_api(|mesh| peer_call(mesh, command)),
+            Command::Cluster(command) => self.with_api(|mesh| {
+                let reply = match command {
+                    ClusterCommand::Init => mesh.cluster_init(ClusterInitRequest {})?,
+                    ClusterCommand::Join { peer } => {
+                        mesh.cluster_join(ClusterJoinRequest { peer: peer.clone() })?
+                    }
+                    ClusterCommand::Status => mesh.cluster_status(ClusterStatusRequest {})?,
+                    ClusterCommand::Leave => mesh.cluster_leave(ClusterLeaveRequest {})?,
+                };
+                Ok(service::cluster::render_cluster(&reply))
+            }),
+            Command::Group(GroupCommand::Create { name, nodes, ec }) => self.with_api(|mesh| {
+                let group = mesh.create_group(CreateGroupRequest {
+                    name: name.clone(),
+                    nodes: nodes.clone(),
+                    data_shards: u32::try_from(ec.data_shards()).unwrap_or(u32::MAX),
+                    parity_shards: u32::try_from(ec.parity_shards()).unwrap_or(u32::MAX),
+                })?;
+                Ok(service::cluster::render_group("created", &group))
+            }),
             Command::Proof(ProofCommand::List { volume }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_proofs(&mesh.list_proofs(
                     ListProofsRequest {
@@ -532,6 +556,7 @@ fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Re
             read: _,
             write,
             new_volumes,
+            cluster,
         } => Ok(render_peer(
             "trusted",
             &mesh.trust_peer(TrustPeerRequest {
@@ -539,6 +564,7 @@ fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Re
                 volume: volume.clone(),
                 write: *write,
                 new_volumes: *new_volumes,
+                cluster: *cluster,
             })?,
         )),
         PeerCommand::Revoke { peer } => Ok(render_peer(

@@ -835,4 +835,39 @@ impl Mesh for ApiGrpc {
     ) -> std::result::Result<Response<forge_proto::v1::ExportProofReply>, Status> {
         mesh_call!(self, "Mesh.ExportProof", request, export_proof)
     }
+
+    async fn cluster_init(
+        &self,
+        request: Request<forge_proto::v1::ClusterInitRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ClusterStatusReply>, Status> {
+        mesh_call!(self, "Mesh.ClusterInit", request, cluster_init)
+    }
+
+    async fn cluster_join(
+        &self,
+        request: Request<forge_proto::v1::ClusterJoinRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ClusterStatusReply>, Status> {
+        mesh_call!(self, "Mesh.ClusterJoin", request, cluster_join)
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<forge_proto::v1::ClusterStatusRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ClusterStatusReply>, Status> {
+        mesh_call!(self, "Mesh.ClusterStatus", request, cluster_status)
+    }
+
+    async fn cluster_leave(
+        &self,
+        request: Request<forge_proto::v1::ClusterLeaveRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ClusterStatusReply>, Status> {
+        mesh_call!(self, "Mesh.ClusterLeave", request, cluster_leave)
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<forge_proto::v1::CreateGroupRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::GroupInfo>, Status> {
+        mesh_call!(self, "Mesh.CreateGroup", request, create_group)
+    }
 }

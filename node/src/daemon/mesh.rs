@@ -21,6 +21,10 @@ use forge_proto::v1::{
     RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest,
     TrustPeerRequest,
 };
+use forge_proto::v1::{
+    ClusterInitRequest, ClusterJoinRequest, ClusterLeaveRequest, ClusterStatusReply,
+    ClusterStatusRequest, CreateGroupRequest, GroupInfo,
+};
 
 use crate::daemon::host::Host;
 use crate::error::{NodeError, Result};
@@ -42,6 +46,7 @@ pub struct MeshNode {
     incoming: Incoming,
     vault: Arc<Vault>,
     daemon: Weak<Host>,
+    cluster: Arc<crate::daemon::cluster::ClusterNode>,
 }
 
 impl std::fmt::Debug for MeshNode {
@@ -155,6 +160,7 @@ impl MeshNode {
         for (peer, following) in vault.followings()? {
             tokio::spawn(follow.clone().pull(peer, following.volume));
         }
+        let cluster = crate::daemon::cluster::ClusterNode::start(vault.clone(), net.clone())?;
         drop(_entered);
         Ok(Self {
             runtime,
@@ -164,6 +170,7 @@ impl MeshNode {
             incoming,
             vault,
             daemon: Arc::downgrade(daemon),
+            cluster,
         })
     }
 
@@ -830,5 +837,52 @@ impl MeshService for DaemonMesh<'_> {
 
     fn export_proof(&self, request: ExportProofRequest) -> Result<ExportProofReply> {
         self.api.export_proof(request)
+    }
+
+    fn cluster_init(&self, _request: ClusterInitRequest) -> Result<ClusterStatusReply> {
+        let cluster = self.node.cluster.clone();
+        self.node.run(async move { cluster.init().await })?
+    }
+
+    fn cluster_join(&self, request: ClusterJoinRequest) -> Result<ClusterStatusReply> {
+        let peer = peer_node(self.api.vault, &request.peer, false)?;
+        self.node.reach(&peer)?;
+        let cluster = self.node.cluster.clone();
+        self.node.run(async move { cluster.join(peer).await })?
+    }
+
+    fn cluster_status(&self, _request: ClusterStatusRequest) -> Result<ClusterStatusReply> {
+        let cluster = self.node.cluster.clone();
+        self.node.run(async move { cluster.status().await })?
+    }
+
+    fn cluster_leave(&self, _request: ClusterLeaveRequest) -> Result<ClusterStatusReply> {
+        let cluster = self.node.cluster.clone();
+        self.node.run(async move { cluster.leave().await })?
+    }
+
+    fn create_group(&self, request: CreateGroupRequest) -> Result<GroupInfo> {
+        let me = self.api.vault.shared_identity().node_id();
+        let nodes = request
+            .nodes
+            .iter()
+            .map(|text| {
+                if NodeId::parse(text).is_ok_and(|node| node == me) {
+                    return Ok(me);
+                }
+                peer_node(self.api.vault, text, true)
+            })
+            .collect::<Result<Vec<NodeId>>>()?;
+        let cluster = self.node.cluster.clone();
+        self.node.run(async move {
+            cluster
+                .create_group(
+                    &request.name,
+                    nodes,
+                    request.data_shards,
+                    request.parity_shards,
+                )
+                .await
+        })?
     }
 }

@@ -8,6 +8,7 @@
 //! The API socket is `DATA_DIR/control.sock`, as for a mount host; the only network
 //! listener is /metrics (`--metrics-listen`).
 
+pub mod cluster;
 pub mod control;
 pub mod host;
 pub mod mesh;

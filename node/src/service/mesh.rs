@@ -8,11 +8,13 @@ use std::fmt::Write as _;
 use forge_crypto::NodeId;
 use forge_mesh::TransferProof;
 use forge_proto::v1::{
-    AddPeerRequest, AuditVolumeReply, AuditVolumeRequest, ExportProofReply, ExportProofRequest,
-    FollowVolumeReply, FollowVolumeRequest, ListPeersReply, ListPeersRequest, ListProofsReply,
-    ListProofsRequest, NodeAddrReply, NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo,
-    RevokePeerRequest, ShareVolumeReply, ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest,
-    TrustPeerRequest, UnshareVolumeReply, UnshareVolumeRequest,
+    AddPeerRequest, AuditVolumeReply, AuditVolumeRequest, ClusterInitRequest, ClusterJoinRequest,
+    ClusterLeaveRequest, ClusterStatusReply, ClusterStatusRequest, CreateGroupRequest,
+    ExportProofReply, ExportProofRequest, FollowVolumeReply, FollowVolumeRequest, GroupInfo,
+    ListPeersReply, ListPeersRequest, ListProofsReply, ListProofsRequest, NodeAddrReply,
+    NodeAddrRequest, PeerInfo, PeerVolumeTrust, ProofInfo, RevokePeerRequest, ShareVolumeReply,
+    ShareVolumeRequest, SyncVolumeReply, SyncVolumeRequest, TrustPeerRequest, UnshareVolumeReply,
+    UnshareVolumeRequest,
 };
 use forge_store::VolumeId;
 use serde_json::json;
@@ -104,6 +106,36 @@ pub trait MeshService {
     /// # Errors
     /// No such proof.
     fn export_proof(&self, request: ExportProofRequest) -> Result<ExportProofReply>;
+
+    /// Forms a cluster of this node alone.
+    ///
+    /// # Errors
+    /// No network here; already in a cluster.
+    fn cluster_init(&self, request: ClusterInitRequest) -> Result<ClusterStatusReply>;
+
+    /// Joins a peer's cluster.
+    ///
+    /// # Errors
+    /// No network here; already in a cluster; the peer refused (no `--cluster` trust).
+    fn cluster_join(&self, request: ClusterJoinRequest) -> Result<ClusterStatusReply>;
+
+    /// The cluster as this node sees it.
+    ///
+    /// # Errors
+    /// No network here.
+    fn cluster_status(&self, request: ClusterStatusRequest) -> Result<ClusterStatusReply>;
+
+    /// Leaves the cluster.
+    ///
+    /// # Errors
+    /// No network here; not in a cluster; no quorum to agree on it.
+    fn cluster_leave(&self, request: ClusterLeaveRequest) -> Result<ClusterStatusReply>;
+
+    /// Creates a volume group.
+    ///
+    /// # Errors
+    /// No network here; not in a cluster; a bad layout or node list; a name taken.
+    fn create_group(&self, request: CreateGroupRequest) -> Result<GroupInfo>;
 }
 
 fn needs_daemon(what: &str) -> NodeError {
@@ -156,6 +188,7 @@ pub(crate) fn peer_info(vault: &Vault, node: &NodeId, record: &PeerRecord) -> Re
             })
             .collect(),
         keys_known: record.keys_known,
+        cluster: vault.cluster_trusted(node)?,
     })
 }
 
@@ -199,26 +232,35 @@ impl MeshService for LocalApi<'_> {
     }
 
     fn trust_peer(&self, request: TrustPeerRequest) -> Result<PeerInfo> {
-        if request.volume.is_none() && !request.new_volumes {
+        if request.volume.is_none() && !request.new_volumes && !request.cluster {
             return Err(NodeError::InvalidArgument {
                 what: "trust",
                 value: request.peer,
-                reason: "say what with: --volume NAME [--read|--write], or --new-volumes".into(),
+                reason: "say what with: --volume NAME [--read|--write], --new-volumes or --cluster"
+                    .into(),
             });
         }
         let node = peer_node(self.vault, &request.peer, true)?;
-        let record = self.vault.trust_peer(
-            &node,
-            request.volume.as_deref(),
-            request.write,
-            request.new_volumes,
-        )?;
+        let record = if request.volume.is_some() || request.new_volumes {
+            self.vault.trust_peer(
+                &node,
+                request.volume.as_deref(),
+                request.write,
+                request.new_volumes,
+            )?
+        } else {
+            self.vault.peer(&node)?.unwrap_or_default()
+        };
+        if request.cluster {
+            self.vault.set_cluster_trust(&node, true)?;
+        }
         peer_info(self.vault, &node, &record)
     }
 
     fn revoke_peer(&self, request: RevokePeerRequest) -> Result<PeerInfo> {
         let node = peer_node(self.vault, &request.peer, true)?;
         let record = self.vault.revoke_peer(&node)?;
+        self.vault.set_cluster_trust(&node, false)?;
         peer_info(self.vault, &node, &record)
     }
 
@@ -277,6 +319,26 @@ impl MeshService for LocalApi<'_> {
             proof,
         })
     }
+
+    fn cluster_init(&self, _request: ClusterInitRequest) -> Result<ClusterStatusReply> {
+        Err(needs_daemon("`forge cluster init`"))
+    }
+
+    fn cluster_join(&self, _request: ClusterJoinRequest) -> Result<ClusterStatusReply> {
+        Err(needs_daemon("`forge cluster join`"))
+    }
+
+    fn cluster_status(&self, _request: ClusterStatusRequest) -> Result<ClusterStatusReply> {
+        Err(needs_daemon("`forge cluster status`"))
+    }
+
+    fn cluster_leave(&self, _request: ClusterLeaveRequest) -> Result<ClusterStatusReply> {
+        Err(needs_daemon("`forge cluster leave`"))
+    }
+
+    fn create_group(&self, _request: CreateGroupRequest) -> Result<GroupInfo> {
+        Err(needs_daemon("`forge group create`"))
+    }
 }
 
 fn peer_json(peer: &PeerInfo) -> serde_json::Value {
@@ -286,6 +348,7 @@ fn peer_json(peer: &PeerInfo) -> serde_json::Value {
         "addresses": peer.addresses,
         "new_volumes": peer.new_volumes,
         "keys_known": peer.keys_known,
+        "cluster": peer.cluster,
         "volumes": peer.volumes.iter().map(|trust| json!({
             "volume": trust.volume,
             "volume_id": trust.volume_id,
@@ -309,6 +372,9 @@ fn describe_trust(peer: &PeerInfo) -> String {
         .collect();
     if peer.new_volumes {
         trusts.push("new volumes".into());
+    }
+    if peer.cluster {
+        trusts.push("joining the cluster".into());
     }
     if trusts.is_empty() {
         "nothing".into()

@@ -10,6 +10,7 @@
 //! typed calls over it.
 
 pub mod client;
+pub mod cluster;
 pub mod mesh;
 pub mod remote;
 mod render;

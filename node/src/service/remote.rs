@@ -360,4 +360,44 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         let request = self.connection.request(request);
         self.connection.call(self.mesh().export_proof(request))
     }
+
+    fn cluster_init(
+        &self,
+        request: forge_proto::v1::ClusterInitRequest,
+    ) -> Result<forge_proto::v1::ClusterStatusReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().cluster_init(request))
+    }
+
+    fn cluster_join(
+        &self,
+        request: forge_proto::v1::ClusterJoinRequest,
+    ) -> Result<forge_proto::v1::ClusterStatusReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().cluster_join(request))
+    }
+
+    fn cluster_status(
+        &self,
+        request: forge_proto::v1::ClusterStatusRequest,
+    ) -> Result<forge_proto::v1::ClusterStatusReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().cluster_status(request))
+    }
+
+    fn cluster_leave(
+        &self,
+        request: forge_proto::v1::ClusterLeaveRequest,
+    ) -> Result<forge_proto::v1::ClusterStatusReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().cluster_leave(request))
+    }
+
+    fn create_group(
+        &self,
+        request: forge_proto::v1::CreateGroupRequest,
+    ) -> Result<forge_proto::v1::GroupInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().create_group(request))
+    }
 }

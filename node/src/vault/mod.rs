@@ -6,6 +6,7 @@
 //! short-lived forge command holds it.
 
 pub mod check;
+pub mod cluster;
 pub mod export;
 pub mod fence;
 pub(crate) mod import;
@@ -420,6 +421,11 @@ impl Vault {
     /// The storage engine.
     pub(crate) fn kv(&self) -> &dyn KvEngine {
         self.kv.as_ref()
+    }
+
+    /// The storage engine, shared (the daemon's Raft groups keep their logs in it).
+    pub(crate) fn shared_kv(&self) -> Arc<dyn KvEngine> {
+        self.kv.clone()
     }
 
     /// The limits writes are checked against.

@@ -4,7 +4,7 @@
 // Each test binary uses a part of this.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use assert_cmd::Command;
@@ -195,4 +195,100 @@ pub async fn drain<T>(response: tonic::Response<tonic::Streaming<T>>) -> Vec<T> 
         events.push(event);
     }
     events
+}
+
+/// A vault whose daemon listens on a loopback port of its own.
+pub struct Site {
+    pub vault: Vault,
+    pub daemon: Option<KillOnDrop>,
+    pub id: String,
+    pub metrics: String,
+    /// Its peer port (0 until it first listened).
+    pub port: String,
+}
+
+impl Site {
+    pub fn start() -> Self {
+        let vault = Vault::new();
+        let id = vault.json(&["node", "id"])["node_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut site = Self {
+            vault,
+            daemon: None,
+            id,
+            metrics: String::new(),
+            port: "0".to_owned(),
+        };
+        site.restart();
+        site
+    }
+
+    /// Starts (again) its daemon, on the port it had (peers remember it).
+    pub fn restart(&mut self) {
+        let _ = self.vault.run(&["node", "stop"]);
+        let listen = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.port);
+        let line = self.vault.ok(&[
+            "node",
+            "start",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--listen",
+            &listen,
+        ]);
+        self.daemon = Some(KillOnDrop(started_pid(&line)));
+        self.metrics = self.vault.json(&["node", "status"])["metrics_address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.port = self
+            .address()
+            .split("/udp/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
+            .to_owned();
+    }
+
+    pub fn address(&self) -> String {
+        self.vault.json(&["node", "addr"])["addresses"][0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Adds `other` as a peer named `name`.
+    pub fn meet(&self, other: &Site, name: &str) {
+        let added = self.vault.json(&[
+            "peer",
+            "add",
+            &other.address(),
+            "--name",
+            name,
+            "--expect",
+            &other.id,
+        ]);
+        assert_eq!(added["node_id"], other.id.as_str());
+    }
+
+    pub fn sync(&self, volume: &str, peer: &str) -> Value {
+        self.vault.json(&["volume", "sync", volume, "--peer", peer])
+    }
+
+    pub fn dir_bytes(&self) -> u64 {
+        fn walk(path: &Path) -> u64 {
+            std::fs::read_dir(path).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .map(|entry| match entry.metadata() {
+                        Ok(meta) if meta.is_dir() => walk(&entry.path()),
+                        Ok(meta) => meta.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+        }
+        walk(&self.vault.data_dir())
+    }
 }

@@ -1,0 +1,728 @@
+//! The daemon's cluster: the cluster-wide Raft group (group 0: members and their
+//! addresses, the registry of volume groups) and the volume groups this node is in, all
+//! sharing the vault's RocksDB (one [`Syncer`] batches their fsyncs) and the node's QUIC
+//! network (`/forge/raft/1`).
+//!
+//! Forming: `cluster init` starts group 0 with this node as its only voter. Joining: the
+//! joiner asks a member for the member list (`/forge/cluster/1`, which the member answers
+//! only for a node it trusts with `--cluster`), starts group 0 unformed and accepting
+//! Raft messages from those members, and asks to join; the member records the joiner's
+//! addresses in group 0 and adds it as a learner, then a voter, through the leader.
+//! A watch loop on every member keeps the network's address book in step with group 0's
+//! member records, and starts the volume groups the registry lists this node in (the
+//! lowest-NodeId member of a new group forms it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use forge_consensus::{CLUSTER_GROUP, GroupHandle, GroupOptions, GroupStatus, GroupTable};
+use forge_crypto::NodeId;
+use forge_mesh::quic::{Multiaddr, QuicNet};
+use forge_mesh::{PeerNet, Protocol};
+use forge_proto::v1::{ClusterMember, ClusterStatusReply, FollowerLag, GroupInfo};
+use forge_store::kv::Syncer;
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{NodeError, Result};
+use crate::vault::Vault;
+use crate::vault::cluster::ClusterMembership;
+use crate::vault::records;
+
+/// Members: key = NodeId, value = [`MemberRecord`].
+const MEMBERS: RecordSpace = RecordSpace::new("members");
+/// Volume groups: key = name, value = [`GroupRecord`].
+const GROUPS: RecordSpace = RecordSpace::new("groups");
+/// The next group id: key `next`, value = u64 big-endian.
+const GROUP_IDS: RecordSpace = RecordSpace::new("group-ids");
+
+/// Joining: asking a member for the member list, then to be added.
+pub const CLUSTER_PROTOCOL: Protocol = Protocol {
+    name: "/forge/cluster/1",
+    max_request_bytes: 64 << 10,
+    max_response_bytes: 1 << 20,
+    inbound_queue: 16,
+};
+
+/// How long a join may take (the leader adds the joiner as a learner and waits for it to
+/// catch up before making it a voter).
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A member, as group 0 records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Where it listens.
+    pub addresses: Vec<String>,
+    /// When it joined, ns since the epoch.
+    pub joined_ns: i64,
+}
+
+/// A volume group, as group 0 records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Its Raft group id.
+    pub id: u64,
+    /// Data shards per chunk.
+    pub data_shards: u32,
+    /// Parity shards per chunk.
+    pub parity_shards: u32,
+    /// The members that run it.
+    pub nodes: Vec<[u8; 32]>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ClusterRequest {
+    Members,
+    Join { addresses: Vec<String> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ClusterReply {
+    Members(Vec<[u8; 32]>),
+    Joined,
+}
+
+fn cluster_error(reason: impl Into<String>) -> NodeError {
+    NodeError::Cluster {
+        reason: reason.into(),
+    }
+}
+
+/// The cluster side of a daemon.
+pub struct ClusterNode {
+    vault: Arc<Vault>,
+    net: QuicNet,
+    shared: Arc<dyn PeerNet>,
+    table: GroupTable,
+    syncer: Arc<Syncer>,
+    options: GroupOptions,
+    /// Members a join in progress accepts Raft messages from before it has group 0's
+    /// member records.
+    joining: Mutex<BTreeSet<NodeId>>,
+    watching: Mutex<bool>,
+    this: Weak<ClusterNode>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClusterNode")
+            .field("groups", &self.table.ids())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// Serves the Raft and cluster protocols on `net` and, if this vault is in a cluster,
+    /// starts its groups. Call inside the network's runtime.
+    ///
+    /// # Errors
+    /// The protocols are served already; storage errors.
+    pub fn start(vault: Arc<Vault>, net: QuicNet) -> Result<Arc<Self>> {
+        let syncer = Arc::new(Syncer::start(vault.shared_kv())?);
+        let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
+        let node = Arc::new_cyclic(|this| Self {
+            vault,
+            net,
+            shared: shared.clone(),
+            table: GroupTable::new(),
+            syncer,
+            options: GroupOptions::default(),
+            joining: Mutex::new(BTreeSet::new()),
+            watching: Mutex::new(false),
+            this: this.clone(),
+        });
+        let raft = shared
+            .serve(forge_consensus::RAFT_PROTOCOL)
+            .map_err(NodeError::Mesh)?;
+        let rules = Arc::downgrade(&node);
+        tokio::spawn(forge_consensus::serve_raft(
+            raft,
+            node.table.clone(),
+            move |from| match rules.upgrade() {
+                Some(node) => node.raft_allowed(from),
+                None => Err("the node is stopping".into()),
+            },
+        ));
+        let requests = shared.serve(CLUSTER_PROTOCOL).map_err(NodeError::Mesh)?;
+        tokio::spawn(serve_cluster(requests, Arc::downgrade(&node)));
+        if node.vault.cluster_membership()?.is_some() {
+            let booting = node.clone();
+            tokio::spawn(async move {
+                match booting.start_group(CLUSTER_GROUP).await {
+                    Ok(_) => booting.watch(),
+                    Err(error) => tracing::error!(%error, "starting the cluster group"),
+                }
+            });
+        }
+        Ok(node)
+    }
+
+    fn raft_allowed(&self, from: &NodeId) -> std::result::Result<(), String> {
+        let refused = || format!("node {from} is not a member of this node's cluster");
+        if self.vault.cluster_membership().ok().flatten().is_none() {
+            return Err("this node is not in a cluster".into());
+        }
+        if self.lock_joining().contains(from) || self.vault.cluster_trusted(from).unwrap_or(false) {
+            return Ok(());
+        }
+        match self.members() {
+            Ok(members) if members.contains_key(from) => Ok(()),
+            _ => Err(refused()),
+        }
+    }
+
+    fn lock_joining(&self) -> std::sync::MutexGuard<'_, BTreeSet<NodeId>> {
+        self.joining
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn start_group(&self, id: u64) -> Result<GroupHandle> {
+        if let Some(running) = self.table.get(id) {
+            return Ok(running);
+        }
+        Ok(GroupHandle::start(
+            &self.table,
+            id,
+            self.vault.shared_kv(),
+            Some(self.syncer.clone()),
+            self.shared.clone(),
+            self.options,
+        )
+        .await?)
+    }
+
+    fn cluster_group(&self) -> Result<GroupHandle> {
+        self.table.get(CLUSTER_GROUP).ok_or_else(|| {
+            cluster_error(
+                "this node is not in a cluster: `forge cluster init` forms one, `forge cluster join PEER` joins one",
+            )
+        })
+    }
+
+    /// Group 0's members, as applied here.
+    fn members(&self) -> Result<BTreeMap<NodeId, MemberRecord>> {
+        let Some(group) = self.table.get(CLUSTER_GROUP) else {
+            return Ok(BTreeMap::new());
+        };
+        group
+            .local_records(MEMBERS.name(), b"")?
+            .into_iter()
+            .map(|(key, value)| {
+                let node = NodeId::from_slice(&key).map_err(|error| NodeError::CorruptRecord {
+                    what: "cluster member",
+                    reason: error.to_string(),
+                })?;
+                Ok((node, records::decode("cluster member", &value)?))
+            })
+            .collect()
+    }
+
+    /// The volume groups, as applied here.
+    fn groups(&self) -> Result<Vec<(String, GroupRecord)>> {
+        let Some(group) = self.table.get(CLUSTER_GROUP) else {
+            return Ok(Vec::new());
+        };
+        group
+            .local_records(GROUPS.name(), b"")?
+            .into_iter()
+            .map(|(key, value)| {
+                Ok((
+                    String::from_utf8_lossy(&key).into_owned(),
+                    records::decode("volume group", &value)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn own_member_record(&self) -> Result<MemberRecord> {
+        let addresses = self
+            .net
+            .addresses()
+            .await
+            .map_err(NodeError::Mesh)?
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        Ok(MemberRecord {
+            addresses,
+            joined_ns: self.vault.now_ns(),
+        })
+    }
+
+    /// Forms a cluster of this node alone.
+    ///
+    /// # Errors
+    /// Already in a cluster; storage or Raft failures.
+    pub async fn init(&self) -> Result<ClusterStatusReply> {
+        if self.vault.cluster_membership()?.is_some() {
+            return Err(cluster_error(
+                "this node is in a cluster already (`forge cluster status`)",
+            ));
+        }
+        let me = self.net.local_id();
+        self.vault.set_cluster_membership(Some(&ClusterMembership {
+            since_ns: self.vault.now_ns(),
+            through: None,
+        }))?;
+        let group = self.start_group(CLUSTER_GROUP).await?;
+        group.initialize(&[me]).await?;
+        let record = self.own_member_record().await?;
+        apply_with_retry(
+            &group,
+            &[RecordUpdate::new(
+                MEMBERS,
+                me.as_bytes().to_vec(),
+                Expected::Any,
+                Change::Put(records::encode(&record)),
+            )],
+        )
+        .await?;
+        self.watch();
+        self.status().await
+    }
+
+    /// Joins the cluster `peer` is in.
+    ///
+    /// # Errors
+    /// Already in a cluster; the peer refused or is unreachable.
+    pub async fn join(&self, peer: NodeId) -> Result<ClusterStatusReply> {
+        if self.vault.cluster_membership()?.is_some() {
+            return Err(cluster_error(
+                "this node is in a cluster already (`forge cluster status`)",
+            ));
+        }
+        let me = self.net.local_id();
+        let members = match self.ask(peer, &ClusterRequest::Members).await? {
+            ClusterReply::Members(members) => members,
+            ClusterReply::Joined => return Err(cluster_error("the peer answered out of turn")),
+        };
+        {
+            let mut joining = self.lock_joining();
+            joining.insert(peer);
+            joining.extend(members.iter().map(|member| NodeId::from_bytes(*member)));
+        }
+        self.vault.set_cluster_membership(Some(&ClusterMembership {
+            since_ns: self.vault.now_ns(),
+            through: Some(*peer.as_bytes()),
+        }))?;
+        let joined = async {
+            let group = self.start_group(CLUSTER_GROUP).await?;
+            let record = self.own_member_record().await?;
+            self.ask(
+                peer,
+                &ClusterRequest::Join {
+                    addresses: record.addresses,
+                },
+            )
+            .await?;
+            // Joined once this node has applied its own member record.
+            for _ in 0..600 {
+                if self.members()?.contains_key(&me) {
+                    return Ok(group);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(cluster_error(
+                "the cluster accepted this node but did not replicate to it within 60 s",
+            ))
+        }
+        .await;
+        self.lock_joining().clear();
+        match joined {
+            Ok(_) => {
+                self.watch();
+                self.status().await
+            }
+            Err(error) => {
+                if let Some(group) = self.table.get(CLUSTER_GROUP) {
+                    let _ = group.shutdown().await;
+                }
+                let _ = self.table.drain();
+                self.vault.set_cluster_membership(None)?;
+                Err(error)
+            }
+        }
+    }
+
+    async fn ask(&self, peer: NodeId, request: &ClusterRequest) -> Result<ClusterReply> {
+        let body = records::encode(request);
+        let answer = self
+            .shared
+            .request(peer, CLUSTER_PROTOCOL, body, JOIN_DEADLINE)
+            .await?;
+        records::decode("cluster reply", &answer)
+    }
+
+    /// Leaves the cluster.
+    ///
+    /// # Errors
+    /// Not in a cluster; this node still runs a volume group; no quorum.
+    pub async fn leave(&self) -> Result<ClusterStatusReply> {
+        let group = self.cluster_group()?;
+        let me = self.net.local_id();
+        if let Some((name, _)) = self
+            .groups()?
+            .into_iter()
+            .find(|(_, record)| record.nodes.contains(me.as_bytes()))
+        {
+            return Err(cluster_error(format!(
+                "this node is in volume group {name}: moving a group's data off a node is not supported yet, so it cannot leave"
+            )));
+        }
+        // Out of the voters first, while the others still take this node's requests
+        // (they accept Raft messages from members only), then out of the records.
+        group.remove_member(&me).await?;
+        apply_with_retry(
+            &group,
+            &[RecordUpdate::new(
+                MEMBERS,
+                me.as_bytes().to_vec(),
+                Expected::Any,
+                Change::Delete,
+            )],
+        )
+        .await?;
+        for running in self.table.drain() {
+            let _ = running.shutdown().await;
+        }
+        self.vault.set_cluster_membership(None)?;
+        self.status().await
+    }
+
+    /// Creates a volume group.
+    ///
+    /// # Errors
+    /// Not in a cluster; a bad name, layout or node list; the name taken; no quorum.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        nodes: Vec<NodeId>,
+        data_shards: u32,
+        parity_shards: u32,
+    ) -> Result<GroupInfo> {
+        let group = self.cluster_group()?;
+        crate::vault::validate_name("group", name)?;
+        forge_store::erasure::ErasureLayout::new(data_shards as usize, parity_shards as usize)?;
+        let mut nodes = nodes;
+        nodes.sort_unstable();
+        nodes.dedup();
+        let width = data_shards as usize + parity_shards as usize;
+        if width > nodes.len() {
+            return Err(cluster_error(format!(
+                "a {data_shards}+{parity_shards} layout puts each chunk's {width} shards on {width} different nodes: name at least {width} (got {})",
+                nodes.len()
+            )));
+        }
+        let members = self.members()?;
+        if let Some(stranger) = nodes.iter().find(|node| !members.contains_key(node)) {
+            return Err(cluster_error(format!(
+                "node {stranger} is not a cluster member (`forge cluster status` lists them)"
+            )));
+        }
+        loop {
+            let next = group.read_record(GROUP_IDS.name(), b"next").await?;
+            let id = match &next {
+                Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                    NodeError::CorruptRecord {
+                        what: "next group id",
+                        reason: format!("{} bytes", bytes.len()),
+                    }
+                })?),
+                None => 1,
+            };
+            let record = GroupRecord {
+                id,
+                data_shards,
+                parity_shards,
+                nodes: nodes.iter().map(|node| *node.as_bytes()).collect(),
+            };
+            let updates = [
+                RecordUpdate::new(
+                    GROUPS,
+                    name.as_bytes().to_vec(),
+                    Expected::Absent,
+                    Change::Put(records::encode(&record)),
+                ),
+                RecordUpdate::new(
+                    GROUP_IDS,
+                    b"next".to_vec(),
+                    next.map_or(Expected::Absent, Expected::Value),
+                    Change::Put((id + 1).to_be_bytes().to_vec()),
+                ),
+            ];
+            match group.apply(&updates).await {
+                Ok(()) => {
+                    self.reconcile().await;
+                    return Ok(self.group_info(name, &record));
+                }
+                Err(forge_consensus::ConsensusError::Conflict { space, .. })
+                    if space == GROUPS.name() =>
+                {
+                    return Err(cluster_error(format!("a volume group named {name} exists")));
+                }
+                // Another creation took the id meanwhile: take the next.
+                Err(forge_consensus::ConsensusError::Conflict { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn group_info(&self, name: &str, record: &GroupRecord) -> GroupInfo {
+        let mut info = GroupInfo {
+            name: name.to_owned(),
+            id: record.id,
+            data_shards: record.data_shards,
+            parity_shards: record.parity_shards,
+            nodes: record
+                .nodes
+                .iter()
+                .map(|node| NodeId::from_bytes(*node).to_hex())
+                .collect(),
+            ..GroupInfo::default()
+        };
+        if let Some(running) = self.table.get(record.id) {
+            fill_status(&mut info, &running.status());
+        }
+        info
+    }
+
+    /// The cluster as this node sees it.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn status(&self) -> Result<ClusterStatusReply> {
+        let member = self.vault.cluster_membership()?.is_some();
+        let me = self.net.local_id();
+        let connected: BTreeSet<NodeId> = self
+            .net
+            .connected()
+            .await
+            .map_err(NodeError::Mesh)?
+            .into_iter()
+            .collect();
+        let members = self
+            .members()?
+            .into_iter()
+            .map(|(node, record)| ClusterMember {
+                node_id: node.to_hex(),
+                addresses: record.addresses,
+                reachable: node == me || connected.contains(&node),
+                this_node: node == me,
+            })
+            .collect();
+        let mut groups = Vec::new();
+        if let Some(cluster) = self.table.get(CLUSTER_GROUP) {
+            let status = cluster.status();
+            let mut info = GroupInfo {
+                name: "cluster".into(),
+                id: CLUSTER_GROUP,
+                nodes: status.voters.iter().map(NodeId::to_hex).collect(),
+                ..GroupInfo::default()
+            };
+            fill_status(&mut info, &status);
+            groups.push(info);
+        }
+        for (name, record) in self.groups()? {
+            groups.push(self.group_info(&name, &record));
+        }
+        Ok(ClusterStatusReply {
+            member,
+            members,
+            groups,
+        })
+    }
+
+    /// Starts the watch loop (once).
+    fn watch(&self) {
+        let mut watching = self
+            .watching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *watching {
+            return;
+        }
+        *watching = true;
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(node) = this.upgrade() else { return };
+                if node.vault.cluster_membership().ok().flatten().is_none() {
+                    *node
+                        .watching
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+                    return;
+                }
+                node.reconcile().await;
+                drop(node);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Brings this node in step with group 0: members' addresses known to the network,
+    /// the volume groups it is listed in running (and formed, by their lowest member).
+    async fn reconcile(&self) {
+        let me = self.net.local_id();
+        if let Ok(members) = self.members() {
+            for (node, record) in members {
+                if node == me {
+                    continue;
+                }
+                if let Some(address) = record
+                    .addresses
+                    .iter()
+                    .find_map(|address| address.parse::<Multiaddr>().ok())
+                {
+                    let _ = self.net.remember(node, address).await;
+                }
+            }
+        }
+        let groups = match self.groups() {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::warn!(%error, "reading the volume groups");
+                return;
+            }
+        };
+        for (name, record) in groups {
+            if !record.nodes.contains(me.as_bytes()) {
+                continue;
+            }
+            let running = self.table.get(record.id).is_some();
+            let group = match self.start_group(record.id).await {
+                Ok(group) => {
+                    if !running {
+                        tracing::info!(group = %name, id = record.id, "volume group started on this node");
+                    }
+                    group
+                }
+                Err(error) => {
+                    tracing::warn!(%error, group = %name, "starting a volume group");
+                    continue;
+                }
+            };
+            let first = record.nodes.iter().min().copied();
+            if first == Some(*me.as_bytes()) && group.status().voters.is_empty() {
+                let nodes: Vec<NodeId> = record
+                    .nodes
+                    .iter()
+                    .map(|node| NodeId::from_bytes(*node))
+                    .collect();
+                if let Err(error) = group.initialize(&nodes).await {
+                    tracing::debug!(%error, group = %name, "forming a volume group");
+                }
+            }
+        }
+    }
+
+    /// Stops every group (the daemon is stopping).
+    pub async fn shutdown(&self) {
+        for group in self.table.drain() {
+            let _ = group.shutdown().await;
+        }
+    }
+}
+
+fn fill_status(info: &mut GroupInfo, status: &GroupStatus) {
+    info.running_here = true;
+    info.leader = status.leader.map(|leader| leader.to_hex());
+    info.term = status.term;
+    info.committed = status.committed;
+    info.applied = status.applied;
+    info.lag = status
+        .lag
+        .iter()
+        .map(|(node, entries)| FollowerLag {
+            node_id: node.to_hex(),
+            entries: *entries,
+        })
+        .collect();
+}
+
+/// Applies `updates`, retrying while the group elects a leader (a new cluster's first
+/// seconds, a leader change).
+async fn apply_with_retry(group: &GroupHandle, updates: &[RecordUpdate]) -> Result<()> {
+    let mut last = None;
+    for _ in 0..100 {
+        match group.apply(updates).await {
+            Ok(()) => return Ok(()),
+            Err(
+                error @ (forge_consensus::ConsensusError::NoLeader { .. }
+                | forge_consensus::ConsensusError::Network(_)
+                | forge_consensus::ConsensusError::Raft { .. }),
+            ) => {
+                last = Some(error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(last.map_or_else(|| cluster_error("no leader"), NodeError::from))
+}
+
+/// Answers joiners: the member list, then adding them, for nodes trusted with `--cluster`.
+async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>) {
+    while let Some(request) = inbound.next().await {
+        let Some(cluster) = node.upgrade() else {
+            return;
+        };
+        let from = request.from;
+        if !cluster.vault.cluster_trusted(&from).unwrap_or(false) {
+            request.refuse(format!(
+                "node {from} may not join this cluster through this node (on it: `forge peer trust {from} --cluster`)"
+            ));
+            continue;
+        }
+        tokio::spawn(async move {
+            let answer = async {
+                let group = cluster.cluster_group()?;
+                let message: ClusterRequest = records::decode("cluster request", &request.body)?;
+                match message {
+                    ClusterRequest::Members => Ok(ClusterReply::Members(
+                        cluster
+                            .members()?
+                            .keys()
+                            .map(|node| *node.as_bytes())
+                            .collect(),
+                    )),
+                    ClusterRequest::Join { addresses } => {
+                        // Reachable from here at once (the leader learns the addresses
+                        // from the record, through its watch loop).
+                        if let Some(address) = addresses
+                            .iter()
+                            .find_map(|address| address.parse::<Multiaddr>().ok())
+                        {
+                            let _ = cluster.net.remember(from, address).await;
+                        }
+                        let record = MemberRecord {
+                            addresses,
+                            joined_ns: cluster.vault.now_ns(),
+                        };
+                        apply_with_retry(
+                            &group,
+                            &[RecordUpdate::new(
+                                MEMBERS,
+                                from.as_bytes().to_vec(),
+                                Expected::Any,
+                                Change::Put(records::encode(&record)),
+                            )],
+                        )
+                        .await?;
+                        cluster.reconcile().await;
+                        group.add_member(&from).await?;
+                        Ok::<_, NodeError>(ClusterReply::Joined)
+                    }
+                }
+            }
+            .await;
+            match answer {
+                Ok(reply) => request.respond(records::encode(&reply)),
+                Err(error) => request.fail(error.to_string()),
+            }
+        });
+    }
+}

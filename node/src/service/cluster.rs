@@ -1,0 +1,106 @@
+//! What `forge cluster ...` and `forge group ...` print.
+
+use std::fmt::Write as _;
+
+use forge_proto::v1::{ClusterStatusReply, GroupInfo};
+use serde_json::json;
+
+use crate::output::Output;
+
+fn short(node: &str) -> &str {
+    node.get(..16).unwrap_or(node)
+}
+
+fn group_json(group: &GroupInfo) -> serde_json::Value {
+    json!({
+        "name": group.name,
+        "id": group.id,
+        "layout": format!("{}+{}", group.data_shards, group.parity_shards),
+        "nodes": group.nodes,
+        "running_here": group.running_here,
+        "leader": group.leader,
+        "term": group.term,
+        "committed": group.committed,
+        "applied": group.applied,
+        "lag": group.lag.iter().map(|lag| json!({"node_id": lag.node_id, "entries": lag.entries})).collect::<Vec<_>>(),
+    })
+}
+
+fn group_line(group: &GroupInfo) -> String {
+    let mut line = format!("group {} (id {}", group.name, group.id);
+    if group.data_shards > 0 {
+        let _ = write!(line, ", {}+{}", group.data_shards, group.parity_shards);
+    }
+    let _ = write!(line, ", {} nodes)", group.nodes.len());
+    if !group.running_here {
+        line.push_str(": not run on this node");
+        return line;
+    }
+    let _ = write!(
+        line,
+        ": leader {}, term {}, committed {}, applied {}",
+        group.leader.as_deref().map_or("none (no quorum?)", short),
+        group.term,
+        group
+            .committed
+            .map_or_else(|| "-".to_owned(), |index| index.to_string()),
+        group
+            .applied
+            .map_or_else(|| "-".to_owned(), |index| index.to_string()),
+    );
+    for lag in &group.lag {
+        let _ = write!(
+            line,
+            "\n    follower {} {} behind",
+            short(&lag.node_id),
+            lag.entries
+        );
+    }
+    line
+}
+
+/// What `forge cluster init|join|status|leave` prints.
+#[must_use]
+pub fn render_cluster(reply: &ClusterStatusReply) -> Output {
+    let json = json!({
+        "member": reply.member,
+        "members": reply.members.iter().map(|member| json!({
+            "node_id": member.node_id,
+            "addresses": member.addresses,
+            "reachable": member.reachable,
+            "this_node": member.this_node,
+        })).collect::<Vec<_>>(),
+        "groups": reply.groups.iter().map(group_json).collect::<Vec<_>>(),
+    });
+    if !reply.member {
+        return Output {
+            human: "not in a cluster: `forge cluster init` forms one, `forge cluster join PEER` joins one"
+                .into(),
+            json,
+        };
+    }
+    let mut human = format!("{} members:", reply.members.len());
+    for member in &reply.members {
+        let state = if member.this_node {
+            "this node"
+        } else if member.reachable {
+            "reachable"
+        } else {
+            "unreachable"
+        };
+        let _ = write!(human, "\n  {} {state}", member.node_id);
+    }
+    for group in &reply.groups {
+        let _ = write!(human, "\n{}", group_line(group));
+    }
+    Output { human, json }
+}
+
+/// What `forge group create` prints.
+#[must_use]
+pub fn render_group(verb: &str, group: &GroupInfo) -> Output {
+    Output {
+        human: format!("{verb} {}", group_line(group)),
+        json: group_json(group),
+    }
+}

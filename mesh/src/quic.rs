@@ -201,6 +201,9 @@ enum Outbound {
         peer: NodeId,
         protocol: Protocol,
         deadline: Duration,
+        /// When it was handed to the swarm (a transport timeout well before the deadline
+        /// is a dead connection, not a slow peer).
+        sent: std::time::Instant,
         reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
     },
     HelloChallenge(PeerId),
@@ -333,6 +336,7 @@ impl Driver {
                         peer,
                         protocol,
                         deadline,
+                        sent: std::time::Instant::now(),
                         reply,
                     },
                 );
@@ -790,9 +794,28 @@ impl Driver {
                 peer,
                 protocol,
                 deadline,
+                sent,
                 reply,
             } => {
                 let error = match error {
+                    // The transport gave up on a stream of a connection that stopped
+                    // answering (a peer that restarted: QUIC notices only at its idle
+                    // timeout), long before our deadline: the connection is lost.
+                    OutboundFailure::Timeout if sent.elapsed() < deadline => {
+                        // Closed, so that the next request dials afresh instead of
+                        // waiting on the same dead connection.
+                        if let Some(peer_id) = self.nodes.get(&peer).copied() {
+                            let _ = self.swarm.disconnect_peer_id(peer_id);
+                        }
+                        MeshError::ConnectionLost {
+                            peer,
+                            protocol: protocol.name,
+                            reason: format!(
+                                "the connection stopped answering after {:?}",
+                                sent.elapsed()
+                            ),
+                        }
+                    }
                     OutboundFailure::DialFailure => MeshError::Unreachable {
                         peer,
                         reason: error.to_string(),

@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(
   clang libclang-dev        # bindgen for RocksDB's C API
   protobuf-compiler         # tonic/prost code generation for the client API
+  libprotobuf-dev           # google/protobuf/*.proto, which etcd-client (the consensus benchmark) imports
   fuse3 libfuse3-dev        # FUSE mounts (fusermount3) and their tests
   pkg-config build-essential
   acl attr                  # getfacl and getfattr: tests compare restores with them

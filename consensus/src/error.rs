@@ -50,6 +50,9 @@ pub enum ConsensusError {
     /// Storage failed, or stored state does not decode.
     #[error("group storage: {0}")]
     Storage(#[from] std::io::Error),
+    /// A cluster record or message that does not decode (its own message says what).
+    #[error("{0}")]
+    Malformed(String),
     /// Raft itself refused or failed (its message).
     #[error("raft: {detail}")]
     Raft {

@@ -37,12 +37,22 @@ pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 /// Another format, or bytes that do not decode.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     match bytes.split_first() {
-        Some((&FORMAT, body)) => postcard::from_bytes(body).map_err(|error| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{what} does not decode: {error}"),
-            )
-        }),
+        Some((&FORMAT, body)) => {
+            let (value, rest) = postcard::take_from_bytes(body).map_err(|error| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{what} does not decode: {error}"),
+                )
+            })?;
+            if rest.is_empty() {
+                Ok(value)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{what} has {} bytes of garbage after it", rest.len()),
+                ))
+            }
+        }
         Some((format, _)) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{what} has unknown format {format} (written by a newer forge?)"),
@@ -142,6 +152,11 @@ mod tests {
         assert!(decode::<(u64, String)>(&[], "x").is_err());
         assert!(decode::<(u64, String)>(&[2, 1, 2], "x").is_err());
         assert!(decode::<(u64, String)>(&bytes[..bytes.len() - 1], "x").is_err());
+        let trailing = [bytes.as_slice(), &[0]].concat();
+        assert!(
+            decode::<(u64, String)>(&trailing, "x").is_err(),
+            "trailing garbage"
+        );
     }
 
     #[test]

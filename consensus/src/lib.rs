@@ -11,6 +11,7 @@
 //!
 //! Every openraft type stays inside this crate (its alpha API moves between releases).
 
+pub mod cluster;
 mod error;
 mod group;
 mod keys;

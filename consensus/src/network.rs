@@ -128,6 +128,22 @@ impl GroupTable {
     }
 }
 
+/// Decodes a request as [`serve_raft`] receives it: its group and message.
+///
+/// # Errors
+/// Another format, or bytes that do not decode.
+pub fn decode_request(bytes: &[u8]) -> std::io::Result<(GroupId, RaftRequest)> {
+    decode(bytes, "a Raft request")
+}
+
+/// Decodes a reply as a requester receives it.
+///
+/// # Errors
+/// Another format, or bytes that do not decode.
+pub fn decode_reply(bytes: &[u8]) -> std::io::Result<RaftReply> {
+    decode(bytes, "a Raft reply")
+}
+
 /// Answers Raft requests from nodes `allowed` accepts, dispatching each to its group, until
 /// the network stops serving.
 pub async fn serve_raft(
@@ -142,9 +158,7 @@ pub async fn serve_raft(
         }
         let groups = groups.clone();
         tokio::spawn(async move {
-            let decoded: Result<(GroupId, RaftRequest), _> =
-                decode(&request.body, "a Raft request");
-            let (group, message) = match decoded {
+            let (group, message) = match decode_request(&request.body) {
                 Ok(decoded) => decoded,
                 Err(error) => return request.fail(error.to_string()),
             };
@@ -174,7 +188,7 @@ pub(crate) async fn ask(
         what: error.to_string(),
     })?;
     let answer = net.request(target, RAFT_PROTOCOL, body, deadline).await?;
-    decode(&answer, "a Raft reply").map_err(|error| MeshError::Remote {
+    decode_reply(&answer).map_err(|error| MeshError::Remote {
         peer: target,
         protocol: RAFT_PROTOCOL.name,
         message: error.to_string(),

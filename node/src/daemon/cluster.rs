@@ -16,72 +16,29 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use forge_consensus::cluster::{
+    self, CLUSTER_PROTOCOL, ClusterReply, ClusterRequest, GroupRecord, MemberRecord,
+};
 use forge_consensus::{CLUSTER_GROUP, GroupHandle, GroupOptions, GroupStatus, GroupTable};
 use forge_crypto::NodeId;
+use forge_mesh::PeerNet;
 use forge_mesh::quic::{Multiaddr, QuicNet};
-use forge_mesh::{PeerNet, Protocol};
 use forge_proto::v1::{ClusterMember, ClusterStatusReply, FollowerLag, GroupInfo};
 use forge_store::kv::Syncer;
 use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{NodeError, Result};
 use crate::vault::Vault;
 use crate::vault::cluster::ClusterMembership;
-use crate::vault::records;
 
-/// Members: key = NodeId, value = [`MemberRecord`].
-const MEMBERS: RecordSpace = RecordSpace::new("members");
-/// Volume groups: key = name, value = [`GroupRecord`].
-const GROUPS: RecordSpace = RecordSpace::new("groups");
-/// The next group id: key `next`, value = u64 big-endian.
-const GROUP_IDS: RecordSpace = RecordSpace::new("group-ids");
-
-/// Joining: asking a member for the member list, then to be added.
-pub const CLUSTER_PROTOCOL: Protocol = Protocol {
-    name: "/forge/cluster/1",
-    max_request_bytes: 64 << 10,
-    max_response_bytes: 1 << 20,
-    inbound_queue: 16,
-};
+/// Members, groups and the next group id: record spaces of the cluster group.
+const MEMBERS: RecordSpace = RecordSpace::new(cluster::MEMBERS);
+const GROUPS: RecordSpace = RecordSpace::new(cluster::GROUPS);
+const GROUP_IDS: RecordSpace = RecordSpace::new(cluster::GROUP_IDS);
 
 /// How long a join may take (the leader adds the joiner as a learner and waits for it to
 /// catch up before making it a voter).
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
-
-/// A member, as group 0 records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberRecord {
-    /// Where it listens.
-    pub addresses: Vec<String>,
-    /// When it joined, ns since the epoch.
-    pub joined_ns: i64,
-}
-
-/// A volume group, as group 0 records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupRecord {
-    /// Its Raft group id.
-    pub id: u64,
-    /// Data shards per chunk.
-    pub data_shards: u32,
-    /// Parity shards per chunk.
-    pub parity_shards: u32,
-    /// The members that run it.
-    pub nodes: Vec<[u8; 32]>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-enum ClusterRequest {
-    Members,
-    Join { addresses: Vec<String> },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-enum ClusterReply {
-    Members(Vec<[u8; 32]>),
-    Joined,
-}
 
 fn cluster_error(reason: impl Into<String>) -> NodeError {
     NodeError::Cluster {
@@ -215,7 +172,7 @@ impl ClusterNode {
                     what: "cluster member",
                     reason: error.to_string(),
                 })?;
-                Ok((node, records::decode("cluster member", &value)?))
+                Ok((node, MemberRecord::decode(&value)?))
             })
             .collect()
     }
@@ -231,7 +188,7 @@ impl ClusterNode {
             .map(|(key, value)| {
                 Ok((
                     String::from_utf8_lossy(&key).into_owned(),
-                    records::decode("volume group", &value)?,
+                    GroupRecord::decode(&value)?,
                 ))
             })
             .collect()
@@ -276,7 +233,7 @@ impl ClusterNode {
                 MEMBERS,
                 me.as_bytes().to_vec(),
                 Expected::Any,
-                Change::Put(records::encode(&record)),
+                Change::Put(record.encode()?),
             )],
         )
         .await?;
@@ -348,12 +305,11 @@ impl ClusterNode {
     }
 
     async fn ask(&self, peer: NodeId, request: &ClusterRequest) -> Result<ClusterReply> {
-        let body = records::encode(request);
         let answer = self
             .shared
-            .request(peer, CLUSTER_PROTOCOL, body, JOIN_DEADLINE)
+            .request(peer, CLUSTER_PROTOCOL, request.encode()?, JOIN_DEADLINE)
             .await?;
-        records::decode("cluster reply", &answer)
+        Ok(ClusterReply::decode(&answer)?)
     }
 
     /// Leaves the cluster.
@@ -444,7 +400,7 @@ impl ClusterNode {
                     GROUPS,
                     name.as_bytes().to_vec(),
                     Expected::Absent,
-                    Change::Put(records::encode(&record)),
+                    Change::Put(record.encode()?),
                 ),
                 RecordUpdate::new(
                     GROUP_IDS,
@@ -680,7 +636,7 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
         tokio::spawn(async move {
             let answer = async {
                 let group = cluster.cluster_group()?;
-                let message: ClusterRequest = records::decode("cluster request", &request.body)?;
+                let message = ClusterRequest::decode(&request.body)?;
                 match message {
                     ClusterRequest::Members => Ok(ClusterReply::Members(
                         cluster
@@ -708,7 +664,7 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
                                 MEMBERS,
                                 from.as_bytes().to_vec(),
                                 Expected::Any,
-                                Change::Put(records::encode(&record)),
+                                Change::Put(record.encode()?),
                             )],
                         )
                         .await?;
@@ -720,7 +676,10 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
             }
             .await;
             match answer {
-                Ok(reply) => request.respond(records::encode(&reply)),
+                Ok(reply) => match reply.encode() {
+                    Ok(bytes) => request.respond(bytes),
+                    Err(error) => request.fail(error.to_string()),
+                },
                 Err(error) => request.fail(error.to_string()),
             }
         });

@@ -76,7 +76,9 @@ impl Measured {
         }
         // The nearest rank: fraction of the last index, rounded.
         let last = self.latencies_us.len() - 1;
-        let index = (last * (fraction * 1000.0) as usize).div_ceil(1000).min(last);
+        let index = (last * (fraction * 1000.0) as usize)
+            .div_ceil(1000)
+            .min(last);
         self.latencies_us[index] as f64 / 1000.0
     }
 }

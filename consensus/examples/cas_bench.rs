@@ -21,11 +21,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forge_consensus::{ConsensusError, GroupHandle, GroupOptions, GroupTable, RAFT_PROTOCOL};
-use forge_crypto::{NodeIdentity, NodeSecrets};
-use forge_mesh::net::PeerNet;
-use forge_mesh::quic::{Multiaddr, QuicNet};
-use forge_store::kv::{KvEngine, RocksKv, RocksKvOptions, Syncer};
+mod common;
+
+use forge_consensus::{ConsensusError, GroupHandle};
 use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
 
 struct Args {
@@ -119,50 +117,16 @@ where
 }
 
 /// Three forge nodes on loopback QUIC, one group.
-async fn forge_group(dirs: &[tempfile::TempDir]) -> Vec<GroupHandle> {
-    let mut nets = Vec::new();
+async fn forge_group(nodes: &[common::LoopbackNode]) -> Vec<GroupHandle> {
     let mut handles = Vec::new();
-    for (index, dir) in dirs.iter().enumerate() {
-        let secrets = NodeSecrets::from_seed_bytes([u8::try_from(index).unwrap() + 1; 128]);
-        let identity = Arc::new(NodeIdentity::from_secrets(&secrets));
-        let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
-        let net = QuicNet::start(&identity, secrets.transport_seed(), &listen, 1).unwrap();
-        let kv: Arc<dyn KvEngine> =
-            Arc::new(RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap());
-        let syncer = Arc::new(Syncer::start(kv.clone()).unwrap());
-        let table = GroupTable::new();
-        let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
-        let inbound = shared.serve(RAFT_PROTOCOL).unwrap();
-        tokio::spawn(forge_consensus::serve_raft(inbound, table.clone(), |_| {
-            Ok(())
-        }));
-        let options = GroupOptions::default();
-        handles.push(
-            GroupHandle::start(&table, 1, kv, Some(syncer), shared, options)
-                .await
-                .unwrap(),
-        );
-        nets.push(net);
+    for node in nodes {
+        handles.push(node.start_group(1).await);
     }
-    // Every node knows every other's address.
-    for (index, net) in nets.iter().enumerate() {
-        for other in nets.iter().skip(index + 1) {
-            let address = loop {
-                if let Some(address) = other.addresses().await.unwrap().first() {
-                    break address.clone();
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            net.connect(address, Duration::from_secs(10)).await.unwrap();
-        }
-    }
-    let members: Vec<_> = nets.iter().map(PeerNet::local_id).collect();
+    let members: Vec<_> = nodes.iter().map(|node| node.net.local_id()).collect();
     handles[0].initialize(&members).await.unwrap();
     while !handles.iter().any(|handle| handle.status().leading) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Keep the networks alive with the handles (dropping a QuicNet stops it).
-    std::mem::forget(nets);
     handles
 }
 
@@ -180,8 +144,8 @@ fn report(name: &str, clients: usize, measured: &Measured) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = args();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let handles = Arc::new(forge_group(&dirs).await);
+    let nodes = common::loopback_nodes(3, 1).await;
+    let handles = Arc::new(forge_group(&nodes).await);
     let etcd = if args.etcd.is_empty() {
         None
     } else {

@@ -13,14 +13,11 @@
     clippy::cast_precision_loss
 )] // A measurement: figures for a person, loud failures.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forge_consensus::{GroupHandle, GroupOptions, GroupTable, RAFT_PROTOCOL};
-use forge_crypto::{NodeIdentity, NodeSecrets};
-use forge_mesh::net::PeerNet;
-use forge_mesh::quic::{Multiaddr, QuicNet};
-use forge_store::kv::{KvEngine, RocksKv, RocksKvOptions, Syncer};
+mod common;
+
+use forge_consensus::GroupOptions;
 
 /// This process's user and system CPU seconds.
 fn cpu_seconds() -> f64 {
@@ -38,57 +35,14 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let groups: u64 = args.next().map_or(1000, |value| value.parse().unwrap());
     let seconds: u64 = args.next().map_or(20, |value| value.parse().unwrap());
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for (index, dir) in dirs.iter().enumerate() {
-        let secrets = NodeSecrets::from_seed_bytes([u8::try_from(index).unwrap() + 11; 128]);
-        let identity = Arc::new(NodeIdentity::from_secrets(&secrets));
-        let listen: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
-        let net = QuicNet::start(&identity, secrets.transport_seed(), &listen, 1).unwrap();
-        let kv: Arc<dyn KvEngine> =
-            Arc::new(RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap());
-        let syncer = Arc::new(Syncer::start(kv.clone()).unwrap());
-        let table = GroupTable::new();
-        let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
-        let inbound = shared.serve(RAFT_PROTOCOL).unwrap();
-        tokio::spawn(forge_consensus::serve_raft(inbound, table.clone(), |_| {
-            Ok(())
-        }));
-        nodes.push((net, kv, syncer, table, shared));
-    }
-    for index in 0..nodes.len() {
-        for other in index + 1..nodes.len() {
-            let address = loop {
-                if let Some(address) = nodes[other].0.addresses().await.unwrap().first() {
-                    break address.clone();
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            nodes[index]
-                .0
-                .connect(address, Duration::from_secs(10))
-                .await
-                .unwrap();
-        }
-    }
-    let members: Vec<_> = nodes.iter().map(|node| node.4.local_id()).collect();
+    let nodes = common::loopback_nodes(3, 11).await;
+    let members: Vec<_> = nodes.iter().map(|node| node.net.local_id()).collect();
     let started = Instant::now();
     let mut handles = Vec::new();
     for group in 1..=groups {
         let mut replicas = Vec::new();
-        for (_, kv, syncer, table, shared) in &nodes {
-            replicas.push(
-                GroupHandle::start(
-                    table,
-                    group,
-                    kv.clone(),
-                    Some(syncer.clone()),
-                    shared.clone(),
-                    GroupOptions::default(),
-                )
-                .await
-                .unwrap(),
-            );
+        for node in &nodes {
+            replicas.push(node.start_group(group).await);
         }
         // Spread the leaders: group g is formed by node g % 3.
         let former = usize::try_from(group % 3).unwrap();

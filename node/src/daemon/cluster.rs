@@ -227,16 +227,7 @@ impl ClusterNode {
         let group = self.start_group(CLUSTER_GROUP).await?;
         group.initialize(&[me]).await?;
         let record = self.own_member_record().await?;
-        apply_with_retry(
-            &group,
-            &[RecordUpdate::new(
-                MEMBERS,
-                me.as_bytes().to_vec(),
-                Expected::Any,
-                Change::Put(record.encode()?),
-            )],
-        )
-        .await?;
+        set_member(&group, &me, Some(&record)).await?;
         self.watch();
         self.status().await
     }
@@ -331,16 +322,7 @@ impl ClusterNode {
         // Out of the voters first, while the others still take this node's requests
         // (they accept Raft messages from members only), then out of the records.
         group.remove_member(&me).await?;
-        apply_with_retry(
-            &group,
-            &[RecordUpdate::new(
-                MEMBERS,
-                me.as_bytes().to_vec(),
-                Expected::Any,
-                Change::Delete,
-            )],
-        )
-        .await?;
+        set_member(&group, &me, None).await?;
         for running in self.table.drain() {
             let _ = running.shutdown().await;
         }
@@ -620,6 +602,20 @@ async fn apply_with_retry(group: &GroupHandle, updates: &[RecordUpdate]) -> Resu
     Err(last.map_or_else(|| cluster_error("no leader"), NodeError::from))
 }
 
+/// Records `node` as a member (Some) or takes its record out (None).
+async fn set_member(
+    group: &GroupHandle,
+    node: &NodeId,
+    record: Option<&MemberRecord>,
+) -> Result<()> {
+    let change = match record {
+        Some(record) => Change::Put(record.encode()?),
+        None => Change::Delete,
+    };
+    let update = RecordUpdate::new(MEMBERS, node.as_bytes().to_vec(), Expected::Any, change);
+    apply_with_retry(group, &[update]).await
+}
+
 /// Answers joiners: the member list, then adding them, for nodes trusted with `--cluster`.
 async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>) {
     while let Some(request) = inbound.next().await {
@@ -658,16 +654,7 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
                             addresses,
                             joined_ns: cluster.vault.now_ns(),
                         };
-                        apply_with_retry(
-                            &group,
-                            &[RecordUpdate::new(
-                                MEMBERS,
-                                from.as_bytes().to_vec(),
-                                Expected::Any,
-                                Change::Put(record.encode()?),
-                            )],
-                        )
-                        .await?;
+                        set_member(&group, &from, Some(&record)).await?;
                         cluster.reconcile().await;
                         group.add_member(&from).await?;
                         Ok::<_, NodeError>(ClusterReply::Joined)

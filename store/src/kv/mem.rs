@@ -267,11 +267,7 @@ impl KvEngine for MemKv {
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         let state = self.lock();
         state.alive()?;
-        Ok(state
-            .visible
-            .get(&column)
-            .and_then(|table| table.get(key))
-            .cloned())
+        Ok(get_in(&state.visible, column, key))
     }
 
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), KvError> {
@@ -337,18 +333,7 @@ impl KvEngine for MemKv {
     ) -> Result<Vec<KeyValue>, KvError> {
         let state = self.lock();
         state.alive()?;
-        let Some(table) = state.visible.get(&column) else {
-            return Ok(Vec::new());
-        };
-        if end.is_some_and(|end| end <= start) {
-            return Ok(Vec::new());
-        }
-        Ok(table
-            .range::<[u8], _>(bounds(start, end))
-            .take(limit)
-            .inspect(|(key, _)| debug_assert!(in_range(key, start, end)))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(scan_in(&state.visible, column, start, end, limit))
     }
 
     fn last_in_range(
@@ -434,11 +419,7 @@ struct MemView {
 
 impl KvView for MemView {
     fn get(&self, column: Column, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .tables
-            .get(&column)
-            .and_then(|table| table.get(key))
-            .cloned())
+        Ok(get_in(&self.tables, column, key))
     }
 
     fn scan(
@@ -448,18 +429,37 @@ impl KvView for MemView {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, KvError> {
-        if end.is_some_and(|end| end <= start) {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .tables
-            .get(&column)
-            .into_iter()
-            .flat_map(|table| table.range::<[u8], _>(bounds(start, end)))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(scan_in(&self.tables, column, start, end, limit))
     }
+}
+
+/// A key's value in `tables` (the live store's, or a view's copy).
+fn get_in(tables: &BTreeMap<Column, Table>, column: Column, key: &[u8]) -> Option<Vec<u8>> {
+    tables
+        .get(&column)
+        .and_then(|table| table.get(key))
+        .cloned()
+}
+
+/// Up to `limit` pairs of `[start, end)` in `tables`, in key order.
+fn scan_in(
+    tables: &BTreeMap<Column, Table>,
+    column: Column,
+    start: &[u8],
+    end: Option<&[u8]>,
+    limit: usize,
+) -> Vec<KeyValue> {
+    if end.is_some_and(|end| end <= start) {
+        return Vec::new();
+    }
+    tables
+        .get(&column)
+        .into_iter()
+        .flat_map(|table| table.range::<[u8], _>(bounds(start, end)))
+        .take(limit)
+        .inspect(|(key, _)| debug_assert!(in_range(key, start, end)))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 /// Where MemKv counts a value as a blob in [`ColumnUsage`]: RocksKv's default minimum blob size.

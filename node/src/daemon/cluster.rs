@@ -57,6 +57,9 @@ pub struct ClusterNode {
     /// Members a join in progress accepts Raft messages from before it has group 0's
     /// member records.
     joining: Mutex<BTreeSet<NodeId>>,
+    /// The members as last read from the cluster group (every Raft message is checked
+    /// against it; reading the records for each heartbeat would be the hot path).
+    known: Mutex<BTreeSet<NodeId>>,
     watching: Mutex<bool>,
     this: Weak<ClusterNode>,
 }
@@ -87,6 +90,7 @@ impl ClusterNode {
             syncer,
             options: GroupOptions::default(),
             joining: Mutex::new(BTreeSet::new()),
+            known: Mutex::new(BTreeSet::new()),
             watching: Mutex::new(false),
             this: this.clone(),
         });
@@ -117,23 +121,27 @@ impl ClusterNode {
     }
 
     fn raft_allowed(&self, from: &NodeId) -> std::result::Result<(), String> {
-        let refused = || format!("node {from} is not a member of this node's cluster");
+        if lock(&self.known).contains(from) || lock(&self.joining).contains(from) {
+            return Ok(());
+        }
+        // Not a member seen before: this node left, or the sender joined since the last
+        // look at the records. Read them again.
         if self.vault.cluster_membership().ok().flatten().is_none() {
             return Err("this node is not in a cluster".into());
         }
-        if self.lock_joining().contains(from) || self.vault.cluster_trusted(from).unwrap_or(false) {
+        if self.vault.cluster_trusted(from).unwrap_or(false) {
             return Ok(());
         }
-        match self.members() {
-            Ok(members) if members.contains_key(from) => Ok(()),
-            _ => Err(refused()),
+        let members = self.members().map_err(|error| error.to_string())?;
+        let found = members.contains_key(from);
+        *lock(&self.known) = members.into_keys().collect();
+        if found {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {from} is not a member of this node's cluster"
+            ))
         }
-    }
-
-    fn lock_joining(&self) -> std::sync::MutexGuard<'_, BTreeSet<NodeId>> {
-        self.joining
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn start_group(&self, id: u64) -> Result<GroupHandle> {
@@ -248,7 +256,7 @@ impl ClusterNode {
             ClusterReply::Joined => return Err(cluster_error("the peer answered out of turn")),
         };
         {
-            let mut joining = self.lock_joining();
+            let mut joining = lock(&self.joining);
             joining.insert(peer);
             joining.extend(members.iter().map(|member| NodeId::from_bytes(*member)));
         }
@@ -278,7 +286,7 @@ impl ClusterNode {
             ))
         }
         .await;
-        self.lock_joining().clear();
+        lock(&self.joining).clear();
         match joined {
             Ok(_) => {
                 self.watch();
@@ -289,6 +297,7 @@ impl ClusterNode {
                     let _ = group.shutdown().await;
                 }
                 let _ = self.table.drain();
+                lock(&self.known).clear();
                 self.vault.set_cluster_membership(None)?;
                 Err(error)
             }
@@ -326,6 +335,7 @@ impl ClusterNode {
         for running in self.table.drain() {
             let _ = running.shutdown().await;
         }
+        lock(&self.known).clear();
         self.vault.set_cluster_membership(None)?;
         self.status().await
     }
@@ -475,10 +485,7 @@ impl ClusterNode {
 
     /// Starts the watch loop (once).
     fn watch(&self) {
-        let mut watching = self
-            .watching
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut watching = lock(&self.watching);
         if *watching {
             return;
         }
@@ -488,10 +495,7 @@ impl ClusterNode {
             loop {
                 let Some(node) = this.upgrade() else { return };
                 if node.vault.cluster_membership().ok().flatten().is_none() {
-                    *node
-                        .watching
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+                    *lock(&node.watching) = false;
                     return;
                 }
                 node.reconcile().await;
@@ -506,6 +510,7 @@ impl ClusterNode {
     async fn reconcile(&self) {
         let me = self.net.local_id();
         if let Ok(members) = self.members() {
+            *lock(&self.known) = members.keys().copied().collect();
             for (node, record) in members {
                 if node == me {
                     continue;
@@ -563,6 +568,13 @@ impl ClusterNode {
             let _ = group.shutdown().await;
         }
     }
+}
+
+/// A lock whose holder never leaves its value half-changed: a poisoned one is usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn fill_status(info: &mut GroupInfo, status: &GroupStatus) {

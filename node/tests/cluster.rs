@@ -94,40 +94,28 @@ fn a_cluster_forms_grows_runs_a_group_through_a_leader_loss_and_a_node_leaves() 
 
     // A volume group on three of them; a layout wider than its nodes is refused.
     let ids: Vec<&str> = sites.iter().map(|site| site.id.as_str()).collect();
-    let too_wide = sites[0].vault.run(&[
-        "group",
-        "create",
-        "wide",
-        "--nodes",
-        &ids[..3].join(","),
-        "--ec",
-        "2+2",
-    ]);
+    let create = |site: &Site, name: &str, nodes: &[&str], layout: &str| {
+        let nodes = nodes.join(",");
+        site.vault.run(&[
+            "group", "create", name, "--nodes", &nodes, "--ec", layout, "--json",
+        ])
+    };
+    let too_wide = create(&sites[0], "wide", &ids[..3], "2+2");
     assert!(!too_wide.status.success());
     assert!(
         String::from_utf8_lossy(&too_wide.stderr).contains("at least 4"),
         "{}",
         String::from_utf8_lossy(&too_wide.stderr)
     );
-    let created = sites[0].vault.json(&[
-        "group",
-        "create",
-        "east",
-        "--nodes",
-        &ids[1..4].join(","),
-        "--ec",
-        "2+1",
-    ]);
+    let created = create(&sites[0], "east", &ids[1..4], "2+1");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
     assert_eq!(created["layout"], "2+1");
-    let taken = sites[1].vault.run(&[
-        "group",
-        "create",
-        "east",
-        "--nodes",
-        &ids[1..4].join(","),
-        "--ec",
-        "2+1",
-    ]);
+    let taken = create(&sites[1], "east", &ids[1..4], "2+1");
     assert!(!taken.status.success(), "a second group named east");
     let running = eventually(&sites[2], "group east formed with a leader", |seen| {
         let east = group(seen, "east");

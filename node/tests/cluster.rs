@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Site;
+use common::{Site, scrape};
 use serde_json::Value;
 
 fn status(site: &Site) -> Value {
@@ -91,6 +91,29 @@ fn a_cluster_forms_grows_runs_a_group_through_a_leader_loss_and_a_node_leaves() 
             && group(seen, "cluster")["nodes"].as_array().unwrap().len() == 4
     });
     assert!(group(&all, "cluster")["leader"].is_string(), "{all:#}");
+    // /metrics says the same: members, and the cluster group's term and indexes here.
+    let metrics = scrape(&sites[0].metrics);
+    assert_eq!(
+        metrics.get("forge_cluster_members"),
+        Some(&4.0),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics
+            .get("forge_raft_committed_index{group=\"cluster\"}")
+            .is_some_and(|index| *index > 0.0),
+        "{metrics:?}"
+    );
+    let leaders: f64 = sites
+        .iter()
+        .map(|site| {
+            scrape(&site.metrics)
+                .get("forge_raft_leader{group=\"cluster\"}")
+                .copied()
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(leaders, 1.0, "one leader of the cluster group");
 
     // A volume group on three of them; a layout wider than its nodes is refused.
     let ids: Vec<&str> = sites.iter().map(|site| site.id.as_str()).collect();

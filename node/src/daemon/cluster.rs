@@ -483,6 +483,23 @@ impl ClusterNode {
         })
     }
 
+    /// The member count and each group this node runs, by name ("cluster" for group 0).
+    ///
+    /// # Errors
+    /// Corrupt cluster records.
+    pub fn group_statuses(&self) -> Result<(usize, Vec<(String, GroupStatus)>)> {
+        let mut statuses = Vec::new();
+        if let Some(cluster) = self.table.get(CLUSTER_GROUP) {
+            statuses.push(("cluster".to_owned(), cluster.status()));
+        }
+        for (name, record) in self.groups()? {
+            if let Some(running) = self.table.get(record.id) {
+                statuses.push((name, running.status()));
+            }
+        }
+        Ok((self.members()?.len(), statuses))
+    }
+
     /// Starts the watch loop (once).
     fn watch(&self) {
         let mut watching = lock(&self.watching);

@@ -187,6 +187,16 @@ impl MeshNode {
         })
     }
 
+    /// The cluster's member count and the status of every Raft group this node runs, by
+    /// name (for /metrics).
+    ///
+    /// # Errors
+    /// The network stopped; corrupt cluster records.
+    pub fn group_statuses(&self) -> Result<(usize, Vec<(String, forge_consensus::GroupStatus)>)> {
+        let cluster = self.cluster.clone();
+        self.run(async move { cluster.group_statuses() })?
+    }
+
     /// The nodes connected now.
     ///
     /// # Errors

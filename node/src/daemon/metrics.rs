@@ -56,6 +56,12 @@ pub struct Metrics {
     audit_samples: Family<Labels, Counter>,
     peers_known: Gauge,
     peers_connected: Gauge,
+    cluster_members: Gauge,
+    raft_leader: Family<Labels, Gauge>,
+    raft_term: Family<Labels, Gauge>,
+    raft_committed_index: Family<Labels, Gauge>,
+    raft_applied_index: Family<Labels, Gauge>,
+    raft_follower_lag: Family<Labels, Gauge>,
     /// Each volume's statistics with the snapshot list they were computed for.
     volume_cache: Mutex<BTreeMap<String, (Vec<Cid>, VolumeStats)>>,
 }
@@ -110,6 +116,12 @@ impl Metrics {
             audit_samples: Family::default(),
             peers_known: Gauge::default(),
             peers_connected: Gauge::default(),
+            cluster_members: Gauge::default(),
+            raft_leader: Family::default(),
+            raft_term: Family::default(),
+            raft_committed_index: Family::default(),
+            raft_applied_index: Family::default(),
+            raft_follower_lag: Family::default(),
             volume_cache: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -263,9 +275,75 @@ impl Metrics {
             "Nodes with a verified connection to this one",
             metrics.peers_connected.clone(),
         );
+        registry.register(
+            "cluster_members",
+            "Members of this node's cluster, as its cluster group records them (0: no cluster)",
+            metrics.cluster_members.clone(),
+        );
+        registry.register(
+            "raft_leader",
+            "1 when this node leads the Raft group, by group name (\"cluster\" for the cluster's)",
+            metrics.raft_leader.clone(),
+        );
+        registry.register(
+            "raft_term",
+            "The Raft group's current term as this node sees it, by group",
+            metrics.raft_term.clone(),
+        );
+        registry.register(
+            "raft_committed_index",
+            "The Raft group's last committed log index on this node, by group",
+            metrics.raft_committed_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "The Raft group's last applied log index on this node, by group",
+            metrics.raft_applied_index.clone(),
+        );
+        registry.register(
+            "raft_follower_lag_entries",
+            "On a group's leader: each follower's entries behind its last log index, by group and follower",
+            metrics.raft_follower_lag.clone(),
+        );
         Self {
             registry,
             ..metrics
+        }
+    }
+
+    /// The cluster's size and each Raft group this node runs. A group no longer run here
+    /// leaves its series.
+    fn set_groups(&self, members: usize, groups: &[(String, forge_consensus::GroupStatus)]) {
+        self.cluster_members.set(gauge_value(members as u64));
+        for family in [
+            &self.raft_leader,
+            &self.raft_term,
+            &self.raft_committed_index,
+            &self.raft_applied_index,
+            &self.raft_follower_lag,
+        ] {
+            family.clear();
+        }
+        for (name, status) in groups {
+            let labels = vec![("group", name.clone())];
+            self.raft_leader
+                .get_or_create(&labels)
+                .set(i64::from(status.leading));
+            self.raft_term
+                .get_or_create(&labels)
+                .set(gauge_value(status.term));
+            self.raft_committed_index
+                .get_or_create(&labels)
+                .set(gauge_value(status.committed.unwrap_or(0)));
+            self.raft_applied_index
+                .get_or_create(&labels)
+                .set(gauge_value(status.applied.unwrap_or(0)));
+            for (follower, entries) in &status.lag {
+                let labels = vec![("group", name.clone()), ("follower", follower.to_hex())];
+                self.raft_follower_lag
+                    .get_or_create(&labels)
+                    .set(gauge_value(*entries));
+            }
         }
     }
 
@@ -343,6 +421,10 @@ impl Metrics {
             match (vault.peers(), mesh.connected()) {
                 (Ok(known), Ok(connected)) => self.set_peers(known.len(), connected.len()),
                 (Err(error), _) | (_, Err(error)) => self.failed("peers", &error),
+            }
+            match mesh.group_statuses() {
+                Ok((members, groups)) => self.set_groups(members, &groups),
+                Err(error) => self.failed("Raft groups", &error),
             }
         }
         let (_, mounts) = host.status();

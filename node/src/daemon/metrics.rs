@@ -510,30 +510,32 @@ impl Metrics {
                 .map(|(_, stats)| stats.clone());
             let stats = match cached {
                 Some(stats) => stats,
-                // Its keys need a passphrase, or this vault holds none (a zero-knowledge
-                // copy): what the reference indexes tell, keylessly.
-                None if record.encrypted || !vault.holds_volume_keys(&record).unwrap_or(true) => {
-                    match vault.volume_stats_keyless(&record.name) {
+                None => {
+                    // Its keys need a passphrase, or this vault holds none (a zero-knowledge
+                    // copy): what the reference indexes tell, keylessly.
+                    let (what, computed) =
+                        if record.encrypted || !vault.holds_volume_keys(&record).unwrap_or(true) {
+                            (
+                                "keyless volume statistics",
+                                vault.volume_stats_keyless(&record.name),
+                            )
+                        } else {
+                            (
+                                "volume statistics",
+                                vault.volume_stats(&record.name, &no_passphrase),
+                            )
+                        };
+                    match computed {
                         Ok(stats) => {
                             cache.insert(record.name.clone(), (snapshots, stats.clone()));
                             stats
                         }
                         Err(error) => {
-                            self.failed("keyless volume statistics", &error);
+                            self.failed(what, &error);
                             continue;
                         }
                     }
                 }
-                None => match vault.volume_stats(&record.name, &no_passphrase) {
-                    Ok(stats) => {
-                        cache.insert(record.name.clone(), (snapshots, stats.clone()));
-                        stats
-                    }
-                    Err(error) => {
-                        self.failed("volume statistics", &error);
-                        continue;
-                    }
-                },
             };
             let labels = vec![("volume", record.name.clone())];
             self.volume_logical_bytes

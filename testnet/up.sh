@@ -86,5 +86,8 @@ testnet of $count nodes in $dir (group testnet, layout $layout)
   node-1 .. node-$count: data in $dir/node-i, logs in $dir/node-i/logs/daemon.log
   FORGE_DATA_DIR=$dir/node-1 $forge cluster status
   FORGE_DATA_DIR=$dir/node-2 $forge cluster status --json
+  FORGE_DATA_DIR=$dir/node-1 $forge volume create data --group testnet
+  FORGE_DATA_DIR=$dir/node-1 $forge volume import data /some/dir
+  FORGE_DATA_DIR=$dir/node-$count $forge volume export data /tmp/out
   testnet/down.sh --dir $dir
 EOF

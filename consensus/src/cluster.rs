@@ -8,9 +8,6 @@
 use forge_mesh::net::Protocol;
 use serde::{Deserialize, Serialize};
 
-use crate::ConsensusError;
-use crate::keys::{decode, encode};
-
 /// The record space of members: key = NodeId, value = [`MemberRecord`].
 pub const MEMBERS: &str = "members";
 /// The record space of volume groups: key = name, value = [`GroupRecord`].
@@ -33,6 +30,9 @@ pub struct MemberRecord {
     pub addresses: Vec<String>,
     /// When it joined, ns since the epoch.
     pub joined_ns: i64,
+    /// Its public keys (`NodePublicKeys` encoding; their ML-DSA key hashes to the member's
+    /// NodeId, checked by whoever uses them): what a group volume's keys are wrapped to.
+    pub keys: Vec<u8>,
 }
 
 /// A volume group, as the cluster group records it.
@@ -57,6 +57,8 @@ pub enum ClusterRequest {
     Join {
         /// Its listen addresses.
         addresses: Vec<String>,
+        /// Its public keys (`NodePublicKeys` encoding), for the member record.
+        keys: Vec<u8>,
     },
 }
 
@@ -67,28 +69,6 @@ pub enum ClusterReply {
     Members(Vec<[u8; 32]>),
     /// The asker was added (a voter once it caught up).
     Joined,
-}
-
-macro_rules! codec {
-    ($type:ty, $what:literal) => {
-        impl $type {
-            /// Its bytes: a format byte, then postcard.
-            ///
-            /// # Errors
-            /// None in practice (postcard encodes every value of it).
-            pub fn encode(&self) -> Result<Vec<u8>, ConsensusError> {
-                encode(self).map_err(|error| ConsensusError::Malformed(error.to_string()))
-            }
-
-            /// Decodes what [`Self::encode`] wrote.
-            ///
-            /// # Errors
-            /// Another format, or bytes that do not decode.
-            pub fn decode(bytes: &[u8]) -> Result<Self, ConsensusError> {
-                decode(bytes, $what).map_err(|error| ConsensusError::Malformed(error.to_string()))
-            }
-        }
-    };
 }
 
 codec!(MemberRecord, "a cluster member record");
@@ -116,6 +96,7 @@ mod tests {
         );
         let join = ClusterRequest::Join {
             addresses: vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
+            keys: vec![7; 40],
         };
         let bytes = join.encode().unwrap();
         assert_eq!(ClusterRequest::decode(&bytes).unwrap(), join);

@@ -11,6 +11,31 @@
 //!
 //! Every openraft type stays inside this crate (its alpha API moves between releases).
 
+/// `encode`/`decode` for a message or record: a format byte, then postcard.
+macro_rules! codec {
+    ($type:ty, $what:literal) => {
+        impl $type {
+            /// Its bytes: a format byte, then postcard.
+            ///
+            /// # Errors
+            /// None in practice (postcard encodes every value of it).
+            pub fn encode(&self) -> Result<Vec<u8>, crate::ConsensusError> {
+                crate::keys::encode(self)
+                    .map_err(|error| crate::ConsensusError::Malformed(error.to_string()))
+            }
+
+            /// Decodes what [`Self::encode`] wrote.
+            ///
+            /// # Errors
+            /// Another format, or bytes that do not decode.
+            pub fn decode(bytes: &[u8]) -> Result<Self, crate::ConsensusError> {
+                crate::keys::decode(bytes, $what)
+                    .map_err(|error| crate::ConsensusError::Malformed(error.to_string()))
+            }
+        }
+    };
+}
+
 pub mod cluster;
 mod error;
 mod group;
@@ -18,6 +43,7 @@ mod keys;
 mod log_store;
 pub mod network;
 mod runtime;
+pub mod shards;
 mod state_machine;
 mod types;
 

@@ -43,7 +43,7 @@ fn eventually(site: &Site, what: &str, check: impl Fn(&Value) -> bool) -> Value 
 /// Site `joiner` joins the cluster through `member`, which trusts it.
 fn join(joiner: &Site, member: &Site, name: &str) {
     joiner.meet(member, name);
-    member.meet(joiner, "joiner");
+    member.meet(joiner, &format!("joiner-{}", &joiner.id[..8]));
     member.vault.ok(&["peer", "trust", &joiner.id, "--cluster"]);
     let joined = joiner.vault.json(&["cluster", "join", name]);
     assert_eq!(joined["member"], true, "{joined}");
@@ -178,4 +178,370 @@ fn a_cluster_forms_grows_runs_a_group_through_a_leader_loss_and_a_node_leaves() 
             && group(seen, "cluster")["nodes"].as_array().unwrap().len() == 3
             && group(seen, "cluster")["leader"].is_string()
     });
+}
+
+/// Writes `files` files of `file_bytes` incompressible bytes under `dir` (one file twice:
+/// the copy dedups), seeded.
+fn write_random_tree(dir: &std::path::Path, files: usize, file_bytes: usize, seed: u64) {
+    let mut next = common::xorshift(seed);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let mut first = Vec::new();
+    for file in 0..files {
+        let mut bytes = Vec::with_capacity(file_bytes);
+        while bytes.len() < file_bytes {
+            bytes.extend_from_slice(&next().to_le_bytes());
+        }
+        bytes.truncate(file_bytes);
+        let path = if file % 3 == 0 {
+            dir.join("sub").join(format!("f{file}.bin"))
+        } else {
+            dir.join(format!("f{file}.bin"))
+        };
+        std::fs::write(path, &bytes).unwrap();
+        if file == 0 {
+            first = bytes;
+        }
+    }
+    std::fs::write(dir.join("copy-of-f0.bin"), first).unwrap();
+    std::fs::write(dir.join("small.txt"), b"a small file\n").unwrap();
+}
+
+fn same_tree(a: &std::path::Path, b: &std::path::Path) {
+    let output = std::process::Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// Exports `volume` on `site` into a fresh directory named `name`, and checks it against
+/// `expected` (retrying while the site's mirror of the group's ref catches up).
+fn export_matches(
+    site: &Site,
+    volume: &str,
+    name: &str,
+    expected: &std::path::Path,
+    snapshot: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = site.vault.json(&["snapshot", "list", volume]);
+        if listed
+            .as_array()
+            .is_some_and(|list| list.iter().any(|entry| entry["id"] == snapshot))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot {snapshot} never reached {}: {listed}",
+            site.id
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = site.vault.path(name);
+    let exported = site.vault.run(&[
+        "volume",
+        "export",
+        volume,
+        out.to_str().unwrap(),
+        "--snapshot",
+        snapshot,
+    ]);
+    assert!(
+        exported.status.success(),
+        "export on {}: {}",
+        site.id,
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    same_tree(expected, &out);
+}
+
+#[test]
+fn a_volume_of_a_six_node_4_plus_2_group_is_spread_survives_two_killed_nodes_and_publishes_only_when_every_shard_lands()
+ {
+    let mut sites: Vec<Site> = (0..6).map(|_| Site::start()).collect();
+    sites[0].vault.json(&["cluster", "init"]);
+    for index in 1..6 {
+        join(&sites[index], &sites[0], "first");
+    }
+    eventually(&sites[0], "six members, all voters", |seen| {
+        seen["members"].as_array().unwrap().len() == 6
+            && group(seen, "cluster")["nodes"].as_array().unwrap().len() == 6
+    });
+    let ids: Vec<&str> = sites.iter().map(|site| site.id.as_str()).collect();
+    let nodes = ids.join(",");
+    sites[0]
+        .vault
+        .ok(&["group", "create", "g", "--nodes", &nodes, "--ec", "4+2"]);
+    for site in &sites {
+        eventually(site, "group g running with a leader", |seen| {
+            let g = group(seen, "g");
+            g["running_here"] == true && g["leader"].is_string()
+        });
+    }
+
+    // A group volume takes the group's layout; its own is refused, as is an unknown group.
+    let conflicting = sites[1]
+        .vault
+        .run(&["volume", "create", "data", "--group", "g", "--ec", "2+1"]);
+    assert!(!conflicting.status.success());
+    let unknown = sites[1]
+        .vault
+        .run(&["volume", "create", "data", "--group", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no volume group named nope"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let created = sites[1]
+        .vault
+        .json(&["volume", "create", "data", "--group", "g"]);
+    assert_eq!(created["ec"], "4+2", "{created}");
+    let again = sites[2]
+        .vault
+        .run(&["volume", "create", "data", "--group", "g"]);
+    assert!(!again.status.success(), "a second volume named data");
+
+    // Imported on one member, exported byte-identical on another.
+    let source = sites[1].vault.path("source");
+    write_random_tree(&source, 24, 200_000, 7);
+    let first = sites[1]
+        .vault
+        .json(&["volume", "import", "data", source.to_str().unwrap()]);
+    let first_id = first["snapshot"].as_str().unwrap().to_owned();
+    export_matches(&sites[4], "data", "out-4", &source, &first_id);
+    let fsck = sites[4].vault.json(&["fsck"]);
+    assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+
+    // The importer and the group's leader are killed (another member when they are the
+    // same): every byte is still there, from the four left.
+    let leader = group(&status(&sites[2]), "g")["leader"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second_victim = sites
+        .iter()
+        .position(|site| site.id == leader && site.id != sites[1].id)
+        .unwrap_or(5);
+    let victims = [1, second_victim];
+    for victim in victims {
+        sites[victim].daemon.take();
+    }
+    let survivor = (0..6).find(|index| !victims.contains(index)).unwrap();
+    export_matches(
+        &sites[survivor],
+        "data",
+        "out-after-kill",
+        &source,
+        &first_id,
+    );
+
+    // With two of six members down a 4+2 layout cannot put six shards on six nodes: the
+    // publish fails, naming a missing member, and the branch does not move.
+    let changed = sites[survivor].vault.path("changed");
+    write_random_tree(&changed, 6, 100_000, 8);
+    let refused =
+        sites[survivor]
+            .vault
+            .run(&["volume", "import", "data", changed.to_str().unwrap()]);
+    assert!(!refused.status.success(), "published without two members");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("not published")
+            && victims
+                .iter()
+                .any(|victim| stderr.contains(&sites[*victim].id[..16])),
+        "{stderr}"
+    );
+
+    // Back: the killed members catch up, and a publish from another member lands.
+    for victim in victims {
+        sites[victim].restart();
+    }
+    for victim in victims {
+        eventually(&sites[victim], "back in group g", |seen| {
+            let g = group(seen, "g");
+            g["running_here"] == true && g["leader"].is_string()
+        });
+    }
+    let second = sites[3]
+        .vault
+        .json(&["volume", "import", "data", changed.to_str().unwrap()]);
+    let second_id = second["snapshot"].as_str().unwrap().to_owned();
+    export_matches(&sites[1], "data", "out-restarted", &changed, &second_id);
+    export_matches(&sites[5], "data", "out-first-again", &source, &first_id);
+
+    // A branch made on one member is the group's: a second of that name is refused on
+    // another member, and a delisted snapshot leaves every member's list.
+    sites[2]
+        .vault
+        .ok(&["snapshot", "branch", "data", "old", "--from", &first_id]);
+    let taken = sites[4]
+        .vault
+        .run(&["snapshot", "branch", "data", "old", "--from", &second_id]);
+    assert!(!taken.status.success(), "branch old made twice");
+    let listed = |site: &Site| -> Vec<String> {
+        site.vault
+            .json(&["snapshot", "list", "data"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let until = |site: &Site, what: &str, check: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check(&listed(site)) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", listed(site));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // A third snapshot on main leaves the second heading no branch: it may be delisted,
+    // on a member other than the one that published either.
+    std::fs::write(changed.join("third.txt"), b"third\n").unwrap();
+    let third = sites[0]
+        .vault
+        .json(&["volume", "import", "data", changed.to_str().unwrap()]);
+    let third_id = third["snapshot"].as_str().unwrap().to_owned();
+    until(&sites[3], "the third snapshot mirrored", &|ids| {
+        ids.contains(&third_id)
+    });
+    let heading = sites[3]
+        .vault
+        .run(&["snapshot", "delete", "data", &first_id]);
+    assert!(!heading.status.success(), "the head of branch old");
+    sites[3]
+        .vault
+        .ok(&["snapshot", "delete", "data", &second_id]);
+    until(
+        &sites[5],
+        "the second snapshot delisted everywhere",
+        &|ids| !ids.contains(&second_id) && ids.contains(&third_id) && ids.contains(&first_id),
+    );
+    let fsck = sites[0].vault.json(&["fsck"]);
+    assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+}
+
+fn repair(site: &Site, group: &str) -> Value {
+    site.vault.json(&["group", "repair", group])
+}
+
+#[test]
+fn a_snapshot_published_while_a_member_was_down_uses_stand_ins_and_repair_moves_every_shard_home() {
+    let mut sites: Vec<Site> = (0..4).map(|_| Site::start()).collect();
+    sites[0].vault.json(&["cluster", "init"]);
+    for index in 1..4 {
+        join(&sites[index], &sites[0], "first");
+    }
+    eventually(&sites[0], "four members, all voters", |seen| {
+        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 4
+    });
+    let nodes = sites
+        .iter()
+        .map(|site| site.id.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    sites[0]
+        .vault
+        .ok(&["group", "create", "r", "--nodes", &nodes, "--ec", "2+1"]);
+    for site in &sites {
+        eventually(site, "group r running with a leader", |seen| {
+            let r = group(seen, "r");
+            r["running_here"] == true && r["leader"].is_string()
+        });
+    }
+    sites[0]
+        .vault
+        .ok(&["volume", "create", "data", "--group", "r"]);
+    // Nothing published yet: nothing to repair, and that is whole.
+    let empty = repair(&sites[1], "r");
+    assert_eq!(empty["whole"], true, "{empty:#}");
+
+    // One of four members down: a 2+1 layout still finds three distinct members for each
+    // chunk, standing in for the absent one.
+    sites[3].daemon.take();
+    let source = sites[0].vault.path("source");
+    write_random_tree(&source, 8, 150_000, 11);
+    let published = sites[0]
+        .vault
+        .json(&["volume", "import", "data", source.to_str().unwrap()]);
+    let snapshot = published["snapshot"].as_str().unwrap().to_owned();
+    let partial = repair(&sites[1], "r");
+    assert_eq!(
+        partial["whole"], false,
+        "the absent member's shards: {partial:#}"
+    );
+    let chunks = partial["chunks"].as_u64().unwrap();
+    assert!(chunks > 0, "{partial:#}");
+    assert!(
+        partial["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|member| member["node_id"] == sites[3].id.as_str() && member["error"].is_string()),
+        "{partial:#}"
+    );
+
+    // Back: repair rebuilds its shards onto it and the stand-ins let theirs go.
+    sites[3].restart();
+    eventually(&sites[3], "back in group r", |seen| {
+        group(seen, "r")["leader"].is_string()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut released = 0;
+    loop {
+        let run = repair(&sites[2], "r");
+        released += run["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|member| member["released"].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if run["whole"] == true && run["shards_held"] == chunks * 3 {
+            let rebuilt_on_returner = eventually(&sites[3], "its repair counted", |seen| {
+                group(seen, "r")["repair"]["rebuilt_shards"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+            });
+            let rebuilt = group(&rebuilt_on_returner, "r")["repair"]["rebuilt_shards"]
+                .as_u64()
+                .unwrap();
+            if released == rebuilt {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never whole with every stand-in released: {run:#} (released {released})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metrics = scrape(&sites[3].metrics);
+    assert!(
+        metrics
+            .get("forge_repair_rebuilt_shards{group=\"r\"}")
+            .is_some_and(|rebuilt| *rebuilt > 0.0),
+        "{metrics:?}"
+    );
+
+    // Every shard home: the returner exports it, and so does a member once the importer
+    // is gone.
+    export_matches(&sites[3], "data", "out-returner", &source, &snapshot);
+    sites[0].daemon.take();
+    export_matches(
+        &sites[2],
+        "data",
+        "out-without-importer",
+        &source,
+        &snapshot,
+    );
 }

@@ -190,13 +190,41 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
     if stored.is_empty() {
         return Err(ChunkStoreError::Missing { cid: *cid });
     }
+    let shards: Vec<(usize, Vec<u8>)> = stored
+        .into_iter()
+        .map(|(key, value)| {
+            // The index the key names; a key of another shape matches no record.
+            let index = match key.get(32..) {
+                Some([high, low]) => usize::from(u16::from_be_bytes([*high, *low])),
+                _ => usize::MAX,
+            };
+            (index, value)
+        })
+        .collect();
+    chunk_from_shards(cid, &shards)
+}
+
+/// Rebuilds chunk `cid` from shard records gathered anywhere (this engine, other members
+/// of a volume group): each `(index, record)` is the index its holder filed it under and
+/// the record. A record that does not decode, or names another index, layout or length
+/// than the rest, counts as damaged. The ciphertext is returned only if it hashes to
+/// `cid`, with the records of the shards that were missing rebuilt.
+///
+/// # Errors
+/// [`ChunkStoreError::Missing`] for no records; [`ChunkStoreError::Unrecoverable`] when
+/// too few are intact or the whole fails its cid.
+pub fn chunk_from_shards(
+    cid: &Cid,
+    stored: &[(usize, Vec<u8>)],
+) -> Result<ChunkRead, ChunkStoreError> {
+    if stored.is_empty() {
+        return Err(ChunkStoreError::Missing { cid: *cid });
+    }
     let mut records = Vec::with_capacity(stored.len());
     let mut damaged = 0;
-    for (key, value) in &stored {
+    for (index, value) in stored {
         match ShardRecord::decode(value) {
-            Ok(record) if key.len() == 34 && key[32..] == shard_key(cid, record.index)[32..] => {
-                records.push(record)
-            }
+            Ok(record) if record.index.get() == *index => records.push(record),
             _ => damaged += 1,
         }
     }
@@ -213,6 +241,7 @@ pub fn read_chunk(kv: &dyn KvEngine, cid: &Cid) -> Result<ChunkRead, ChunkStoreE
     let mut slots: Vec<Option<Vec<u8>>> = vec![None; layout.total_shards()];
     for record in records {
         if record.layout == layout && record.ciphertext_len == ciphertext_len {
+            // The same shard twice (from two holders) fills one slot.
             slots[record.index.get()] = Some(record.payload);
         } else {
             damaged += 1;

@@ -26,6 +26,20 @@ fn score(cid: &Cid, position: usize, node: &NodeId) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
+/// The members in shard `position`'s rendezvous order for chunk `cid`, best first: where
+/// that shard goes when its placed node cannot take it (the first of these not already
+/// holding a shard of the chunk).
+#[must_use]
+pub fn rank_for_position(cid: &Cid, position: usize, members: &[NodeId]) -> Vec<NodeId> {
+    let mut ranked: Vec<([u8; 32], NodeId)> = members
+        .iter()
+        .map(|node| (score(cid, position, node), *node))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked.dedup_by(|a, b| a.1 == b.1);
+    ranked.into_iter().map(|(_, node)| node).collect()
+}
+
 /// The node for each of a chunk's `shard_count` shards, in shard order: distinct nodes
 /// when the group has at least `shard_count` members; otherwise each member holds at
 /// most ⌈shard_count / members⌉ shards of the chunk. Empty for an empty group.

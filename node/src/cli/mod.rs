@@ -112,6 +112,11 @@ pub enum VolumeCommand {
         /// dedup domain of its own: the host cannot read it without you.
         #[arg(long)]
         encrypted: bool,
+        /// Create it in this volume group (`forge group create`): its records replicated by
+        /// the group's Raft, each chunk's shards spread over the group's members by the
+        /// group's layout. Needs the daemon.
+        #[arg(long, value_name = "GROUP", conflicts_with_all = ["ec", "domain", "chunk_avg", "encrypted"])]
+        group: Option<String>,
     },
     /// List volumes.
     List,
@@ -440,6 +445,13 @@ pub enum GroupCommand {
         /// Erasure layout K+M of its volumes (K+M at most the number of nodes).
         #[arg(long, value_name = "K+M")]
         ec: ErasureLayout,
+    },
+    /// Repair a volume group now: every member rebuilds the shards it owns and lacks
+    /// (from any K others) and drops those it held for an absent owner; reports whether
+    /// every chunk is back to K+M shards. Repair also runs in the background.
+    Repair {
+        /// The group.
+        name: String,
     },
 }
 

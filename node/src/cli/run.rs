@@ -119,6 +119,11 @@ impl Cli {
                 })?;
                 Ok(service::cluster::render_group("created", &group))
             }),
+            Command::Group(GroupCommand::Repair { name }) => self.with_api(|mesh| {
+                Ok(service::cluster::render_repair(&mesh.repair_group(
+                    forge_proto::v1::RepairGroupRequest { name: name.clone() },
+                )?))
+            }),
             Command::Proof(ProofCommand::List { volume }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_proofs(&mesh.list_proofs(
                     ListProofsRequest {
@@ -275,6 +280,18 @@ impl Cli {
                     human: summary,
                 })
             }
+            Command::Volume(VolumeCommand::Create {
+                name,
+                group: Some(group),
+                ..
+            }) => self.with_api(|api| {
+                service::render_create(&api.create_group_volume(
+                    forge_proto::v1::CreateGroupVolumeRequest {
+                        name: name.clone(),
+                        group: group.clone(),
+                    },
+                )?)
+            }),
             Command::Volume(
                 command @ (VolumeCommand::List
                 | VolumeCommand::Create { .. }
@@ -465,6 +482,7 @@ fn volume_call(service: &dyn VolumeService, command: &VolumeCommand, json: bool)
             domain,
             chunk_avg,
             encrypted,
+            ..
         } => service::render_create(&service.create(CreateVolumeRequest {
             name: name.clone(),
             data_shards: ec.map_or(0, |layout| count(layout.data_shards())),

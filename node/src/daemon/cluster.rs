@@ -40,10 +40,21 @@ const GROUP_IDS: RecordSpace = RecordSpace::new(cluster::GROUP_IDS);
 /// catch up before making it a voter).
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
-fn cluster_error(reason: impl Into<String>) -> NodeError {
+pub(crate) fn cluster_error(reason: impl Into<String>) -> NodeError {
     NodeError::Cluster {
         reason: reason.into(),
     }
+}
+
+/// A Raft group run here, for /metrics.
+#[derive(Debug, Clone)]
+pub struct GroupMetrics {
+    /// Its name ("cluster" for group 0).
+    pub name: String,
+    /// Its Raft state here.
+    pub status: GroupStatus,
+    /// This node's repair of it (volume groups).
+    pub repair: Option<super::groups::RepairState>,
 }
 
 /// The cluster side of a daemon.
@@ -61,6 +72,8 @@ pub struct ClusterNode {
     /// against it; reading the records for each heartbeat would be the hot path).
     known: Mutex<BTreeSet<NodeId>>,
     watching: Mutex<bool>,
+    /// Each volume group's repair here (see groups.rs).
+    repairs: Mutex<BTreeMap<u64, super::groups::RepairState>>,
     this: Weak<ClusterNode>,
 }
 
@@ -92,6 +105,7 @@ impl ClusterNode {
             joining: Mutex::new(BTreeSet::new()),
             known: Mutex::new(BTreeSet::new()),
             watching: Mutex::new(false),
+            repairs: Mutex::new(BTreeMap::new()),
             this: this.clone(),
         });
         let raft = shared
@@ -108,6 +122,15 @@ impl ClusterNode {
         ));
         let requests = shared.serve(CLUSTER_PROTOCOL).map_err(NodeError::Mesh)?;
         tokio::spawn(serve_cluster(requests, Arc::downgrade(&node)));
+        let shards = shared
+            .serve(forge_consensus::shards::SHARDS_PROTOCOL)
+            .map_err(NodeError::Mesh)?;
+        tokio::spawn(super::groups::serve_shards(shards, Arc::downgrade(&node)));
+        node.vault
+            .set_group_storage(Arc::new(super::groups::DaemonGroupStorage {
+                node: Arc::downgrade(&node),
+                runtime: tokio::runtime::Handle::current(),
+            }));
         if node.vault.cluster_membership()?.is_some() {
             let booting = node.clone();
             tokio::spawn(async move {
@@ -118,6 +141,32 @@ impl ClusterNode {
             });
         }
         Ok(node)
+    }
+
+    pub(crate) fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    pub(crate) fn vault_arc(&self) -> Arc<Vault> {
+        self.vault.clone()
+    }
+
+    pub(crate) fn table(&self) -> &GroupTable {
+        &self.table
+    }
+
+    pub(crate) fn peer_net(&self) -> Arc<dyn PeerNet> {
+        self.shared.clone()
+    }
+
+    pub(crate) fn repairs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<u64, super::groups::RepairState>> {
+        lock(&self.repairs)
+    }
+
+    pub(crate) fn weak(&self) -> Weak<ClusterNode> {
+        self.this.clone()
     }
 
     fn raft_allowed(&self, from: &NodeId) -> std::result::Result<(), String> {
@@ -168,7 +217,7 @@ impl ClusterNode {
     }
 
     /// Group 0's members, as applied here.
-    fn members(&self) -> Result<BTreeMap<NodeId, MemberRecord>> {
+    pub(crate) fn members(&self) -> Result<BTreeMap<NodeId, MemberRecord>> {
         let Some(group) = self.table.get(CLUSTER_GROUP) else {
             return Ok(BTreeMap::new());
         };
@@ -186,7 +235,7 @@ impl ClusterNode {
     }
 
     /// The volume groups, as applied here.
-    fn groups(&self) -> Result<Vec<(String, GroupRecord)>> {
+    pub(crate) fn groups(&self) -> Result<Vec<(String, GroupRecord)>> {
         let Some(group) = self.table.get(CLUSTER_GROUP) else {
             return Ok(Vec::new());
         };
@@ -214,6 +263,7 @@ impl ClusterNode {
         Ok(MemberRecord {
             addresses,
             joined_ns: self.vault.now_ns(),
+            keys: self.vault.identity().public_keys().encode(),
         })
     }
 
@@ -271,6 +321,7 @@ impl ClusterNode {
                 peer,
                 &ClusterRequest::Join {
                     addresses: record.addresses,
+                    keys: record.keys,
                 },
             )
             .await?;
@@ -434,6 +485,11 @@ impl ClusterNode {
         if let Some(running) = self.table.get(record.id) {
             fill_status(&mut info, &running.status());
         }
+        if let Some(repair) = lock(&self.repairs).get(&record.id) {
+            info.repair_running = repair.running;
+            info.repair_backlog = repair.last.as_ref().map_or(0, |last| last.backlog);
+            info.repair_rebuilt = repair.rebuilt_total;
+        }
         info
     }
 
@@ -483,18 +539,32 @@ impl ClusterNode {
         })
     }
 
-    /// The member count and each group this node runs, by name ("cluster" for group 0).
+    /// The member count and each group this node runs, by name ("cluster" for group 0),
+    /// with this node's repair of it (volume groups only).
     ///
     /// # Errors
     /// Corrupt cluster records.
-    pub fn group_statuses(&self) -> Result<(usize, Vec<(String, GroupStatus)>)> {
+    pub fn group_statuses(&self) -> Result<(usize, Vec<GroupMetrics>)> {
         let mut statuses = Vec::new();
         if let Some(cluster) = self.table.get(CLUSTER_GROUP) {
-            statuses.push(("cluster".to_owned(), cluster.status()));
+            statuses.push(GroupMetrics {
+                name: "cluster".to_owned(),
+                status: cluster.status(),
+                repair: None,
+            });
         }
         for (name, record) in self.groups()? {
             if let Some(running) = self.table.get(record.id) {
-                statuses.push((name, running.status()));
+                statuses.push(GroupMetrics {
+                    name,
+                    status: running.status(),
+                    repair: Some(
+                        lock(&self.repairs)
+                            .get(&record.id)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
+                });
             }
         }
         Ok((self.members()?.len(), statuses))
@@ -576,6 +646,24 @@ impl ClusterNode {
                     tracing::debug!(%error, group = %name, "forming a volume group");
                 }
             }
+            // Its volumes adopted here, their refs and listings mirrored.
+            let view = self.view_of(name.clone(), &record);
+            let this = self.this.clone();
+            let reconciled = tokio::task::spawn_blocking(move || {
+                let node = this.upgrade().ok_or_else(|| cluster_error("stopping"))?;
+                node.reconcile_volumes(&view?)
+            })
+            .await;
+            self.repair_in_background(record.id);
+            match reconciled {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, group = %name, "mirroring the group's volumes")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, group = %name, "mirroring the group's volumes")
+                }
+            }
         }
     }
 
@@ -612,7 +700,7 @@ fn fill_status(info: &mut GroupInfo, status: &GroupStatus) {
 
 /// Applies `updates`, retrying while the group elects a leader (a new cluster's first
 /// seconds, a leader change).
-async fn apply_with_retry(group: &GroupHandle, updates: &[RecordUpdate]) -> Result<()> {
+pub(crate) async fn apply_with_retry(group: &GroupHandle, updates: &[RecordUpdate]) -> Result<()> {
     let mut last = None;
     for _ in 0..100 {
         match group.apply(updates).await {
@@ -670,7 +758,16 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
                             .map(|node| *node.as_bytes())
                             .collect(),
                     )),
-                    ClusterRequest::Join { addresses } => {
+                    ClusterRequest::Join { addresses, keys } => {
+                        // The keys must be the asker's own (its NodeId is their hash):
+                        // they are what group volumes' keys get wrapped to.
+                        let decoded = forge_crypto::NodePublicKeys::decode(&keys)?;
+                        if decoded.node_id() != from {
+                            return Err(cluster_error(format!(
+                                "node {from} sent public keys of node {}",
+                                decoded.node_id()
+                            )));
+                        }
                         // Reachable from here at once (the leader learns the addresses
                         // from the record, through its watch loop).
                         if let Some(address) = addresses
@@ -682,6 +779,7 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
                         let record = MemberRecord {
                             addresses,
                             joined_ns: cluster.vault.now_ns(),
+                            keys,
                         };
                         set_member(&group, &from, Some(&record)).await?;
                         cluster.reconcile().await;

@@ -870,4 +870,18 @@ impl Mesh for ApiGrpc {
     ) -> std::result::Result<Response<forge_proto::v1::GroupInfo>, Status> {
         mesh_call!(self, "Mesh.CreateGroup", request, create_group)
     }
+
+    async fn create_group_volume(
+        &self,
+        request: Request<forge_proto::v1::CreateGroupVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::CreateVolumeReply>, Status> {
+        mesh_call!(self, "Mesh.CreateGroupVolume", request, create_group_volume)
+    }
+
+    async fn repair_group(
+        &self,
+        request: Request<forge_proto::v1::RepairGroupRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::RepairGroupReply>, Status> {
+        mesh_call!(self, "Mesh.RepairGroup", request, repair_group)
+    }
 }

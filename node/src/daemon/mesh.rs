@@ -192,7 +192,7 @@ impl MeshNode {
     ///
     /// # Errors
     /// The network stopped; corrupt cluster records.
-    pub fn group_statuses(&self) -> Result<(usize, Vec<(String, forge_consensus::GroupStatus)>)> {
+    pub fn group_statuses(&self) -> Result<(usize, Vec<super::cluster::GroupMetrics>)> {
         let cluster = self.cluster.clone();
         self.run(async move { cluster.group_statuses() })?
     }
@@ -774,7 +774,7 @@ impl MeshService for DaemonMesh<'_> {
         let (cids, _) = vault.walk_index(&record, &head)?;
         let mut chunks = Vec::with_capacity(cids.len());
         for cid in cids {
-            if forge_store::chunkstore::has_first_shard(vault.kv(), &cid)? {
+            if vault.chunk_stored(&cid)? {
                 chunks.push(cid);
             }
         }
@@ -798,9 +798,7 @@ impl MeshService for DaemonMesh<'_> {
         };
         let mut samples = Vec::new();
         for cid in pick(&chunks, wanted, &mut random) {
-            let size = forge_store::chunkstore::read_chunk(vault.kv(), &cid)?
-                .ciphertext
-                .len() as u64;
+            let size = vault.read_ciphertext(&cid)?.len() as u64;
             samples.push(sample(cid, size, &mut random));
         }
         self.node.reach(&node)?;
@@ -894,5 +892,29 @@ impl MeshService for DaemonMesh<'_> {
                 )
                 .await
         })?
+    }
+
+    fn create_group_volume(
+        &self,
+        request: forge_proto::v1::CreateGroupVolumeRequest,
+    ) -> Result<forge_proto::v1::CreateVolumeReply> {
+        let cluster = self.node.cluster.clone();
+        let record = self.node.run(async move {
+            cluster
+                .create_group_volume(&request.name, &request.group)
+                .await
+        })??;
+        Ok(forge_proto::v1::CreateVolumeReply {
+            volume: Some(crate::service::volume_info(&record)),
+        })
+    }
+
+    fn repair_group(
+        &self,
+        request: forge_proto::v1::RepairGroupRequest,
+    ) -> Result<forge_proto::v1::RepairGroupReply> {
+        let cluster = self.node.cluster.clone();
+        self.node
+            .run(async move { cluster.repair_group(&request.name).await })?
     }
 }

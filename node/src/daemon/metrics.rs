@@ -62,6 +62,9 @@ pub struct Metrics {
     raft_committed_index: Family<Labels, Gauge>,
     raft_applied_index: Family<Labels, Gauge>,
     raft_follower_lag: Family<Labels, Gauge>,
+    repair_running: Family<Labels, Gauge>,
+    repair_backlog: Family<Labels, Gauge>,
+    repair_rebuilt: Family<Labels, Gauge>,
     /// Each volume's statistics with the snapshot list they were computed for.
     volume_cache: Mutex<BTreeMap<String, (Vec<Cid>, VolumeStats)>>,
 }
@@ -119,6 +122,9 @@ impl Metrics {
             cluster_members: Gauge::default(),
             raft_leader: Family::default(),
             raft_term: Family::default(),
+            repair_running: Family::default(),
+            repair_backlog: Family::default(),
+            repair_rebuilt: Family::default(),
             raft_committed_index: Family::default(),
             raft_applied_index: Family::default(),
             raft_follower_lag: Family::default(),
@@ -286,6 +292,21 @@ impl Metrics {
             metrics.raft_leader.clone(),
         );
         registry.register(
+            "repair_running",
+            "1 while this node repairs the volume group, by group",
+            metrics.repair_running.clone(),
+        );
+        registry.register(
+            "repair_backlog_shards",
+            "Shards placement gives this node that its last repair of the group could not rebuild, by group",
+            metrics.repair_backlog.clone(),
+        );
+        registry.register(
+            "repair_rebuilt_shards",
+            "Shards this node's repairs of the group rebuilt since the daemon started, by group",
+            metrics.repair_rebuilt.clone(),
+        );
+        registry.register(
             "raft_term",
             "The Raft group's current term as this node sees it, by group",
             metrics.raft_term.clone(),
@@ -313,7 +334,7 @@ impl Metrics {
 
     /// The cluster's size and each Raft group this node runs. A group no longer run here
     /// leaves its series.
-    fn set_groups(&self, members: usize, groups: &[(String, forge_consensus::GroupStatus)]) {
+    fn set_groups(&self, members: usize, groups: &[super::cluster::GroupMetrics]) {
         self.cluster_members.set(gauge_value(members as u64));
         for family in [
             &self.raft_leader,
@@ -321,11 +342,30 @@ impl Metrics {
             &self.raft_committed_index,
             &self.raft_applied_index,
             &self.raft_follower_lag,
+            &self.repair_running,
+            &self.repair_backlog,
+            &self.repair_rebuilt,
         ] {
             family.clear();
         }
-        for (name, status) in groups {
+        for super::cluster::GroupMetrics {
+            name,
+            status,
+            repair,
+        } in groups
+        {
             let labels = vec![("group", name.clone())];
+            if let Some(repair) = repair {
+                self.repair_running
+                    .get_or_create(&labels)
+                    .set(i64::from(repair.running));
+                self.repair_backlog.get_or_create(&labels).set(gauge_value(
+                    repair.last.as_ref().map_or(0, |last| last.backlog),
+                ));
+                self.repair_rebuilt
+                    .get_or_create(&labels)
+                    .set(gauge_value(repair.rebuilt_total));
+            }
             self.raft_leader
                 .get_or_create(&labels)
                 .set(i64::from(status.leading));

@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod control;
+pub mod groups;
 pub mod host;
 pub mod mesh;
 pub mod metrics;

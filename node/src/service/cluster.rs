@@ -23,6 +23,11 @@ fn group_json(group: &GroupInfo) -> serde_json::Value {
         "committed": group.committed,
         "applied": group.applied,
         "lag": group.lag.iter().map(|lag| json!({"node_id": lag.node_id, "entries": lag.entries})).collect::<Vec<_>>(),
+        "repair": {
+            "running": group.repair_running,
+            "backlog_shards": group.repair_backlog,
+            "rebuilt_shards": group.repair_rebuilt,
+        },
     })
 }
 
@@ -56,7 +61,85 @@ fn group_line(group: &GroupInfo) -> String {
             lag.entries
         );
     }
+    if group.id != 0 {
+        let _ = write!(
+            line,
+            "\n    repair: {}, {} shards of this node not rebuilt yet, {} rebuilt since start",
+            if group.repair_running {
+                "running"
+            } else {
+                "idle"
+            },
+            group.repair_backlog,
+            group.repair_rebuilt
+        );
+    }
     line
+}
+
+/// What `forge group repair` prints.
+#[must_use]
+pub fn render_repair(reply: &forge_proto::v1::RepairGroupReply) -> Output {
+    let width = u64::from(reply.data_shards + reply.parity_shards);
+    let expected = reply.chunks * width;
+    let members: Vec<serde_json::Value> = reply
+        .members
+        .iter()
+        .map(|member| {
+            json!({
+                "node_id": member.node_id,
+                "error": (!member.error.is_empty()).then_some(&member.error),
+                "chunks": member.chunks,
+                "held": member.held,
+                "rebuilt": member.rebuilt,
+                "rebuilt_bytes": member.rebuilt_bytes,
+                "released": member.released,
+                "backlog": member.backlog,
+                "objects_fetched": member.objects_fetched,
+            })
+        })
+        .collect();
+    let whole = expected > 0 && reply.shards_held == expected;
+    let mut human = format!(
+        "group {}: {} chunks, {} of {} shards held by their owners{}",
+        reply.group,
+        reply.chunks,
+        reply.shards_held,
+        expected,
+        if whole || reply.chunks == 0 {
+            " (every chunk whole)"
+        } else {
+            ""
+        }
+    );
+    for member in &reply.members {
+        if member.error.is_empty() {
+            let _ = write!(
+                human,
+                "\n  {}: {} held, {} rebuilt ({} bytes), {} released, {} not rebuilt",
+                short(&member.node_id),
+                member.held,
+                member.rebuilt,
+                member.rebuilt_bytes,
+                member.released,
+                member.backlog
+            );
+        } else {
+            let _ = write!(human, "\n  {}: {}", short(&member.node_id), member.error);
+        }
+    }
+    Output {
+        human,
+        json: json!({
+            "group": reply.group,
+            "layout": format!("{}+{}", reply.data_shards, reply.parity_shards),
+            "chunks": reply.chunks,
+            "shards_held": reply.shards_held,
+            "shards_expected": expected,
+            "whole": whole || reply.chunks == 0,
+            "members": members,
+        }),
+    }
 }
 
 /// What `forge cluster init|join|status|leave` prints.

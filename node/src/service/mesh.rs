@@ -136,6 +136,24 @@ pub trait MeshService {
     /// # Errors
     /// No network here; not in a cluster; a bad layout or node list; a name taken.
     fn create_group(&self, request: CreateGroupRequest) -> Result<GroupInfo>;
+
+    /// Creates a volume in a volume group (the daemon's: it needs the group's Raft).
+    ///
+    /// # Errors
+    /// No daemon; an unknown group or one this node is not in; the name taken; no quorum.
+    fn create_group_volume(
+        &self,
+        request: forge_proto::v1::CreateGroupVolumeRequest,
+    ) -> Result<forge_proto::v1::CreateVolumeReply>;
+
+    /// Repairs a volume group now on every member that answers, and sums their reports.
+    ///
+    /// # Errors
+    /// No daemon; an unknown group or one this node is not in.
+    fn repair_group(
+        &self,
+        request: forge_proto::v1::RepairGroupRequest,
+    ) -> Result<forge_proto::v1::RepairGroupReply>;
 }
 
 fn needs_daemon(what: &str) -> NodeError {
@@ -338,6 +356,20 @@ impl MeshService for LocalApi<'_> {
 
     fn create_group(&self, _request: CreateGroupRequest) -> Result<GroupInfo> {
         Err(needs_daemon("`forge group create`"))
+    }
+
+    fn create_group_volume(
+        &self,
+        _request: forge_proto::v1::CreateGroupVolumeRequest,
+    ) -> Result<forge_proto::v1::CreateVolumeReply> {
+        Err(needs_daemon("`forge volume create --group`"))
+    }
+
+    fn repair_group(
+        &self,
+        _request: forge_proto::v1::RepairGroupRequest,
+    ) -> Result<forge_proto::v1::RepairGroupReply> {
+        Err(needs_daemon("`forge group repair`"))
     }
 }
 

@@ -400,4 +400,21 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         let request = self.connection.request(request);
         self.connection.call(self.mesh().create_group(request))
     }
+
+    fn create_group_volume(
+        &self,
+        request: forge_proto::v1::CreateGroupVolumeRequest,
+    ) -> Result<forge_proto::v1::CreateVolumeReply> {
+        let request = self.connection.request(request);
+        self.connection
+            .call(self.mesh().create_group_volume(request))
+    }
+
+    fn repair_group(
+        &self,
+        request: forge_proto::v1::RepairGroupRequest,
+    ) -> Result<forge_proto::v1::RepairGroupReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().repair_group(request))
+    }
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 
 use forge_crypto::Cid;
-use forge_store::chunkstore::{ChunkStoreError, has_chunk, read_chunk, shard_key};
+use forge_store::chunkstore::{ChunkRead, ChunkStoreError, has_chunk, read_chunk, shard_key};
+use forge_store::erasure::ShardRecord;
+use forge_store::ids::ShardIdx;
 use forge_store::kv::{Column, Durability, KeyValue, KvEngine, WriteBatch};
 
 use super::{OpenVolume, PassphraseSource, Vault, no_passphrase};
@@ -125,7 +127,7 @@ impl Vault {
         })?;
         for cid in chunk_ids(self.kv())? {
             report.chunks_checked += 1;
-            let read = read_chunk(self.kv(), &cid);
+            let read = self.check_chunk(&cid)?;
             progress.file_done(read.as_ref().map_or(0, |read| read.ciphertext.len() as u64));
             match read {
                 Ok(read) if read.rebuilt.is_empty() => {}
@@ -164,6 +166,7 @@ impl Vault {
                         for cid in cids {
                             if self.kv().get(Column::Objects, cid.as_bytes())?.is_none()
                                 && !has_chunk(self.kv(), &cid)?
+                                && !self.is_grouped(&cid)?
                             {
                                 report.problems.push(FsckProblem::snapshot(
                                     &record.name,
@@ -240,7 +243,7 @@ impl Vault {
             Cid::from_bytes(commit.root),
             walked,
             &mut |name, chunk| {
-                if has_chunk(self.kv(), &chunk.cid())? {
+                if has_chunk(self.kv(), &chunk.cid())? || self.is_grouped(&chunk.cid())? {
                     return Ok(());
                 }
                 Err(IntegrityFault::MissingChunk {
@@ -262,7 +265,7 @@ impl Vault {
         progress.set_expected(chunks.len() as u64, 0);
         for cid in chunks {
             report.chunks_checked += 1;
-            let read = read_chunk(self.kv(), &cid);
+            let read = self.check_chunk(&cid)?;
             progress.file_done(read.as_ref().map_or(0, |read| read.ciphertext.len() as u64));
             match read {
                 Ok(read) => {
@@ -281,6 +284,87 @@ impl Vault {
             }
         }
         Ok(report)
+    }
+}
+
+impl Vault {
+    /// Reads chunk `cid` to check it: whole from this node's shards, or, for a chunk
+    /// spread over a volume group (this node holds only its own shards), by checking each
+    /// local shard's checksum; a damaged one is rebuilt from the chunk gathered from the
+    /// group (`rebuilt` then names it, as for a local chunk).
+    fn check_chunk(&self, cid: &Cid) -> Result<std::result::Result<ChunkRead, ChunkStoreError>> {
+        if !self.is_grouped(cid)? {
+            return Ok(read_chunk(self.kv(), cid));
+        }
+        let end = forge_store::kv::prefix_end(cid.as_bytes());
+        let stored = self
+            .kv()
+            .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?;
+        let mut damaged = Vec::new();
+        let mut layout = None;
+        for (key, value) in &stored {
+            match (ShardRecord::decode(value), key.get(32..34)) {
+                (Ok(record), Some([high, low]))
+                    if record.index.get() == usize::from(u16::from_be_bytes([*high, *low])) =>
+                {
+                    layout = Some(record.layout);
+                }
+                (_, Some([high, low])) => {
+                    damaged.push(usize::from(u16::from_be_bytes([*high, *low])))
+                }
+                _ => {}
+            }
+        }
+        if damaged.is_empty() {
+            return Ok(Ok(ChunkRead {
+                ciphertext: Vec::new(),
+                rebuilt: Vec::new(),
+            }));
+        }
+        let ciphertext = match self.fetch_grouped_chunk(cid) {
+            Ok(Some(ciphertext)) => ciphertext,
+            Ok(None) => return Ok(Err(ChunkStoreError::Missing { cid: *cid })),
+            Err(error) => {
+                tracing::warn!(%error, %cid, "gathering a grouped chunk to rebuild a shard");
+                return Ok(Err(ChunkStoreError::Unrecoverable {
+                    cid: *cid,
+                    intact: stored.len() - damaged.len(),
+                    needed: layout.map_or(1, forge_store::erasure::ErasureLayout::data_shards),
+                    damaged: damaged.len(),
+                }));
+            }
+        };
+        let volume_layout = match layout {
+            Some(layout) => layout,
+            // Every local shard damaged: the group's layout from any of its volumes.
+            None => match self.grouped_layout(cid)? {
+                Some(layout) => layout,
+                None => return Ok(Err(ChunkStoreError::Missing { cid: *cid })),
+            },
+        };
+        let coder = forge_store::erasure::ErasureCoder::new(volume_layout)?;
+        let payloads = coder.encode(&ciphertext)?;
+        let ciphertext_len = u32::try_from(ciphertext.len()).unwrap_or(u32::MAX);
+        let mut rebuilt = Vec::new();
+        for index in damaged {
+            if let Some(payload) = payloads.get(index) {
+                let index = ShardIdx::new(index).map_err(ChunkStoreError::from)?;
+                rebuilt.push((
+                    index,
+                    ShardRecord {
+                        layout: volume_layout,
+                        index,
+                        ciphertext_len,
+                        payload: payload.clone(),
+                    }
+                    .encode(),
+                ));
+            }
+        }
+        Ok(Ok(ChunkRead {
+            ciphertext,
+            rebuilt,
+        }))
     }
 }
 

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use forge_crypto::Cid;
 use forge_crypto::seal;
-use forge_store::chunkstore::read_chunk;
 use forge_store::object::{ChunkRef, EntryContent, Extent, FileManifest, TreeEntry};
 use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, openat};
 use nix::sys::stat::{
@@ -74,8 +73,9 @@ impl Vault {
     /// [`NodeError::Integrity`] naming the cid; engine errors.
     pub(crate) fn read_chunk_plaintext(&self, chunk: &ChunkRef) -> Result<Vec<u8>> {
         let cid = chunk.cid();
-        let read = read_chunk(self.kv(), &cid)?;
-        let plaintext = seal::open(&chunk.key, &read.ciphertext, CHUNK_AAD, chunk.len as usize)
+        // From a volume group's members when this node holds too few of its shards.
+        let ciphertext = self.read_ciphertext(&cid)?;
+        let plaintext = seal::open(&chunk.key, &ciphertext, CHUNK_AAD, chunk.len as usize)
             .map_err(|error| IntegrityFault::UnreadableChunk {
                 cid,
                 reason: error.to_string(),

@@ -348,8 +348,9 @@ impl Importer<'_> {
     /// engine errors.
     pub(crate) fn publish(&self, updates: &[RecordUpdate]) -> Result<()> {
         let named = self.lock_named();
+        let updates = self.vault.publish_to_group(updates, &named)?;
         self.session
-            .publish(updates, &named, &|cid| self.vault.stores(cid))
+            .publish(&updates, &named, &|cid| self.vault.stores(cid))
     }
 
     /// What the snapshot names (after it was published).
@@ -945,7 +946,7 @@ impl Importer<'_> {
             && let Ok(cid) = Cid::from_slice(&value)
             && {
                 self.session.claim(cid);
-                forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)?
+                self.vault.chunk_stored(&cid)?
             }
         {
             self.reuse(hash, cid);
@@ -960,7 +961,7 @@ impl Importer<'_> {
         // The index is a cache; the shards are the truth. Sealing is deterministic, so a
         // chunk whose index entry was lost (a crash, gc) is still found here and never
         // written twice.
-        if forge_store::chunkstore::has_first_shard(self.vault.kv(), &cid)? {
+        if self.vault.chunk_stored(&cid)? {
             self.reuse(hash, cid);
             self.stage(batch)?;
             return Ok((cid, key));

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cluster;
 pub mod export;
 pub mod fence;
+pub mod groups;
 pub(crate) mod import;
 pub mod peers;
 pub(crate) mod posix;
@@ -122,6 +123,8 @@ pub struct OperationCounters {
     pub export_files: AtomicU64,
     /// Their bytes.
     pub export_bytes: AtomicU64,
+    /// Objects of grouped volumes this node lacked and fetched from its group.
+    pub group_objects_fetched: AtomicU64,
 }
 
 impl OperationCounters {
@@ -145,6 +148,9 @@ pub struct Vault {
     /// Where import's parallel work runs.
     pool: rayon::ThreadPool,
     counters: OperationCounters,
+    /// The daemon's access to volume groups (None outside a daemon, or before its
+    /// cluster starts): see groups.rs.
+    group_storage: std::sync::RwLock<Option<Arc<dyn groups::GroupStorage>>>,
     /// The data directory's lock (None when the caller guarantees exclusive use).
     _lock: Option<File>,
 }
@@ -348,6 +354,7 @@ impl Vault {
             randomness: parts.randomness,
             pool,
             counters: OperationCounters::default(),
+            group_storage: std::sync::RwLock::new(None),
             _lock: None,
         })
     }
@@ -784,10 +791,13 @@ impl Vault {
     /// # Errors
     /// Integrity errors naming the cid.
     pub(crate) fn read_object(&self, volume: &OpenVolume, cid: &Cid) -> Result<Object> {
-        let stored = self
-            .kv
-            .get(Column::Objects, cid.as_bytes())?
-            .ok_or(IntegrityFault::MissingObject { cid: *cid })?;
+        let stored = match self.kv.get(Column::Objects, cid.as_bytes())? {
+            Some(stored) => stored,
+            // A grouped volume's object published while this node was away.
+            None => self
+                .fetch_grouped_object(&volume.id, cid)?
+                .ok_or(IntegrityFault::MissingObject { cid: *cid })?,
+        };
         let opened = Object::open(&volume.volume_key, cid, &stored);
         let opened = match opened {
             // Sealed before the key was rotated: one of the older keys opens it.
@@ -813,8 +823,7 @@ impl Vault {
     /// # Errors
     /// Engine errors.
     pub(crate) fn stores(&self, cid: &Cid) -> Result<bool> {
-        Ok(self.kv.contains(Column::Objects, cid.as_bytes())?
-            || forge_store::chunkstore::has_first_shard(&*self.kv, cid)?)
+        Ok(self.kv.contains(Column::Objects, cid.as_bytes())? || self.chunk_stored(cid)?)
     }
 
     /// Whether this vault holds a volume's keys (wrapped to it or to a passphrase); a
@@ -1126,8 +1135,13 @@ impl Vault {
         snapshot: &Cid,
     ) -> Result<(Vec<Cid>, Vec<Cid>)> {
         let head = self.index_head(record, snapshot)?;
+        let volume = VolumeId::from_bytes(record.id);
         forge_store::refindex::walk(&Cid::from_bytes(head.root), |id| {
-            self.kv.get(Column::Objects, id.as_bytes()).ok().flatten()
+            match self.kv.get(Column::Objects, id.as_bytes()).ok().flatten() {
+                Some(node) => Some(node),
+                // A grouped volume's index node published while this node was away.
+                None => self.fetch_grouped_object(&volume, id).ok().flatten(),
+            }
         })
         .map_err(|error| {
             IntegrityFault::BrokenIndex {

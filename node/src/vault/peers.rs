@@ -301,6 +301,7 @@ impl Vault {
         passphrase: super::PassphraseSource<'_>,
     ) -> Result<()> {
         let open = self.open_volume(name, passphrase)?;
+        self.refuse_if_grouped(&open.id, "sharing")?;
         let keys = match self.trusted_keys(to.as_bytes(), &format!("node {to}")) {
             Err(NodeError::UntrustedSigner { .. }) => {
                 return Err(NodeError::UnknownPeer { peer: to.to_hex() });
@@ -345,6 +346,7 @@ impl Vault {
         passphrase: super::PassphraseSource<'_>,
     ) -> Result<usize> {
         let open = self.open_volume(name, passphrase)?;
+        self.refuse_if_grouped(&open.id, "unsharing (it rotates the volume's key)")?;
         let shares = self.volume_shares(&open.id)?;
         if !shares.iter().any(|(node, _)| node == from) {
             return Err(NodeError::InvalidArgument {

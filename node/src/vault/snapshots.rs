@@ -73,15 +73,24 @@ impl Vault {
                     branch: super::DEFAULT_BRANCH.to_owned(),
                 })?,
         };
-        self.refs()
-            .compare_and_swap_ref(&volume_id, new, None, Some(target))
-            .map_err(|error| match error {
-                forge_store::metadata::MetadataError::Conflict { .. } => NodeError::BranchExists {
-                    volume: name.to_owned(),
-                    branch: new.to_owned(),
-                },
-                other => other.into(),
-            })?;
+        let exists = || NodeError::BranchExists {
+            volume: name.to_owned(),
+            branch: new.to_owned(),
+        };
+        self.apply_volume_updates(
+            &volume_id,
+            &[forge_store::metadata::ref_update(
+                &volume_id,
+                new,
+                None,
+                Some(target),
+            )],
+        )
+        .map_err(|error| match error {
+            NodeError::BranchMoved(_)
+            | NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. }) => exists(),
+            other => other,
+        })?;
         Ok(target)
     }
 
@@ -111,15 +120,31 @@ impl Vault {
             });
         }
         let key = [record.id.as_slice(), snapshot.as_bytes()].concat();
-        self.refs().apply(&[
+        let volume_id = VolumeId::from_bytes(record.id);
+        let mut updates = vec![
             RecordUpdate::new(
                 RecordSpace::SNAPSHOTS,
                 key.clone(),
                 Expected::Any,
                 Change::Delete,
             ),
-            RecordUpdate::new(RecordSpace::INDEX_HEADS, key, Expected::Any, Change::Delete),
-        ])?;
+            RecordUpdate::new(
+                RecordSpace::INDEX_HEADS,
+                key.clone(),
+                Expected::Any,
+                Change::Delete,
+            ),
+        ];
+        if self.volume_group(&volume_id)?.is_some() {
+            // The members' mirrors drop it too.
+            updates.push(RecordUpdate::new(
+                super::groups::DELISTED,
+                key,
+                Expected::Any,
+                Change::Put(Vec::new()),
+            ));
+        }
+        self.apply_volume_updates(&volume_id, &updates)?;
         Ok(snapshot)
     }
 
@@ -383,6 +408,7 @@ impl Vault {
                         })
                 })
                 .collect();
+            let candidates = self.not_grouped(candidates)?;
             for (_, (_, len)) in self.delete_fenced(Column::Objects, candidates, &mut mark)? {
                 report.objects_removed += 1;
                 report.bytes_freed += len as u64;
@@ -405,6 +431,7 @@ impl Vault {
                         })
                 })
                 .collect();
+            let candidates = self.not_grouped(candidates)?;
             for (cid, (_, len)) in self.delete_fenced(Column::Shards, candidates, &mut mark)? {
                 if Some(cid) != previous {
                     report.chunks_removed += 1;
@@ -415,6 +442,20 @@ impl Vault {
             Ok(())
         })?;
         Ok(report)
+    }
+
+    /// `candidates` less what was made durable on a volume group: gc here never deletes
+    /// a group's shards or objects (a member's mirror of the group's refs may lag a publish
+    /// on another member; collecting a group's data is the group's, fenced through its
+    /// Raft, and not built yet: it is kept).
+    fn not_grouped<T>(&self, candidates: Vec<(Cid, T)>) -> Result<Vec<(Cid, T)>> {
+        let mut kept = Vec::with_capacity(candidates.len());
+        for (cid, value) in candidates {
+            if !self.is_grouped(&cid)? {
+                kept.push((cid, value));
+            }
+        }
+        Ok(kept)
     }
 
     fn open_volume_for_gc(

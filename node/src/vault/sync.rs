@@ -14,7 +14,7 @@ use forge_crypto::Cid;
 use forge_mesh::MeshError;
 use forge_mesh::sync::{DataKind, Item, SyncStore};
 use forge_store::VolumeId;
-use forge_store::chunkstore::{VerifiedChunk, has_chunk, read_chunk, stage_chunk};
+use forge_store::chunkstore::{VerifiedChunk, has_chunk, stage_chunk};
 use forge_store::erasure::{ErasureCoder, ErasureLayout};
 use forge_store::kv::{Column, Durability, WriteBatch};
 
@@ -71,8 +71,10 @@ impl VaultSyncStore {
         named: &[Cid],
     ) -> Result<()> {
         let vault = &*self.vault;
+        // Into a grouped volume: spread over the group and moved through its Raft first.
+        let updates = vault.publish_to_group(updates, named)?;
         self.session
-            .publish(updates, named, &|cid| vault.stores(cid))
+            .publish(&updates, named, &|cid| vault.stores(cid))
     }
 }
 
@@ -89,7 +91,8 @@ impl SyncStore for VaultSyncStore {
         {
             return Ok(true);
         }
-        has_chunk(kv, cid).map_err(store_error)
+        Ok(has_chunk(kv, cid).map_err(store_error)?
+            || self.vault.is_grouped(cid).map_err(store_error)?)
     }
 
     fn read(&self, item: &Item) -> std::result::Result<(DataKind, Vec<u8>), MeshError> {
@@ -104,9 +107,10 @@ impl SyncStore for VaultSyncStore {
         if let Item::Node(_) = item {
             return Err(store_error(format!("index node {cid} is not stored")));
         }
-        // Verified on the way out too (read_chunk checks the cid, rebuilding from parity).
-        let read = read_chunk(kv, &cid).map_err(store_error)?;
-        Ok((DataKind::Chunk, read.ciphertext))
+        // Verified on the way out too (the cid is checked, rebuilding from parity, or from
+        // the shards of a volume group's members).
+        let ciphertext = self.vault.read_ciphertext(&cid).map_err(store_error)?;
+        Ok((DataKind::Chunk, ciphertext))
     }
 
     fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> std::result::Result<(), MeshError> {
@@ -168,8 +172,8 @@ impl SyncStore for VaultReader {
         {
             return Ok((DataKind::Object, bytes));
         }
-        let read = read_chunk(kv, &cid).map_err(store_error)?;
-        Ok((DataKind::Chunk, read.ciphertext))
+        let ciphertext = self.vault.read_ciphertext(&cid).map_err(store_error)?;
+        Ok((DataKind::Chunk, ciphertext))
     }
 
     fn store(&self, _items: Vec<(Item, DataKind, Vec<u8>)>) -> std::result::Result<(), MeshError> {
@@ -284,7 +288,7 @@ mod tests {
         }
         for cid in &cids {
             if kv.get(Column::Objects, cid.as_bytes()).unwrap().is_none() {
-                let read = read_chunk(kv, cid).unwrap();
+                let read = forge_store::chunkstore::read_chunk(kv, cid).unwrap();
                 assert!(cid.matches(&read.ciphertext));
                 assert!(read.rebuilt.is_empty());
                 let end = forge_store::kv::prefix_end(cid.as_bytes());

@@ -1,0 +1,1314 @@
+//! Volumes in volume groups, the daemon's side (the vault's is `vault/groups.rs`).
+//!
+//! - A group volume is a record in its group's Raft state machine ([`VOLUMES`]: name →
+//!   `GroupVolume`, keys wrapped to every member); each member's watch loop adopts it into
+//!   its vault and mirrors the group's refs, listings, index heads and lineage of it.
+//! - Publishing a snapshot ([`ClusterNode::distribute`]): each chunk's k+m shard records go
+//!   to the members placement names (`forge_store::placement`), objects to every member, in
+//!   batched requests pipelined per member (`/forge/shards/1`); a member answers once its
+//!   write is synced. A shard whose member does not take it goes to the next member in that
+//!   shard's rendezvous order not holding a shard of the chunk. Only when every shard of
+//!   every chunk is durable on distinct members does the ref move, by compare-and-swap
+//!   through Raft; otherwise the publish fails naming the members that did not answer.
+//! - Reading a chunk this node holds too few shards of ([`ClusterNode::gather_chunk`]): the
+//!   owners of the data shards are asked first, the rest after [`HEDGE_AFTER`] or at the
+//!   first failure; any k intact shards rebuild it, and it is returned only if it hashes to
+//!   its cid.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use forge_consensus::GroupHandle;
+use forge_consensus::cluster::GroupRecord;
+use forge_consensus::shards::{
+    CIDS_PER_REQUEST_MAX, HeldShards, ObjectPut, PUT_BYTES_MAX, RepairSummary, SHARDS_PROTOCOL,
+    ShardPut, ShardReply, ShardRequest,
+};
+use forge_crypto::{Cid, NodeId, NodePublicKeys};
+use forge_mesh::net::{Inbound, InboundRequest, request_idempotent};
+use forge_store::VolumeId;
+use forge_store::chunkstore::{chunk_from_shards, shard_key};
+use forge_store::erasure::{ErasureLayout, ShardRecord};
+use forge_store::kv::{Column, Durability, WriteBatch, prefix_end};
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
+use forge_store::placement::{place_shards, rank_for_position};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+
+use super::cluster::{ClusterNode, apply_with_retry, cluster_error};
+use crate::error::{IntegrityFault, NodeError, Result};
+use crate::vault::Vault;
+use crate::vault::groups::{DELISTED, GroupStorage, GroupVolume};
+use crate::vault::records::VolumeRecord;
+
+/// A volume group's volumes, in its state machine: name → `GroupVolume`.
+pub const VOLUMES: RecordSpace = RecordSpace::new("volumes");
+
+/// The records of a group volume the members mirror (keys start with the volume's id).
+const MIRRORED: [RecordSpace; 4] = [
+    RecordSpace::REFS,
+    RecordSpace::SNAPSHOTS,
+    RecordSpace::INDEX_HEADS,
+    crate::vault::peers::LINEAGE,
+];
+
+/// How long one shard request may take (a batch of up to 8 MiB written and synced).
+const SHARD_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a read waits on the owners of the data shards before asking the others too.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// Batches in flight to one member while publishing.
+const PUTS_IN_FLIGHT: usize = 4;
+/// Shard bytes gathered before a window of them is sent (bounds a publish's memory).
+const WINDOW_BYTES: usize = 64 << 20;
+
+/// How often each group's background repair runs here (the first run follows the first
+/// look at the group after the daemon starts: a member back from a crash pulls what it
+/// missed at once). `FORGE_REPAIR_INTERVAL_SECS` changes it.
+const REPAIR_INTERVAL_DEFAULT: Duration = Duration::from_secs(300);
+/// The rate repair rebuilds at, in bytes of shards per second
+/// (`FORGE_REPAIR_BYTES_PER_SEC`): it shares the disks and the network with the users.
+const REPAIR_BYTES_PER_SEC_DEFAULT: u64 = 64 << 20;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+}
+
+/// A group's repair on this node.
+#[derive(Debug, Clone, Default)]
+pub struct RepairState {
+    /// A run is in progress.
+    pub running: bool,
+    /// When the last run started.
+    pub started: Option<std::time::Instant>,
+    /// What the last finished run did.
+    pub last: Option<RepairSummary>,
+    /// Shards rebuilt since the daemon started.
+    pub rebuilt_total: u64,
+}
+
+/// A volume group as this node sees it: its layout, members, and Raft handle.
+#[derive(Clone)]
+pub(crate) struct GroupView {
+    pub id: u64,
+    pub name: String,
+    pub layout: ErasureLayout,
+    pub nodes: Vec<NodeId>,
+    pub handle: GroupHandle,
+}
+
+/// What one window of a publish sends: shards per member, objects to all.
+#[derive(Default)]
+struct Window {
+    shards: BTreeMap<NodeId, Vec<ShardPut>>,
+    objects: Vec<ObjectPut>,
+    /// Keys of the shards this node sent away (dropped here once every member took its).
+    sent_keys: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl ClusterNode {
+    /// Volume group `id`: it must list this node and run here.
+    pub(crate) fn group_view(&self, id: u64) -> Result<GroupView> {
+        let (name, record) = self
+            .groups()?
+            .into_iter()
+            .find(|(_, record)| record.id == id)
+            .ok_or_else(|| cluster_error(format!("no volume group has id {id}")))?;
+        self.view_of(name, &record)
+    }
+
+    pub(crate) fn view_of(&self, name: String, record: &GroupRecord) -> Result<GroupView> {
+        let handle = self.table().get(record.id).ok_or_else(|| {
+            cluster_error(format!(
+                "volume group {name} does not run on this node (`forge cluster status`)"
+            ))
+        })?;
+        Ok(GroupView {
+            id: record.id,
+            name,
+            layout: ErasureLayout::new(record.data_shards as usize, record.parity_shards as usize)?,
+            nodes: record
+                .nodes
+                .iter()
+                .map(|node| NodeId::from_bytes(*node))
+                .collect(),
+            handle,
+        })
+    }
+
+    /// The public keys of `nodes`, from their member records (checked against their ids).
+    fn member_keys(&self, nodes: &[NodeId]) -> Result<Vec<NodePublicKeys>> {
+        let members = self.members()?;
+        nodes
+            .iter()
+            .map(|node| {
+                let record = members
+                    .get(node)
+                    .ok_or_else(|| cluster_error(format!("node {node} is not a cluster member")))?;
+                let keys = NodePublicKeys::decode(&record.keys)?;
+                if keys.node_id() != *node {
+                    return Err(cluster_error(format!(
+                        "the member record of {node} holds another node's keys"
+                    )));
+                }
+                Ok(keys)
+            })
+            .collect()
+    }
+
+    /// Creates volume `name` in volume group `group_name` (this node must be in it).
+    ///
+    /// # Errors
+    /// Unknown group, a group this node is not in, the name taken (here or in the group),
+    /// no quorum.
+    pub async fn create_group_volume(&self, name: &str, group_name: &str) -> Result<VolumeRecord> {
+        let (_, record) = self
+            .groups()?
+            .into_iter()
+            .find(|(name, _)| name == group_name)
+            .ok_or_else(|| {
+                cluster_error(format!(
+                    "no volume group named {group_name} (`forge cluster status` lists them)"
+                ))
+            })?;
+        if !record
+            .nodes
+            .contains(self.vault().identity().node_id().as_bytes())
+        {
+            return Err(cluster_error(format!(
+                "this node is not in volume group {group_name}: create the volume on one of its nodes"
+            )));
+        }
+        if self.vault().volume_record(name)?.is_some() {
+            return Err(NodeError::VolumeExists {
+                name: name.to_owned(),
+            });
+        }
+        let view = self.view_of(group_name.to_owned(), &record)?;
+        let keys = self.member_keys(&view.nodes)?;
+        let volume = self.vault().new_group_volume(name, view.layout, &keys)?;
+        let update = RecordUpdate::new(
+            VOLUMES,
+            name.as_bytes().to_vec(),
+            Expected::Absent,
+            Change::Put(volume.encode()),
+        );
+        match apply_with_retry(&view.handle, &[update]).await {
+            Ok(()) => {}
+            Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {
+                return Err(cluster_error(format!(
+                    "volume group {group_name} has a volume named {name} already"
+                )));
+            }
+            Err(error) => return Err(error),
+        }
+        self.vault().adopt_group_volume(view.id, &volume, &keys)?;
+        Ok(volume.volume)
+    }
+
+    /// Adopts group `view`'s volumes into this vault and mirrors their records (the watch
+    /// loop, every half second).
+    pub(crate) fn reconcile_volumes(&self, view: &GroupView) -> Result<()> {
+        let volumes = view.handle.local_records(VOLUMES.name(), b"")?;
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        let keys = self.member_keys(&view.nodes)?;
+        for (_, value) in volumes {
+            let volume = GroupVolume::decode(&value)?;
+            if self.vault().adopt_group_volume(view.id, &volume, &keys)? {
+                tracing::info!(volume = %volume.volume.name, group = %view.name, "group volume adopted");
+            }
+            let mut records = Vec::new();
+            for space in MIRRORED {
+                for (key, value) in view.handle.local_records(space.name(), &volume.volume.id)? {
+                    records.push((space, key, value));
+                }
+            }
+            let delisted: Vec<Vec<u8>> = view
+                .handle
+                .local_records(DELISTED.name(), &volume.volume.id)?
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            self.vault().mirror_group_records(&records, &delisted)?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything `named` durable on group `view` (see the module documentation).
+    ///
+    /// # Errors
+    /// [`NodeError::Cluster`] naming members that did not take their shards; a named cid
+    /// not held here; engine errors.
+    fn distribute(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        view: &GroupView,
+        named: &[Cid],
+    ) -> Result<()> {
+        let vault = self.vault();
+        let me = vault.identity().node_id();
+        let total = view.layout.total_shards();
+        let mut window = Window::default();
+        for cid in named {
+            if vault.is_grouped(cid)? {
+                continue;
+            }
+            if let Some(bytes) = vault.kv().get(Column::Objects, cid.as_bytes())? {
+                window.bytes += bytes.len();
+                window.objects.push(ObjectPut {
+                    cid: *cid.as_bytes(),
+                    bytes,
+                });
+            } else {
+                let end = prefix_end(cid.as_bytes());
+                let stored =
+                    vault
+                        .kv()
+                        .scan(Column::Shards, cid.as_bytes(), end.as_deref(), total + 1)?;
+                if stored.is_empty() {
+                    return Err(NodeError::MissingWhileWriting { cid: cid.to_hex() });
+                }
+                let owners = place_shards(cid, total, &view.nodes);
+                for (key, record) in stored {
+                    let Some(index) = key
+                        .get(32..34)
+                        .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
+                    else {
+                        continue;
+                    };
+                    let Some(owner) = owners.get(usize::from(index)) else {
+                        continue;
+                    };
+                    if *owner == me {
+                        continue;
+                    }
+                    window.bytes += record.len();
+                    window.sent_keys.push(key);
+                    window.shards.entry(*owner).or_default().push(ShardPut {
+                        cid: *cid.as_bytes(),
+                        index,
+                        record,
+                    });
+                }
+            }
+            if window.bytes >= WINDOW_BYTES {
+                self.send_window(runtime, view, std::mem::take(&mut window))?;
+            }
+        }
+        self.send_window(runtime, view, window)?;
+        Ok(())
+    }
+
+    /// Sends one window and waits until every shard is durable on a distinct member;
+    /// then drops here the shards that went elsewhere.
+    fn send_window(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        view: &GroupView,
+        window: Window,
+    ) -> Result<()> {
+        if window.shards.is_empty() && window.objects.is_empty() {
+            return Ok(());
+        }
+        let me = self.vault().identity().node_id();
+        let others: Vec<NodeId> = view
+            .nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != me)
+            .collect();
+        let Window {
+            shards,
+            objects,
+            sent_keys,
+            ..
+        } = window;
+        let failed = wait(runtime, async {
+            let mut sends = FuturesUnordered::new();
+            for node in &others {
+                let mine = shards.get(node).cloned().unwrap_or_default();
+                sends.push(self.put_all(view.id, *node, mine, objects.clone()));
+            }
+            let mut failed: BTreeMap<NodeId, (Vec<ShardPut>, String)> = BTreeMap::new();
+            while let Some((node, outcome)) = sends.next().await {
+                if let Err((unsent, reason)) = outcome {
+                    failed.insert(node, (unsent, reason));
+                }
+            }
+            failed
+        });
+        let kept = if failed.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.place_elsewhere(runtime, view, &shards, &failed)?
+        };
+        // Every shard is durable on its member: this node keeps only its own, and those
+        // it stands in for.
+        let mut batch = WriteBatch::new();
+        for key in sent_keys {
+            if !kept.contains(&key) {
+                batch.delete(Column::Shards, key);
+            }
+        }
+        self.vault().kv().write(batch, Durability::Logged)?;
+        Ok(())
+    }
+
+    /// Shards whose members did not take them go to the next member in each shard's
+    /// rendezvous order that holds no shard of that chunk (this node too: it then keeps
+    /// the shard). Returns the keys of the shards this node keeps as a stand-in.
+    fn place_elsewhere(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        view: &GroupView,
+        placed: &BTreeMap<NodeId, Vec<ShardPut>>,
+        failed: &BTreeMap<NodeId, (Vec<ShardPut>, String)>,
+    ) -> Result<BTreeSet<Vec<u8>>> {
+        let mut kept = BTreeSet::new();
+        let me = self.vault().identity().node_id();
+        let down: BTreeSet<NodeId> = failed.keys().copied().collect();
+        // Who holds a shard of each chunk now (this node holds those placed on it).
+        let mut holders: BTreeMap<[u8; 32], BTreeSet<NodeId>> = BTreeMap::new();
+        for (node, puts) in placed {
+            if down.contains(node) {
+                continue;
+            }
+            for put in puts {
+                holders.entry(put.cid).or_default().insert(*node);
+            }
+        }
+        let mut moved: BTreeMap<NodeId, Vec<ShardPut>> = BTreeMap::new();
+        for (node, (puts, _)) in failed {
+            for put in puts {
+                let cid = Cid::from_bytes(put.cid);
+                let owners = place_shards(&cid, view.layout.total_shards(), &view.nodes);
+                let holding = holders.entry(put.cid).or_default();
+                holding.extend(owners.iter().filter(|owner| **owner == me));
+                let next = rank_for_position(&cid, usize::from(put.index), &view.nodes)
+                    .into_iter()
+                    .find(|candidate| {
+                        candidate != node
+                            && !down.contains(candidate)
+                            && !holding.contains(candidate)
+                    });
+                let Some(next) = next else {
+                    return Err(self.publish_failed(view, failed));
+                };
+                holding.insert(next);
+                if next == me {
+                    let index = forge_store::ids::ShardIdx::new(usize::from(put.index))
+                        .map_err(forge_store::chunkstore::ChunkStoreError::from)?;
+                    kept.insert(shard_key(&cid, index));
+                } else {
+                    moved.entry(next).or_default().push(put.clone());
+                }
+            }
+        }
+        let refused = wait(runtime, async {
+            let mut sends = FuturesUnordered::new();
+            for (node, puts) in moved {
+                sends.push(self.put_all(view.id, node, puts, Vec::new()));
+            }
+            let mut refused = Vec::new();
+            while let Some((node, outcome)) = sends.next().await {
+                if outcome.is_err() {
+                    refused.push(node);
+                }
+            }
+            refused
+        });
+        if refused.is_empty() {
+            tracing::warn!(
+                group = %view.name,
+                members = ?down,
+                "members did not take their shards: placed on the next ones (repair moves them back)"
+            );
+            Ok(kept)
+        } else {
+            Err(self.publish_failed(view, failed))
+        }
+    }
+
+    fn publish_failed(
+        &self,
+        view: &GroupView,
+        failed: &BTreeMap<NodeId, (Vec<ShardPut>, String)>,
+    ) -> NodeError {
+        let named: Vec<String> = failed
+            .iter()
+            .map(|(node, (_, reason))| format!("{node} ({reason})"))
+            .collect();
+        cluster_error(format!(
+            "the snapshot was not published: too few members of volume group {} took their shards to keep {} on distinct nodes; not answering: {}",
+            view.name,
+            view.layout,
+            named.join(", ")
+        ))
+    }
+
+    /// Sends `shards` and `objects` to `node` in batches, a few in flight; on failure,
+    /// what was not acknowledged and why.
+    async fn put_all(
+        &self,
+        group: u64,
+        node: NodeId,
+        shards: Vec<ShardPut>,
+        objects: Vec<ObjectPut>,
+    ) -> (NodeId, std::result::Result<(), (Vec<ShardPut>, String)>) {
+        let mut batches: Vec<(Vec<ShardPut>, Vec<ObjectPut>)> = Vec::new();
+        let mut current = (Vec::new(), Vec::new());
+        let mut bytes = 0;
+        for put in shards {
+            if bytes + put.record.len() > PUT_BYTES_MAX
+                && !(current.0.is_empty() && current.1.is_empty())
+            {
+                batches.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += put.record.len();
+            current.0.push(put);
+        }
+        for object in objects {
+            if bytes + object.bytes.len() > PUT_BYTES_MAX
+                && !(current.0.is_empty() && current.1.is_empty())
+            {
+                batches.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += object.bytes.len();
+            current.1.push(object);
+        }
+        if !(current.0.is_empty() && current.1.is_empty()) {
+            batches.push(current);
+        }
+        let net = self.peer_net();
+        let results: Vec<(Vec<ShardPut>, std::result::Result<(), String>)> =
+            futures_util::stream::iter(batches.into_iter().map(|(shards, objects)| {
+                let net = net.clone();
+                async move {
+                    let request = ShardRequest::Put {
+                        group,
+                        shards: shards.clone(),
+                        objects,
+                    };
+                    let outcome = async {
+                        let body = request.encode().map_err(|error| error.to_string())?;
+                        // A put is idempotent (the same records under the same keys).
+                        let answer =
+                            request_idempotent(&*net, node, SHARDS_PROTOCOL, body, SHARD_DEADLINE)
+                                .await
+                                .map_err(|error| error.to_string())?;
+                        match ShardReply::decode(&answer).map_err(|error| error.to_string())? {
+                            ShardReply::Stored { .. } => Ok(()),
+                            other => Err(format!("answered a put with {}", reply_kind(&other))),
+                        }
+                    }
+                    .await;
+                    (shards, outcome)
+                }
+            }))
+            .buffer_unordered(PUTS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut unsent = Vec::new();
+        let mut reason = None;
+        for (shards, outcome) in results {
+            if let Err(error) = outcome {
+                unsent.extend(shards);
+                reason.get_or_insert(error);
+            }
+        }
+        match reason {
+            None => (node, Ok(())),
+            Some(reason) => (node, Err((unsent, reason))),
+        }
+    }
+
+    /// Chunk `cid` of group `view`, from the shards held here and gathered from the
+    /// members (see the module documentation).
+    ///
+    /// # Errors
+    /// [`IntegrityFault`] when too few intact shards could be gathered.
+    async fn gather_chunk(
+        &self,
+        view: &GroupView,
+        cid: Cid,
+        local: Vec<(usize, Vec<u8>)>,
+    ) -> Result<Vec<u8>> {
+        let me = self.vault().identity().node_id();
+        let total = view.layout.total_shards();
+        let needed = view.layout.data_shards();
+        let owners = place_shards(&cid, total, &view.nodes);
+        let mut have: Vec<(usize, Vec<u8>)> = local;
+        // The owners of the data shards first (no decoding when they all answer).
+        let mut first: Vec<NodeId> = Vec::new();
+        for (index, owner) in owners.iter().enumerate().take(needed) {
+            if *owner != me
+                && !have.iter().any(|(held, _)| *held == index)
+                && !first.contains(owner)
+            {
+                first.push(*owner);
+            }
+        }
+        let rest: Vec<NodeId> = view
+            .nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != me && !first.contains(node))
+            .collect();
+        let net = self.peer_net();
+        let ask = |node: NodeId| {
+            let net = net.clone();
+            async move {
+                let request = ShardRequest::Get {
+                    group: view.id,
+                    cids: vec![*cid.as_bytes()],
+                };
+                let outcome = async {
+                    let answer = request_idempotent(
+                        &*net,
+                        node,
+                        SHARDS_PROTOCOL,
+                        request.encode()?,
+                        SHARD_DEADLINE,
+                    )
+                    .await?;
+                    match ShardReply::decode(&answer)? {
+                        ShardReply::Shards(held) => Ok(held),
+                        other => Err(cluster_error(format!(
+                            "member {node} answered a read with {}",
+                            reply_kind(&other)
+                        ))),
+                    }
+                }
+                .await;
+                (node, outcome)
+            }
+        };
+        let mut asking = FuturesUnordered::new();
+        for node in &first {
+            asking.push(ask(*node));
+        }
+        let mut hedged = rest.is_empty();
+        let hedge = tokio::time::sleep(HEDGE_AFTER);
+        tokio::pin!(hedge);
+        let mut last_error = None;
+        loop {
+            if have.len() >= needed {
+                match chunk_from_shards(&cid, &have) {
+                    Ok(read) => return Ok(read.ciphertext),
+                    // A damaged shard among them: wait for more.
+                    Err(error) => last_error = Some(error.to_string()),
+                }
+            }
+            if asking.is_empty() {
+                if hedged {
+                    break;
+                }
+                hedged = true;
+                for node in &rest {
+                    asking.push(ask(*node));
+                }
+                continue;
+            }
+            tokio::select! {
+                answered = asking.next() => {
+                    let Some((node, outcome)) = answered else { continue };
+                    match outcome {
+                        Ok(held) => {
+                            for HeldShards { cid: held_cid, shards } in held {
+                                if held_cid != *cid.as_bytes() {
+                                    continue;
+                                }
+                                for (index, record) in shards {
+                                    let index = usize::from(index);
+                                    if !have.iter().any(|(held, _)| *held == index)
+                                        && ShardRecord::decode(&record).is_ok_and(|decoded| decoded.index.get() == index)
+                                    {
+                                        have.push((index, record));
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(%node, %error, "a member did not answer a shard read");
+                            last_error = Some(error.to_string());
+                            if !hedged {
+                                hedged = true;
+                                for node in &rest {
+                                    asking.push(ask(*node));
+                                }
+                            }
+                        }
+                    }
+                }
+                () = &mut hedge, if !hedged => {
+                    hedged = true;
+                    for node in &rest {
+                        asking.push(ask(*node));
+                    }
+                }
+            }
+        }
+        Err(IntegrityFault::UnreadableChunk {
+            cid,
+            reason: format!(
+                "{} of {total} shards could be gathered from volume group {} ({needed} needed){}",
+                have.len(),
+                view.name,
+                last_error
+                    .map(|error| format!("; last: {error}"))
+                    .unwrap_or_default()
+            ),
+        }
+        .into())
+    }
+
+    /// Object `cid` from the first member of `view` that has it.
+    async fn gather_object(&self, view: &GroupView, cid: Cid) -> Result<Vec<u8>> {
+        let me = self.vault().identity().node_id();
+        let net = self.peer_net();
+        let mut asking: FuturesUnordered<_> = view
+            .nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != me)
+            .map(|node| {
+                let net = net.clone();
+                async move {
+                    let request = ShardRequest::Objects {
+                        group: view.id,
+                        cids: vec![*cid.as_bytes()],
+                    };
+                    let answer = request_idempotent(
+                        &*net,
+                        node,
+                        SHARDS_PROTOCOL,
+                        request.encode()?,
+                        SHARD_DEADLINE,
+                    )
+                    .await?;
+                    match ShardReply::decode(&answer)? {
+                        ShardReply::Objects(mut objects) => {
+                            Ok::<Option<Vec<u8>>, NodeError>(objects.pop().flatten())
+                        }
+                        other => Err(cluster_error(format!(
+                            "answered an object read with {}",
+                            reply_kind(&other)
+                        ))),
+                    }
+                }
+            })
+            .collect();
+        while let Some(outcome) = asking.next().await {
+            if let Ok(Some(bytes)) = outcome
+                && Cid::of(&bytes) == cid
+            {
+                return Ok(bytes);
+            }
+        }
+        Err(IntegrityFault::MissingObject { cid }.into())
+    }
+
+    /// Starts a background repair of group `id` unless one runs or ran within the interval.
+    pub(crate) fn repair_in_background(&self, id: u64) {
+        let interval = env_u64("FORGE_REPAIR_INTERVAL_SECS")
+            .map_or(REPAIR_INTERVAL_DEFAULT, Duration::from_secs);
+        {
+            let repairs = self.repairs();
+            if let Some(state) = repairs.get(&id)
+                && (state.running
+                    || state
+                        .started
+                        .is_some_and(|started| started.elapsed() < interval))
+            {
+                return;
+            }
+        }
+        let this = self.weak();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let Some(node) = this.upgrade() else { return };
+            if let Err(error) = node.repair(&runtime, id) {
+                tracing::warn!(%error, group = id, "repair");
+            }
+        });
+    }
+
+    /// Repairs group `id` here: for each chunk of the group's volumes (every listed
+    /// snapshot walked, objects this node lacks fetched on the way), rebuilds the shards
+    /// placement gives this node that it lacks, from any k the others hold, at the repair
+    /// rate; and drops the shards it holds for another owner once that owner holds them.
+    /// One run at a time per group.
+    ///
+    /// # Errors
+    /// Another run in progress; the group not running here; engine errors. Chunks that
+    /// cannot be rebuilt now are counted in the backlog, not errors.
+    pub(crate) fn repair(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        id: u64,
+    ) -> Result<RepairSummary> {
+        {
+            let mut repairs = self.repairs();
+            let state = repairs.entry(id).or_default();
+            if state.running {
+                return Err(cluster_error(format!(
+                    "a repair of volume group {id} is running on this node already"
+                )));
+            }
+            state.running = true;
+            state.started = Some(std::time::Instant::now());
+        }
+        let outcome = self.repair_run(runtime, id);
+        let mut repairs = self.repairs();
+        let state = repairs.entry(id).or_default();
+        state.running = false;
+        if let Ok(summary) = &outcome {
+            state.rebuilt_total += summary.rebuilt;
+            state.last = Some(summary.clone());
+        }
+        outcome
+    }
+
+    fn repair_run(&self, runtime: &tokio::runtime::Handle, id: u64) -> Result<RepairSummary> {
+        let view = self.group_view(id)?;
+        let vault = self.vault();
+        let me = vault.identity().node_id();
+        let total = view.layout.total_shards();
+        let coder = forge_store::erasure::ErasureCoder::new(view.layout)?;
+        let rate = env_u64("FORGE_REPAIR_BYTES_PER_SEC")
+            .unwrap_or(REPAIR_BYTES_PER_SEC_DEFAULT)
+            .max(1);
+        let mut summary = RepairSummary::default();
+        // Everything the group committed before now applied and mirrored here first (a
+        // read-index read waits for it), so no snapshot published just before is missed.
+        wait(runtime, view.handle.read_record(VOLUMES.name(), b""))?;
+        self.reconcile_volumes(&view)?;
+        let objects_before = vault
+            .counters()
+            .group_objects_fetched
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let chunks = vault.group_chunks(id)?;
+        let started = std::time::Instant::now();
+        // Owners that did not answer this run are not asked again in it.
+        let mut unreachable = BTreeSet::new();
+        for cid in chunks {
+            summary.chunks += 1;
+            let owners = place_shards(&cid, total, &view.nodes);
+            let mine: Vec<usize> = (0..total).filter(|index| owners[*index] == me).collect();
+            let end = prefix_end(cid.as_bytes());
+            let local: Vec<(usize, Vec<u8>)> = vault
+                .kv()
+                .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
+                .into_iter()
+                .filter_map(|(key, record)| match key.get(32..34) {
+                    Some([high, low]) => {
+                        Some((usize::from(u16::from_be_bytes([*high, *low])), record))
+                    }
+                    _ => None,
+                })
+                .filter(|(index, record)| {
+                    ShardRecord::decode(record).is_ok_and(|decoded| decoded.index.get() == *index)
+                })
+                .collect();
+            let missing: Vec<usize> = mine
+                .iter()
+                .copied()
+                .filter(|index| !local.iter().any(|(held, _)| held == index))
+                .collect();
+            let stand_ins: Vec<usize> = local
+                .iter()
+                .map(|(index, _)| *index)
+                .filter(|index| !mine.contains(index))
+                .collect();
+            if !missing.is_empty() {
+                match wait(runtime, self.gather_chunk(&view, cid, local.clone())) {
+                    Ok(ciphertext) => {
+                        let payloads = coder.encode(&ciphertext)?;
+                        let ciphertext_len = u32::try_from(ciphertext.len()).unwrap_or(u32::MAX);
+                        let mut batch = WriteBatch::new();
+                        for index in &missing {
+                            let shard = forge_store::ids::ShardIdx::new(*index)
+                                .map_err(forge_store::chunkstore::ChunkStoreError::from)?;
+                            let record = ShardRecord {
+                                layout: view.layout,
+                                index: shard,
+                                ciphertext_len,
+                                payload: payloads[*index].clone(),
+                            }
+                            .encode();
+                            summary.rebuilt_bytes += record.len() as u64;
+                            batch.put(Column::Shards, shard_key(&cid, shard), record);
+                        }
+                        Vault::mark_grouped(&mut batch, id, &[cid]);
+                        vault.kv().write(batch, Durability::Synced)?;
+                        summary.rebuilt += missing.len() as u64;
+                        summary.held += mine.len() as u64;
+                        // At the repair rate: sleep off what ran ahead of it.
+                        let due =
+                            Duration::from_secs_f64(summary.rebuilt_bytes as f64 / rate as f64);
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(ahead);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %cid, "repair could not gather a chunk");
+                        summary.backlog += missing.len() as u64;
+                        summary.held += (mine.len() - missing.len()) as u64;
+                    }
+                }
+            } else {
+                summary.held += mine.len() as u64;
+            }
+            if !stand_ins.is_empty() {
+                summary.released += self.release_stand_ins(
+                    runtime,
+                    &view,
+                    cid,
+                    &owners,
+                    &stand_ins,
+                    &mut unreachable,
+                )?;
+            }
+        }
+        summary.objects_fetched = vault
+            .counters()
+            .group_objects_fetched
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(objects_before);
+        if summary.rebuilt > 0 || summary.released > 0 || summary.backlog > 0 {
+            tracing::info!(group = %view.name, ?summary, "repair");
+        }
+        Ok(summary)
+    }
+
+    /// Drops the shards of `cid` this node holds for another owner, each once its owner
+    /// says it holds it. Returns how many were dropped.
+    fn release_stand_ins(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        view: &GroupView,
+        cid: Cid,
+        owners: &[NodeId],
+        stand_ins: &[usize],
+        unreachable: &mut BTreeSet<NodeId>,
+    ) -> Result<u64> {
+        let net = self.peer_net();
+        let mut released = WriteBatch::new();
+        let mut count = 0;
+        for index in stand_ins {
+            let Some(owner) = owners.get(*index) else {
+                continue;
+            };
+            let request = ShardRequest::Has {
+                group: view.id,
+                cids: vec![*cid.as_bytes()],
+            };
+            if unreachable.contains(owner) {
+                continue;
+            }
+            let answer = wait(runtime, async {
+                net.request(*owner, SHARDS_PROTOCOL, request.encode()?, SHARD_DEADLINE)
+                    .await
+                    .map_err(NodeError::from)
+            });
+            if answer.is_err() {
+                unreachable.insert(*owner);
+            }
+            let Ok(ShardReply::Held(held)) =
+                answer.and_then(|bytes| Ok(ShardReply::decode(&bytes)?))
+            else {
+                continue;
+            };
+            if held
+                .first()
+                .is_some_and(|indexes| indexes.iter().any(|held| usize::from(*held) == *index))
+            {
+                let shard = forge_store::ids::ShardIdx::new(*index)
+                    .map_err(forge_store::chunkstore::ChunkStoreError::from)?;
+                released.delete(Column::Shards, shard_key(&cid, shard));
+                count += 1;
+            }
+        }
+        if count > 0 {
+            self.vault().kv().write(released, Durability::Synced)?;
+        }
+        Ok(count)
+    }
+
+    /// Repairs group `name` on every member (this one and each other, asked over the
+    /// shard protocol), and sums what they report.
+    ///
+    /// # Errors
+    /// Unknown group, one this node is not in; this node's own repair failing.
+    pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
+        let (_, record) = self
+            .groups()?
+            .into_iter()
+            .find(|(group, _)| group == name)
+            .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
+        let view = self.view_of(name.to_owned(), &record)?;
+        let me = self.vault().identity().node_id();
+        let this = self.weak();
+        let runtime = tokio::runtime::Handle::current();
+        let id = view.id;
+        let own = tokio::task::spawn_blocking(move || {
+            this.upgrade()
+                .ok_or_else(|| cluster_error("the daemon is stopping"))?
+                .repair(&runtime, id)
+        });
+        let net = self.peer_net();
+        let others: Vec<_> = view
+            .nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != me)
+            .map(|node| {
+                let net = net.clone();
+                async move {
+                    let outcome = async {
+                        let request = ShardRequest::Repair { group: id };
+                        let answer = net
+                            .request(
+                                node,
+                                SHARDS_PROTOCOL,
+                                request.encode()?,
+                                Duration::from_secs(3600),
+                            )
+                            .await?;
+                        match ShardReply::decode(&answer)? {
+                            ShardReply::Repaired(summary) => Ok(summary),
+                            other => Err(cluster_error(format!(
+                                "answered a repair with {}",
+                                reply_kind(&other)
+                            ))),
+                        }
+                    }
+                    .await;
+                    (node, outcome)
+                }
+            })
+            .collect();
+        let others = futures_util::future::join_all(others).await;
+        let own = own
+            .await
+            .map_err(|error| cluster_error(format!("the repair task failed: {error}")))??;
+        let mut reply = forge_proto::v1::RepairGroupReply {
+            group: name.to_owned(),
+            data_shards: record.data_shards,
+            parity_shards: record.parity_shards,
+            chunks: own.chunks,
+            shards_held: own.held,
+            members: vec![member_repair(me, Ok(&own))],
+        };
+        for (node, outcome) in &others {
+            if let Ok(summary) = outcome {
+                reply.shards_held += summary.held;
+            }
+            reply.members.push(member_repair(
+                *node,
+                outcome.as_ref().map_err(ToString::to_string),
+            ));
+        }
+        Ok(reply)
+    }
+
+    /// Answers one shard request from `from`.
+    async fn answer_shards(self: Arc<Self>, from: NodeId, body: Vec<u8>) -> Result<Vec<u8>> {
+        let request = ShardRequest::decode(&body)?;
+        let group = request.group();
+        let me = self.vault().identity().node_id();
+        let record = self
+            .groups()?
+            .into_iter()
+            .map(|(_, record)| record)
+            .find(|record| record.id == group)
+            .ok_or_else(|| cluster_error(format!("no volume group {group} here")))?;
+        if !record.nodes.contains(from.as_bytes()) || !record.nodes.contains(me.as_bytes()) {
+            return Err(cluster_error(format!(
+                "node {from} and this node are not both in volume group {group}"
+            )));
+        }
+        if let ShardRequest::Repair { group } = request {
+            let this = self.weak();
+            let runtime = tokio::runtime::Handle::current();
+            let summary = tokio::task::spawn_blocking(move || {
+                this.upgrade()
+                    .ok_or_else(|| cluster_error("the daemon is stopping"))?
+                    .repair(&runtime, group)
+            })
+            .await
+            .map_err(|error| cluster_error(format!("the repair task failed: {error}")))??;
+            return Ok(ShardReply::Repaired(summary).encode()?);
+        }
+        let vault = self.vault_arc();
+        let reply =
+            tokio::task::spawn_blocking(move || serve_shard_request(&vault, group, request))
+                .await
+                .map_err(|error| {
+                    cluster_error(format!("the shard request's task failed: {error}"))
+                })??;
+        Ok(reply.encode()?)
+    }
+}
+
+fn member_repair(
+    node: NodeId,
+    outcome: std::result::Result<&RepairSummary, String>,
+) -> forge_proto::v1::MemberRepair {
+    match outcome {
+        Ok(summary) => forge_proto::v1::MemberRepair {
+            node_id: node.to_hex(),
+            error: String::new(),
+            chunks: summary.chunks,
+            held: summary.held,
+            rebuilt: summary.rebuilt,
+            rebuilt_bytes: summary.rebuilt_bytes,
+            released: summary.released,
+            backlog: summary.backlog,
+            objects_fetched: summary.objects_fetched,
+        },
+        Err(error) => forge_proto::v1::MemberRepair {
+            node_id: node.to_hex(),
+            error,
+            ..forge_proto::v1::MemberRepair::default()
+        },
+    }
+}
+
+fn reply_kind(reply: &ShardReply) -> &'static str {
+    match reply {
+        ShardReply::Repaired(_) => "repaired",
+        ShardReply::Stored { .. } => "stored",
+        ShardReply::Shards(_) => "shards",
+        ShardReply::Held(_) => "held",
+        ShardReply::Objects(_) => "objects",
+    }
+}
+
+/// The vault side of a shard request (on a blocking thread).
+fn serve_shard_request(vault: &Vault, group: u64, request: ShardRequest) -> Result<ShardReply> {
+    let kv = vault.kv();
+    match request {
+        ShardRequest::Put {
+            shards, objects, ..
+        } => {
+            let mut batch = WriteBatch::new();
+            let mut cids = Vec::with_capacity(shards.len() + objects.len());
+            for put in &shards {
+                let cid = Cid::from_bytes(put.cid);
+                // A record that does not decode, or names another shard, is refused whole.
+                let record = ShardRecord::decode(&put.record).map_err(|error| {
+                    cluster_error(format!(
+                        "shard {} of chunk {cid} does not decode: {error}",
+                        put.index
+                    ))
+                })?;
+                if record.index.get() != usize::from(put.index) {
+                    return Err(cluster_error(format!(
+                        "a record of shard {} of chunk {cid} was sent as shard {}",
+                        record.index.get(),
+                        put.index
+                    )));
+                }
+                batch.put(
+                    Column::Shards,
+                    shard_key(&cid, record.index),
+                    put.record.clone(),
+                );
+                cids.push(cid);
+            }
+            for object in &objects {
+                let cid = Cid::from_bytes(object.cid);
+                if Cid::of(&object.bytes) != cid {
+                    return Err(cluster_error(format!(
+                        "object {cid} was sent with other bytes"
+                    )));
+                }
+                batch.put(Column::Objects, object.cid.to_vec(), object.bytes.clone());
+                cids.push(cid);
+            }
+            cids.sort_unstable();
+            cids.dedup();
+            Vault::mark_grouped(&mut batch, group, &cids);
+            // Acknowledged only once durable.
+            kv.write(batch, Durability::Synced)?;
+            Ok(ShardReply::Stored {
+                shards: u32::try_from(shards.len()).unwrap_or(u32::MAX),
+                objects: u32::try_from(objects.len()).unwrap_or(u32::MAX),
+            })
+        }
+        ShardRequest::Get { cids, .. } => {
+            check_count(cids.len())?;
+            let mut held = Vec::with_capacity(cids.len());
+            let mut bytes = 0;
+            for cid in cids {
+                let end = prefix_end(&cid);
+                let mut shards = Vec::new();
+                // Past the response's size, the rest come back empty (asked for again).
+                if bytes < PUT_BYTES_MAX {
+                    for (key, record) in kv.scan(Column::Shards, &cid, end.as_deref(), 256)? {
+                        if let Some([high, low]) = key.get(32..34) {
+                            bytes += record.len();
+                            shards.push((u16::from_be_bytes([*high, *low]), record));
+                        }
+                    }
+                }
+                held.push(HeldShards { cid, shards });
+            }
+            Ok(ShardReply::Shards(held))
+        }
+        ShardRequest::Has { cids, .. } => {
+            check_count(cids.len())?;
+            let mut held = Vec::with_capacity(cids.len());
+            for cid in cids {
+                let end = prefix_end(&cid);
+                held.push(
+                    kv.scan(Column::Shards, &cid, end.as_deref(), 256)?
+                        .into_iter()
+                        .filter_map(|(key, _)| match key.get(32..34) {
+                            Some([high, low]) => Some(u16::from_be_bytes([*high, *low])),
+                            _ => None,
+                        })
+                        .collect(),
+                );
+            }
+            Ok(ShardReply::Held(held))
+        }
+        ShardRequest::Repair { .. } => Err(cluster_error(
+            "a repair is answered by the cluster, not the store",
+        )),
+        ShardRequest::Objects { cids, .. } => {
+            check_count(cids.len())?;
+            let mut objects = Vec::with_capacity(cids.len());
+            for cid in cids {
+                objects.push(kv.get(Column::Objects, &cid)?);
+            }
+            Ok(ShardReply::Objects(objects))
+        }
+    }
+}
+
+fn check_count(count: usize) -> Result<()> {
+    if count > CIDS_PER_REQUEST_MAX {
+        return Err(cluster_error(format!(
+            "a request for {count} chunks (at most {CIDS_PER_REQUEST_MAX})"
+        )));
+    }
+    Ok(())
+}
+
+/// Serves `/forge/shards/1` for the members of this node's groups.
+pub(crate) async fn serve_shards(mut inbound: Inbound, node: Weak<ClusterNode>) {
+    while let Some(request) = inbound.next().await {
+        let Some(cluster) = node.upgrade() else {
+            return;
+        };
+        tokio::spawn(answer(cluster, request));
+    }
+}
+
+async fn answer(cluster: Arc<ClusterNode>, request: InboundRequest) {
+    let InboundRequest { from, body, .. } = &request;
+    let (from, body) = (*from, body.clone());
+    match cluster.answer_shards(from, body).await {
+        Ok(reply) => request.respond(reply),
+        Err(error) => request.fail(error.to_string()),
+    }
+}
+
+/// Runs `work` on the daemon's network runtime and waits for it: from a plain thread
+/// directly, from inside a runtime's worker (a store read during a sync or an audit) by
+/// first handing the worker's other tasks off (`block_in_place`).
+fn wait<T>(runtime: &tokio::runtime::Handle, work: impl std::future::Future<Output = T>) -> T {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::task::block_in_place(|| runtime.block_on(work))
+    } else {
+        runtime.block_on(work)
+    }
+}
+
+/// The vault's access to its groups, through this daemon's cluster (called from the
+/// vault's threads: each call blocks on the daemon's runtime).
+pub(crate) struct DaemonGroupStorage {
+    pub node: Weak<ClusterNode>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl DaemonGroupStorage {
+    fn wait<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        wait(&self.runtime, work)
+    }
+
+    fn node(&self) -> Result<Arc<ClusterNode>> {
+        self.node
+            .upgrade()
+            .ok_or_else(|| cluster_error("the daemon is stopping"))
+    }
+}
+
+impl GroupStorage for DaemonGroupStorage {
+    fn publish(
+        &self,
+        volume: &VolumeId,
+        group: u64,
+        named: &[Cid],
+        updates: &[RecordUpdate],
+    ) -> Result<()> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        node.distribute(&self.runtime, &view, named)?;
+        let outcome = self.wait(async { apply_with_retry(&view.handle, updates).await });
+        match outcome {
+            Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict {
+                space, ..
+            })) if space == RecordSpace::REFS.name() => {
+                let branch = updates
+                    .iter()
+                    .find(|update| update.space == RecordSpace::REFS)
+                    .and_then(|update| update.key.get(16..))
+                    .map(|branch| String::from_utf8_lossy(branch).into_owned())
+                    .unwrap_or_default();
+                Err(NodeError::BranchMoved(format!(
+                    "branch {branch:?} of volume {volume} moved in its volume group (another member published first)"
+                )))
+            }
+            other => other,
+        }
+    }
+
+    fn apply(&self, group: u64, updates: &[RecordUpdate]) -> Result<()> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        self.wait(async { apply_with_retry(&view.handle, updates).await })
+    }
+
+    fn fetch_chunk(&self, group: u64, cid: &Cid) -> Result<Vec<u8>> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        let end = prefix_end(cid.as_bytes());
+        let local: Vec<(usize, Vec<u8>)> = node
+            .vault()
+            .kv()
+            .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
+            .into_iter()
+            .filter_map(|(key, record)| match key.get(32..34) {
+                Some([high, low]) => Some((usize::from(u16::from_be_bytes([*high, *low])), record)),
+                _ => None,
+            })
+            .collect();
+        self.wait(async { node.gather_chunk(&view, *cid, local).await })
+    }
+
+    fn fetch_object(&self, group: u64, cid: &Cid) -> Result<Vec<u8>> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        self.wait(async { node.gather_object(&view, *cid).await })
+    }
+}

@@ -1,0 +1,589 @@
+//! Volumes in a volume group, as the vault sees them. The group's Raft state machine holds
+//! the volume (its configuration and keys wrapped to every member), its refs, listings and
+//! index heads; each member's vault keeps a local copy of those records (the *mirror*: what
+//! `volume list`, `snapshot list` and export read), every object, and the shards placement
+//! gives it. The daemon implements [`GroupStorage`] (Raft, the shard protocol); the vault
+//! calls it where data leaves or enters this node:
+//!
+//! - publishing a snapshot of a grouped volume: everything it names is made durable on the
+//!   group (k+m shards of each chunk on distinct members, objects on every member), then
+//!   its ref moves by compare-and-swap through Raft, then the mirror here;
+//! - reading a chunk or object not held here: gathered from the group (any k shards),
+//!   verified against its cid, never served otherwise.
+//!
+//! Without a daemon (a command run on a stopped node's data directory) a grouped volume is
+//! read-only here, saying why: its ref may move only through the group.
+
+use std::sync::Arc;
+
+use forge_crypto::{Cid, DomainKey, EnvelopeContents, NodeId, NodePublicKeys, VolumeKey};
+use forge_store::VolumeId;
+use forge_store::erasure::ErasureLayout;
+use forge_store::kv::{Column, WriteBatch};
+use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
+use serde::{Deserialize, Serialize};
+
+use super::records::{self, DomainRecord, VolumeKeys, VolumeRecord};
+use super::{Vault, volume_binding};
+use crate::error::{NodeError, Result};
+
+/// This vault's grouped volumes: volume id → group id (8 bytes, big-endian).
+pub const GROUP_VOLUMES: RecordSpace = RecordSpace::new("group-volumes");
+
+/// A grouped volume's delisted snapshots, in its group's state machine: volume id ‖
+/// snapshot → empty. Members drop the listing and index head of each from their mirror
+/// (a mirror only adds what the group holds, so a deletion needs a record of its own).
+pub const DELISTED: RecordSpace = RecordSpace::new("delisted");
+
+/// `grouped/<cid>` → group id (8 bytes, big-endian) in the `Meta` column: the chunk or
+/// object is durable on that group (written after the group acknowledged it, or when a
+/// member sent it here). Import's dedup check counts it as stored although this node may
+/// hold only its own shard; a read of it gathers from that group.
+const GROUPED: &[u8] = b"grouped/";
+
+fn grouped_key(cid: &Cid) -> Vec<u8> {
+    [GROUPED, cid.as_bytes().as_slice()].concat()
+}
+
+/// A volume of a group, as the group's state machine records it (key: its name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupVolume {
+    /// Its configuration (the layout is the group's; `domain` is the creator's name for
+    /// the domain, each member names its copy `group-<domain id>`).
+    pub volume: VolumeRecord,
+    /// Its dedup domain (shared by every member, so their chunks dedup and share cids).
+    pub domain: DomainRecord,
+    /// The volume and domain keys wrapped to each member (a `Writer` envelope).
+    pub envelopes: Vec<([u8; 32], Vec<u8>)>,
+}
+
+impl GroupVolume {
+    /// Versioned bytes.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        records::encode(self)
+    }
+
+    /// Decodes what [`GroupVolume::encode`] wrote.
+    ///
+    /// # Errors
+    /// [`NodeError::CorruptRecord`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        records::decode("group volume", bytes)
+    }
+}
+
+/// What the daemon provides for grouped volumes (see the module documentation). Called
+/// from the vault's threads, never from an async task.
+pub trait GroupStorage: Send + Sync {
+    /// Makes everything in `named` (chunks and objects held here) durable on the group of
+    /// `volume`, then applies `updates` (a ref move, and the snapshot's listing, index head
+    /// and lineage) through the group's Raft.
+    ///
+    /// # Errors
+    /// [`NodeError::BranchMoved`] when the ref moved in the group; [`NodeError::Cluster`]
+    /// naming the members that did not take their shards; network and Raft errors.
+    fn publish(
+        &self,
+        volume: &VolumeId,
+        group: u64,
+        named: &[Cid],
+        updates: &[RecordUpdate],
+    ) -> Result<()>;
+
+    /// Applies `updates` through the group's Raft (records only: a branch made, a snapshot
+    /// delisted).
+    ///
+    /// # Errors
+    /// [`NodeError::Consensus`] with a conflict naming the record; no quorum.
+    fn apply(&self, group: u64, updates: &[RecordUpdate]) -> Result<()>;
+
+    /// The ciphertext of chunk `cid` of a volume of `group`, gathered from its members
+    /// (any k intact shards) and verified against the cid.
+    ///
+    /// # Errors
+    /// [`NodeError::Integrity`] when too few shards could be gathered; network errors.
+    fn fetch_chunk(&self, group: u64, cid: &Cid) -> Result<Vec<u8>>;
+
+    /// The sealed bytes of object `cid` from a member of `group` (checked against the cid).
+    ///
+    /// # Errors
+    /// No member has it; network errors.
+    fn fetch_object(&self, group: u64, cid: &Cid) -> Result<Vec<u8>>;
+}
+
+impl Vault {
+    /// Installs the daemon's group storage (once the cluster runs).
+    pub fn set_group_storage(&self, storage: Arc<dyn GroupStorage>) {
+        *self
+            .group_storage
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(storage);
+    }
+
+    fn group_storage(&self) -> Option<Arc<dyn GroupStorage>> {
+        self.group_storage
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The group `volume` is in, if any.
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt record.
+    pub fn volume_group(&self, volume: &VolumeId) -> Result<Option<u64>> {
+        self.metadata
+            .get_record(GROUP_VOLUMES, volume.as_bytes())?
+            .map(|value| {
+                value
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| NodeError::CorruptRecord {
+                        what: "group volume",
+                        reason: format!("a group id of {} bytes", value.len()),
+                    })
+            })
+            .transpose()
+    }
+
+    /// Whether chunk or object `cid` is stored: whole here (its first shard), or durable
+    /// on this node's group. Import's dedup check and a publish's re-check.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn chunk_stored(&self, cid: &Cid) -> Result<bool> {
+        Ok(forge_store::chunkstore::has_first_shard(&*self.kv, cid)?
+            || self.kv.contains(Column::Meta, &grouped_key(cid))?)
+    }
+
+    /// Whether `cid` was made durable on a group (its shards spread over the members).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub fn is_grouped(&self, cid: &Cid) -> Result<bool> {
+        Ok(self.kv.contains(Column::Meta, &grouped_key(cid))?)
+    }
+
+    /// Records `cids` as durable on `group` (in `batch`).
+    pub fn mark_grouped(batch: &mut WriteBatch, group: u64, cids: &[Cid]) {
+        for cid in cids {
+            batch.put(Column::Meta, grouped_key(cid), group.to_be_bytes().to_vec());
+        }
+    }
+
+    /// The chunk's ciphertext from its group, for a chunk this node does not hold enough
+    /// shards of. `None` when the chunk is not a group's.
+    pub(crate) fn fetch_grouped_chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>> {
+        if let Some(group) = self.grouped_in(cid)? {
+            let storage = self.require_group_storage(group)?;
+            return storage.fetch_chunk(group, cid).map(Some);
+        }
+        // Not marked: this node holds no shard of it (a group wider than its layout), or
+        // it is no group's. Each group of this vault's grouped volumes is asked in turn.
+        let mut groups: Vec<u64> = self
+            .metadata
+            .scan_records(GROUP_VOLUMES, b"")?
+            .iter()
+            .filter_map(|(_, value)| value.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut last = None;
+        for group in groups {
+            let storage = self.require_group_storage(group)?;
+            match storage.fetch_chunk(group, cid) {
+                Ok(ciphertext) => return Ok(Some(ciphertext)),
+                Err(error) => last = Some(error),
+            }
+        }
+        last.map_or(Ok(None), Err)
+    }
+
+    /// Chunk `cid`'s ciphertext, verified: from this node's shards, or gathered from its
+    /// group when they are too few (what export, a sync's sender and an audit's answer
+    /// read).
+    ///
+    /// # Errors
+    /// Integrity errors naming the cid; engine errors.
+    pub(crate) fn read_ciphertext(&self, cid: &Cid) -> Result<Vec<u8>> {
+        use forge_store::chunkstore::{ChunkStoreError, read_chunk};
+        match read_chunk(&*self.kv, cid) {
+            Ok(read) => Ok(read.ciphertext),
+            Err(
+                error @ (ChunkStoreError::Missing { .. } | ChunkStoreError::Unrecoverable { .. }),
+            ) => match self.fetch_grouped_chunk(cid)? {
+                Some(ciphertext) => Ok(ciphertext),
+                None => Err(error.into()),
+            },
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The layout of the group chunk `cid` was made durable on (from one of its volumes).
+    pub(crate) fn grouped_layout(&self, cid: &Cid) -> Result<Option<ErasureLayout>> {
+        let Some(group) = self.grouped_in(cid)? else {
+            return Ok(None);
+        };
+        for (id, value) in self.metadata.scan_records(GROUP_VOLUMES, b"")? {
+            if value != group.to_be_bytes() {
+                continue;
+            }
+            if let Some(record) = self
+                .list_volumes()?
+                .into_iter()
+                .find(|record| record.id[..] == id[..])
+            {
+                return Ok(Some(ErasureLayout::new(
+                    usize::from(record.data_shards),
+                    usize::from(record.parity_shards),
+                )?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The object's sealed bytes from its group (and kept here), for an object of a
+    /// grouped volume this node lacks (it was down when it was published).
+    pub(crate) fn fetch_grouped_object(
+        &self,
+        volume: &VolumeId,
+        cid: &Cid,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(group) = self.volume_group(volume)? else {
+            return Ok(None);
+        };
+        let storage = self.require_group_storage(group)?;
+        let bytes = storage.fetch_object(group, cid)?;
+        if Cid::of(&bytes) != *cid {
+            return Err(crate::error::IntegrityFault::UnreadableObject {
+                cid: *cid,
+                reason: "a member sent other bytes".into(),
+            }
+            .into());
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Objects, cid.as_bytes().to_vec(), bytes.clone());
+        Self::mark_grouped(&mut batch, group, &[*cid]);
+        self.kv.write(batch, forge_store::kv::Durability::Logged)?;
+        self.counters
+            .group_objects_fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(bytes))
+    }
+
+    /// The group chunk `cid` was made durable on, if any.
+    fn grouped_in(&self, cid: &Cid) -> Result<Option<u64>> {
+        Ok(self
+            .kv
+            .get(Column::Meta, &grouped_key(cid))?
+            .and_then(|value| value.as_slice().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn require_group_storage(&self, group: u64) -> Result<Arc<dyn GroupStorage>> {
+        self.group_storage().ok_or_else(|| NodeError::Cluster {
+            reason: format!(
+                "this volume is in volume group {group}: its data is spread over the group's members, reachable through this node's daemon (`forge node start`)"
+            ),
+        })
+    }
+
+    /// Routes a publish of a grouped volume through its group: the ref updates (and the
+    /// snapshot records) go through Raft after the data is durable there; returns what
+    /// to apply here (the mirror, whose ref moves whatever it was: the group decided).
+    pub(crate) fn publish_to_group(
+        &self,
+        updates: &[RecordUpdate],
+        named: &[Cid],
+    ) -> Result<Vec<RecordUpdate>> {
+        let Some(volume) = updates
+            .iter()
+            .find(|update| update.space == RecordSpace::REFS)
+            .and_then(|update| update.key.get(..16))
+            .and_then(|id| <[u8; 16]>::try_from(id).ok())
+            .map(VolumeId::from_bytes)
+        else {
+            return Ok(updates.to_vec());
+        };
+        let Some(group) = self.volume_group(&volume)? else {
+            return Ok(updates.to_vec());
+        };
+        let storage = self.require_group_storage(group)?;
+        let mut replicated = updates.to_vec();
+        // The new snapshot's records, written here before the publish, go along.
+        for update in updates {
+            if update.space != RecordSpace::REFS {
+                continue;
+            }
+            if let Change::Put(value) = &update.change {
+                let key = [volume.as_bytes().as_slice(), value.as_slice()].concat();
+                for space in [
+                    RecordSpace::SNAPSHOTS,
+                    RecordSpace::INDEX_HEADS,
+                    super::peers::LINEAGE,
+                ] {
+                    if let Some(record) = self.metadata.get_record(space, &key)? {
+                        replicated.push(RecordUpdate::new(
+                            space,
+                            key.clone(),
+                            Expected::Any,
+                            Change::Put(record),
+                        ));
+                    }
+                }
+            }
+        }
+        storage.publish(&volume, group, named, &replicated)?;
+        let mut batch = WriteBatch::new();
+        Self::mark_grouped(&mut batch, group, named);
+        self.kv.write(batch, forge_store::kv::Durability::Logged)?;
+        Ok(updates
+            .iter()
+            .map(|update| {
+                let mut mirrored = update.clone();
+                mirrored.expected = Expected::Any;
+                mirrored
+            })
+            .collect())
+    }
+
+    /// Every chunk the listed snapshots of group `group`'s volumes reach here (their trees
+    /// walked with the volumes' keys; objects and index nodes this node lacks are fetched
+    /// from the group on the way and kept).
+    ///
+    /// # Errors
+    /// Keys that do not open; objects no member has; engine errors.
+    pub(crate) fn group_chunks(&self, group: u64) -> Result<std::collections::BTreeSet<Cid>> {
+        let mut chunks = std::collections::BTreeSet::new();
+        let mut walked = std::collections::BTreeSet::new();
+        for record in self.list_volumes()? {
+            let id = VolumeId::from_bytes(record.id);
+            if self.volume_group(&id)? != Some(group) {
+                continue;
+            }
+            let volume = self.open_volume(&record.name, &super::no_passphrase)?;
+            for (snapshot, _) in self.snapshot_listings(&record)? {
+                // The index nodes too: what a keyless check and a sync read.
+                self.walk_index(&record, &snapshot)?;
+                let commit = self.read_commit(&volume, &snapshot)?;
+                self.walk_tree(
+                    &volume,
+                    Cid::from_bytes(commit.root),
+                    &mut walked,
+                    &mut |_, chunk| {
+                        chunks.insert(chunk.cid());
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(chunks)
+    }
+
+    /// Applies `updates` of `volume`'s records: through its group first when it is in one
+    /// (then here whatever the mirror held: the group decided), else here.
+    ///
+    /// # Errors
+    /// Conflicts (as the group or the metadata store reports them); no daemon for a
+    /// grouped volume; metadata errors.
+    pub(crate) fn apply_volume_updates(
+        &self,
+        volume: &VolumeId,
+        updates: &[RecordUpdate],
+    ) -> Result<()> {
+        let Some(group) = self.volume_group(volume)? else {
+            self.metadata.apply(updates)?;
+            return Ok(());
+        };
+        self.require_group_storage(group)?.apply(group, updates)?;
+        let local: Vec<RecordUpdate> = updates
+            .iter()
+            .filter(|update| update.space != DELISTED)
+            .map(|update| {
+                let mut local = update.clone();
+                local.expected = Expected::Any;
+                local
+            })
+            .collect();
+        self.metadata.apply(&local)?;
+        Ok(())
+    }
+
+    /// Refuses work on a grouped volume that is not replicated to its group yet (key
+    /// rotation, shares), naming it.
+    ///
+    /// # Errors
+    /// [`NodeError::Cluster`] for a grouped volume.
+    pub(crate) fn refuse_if_grouped(&self, volume: &VolumeId, what: &str) -> Result<()> {
+        match self.volume_group(volume)? {
+            Some(group) => Err(NodeError::Cluster {
+                reason: format!(
+                    "{what} is not supported for a volume of a volume group yet (this one is in group {group}): its members hold its keys"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A new volume for group `group` named `name` with the group's `layout`: fresh keys
+    /// and a domain of its own, wrapped to each of `members`. Nothing is written here;
+    /// the caller records it in the group, then every member (this one too) adopts it.
+    ///
+    /// # Errors
+    /// A bad name, randomness, a member's keys that do not wrap.
+    pub fn new_group_volume(
+        &self,
+        name: &str,
+        layout: ErasureLayout,
+        members: &[NodePublicKeys],
+    ) -> Result<GroupVolume> {
+        super::validate_name("volume name", name)?;
+        let id = VolumeId::from_bytes(self.random_array()?);
+        let volume_key = VolumeKey::from_bytes(self.random_array()?);
+        let domain_key = DomainKey::from_bytes(self.random_array()?);
+        let domain = self.domain_record_new(super::chunker_params(None)?)?;
+        let contents = EnvelopeContents::Writer {
+            volume_key,
+            domain_key,
+        };
+        let mut envelopes = Vec::with_capacity(members.len());
+        for keys in members {
+            envelopes.push((
+                *keys.node_id().as_bytes(),
+                self.wrap_to(keys, &contents, &volume_binding(&id))?,
+            ));
+        }
+        Ok(GroupVolume {
+            volume: VolumeRecord {
+                id: *id.as_bytes(),
+                name: name.to_owned(),
+                data_shards: u16::try_from(layout.data_shards()).unwrap_or(u16::MAX),
+                parity_shards: u16::try_from(layout.parity_shards()).unwrap_or(u16::MAX),
+                domain: format!("group-{}", data_encoding::HEXLOWER.encode(&domain.id)),
+                encrypted: false,
+                created_ns: self.now_ns(),
+            },
+            domain,
+            envelopes,
+        })
+    }
+
+    /// Makes a group's volume a volume of this vault (its record, its keys from the
+    /// envelope wrapped to this node, its domain), trusting the members' keys so their
+    /// snapshots verify here. Returns false when it is here already.
+    ///
+    /// # Errors
+    /// No envelope for this node, or one that does not open; a local volume of that name
+    /// that is not this one; metadata errors.
+    pub fn adopt_group_volume(
+        &self,
+        group: u64,
+        volume: &GroupVolume,
+        members: &[NodePublicKeys],
+    ) -> Result<bool> {
+        let id = VolumeId::from_bytes(volume.volume.id);
+        if self.volume_group(&id)?.is_some() {
+            return Ok(false);
+        }
+        let name = &volume.volume.name;
+        if let Some(existing) = self.volume_record(name)?
+            && existing.id != volume.volume.id
+        {
+            return Err(NodeError::Cluster {
+                reason: format!(
+                    "volume group {group} has a volume named {name}, and this node has another volume of that name: rename one"
+                ),
+            });
+        }
+        let me: NodeId = self.identity.node_id();
+        let envelope = volume
+            .envelopes
+            .iter()
+            .find(|(node, _)| node == me.as_bytes())
+            .map(|(_, envelope)| envelope.clone())
+            .ok_or_else(|| NodeError::Cluster {
+                reason: format!("volume {name} of group {group} carries no keys for this node"),
+            })?;
+        // It must open with this node's key before it is kept as this volume's.
+        forge_crypto::envelope::unwrap(&self.identity, &envelope, &volume_binding(&id))?;
+        for keys in members {
+            if keys.node_id() != me && !self.knows_keys(&keys.node_id())? {
+                self.trust_node(keys)?;
+            }
+        }
+        let domain_name = volume.volume.domain.clone();
+        let mut domain = volume.domain.clone();
+        domain.key_envelope = None;
+        let mut updates = Vec::new();
+        if self.domain_record(&domain_name)?.is_none() {
+            updates.push(RecordUpdate::new(
+                RecordSpace::DOMAINS,
+                domain_name.as_bytes().to_vec(),
+                Expected::Absent,
+                Change::Put(domain.encode()),
+            ));
+        }
+        updates.push(RecordUpdate::new(
+            RecordSpace::VOLUME_KEYS,
+            volume.volume.id.to_vec(),
+            Expected::Any,
+            Change::Put(records::encode(&VolumeKeys::WrappedToNode(envelope))),
+        ));
+        updates.push(RecordUpdate::new(
+            RecordSpace::VOLUMES,
+            name.as_bytes().to_vec(),
+            Expected::Any,
+            Change::Put(records::encode(&volume.volume)),
+        ));
+        updates.push(RecordUpdate::new(
+            GROUP_VOLUMES,
+            volume.volume.id.to_vec(),
+            Expected::Any,
+            Change::Put(group.to_be_bytes().to_vec()),
+        ));
+        self.metadata.apply(&updates)?;
+        Ok(true)
+    }
+
+    /// Brings this vault's copy of a grouped volume's records in step with the group's
+    /// (`records`: space name and key → value, as the group's state machine holds them
+    /// for this volume; `delisted`: keys of its snapshots the group delisted). Returns how
+    /// many records changed here.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn mirror_group_records(
+        &self,
+        records: &[(RecordSpace, Vec<u8>, Vec<u8>)],
+        delisted: &[Vec<u8>],
+    ) -> Result<usize> {
+        let mut updates = Vec::new();
+        for key in delisted {
+            for space in [RecordSpace::SNAPSHOTS, RecordSpace::INDEX_HEADS] {
+                if self.metadata.get_record(space, key)?.is_some() {
+                    updates.push(RecordUpdate::new(
+                        space,
+                        key.clone(),
+                        Expected::Any,
+                        Change::Delete,
+                    ));
+                }
+            }
+        }
+        for (space, key, value) in records {
+            if self.metadata.get_record(*space, key)?.as_deref() != Some(value.as_slice()) {
+                updates.push(RecordUpdate::new(
+                    *space,
+                    key.clone(),
+                    Expected::Any,
+                    Change::Put(value.clone()),
+                ));
+            }
+        }
+        if !updates.is_empty() {
+            self.metadata.apply(&updates)?;
+        }
+        Ok(updates.len())
+    }
+}

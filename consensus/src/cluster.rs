@@ -44,8 +44,14 @@ pub struct GroupRecord {
     pub data_shards: u32,
     /// Parity shards per chunk.
     pub parity_shards: u32,
-    /// The members that run it.
+    /// The members that run it (and that placement puts shards on).
     pub nodes: Vec<[u8; 32]>,
+    /// The members it was created on: the lowest of them forms its Raft group (a member
+    /// added later never does, even with a lower NodeId).
+    pub founders: Vec<[u8; 32]>,
+    /// Members being removed: out of placement, still read from (and still in the Raft
+    /// group) until every shard they held has a new owner.
+    pub retiring: Vec<[u8; 32]>,
 }
 
 /// A joiner's request to a member.
@@ -89,6 +95,8 @@ mod tests {
             data_shards: 4,
             parity_shards: 2,
             nodes: vec![[1; 32], [2; 32]],
+            founders: vec![[1; 32]],
+            retiring: vec![[3; 32]],
         };
         assert_eq!(
             GroupRecord::decode(&group.encode().unwrap()).unwrap(),

@@ -259,6 +259,34 @@ impl GroupHandle {
         }
     }
 
+    /// Waits until this node has applied every write acknowledged before the call (a
+    /// read-index barrier: confirmed by the leader with a quorum, asked of it when this
+    /// node follows). After it, [`GroupHandle::local_records`] reads are as fresh as
+    /// linearizable ones.
+    ///
+    /// # Errors
+    /// No leader reachable; not applied within `deadline`.
+    pub async fn barrier(&self, deadline: Duration) -> Result<(), ConsensusError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            // The leader: the state machine has applied through the read index already.
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let Some(forward) = error.forward_to_leader() else {
+                    return Err(raft_error(error));
+                };
+                let leader = forward
+                    .leader_node
+                    .clone()
+                    .map(|member| member.node_id())
+                    .ok_or(ConsensusError::NoLeader { group: self.group })?;
+                match self.forward(leader, &RaftRequest::ReadIndex).await? {
+                    RaftReply::Index(index) => self.wait_applied(index, deadline).await,
+                    _ => Err(ConsensusError::NoLeader { group: self.group }),
+                }
+            }
+        }
+    }
+
     /// Every record of `space` starting with `prefix` as applied on this node (may lag
     /// the leader: for listings, not for compare-and-swap decisions).
     ///
@@ -324,6 +352,15 @@ impl GroupHandle {
             },
             request @ (RaftRequest::AddMember(_) | RaftRequest::RemoveMember(_)) => {
                 return self.change_here(request).await;
+            }
+            RaftRequest::ReadIndex => {
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Ok(read) => RaftReply::Index(read.log_id().index),
+                    Err(error) => match error.forward_to_leader() {
+                        Some(forward) => RaftReply::NotLeader(forward.leader_node.clone()),
+                        None => return Err(raft_error(error)),
+                    },
+                }
             }
             RaftRequest::Read { space, key } => {
                 match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {

@@ -65,6 +65,9 @@ pub enum RaftRequest {
         /// Its key.
         key: Vec<u8>,
     },
+    /// The leader's read index (confirmed with a quorum): a follower that has applied
+    /// that far has seen every write acknowledged before it asked.
+    ReadIndex,
 }
 
 /// A group's answer.
@@ -80,6 +83,8 @@ pub enum RaftReply {
     Written(Outcome),
     /// To a read.
     Value(Option<Vec<u8>>),
+    /// To a read-index request: the log index to have applied.
+    Index(u64),
     /// To a membership change: done.
     Changed,
     /// This node does not lead the group (the leader it knows of, if any).
@@ -107,6 +112,12 @@ impl GroupTable {
     #[must_use]
     pub fn get(&self, group: GroupId) -> Option<crate::group::GroupHandle> {
         self.lock().get(&group).cloned()
+    }
+
+    /// Removes and returns group `group` (to shut it down: this node left it).
+    #[must_use]
+    pub fn remove(&self, group: GroupId) -> Option<crate::group::GroupHandle> {
+        self.lock().remove(&group)
     }
 
     /// Removes and returns every group (to shut them down).

@@ -231,10 +231,13 @@ fn export_matches(
 ) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let listed = site.vault.json(&["snapshot", "list", volume]);
-        if listed
-            .as_array()
-            .is_some_and(|list| list.iter().any(|entry| entry["id"] == snapshot))
+        // The volume itself may not be adopted here yet.
+        let output = site.vault.run(&["snapshot", "list", volume, "--json"]);
+        let listed: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        if output.status.success()
+            && listed
+                .as_array()
+                .is_some_and(|list| list.iter().any(|entry| entry["id"] == snapshot))
         {
             break;
         }
@@ -544,4 +547,219 @@ fn a_snapshot_published_while_a_member_was_down_uses_stand_ins_and_repair_moves_
         &source,
         &snapshot,
     );
+}
+
+/// Three sites formed into a cluster with a 2+1 volume group named `group`.
+fn three_node_group(group_name: &str) -> Vec<Site> {
+    let sites: Vec<Site> = (0..3).map(|_| Site::start()).collect();
+    sites[0].vault.json(&["cluster", "init"]);
+    for index in 1..3 {
+        join(&sites[index], &sites[0], "first");
+    }
+    eventually(&sites[0], "three voters", |seen| {
+        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 3
+    });
+    let nodes = sites
+        .iter()
+        .map(|site| site.id.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    sites[0].vault.ok(&[
+        "group", "create", group_name, "--nodes", &nodes, "--ec", "2+1",
+    ]);
+    for site in &sites {
+        eventually(site, "the group running with a leader", |seen| {
+            let running = group(seen, group_name);
+            running["running_here"] == true && running["leader"].is_string()
+        });
+    }
+    sites
+}
+
+#[test]
+fn a_group_volume_syncs_between_two_three_node_sites_into_the_receivers_group() {
+    let east = three_node_group("east");
+    let mut west = three_node_group("west");
+    east[0]
+        .vault
+        .ok(&["volume", "create", "data", "--group", "east"]);
+    let source = east[0].vault.path("source");
+    write_random_tree(&source, 8, 120_000, 21);
+    let first = east[0]
+        .vault
+        .json(&["volume", "import", "data", source.to_str().unwrap()]);
+    let first_id = first["snapshot"].as_str().unwrap().to_owned();
+
+    // West's first member takes new volumes from east's second into its group; east's
+    // second (not the importer: any member drives a sync) shares the keys and pushes.
+    west[0].meet(&east[1], "east-1");
+    east[1].meet(&west[0], "west-0");
+    west[0].vault.ok(&[
+        "peer",
+        "trust",
+        "east-1",
+        "--new-volumes",
+        "--group",
+        "west",
+    ]);
+    // The snapshot's author (east's importer) is trusted as one too.
+    west[0].vault.ok(&[
+        "peer",
+        "trust",
+        &east[0].id,
+        "--new-volumes",
+        "--group",
+        "west",
+    ]);
+    let no_group = west[0]
+        .vault
+        .run(&["peer", "trust", "east-1", "--group", "west"]);
+    assert!(!no_group.status.success(), "--group without --new-volumes");
+    export_matches(&east[1], "data", "east-1-out", &source, &first_id);
+    east[1]
+        .vault
+        .ok(&["volume", "share", "data", "--to", "west-0", "--write"]);
+    let synced = east[1].sync("data", "west-0");
+    assert_eq!(synced["snapshot"], first_id.as_str(), "{synced}");
+
+    // In west's group: its layout, on every member, spread so that it reads without the
+    // member that received it.
+    let listed = west[2].vault.json(&["volume", "list"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut listed = listed;
+    while !listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|volume| volume["name"] == "data")
+    {
+        assert!(Instant::now() < deadline, "{listed}");
+        std::thread::sleep(Duration::from_millis(200));
+        listed = west[2].vault.json(&["volume", "list"]);
+    }
+    let data = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["name"] == "data")
+        .unwrap();
+    assert_eq!(data["ec"], "2+1", "{data}");
+    west[0].daemon.take();
+    export_matches(&west[2], "data", "west-2-out", &source, &first_id);
+    west[0].restart();
+
+    // A change made on another east member goes to another west member's group copy
+    // (that member trusted to write it), moving west's branch through its Raft.
+    std::fs::write(source.join("later.txt"), b"written later\n").unwrap();
+    let second = east[2]
+        .vault
+        .json(&["volume", "import", "data", source.to_str().unwrap()]);
+    let second_id = second["snapshot"].as_str().unwrap().to_owned();
+    west[1].meet(&east[2], "east-2");
+    east[2].meet(&west[1], "west-1");
+    west[1]
+        .vault
+        .ok(&["peer", "trust", "east-2", "--volume", "data", "--write"]);
+    // Trust is each node's own (not the group's): the first snapshot's author too.
+    west[1]
+        .vault
+        .ok(&["peer", "trust", &east[0].id, "--volume", "data", "--write"]);
+    let pushed = east[2].sync("data", "west-1");
+    assert_eq!(pushed["snapshot"], second_id.as_str(), "{pushed}");
+    export_matches(&west[0], "data", "west-0-out", &source, &second_id);
+    let fsck = west[0].vault.json(&["fsck"]);
+    assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+}
+
+#[test]
+fn a_node_added_to_a_group_takes_its_shards_and_a_removed_one_hands_them_over() {
+    let mut sites: Vec<Site> = (0..4).map(|_| Site::start()).collect();
+    sites[0].vault.json(&["cluster", "init"]);
+    for index in 1..4 {
+        join(&sites[index], &sites[0], "first");
+    }
+    eventually(&sites[0], "four voters", |seen| {
+        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 4
+    });
+    let nodes = sites[..3]
+        .iter()
+        .map(|site| site.id.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    sites[0]
+        .vault
+        .ok(&["group", "create", "m", "--nodes", &nodes, "--ec", "2+1"]);
+    for site in &sites[..3] {
+        eventually(site, "group m running with a leader", |seen| {
+            let m = group(seen, "m");
+            m["running_here"] == true && m["leader"].is_string()
+        });
+    }
+    sites[0]
+        .vault
+        .ok(&["volume", "create", "data", "--group", "m"]);
+    let source = sites[0].vault.path("source");
+    write_random_tree(&source, 10, 100_000, 31);
+    let imported = sites[0]
+        .vault
+        .json(&["volume", "import", "data", source.to_str().unwrap()]);
+    let snapshot = imported["snapshot"].as_str().unwrap().to_owned();
+
+    // Added: it runs the group, holds the volume's keys, and takes its shards.
+    let too_many = sites[1]
+        .vault
+        .run(&["group", "remove-node", "m", &sites[2].id]);
+    assert!(
+        String::from_utf8_lossy(&too_many.stderr).contains("cannot go below 3"),
+        "{}",
+        String::from_utf8_lossy(&too_many.stderr)
+    );
+    let grown = sites[1]
+        .vault
+        .json(&["group", "add-node", "m", &sites[3].id]);
+    assert_eq!(grown["nodes"].as_array().unwrap().len(), 4, "{grown}");
+    eventually(&sites[3], "the new member in group m", |seen| {
+        let m = group(seen, "m");
+        m["running_here"] == true && m["leader"].is_string()
+    });
+    let whole = |site: &Site, what: &str, check: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let run = repair(site, "m");
+            if run["whole"] == true && check(&run) {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "{what}: {run:#}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let newcomer = sites[3].id.clone();
+    whole(&sites[2], "the newcomer holding its shards", &|run| {
+        run["members"].as_array().unwrap().iter().any(|member| {
+            member["node_id"] == newcomer.as_str() && member["held"].as_u64().unwrap_or(0) > 0
+        })
+    });
+    export_matches(&sites[3], "data", "out-newcomer", &source, &snapshot);
+
+    // Removed (the importer): its shards move to the others first; then it is out, and
+    // the group reads without it.
+    let shrunk = sites[2]
+        .vault
+        .json(&["group", "remove-node", "m", &sites[0].id]);
+    assert_eq!(shrunk["nodes"].as_array().unwrap().len(), 3, "{shrunk}");
+    assert!(
+        !shrunk["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|node| node == sites[0].id.as_str()),
+        "{shrunk}"
+    );
+    eventually(&sites[1], "three voters in m", |seen| {
+        group(seen, "m")["nodes"].as_array().unwrap().len() == 3
+    });
+    sites[0].daemon.take();
+    export_matches(&sites[1], "data", "out-after-removal", &source, &snapshot);
+    let after = whole(&sites[3], "whole without the removed node", &|_| true);
+    assert_eq!(after["members"].as_array().unwrap().len(), 3, "{after:#}");
 }

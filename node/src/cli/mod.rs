@@ -406,6 +406,10 @@ pub enum PeerCommand {
         /// It may join this node's cluster through this node (`forge cluster join`).
         #[arg(long)]
         cluster: bool,
+        /// With --new-volumes: the volumes it pushes go into this volume group (its
+        /// layout, replicated to its members; they must carry keys for this node).
+        #[arg(long, value_name = "GROUP", requires = "new_volumes")]
+        group: Option<String>,
     },
     /// Take every trust from a peer.
     Revoke {
@@ -445,6 +449,24 @@ pub enum GroupCommand {
         /// Erasure layout K+M of its volumes (K+M at most the number of nodes).
         #[arg(long, value_name = "K+M")]
         ec: ErasureLayout,
+    },
+    /// Add a cluster member to a volume group: it runs the group's Raft (a learner that
+    /// catches up, then a voter), gets its volumes' keys, and takes its shards by repair
+    /// in the background. Run it on a member of the group.
+    AddNode {
+        /// The group.
+        name: String,
+        /// The node: NodeId, unique prefix or peer name.
+        node: String,
+    },
+    /// Take a member out of a volume group: out of placement at once, its shards moved to
+    /// their new owners by repair (run now), then out of the Raft group. Refused below
+    /// K+M members.
+    RemoveNode {
+        /// The group.
+        name: String,
+        /// The node: NodeId, unique prefix or peer name.
+        node: String,
     },
     /// Repair a volume group now: every member rebuilds the shards it owns and lacks
     /// (from any K others) and drops those it held for an absent owner; reports whether

@@ -119,6 +119,20 @@ impl Cli {
                 })?;
                 Ok(service::cluster::render_group("created", &group))
             }),
+            Command::Group(GroupCommand::AddNode { name, node }) => self.with_api(|mesh| {
+                let group = mesh.add_group_node(forge_proto::v1::GroupNodeRequest {
+                    name: name.clone(),
+                    node: node.clone(),
+                })?;
+                Ok(service::cluster::render_group("grown", &group))
+            }),
+            Command::Group(GroupCommand::RemoveNode { name, node }) => self.with_api(|mesh| {
+                let group = mesh.remove_group_node(forge_proto::v1::GroupNodeRequest {
+                    name: name.clone(),
+                    node: node.clone(),
+                })?;
+                Ok(service::cluster::render_group("shrunk", &group))
+            }),
             Command::Group(GroupCommand::Repair { name }) => self.with_api(|mesh| {
                 Ok(service::cluster::render_repair(&mesh.repair_group(
                     forge_proto::v1::RepairGroupRequest { name: name.clone() },
@@ -575,6 +589,7 @@ fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Re
             write,
             new_volumes,
             cluster,
+            group,
         } => Ok(render_peer(
             "trusted",
             &mesh.trust_peer(TrustPeerRequest {
@@ -583,6 +598,7 @@ fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Re
                 write: *write,
                 new_volumes: *new_volumes,
                 cluster: *cluster,
+                group: group.clone(),
             })?,
         )),
         PeerCommand::Revoke { peer } => Ok(render_peer(

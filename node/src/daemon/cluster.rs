@@ -370,11 +370,9 @@ impl ClusterNode {
     pub async fn leave(&self) -> Result<ClusterStatusReply> {
         let group = self.cluster_group()?;
         let me = self.net.local_id();
-        if let Some((name, _)) = self
-            .groups()?
-            .into_iter()
-            .find(|(_, record)| record.nodes.contains(me.as_bytes()))
-        {
+        if let Some((name, _)) = self.groups()?.into_iter().find(|(_, record)| {
+            record.nodes.contains(me.as_bytes()) || record.retiring.contains(me.as_bytes())
+        }) {
             return Err(cluster_error(format!(
                 "this node is in volume group {name}: moving a group's data off a node is not supported yet, so it cannot leave"
             )));
@@ -437,6 +435,8 @@ impl ClusterNode {
                 data_shards,
                 parity_shards,
                 nodes: nodes.iter().map(|node| *node.as_bytes()).collect(),
+                founders: nodes.iter().map(|node| *node.as_bytes()).collect(),
+                retiring: Vec::new(),
             };
             let updates = [
                 RecordUpdate::new(
@@ -469,7 +469,7 @@ impl ClusterNode {
         }
     }
 
-    fn group_info(&self, name: &str, record: &GroupRecord) -> GroupInfo {
+    pub(crate) fn group_info(&self, name: &str, record: &GroupRecord) -> GroupInfo {
         let mut info = GroupInfo {
             name: name.to_owned(),
             id: record.id,
@@ -477,6 +477,11 @@ impl ClusterNode {
             parity_shards: record.parity_shards,
             nodes: record
                 .nodes
+                .iter()
+                .map(|node| NodeId::from_bytes(*node).to_hex())
+                .collect(),
+            retiring: record
+                .retiring
                 .iter()
                 .map(|node| NodeId::from_bytes(*node).to_hex())
                 .collect(),
@@ -594,7 +599,7 @@ impl ClusterNode {
 
     /// Brings this node in step with group 0: members' addresses known to the network,
     /// the volume groups it is listed in running (and formed, by their lowest member).
-    async fn reconcile(&self) {
+    pub(crate) async fn reconcile(&self) {
         let me = self.net.local_id();
         if let Ok(members) = self.members() {
             *lock(&self.known) = members.keys().copied().collect();
@@ -619,7 +624,12 @@ impl ClusterNode {
             }
         };
         for (name, record) in groups {
-            if !record.nodes.contains(me.as_bytes()) {
+            if !record.nodes.contains(me.as_bytes()) && !record.retiring.contains(me.as_bytes()) {
+                // Removed from it: stop running it here.
+                if let Some(removed) = self.table.remove(record.id) {
+                    let _ = removed.shutdown().await;
+                    tracing::info!(group = %name, "this node left the volume group");
+                }
                 continue;
             }
             let running = self.table.get(record.id).is_some();
@@ -635,7 +645,7 @@ impl ClusterNode {
                     continue;
                 }
             };
-            let first = record.nodes.iter().min().copied();
+            let first = record.founders.iter().min().copied();
             if first == Some(*me.as_bytes()) && group.status().voters.is_empty() {
                 let nodes: Vec<NodeId> = record
                     .nodes

@@ -884,4 +884,18 @@ impl Mesh for ApiGrpc {
     ) -> std::result::Result<Response<forge_proto::v1::RepairGroupReply>, Status> {
         mesh_call!(self, "Mesh.RepairGroup", request, repair_group)
     }
+
+    async fn add_group_node(
+        &self,
+        request: Request<forge_proto::v1::GroupNodeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::GroupInfo>, Status> {
+        mesh_call!(self, "Mesh.AddGroupNode", request, add_group_node)
+    }
+
+    async fn remove_group_node(
+        &self,
+        request: Request<forge_proto::v1::GroupNodeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::GroupInfo>, Status> {
+        mesh_call!(self, "Mesh.RemoveGroupNode", request, remove_group_node)
+    }
 }

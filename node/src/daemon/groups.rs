@@ -95,8 +95,18 @@ pub(crate) struct GroupView {
     pub id: u64,
     pub name: String,
     pub layout: ErasureLayout,
+    /// Placement's members.
     pub nodes: Vec<NodeId>,
+    /// Members being removed: read from, never placed on.
+    pub retiring: Vec<NodeId>,
     pub handle: GroupHandle,
+}
+
+impl GroupView {
+    /// Every member that may hold shards: placement's and the retiring.
+    fn holders(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes.iter().chain(&self.retiring).copied()
+    }
 }
 
 /// What one window of a publish sends: shards per member, objects to all.
@@ -132,6 +142,11 @@ impl ClusterNode {
             layout: ErasureLayout::new(record.data_shards as usize, record.parity_shards as usize)?,
             nodes: record
                 .nodes
+                .iter()
+                .map(|node| NodeId::from_bytes(*node))
+                .collect(),
+            retiring: record
+                .retiring
                 .iter()
                 .map(|node| NodeId::from_bytes(*node))
                 .collect(),
@@ -190,6 +205,14 @@ impl ClusterNode {
         let view = self.view_of(group_name.to_owned(), &record)?;
         let keys = self.member_keys(&view.nodes)?;
         let volume = self.vault().new_group_volume(name, view.layout, &keys)?;
+        self.record_group_volume(&view, &volume).await?;
+        self.vault().adopt_group_volume(view.id, &volume, &keys)?;
+        Ok(volume.volume)
+    }
+
+    /// Records `volume` in group `view` (a name is the group's once).
+    async fn record_group_volume(&self, view: &GroupView, volume: &GroupVolume) -> Result<()> {
+        let name = &volume.volume.name;
         let update = RecordUpdate::new(
             VOLUMES,
             name.as_bytes().to_vec(),
@@ -197,16 +220,15 @@ impl ClusterNode {
             Change::Put(volume.encode()),
         );
         match apply_with_retry(&view.handle, &[update]).await {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {
-                return Err(cluster_error(format!(
-                    "volume group {group_name} has a volume named {name} already"
-                )));
+                Err(cluster_error(format!(
+                    "volume group {} has a volume named {name} already",
+                    view.name
+                )))
             }
-            Err(error) => return Err(error),
+            Err(error) => Err(error),
         }
-        self.vault().adopt_group_volume(view.id, &volume, &keys)?;
-        Ok(volume.volume)
     }
 
     /// Adopts group `view`'s volumes into this vault and mirrors their records (the watch
@@ -226,6 +248,22 @@ impl ClusterNode {
             for space in MIRRORED {
                 for (key, value) in view.handle.local_records(space.name(), &volume.volume.id)? {
                     records.push((space, key, value));
+                }
+            }
+            // The keys of the snapshots' authors (members, and other sites' nodes whose
+            // snapshots came in by sync).
+            for (author, keys) in view
+                .handle
+                .local_records(crate::vault::KEYRING.name(), b"")?
+            {
+                let Ok(node) = NodeId::from_slice(&author) else {
+                    continue;
+                };
+                if !self.vault().knows_keys(&node)? {
+                    let keys = NodePublicKeys::decode(&keys)?;
+                    if keys.node_id() == node {
+                        self.vault().trust_node(&keys)?;
+                    }
                 }
             }
             let delisted: Vec<Vec<u8>> = view
@@ -556,9 +594,7 @@ impl ClusterNode {
             }
         }
         let rest: Vec<NodeId> = view
-            .nodes
-            .iter()
-            .copied()
+            .holders()
             .filter(|node| *node != me && !first.contains(node))
             .collect();
         let net = self.peer_net();
@@ -674,9 +710,7 @@ impl ClusterNode {
         let me = self.vault().identity().node_id();
         let net = self.peer_net();
         let mut asking: FuturesUnordered<_> = view
-            .nodes
-            .iter()
-            .copied()
+            .holders()
             .filter(|node| *node != me)
             .map(|node| {
                 let net = net.clone();
@@ -744,7 +778,7 @@ impl ClusterNode {
     /// snapshot walked, objects this node lacks fetched on the way), rebuilds the shards
     /// placement gives this node that it lacks, from any k the others hold, at the repair
     /// rate; and drops the shards it holds for another owner once that owner holds them.
-    /// One run at a time per group.
+    /// One run at a time per group (another waits for it).
     ///
     /// # Errors
     /// Another run in progress; the group not running here; engine errors. Chunks that
@@ -754,16 +788,25 @@ impl ClusterNode {
         runtime: &tokio::runtime::Handle,
         id: u64,
     ) -> Result<RepairSummary> {
-        {
-            let mut repairs = self.repairs();
-            let state = repairs.entry(id).or_default();
-            if state.running {
+        // One run at a time: a run asked for while another goes on (the background one)
+        // waits for it, then runs itself (what it must see may have changed meanwhile).
+        let waiting_since = std::time::Instant::now();
+        loop {
+            {
+                let mut repairs = self.repairs();
+                let state = repairs.entry(id).or_default();
+                if !state.running {
+                    state.running = true;
+                    state.started = Some(std::time::Instant::now());
+                    break;
+                }
+            }
+            if waiting_since.elapsed() > Duration::from_secs(3600) {
                 return Err(cluster_error(format!(
-                    "a repair of volume group {id} is running on this node already"
+                    "a repair of volume group {id} has been running on this node for an hour; try again later"
                 )));
             }
-            state.running = true;
-            state.started = Some(std::time::Instant::now());
+            std::thread::sleep(Duration::from_millis(100));
         }
         let outcome = self.repair_run(runtime, id);
         let mut repairs = self.repairs();
@@ -777,6 +820,11 @@ impl ClusterNode {
     }
 
     fn repair_run(&self, runtime: &tokio::runtime::Handle, id: u64) -> Result<RepairSummary> {
+        // The members as the cluster has them now (a node added or retiring just before
+        // changes every placement).
+        if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
+            catch_up(runtime, &cluster, "the cluster group");
+        }
         let view = self.group_view(id)?;
         let vault = self.vault();
         let me = vault.identity().node_id();
@@ -786,9 +834,9 @@ impl ClusterNode {
             .unwrap_or(REPAIR_BYTES_PER_SEC_DEFAULT)
             .max(1);
         let mut summary = RepairSummary::default();
-        // Everything the group committed before now applied and mirrored here first (a
-        // read-index read waits for it), so no snapshot published just before is missed.
-        wait(runtime, view.handle.read_record(VOLUMES.name(), b""))?;
+        // Everything the group committed before now applied and mirrored here first, so
+        // no snapshot published just before is missed.
+        catch_up(runtime, &view.handle, &view.name);
         self.reconcile_volumes(&view)?;
         let objects_before = vault
             .counters()
@@ -965,9 +1013,7 @@ impl ClusterNode {
         });
         let net = self.peer_net();
         let others: Vec<_> = view
-            .nodes
-            .iter()
-            .copied()
+            .holders()
             .filter(|node| *node != me)
             .map(|node| {
                 let net = net.clone();
@@ -1019,6 +1065,177 @@ impl ClusterNode {
         Ok(reply)
     }
 
+    /// Changes group `name`'s record in the cluster group by compare-and-swap: `change`
+    /// gets the record as the leader has it and returns the new one (or an error).
+    async fn change_group_record(
+        &self,
+        name: &str,
+        change: impl Fn(&GroupRecord) -> Result<GroupRecord>,
+    ) -> Result<GroupRecord> {
+        let cluster = self
+            .table()
+            .get(forge_consensus::CLUSTER_GROUP)
+            .ok_or_else(|| cluster_error("this node is not in a cluster"))?;
+        loop {
+            let current = cluster
+                .read_record(forge_consensus::cluster::GROUPS, name.as_bytes())
+                .await?
+                .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
+            let record = GroupRecord::decode(&current)?;
+            let changed = change(&record)?;
+            let update = RecordUpdate::new(
+                RecordSpace::new(forge_consensus::cluster::GROUPS),
+                name.as_bytes().to_vec(),
+                Expected::Value(current),
+                Change::Put(changed.encode()?),
+            );
+            match apply_with_retry(&cluster, &[update]).await {
+                Ok(()) => return Ok(changed),
+                // Changed meanwhile (another add or remove): again, from what it is now.
+                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Adds cluster member `node` to volume group `name`: it runs the group (a learner
+    /// that catches up, then a voter), gets every group volume's keys, and shards move to
+    /// it as placement now says, by repair in the background.
+    ///
+    /// # Errors
+    /// Not a member; in the group already; this node not in it; no quorum.
+    pub async fn add_group_node(
+        &self,
+        name: &str,
+        node: NodeId,
+    ) -> Result<forge_proto::v1::GroupInfo> {
+        let me = self.vault().identity().node_id();
+        if !self.members()?.contains_key(&node) {
+            return Err(cluster_error(format!(
+                "node {node} is not a cluster member (`forge cluster status` lists them)"
+            )));
+        }
+        let keys = self.member_keys(&[node])?;
+        let record = self
+            .change_group_record(name, |record| {
+                if !record.nodes.contains(me.as_bytes()) {
+                    return Err(cluster_error(format!(
+                        "this node is not in volume group {name}: add nodes from one of its members (it holds the keys to hand over)"
+                    )));
+                }
+                if record.nodes.contains(node.as_bytes()) {
+                    return Err(cluster_error(format!("node {node} is in volume group {name} already")));
+                }
+                let mut changed = record.clone();
+                changed.nodes.push(*node.as_bytes());
+                changed.retiring.retain(|retiring| retiring != node.as_bytes());
+                Ok(changed)
+            })
+            .await?;
+        let view = self.view_of(name.to_owned(), &record)?;
+        // Its keys first: it adopts the volumes as soon as it runs the group.
+        for (_, value) in view.handle.local_records(VOLUMES.name(), b"")? {
+            let volume = GroupVolume::decode(&value)?;
+            if volume
+                .envelopes
+                .iter()
+                .any(|(holder, _)| holder == node.as_bytes())
+            {
+                continue;
+            }
+            let rewrapped = self.vault().wrap_group_volume_to(&volume, &keys[0])?;
+            let update = RecordUpdate::new(
+                VOLUMES,
+                volume.volume.name.as_bytes().to_vec(),
+                Expected::Value(value.clone()),
+                Change::Put(rewrapped.encode()),
+            );
+            apply_with_retry(&view.handle, &[update]).await?;
+        }
+        view.handle.add_member(&node).await?;
+        self.after_membership_change(name);
+        Ok(self.group_info(name, &record))
+    }
+
+    /// Takes `node` out of volume group `name`: out of placement at once (its shards get
+    /// new owners by repair, run now on every member, reading from it meanwhile), and out
+    /// of the Raft group and the record once every chunk is whole without it. When repair
+    /// cannot finish now (a member down), the node stays *retiring* and the command says
+    /// so; running it again finishes.
+    ///
+    /// # Errors
+    /// Not in the group; too few members left for the layout; no quorum.
+    pub async fn remove_group_node(
+        &self,
+        name: &str,
+        node: NodeId,
+    ) -> Result<forge_proto::v1::GroupInfo> {
+        let record = self
+            .change_group_record(name, |record| {
+                let width = (record.data_shards + record.parity_shards) as usize;
+                if record.retiring.contains(node.as_bytes()) {
+                    return Ok(record.clone());
+                }
+                if !record.nodes.contains(node.as_bytes()) {
+                    return Err(cluster_error(format!("node {node} is not in volume group {name}")));
+                }
+                if record.nodes.len() - 1 < width {
+                    return Err(cluster_error(format!(
+                        "volume group {name} keeps each chunk's {width} shards on {width} different nodes: it cannot go below {width} (add a node first)"
+                    )));
+                }
+                let mut changed = record.clone();
+                changed.nodes.retain(|member| member != node.as_bytes());
+                changed.retiring.push(*node.as_bytes());
+                Ok(changed)
+            })
+            .await?;
+        // Every member sees the new placement before it repairs.
+        self.reconcile().await;
+        let repaired = self.repair_group(name).await?;
+        let width = u64::from(record.data_shards + record.parity_shards);
+        let whole = repaired.shards_held == repaired.chunks * width
+            && repaired
+                .members
+                .iter()
+                .all(|member| member.error.is_empty());
+        if !whole {
+            return Err(cluster_error(format!(
+                "node {node} is retiring from volume group {name}, but its shards are not all moved yet ({} of {} held by their new owners): run `forge group repair {name}`, then `forge group remove-node` again",
+                repaired.shards_held,
+                repaired.chunks * width
+            )));
+        }
+        let view = self.view_of(name.to_owned(), &record)?;
+        view.handle.remove_member(&node).await?;
+        let record = self
+            .change_group_record(name, |record| {
+                let mut changed = record.clone();
+                changed
+                    .retiring
+                    .retain(|retiring| retiring != node.as_bytes());
+                Ok(changed)
+            })
+            .await?;
+        self.after_membership_change(name);
+        Ok(self.group_info(name, &record))
+    }
+
+    /// After a membership change: every member repairs (in the background) to the new
+    /// placement.
+    fn after_membership_change(&self, name: &str) {
+        let this = self.weak();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let Some(node) = this.upgrade() else { return };
+            // The new member needs a moment to start the group and adopt its volumes.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(error) = node.repair_group(&name).await {
+                tracing::warn!(%error, group = %name, "repair after a membership change");
+            }
+        });
+    }
+
     /// Answers one shard request from `from`.
     async fn answer_shards(self: Arc<Self>, from: NodeId, body: Vec<u8>) -> Result<Vec<u8>> {
         let request = ShardRequest::decode(&body)?;
@@ -1030,7 +1247,10 @@ impl ClusterNode {
             .map(|(_, record)| record)
             .find(|record| record.id == group)
             .ok_or_else(|| cluster_error(format!("no volume group {group} here")))?;
-        if !record.nodes.contains(from.as_bytes()) || !record.nodes.contains(me.as_bytes()) {
+        let serves = |node: &NodeId| {
+            record.nodes.contains(node.as_bytes()) || record.retiring.contains(node.as_bytes())
+        };
+        if !serves(&from) || !serves(&me) {
             return Err(cluster_error(format!(
                 "node {from} and this node are not both in volume group {group}"
             )));
@@ -1223,6 +1443,33 @@ async fn answer(cluster: Arc<ClusterNode>, request: InboundRequest) {
     }
 }
 
+/// Waits (a read-index barrier) until `group`'s state here includes every write
+/// acknowledged before, retrying while a new leader is elected (its old one killed, say);
+/// after about 20 s it goes on with the state as applied here, saying so: repair runs
+/// again later, and what it does is right for any state it reads.
+fn catch_up(runtime: &tokio::runtime::Handle, group: &GroupHandle, what: &str) {
+    let mut last = None;
+    for _ in 0..5 {
+        match wait(runtime, async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                group.barrier(Duration::from_secs(3)),
+            )
+            .await
+        }) {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => last = Some(error.to_string()),
+            Err(_) => last = Some("no answer within 3 s".to_owned()),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    tracing::warn!(
+        group = what,
+        error = last.unwrap_or_default(),
+        "could not confirm the latest state with the leader: repairing from the state applied here"
+    );
+}
+
 /// Runs `work` on the daemon's network runtime and waits for it: from a plain thread
 /// directly, from inside a runtime's worker (a store read during a sync or an audit) by
 /// first handing the worker's other tasks off (`block_in_place`).
@@ -1287,6 +1534,35 @@ impl GroupStorage for DaemonGroupStorage {
         let node = self.node()?;
         let view = node.group_view(group)?;
         self.wait(async { apply_with_retry(&view.handle, updates).await })
+    }
+
+    fn group_for_new_volume(
+        &self,
+        name: &str,
+    ) -> Result<(u64, ErasureLayout, Vec<NodePublicKeys>)> {
+        let node = self.node()?;
+        let (_, record) = node
+            .groups()?
+            .into_iter()
+            .find(|(group, _)| group == name)
+            .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
+        if !record
+            .nodes
+            .contains(node.vault().identity().node_id().as_bytes())
+        {
+            return Err(cluster_error(format!(
+                "this node is not in volume group {name}"
+            )));
+        }
+        let view = node.view_of(name.to_owned(), &record)?;
+        let keys = node.member_keys(&view.nodes)?;
+        Ok((view.id, view.layout, keys))
+    }
+
+    fn create_volume(&self, group: u64, volume: &GroupVolume) -> Result<()> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        self.wait(node.record_group_volume(&view, volume))
     }
 
     fn fetch_chunk(&self, group: u64, cid: &Cid) -> Result<Vec<u8>> {

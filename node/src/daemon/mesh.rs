@@ -527,6 +527,17 @@ fn udp_port(address: &str) -> u16 {
         .unwrap_or(0)
 }
 
+impl DaemonMesh<'_> {
+    /// A node named on the command line for a group: this node, or a peer.
+    fn group_member(&self, text: &str) -> Result<NodeId> {
+        let me = self.api.vault.shared_identity().node_id();
+        if NodeId::parse(text).is_ok_and(|node| node == me) {
+            return Ok(me);
+        }
+        peer_node(self.api.vault, text, true)
+    }
+}
+
 impl MeshService for DaemonMesh<'_> {
     fn addresses(&self, _request: NodeAddrRequest) -> Result<NodeAddrReply> {
         let net = self.node.net.clone();
@@ -870,16 +881,10 @@ impl MeshService for DaemonMesh<'_> {
     }
 
     fn create_group(&self, request: CreateGroupRequest) -> Result<GroupInfo> {
-        let me = self.api.vault.shared_identity().node_id();
         let nodes = request
             .nodes
             .iter()
-            .map(|text| {
-                if NodeId::parse(text).is_ok_and(|node| node == me) {
-                    return Ok(me);
-                }
-                peer_node(self.api.vault, text, true)
-            })
+            .map(|text| self.group_member(text))
             .collect::<Result<Vec<NodeId>>>()?;
         let cluster = self.node.cluster.clone();
         self.node.run(async move {
@@ -916,5 +921,19 @@ impl MeshService for DaemonMesh<'_> {
         let cluster = self.node.cluster.clone();
         self.node
             .run(async move { cluster.repair_group(&request.name).await })?
+    }
+
+    fn add_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {
+        let node = self.group_member(&request.node)?;
+        let cluster = self.node.cluster.clone();
+        self.node
+            .run(async move { cluster.add_group_node(&request.name, node).await })?
+    }
+
+    fn remove_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {
+        let node = self.group_member(&request.node)?;
+        let cluster = self.node.cluster.clone();
+        self.node
+            .run(async move { cluster.remove_group_node(&request.name, node).await })?
     }
 }

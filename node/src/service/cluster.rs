@@ -17,6 +17,7 @@ fn group_json(group: &GroupInfo) -> serde_json::Value {
         "id": group.id,
         "layout": format!("{}+{}", group.data_shards, group.parity_shards),
         "nodes": group.nodes,
+        "retiring": group.retiring,
         "running_here": group.running_here,
         "leader": group.leader,
         "term": group.term,

@@ -146,6 +146,18 @@ pub trait MeshService {
         request: forge_proto::v1::CreateGroupVolumeRequest,
     ) -> Result<forge_proto::v1::CreateVolumeReply>;
 
+    /// Adds a cluster member to a volume group.
+    ///
+    /// # Errors
+    /// No daemon; not a member; in the group already; no quorum.
+    fn add_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo>;
+
+    /// Takes a member out of a volume group once its shards have new owners.
+    ///
+    /// # Errors
+    /// No daemon; not in the group; too few left; shards not moved yet.
+    fn remove_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo>;
+
     /// Repairs a volume group now on every member that answers, and sums their reports.
     ///
     /// # Errors
@@ -207,6 +219,7 @@ pub(crate) fn peer_info(vault: &Vault, node: &NodeId, record: &PeerRecord) -> Re
             .collect(),
         keys_known: record.keys_known,
         cluster: vault.cluster_trusted(node)?,
+        new_volumes_group: vault.new_volume_group(node)?,
     })
 }
 
@@ -250,6 +263,13 @@ impl MeshService for LocalApi<'_> {
     }
 
     fn trust_peer(&self, request: TrustPeerRequest) -> Result<PeerInfo> {
+        if request.group.is_some() && !request.new_volumes {
+            return Err(NodeError::InvalidArgument {
+                what: "trust",
+                value: request.peer,
+                reason: "--group names where its new volumes go: give --new-volumes with it".into(),
+            });
+        }
         if request.volume.is_none() && !request.new_volumes && !request.cluster {
             return Err(NodeError::InvalidArgument {
                 what: "trust",
@@ -272,6 +292,10 @@ impl MeshService for LocalApi<'_> {
         if request.cluster {
             self.vault.set_cluster_trust(&node, true)?;
         }
+        if request.new_volumes {
+            self.vault
+                .set_new_volume_group(&node, request.group.as_deref())?;
+        }
         peer_info(self.vault, &node, &record)
     }
 
@@ -279,6 +303,7 @@ impl MeshService for LocalApi<'_> {
         let node = peer_node(self.vault, &request.peer, true)?;
         let record = self.vault.revoke_peer(&node)?;
         self.vault.set_cluster_trust(&node, false)?;
+        self.vault.set_new_volume_group(&node, None)?;
         peer_info(self.vault, &node, &record)
     }
 
@@ -371,6 +396,14 @@ impl MeshService for LocalApi<'_> {
     ) -> Result<forge_proto::v1::RepairGroupReply> {
         Err(needs_daemon("`forge group repair`"))
     }
+
+    fn add_group_node(&self, _request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {
+        Err(needs_daemon("`forge group add-node`"))
+    }
+
+    fn remove_group_node(&self, _request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {
+        Err(needs_daemon("`forge group remove-node`"))
+    }
 }
 
 fn peer_json(peer: &PeerInfo) -> serde_json::Value {
@@ -381,6 +414,7 @@ fn peer_json(peer: &PeerInfo) -> serde_json::Value {
         "new_volumes": peer.new_volumes,
         "keys_known": peer.keys_known,
         "cluster": peer.cluster,
+        "new_volumes_group": peer.new_volumes_group,
         "volumes": peer.volumes.iter().map(|trust| json!({
             "volume": trust.volume,
             "volume_id": trust.volume_id,

@@ -417,4 +417,20 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         let request = self.connection.request(request);
         self.connection.call(self.mesh().repair_group(request))
     }
+
+    fn add_group_node(
+        &self,
+        request: forge_proto::v1::GroupNodeRequest,
+    ) -> Result<forge_proto::v1::GroupInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().add_group_node(request))
+    }
+
+    fn remove_group_node(
+        &self,
+        request: forge_proto::v1::GroupNodeRequest,
+    ) -> Result<forge_proto::v1::GroupInfo> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().remove_group_node(request))
+    }
 }

@@ -293,6 +293,16 @@ impl WriteSession {
         }
     }
 
+    /// Every cid this session claimed so far.
+    pub(crate) fn claimed(&self) -> Vec<Cid> {
+        self.fence
+            .lock()
+            .sessions
+            .get(&self.id)
+            .map(|session| session.claims.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Pins the whole reach of `root` in `volume` (a mount's base), replacing earlier
     /// pinned roots; claims made so far that `covered` names are released (the new root
     /// reaches them). Pin before resolving what the root names is still stored.

@@ -35,6 +35,9 @@ pub const GROUP_VOLUMES: RecordSpace = RecordSpace::new("group-volumes");
 /// (a mirror only adds what the group holds, so a deletion needs a record of its own).
 pub const DELISTED: RecordSpace = RecordSpace::new("delisted");
 
+/// Peers whose new volumes go into a volume group: NodeId → group name.
+pub const NEW_VOLUME_GROUPS: RecordSpace = RecordSpace::new("new-volume-groups");
+
 /// `grouped/<cid>` → group id (8 bytes, big-endian) in the `Meta` column: the chunk or
 /// object is durable on that group (written after the group acknowledged it, or when a
 /// member sent it here). Import's dedup check counts it as stored although this node may
@@ -97,6 +100,20 @@ pub trait GroupStorage: Send + Sync {
     /// # Errors
     /// [`NodeError::Consensus`] with a conflict naming the record; no quorum.
     fn apply(&self, group: u64, updates: &[RecordUpdate]) -> Result<()>;
+
+    /// Volume group `name` for a volume pushed into it: its id, layout, and its members'
+    /// public keys (this node must be one).
+    ///
+    /// # Errors
+    /// No such group, or not one of this node's.
+    fn group_for_new_volume(&self, name: &str)
+    -> Result<(u64, ErasureLayout, Vec<NodePublicKeys>)>;
+
+    /// Records `volume` in `group` (compare-and-swap on its name).
+    ///
+    /// # Errors
+    /// [`NodeError::VolumeExists`] when the group has a volume of that name; no quorum.
+    fn create_volume(&self, group: u64, volume: &GroupVolume) -> Result<()>;
 
     /// The ciphertext of chunk `cid` of a volume of `group`, gathered from its members
     /// (any k intact shards) and verified against the cid.
@@ -201,6 +218,110 @@ impl Vault {
         last.map_or(Ok(None), Err)
     }
 
+    /// Puts the new volumes `peer` pushes into volume group `group` (None: into this vault
+    /// alone, as before).
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn set_new_volume_group(&self, peer: &NodeId, group: Option<&str>) -> Result<()> {
+        let change = match group {
+            Some(group) => {
+                super::validate_name("group", group)?;
+                Change::Put(group.as_bytes().to_vec())
+            }
+            None => Change::Delete,
+        };
+        self.metadata.apply(&[RecordUpdate::new(
+            NEW_VOLUME_GROUPS,
+            peer.as_bytes().to_vec(),
+            Expected::Any,
+            change,
+        )])?;
+        Ok(())
+    }
+
+    /// The volume group new volumes from `peer` go into, if one was set.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn new_volume_group(&self, peer: &NodeId) -> Result<Option<String>> {
+        Ok(self
+            .metadata
+            .get_record(NEW_VOLUME_GROUPS, peer.as_bytes())?
+            .map(|value| String::from_utf8_lossy(&value).into_owned()))
+    }
+
+    /// A volume pushed by a peer, made a volume of group `group_name`: the offered record
+    /// with the group's layout, the offered domain, and the keys in `envelope` (this
+    /// node's, from the offer) wrapped again to every member. Recorded in the group, then
+    /// adopted here. Returns the record.
+    ///
+    /// # Errors
+    /// No envelope for this node (a volume pushed into a group must carry keys: `forge
+    /// volume share NAME --to THIS --write` at the sender); no such group; no quorum.
+    pub(crate) fn push_into_group(
+        &self,
+        group_name: &str,
+        mut record: VolumeRecord,
+        domain: DomainRecord,
+        envelope: Option<&[u8]>,
+    ) -> Result<VolumeRecord> {
+        let storage = self.group_storage().ok_or_else(|| NodeError::Cluster {
+            reason: format!(
+                "new volumes from this peer go into volume group {group_name}, which only the daemon reaches"
+            ),
+        })?;
+        let id = VolumeId::from_bytes(record.id);
+        let envelope = envelope.ok_or_else(|| NodeError::SyncRefused {
+            reason: format!(
+                "volume {} would go into volume group {group_name}, whose members need its keys: share it with this node first (`forge volume share {} --to NODE --write` at the sender)",
+                record.name, record.name
+            ),
+        })?;
+        let contents =
+            forge_crypto::envelope::unwrap(&self.identity, envelope, &volume_binding(&id))?;
+        let (group, layout, members) = storage.group_for_new_volume(group_name)?;
+        record.data_shards = u16::try_from(layout.data_shards()).unwrap_or(u16::MAX);
+        record.parity_shards = u16::try_from(layout.parity_shards()).unwrap_or(u16::MAX);
+        record.domain = format!("group-{}", data_encoding::HEXLOWER.encode(&domain.id));
+        let mut envelopes = Vec::with_capacity(members.len());
+        for keys in &members {
+            envelopes.push((
+                *keys.node_id().as_bytes(),
+                self.wrap_to(keys, &contents, &volume_binding(&id))?,
+            ));
+        }
+        let volume = GroupVolume {
+            volume: record,
+            domain,
+            envelopes,
+        };
+        storage.create_volume(group, &volume)?;
+        self.adopt_group_volume(group, &volume, &members)?;
+        Ok(volume.volume)
+    }
+
+    /// The layout new chunks of a volume pushed by `peer` are stored in: its group's when
+    /// its new volumes go into one (asked before the data arrives), else `offered`.
+    ///
+    /// # Errors
+    /// The group is unknown here; no daemon.
+    pub(crate) fn layout_for_new_volume(
+        &self,
+        peer: &NodeId,
+        offered: ErasureLayout,
+    ) -> Result<ErasureLayout> {
+        let Some(group) = self.new_volume_group(peer)? else {
+            return Ok(offered);
+        };
+        let storage = self.group_storage().ok_or_else(|| NodeError::Cluster {
+            reason: format!(
+                "new volumes from this peer go into volume group {group}, which only the daemon reaches"
+            ),
+        })?;
+        Ok(storage.group_for_new_volume(&group)?.1)
+    }
+
     /// Chunk `cid`'s ciphertext, verified: from this node's shards, or gathered from its
     /// group when they are too few (what export, a sync's sender and an audit's answer
     /// read).
@@ -296,6 +417,7 @@ impl Vault {
         &self,
         updates: &[RecordUpdate],
         named: &[Cid],
+        stored: &[Cid],
     ) -> Result<Vec<RecordUpdate>> {
         let Some(volume) = updates
             .iter()
@@ -311,32 +433,60 @@ impl Vault {
         };
         let storage = self.require_group_storage(group)?;
         let mut replicated = updates.to_vec();
-        // The new snapshot's records, written here before the publish, go along.
-        for update in updates {
-            if update.space != RecordSpace::REFS {
+        // The records of each snapshot published (the new head, and every snapshot a sync
+        // brought), written here before the publish, go along, with their authors' keys
+        // so that every member verifies them.
+        let mut snapshots: Vec<Cid> = updates
+            .iter()
+            .filter(|update| update.space == RecordSpace::REFS)
+            .filter_map(|update| match &update.change {
+                Change::Put(value) => Cid::from_slice(value).ok(),
+                _ => None,
+            })
+            .collect();
+        snapshots.extend(named.iter().copied());
+        snapshots.sort_unstable();
+        snapshots.dedup();
+        let mut authors = std::collections::BTreeSet::new();
+        for snapshot in snapshots {
+            let key = [volume.as_bytes().as_slice(), snapshot.as_bytes()].concat();
+            let Some(listing) = self.metadata.get_record(RecordSpace::SNAPSHOTS, &key)? else {
                 continue;
-            }
-            if let Change::Put(value) = &update.change {
-                let key = [volume.as_bytes().as_slice(), value.as_slice()].concat();
-                for space in [
-                    RecordSpace::SNAPSHOTS,
-                    RecordSpace::INDEX_HEADS,
-                    super::peers::LINEAGE,
-                ] {
-                    if let Some(record) = self.metadata.get_record(space, &key)? {
-                        replicated.push(RecordUpdate::new(
-                            space,
-                            key.clone(),
-                            Expected::Any,
-                            Change::Put(record),
-                        ));
+            };
+            replicated.push(RecordUpdate::new(
+                RecordSpace::SNAPSHOTS,
+                key.clone(),
+                Expected::Any,
+                Change::Put(listing),
+            ));
+            for space in [RecordSpace::INDEX_HEADS, super::peers::LINEAGE] {
+                if let Some(record) = self.metadata.get_record(space, &key)? {
+                    if space == RecordSpace::INDEX_HEADS {
+                        let head: records::IndexHead = records::decode("index head", &record)?;
+                        authors.insert(head.author);
                     }
+                    replicated.push(RecordUpdate::new(
+                        space,
+                        key.clone(),
+                        Expected::Any,
+                        Change::Put(record),
+                    ));
                 }
             }
         }
-        storage.publish(&volume, group, named, &replicated)?;
+        for author in authors {
+            if let Some(keys) = self.metadata.get_record(super::KEYRING, &author)? {
+                replicated.push(RecordUpdate::new(
+                    super::KEYRING,
+                    author.to_vec(),
+                    Expected::Any,
+                    Change::Put(keys),
+                ));
+            }
+        }
+        storage.publish(&volume, group, stored, &replicated)?;
         let mut batch = WriteBatch::new();
-        Self::mark_grouped(&mut batch, group, named);
+        Self::mark_grouped(&mut batch, group, stored);
         self.kv.write(batch, forge_store::kv::Durability::Logged)?;
         Ok(updates
             .iter()
@@ -467,6 +617,41 @@ impl Vault {
             domain,
             envelopes,
         })
+    }
+
+    /// `volume` with its keys wrapped to `to` too (a member added to its group), from the
+    /// envelope wrapped to this node.
+    ///
+    /// # Errors
+    /// No envelope for this node, or one that does not open.
+    pub fn wrap_group_volume_to(
+        &self,
+        volume: &GroupVolume,
+        to: &NodePublicKeys,
+    ) -> Result<GroupVolume> {
+        let id = VolumeId::from_bytes(volume.volume.id);
+        let me = self.identity.node_id();
+        let mine = volume
+            .envelopes
+            .iter()
+            .find(|(node, _)| node == me.as_bytes())
+            .ok_or_else(|| NodeError::Cluster {
+                reason: format!(
+                    "volume {} carries no keys for this node: add nodes from a member that holds them",
+                    volume.volume.name
+                ),
+            })?;
+        let contents =
+            forge_crypto::envelope::unwrap(&self.identity, &mine.1, &volume_binding(&id))?;
+        let mut wrapped = volume.clone();
+        wrapped
+            .envelopes
+            .retain(|(node, _)| node != to.node_id().as_bytes());
+        wrapped.envelopes.push((
+            *to.node_id().as_bytes(),
+            self.wrap_to(to, &contents, &volume_binding(&id))?,
+        ));
+        Ok(wrapped)
     }
 
     /// Makes a group's volume a volume of this vault (its record, its keys from the

@@ -348,7 +348,7 @@ impl Importer<'_> {
     /// engine errors.
     pub(crate) fn publish(&self, updates: &[RecordUpdate]) -> Result<()> {
         let named = self.lock_named();
-        let updates = self.vault.publish_to_group(updates, &named)?;
+        let updates = self.vault.publish_to_group(updates, &named, &named)?;
         self.session
             .publish(&updates, &named, &|cid| self.vault.stores(cid))
     }

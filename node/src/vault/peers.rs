@@ -301,7 +301,6 @@ impl Vault {
         passphrase: super::PassphraseSource<'_>,
     ) -> Result<()> {
         let open = self.open_volume(name, passphrase)?;
-        self.refuse_if_grouped(&open.id, "sharing")?;
         let keys = match self.trusted_keys(to.as_bytes(), &format!("node {to}")) {
             Err(NodeError::UntrustedSigner { .. }) => {
                 return Err(NodeError::UnknownPeer { peer: to.to_hex() });

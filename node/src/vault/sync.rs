@@ -71,8 +71,9 @@ impl VaultSyncStore {
         named: &[Cid],
     ) -> Result<()> {
         let vault = &*self.vault;
-        // Into a grouped volume: spread over the group and moved through its Raft first.
-        let updates = vault.publish_to_group(updates, named)?;
+        // Into a grouped volume: everything this sync stored or found held (its claims)
+        // spread over the group, and the ref moved through the group's Raft first.
+        let updates = vault.publish_to_group(updates, named, &self.session.claimed())?;
         self.session
             .publish(&updates, named, &|cid| vault.stores(cid))
     }

@@ -216,9 +216,14 @@ impl VaultVolumeHost {
                         VolumeId::from_bytes(taken.id)
                     )));
                 }
-                let layout = ErasureLayout::new(
-                    usize::from(offer.data_shards),
-                    usize::from(offer.parity_shards),
+                // Into this vault's volume group when the peer's new volumes go into one:
+                // its chunks arrive in the group's layout.
+                let layout = self.vault.layout_for_new_volume(
+                    &from,
+                    ErasureLayout::new(
+                        usize::from(offer.data_shards),
+                        usize::from(offer.parity_shards),
+                    )?,
                 )?;
                 if offer.domain.chunker_version != records::CHUNKER_VERSION {
                     return Err(refuse(format!(
@@ -273,8 +278,27 @@ impl VaultVolumeHost {
         let volume = VolumeId::from_bytes(offer.volume);
         let mut updates = Vec::new();
         let existing = self.volume_by_id(&offer.volume)?;
+        let me = vault.identity().node_id();
         let record = match &existing {
             Some(record) => record.clone(),
+            None if let Some(group) = vault.new_volume_group(&from)? => {
+                // A volume of this vault's group from now on: recorded in the group with
+                // its keys wrapped to every member, adopted here.
+                let domain = DomainRecord {
+                    chunker_version: offer.domain.chunker_version,
+                    id: offer.domain.id,
+                    chunk_min_bytes: offer.domain.chunk_min_bytes,
+                    chunk_avg_bytes: offer.domain.chunk_avg_bytes,
+                    chunk_max_bytes: offer.domain.chunk_max_bytes,
+                    key_envelope: None,
+                };
+                let envelope = offer
+                    .envelopes
+                    .iter()
+                    .find(|(node, _)| *node == me)
+                    .map(|(_, envelope)| envelope.as_slice());
+                vault.push_into_group(&group, accepted, domain, envelope)?
+            }
             None => {
                 // As accepted at the offer; a volume named so since then fails the update
                 // (Expected::Absent), nothing is overwritten.
@@ -290,7 +314,6 @@ impl VaultVolumeHost {
                 record
             }
         };
-        let me = vault.identity().node_id();
         let held_chain = vault.key_chain(&volume)?;
         for (generation, sealed) in &offer.key_chain {
             // A generation this vault has keeps its entry (the chain only grows).

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Volume-group import benchmark: the same tree imported into a single-node vault (4+2, all
+# six shards local) and into a volume of a 6-node 4+2 testnet on loopback (each chunk's six
+# shards on six daemons, durable there before the branch moves through Raft), in the same
+# run; then exported on another member of the testnet (gathering four shards per chunk)
+# and checked byte for byte. Prints wall time, MB/s and the group/single ratio.
+#
+#   ./scripts/bench-group.sh [DATA_DIR]   # default: about 200 MB of /usr/lib and /usr/share
+#
+# The peer is forge itself on one node: the question is what spreading over a group costs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/forge-target}"
+cargo build --release --locked --bin forge >/dev/null
+forge="$CARGO_TARGET_DIR/release/forge"
+export FORGE_BIN="$forge"
+
+work="$(mktemp -d /var/tmp/forge-bench-group.XXXXXX)"
+cleanup() {
+  [ -d "$work/net" ] && testnet/down.sh --dir "$work/net" >/dev/null 2>&1 || true
+  [ -d "$work/single" ] && FORGE_DATA_DIR="$work/single" "$forge" node stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+data="${1:-}"
+if [ -z "$data" ]; then
+  # About 200 MB of real files: Python's library, documentation, locale data.
+  data="$work/data"
+  mkdir -p "$data"
+  for source in /usr/lib/python3* /usr/share/doc /usr/share/locale /usr/share/i18n /usr/lib/x86_64-linux-gnu/perl*; do
+    [ -d "$source" ] || continue
+    cp -a "$source" "$data/" 2>/dev/null || true
+    [ "$(du -sb "$data" | cut -f1)" -ge 200000000 ] && break
+  done
+fi
+bytes="$(du -sb "$data" | cut -f1)"
+echo "data: $data ($(find "$data" -type f | wc -l) files, $bytes bytes)"
+tar cf - "$data" 2>/dev/null | cat >/dev/null # warm the page cache for both runs
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+rate() { python3 -c "print(f'{$1 / 1e6 / $2:.1f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+
+# Single node, the same layout, through its daemon like the testnet's members.
+export FORGE_DATA_DIR="$work/single"
+"$forge" init >/dev/null
+"$forge" node start --listen /ip4/127.0.0.1/udp/0/quic-v1 >/dev/null
+"$forge" volume create data --ec 4+2 >/dev/null
+start="$(now)"
+"$forge" volume import data "$data" >/dev/null
+single="$(elapsed "$start" "$(now)")"
+"$forge" node stop >/dev/null
+unset FORGE_DATA_DIR
+
+testnet/up.sh 6 --ec 4+2 --dir "$work/net" >/dev/null
+on() { local node="$1"; shift; FORGE_DATA_DIR="$work/net/node-$node" "$forge" "$@"; }
+on 1 volume create data --group testnet >/dev/null
+start="$(now)"
+on 1 volume import data "$data" >/dev/null
+group="$(elapsed "$start" "$(now)")"
+# Another member reads it back once its mirror has the snapshot.
+for _ in $(seq 1 100); do
+  [ "$(on 6 snapshot list data --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 1 ] && break
+  sleep 0.2
+done
+start="$(now)"
+on 6 volume export data "$work/out" >/dev/null
+exported="$(elapsed "$start" "$(now)")"
+diff -r "$data" "$work/out" >/dev/null && same="byte-identical" || same="DIFFERENT"
+
+printf '%-40s %8s s %8s MB/s\n' "import, single node (4+2 local)" "$single" "$(rate "$bytes" "$single")"
+printf '%-40s %8s s %8s MB/s\n' "import, 6-node group (4+2 spread)" "$group" "$(rate "$bytes" "$group")"
+printf '%-40s %8s s %8s MB/s  (%s)\n' "export on another member" "$exported" "$(rate "$bytes" "$exported")" "$same"
+echo "group/single import time: $(ratio "$group" "$single")x"

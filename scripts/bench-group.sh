@@ -70,7 +70,49 @@ on 6 volume export data "$work/out" >/dev/null
 exported="$(elapsed "$start" "$(now)")"
 diff -r "$data" "$work/out" >/dev/null && same="byte-identical" || same="DIFFERENT"
 
+# Failures: two members killed with SIGKILL (pairs, the group's leader in one of them),
+# the volume exported on a survivor and compared; the two restarted on their ports and
+# the group repaired: every chunk back to six shards on their owners.
+id_of() { on "$1" node id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["node_id"])'; }
+port_of() { on "$1" node addr --json | python3 -c 'import json,sys; a=json.load(sys.stdin)["addresses"][0]; print(a.split("/udp/")[1].split("/")[0])'; }
+pid_of() { on "$1" node status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])'; }
+leader_index() {
+  local leader
+  leader="$(on "$1" cluster status --json | python3 -c '
+import json, sys
+groups = [g for g in json.load(sys.stdin)["groups"] if g["name"] == "testnet"]
+print(groups[0].get("leader") or "")')"
+  for node in 1 2 3 4 5 6; do [ "$(id_of "$node")" = "$leader" ] && echo "$node"; done
+}
+failures=()
+for round in 1 2 3; do
+  case "$round" in
+    1) pair="2 3" ;;
+    2) leader="$(leader_index 6)"; other=$(( leader % 6 + 1 )); pair="$leader $other" ;;
+    3) pair="1 6" ;;
+  esac
+  declare -A ports=()
+  for node in $pair; do ports[$node]="$(port_of "$node")"; kill -9 "$(pid_of "$node")"; done
+  survivor=1; while [[ " $pair " == *" $survivor "* ]]; do survivor=$((survivor + 1)); done
+  rm -rf "$work/out-$round"
+  start="$(now)"
+  if on "$survivor" volume export data "$work/out-$round" >/dev/null 2>"$work/export-$round.err" &&
+     diff -r "$data" "$work/out-$round" >/dev/null; then verdict="byte-identical"; else verdict="FAILED ($(head -c 300 "$work/export-$round.err"))"; fi
+  took="$(elapsed "$start" "$(now)")"
+  for node in $pair; do
+    on "$node" node start --listen "/ip4/127.0.0.1/udp/${ports[$node]}/quic-v1" --metrics-listen 127.0.0.1:0 >/dev/null
+  done
+  sleep 3
+  repaired="$(on "$survivor" group repair testnet --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print(f"{r[\"shards_held\"]}/{r[\"shards_expected\"]} shards on their owners, whole: {r[\"whole\"]}")')"
+  failures+=("killed nodes $pair: export on node $survivor in $took s: $verdict; after restart and repair: $repaired")
+  unset ports
+done
+
 printf '%-40s %8s s %8s MB/s\n' "import, single node (4+2 local)" "$single" "$(rate "$bytes" "$single")"
 printf '%-40s %8s s %8s MB/s\n' "import, 6-node group (4+2 spread)" "$group" "$(rate "$bytes" "$group")"
 printf '%-40s %8s s %8s MB/s  (%s)\n' "export on another member" "$exported" "$(rate "$bytes" "$exported")" "$same"
 echo "group/single import time: $(ratio "$group" "$single")x"
+printf '%s\n' "${failures[@]}"

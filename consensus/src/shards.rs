@@ -95,6 +95,14 @@ pub enum ShardRequest {
         /// The volume group.
         group: u64,
     },
+    /// Sweep your copy of the group's data: delete what the group's volumes no longer
+    /// reach (the group's gc epoch must be `epoch`, odd: the sweep the asker opened).
+    Sweep {
+        /// The volume group.
+        group: u64,
+        /// The sweep's gc epoch.
+        epoch: u64,
+    },
     /// The sealed bytes of each object held (a member that was away fetches what was
     /// published meanwhile).
     Objects {
@@ -114,7 +122,8 @@ impl ShardRequest {
             | Self::Get { group, .. }
             | Self::Has { group, .. }
             | Self::Objects { group, .. }
-            | Self::Repair { group } => *group,
+            | Self::Repair { group }
+            | Self::Sweep { group, .. } => *group,
         }
     }
 }
@@ -146,6 +155,15 @@ pub enum ShardReply {
     Objects(Vec<Option<Vec<u8>>>),
     /// For a `Repair`: what the member's repair did.
     Repaired(RepairSummary),
+    /// For a `Sweep`: chunks and objects deleted, and their bytes.
+    Swept {
+        /// Chunks whose shards were deleted here.
+        chunks: u64,
+        /// Objects deleted here.
+        objects: u64,
+        /// Bytes of shard records and objects deleted.
+        bytes: u64,
+    },
 }
 
 codec!(ShardRequest, "a shard request");

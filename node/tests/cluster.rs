@@ -763,3 +763,85 @@ fn a_node_added_to_a_group_takes_its_shards_and_a_removed_one_hands_them_over() 
     let after = whole(&sites[3], "whole without the removed node", &|_| true);
     assert_eq!(after["members"].as_array().unwrap().len(), 3, "{after:#}");
 }
+
+/// Unmounts (lazily) whatever a test mounted, whatever the test did.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+#[test]
+fn group_gc_waits_for_writers_then_frees_a_delisted_snapshot_on_every_member() {
+    let sites = three_node_group("g");
+    sites[0]
+        .vault
+        .ok(&["volume", "create", "data", "--group", "g"]);
+    let first = sites[0].vault.path("first");
+    write_random_tree(&first, 6, 150_000, 41);
+    let old = sites[0]
+        .vault
+        .json(&["volume", "import", "data", first.to_str().unwrap()]);
+    let old_id = old["snapshot"].as_str().unwrap().to_owned();
+    let second = sites[0].vault.path("second");
+    write_random_tree(&second, 4, 100_000, 42);
+    let kept = sites[1]
+        .vault
+        .json(&["volume", "import", "data", second.to_str().unwrap()]);
+    let kept_id = kept["snapshot"].as_str().unwrap().to_owned();
+    export_matches(&sites[1], "data", "before-gc", &second, &kept_id);
+
+    // A mount of the group volume is a writer: the group's gc waits for it, saying so.
+    let mountpoint = sites[2].vault.path("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let _unmount = Unmount(mountpoint.clone());
+    export_matches(&sites[2], "data", "mirror-ready", &second, &kept_id);
+    sites[2]
+        .vault
+        .ok(&["volume", "mount", "data", mountpoint.to_str().unwrap()]);
+    std::fs::write(mountpoint.join("from-a-mount.txt"), b"written in a mount\n").unwrap();
+    let refused = sites[0].vault.run(&["group", "gc", "g"]);
+    assert!(!refused.status.success(), "gc ran beside a mount");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("mount on"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let unmounted = sites[2]
+        .vault
+        .ok(&["volume", "unmount", mountpoint.to_str().unwrap()]);
+    assert!(unmounted.contains("committed"), "{unmounted}");
+
+    // Nothing delisted yet: nothing live goes.
+    let idle = sites[1].vault.json(&["group", "gc", "g"]);
+    assert_eq!(idle["chunks_removed"], 0, "{idle:#}");
+    // The first snapshot delisted: its chunks go from every member.
+    sites[1].vault.ok(&["snapshot", "delete", "data", &old_id]);
+    let swept = sites[1].vault.json(&["group", "gc", "g"]);
+    assert!(swept["chunks_removed"].as_u64().unwrap() > 0, "{swept:#}");
+    let members = swept["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{swept:#}");
+    assert!(
+        members
+            .iter()
+            .all(|member| member["error"].is_null() && member["chunks"].as_u64().unwrap() > 0),
+        "{swept:#}"
+    );
+    // What is listed reads whole everywhere, the mount's commit with it.
+    let head = sites[0].vault.json(&["snapshot", "list", "data"]);
+    let head_id = head.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(second.join("from-a-mount.txt"), b"written in a mount\n").unwrap();
+    export_matches(&sites[0], "data", "after-gc", &second, &head_id);
+    for site in &sites {
+        let fsck = site.vault.json(&["fsck"]);
+        assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
+    }
+}

@@ -468,6 +468,13 @@ pub enum GroupCommand {
         /// The node: NodeId, unique prefix or peer name.
         node: String,
     },
+    /// Collect a volume group's garbage: every member deletes its shards and objects of the
+    /// group that no listed snapshot of its volumes reaches. Refused while a write into a
+    /// group volume is in progress on any member (imports, syncs, mounts).
+    Gc {
+        /// The group.
+        name: String,
+    },
     /// Repair a volume group now: every member rebuilds the shards it owns and lacks
     /// (from any K others) and drops those it held for an absent owner; reports whether
     /// every chunk is back to K+M shards. Repair also runs in the background.

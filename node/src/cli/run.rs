@@ -133,6 +133,11 @@ impl Cli {
                 })?;
                 Ok(service::cluster::render_group("shrunk", &group))
             }),
+            Command::Group(GroupCommand::Gc { name }) => self.with_api(|mesh| {
+                Ok(service::cluster::render_group_gc(&mesh.gc_group(
+                    forge_proto::v1::GroupGcRequest { name: name.clone() },
+                )?))
+            }),
             Command::Group(GroupCommand::Repair { name }) => self.with_api(|mesh| {
                 Ok(service::cluster::render_repair(&mesh.repair_group(
                     forge_proto::v1::RepairGroupRequest { name: name.clone() },

@@ -74,6 +74,11 @@ pub struct ClusterNode {
     watching: Mutex<bool>,
     /// Each volume group's repair here (see groups.rs).
     repairs: Mutex<BTreeMap<u64, super::groups::RepairState>>,
+    /// This daemon run (random): names the group write pins it takes, so that the next
+    /// run knows the ones a crash left behind.
+    boot: u64,
+    /// Groups whose pins left by an earlier run of this node were cleared.
+    pins_cleared: Mutex<BTreeSet<u64>>,
     this: Weak<ClusterNode>,
 }
 
@@ -94,6 +99,7 @@ impl ClusterNode {
     /// The protocols are served already; storage errors.
     pub fn start(vault: Arc<Vault>, net: QuicNet) -> Result<Arc<Self>> {
         let syncer = Arc::new(Syncer::start(vault.shared_kv())?);
+        let boot = u64::from_le_bytes(vault.random_array()?);
         let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
         let node = Arc::new_cyclic(|this| Self {
             vault,
@@ -106,6 +112,8 @@ impl ClusterNode {
             known: Mutex::new(BTreeSet::new()),
             watching: Mutex::new(false),
             repairs: Mutex::new(BTreeMap::new()),
+            boot,
+            pins_cleared: Mutex::new(BTreeSet::new()),
             this: this.clone(),
         });
         let raft = shared
@@ -167,6 +175,15 @@ impl ClusterNode {
 
     pub(crate) fn weak(&self) -> Weak<ClusterNode> {
         self.this.clone()
+    }
+
+    pub(crate) fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    /// Whether this run cleared its node's stale pins of `group` already (marks it so).
+    pub(crate) fn first_pin_clearing(&self, group: u64) -> bool {
+        lock(&self.pins_cleared).insert(group)
     }
 
     fn raft_allowed(&self, from: &NodeId) -> std::result::Result<(), String> {
@@ -655,6 +672,15 @@ impl ClusterNode {
                 if let Err(error) = group.initialize(&nodes).await {
                     tracing::debug!(%error, group = %name, "forming a volume group");
                 }
+            }
+            // Write pins an earlier run of this node left (a crash) would keep the
+            // group's gc from ever running: cleared once per run.
+            if let Ok(view) = self.view_of(name.clone(), &record)
+                && self.first_pin_clearing(record.id)
+                && let Err(error) = self.clear_stale_pins(&view).await
+            {
+                lock(&self.pins_cleared).remove(&record.id);
+                tracing::debug!(%error, group = %name, "clearing this node's stale write pins");
             }
             // Its volumes adopted here, their refs and listings mirrored.
             let view = self.view_of(name.clone(), &record);

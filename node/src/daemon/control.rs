@@ -885,6 +885,13 @@ impl Mesh for ApiGrpc {
         mesh_call!(self, "Mesh.RepairGroup", request, repair_group)
     }
 
+    async fn gc_group(
+        &self,
+        request: Request<forge_proto::v1::GroupGcRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::GroupGcReply>, Status> {
+        mesh_call!(self, "Mesh.GcGroup", request, gc_group)
+    }
+
     async fn add_group_node(
         &self,
         request: Request<forge_proto::v1::GroupNodeRequest>,

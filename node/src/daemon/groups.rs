@@ -45,6 +45,57 @@ use crate::vault::records::VolumeRecord;
 /// A volume group's volumes, in its state machine: name → `GroupVolume`.
 pub const VOLUMES: RecordSpace = RecordSpace::new("volumes");
 
+/// A volume group's gc fence, in its state machine: `epoch` (u64 BE, odd while a sweep
+/// runs), `pin-count` (u64 BE, bumped by every pin), `pin/<node><boot><seq>` → [`PinInfo`].
+///
+/// A writer of a group volume (import, mount, sync) pins the group for its whole session
+/// with one compare-and-swap: "epoch unchanged (even), pin-count +1, pin absent → put".
+/// The group's gc opens a sweep with one compare-and-swap: "no pins seen, pin-count
+/// unchanged, epoch +1 (odd)". Raft orders the two: a pin taken first makes the sweep's
+/// swap fail; a sweep opened first makes the pin's fail, and the writer waits for the
+/// sweep to end. So no sweep overlaps a writer, which may have deduplicated against any
+/// chunk the group holds, and no snapshot ever names what a sweep deleted.
+pub const GROUP_GC: RecordSpace = RecordSpace::new("group-gc");
+const EPOCH_KEY: &[u8] = b"epoch";
+const PIN_COUNT_KEY: &[u8] = b"pin-count";
+const PIN_PREFIX: &[u8] = b"pin/";
+/// How long a writer waits for a sweep to end before failing, naming it.
+const SWEEP_WAIT: Duration = Duration::from_secs(120);
+/// A pin older than this is taken as left behind (a node gone for good) by the gc.
+const PIN_STALE_AFTER_NS: i64 = 24 * 3600 * 1_000_000_000;
+
+/// A writer's pin, as the group records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinInfo {
+    /// The node writing.
+    pub node: [u8; 32],
+    /// The daemon run that took it.
+    pub boot: u64,
+    /// What writes: import, mount, sync.
+    pub kind: String,
+    /// When, ns since the epoch.
+    pub since_ns: i64,
+}
+
+fn decode_u64(value: Option<&[u8]>, what: &'static str) -> Result<u64> {
+    match value {
+        None => Ok(0),
+        Some(bytes) => {
+            bytes
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| NodeError::CorruptRecord {
+                    what,
+                    reason: format!("{} bytes", bytes.len()),
+                })
+        }
+    }
+}
+
+fn expected_of(value: Option<Vec<u8>>) -> Expected {
+    value.map_or(Expected::Absent, Expected::Value)
+}
+
 /// The records of a group volume the members mirror (keys start with the volume's id).
 const MIRRORED: [RecordSpace; 4] = [
     RecordSpace::REFS,
@@ -1236,6 +1287,289 @@ impl ClusterNode {
         });
     }
 
+    /// Pins group `view` for a writer (see [`GROUP_GC`]).
+    async fn pin_group(&self, view: &GroupView, kind: &str) -> Result<Vec<u8>> {
+        let me = self.vault().identity().node_id();
+        let sequence = PIN_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = [
+            PIN_PREFIX,
+            me.as_bytes().as_slice(),
+            &self.boot().to_be_bytes(),
+            &sequence.to_be_bytes(),
+        ]
+        .concat();
+        let info = PinInfo {
+            node: *me.as_bytes(),
+            boot: self.boot(),
+            kind: kind.to_owned(),
+            since_ns: self.vault().now_ns(),
+        };
+        let waiting_since = std::time::Instant::now();
+        loop {
+            let epoch = view.handle.read_record(GROUP_GC.name(), EPOCH_KEY).await?;
+            if decode_u64(epoch.as_deref(), "group gc epoch")? % 2 == 1 {
+                if waiting_since.elapsed() > SWEEP_WAIT {
+                    return Err(cluster_error(format!(
+                        "volume group {}'s gc has been sweeping for over {} s (a member that started it may have crashed: `forge group gc {}` finishes it)",
+                        view.name,
+                        SWEEP_WAIT.as_secs(),
+                        view.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let count = view
+                .handle
+                .read_record(GROUP_GC.name(), PIN_COUNT_KEY)
+                .await?;
+            let next = decode_u64(count.as_deref(), "group pin count")? + 1;
+            let updates = [
+                RecordUpdate::new(
+                    GROUP_GC,
+                    EPOCH_KEY.to_vec(),
+                    expected_of(epoch),
+                    Change::Keep,
+                ),
+                RecordUpdate::new(
+                    GROUP_GC,
+                    PIN_COUNT_KEY.to_vec(),
+                    expected_of(count),
+                    Change::Put(next.to_be_bytes().to_vec()),
+                ),
+                RecordUpdate::new(
+                    GROUP_GC,
+                    key.clone(),
+                    Expected::Absent,
+                    Change::Put(crate::vault::records::encode(&info)),
+                ),
+            ];
+            match apply_with_retry(&view.handle, &updates).await {
+                Ok(()) => return Ok(key),
+                // A sweep opened, or another pin went in: look again.
+                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Removes pins this node's earlier runs left in group `view` (a crash).
+    pub(crate) async fn clear_stale_pins(&self, view: &GroupView) -> Result<()> {
+        let me = self.vault().identity().node_id();
+        let prefix = [PIN_PREFIX, me.as_bytes().as_slice()].concat();
+        let stale: Vec<RecordUpdate> = view
+            .handle
+            .local_records(GROUP_GC.name(), &prefix)?
+            .into_iter()
+            .filter(|(key, _)| {
+                key.get(prefix.len()..prefix.len() + 8) != Some(&self.boot().to_be_bytes()[..])
+            })
+            .map(|(key, _)| RecordUpdate::new(GROUP_GC, key, Expected::Any, Change::Delete))
+            .collect();
+        if !stale.is_empty() {
+            tracing::info!(group = %view.name, pins = stale.len(), "clearing write pins an earlier run left");
+            apply_with_retry(&view.handle, &stale).await?;
+        }
+        Ok(())
+    }
+
+    /// Collects group `name`'s garbage: opens a sweep (refused while writers hold pins),
+    /// has every member delete its shards and objects of the group that no listed
+    /// snapshot of its volumes reaches, and closes the sweep. A member that does not
+    /// answer keeps its garbage until the next run.
+    ///
+    /// # Errors
+    /// Writers in progress (named); unknown group; no quorum.
+    pub async fn group_gc(&self, name: &str) -> Result<forge_proto::v1::GroupGcReply> {
+        let (_, record) = self
+            .groups()?
+            .into_iter()
+            .find(|(group, _)| group == name)
+            .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
+        let view = self.view_of(name.to_owned(), &record)?;
+        let now = self.vault().now_ns();
+        let epoch = loop {
+            view.handle.barrier(Duration::from_secs(30)).await?;
+            let mut pins = Vec::new();
+            let mut stale = Vec::new();
+            for (key, value) in view.handle.local_records(GROUP_GC.name(), PIN_PREFIX)? {
+                let info: PinInfo = crate::vault::records::decode("group pin", &value)?;
+                let member = view.holders().any(|node| node.as_bytes() == &info.node);
+                if !member || now.saturating_sub(info.since_ns) > PIN_STALE_AFTER_NS {
+                    stale.push(RecordUpdate::new(
+                        GROUP_GC,
+                        key,
+                        Expected::Any,
+                        Change::Delete,
+                    ));
+                } else {
+                    pins.push(info);
+                }
+            }
+            if !stale.is_empty() {
+                apply_with_retry(&view.handle, &stale).await?;
+            }
+            if !pins.is_empty() {
+                let writers: Vec<String> = pins
+                    .iter()
+                    .map(|pin| {
+                        format!(
+                            "{} on {}",
+                            pin.kind,
+                            &NodeId::from_bytes(pin.node).to_hex()[..16]
+                        )
+                    })
+                    .collect();
+                return Err(cluster_error(format!(
+                    "volume group {name} has writes in progress ({}): its gc runs once they end (a mount counts until it is unmounted)",
+                    writers.join(", ")
+                )));
+            }
+            let epoch_value = view.handle.read_record(GROUP_GC.name(), EPOCH_KEY).await?;
+            let epoch = decode_u64(epoch_value.as_deref(), "group gc epoch")?;
+            if epoch % 2 == 1 {
+                // A sweep a crashed member opened: this run finishes it.
+                break epoch;
+            }
+            let count = view
+                .handle
+                .read_record(GROUP_GC.name(), PIN_COUNT_KEY)
+                .await?;
+            let updates = [
+                RecordUpdate::new(
+                    GROUP_GC,
+                    EPOCH_KEY.to_vec(),
+                    expected_of(epoch_value),
+                    Change::Put((epoch + 1).to_be_bytes().to_vec()),
+                ),
+                RecordUpdate::new(
+                    GROUP_GC,
+                    PIN_COUNT_KEY.to_vec(),
+                    expected_of(count),
+                    Change::Keep,
+                ),
+            ];
+            match apply_with_retry(&view.handle, &updates).await {
+                Ok(()) => break epoch + 1,
+                // A writer pinned meanwhile, or another gc opened: look again.
+                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {}
+                Err(error) => return Err(error),
+            }
+        };
+        let me = self.vault().identity().node_id();
+        let net = self.peer_net();
+        let id = view.id;
+        let sweeps: Vec<_> = view
+            .holders()
+            .map(|node| {
+                let net = net.clone();
+                let this = self.weak();
+                async move {
+                    let outcome = if node == me {
+                        match this.upgrade() {
+                            Some(cluster) => cluster.sweep_here(id, epoch).await,
+                            None => Err(cluster_error("the daemon is stopping")),
+                        }
+                    } else {
+                        async {
+                            let request = ShardRequest::Sweep { group: id, epoch };
+                            let answer = net
+                                .request(
+                                    node,
+                                    SHARDS_PROTOCOL,
+                                    request.encode()?,
+                                    Duration::from_secs(3600),
+                                )
+                                .await?;
+                            match ShardReply::decode(&answer)? {
+                                reply @ ShardReply::Swept { .. } => Ok(reply),
+                                other => Err(cluster_error(format!(
+                                    "answered a sweep with {}",
+                                    reply_kind(&other)
+                                ))),
+                            }
+                        }
+                        .await
+                    };
+                    (node, outcome)
+                }
+            })
+            .collect();
+        let swept = futures_util::future::join_all(sweeps).await;
+        apply_with_retry(
+            &view.handle,
+            &[RecordUpdate::new(
+                GROUP_GC,
+                EPOCH_KEY.to_vec(),
+                Expected::Value(epoch.to_be_bytes().to_vec()),
+                Change::Put((epoch + 1).to_be_bytes().to_vec()),
+            )],
+        )
+        .await?;
+        let mut reply = forge_proto::v1::GroupGcReply {
+            group: name.to_owned(),
+            epoch: epoch + 1,
+            members: Vec::new(),
+        };
+        for (node, outcome) in swept {
+            reply.members.push(match outcome {
+                Ok(ShardReply::Swept {
+                    chunks,
+                    objects,
+                    bytes,
+                }) => forge_proto::v1::MemberSweep {
+                    node_id: node.to_hex(),
+                    error: String::new(),
+                    chunks,
+                    objects,
+                    bytes,
+                },
+                Ok(_) => forge_proto::v1::MemberSweep::default(),
+                Err(error) => forge_proto::v1::MemberSweep {
+                    node_id: node.to_hex(),
+                    error: error.to_string(),
+                    ..forge_proto::v1::MemberSweep::default()
+                },
+            });
+        }
+        Ok(reply)
+    }
+
+    /// This member's part of sweep `epoch` of group `id`: only while that sweep is open,
+    /// and only from a mirror confirmed current (a sweep must never guess what is live).
+    async fn sweep_here(&self, id: u64, epoch: u64) -> Result<ShardReply> {
+        let view = self.group_view(id)?;
+        view.handle.barrier(Duration::from_secs(30)).await?;
+        let current = view.handle.local_records(GROUP_GC.name(), EPOCH_KEY)?;
+        let current = decode_u64(
+            current.first().map(|(_, value)| value.as_slice()),
+            "group gc epoch",
+        )?;
+        if current != epoch || epoch.is_multiple_of(2) {
+            return Err(cluster_error(format!(
+                "sweep {epoch} of volume group {} is not open (its gc epoch is {current})",
+                view.name
+            )));
+        }
+        let this = self.weak();
+        tokio::task::spawn_blocking(move || {
+            let node = this
+                .upgrade()
+                .ok_or_else(|| cluster_error("the daemon is stopping"))?;
+            node.reconcile_volumes(&view)?;
+            let live = node.vault().group_live(id)?;
+            let (chunks, objects, bytes) = node.vault().sweep_group(id, &live)?;
+            tracing::info!(group = %view.name, chunks, objects, bytes, "group gc swept");
+            Ok(ShardReply::Swept {
+                chunks,
+                objects,
+                bytes,
+            })
+        })
+        .await
+        .map_err(|error| cluster_error(format!("the sweep's task failed: {error}")))?
+    }
+
     /// Answers one shard request from `from`.
     async fn answer_shards(self: Arc<Self>, from: NodeId, body: Vec<u8>) -> Result<Vec<u8>> {
         let request = ShardRequest::decode(&body)?;
@@ -1254,6 +1588,9 @@ impl ClusterNode {
             return Err(cluster_error(format!(
                 "node {from} and this node are not both in volume group {group}"
             )));
+        }
+        if let ShardRequest::Sweep { group, epoch } = request {
+            return Ok(self.sweep_here(group, epoch).await?.encode()?);
         }
         if let ShardRequest::Repair { group } = request {
             let this = self.weak();
@@ -1305,6 +1642,7 @@ fn member_repair(
 fn reply_kind(reply: &ShardReply) -> &'static str {
     match reply {
         ShardReply::Repaired(_) => "repaired",
+        ShardReply::Swept { .. } => "swept",
         ShardReply::Stored { .. } => "stored",
         ShardReply::Shards(_) => "shards",
         ShardReply::Held(_) => "held",
@@ -1401,7 +1739,7 @@ fn serve_shard_request(vault: &Vault, group: u64, request: ShardRequest) -> Resu
             }
             Ok(ShardReply::Held(held))
         }
-        ShardRequest::Repair { .. } => Err(cluster_error(
+        ShardRequest::Repair { .. } | ShardRequest::Sweep { .. } => Err(cluster_error(
             "a repair is answered by the cluster, not the store",
         )),
         ShardRequest::Objects { cids, .. } => {
@@ -1481,6 +1819,9 @@ fn wait<T>(runtime: &tokio::runtime::Handle, work: impl std::future::Future<Outp
     }
 }
 
+/// Numbers the pins of this process.
+static PIN_SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The vault's access to its groups, through this daemon's cluster (called from the
 /// vault's threads: each call blocks on the daemon's runtime).
 pub(crate) struct DaemonGroupStorage {
@@ -1501,6 +1842,25 @@ impl DaemonGroupStorage {
 }
 
 impl GroupStorage for DaemonGroupStorage {
+    fn pin(&self, group: u64, kind: &str) -> Result<Vec<u8>> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        self.wait(node.pin_group(&view, kind))
+    }
+
+    fn read(&self, group: u64, space: RecordSpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        Ok(self.wait(view.handle.read_record(space.name(), key))?)
+    }
+
+    fn unpin(&self, group: u64, key: &[u8]) -> Result<()> {
+        let node = self.node()?;
+        let view = node.group_view(group)?;
+        let update = RecordUpdate::new(GROUP_GC, key.to_vec(), Expected::Any, Change::Delete);
+        self.wait(async { apply_with_retry(&view.handle, &[update]).await })
+    }
+
     fn publish(
         &self,
         volume: &VolumeId,

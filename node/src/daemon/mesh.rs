@@ -923,6 +923,15 @@ impl MeshService for DaemonMesh<'_> {
             .run(async move { cluster.repair_group(&request.name).await })?
     }
 
+    fn gc_group(
+        &self,
+        request: forge_proto::v1::GroupGcRequest,
+    ) -> Result<forge_proto::v1::GroupGcReply> {
+        let cluster = self.node.cluster.clone();
+        self.node
+            .run(async move { cluster.group_gc(&request.name).await })?
+    }
+
     fn add_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {
         let node = self.group_member(&request.node)?;
         let cluster = self.node.cluster.clone();

@@ -78,6 +78,47 @@ fn group_line(group: &GroupInfo) -> String {
     line
 }
 
+/// What `forge group gc` prints.
+#[must_use]
+pub fn render_group_gc(reply: &forge_proto::v1::GroupGcReply) -> Output {
+    let mut human = format!("group {}: swept (gc epoch {})", reply.group, reply.epoch);
+    let (mut chunks, mut objects, mut bytes) = (0, 0, 0);
+    for member in &reply.members {
+        if member.error.is_empty() {
+            chunks += member.chunks;
+            objects += member.objects;
+            bytes += member.bytes;
+            let _ = write!(
+                human,
+                "\n  {}: {} chunks, {} objects, {} bytes removed",
+                short(&member.node_id),
+                member.chunks,
+                member.objects,
+                member.bytes
+            );
+        } else {
+            let _ = write!(human, "\n  {}: {}", short(&member.node_id), member.error);
+        }
+    }
+    Output {
+        human,
+        json: json!({
+            "group": reply.group,
+            "epoch": reply.epoch,
+            "chunks_removed": chunks,
+            "objects_removed": objects,
+            "bytes_freed": bytes,
+            "members": reply.members.iter().map(|member| json!({
+                "node_id": member.node_id,
+                "error": (!member.error.is_empty()).then_some(&member.error),
+                "chunks": member.chunks,
+                "objects": member.objects,
+                "bytes": member.bytes,
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
 /// What `forge group repair` prints.
 #[must_use]
 pub fn render_repair(reply: &forge_proto::v1::RepairGroupReply) -> Output {

@@ -158,6 +158,15 @@ pub trait MeshService {
     /// No daemon; not in the group; too few left; shards not moved yet.
     fn remove_group_node(&self, request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo>;
 
+    /// Collects a volume group's garbage on every member.
+    ///
+    /// # Errors
+    /// No daemon; writes in progress; an unknown group; no quorum.
+    fn gc_group(
+        &self,
+        request: forge_proto::v1::GroupGcRequest,
+    ) -> Result<forge_proto::v1::GroupGcReply>;
+
     /// Repairs a volume group now on every member that answers, and sums their reports.
     ///
     /// # Errors
@@ -395,6 +404,13 @@ impl MeshService for LocalApi<'_> {
         _request: forge_proto::v1::RepairGroupRequest,
     ) -> Result<forge_proto::v1::RepairGroupReply> {
         Err(needs_daemon("`forge group repair`"))
+    }
+
+    fn gc_group(
+        &self,
+        _request: forge_proto::v1::GroupGcRequest,
+    ) -> Result<forge_proto::v1::GroupGcReply> {
+        Err(needs_daemon("`forge group gc`"))
     }
 
     fn add_group_node(&self, _request: forge_proto::v1::GroupNodeRequest) -> Result<GroupInfo> {

@@ -418,6 +418,14 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         self.connection.call(self.mesh().repair_group(request))
     }
 
+    fn gc_group(
+        &self,
+        request: forge_proto::v1::GroupGcRequest,
+    ) -> Result<forge_proto::v1::GroupGcReply> {
+        let request = self.connection.request(request);
+        self.connection.call(self.mesh().gc_group(request))
+    }
+
     fn add_group_node(
         &self,
         request: forge_proto::v1::GroupNodeRequest,

@@ -158,6 +158,7 @@ impl GcFence {
             id,
             pin_key: pin_key(id),
             validated_epoch: Mutex::new(started_epoch),
+            group_pin: None,
         };
         self.metadata.apply(&[RecordUpdate::new(
             RecordSpace::PINS,
@@ -282,6 +283,9 @@ pub struct WriteSession {
     pin_key: Vec<u8>,
     /// The last epoch at which everything this session names was known to be stored.
     validated_epoch: Mutex<u64>,
+    /// For a grouped volume: the pin in the group's Raft state that keeps the group's gc
+    /// from sweeping while this session writes (dropped with the session).
+    pub(crate) group_pin: Option<super::groups::GroupPin>,
 }
 
 impl WriteSession {

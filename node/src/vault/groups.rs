@@ -76,9 +76,53 @@ impl GroupVolume {
     }
 }
 
+/// A writer's pin in a group's Raft state (see `daemon/groups.rs`, "gc"): removed when
+/// dropped (best effort: a pin left by a crash is cleared by its node's next start).
+pub struct GroupPin {
+    storage: Arc<dyn GroupStorage>,
+    group: u64,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for GroupPin {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("GroupPin")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GroupPin {
+    fn drop(&mut self) {
+        if let Err(error) = self.storage.unpin(self.group, &self.key) {
+            tracing::debug!(%error, group = self.group, "could not remove a group write pin");
+        }
+    }
+}
+
 /// What the daemon provides for grouped volumes (see the module documentation). Called
 /// from the vault's threads, never from an async task.
 pub trait GroupStorage: Send + Sync {
+    /// Pins `group` for a writer of `kind`: waits while the group's gc sweeps, then
+    /// records the pin (its gc does not start while pins are held). Returns its key.
+    ///
+    /// # Errors
+    /// A sweep that does not end; no quorum.
+    fn pin(&self, group: u64, kind: &str) -> Result<Vec<u8>>;
+
+    /// Record `key` of `space` in `group`'s state, linearizably (read index).
+    ///
+    /// # Errors
+    /// No quorum.
+    fn read(&self, group: u64, space: RecordSpace, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Removes pin `key` of `group`.
+    ///
+    /// # Errors
+    /// No quorum (the pin stays until this node's daemon starts again).
+    fn unpin(&self, group: u64, key: &[u8]) -> Result<()>;
+
     /// Makes everything in `named` (chunks and objects held here) durable on the group of
     /// `volume`, then applies `updates` (a ref move, and the snapshot's listing, index head
     /// and lineage) through the group's Raft.
@@ -143,6 +187,89 @@ impl Vault {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The head of `branch` of `volume`: for a grouped volume as its group has it now (the
+    /// mirror here may lag a publish on another member by a moment), else as recorded here.
+    ///
+    /// # Errors
+    /// No quorum; metadata errors.
+    pub(crate) fn branch_head(&self, volume: &VolumeId, branch: &str) -> Result<Option<Cid>> {
+        let Some(group) = self.volume_group(volume)? else {
+            return Ok(self.metadata.get_ref(volume, branch)?);
+        };
+        let storage = self.require_group_storage(group)?;
+        storage
+            .read(group, RecordSpace::REFS, &forge_store::metadata::ref_key(volume, branch))?
+            .map(|value| {
+                Cid::from_slice(&value).map_err(|_| NodeError::CorruptRecord {
+                    what: "group ref",
+                    reason: format!("{} bytes", value.len()),
+                })
+            })
+            .transpose()
+    }
+
+    /// Pins `volume`'s group for a writer (None for a volume in no group).
+    pub(crate) fn pin_group(&self, volume: &VolumeId, kind: &str) -> Result<Option<GroupPin>> {
+        let Some(group) = self.volume_group(volume)? else {
+            return Ok(None);
+        };
+        let storage = self.require_group_storage(group)?;
+        let key = storage.pin(group, kind)?;
+        Ok(Some(GroupPin {
+            storage,
+            group,
+            key,
+        }))
+    }
+
+    /// Deletes, from this node, the shards and objects of `group` that `live` does not
+    /// name (the group's gc sweep on this member). Returns (chunks, objects, bytes).
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn sweep_group(
+        &self,
+        group: u64,
+        live: &std::collections::BTreeSet<Cid>,
+    ) -> Result<(u64, u64, u64)> {
+        let end = forge_store::kv::prefix_end(GROUPED);
+        let markers = self
+            .kv
+            .scan(Column::Meta, GROUPED, end.as_deref(), usize::MAX)?;
+        let (mut chunks, mut objects, mut bytes) = (0, 0, 0);
+        let mut batch = WriteBatch::new();
+        for (key, value) in markers {
+            if value.as_slice() != group.to_be_bytes() {
+                continue;
+            }
+            let Ok(cid) = Cid::from_slice(&key[GROUPED.len()..]) else {
+                continue;
+            };
+            if live.contains(&cid) {
+                continue;
+            }
+            if let Some(object) = self.kv.get(Column::Objects, cid.as_bytes())? {
+                bytes += object.len() as u64;
+                objects += 1;
+                batch.delete(Column::Objects, cid.as_bytes().to_vec());
+            }
+            let shard_end = forge_store::kv::prefix_end(cid.as_bytes());
+            let shards = self
+                .kv
+                .scan(Column::Shards, cid.as_bytes(), shard_end.as_deref(), 256)?;
+            if !shards.is_empty() {
+                chunks += 1;
+            }
+            for (shard_key, record) in shards {
+                bytes += record.len() as u64;
+                batch.delete(Column::Shards, shard_key);
+            }
+            batch.delete(Column::Meta, key);
+        }
+        self.kv.write(batch, forge_store::kv::Durability::Synced)?;
+        Ok((chunks, objects, bytes))
     }
 
     /// The group `volume` is in, if any.
@@ -529,6 +656,30 @@ impl Vault {
             }
         }
         Ok(chunks)
+    }
+
+    /// Every cid the listed snapshots of group `group`'s volumes reach (commits, and what
+    /// each one's signed reference index names: trees, manifests, chunks, and the index's
+    /// own nodes): what the group's gc keeps. Keyless; index nodes this node lacks are
+    /// fetched from the group.
+    ///
+    /// # Errors
+    /// A listed snapshot whose index cannot be read (the sweep must not guess).
+    pub(crate) fn group_live(&self, group: u64) -> Result<std::collections::BTreeSet<Cid>> {
+        let mut live = std::collections::BTreeSet::new();
+        for record in self.list_volumes()? {
+            let id = VolumeId::from_bytes(record.id);
+            if self.volume_group(&id)? != Some(group) {
+                continue;
+            }
+            for (snapshot, _) in self.snapshot_listings(&record)? {
+                live.insert(snapshot);
+                let (cids, nodes) = self.walk_index(&record, &snapshot)?;
+                live.extend(cids);
+                live.extend(nodes);
+            }
+        }
+        Ok(live)
     }
 
     /// Applies `updates` of `volume`'s records: through its group first when it is in one

@@ -179,8 +179,9 @@ impl Vault {
                 reason: "not a directory".into(),
             });
         }
-        let head = self.refs().get_ref(&volume.id, &options.branch)?;
+        // The session (and its pin of a volume group) first, then the head it builds on.
         let session = self.open_write_session("import", volume.id)?;
+        let head = self.branch_head(&volume.id, &options.branch)?;
         let mut importer = Importer::new(self, &volume, &session, progress)?;
         importer.keep_atime = options.atime;
         let source_directory = openat(

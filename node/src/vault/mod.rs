@@ -462,8 +462,13 @@ impl Vault {
     /// # Errors
     /// Metadata errors recording its pin.
     pub(crate) fn open_write_session(&self, kind: &str, volume: VolumeId) -> Result<WriteSession> {
-        self.fence
-            .open_session(kind, volume, *self.identity.node_id().as_bytes())
+        let mut session =
+            self.fence
+                .open_session(kind, volume, *self.identity.node_id().as_bytes())?;
+        // A grouped volume's writer also pins the group, so that the group's gc (on any
+        // member) never sweeps what this writer deduplicates against.
+        session.group_pin = self.pin_group(&volume, kind)?;
+        Ok(session)
     }
 
     /// This node's identity.

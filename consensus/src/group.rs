@@ -139,7 +139,7 @@ impl GroupHandle {
         let created = Raft::new(
             raft_id(&net.local_id()),
             Arc::new(config),
-            LinkFactory::new(net.clone(), group),
+            LinkFactory::batched(net.clone(), group, table),
             log,
             state.clone(),
         );
@@ -352,6 +352,12 @@ impl GroupHandle {
             },
             request @ (RaftRequest::AddMember(_) | RaftRequest::RemoveMember(_)) => {
                 return self.change_here(request).await;
+            }
+            // Batches are taken apart by the server before they reach a group.
+            RaftRequest::Batch(_) => {
+                return Err(ConsensusError::Raft {
+                    detail: "a batch inside a batch".into(),
+                });
             }
             RaftRequest::ReadIndex => {
                 match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {

@@ -68,7 +68,27 @@ pub enum RaftRequest {
     /// The leader's read index (confirmed with a quorum): a follower that has applied
     /// that far has seen every write acknowledged before it asked.
     ReadIndex,
+    /// Heartbeats of several groups to one node in one message (sent under the reserved
+    /// group id `u64::MAX`): with many idle groups, one request per peer per window
+    /// instead of one per group.
+    Batch(Vec<(GroupId, RaftRequest)>),
 }
+
+/// One answer of a [`RaftRequest::Batch`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BatchAnswer {
+    /// The group answered.
+    Reply(RaftReply),
+    /// It failed (or does not run on the node).
+    Failed(String),
+}
+
+/// The group id a batch travels under (never a real group's: `GroupHandle::start`
+/// refuses it).
+pub const BATCH_GROUP: GroupId = u64::MAX;
+
+/// How long a heartbeat waits for others to the same node to share its message.
+pub const HEARTBEAT_WINDOW: Duration = Duration::from_millis(20);
 
 /// A group's answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -85,6 +105,8 @@ pub enum RaftReply {
     Value(Option<Vec<u8>>),
     /// To a read-index request: the log index to have applied.
     Index(u64),
+    /// To a batch: one answer per request, in order.
+    Batch(Vec<BatchAnswer>),
     /// To a membership change: done.
     Changed,
     /// This node does not lead the group (the leader it knows of, if any).
@@ -95,6 +117,8 @@ pub enum RaftReply {
 #[derive(Debug, Default, Clone)]
 pub struct GroupTable {
     groups: Arc<Mutex<BTreeMap<GroupId, crate::group::GroupHandle>>>,
+    /// The node's heartbeat batcher (every group's links share it), made on first use.
+    batcher: Arc<Mutex<Option<Arc<HeartbeatBatcher>>>>,
 }
 
 impl GroupTable {
@@ -102,6 +126,20 @@ impl GroupTable {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The node's heartbeat batcher over `net`.
+    pub(crate) fn batcher(&self, net: &Arc<dyn PeerNet>) -> Arc<HeartbeatBatcher> {
+        self.batcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(|| {
+                Arc::new(HeartbeatBatcher {
+                    net: net.clone(),
+                    queues: Mutex::new(BTreeMap::new()),
+                })
+            })
+            .clone()
     }
 
     pub(crate) fn insert(&self, group: GroupId, handle: crate::group::GroupHandle) {
@@ -173,14 +211,39 @@ pub async fn serve_raft(
                 Ok(decoded) => decoded,
                 Err(error) => return request.fail(error.to_string()),
             };
-            let Some(handle) = groups.get(group) else {
-                return request.fail(format!("group {group} does not run on this node"));
+            // A batch of heartbeats: each to its group, answered together.
+            let items = match (group, message) {
+                (BATCH_GROUP, RaftRequest::Batch(items)) => items,
+                (_, message) => {
+                    let Some(handle) = groups.get(group) else {
+                        return request.fail(format!("group {group} does not run on this node"));
+                    };
+                    return match handle.answer(message).await {
+                        Ok(reply) => match encode(&reply) {
+                            Ok(bytes) => request.respond(bytes),
+                            Err(error) => request.fail(error.to_string()),
+                        },
+                        Err(error) => request.fail(error.to_string()),
+                    };
+                }
             };
-            match handle.answer(message).await {
-                Ok(reply) => match encode(&reply) {
-                    Ok(bytes) => request.respond(bytes),
-                    Err(error) => request.fail(error.to_string()),
-                },
+            let answers = futures_util::future::join_all(items.into_iter().map(|(group, item)| {
+                let groups = groups.clone();
+                async move {
+                    match groups.get(group) {
+                        Some(handle) => match handle.answer(item).await {
+                            Ok(reply) => BatchAnswer::Reply(reply),
+                            Err(error) => BatchAnswer::Failed(error.to_string()),
+                        },
+                        None => {
+                            BatchAnswer::Failed(format!("group {group} does not run on this node"))
+                        }
+                    }
+                }
+            }))
+            .await;
+            match encode(&RaftReply::Batch(answers)) {
+                Ok(bytes) => request.respond(bytes),
                 Err(error) => request.fail(error.to_string()),
             }
         });
@@ -222,11 +285,139 @@ fn unexpected(reply: &RaftReply) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&error))
 }
 
+/// Heartbeats waiting to share one message to their node.
+struct Queued {
+    group: GroupId,
+    request: RaftRequest,
+    deadline: Duration,
+    reply: tokio::sync::oneshot::Sender<Result<RaftReply, MeshError>>,
+}
+
+/// Coalesces the heartbeats of all of a node's groups to one peer: the first heartbeat
+/// to a peer opens a window of [`HEARTBEAT_WINDOW`]; whatever heartbeats to that peer
+/// queue up meanwhile go as one [`RaftRequest::Batch`]. Entries (writes) never wait: they
+/// go at once, alone.
+pub(crate) struct HeartbeatBatcher {
+    net: Arc<dyn PeerNet>,
+    queues: Mutex<BTreeMap<NodeId, Vec<Queued>>>,
+}
+
+impl std::fmt::Debug for HeartbeatBatcher {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("HeartbeatBatcher")
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeartbeatBatcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Vec<Queued>>> {
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        target: NodeId,
+        group: GroupId,
+        request: RaftRequest,
+        deadline: Duration,
+    ) -> Result<RaftReply, MeshError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let opens_window = {
+            let mut queues = self.lock();
+            let queue = queues.entry(target).or_default();
+            queue.push(Queued {
+                group,
+                request,
+                deadline,
+                reply,
+            });
+            queue.len() == 1
+        };
+        if opens_window {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(HEARTBEAT_WINDOW).await;
+                this.flush(target).await;
+            });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(MeshError::Local {
+                what: "a batched heartbeat was dropped".into(),
+            })
+        })
+    }
+
+    async fn flush(&self, target: NodeId) {
+        let queued = self.lock().remove(&target).unwrap_or_default();
+        if queued.len() == 1 {
+            for Queued {
+                group,
+                request,
+                deadline,
+                reply,
+            } in queued
+            {
+                let _ = reply.send(ask(&*self.net, target, group, &request, deadline).await);
+            }
+            return;
+        }
+        let deadline = queued
+            .iter()
+            .map(|queued| queued.deadline)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let (items, replies): (Vec<_>, Vec<_>) = queued
+            .into_iter()
+            .map(|queued| ((queued.group, queued.request), queued.reply))
+            .unzip();
+        match ask(
+            &*self.net,
+            target,
+            BATCH_GROUP,
+            &RaftRequest::Batch(items),
+            deadline,
+        )
+        .await
+        {
+            Ok(RaftReply::Batch(answers)) if answers.len() == replies.len() => {
+                for (answer, reply) in answers.into_iter().zip(replies) {
+                    let _ = reply.send(match answer {
+                        BatchAnswer::Reply(reply) => Ok(reply),
+                        BatchAnswer::Failed(message) => Err(MeshError::Remote {
+                            peer: target,
+                            protocol: RAFT_PROTOCOL.name,
+                            message,
+                        }),
+                    });
+                }
+            }
+            Ok(other) => {
+                for reply in replies {
+                    let _ = reply.send(Err(MeshError::Remote {
+                        peer: target,
+                        protocol: RAFT_PROTOCOL.name,
+                        message: format!("answered a batch with {other:?}"),
+                    }));
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
 /// Makes one [`RaftLink`] per target for a group.
 #[derive(Clone)]
 pub struct LinkFactory {
     net: Arc<dyn PeerNet>,
     group: GroupId,
+    batcher: Option<Arc<HeartbeatBatcher>>,
 }
 
 impl std::fmt::Debug for LinkFactory {
@@ -242,7 +433,20 @@ impl LinkFactory {
     /// Links of `group` over `net`.
     #[must_use]
     pub fn new(net: Arc<dyn PeerNet>, group: GroupId) -> Self {
-        Self { net, group }
+        Self {
+            net,
+            group,
+            batcher: None,
+        }
+    }
+
+    /// Links whose heartbeats share `table`'s batcher with the node's other groups.
+    pub(crate) fn batched(net: Arc<dyn PeerNet>, group: GroupId, table: &GroupTable) -> Self {
+        Self {
+            batcher: Some(table.batcher(&net)),
+            net,
+            group,
+        }
     }
 }
 
@@ -254,6 +458,7 @@ impl RaftNetworkFactory<TypeConfig> for LinkFactory {
             net: self.net.clone(),
             group: self.group,
             target: node.node_id(),
+            batcher: self.batcher.clone(),
         }
     }
 }
@@ -263,6 +468,7 @@ pub struct RaftLink {
     net: Arc<dyn PeerNet>,
     group: GroupId,
     target: NodeId,
+    batcher: Option<Arc<HeartbeatBatcher>>,
 }
 
 impl std::fmt::Debug for RaftLink {
@@ -301,6 +507,24 @@ impl RaftNetworkV2<TypeConfig> for RaftLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        if rpc.entries.is_empty()
+            && let Some(batcher) = &self.batcher
+        {
+            // A heartbeat (or an empty probe): it may wait a moment for company.
+            let reply = batcher
+                .send(
+                    self.target,
+                    self.group,
+                    RaftRequest::Append(rpc),
+                    option.hard_ttl(),
+                )
+                .await
+                .map_err(|error| rpc_error(&error))?;
+            return match reply {
+                RaftReply::Appended(response) => Ok(response),
+                other => Err(unexpected(&other)),
+            };
+        }
         match self.send(&RaftRequest::Append(rpc), &option).await? {
             RaftReply::Appended(response) => Ok(response),
             other => Err(unexpected(&other)),

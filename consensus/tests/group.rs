@@ -333,6 +333,44 @@ async fn many_groups_share_one_engine_and_one_network_without_mixing() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_share_their_heartbeats_one_message_per_peer() {
+    let network = MemoryNetwork::new(5);
+    let nodes: Vec<Node> = (1..=3).map(|index| Node::new(&network, index)).collect();
+    let ids: Vec<NodeId> = nodes.iter().map(|node| node.id).collect();
+    let groups = 30u64;
+    let mut all = Vec::new();
+    for group in 1..=groups {
+        let mut handles = Vec::new();
+        for node in &nodes {
+            handles.push(node.start(group, fast()).await);
+        }
+        handles[usize::try_from(group % 3).unwrap()]
+            .initialize(&ids)
+            .await
+            .unwrap();
+        all.push(handles);
+    }
+    for handles in &all {
+        leader_of(handles).await;
+    }
+    // Idle: heartbeats only. One per group per follower each 50 ms would be
+    // 30 groups x 2 followers x 20/s = 1,200 requests a second; shared, each node sends
+    // at most one message per peer per window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = network.stats().requests;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_second = (network.stats().requests - before) / 2;
+    assert!(
+        per_second < 400,
+        "{per_second} Raft requests a second for {groups} idle groups"
+    );
+    for handles in &all {
+        let leader = leader_of(handles).await;
+        apply_eventually(&handles[leader], &[put("main", "still-live")]).await;
+    }
+}
+
 /// Wing & Gong's linearizability check of one compare-and-swap register: is there an
 /// order of the operations, each placed between its invocation and its response, in
 /// which every result is what the register would have answered? An operation whose

@@ -200,7 +200,11 @@ impl Vault {
         };
         let storage = self.require_group_storage(group)?;
         storage
-            .read(group, RecordSpace::REFS, &forge_store::metadata::ref_key(volume, branch))?
+            .read(
+                group,
+                RecordSpace::REFS,
+                &forge_store::metadata::ref_key(volume, branch),
+            )?
             .map(|value| {
                 Cid::from_slice(&value).map_err(|_| NodeError::CorruptRecord {
                     what: "group ref",

@@ -269,26 +269,7 @@ fn export_matches(
 #[test]
 fn a_volume_of_a_six_node_4_plus_2_group_is_spread_survives_two_killed_nodes_and_publishes_only_when_every_shard_lands()
  {
-    let mut sites: Vec<Site> = (0..6).map(|_| Site::start()).collect();
-    sites[0].vault.json(&["cluster", "init"]);
-    for index in 1..6 {
-        join(&sites[index], &sites[0], "first");
-    }
-    eventually(&sites[0], "six members, all voters", |seen| {
-        seen["members"].as_array().unwrap().len() == 6
-            && group(seen, "cluster")["nodes"].as_array().unwrap().len() == 6
-    });
-    let ids: Vec<&str> = sites.iter().map(|site| site.id.as_str()).collect();
-    let nodes = ids.join(",");
-    sites[0]
-        .vault
-        .ok(&["group", "create", "g", "--nodes", &nodes, "--ec", "4+2"]);
-    for site in &sites {
-        eventually(site, "group g running with a leader", |seen| {
-            let g = group(seen, "g");
-            g["running_here"] == true && g["leader"].is_string()
-        });
-    }
+    let mut sites = cluster_with_group(6, 6, "g", "4+2");
 
     // A group volume takes the group's layout; its own is refused, as is an unknown group.
     let conflicting = sites[1]
@@ -439,28 +420,7 @@ fn repair(site: &Site, group: &str) -> Value {
 
 #[test]
 fn a_snapshot_published_while_a_member_was_down_uses_stand_ins_and_repair_moves_every_shard_home() {
-    let mut sites: Vec<Site> = (0..4).map(|_| Site::start()).collect();
-    sites[0].vault.json(&["cluster", "init"]);
-    for index in 1..4 {
-        join(&sites[index], &sites[0], "first");
-    }
-    eventually(&sites[0], "four members, all voters", |seen| {
-        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 4
-    });
-    let nodes = sites
-        .iter()
-        .map(|site| site.id.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    sites[0]
-        .vault
-        .ok(&["group", "create", "r", "--nodes", &nodes, "--ec", "2+1"]);
-    for site in &sites {
-        eventually(site, "group r running with a leader", |seen| {
-            let r = group(seen, "r");
-            r["running_here"] == true && r["leader"].is_string()
-        });
-    }
+    let mut sites = cluster_with_group(4, 4, "r", "2+1");
     sites[0]
         .vault
         .ok(&["volume", "create", "data", "--group", "r"]);
@@ -549,31 +509,38 @@ fn a_snapshot_published_while_a_member_was_down_uses_stand_ins_and_repair_moves_
     );
 }
 
-/// Three sites formed into a cluster with a 2+1 volume group named `group`.
-fn three_node_group(group_name: &str) -> Vec<Site> {
-    let sites: Vec<Site> = (0..3).map(|_| Site::start()).collect();
+/// `count` sites formed into a cluster (all voters), and a volume group `name` with
+/// `layout` on the first `in_group` of them, running with a leader on each.
+fn cluster_with_group(count: usize, in_group: usize, name: &str, layout: &str) -> Vec<Site> {
+    let sites: Vec<Site> = (0..count).map(|_| Site::start()).collect();
     sites[0].vault.json(&["cluster", "init"]);
-    for index in 1..3 {
+    for index in 1..count {
         join(&sites[index], &sites[0], "first");
     }
-    eventually(&sites[0], "three voters", |seen| {
-        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 3
+    eventually(&sites[0], "every member a voter", |seen| {
+        seen["members"].as_array().unwrap().len() == count
+            && group(seen, "cluster")["nodes"].as_array().unwrap().len() == count
     });
-    let nodes = sites
+    let nodes = sites[..in_group]
         .iter()
         .map(|site| site.id.as_str())
         .collect::<Vec<_>>()
         .join(",");
-    sites[0].vault.ok(&[
-        "group", "create", group_name, "--nodes", &nodes, "--ec", "2+1",
-    ]);
-    for site in &sites {
+    sites[0]
+        .vault
+        .ok(&["group", "create", name, "--nodes", &nodes, "--ec", layout]);
+    for site in &sites[..in_group] {
         eventually(site, "the group running with a leader", |seen| {
-            let running = group(seen, group_name);
+            let running = group(seen, name);
             running["running_here"] == true && running["leader"].is_string()
         });
     }
     sites
+}
+
+/// Three sites formed into a cluster with a 2+1 volume group named `group`.
+fn three_node_group(group_name: &str) -> Vec<Site> {
+    cluster_with_group(3, 3, group_name, "2+1")
 }
 
 #[test]
@@ -673,28 +640,7 @@ fn a_group_volume_syncs_between_two_three_node_sites_into_the_receivers_group() 
 
 #[test]
 fn a_node_added_to_a_group_takes_its_shards_and_a_removed_one_hands_them_over() {
-    let mut sites: Vec<Site> = (0..4).map(|_| Site::start()).collect();
-    sites[0].vault.json(&["cluster", "init"]);
-    for index in 1..4 {
-        join(&sites[index], &sites[0], "first");
-    }
-    eventually(&sites[0], "four voters", |seen| {
-        group(seen, "cluster")["nodes"].as_array().unwrap().len() == 4
-    });
-    let nodes = sites[..3]
-        .iter()
-        .map(|site| site.id.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    sites[0]
-        .vault
-        .ok(&["group", "create", "m", "--nodes", &nodes, "--ec", "2+1"]);
-    for site in &sites[..3] {
-        eventually(site, "group m running with a leader", |seen| {
-            let m = group(seen, "m");
-            m["running_here"] == true && m["leader"].is_string()
-        });
-    }
+    let mut sites = cluster_with_group(4, 3, "m", "2+1");
     sites[0]
         .vault
         .ok(&["volume", "create", "data", "--group", "m"]);

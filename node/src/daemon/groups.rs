@@ -108,6 +108,8 @@ const MIRRORED: [RecordSpace; 4] = [
 const SHARD_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a read waits on the owners of the data shards before asking the others too.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// How long a member may take to repair or sweep its copy of a group.
+const LONG_DEADLINE: Duration = Duration::from_secs(3600);
 /// Batches in flight to one member while publishing.
 const PUTS_IN_FLIGHT: usize = 4;
 /// Shard bytes gathered before a window of them is sent (bounds a publish's memory).
@@ -585,19 +587,15 @@ impl ClusterNode {
                         shards: shards.clone(),
                         objects,
                     };
-                    let outcome = async {
-                        let body = request.encode().map_err(|error| error.to_string())?;
-                        // A put is idempotent (the same records under the same keys).
-                        let answer =
-                            request_idempotent(&*net, node, SHARDS_PROTOCOL, body, SHARD_DEADLINE)
-                                .await
-                                .map_err(|error| error.to_string())?;
-                        match ShardReply::decode(&answer).map_err(|error| error.to_string())? {
-                            ShardReply::Stored { .. } => Ok(()),
-                            other => Err(format!("answered a put with {}", reply_kind(&other))),
-                        }
-                    }
-                    .await;
+                    // A put is idempotent (the same records under the same keys).
+                    let outcome =
+                        match call_member(&*net, node, &request, SHARD_DEADLINE, Retry::Idempotent)
+                            .await
+                        {
+                            Ok(ShardReply::Stored { .. }) => Ok(()),
+                            Ok(other) => Err(unexpected_reply(node, "a put", &other).to_string()),
+                            Err(error) => Err(error.to_string()),
+                        };
                     (shards, outcome)
                 }
             }))
@@ -657,20 +655,11 @@ impl ClusterNode {
                     cids: vec![*cid.as_bytes()],
                 };
                 let outcome = async {
-                    let answer = request_idempotent(
-                        &*net,
-                        node,
-                        SHARDS_PROTOCOL,
-                        request.encode()?,
-                        SHARD_DEADLINE,
-                    )
-                    .await?;
-                    match ShardReply::decode(&answer)? {
+                    match call_member(&*net, node, &request, SHARD_DEADLINE, Retry::Idempotent)
+                        .await?
+                    {
                         ShardReply::Shards(held) => Ok(held),
-                        other => Err(cluster_error(format!(
-                            "member {node} answered a read with {}",
-                            reply_kind(&other)
-                        ))),
+                        other => Err(unexpected_reply(node, "a read", &other)),
                     }
                 }
                 .await;
@@ -770,22 +759,11 @@ impl ClusterNode {
                         group: view.id,
                         cids: vec![*cid.as_bytes()],
                     };
-                    let answer = request_idempotent(
-                        &*net,
-                        node,
-                        SHARDS_PROTOCOL,
-                        request.encode()?,
-                        SHARD_DEADLINE,
-                    )
-                    .await?;
-                    match ShardReply::decode(&answer)? {
-                        ShardReply::Objects(mut objects) => {
-                            Ok::<Option<Vec<u8>>, NodeError>(objects.pop().flatten())
-                        }
-                        other => Err(cluster_error(format!(
-                            "answered an object read with {}",
-                            reply_kind(&other)
-                        ))),
+                    match call_member(&*net, node, &request, SHARD_DEADLINE, Retry::Idempotent)
+                        .await?
+                    {
+                        ShardReply::Objects(mut objects) => Ok(objects.pop().flatten()),
+                        other => Err(unexpected_reply(node, "an object read", &other)),
                     }
                 }
             })
@@ -1012,17 +990,14 @@ impl ClusterNode {
             if unreachable.contains(owner) {
                 continue;
             }
-            let answer = wait(runtime, async {
-                net.request(*owner, SHARDS_PROTOCOL, request.encode()?, SHARD_DEADLINE)
-                    .await
-                    .map_err(NodeError::from)
-            });
+            let answer = wait(
+                runtime,
+                call_member(&*net, *owner, &request, SHARD_DEADLINE, Retry::Once),
+            );
             if answer.is_err() {
                 unreachable.insert(*owner);
             }
-            let Ok(ShardReply::Held(held)) =
-                answer.and_then(|bytes| Ok(ShardReply::decode(&bytes)?))
-            else {
+            let Ok(ShardReply::Held(held)) = answer else {
                 continue;
             };
             if held
@@ -1063,35 +1038,25 @@ impl ClusterNode {
                 .repair(&runtime, id)
         });
         let net = self.peer_net();
-        let others: Vec<_> = view
-            .holders()
-            .filter(|node| *node != me)
-            .map(|node| {
-                let net = net.clone();
-                async move {
-                    let outcome = async {
+        let others: Vec<_> =
+            view.holders()
+                .filter(|node| *node != me)
+                .map(|node| {
+                    let net = net.clone();
+                    async move {
                         let request = ShardRequest::Repair { group: id };
-                        let answer = net
-                            .request(
-                                node,
-                                SHARDS_PROTOCOL,
-                                request.encode()?,
-                                Duration::from_secs(3600),
-                            )
-                            .await?;
-                        match ShardReply::decode(&answer)? {
-                            ShardReply::Repaired(summary) => Ok(summary),
-                            other => Err(cluster_error(format!(
-                                "answered a repair with {}",
-                                reply_kind(&other)
-                            ))),
-                        }
+                        let outcome =
+                            match call_member(&*net, node, &request, LONG_DEADLINE, Retry::Once)
+                                .await
+                            {
+                                Ok(ShardReply::Repaired(summary)) => Ok(summary),
+                                Ok(other) => Err(unexpected_reply(node, "a repair", &other)),
+                                Err(error) => Err(error),
+                            };
+                        (node, outcome)
                     }
-                    .await;
-                    (node, outcome)
-                }
-            })
-            .collect();
+                })
+                .collect();
         let others = futures_util::future::join_all(others).await;
         let own = own
             .await
@@ -1473,20 +1438,11 @@ impl ClusterNode {
                     } else {
                         async {
                             let request = ShardRequest::Sweep { group: id, epoch };
-                            let answer = net
-                                .request(
-                                    node,
-                                    SHARDS_PROTOCOL,
-                                    request.encode()?,
-                                    Duration::from_secs(3600),
-                                )
-                                .await?;
-                            match ShardReply::decode(&answer)? {
+                            match call_member(&*net, node, &request, LONG_DEADLINE, Retry::Once)
+                                .await?
+                            {
                                 reply @ ShardReply::Swept { .. } => Ok(reply),
-                                other => Err(cluster_error(format!(
-                                    "answered a sweep with {}",
-                                    reply_kind(&other)
-                                ))),
+                                other => Err(unexpected_reply(node, "a sweep", &other)),
                             }
                         }
                         .await
@@ -1637,6 +1593,39 @@ fn member_repair(
             ..forge_proto::v1::MemberRepair::default()
         },
     }
+}
+
+/// Whether a shard request may go again after its connection broke.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Reads and puts: doing them twice does no harm.
+    Idempotent,
+    /// Repairs, sweeps, probes: once (the caller decides what a failure means).
+    Once,
+}
+
+/// Sends `request` to member `node` and decodes its reply.
+async fn call_member(
+    net: &dyn forge_mesh::PeerNet,
+    node: NodeId,
+    request: &ShardRequest,
+    deadline: Duration,
+    retry: Retry,
+) -> Result<ShardReply> {
+    let body = request.encode()?;
+    let answer = match retry {
+        Retry::Idempotent => request_idempotent(net, node, SHARDS_PROTOCOL, body, deadline).await?,
+        Retry::Once => net.request(node, SHARDS_PROTOCOL, body, deadline).await?,
+    };
+    Ok(ShardReply::decode(&answer)?)
+}
+
+/// A member answered `asked` with another kind of reply.
+fn unexpected_reply(node: NodeId, asked: &str, reply: &ShardReply) -> NodeError {
+    cluster_error(format!(
+        "member {node} answered {asked} with {}",
+        reply_kind(reply)
+    ))
 }
 
 fn reply_kind(reply: &ShardReply) -> &'static str {

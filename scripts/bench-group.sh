@@ -68,7 +68,12 @@ done
 start="$(now)"
 on 6 volume export data "$work/out" >/dev/null
 exported="$(elapsed "$start" "$(now)")"
-diff -r "$data" "$work/out" >/dev/null && same="byte-identical" || same="DIFFERENT"
+diff -r --no-dereference "$data" "$work/out" >/dev/null && same="byte-identical" || same="DIFFERENT"
+
+printf '%-40s %8s s %8s MB/s\n' "import, single node (4+2 local)" "$single" "$(rate "$bytes" "$single")"
+printf '%-40s %8s s %8s MB/s\n' "import, 6-node group (4+2 spread)" "$group" "$(rate "$bytes" "$group")"
+printf '%-40s %8s s %8s MB/s  (%s)\n' "export on another member" "$exported" "$(rate "$bytes" "$exported")" "$same"
+echo "group/single import time: $(ratio "$group" "$single")x"
 
 # Failures: two members killed with SIGKILL (pairs, the group's leader in one of them),
 # the volume exported on a survivor and compared; the two restarted on their ports and
@@ -97,22 +102,18 @@ for round in 1 2 3; do
   rm -rf "$work/out-$round"
   start="$(now)"
   if on "$survivor" volume export data "$work/out-$round" >/dev/null 2>"$work/export-$round.err" &&
-     diff -r "$data" "$work/out-$round" >/dev/null; then verdict="byte-identical"; else verdict="FAILED ($(head -c 300 "$work/export-$round.err"))"; fi
+     diff -r --no-dereference "$data" "$work/out-$round" >/dev/null; then verdict="byte-identical"; else verdict="FAILED ($(head -c 300 "$work/export-$round.err"))"; fi
   took="$(elapsed "$start" "$(now)")"
   for node in $pair; do
     on "$node" node start --listen "/ip4/127.0.0.1/udp/${ports[$node]}/quic-v1" --metrics-listen 127.0.0.1:0 >/dev/null
   done
   sleep 3
-  repaired="$(on "$survivor" group repair testnet --json | python3 -c '
+  repaired="$( (on "$survivor" group repair testnet --json || echo '{"shards_held": "?", "shards_expected": "?", "whole": "repair FAILED"}') | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
-print(f"{r[\"shards_held\"]}/{r[\"shards_expected\"]} shards on their owners, whole: {r[\"whole\"]}")')"
+print("%s/%s shards on their owners, whole: %s" % (r["shards_held"], r["shards_expected"], r["whole"]))')"
   failures+=("killed nodes $pair: export on node $survivor in $took s: $verdict; after restart and repair: $repaired")
   unset ports
 done
 
-printf '%-40s %8s s %8s MB/s\n' "import, single node (4+2 local)" "$single" "$(rate "$bytes" "$single")"
-printf '%-40s %8s s %8s MB/s\n' "import, 6-node group (4+2 spread)" "$group" "$(rate "$bytes" "$group")"
-printf '%-40s %8s s %8s MB/s  (%s)\n' "export on another member" "$exported" "$(rate "$bytes" "$exported")" "$same"
-echo "group/single import time: $(ratio "$group" "$single")x"
 printf '%s\n' "${failures[@]}"

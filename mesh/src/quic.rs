@@ -206,7 +206,10 @@ enum Outbound {
         sent: std::time::Instant,
         reply: oneshot::Sender<Result<Vec<u8>, MeshError>>,
     },
-    HelloChallenge(PeerId),
+    /// Our challenge to a peer we dialed, with our side of that handshake: each
+    /// connection's own (two connections to one peer, or both sides dialing at once, must
+    /// not answer each other's challenges).
+    HelloChallenge(PeerId, Box<Handshake>),
     HelloFinish(PeerId, NodeId),
 }
 
@@ -242,8 +245,9 @@ struct Driver {
     verified: BTreeMap<PeerId, NodeId>,
     /// The connection to use for each verified node.
     nodes: BTreeMap<NodeId, PeerId>,
-    /// Our side of each Hello in progress.
-    handshakes: BTreeMap<PeerId, Handshake>,
+    /// Our side of each Hello a peer opened (we answered its challenge, and wait for its
+    /// finish), several per peer when it opened several.
+    handshakes: BTreeMap<PeerId, Vec<Handshake>>,
     /// `connect` calls waiting for their dial, then for the Hello.
     dials: BTreeMap<ConnectionId, oneshot::Sender<Result<NodeId, MeshError>>>,
     hellos: BTreeMap<PeerId, Vec<oneshot::Sender<Result<NodeId, MeshError>>>>,
@@ -529,13 +533,13 @@ impl Driver {
         match self.new_handshake(peer) {
             Ok(handshake) => {
                 let challenge = [&[1u8][..], &handshake.challenge()].concat();
-                self.handshakes.insert(peer, handshake);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .rpc
                     .send_request(&peer, envelope(HELLO, &challenge));
-                self.outbound.insert(id, Outbound::HelloChallenge(peer));
+                self.outbound
+                    .insert(id, Outbound::HelloChallenge(peer, Box::new(handshake)));
             }
             Err(error) => self.fail_hellos(peer, &error.to_string()),
         }
@@ -655,17 +659,42 @@ impl Driver {
                 match handshake.hello(&self.identity, &their_nonce) {
                     Ok(hello) => {
                         let answer = [&[2u8][..], &handshake.challenge(), &hello].concat();
-                        self.handshakes.insert(peer, handshake);
+                        self.handshakes.entry(peer).or_default().push(handshake);
                         response(0, &answer)
                     }
                     Err(error) => response(1, error.to_string().as_bytes()),
                 }
             }
             Some((3, hello)) => {
-                let Some(handshake) = self.handshakes.remove(&peer) else {
+                let pending = self.handshakes.remove(&peer).unwrap_or_default();
+                if pending.is_empty() {
                     return response(2, b"a hello finish without a challenge");
-                };
-                match handshake.verify(hello) {
+                }
+                // The finish answers one of the challenges we sent this peer: the one
+                // whose nonce it signs.
+                let mut outcome = None;
+                let mut left = Vec::new();
+                for handshake in pending {
+                    if matches!(outcome, Some(Ok(_))) {
+                        left.push(handshake);
+                        continue;
+                    }
+                    match handshake.verify(hello) {
+                        Ok(verified) => outcome = Some(Ok(verified)),
+                        Err(error) => {
+                            outcome = Some(Err(error));
+                            left.push(handshake);
+                        }
+                    }
+                }
+                if !left.is_empty() {
+                    self.handshakes.insert(peer, left);
+                }
+                match outcome.unwrap_or_else(|| {
+                    Err(MeshError::Handshake {
+                        reason: "no challenge matched".into(),
+                    })
+                }) {
                     Ok(verified) => {
                         self.verified.insert(peer, verified.node_id);
                         self.nodes.insert(verified.node_id, peer);
@@ -724,21 +753,15 @@ impl Driver {
                 };
                 let _ = reply.send(result);
             }
-            Outbound::HelloChallenge(peer) => {
+            Outbound::HelloChallenge(peer, handshake) => {
                 let verified = match (status, body.split_first()) {
                     (0, Some((2, rest))) if rest.len() > 32 => {
                         let mut their_nonce = [0u8; 32];
                         their_nonce.copy_from_slice(&rest[..32]);
-                        self.handshakes
-                            .get(&peer)
-                            .ok_or_else(|| MeshError::Handshake {
-                                reason: "no hello in progress".into(),
-                            })
-                            .and_then(|handshake| {
-                                let node = handshake.verify(&rest[32..])?;
-                                let finish = handshake.hello(&self.identity, &their_nonce)?;
-                                Ok((node, finish))
-                            })
+                        handshake.verify(&rest[32..]).and_then(|node| {
+                            let finish = handshake.hello(&self.identity, &their_nonce)?;
+                            Ok((node, finish))
+                        })
                     }
                     _ => Err(MeshError::Handshake {
                         reason: format!(
@@ -747,7 +770,6 @@ impl Driver {
                         ),
                     }),
                 };
-                self.handshakes.remove(&peer);
                 match verified {
                     Ok((verified, finish)) => {
                         let node = verified.node_id;
@@ -840,8 +862,7 @@ impl Driver {
                 };
                 let _ = reply.send(Err(error));
             }
-            Outbound::HelloChallenge(peer) | Outbound::HelloFinish(peer, _) => {
-                self.handshakes.remove(&peer);
+            Outbound::HelloChallenge(peer, _) | Outbound::HelloFinish(peer, _) => {
                 self.fail_hellos(peer, &format!("the hello failed: {error}"));
             }
         }
@@ -1240,6 +1261,52 @@ mod tests {
             a.request(c_identity.node_id(), ECHO, vec![1], second).await,
             Err(MeshError::Unreachable { .. })
         ));
+    }
+
+    /// Two nodes that first reach each other at the same moment dial each other: each is
+    /// then the dialer of one Hello and the listener of another on the same peer, and
+    /// each must answer the challenge of the connection it came on (they once shared one
+    /// slot per peer, and the second challenge overwrote the first: "does not sign this
+    /// connection's challenge"). Several rounds, each with fresh nodes and many requests
+    /// from both sides at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_dialing_each_other_at_once_both_verify() {
+        for round in 0..6u8 {
+            let (a_identity, a_seed) = node(20 + 2 * round);
+            let (b_identity, b_seed) = node(21 + 2 * round);
+            let a = QuicNet::start(&a_identity, a_seed, &loopback(), 1).expect("a");
+            let b = QuicNet::start(&b_identity, b_seed, &loopback(), 1).expect("b");
+            for net in [&a, &b] {
+                let mut inbound = net.serve(ECHO).expect("serve");
+                tokio::spawn(async move {
+                    while let Some(request) = inbound.next().await {
+                        let body = request.body.clone();
+                        request.respond(body);
+                    }
+                });
+            }
+            let (a_address, b_address) = (listening(&a).await, listening(&b).await);
+            a.remember(b_identity.node_id(), b_address)
+                .await
+                .expect("remember b");
+            b.remember(a_identity.node_id(), a_address)
+                .await
+                .expect("remember a");
+            let mut calls = Vec::new();
+            for index in 0..8u8 {
+                for (from, to) in [(&a, b_identity.node_id()), (&b, a_identity.node_id())] {
+                    let from = from.clone();
+                    calls.push(tokio::spawn(async move {
+                        from.request(to, ECHO, vec![index; 64], Duration::from_secs(10))
+                            .await
+                    }));
+                }
+            }
+            for call in calls {
+                let answer = call.await.expect("task");
+                assert!(answer.is_ok(), "round {round}: {answer:?}");
+            }
+        }
     }
 
     /// A restarted peer leaves this node its old connections (here two, one dialed from

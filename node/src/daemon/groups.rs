@@ -1022,6 +1022,10 @@ impl ClusterNode {
     /// # Errors
     /// Unknown group, one this node is not in; this node's own repair failing.
     pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
+        // The members as the cluster has them now (one just added or removed).
+        if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
+            catch_up_async(&cluster, "the cluster group").await;
+        }
         let (_, record) = self
             .groups()?
             .into_iter()
@@ -1346,6 +1350,9 @@ impl ClusterNode {
     /// # Errors
     /// Writers in progress (named); unknown group; no quorum.
     pub async fn group_gc(&self, name: &str) -> Result<forge_proto::v1::GroupGcReply> {
+        if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
+            catch_up_async(&cluster, "the cluster group").await;
+        }
         let (_, record) = self
             .groups()?
             .into_iter()
@@ -1775,25 +1782,29 @@ async fn answer(cluster: Arc<ClusterNode>, request: InboundRequest) {
 /// after about 20 s it goes on with the state as applied here, saying so: repair runs
 /// again later, and what it does is right for any state it reads.
 fn catch_up(runtime: &tokio::runtime::Handle, group: &GroupHandle, what: &str) {
+    wait(runtime, catch_up_async(group, what));
+}
+
+/// [`catch_up`] from async code.
+async fn catch_up_async(group: &GroupHandle, what: &str) {
     let mut last = None;
     for _ in 0..5 {
-        match wait(runtime, async {
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                group.barrier(Duration::from_secs(3)),
-            )
-            .await
-        }) {
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            group.barrier(Duration::from_secs(3)),
+        )
+        .await
+        {
             Ok(Ok(())) => return,
             Ok(Err(error)) => last = Some(error.to_string()),
             Err(_) => last = Some("no answer within 3 s".to_owned()),
         }
-        std::thread::sleep(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tracing::warn!(
         group = what,
         error = last.unwrap_or_default(),
-        "could not confirm the latest state with the leader: repairing from the state applied here"
+        "could not confirm the latest state with the leader: going on with the state applied here"
     );
 }
 

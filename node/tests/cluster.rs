@@ -736,6 +736,22 @@ fn group_gc_waits_for_writers_then_frees_a_delisted_snapshot_on_every_member() {
     let old_id = old["snapshot"].as_str().unwrap().to_owned();
     let second = sites[0].vault.path("second");
     write_random_tree(&second, 4, 100_000, 42);
+    // Another member writes once its watch loop adopted the volume.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sites[1]
+        .vault
+        .json(&["volume", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|volume| volume["name"] == "data")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the volume never reached the second member"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let kept = sites[1]
         .vault
         .json(&["volume", "import", "data", second.to_str().unwrap()]);

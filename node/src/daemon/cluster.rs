@@ -79,6 +79,9 @@ pub struct ClusterNode {
     boot: u64,
     /// Groups whose pins left by an earlier run of this node were cleared.
     pins_cleared: Mutex<BTreeSet<u64>>,
+    /// Members a shard request just failed to reach, and when: reads ask them last for a
+    /// while (a read of a group with a member down would otherwise wait on it per chunk).
+    suspects: Mutex<BTreeMap<NodeId, std::time::Instant>>,
     this: Weak<ClusterNode>,
 }
 
@@ -114,6 +117,7 @@ impl ClusterNode {
             repairs: Mutex::new(BTreeMap::new()),
             boot,
             pins_cleared: Mutex::new(BTreeSet::new()),
+            suspects: Mutex::new(BTreeMap::new()),
             this: this.clone(),
         });
         let raft = shared
@@ -175,6 +179,18 @@ impl ClusterNode {
 
     pub(crate) fn weak(&self) -> Weak<ClusterNode> {
         self.this.clone()
+    }
+
+    /// Notes that `node` did not answer a shard request just now.
+    pub(crate) fn suspect(&self, node: NodeId) {
+        lock(&self.suspects).insert(node, std::time::Instant::now());
+    }
+
+    /// Whether `node` failed a shard request in the last 10 s.
+    pub(crate) fn is_suspect(&self, node: &NodeId) -> bool {
+        lock(&self.suspects)
+            .get(node)
+            .is_some_and(|since| since.elapsed() < Duration::from_secs(10))
     }
 
     pub(crate) fn boot(&self) -> u64 {

@@ -633,19 +633,26 @@ impl ClusterNode {
         let owners = place_shards(&cid, total, &view.nodes);
         let mut have: Vec<(usize, Vec<u8>)> = local;
         // The owners of the data shards first (no decoding when they all answer).
+        // Members that just failed a request are asked last, only if the others fall short.
         let mut first: Vec<NodeId> = Vec::new();
         for (index, owner) in owners.iter().enumerate().take(needed) {
             if *owner != me
                 && !have.iter().any(|(held, _)| *held == index)
                 && !first.contains(owner)
+                && !self.is_suspect(owner)
             {
                 first.push(*owner);
             }
         }
-        let rest: Vec<NodeId> = view
+        let (suspects, mut rest): (Vec<NodeId>, Vec<NodeId>) = view
             .holders()
             .filter(|node| *node != me && !first.contains(node))
-            .collect();
+            .partition(|node| self.is_suspect(node));
+        let mut last_resort = suspects;
+        if first.is_empty() {
+            // Every data owner is suspect: the others at once.
+            first = std::mem::take(&mut rest);
+        }
         let net = self.peer_net();
         let ask = |node: NodeId| {
             let net = net.clone();
@@ -684,7 +691,13 @@ impl ClusterNode {
             }
             if asking.is_empty() {
                 if hedged {
-                    break;
+                    if last_resort.is_empty() {
+                        break;
+                    }
+                    for node in std::mem::take(&mut last_resort) {
+                        asking.push(ask(node));
+                    }
+                    continue;
                 }
                 hedged = true;
                 for node in &rest {
@@ -713,6 +726,16 @@ impl ClusterNode {
                         }
                         Err(error) => {
                             tracing::debug!(%node, %error, "a member did not answer a shard read");
+                            if matches!(
+                                error,
+                                NodeError::Mesh(
+                                    forge_mesh::net::MeshError::Unreachable { .. }
+                                        | forge_mesh::net::MeshError::ConnectionLost { .. }
+                                        | forge_mesh::net::MeshError::Timeout { .. }
+                                )
+                            ) {
+                                self.suspect(node);
+                            }
                             last_error = Some(error.to_string());
                             if !hedged {
                                 hedged = true;
@@ -1097,10 +1120,10 @@ impl ClusterNode {
             .get(forge_consensus::CLUSTER_GROUP)
             .ok_or_else(|| cluster_error("this node is not in a cluster"))?;
         loop {
-            let current = cluster
-                .read_record(forge_consensus::cluster::GROUPS, name.as_bytes())
-                .await?
-                .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
+            let current =
+                read_with_retry(&cluster, forge_consensus::cluster::GROUPS, name.as_bytes())
+                    .await?
+                    .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
             let record = GroupRecord::decode(&current)?;
             let changed = change(&record)?;
             let update = RecordUpdate::new(
@@ -1275,7 +1298,7 @@ impl ClusterNode {
         };
         let waiting_since = std::time::Instant::now();
         loop {
-            let epoch = view.handle.read_record(GROUP_GC.name(), EPOCH_KEY).await?;
+            let epoch = read_with_retry(&view.handle, GROUP_GC.name(), EPOCH_KEY).await?;
             if decode_u64(epoch.as_deref(), "group gc epoch")? % 2 == 1 {
                 if waiting_since.elapsed() > SWEEP_WAIT {
                     return Err(cluster_error(format!(
@@ -1288,10 +1311,7 @@ impl ClusterNode {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            let count = view
-                .handle
-                .read_record(GROUP_GC.name(), PIN_COUNT_KEY)
-                .await?;
+            let count = read_with_retry(&view.handle, GROUP_GC.name(), PIN_COUNT_KEY).await?;
             let next = decode_u64(count.as_deref(), "group pin count")? + 1;
             let updates = [
                 RecordUpdate::new(
@@ -1397,16 +1417,13 @@ impl ClusterNode {
                     writers.join(", ")
                 )));
             }
-            let epoch_value = view.handle.read_record(GROUP_GC.name(), EPOCH_KEY).await?;
+            let epoch_value = read_with_retry(&view.handle, GROUP_GC.name(), EPOCH_KEY).await?;
             let epoch = decode_u64(epoch_value.as_deref(), "group gc epoch")?;
             if epoch % 2 == 1 {
                 // A sweep a crashed member opened: this run finishes it.
                 break epoch;
             }
-            let count = view
-                .handle
-                .read_record(GROUP_GC.name(), PIN_COUNT_KEY)
-                .await?;
+            let count = read_with_retry(&view.handle, GROUP_GC.name(), PIN_COUNT_KEY).await?;
             let updates = [
                 RecordUpdate::new(
                     GROUP_GC,
@@ -1785,6 +1802,32 @@ fn catch_up(runtime: &tokio::runtime::Handle, group: &GroupHandle, what: &str) {
     wait(runtime, catch_up_async(group, what));
 }
 
+/// A linearizable read of one record, retried for up to 30 s while the group has no
+/// reachable leader (a leader that just restarted leaves followers a dead connection to
+/// it for a moment).
+async fn read_with_retry(group: &GroupHandle, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let mut last = None;
+    for _ in 0..30 {
+        match tokio::time::timeout(Duration::from_secs(3), group.read_record(space, key)).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(
+                error @ (forge_consensus::ConsensusError::NoLeader { .. }
+                | forge_consensus::ConsensusError::Network(_)
+                | forge_consensus::ConsensusError::Raft { .. }),
+            )) => last = Some(NodeError::from(error)),
+            Ok(Err(error)) => return Err(error.into()),
+            Err(_) => {
+                last = Some(cluster_error(format!(
+                    "group {} did not answer a read within 3 s",
+                    group.id()
+                )));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last.unwrap_or_else(|| cluster_error("no leader")))
+}
+
 /// [`catch_up`] from async code.
 async fn catch_up_async(group: &GroupHandle, what: &str) {
     let mut last = None;
@@ -1851,7 +1894,7 @@ impl GroupStorage for DaemonGroupStorage {
     fn read(&self, group: u64, space: RecordSpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let node = self.node()?;
         let view = node.group_view(group)?;
-        Ok(self.wait(view.handle.read_record(space.name(), key))?)
+        self.wait(read_with_retry(&view.handle, space.name(), key))
     }
 
     fn unpin(&self, group: u64, key: &[u8]) -> Result<()> {

@@ -912,6 +912,12 @@ impl Vault {
             }
         }
         for (space, key, value) in records {
+            // Read before the delistings: a snapshot delisted meanwhile stays delisted.
+            if (*space == RecordSpace::SNAPSHOTS || *space == RecordSpace::INDEX_HEADS)
+                && delisted.contains(key)
+            {
+                continue;
+            }
             if self.metadata.get_record(*space, key)?.as_deref() != Some(value.as_slice()) {
                 updates.push(RecordUpdate::new(
                     *space,

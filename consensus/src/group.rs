@@ -236,17 +236,9 @@ impl GroupHandle {
         space: &str,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, ConsensusError> {
-        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
-            Ok(_) => self.state.record(space, key).map_err(ConsensusError::from),
-            Err(error) => {
-                let Some(forward) = error.forward_to_leader() else {
-                    return Err(raft_error(error));
-                };
-                let leader = forward
-                    .leader_node
-                    .clone()
-                    .map(|member| member.node_id())
-                    .ok_or(ConsensusError::NoLeader { group: self.group })?;
+        match self.leader_for_read().await? {
+            None => self.state.record(space, key).map_err(ConsensusError::from),
+            Some(leader) => {
                 let request = RaftRequest::Read {
                     space: space.to_owned(),
                     key: key.to_vec(),
@@ -259,6 +251,24 @@ impl GroupHandle {
         }
     }
 
+    /// Confirms a read index here when this node leads (None: its state machine has
+    /// applied through it), else names the leader to ask.
+    async fn leader_for_read(&self) -> Result<Option<NodeId>, ConsensusError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(None),
+            Err(error) => {
+                let Some(forward) = error.forward_to_leader() else {
+                    return Err(raft_error(error));
+                };
+                forward
+                    .leader_node
+                    .clone()
+                    .map(|member| Some(member.node_id()))
+                    .ok_or(ConsensusError::NoLeader { group: self.group })
+            }
+        }
+    }
+
     /// Waits until this node has applied every write acknowledged before the call (a
     /// read-index barrier: confirmed by the leader with a quorum, asked of it when this
     /// node follows). After it, [`GroupHandle::local_records`] reads are as fresh as
@@ -267,23 +277,12 @@ impl GroupHandle {
     /// # Errors
     /// No leader reachable; not applied within `deadline`.
     pub async fn barrier(&self, deadline: Duration) -> Result<(), ConsensusError> {
-        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
-            // The leader: the state machine has applied through the read index already.
-            Ok(_) => Ok(()),
-            Err(error) => {
-                let Some(forward) = error.forward_to_leader() else {
-                    return Err(raft_error(error));
-                };
-                let leader = forward
-                    .leader_node
-                    .clone()
-                    .map(|member| member.node_id())
-                    .ok_or(ConsensusError::NoLeader { group: self.group })?;
-                match self.forward(leader, &RaftRequest::ReadIndex).await? {
-                    RaftReply::Index(index) => self.wait_applied(index, deadline).await,
-                    _ => Err(ConsensusError::NoLeader { group: self.group }),
-                }
-            }
+        let Some(leader) = self.leader_for_read().await? else {
+            return Ok(());
+        };
+        match self.forward(leader, &RaftRequest::ReadIndex).await? {
+            RaftReply::Index(index) => self.wait_applied(index, deadline).await,
+            _ => Err(ConsensusError::NoLeader { group: self.group }),
         }
     }
 

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Site, scrape};
+use common::{Site, same_tree, scrape};
 use serde_json::Value;
 
 fn status(site: &Site) -> Value {
@@ -204,20 +204,6 @@ fn write_random_tree(dir: &std::path::Path, files: usize, file_bytes: usize, see
     }
     std::fs::write(dir.join("copy-of-f0.bin"), first).unwrap();
     std::fs::write(dir.join("small.txt"), b"a small file\n").unwrap();
-}
-
-fn same_tree(a: &std::path::Path, b: &std::path::Path) {
-    let output = std::process::Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
 }
 
 /// Exports `volume` on `site` into a fresh directory named `name`, and checks it against

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Site, scrape, xorshift};
+use common::{Site, same_tree, scrape, xorshift};
 use serde_json::Value;
 
 /// `files` files of pseudo-random bytes (half of each compressible text) under `root`,
@@ -28,20 +28,6 @@ fn write_tree(root: &Path, files: usize, file_bytes: usize, seed: u64) {
         bytes.truncate(file_bytes);
         std::fs::write(dir.join(format!("f{file}.bin")), bytes).unwrap();
     }
-}
-
-fn same_tree(a: &Path, b: &Path) {
-    let output = std::process::Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
 }
 
 fn number(value: &Value, key: &str) -> u64 {

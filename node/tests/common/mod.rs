@@ -197,6 +197,21 @@ pub async fn drain<T>(response: tonic::Response<tonic::Streaming<T>>) -> Vec<T> 
     events
 }
 
+/// Fails unless the trees at `a` and `b` are the same (`diff -r`).
+pub fn same_tree(a: &Path, b: &Path) {
+    let output = std::process::Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
 /// A vault whose daemon listens on a loopback port of its own.
 pub struct Site {
     pub vault: Vault,

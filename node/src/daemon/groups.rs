@@ -1039,13 +1039,9 @@ impl ClusterNode {
         Ok(count)
     }
 
-    /// Repairs group `name` on every member (this one and each other, asked over the
-    /// shard protocol), and sums what they report.
-    ///
-    /// # Errors
-    /// Unknown group, one this node is not in; this node's own repair failing.
-    pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
-        // The members as the cluster has them now (one just added or removed).
+    /// Group `name` with its members as the cluster has them now (caught up with the
+    /// cluster group first: a member just added or removed counts).
+    async fn current_view(&self, name: &str) -> Result<(GroupRecord, GroupView)> {
         if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
             catch_up_async(&cluster, "the cluster group").await;
         }
@@ -1055,6 +1051,16 @@ impl ClusterNode {
             .find(|(group, _)| group == name)
             .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
         let view = self.view_of(name.to_owned(), &record)?;
+        Ok((record, view))
+    }
+
+    /// Repairs group `name` on every member (this one and each other, asked over the
+    /// shard protocol), and sums what they report.
+    ///
+    /// # Errors
+    /// Unknown group, one this node is not in; this node's own repair failing.
+    pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
+        let (record, view) = self.current_view(name).await?;
         let me = self.vault().identity().node_id();
         let this = self.weak();
         let runtime = tokio::runtime::Handle::current();
@@ -1370,15 +1376,7 @@ impl ClusterNode {
     /// # Errors
     /// Writers in progress (named); unknown group; no quorum.
     pub async fn group_gc(&self, name: &str) -> Result<forge_proto::v1::GroupGcReply> {
-        if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
-            catch_up_async(&cluster, "the cluster group").await;
-        }
-        let (_, record) = self
-            .groups()?
-            .into_iter()
-            .find(|(group, _)| group == name)
-            .ok_or_else(|| cluster_error(format!("no volume group named {name}")))?;
-        let view = self.view_of(name.to_owned(), &record)?;
+        let (_, view) = self.current_view(name).await?;
         let now = self.vault().now_ns();
         let epoch = loop {
             view.handle.barrier(Duration::from_secs(30)).await?;

@@ -11,9 +11,11 @@
 //! here opens (libp2p cannot run in a simulator anyway: its timers use real threads).
 //! Disks are [`forge_store::kv::MemKv`] with its power-cut model.
 //!
-//! [`raft`]: the first scenario, a 3–5 node Raft group under faults.
+//! [`raft`]: a 3–5 node Raft group under faults. [`sites`]: whole vaults (import,
+//! snapshots, gc, scrub) syncing volumes between sites under faults and crashes.
 
 pub mod raft;
+pub mod sites;
 
 /// SplitMix64: the harness's own random numbers (seeded, portable, no dependency).
 #[derive(Debug, Clone)]

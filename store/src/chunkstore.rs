@@ -72,6 +72,14 @@ impl<'a> VerifiedChunk<'a> {
         Ok(Self { cid, ciphertext })
     }
 
+    /// `ciphertext` taken to be `cid`'s without checking: the simulator's injected bug
+    /// `sync-skips-cid-check`, never anything else.
+    #[cfg(feature = "simulation")]
+    #[must_use]
+    pub fn unchecked(cid: Cid, ciphertext: &'a [u8]) -> Self {
+        Self { cid, ciphertext }
+    }
+
     /// The chunk's cid.
     #[must_use]
     pub fn cid(&self) -> Cid {

@@ -112,6 +112,13 @@ pub struct Offer {
     pub key_chain: Vec<(u32, Vec<u8>)>,
     /// Every snapshot reachable from the head, oldest first (the head last).
     pub snapshots: Vec<SnapshotEntry>,
+    /// Snapshots deleted at the sender that the head's history passes through, with their
+    /// parents (kept in the sender's lineage records). Not sent as entries (their data
+    /// may be gone); they only let a receiver whose branch is at or behind one of them
+    /// see the head as a fast-forward. Unsigned: a receiver prefers what it knows itself.
+    /// On the wire: an optional trailing section, absent when empty (offers without it
+    /// decode as before).
+    pub deleted_ancestry: Vec<(Cid, Vec<Cid>)>,
 }
 
 impl PartialEq for Offer {
@@ -187,6 +194,16 @@ impl Offer {
             bytes.extend_from_slice(entry.author.as_bytes());
             count(&mut bytes, entry.signature.len(), false);
             bytes.extend_from_slice(&entry.signature);
+        }
+        if !self.deleted_ancestry.is_empty() {
+            count(&mut bytes, self.deleted_ancestry.len(), true);
+            for (id, parents) in &self.deleted_ancestry {
+                bytes.extend_from_slice(id.as_bytes());
+                bytes.push(u8::try_from(parents.len()).unwrap_or(u8::MAX));
+                for parent in parents.iter().take(usize::from(u8::MAX)) {
+                    bytes.extend_from_slice(parent.as_bytes());
+                }
+            }
         }
         bytes
     }
@@ -277,6 +294,25 @@ impl Offer {
                 signature,
             });
         }
+        let mut deleted_ancestry = Vec::new();
+        if reader.remaining() > 0 {
+            let len = reader.u32_len()?;
+            if len == 0 || len > OFFER_SNAPSHOTS_MAX {
+                return Err(reader.fail(format!("{len} deleted snapshots in the history")));
+            }
+            deleted_ancestry.reserve(len);
+            for _ in 0..len {
+                let id = Cid::from_bytes(reader.array32()?);
+                let parents_len = usize::from(reader.u8()?);
+                if parents_len > PARENTS_MAX {
+                    return Err(reader.fail(format!("a snapshot with {parents_len} parents")));
+                }
+                let parents = (0..parents_len)
+                    .map(|_| reader.array32().map(Cid::from_bytes))
+                    .collect::<Result<_, _>>()?;
+                deleted_ancestry.push((id, parents));
+            }
+        }
         reader.end()?;
         Ok(Self {
             nonce,
@@ -291,6 +327,7 @@ impl Offer {
             envelopes,
             key_chain,
             snapshots,
+            deleted_ancestry,
         })
     }
 
@@ -362,12 +399,33 @@ impl Offer {
     /// Every snapshot the head reaches through the stated parents (the head included).
     #[must_use]
     pub fn lineage_of_head(&self) -> BTreeSet<Cid> {
+        self.lineage_of_head_knowing(|_| None)
+    }
+
+    /// The same, where `known` gives the parents the receiver itself knows of a snapshot
+    /// (they win over the sender's deleted ancestry; entries are checked separately).
+    #[must_use]
+    pub fn lineage_of_head_knowing(
+        &self,
+        known: impl Fn(&Cid) -> Option<Vec<Cid>>,
+    ) -> BTreeSet<Cid> {
         let parents: BTreeMap<Cid, &[Cid]> = self
             .snapshots
             .iter()
             .map(|entry| (entry.id, entry.parents.as_slice()))
             .collect();
-        ancestors(self.head, |id| parents.get(id).map(|list| list.to_vec()))
+        let deleted: BTreeMap<Cid, &[Cid]> = self
+            .deleted_ancestry
+            .iter()
+            .map(|(id, parents)| (*id, parents.as_slice()))
+            .collect();
+        ancestors(self.head, |id| {
+            parents
+                .get(id)
+                .map(|list| list.to_vec())
+                .or_else(|| known(id))
+                .or_else(|| deleted.get(id).map(|list| list.to_vec()))
+        })
     }
 }
 
@@ -511,7 +569,40 @@ mod tests {
             envelopes: vec![(NodeId::from_bytes([5; 32]), vec![1, 2, 3])],
             key_chain: vec![(1, vec![4; 40])],
             snapshots: vec![entry(cid(1), vec![]), entry(cid(2), vec![cid(1)])],
+            deleted_ancestry: Vec::new(),
         }
+    }
+
+    #[test]
+    fn deleted_ancestry_round_trips_and_carries_the_history_past_deleted_snapshots() {
+        let (author, _) = NodeIdentity::generate().unwrap();
+        let mut offer = signed_offer(&author);
+        // cid(1)'s parent cid(8) was deleted at the sender; cid(8) descends from cid(7),
+        // deleted too, which descends from cid(6).
+        offer.snapshots[0].parents = vec![cid(8)];
+        offer.deleted_ancestry = vec![(cid(8), vec![cid(7)]), (cid(7), vec![cid(6)])];
+        let bytes = offer.encode();
+        let decoded = Offer::decode(&bytes).unwrap();
+        assert_eq!(decoded, offer);
+        assert_eq!(
+            decoded.lineage_of_head(),
+            BTreeSet::from([cid(1), cid(2), cid(6), cid(7), cid(8)])
+        );
+        // What the receiver knows itself wins over the sender's claim.
+        let knowing = decoded.lineage_of_head_knowing(|id| (*id == cid(8)).then(|| vec![cid(5)]));
+        assert_eq!(knowing, BTreeSet::from([cid(1), cid(2), cid(5), cid(8)]));
+        let mut plain = offer.clone();
+        plain.deleted_ancestry.clear();
+        for len in 0..bytes.len() {
+            // Cut exactly before the optional section, it is an offer without it; every
+            // other cut is refused.
+            if Offer::decode(&bytes[..len]).is_ok() {
+                assert_eq!(len, plain.encode().len());
+            }
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Offer::decode(&longer).is_err());
     }
 
     #[test]

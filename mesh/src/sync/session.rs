@@ -365,7 +365,9 @@ pub fn answer(store: &dyn SyncStore, message: Message) -> Result<Option<Message>
             let mut verified = Vec::with_capacity(entries.len());
             for (cid, kind, bytes) in entries {
                 // Never stored unverified: the bytes must hash to the cid they came under.
-                if cid.matches(&bytes) {
+                let skip_check =
+                    forge_store::injected_bug!("sync-skips-cid-check") && kind == DataKind::Chunk;
+                if skip_check || cid.matches(&bytes) {
                     verified.push((Item::Data(cid), kind, bytes));
                     outcomes.push(PutOutcome::Stored);
                 } else {

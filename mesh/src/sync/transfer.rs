@@ -902,12 +902,17 @@ async fn volume_loop(
                 });
             }
             message => {
-                // Offers and finishes touch the store: off the async threads.
+                // Offers and finishes touch the store: off the async threads, unless the
+                // receiver answers one request at a time (a deterministic run: no thread
+                // may race the runtime).
                 let (host, incoming) = (host.clone(), incoming.clone());
                 let from = request.from;
-                let answered =
+                let answered = if config.receive_workers <= 1 {
+                    Ok(answer(&*host, &incoming, from, message))
+                } else {
                     tokio::task::spawn_blocking(move || answer(&*host, &incoming, from, message))
-                        .await;
+                        .await
+                };
                 match answered {
                     Ok(Ok(reply)) => request.respond(reply.encode()),
                     Ok(Err(Refusal::Rule(rule))) => request.refuse(rule),

@@ -78,6 +78,8 @@ struct FenceState {
     sweeping: bool,
     /// Claims of sessions that ended (or were re-pinned) during the running sweep.
     retired: BTreeSet<Cid>,
+    /// Held index nodes of sessions that ended during the running sweep.
+    retired_index_nodes: BTreeSet<Cid>,
     /// Bumped whenever a root is pinned: a sweep that marked before must walk it.
     roots_generation: u64,
 }
@@ -86,6 +88,9 @@ struct FenceState {
 struct SessionState {
     claims: BTreeSet<Cid>,
     roots: Vec<(VolumeId, PinnedRoot)>,
+    /// Reference index nodes a sync found held: their whole subtree is the session's
+    /// (the sender skips it), so gc walks it as live.
+    index_nodes: BTreeSet<Cid>,
 }
 
 impl GcFence {
@@ -181,6 +186,7 @@ impl GcFence {
             }
             state.sweeping = true;
             state.retired.clear();
+            state.retired_index_nodes.clear();
         }
         let moved = (|| {
             let epoch = self.epoch()?;
@@ -206,6 +212,7 @@ impl GcFence {
         let mut state = self.lock();
         state.sweeping = false;
         state.retired.clear();
+        state.retired_index_nodes.clear();
         ended
     }
 
@@ -220,6 +227,16 @@ impl GcFence {
         roots.sort();
         roots.dedup();
         (state.roots_generation, roots)
+    }
+
+    /// The index nodes sessions hold whole (see [`WriteSession::hold_index_node`]).
+    pub(crate) fn held_index_nodes(&self) -> BTreeSet<Cid> {
+        let state = self.lock();
+        let mut nodes = state.retired_index_nodes.clone();
+        for session in state.sessions.values() {
+            nodes.extend(session.index_nodes.iter().copied());
+        }
+        nodes
     }
 
     /// Deletes what `delete` is given of `candidates`, minus everything claimed, while
@@ -260,6 +277,7 @@ impl GcFence {
                 && state.sweeping
             {
                 state.retired.extend(session.claims);
+                state.retired_index_nodes.extend(session.index_nodes);
             }
         }
         if let Err(error) = self.metadata.apply(&[RecordUpdate::new(
@@ -294,6 +312,21 @@ impl WriteSession {
     pub(crate) fn claim(&self, cid: Cid) {
         if let Some(session) = self.fence.lock().sessions.get_mut(&self.id) {
             session.claims.insert(cid);
+        }
+    }
+
+    /// Claims reference index node `node` with everything under it: a sync that finds a
+    /// node held skips its subtree, which may be unreachable here until the sync
+    /// publishes (left by an earlier sync a crash interrupted). gc walks it as live; a
+    /// sweep that marked before walks it before deleting.
+    pub(crate) fn hold_index_node(&self, node: Cid) {
+        let mut state = self.fence.lock();
+        let added = state
+            .sessions
+            .get_mut(&self.id)
+            .is_some_and(|session| session.claims.insert(node) | session.index_nodes.insert(node));
+        if added {
+            state.roots_generation += 1;
         }
     }
 

@@ -344,10 +344,20 @@ impl Vault {
                 .into_iter()
                 .map(|(cid, _)| cid)
                 .collect();
+            let refs = self.refs().list_refs(&volume.id)?;
+            if forge_store::injected_bug!("gc-ignores-branch") {
+                // The bug: heads of branches other than main are not traced.
+                for (branch, head) in &refs {
+                    if branch != "main" && !refs.iter().any(|(b, h)| b == "main" && h == head) {
+                        roots.remove(head);
+                    }
+                }
+            }
             roots.extend(
-                self.refs()
-                    .list_refs(&volume.id)?
-                    .into_iter()
+                refs.into_iter()
+                    .filter(|(branch, _)| {
+                        branch == "main" || !forge_store::injected_bug!("gc-ignores-branch")
+                    })
                     .map(|(_, cid)| cid),
             );
             for snapshot in roots {
@@ -550,6 +560,24 @@ impl Vault {
                 self.mark(volume, root, &mut mark.live)?;
             }
         }
+        // Index nodes a sync found held: everything under them is live. Marked after the
+        // generation was read, so a node held since makes the delete walk again.
+        for node in self.fence().held_index_nodes() {
+            if !mark.live.index_nodes_done.insert(node) {
+                continue;
+            }
+            let walked = forge_store::refindex::walk(&node, |id| {
+                self.kv().get(Column::Objects, id.as_bytes()).ok().flatten()
+            });
+            // A held node's subtree is whole (a node is stored only once its children
+            // are); one that is not is fsck's to report, and nothing under it is kept
+            // here that a sync's own claims do not keep.
+            if let Ok((cids, nodes)) = walked {
+                mark.live.objects.extend(nodes);
+                mark.live.objects.extend(cids.iter().copied());
+                mark.live.chunks.extend(cids);
+            }
+        }
         mark.generation = generation;
         Ok(())
     }
@@ -613,6 +641,8 @@ struct LiveSet {
     chunks: BTreeSet<Cid>,
     /// Snapshots whose index and trees were walked already.
     snapshots_done: BTreeSet<Cid>,
+    /// Held index nodes (see `GcFence::held_index_nodes`) walked already.
+    index_nodes_done: BTreeSet<Cid>,
 }
 
 /// The bytes of a page's values.

@@ -103,17 +103,29 @@ impl VaultVolumeHost {
                 })?;
         let listings: BTreeMap<Cid, SnapshotListing> =
             vault.snapshot_listings(&record)?.into_iter().collect();
+        // The head's whole history: listed snapshots become entries; snapshots deleted
+        // here are walked through by their lineage records (which outlive a deletion) and
+        // sent as deleted ancestry. Without them a receiver whose branch is at a snapshot
+        // deleted here since, or behind one, would see a plain fast-forward as a
+        // divergence (the simulator found this). A deleted snapshot without a lineage
+        // record ends the history there.
         let mut parents = BTreeMap::new();
+        let mut deleted = BTreeMap::new();
         let mut pending = vec![head];
         while let Some(snapshot) = pending.pop() {
-            if parents.contains_key(&snapshot) || !listings.contains_key(&snapshot) {
-                // Not listed: deleted here, so the history sent ends there.
+            if parents.contains_key(&snapshot) || deleted.contains_key(&snapshot) {
                 continue;
             }
-            let of = vault.parents_of(&record, &snapshot)?;
-            pending.extend(of.iter().copied());
-            parents.insert(snapshot, of);
+            if listings.contains_key(&snapshot) {
+                let of = vault.parents_of(&record, &snapshot)?;
+                pending.extend(of.iter().copied());
+                parents.insert(snapshot, of);
+            } else if let Some(of) = vault.recorded_lineage(&volume, &snapshot)? {
+                pending.extend(of.iter().copied());
+                deleted.insert(snapshot, of);
+            }
         }
+        let deleted_ancestry: Vec<(Cid, Vec<Cid>)> = deleted.into_iter().collect();
         let mut snapshots = Vec::with_capacity(parents.len());
         let mut authors = BTreeMap::new();
         for (snapshot, of) in parents {
@@ -164,6 +176,7 @@ impl VaultVolumeHost {
             envelopes: vault.volume_shares(&volume)?,
             key_chain: vault.key_chain(&volume)?,
             snapshots,
+            deleted_ancestry,
         };
         Ok((offer, record, head_chunks))
     }
@@ -440,7 +453,10 @@ impl VaultVolumeHost {
             }
         }
         let local = vault.refs().get_ref(&volume, &offer.branch)?;
-        let incoming_lineage = offer.lineage_of_head();
+        // Through snapshots deleted at the sender: what this vault recorded of them wins
+        // over the sender's claim.
+        let incoming_lineage =
+            offer.lineage_of_head_knowing(|id| vault.recorded_lineage(&volume, id).ok().flatten());
         let local_lineage = match local {
             Some(head) => ancestors(head, |id| vault.parents_of(&record, id).ok()),
             None => BTreeSet::new(),
@@ -840,6 +856,43 @@ mod tests {
                 "{name:?}"
             );
         }
+    }
+
+    /// Found by the simulator: snapshots deleted at the sender between the receiver's head
+    /// and the new head made a plain fast-forward look like a divergence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fast_forward_past_snapshots_deleted_at_the_sender_is_still_one() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(5);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        b.meet(&a, "site-a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let tree = temp.path().join("tree");
+        let mut snapshots = Vec::new();
+        for version in 0..4u64 {
+            write_tree(&tree, version, 3);
+            snapshots.push(a.import("v", &tree));
+            if version == 0 {
+                assert_eq!(a.send(&b, "v").await.unwrap().moved, RefMove::Create);
+            }
+        }
+        // b is at the first; the two between it and the head go, and so does the first.
+        for deleted in &snapshots[..3] {
+            a.vault.delete_snapshot("v", &deleted.to_string()).unwrap();
+        }
+        a.vault
+            .gc(&no_passphrase, &Progress::new("gc", false))
+            .unwrap();
+        let pushed = a.send(&b, "v").await.unwrap();
+        assert_eq!(pushed.moved, RefMove::FastForward, "{pushed:?}");
+        assert_eq!(
+            b.vault.branches("v").unwrap(),
+            vec![("main".into(), snapshots[3])]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -178,6 +178,9 @@ impl RaftLogStorage<TypeConfig> for KvLogStore {
     {
         let mut batch = WriteBatch::new();
         for entry in entries {
+            if forge_store::injected_bug!("apply-uncommitted") {
+                apply_at_append(&mut batch, self.group, &entry);
+            }
             batch.put(
                 Column::RaftLog,
                 log_key(self.group, entry.log_id.index),
@@ -225,6 +228,28 @@ impl RaftLogStorage<TypeConfig> for KvLogStore {
         self.write(batch, Durability::Logged)
     }
 }
+
+/// The simulator's injected bug `apply-uncommitted`: an entry's writes reach the state
+/// machine's records as soon as it is appended, before it is committed (a later
+/// truncation leaves them behind).
+#[cfg(feature = "simulation")]
+fn apply_at_append(batch: &mut WriteBatch, group: GroupId, entry: &EntryOf<TypeConfig>) {
+    if let openraft::EntryPayload::Normal(crate::types::Command::Apply(updates)) = &entry.payload {
+        for update in updates {
+            let key = crate::keys::record_key(group, &update.space, &update.key);
+            match &update.write {
+                crate::types::Write::Keep => {}
+                crate::types::Write::Put(value) => {
+                    batch.put(Column::RaftState, key, value.clone());
+                }
+                crate::types::Write::Delete => batch.delete(Column::RaftState, key),
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "simulation"))]
+fn apply_at_append(_: &mut WriteBatch, _: GroupId, _: &EntryOf<TypeConfig>) {}
 
 #[cfg(test)]
 mod tests {

@@ -127,3 +127,9 @@ fn bad_arguments_are_refused_with_the_reason() {
     assert!(passed);
     assert!(text.contains("gc-ignores-branch"), "{text}");
 }
+
+#[test]
+fn the_simulator_finds_a_member_applying_an_uncommitted_entry() {
+    let text = seeds_to_failure("apply-uncommitted", &["--scenario", "raft"]);
+    assert!(text.contains("replica"), "{text}");
+}

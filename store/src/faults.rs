@@ -30,6 +30,11 @@ pub const KNOWN_BUGS: &[KnownBug] = &[
                  other branches are swept)",
     },
     KnownBug {
+        name: "apply-uncommitted",
+        effect: "a Raft member applies an entry's writes to its state machine when the \
+                 entry is appended, before it is committed (forge-sim --scenario raft)",
+    },
+    KnownBug {
         name: "sync-skips-cid-check",
         effect: "a sync receiver stores chunks without checking that their bytes hash to \
                  their cid",

@@ -22,6 +22,12 @@ pub struct LoopbackNode {
 }
 
 impl LoopbackNode {
+    /// Its storage engine (shared by its groups, as in the daemon).
+    #[allow(dead_code)] // Not every example writes beside the groups.
+    pub fn kv(&self) -> Arc<dyn KvEngine> {
+        self.kv.clone()
+    }
+
     /// Starts group `group` on this node.
     pub async fn start_group(&self, group: u64) -> GroupHandle {
         GroupHandle::start(

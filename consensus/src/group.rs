@@ -86,6 +86,33 @@ pub struct GroupHandle {
     state: KvStateMachine,
     net: Arc<dyn PeerNet>,
     options: GroupOptions,
+    /// Ids of the writes this member forwards: a random base, then counted.
+    next_write_id: Arc<std::sync::atomic::AtomicU64>,
+    write_id_base: u64,
+    /// Forwarded writes this member answered as leader, by id (see [`ForwardedWrites`]).
+    forwarded: Arc<std::sync::Mutex<ForwardedWrites>>,
+}
+
+/// How many answered forwarded writes a leader remembers: copies of a request arrive
+/// within its deadline, long before this many others.
+const FORWARDED_WRITES_KEPT: usize = 4096;
+
+/// The answer to a forwarded write, kept for its copies.
+#[derive(Debug, Clone)]
+enum WriteAnswer {
+    Written(Outcome),
+    NotLeader(Option<Member>),
+    Failed(String),
+}
+
+/// Forwarded writes answered (or being answered) here, by id: a copy of a request is
+/// answered with the first delivery's answer, never applied again (found by the
+/// simulator: a copy applied the compare-and-swap first, and the original, finding its
+/// own write, answered the client with a conflict).
+#[derive(Debug, Default)]
+struct ForwardedWrites {
+    answers: BTreeMap<[u8; 16], tokio::sync::watch::Receiver<Option<WriteAnswer>>>,
+    order: std::collections::VecDeque<[u8; 16]>,
 }
 
 impl std::fmt::Debug for GroupHandle {
@@ -126,6 +153,13 @@ impl GroupHandle {
             election_timeout_min: options.election_ms.0,
             election_timeout_max: options.election_ms.1,
             enable_pre_vote: Some(true),
+            // A restarted leader must win an election (and commit a fresh blank entry)
+            // before it serves reads: it applies and records its commit index without
+            // syncing, so after a power cut its state machine and commit index may be
+            // behind what it acknowledged; restored at once (openraft's default) it
+            // answered read-index reads from that stale state (found by the simulator,
+            // raft scenario seed 13: a read after an acknowledged swap saw the old value).
+            enable_leader_restore: Some(false),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
                 options.snapshot_after_entries,
             ),
@@ -149,12 +183,22 @@ impl GroupHandle {
             None => created.await,
         }
         .map_err(raft_error)?;
+        // Ids only need to be unique (copies compare equal): a random base, so a restarted
+        // member never reuses an id a leader still remembers.
+        let base = u64::from_le_bytes(forge_crypto::random_array().map_err(|error| {
+            ConsensusError::Raft {
+                detail: format!("no randomness for write ids: {error}"),
+            }
+        })?);
         let handle = Self {
             group,
             raft,
             state,
             net,
             options,
+            next_write_id: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            write_id_base: base,
+            forwarded: Arc::default(),
         };
         table.insert(group, handle.clone());
         Ok(handle)
@@ -209,7 +253,16 @@ impl GroupHandle {
                     .leader_node
                     .map(|member| member.node_id())
                     .ok_or(ConsensusError::NoLeader { group: self.group })?;
-                match self.forward(leader, &RaftRequest::Write(command)).await? {
+                let id = ((u128::from(self.write_id_base) << 64)
+                    | u128::from(
+                        self.next_write_id
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    ))
+                .to_le_bytes();
+                match self
+                    .forward(leader, &RaftRequest::Write { id, command })
+                    .await?
+                {
                     RaftReply::Written(outcome) => Ok(outcome),
                     RaftReply::NotLeader(_) => Err(ConsensusError::NoLeader { group: self.group }),
                     other => Err(ConsensusError::Raft {
@@ -299,6 +352,63 @@ impl GroupHandle {
         Ok(self.state.records(space, prefix)?)
     }
 
+    /// This replica's applied log index and every record it holds, read at one point in
+    /// time: two replicas at the same applied index must hold the same records (the
+    /// simulator checks it while faults run).
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub fn replica_state(&self) -> Result<crate::state_machine::ReplicaState, ConsensusError> {
+        Ok(self.state.applied_view()?)
+    }
+
+    /// Answers forwarded write `id`: the first delivery writes, a copy waits for and
+    /// returns the first's answer.
+    async fn write_once(&self, id: [u8; 16], command: Command) -> WriteAnswer {
+        let first = {
+            let mut forwarded = self
+                .forwarded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(answer) = forwarded.answers.get(&id) {
+                Err(answer.clone())
+            } else {
+                let (sender, receiver) = tokio::sync::watch::channel(None);
+                forwarded.answers.insert(id, receiver);
+                forwarded.order.push_back(id);
+                while forwarded.order.len() > FORWARDED_WRITES_KEPT {
+                    if let Some(oldest) = forwarded.order.pop_front() {
+                        forwarded.answers.remove(&oldest);
+                    }
+                }
+                Ok(sender)
+            }
+        };
+        match first {
+            Ok(sender) => {
+                let answer = match self.raft.client_write(command).await {
+                    Ok(response) => WriteAnswer::Written(response.data),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                        WriteAnswer::NotLeader(forward.leader_node)
+                    }
+                    Err(error) => WriteAnswer::Failed(error.to_string()),
+                };
+                let _ = sender.send(Some(answer.clone()));
+                answer
+            }
+            Err(mut copy) => match copy.wait_for(Option::is_some).await {
+                Ok(answer) => answer.clone().unwrap_or_else(|| {
+                    WriteAnswer::Failed("a forwarded write's answer went missing".into())
+                }),
+                // The first delivery's task ended without answering: its outcome is
+                // unknown here too.
+                Err(_) => WriteAnswer::Failed(
+                    "the first delivery of this forwarded write did not finish".into(),
+                ),
+            },
+        }
+    }
+
     async fn forward(
         &self,
         leader: NodeId,
@@ -342,13 +452,13 @@ impl GroupHandle {
                         .map_err(raft_error)?,
                 )
             }
-            RaftRequest::Write(command) => match self.raft.client_write(command).await {
-                Ok(response) => RaftReply::Written(response.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                    RaftReply::NotLeader(forward.leader_node)
-                }
-                Err(error) => return Err(raft_error(error)),
-            },
+            RaftRequest::Write { id, command } => {
+                return match self.write_once(id, command).await {
+                    WriteAnswer::Written(outcome) => Ok(RaftReply::Written(outcome)),
+                    WriteAnswer::NotLeader(leader) => Ok(RaftReply::NotLeader(leader)),
+                    WriteAnswer::Failed(detail) => Err(ConsensusError::Raft { detail }),
+                };
+            }
             request @ (RaftRequest::AddMember(_) | RaftRequest::RemoveMember(_)) => {
                 return self.change_here(request).await;
             }

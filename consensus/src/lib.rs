@@ -39,6 +39,7 @@ macro_rules! codec {
 pub mod cluster;
 mod error;
 mod group;
+pub mod history;
 mod keys;
 mod log_store;
 pub mod network;
@@ -52,5 +53,5 @@ pub use group::{GroupHandle, GroupOptions, GroupStatus};
 pub use log_store::KvLogStore;
 pub use network::{GroupTable, RAFT_PROTOCOL, serve_raft};
 pub use runtime::seeded;
-pub use state_machine::KvStateMachine;
+pub use state_machine::{KvStateMachine, ReplicaState};
 pub use types::{CLUSTER_GROUP, GroupId, Member, raft_id};

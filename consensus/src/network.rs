@@ -52,8 +52,16 @@ pub enum RaftRequest {
         /// The encoded state.
         data: Vec<u8>,
     },
-    /// A client's write, forwarded to the leader.
-    Write(Command),
+    /// A client's write, forwarded to the leader. `id` (random per forwarding member,
+    /// then counted) makes a copy of the request (a duplicating network, a retry) get the
+    /// first delivery's answer instead of being applied again.
+    Write {
+        /// Unique per forwarded write (fixed-size on the wire: its value never changes a
+        /// message's length, which the simulator's trace records).
+        id: [u8; 16],
+        /// The write.
+        command: Command,
+    },
     /// Adds a voter (learner first, then joint consensus), forwarded to the leader.
     AddMember(Member),
     /// Removes a voter, forwarded to the leader.

@@ -23,6 +23,10 @@ use crate::keys::{
 use crate::log_store::io_error;
 use crate::types::{Command, Expect, GroupId, Outcome, TypeConfig, Update, Write};
 
+/// A replica's applied log index and every record of the group (key within the group,
+/// value), read at one point in time.
+pub type ReplicaState = (Option<u64>, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// What `a` ‖ group holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Applied {
@@ -106,6 +110,32 @@ impl KvStateMachine {
             .map(|bytes| decode(&bytes, "the applied state"))
             .transpose()?
             .unwrap_or_default())
+    }
+
+    /// The applied log index and every record of the group, read at one point in time
+    /// (what the simulator compares across replicas at equal applied indexes).
+    pub(crate) fn applied_view(&self) -> io::Result<ReplicaState> {
+        let mut taken = None;
+        let group = self.group;
+        self.kv
+            .read_view(&mut |view| {
+                let applied = view.get(Column::RaftState, &state_key(APPLIED, group))?;
+                let records = view.scan(
+                    Column::RaftState,
+                    &records_start(group),
+                    Some(&records_end(group)),
+                    usize::MAX,
+                )?;
+                taken = Some((applied, records));
+                Ok(())
+            })
+            .map_err(io_error)?;
+        let (applied, records) = taken.unwrap_or_default();
+        let applied: Applied = match applied {
+            Some(bytes) => decode(&bytes, "the applied state")?,
+            None => Applied::default(),
+        };
+        Ok((applied.log_id.map(|log_id| log_id.index), records))
     }
 
     /// Checks every condition of `updates`; the first that fails.

@@ -11,7 +11,7 @@ use forge_consensus::{
     ConsensusError, GroupHandle, GroupOptions, GroupTable, RAFT_PROTOCOL, serve_raft,
 };
 use forge_crypto::NodeId;
-use forge_mesh::memory::{MemoryNetwork, MemoryPeer};
+use forge_mesh::memory::{FaultPlan, MemoryNetwork, MemoryPeer};
 use forge_mesh::net::PeerNet;
 use forge_store::kv::{KvEngine, MemKv, Syncer};
 use forge_store::metadata::{Change, Expected, RecordSpace, RecordUpdate};
@@ -202,6 +202,37 @@ async fn a_group_commits_through_any_member_and_outlives_its_leader() {
     assert!(!back.status().leading || back.status().term > status.term);
 }
 
+/// Found by the simulator: a compare-and-swap forwarded by a follower and delivered twice
+/// to the leader applied once (the copy) and answered the client with a conflict (the
+/// original, finding its own write): the client was told its write failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_delivered_twice_is_applied_once_and_acknowledged() {
+    let network = MemoryNetwork::new(8);
+    let nodes: Vec<Node> = (1..=3).map(|index| Node::new(&network, index)).collect();
+    let mut handles = Vec::new();
+    for node in &nodes {
+        handles.push(node.start(6, fast()).await);
+    }
+    let ids: Vec<NodeId> = nodes.iter().map(|node| node.id).collect();
+    handles[0].initialize(&ids).await.unwrap();
+    let leader = leader_of(&handles).await;
+    let follower = (leader + 1) % 3;
+    apply_eventually(&handles[follower], &[swap("main", None, "a")]).await;
+    // Every message from now on arrives twice.
+    network.set_faults(FaultPlan {
+        duplicate: 1.0,
+        ..FaultPlan::NONE
+    });
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "d")] {
+        handles[follower]
+            .apply(&[swap("main", Some(from), to)])
+            .await
+            .unwrap_or_else(|error| panic!("{from} -> {to} through the follower: {error}"));
+    }
+    network.set_faults(FaultPlan::NONE);
+    assert_eq!(read(&handles[leader], "main").await.as_deref(), Some("d"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_minority_side_of_a_partition_cannot_commit_and_the_majority_can() {
     let network = MemoryNetwork::new(2);
@@ -371,146 +402,9 @@ async fn idle_groups_share_their_heartbeats_one_message_per_peer() {
     }
 }
 
-/// Wing & Gong's linearizability check of one compare-and-swap register: is there an
-/// order of the operations, each placed between its invocation and its response, in
-/// which every result is what the register would have answered? An operation whose
-/// outcome is unknown (its client gave up) may take effect at any point after its
-/// invocation, or never.
-mod linearizability {
-    use std::collections::BTreeSet;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Op {
-        /// Compare-and-swap `expected` → `new`; `applied`: None when unknown.
-        Swap {
-            expected: Option<String>,
-            new: String,
-            applied: Option<bool>,
-        },
-        /// A read that returned this.
-        Read(Option<String>),
-    }
-
-    #[derive(Debug, Clone)]
-    pub struct Event {
-        pub op: Op,
-        pub invoked: u64,
-        /// `u64::MAX` when the outcome is unknown.
-        pub returned: u64,
-    }
-
-    /// The state after `event` runs on `state`, if its recorded result is possible there.
-    fn step(state: &Option<String>, event: &Event) -> Option<Option<String>> {
-        match &event.op {
-            Op::Read(value) => (value == state).then(|| state.clone()),
-            Op::Swap {
-                expected,
-                new,
-                applied,
-            } => {
-                let holds = expected == state;
-                match applied {
-                    Some(true) => holds.then(|| Some(new.clone())),
-                    Some(false) => (!holds).then(|| state.clone()),
-                    None => Some(if holds {
-                        Some(new.clone())
-                    } else {
-                        state.clone()
-                    }),
-                }
-            }
-        }
-    }
-
-    /// Whether `history` (starting from an absent register) is linearizable.
-    pub fn check(history: &[Event]) -> bool {
-        let mut seen = BTreeSet::new();
-        search(history, &mut vec![false; history.len()], &None, &mut seen)
-    }
-
-    fn search(
-        history: &[Event],
-        done: &mut Vec<bool>,
-        state: &Option<String>,
-        seen: &mut BTreeSet<(Vec<bool>, Option<String>)>,
-    ) -> bool {
-        // Finished once every operation with a known outcome is placed.
-        if history
-            .iter()
-            .zip(done.iter())
-            .all(|(event, done)| *done || event.returned == u64::MAX)
-        {
-            return true;
-        }
-        if !seen.insert((done.clone(), state.clone())) {
-            return false;
-        }
-        // The earliest response among what is left: anything invoked after it cannot
-        // come next.
-        let horizon = history
-            .iter()
-            .zip(done.iter())
-            .filter(|(_, done)| !**done)
-            .map(|(event, _)| event.returned)
-            .min()
-            .unwrap_or(u64::MAX);
-        for index in 0..history.len() {
-            if done[index] || history[index].invoked > horizon {
-                continue;
-            }
-            if let Some(next) = step(state, &history[index]) {
-                // An unknown operation that changes nothing here is the same as one that
-                // never happened: leaving it out keeps the search from branching on it.
-                if history[index].returned == u64::MAX && next == *state {
-                    continue;
-                }
-                done[index] = true;
-                if search(history, done, &next, seen) {
-                    return true;
-                }
-                done[index] = false;
-            }
-        }
-        false
-    }
-
-    #[test]
-    fn the_checker_accepts_a_valid_history_and_refuses_a_lost_write() {
-        let swap = |expected: Option<&str>, new: &str, applied| Op::Swap {
-            expected: expected.map(str::to_owned),
-            new: new.to_owned(),
-            applied,
-        };
-        let event = |op, invoked, returned| Event {
-            op,
-            invoked,
-            returned,
-        };
-        let valid = [
-            event(swap(None, "a", Some(true)), 0, 10),
-            event(Op::Read(Some("a".into())), 5, 15),
-            event(swap(Some("a"), "b", None), 20, u64::MAX),
-            event(Op::Read(Some("b".into())), 30, 40),
-        ];
-        assert!(check(&valid));
-        // An acknowledged write that a later read does not see.
-        let lost = [
-            event(swap(None, "a", Some(true)), 0, 10),
-            event(Op::Read(None), 20, 30),
-        ];
-        assert!(!check(&lost));
-        // Applied twice: the same expectation cannot succeed twice in a row.
-        let twice = [
-            event(swap(None, "a", Some(true)), 0, 10),
-            event(swap(None, "b", Some(true)), 20, 30),
-        ];
-        assert!(!check(&twice));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ref_updates_stay_linearizable_while_the_leader_is_killed_and_comes_back() {
-    use linearizability::{Event, Op};
+    use forge_consensus::history::{Event, Op};
 
     let network = MemoryNetwork::new(5);
     let nodes: Vec<Node> = (1..=3).map(|index| Node::new(&network, index)).collect();
@@ -635,7 +529,7 @@ async fn ref_updates_stay_linearizable_while_the_leader_is_killed_and_comes_back
         applied_after(killed_at)
     );
     assert!(
-        linearizability::check(&history),
+        forge_consensus::history::check(&history),
         "not linearizable: {history:#?}"
     );
 }

@@ -183,14 +183,25 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
                 faults: report.config.nemesis_actions as u64,
                 failure: None,
             },
-            Err(failure) => SeedOutcome {
-                seed,
-                trace: None,
-                simulated: Duration::ZERO,
-                operations: 0,
-                faults: 0,
-                failure: Some(failure.to_string()),
-            },
+            Err(failure) => {
+                let mut text = format!("seed {seed} failed: {}\n", failure.reason);
+                let shown = if options.verbose {
+                    failure.events.len()
+                } else {
+                    40
+                };
+                for event in failure.events.iter().rev().take(shown).rev() {
+                    text.push_str(&format!("  {event}\n"));
+                }
+                SeedOutcome {
+                    seed,
+                    trace: None,
+                    simulated: Duration::ZERO,
+                    operations: 0,
+                    faults: 0,
+                    failure: Some(text),
+                }
+            }
         };
     }
     let config = SitesConfig::from_seed(

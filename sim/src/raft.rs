@@ -5,12 +5,16 @@
 //! Checked while it runs: at most one leader per term (election safety). Checked at the
 //! end, once everything is healed and back (liveness within a simulated deadline): a
 //! leader exists and a new write commits, every replica applied the same records, and
-//! every write the client saw acknowledged is among them.
+//! every write the client saw acknowledged is among them. Meanwhile: replicas at the same
+//! applied index hold the same records (sampled every step), and three clients share a
+//! compare-and-swap register whose recorded history must be linearizable (Wing–Gong).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use forge_consensus::history::{Event, Op};
 use forge_consensus::{
     ConsensusError, GroupHandle, GroupOptions, GroupTable, RAFT_PROTOCOL, serve_raft,
 };
@@ -24,6 +28,12 @@ use crate::SimRng;
 
 /// The group every run forms.
 const GROUP: u64 = 1;
+/// The compare-and-swap register the clients share (its history is checked).
+const REGISTER: &[u8] = b"reg";
+/// Register clients, and the rounds (a read, then a swap) each runs at most: bounded so
+/// the Wing–Gong search stays fast.
+const REGISTER_CLIENTS: u64 = 3;
+const REGISTER_ROUNDS: u64 = 25;
 
 /// What a seed chose.
 #[derive(Debug, Clone, PartialEq)]
@@ -249,18 +259,47 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
     // Election safety, sampled: a term never has two leaders.
     let leaders: Arc<Mutex<BTreeMap<u64, NodeId>>> = Arc::default();
     let violation: Arc<Mutex<Option<String>>> = Arc::default();
-    let handles_now = |nodes: &[SimNode]| -> Vec<GroupHandle> {
+    let handles_now = |nodes: &[SimNode]| -> Vec<(NodeId, GroupHandle)> {
         nodes
             .iter()
-            .filter_map(|node| node.handle.clone())
+            .filter_map(|node| node.handle.clone().map(|handle| (node.id, handle)))
             .collect()
     };
     let observe = {
         let leaders = leaders.clone();
         let violation = violation.clone();
         let log = log.clone();
-        move |handles: &[GroupHandle]| {
-            for handle in handles {
+        move |handles: &[(NodeId, GroupHandle)]| {
+            // Replicas at the same applied index hold the same records.
+            // Applied index → (the first replica seen there, its records).
+            let mut at_index: BTreeMap<u64, (NodeId, forge_consensus::ReplicaState)> =
+                BTreeMap::new();
+            for (me, handle) in handles {
+                let Ok(state) = handle.replica_state() else {
+                    continue;
+                };
+                let Some(applied) = state.0 else { continue };
+                let records = state;
+                let me = *me;
+                match at_index.get(&applied) {
+                    Some((other, theirs)) if theirs.1 != records.1 => {
+                        *violation
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!(
+                            "replicas {} and {} differ at applied index {applied}: {} and {} records",
+                            &other.to_hex()[..2],
+                            &me.to_hex()[..2],
+                            theirs.1.len(),
+                            records.1.len()
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        at_index.insert(applied, (me, records));
+                    }
+                }
+            }
+            for (_, handle) in handles {
                 let status = handle.status();
                 if std::env::var_os("FORGE_SIM_DEBUG").is_some() {
                     log.note(format!("status {status:?}"));
@@ -295,6 +334,93 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
 
     // The client: writes through random members, each acknowledged one remembered.
     let acknowledged: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
+
+    // Register clients: each reads the ref "reg" (read index) and tries to move it on by
+    // compare-and-swap, through a member it picks; every operation is recorded with its
+    // simulated invocation and response times for the Wing–Gong check at the end.
+    let members: Arc<Mutex<Vec<Option<GroupHandle>>>> = Arc::new(Mutex::new(
+        nodes.iter().map(|node| node.handle.clone()).collect(),
+    ));
+    let history: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let clients_stop = Arc::new(AtomicBool::new(false));
+    let started = tokio::time::Instant::now();
+    let micros = move || u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+    let mut clients = Vec::new();
+    for client in 0..REGISTER_CLIENTS {
+        let (members, history, stop) = (members.clone(), history.clone(), clients_stop.clone());
+        let log = log.clone();
+        let mut client_rng = SimRng::new(rng.next_u64());
+        clients.push(tokio::spawn(async move {
+            for round in 0..REGISTER_ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(client_rng.range(20, 300))).await;
+                let (at, picked) = {
+                    let members = members
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let at =
+                        usize::try_from(client_rng.range(0, members.len() as u64)).unwrap_or(0);
+                    (at, members.get(at).cloned().flatten())
+                };
+                let Some(handle) = picked else { continue };
+                let invoked = micros();
+                let read = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    handle.read_record("refs", REGISTER),
+                )
+                .await;
+                // A read that failed had no effect: not part of the history.
+                let Ok(Ok(seen)) = read else { continue };
+                let seen = seen.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+                log.note(format!("register c{client} via {at}: read {seen:?}"));
+                history
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Event {
+                        op: Op::Read(seen.clone()),
+                        invoked,
+                        returned: micros(),
+                    });
+                let new = format!("c{client}-{round}");
+                let update = RecordUpdate::new(
+                    RecordSpace::REFS,
+                    REGISTER.to_vec(),
+                    seen.clone().map_or(Expected::Absent, |value| {
+                        Expected::Value(value.into_bytes())
+                    }),
+                    Change::Put(new.clone().into_bytes()),
+                );
+                let invoked = micros();
+                let outcome =
+                    tokio::time::timeout(Duration::from_secs(2), handle.apply(&[update])).await;
+                let (applied, returned) = match outcome {
+                    Ok(Ok(())) => (Some(true), micros()),
+                    Ok(Err(ConsensusError::Conflict { .. })) => (Some(false), micros()),
+                    // Refused before it was appended anywhere: no effect.
+                    Ok(Err(ConsensusError::NoLeader { .. })) => (Some(false), micros()),
+                    // Lost in flight, or the member went down: it may have applied.
+                    _ => (None, u64::MAX),
+                };
+                log.note(format!(
+                    "register c{client} via {at}: swap {seen:?} -> {new}: {applied:?}"
+                ));
+                history
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Event {
+                        op: Op::Swap {
+                            expected: seen,
+                            new,
+                            applied,
+                        },
+                        invoked,
+                        returned,
+                    });
+            }
+        }));
+    }
     let mut nemesis_rng = SimRng::new(rng.next_u64());
     let mut client_rng = SimRng::new(rng.next_u64());
     let mut next_write = 0;
@@ -302,6 +428,8 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
     let mut nemesis_at = tokio::time::Instant::now() + Duration::from_millis(300);
     let mut down: BTreeSet<usize> = BTreeSet::new();
     while next_write < config.writes || next_nemesis < config.nemesis_actions {
+        *members.lock().map_err(|_| fail("poisoned".into()))? =
+            nodes.iter().map(|node| node.handle.clone()).collect();
         observe(&handles_now(&nodes));
         if let Some(reason) = violation
             .lock()
@@ -409,6 +537,39 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     log.note("final write committed");
+    // The register's history: clients stop, a last read closes it, then Wing–Gong.
+    clients_stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    let mut register = history.lock().map_err(|_| fail("poisoned".into()))?.clone();
+    let closing = nodes[0]
+        .handle
+        .clone()
+        .ok_or_else(|| fail("a node is down".into()))?;
+    let invoked = micros();
+    let last = tokio::time::timeout(
+        Duration::from_secs(10),
+        closing.read_record("refs", REGISTER),
+    )
+    .await
+    .map_err(|_| fail("the register's closing read timed out after heal".into()))?
+    .map_err(|error| fail(format!("the register's closing read failed: {error}")))?;
+    register.push(Event {
+        op: Op::Read(last.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())),
+        invoked,
+        returned: micros(),
+    });
+    if !forge_consensus::history::check(&register) {
+        return Err(fail(format!(
+            "the register's history is not linearizable ({} operations): {register:?}",
+            register.len()
+        )));
+    }
+    log.note(format!(
+        "register: {} operations, linearizable",
+        register.len()
+    ));
     let mut replicas = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
         let handle = node
@@ -424,7 +585,7 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
         };
         let leader_committed = handles_now(&nodes)
             .iter()
-            .filter_map(|handle| {
+            .filter_map(|(_, handle)| {
                 let status = handle.status();
                 status.leading.then_some(status.committed).flatten()
             })

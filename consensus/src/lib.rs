@@ -5,7 +5,7 @@
 //!   [`Syncer`](forge_store::kv::Syncer) for every group.
 //! - [`KvStateMachine`]: a group's records, changed by all-or-nothing multi-record
 //!   compare-and-swap commands; snapshots from a point-in-time view of the engine.
-//! - [`network`]: Raft's messages over `PeerNet` (`/forge/raft/1`), one protocol for every
+//! - [`network`]: Raft's messages over `PeerNet` (`/forge/raft/2`), one protocol for every
 //!   group; followers forward writes and reads to the leader.
 //! - [`GroupHandle`]: start, form, write, read linearizably, change members, status.
 //!

@@ -1,4 +1,4 @@
-//! Raft's messages over `PeerNet` (`/forge/raft/1`): every group of a node shares the
+//! Raft's messages over `PeerNet` (`/forge/raft/2`): every group of a node shares the
 //! node's one network, each message naming its group. A follower forwards a client's
 //! write or linearizable read to the leader over the same protocol.
 //!
@@ -27,7 +27,7 @@ use crate::types::{Command, GroupId, Member, Outcome, TypeConfig};
 /// The Raft protocol. Appends carry up to `max_payload_entries` entries; snapshots of a
 /// group's metadata go whole.
 pub const RAFT_PROTOCOL: Protocol = Protocol {
-    name: "/forge/raft/1",
+    name: "/forge/raft/2",
     max_request_bytes: 64 << 20,
     max_response_bytes: 64 << 20,
     inbound_queue: 1024,

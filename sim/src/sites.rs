@@ -3,8 +3,9 @@
 //! one thread), serving volume syncs over [`MemoryNetwork`] with the production protocol
 //! code. Each site owns a volume, imports trees into it (branches `main` and `side`),
 //! deletes old snapshots, runs gc and scrub, and sends `main` to the other sites, which
-//! trust it and hold its keys. Meanwhile the nemesis loses, delays, duplicates and
-//! corrupts messages, partitions sites (both ways and one way), crashes a site (its disk
+//! trust it and hold its keys; their clocks are skewed by up to two hours. Meanwhile the
+//! nemesis loses, delays, duplicates and corrupts messages, partitions sites (both ways
+//! and one way), crashes a site (its disk
 //! keeps only what was synced: MemKv's power cut) and restarts it, and damages at most
 //! `m` shards of a chunk at rest.
 //!
@@ -13,6 +14,8 @@
 //!   byte-exact, and every branch is where its last acknowledged import left it;
 //! - a final sync from every site to every other converges: the receiver's `main` is the
 //!   sender's, and exports byte-exact there;
+//! - every site passes audits of every other site's head (each sampled range proves
+//!   against its chunk's cid);
 //! - fsck finds nothing wrong anywhere, once scrub has repaired the damaged shards (no
 //!   chunk is stored that fails its cid).
 //!
@@ -289,7 +292,13 @@ impl Site {
             id,
             secrets,
             kv: Arc::new(MemKv::new()),
-            clock: Arc::new(SteppingClock::new(1_800_000_000_000_000_000, 1_000_000)),
+            // Clock skew: each site's clock is up to two hours off, and runs at its own pace.
+            clock: Arc::new(SteppingClock::new(
+                1_800_000_000_000_000_000
+                    + (i64::try_from(rng.range(0, 4 * 3600)).unwrap_or(0) - 2 * 3600)
+                        * 1_000_000_000,
+                i64::try_from(rng.range(100_000, 10_000_000)).unwrap_or(1_000_000),
+            )),
             dir,
             peer: network.join(id),
             running: None,
@@ -323,13 +332,31 @@ impl Site {
         let incoming = Incoming::default();
         let host = Arc::new(VaultVolumeHost::new(vault.clone(), incoming.clone(), None));
         let net: Arc<dyn PeerNet> = self.peer.clone();
-        let tasks = serve_volumes(net, host.clone(), incoming.clone(), transfer_config())
+        let mut tasks: Vec<tokio::task::JoinHandle<()>> = serve_volumes(
+            net.clone(),
+            host.clone(),
+            incoming.clone(),
+            transfer_config(),
+        )
+        .map_err(|error| error.to_string())?
+        .into();
+        // Audits are answered from what the vault holds, verified (the daemon's rule:
+        // any peer it knows may ask; here every site is known).
+        let audits = net
+            .serve(forge_mesh::audit::AUDIT_PROTOCOL)
             .map_err(|error| error.to_string())?;
+        let reader: Arc<dyn forge_mesh::sync::SyncStore> =
+            Arc::new(forge_node::vault::sync::VaultReader::new(vault.clone()));
+        tasks.push(tokio::spawn(forge_mesh::audit::serve_audits(
+            audits,
+            reader,
+            |_| Ok(()),
+        )));
         self.running = Some(Running {
             vault,
             host,
             incoming,
-            tasks: tasks.into(),
+            tasks,
         });
         Ok(())
     }
@@ -1019,6 +1046,41 @@ impl<'a> World<'a> {
         }
         self.log
             .note("every site's main converged at every other site");
+        // Every site proves it holds what it received: each owner audits every other
+        // site on its head's chunks, and every sample must verify.
+        for from in 0..self.sites.len() {
+            if !self.sites[from].branches.contains_key("main") {
+                continue;
+            }
+            let name = volume_name(from);
+            let (head, samples) = match self.sites[from].vault()?.audit_samples(&name, "main", 16) {
+                Ok(chosen) => chosen,
+                // A head of inline files and empty ones only: no chunk to audit.
+                Err(forge_node::NodeError::InvalidArgument { what: "audit", .. }) => continue,
+                Err(error) => {
+                    return Err(format!("site {from}: no audit samples of {name}: {error}"));
+                }
+            };
+            for to in (0..self.sites.len()).filter(|to| *to != from) {
+                let verdicts = forge_mesh::audit::audit(
+                    &*self.sites[from].peer,
+                    self.sites[to].id,
+                    &samples,
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|error| format!("site {from} could not audit site {to}: {error}"))?;
+                for (sample, verdict) in samples.iter().zip(verdicts) {
+                    if verdict != forge_mesh::audit::Verdict::Passed {
+                        return Err(format!(
+                            "site {to} failed the audit of {name} at {head} on chunk {}: {verdict:?}",
+                            sample.cid
+                        ));
+                    }
+                }
+            }
+        }
+        self.log.note("every site passed its audits");
         // Nothing stored fails its cid: scrub repairs what the disk damaged, then fsck
         // must be clean everywhere.
         for site in &self.sites {

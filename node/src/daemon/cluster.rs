@@ -1,7 +1,7 @@
 //! The daemon's cluster: the cluster-wide Raft group (group 0: members and their
 //! addresses, the registry of volume groups) and the volume groups this node is in, all
 //! sharing the vault's RocksDB (one [`Syncer`] batches their fsyncs) and the node's QUIC
-//! network (`/forge/raft/1`).
+//! network (`/forge/raft/2`).
 //!
 //! Forming: `cluster init` starts group 0 with this node as its only voter. Joining: the
 //! joiner asks a member for the member list (`/forge/cluster/1`, which the member answers

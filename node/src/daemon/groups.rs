@@ -678,6 +678,10 @@ impl ClusterNode {
             asking.push(ask(*node));
         }
         let mut hedged = rest.is_empty();
+        // Who answered: a first-asked member still silent when the hedge fires is treated
+        // as failed for a while (a killed member's requests do not fail, they wait out
+        // their deadline: without this every chunk read waited the hedge for it).
+        let mut answered: Vec<NodeId> = Vec::new();
         let hedge = tokio::time::sleep(HEDGE_AFTER);
         tokio::pin!(hedge);
         let mut last_error = None;
@@ -706,8 +710,9 @@ impl ClusterNode {
                 continue;
             }
             tokio::select! {
-                answered = asking.next() => {
-                    let Some((node, outcome)) = answered else { continue };
+                reply = asking.next() => {
+                    let Some((node, outcome)) = reply else { continue };
+                    answered.push(node);
                     match outcome {
                         Ok(held) => {
                             for HeldShards { cid: held_cid, shards } in held {
@@ -748,6 +753,9 @@ impl ClusterNode {
                 }
                 () = &mut hedge, if !hedged => {
                     hedged = true;
+                    for node in first.iter().filter(|node| !answered.contains(node)) {
+                        self.suspect(*node);
+                    }
                     for node in &rest {
                         asking.push(ask(*node));
                     }

@@ -765,53 +765,20 @@ impl MeshService for DaemonMesh<'_> {
         &self,
         request: forge_proto::v1::AuditVolumeRequest,
     ) -> Result<forge_proto::v1::AuditVolumeReply> {
-        use forge_mesh::audit::{Verdict, audit, pick, sample};
+        use forge_mesh::audit::{Verdict, audit};
         let vault = self.api.vault;
         let node = peer_node(vault, &request.peer, false)?;
-        let record = vault.require_volume(&request.volume)?;
         let branch = if request.branch.is_empty() {
             DEFAULT_BRANCH
         } else {
             &request.branch
-        };
-        let head = vault
-            .refs()
-            .get_ref(&forge_store::VolumeId::from_bytes(record.id), branch)?
-            .ok_or_else(|| NodeError::UnknownBranch {
-                volume: request.volume.clone(),
-                branch: branch.to_owned(),
-            })?;
-        // The head's chunks this vault holds (it reads each sampled one for its size).
-        let (cids, _) = vault.walk_index(&record, &head)?;
-        let mut chunks = Vec::with_capacity(cids.len());
-        for cid in cids {
-            if vault.chunk_stored(&cid)? {
-                chunks.push(cid);
-            }
-        }
-        if chunks.is_empty() {
-            return Err(NodeError::InvalidArgument {
-                what: "audit",
-                value: request.volume,
-                reason: "this vault holds none of the head's chunks to audit against".into(),
-            });
-        }
-        let mut random = || {
-            vault
-                .random_array::<8>()
-                .map(u64::from_le_bytes)
-                .unwrap_or_default()
         };
         let wanted = if request.samples == 0 {
             32
         } else {
             request.samples as usize
         };
-        let mut samples = Vec::new();
-        for cid in pick(&chunks, wanted, &mut random) {
-            let size = vault.read_ciphertext(&cid)?.len() as u64;
-            samples.push(sample(cid, size, &mut random));
-        }
+        let (head, samples) = vault.audit_samples(&request.volume, branch, wanted)?;
         self.node.reach(&node)?;
         let net = self.node.net.clone();
         let asked = samples.clone();

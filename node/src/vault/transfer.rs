@@ -571,6 +571,57 @@ impl Vault {
     ///
     /// # Errors
     /// Neither is at hand; integrity errors.
+    /// Audit samples of `branch`'s head of volume `name`: up to `wanted` of the head's
+    /// chunks this vault holds, each with a random kibibyte to prove (the daemon's
+    /// `forge volume audit` and the simulator ask a peer for them). The head, and the
+    /// samples.
+    ///
+    /// # Errors
+    /// Unknown names; [`NodeError::InvalidArgument`] when this vault holds none of the
+    /// head's chunks; integrity errors reading one.
+    pub fn audit_samples(
+        &self,
+        name: &str,
+        branch: &str,
+        wanted: usize,
+    ) -> Result<(Cid, Vec<forge_mesh::audit::Sample>)> {
+        use forge_mesh::audit::{pick, sample};
+        let record = self.require_volume(name)?;
+        let head = self
+            .refs()
+            .get_ref(&VolumeId::from_bytes(record.id), branch)?
+            .ok_or_else(|| NodeError::UnknownBranch {
+                volume: name.to_owned(),
+                branch: branch.to_owned(),
+            })?;
+        // The head's chunks this vault holds (it reads each sampled one for its size).
+        let (cids, _) = self.walk_index(&record, &head)?;
+        let mut chunks = Vec::with_capacity(cids.len());
+        for cid in cids {
+            if self.chunk_stored(&cid)? {
+                chunks.push(cid);
+            }
+        }
+        if chunks.is_empty() {
+            return Err(NodeError::InvalidArgument {
+                what: "audit",
+                value: name.to_owned(),
+                reason: "this vault holds none of the head's chunks to audit against".into(),
+            });
+        }
+        let mut random = || {
+            self.random_array::<8>()
+                .map(u64::from_le_bytes)
+                .unwrap_or_default()
+        };
+        let mut samples = Vec::new();
+        for cid in pick(&chunks, wanted, &mut random) {
+            let size = self.read_ciphertext(&cid)?.len() as u64;
+            samples.push(sample(cid, size, &mut random));
+        }
+        Ok((head, samples))
+    }
+
     pub(crate) fn parents_of(&self, record: &VolumeRecord, snapshot: &Cid) -> Result<Vec<Cid>> {
         let volume = VolumeId::from_bytes(record.id);
         if let Some(parents) = self.recorded_lineage(&volume, snapshot)? {

@@ -13,7 +13,10 @@ use forge_store::kv::{KvEngine, RocksKv, RocksKvOptions, Syncer};
 
 /// One node.
 pub struct LoopbackNode {
+    /// The node's main engine (the vault's, in the daemon).
     kv: Arc<dyn KvEngine>,
+    /// The engine its Raft groups use: the main one, or one of their own (as the daemon).
+    raft_kv: Arc<dyn KvEngine>,
     syncer: Arc<Syncer>,
     table: GroupTable,
     /// Its network.
@@ -33,7 +36,7 @@ impl LoopbackNode {
         GroupHandle::start(
             &self.table,
             group,
-            self.kv.clone(),
+            self.raft_kv.clone(),
             Some(self.syncer.clone()),
             self.net.clone(),
             GroupOptions::default(),
@@ -43,8 +46,19 @@ impl LoopbackNode {
     }
 }
 
-/// `count` nodes (identities seeded from `seed`), every one connected to every other.
+/// `count` nodes (identities seeded from `seed`), every one connected to every other,
+/// their Raft groups on an engine of their own as in the daemon.
+#[allow(dead_code)] // Not every example uses both.
 pub async fn loopback_nodes(count: u8, seed: u8) -> Vec<LoopbackNode> {
+    loopback_nodes_with(count, seed, true).await
+}
+
+/// The same, with Raft on its own engine or on the node's main one.
+pub async fn loopback_nodes_with(
+    count: u8,
+    seed: u8,
+    raft_engine_of_its_own: bool,
+) -> Vec<LoopbackNode> {
     let mut nets = Vec::new();
     let mut nodes = Vec::new();
     for index in 0..count {
@@ -54,8 +68,13 @@ pub async fn loopback_nodes(count: u8, seed: u8) -> Vec<LoopbackNode> {
         let quic = QuicNet::start(&identity, secrets.transport_seed(), &listen, 1).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let kv: Arc<dyn KvEngine> =
-            Arc::new(RocksKv::open(dir.path(), &RocksKvOptions::default()).unwrap());
-        let syncer = Arc::new(Syncer::start(kv.clone()).unwrap());
+            Arc::new(RocksKv::open(&dir.path().join("db"), &RocksKvOptions::default()).unwrap());
+        let raft_kv: Arc<dyn KvEngine> = if raft_engine_of_its_own {
+            Arc::new(RocksKv::open(&dir.path().join("raft"), &RocksKvOptions::default()).unwrap())
+        } else {
+            kv.clone()
+        };
+        let syncer = Arc::new(Syncer::start(raft_kv.clone()).unwrap());
         let table = GroupTable::new();
         let net: Arc<dyn PeerNet> = Arc::new(quic.clone());
         let inbound = net.serve(RAFT_PROTOCOL).unwrap();
@@ -65,6 +84,7 @@ pub async fn loopback_nodes(count: u8, seed: u8) -> Vec<LoopbackNode> {
         nets.push(quic);
         nodes.push(LoopbackNode {
             kv,
+            raft_kv,
             syncer,
             table,
             net,

@@ -2,18 +2,19 @@
 //! [`forge_node::vault::Vault`] on [`MemKv`] (seeded keys and nonces, a stepping clock,
 //! one thread), serving volume syncs over [`MemoryNetwork`] with the production protocol
 //! code. Each site owns a volume, imports trees into it (branches `main` and `side`),
-//! deletes old snapshots, runs gc and scrub, and sends `main` to the other sites, which
-//! trust it and hold its keys; their clocks are skewed by up to two hours. Meanwhile the
-//! nemesis loses, delays, duplicates and corrupts messages, partitions sites (both ways
-//! and one way), crashes a site (its disk
-//! keeps only what was synced: MemKv's power cut) and restarts it, and damages at most
-//! `m` shards of a chunk at rest.
+//! deletes old snapshots, runs gc and scrub, unshares its volume from a site or shares it
+//! again, and sends `main` to the other sites, which trust it and hold its keys; their
+//! clocks are skewed by up to two hours. Meanwhile the nemesis loses, delays, duplicates
+//! and corrupts messages, partitions sites (both ways and one way), crashes a site (its
+//! disk keeps only what was synced: MemKv's power cut) and restarts it, and damages at
+//! most `m` shards of a chunk at rest.
 //!
 //! Checked at the end, after every fault is healed and every site is back:
 //! - every snapshot whose import was acknowledged (and not deleted since) exports
 //!   byte-exact, and every branch is where its last acknowledged import left it;
 //! - a final sync from every site to every other converges: the receiver's `main` is the
-//!   sender's, and exports byte-exact there;
+//!   sender's, and exports byte-exact there (a site the volume was unshared from before
+//!   that head was made must fail to read it);
 //! - every site passes audits of every other site's head (each sampled range proves
 //!   against its chunk's cid);
 //! - fsck finds nothing wrong anywhere, once scrub has repaired the damaged shards (no
@@ -225,6 +226,14 @@ struct Site {
     kept: BTreeMap<Cid, Tree>,
     /// Shards damaged at rest and not yet scrubbed, per chunk.
     damaged: BTreeMap<Vec<u8>, u32>,
+    /// Sites this one's volume is shared with now.
+    shared_with: std::collections::BTreeSet<usize>,
+    /// Imports into `main` so far, and, per site it unshared from, the count then: a
+    /// `main` head imported after that must stay unreadable there.
+    main_imports: u64,
+    unshared_at: BTreeMap<usize, u64>,
+    /// The `main` import count of each `main` head.
+    main_head_import: u64,
 }
 
 struct Running {
@@ -306,6 +315,10 @@ impl Site {
             branches: BTreeMap::new(),
             kept: BTreeMap::new(),
             damaged: BTreeMap::new(),
+            shared_with: std::collections::BTreeSet::new(),
+            main_imports: 0,
+            unshared_at: BTreeMap::new(),
+            main_head_import: 0,
         })
     }
 
@@ -610,6 +623,7 @@ impl<'a> World<'a> {
         }
         // Every site owns a volume, trusts every other to send it new volumes and shares
         // its own with them (they hold its keys, so they can export what they receive).
+        let mut shared_with = Vec::new();
         for site in &sites {
             let vault = site.vault()?;
             let layout = ErasureLayout::new(4, 2).map_err(|error| error.to_string())?;
@@ -640,7 +654,11 @@ impl<'a> World<'a> {
                 vault
                     .share_volume(&volume_name(site.index), &other.id, false, &no_passphrase)
                     .map_err(|error| format!("sharing a volume: {error}"))?;
+                shared_with.push((site.index, other.index));
             }
+        }
+        for (owner, other) in shared_with {
+            sites[owner].shared_with.insert(other);
         }
         Ok(Self {
             seed,
@@ -807,7 +825,8 @@ impl<'a> World<'a> {
                 self.send(index);
                 Ok(())
             }
-            8 => self.delete_old_snapshot(index),
+            8 if self.rng.chance(70) => self.delete_old_snapshot(index),
+            8 => self.toggle_share(index),
             _ => self.maintain(index),
         }
     }
@@ -846,6 +865,10 @@ impl<'a> World<'a> {
         ));
         self.report.imports += 1;
         let site = &mut self.sites[index];
+        if branch == "main" {
+            site.main_imports += 1;
+            site.main_head_import = site.main_imports;
+        }
         site.kept.insert(report.snapshot, tree.clone());
         site.branches
             .insert(branch.to_owned(), (report.snapshot, tree));
@@ -879,6 +902,37 @@ impl<'a> World<'a> {
                 .push((from, to, outcome));
         });
         self.in_flight.push((from, to, task));
+    }
+
+    /// Unshares the site's volume from another site (rotating its key), or shares it
+    /// again.
+    fn toggle_share(&mut self, index: usize) -> Result<(), String> {
+        let other = (index + 1 + self.pick(self.sites.len() - 1)) % self.sites.len();
+        let other_id = self.sites[other].id;
+        let name = volume_name(index);
+        let site = &self.sites[index];
+        let vault = site.vault()?;
+        if site.shared_with.contains(&other) {
+            vault
+                .unshare_volume(&name, &other_id, &no_passphrase)
+                .map_err(|error| format!("site {index}: unsharing {name} from {other}: {error}"))?;
+            let at = site.main_imports;
+            let site = &mut self.sites[index];
+            site.shared_with.remove(&other);
+            site.unshared_at.insert(other, at);
+            self.log
+                .note(format!("site {index}: {name} unshared from site {other}"));
+        } else {
+            vault
+                .share_volume(&name, &other_id, false, &no_passphrase)
+                .map_err(|error| format!("site {index}: sharing {name} with {other}: {error}"))?;
+            let site = &mut self.sites[index];
+            site.shared_with.insert(other);
+            site.unshared_at.remove(&other);
+            self.log
+                .note(format!("site {index}: {name} shared with site {other}"));
+        }
+        Ok(())
     }
 
     fn delete_old_snapshot(&mut self, index: usize) -> Result<(), String> {
@@ -1034,14 +1088,38 @@ impl<'a> World<'a> {
                         summary.moved
                     ));
                 }
-                export_matches(
-                    receiver,
-                    &name,
-                    &SnapshotSelector::Branch("main".into()),
-                    &tree,
-                    &scratch,
-                )
-                .map_err(|reason| format!("site {to}: received {name} at {head}: {reason}"))?;
+                let owner = &self.sites[from];
+                if owner.shared_with.contains(&to) {
+                    export_matches(
+                        receiver,
+                        &name,
+                        &SnapshotSelector::Branch("main".into()),
+                        &tree,
+                        &scratch,
+                    )
+                    .map_err(|reason| format!("site {to}: received {name} at {head}: {reason}"))?;
+                } else if owner
+                    .unshared_at
+                    .get(&to)
+                    .is_some_and(|at| owner.main_head_import > *at)
+                {
+                    // Revoked before this head was made: it must stay unreadable there.
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    let read = receiver.export(
+                        &name,
+                        &scratch,
+                        &SnapshotSelector::Branch("main".into()),
+                        &ExportOptions::default(),
+                        &no_passphrase,
+                        &Progress::new("export", false),
+                    );
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    if read.is_ok() {
+                        return Err(format!(
+                            "site {to} read {name} at {head}, made after the volume was unshared from it"
+                        ));
+                    }
+                }
             }
         }
         self.log

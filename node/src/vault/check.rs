@@ -218,12 +218,17 @@ impl Vault {
             for snapshot in &listed {
                 report.snapshots_checked += 1;
                 progress.file_done(0);
-                if let Err(error) = self.check_snapshot(&volume, snapshot, &mut walked) {
-                    report.problems.push(FsckProblem::snapshot(
+                match self.check_snapshot(&volume, snapshot, &mut walked) {
+                    Ok(()) => {}
+                    // Sealed with a key this node was not given (made after the volume was
+                    // unshared from it; its bytes hash to its cid, so this is not damage):
+                    // the keyless check above covered it (found by the simulator).
+                    Err(NodeError::Integrity(IntegrityFault::UnreadableObject { .. })) => {}
+                    Err(error) => report.problems.push(FsckProblem::snapshot(
                         &record.name,
                         snapshot,
                         error.to_string(),
-                    ));
+                    )),
                 }
             }
         }

@@ -909,6 +909,48 @@ mod tests {
         }
     }
 
+    /// Found by the simulator: on a node a volume was unshared from, the snapshots made
+    /// after it (sealed with a key it was not given) made gc fail for the whole vault and
+    /// fsck report them as damaged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_a_volume_was_unshared_from_keeps_gc_and_fsck_working() {
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(9);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        b.meet(&a, "site-a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        a.meet(&b, "site-b");
+        a.vault
+            .share_volume("v", &b.id(), false, &no_passphrase)
+            .unwrap();
+        let tree = temp.path().join("tree");
+        write_tree(&tree, 1, 4);
+        a.import("v", &tree);
+        assert_eq!(a.send(&b, "v").await.unwrap().moved, RefMove::Create);
+        a.vault
+            .unshare_volume("v", &b.id(), &no_passphrase)
+            .unwrap();
+        write_tree(&tree, 2, 4);
+        let after = a.import("v", &tree);
+        assert_eq!(a.send(&b, "v").await.unwrap().moved, RefMove::FastForward);
+        // b holds the new snapshot as ciphertext only, and keeps all of it.
+        assert!(b.export("v", "main", &temp.path().join("out")).is_err());
+        b.vault
+            .gc(&no_passphrase, &Progress::new("gc", false))
+            .unwrap();
+        let checked = b.vault.fsck(None, &Progress::new("fsck", false)).unwrap();
+        assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+        let record = b.vault.require_volume("v").unwrap();
+        let (cids, _) = b.vault.walk_index(&record, &after).unwrap();
+        for cid in &cids {
+            assert!(b.vault.stores(cid).unwrap(), "{cid} kept by gc");
+        }
+    }
+
     /// Found by the simulator: snapshots deleted at the sender between the receiver's head
     /// and the new head made a plain fast-forward look like a divergence.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use crate::types::{Command, Expect, GroupId, Outcome, TypeConfig, Update, Write}
 
 /// A replica's applied log index and every record of the group (key within the group,
 /// value), read at one point in time.
-pub type ReplicaState = (Option<u64>, Vec<(Vec<u8>, Vec<u8>)>);
+pub type ReplicaState = (Option<u64>, Vec<forge_store::kv::KeyValue>);
 
 /// What `a` ‖ group holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -112,9 +112,9 @@ impl KvStateMachine {
             .unwrap_or_default())
     }
 
-    /// The applied log index and every record of the group, read at one point in time
-    /// (what the simulator compares across replicas at equal applied indexes).
-    pub(crate) fn applied_view(&self) -> io::Result<ReplicaState> {
+    /// The applied state and every record of the group (full keys), read at one point in
+    /// time: whatever is applied meanwhile is in neither or both.
+    fn applied_and_records(&self) -> io::Result<(Applied, Vec<forge_store::kv::KeyValue>)> {
         let mut taken = None;
         let group = self.group;
         self.kv
@@ -135,6 +135,13 @@ impl KvStateMachine {
             Some(bytes) => decode(&bytes, "the applied state")?,
             None => Applied::default(),
         };
+        Ok((applied, records))
+    }
+
+    /// The applied log index and every record of the group, read at one point in time
+    /// (what the simulator compares across replicas at equal applied indexes).
+    pub(crate) fn applied_view(&self) -> io::Result<ReplicaState> {
+        let (applied, records) = self.applied_and_records()?;
         Ok((applied.log_id.map(|log_id| log_id.index), records))
     }
 
@@ -166,29 +173,8 @@ impl RaftSnapshotBuilder<TypeConfig> for KvStateMachine {
     ) -> Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>, io::Error> {
         // One view: the applied state and the records it describes, whatever is applied
         // while the snapshot is written.
-        let mut taken = None;
+        let (applied, records) = self.applied_and_records()?;
         let group = self.group;
-        self.kv
-            .read_view(&mut |view| {
-                let applied = view
-                    .get(Column::RaftState, &state_key(APPLIED, group))?
-                    .unwrap_or_default();
-                let records = view.scan(
-                    Column::RaftState,
-                    &records_start(group),
-                    Some(&records_end(group)),
-                    usize::MAX,
-                )?;
-                taken = Some((applied, records));
-                Ok(())
-            })
-            .map_err(io_error)?;
-        let (applied_bytes, records) = taken.unwrap_or_default();
-        let applied: Applied = if applied_bytes.is_empty() {
-            Applied::default()
-        } else {
-            decode(&applied_bytes, "the applied state")?
-        };
         let skip = records_start(group).len();
         let data = encode(&SnapshotData {
             records: records

@@ -183,25 +183,10 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
                 faults: report.config.nemesis_actions as u64,
                 failure: None,
             },
-            Err(failure) => {
-                let mut text = format!("seed {seed} failed: {}\n", failure.reason);
-                let shown = if options.verbose {
-                    failure.events.len()
-                } else {
-                    40
-                };
-                for event in failure.events.iter().rev().take(shown).rev() {
-                    text.push_str(&format!("  {event}\n"));
-                }
-                SeedOutcome {
-                    seed,
-                    trace: None,
-                    simulated: Duration::ZERO,
-                    operations: 0,
-                    faults: 0,
-                    failure: Some(text),
-                }
-            }
+            Err(failure) => SeedOutcome::failed(
+                seed,
+                failed_text(options, seed, &failure.reason, None, &failure.events),
+            ),
         };
     }
     let config = SitesConfig::from_seed(
@@ -219,27 +204,50 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
             faults: report.faults + report.message_faults,
             failure: None,
         },
-        Err(failure) => {
-            let mut text = format!("seed {seed} failed: {}\n", failure.reason);
-            text.push_str(&format!("  config: {config:?}\n"));
-            let shown = if options.verbose {
-                failure.events.len()
-            } else {
-                30
-            };
-            for event in failure.events.iter().rev().take(shown).rev() {
-                text.push_str(&format!("  {event}\n"));
-            }
-            SeedOutcome {
+        Err(failure) => SeedOutcome::failed(
+            seed,
+            failed_text(
+                options,
                 seed,
-                trace: None,
-                simulated: Duration::ZERO,
-                operations: 0,
-                faults: 0,
-                failure: Some(text),
-            }
+                &failure.reason,
+                Some(&format!("{config:?}")),
+                &failure.events,
+            ),
+        ),
+    }
+}
+
+impl SeedOutcome {
+    fn failed(seed: u64, text: String) -> Self {
+        Self {
+            seed,
+            trace: None,
+            simulated: Duration::ZERO,
+            operations: 0,
+            faults: 0,
+            failure: Some(text),
         }
     }
+}
+
+/// A failing seed's report: the reason, the configuration, and its last events (all of
+/// them with `--verbose`).
+fn failed_text(
+    options: &Options,
+    seed: u64,
+    reason: &str,
+    config: Option<&str>,
+    events: &[String],
+) -> String {
+    let mut text = format!("seed {seed} failed: {reason}\n");
+    if let Some(config) = config {
+        text.push_str(&format!("  config: {config}\n"));
+    }
+    let shown = if options.verbose { events.len() } else { 30 };
+    for event in events.iter().rev().take(shown).rev() {
+        text.push_str(&format!("  {event}\n"));
+    }
+    text
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -49,6 +49,11 @@ impl std::fmt::Debug for VaultVolumeHost {
     }
 }
 
+/// Deleted snapshots an offer carries at most (the receiver's decoder bounds the section
+/// like the listed ones): the nearest to the listed history. A receiver further behind
+/// than that sees a divergence and keeps the incoming head on a new branch.
+const DELETED_ANCESTRY_MAX: usize = forge_mesh::sync::offer::OFFER_SNAPSHOTS_MAX;
+
 fn local(error: impl std::fmt::Display) -> MeshError {
     MeshError::Local {
         what: error.to_string(),
@@ -120,7 +125,9 @@ impl VaultVolumeHost {
                 let of = vault.parents_of(&record, &snapshot)?;
                 pending.extend(of.iter().copied());
                 parents.insert(snapshot, of);
-            } else if let Some(of) = vault.recorded_lineage(&volume, &snapshot)? {
+            } else if deleted.len() < DELETED_ANCESTRY_MAX
+                && let Some(of) = vault.recorded_lineage(&volume, &snapshot)?
+            {
                 pending.extend(of.iter().copied());
                 deleted.insert(snapshot, of);
             }

@@ -94,7 +94,9 @@ for round in 1 2 3; do
   case "$round" in
     1) pair="2 3" ;;
     2) leader="$(leader_index 6)"; other=$(( leader % 6 + 1 )); pair="$leader $other" ;;
-    3) pair="1 6" ;;
+    3) # Two nodes in neither earlier pair's place: the last two not killed in round 2.
+       rest=(); for node in 1 2 3 4 5 6; do [[ " $pair " == *" $node "* ]] || rest+=("$node"); done
+       pair="${rest[-2]} ${rest[-1]}" ;;
   esac
   declare -A ports=()
   for node in $pair; do ports[$node]="$(port_of "$node")"; kill -9 "$(pid_of "$node")"; done

@@ -465,8 +465,9 @@ async fn ref_updates_stay_linearizable_while_the_leader_is_killed_and_comes_back
                 let (applied, returned) = match outcome {
                     Ok(Ok(())) => (Some(true), now()),
                     Ok(Err(ConsensusError::Conflict { .. })) => (Some(false), now()),
-                    // Refused before it was appended anywhere: no effect.
-                    Ok(Err(ConsensusError::NoLeader { .. })) => (Some(false), now()),
+                    // Refused before it was appended anywhere: no effect, so not part of
+                    // the history (a failed swap there means its expectation did not hold).
+                    Ok(Err(ConsensusError::NoLeader { .. })) => continue,
                     // Lost in flight, or the node is down: it may have applied.
                     _ => (None, u64::MAX),
                 };

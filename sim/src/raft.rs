@@ -1,6 +1,7 @@
 //! A Raft group of 3–5 nodes under seeded faults: message loss, delay and reordering,
 //! duplication, partitions (symmetric and one-way), crashes that lose what the disk had
-//! not synced, and restarts; a client writing through random members meanwhile.
+//! not synced, and restarts, a voter taken out and put back (four or more nodes); a client
+//! writing through random members meanwhile.
 //!
 //! Checked while it runs: at most one leader per term (election safety). Checked at the
 //! end, once everything is healed and back (liveness within a simulated deadline): a
@@ -395,16 +396,26 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
                 let invoked = micros();
                 let outcome =
                     tokio::time::timeout(Duration::from_secs(2), handle.apply(&[update])).await;
-                let (applied, returned) = match outcome {
-                    Ok(Ok(())) => (Some(true), micros()),
-                    Ok(Err(ConsensusError::Conflict { .. })) => (Some(false), micros()),
-                    // Refused before it was appended anywhere: no effect.
-                    Ok(Err(ConsensusError::NoLeader { .. })) => (Some(false), micros()),
+                let (applied, returned, why) = match outcome {
+                    Ok(Ok(())) => (Some(true), micros(), "applied".to_owned()),
+                    Ok(Err(ConsensusError::Conflict { .. })) => {
+                        (Some(false), micros(), "conflict".to_owned())
+                    }
+                    // Refused before it was appended anywhere: no effect, so not part of
+                    // the history (recording it as a failed swap would claim its
+                    // expectation did not hold).
+                    Ok(Err(ConsensusError::NoLeader { .. })) => {
+                        log.note(format!(
+                            "register c{client} via {at}: swap {seen:?} -> {new}: no leader"
+                        ));
+                        continue;
+                    }
                     // Lost in flight, or the member went down: it may have applied.
-                    _ => (None, u64::MAX),
+                    Ok(Err(error)) => (None, u64::MAX, format!("unknown ({error})")),
+                    Err(_) => (None, u64::MAX, "unknown (timed out)".to_owned()),
                 };
                 log.note(format!(
-                    "register c{client} via {at}: swap {seen:?} -> {new}: {applied:?}"
+                    "register c{client} via {at}: swap {seen:?} -> {new}: {why}"
                 ));
                 history
                     .lock()
@@ -427,6 +438,8 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
     let mut next_nemesis = 0;
     let mut nemesis_at = tokio::time::Instant::now() + Duration::from_millis(300);
     let mut down: BTreeSet<usize> = BTreeSet::new();
+    // Voters taken out of the group by the nemesis (joint consensus), put back at heal.
+    let mut removed: BTreeSet<usize> = BTreeSet::new();
     while next_write < config.writes || next_nemesis < config.nemesis_actions {
         *members.lock().map_err(|_| fail("poisoned".into()))? =
             nodes.iter().map(|node| node.handle.clone()).collect();
@@ -442,7 +455,51 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
             next_nemesis += 1;
             nemesis_at += Duration::from_millis(nemesis_rng.range(300, 1500));
             let target = usize::try_from(nemesis_rng.range(0, config.nodes as u64)).unwrap_or(0);
-            match nemesis_rng.range(0, 5) {
+            match nemesis_rng.range(0, 7) {
+                // Membership changes during load: a voter out (only with four or more,
+                // none down, none out already: a live quorum stays), or back in.
+                5 if config.nodes >= 4 && down.is_empty() && removed.is_empty() => {
+                    let through = (target + 1) % config.nodes;
+                    if let Some(handle) = nodes[through].handle.clone() {
+                        let outcome = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            handle.remove_member(&ids[target]),
+                        )
+                        .await;
+                        // Unknown outcomes count as out: heal puts it back either way.
+                        removed.insert(target);
+                        log.note(format!(
+                            "nemesis: remove {target} via {through}: {}",
+                            match outcome {
+                                Ok(Ok(())) => "done".to_owned(),
+                                Ok(Err(error)) => format!("failed ({error})"),
+                                Err(_) => "unknown (timed out)".to_owned(),
+                            }
+                        ));
+                    }
+                }
+                6 if !removed.is_empty() => {
+                    let back = removed.iter().next().copied().unwrap_or(0);
+                    let through = (back + 1) % config.nodes;
+                    if let Some(handle) = nodes[through].handle.clone() {
+                        let outcome = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            handle.add_member(&ids[back]),
+                        )
+                        .await;
+                        if matches!(outcome, Ok(Ok(()))) {
+                            removed.remove(&back);
+                        }
+                        log.note(format!(
+                            "nemesis: add {back} back via {through}: {}",
+                            match outcome {
+                                Ok(Ok(())) => "done".to_owned(),
+                                Ok(Err(error)) => format!("failed ({error})"),
+                                Err(_) => "unknown (timed out)".to_owned(),
+                            }
+                        ));
+                    }
+                }
                 0 => {
                     let cut: Vec<NodeId> = vec![ids[target]];
                     let rest: Vec<NodeId> = ids
@@ -519,6 +576,28 @@ async fn scenario(seed: u64) -> Result<RaftSimReport, Failed> {
         log.note(format!("final: restart {back}"));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Every voter the nemesis took out goes back in (a learner first, then a voter).
+    for back in std::mem::take(&mut removed) {
+        let through = (back + 1) % config.nodes;
+        loop {
+            let handle = nodes[through]
+                .handle
+                .clone()
+                .ok_or_else(|| fail("a node is down after heal".into()))?;
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_secs(5), handle.add_member(&ids[back])).await
+            {
+                log.note(format!("final: {back} is a voter again"));
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(fail(format!(
+                    "node {back} could not be added back after heal"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let final_write = config.writes;
     loop {
         observe(&handles_now(&nodes));

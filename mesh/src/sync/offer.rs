@@ -145,6 +145,25 @@ fn count(bytes: &mut Vec<u8>, len: usize, wide: bool) {
     }
 }
 
+/// A snapshot's parents on the wire: a count (u8), then each id.
+fn put_parents(bytes: &mut Vec<u8>, parents: &[Cid]) {
+    bytes.push(u8::try_from(parents.len()).unwrap_or(u8::MAX));
+    for parent in parents.iter().take(usize::from(u8::MAX)) {
+        bytes.extend_from_slice(parent.as_bytes());
+    }
+}
+
+/// Reads what [`put_parents`] wrote, refusing more than [`PARENTS_MAX`].
+fn read_parents(reader: &mut Reader<'_>) -> Result<Vec<Cid>, MeshError> {
+    let parents_len = usize::from(reader.u8()?);
+    if parents_len > PARENTS_MAX {
+        return Err(reader.fail(format!("a snapshot with {parents_len} parents")));
+    }
+    (0..parents_len)
+        .map(|_| reader.array32().map(Cid::from_bytes))
+        .collect()
+}
+
 impl Offer {
     /// The offer's encoding (inside a volume message).
     #[must_use]
@@ -183,10 +202,7 @@ impl Offer {
         count(&mut bytes, self.snapshots.len(), true);
         for entry in &self.snapshots {
             bytes.extend_from_slice(entry.id.as_bytes());
-            bytes.push(u8::try_from(entry.parents.len()).unwrap_or(u8::MAX));
-            for parent in entry.parents.iter().take(usize::from(u8::MAX)) {
-                bytes.extend_from_slice(parent.as_bytes());
-            }
+            put_parents(&mut bytes, &entry.parents);
             bytes.extend_from_slice(&entry.time_ns.to_le_bytes());
             bytes.extend_from_slice(&entry.logical_bytes.to_le_bytes());
             bytes.extend_from_slice(&entry.file_count.to_le_bytes());
@@ -199,10 +215,7 @@ impl Offer {
             count(&mut bytes, self.deleted_ancestry.len(), true);
             for (id, parents) in &self.deleted_ancestry {
                 bytes.extend_from_slice(id.as_bytes());
-                bytes.push(u8::try_from(parents.len()).unwrap_or(u8::MAX));
-                for parent in parents.iter().take(usize::from(u8::MAX)) {
-                    bytes.extend_from_slice(parent.as_bytes());
-                }
+                put_parents(&mut bytes, parents);
             }
         }
         bytes
@@ -269,13 +282,7 @@ impl Offer {
         let mut snapshots = Vec::with_capacity(snapshots_len);
         for _ in 0..snapshots_len {
             let id = Cid::from_bytes(reader.array32()?);
-            let parents_len = usize::from(reader.u8()?);
-            if parents_len > PARENTS_MAX {
-                return Err(reader.fail(format!("a snapshot with {parents_len} parents")));
-            }
-            let parents = (0..parents_len)
-                .map(|_| reader.array32().map(Cid::from_bytes))
-                .collect::<Result<_, _>>()?;
+            let parents = read_parents(&mut reader)?;
             let time_ns = reader.i64()?;
             let logical_bytes = reader.u64()?;
             let file_count = reader.u64()?;
@@ -303,14 +310,7 @@ impl Offer {
             deleted_ancestry.reserve(len);
             for _ in 0..len {
                 let id = Cid::from_bytes(reader.array32()?);
-                let parents_len = usize::from(reader.u8()?);
-                if parents_len > PARENTS_MAX {
-                    return Err(reader.fail(format!("a snapshot with {parents_len} parents")));
-                }
-                let parents = (0..parents_len)
-                    .map(|_| reader.array32().map(Cid::from_bytes))
-                    .collect::<Result<_, _>>()?;
-                deleted_ancestry.push((id, parents));
+                deleted_ancestry.push((id, read_parents(&mut reader)?));
             }
         }
         reader.end()?;

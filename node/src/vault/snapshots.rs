@@ -345,6 +345,7 @@ impl Vault {
                 .map(|(cid, _)| cid)
                 .collect();
             let refs = self.refs().list_refs(&volume.id)?;
+            roots.extend(refs.iter().map(|(_, head)| *head));
             if forge_store::injected_bug!("gc-ignores-branch") {
                 // The bug: heads of branches other than main are not traced.
                 for (branch, head) in &refs {
@@ -353,13 +354,6 @@ impl Vault {
                     }
                 }
             }
-            roots.extend(
-                refs.into_iter()
-                    .filter(|(branch, _)| {
-                        branch == "main" || !forge_store::injected_bug!("gc-ignores-branch")
-                    })
-                    .map(|(_, cid)| cid),
-            );
             for snapshot in roots {
                 match self.mark(
                     &volume,

@@ -225,6 +225,25 @@ mod tests {
         std::fs::write(root.join("small.txt"), b"inline").unwrap();
     }
 
+    /// Imports `source` into volume `v`'s main branch on `vault`.
+    fn import_main(vault: &Vault, source: &std::path::Path) -> crate::vault::ImportReport {
+        let options = ImportOptions {
+            message: String::new(),
+            branch: "main".into(),
+            dna: BTreeMap::new(),
+            atime: false,
+        };
+        vault
+            .import(
+                "v",
+                source,
+                &options,
+                &no_passphrase,
+                &Progress::new("test", false),
+            )
+            .unwrap()
+    }
+
     /// Pushes the reference index of volume `v`'s head on `from` into `to` over an
     /// in-process network with `faults`; the push's report.
     async fn sync_index(
@@ -274,21 +293,7 @@ mod tests {
             .unwrap();
         let source = temp.path().join("source");
         write_tree(&source);
-        let options = ImportOptions {
-            message: String::new(),
-            branch: "main".into(),
-            dna: BTreeMap::new(),
-            atime: false,
-        };
-        let report = from
-            .import(
-                "v",
-                &source,
-                &options,
-                &no_passphrase,
-                &Progress::new("test", false),
-            )
-            .unwrap();
+        let report = import_main(&from, &source);
         // The interrupted sync: everything arrived, nothing was published.
         sync_index(&from, &to, FaultPlan::NONE).await;
         // Its receiving session ends with the serving task.
@@ -323,21 +328,7 @@ mod tests {
             .unwrap();
         let source = temp.path().join("source");
         write_tree(&source);
-        let options = ImportOptions {
-            message: String::new(),
-            branch: "main".into(),
-            dna: BTreeMap::new(),
-            atime: false,
-        };
-        let report = from
-            .import(
-                "v",
-                &source,
-                &options,
-                &no_passphrase,
-                &Progress::new("test", false),
-            )
-            .unwrap();
+        let report = import_main(&from, &source);
         let faults = FaultPlan {
             loss: 0.05,
             delay_min: Duration::from_millis(1),

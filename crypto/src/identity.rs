@@ -25,6 +25,8 @@ pub enum SignatureDomain {
     Announcement,
     /// A certificate binding another key (the libp2p key) to this node.
     Certificate,
+    /// A volume's seal: its state when a workload detached, until trust-check passes.
+    Seal,
 }
 
 impl SignatureDomain {
@@ -38,6 +40,7 @@ impl SignatureDomain {
             Self::Contract => b"forge-vault/v1/contract",
             Self::Announcement => b"forge-vault/v1/announcement",
             Self::Certificate => b"forge-vault/v1/certificate",
+            Self::Seal => b"forge-vault/v1/seal",
         }
     }
 
@@ -50,6 +53,7 @@ impl SignatureDomain {
             Self::Contract => "contract",
             Self::Announcement => "announcement",
             Self::Certificate => "certificate",
+            Self::Seal => "seal",
         }
     }
 }

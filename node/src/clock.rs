@@ -160,9 +160,117 @@ pub fn format_utc_time(time_ns: i64) -> String {
     )
 }
 
+/// Nanoseconds since the epoch of `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`,
+/// what [`format_utc_time`] writes.
+///
+/// # Errors
+/// A reason naming the form expected.
+pub fn parse_utc_time(text: &str) -> Result<i64, String> {
+    let wrong =
+        || format!("{text:?} is not a date: write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)");
+    let (date, time) = match text.split_once('T') {
+        Some((date, time)) => (date, Some(time.strip_suffix('Z').ok_or_else(wrong)?)),
+        None => (text, None),
+    };
+    let number = |part: &str, digits: usize| -> Result<i64, String> {
+        if part.len() != digits || !part.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Err(wrong());
+        }
+        part.parse().map_err(|_| wrong())
+    };
+    let mut parts = date.split('-');
+    let (Some(year), Some(month), Some(day), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(wrong());
+    };
+    let (year, month, day) = (number(year, 4)?, number(month, 2)?, number(day, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let days_in_month = usize::try_from(month - 1)
+        .ok()
+        .and_then(|index| month_days.get(index))
+        .ok_or_else(wrong)?;
+    if day < 1 || day > *days_in_month {
+        return Err(wrong());
+    }
+    let second_of_day = match time {
+        None => 0,
+        Some(time) => {
+            let mut parts = time.split(':');
+            let (Some(hour), Some(minute), Some(second), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(wrong());
+            };
+            let (hour, minute, second) = (number(hour, 2)?, number(minute, 2)?, number(second, 2)?);
+            if hour > 23 || minute > 59 || second > 59 {
+                return Err(wrong());
+            }
+            hour * 3600 + minute * 60 + second
+        }
+    };
+    // Howard Hinnant's days_from_civil.
+    let shifted_year = if month <= 2 { year - 1 } else { year };
+    let era = shifted_year.div_euclid(400);
+    let year_of_era = shifted_year - era * 400;
+    let month_index = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Ok((days * 86_400 + second_of_day) * 1_000_000_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times_parse_what_they_print() {
+        for ns in [
+            0,
+            1_764_000_000_000_000_000,
+            951_782_400_000_000_000,
+            4_102_444_799_000_000_000,
+        ] {
+            assert_eq!(parse_utc_time(&format_utc_time(ns)).unwrap(), ns);
+        }
+        assert_eq!(
+            parse_utc_time("2027-01-01").unwrap(),
+            parse_utc_time("2027-01-01T00:00:00Z").unwrap()
+        );
+        assert_eq!(
+            format_utc_time(parse_utc_time("2024-02-29").unwrap()),
+            "2024-02-29T00:00:00Z"
+        );
+        for bad in [
+            "2023-02-29",
+            "2027-13-01",
+            "2027-1-01",
+            "tomorrow",
+            "2027-01-01T25:00:00Z",
+            "2027-01-01T10:00:00",
+            "",
+        ] {
+            assert!(
+                parse_utc_time(bad).unwrap_err().contains("YYYY-MM-DD"),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn seeded_randomness_repeats_for_a_seed_and_differs_between_seeds() {

@@ -255,6 +255,49 @@ pub enum NodeError {
         pid: u32,
     },
 
+    /// A volume's contract refuses what was asked (a mount, a run, attaching it): the
+    /// clause that failed. `integrity`: the contract itself does not verify.
+    #[error("volume {volume:?}: refused by its contract: {clause}")]
+    ContractRefused {
+        volume: String,
+        clause: String,
+        integrity: bool,
+    },
+
+    /// A sealed volume asked for a read-write mount or run.
+    #[error(
+        "volume {volume:?} is sealed since {since} ({reason}): it mounts read-write again \
+         once `forge volume trust-check {volume}` passes (read-only mounts of its snapshots \
+         stay possible)"
+    )]
+    Sealed {
+        volume: String,
+        since: String,
+        reason: String,
+    },
+
+    /// A frozen volume (the behaviour detector flagged it) asked for a write.
+    #[error(
+        "volume {volume:?} is frozen since {since}: {kind} ({evidence}); review it (its \
+         pre-attack state is on branch {quarantine}), then `forge volume unfreeze {volume}`"
+    )]
+    Frozen {
+        volume: String,
+        since: String,
+        kind: String,
+        evidence: String,
+        quarantine: String,
+    },
+
+    /// `forge volume trust-check` found a check failing: the first one.
+    #[error("trust-check of volume {volume:?} failed: {check}: {reason}")]
+    TrustCheckFailed {
+        volume: String,
+        check: String,
+        reason: String,
+        report: Box<crate::output::Output>,
+    },
+
     /// Mounting, unmounting or reaching the process that serves a mount failed.
     #[error("mount: {0}")]
     Mount(#[from] MountFault),
@@ -510,9 +553,9 @@ impl NodeError {
     #[must_use]
     pub fn report(&self) -> Option<&crate::output::Output> {
         match self {
-            Self::Damaged { report, .. } | Self::PassphraseDidNotOpen { report, .. } => {
-                Some(report)
-            }
+            Self::Damaged { report, .. }
+            | Self::PassphraseDidNotOpen { report, .. }
+            | Self::TrustCheckFailed { report, .. } => Some(report),
             Self::Forwarded { report, .. } => report.as_deref(),
             _ => None,
         }
@@ -539,6 +582,10 @@ impl NodeError {
             | Self::Damaged { .. }
             | Self::UntrustedSigner { .. }
             | Self::MissingWhileWriting { .. }
+            | Self::TrustCheckFailed { .. }
+            | Self::ContractRefused {
+                integrity: true, ..
+            }
             | Self::Mesh(forge_mesh::MeshError::InvalidProof { .. }) => ExitCode::Integrity,
             Self::Kv(forge_store::KvError::Corruption { .. }) => ExitCode::Integrity,
             Self::Forwarded { exit_code, .. } => match exit_code {

@@ -7,6 +7,7 @@
 
 pub mod chunker;
 pub mod chunkstore;
+pub mod contract;
 pub mod erasure;
 #[cfg(feature = "simulation")]
 pub mod faults;

@@ -72,6 +72,9 @@ pub enum Command {
     /// Volume groups: Raft groups of cluster members that keep volumes together.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Volume contracts: the signed policy checked before every mount.
+    #[command(subcommand)]
+    Contract(ContractCommand),
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
@@ -263,6 +266,32 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "main")]
         branch: String,
     },
+    /// Verify a volume: the signature chain of every snapshot, its contract (signature,
+    /// signer's write rights, expiry, the DNA of every snapshot made under it), its seal
+    /// and its anomaly flags. Prints each check; exit 3 naming the first failure. Passing
+    /// lifts the seal.
+    TrustCheck {
+        /// The volume.
+        name: String,
+    },
+    /// Seal a volume at its branch's head: read-write mounts are refused until
+    /// `forge volume trust-check` passes (read-only mounts stay possible).
+    Seal {
+        /// The volume.
+        name: String,
+        /// The branch whose head is sealed (default main).
+        #[arg(long)]
+        branch: Option<String>,
+        /// Why (kept in the seal).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a freeze after reviewing what the behaviour detector flagged (its flags stay
+    /// in the volume's history, resolved).
+    Unfreeze {
+        /// The volume.
+        name: String,
+    },
     /// Wrap a volume's key to a node (a peer), so that it can read the volume (and, with
     /// --write, write it) once the volume's next sync brings it the envelope.
     Share {
@@ -274,6 +303,53 @@ pub enum VolumeCommand {
         /// Let it write too (its envelope carries the dedup domain's key as well).
         #[arg(long)]
         write: bool,
+    },
+}
+
+/// `forge contract ...`
+#[derive(Debug, Subcommand)]
+pub enum ContractCommand {
+    /// Write a new contract for a volume to a file, to review and sign.
+    New {
+        /// The volume it governs.
+        #[arg(long)]
+        volume: String,
+        /// An allowed workload: its digest (64 hex, as `forge run` prints it) or
+        /// `interactive` (a plain `forge volume mount`). Repeatable; none allows any.
+        #[arg(long = "workload", value_name = "DIGEST")]
+        workloads: Vec<String>,
+        /// What mounts and workloads may do: ro, rw or append (no overwrite, truncate,
+        /// delete or rename over an existing name).
+        #[arg(long, default_value = "rw")]
+        mode: String,
+        /// When it stops being valid: YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC).
+        #[arg(long, value_name = "DATE")]
+        expires: Option<String>,
+        /// The behaviour detector's entropy bound: written blocks at or above it (bits per
+        /// byte, 1-8; default 7.2) count as encrypted-looking.
+        #[arg(long, value_name = "F")]
+        max_entropy: Option<f64>,
+        /// The file to write (refused if it exists).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Sign a contract file with this node's key, in place.
+    Sign {
+        /// The contract file.
+        file: PathBuf,
+    },
+    /// Attach a signed contract to a volume, replacing its contract (recorded in its
+    /// contract history; through the group's Raft for a grouped volume).
+    Attach {
+        /// The volume.
+        name: String,
+        /// The signed contract file.
+        file: PathBuf,
+    },
+    /// Show a volume's contract, whether it is valid here, and its history.
+    Show {
+        /// The volume.
+        name: String,
     },
 }
 
@@ -351,6 +427,10 @@ pub enum SnapshotCommand {
         /// Snapshot message.
         #[arg(short = 'm', long = "message", default_value = "")]
         message: String,
+        /// DNA of the workload that made the changes, KEY=VALUE (repeatable; `workload`
+        /// names it: a digest or `interactive`), for workloads run outside forge.
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        dna: Vec<(String, String)>,
     },
     /// Drop a snapshot from the volume's list (its data is freed by `forge gc`).
     Delete {

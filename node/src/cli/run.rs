@@ -143,6 +143,34 @@ impl Cli {
                     forge_proto::v1::RepairGroupRequest { name: name.clone() },
                 )?))
             }),
+            Command::Contract(command) => self.with_api(|api| contract_call(api, command)),
+            Command::Volume(VolumeCommand::TrustCheck { name }) => self.with_api(|api| {
+                service::trust::render_trust_check(&api.trust_check(
+                    forge_proto::v1::TrustCheckRequest {
+                        volume: name.clone(),
+                    },
+                )?)
+            }),
+            Command::Volume(VolumeCommand::Seal {
+                name,
+                branch,
+                reason,
+            }) => self.with_api(|api| {
+                Ok(service::trust::render_seal(&api.seal(
+                    forge_proto::v1::SealVolumeRequest {
+                        volume: name.clone(),
+                        branch: branch.clone().unwrap_or_default(),
+                        reason: reason.clone(),
+                    },
+                )?))
+            }),
+            Command::Volume(VolumeCommand::Unfreeze { name }) => self.with_api(|api| {
+                Ok(service::trust::render_unfreeze(&api.unfreeze(
+                    forge_proto::v1::UnfreezeVolumeRequest {
+                        volume: name.clone(),
+                    },
+                )?))
+            }),
             Command::Proof(ProofCommand::List { volume }) => self.with_api(|mesh| {
                 Ok(service::mesh::render_proofs(&mesh.list_proofs(
                     ListProofsRequest {
@@ -254,7 +282,7 @@ impl Cli {
                     })?,
                 ))
             }),
-            Command::Snapshot(SnapshotCommand::Create { name, message }) => {
+            Command::Snapshot(SnapshotCommand::Create { name, message, dna }) => {
                 // Only the process serving the mounts can commit them.
                 let data_dir = self.data_dir()?;
                 let Some(connection) = crate::service::client::Connection::open(&data_dir)? else {
@@ -265,6 +293,7 @@ impl Cli {
                     &RemoteApi::new(&connection).commit(CommitRequest {
                         volume: name.clone(),
                         message: message.clone(),
+                        dna: dna.iter().cloned().collect(),
                     })?,
                 )
             }
@@ -364,6 +393,83 @@ impl Cli {
             vault: &vault,
             passphrase: &ask_passphrase,
         })
+    }
+}
+
+/// `forge contract ...`: the files are read and written here, by the user running the
+/// command; the vault (this process's or the daemon's) makes and signs what is in them.
+fn contract_call(api: &dyn service::Api, command: &ContractCommand) -> Result<Output> {
+    let read = |file: &PathBuf| {
+        std::fs::read_to_string(file).map_err(NodeError::io("reading contract", file))
+    };
+    match command {
+        ContractCommand::New {
+            volume,
+            workloads,
+            mode,
+            expires,
+            max_entropy,
+            output,
+        } => {
+            let text = api
+                .new_contract(forge_proto::v1::NewContractRequest {
+                    volume: volume.clone(),
+                    workloads: workloads.clone(),
+                    mode: mode.clone(),
+                    expires: expires.clone().unwrap_or_default(),
+                    max_entropy: *max_entropy,
+                })?
+                .text;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(output)
+                .map_err(NodeError::io("creating", output))?;
+            std::io::Write::write_all(&mut out, text.as_bytes())
+                .map_err(NodeError::io("writing", output))?;
+            Ok(Output {
+                human: format!(
+                    "contract for volume {volume} written to {} (unsigned): review it, then \
+                     `forge contract sign {}`",
+                    output.display(),
+                    output.display()
+                ),
+                json: json!({"volume": volume, "file": output, "signed": false}),
+            })
+        }
+        ContractCommand::Sign { file } => {
+            let signed = api
+                .sign_contract(forge_proto::v1::ContractText { text: read(file)? })?
+                .text;
+            // Written beside it and renamed over it: a crash leaves the old or the new.
+            let temporary = file.with_extension("signing");
+            std::fs::write(&temporary, signed.as_bytes())
+                .and_then(|()| std::fs::rename(&temporary, file))
+                .map_err(NodeError::io("writing", file))?;
+            Ok(Output {
+                human: format!(
+                    "contract {} signed by this node: attach it with `forge contract attach \
+                     VOLUME {}`",
+                    file.display(),
+                    file.display()
+                ),
+                json: json!({"file": file, "signed": true}),
+            })
+        }
+        ContractCommand::Attach { name, file } => {
+            let info = api.attach_contract(forge_proto::v1::AttachContractRequest {
+                volume: name.clone(),
+                text: read(file)?,
+            })?;
+            let mut output = service::trust::render_contract(&info);
+            output.human = format!("contract attached to volume {name}\n{}", output.human);
+            Ok(output)
+        }
+        ContractCommand::Show { name } => Ok(service::trust::render_contract(&api.show_contract(
+            forge_proto::v1::ShowContractRequest {
+                volume: name.clone(),
+            },
+        )?)),
     }
 }
 

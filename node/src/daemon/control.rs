@@ -168,6 +168,9 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health.set_serving::<NodeServer<ApiGrpc>>().await;
         health.set_serving::<MountServer<ApiGrpc>>().await;
         health.set_serving::<MeshServer<ApiGrpc>>().await;
+        health
+            .set_serving::<forge_proto::v1::trust_server::TrustServer<ApiGrpc>>()
+            .await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -182,6 +185,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(MaintenanceServer::new(api.clone()))
                 .add_service(NodeServer::new(api.clone()))
                 .add_service(MeshServer::new(api.clone()))
+                .add_service(forge_proto::v1::trust_server::TrustServer::new(api.clone()))
                 .add_service(MountServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
@@ -904,5 +908,68 @@ impl Mesh for ApiGrpc {
         request: Request<forge_proto::v1::GroupNodeRequest>,
     ) -> std::result::Result<Response<forge_proto::v1::GroupInfo>, Status> {
         mesh_call!(self, "Mesh.RemoveGroupNode", request, remove_group_node)
+    }
+}
+
+/// A unary `forge.v1.Trust` call: `$method` of the service on `$request`.
+macro_rules! trust_call {
+    ($self:ident, $name:literal, $request:ident, $method:ident) => {
+        $self
+            .serve($name, $request, |service, message| {
+                crate::service::trust::TrustService::$method(service, message)
+            })
+            .await
+    };
+}
+
+#[tonic::async_trait]
+impl forge_proto::v1::trust_server::Trust for ApiGrpc {
+    async fn new_contract(
+        &self,
+        request: Request<forge_proto::v1::NewContractRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ContractText>, Status> {
+        trust_call!(self, "Trust.NewContract", request, new_contract)
+    }
+
+    async fn sign_contract(
+        &self,
+        request: Request<forge_proto::v1::ContractText>,
+    ) -> std::result::Result<Response<forge_proto::v1::ContractText>, Status> {
+        trust_call!(self, "Trust.SignContract", request, sign_contract)
+    }
+
+    async fn attach_contract(
+        &self,
+        request: Request<forge_proto::v1::AttachContractRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ContractInfo>, Status> {
+        trust_call!(self, "Trust.AttachContract", request, attach_contract)
+    }
+
+    async fn show_contract(
+        &self,
+        request: Request<forge_proto::v1::ShowContractRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::ContractInfo>, Status> {
+        trust_call!(self, "Trust.ShowContract", request, show_contract)
+    }
+
+    async fn trust_check(
+        &self,
+        request: Request<forge_proto::v1::TrustCheckRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::TrustCheckReply>, Status> {
+        trust_call!(self, "Trust.TrustCheck", request, trust_check)
+    }
+
+    async fn seal(
+        &self,
+        request: Request<forge_proto::v1::SealVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::SealVolumeReply>, Status> {
+        trust_call!(self, "Trust.Seal", request, seal)
+    }
+
+    async fn unfreeze(
+        &self,
+        request: Request<forge_proto::v1::UnfreezeVolumeRequest>,
+    ) -> std::result::Result<Response<forge_proto::v1::UnfreezeVolumeReply>, Status> {
+        trust_call!(self, "Trust.Unfreeze", request, unfreeze)
     }
 }

@@ -97,11 +97,17 @@ fn expected_of(value: Option<Vec<u8>>) -> Expected {
 }
 
 /// The records of a group volume the members mirror (keys start with the volume's id).
-const MIRRORED: [RecordSpace; 4] = [
+/// Seals and contracts are read through the group where a decision depends on them (a
+/// mount's check), so a mirror's lag (or a lifted seal still mirrored) decides nothing.
+const MIRRORED: [RecordSpace; 8] = [
     RecordSpace::REFS,
     RecordSpace::SNAPSHOTS,
     RecordSpace::INDEX_HEADS,
     crate::vault::peers::LINEAGE,
+    crate::vault::trust::CONTRACTS,
+    crate::vault::trust::CONTRACT_HISTORY,
+    crate::vault::trust::SEALS,
+    crate::vault::trust::ANOMALIES,
 ];
 
 /// How long one shard request may take (a batch of up to 8 MiB written and synced).

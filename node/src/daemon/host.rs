@@ -2,6 +2,7 @@
 //! started with no daemon running), with the open vault and every mount it serves; and the
 //! client side of `forge volume mount` and `unmount` (ask the owner, or become it).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
@@ -20,10 +21,12 @@ use crate::error::{MountFault, NodeError, Result};
 use crate::mount::fs::{self, FuseAdapter, MountedFs};
 use crate::mount::requests;
 use crate::mount::working::{recoverable_working_state, unmount_commit, working_state};
-use crate::mount::{CommitOutcome, WorkTarget, commit, nothing_to_commit};
+use crate::mount::{CommitOutcome, WorkTarget, nothing_to_commit};
 use crate::owner::{MountRecord, process_alive, registry_dir, running_mounts, socket_path};
 use crate::vault::fence::PinnedRoot;
+use crate::vault::trust::{DNA_WORKLOAD, MountIntent};
 use crate::vault::{DEFAULT_BRANCH, OpenVolume, PassphraseSource, Vault, validate_name};
+use forge_store::contract::{INTERACTIVE, Workload};
 
 /// Environment variable marking the child process of `mount --background`.
 const BACKGROUND_CHILD_ENV: &str = "FORGE_MOUNT_BACKGROUND_CHILD";
@@ -418,6 +421,15 @@ impl Host {
         }
         let vault = &self.vault;
         let volume = Arc::new(vault.open_volume(&options.volume, passphrase)?);
+        // The volume's contract, seal and freeze, before anything is served: a refusal
+        // names the clause, never a silent mount.
+        let policy = vault.check_mount(
+            &volume.record,
+            MountIntent {
+                read_only,
+                workload: &Workload::Interactive,
+            },
+        )?;
         // The session starts before anything is resolved, so what the mount serves is
         // pinned against gc before we check it is still there (see vault/fence.rs).
         let session = vault.open_write_session("mount", volume.id)?;
@@ -478,6 +490,8 @@ impl Host {
             root,
             fs::FsConfig {
                 read_only,
+                append_only: policy.append_only,
+                dna: BTreeMap::from([(DNA_WORKLOAD.to_owned(), INTERACTIVE.to_owned())]),
                 cache_bytes: options.cache_bytes,
                 staging_dir: staging.clone(),
                 metrics: self.fuse_metrics.clone(),
@@ -652,7 +666,12 @@ impl Host {
     ///
     /// # Errors
     /// Storage errors; the volume is not mounted read-write here.
-    pub fn commit_volume(&self, volume: &str, message: &str) -> Result<Vec<Option<CommitOutcome>>> {
+    pub fn commit_volume(
+        &self,
+        volume: &str,
+        message: &str,
+        dna: &BTreeMap<String, String>,
+    ) -> Result<Vec<Option<CommitOutcome>>> {
         let mounts: Vec<Arc<MountedFs>> = self
             .lock()
             .active
@@ -663,7 +682,10 @@ impl Host {
         if mounts.is_empty() {
             return Err(nothing_to_commit(volume));
         }
-        mounts.iter().map(|fs| commit(fs, message)).collect()
+        mounts
+            .iter()
+            .map(|fs| crate::mount::working::commit_with_dna(fs, message, dna))
+            .collect()
     }
 }
 
@@ -828,7 +850,15 @@ impl crate::service::NodeService for Host {
 /// `forge.v1.Mount`: commits of the host's read-write mounts.
 impl crate::service::MountService for Host {
     fn commit(&self, request: CommitRequest) -> Result<CommitReply> {
-        let outcomes = self.commit_volume(&request.volume, &request.message)?;
+        let dna: BTreeMap<String, String> = request.dna.into_iter().collect();
+        if let Err(reason) = crate::vault::trust::snapshot_workload(&dna) {
+            return Err(NodeError::InvalidArgument {
+                what: "--dna",
+                value: format!("{DNA_WORKLOAD}=..."),
+                reason,
+            });
+        }
+        let outcomes = self.commit_volume(&request.volume, &request.message, &dna)?;
         Ok(CommitReply {
             outcomes: outcomes
                 .into_iter()

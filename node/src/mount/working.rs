@@ -101,7 +101,20 @@ pub struct CommitOutcome {
 /// # Errors
 /// Storage errors.
 pub fn commit(fs: &MountedFs, message: &str) -> Result<Option<CommitOutcome>> {
-    commit_with(fs, message, &mut || {})
+    commit_with(fs, message, &BTreeMap::new(), &mut || {})
+}
+
+/// [`commit`] with DNA of its own (`forge snapshot create --dna`): its keys over the
+/// mount's.
+///
+/// # Errors
+/// As [`commit`].
+pub fn commit_with_dna(
+    fs: &MountedFs,
+    message: &str,
+    dna: &BTreeMap<String, String>,
+) -> Result<Option<CommitOutcome>> {
+    commit_with(fs, message, dna, &mut || {})
 }
 
 /// [`commit`], running `after_capture` once the tree is captured (tests change the tree
@@ -109,6 +122,7 @@ pub fn commit(fs: &MountedFs, message: &str) -> Result<Option<CommitOutcome>> {
 pub(crate) fn commit_with(
     fs: &MountedFs,
     message: &str,
+    extra_dna: &BTreeMap<String, String>,
     after_capture: &mut dyn FnMut(),
 ) -> Result<Option<CommitOutcome>> {
     let Some(work) = fs.work() else {
@@ -136,7 +150,15 @@ pub(crate) fn commit_with(
         index_root,
         parent: work.base,
         message: message.to_owned(),
-        dna: BTreeMap::new(),
+        dna: {
+            let mut dna = fs.dna().clone();
+            dna.extend(
+                extra_dna
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone())),
+            );
+            dna
+        },
         logical_bytes: totals.logical_bytes,
         file_count: totals.files,
     })?;

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod mesh;
 pub mod remote;
 mod render;
+pub mod trust;
 
 pub use render::{
     FSCK_PROBLEMS_SHOWN, describe_stop, render_branch, render_commit, render_create, render_delete,
@@ -119,9 +120,16 @@ pub trait SnapshotService {
 /// The calls both transports serve (in this process over an open vault, or on a daemon's
 /// control socket): what the CLI runs a vault command on. (The mesh's network calls are
 /// served only by a daemon; in this process they say to start one.)
-pub trait Api: VolumeService + SnapshotService + MaintenanceService + mesh::MeshService {}
+pub trait Api:
+    VolumeService + SnapshotService + MaintenanceService + mesh::MeshService + trust::TrustService
+{
+}
 
-impl<T: VolumeService + SnapshotService + MaintenanceService + mesh::MeshService> Api for T {}
+impl<
+    T: VolumeService + SnapshotService + MaintenanceService + mesh::MeshService + trust::TrustService,
+> Api for T
+{
+}
 
 /// Calls on the whole vault (`forge.v1.Maintenance`).
 pub trait MaintenanceService {
@@ -352,6 +360,8 @@ impl SnapshotService for LocalApi<'_> {
                     branches: snapshot.branches,
                     logical_bytes: snapshot.logical_bytes,
                     files: snapshot.file_count,
+                    dna: snapshot.dna.into_iter().collect(),
+                    author: snapshot.author.to_vec(),
                 })
                 .collect(),
         })

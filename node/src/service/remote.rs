@@ -442,3 +442,68 @@ impl super::mesh::MeshService for RemoteApi<'_> {
         self.connection.call(self.mesh().remove_group_node(request))
     }
 }
+
+impl RemoteApi<'_> {
+    fn trust(&self) -> forge_proto::v1::trust_client::TrustClient<tonic::transport::Channel> {
+        forge_proto::v1::trust_client::TrustClient::new(self.connection.channel())
+    }
+}
+
+/// A unary `forge.v1.Trust` call on the control socket.
+macro_rules! trust_call {
+    ($self:ident, $request:ident, $method:ident) => {{
+        let request = $self.connection.request($request);
+        $self.connection.call($self.trust().$method(request))
+    }};
+}
+
+impl super::trust::TrustService for RemoteApi<'_> {
+    fn new_contract(
+        &self,
+        request: forge_proto::v1::NewContractRequest,
+    ) -> Result<forge_proto::v1::ContractText> {
+        trust_call!(self, request, new_contract)
+    }
+
+    fn sign_contract(
+        &self,
+        request: forge_proto::v1::ContractText,
+    ) -> Result<forge_proto::v1::ContractText> {
+        trust_call!(self, request, sign_contract)
+    }
+
+    fn attach_contract(
+        &self,
+        request: forge_proto::v1::AttachContractRequest,
+    ) -> Result<forge_proto::v1::ContractInfo> {
+        trust_call!(self, request, attach_contract)
+    }
+
+    fn show_contract(
+        &self,
+        request: forge_proto::v1::ShowContractRequest,
+    ) -> Result<forge_proto::v1::ContractInfo> {
+        trust_call!(self, request, show_contract)
+    }
+
+    fn trust_check(
+        &self,
+        request: forge_proto::v1::TrustCheckRequest,
+    ) -> Result<forge_proto::v1::TrustCheckReply> {
+        trust_call!(self, request, trust_check)
+    }
+
+    fn seal(
+        &self,
+        request: forge_proto::v1::SealVolumeRequest,
+    ) -> Result<forge_proto::v1::SealVolumeReply> {
+        trust_call!(self, request, seal)
+    }
+
+    fn unfreeze(
+        &self,
+        request: forge_proto::v1::UnfreezeVolumeRequest,
+    ) -> Result<forge_proto::v1::UnfreezeVolumeReply> {
+        trust_call!(self, request, unfreeze)
+    }
+}

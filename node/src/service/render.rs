@@ -371,6 +371,8 @@ pub fn render_snapshots(reply: &ListSnapshotsReply) -> Result<Output> {
             "branches": snapshot.branches,
             "logical_bytes": snapshot.logical_bytes,
             "files": snapshot.files,
+            "dna": snapshot.dna.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "author": forge_crypto::NodeId::from_slice(&snapshot.author).ok().map(|node| node.to_hex()),
         }));
     }
     if reply.snapshots.is_empty() {

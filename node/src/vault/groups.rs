@@ -533,7 +533,7 @@ impl Vault {
             .and_then(|value| value.as_slice().try_into().ok().map(u64::from_be_bytes)))
     }
 
-    fn require_group_storage(&self, group: u64) -> Result<Arc<dyn GroupStorage>> {
+    pub(crate) fn require_group_storage(&self, group: u64) -> Result<Arc<dyn GroupStorage>> {
         self.group_storage().ok_or_else(|| NodeError::Cluster {
             reason: format!(
                 "this volume is in volume group {group}: its data is spread over the group's members, reachable through this node's daemon (`forge node start`)"

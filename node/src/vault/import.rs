@@ -171,6 +171,22 @@ impl Vault {
     ) -> Result<ImportReport> {
         validate_name("branch name", &options.branch)?;
         let volume = self.open_volume(name, passphrase)?;
+        // An import writes the volume as a read-write mount does: frozen, sealed and the
+        // contract (its workload: the DNA's, or a person's) are checked first.
+        let workload = super::trust::snapshot_workload(&options.dna).map_err(|reason| {
+            NodeError::InvalidArgument {
+                what: "--dna",
+                value: format!("{}=...", super::trust::DNA_WORKLOAD),
+                reason,
+            }
+        })?;
+        self.check_mount(
+            &volume.record,
+            super::trust::MountIntent {
+                read_only: false,
+                workload: &workload,
+            },
+        )?;
         let metadata = fs::metadata(source).map_err(NodeError::io("reading", source))?;
         if !metadata.is_dir() {
             return Err(NodeError::InvalidArgument {

@@ -20,6 +20,7 @@ mod stats;
 pub mod sync;
 pub mod transfer;
 pub(crate) mod trees;
+pub mod trust;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -1057,6 +1058,10 @@ pub struct SnapshotInfo {
     pub logical_bytes: u64,
     /// Files.
     pub file_count: u64,
+    /// The DNA of the workload that made it.
+    pub dna: std::collections::BTreeMap<String, String>,
+    /// The node that made (and signed) it.
+    pub author: [u8; 32],
 }
 
 impl Vault {
@@ -1091,6 +1096,8 @@ impl Vault {
                         .collect(),
                     logical_bytes: listing.logical_bytes,
                     file_count: listing.file_count,
+                    dna: commit.dna,
+                    author: commit.author,
                 })
             })
             .collect()

@@ -27,6 +27,7 @@ impl FuseAdapter {
         let Some(child) = fs.child(&mut inodes, parent, name)? else {
             return Err(Errno::ENOENT);
         };
+        fs.may_remove_names()?;
         match (inodes.nodes.get(&child).map(|node| &node.kind), directory) {
             (Some(NodeKind::Directory(_)), false) => return Err(Errno::EISDIR),
             (Some(NodeKind::Directory(_)), true) => {
@@ -87,6 +88,7 @@ impl FuseAdapter {
             ancestor = inodes.nodes.get(&ancestor).map_or(ROOT, |node| node.parent);
         }
         if exchange {
+            fs.may_remove_names()?;
             return fs.exchange(&mut inodes, (parent, name, moving), (new_parent, new_name));
         }
         let moving_is_dir = matches!(
@@ -101,6 +103,8 @@ impl FuseAdapter {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                 return Err(Errno::EEXIST);
             }
+            // Append-only: a rename may add a name, never replace one.
+            fs.may_remove_names()?;
             let target_is_dir = matches!(
                 inodes.nodes.get(&target).map(|node| &node.kind),
                 Some(NodeKind::Directory(_))
@@ -153,6 +157,9 @@ impl FuseAdapter {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         if write {
             fs.writable()?;
+            if flags.0 & libc::O_TRUNC != 0 {
+                fs.may_change_below(ino, 0)?;
+            }
         }
         let keep_cache = {
             let mut inodes = fs.lock();
@@ -211,6 +218,7 @@ impl FuseAdapter {
             if new_size > FILE_BYTES_MAX {
                 return Err(Errno::EFBIG);
             }
+            fs.may_change_below(ino, new_size)?;
             fs.change_content(ino, |staged, state, file_size| {
                 state.dirty.truncate(new_size);
                 state.base_limit = state.base_limit.min(new_size);
@@ -662,6 +670,7 @@ impl Filesystem for FuseAdapter {
             if end > FILE_BYTES_MAX {
                 return Err(Errno::EFBIG);
             }
+            self.0.may_change_below(ino.0, offset)?;
             self.0.change_content(ino.0, |staged, state, size| {
                 staged
                     .file

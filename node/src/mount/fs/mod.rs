@@ -218,6 +218,11 @@ pub struct MountedFs {
     vault: Arc<Vault>,
     volume: Arc<OpenVolume>,
     read_only: bool,
+    /// The volume's contract is append-only: bytes already chunked (committed, or closed
+    /// and chunked) are never changed, and no name is removed or replaced (EPERM).
+    append_only: bool,
+    /// The DNA its commits carry (the workload: `interactive` for a plain mount).
+    dna: BTreeMap<String, String>,
     inodes: Mutex<Inodes>,
     cache: ChunkCache,
     staging_dir: PathBuf,
@@ -250,6 +255,10 @@ impl std::fmt::Debug for MountedFs {
 pub(crate) struct FsConfig {
     /// Writes fail with EROFS.
     pub read_only: bool,
+    /// Append-only (the volume's contract): see [`MountedFs`]'s field.
+    pub append_only: bool,
+    /// The DNA its commits carry.
+    pub dna: BTreeMap<String, String>,
     /// Bytes of decrypted chunks kept in memory.
     pub cache_bytes: usize,
     /// Where written data is staged.
@@ -327,6 +336,8 @@ impl MountedFs {
     ) -> Result<Self> {
         let FsConfig {
             read_only,
+            append_only,
+            dna,
             cache_bytes,
             staging_dir,
             metrics,
@@ -364,6 +375,8 @@ impl MountedFs {
             vault,
             volume,
             read_only,
+            append_only,
+            dna,
             inodes: Mutex::new(inodes),
             cache: ChunkCache::new(cache_bytes)
                 .counting(metrics.cache_hits.clone(), metrics.cache_misses.clone()),
@@ -487,6 +500,33 @@ impl MountedFs {
             Err(Errno::EROFS)
         } else {
             Ok(())
+        }
+    }
+
+    /// The DNA its commits carry.
+    pub fn dna(&self) -> &BTreeMap<String, String> {
+        &self.dna
+    }
+
+    /// Refuses, on an append-only volume, what would remove or replace a name.
+    fn may_remove_names(&self) -> Result<(), Errno> {
+        if self.append_only {
+            Err(Errno::EPERM)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuses, on an append-only volume, a change of file `ino` below `offset` that
+    /// reaches bytes already chunked (what a commit holds): only appends are allowed.
+    fn may_change_below(&self, ino: u64, offset: u64) -> Result<(), Errno> {
+        if !self.append_only {
+            return Ok(());
+        }
+        let inodes = self.lock();
+        match inodes.nodes.get(&ino).map(|node| &node.kind) {
+            Some(NodeKind::File(file)) if offset < file.base.size() => Err(Errno::EPERM),
+            _ => Ok(()),
         }
     }
 

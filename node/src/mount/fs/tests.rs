@@ -22,6 +22,8 @@ fn mounted_on(vault: Arc<Vault>, temp: &Path) -> MountedFs {
         None,
         FsConfig {
             read_only: false,
+            append_only: false,
+            dna: std::collections::BTreeMap::new(),
             cache_bytes: 1 << 20,
             staging_dir: temp.join("staging"),
             metrics: Default::default(),
@@ -51,6 +53,8 @@ fn mount_head(fs: &MountedFs, temp: &Path) -> MountedFs {
         Some(root),
         FsConfig {
             read_only: false,
+            append_only: false,
+            dna: std::collections::BTreeMap::new(),
             cache_bytes: 1 << 20,
             staging_dir: temp.join("staging-2"),
             metrics: Default::default(),
@@ -471,7 +475,13 @@ fn a_change_made_while_a_commit_builds_its_root_stays_uncommitted() {
     mkdir(&fs, "before");
     // The mkdir lands after the commit captured its tree, as a FUSE request running
     // beside `forge snapshot create` does.
-    let outcome = commit_with(&fs, "first", &mut || mkdir(&fs, "during")).unwrap();
+    let outcome = commit_with(
+        &fs,
+        "first",
+        &std::collections::BTreeMap::new(),
+        &mut || mkdir(&fs, "during"),
+    )
+    .unwrap();
     assert!(outcome.is_some());
     assert_eq!(committed_names(&fs), BTreeSet::from(["before".to_owned()]));
     assert!(

@@ -119,6 +119,21 @@ pub struct Offer {
     /// On the wire: an optional trailing section, absent when empty (offers without it
     /// decode as before).
     pub deleted_ancestry: Vec<(Cid, Vec<Cid>)>,
+    /// The volume's contract at the sender (`forge_store::contract::SignedContract`
+    /// encoding) and when it was attached there: a receiver that trusts its signer
+    /// attaches it when it is newer than its own. On the wire: a second optional
+    /// trailing section after the deleted ancestry (whose count is then written even
+    /// when zero); the decoder checks it decodes as a signed contract.
+    pub contract: Option<OfferedContract>,
+}
+
+/// A contract travelling with an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedContract {
+    /// The `SignedContract` encoding.
+    pub signed: Vec<u8>,
+    /// When the sender attached it, ns since the epoch.
+    pub attached_ns: i64,
 }
 
 impl PartialEq for Offer {
@@ -211,12 +226,16 @@ impl Offer {
             count(&mut bytes, entry.signature.len(), false);
             bytes.extend_from_slice(&entry.signature);
         }
-        if !self.deleted_ancestry.is_empty() {
+        if !self.deleted_ancestry.is_empty() || self.contract.is_some() {
             count(&mut bytes, self.deleted_ancestry.len(), true);
             for (id, parents) in &self.deleted_ancestry {
                 bytes.extend_from_slice(id.as_bytes());
                 put_parents(&mut bytes, parents);
             }
+        }
+        if let Some(contract) = &self.contract {
+            bytes.extend_from_slice(&contract.attached_ns.to_le_bytes());
+            put_blob32(&mut bytes, &contract.signed);
         }
         bytes
     }
@@ -302,15 +321,33 @@ impl Offer {
             });
         }
         let mut deleted_ancestry = Vec::new();
+        let mut contract = None;
         if reader.remaining() > 0 {
             let len = reader.u32_len()?;
-            if len == 0 || len > OFFER_SNAPSHOTS_MAX {
+            if len > OFFER_SNAPSHOTS_MAX {
                 return Err(reader.fail(format!("{len} deleted snapshots in the history")));
             }
             deleted_ancestry.reserve(len);
             for _ in 0..len {
                 let id = Cid::from_bytes(reader.array32()?);
                 deleted_ancestry.push((id, read_parents(&mut reader)?));
+            }
+            if reader.remaining() > 0 {
+                let attached_ns = reader.i64()?;
+                let signed_len = reader.u32_len()?;
+                if signed_len > forge_store::contract::SIGNED_CONTRACT_BYTES_MAX {
+                    return Err(reader.fail(format!("a contract of {signed_len} bytes")));
+                }
+                let signed = reader.take(signed_len)?.to_vec();
+                forge_store::contract::SignedContract::decode(&signed)
+                    .map_err(|error| reader.fail(format!("its contract: {error}")))?;
+                contract = Some(OfferedContract {
+                    signed,
+                    attached_ns,
+                });
+            } else if len == 0 {
+                // One encoding per offer: an empty section is written only before a contract.
+                return Err(reader.fail("an empty deleted-ancestry section without a contract"));
             }
         }
         reader.end()?;
@@ -328,6 +365,7 @@ impl Offer {
             key_chain,
             snapshots,
             deleted_ancestry,
+            contract,
         })
     }
 
@@ -570,6 +608,7 @@ mod tests {
             key_chain: vec![(1, vec![4; 40])],
             snapshots: vec![entry(cid(1), vec![]), entry(cid(2), vec![cid(1)])],
             deleted_ancestry: Vec::new(),
+            contract: None,
         }
     }
 
@@ -603,6 +642,58 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(Offer::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn a_contract_travels_after_the_deleted_ancestry_and_garbage_is_refused() {
+        use forge_store::contract::{
+            AccessMode, DetectorThresholds, SignedContract, VolumeContract,
+        };
+        let (author, _) = NodeIdentity::generate().unwrap();
+        let contract = VolumeContract {
+            volume: [1; 16],
+            volume_name: "photos".into(),
+            workloads: Vec::new(),
+            mode: AccessMode::AppendOnly,
+            expires_ns: None,
+            detector: DetectorThresholds::default(),
+            signer: *author.node_id().as_bytes(),
+            created_ns: 7,
+        };
+        let signed = SignedContract {
+            contract: contract.encode(),
+            signature: vec![2; 3309],
+        }
+        .encode();
+        for ancestry in [Vec::new(), vec![(cid(8), vec![cid(7)])]] {
+            let mut offer = signed_offer(&author);
+            offer.deleted_ancestry = ancestry;
+            offer.contract = Some(OfferedContract {
+                signed: signed.clone(),
+                attached_ns: -5,
+            });
+            let bytes = offer.encode();
+            assert_eq!(Offer::decode(&bytes).unwrap(), offer);
+            // A cut anywhere in the contract section is refused.
+            let without = {
+                let mut plain = offer.clone();
+                plain.contract = None;
+                plain.encode().len()
+            };
+            for len in without + 1..bytes.len() {
+                assert!(Offer::decode(&bytes[..len]).is_err(), "cut at {len}");
+            }
+            // Garbage where the contract goes is refused, naming it.
+            let mut damaged = bytes.clone();
+            let at = bytes.len() - signed.len() + 1;
+            damaged[at] ^= 0xff;
+            let error = Offer::decode(&damaged).unwrap_err().to_string();
+            assert!(error.contains("its contract"), "{error}");
+        }
+        // An empty ancestry section with nothing after it is not this encoder's.
+        let mut bytes = signed_offer(&author).encode();
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        assert!(Offer::decode(&bytes).is_err());
     }
 
     #[test]

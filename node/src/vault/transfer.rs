@@ -184,6 +184,12 @@ impl VaultVolumeHost {
             key_chain: vault.key_chain(&volume)?,
             snapshots,
             deleted_ancestry,
+            contract: vault.attached_contract(&record)?.map(|(attached, _, _)| {
+                forge_mesh::sync::offer::OfferedContract {
+                    signed: attached.signed,
+                    attached_ns: attached.attached_ns,
+                }
+            }),
         };
         Ok((offer, record, head_chunks))
     }
@@ -500,6 +506,17 @@ impl VaultVolumeHost {
                 branch
             }
         };
+        // The sender's contract, when this vault trusts its signer with the volume and it
+        // is newer than the one here. Never fails the sync: the data is in either way.
+        if let Some(contract) = &offer.contract {
+            match vault.take_offered_contract(&record, &contract.signed, contract.attached_ns) {
+                Ok(true) => tracing::info!(volume = %record.name, %from, "contract received"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(volume = %record.name, %from, %error, "contract not taken");
+                }
+            }
+        }
         Ok(Published { moved, branch })
     }
 
@@ -956,6 +973,86 @@ mod tests {
         for cid in &cids {
             assert!(b.vault.stores(cid).unwrap(), "{cid} kept by gc");
         }
+    }
+
+    /// A volume's contract travels with its syncs: taken when the receiver trusts its
+    /// signer with the volume and it is newer; a receiver then refuses mounts by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_contract_travels_with_the_volume_and_binds_the_receiver() {
+        use crate::vault::trust::{MountIntent, NewContract};
+        use forge_store::contract::{AccessMode, Workload};
+        let temp = tempfile::tempdir().unwrap();
+        let network = MemoryNetwork::new(11);
+        let a = Site::join(&network, &temp.path().join("a"));
+        let b = Site::join(&network, &temp.path().join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        b.meet(&a, "site-a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let tree = temp.path().join("tree");
+        write_tree(&tree, 1, 3);
+        a.import("v", &tree);
+        let contract = |mode: &str| {
+            let file = a
+                .vault
+                .new_contract(
+                    "v",
+                    &NewContract {
+                        mode: Some(mode.into()),
+                        ..NewContract::default()
+                    },
+                )
+                .unwrap();
+            a.vault.sign_contract(&file).unwrap()
+        };
+        a.vault.attach_contract("v", &contract("ro")).unwrap();
+        assert_eq!(a.send(&b, "v").await.unwrap().moved, RefMove::Create);
+        let record = b.vault.require_volume("v").unwrap();
+        let (_, _, taken) = b.vault.attached_contract(&record).unwrap().unwrap();
+        assert_eq!(taken.mode, AccessMode::ReadOnly);
+        let write = MountIntent {
+            read_only: false,
+            workload: &Workload::Interactive,
+        };
+        let error = b.vault.check_mount(&record, write).unwrap_err();
+        assert!(error.to_string().contains("read-only use only"), "{error}");
+        // A newer contract replaces it with the next sync (nothing new to send but it).
+        a.vault.attach_contract("v", &contract("append")).unwrap();
+        write_tree(&tree, 2, 3);
+        a.import("v", &tree);
+        a.send(&b, "v").await.unwrap();
+        assert!(b.vault.check_mount(&record, write).unwrap().append_only);
+        assert_eq!(b.vault.contract_history(&record).unwrap().len(), 2);
+        // A contract signed by a node the receiver does not know is not taken: it keeps
+        // its own, and the data still arrives.
+        let c = Site::join(&network, &temp.path().join("c"));
+        a.vault
+            .trust_node(c.vault.identity().public_keys())
+            .unwrap();
+        a.vault.trust_peer(&c.id(), Some("v"), true, false).unwrap();
+        let unsigned = a
+            .vault
+            .new_contract(
+                "v",
+                &NewContract {
+                    mode: Some("rw".into()),
+                    ..NewContract::default()
+                },
+            )
+            .unwrap();
+        a.vault
+            .attach_contract("v", &c.vault.sign_contract(&unsigned).unwrap())
+            .unwrap();
+        write_tree(&tree, 3, 3);
+        let head = a.import("v", &tree);
+        a.send(&b, "v").await.unwrap();
+        assert_eq!(
+            b.vault.branches("v").unwrap(),
+            vec![("main".to_owned(), head)]
+        );
+        let (_, _, held) = b.vault.attached_contract(&record).unwrap().unwrap();
+        assert_eq!(held.mode, AccessMode::AppendOnly);
     }
 
     /// Found by the simulator: snapshots deleted at the sender between the receiver's head

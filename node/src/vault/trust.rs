@@ -569,6 +569,55 @@ impl Vault {
         Ok(contract)
     }
 
+    /// A contract that came with a sync of `record`: attached here (with the sender's
+    /// attach time, so both sites check the same snapshots' DNA) when it verifies here
+    /// (its signer has write rights on the volume here) and was made after the one
+    /// attached. Returns whether it was attached.
+    ///
+    /// # Errors
+    /// [`NodeError::ContractRefused`] when it does not verify here; metadata errors.
+    pub fn take_offered_contract(
+        &self,
+        record: &VolumeRecord,
+        signed_bytes: &[u8],
+        attached_ns: i64,
+    ) -> Result<bool> {
+        let (signed, contract) =
+            SignedContract::decode(signed_bytes).map_err(|error| NodeError::CorruptRecord {
+                what: "offered contract",
+                reason: error.to_string(),
+            })?;
+        if let Some((_, _, current)) = self.attached_contract(record)?
+            && current.created_ns >= contract.created_ns
+        {
+            return Ok(false);
+        }
+        self.verify_contract(record, &contract, &signed.signature)?;
+        let value = records::encode(&AttachedContract {
+            signed: signed_bytes.to_vec(),
+            attached_ns,
+            attached_by: *self.identity().node_id().as_bytes(),
+        });
+        self.apply_volume_updates(
+            &VolumeId::from_bytes(record.id),
+            &[
+                RecordUpdate::new(
+                    CONTRACTS,
+                    record.id.to_vec(),
+                    Expected::Any,
+                    Change::Put(value.clone()),
+                ),
+                RecordUpdate::new(
+                    CONTRACT_HISTORY,
+                    [record.id.as_slice(), &time_key(attached_ns)].concat(),
+                    Expected::Any,
+                    Change::Put(value),
+                ),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// A volume's record of `space` under `key`: as its group has it now for a grouped
     /// volume (a member's mirror may lag), else as recorded here.
     fn volume_record_now(

@@ -1,0 +1,307 @@
+//! Zero-trust volumes through the `forge` binary: contracts made, signed and attached;
+//! each refusal a mount meets, with its clause; append-only enforced on a real FUSE
+//! mount; seals lifted by trust-check.
+//!
+//! These need /dev/fuse and fusermount3. Without them they fail, unless a person sets
+//! FORGE_SKIP_FUSE=1 (CI never does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+
+mod common;
+
+fn fuse_available() -> bool {
+    let available = Path::new("/dev/fuse").exists()
+        && StdCommand::new("fusermount3").arg("-V").output().is_ok();
+    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
+        panic!(
+            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
+        );
+    }
+    available
+}
+
+/// A vault with volume `v` (two files imported), unmounting what it mounted when dropped.
+struct Vault {
+    inner: common::Vault,
+    mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl std::ops::Deref for Vault {
+    type Target = common::Vault;
+
+    fn deref(&self) -> &common::Vault {
+        &self.inner
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        for mountpoint in self.mounts.borrow().iter() {
+            let _ = StdCommand::new("fusermount3")
+                .arg("-uz")
+                .arg(mountpoint)
+                .output();
+        }
+        let _ = self.inner.run(&["node", "stop"]);
+    }
+}
+
+impl Vault {
+    fn new() -> Self {
+        let inner = common::Vault::new();
+        inner.ok(&["volume", "create", "v"]);
+        let source = inner.path("source");
+        fs::create_dir_all(&source).unwrap();
+        fs::write(source.join("a.txt"), b"first line\n").unwrap();
+        fs::write(source.join("b.txt"), b"keep me\n").unwrap();
+        inner.ok(&["volume", "import", "v", source.to_str().unwrap()]);
+        Self {
+            inner,
+            mounts: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    fn mount_args(&self, name: &str, extra: &[&str]) -> (PathBuf, Vec<String>) {
+        let mountpoint = self.path(name);
+        fs::create_dir_all(&mountpoint).unwrap();
+        self.mounts.borrow_mut().push(mountpoint.clone());
+        let mut args: Vec<String> = ["volume", "mount", "v", mountpoint.to_str().unwrap()]
+            .iter()
+            .map(|arg| (*arg).to_owned())
+            .collect();
+        args.push("--background".into());
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        (mountpoint, args)
+    }
+
+    fn mount(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let (mountpoint, args) = self.mount_args(name, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let printed = self.ok(&args);
+        assert!(printed.starts_with("mounted"), "{printed}");
+        mountpoint
+    }
+
+    /// A refused mount: its exit code and message.
+    fn refused_mount(&self, name: &str, extra: &[&str]) -> (i32, String) {
+        let (_, args) = self.mount_args(name, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = self.run(&args);
+        assert!(!output.status.success(), "mounted: {args:?}");
+        (
+            output.status.code().unwrap(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> String {
+        self.ok(&["volume", "unmount", mountpoint.to_str().unwrap()])
+    }
+
+    /// `forge contract new --volume v ARGS -o FILE`, signed unless `sign` is false.
+    fn contract(&self, file: &str, args: &[&str], sign: bool) -> PathBuf {
+        let path = self.path(file);
+        let mut command = vec!["contract", "new", "--volume", "v"];
+        command.extend_from_slice(args);
+        command.extend_from_slice(&["-o", path.to_str().unwrap()]);
+        self.ok(&command);
+        if sign {
+            self.ok(&["contract", "sign", path.to_str().unwrap()]);
+        }
+        path
+    }
+
+    fn attach(&self, file: &Path) -> std::process::Output {
+        self.run(&["contract", "attach", "v", file.to_str().unwrap()])
+    }
+}
+
+const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn errno(error: &std::io::Error) -> i32 {
+    error.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn contracts_refuse_mounts_naming_the_clause_and_append_only_holds_on_a_real_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+
+    // Unsigned, then tampered after signing: refused at attach (exit 1, then 3).
+    let unsigned = vault.contract("unsigned.toml", &[], false);
+    let output = vault.attach(&unsigned);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not signed"));
+    let tampered = vault.contract("tampered.toml", &["--mode", "append"], true);
+    let text = fs::read_to_string(&tampered).unwrap();
+    fs::write(
+        &tampered,
+        text.replace("mode = \"append\"", "mode = \"rw\""),
+    )
+    .unwrap();
+    let output = vault.attach(&tampered);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not verify"));
+    // Bad arguments are named.
+    let output = vault.run(&[
+        "contract",
+        "new",
+        "--volume",
+        "v",
+        "--expires",
+        "next week",
+        "-o",
+        vault.path("bad.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("YYYY-MM-DD"));
+
+    // A workload list without `interactive`: a plain mount is refused, naming it.
+    let workload_only = vault.contract("workload.toml", &["--workload", DIGEST], true);
+    assert!(vault.attach(&workload_only).status.success());
+    let (code, message) = vault.refused_mount("refused", &[]);
+    assert_eq!(code, 1, "{message}");
+    assert!(
+        message.contains(&format!(
+            "refused by its contract: workload interactive is not allowed (allowed: {DIGEST})"
+        )),
+        "{message}"
+    );
+
+    // Append-only.
+    let append = vault.contract("append.toml", &["--mode", "append"], true);
+    assert!(vault.attach(&append).status.success());
+    let shown = vault.json(&["contract", "show", "v"]);
+    assert_eq!(shown["mode"], "append");
+    assert_eq!(shown["valid"], true);
+    assert_eq!(shown["history"].as_array().unwrap().len(), 2);
+    let mountpoint = vault.mount("mnt", &[]);
+    // New files and appends are fine.
+    fs::write(mountpoint.join("new.txt"), b"new\n").unwrap();
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(mountpoint.join("a.txt"))
+        .unwrap();
+    file.write_all(b"appended\n").unwrap();
+    drop(file);
+    // Overwriting committed bytes, truncating, deleting, renaming over: EPERM.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(mountpoint.join("b.txt"))
+        .unwrap();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    assert_eq!(errno(&file.write_all(b"X").unwrap_err()), libc_errno::EPERM);
+    assert_eq!(errno(&file.set_len(2).unwrap_err()), libc_errno::EPERM);
+    drop(file);
+    let error = fs::File::create(mountpoint.join("b.txt")).unwrap_err();
+    assert_eq!(errno(&error), libc_errno::EPERM, "O_TRUNC");
+    let error = fs::remove_file(mountpoint.join("b.txt")).unwrap_err();
+    assert_eq!(errno(&error), libc_errno::EPERM, "unlink");
+    let error = fs::rename(mountpoint.join("new.txt"), mountpoint.join("b.txt")).unwrap_err();
+    assert_eq!(errno(&error), libc_errno::EPERM, "rename over");
+    // A rename to a new name adds one.
+    fs::rename(mountpoint.join("new.txt"), mountpoint.join("added.txt")).unwrap();
+    vault.unmount(&mountpoint);
+    let export = vault.path("export");
+    vault.ok(&["volume", "export", "v", export.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(export.join("a.txt")).unwrap(),
+        b"first line\nappended\n"
+    );
+    assert_eq!(fs::read(export.join("b.txt")).unwrap(), b"keep me\n");
+    assert_eq!(fs::read(export.join("added.txt")).unwrap(), b"new\n");
+    // The mount's snapshot names its workload.
+    let snapshots = vault.json(&["snapshot", "list", "v"]);
+    let last = snapshots.as_array().unwrap().last().unwrap();
+    assert_eq!(last["dna"]["workload"], "interactive");
+
+    // Read-only: a read-write mount is refused, a read-only one is not.
+    let read_only = vault.contract("ro.toml", &["--mode", "ro"], true);
+    assert!(vault.attach(&read_only).status.success());
+    let (_, message) = vault.refused_mount("refused-ro", &[]);
+    assert!(message.contains("read-only use only"), "{message}");
+    let mountpoint = vault.mount("ro", &["--read-only"]);
+    assert_eq!(fs::read(mountpoint.join("b.txt")).unwrap(), b"keep me\n");
+    vault.unmount(&mountpoint);
+
+    // Expired: attached while valid, refused once it expires.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let date = String::from_utf8(
+        StdCommand::new("date")
+            .args(["-u", "-d", &format!("@{soon}"), "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let expiring = vault.contract("expiring.toml", &["--expires", date.trim()], true);
+    assert!(vault.attach(&expiring).status.success());
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let (_, message) = vault.refused_mount("refused-expired", &["--read-only"]);
+    assert!(
+        message.contains(&format!("the contract expired on {}", date.trim())),
+        "{message}"
+    );
+    assert!(vault.json(&["contract", "show", "v"])["valid"] == false);
+}
+
+#[test]
+fn a_sealed_volume_mounts_read_write_again_only_after_trust_check() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let sealed = vault.json(&["volume", "seal", "v", "--reason", "shipped to site B"]);
+    assert_eq!(sealed["branch"], "main");
+    let (code, message) = vault.refused_mount("refused", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        message.contains("is sealed since") && message.contains("shipped to site B"),
+        "{message}"
+    );
+    // Imports are writes too.
+    let output = vault.run(&[
+        "volume",
+        "import",
+        "v",
+        vault.path("source").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("forge volume trust-check v"));
+    // Read-only mounts stay possible.
+    let mountpoint = vault.mount("ro", &["--read-only"]);
+    assert_eq!(fs::read(mountpoint.join("a.txt")).unwrap(), b"first line\n");
+    vault.unmount(&mountpoint);
+
+    let report = vault.json(&["volume", "trust-check", "v"]);
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["unsealed"], true);
+    let checks: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|check| check["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(checks, ["signatures", "contract", "seal", "anomalies"]);
+    let mountpoint = vault.mount("rw", &[]);
+    fs::write(mountpoint.join("c.txt"), b"after the check\n").unwrap();
+    vault.unmount(&mountpoint);
+    // Passing twice is fine: nothing left to lift.
+    let human = vault.ok(&["volume", "trust-check", "v"]);
+    assert!(human.ends_with("trust-check passed\n"), "{human}");
+}
+
+/// errno values (libc is not a dependency of the test binaries).
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+}

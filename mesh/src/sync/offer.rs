@@ -124,7 +124,7 @@ pub struct Offer {
     /// attaches it when it is newer than its own. On the wire: a second optional
     /// trailing section after the deleted ancestry (whose count is then written even
     /// when zero); the decoder checks it decodes as a signed contract.
-    pub contract: Option<OfferedContract>,
+    pub contract: Option<Box<OfferedContract>>,
 }
 
 /// A contract travelling with an offer.
@@ -341,10 +341,10 @@ impl Offer {
                 let signed = reader.take(signed_len)?.to_vec();
                 forge_store::contract::SignedContract::decode(&signed)
                     .map_err(|error| reader.fail(format!("its contract: {error}")))?;
-                contract = Some(OfferedContract {
+                contract = Some(Box::new(OfferedContract {
                     signed,
                     attached_ns,
-                });
+                }));
             } else if len == 0 {
                 // One encoding per offer: an empty section is written only before a contract.
                 return Err(reader.fail("an empty deleted-ancestry section without a contract"));
@@ -668,10 +668,10 @@ mod tests {
         for ancestry in [Vec::new(), vec![(cid(8), vec![cid(7)])]] {
             let mut offer = signed_offer(&author);
             offer.deleted_ancestry = ancestry;
-            offer.contract = Some(OfferedContract {
+            offer.contract = Some(Box::new(OfferedContract {
                 signed: signed.clone(),
                 attached_ns: -5,
-            });
+            }));
             let bytes = offer.encode();
             assert_eq!(Offer::decode(&bytes).unwrap(), offer);
             // A cut anywhere in the contract section is refused.

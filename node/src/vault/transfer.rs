@@ -185,10 +185,10 @@ impl VaultVolumeHost {
             snapshots,
             deleted_ancestry,
             contract: vault.attached_contract(&record)?.map(|(attached, _, _)| {
-                forge_mesh::sync::offer::OfferedContract {
+                Box::new(forge_mesh::sync::offer::OfferedContract {
                     signed: attached.signed,
                     attached_ns: attached.attached_ns,
-                }
+                })
             }),
         };
         Ok((offer, record, head_chunks))

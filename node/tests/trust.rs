@@ -297,7 +297,200 @@ fn a_sealed_volume_mounts_read_write_again_only_after_trust_check() {
     assert!(human.ends_with("trust-check passed\n"), "{human}");
 }
 
+/// Documents: text of a few KiB each (what ransomware goes after).
+fn write_documents(root: &Path, count: usize) {
+    fs::create_dir_all(root).unwrap();
+    for index in 0..count {
+        let line = format!(
+            "Document {index}: minutes of the meeting, budget line {}, notes and names.\n",
+            index * 37
+        );
+        fs::write(
+            root.join(format!("doc-{index:03}.txt")),
+            line.repeat(100 + index % 50),
+        )
+        .unwrap();
+    }
+}
+
+/// Bytes that look encrypted (a xorshift keystream over the content).
+fn encrypt(content: &[u8], seed: u64) -> Vec<u8> {
+    let mut next = common::xorshift(seed);
+    content
+        .iter()
+        .map(|byte| byte ^ next().to_le_bytes()[0])
+        .collect()
+}
+
+/// Encrypts every document under `root` as ransomware does, until the file system
+/// refuses; returns the files it damaged (their content no longer the original).
+fn ransomware(root: &Path, rename: bool, copy_then_delete: bool) -> usize {
+    let mut names: Vec<PathBuf> = fs::read_dir(root)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    names.sort();
+    let mut damaged = 0;
+    for (index, path) in names.iter().enumerate() {
+        let Ok(content) = fs::read(path) else { break };
+        let locked = path.with_extension("txt.locked");
+        let result = if copy_then_delete {
+            fs::write(&locked, encrypt(&content, index as u64 + 1))
+                .and_then(|()| fs::remove_file(path))
+        } else {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|mut file| file.write_all(&encrypt(&content, index as u64 + 1)))
+                .and_then(|()| {
+                    if rename {
+                        fs::rename(path, &locked)
+                    } else {
+                        Ok(())
+                    }
+                })
+        };
+        match result {
+            Ok(()) => damaged += 1,
+            Err(error) => {
+                assert_eq!(errno(&error), libc_errno::EROFS, "{error}");
+                // An in-place write refused at its first block leaves the file whole.
+                break;
+            }
+        }
+    }
+    damaged
+}
+
+#[test]
+fn ransomware_on_a_mount_is_frozen_with_bounded_loss_and_the_quarantine_restores_every_file() {
+    if !fuse_available() {
+        return;
+    }
+    for (variant, rename, copy_then_delete) in [
+        ("in-place", false, false),
+        ("rename", true, false),
+        ("copy-then-delete", false, true),
+    ] {
+        let vault = Vault::new();
+        let documents = vault.path("documents");
+        write_documents(&documents, 40);
+        vault.ok(&["volume", "import", "v", documents.to_str().unwrap()]);
+        let original = vault.path("original");
+        vault.ok(&["volume", "export", "v", original.to_str().unwrap()]);
+        let mountpoint = vault.mount("mnt", &[]);
+        let damaged = ransomware(&mountpoint, rename, copy_then_delete);
+        eprintln!("{variant}: {damaged} files damaged before the freeze");
+        assert!(
+            damaged <= 5,
+            "{variant}: {damaged} files damaged before the freeze"
+        );
+        // Read-only at once, for every writer.
+        let error = fs::write(mountpoint.join("another.txt"), b"x").unwrap_err();
+        assert_eq!(errno(&error), libc_errno::EROFS, "{variant}");
+        vault.unmount(&mountpoint);
+
+        // Frozen: read-write mounts refused naming the quarantine; trust-check fails.
+        let (_, message) = vault.refused_mount("refused", &[]);
+        assert!(message.contains("is frozen since"), "{variant}: {message}");
+        let quarantine = message
+            .split("is on branch ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .unwrap()
+            .to_owned();
+        assert!(quarantine.starts_with("main-quarantine-"), "{quarantine}");
+        let output = vault.run(&["volume", "trust-check", "v"]);
+        assert_eq!(output.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("anomalies"));
+        // The branch never moved; the pre-attack state is whole on the quarantine branch.
+        let restored = vault.path("restored");
+        vault.ok(&[
+            "volume",
+            "export",
+            "v",
+            restored.to_str().unwrap(),
+            "--branch",
+            &quarantine,
+        ]);
+        common::same_tree(&original, &restored);
+        let head = vault.path("head");
+        vault.ok(&["volume", "export", "v", head.to_str().unwrap()]);
+        common::same_tree(&original, &head);
+        // What the mount held went beside, for review.
+        let branches = vault.json(&["snapshot", "list", "v"]);
+        let beside = branches
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|snapshot| snapshot["branches"].as_array().unwrap().clone())
+            .any(|branch| branch.as_str().unwrap().starts_with("main-frozen-"));
+        assert!(beside, "{variant}: {branches}");
+        // After review: unfrozen, writable again.
+        let unfrozen = vault.json(&["volume", "unfreeze", "v"]);
+        assert_eq!(
+            unfrozen["resolved"].as_array().unwrap().len(),
+            1,
+            "{unfrozen}"
+        );
+        let mountpoint = vault.mount("after", &[]);
+        fs::write(mountpoint.join("fine.txt"), b"fine").unwrap();
+        vault.unmount(&mountpoint);
+    }
+}
+
+#[test]
+fn benign_work_on_a_mount_is_not_frozen() {
+    if !fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let documents = vault.path("documents");
+    write_documents(&documents, 30);
+    vault.ok(&["volume", "import", "v", documents.to_str().unwrap()]);
+    let mountpoint = vault.mount("mnt", &[]);
+    // Media and archives copied in: new high-entropy files.
+    for index in 0..40u64 {
+        let mut next = common::xorshift(index + 7);
+        let media: Vec<u8> = (0..64 * 1024).map(|_| next().to_le_bytes()[0]).collect();
+        fs::write(mountpoint.join(format!("video-{index}.mp4")), media).unwrap();
+    }
+    // Documents edited, renamed, replaced through a temporary file (as editors and rsync
+    // do), some deleted.
+    for index in 0..30 {
+        let path = mountpoint.join(format!("doc-{index:03}.txt"));
+        let mut content = fs::read(&path).unwrap();
+        content.extend_from_slice(b"An edit.\n");
+        match index % 3 {
+            0 => fs::write(&path, &content).unwrap(),
+            1 => {
+                let temporary = mountpoint.join(format!(".doc-{index:03}.txt.tmp"));
+                fs::write(&temporary, &content).unwrap();
+                fs::rename(&temporary, &path).unwrap();
+            }
+            _ => fs::rename(&path, path.with_extension("md")).unwrap(),
+        }
+    }
+    for index in (0..30).step_by(7) {
+        let _ = fs::remove_file(mountpoint.join(format!("doc-{index:03}.txt")));
+    }
+    // A database rewriting pages in place with low-entropy records.
+    let database = mountpoint.join("app.db");
+    fs::write(&database, vec![b'r'; 256 * 1024]).unwrap();
+    for round in 0..50u64 {
+        let mut file = fs::OpenOptions::new().write(true).open(&database).unwrap();
+        file.seek(SeekFrom::Start((round * 4096) % (256 * 1024)))
+            .unwrap();
+        file.write_all(format!("record {round} ").repeat(300).as_bytes())
+            .unwrap();
+    }
+    vault.unmount(&mountpoint);
+    let report = vault.json(&["volume", "trust-check", "v"]);
+    assert_eq!(report["passed"], true, "{report}");
+}
+
 /// errno values (libc is not a dependency of the test binaries).
 mod libc_errno {
     pub const EPERM: i32 = 1;
+    pub const EROFS: i32 = 30;
 }

@@ -491,6 +491,7 @@ impl Host {
             fs::FsConfig {
                 read_only,
                 append_only: policy.append_only,
+                detector: Some(policy.detector),
                 dna: BTreeMap::from([(DNA_WORKLOAD.to_owned(), INTERACTIVE.to_owned())]),
                 cache_bytes: options.cache_bytes,
                 staging_dir: staging.clone(),

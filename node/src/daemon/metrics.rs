@@ -222,6 +222,11 @@ impl Metrics {
             fuse.cache_misses.clone(),
         );
         registry.register(
+            "anomalies",
+            "Ransomware-like behaviour the detector froze a volume for, by volume and kind",
+            fuse.anomalies.clone(),
+        );
+        registry.register(
             "mount_read_ahead_chunks",
             "Chunks mounts read and decrypted ahead of a sequential reader",
             fuse.read_ahead_chunks.clone(),

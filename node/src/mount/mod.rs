@@ -10,6 +10,7 @@
 //! contents: `content.rs`; per-request metrics: `requests.rs`.
 
 pub mod content;
+pub mod detector;
 pub mod fs;
 pub mod requests;
 pub mod working;

@@ -26,6 +26,8 @@ pub struct FuseMetrics {
     /// Chunks read and decrypted ahead of a sequential reader (its later reads of them
     /// are hits).
     pub read_ahead_chunks: Counter,
+    /// Behaviour-detector trips, by volume and kind.
+    pub anomalies: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for FuseMetrics {
@@ -35,6 +37,7 @@ impl Default for FuseMetrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             read_ahead_chunks: Counter::default(),
+            anomalies: Family::default(),
         }
     }
 }

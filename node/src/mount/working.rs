@@ -163,35 +163,47 @@ pub(crate) fn commit_with(
         file_count: totals.files,
     })?;
     let original = work.branch.clone();
-    let conflict = match importer.publish(&[ref_update(
-        &volume.id,
-        &work.branch,
-        work.base,
-        Some(snapshot),
-    )]) {
-        Ok(()) => false,
-        Err(NodeError::BranchMoved(_)) => {
-            let time = crate::clock::format_compact_utc_time(vault.now_ns());
-            let mut conflict_branch = format!("{}-conflict-{time}", work.branch);
-            let mut attempt = 1;
-            while vault
-                .refs()
-                .get_ref(&volume.id, &conflict_branch)?
-                .is_some()
-            {
-                attempt += 1;
-                conflict_branch = format!("{}-conflict-{time}-{attempt}", work.branch);
-            }
+    // A branch of its own beside `work.branch`, named by `label` and the time.
+    let beside = |label: &str, work: &mut super::WorkTarget| -> Result<()> {
+        let time = crate::clock::format_compact_utc_time(vault.now_ns());
+        let mut branch = format!("{}-{label}-{time}", work.branch);
+        let mut attempt = 1;
+        while vault.refs().get_ref(&volume.id, &branch)?.is_some() {
+            attempt += 1;
+            branch = format!("{}-{label}-{time}-{attempt}", work.branch);
+        }
+        importer.publish(&[ref_update(&volume.id, &branch, None, Some(snapshot))])?;
+        work.branch = branch;
+        Ok(())
+    };
+    // A frozen mount (the behaviour detector tripped) never moves its branch: what it
+    // holds goes beside, for review.
+    let conflict = if fs.is_frozen() {
+        if !work.branch.contains("-frozen-") {
+            beside("frozen", &mut work)?;
+        } else {
             importer.publish(&[ref_update(
                 &volume.id,
-                &conflict_branch,
-                None,
+                &work.branch,
+                work.base,
                 Some(snapshot),
             )])?;
-            work.branch = conflict_branch;
-            true
         }
-        Err(other) => return Err(other),
+        true
+    } else {
+        match importer.publish(&[ref_update(
+            &volume.id,
+            &work.branch,
+            work.base,
+            Some(snapshot),
+        )]) {
+            Ok(()) => false,
+            Err(NodeError::BranchMoved(_)) => {
+                beside("conflict", &mut work)?;
+                true
+            }
+            Err(other) => return Err(other),
+        }
     };
     work.base = Some(snapshot);
     // From now on the mount builds on the new snapshot: pin it, and release the claims it

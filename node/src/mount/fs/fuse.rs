@@ -23,6 +23,9 @@ impl FuseAdapter {
         let fs = &self.0;
         fs.writable()?;
         let name = MountedFs::check_name(name)?;
+        if !directory && !fs.append_only {
+            self.watch_removal(parent, name, None)?;
+        }
         let mut inodes = fs.lock();
         let Some(child) = fs.child(&mut inodes, parent, name)? else {
             return Err(Errno::ENOENT);
@@ -74,6 +77,16 @@ impl FuseAdapter {
             MountedFs::check_name(name)?,
             MountedFs::check_name(new_name)?,
         );
+        if fs.watch.is_some() && !fs.append_only && !exchange {
+            let moving = {
+                let mut inodes = fs.lock();
+                fs.child(&mut inodes, parent, name)?
+            };
+            if let Some(moving) = moving {
+                self.watch_removal(new_parent, new_name, Some(moving))?;
+                self.watch_rename(moving, name, new_name)?;
+            }
+        }
         let mut inodes = fs.lock();
         let Some(moving) = fs.child(&mut inodes, parent, name)? else {
             return Err(Errno::ENOENT);
@@ -671,6 +684,7 @@ impl Filesystem for FuseAdapter {
                 return Err(Errno::EFBIG);
             }
             self.0.may_change_below(ino.0, offset)?;
+            self.watch_write(ino.0, offset, data)?;
             self.0.change_content(ino.0, |staged, state, size| {
                 staged
                     .file

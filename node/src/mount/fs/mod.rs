@@ -14,6 +14,7 @@ mod fuse;
 mod inodes;
 mod staging;
 mod tree;
+mod watch;
 mod xattr;
 
 pub use fuse::FuseAdapter;
@@ -211,6 +212,14 @@ struct Inodes {
     committed_generation: u64,
 }
 
+/// The behaviour detector of a read-write mount and the samples it needed.
+#[derive(Debug)]
+struct Watch {
+    detector: crate::mount::detector::Detector,
+    /// The entropy of each file's committed content, once measured.
+    priors: BTreeMap<u64, f32>,
+}
+
 /// One mounted volume.
 pub struct MountedFs {
     /// Its requests' times, by operation, and its cache's hits (the host's series).
@@ -223,6 +232,10 @@ pub struct MountedFs {
     append_only: bool,
     /// The DNA its commits carry (the workload: `interactive` for a plain mount).
     dna: BTreeMap<String, String>,
+    /// The behaviour detector (read-write mounts).
+    watch: Option<Mutex<Watch>>,
+    /// Set when the detector tripped: every write fails with EROFS from then on.
+    frozen: std::sync::atomic::AtomicBool,
     inodes: Mutex<Inodes>,
     cache: ChunkCache,
     staging_dir: PathBuf,
@@ -259,6 +272,8 @@ pub(crate) struct FsConfig {
     pub append_only: bool,
     /// The DNA its commits carry.
     pub dna: BTreeMap<String, String>,
+    /// The behaviour detector's thresholds (None: no detector).
+    pub detector: Option<forge_store::contract::DetectorThresholds>,
     /// Bytes of decrypted chunks kept in memory.
     pub cache_bytes: usize,
     /// Where written data is staged.
@@ -338,6 +353,7 @@ impl MountedFs {
             read_only,
             append_only,
             dna,
+            detector,
             cache_bytes,
             staging_dir,
             metrics,
@@ -377,6 +393,13 @@ impl MountedFs {
             read_only,
             append_only,
             dna,
+            watch: detector.filter(|_| !read_only).map(|thresholds| {
+                Mutex::new(Watch {
+                    detector: crate::mount::detector::Detector::new(thresholds),
+                    priors: BTreeMap::new(),
+                })
+            }),
+            frozen: std::sync::atomic::AtomicBool::new(false),
             inodes: Mutex::new(inodes),
             cache: ChunkCache::new(cache_bytes)
                 .counting(metrics.cache_hits.clone(), metrics.cache_misses.clone()),
@@ -496,7 +519,7 @@ impl MountedFs {
     }
 
     fn writable(&self) -> Result<(), Errno> {
-        if self.read_only {
+        if self.read_only || self.frozen.load(Ordering::SeqCst) {
             Err(Errno::EROFS)
         } else {
             Ok(())

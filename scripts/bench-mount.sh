@@ -9,6 +9,7 @@
 #   copy with the page cache dropped;
 # - warm re-read: the same file read again through the same mount (kernel page cache);
 # - sequential write: SIZE_MIB written into the mount and closed (chunked, sealed, stored);
+#   again through a mount without the behaviour detector (its cost: target <= 5%);
 # - small files: create and stat 10,000 files of 1 KiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,10 +80,18 @@ forge_small=$(small "$mnt")
 start=$(now); "$forge" volume unmount "$mnt" >/dev/null; end=$(now)
 commit_seconds=$(seconds "$start" "$end")
 
+# The behaviour detector's cost: the same sequential write through a mount without it
+# (FORGE_DETECTOR=off in the mount host's environment), in the same run.
+FORGE_DETECTOR=off "$forge" volume mount bench "$mnt" --background >/dev/null
+start=$(now); dd if="$work/native/src/big.bin" of="$mnt/copy-undetected.bin" bs=1M status=none conv=fsync; end=$(now)
+forge_write_undetected=$(mbps "$bytes" "$start" "$end")
+"$forge" volume unmount "$mnt" >/dev/null
+
 printf '\n%-36s %10s %10s %8s\n' "" "forge" "native" "ratio"
 printf '%-36s %10s %10s %8s\n' "first read (MB/s, cold)" "$forge_first" "$native_first" "$(ratio "$forge_first" "$native_first")"
 printf '%-36s %10s %10s %8s\n' "warm re-read (MB/s)" "$forge_warm" "$native_warm" "$(ratio "$forge_warm" "$native_warm")"
 printf '%-36s %10s %10s %8s\n' "sequential write + fsync (MB/s)" "$forge_write" "$native_write" "$(ratio "$forge_write" "$native_write")"
 printf '%-36s %10s %10s %8s\n' "create+stat 10,000 files (s)" "$forge_small" "$native_small" "$(ratio "$forge_small" "$native_small")"
+printf '%-36s %10s %10s %8s\n' "write, detector on vs off (MB/s)" "$forge_write" "$forge_write_undetected" "$(ratio "$forge_write" "$forge_write_undetected")"
 echo "unmount (commits the snapshot): ${commit_seconds}s"
 echo "targets: warm re-read >= 0.5x native; first read >= 300 MB/s"

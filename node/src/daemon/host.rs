@@ -491,7 +491,10 @@ impl Host {
             fs::FsConfig {
                 read_only,
                 append_only: policy.append_only,
-                detector: Some(policy.detector),
+                // FORGE_DETECTOR=off in the host's environment mounts without the behaviour
+                // detector (what bench-mount.sh measures it against).
+                detector: (std::env::var("FORGE_DETECTOR").as_deref() != Ok("off"))
+                    .then_some(policy.detector),
                 dna: BTreeMap::from([(DNA_WORKLOAD.to_owned(), INTERACTIVE.to_owned())]),
                 cache_bytes: options.cache_bytes,
                 staging_dir: staging.clone(),

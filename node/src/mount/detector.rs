@@ -70,10 +70,13 @@ pub enum Observation {
     Fresh {
         /// The inode.
         file: u64,
-        /// The written bytes' entropy.
-        entropy: f32,
+        /// The written bytes' entropy (None for a write too short to judge: its size
+        /// still counts).
+        entropy: Option<f32>,
         /// How many bytes.
         bytes: u64,
+        /// Where the write ended (the file's size is at least that now).
+        end: u64,
     },
     /// A file with committed content lost its name: unlinked (`by` None) or replaced by a
     /// rename of inode `by` over it.
@@ -112,6 +115,8 @@ struct FileMarks {
     counted: bool,
     /// High-entropy bytes written to it as new content.
     fresh_bytes: u64,
+    /// The end of its furthest write (its size, for a file written from the start).
+    size: u64,
     /// Paired with a removed original already.
     paired: bool,
     /// Renamed to another extension.
@@ -139,6 +144,9 @@ pub struct Detector {
     last_reasons: VecDeque<String>,
     tripped: bool,
 }
+
+/// How soon after writing its copy ransomware removes the original (copy then delete).
+const COPY_PAIRING_NS: i64 = 10_000_000_000;
 
 /// How much decay is forgiven when the score is compared with the threshold.
 const SCORE_SLACK: f64 = 0.1;
@@ -236,10 +244,14 @@ impl Detector {
                 file,
                 entropy,
                 bytes,
+                end,
             } => {
-                let high = entropy >= self.thresholds.max_entropy_bits;
                 let marks = self.files.entry(file).or_default();
-                if high {
+                marks.size = marks.size.max(end);
+                let Some(entropy) = entropy else {
+                    return self.verdict(now_ns);
+                };
+                if entropy >= self.thresholds.max_entropy_bits {
                     marks.high_entropy_fresh = true;
                     marks.fresh_bytes += bytes;
                     self.fresh_high.retain(|(_, other)| *other != file);
@@ -255,17 +267,22 @@ impl Detector {
                         .get(&file)
                         .is_some_and(|marks| marks.high_entropy_fresh)
                 });
-                // A copy: a high-entropy new file of the removed one's size (encryption
-                // keeps sizes, give or take a header), not paired yet.
+                // A copy: the high-entropy new file written last, moments ago, of the
+                // removed one's size (encryption keeps sizes, give or take a header or a
+                // padding block), not paired yet. (A looser match pairs bulk work by
+                // chance: git's checkouts, rsync --delete after compressed files.)
                 let copy = if by.is_none() {
-                    self.fresh_high.iter().map(|(_, file)| *file).find(|file| {
-                        self.files.get(file).is_some_and(|marks| {
-                            !marks.paired
-                                // (Writes under JUDGED_WRITE_BYTES are not counted.)
-                                && marks.fresh_bytes + JUDGED_WRITE_BYTES as u64 >= size
-                                && marks.fresh_bytes <= size + size / 8 + 4096
+                    self.fresh_high
+                        .back()
+                        .filter(|(time, _)| now_ns - time <= COPY_PAIRING_NS)
+                        .map(|(_, file)| *file)
+                        .filter(|file| {
+                            self.files.get(file).is_some_and(|marks| {
+                                !marks.paired
+                                    && marks.size >= size
+                                    && marks.size <= size + size / 32 + 512
+                            })
                         })
-                    })
                 } else {
                     None
                 };
@@ -352,7 +369,7 @@ impl Detector {
         // Files close together count whole: a tenth of a file of decay is forgiven.
         let kind = if self.score + SCORE_SLACK >= needed {
             "entropy-rewrite"
-        } else if burst && self.score + SCORE_SLACK >= (needed / 2.0).max(2.0) {
+        } else if burst && self.score + SCORE_SLACK >= (needed * 0.75).max(2.0) {
             "rewrite-burst"
         } else {
             return None;
@@ -469,8 +486,9 @@ mod tests {
                 at,
                 &Observation::Fresh {
                     file: 100 + file,
-                    entropy: 7.96,
+                    entropy: Some(7.96),
                     bytes: 20_000,
+                    end: 20_000,
                 },
             );
             assert!(detector.wants_removed_prior(at, None));
@@ -496,8 +514,9 @@ mod tests {
                 at,
                 &Observation::Fresh {
                     file,
-                    entropy: 7.96,
+                    entropy: Some(7.96),
                     bytes: 5_000,
+                    end: 5_000,
                 },
             );
             let trip = detector.observe(
@@ -524,8 +543,9 @@ mod tests {
                     at,
                     &Observation::Fresh {
                         file,
-                        entropy: 7.99,
-                        bytes: 1 << 20
+                        entropy: Some(7.99),
+                        bytes: 1 << 20,
+                        end: 1 << 20
                     }
                 ),
                 None
@@ -572,8 +592,9 @@ mod tests {
                 at,
                 &Observation::Fresh {
                     file: 20_000 + file,
-                    entropy: 4.2,
+                    entropy: Some(4.2),
                     bytes: 30_000,
+                    end: 30_000,
                 },
             );
             assert_eq!(
@@ -602,9 +623,9 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_destructive_operations_trips_at_half_the_files() {
+    fn a_burst_of_destructive_operations_trips_sooner() {
         let thresholds = DetectorThresholds {
-            suspicious_files: 6,
+            suspicious_files: 4,
             ..DetectorThresholds::default()
         };
         let mut detector = Detector::new(thresholds);

@@ -35,6 +35,15 @@ pub(crate) fn unmount_commit(fs: &MountedFs, mountpoint: &Path) -> Result<String
             snapshot,
             branch,
             conflict: true,
+        })) if branch.contains("-frozen-") => Ok(format!(
+            "unmounted {}; the volume is frozen (ransomware-like writes), so snapshot {snapshot} \
+             was committed beside, to branch {branch}, for review",
+            mountpoint.display()
+        )),
+        Ok(Some(CommitOutcome {
+            snapshot,
+            branch,
+            conflict: true,
         })) => Ok(format!(
             "unmounted {}; the branch moved meanwhile, so snapshot {snapshot} was committed to a new branch {branch}",
             mountpoint.display()

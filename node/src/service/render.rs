@@ -19,7 +19,12 @@ pub fn render_commit(volume: &str, reply: &CommitReply) -> Result<Output> {
             continue;
         }
         let snapshot = reply_cid(&outcome.snapshot)?;
-        human.push(if outcome.conflict {
+        human.push(if outcome.conflict && outcome.branch.contains("-frozen-") {
+            format!(
+                "the volume is frozen: snapshot {snapshot} committed beside, to branch {}, for review",
+                outcome.branch
+            )
+        } else if outcome.conflict {
             format!(
                 "the branch moved meanwhile: snapshot {snapshot} committed to a new branch {}",
                 outcome.branch

@@ -52,14 +52,15 @@ impl FuseAdapter {
         let Some(watch) = &self.0.watch else {
             return Ok(());
         };
-        if data.len() < JUDGED_WRITE_BYTES {
-            return Ok(());
-        }
         let Some(base_size) = self.base_size(ino) else {
             return Ok(());
         };
+        let judged = data.len() >= JUDGED_WRITE_BYTES;
         let entropy = shannon_entropy(&data[..data.len().min(ENTROPY_SAMPLE_BYTES)]);
         let observation = if offset < base_size {
+            if !judged {
+                return Ok(());
+            }
             let (judged, known) = {
                 let watch = lock(watch);
                 (
@@ -86,8 +87,9 @@ impl FuseAdapter {
         } else {
             Observation::Fresh {
                 file: ino,
-                entropy,
+                entropy: judged.then_some(entropy),
                 bytes: data.len() as u64,
+                end: offset + data.len() as u64,
             }
         };
         self.observe(&observation)

@@ -793,3 +793,130 @@ fn group_gc_waits_for_writers_then_frees_a_delisted_snapshot_on_every_member() {
         assert!(fsck["problems"].as_array().unwrap().is_empty(), "{fsck}");
     }
 }
+
+/// Mounts `volume` on `site` (its daemon serves it) at `name`; the command's output.
+fn mount_on(site: &Site, volume: &str, name: &str, extra: &[&str]) -> std::process::Output {
+    let mountpoint = site.vault.path(name);
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut args = vec!["volume", "mount", volume, mountpoint.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    site.vault.run(&args)
+}
+
+/// Retries `attempt` for a few seconds until it holds (a member's mirror of the group's
+/// listings catches up within a refresh).
+fn within_seconds(what: &str, attempt: impl Fn() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match attempt() {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+#[test]
+fn a_seal_a_contract_and_a_freeze_made_on_one_member_hold_on_every_member() {
+    let sites = three_node_group("g");
+    sites[0]
+        .vault
+        .ok(&["volume", "create", "docs", "--group", "g"]);
+    let documents = sites[0].vault.path("documents");
+    common::write_documents(&documents, 30);
+    sites[0]
+        .vault
+        .ok(&["volume", "import", "docs", documents.to_str().unwrap()]);
+    let stderr =
+        |output: &std::process::Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    // Sealed on one member: refused on another (once it adopted the volume); a
+    // trust-check on a third lifts it.
+    sites[0].vault.ok(&["volume", "seal", "docs"]);
+    within_seconds("the sealed volume refused on a second member", || {
+        let refused = mount_on(&sites[1], "docs", "sealed", &[]);
+        if stderr(&refused).contains("is sealed since") {
+            Ok(())
+        } else {
+            Err(stderr(&refused))
+        }
+    });
+    within_seconds("trust-check on the third member", || {
+        let output = sites[2]
+            .vault
+            .run(&["volume", "trust-check", "docs", "--json"]);
+        if output.status.success() {
+            let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(report["unsealed"], true, "{report}");
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                stderr(&output)
+            ))
+        }
+    });
+
+    // A read-only contract attached on one member binds the others.
+    let contract = sites[0].vault.path("ro.toml");
+    let contract_path = contract.to_str().unwrap();
+    sites[0].vault.ok(&[
+        "contract",
+        "new",
+        "--volume",
+        "docs",
+        "--mode",
+        "ro",
+        "-o",
+        contract_path,
+    ]);
+    sites[0].vault.ok(&["contract", "sign", contract_path]);
+    sites[0]
+        .vault
+        .ok(&["contract", "attach", "docs", contract_path]);
+    let refused = mount_on(&sites[2], "docs", "read-only-contract", &[]);
+    assert!(
+        stderr(&refused).contains("read-only use only"),
+        "{}",
+        stderr(&refused)
+    );
+    let rw = sites[0].vault.path("rw.toml");
+    let rw_path = rw.to_str().unwrap();
+    sites[0]
+        .vault
+        .ok(&["contract", "new", "--volume", "docs", "-o", rw_path]);
+    sites[0].vault.ok(&["contract", "sign", rw_path]);
+    sites[0].vault.ok(&["contract", "attach", "docs", rw_path]);
+
+    // Ransomware on a mount of one member freezes the volume on all of them.
+    let mounted = mount_on(&sites[1], "docs", "attacked", &[]);
+    assert!(mounted.status.success(), "{}", stderr(&mounted));
+    let mountpoint = sites[1].vault.path("attacked");
+    let damaged = common::ransomware(&mountpoint, false, false);
+    assert!(damaged <= 5, "{damaged} files damaged");
+    sites[1]
+        .vault
+        .ok(&["volume", "unmount", mountpoint.to_str().unwrap()]);
+    for site in [&sites[0], &sites[2]] {
+        let refused = mount_on(site, "docs", "frozen", &[]);
+        assert!(
+            stderr(&refused).contains("is frozen since"),
+            "{}",
+            stderr(&refused)
+        );
+    }
+    let unfrozen = sites[2].vault.json(&["volume", "unfreeze", "docs"]);
+    assert_eq!(
+        unfrozen["resolved"].as_array().unwrap().len(),
+        1,
+        "{unfrozen}"
+    );
+    let mounted = mount_on(&sites[0], "docs", "after", &[]);
+    assert!(mounted.status.success(), "{}", stderr(&mounted));
+    sites[0].vault.ok(&[
+        "volume",
+        "unmount",
+        sites[0].vault.path("after").to_str().unwrap(),
+    ]);
+}

@@ -297,71 +297,6 @@ fn a_sealed_volume_mounts_read_write_again_only_after_trust_check() {
     assert!(human.ends_with("trust-check passed\n"), "{human}");
 }
 
-/// Documents: text of a few KiB each (what ransomware goes after).
-fn write_documents(root: &Path, count: usize) {
-    fs::create_dir_all(root).unwrap();
-    for index in 0..count {
-        let line = format!(
-            "Document {index}: minutes of the meeting, budget line {}, notes and names.\n",
-            index * 37
-        );
-        fs::write(
-            root.join(format!("doc-{index:03}.txt")),
-            line.repeat(100 + index % 50),
-        )
-        .unwrap();
-    }
-}
-
-/// Bytes that look encrypted (a xorshift keystream over the content).
-fn encrypt(content: &[u8], seed: u64) -> Vec<u8> {
-    let mut next = common::xorshift(seed);
-    content
-        .iter()
-        .map(|byte| byte ^ next().to_le_bytes()[0])
-        .collect()
-}
-
-/// Encrypts every document under `root` as ransomware does, until the file system
-/// refuses; returns the files it damaged (their content no longer the original).
-fn ransomware(root: &Path, rename: bool, copy_then_delete: bool) -> usize {
-    let mut names: Vec<PathBuf> = fs::read_dir(root)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    names.sort();
-    let mut damaged = 0;
-    for (index, path) in names.iter().enumerate() {
-        let Ok(content) = fs::read(path) else { break };
-        let locked = path.with_extension("txt.locked");
-        let result = if copy_then_delete {
-            fs::write(&locked, encrypt(&content, index as u64 + 1))
-                .and_then(|()| fs::remove_file(path))
-        } else {
-            fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|mut file| file.write_all(&encrypt(&content, index as u64 + 1)))
-                .and_then(|()| {
-                    if rename {
-                        fs::rename(path, &locked)
-                    } else {
-                        Ok(())
-                    }
-                })
-        };
-        match result {
-            Ok(()) => damaged += 1,
-            Err(error) => {
-                assert_eq!(errno(&error), libc_errno::EROFS, "{error}");
-                // An in-place write refused at its first block leaves the file whole.
-                break;
-            }
-        }
-    }
-    damaged
-}
-
 #[test]
 fn ransomware_on_a_mount_is_frozen_with_bounded_loss_and_the_quarantine_restores_every_file() {
     if !fuse_available() {
@@ -374,12 +309,12 @@ fn ransomware_on_a_mount_is_frozen_with_bounded_loss_and_the_quarantine_restores
     ] {
         let vault = Vault::new();
         let documents = vault.path("documents");
-        write_documents(&documents, 40);
+        common::write_documents(&documents, 40);
         vault.ok(&["volume", "import", "v", documents.to_str().unwrap()]);
         let original = vault.path("original");
         vault.ok(&["volume", "export", "v", original.to_str().unwrap()]);
         let mountpoint = vault.mount("mnt", &[]);
-        let damaged = ransomware(&mountpoint, rename, copy_then_delete);
+        let damaged = common::ransomware(&mountpoint, rename, copy_then_delete);
         eprintln!("{variant}: {damaged} files damaged before the freeze");
         assert!(
             damaged <= 5,
@@ -446,7 +381,7 @@ fn benign_work_on_a_mount_is_not_frozen() {
     }
     let vault = Vault::new();
     let documents = vault.path("documents");
-    write_documents(&documents, 30);
+    common::write_documents(&documents, 30);
     vault.ok(&["volume", "import", "v", documents.to_str().unwrap()]);
     let mountpoint = vault.mount("mnt", &[]);
     // Media and archives copied in: new high-entropy files.

@@ -723,12 +723,27 @@ impl ClusterNode {
                 lock(&self.pins_cleared).remove(&record.id);
                 tracing::debug!(%error, group = %name, "clearing this node's stale write pins");
             }
-            // Its volumes adopted here, their refs and listings mirrored.
+            // Its volumes adopted here, their refs and listings mirrored: read after a
+            // read-index barrier (so every publish acknowledged before is in what is read),
+            // and not written if a publish here wrote meanwhile (the mirror epoch moved).
             let view = self.view_of(name.clone(), &record);
+            let epoch = self.vault().mirror_epoch();
+            if let Ok(view) = &view
+                && let Err(error) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    view.handle.barrier(Duration::from_secs(2)),
+                )
+                .await
+                .unwrap_or(Err(forge_consensus::ConsensusError::NoLeader {
+                    group: record.id,
+                }))
+            {
+                tracing::debug!(%error, group = %name, "mirroring without a barrier");
+            }
             let this = self.this.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
                 let node = this.upgrade().ok_or_else(|| cluster_error("stopping"))?;
-                node.reconcile_volumes(&view?)
+                node.reconcile_volumes(&view?, Some(epoch))
             })
             .await;
             self.repair_in_background(record.id);

@@ -292,7 +292,13 @@ impl ClusterNode {
 
     /// Adopts group `view`'s volumes into this vault and mirrors their records (the watch
     /// loop, every half second).
-    pub(crate) fn reconcile_volumes(&self, view: &GroupView) -> Result<()> {
+    /// `read_at_epoch`: the vault's mirror epoch before the group's state was brought up
+    /// to date here (None: no publish can run meanwhile, a gc sweep's fence).
+    pub(crate) fn reconcile_volumes(
+        &self,
+        view: &GroupView,
+        read_at_epoch: Option<u64>,
+    ) -> Result<()> {
         let volumes = view.handle.local_records(VOLUMES.name(), b"")?;
         if volumes.is_empty() {
             return Ok(());
@@ -331,7 +337,8 @@ impl ClusterNode {
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
-            self.vault().mirror_group_records(&records, &delisted)?;
+            self.vault()
+                .mirror_group_records(&records, &delisted, read_at_epoch)?;
         }
         Ok(())
     }
@@ -902,8 +909,9 @@ impl ClusterNode {
         let mut summary = RepairSummary::default();
         // Everything the group committed before now applied and mirrored here first, so
         // no snapshot published just before is missed.
+        let epoch = vault.mirror_epoch();
         catch_up(runtime, &view.handle, &view.name);
-        self.reconcile_volumes(&view)?;
+        self.reconcile_volumes(&view, Some(epoch))?;
         let objects_before = vault
             .counters()
             .group_objects_fetched
@@ -1548,7 +1556,8 @@ impl ClusterNode {
             let node = this
                 .upgrade()
                 .ok_or_else(|| cluster_error("the daemon is stopping"))?;
-            node.reconcile_volumes(&view)?;
+            // Writers are fenced off while a sweep is open: nothing to skip for.
+            node.reconcile_volumes(&view, None)?;
             let live = node.vault().group_live(id)?;
             let (chunks, objects, bytes) = node.vault().sweep_group(id, &live)?;
             tracing::info!(group = %view.name, chunks, objects, bytes, "group gc swept");

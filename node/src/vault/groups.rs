@@ -174,6 +174,31 @@ pub trait GroupStorage: Send + Sync {
 }
 
 impl Vault {
+    fn lock_mirror_epoch(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.mirror_epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `write` (the local write of records a group just decided: a publish's ref
+    /// move, an update's records) as one step against mirror refreshes, and bumps the
+    /// mirror epoch: a refresh that read the group's state before cannot write over it.
+    ///
+    /// # Errors
+    /// Whatever `write` fails with.
+    pub(crate) fn write_decided<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut epoch = self.lock_mirror_epoch();
+        let result = write();
+        *epoch += 1;
+        result
+    }
+
+    /// The mirror epoch now: what a refresh reads before the group's state.
+    #[must_use]
+    pub fn mirror_epoch(&self) -> u64 {
+        *self.lock_mirror_epoch()
+    }
+
     /// Installs the daemon's group storage (once the cluster runs).
     pub fn set_group_storage(&self, storage: Arc<dyn GroupStorage>) {
         *self
@@ -711,7 +736,7 @@ impl Vault {
                 local
             })
             .collect();
-        self.metadata.apply(&local)?;
+        self.write_decided(|| Ok(self.metadata.apply(&local)?))?;
         Ok(())
     }
 
@@ -897,7 +922,14 @@ impl Vault {
         &self,
         records: &[(RecordSpace, Vec<u8>, Vec<u8>)],
         delisted: &[Vec<u8>],
+        read_at_epoch: Option<u64>,
     ) -> Result<usize> {
+        // A publish or update written here since the group's state was read: that state
+        // may predate it (an older ref): skip this refresh, the next one reads anew.
+        let epoch = self.lock_mirror_epoch();
+        if read_at_epoch.is_some_and(|read| read != *epoch) {
+            return Ok(0);
+        }
         let mut updates = Vec::new();
         for key in delisted {
             for space in [RecordSpace::SNAPSHOTS, RecordSpace::INDEX_HEADS] {
@@ -930,6 +962,66 @@ impl Vault {
         if !updates.is_empty() {
             self.metadata.apply(&updates)?;
         }
+        drop(epoch);
         Ok(updates.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use forge_store::kv::MemKv;
+
+    use super::*;
+    use crate::test_support::vault_on;
+
+    /// A refresh of the mirror that read the group's state before a publish wrote here
+    /// must not put the older ref back (seen as a sync offering a stale head).
+    #[test]
+    fn a_mirror_refresh_read_before_a_local_publish_writes_nothing() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = vault_on(temp.path(), Arc::new(MemKv::new()), 1);
+        let key = b"volume-and-branch".to_vec();
+        let old = vec![1u8; 32];
+        let new = vec![2u8; 32];
+        let read_at = vault.mirror_epoch();
+        // The publish: the group decided `new`, written here.
+        vault
+            .write_decided(|| {
+                Ok(vault.metadata.apply(&[RecordUpdate::new(
+                    RecordSpace::REFS,
+                    key.clone(),
+                    Expected::Any,
+                    Change::Put(new.clone()),
+                )])?)
+            })
+            .unwrap();
+        // The refresh, with what it read before: skipped.
+        let records = [(RecordSpace::REFS, key.clone(), old.clone())];
+        assert_eq!(
+            vault
+                .mirror_group_records(&records, &[], Some(read_at))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            vault.metadata.get_record(RecordSpace::REFS, &key).unwrap(),
+            Some(new)
+        );
+        // A refresh read after it writes.
+        let read_at = vault.mirror_epoch();
+        assert_eq!(
+            vault
+                .mirror_group_records(&records, &[], Some(read_at))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            vault.metadata.get_record(RecordSpace::REFS, &key).unwrap(),
+            Some(old)
+        );
     }
 }

@@ -368,8 +368,10 @@ impl Importer<'_> {
     pub(crate) fn publish(&self, updates: &[RecordUpdate]) -> Result<()> {
         let named = self.lock_named();
         let updates = self.vault.publish_to_group(updates, &named, &named)?;
-        self.session
-            .publish(&updates, &named, &|cid| self.vault.stores(cid))
+        self.vault.write_decided(|| {
+            self.session
+                .publish(&updates, &named, &|cid| self.vault.stores(cid))
+        })
     }
 
     /// What the snapshot names (after it was published).

@@ -152,6 +152,10 @@ pub struct Vault {
     /// The daemon's access to volume groups (None outside a daemon, or before its
     /// cluster starts): see groups.rs.
     group_storage: std::sync::RwLock<Option<Arc<dyn groups::GroupStorage>>>,
+    /// Bumped by every local write of records a group decided (a publish's, an update's),
+    /// under its lock: a mirror refresh that read the group's state before one skips its
+    /// writes (it would put an older ref back; see `groups::mirror_group_records`).
+    mirror_epoch: std::sync::Mutex<u64>,
     /// The data directory's lock (None when the caller guarantees exclusive use).
     _lock: Option<File>,
 }
@@ -356,6 +360,7 @@ impl Vault {
             pool,
             counters: OperationCounters::default(),
             group_storage: std::sync::RwLock::new(None),
+            mirror_epoch: std::sync::Mutex::new(0),
             _lock: None,
         })
     }

@@ -74,8 +74,10 @@ impl VaultSyncStore {
         // Into a grouped volume: everything this sync stored or found held (its claims)
         // spread over the group, and the ref moved through the group's Raft first.
         let updates = vault.publish_to_group(updates, named, &self.session.claimed())?;
-        self.session
-            .publish(&updates, named, &|cid| vault.stores(cid))
+        vault.write_decided(|| {
+            self.session
+                .publish(&updates, named, &|cid| vault.stores(cid))
+        })
     }
 }
 

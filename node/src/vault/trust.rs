@@ -35,8 +35,11 @@ pub const CONTRACTS: RecordSpace = RecordSpace::new("contracts");
 pub const CONTRACT_HISTORY: RecordSpace = RecordSpace::new("contract-history");
 /// The seal of each sealed volume.
 pub const SEALS: RecordSpace = RecordSpace::new("seals");
-/// The behaviour detector's flags, by volume and time.
+/// The behaviour detector's flags, by volume and time (the history, resolved or not).
 pub const ANOMALIES: RecordSpace = RecordSpace::new("anomalies");
+/// Each frozen volume's first unresolved flag: one key per volume, so a mount's check
+/// reads it linearizably through a group (a scan of the mirror may lag).
+pub const FREEZES: RecordSpace = RecordSpace::new("freezes");
 
 /// The DNA key naming the workload that made a snapshot (a digest, or `interactive`).
 pub const DNA_WORKLOAD: &str = "workload";
@@ -741,15 +744,31 @@ impl Vault {
     pub fn flag_anomaly(&self, name: &str, flag: &AnomalyFlag) -> Result<()> {
         let record = self.require_volume(name)?;
         let key = [record.id.as_slice(), &time_key(flag.flagged_ns)].concat();
-        self.apply_volume_updates(
-            &VolumeId::from_bytes(record.id),
-            &[RecordUpdate::new(
-                ANOMALIES,
-                key,
+        let mut updates = vec![RecordUpdate::new(
+            ANOMALIES,
+            key,
+            Expected::Any,
+            Change::Put(records::encode(flag)),
+        )];
+        if self.freeze_of(&record)?.is_none() {
+            updates.push(RecordUpdate::new(
+                FREEZES,
+                record.id.to_vec(),
                 Expected::Any,
                 Change::Put(records::encode(flag)),
-            )],
-        )
+            ));
+        }
+        self.apply_volume_updates(&VolumeId::from_bytes(record.id), &updates)
+    }
+
+    /// The flag a volume is frozen for (read through its group for a grouped volume).
+    ///
+    /// # Errors
+    /// Metadata errors; no quorum; a corrupt record.
+    pub fn freeze_of(&self, record: &VolumeRecord) -> Result<Option<AnomalyFlag>> {
+        self.volume_record_now(record, FREEZES, &record.id)?
+            .map(|value| records::decode("freeze", &value))
+            .transpose()
     }
 
     /// Resolves every open anomaly flag of volume `name` (after a person reviewed it):
@@ -760,8 +779,16 @@ impl Vault {
     pub fn unfreeze_volume(&self, name: &str) -> Result<Vec<AnomalyFlag>> {
         let record = self.require_volume(name)?;
         let now = self.now_ns();
-        let open = self.open_anomalies(&record)?;
-        let updates: Vec<RecordUpdate> = open
+        let mut open = self.open_anomalies(&record)?;
+        // The flag frozen for, read through the group: this member's mirror of the flags
+        // may not have it yet.
+        if let Some(flag) = self.freeze_of(&record)? {
+            let key = [record.id.as_slice(), &time_key(flag.flagged_ns)].concat();
+            if !open.iter().any(|(known, _)| *known == key) {
+                open.push((key, flag));
+            }
+        }
+        let mut updates: Vec<RecordUpdate> = open
             .iter()
             .map(|(key, flag)| {
                 let resolved = AnomalyFlag {
@@ -771,11 +798,19 @@ impl Vault {
                 RecordUpdate::new(
                     ANOMALIES,
                     key.clone(),
-                    Expected::Value(records::encode(flag)),
+                    Expected::Any,
                     Change::Put(records::encode(&resolved)),
                 )
             })
             .collect();
+        if let Some(frozen) = self.volume_record_now(&record, FREEZES, &record.id)? {
+            updates.push(RecordUpdate::new(
+                FREEZES,
+                record.id.to_vec(),
+                Expected::Value(frozen),
+                Change::Delete,
+            ));
+        }
         if !updates.is_empty() {
             self.apply_volume_updates(&VolumeId::from_bytes(record.id), &updates)?;
         }
@@ -795,7 +830,7 @@ impl Vault {
     ) -> Result<MountPolicy> {
         let name = &record.name;
         if !intent.read_only {
-            if let Some((_, flag)) = self.open_anomalies(record)?.into_iter().next() {
+            if let Some(flag) = self.freeze_of(record)? {
                 return Err(NodeError::Frozen {
                     volume: name.clone(),
                     since: format_utc_time(flag.flagged_ns),
@@ -1034,7 +1069,13 @@ impl Vault {
             }
         });
 
-        let open = self.open_anomalies(&record)?;
+        let mut open = self.open_anomalies(&record)?;
+        if open.is_empty()
+            && let Some(flag) = self.freeze_of(&record)?
+        {
+            // Frozen on another member whose flag this mirror has not caught up with yet.
+            open.push((Vec::new(), flag));
+        }
         checks.push(match open.first() {
             None => TrustCheckItem {
                 check: "anomalies",

@@ -4,6 +4,8 @@
 // Each test binary uses a part of this.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -306,4 +308,70 @@ impl Site {
         }
         walk(&self.vault.data_dir())
     }
+}
+
+/// Documents: text of a few KiB each (what ransomware goes after).
+pub fn write_documents(root: &Path, count: usize) {
+    fs::create_dir_all(root).unwrap();
+    for index in 0..count {
+        let line = format!(
+            "Document {index}: minutes of the meeting, budget line {}, notes and names.\n",
+            index * 37
+        );
+        fs::write(
+            root.join(format!("doc-{index:03}.txt")),
+            line.repeat(100 + index % 50),
+        )
+        .unwrap();
+    }
+}
+
+/// Bytes that look encrypted (a xorshift keystream over the content).
+pub fn encrypt(content: &[u8], seed: u64) -> Vec<u8> {
+    let mut next = xorshift(seed);
+    content
+        .iter()
+        .map(|byte| byte ^ next().to_le_bytes()[0])
+        .collect()
+}
+
+/// Encrypts every document under `root` as ransomware does, until the file system
+/// refuses; returns the files it damaged (their content no longer the original).
+pub fn ransomware(root: &Path, rename: bool, copy_then_delete: bool) -> usize {
+    let mut names: Vec<PathBuf> = fs::read_dir(root)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    names.sort();
+    let mut damaged = 0;
+    for (index, path) in names.iter().enumerate() {
+        let Ok(content) = fs::read(path) else { break };
+        let locked = path.with_extension("txt.locked");
+        let result = if copy_then_delete {
+            fs::write(&locked, encrypt(&content, index as u64 + 1))
+                .and_then(|()| fs::remove_file(path))
+        } else {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|mut file| file.write_all(&encrypt(&content, index as u64 + 1)))
+                .and_then(|()| {
+                    if rename {
+                        fs::rename(path, &locked)
+                    } else {
+                        Ok(())
+                    }
+                })
+        };
+        match result {
+            Ok(()) => damaged += 1,
+            Err(error) => {
+                // EROFS: the volume froze.
+                assert_eq!(error.raw_os_error(), Some(30), "{error}");
+                // An in-place write refused at its first block leaves the file whole.
+                break;
+            }
+        }
+    }
+    damaged
 }

@@ -15,17 +15,6 @@ use std::process::Command as StdCommand;
 
 use assert_cmd::Command;
 
-fn fuse_available() -> bool {
-    let available = Path::new("/dev/fuse").exists()
-        && StdCommand::new("fusermount3").arg("-V").output().is_ok();
-    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
-        panic!(
-            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
-        );
-    }
-    available
-}
-
 mod common;
 
 /// A vault with a volume `v`, which unmounts whatever its test mounted when dropped.
@@ -141,7 +130,7 @@ fn real_source(vault: &Vault) -> PathBuf {
 
 #[test]
 fn a_tarball_extracted_in_a_mount_survives_unmount_and_mount_byte_for_byte() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -203,7 +192,7 @@ fn a_tarball_extracted_in_a_mount_survives_unmount_and_mount_byte_for_byte() {
 
 #[test]
 fn errors_have_the_right_errno_and_snapshots_are_read_only() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -264,7 +253,7 @@ fn errors_have_the_right_errno_and_snapshots_are_read_only() {
 
 #[test]
 fn git_works_inside_a_mount() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -313,7 +302,7 @@ fn git_works_inside_a_mount() {
 
 #[test]
 fn concurrent_readers_see_whole_files_while_a_writer_works() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -355,7 +344,7 @@ fn concurrent_readers_see_whole_files_while_a_writer_works() {
 /// fsynced before the kill.
 #[test]
 fn a_daemon_killed_during_a_mount_commit_keeps_what_was_fsynced() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -449,7 +438,7 @@ fn a_daemon_killed_during_a_mount_commit_keeps_what_was_fsynced() {
 
 #[test]
 fn fsynced_data_survives_a_killed_mount() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -558,7 +547,7 @@ fn rewrite_large_file(
 
 #[test]
 fn appending_to_a_large_file_rewrites_only_its_tail() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     // One or two new chunks, not the ~120 of the whole file.
@@ -574,7 +563,7 @@ fn appending_to_a_large_file_rewrites_only_its_tail() {
 
 #[test]
 fn a_small_write_inside_a_large_file_rewrites_only_the_chunks_around_it() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     // A few new chunks, not the ~60 from the change to the end of the file.
@@ -603,7 +592,7 @@ mod libc_errno {
 
 #[test]
 fn commands_run_through_the_control_socket_while_mounted() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -668,7 +657,7 @@ fn commands_run_through_the_control_socket_while_mounted() {
 /// exits 1 saying so (before, the command did not exist).
 #[test]
 fn node_status_describes_the_owning_process_and_says_when_none_runs() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -731,7 +720,7 @@ fn node_status_describes_the_owning_process_and_says_when_none_runs() {
 /// naming the file and the key (before, there was no configuration file).
 #[test]
 fn forge_toml_sets_defaults_and_an_unknown_key_is_an_error() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -779,7 +768,7 @@ fn forge_toml_sets_defaults_and_an_unknown_key_is_an_error() {
 /// the mounted file whole throughout.
 #[test]
 fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -840,7 +829,7 @@ fn two_clients_import_concurrently_while_a_third_reads_a_mount() {
 /// outlive the mount (before, /metrics had no mount series).
 #[test]
 fn a_daemon_reports_fuse_requests_and_its_chunk_cache_on_metrics() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -898,7 +887,7 @@ fn a_daemon_reports_fuse_requests_and_its_chunk_cache_on_metrics() {
 /// a record and a socket that the next commands clean up.
 #[test]
 fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1034,7 +1023,7 @@ fn a_started_daemon_serves_until_stopped_and_commits_its_mounts() {
 
 #[test]
 fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1074,7 +1063,7 @@ fn a_foreground_mount_unmounts_and_commits_on_sigterm() {
 
 #[test]
 fn a_damaged_chunk_reads_as_eio_and_the_log_names_it() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1122,7 +1111,7 @@ fn a_damaged_chunk_reads_as_eio_and_the_log_names_it() {
 
 #[test]
 fn unmount_commits_to_a_conflict_branch_when_the_branch_moved() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1170,7 +1159,7 @@ fn unmount_commits_to_a_conflict_branch_when_the_branch_moved() {
 
 #[test]
 fn an_encrypted_volume_mounts_with_its_passphrase_only() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1230,7 +1219,7 @@ fn an_encrypted_volume_mounts_with_its_passphrase_only() {
 
 #[test]
 fn one_process_serves_several_mounts_and_exits_after_the_last() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1290,7 +1279,7 @@ fn one_process_serves_several_mounts_and_exits_after_the_last() {
 
 #[test]
 fn a_file_closed_after_another_files_fsync_is_committed_whole() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -1339,7 +1328,7 @@ fn generated_source(root: &Path, seed: u64) {
 /// byte-exact, and the mount holds exactly what the script made.
 #[test]
 fn imports_commits_and_gc_run_together_and_lose_nothing() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     const ROUNDS: u64 = 4;
@@ -1497,7 +1486,7 @@ fn imports_commits_and_gc_run_together_and_lose_nothing() {
 /// once, and later writes, a commit and the unmount work again.
 #[test]
 fn space_of_a_file_removed_after_enospc_is_released_at_once() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let temp = tempfile::tempdir().unwrap();
@@ -1646,7 +1635,7 @@ fn walk_sizes(root: &Path) -> u64 {
 #[test]
 fn a_sparse_file_is_served_with_its_holes() {
     use nix::unistd::{Whence, lseek};
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();

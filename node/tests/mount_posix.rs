@@ -413,17 +413,6 @@ fn run_case(base: &Path, who: As, code: &str) -> Vec<String> {
         .collect()
 }
 
-fn fuse_available() -> bool {
-    let available = Path::new("/dev/fuse").exists()
-        && StdCommand::new("fusermount3").arg("-V").output().is_ok();
-    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
-        panic!(
-            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
-        );
-    }
-    available
-}
-
 /// Unmounts on drop, whatever the test did.
 struct Unmount(std::path::PathBuf);
 
@@ -438,7 +427,7 @@ impl Drop for Unmount {
 
 #[test]
 fn syscalls_on_a_mount_match_the_local_file_system_for_every_user() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     if !nix::unistd::geteuid().is_root() {
@@ -535,7 +524,7 @@ for directory, names, files in sorted(os.walk(".")):
 /// attributes and ACLs, and hard links (tar writes a second name as a link member).
 #[test]
 fn tar_of_a_mounted_volume_equals_tar_of_its_source() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     if !nix::unistd::geteuid().is_root() {

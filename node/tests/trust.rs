@@ -14,17 +14,6 @@ use std::process::Command as StdCommand;
 
 mod common;
 
-fn fuse_available() -> bool {
-    let available = Path::new("/dev/fuse").exists()
-        && StdCommand::new("fusermount3").arg("-V").output().is_ok();
-    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
-        panic!(
-            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
-        );
-    }
-    available
-}
-
 /// A vault with volume `v` (two files imported), unmounting what it mounted when dropped.
 struct Vault {
     inner: common::Vault,
@@ -129,7 +118,7 @@ fn errno(error: &std::io::Error) -> i32 {
 
 #[test]
 fn contracts_refuse_mounts_naming_the_clause_and_append_only_holds_on_a_real_mount() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -254,7 +243,7 @@ fn contracts_refuse_mounts_naming_the_clause_and_append_only_holds_on_a_real_mou
 
 #[test]
 fn a_sealed_volume_mounts_read_write_again_only_after_trust_check() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();
@@ -299,7 +288,7 @@ fn a_sealed_volume_mounts_read_write_again_only_after_trust_check() {
 
 #[test]
 fn ransomware_on_a_mount_is_frozen_with_bounded_loss_and_the_quarantine_restores_every_file() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     for (variant, rename, copy_then_delete) in [
@@ -376,7 +365,7 @@ fn ransomware_on_a_mount_is_frozen_with_bounded_loss_and_the_quarantine_restores
 
 #[test]
 fn benign_work_on_a_mount_is_not_frozen() {
-    if !fuse_available() {
+    if !common::fuse_available() {
         return;
     }
     let vault = Vault::new();

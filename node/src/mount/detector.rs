@@ -399,20 +399,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::test_support::pseudo_random as random;
 
     const SECOND: i64 = 1_000_000_000;
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state.to_le_bytes()[0]
-            })
-            .collect()
-    }
 
     fn text(len: usize) -> Vec<u8> {
         b"It was the best of times, it was the worst of times. "

@@ -635,7 +635,7 @@ impl Vault {
         }
     }
 
-    fn volume_records_now(
+    fn volume_records_mirrored(
         &self,
         record: &VolumeRecord,
         space: RecordSpace,
@@ -666,7 +666,7 @@ impl Vault {
         &self,
         record: &VolumeRecord,
     ) -> Result<Vec<(AttachedContract, VolumeContract)>> {
-        self.volume_records_now(record, CONTRACT_HISTORY)?
+        self.volume_records_mirrored(record, CONTRACT_HISTORY)?
             .into_iter()
             .map(|(_, value)| {
                 decode_attached(&value).map(|(attached, _, contract)| (attached, contract))
@@ -693,7 +693,7 @@ impl Vault {
     /// Metadata errors; a corrupt record.
     pub fn open_anomalies(&self, record: &VolumeRecord) -> Result<Vec<(Vec<u8>, AnomalyFlag)>> {
         let mut open = Vec::new();
-        for (key, value) in self.volume_records_now(record, ANOMALIES)? {
+        for (key, value) in self.volume_records_mirrored(record, ANOMALIES)? {
             let flag: AnomalyFlag = records::decode("anomaly flag", &value)?;
             if flag.resolved_ns.is_none() {
                 open.push((key, flag));
@@ -1253,6 +1253,13 @@ mod tests {
         vault.sign_contract(&file).unwrap()
     }
 
+    /// A new contract for `v`, signed here and attached.
+    fn attach_new(vault: &Vault, request: &NewContract) -> VolumeContract {
+        vault
+            .attach_contract("v", &signed_file(vault, request))
+            .unwrap()
+    }
+
     fn clause(error: &NodeError) -> String {
         match error {
             NodeError::ContractRefused { clause, .. } => clause.clone(),
@@ -1326,18 +1333,13 @@ mod tests {
 
         // A workload list without `interactive`: a plain mount is refused, a listed
         // workload is not.
-        vault
-            .attach_contract(
-                "v",
-                &signed_file(
-                    &vault,
-                    &NewContract {
-                        workloads: vec![DIGEST.into()],
-                        ..NewContract::default()
-                    },
-                ),
-            )
-            .unwrap();
+        attach_new(
+            &vault,
+            &NewContract {
+                workloads: vec![DIGEST.into()],
+                ..NewContract::default()
+            },
+        );
         let error = vault.check_mount(&record, interactive(false)).unwrap_err();
         assert_eq!(
             clause(&error),
@@ -1378,18 +1380,13 @@ mod tests {
         import(&vault, temp.path(), 2, &[(DNA_WORKLOAD, DIGEST)]);
 
         // Read-only: a read-write mount is refused, a read-only one is not.
-        vault
-            .attach_contract(
-                "v",
-                &signed_file(
-                    &vault,
-                    &NewContract {
-                        mode: Some("ro".into()),
-                        ..NewContract::default()
-                    },
-                ),
-            )
-            .unwrap();
+        attach_new(
+            &vault,
+            &NewContract {
+                mode: Some("ro".into()),
+                ..NewContract::default()
+            },
+        );
         assert!(
             clause(&vault.check_mount(&record, interactive(false)).unwrap_err())
                 .contains("read-only use only")
@@ -1397,18 +1394,13 @@ mod tests {
         vault.check_mount(&record, interactive(true)).unwrap();
 
         // Append-only: the mount is told so.
-        vault
-            .attach_contract(
-                "v",
-                &signed_file(
-                    &vault,
-                    &NewContract {
-                        mode: Some("append".into()),
-                        ..NewContract::default()
-                    },
-                ),
-            )
-            .unwrap();
+        attach_new(
+            &vault,
+            &NewContract {
+                mode: Some("append".into()),
+                ..NewContract::default()
+            },
+        );
         assert!(
             vault
                 .check_mount(&record, interactive(false))
@@ -1505,18 +1497,13 @@ mod tests {
         let (temp, kv, vault) = setup(5);
         let first = import(&vault, temp.path(), 1, &[]);
         import(&vault, temp.path(), 2, &[(DNA_WORKLOAD, "interactive")]);
-        vault
-            .attach_contract(
-                "v",
-                &signed_file(
-                    &vault,
-                    &NewContract {
-                        workloads: vec!["interactive".into()],
-                        ..NewContract::default()
-                    },
-                ),
-            )
-            .unwrap();
+        attach_new(
+            &vault,
+            &NewContract {
+                workloads: vec!["interactive".into()],
+                ..NewContract::default()
+            },
+        );
         import(&vault, temp.path(), 3, &[]);
         let record = vault.require_volume("v").unwrap();
         let report = vault.trust_check("v", &no_passphrase).unwrap();
@@ -1644,18 +1631,13 @@ mod tests {
         // fails. Made here under a contract that allowed it, then a contract allowing
         // only people recorded as attached before it.
         let before = vault.now_ns();
-        vault
-            .attach_contract(
-                "v",
-                &signed_file(
-                    &vault,
-                    &NewContract {
-                        workloads: vec!["interactive".into(), DIGEST.into()],
-                        ..NewContract::default()
-                    },
-                ),
-            )
-            .unwrap();
+        attach_new(
+            &vault,
+            &NewContract {
+                workloads: vec!["interactive".into(), DIGEST.into()],
+                ..NewContract::default()
+            },
+        );
         let stranger = import(&vault, temp.path(), 4, &[(DNA_WORKLOAD, DIGEST)]);
         let people_only = signed_file(
             &vault,

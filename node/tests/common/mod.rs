@@ -375,3 +375,19 @@ pub fn ransomware(root: &Path, rename: bool, copy_then_delete: bool) -> usize {
     }
     damaged
 }
+
+/// Whether FUSE mounts can be tested here (/dev/fuse and fusermount3). Without them a
+/// mount test fails, unless a person sets FORGE_SKIP_FUSE=1 (CI never does).
+pub fn fuse_available() -> bool {
+    let available = Path::new("/dev/fuse").exists()
+        && std::process::Command::new("fusermount3")
+            .arg("-V")
+            .output()
+            .is_ok();
+    if !available && std::env::var("FORGE_SKIP_FUSE").as_deref() != Ok("1") {
+        panic!(
+            "FUSE is not available (need /dev/fuse and fusermount3); set FORGE_SKIP_FUSE=1 to skip"
+        );
+    }
+    available
+}

@@ -895,6 +895,13 @@ fn a_seal_a_contract_and_a_freeze_made_on_one_member_hold_on_every_member() {
     let mountpoint = sites[1].vault.path("attacked");
     let damaged = common::ransomware(&mountpoint, false, false);
     assert!(damaged <= 5, "{damaged} files damaged");
+    // Counted on the /metrics of the member whose mount saw it.
+    let anomalies: f64 = scrape(&sites[1].metrics)
+        .iter()
+        .filter(|(series, _)| series.starts_with("forge_anomalies_total{volume=\"docs\""))
+        .map(|(_, value)| value)
+        .sum();
+    assert_eq!(anomalies, 1.0);
     sites[1]
         .vault
         .ok(&["volume", "unmount", mountpoint.to_str().unwrap()]);

@@ -37,6 +37,7 @@ use forge_node::datadir::DataDir;
 use forge_node::progress::Progress;
 use forge_node::vault::export::SnapshotSelector;
 use forge_node::vault::transfer::VaultVolumeHost;
+use forge_node::vault::trust::NewContract;
 use forge_node::vault::{
     CreateVolumeOptions, ExportOptions, ImportOptions, Vault, VaultParts, no_passphrase,
 };
@@ -234,6 +235,9 @@ struct Site {
     unshared_at: BTreeMap<usize, u64>,
     /// The `main` import count of each `main` head.
     main_head_import: u64,
+    /// The contract last attached to its volume here (its encoding): every other site
+    /// must hold it after the final sends (they trust this site to write the volume).
+    contract: Option<Vec<u8>>,
 }
 
 struct Running {
@@ -317,6 +321,7 @@ impl Site {
             damaged: BTreeMap::new(),
             shared_with: std::collections::BTreeSet::new(),
             main_imports: 0,
+            contract: None,
             unshared_at: BTreeMap::new(),
             main_head_import: 0,
         })
@@ -826,7 +831,8 @@ impl<'a> World<'a> {
                 Ok(())
             }
             8 if self.rng.chance(70) => self.delete_old_snapshot(index),
-            8 => self.toggle_share(index),
+            8 if self.rng.chance(60) => self.toggle_share(index),
+            8 => self.attach_contract(index),
             _ => self.maintain(index),
         }
     }
@@ -932,6 +938,34 @@ impl<'a> World<'a> {
             self.log
                 .note(format!("site {index}: {name} shared with site {other}"));
         }
+        Ok(())
+    }
+
+    /// Attaches a new contract (signed here) to the site's volume: read-write or
+    /// append-only, any workload or people only (the workload's imports stay allowed).
+    fn attach_contract(&mut self, index: usize) -> Result<(), String> {
+        let name = volume_name(index);
+        let request = NewContract {
+            workloads: if self.rng.chance(50) {
+                Vec::new()
+            } else {
+                vec!["interactive".to_owned()]
+            },
+            mode: Some(if self.rng.chance(50) { "rw" } else { "append" }.to_owned()),
+            expires: None,
+            max_entropy: None,
+        };
+        let vault = self.sites[index].vault()?;
+        let attached = vault
+            .new_contract(&name, &request)
+            .and_then(|file| vault.sign_contract(&file))
+            .and_then(|signed| vault.attach_contract(&name, &signed))
+            .map_err(|error| format!("site {index}: attaching a contract to {name}: {error}"))?;
+        self.sites[index].contract = Some(attached.encode());
+        self.log.note(format!(
+            "site {index}: a {} contract attached to {name}",
+            attached.mode.name()
+        ));
         Ok(())
     }
 
@@ -1089,6 +1123,27 @@ impl<'a> World<'a> {
                     ));
                 }
                 let owner = &self.sites[from];
+                // The owner's contract travelled with the send.
+                if let Some(expected) = &owner.contract {
+                    let record = receiver
+                        .volume_record(&name)
+                        .map_err(|error| error.to_string())?
+                        .ok_or_else(|| format!("site {to} has no volume {name}"))?;
+                    let held = receiver
+                        .attached_contract(&record)
+                        .map_err(|error| format!("site {to}: {name}'s contract: {error}"))?
+                        .map(|(_, _, contract)| contract.encode());
+                    if held.as_ref() != Some(expected) {
+                        return Err(format!(
+                            "site {to} does not hold the contract site {from} attached to {name} last ({})",
+                            if held.is_some() {
+                                "it holds another"
+                            } else {
+                                "it holds none"
+                            }
+                        ));
+                    }
+                }
                 if owner.shared_with.contains(&to) {
                     export_matches(
                         receiver,

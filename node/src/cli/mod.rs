@@ -314,8 +314,10 @@ pub enum ContractCommand {
         /// The volume it governs.
         #[arg(long)]
         volume: String,
-        /// An allowed workload: its digest (64 hex, as `forge run` prints it) or
-        /// `interactive` (a plain `forge volume mount`). Repeatable; none allows any.
+        /// An allowed workload: its digest (64 hex: BLAKE3 over the workload's manifest and
+        /// executable, what an import's `--dna workload=DIGEST` names) or `interactive` (a
+        /// plain `forge volume mount`, or an import without one). Repeatable; none allows
+        /// any.
         #[arg(long = "workload", value_name = "DIGEST")]
         workloads: Vec<String>,
         /// What mounts and workloads may do: ro, rw or append (no overwrite, truncate,

@@ -11,7 +11,7 @@
 //! high-entropy files (media, archives, packs) replace nothing, text rewritten over text
 //! is not high-entropy, and compressed content replaced by compressed content is no rise.
 //! Overwrites, removals and renames are also counted against their running (EWMA) rate:
-//! a burst of them while the score is already half-way trips sooner.
+//! a burst of them while the score is already three quarters of the way trips sooner.
 //!
 //! Time comes in with each observation (nanoseconds); nothing here reads a clock, so the
 //! detector runs the same in a test, a simulation and a mount.
@@ -73,8 +73,6 @@ pub enum Observation {
         /// The written bytes' entropy (None for a write too short to judge: its size
         /// still counts).
         entropy: Option<f32>,
-        /// How many bytes.
-        bytes: u64,
         /// Where the write ended (the file's size is at least that now).
         end: u64,
     },
@@ -100,8 +98,8 @@ pub enum Observation {
 /// The detector tripped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trip {
-    /// `entropy-rewrite` (enough suspicious files) or `rewrite-burst` (half as many, in
-    /// a burst of overwrites, removals and renames).
+    /// `entropy-rewrite` (enough suspicious files) or `rewrite-burst` (three quarters as
+    /// many, in a burst of overwrites, removals and renames).
     pub kind: &'static str,
     /// What was seen, for a person to review.
     pub evidence: String,
@@ -113,8 +111,6 @@ struct FileMarks {
     high_entropy_fresh: bool,
     /// Counted as suspicious already (a file counts once).
     counted: bool,
-    /// High-entropy bytes written to it as new content.
-    fresh_bytes: u64,
     /// The end of its furthest write (its size, for a file written from the start).
     size: u64,
     /// Paired with a removed original already.
@@ -130,9 +126,9 @@ pub struct Detector {
     /// The decayed count of suspicious files, as of `score_ns`.
     score: f64,
     score_ns: i64,
-    /// High-entropy new files written within the window, by time of their last write (a
-    /// later removal of a low-entropy original of about their size pairs with one).
-    fresh_high: VecDeque<(i64, u64)>,
+    /// The last high-entropy write of new content: when, and to which file (a removal of
+    /// a low-entropy original of that file's size moments later pairs with it).
+    last_fresh_high: Option<(i64, u64)>,
     files: BTreeMap<u64, FileMarks>,
     /// Destructive operations (overwrites of committed content, removals, renames): their
     /// rate in the current second, and its long-run average.
@@ -164,7 +160,7 @@ impl Detector {
             thresholds,
             score: 0.0,
             score_ns: 0,
-            fresh_high: VecDeque::new(),
+            last_fresh_high: None,
             files: BTreeMap::new(),
             current_second: 0,
             current_count: 0.0,
@@ -199,8 +195,7 @@ impl Detector {
                     .get(&file)
                     .is_some_and(|marks| marks.high_entropy_fresh)
             }) || self
-                .fresh_high
-                .back()
+                .last_fresh_high
                 .is_some_and(|(time, _)| now_ns - time <= self.window_ns()))
     }
 
@@ -216,14 +211,6 @@ impl Detector {
             return None;
         }
         self.decay_to(now_ns);
-        let window = self.window_ns();
-        while self
-            .fresh_high
-            .front()
-            .is_some_and(|(time, _)| now_ns - time > window)
-        {
-            self.fresh_high.pop_front();
-        }
         match *observation {
             Observation::Overwrite {
                 file,
@@ -240,22 +227,15 @@ impl Detector {
                     );
                 }
             }
-            Observation::Fresh {
-                file,
-                entropy,
-                bytes,
-                end,
-            } => {
+            Observation::Fresh { file, entropy, end } => {
                 let marks = self.files.entry(file).or_default();
                 marks.size = marks.size.max(end);
                 let Some(entropy) = entropy else {
-                    return self.verdict(now_ns);
+                    return self.verdict();
                 };
                 if entropy >= self.thresholds.max_entropy_bits {
                     marks.high_entropy_fresh = true;
-                    marks.fresh_bytes += bytes;
-                    self.fresh_high.retain(|(_, other)| *other != file);
-                    self.fresh_high.push_back((now_ns, file));
+                    self.last_fresh_high = Some((now_ns, file));
                 } else {
                     marks.high_entropy_fresh = false;
                 }
@@ -272,10 +252,9 @@ impl Detector {
                 // padding block), not paired yet. (A looser match pairs bulk work by
                 // chance: git's checkouts, rsync --delete after compressed files.)
                 let copy = if by.is_none() {
-                    self.fresh_high
-                        .back()
+                    self.last_fresh_high
                         .filter(|(time, _)| now_ns - time <= COPY_PAIRING_NS)
-                        .map(|(_, file)| *file)
+                        .map(|(_, file)| file)
                         .filter(|file| {
                             self.files.get(file).is_some_and(|marks| {
                                 !marks.paired
@@ -318,7 +297,7 @@ impl Detector {
                 }
             }
         }
-        self.verdict(now_ns)
+        self.verdict()
     }
 
     fn decay_to(&mut self, now_ns: i64) {
@@ -361,7 +340,7 @@ impl Detector {
         }
     }
 
-    fn verdict(&mut self, _now_ns: i64) -> Option<Trip> {
+    fn verdict(&mut self) -> Option<Trip> {
         let needed = f64::from(self.thresholds.suspicious_files);
         let burst = self.current_count
             >= f64::from(self.thresholds.rate_factor)
@@ -476,7 +455,6 @@ mod tests {
                 &Observation::Fresh {
                     file: 100 + file,
                     entropy: Some(7.96),
-                    bytes: 20_000,
                     end: 20_000,
                 },
             );
@@ -504,7 +482,6 @@ mod tests {
                 &Observation::Fresh {
                     file,
                     entropy: Some(7.96),
-                    bytes: 5_000,
                     end: 5_000,
                 },
             );
@@ -533,7 +510,6 @@ mod tests {
                     &Observation::Fresh {
                         file,
                         entropy: Some(7.99),
-                        bytes: 1 << 20,
                         end: 1 << 20
                     }
                 ),
@@ -582,7 +558,6 @@ mod tests {
                 &Observation::Fresh {
                     file: 20_000 + file,
                     entropy: Some(4.2),
-                    bytes: 30_000,
                     end: 30_000,
                 },
             );

@@ -117,18 +117,10 @@ impl TrustService for LocalApi<'_> {
                 ..ContractInfo::default()
             });
         };
-        let problem = match self
+        let problem = self
             .vault
-            .verify_contract(&record, &contract, &signed.signature)
-        {
-            Err(NodeError::ContractRefused { clause, .. }) => clause,
-            Err(other) => return Err(other),
-            Ok(()) if contract.expired_at(self.vault.now_ns()) => format!(
-                "expired on {}",
-                format_utc_time(contract.expires_ns.unwrap_or_default())
-            ),
-            Ok(()) => String::new(),
-        };
+            .contract_problem(&record, &contract, &signed.signature)?
+            .unwrap_or_default();
         let detector = contract.detector;
         Ok(ContractInfo {
             volume: record.name,

@@ -814,6 +814,18 @@ mod tests {
         incoming: Incoming,
     }
 
+    /// Sites `a` and `b` on `network`: `a` holds volume `v`, `b` takes new volumes from it.
+    fn a_pushing_to_b(network: &MemoryNetwork, root: &Path) -> (Site, Site) {
+        let a = Site::join(network, &root.join("a"));
+        let b = Site::join(network, &root.join("b"));
+        a.vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        b.meet(&a, "site-a");
+        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        (a, b)
+    }
+
     impl Site {
         fn join(network: &MemoryNetwork, root: &Path) -> Self {
             let vault = Arc::new(new_vault(root));
@@ -940,13 +952,7 @@ mod tests {
     async fn a_node_a_volume_was_unshared_from_keeps_gc_and_fsck_working() {
         let temp = tempfile::tempdir().unwrap();
         let network = MemoryNetwork::new(9);
-        let a = Site::join(&network, &temp.path().join("a"));
-        let b = Site::join(&network, &temp.path().join("b"));
-        a.vault
-            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
-            .unwrap();
-        b.meet(&a, "site-a");
-        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let (a, b) = a_pushing_to_b(&network, temp.path());
         a.meet(&b, "site-b");
         a.vault
             .share_volume("v", &b.id(), false, &no_passphrase)
@@ -983,13 +989,7 @@ mod tests {
         use forge_store::contract::{AccessMode, Workload};
         let temp = tempfile::tempdir().unwrap();
         let network = MemoryNetwork::new(11);
-        let a = Site::join(&network, &temp.path().join("a"));
-        let b = Site::join(&network, &temp.path().join("b"));
-        a.vault
-            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
-            .unwrap();
-        b.meet(&a, "site-a");
-        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let (a, b) = a_pushing_to_b(&network, temp.path());
         let tree = temp.path().join("tree");
         write_tree(&tree, 1, 3);
         a.import("v", &tree);
@@ -1061,13 +1061,7 @@ mod tests {
     async fn a_fast_forward_past_snapshots_deleted_at_the_sender_is_still_one() {
         let temp = tempfile::tempdir().unwrap();
         let network = MemoryNetwork::new(5);
-        let a = Site::join(&network, &temp.path().join("a"));
-        let b = Site::join(&network, &temp.path().join("b"));
-        a.vault
-            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
-            .unwrap();
-        b.meet(&a, "site-a");
-        b.vault.trust_peer(&a.id(), None, false, true).unwrap();
+        let (a, b) = a_pushing_to_b(&network, temp.path());
         let tree = temp.path().join("tree");
         let mut snapshots = Vec::new();
         for version in 0..4u64 {

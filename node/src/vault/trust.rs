@@ -514,6 +514,28 @@ impl Vault {
         Ok(())
     }
 
+    /// What keeps an attached contract from being valid here now, as a clause (the
+    /// signature, the signer's rights, expiry), or None when it is valid.
+    ///
+    /// # Errors
+    /// Metadata errors (no quorum for a grouped volume's rights).
+    pub fn contract_problem(
+        &self,
+        record: &VolumeRecord,
+        contract: &VolumeContract,
+        signature: &[u8],
+    ) -> Result<Option<String>> {
+        match self.verify_contract(record, contract, signature) {
+            Err(NodeError::ContractRefused { clause, .. }) => Ok(Some(clause)),
+            Err(other) => Err(other),
+            Ok(()) if contract.expired_at(self.now_ns()) => Ok(Some(format!(
+                "expired on {}",
+                format_utc_time(contract.expires_ns.unwrap_or_default())
+            ))),
+            Ok(()) => Ok(None),
+        }
+    }
+
     /// Attaches a signed contract file to volume `name`, replacing the one attached (and
     /// recording it in the volume's contract history). Through the group's Raft for a
     /// grouped volume.
@@ -978,19 +1000,11 @@ impl Vault {
                 });
             }
             Some((attached, signed, contract)) => {
-                let verdict = self
-                    .verify_contract(&record, &contract, &signed.signature)
-                    .map_err(|error| clause_of(&error))
-                    .and_then(|()| {
-                        if contract.expired_at(self.now_ns()) {
-                            Err(format!(
-                                "expired on {}",
-                                format_utc_time(contract.expires_ns.unwrap_or_default())
-                            ))
-                        } else {
-                            Ok(())
-                        }
-                    });
+                let verdict = match self.contract_problem(&record, &contract, &signed.signature) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(clause)) => Err(clause),
+                    Err(error) => Err(error.to_string()),
+                };
                 checks.push(TrustCheckItem {
                     check: "contract",
                     passed: verdict.is_ok(),
@@ -1179,13 +1193,6 @@ impl Vault {
     }
 }
 
-fn clause_of(error: &NodeError) -> String {
-    match error {
-        NodeError::ContractRefused { clause, .. } => clause.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn decode_attached(value: &[u8]) -> Result<(AttachedContract, SignedContract, VolumeContract)> {
     let attached: AttachedContract = records::decode("contract", value)?;
     let (signed, contract) =
@@ -1258,6 +1265,19 @@ mod tests {
         vault
             .attach_contract("v", &signed_file(vault, request))
             .unwrap()
+    }
+
+    /// Writes a volume's record as if it had arrived so (tampering, a replicated record).
+    fn put_record(vault: &Vault, space: RecordSpace, record: &VolumeRecord, value: Vec<u8>) {
+        vault
+            .metadata
+            .apply(&[RecordUpdate::new(
+                space,
+                record.id.to_vec(),
+                Expected::Any,
+                Change::Put(value),
+            )])
+            .unwrap();
     }
 
     fn clause(error: &NodeError) -> String {
@@ -1562,29 +1582,13 @@ mod tests {
         let mut seal: Seal = records::decode("seal", &signed.seal).unwrap();
         seal.head = Some(*first.as_bytes());
         signed.seal = records::encode(&seal);
-        vault
-            .metadata
-            .apply(&[RecordUpdate::new(
-                SEALS,
-                record.id.to_vec(),
-                Expected::Any,
-                Change::Put(records::encode(&signed)),
-            )])
-            .unwrap();
+        put_record(&vault, SEALS, &record, records::encode(&signed));
         let report = vault.trust_check("v", &no_passphrase).unwrap();
         let failure = report.first_failure().unwrap();
         assert_eq!(failure.check, "seal");
         assert!(failure.detail.contains("does not verify"), "{failure:?}");
         assert!(!report.unsealed);
-        vault
-            .metadata
-            .apply(&[RecordUpdate::new(
-                SEALS,
-                record.id.to_vec(),
-                Expected::Any,
-                Change::Put(stored),
-            )])
-            .unwrap();
+        put_record(&vault, SEALS, &record, stored);
         assert!(vault.trust_check("v", &no_passphrase).unwrap().unsealed);
 
         // A tampered contract record fails the contract check.
@@ -1603,28 +1607,12 @@ mod tests {
             .encode(),
             ..attached
         };
-        vault
-            .metadata
-            .apply(&[RecordUpdate::new(
-                CONTRACTS,
-                record.id.to_vec(),
-                Expected::Any,
-                Change::Put(records::encode(&forged)),
-            )])
-            .unwrap();
+        put_record(&vault, CONTRACTS, &record, records::encode(&forged));
         let report = vault.trust_check("v", &no_passphrase).unwrap();
         let failure = report.first_failure().unwrap();
         assert_eq!(failure.check, "contract");
         assert!(failure.detail.contains("does not verify"), "{failure:?}");
-        vault
-            .metadata
-            .apply(&[RecordUpdate::new(
-                CONTRACTS,
-                record.id.to_vec(),
-                Expected::Any,
-                Change::Put(stored),
-            )])
-            .unwrap();
+        put_record(&vault, CONTRACTS, &record, stored);
 
         // A snapshot whose DNA the contract does not allow, made after it was attached
         // (as a sync from a site that ignored the contract would bring): the dna check
@@ -1656,15 +1644,7 @@ mod tests {
             attached_ns: before,
             attached_by: *vault.identity().node_id().as_bytes(),
         };
-        vault
-            .metadata
-            .apply(&[RecordUpdate::new(
-                CONTRACTS,
-                record.id.to_vec(),
-                Expected::Any,
-                Change::Put(records::encode(&backdated)),
-            )])
-            .unwrap();
+        put_record(&vault, CONTRACTS, &record, records::encode(&backdated));
         let report = vault.trust_check("v", &no_passphrase).unwrap();
         let failure = report.first_failure().unwrap();
         assert_eq!(failure.check, "dna");

@@ -88,7 +88,6 @@ impl FuseAdapter {
             Observation::Fresh {
                 file: ino,
                 entropy: judged.then_some(entropy),
-                bytes: data.len() as u64,
                 end: offset + data.len() as u64,
             }
         };

@@ -904,11 +904,21 @@ impl Vault {
         updates.push(RecordUpdate::new(
             GROUP_VOLUMES,
             volume.volume.id.to_vec(),
-            Expected::Any,
+            Expected::Absent,
             Change::Put(group.to_be_bytes().to_vec()),
         ));
-        self.metadata.apply(&updates)?;
-        Ok(true)
+        // The command that created the volume and the watch loop that saw it in the group
+        // may adopt it at once: the second one's update conflicts (on the domain or the
+        // group entry) and finds it adopted.
+        match self.metadata.apply(&updates) {
+            Ok(()) => Ok(true),
+            Err(forge_store::metadata::MetadataError::RecordConflict { .. })
+                if self.volume_group(&id)? == Some(group) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Brings this vault's copy of a grouped volume's records in step with the group's
@@ -977,6 +987,45 @@ mod tests {
 
     use super::*;
     use crate::test_support::vault_on;
+
+    /// The command that created a group volume and the watch loop that saw it in the
+    /// group both adopt it at once: one adopts it, the other finds it adopted (seen as
+    /// `volume create --group` failing on its own domain record).
+    #[test]
+    fn a_group_volume_adopted_twice_at_once_is_adopted_once_without_error() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = Arc::new(vault_on(temp.path(), Arc::new(MemKv::new()), 1));
+        let members = vec![vault.identity().public_keys().clone()];
+        for round in 0..200 {
+            let volume = vault
+                .new_group_volume(&format!("v{round}"), ErasureLayout::SINGLE, &members)
+                .unwrap();
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let adopters: Vec<_> = (0..2)
+                .map(|_| {
+                    let (vault, volume, members, barrier) = (
+                        vault.clone(),
+                        volume.clone(),
+                        members.clone(),
+                        barrier.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        vault.adopt_group_volume(7, &volume, &members)
+                    })
+                })
+                .collect();
+            let adopted: Vec<bool> = adopters
+                .into_iter()
+                .map(|adopter| adopter.join().unwrap().unwrap())
+                .collect();
+            assert_eq!(
+                adopted.iter().filter(|adopted| **adopted).count(),
+                1,
+                "round {round}: {adopted:?}"
+            );
+        }
+    }
 
     /// A refresh of the mirror that read the group's state before a publish wrote here
     /// must not put the older ref back (seen as a sync offering a stale head).

@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/forge/v1/mount.proto",
                 "proto/forge/v1/mesh.proto",
                 "proto/forge/v1/trust.proto",
+                "proto/forge/v1/run.proto",
             ],
             &["proto"],
         )?;

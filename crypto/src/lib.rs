@@ -7,6 +7,7 @@
 //! libcrux, behind [`pq`]); X25519 beside ML-KEM, combined X-Wing style; Argon2id for
 //! passphrases.
 
+pub mod digest;
 pub mod envelope;
 pub mod error;
 pub mod id;
@@ -16,6 +17,7 @@ pub mod passphrase;
 pub mod pq;
 pub mod seal;
 
+pub use digest::Digest256;
 pub use envelope::{EnvelopeContents, EnvelopeHeader, WrapRandomness};
 pub use error::{CryptoError, Result, fill_random, random_array};
 pub use id::{Cid, NodeId};

@@ -336,6 +336,13 @@ pub enum NodeError {
         reason: String,
     },
 
+    /// `forge run` could not run the workload as asked (names what to change).
+    #[error("run: {reason}")]
+    Run {
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+
     /// A volume this vault holds without its key (a zero-knowledge copy).
     #[error(
         "no key for volume {name} on this node: it holds the volume's ciphertext only (ask a \

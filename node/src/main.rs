@@ -27,6 +27,23 @@ fn main() -> std::process::ExitCode {
     };
     init_tracing(&config.log_level);
     raise_open_file_limit();
+    // `forge run`: stdout and stderr are the workload's; how it ended goes to stderr,
+    // and forge exits with the workload's status.
+    if let Some(result) = cli.run_workload() {
+        return match result {
+            Ok(outcome) => {
+                let output = forge_node::cli::render_run(&outcome);
+                let text = if cli.json {
+                    output.json.to_string()
+                } else {
+                    output.human
+                };
+                let _ = writeln!(std::io::stderr().lock(), "{text}");
+                std::process::ExitCode::from(outcome.exit_code)
+            }
+            Err(error) => failed(error, cli.json),
+        };
+    }
     match cli.run() {
         Ok(output) => {
             let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
@@ -42,23 +59,26 @@ fn main() -> std::process::ExitCode {
             let _ = stdout.flush();
             exit(ExitCode::Success)
         }
-        Err(error) => {
-            // A check that found damage prints its report, then fails with one line.
-            if let Some(output) = error.report() {
-                let text = if cli.json {
-                    output.json.to_string()
-                } else {
-                    output.human.clone()
-                };
-                let _ = writeln!(std::io::stdout().lock(), "{text}");
-            }
-            let error = anyhow::Error::new(error);
-            let code = error
-                .downcast_ref::<NodeError>()
-                .map_or(ExitCode::Error, NodeError::exit_code);
-            report(&error, code, cli.json)
-        }
+        Err(error) => failed(error, cli.json),
     }
+}
+
+/// A command that failed: a check that found damage prints its report, then the error
+/// is one line.
+fn failed(error: NodeError, json: bool) -> std::process::ExitCode {
+    if let Some(output) = error.report() {
+        let text = if json {
+            output.json.to_string()
+        } else {
+            output.human.clone()
+        };
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
+    }
+    let error = anyhow::Error::new(error);
+    let code = error
+        .downcast_ref::<NodeError>()
+        .map_or(ExitCode::Error, NodeError::exit_code);
+    report(&error, code, json)
 }
 
 /// Import and export hold one descriptor per directory level they are inside (they work

@@ -418,3 +418,270 @@ mod libc_errno {
     pub const EPERM: i32 = 1;
     pub const EROFS: i32 = 30;
 }
+
+/// Whether this process's mount table has anything at `path`.
+fn host_sees_mount_at(path: &Path) -> bool {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_str().unwrap();
+    table
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(path))
+}
+
+/// The last snapshot's DNA.
+fn last_dna(vault: &Vault) -> serde_json::Value {
+    let list = vault.json(&["snapshot", "list", "v"]);
+    list.as_array().unwrap().last().unwrap()["dna"].clone()
+}
+
+#[test]
+fn forge_run_mounts_where_only_the_workload_sees_records_its_dna_and_seals() {
+    if !common::fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    let manifest = vault.path("app.toml");
+    fs::write(&manifest, "name = \"report\"\nenv = [\"REPORT_LANG\"]\n").unwrap();
+    let digest = vault
+        .ok(&[
+            "run",
+            "--print-digest",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--",
+            "sh",
+        ])
+        .trim()
+        .to_owned();
+    // The digest is BLAKE3 of the manifest's bytes then the program's.
+    let mut bytes = fs::read(&manifest).unwrap();
+    bytes.extend(fs::read(which("sh")).unwrap());
+    assert_eq!(digest, blake3::hash(&bytes).to_hex().as_str());
+
+    // The workload sees the volume at `inside`; the test's own mount table (the host's)
+    // never does, checked while the workload runs.
+    let inside = vault.path("inside");
+    let (ready, checked) = (vault.path("ready"), vault.path("checked"));
+    let script = format!(
+        "cat {inside}/a.txt; echo written by the run > {inside}/out.txt; touch {ready}; \
+         while [ ! -e {checked} ]; do sleep 0.05; done; exit 5",
+        inside = inside.display(),
+        ready = ready.display(),
+        checked = checked.display(),
+    );
+    let run = spawn_forge(
+        &vault,
+        &[
+            "run",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--mount",
+            &format!("v:{}", inside.display()),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .env("REPORT_LANG", "en_GB")
+    .env("SECRET_TOKEN", "not in the dna")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !host_sees_mount_at(&inside),
+        "the host sees the run's mount"
+    );
+    assert!(
+        fs::read_dir(&inside).unwrap().next().is_none(),
+        "the host sees the volume's files"
+    );
+    fs::write(&checked, b"").unwrap();
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "first line\n");
+    assert!(
+        stderr.contains(&format!("workload {digest} exited 5")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sealed"), "{stderr}");
+    assert!(!inside.exists(), "the mount point made for the run stays");
+
+    let dna = last_dna(&vault);
+    assert_eq!(dna["workload"], digest.as_str());
+    assert_eq!(dna["workload.name"], "report");
+    assert_eq!(dna["env.REPORT_LANG"], "en_GB");
+    assert!(dna.get("env.SECRET_TOKEN").is_none(), "{dna}");
+    assert_eq!(dna["exit"], "5");
+    assert_eq!(dna["node"], vault.ok(&["node", "id"]).trim());
+    let command: Vec<String> = serde_json::from_str(dna["command"].as_str().unwrap()).unwrap();
+    assert_eq!(command, ["sh", "-c", script.as_str()]);
+    assert!(dna["start"].as_str().unwrap() <= dna["end"].as_str().unwrap());
+    assert!(
+        dna["io.write"]
+            .as_str()
+            .unwrap()
+            .starts_with("ops=1 bytes=19 "),
+        "{dna}"
+    );
+    assert!(
+        dna["io.read"].as_str().unwrap().contains("bytes=11"),
+        "{dna}"
+    );
+    assert_eq!(dna["io.create"], "ops=1");
+
+    // Sealed: a plain mount is refused; the next run runs trust-check itself, passes,
+    // and sees what the first one wrote.
+    let (_, message) = vault.refused_mount("after", &[]);
+    assert!(message.contains("is sealed since"), "{message}");
+    let output = vault.run(&[
+        "run",
+        "--mount",
+        &format!("v:{}", inside.display()),
+        "--",
+        "cat",
+        &format!("{}/out.txt", inside.display()),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "written by the run\n"
+    );
+}
+
+#[test]
+fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_check() {
+    if !common::fuse_available() {
+        return;
+    }
+    let vault = Vault::new();
+    vault.ok(&["node", "start"]);
+    let sh_digest = vault
+        .ok(&["run", "--print-digest", "--", "sh"])
+        .trim()
+        .to_owned();
+    let contract = vault.contract(
+        "c.toml",
+        &["--workload", &sh_digest, "--workload", "interactive"],
+        true,
+    );
+    assert!(vault.attach(&contract).status.success());
+    let inside = vault.path("inside");
+    let mount = format!("v:{}", inside.display());
+
+    // A workload the contract does not list is refused, naming it; nothing runs.
+    let output = vault.run(&[
+        "run",
+        "--mount",
+        &mount,
+        "--",
+        "touch",
+        "/tmp/forge-run-never",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not allowed (allowed: "), "{stderr}");
+    assert!(!Path::new("/tmp/forge-run-never").exists());
+
+    // stdin in, stdout and stderr out, the exit status back, through the daemon.
+    let mut run = spawn_forge(
+        &vault,
+        &[
+            "run",
+            "--mount",
+            &mount,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "cat > {}/piped.txt; echo out; echo err >&2; exit 3",
+                inside.display()
+            ),
+        ],
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    run.stdin
+        .take()
+        .unwrap()
+        .write_all(b"from the client\n")
+        .unwrap();
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "out\n");
+    assert!(stderr.starts_with("err\n"), "{stderr}");
+    assert_eq!(last_dna(&vault)["workload"], sh_digest.as_str());
+    assert_eq!(last_dna(&vault)["exit"], "3");
+
+    // A snapshot made by a workload the contract does not allow, then a seal: the next
+    // run's own trust-check fails and refuses it with the report.
+    vault.ok(&["volume", "trust-check", "v"]);
+    let mountpoint = vault.mount("rw", &[]);
+    fs::write(mountpoint.join("c.txt"), b"by someone else\n").unwrap();
+    vault.ok(&[
+        "snapshot",
+        "create",
+        "v",
+        "--dna",
+        &format!("workload={DIGEST}"),
+    ]);
+    vault.unmount(&mountpoint);
+    vault.ok(&["volume", "seal", "v"]);
+    let output = vault.run(&[
+        "run",
+        "--mount",
+        &mount,
+        "--",
+        "sh",
+        "-c",
+        "echo the-workload-ran",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(!stdout.contains("the-workload-ran"), "{stdout}");
+    assert!(
+        stderr.contains("trust-check of volume \"v\" failed: dna"),
+        "{stderr}"
+    );
+}
+
+/// `forge ARGS` on the vault as a process the test drives (pipes, concurrency).
+fn spawn_forge(vault: &Vault, args: &[&str]) -> StdCommand {
+    let mut command = StdCommand::new(assert_cmd::cargo::cargo_bin("forge"));
+    command
+        .env_remove("FORGE_PASSPHRASE")
+        .env_remove("RUST_LOG")
+        .env("FORGE_DATA_DIR", vault.data_dir())
+        .args(args);
+    command
+}
+
+/// Where `program` is on PATH.
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|directory| directory.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap()
+}

@@ -14,6 +14,7 @@ use crate::datadir::DataDir;
 use crate::error::{NodeError, Result};
 pub use crate::output::Output;
 use forge_store::erasure::ErasureLayout;
+pub use run::render_run;
 
 /// Forge Vault: deduplicated, encrypted, erasure-coded storage for edge sites.
 ///
@@ -75,6 +76,11 @@ pub enum Command {
     /// Volume contracts: the signed policy checked before every mount.
     #[command(subcommand)]
     Contract(ContractCommand),
+    /// Run a command with volumes mounted where only it sees them (a private mount
+    /// namespace), after checking their contracts against its digest; its DNA goes into
+    /// each read-write volume's snapshot, and each is sealed when it ends. Exits with the
+    /// command's exit status.
+    Run(RunArgs),
     /// Statistics of the whole vault (bytes on disk).
     Stats,
     /// Verify every object, shard and reference (exit 3 when something is wrong).
@@ -441,6 +447,30 @@ pub enum SnapshotCommand {
         /// The snapshot (id or unique prefix).
         id: String,
     },
+}
+
+/// Arguments of `forge run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A volume and where the command sees it: NAME[@BRANCH]:/PATH[:ro] (repeatable; a
+    /// missing PATH is created for the run and removed after).
+    #[arg(long = "mount", value_name = "NAME[@BRANCH]:/PATH[:ro]")]
+    pub mounts: Vec<String>,
+    /// The workload's manifest (TOML: `name`, and `env`, the variables whose values the
+    /// DNA records). Its bytes are part of the workload digest.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Print the workload digest (BLAKE3 of the manifest's bytes then the program's:
+    /// what a contract's --workload names) and exit without running anything.
+    #[arg(long)]
+    pub print_digest: bool,
+    /// Bytes of decrypted chunks each mount keeps in memory (default: forge.toml's
+    /// mount.cache_size, 256M without one).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u32>,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Arguments of `forge init`.

@@ -51,6 +51,16 @@ impl Cli {
     pub fn run(&self) -> Result<Output> {
         match &self.command {
             Command::Version => Ok(version()),
+            Command::Run(args) if args.print_digest => print_digest(args),
+            Command::Run(_) => self
+                .run_workload()
+                .unwrap_or_else(|| {
+                    Err(MountFault::Internal {
+                        what: "forge run reached the plain command path".into(),
+                    }
+                    .into())
+                })
+                .map(|outcome| render_run(&outcome)),
             Command::Proof(ProofCommand::Verify { file }) => proof_verify(file),
             Command::Init(args) => init(&self.data_dir()?, args),
             Command::Node(NodeCommand::Id) => node_id(&self.data_dir()?),
@@ -383,6 +393,47 @@ impl Cli {
 
     /// Runs `call` on the typed API: on the control socket when a process owns the data
     /// directory, else on the vault opened in this process; the same replies either way.
+    /// `forge run` (None for any other command, and for `run --print-digest`): runs the
+    /// workload through the process that owns the data directory, or in this one.
+    /// Its output is the workload's; how it ended is returned.
+    pub fn run_workload(&self) -> Option<Result<crate::daemon::run::RunOutcome>> {
+        let Command::Run(args) = &self.command else {
+            return None;
+        };
+        if args.print_digest {
+            return None;
+        }
+        Some((|| {
+            let data_dir = self.data_dir()?;
+            let config = NodeConfig::load(&data_dir)?;
+            let request = crate::daemon::run::RunRequest {
+                mounts: args
+                    .mounts
+                    .iter()
+                    .map(|text| crate::daemon::run::RunMount::parse(text))
+                    .collect::<Result<_>>()?,
+                command: args.command.clone(),
+                environment: std::env::vars_os().collect(),
+                working_directory: std::env::current_dir()
+                    .map_err(NodeError::io("reading", "the working directory"))?,
+                manifest: args
+                    .manifest
+                    .as_deref()
+                    .map(crate::daemon::run::read_manifest)
+                    .transpose()?,
+                cache_bytes: args
+                    .cache_size
+                    .map_or(config.mount_cache_bytes, |size| size as usize),
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            };
+            if let Some(connection) = crate::service::client::Connection::open(&data_dir)? {
+                return crate::daemon::run::run_remote(&connection, &request);
+            }
+            crate::daemon::run::run_here(&data_dir, &request, &ask_passphrase)
+        })())
+    }
+
     fn with_api(&self, call: impl FnOnce(&dyn service::Api) -> Result<Output>) -> Result<Output> {
         let data_dir = self.data_dir()?;
         if let Some(connection) = crate::service::client::Connection::open(&data_dir)? {
@@ -716,5 +767,60 @@ fn peer_call(mesh: &dyn service::mesh::MeshService, command: &PeerCommand) -> Re
             "revoked",
             &mesh.revoke_peer(RevokePeerRequest { peer: peer.clone() })?,
         )),
+    }
+}
+
+/// `forge run --print-digest`: the workload digest of the command as it would run here.
+fn print_digest(args: &RunArgs) -> Result<Output> {
+    let program = args.command.first().ok_or_else(|| NodeError::Run {
+        reason: "no command given (forge run ... -- COMMAND ARGS...)".into(),
+    })?;
+    let cwd = std::env::current_dir().map_err(NodeError::io("reading", "the working directory"))?;
+    let path = std::env::var_os("PATH");
+    let program = crate::daemon::run::resolve_program(program, path.as_deref(), &cwd)?;
+    let manifest = args
+        .manifest
+        .as_deref()
+        .map(crate::daemon::run::read_manifest)
+        .transpose()?;
+    if let Some(manifest) = &manifest {
+        crate::daemon::run::Manifest::parse(manifest)?;
+    }
+    let digest = crate::daemon::run::workload_digest(manifest.as_deref(), &program)?;
+    let digest = forge_store::contract::Workload::Digest(digest).text();
+    Ok(Output {
+        human: digest.clone(),
+        json: json!({"workload": digest, "program": program.display().to_string()}),
+    })
+}
+
+/// How a run ended: what `forge run` prints on stderr (stdout is the workload's).
+#[must_use]
+pub fn render_run(outcome: &crate::daemon::run::RunOutcome) -> Output {
+    let ended = if outcome.signal == 0 {
+        format!("exited {}", outcome.exit_code)
+    } else {
+        format!("was killed by signal {}", outcome.signal)
+    };
+    let mut human = format!("forge run: workload {} {ended}", outcome.workload);
+    for volume in &outcome.volumes {
+        human.push_str("\n  ");
+        human.push_str(&volume.summary);
+    }
+    Output {
+        human,
+        json: json!({
+            "workload": outcome.workload,
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "volumes": outcome.volumes.iter().map(|volume| json!({
+                "volume": volume.volume,
+                "branch": volume.branch,
+                "snapshot": volume.snapshot.map(|cid| cid.to_hex()),
+                "sealed": volume.sealed,
+                "summary": volume.summary,
+            })).collect::<Vec<_>>(),
+            "dna": outcome.dna,
+        }),
     }
 }

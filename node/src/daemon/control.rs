@@ -171,6 +171,9 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
         health
             .set_serving::<forge_proto::v1::trust_server::TrustServer<ApiGrpc>>()
             .await;
+        health
+            .set_serving::<forge_proto::v1::run_server::RunServer<ApiGrpc>>()
+            .await;
     });
     let thread = std::thread::spawn(move || {
         runtime.block_on(async move {
@@ -186,6 +189,7 @@ pub fn serve(host: Arc<Host>) -> Result<ControlHandle> {
                 .add_service(NodeServer::new(api.clone()))
                 .add_service(MeshServer::new(api.clone()))
                 .add_service(forge_proto::v1::trust_server::TrustServer::new(api.clone()))
+                .add_service(forge_proto::v1::run_server::RunServer::new(api.clone()))
                 .add_service(MountServer::new(api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
@@ -361,6 +365,152 @@ impl Mount for ApiGrpc {
             crate::service::MountService::commit(host.as_ref(), message)
         })
         .await
+    }
+}
+
+#[tonic::async_trait]
+impl forge_proto::v1::run_server::Run for ApiGrpc {
+    type RunStream = EventStream<forge_proto::v1::RunOutput>;
+
+    /// Runs the workload as the connecting user (the socket's peer credentials) on a
+    /// thread of its own (it enters the run's mount namespace and ends with the run).
+    async fn run(
+        &self,
+        request: Request<tonic::Streaming<forge_proto::v1::RunInput>>,
+    ) -> std::result::Result<Response<Self::RunStream>, Status> {
+        use forge_proto::v1::run_input::Input;
+        use forge_proto::v1::run_output::Output as Out;
+        use forge_proto::v1::{RunFinished, RunOutput, RunStarted, RunVolume};
+        check_client_version(&request)?;
+        let passphrase = passphrase_of(&request)?;
+        let credentials = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| {
+                Status::permission_denied("the control socket did not say who the client is")
+            })?;
+        let mut inputs = request.into_inner();
+        let Some(forge_proto::v1::RunInput {
+            input: Some(Input::Start(start)),
+        }) = inputs.message().await?
+        else {
+            return Err(Status::invalid_argument("a run starts with its RunStart"));
+        };
+        let run_request = crate::daemon::run::RunRequest {
+            mounts: start
+                .mounts
+                .into_iter()
+                .map(|mount| {
+                    Ok(crate::daemon::run::RunMount {
+                        volume: mount.volume,
+                        path: crate::service::absolute_path("run mount path", mount.path)?,
+                        branch: mount.branch,
+                        read_only: mount.read_only,
+                    })
+                })
+                .collect::<Result<_>>()
+                .map_err(|error| status_of(&error))?,
+            command: start
+                .command
+                .into_iter()
+                .map(crate::daemon::run::os_string)
+                .collect(),
+            environment: start
+                .environment
+                .into_iter()
+                .map(|variable| {
+                    (
+                        crate::daemon::run::os_string(variable.name),
+                        crate::daemon::run::os_string(variable.value),
+                    )
+                })
+                .collect(),
+            working_directory: std::path::PathBuf::from(crate::daemon::run::os_string(
+                start.working_directory,
+            )),
+            manifest: start.manifest,
+            cache_bytes: usize::try_from(start.cache_bytes).unwrap_or(usize::MAX),
+            uid: credentials.uid(),
+            gid: credentials.gid(),
+        };
+        let (input_sender, input) = std::sync::mpsc::channel();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inputs.message().await {
+                let forwarded = match message.input {
+                    Some(Input::Stdin(bytes)) => crate::daemon::run::RunInput::Stdin(bytes),
+                    Some(Input::StdinClosed(_)) => crate::daemon::run::RunInput::StdinClosed,
+                    Some(Input::Signal(signal)) => crate::daemon::run::RunInput::Signal(signal),
+                    Some(Input::Start(_)) | None => continue,
+                };
+                if input_sender.send(forwarded).is_err() {
+                    break;
+                }
+            }
+        });
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let host = self.host.clone();
+        std::thread::Builder::new()
+            .name("forge-run".into())
+            .spawn(move || {
+                let started_at = std::time::Instant::now();
+                let source = passphrase_source(passphrase);
+                let output_sender = sender.clone();
+                let output = Arc::new(move |stream, bytes: Vec<u8>| {
+                    let output = match stream {
+                        crate::daemon::run::RunStream::Stdout => Out::Stdout(bytes),
+                        crate::daemon::run::RunStream::Stderr => Out::Stderr(bytes),
+                    };
+                    let _ = output_sender.blocking_send(Ok(RunOutput {
+                        output: Some(output),
+                    }));
+                });
+                let started_sender = sender.clone();
+                let started = move |started: &crate::daemon::run::RunStarted| {
+                    let _ = started_sender.blocking_send(Ok(RunOutput {
+                        output: Some(Out::Started(RunStarted {
+                            workload: started.workload.clone(),
+                            mounted: started.mounted.clone(),
+                        })),
+                    }));
+                };
+                let result = host.run(
+                    &run_request,
+                    &source,
+                    crate::daemon::run::RunStdio::Streams { input, output },
+                    &started,
+                );
+                count_served(&host, "Run.Run", &result, started_at);
+                let reply = result
+                    .map(|outcome| RunOutput {
+                        output: Some(Out::Finished(RunFinished {
+                            exit_code: u32::from(outcome.exit_code),
+                            signal: outcome.signal,
+                            workload: outcome.workload,
+                            volumes: outcome
+                                .volumes
+                                .into_iter()
+                                .map(|volume| RunVolume {
+                                    volume: volume.volume,
+                                    branch: volume.branch,
+                                    snapshot: volume
+                                        .snapshot
+                                        .map(|cid| cid.as_bytes().to_vec())
+                                        .unwrap_or_default(),
+                                    sealed: volume.sealed,
+                                    summary: volume.summary,
+                                })
+                                .collect(),
+                            dna: outcome.dna.into_iter().collect(),
+                        })),
+                    })
+                    .map_err(|error| status_of(&error));
+                let _ = sender.blocking_send(reply);
+            })
+            .map_err(|error| Status::internal(format!("starting the run's thread: {error}")))?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
     }
 }
 

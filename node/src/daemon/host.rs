@@ -258,6 +258,34 @@ struct ActiveMount {
     record: MountRecord,
     fs: Arc<MountedFs>,
     unmounter: Mutex<Option<fuser::SessionUnmounter>>,
+    /// The run this mount serves (its mount namespace is the run's: it is stopped by
+    /// stopping the workload, which unmounts it).
+    run: Option<Arc<crate::daemon::run::RunStop>>,
+}
+
+/// Who a mount serves.
+pub(crate) enum MountUse {
+    /// A person (`forge volume mount`): the workload `interactive`.
+    Interactive,
+    /// A `forge run` workload: its digest, the DNA its commits carry, and how the host
+    /// stops it. Mounted in the calling thread's mount namespace.
+    Run {
+        workload: Workload,
+        dna: BTreeMap<String, String>,
+        stop: Arc<crate::daemon::run::RunStop>,
+    },
+}
+
+/// A mount being served.
+pub(crate) struct Mounted {
+    /// The line saying what is mounted where.
+    pub ready: String,
+    /// Its file system.
+    pub fs: Arc<MountedFs>,
+    /// Where it is mounted (resolved).
+    pub mountpoint: PathBuf,
+    /// The thread serving it: it ends once the mount is unmounted and committed.
+    pub served: std::thread::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Host {
@@ -393,7 +421,31 @@ impl Host {
         options: &MountOptions,
         passphrase: PassphraseSource<'_>,
     ) -> Result<String> {
+        Ok(self
+            .mount_as(options, passphrase, MountUse::Interactive)?
+            .ready)
+    }
+
+    /// [`Host::mount`] for `usage`.
+    pub(crate) fn mount_as(
+        self: &Arc<Self>,
+        options: &MountOptions,
+        passphrase: PassphraseSource<'_>,
+        usage: MountUse,
+    ) -> Result<Mounted> {
         let (mountpoint, read_only, branch) = check_options(options)?;
+        let (workload, dna, run) = match usage {
+            MountUse::Interactive => (
+                Workload::Interactive,
+                BTreeMap::from([(DNA_WORKLOAD.to_owned(), INTERACTIVE.to_owned())]),
+                None,
+            ),
+            MountUse::Run {
+                workload,
+                dna,
+                stop,
+            } => (workload, dna, Some(stop)),
+        };
         let _mounting = self
             .mounting
             .lock()
@@ -427,7 +479,7 @@ impl Host {
             &volume.record,
             MountIntent {
                 read_only,
-                workload: &Workload::Interactive,
+                workload: &workload,
             },
         )?;
         // The session starts before anything is resolved, so what the mount serves is
@@ -495,7 +547,7 @@ impl Host {
                 // detector (what bench-mount.sh measures it against).
                 detector: (std::env::var("FORGE_DETECTOR").as_deref() != Ok("off"))
                     .then_some(policy.detector),
-                dna: BTreeMap::from([(DNA_WORKLOAD.to_owned(), INTERACTIVE.to_owned())]),
+                dna,
                 cache_bytes: options.cache_bytes,
                 staging_dir: staging.clone(),
                 metrics: self.fuse_metrics.clone(),
@@ -555,8 +607,9 @@ impl Host {
         let active = Arc::new(ActiveMount {
             id,
             record,
-            fs,
+            fs: fs.clone(),
             unmounter: Mutex::new(Some(session.unmount_callable())),
+            run,
         });
         let pending = {
             let mut state = self.lock();
@@ -568,7 +621,9 @@ impl Host {
             publish_summary(&self.data_dir, id, &text);
         }
         let host = self.clone();
-        std::thread::spawn(move || {
+        // Spawned from this thread, the session's threads share its mount namespace (a
+        // run's private one).
+        let served = std::thread::spawn(move || {
             let served = session.run();
             host.finish(&active, served, &staging, &record_path);
         });
@@ -582,7 +637,12 @@ impl Host {
             ready.push_str("; ");
             ready.push_str(note);
         }
-        Ok(ready)
+        Ok(Mounted {
+            ready,
+            fs,
+            mountpoint,
+            served,
+        })
     }
 
     /// After a mount's session ended: commit, record the summary, forget the mount.
@@ -626,6 +686,11 @@ impl Host {
     pub fn unmount_all(&self) {
         let active: Vec<Arc<ActiveMount>> = self.lock().active.clone();
         for mount in active {
+            if let Some(run) = &mount.run {
+                // Unmounted in the run's namespace once its workload ends.
+                run.stop();
+                continue;
+            }
             let unmounter = mount
                 .unmounter
                 .lock()
@@ -802,7 +867,7 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     }
 }
 
-fn termination_signals() -> nix::sys::signal::SigSet {
+pub(crate) fn termination_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {

@@ -14,6 +14,7 @@ pub mod groups;
 pub mod host;
 pub mod mesh;
 pub mod metrics;
+pub mod run;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};

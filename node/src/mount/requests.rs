@@ -76,3 +76,140 @@ impl Drop for RequestTimer<'_> {
             .observe(self.started.elapsed().as_secs_f64());
     }
 }
+
+/// The operations a mount's I/O fingerprint counts, in the order its DNA lists them.
+const FINGERPRINT_OPERATIONS: [&str; 16] = [
+    "read",
+    "write",
+    "create",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "rename",
+    "link",
+    "symlink",
+    "setattr",
+    "setxattr",
+    "removexattr",
+    "fsync",
+    "open",
+    "readdir",
+];
+/// Size classes of a read or write: class i holds sizes in [2^i, 2^(i+1)) (0 in class 0),
+/// the last everything from 1 MiB up.
+const SIZE_CLASSES: usize = 21;
+
+/// What one mount's workload did, by kind of operation (a run's DNA records it): how many
+/// requests of each kind, and for reads and writes their bytes and a histogram of their
+/// sizes. Atomics only: the request path never waits on it.
+#[derive(Debug)]
+pub struct IoFingerprint {
+    operations: [std::sync::atomic::AtomicU64; FINGERPRINT_OPERATIONS.len()],
+    /// Bytes and size classes of reads (0) and writes (1).
+    bytes: [std::sync::atomic::AtomicU64; 2],
+    sizes: [[std::sync::atomic::AtomicU64; SIZE_CLASSES]; 2],
+}
+
+impl Default for IoFingerprint {
+    fn default() -> Self {
+        Self {
+            operations: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            sizes: std::array::from_fn(|_| {
+                std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0))
+            }),
+        }
+    }
+}
+
+impl IoFingerprint {
+    /// Counts one request of `operation` (kinds it does not fingerprint are ignored).
+    pub fn count(&self, operation: &str) {
+        if let Some(index) = FINGERPRINT_OPERATIONS
+            .iter()
+            .position(|op| *op == operation)
+        {
+            self.operations[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Records the size of a read (`write` false) or write.
+    pub fn transfer(&self, write: bool, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let kind = usize::from(write);
+        self.bytes[kind].fetch_add(bytes as u64, Relaxed);
+        let class = (usize::BITS - bytes.leading_zeros()).saturating_sub(1) as usize;
+        self.sizes[kind][class.min(SIZE_CLASSES - 1)].fetch_add(1, Relaxed);
+    }
+
+    /// The fingerprint as DNA entries: `io.OPERATION` = `ops=N` for each kind seen, and
+    /// for reads and writes `ops=N bytes=B sizes=2^C:N,...` (size classes seen).
+    #[must_use]
+    pub fn dna(&self) -> Vec<(String, String)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut entries = Vec::new();
+        for (index, operation) in FINGERPRINT_OPERATIONS.iter().enumerate() {
+            let count = self.operations[index].load(Relaxed);
+            if count == 0 {
+                continue;
+            }
+            let mut value = format!("ops={count}");
+            let kind = match *operation {
+                "read" => Some(0),
+                "write" => Some(1),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                value.push_str(&format!(" bytes={}", self.bytes[kind].load(Relaxed)));
+                let classes: Vec<String> = self.sizes[kind]
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(class, count)| {
+                        let count = count.load(Relaxed);
+                        (count > 0).then(|| format!("2^{class}:{count}"))
+                    })
+                    .collect();
+                value.push_str(&format!(" sizes={}", classes.join(",")));
+            }
+            entries.push((format!("io.{operation}"), value));
+        }
+        entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IoFingerprint;
+
+    #[test]
+    fn a_fingerprint_counts_operations_and_classes_transfer_sizes() {
+        let io = IoFingerprint::default();
+        assert!(io.dna().is_empty());
+        for size in [0, 1, 4095, 4096, 131_072, 8 << 20] {
+            io.count("write");
+            io.transfer(true, size);
+        }
+        io.count("read");
+        io.transfer(false, 100);
+        io.count("unlink");
+        io.count("getattr");
+        assert_eq!(
+            io.dna(),
+            vec![
+                (
+                    "io.read".to_owned(),
+                    "ops=1 bytes=100 sizes=2^6:1".to_owned()
+                ),
+                (
+                    "io.write".to_owned(),
+                    format!(
+                        "ops=6 bytes={} sizes=2^0:2,2^11:1,2^12:1,2^17:1,2^20:1",
+                        1 + 4095 + 4096 + 131_072 + (8 << 20)
+                    )
+                ),
+                ("io.unlink".to_owned(), "ops=1".to_owned()),
+            ]
+        );
+    }
+}

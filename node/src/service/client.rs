@@ -156,7 +156,14 @@ impl Connection {
         })
     }
 
-    fn error_of(&self, status: &Status) -> NodeError {
+    /// Runs `future` on this connection's runtime (a call the helpers above do not fit:
+    /// a bidirectional stream).
+    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// A failed call's status as forge's error (see [`Connection::call`]).
+    pub(crate) fn error_of(&self, status: &Status) -> NodeError {
         if let Some(code) = status
             .metadata()
             .get(forge_proto::EXIT_CODE_METADATA)

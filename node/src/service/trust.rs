@@ -143,19 +143,7 @@ impl TrustService for LocalApi<'_> {
 
     fn trust_check(&self, request: TrustCheckRequest) -> Result<TrustCheckReply> {
         let report = self.vault.trust_check(&request.volume, self.passphrase)?;
-        Ok(TrustCheckReply {
-            volume: report.volume,
-            checks: report
-                .checks
-                .into_iter()
-                .map(|item| TrustCheckItem {
-                    check: item.check.to_owned(),
-                    passed: item.passed,
-                    detail: item.detail,
-                })
-                .collect(),
-            unsealed: report.unsealed,
-        })
+        Ok(trust_check_reply(report))
     }
 
     fn seal(&self, request: SealVolumeRequest) -> Result<SealVolumeReply> {
@@ -328,6 +316,24 @@ pub fn render_trust_check(reply: &TrustCheckReply) -> Result<Output> {
             report: Box::new(output),
         }),
         None => Ok(output),
+    }
+}
+
+/// A trust-check's report as the typed reply.
+#[must_use]
+pub fn trust_check_reply(report: crate::vault::trust::TrustReport) -> TrustCheckReply {
+    TrustCheckReply {
+        volume: report.volume,
+        checks: report
+            .checks
+            .into_iter()
+            .map(|item| TrustCheckItem {
+                check: item.check.to_owned(),
+                passed: item.passed,
+                detail: item.detail,
+            })
+            .collect(),
+        unsealed: report.unsealed,
     }
 }
 

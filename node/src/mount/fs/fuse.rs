@@ -364,7 +364,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _timer = self.0.metrics.time("lookup");
+        let _timer = self.0.request("lookup");
         let fs = &self.0;
         let mut inodes = fs.lock();
         let result = fs
@@ -379,12 +379,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _timer = self.0.metrics.time("forget");
+        let _timer = self.0.request("forget");
         self.0.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _timer = self.0.metrics.time("getattr");
+        let _timer = self.0.request("getattr");
         let fs = &self.0;
         let inodes = fs.lock();
         match inodes.nodes.get(&ino.0) {
@@ -411,7 +411,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _timer = self.0.metrics.time("setattr");
+        let _timer = self.0.request("setattr");
         let change = AttrChange {
             mode,
             uid,
@@ -427,7 +427,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _timer = self.0.metrics.time("readlink");
+        let _timer = self.0.request("readlink");
         let inodes = self.0.lock();
         match inodes.nodes.get(&ino.0).map(|node| &node.kind) {
             Some(NodeKind::Symlink(target)) => reply.data(target),
@@ -445,7 +445,7 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.0.metrics.time("mkdir");
+        let _timer = self.0.request("mkdir");
         let kind = NodeKind::Directory(Directory {
             tree: None,
             children: Some(BTreeMap::new()),
@@ -464,7 +464,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.0.metrics.time("unlink");
+        let _timer = self.0.request("unlink");
         match self.remove(parent.0, name, false) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -472,7 +472,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.0.metrics.time("rmdir");
+        let _timer = self.0.request("rmdir");
         match self.remove(parent.0, name, true) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -487,7 +487,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _timer = self.0.metrics.time("symlink");
+        let _timer = self.0.request("symlink");
         let kind = NodeKind::Symlink(target.as_os_str().as_bytes().to_vec());
         self.entry(
             reply,
@@ -511,7 +511,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("rename");
+        let _timer = self.0.request("rename");
         match self.do_rename(parent.0, name, newparent.0, newname, flags) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
@@ -526,7 +526,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _timer = self.0.metrics.time("link");
+        let _timer = self.0.request("link");
         self.entry(reply, self.0.link(ino.0, newparent.0, newname));
     }
 
@@ -539,7 +539,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _timer = self.0.metrics.time("lseek");
+        let _timer = self.0.request("lseek");
         match self.do_lseek(ino.0, offset, whence) {
             Ok(at) => reply.offset(at),
             Err(errno) => reply.error(errno),
@@ -556,7 +556,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.0.metrics.time("mknod");
+        let _timer = self.0.request("mknod");
         // The kernel has checked CAP_MKNOD for devices (and `nodev` keeps them inert).
         let (major, minor) = (
             u32::try_from(nix::sys::stat::major(rdev.into())).unwrap_or(0),
@@ -583,7 +583,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _timer = self.0.metrics.time("getxattr");
+        let _timer = self.0.request("getxattr");
         match self.0.xattr(ino.0, name.as_bytes()) {
             Ok(value) => reply_xattr(reply, &value, size),
             Err(errno) => reply.error(errno),
@@ -591,7 +591,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _timer = self.0.metrics.time("listxattr");
+        let _timer = self.0.request("listxattr");
         // As local file systems do, trusted.* names are listed to root only (the kernel
         // already refuses their values to others).
         match self.0.xattr_names(ino.0, req.uid() == 0) {
@@ -610,7 +610,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("setxattr");
+        let _timer = self.0.request("setxattr");
         let how = if flags & libc::XATTR_CREATE != 0 {
             XattrSet::Create
         } else if flags & libc::XATTR_REPLACE != 0 {
@@ -629,7 +629,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.0.metrics.time("removexattr");
+        let _timer = self.0.request("removexattr");
         match self
             .0
             .change_xattr(ino.0, (name.as_bytes(), None), XattrSet::Any, |_| true)
@@ -640,7 +640,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.0.metrics.time("open");
+        let _timer = self.0.request("open");
         match self.open_file(ino.0, flags) {
             Ok((handle, open_flags)) => reply.opened(handle, open_flags),
             Err(errno) => reply.error(errno),
@@ -658,9 +658,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let _timer = self.0.metrics.time("read");
+        let _timer = self.0.request("read");
         match self.do_read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                self.0.io.transfer(false, data.len());
+                reply.data(&data);
+            }
             Err(errno) => reply.error(errno),
         }
     }
@@ -677,7 +680,8 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _timer = self.0.metrics.time("write");
+        let _timer = self.0.request("write");
+        self.0.io.transfer(true, data.len());
         let result = self.0.writable().and_then(|()| {
             let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
             if end > FILE_BYTES_MAX {
@@ -710,7 +714,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("flush");
+        let _timer = self.0.request("flush");
         reply.ok();
     }
 
@@ -724,7 +728,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("release");
+        let _timer = self.0.request("release");
         let fs = &self.0;
         let (last_writer, unlinked) = {
             let mut inodes = fs.lock();
@@ -768,7 +772,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("fsync");
+        let _timer = self.0.request("fsync");
         let fs = &self.0;
         let result = fs
             .chunk_file(ino.0)
@@ -780,7 +784,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.0.metrics.time("opendir");
+        let _timer = self.0.request("opendir");
         let fs = &self.0;
         let mut inodes = fs.lock();
         if let Err(errno) = fs.ensure_loaded(&mut inodes, ino.0) {
@@ -819,7 +823,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _timer = self.0.metrics.time("readdir");
+        let _timer = self.0.request("readdir");
         let listing = self
             .0
             .listings
@@ -853,7 +857,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("releasedir");
+        let _timer = self.0.request("releasedir");
         self.0
             .listings
             .lock()
@@ -870,7 +874,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.0.metrics.time("fsyncdir");
+        let _timer = self.0.request("fsyncdir");
         match crate::mount::persist_working(&self.0) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_error("fsyncdir", &error)),
@@ -878,7 +882,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _timer = self.0.metrics.time("statfs");
+        let _timer = self.0.request("statfs");
         // The vault's own file system bounds what can be written.
         let path = self.0.staging_dir.clone();
         match statvfs(&path) {
@@ -901,7 +905,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _timer = self.0.metrics.time("create");
+        let _timer = self.0.request("create");
         let kind = NodeKind::File(file_node(BaseContent::default()));
         let created = self.0.insert(
             parent.0,

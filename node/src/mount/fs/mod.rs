@@ -224,6 +224,8 @@ struct Watch {
 pub struct MountedFs {
     /// Its requests' times, by operation, and its cache's hits (the host's series).
     metrics: FuseMetrics,
+    /// What this mount's requests did (a run's DNA records it).
+    io: crate::mount::requests::IoFingerprint,
     vault: Arc<Vault>,
     volume: Arc<OpenVolume>,
     read_only: bool,
@@ -404,6 +406,7 @@ impl MountedFs {
             cache: ChunkCache::new(cache_bytes)
                 .counting(metrics.cache_hits.clone(), metrics.cache_misses.clone()),
             metrics,
+            io: crate::mount::requests::IoFingerprint::default(),
             staging_dir,
             next_handle: AtomicU64::new(1),
             listings: Mutex::new(BTreeMap::new()),
@@ -529,6 +532,21 @@ impl MountedFs {
     /// The DNA its commits carry.
     pub fn dna(&self) -> &BTreeMap<String, String> {
         &self.dna
+    }
+
+    /// What this mount's requests did so far.
+    pub fn io(&self) -> &crate::mount::requests::IoFingerprint {
+        &self.io
+    }
+
+    /// Counts a request of `operation` in the fingerprint and times it on /metrics until
+    /// the guard drops.
+    pub(crate) fn request(
+        &self,
+        operation: &'static str,
+    ) -> crate::mount::requests::RequestTimer<'_> {
+        self.io.count(operation);
+        self.metrics.time(operation)
     }
 
     /// Refuses, on an append-only volume, what would remove or replace a name.

@@ -631,6 +631,50 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
     assert_eq!(last_dna(&vault)["workload"], sh_digest.as_str());
     assert_eq!(last_dna(&vault)["exit"], "3");
 
+    // `forge node stop` during a run: the workload gets SIGTERM, and the daemon commits
+    // and seals before it exits.
+    let ready = vault.path("ready");
+    let run = spawn_forge(
+        &vault,
+        &[
+            "run",
+            "--mount",
+            &mount,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "trap 'exit 9' TERM; echo before the stop > {}/stopped.txt; touch {}; \
+                 while :; do sleep 0.05; done",
+                inside.display(),
+                ready.display()
+            ),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    vault.ok(&["node", "stop"]);
+    let output = run.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(last_dna(&vault)["exit"], "9");
+    let (_, message) = vault.refused_mount("after-stop", &[]);
+    assert!(message.contains("is sealed since"), "{message}");
+
     // A snapshot made by a workload the contract does not allow, then a seal: the next
     // run's own trust-check fails and refuses it with the report.
     vault.ok(&["volume", "trust-check", "v"]);

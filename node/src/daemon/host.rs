@@ -243,12 +243,14 @@ struct HostState {
     persistent: bool,
     /// `forge node stop` or a termination signal arrived: unmount everything and exit.
     stopping: bool,
+    /// `forge run`s under way: each holds the host until it committed and sealed.
+    runs: usize,
 }
 
 impl HostState {
     /// Whether the host still has a reason to serve.
     fn serving(&self) -> bool {
-        !self.active.is_empty() || (self.persistent && !self.stopping)
+        !self.active.is_empty() || self.runs > 0 || (self.persistent && !self.stopping)
     }
 }
 
@@ -404,6 +406,17 @@ impl Host {
     #[must_use]
     pub fn vault(&self) -> &Arc<Vault> {
         &self.vault
+    }
+
+    /// Counts a run under way until the guard drops (the host serves until it ends).
+    pub(crate) fn hold_for_run(&self) -> RunHold<'_> {
+        self.lock().runs += 1;
+        RunHold { host: self }
+    }
+
+    /// Whether the host is stopping (a run must not start).
+    pub(crate) fn stopping(&self) -> bool {
+        self.lock().stopping
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HostState> {
@@ -755,6 +768,18 @@ impl Host {
             .iter()
             .map(|fs| crate::mount::working::commit_with_dna(fs, message, dna))
             .collect()
+    }
+}
+
+/// A run under way (see [`Host::hold_for_run`]).
+pub(crate) struct RunHold<'a> {
+    host: &'a Host,
+}
+
+impl Drop for RunHold<'_> {
+    fn drop(&mut self) {
+        self.host.lock().runs -= 1;
+        self.host.changed.notify_all();
     }
 }
 

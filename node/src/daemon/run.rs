@@ -428,6 +428,12 @@ impl Host {
         stdio: RunStdio,
         started: &dyn Fn(&RunStarted),
     ) -> Result<RunOutcome> {
+        // The host serves (a daemon being stopped waits) until this run committed and
+        // sealed.
+        let _hold = self.hold_for_run();
+        if self.stopping() {
+            return Err(run_error("the forge process owning the vault is stopping"));
+        }
         let vault = self.vault().clone();
         let Some(program) = request.command.first() else {
             return Err(run_error(
@@ -528,8 +534,8 @@ impl Host {
                 Some((input, output))
             }
         };
-        if stop.stopping.load(Ordering::SeqCst) {
-            return Err(run_error("the host is stopping"));
+        if stop.stopping.load(Ordering::SeqCst) || self.stopping() {
+            return Err(run_error("the forge process owning the vault is stopping"));
         }
         let mut child = command
             .spawn()

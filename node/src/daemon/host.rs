@@ -667,6 +667,7 @@ impl Host {
         record_path: &Path,
     ) {
         let mountpoint = &active.record.mountpoint;
+        active.fs.save_detector_baseline();
         let summary = match (served, active.record.read_only) {
             (Err(error), _) => Err(format!("serving {}: {error}", mountpoint.display())),
             (Ok(()), true) => Ok(format!("unmounted {}", mountpoint.display())),

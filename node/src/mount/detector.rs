@@ -120,7 +120,7 @@ struct FileMarks {
 }
 
 /// The detector of one mount.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Detector {
     thresholds: DetectorThresholds,
     /// The decayed count of suspicious files, as of `score_ns`.
@@ -132,9 +132,11 @@ pub struct Detector {
     files: BTreeMap<u64, FileMarks>,
     /// Destructive operations (overwrites of committed content, removals, renames): their
     /// rate in the current second, and its long-run average.
-    current_second: i64,
+    current_second: Option<i64>,
     current_count: f64,
     baseline_per_second: f64,
+    /// The baseline this detector started from.
+    baseline_initial: f64,
     /// Suspicious files so far, and the last few of them, for the evidence.
     suspicious_total: u64,
     last_reasons: VecDeque<String>,
@@ -162,12 +164,36 @@ impl Detector {
             score_ns: 0,
             last_fresh_high: None,
             files: BTreeMap::new(),
-            current_second: 0,
+            current_second: None,
             current_count: 0.0,
             baseline_per_second: 0.0,
+            baseline_initial: 0.0,
             suspicious_total: 0,
             last_reasons: VecDeque::new(),
             tripped: false,
+        }
+    }
+
+    /// This detector, starting from a volume's learned rate of destructive operations
+    /// (per second, as [`Detector::baseline_per_second`] gave it at an earlier mount's
+    /// end) instead of none.
+    #[must_use]
+    pub fn with_baseline(mut self, per_second: f64) -> Self {
+        if per_second.is_finite() && per_second >= 0.0 {
+            self.baseline_per_second = per_second;
+        }
+        self.baseline_initial = self.baseline_per_second;
+        self
+    }
+
+    /// The learned rate of destructive operations per second (what the volume keeps for
+    /// its next mount). A mount that saw no destructive operation leaves it as it came.
+    #[must_use]
+    pub fn baseline_per_second(&self) -> f64 {
+        if self.current_second.is_none() {
+            self.baseline_initial
+        } else {
+            self.baseline_per_second
         }
     }
 
@@ -312,15 +338,22 @@ impl Detector {
 
     fn count_destructive(&mut self, now_ns: i64) {
         let second = now_ns.div_euclid(1_000_000_000);
-        if second != self.current_second {
-            // Close the seconds since: the last one at its count, the empty ones at zero.
-            #[allow(clippy::cast_precision_loss)]
-            let quiet = (second - self.current_second - 1).clamp(0, 3_600) as f64;
-            self.baseline_per_second +=
-                BASELINE_SMOOTHING * (self.current_count - self.baseline_per_second);
-            self.baseline_per_second *= (1.0 - BASELINE_SMOOTHING).powf(quiet);
-            self.current_second = second;
-            self.current_count = 0.0;
+        match self.current_second {
+            Some(current) if current == second => {}
+            Some(current) => {
+                // Close the seconds since: the last one at its count, the empty ones at
+                // zero.
+                #[allow(clippy::cast_precision_loss)]
+                let quiet = (second - current - 1).clamp(0, 3_600) as f64;
+                self.baseline_per_second +=
+                    BASELINE_SMOOTHING * (self.current_count - self.baseline_per_second);
+                self.baseline_per_second *= (1.0 - BASELINE_SMOOTHING).powf(quiet);
+                self.current_second = Some(second);
+                self.current_count = 0.0;
+            }
+            // The first destructive operation of this mount: the baseline is the one it
+            // started from (the time before the mount was no quiet time of this volume).
+            None => self.current_second = Some(second),
         }
         self.current_count += 1.0;
     }
@@ -584,6 +617,57 @@ mod tests {
                 None
             );
         }
+    }
+
+    /// The rate a volume's earlier mounts learned carries over: what is a burst on a
+    /// quiet volume is ordinary on a busy one.
+    #[test]
+    fn a_learned_baseline_carries_over_to_the_next_mount() {
+        let burst_of_three = |detector: &mut Detector| {
+            let at = 1_000 * SECOND;
+            let mut trip = None;
+            for file in 10..13 {
+                trip = trip.or(in_place(detector, file, at));
+                for _ in 0..5 {
+                    trip = trip.or(detector.observe(
+                        at,
+                        &Observation::Renamed {
+                            file,
+                            new_extension: false,
+                        },
+                    ));
+                }
+            }
+            trip
+        };
+        let quiet = Detector::new(DetectorThresholds::default());
+        assert_eq!(quiet.baseline_per_second(), 0.0);
+        assert_eq!(
+            burst_of_three(&mut quiet.clone()).unwrap().kind,
+            "rewrite-burst"
+        );
+        // A mount of a busy volume: ten destructive operations a second for ten minutes.
+        let mut busy = Detector::new(DetectorThresholds::default());
+        for second in 0..600 {
+            for _ in 0..10 {
+                busy.observe(
+                    second * SECOND,
+                    &Observation::Renamed {
+                        file: 1,
+                        new_extension: false,
+                    },
+                );
+            }
+        }
+        let learned = busy.baseline_per_second();
+        assert!(learned > 8.0 && learned <= 10.0, "{learned}");
+        // The next mount starts from it; one that sees nothing destructive keeps it.
+        let next = Detector::new(DetectorThresholds::default()).with_baseline(learned);
+        assert_eq!(next.baseline_per_second(), learned);
+        assert_eq!(burst_of_three(&mut next.clone()), None);
+        // A baseline that is not a rate is ignored.
+        let odd = Detector::new(DetectorThresholds::default()).with_baseline(f64::NAN);
+        assert_eq!(odd.baseline_per_second(), 0.0);
     }
 
     #[test]

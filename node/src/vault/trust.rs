@@ -41,8 +41,22 @@ pub const ANOMALIES: RecordSpace = RecordSpace::new("anomalies");
 /// reads it linearizably through a group (a scan of the mirror may lag).
 pub const FREEZES: RecordSpace = RecordSpace::new("freezes");
 
+/// The behaviour detector's learned rate of destructive operations per volume (this
+/// node's: what its mounts saw), kept from one mount to the next.
+pub const DETECTOR_BASELINES: RecordSpace = RecordSpace::new("detector-baselines");
+/// The version byte of a detector baseline record.
+const DETECTOR_BASELINE_FORMAT: u8 = 1;
+
 /// The DNA key naming the workload that made a snapshot (a digest, or `interactive`).
 pub const DNA_WORKLOAD: &str = "workload";
+
+/// A detector baseline record: its version, then the rate (f64, little-endian), finite
+/// and not negative.
+fn decode_baseline(value: &[u8]) -> Option<f64> {
+    let (&version, rate) = value.split_first()?;
+    let rate = f64::from_le_bytes(rate.try_into().ok()?);
+    (version == DETECTOR_BASELINE_FORMAT && rate.is_finite() && rate >= 0.0).then_some(rate)
+}
 
 /// The version written in a contract file's `format` field.
 pub const CONTRACT_FILE_FORMAT: u8 = 1;
@@ -839,6 +853,47 @@ impl Vault {
         Ok(open.into_iter().map(|(_, flag)| flag).collect())
     }
 
+    /// The behaviour detector's learned rate of destructive operations per second for
+    /// `volume` (0 before any mount taught it one). A record that does not decode is
+    /// reported in the log and counts as none: it never blocks a mount.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn detector_baseline(&self, volume: &VolumeId) -> Result<f64> {
+        let Some(value) = self
+            .metadata
+            .get_record(DETECTOR_BASELINES, volume.as_bytes())?
+        else {
+            return Ok(0.0);
+        };
+        match decode_baseline(&value) {
+            Some(rate) => Ok(rate),
+            None => {
+                tracing::warn!(
+                    %volume,
+                    "the behaviour detector's baseline record does not decode; starting from none"
+                );
+                Ok(0.0)
+            }
+        }
+    }
+
+    /// Keeps `per_second` as `volume`'s detector baseline for its next mount.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn save_detector_baseline(&self, volume: &VolumeId, per_second: f64) -> Result<()> {
+        let mut value = vec![DETECTOR_BASELINE_FORMAT];
+        value.extend_from_slice(&per_second.to_le_bytes());
+        self.metadata.apply(&[RecordUpdate::new(
+            DETECTOR_BASELINES,
+            volume.as_bytes().to_vec(),
+            Expected::Any,
+            Change::Put(value),
+        )])?;
+        Ok(())
+    }
+
     /// The checks made before every mount and run: frozen, sealed, then the contract
     /// (signature and signer, expiry, workload, mode). Returns what the mount may do.
     ///
@@ -1220,6 +1275,36 @@ mod tests {
     use crate::progress::Progress;
     use crate::test_support::{no_passphrase, pseudo_random, vault_on};
     use crate::vault::{CreateVolumeOptions, ImportOptions};
+
+    #[test]
+    fn a_detector_baseline_is_kept_per_volume_and_a_bad_record_counts_as_none() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = vault_on(temp.path(), Arc::new(MemKv::new()), 1);
+        let (one, two) = (VolumeId::from_bytes([1; 16]), VolumeId::from_bytes([2; 16]));
+        assert_eq!(vault.detector_baseline(&one).unwrap(), 0.0);
+        vault.save_detector_baseline(&one, 7.25).unwrap();
+        assert_eq!(vault.detector_baseline(&one).unwrap(), 7.25);
+        assert_eq!(vault.detector_baseline(&two).unwrap(), 0.0);
+        for garbage in [
+            vec![],
+            vec![1],
+            vec![2, 0, 0, 0, 0, 0, 0, 0, 0],
+            [vec![1], f64::NAN.to_le_bytes().to_vec()].concat(),
+            [vec![1], (-1.0f64).to_le_bytes().to_vec()].concat(),
+            [vec![1], 1.0f64.to_le_bytes().to_vec(), vec![0]].concat(),
+        ] {
+            vault
+                .metadata
+                .apply(&[RecordUpdate::new(
+                    DETECTOR_BASELINES,
+                    two.as_bytes().to_vec(),
+                    Expected::Any,
+                    Change::Put(garbage.clone()),
+                )])
+                .unwrap();
+            assert_eq!(vault.detector_baseline(&two).unwrap(), 0.0, "{garbage:?}");
+        }
+    }
 
     fn import(vault: &Vault, root: &std::path::Path, seed: u64, dna: &[(&str, &str)]) -> Cid {
         let source = root.join(format!("source-{seed}"));

@@ -389,18 +389,22 @@ impl MountedFs {
             nix::unistd::getuid().as_raw(),
             nix::unistd::getgid().as_raw(),
         );
+        let watch = match detector.filter(|_| !read_only) {
+            Some(thresholds) => Some(Mutex::new(Watch {
+                // The rate the volume's earlier mounts taught it.
+                detector: crate::mount::detector::Detector::new(thresholds)
+                    .with_baseline(vault.detector_baseline(&volume.id)?),
+                priors: BTreeMap::new(),
+            })),
+            None => None,
+        };
         Ok(Self {
             vault,
             volume,
             read_only,
             append_only,
             dna,
-            watch: detector.filter(|_| !read_only).map(|thresholds| {
-                Mutex::new(Watch {
-                    detector: crate::mount::detector::Detector::new(thresholds),
-                    priors: BTreeMap::new(),
-                })
-            }),
+            watch,
             frozen: std::sync::atomic::AtomicBool::new(false),
             inodes: Mutex::new(inodes),
             cache: ChunkCache::new(cache_bytes)

@@ -165,6 +165,25 @@ fn lock(watch: &Mutex<Watch>) -> MutexGuard<'_, Watch> {
 }
 
 impl MountedFs {
+    /// Keeps what the detector learned of the volume's rate of destructive operations
+    /// for its next mount (not after a trip: an attack is not a baseline).
+    pub fn save_detector_baseline(&self) {
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        if self.is_frozen() {
+            return;
+        }
+        let rate = watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .detector
+            .baseline_per_second();
+        if let Err(error) = self.vault.save_detector_baseline(&self.volume.id, rate) {
+            tracing::warn!(%error, "keeping the behaviour detector's baseline");
+        }
+    }
+
     /// Whether the detector froze this mount.
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::SeqCst)

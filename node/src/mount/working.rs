@@ -171,7 +171,16 @@ pub(crate) fn commit_with(
         logical_bytes: totals.logical_bytes,
         file_count: totals.files,
     })?;
+    // The working state is a snapshot once it is published: its record goes in the same
+    // atomic update as the ref (a process killed between the two would leave a state
+    // older than the head, recovered and committed again beside it).
     let original = work.branch.clone();
+    let forget_working = RecordUpdate::new(
+        RecordSpace::WORKING,
+        working_key(volume, &original),
+        Expected::Any,
+        Change::Delete,
+    );
     // A branch of its own beside `work.branch`, named by `label` and the time.
     let beside = |label: &str, work: &mut super::WorkTarget| -> Result<()> {
         let time = crate::clock::format_compact_utc_time(vault.now_ns());
@@ -181,7 +190,10 @@ pub(crate) fn commit_with(
             attempt += 1;
             branch = format!("{}-{label}-{time}-{attempt}", work.branch);
         }
-        importer.publish(&[ref_update(&volume.id, &branch, None, Some(snapshot))])?;
+        importer.publish(&[
+            ref_update(&volume.id, &branch, None, Some(snapshot)),
+            forget_working.clone(),
+        ])?;
         work.branch = branch;
         Ok(())
     };
@@ -191,21 +203,17 @@ pub(crate) fn commit_with(
         if !work.branch.contains("-frozen-") {
             beside("frozen", &mut work)?;
         } else {
-            importer.publish(&[ref_update(
-                &volume.id,
-                &work.branch,
-                work.base,
-                Some(snapshot),
-            )])?;
+            importer.publish(&[
+                ref_update(&volume.id, &work.branch, work.base, Some(snapshot)),
+                forget_working.clone(),
+            ])?;
         }
         true
     } else {
-        match importer.publish(&[ref_update(
-            &volume.id,
-            &work.branch,
-            work.base,
-            Some(snapshot),
-        )]) {
+        match importer.publish(&[
+            ref_update(&volume.id, &work.branch, work.base, Some(snapshot)),
+            forget_working.clone(),
+        ]) {
             Ok(()) => false,
             Err(NodeError::BranchMoved(_)) => {
                 beside("conflict", &mut work)?;
@@ -222,13 +230,6 @@ pub(crate) fn commit_with(
         PinnedRoot::Snapshot(*snapshot.as_bytes()),
         &importer.take_named(),
     );
-    // The working state is now a snapshot: nothing is left to recover.
-    vault.refs().apply(&[RecordUpdate::new(
-        RecordSpace::WORKING,
-        working_key(volume, &original),
-        Expected::Any,
-        Change::Delete,
-    )])?;
     fs.mark_committed(generation);
     Ok(Some(CommitOutcome {
         snapshot,

@@ -588,7 +588,13 @@ impl Vault {
             return Ok(updates.to_vec());
         };
         let storage = self.require_group_storage(group)?;
-        let mut replicated = updates.to_vec();
+        // A mount's working state is this node's own: it is written here with the
+        // publish, never replicated.
+        let mut replicated: Vec<RecordUpdate> = updates
+            .iter()
+            .filter(|update| update.space != RecordSpace::WORKING)
+            .cloned()
+            .collect();
         // The records of each snapshot published (the new head, and every snapshot a sync
         // brought), written here before the publish, go along, with their authors' keys
         // so that every member verifies them.

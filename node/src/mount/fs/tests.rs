@@ -543,6 +543,14 @@ fn a_power_cut_during_a_mount_commit_loses_nothing_acknowledged() {
         // tree reads whole.
         match crate::mount::working::working_state(&vault, &volume, "main").unwrap() {
             Some(state) => {
+                // Never behind the head: the commit that moved the branch forgot it in the
+                // same update (else the next unmount commits it again, beside the head).
+                let head = vault.refs().get_ref(&volume.id, "main").unwrap();
+                assert_eq!(
+                    state.base,
+                    head.map(|head| *head.as_bytes()),
+                    "seed {seed}: a working state behind the head"
+                );
                 let root = Cid::from_bytes(state.root);
                 vault
                     .walk_tree(&volume, root, &mut BTreeSet::new(), &mut |_, chunk| {

@@ -489,14 +489,7 @@ fn forge_run_mounts_where_only_the_workload_sees_records_its_dna_and_seals() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !ready.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the workload never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until_exists(&ready);
     assert!(
         !host_sees_mount_at(&inside),
         "the host sees the run's mount"
@@ -655,14 +648,7 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !ready.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the workload never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until_exists(&ready);
     vault.ok(&["node", "stop"]);
     let output = run.wait_with_output().unwrap();
     assert_eq!(
@@ -706,6 +692,18 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
         stderr.contains("trust-check of volume \"v\" failed: dna"),
         "{stderr}"
     );
+}
+
+/// Waits (a minute at most) for the file a workload creates once it runs.
+fn wait_until_exists(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `forge ARGS` on the vault as a process the test drives (pipes, concurrency).

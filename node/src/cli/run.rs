@@ -776,18 +776,19 @@ fn print_digest(args: &RunArgs) -> Result<Output> {
         reason: "no command given (forge run ... -- COMMAND ARGS...)".into(),
     })?;
     let cwd = std::env::current_dir().map_err(NodeError::io("reading", "the working directory"))?;
-    let path = std::env::var_os("PATH");
-    let program = crate::daemon::run::resolve_program(program, path.as_deref(), &cwd)?;
     let manifest = args
         .manifest
         .as_deref()
         .map(crate::daemon::run::read_manifest)
         .transpose()?;
-    if let Some(manifest) = &manifest {
-        crate::daemon::run::Manifest::parse(manifest)?;
-    }
-    let digest = crate::daemon::run::workload_digest(manifest.as_deref(), &program)?;
-    let digest = forge_store::contract::Workload::Digest(digest).text();
+    let identity = crate::daemon::run::identify_workload(
+        program,
+        std::env::var_os("PATH").as_deref(),
+        &cwd,
+        manifest.as_deref(),
+    )?;
+    let program = identity.program;
+    let digest = forge_store::contract::Workload::Digest(identity.digest).text();
     Ok(Output {
         human: digest.clone(),
         json: json!({"workload": digest, "program": program.display().to_string()}),

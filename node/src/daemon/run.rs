@@ -332,6 +332,41 @@ pub fn workload_digest(manifest: Option<&[u8]>, executable: &Path) -> Result<[u8
     Ok(hasher.finalize())
 }
 
+/// What a command is as a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadIdentity {
+    /// Its program, resolved.
+    pub program: PathBuf,
+    /// Its manifest (empty without one).
+    pub manifest: Manifest,
+    /// Its digest.
+    pub digest: [u8; 32],
+}
+
+/// The workload `program` (with the manifest's bytes, if any) is, as an environment with
+/// `path` as PATH, in `cwd`, runs it.
+///
+/// # Errors
+/// As [`resolve_program`] and [`workload_digest`]; a manifest that does not parse.
+pub fn identify_workload(
+    program: &OsStr,
+    path: Option<&OsStr>,
+    cwd: &Path,
+    manifest: Option<&[u8]>,
+) -> Result<WorkloadIdentity> {
+    let program = resolve_program(program, path, cwd)?;
+    let parsed = manifest
+        .map(Manifest::parse)
+        .transpose()?
+        .unwrap_or_default();
+    let digest = workload_digest(manifest, &program)?;
+    Ok(WorkloadIdentity {
+        program,
+        manifest: parsed,
+        digest,
+    })
+}
+
 /// The DNA a run starts with: what is known before the workload runs.
 fn starting_dna(
     host: &Host,
@@ -386,8 +421,8 @@ struct RunMounts {
 
 impl RunMounts {
     /// Unmounts each (the host's serving thread then commits what is left and ends), and
-    /// waits for them. Returns each mount's summary.
-    fn unmount(&mut self) -> Vec<(RunMount, std::sync::Arc<crate::mount::fs::MountedFs>)> {
+    /// waits for them. Returns what was mounted.
+    fn unmount(&mut self) -> Vec<RunMount> {
         let mut done = Vec::new();
         for (spec, mounted) in self.mounted.drain(..) {
             let path = mounted.mountpoint.as_path();
@@ -397,7 +432,7 @@ impl RunMounts {
                 let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
             }
             let _ = mounted.served.join();
-            done.push((spec, mounted.fs));
+            done.push(spec);
         }
         for path in self.created.drain(..).rev() {
             let _ = std::fs::remove_dir(path);
@@ -459,12 +494,16 @@ impl Host {
             .iter()
             .find(|(name, _)| name == "PATH")
             .map(|(_, value)| value.as_os_str());
-        let program = resolve_program(program, path_variable, &request.working_directory)?;
-        let manifest = match &request.manifest {
-            Some(bytes) => Manifest::parse(bytes)?,
-            None => Manifest::default(),
-        };
-        let digest = workload_digest(request.manifest.as_deref(), &program)?;
+        let WorkloadIdentity {
+            program,
+            manifest,
+            digest,
+        } = identify_workload(
+            program,
+            path_variable,
+            &request.working_directory,
+            request.manifest.as_deref(),
+        )?;
         let workload = Workload::Digest(digest);
         let digest_text = workload.text();
 
@@ -605,7 +644,7 @@ impl Host {
         }
         let unmounted = mounts.unmount();
         let mut volumes = Vec::new();
-        for (spec, _fs) in unmounted {
+        for spec in unmounted {
             let branch = spec
                 .branch
                 .clone()
@@ -957,6 +996,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// The workload runs as the client: uid, gid and that user's groups (the tests run as
+    /// root, as the daemon does; elsewhere there is nothing to switch).
+    #[test]
+    fn a_workload_runs_as_the_client_with_its_groups() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let id = |flag: &str, uid: u32, gid: u32| {
+            let mut command = std::process::Command::new("id");
+            command.arg(flag);
+            switch_user(&mut command, uid, gid).unwrap();
+            let output = command.output().unwrap();
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        };
+        // nobody:nogroup, whose only group is nogroup.
+        assert_eq!(id("-u", 65534, 65534), "65534");
+        assert_eq!(id("-g", 65534, 65534), "65534");
+        assert_eq!(id("-G", 65534, 65534), "65534");
+        // A uid with no user: its group alone.
+        assert_eq!(id("-G", 4242, 4343), "4343");
+        // Who this process is: nothing switched.
+        assert_eq!(id("-u", 0, 0), "0");
+    }
 
     #[test]
     fn mount_arguments_parse_and_bad_ones_say_why() {

@@ -534,16 +534,23 @@ fn forge_run_mounts_where_only_the_workload_sees_records_its_dna_and_seals() {
     assert_eq!(dna["io.create"], "ops=1");
 
     // Sealed: a plain mount is refused; the next run runs trust-check itself, passes,
-    // and sees what the first one wrote.
+    // and sees what the first one wrote. The host's own read-only mount at the same path
+    // is no obstacle: the run mounts in its namespace, over it.
     let (_, message) = vault.refused_mount("after", &[]);
     assert!(message.contains("is sealed since"), "{message}");
+    let host_mount = vault.mount("inside", &["--read-only"]);
+    assert_eq!(host_mount, inside);
     let output = vault.run(&[
         "run",
         "--mount",
         &format!("v:{}", inside.display()),
         "--",
-        "cat",
-        &format!("{}/out.txt", inside.display()),
+        "sh",
+        "-c",
+        &format!(
+            "cat {path}/out.txt && echo again > {path}/second.txt",
+            path = inside.display()
+        ),
     ]);
     assert!(
         output.status.success(),
@@ -554,6 +561,14 @@ fn forge_run_mounts_where_only_the_workload_sees_records_its_dna_and_seals() {
         String::from_utf8_lossy(&output.stdout),
         "written by the run\n"
     );
+    // The host's mount is untouched: it serves the snapshot it mounted.
+    assert!(host_sees_mount_at(&inside));
+    assert!(inside.join("out.txt").exists());
+    assert!(!inside.join("second.txt").exists());
+    vault.unmount(&inside);
+    let second = vault.path("second");
+    vault.ok(&["volume", "export", "v", second.to_str().unwrap()]);
+    assert_eq!(fs::read(second.join("second.txt")).unwrap(), b"again\n");
 }
 
 #[test]

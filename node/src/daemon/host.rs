@@ -465,7 +465,13 @@ impl Host {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for active in &self.lock().active {
             let record = &active.record;
-            if record.mountpoint == mountpoint {
+            // Each run mounts in a namespace of its own: its paths meet only its own.
+            let same_namespace = match (&active.run, &run) {
+                (None, None) => true,
+                (Some(theirs), Some(ours)) => Arc::ptr_eq(theirs, ours),
+                _ => false,
+            };
+            if same_namespace && record.mountpoint == mountpoint {
                 return Err(MountFault::AlreadyMounted {
                     mountpoint: mountpoint.clone(),
                 }

@@ -85,6 +85,10 @@ pub struct MountRecord {
     /// Bytes of decrypted chunks it keeps in memory (0 in records of older versions).
     #[serde(default)]
     pub cache_bytes: usize,
+    /// A `forge run`'s mount: in that run's mount namespace, not the host's (`forge volume
+    /// unmount` never means it; it ends with its run).
+    #[serde(default)]
+    pub private: bool,
 }
 
 pub(crate) fn registry_dir(data_dir: &DataDir) -> PathBuf {

@@ -664,6 +664,13 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
     .spawn()
     .unwrap();
     wait_until_exists(&ready);
+    // The daemon lists the run's mount as private: the host has nothing at that path.
+    let status = vault.json(&["node", "status"]);
+    let mounts = status["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 1, "{status}");
+    assert_eq!(mounts[0]["private"], true);
+    assert_eq!(mounts[0]["mountpoint"], inside.to_str().unwrap());
+    assert!(!host_sees_mount_at(&inside));
     vault.ok(&["node", "stop"]);
     let output = run.wait_with_output().unwrap();
     assert_eq!(

@@ -612,6 +612,7 @@ impl Host {
             mountpoint: mountpoint.clone(),
             read_only,
             cache_bytes: options.cache_bytes,
+            private: run.is_some(),
         };
         let registry = registry_dir(&self.data_dir);
         std::fs::create_dir_all(&registry).map_err(NodeError::io("creating", &registry))?;
@@ -843,9 +844,10 @@ pub fn unmount(data_dir: &DataDir, mountpoint: &Path) -> Result<String> {
     let resolved = mountpoint
         .canonicalize()
         .unwrap_or_else(|_| mountpoint.to_owned());
+    // A run's mount at the same path is in its own namespace: not this one.
     let record = running_mounts(data_dir)?
         .into_iter()
-        .find(|record| record.mountpoint == resolved);
+        .find(|record| record.mountpoint == resolved && !record.private);
     let output = Command::new("fusermount3")
         .arg("-u")
         .arg(&resolved)
@@ -991,5 +993,6 @@ pub fn mount_info(record: &MountRecord) -> MountInfo {
         mountpoint: record.mountpoint.clone().into_os_string().into_vec(),
         read_only: record.read_only,
         cache_bytes: record.cache_bytes as u64,
+        private: record.private,
     }
 }

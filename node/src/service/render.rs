@@ -55,6 +55,7 @@ pub(super) fn mount_json(mount: &MountInfo) -> serde_json::Value {
         "mountpoint": wire_path(&mount.mountpoint),
         "read_only": mount.read_only,
         "cache_bytes": mount.cache_bytes,
+        "private": mount.private,
     })
 }
 
@@ -78,14 +79,19 @@ pub fn render_node_status(reply: &NodeStatusReply) -> Output {
     );
     for mount in &reply.mounts {
         human.push_str(&format!(
-            "\n  {} <- {} {}{}",
+            "\n  {} <- {} {}{}{}",
             wire_path(&mount.mountpoint).display(),
             mount.volume,
             mount.branch.as_deref().map_or_else(
                 || "(snapshot)".to_owned(),
                 |branch| format!("branch {branch}")
             ),
-            if mount.read_only { ", read-only" } else { "" }
+            if mount.read_only { ", read-only" } else { "" },
+            if mount.private {
+                " (a forge run's, in its own mount namespace)"
+            } else {
+                ""
+            }
         ));
     }
     Output {

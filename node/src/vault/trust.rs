@@ -958,7 +958,7 @@ impl Vault {
         if !intent.read_only && contract.mode == AccessMode::ReadOnly {
             return Err(refused(
                 name,
-                "it allows read-only use only: mount with --read-only".into(),
+                "it allows read-only use only: mount with --read-only (forge run: --mount NAME:/PATH:ro)".into(),
             ));
         }
         Ok(MountPolicy {

@@ -525,6 +525,27 @@ fn cluster_with_group(count: usize, in_group: usize, name: &str, layout: &str) -
 }
 
 /// Three sites formed into a cluster with a 2+1 volume group named `group`.
+/// Volume `name` as `site` lists it, once its watch loop adopted it (30 s at most).
+fn volume_listed(site: &Site, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = site.vault.json(&["volume", "list"]);
+        if let Some(volume) = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|volume| volume["name"] == name)
+        {
+            return volume.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume {name} never reached this member: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn three_node_group(group_name: &str) -> Vec<Site> {
     cluster_with_group(3, 3, group_name, "2+1")
 }
@@ -577,26 +598,10 @@ fn a_group_volume_syncs_between_two_three_node_sites_into_the_receivers_group() 
 
     // In west's group: its layout, on every member, spread so that it reads without the
     // member that received it.
-    let listed = west[2].vault.json(&["volume", "list"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut listed = listed;
-    while !listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|volume| volume["name"] == "data")
-    {
-        assert!(Instant::now() < deadline, "{listed}");
-        std::thread::sleep(Duration::from_millis(200));
-        listed = west[2].vault.json(&["volume", "list"]);
+    for member in &west[1..] {
+        let data = volume_listed(member, "data");
+        assert_eq!(data["ec"], "2+1", "{data}");
     }
-    let data = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|volume| volume["name"] == "data")
-        .unwrap();
-    assert_eq!(data["ec"], "2+1", "{data}");
     west[0].daemon.take();
     export_matches(&west[2], "data", "west-2-out", &source, &first_id);
     west[0].restart();
@@ -723,21 +728,7 @@ fn group_gc_waits_for_writers_then_frees_a_delisted_snapshot_on_every_member() {
     let second = sites[0].vault.path("second");
     write_random_tree(&second, 4, 100_000, 42);
     // Another member writes once its watch loop adopted the volume.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sites[1]
-        .vault
-        .json(&["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|volume| volume["name"] == "data")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the volume never reached the second member"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    volume_listed(&sites[1], "data");
     let kept = sites[1]
         .vault
         .json(&["volume", "import", "data", second.to_str().unwrap()]);

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod error;
+pub mod lockstep;
 pub mod mount;
 pub mod output;
 pub mod owner;

@@ -1874,9 +1874,12 @@ async fn catch_up_async(group: &GroupHandle, what: &str) {
 
 /// Runs `work` on the daemon's network runtime and waits for it: from a plain thread
 /// directly, from inside a runtime's worker (a store read during a sync or an audit) by
-/// first handing the worker's other tasks off (`block_in_place`).
+/// first handing the worker's other tasks off (`block_in_place`); in the simulator, from
+/// a lockstep closure's thread, in lockstep with the simulated runtime.
 fn wait<T>(runtime: &tokio::runtime::Handle, work: impl std::future::Future<Output = T>) -> T {
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if let Some(lockstep) = crate::lockstep::current() {
+        lockstep.block_on(work)
+    } else if tokio::runtime::Handle::try_current().is_ok() {
         tokio::task::block_in_place(|| runtime.block_on(work))
     } else {
         runtime.block_on(work)

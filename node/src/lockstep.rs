@@ -1,0 +1,268 @@
+//! Lockstep: synchronous node code inside the single-threaded simulation, deterministically.
+//!
+//! The vault is synchronous; where it needs its volume group (a publish, a pin, a
+//! linearizable read) it blocks on a future of the daemon's runtime (`daemon/groups.rs`'s
+//! `wait`). The simulator runs every node on one current-thread runtime with a paused
+//! clock, where blocking that thread would deadlock and running the vault on a second
+//! thread would let the operating system choose the order of events.
+//!
+//! [`run`] runs a synchronous closure on a thread of its own, in lockstep with the
+//! runtime: exactly one of the two runs at any moment. The closure runs while the runtime
+//! thread waits; when the closure blocks on a future ([`block_on`]), the closure's thread
+//! polls it and, when it is pending, hands the turn back: the runtime runs its tasks (and
+//! advances simulated time) until the future is woken, then hands the turn to the
+//! closure's thread again, which polls once more. Every switch happens at a point the
+//! runtime's own schedule decides, so a seed still gives one order of events. The future
+//! may borrow from the closure's stack: it is polled there.
+//!
+//! Outside a lockstep closure, [`block_on`] is not available ([`current`] is `None`): the
+//! daemon blocks on its multi-thread runtime as before.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+/// Whose turn it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The closure's thread runs; the runtime thread waits.
+    Closure,
+    /// The closure's future is pending: the runtime runs until it is woken.
+    Parked,
+    /// The closure returned (or panicked).
+    Finished,
+}
+
+/// The turn, handed between the two threads.
+#[derive(Debug)]
+struct Baton {
+    turn: Mutex<Turn>,
+    changed: Condvar,
+    /// Wakes the runtime side when the closure's future is woken.
+    woken: tokio::sync::Notify,
+}
+
+impl Baton {
+    fn set(&self, turn: Turn) {
+        *self.turn.lock().unwrap_or_else(PoisonError::into_inner) = turn;
+        self.changed.notify_all();
+    }
+
+    /// Waits (blocking this thread) until the turn is no longer `turn`; returns the new one.
+    fn wait_while(&self, turn: Turn) -> Turn {
+        let guard = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        *self
+            .changed
+            .wait_while(guard, |current| *current == turn)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Wakes the runtime side (the closure's future can make progress).
+struct FutureWaker(Arc<Baton>);
+
+impl Wake for FutureWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.woken.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.woken.notify_one();
+    }
+}
+
+/// What a lockstep closure's thread knows: the baton and the runtime's handle.
+#[derive(Debug, Clone)]
+pub struct Lockstep {
+    baton: Arc<Baton>,
+    runtime: tokio::runtime::Handle,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Lockstep>> = const { RefCell::new(None) };
+}
+
+/// The lockstep of this thread, if it runs a lockstep closure.
+#[must_use]
+pub fn current() -> Option<Lockstep> {
+    CURRENT.with(|current| current.borrow().clone())
+}
+
+impl Lockstep {
+    /// Blocks this (closure's) thread on `future`, letting the runtime run whenever the
+    /// future waits.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        let _entered = self.runtime.enter();
+        let waker = Waker::from(Arc::new(FutureWaker(self.baton.clone())));
+        let mut context = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                return output;
+            }
+            self.baton.set(Turn::Parked);
+            self.baton.wait_while(Turn::Parked);
+        }
+    }
+}
+
+/// [`Lockstep::block_on`] on this thread's lockstep.
+///
+/// # Panics
+/// Outside a lockstep closure (a caller checks [`current`] first).
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    match current() {
+        Some(lockstep) => lockstep.block_on(future),
+        None => panic!("lockstep::block_on outside a lockstep closure"),
+    }
+}
+
+/// Runs `closure` in lockstep with this runtime (see the module's documentation) and
+/// returns what it returns. Called from a task of a current-thread runtime.
+///
+/// # Panics
+/// When the closure panics (its panic is resumed here), or its thread cannot start.
+pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static) -> T {
+    let baton = Arc::new(Baton {
+        turn: Mutex::new(Turn::Closure),
+        changed: Condvar::new(),
+        woken: tokio::sync::Notify::new(),
+    });
+    let lockstep = Lockstep {
+        baton: baton.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let result: Arc<Mutex<Option<std::thread::Result<T>>>> = Arc::new(Mutex::new(None));
+    let slot = result.clone();
+    let thread = std::thread::Builder::new()
+        .name("forge-lockstep".into())
+        .spawn(move || {
+            CURRENT.with(|current| *current.borrow_mut() = Some(lockstep.clone()));
+            // The runtime's context for the whole closure: futures it makes (a timer, a
+            // channel) belong to the simulated runtime.
+            let _entered = lockstep.runtime.enter();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(closure));
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+            lockstep.baton.set(Turn::Finished);
+        })
+        .unwrap_or_else(|error| panic!("starting a lockstep thread: {error}"));
+    loop {
+        // The closure's turn: this thread waits for it to park or finish.
+        match baton.wait_while(Turn::Closure) {
+            Turn::Finished => break,
+            Turn::Parked => {
+                // The runtime's turn, until the closure's future is woken.
+                baton.woken.notified().await;
+                baton.set(Turn::Closure);
+            }
+            Turn::Closure => {}
+        }
+    }
+    let _ = thread.join();
+    let outcome = result
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+        .unwrap_or_else(|| panic!("a lockstep closure ended without a result"));
+    match outcome {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn paused_runtime(seed: u64) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+            .build()
+            .unwrap()
+    }
+
+    /// Two closures blocking on simulated sleeps and a channel, beside runtime tasks: the
+    /// order of everything they log is the same on every run, and simulated time passes
+    /// as the sleeps say.
+    fn trace(seed: u64) -> Vec<String> {
+        let runtime = paused_runtime(seed);
+        runtime.block_on(async {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let note = |log: &Arc<Mutex<Vec<String>>>, what: String| {
+                log.lock().unwrap().push(what);
+            };
+            let (sender, mut receiver) = tokio::sync::mpsc::channel::<u32>(4);
+            let start = tokio::time::Instant::now();
+            let ticker = {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for tick in 0..5u32 {
+                        tokio::time::sleep(Duration::from_millis(7)).await;
+                        log.lock().unwrap().push(format!("tick {tick}"));
+                        let _ = sender.send(tick).await;
+                    }
+                })
+            };
+            let first = {
+                let log = log.clone();
+                tokio::spawn(run(move || {
+                    let mut sum = 0;
+                    for _ in 0..5 {
+                        // Work that takes real time, then a wait on the runtime.
+                        sum += (0..20_000u64).map(|n| n % 7).sum::<u64>();
+                        let got = block_on(receiver.recv()).unwrap();
+                        note(&log, format!("closure got {got}"));
+                    }
+                    sum
+                }))
+            };
+            let second = {
+                let log = log.clone();
+                tokio::spawn(run(move || {
+                    for step in 0..3 {
+                        block_on(tokio::time::sleep(Duration::from_millis(10)));
+                        note(&log, format!("sleeper woke {step}"));
+                    }
+                }))
+            };
+            assert!(first.await.unwrap() > 0);
+            second.await.unwrap();
+            ticker.await.unwrap();
+            let trace = log.lock().unwrap().clone();
+            assert_eq!(start.elapsed(), Duration::from_millis(35), "simulated time");
+            trace
+        })
+    }
+
+    #[test]
+    fn lockstep_closures_interleave_the_same_way_on_every_run() {
+        let expected = trace(7);
+        assert_eq!(expected.len(), 13, "{expected:?}");
+        for _ in 0..20 {
+            assert_eq!(trace(7), expected);
+        }
+    }
+
+    #[test]
+    fn a_closure_borrows_into_its_future_and_its_panic_reaches_the_caller() {
+        let runtime = paused_runtime(1);
+        runtime.block_on(async {
+            let doubled = run(|| {
+                let local = [1, 2, 3];
+                block_on(async { local.iter().map(|n| n * 2).collect::<Vec<_>>() })
+            })
+            .await;
+            assert_eq!(doubled, [2, 4, 6]);
+            assert!(current().is_none());
+            let panicked = tokio::spawn(run(|| -> u32 { panic!("inside the closure") })).await;
+            assert!(panicked.unwrap_err().is_panic());
+        });
+    }
+}

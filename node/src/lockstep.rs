@@ -118,6 +118,15 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// Sleeps `duration`: in simulated time on a lockstep closure's thread, else this
+/// thread's real sleep (the daemon).
+pub fn sleep(duration: std::time::Duration) {
+    match current() {
+        Some(lockstep) => lockstep.block_on(tokio::time::sleep(duration)),
+        None => std::thread::sleep(duration),
+    }
+}
+
 /// Runs `closure` in lockstep with this runtime (see the module's documentation) and
 /// returns what it returns. Called from a task of a current-thread runtime.
 ///
@@ -260,6 +269,9 @@ mod tests {
             })
             .await;
             assert_eq!(doubled, [2, 4, 6]);
+            let before = tokio::time::Instant::now();
+            run(|| sleep(std::time::Duration::from_secs(3600))).await;
+            assert_eq!(before.elapsed(), std::time::Duration::from_secs(3600));
             assert!(current().is_none());
             let panicked = tokio::spawn(run(|| -> u32 { panic!("inside the closure") })).await;
             assert!(panicked.unwrap_err().is_panic());

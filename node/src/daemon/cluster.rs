@@ -104,7 +104,7 @@ pub struct ClusterNode {
     pins_cleared: Mutex<BTreeSet<u64>>,
     /// Members a shard request just failed to reach, and when: reads ask them last for a
     /// while (a read of a group with a member down would otherwise wait on it per chunk).
-    suspects: Mutex<BTreeMap<NodeId, std::time::Instant>>,
+    suspects: Mutex<BTreeMap<NodeId, tokio::time::Instant>>,
     this: Weak<ClusterNode>,
 }
 
@@ -208,7 +208,7 @@ impl ClusterNode {
 
     /// Notes that `node` did not answer a shard request just now.
     pub(crate) fn suspect(&self, node: NodeId) {
-        lock(&self.suspects).insert(node, std::time::Instant::now());
+        lock(&self.suspects).insert(node, tokio::time::Instant::now());
     }
 
     /// Whether `node` failed a shard request in the last 10 s.

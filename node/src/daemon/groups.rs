@@ -141,7 +141,7 @@ pub struct RepairState {
     /// A run is in progress.
     pub running: bool,
     /// When the last run started.
-    pub started: Option<std::time::Instant>,
+    pub started: Option<tokio::time::Instant>,
     /// What the last finished run did.
     pub last: Option<RepairSummary>,
     /// Shards rebuilt since the daemon started.
@@ -863,14 +863,14 @@ impl ClusterNode {
     ) -> Result<RepairSummary> {
         // One run at a time: a run asked for while another goes on (the background one)
         // waits for it, then runs itself (what it must see may have changed meanwhile).
-        let waiting_since = std::time::Instant::now();
+        let waiting_since = tokio::time::Instant::now();
         loop {
             {
                 let mut repairs = self.repairs();
                 let state = repairs.entry(id).or_default();
                 if !state.running {
                     state.running = true;
-                    state.started = Some(std::time::Instant::now());
+                    state.started = Some(tokio::time::Instant::now());
                     break;
                 }
             }
@@ -879,7 +879,7 @@ impl ClusterNode {
                     "a repair of volume group {id} has been running on this node for an hour; try again later"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            crate::lockstep::sleep(Duration::from_millis(100));
         }
         let outcome = self.repair_run(runtime, id);
         let mut repairs = self.repairs();
@@ -917,7 +917,7 @@ impl ClusterNode {
             .group_objects_fetched
             .load(std::sync::atomic::Ordering::Relaxed);
         let chunks = vault.group_chunks(id)?;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         // Owners that did not answer this run are not asked again in it.
         let mut unreachable = BTreeSet::new();
         for cid in chunks {
@@ -976,7 +976,7 @@ impl ClusterNode {
                         let due =
                             Duration::from_secs_f64(summary.rebuilt_bytes as f64 / rate as f64);
                         if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                            std::thread::sleep(ahead);
+                            crate::lockstep::sleep(ahead);
                         }
                     }
                     Err(error) => {
@@ -1324,7 +1324,7 @@ impl ClusterNode {
             kind: kind.to_owned(),
             since_ns: self.vault().now_ns(),
         };
-        let waiting_since = std::time::Instant::now();
+        let waiting_since = tokio::time::Instant::now();
         loop {
             let epoch = read_with_retry(&view.handle, GROUP_GC.name(), EPOCH_KEY).await?;
             if decode_u64(epoch.as_deref(), "group gc epoch")? % 2 == 1 {

@@ -81,6 +81,27 @@ pub struct Lockstep {
 
 thread_local! {
     static CURRENT: RefCell<Option<Lockstep>> = const { RefCell::new(None) };
+    /// This thread runs the simulator's runtime, or a lockstep closure of it.
+    static SIMULATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as the simulator's: [`spawn_blocking`] runs its closures in
+/// lockstep here. The simulator calls it on its runtime's thread before running it.
+pub fn simulate_on_this_thread() {
+    SIMULATED.with(|simulated| simulated.set(true));
+}
+
+/// Runs synchronous `closure` off the async tasks: on tokio's blocking pool in the
+/// daemon; in lockstep with the runtime under the simulator (see
+/// [`simulate_on_this_thread`]). Either way a task to await, whose panic is its error.
+pub fn spawn_blocking<T: Send + 'static>(
+    closure: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    if SIMULATED.with(std::cell::Cell::get) {
+        tokio::spawn(run(closure))
+    } else {
+        tokio::task::spawn_blocking(closure)
+    }
 }
 
 /// The lockstep of this thread, if it runs a lockstep closure.
@@ -148,6 +169,7 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
         .name("forge-lockstep".into())
         .spawn(move || {
             CURRENT.with(|current| *current.borrow_mut() = Some(lockstep.clone()));
+            simulate_on_this_thread();
             // The runtime's context for the whole closure: futures it makes (a timer, a
             // channel) belong to the simulated runtime.
             let _entered = lockstep.runtime.enter();
@@ -257,6 +279,55 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(trace(7), expected);
         }
+    }
+
+    /// Under the simulator, spawn_blocking is a lockstep task: its work takes no simulated
+    /// time and its order is the runtime's.
+    #[test]
+    fn spawn_blocking_runs_in_lockstep_under_the_simulator() {
+        let trace = || {
+            let runtime = paused_runtime(3);
+            std::thread::spawn(move || {
+                simulate_on_this_thread();
+                runtime.block_on(async {
+                    let log = Arc::new(Mutex::new(Vec::new()));
+                    let tasks: Vec<_> = (0..3)
+                        .map(|index| {
+                            let log = log.clone();
+                            spawn_blocking(move || {
+                                for step in 0..3 {
+                                    sleep(Duration::from_millis(5 * (index + 1)));
+                                    log.lock().unwrap().push((index, step));
+                                }
+                                index
+                            })
+                        })
+                        .collect();
+                    for (index, task) in tasks.into_iter().enumerate() {
+                        assert_eq!(task.await.unwrap(), index as u64);
+                    }
+                    log.lock().unwrap().clone()
+                })
+            })
+            .join()
+            .unwrap()
+        };
+        let first = trace();
+        assert_eq!(first.len(), 9);
+        // In simulated time order: task i's step s happens at 5 (i + 1) (s + 1) ms.
+        let times: Vec<u64> = first
+            .iter()
+            .map(|(index, step)| 5 * (index + 1) * (step + 1))
+            .collect();
+        assert!(times.is_sorted(), "{first:?}");
+        for _ in 0..10 {
+            assert_eq!(trace(), first);
+        }
+        let panicked = paused_runtime(4).block_on(async {
+            simulate_on_this_thread();
+            spawn_blocking(|| -> u8 { panic!("in the blocking work") }).await
+        });
+        assert!(panicked.unwrap_err().is_panic());
     }
 
     #[test]

@@ -21,7 +21,9 @@ use forge_consensus::cluster::{
 };
 use forge_consensus::{CLUSTER_GROUP, GroupHandle, GroupOptions, GroupStatus, GroupTable};
 use forge_crypto::NodeId;
+use forge_mesh::MeshError;
 use forge_mesh::PeerNet;
+use forge_mesh::net::BoxFuture;
 use forge_mesh::quic::{Multiaddr, QuicNet};
 use forge_proto::v1::{ClusterMember, ClusterStatusReply, FollowerLag, GroupInfo};
 use forge_store::kv::{Column, KvEngine, RocksKv, RocksKvOptions, Syncer};
@@ -78,15 +80,80 @@ pub struct GroupMetrics {
     pub repair: Option<super::groups::RepairState>,
 }
 
+/// The network's addresses, as the cluster sees them: this node's (for its member
+/// record), members' (learnt from their records), and who is connected now.
+pub trait AddressBook: Send + Sync {
+    /// Remembers `addresses` (as a member record lists them) for `node`.
+    fn remember<'a>(&'a self, node: NodeId, addresses: &'a [String]) -> BoxFuture<'a, ()>;
+
+    /// The addresses this node is reached at.
+    fn own(&self) -> BoxFuture<'_, std::result::Result<Vec<String>, MeshError>>;
+
+    /// The peers connected now.
+    fn connected(&self) -> BoxFuture<'_, std::result::Result<Vec<NodeId>, MeshError>>;
+}
+
+/// The QUIC network's address book: multiaddrs (the first of a record's that parses).
+impl AddressBook for QuicNet {
+    fn remember<'a>(&'a self, node: NodeId, addresses: &'a [String]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(address) = addresses
+                .iter()
+                .find_map(|address| address.parse::<Multiaddr>().ok())
+            {
+                let _ = QuicNet::remember(self, node, address).await;
+            }
+        })
+    }
+
+    fn own(&self) -> BoxFuture<'_, std::result::Result<Vec<String>, MeshError>> {
+        Box::pin(async move {
+            Ok(QuicNet::addresses(self)
+                .await?
+                .iter()
+                .map(ToString::to_string)
+                .collect())
+        })
+    }
+
+    fn connected(&self) -> BoxFuture<'_, std::result::Result<Vec<NodeId>, MeshError>> {
+        Box::pin(QuicNet::connected(self))
+    }
+}
+
+/// What a cluster node runs on: the daemon's QUIC network and a RocksDB of its own for
+/// Raft ([`ClusterNode::start`]), or the simulator's network and disks.
+pub struct ClusterParts {
+    /// The node's network.
+    pub net: Arc<dyn PeerNet>,
+    /// How members' addresses reach the network.
+    pub addresses: Arc<dyn AddressBook>,
+    /// The engine of every Raft group here.
+    pub raft_kv: Arc<dyn KvEngine>,
+    /// Batches the groups' fsyncs (None: each append syncs itself, as in the simulator,
+    /// whose disks have no threads).
+    pub syncer: Option<Arc<Syncer>>,
+}
+
+impl std::fmt::Debug for ClusterParts {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClusterParts")
+            .field("node", &self.net.local_id())
+            .field("syncer", &self.syncer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The cluster side of a daemon.
 pub struct ClusterNode {
     vault: Arc<Vault>,
-    net: QuicNet,
-    shared: Arc<dyn PeerNet>,
+    net: Arc<dyn PeerNet>,
+    addresses: Arc<dyn AddressBook>,
     table: GroupTable,
     /// The engine of every Raft group here (see [`raft_engine`]).
     raft_kv: Arc<dyn KvEngine>,
-    syncer: Arc<Syncer>,
+    syncer: Option<Arc<Syncer>>,
     options: GroupOptions,
     /// Members a join in progress accepts Raft messages from before it has group 0's
     /// member records.
@@ -126,12 +193,35 @@ impl ClusterNode {
     pub fn start(vault: Arc<Vault>, net: QuicNet) -> Result<Arc<Self>> {
         let raft_kv = raft_engine(&vault)?;
         let syncer = Arc::new(Syncer::start(raft_kv.clone())?);
+        let net = Arc::new(net);
+        Self::start_with(
+            vault,
+            ClusterParts {
+                net: net.clone(),
+                addresses: net,
+                raft_kv,
+                syncer: Some(syncer),
+            },
+        )
+    }
+
+    /// [`ClusterNode::start`] on `parts` (the simulator's network and disks).
+    ///
+    /// # Errors
+    /// As [`ClusterNode::start`].
+    pub fn start_with(vault: Arc<Vault>, parts: ClusterParts) -> Result<Arc<Self>> {
+        let ClusterParts {
+            net,
+            addresses,
+            raft_kv,
+            syncer,
+        } = parts;
         let boot = u64::from_le_bytes(vault.random_array()?);
-        let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
+        let shared = net.clone();
         let node = Arc::new_cyclic(|this| Self {
             vault,
             net,
-            shared: shared.clone(),
+            addresses,
             table: GroupTable::new(),
             raft_kv,
             syncer,
@@ -193,7 +283,7 @@ impl ClusterNode {
     }
 
     pub(crate) fn peer_net(&self) -> Arc<dyn PeerNet> {
-        self.shared.clone()
+        self.net.clone()
     }
 
     pub(crate) fn repairs(
@@ -259,8 +349,8 @@ impl ClusterNode {
             &self.table,
             id,
             self.raft_kv.clone(),
-            Some(self.syncer.clone()),
-            self.shared.clone(),
+            self.syncer.clone(),
+            self.net.clone(),
             self.options,
         )
         .await?)
@@ -310,14 +400,7 @@ impl ClusterNode {
     }
 
     async fn own_member_record(&self) -> Result<MemberRecord> {
-        let addresses = self
-            .net
-            .addresses()
-            .await
-            .map_err(NodeError::Mesh)?
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let addresses = self.addresses.own().await.map_err(NodeError::Mesh)?;
         Ok(MemberRecord {
             addresses,
             joined_ns: self.vault.now_ns(),
@@ -415,7 +498,7 @@ impl ClusterNode {
 
     async fn ask(&self, peer: NodeId, request: &ClusterRequest) -> Result<ClusterReply> {
         let answer = self
-            .shared
+            .net
             .request(peer, CLUSTER_PROTOCOL, request.encode()?, JOIN_DEADLINE)
             .await?;
         Ok(ClusterReply::decode(&answer)?)
@@ -564,7 +647,7 @@ impl ClusterNode {
         let member = self.vault.cluster_membership()?.is_some();
         let me = self.net.local_id();
         let connected: BTreeSet<NodeId> = self
-            .net
+            .addresses
             .connected()
             .await
             .map_err(NodeError::Mesh)?
@@ -665,13 +748,7 @@ impl ClusterNode {
                 if node == me {
                     continue;
                 }
-                if let Some(address) = record
-                    .addresses
-                    .iter()
-                    .find_map(|address| address.parse::<Multiaddr>().ok())
-                {
-                    let _ = self.net.remember(node, address).await;
-                }
+                self.addresses.remember(node, &record.addresses).await;
             }
         }
         let groups = match self.groups() {
@@ -741,7 +818,7 @@ impl ClusterNode {
                 tracing::debug!(%error, group = %name, "mirroring without a barrier");
             }
             let this = self.this.clone();
-            let reconciled = tokio::task::spawn_blocking(move || {
+            let reconciled = crate::lockstep::spawn_blocking(move || {
                 let node = this.upgrade().ok_or_else(|| cluster_error("stopping"))?;
                 node.reconcile_volumes(&view?, Some(epoch))
             })
@@ -862,12 +939,7 @@ async fn serve_cluster(mut inbound: forge_mesh::Inbound, node: Weak<ClusterNode>
                         }
                         // Reachable from here at once (the leader learns the addresses
                         // from the record, through its watch loop).
-                        if let Some(address) = addresses
-                            .iter()
-                            .find_map(|address| address.parse::<Multiaddr>().ok())
-                        {
-                            let _ = cluster.net.remember(from, address).await;
-                        }
+                        cluster.addresses.remember(from, &addresses).await;
                         let record = MemberRecord {
                             addresses,
                             joined_ns: cluster.vault.now_ns(),

@@ -839,7 +839,7 @@ impl ClusterNode {
         }
         let this = self.weak();
         let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        crate::lockstep::spawn_blocking(move || {
             let Some(node) = this.upgrade() else { return };
             if let Err(error) = node.repair(&runtime, id) {
                 tracing::warn!(%error, group = id, "repair");
@@ -1087,7 +1087,7 @@ impl ClusterNode {
         let this = self.weak();
         let runtime = tokio::runtime::Handle::current();
         let id = view.id;
-        let own = tokio::task::spawn_blocking(move || {
+        let own = crate::lockstep::spawn_blocking(move || {
             this.upgrade()
                 .ok_or_else(|| cluster_error("the daemon is stopping"))?
                 .repair(&runtime, id)
@@ -1552,7 +1552,7 @@ impl ClusterNode {
             )));
         }
         let this = self.weak();
-        tokio::task::spawn_blocking(move || {
+        crate::lockstep::spawn_blocking(move || {
             let node = this
                 .upgrade()
                 .ok_or_else(|| cluster_error("the daemon is stopping"))?;
@@ -1596,7 +1596,7 @@ impl ClusterNode {
         if let ShardRequest::Repair { group } = request {
             let this = self.weak();
             let runtime = tokio::runtime::Handle::current();
-            let summary = tokio::task::spawn_blocking(move || {
+            let summary = crate::lockstep::spawn_blocking(move || {
                 this.upgrade()
                     .ok_or_else(|| cluster_error("the daemon is stopping"))?
                     .repair(&runtime, group)
@@ -1607,7 +1607,7 @@ impl ClusterNode {
         }
         let vault = self.vault_arc();
         let reply =
-            tokio::task::spawn_blocking(move || serve_shard_request(&vault, group, request))
+            crate::lockstep::spawn_blocking(move || serve_shard_request(&vault, group, request))
                 .await
                 .map_err(|error| {
                     cluster_error(format!("the shard request's task failed: {error}"))

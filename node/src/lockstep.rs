@@ -85,6 +85,37 @@ thread_local! {
     static SIMULATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Runs `work` on this thread as part of `lockstep`'s closure (a worker thread the
+/// closure handed its work to and waits on, as the vault's pool: still one thread at a
+/// time). With `None`, runs `work` as it is.
+pub fn within<T>(lockstep: Option<Lockstep>, work: impl FnOnce() -> T) -> T {
+    let Some(lockstep) = lockstep else {
+        return work();
+    };
+    let previous = CURRENT.with(|current| current.borrow_mut().replace(lockstep));
+    let was_simulated = SIMULATED.with(|simulated| simulated.replace(true));
+    let restore = Restore {
+        previous,
+        was_simulated,
+    };
+    let output = work();
+    drop(restore);
+    output
+}
+
+/// Puts a thread's lockstep state back (also when the work panics).
+struct Restore {
+    previous: Option<Lockstep>,
+    was_simulated: bool,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        CURRENT.with(|current| *current.borrow_mut() = self.previous.take());
+        SIMULATED.with(|simulated| simulated.set(self.was_simulated));
+    }
+}
+
 /// Marks this thread as the simulator's: [`spawn_blocking`] runs its closures in
 /// lockstep here. The simulator calls it on its runtime's thread before running it.
 pub fn simulate_on_this_thread() {

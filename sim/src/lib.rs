@@ -14,6 +14,7 @@
 //! [`raft`]: a 3–5 node Raft group under faults. [`sites`]: whole vaults (import,
 //! snapshots, gc, scrub) syncing volumes between sites under faults and crashes.
 
+pub mod groups;
 pub mod raft;
 pub mod sites;
 

@@ -207,7 +207,7 @@ pub struct SitesFailure {
 }
 
 /// A file tree as the workload wrote it: relative path to contents.
-type Tree = BTreeMap<String, Vec<u8>>;
+pub(crate) type Tree = BTreeMap<String, Vec<u8>>;
 
 /// One site: its disk survives crashes; its vault and serving tasks do not.
 struct Site {
@@ -428,7 +428,7 @@ fn next_tree(rng: &mut SimRng, previous: Option<&Tree>) -> Tree {
 
 /// Writes `tree` under `root` with fixed mtimes (an import records them: the same seed
 /// must store the same snapshot).
-fn write_tree(root: &Path, tree: &Tree) -> Result<(), String> {
+pub(crate) fn write_tree(root: &Path, tree: &Tree) -> Result<(), String> {
     let fixed = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let io = |error: std::io::Error| format!("writing the workload's tree: {error}");
     std::fs::create_dir_all(root).map_err(io)?;
@@ -460,7 +460,7 @@ fn write_tree(root: &Path, tree: &Tree) -> Result<(), String> {
 }
 
 /// The regular files under `root`, by relative path.
-fn read_tree(root: &Path) -> Result<Tree, String> {
+pub(crate) fn read_tree(root: &Path) -> Result<Tree, String> {
     let mut tree = Tree::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(directory) = stack.pop() {

@@ -133,6 +133,9 @@ pub struct ClusterParts {
     /// Batches the groups' fsyncs (None: each append syncs itself, as in the simulator,
     /// whose disks have no threads).
     pub syncer: Option<Arc<Syncer>>,
+    /// The seed of the groups' election timeouts, mixed with this boot's and the
+    /// group's; None (the daemon) draws them from the OS.
+    pub seed: Option<u64>,
 }
 
 impl std::fmt::Debug for ClusterParts {
@@ -201,6 +204,7 @@ impl ClusterNode {
                 addresses: net,
                 raft_kv,
                 syncer: Some(syncer),
+                seed: None,
             },
         )
     }
@@ -215,6 +219,7 @@ impl ClusterNode {
             addresses,
             raft_kv,
             syncer,
+            seed,
         } = parts;
         let boot = u64::from_le_bytes(vault.random_array()?);
         let shared = net.clone();
@@ -225,7 +230,10 @@ impl ClusterNode {
             table: GroupTable::new(),
             raft_kv,
             syncer,
-            options: GroupOptions::default(),
+            options: GroupOptions {
+                seed: seed.map(|seed| seed ^ boot),
+                ..GroupOptions::default()
+            },
             joining: Mutex::new(BTreeSet::new()),
             known: Mutex::new(BTreeSet::new()),
             watching: Mutex::new(false),
@@ -351,7 +359,14 @@ impl ClusterNode {
             self.raft_kv.clone(),
             self.syncer.clone(),
             self.net.clone(),
-            self.options,
+            GroupOptions {
+                // Each group its own choices.
+                seed: self
+                    .options
+                    .seed
+                    .map(|seed| seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                ..self.options
+            },
         )
         .await?)
     }

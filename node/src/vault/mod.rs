@@ -385,9 +385,12 @@ impl Vault {
         &self.counters
     }
 
-    /// Runs `work` on the vault's threads (with one thread: sequentially, in order).
+    /// Runs `work` on the vault's threads (with one thread: sequentially, in order). A
+    /// lockstep closure's work stays its (the simulator: see `lockstep::within`).
     pub(crate) fn in_pool<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
-        self.pool.install(work)
+        let lockstep = crate::lockstep::current();
+        self.pool
+            .install(move || crate::lockstep::within(lockstep, work))
     }
 
     /// Wraps `contents` to this node's keys, with randomness from the vault's source.

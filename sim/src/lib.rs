@@ -11,8 +11,10 @@
 //! here opens (libp2p cannot run in a simulator anyway: its timers use real threads).
 //! Disks are [`forge_store::kv::MemKv`] with its power-cut model.
 //!
-//! [`raft`]: a 3–5 node Raft group under faults. [`sites`]: whole vaults (import,
-//! snapshots, gc, scrub) syncing volumes between sites under faults and crashes.
+//! [`raft`]: a 3–5 node Raft group under faults. [`groups`]: whole nodes with their
+//! cluster (Raft groups, shards) forming a volume group (a first scenario). [`sites`]:
+//! whole vaults (import, snapshots, gc, scrub) syncing volumes between sites under
+//! faults and crashes.
 
 pub mod groups;
 pub mod raft;

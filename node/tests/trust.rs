@@ -606,24 +606,15 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
     assert!(!Path::new("/tmp/forge-run-never").exists());
 
     // stdin in, stdout and stderr out, the exit status back, through the daemon.
-    let mut run = spawn_forge(
+    let mut run = run_script(
         &vault,
-        &[
-            "run",
-            "--mount",
-            &mount,
-            "--",
-            "sh",
-            "-c",
-            &format!(
-                "cat > {}/piped.txt; echo out; echo err >&2; exit 3",
-                inside.display()
-            ),
-        ],
+        &mount,
+        &format!(
+            "cat > {}/piped.txt; echo out; echo err >&2; exit 3",
+            inside.display()
+        ),
     )
     .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
     run.stdin
@@ -642,25 +633,16 @@ fn forge_run_through_a_daemon_streams_stdio_and_meets_the_contract_and_trust_che
     // `forge node stop` during a run: the workload gets SIGTERM, and the daemon commits
     // and seals before it exits.
     let ready = vault.path("ready");
-    let run = spawn_forge(
+    let run = run_script(
         &vault,
-        &[
-            "run",
-            "--mount",
-            &mount,
-            "--",
-            "sh",
-            "-c",
-            &format!(
-                "trap 'exit 9' TERM; echo before the stop > {}/stopped.txt; touch {}; \
-                 while :; do sleep 0.05; done",
-                inside.display(),
-                ready.display()
-            ),
-        ],
+        &mount,
+        &format!(
+            "trap 'exit 9' TERM; echo before the stop > {}/stopped.txt; touch {}; \
+             while :; do sleep 0.05; done",
+            inside.display(),
+            ready.display()
+        ),
     )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
     wait_until_exists(&ready);
@@ -736,6 +718,15 @@ fn spawn_forge(vault: &Vault, args: &[&str]) -> StdCommand {
         .env_remove("RUST_LOG")
         .env("FORGE_DATA_DIR", vault.data_dir())
         .args(args);
+    command
+}
+
+/// `forge run --mount MOUNT -- sh -c SCRIPT` with its output captured.
+fn run_script(vault: &Vault, mount: &str, script: &str) -> StdCommand {
+    let mut command = spawn_forge(vault, &["run", "--mount", mount, "--", "sh", "-c", script]);
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     command
 }
 

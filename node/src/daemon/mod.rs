@@ -212,7 +212,23 @@ pub fn stop(data_dir: &DataDir, timeout: Duration) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Gone, and its files closed: a process is seen exited (a zombie) while its last
+    // threads may still hold the data directory's lock and its database's for a moment;
+    // the next opener must not find them held. (Still held after a few seconds: another
+    // process took the lock since, which is no business of this stop.)
+    let released_by = std::time::Instant::now() + Duration::from_secs(5);
+    while data_dir_locked(data_dir) && std::time::Instant::now() < released_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(format!("stopped forge process {pid}; {doing}"))
+}
+
+/// Whether some process holds the data directory's lock now.
+fn data_dir_locked(data_dir: &DataDir) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(data_dir.path().join("lock"))
+        .is_ok_and(|lock| lock.try_lock().is_err())
 }
 
 /// How a detached child ended its start.

@@ -421,10 +421,9 @@ struct RunMounts {
 
 impl RunMounts {
     /// Unmounts each (the host's serving thread then commits what is left and ends), and
-    /// waits for them. Returns what was mounted.
-    fn unmount(&mut self) -> Vec<RunMount> {
-        let mut done = Vec::new();
-        for (spec, mounted) in self.mounted.drain(..) {
+    /// waits for them.
+    fn unmount(&mut self) {
+        for (_, mounted) in self.mounted.drain(..) {
             let path = mounted.mountpoint.as_path();
             // Busy (a process the workload left holds a file there): detach it; it ends
             // once that process lets go.
@@ -432,12 +431,10 @@ impl RunMounts {
                 let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
             }
             let _ = mounted.served.join();
-            done.push(spec);
         }
         for path in self.created.drain(..).rev() {
             let _ = std::fs::remove_dir(path);
         }
-        done
     }
 }
 
@@ -632,19 +629,20 @@ impl Host {
         // Commit each read-write mount with the whole DNA and its own I/O fingerprint
         // before unmounting (what a straggler writes after is committed at unmount with
         // the DNA the mount started with).
-        let mut commits = BTreeMap::new();
+        // One per mount, in the request's order (a read-only one commits nothing).
+        let mut commits = Vec::with_capacity(mounts.mounted.len());
         for (spec, mounted) in &mounts.mounted {
             if spec.read_only {
+                commits.push(None);
                 continue;
             }
             let mut volume_dna = dna.clone();
             volume_dna.extend(mounted.fs.io().dna());
-            let outcome = commit_with_dna(&mounted.fs, &message, &volume_dna)?;
-            commits.insert(spec.path.clone(), outcome);
+            commits.push(commit_with_dna(&mounted.fs, &message, &volume_dna)?);
         }
-        let unmounted = mounts.unmount();
+        mounts.unmount();
         let mut volumes = Vec::new();
-        for spec in unmounted {
+        for (spec, outcome) in request.mounts.iter().zip(commits) {
             let branch = spec
                 .branch
                 .clone()
@@ -659,7 +657,6 @@ impl Host {
                 });
                 continue;
             }
-            let outcome = commits.remove(&spec.path).flatten();
             let committed_branch = outcome
                 .as_ref()
                 .map_or(branch.clone(), |outcome| outcome.branch.clone());

@@ -1,7 +1,8 @@
 //! The server side of the control socket: while a long-lived forge process (a daemon or a
 //! mount host) owns a data directory, every other `forge` command on it is a typed call
-//! here (`forge.v1.Volume`, `Snapshot`, `Maintenance`, `Node`, `Mount`; tonic over the Unix
-//! socket `<data-dir>/control.sock`, with reflection and health). Each call runs the same
+//! here (`forge.v1.Volume`, `Snapshot`, `Maintenance`, `Node`, `Mesh`, `Trust`, `Run`,
+//! `Mount`; tonic over the Unix socket `<data-dir>/control.sock`, with reflection and
+//! health). Each call runs the same
 //! [`LocalApi`] the CLI runs in-process, on the host's open vault; long calls stream
 //! progress and end with their reply. The socket is created mode 0600 inside the 0700
 //! data directory: only the vault's owner can connect. A passphrase travels in request

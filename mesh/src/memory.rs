@@ -15,6 +15,13 @@ use crate::net::{
     Answer, BoxFuture, Inbound, InboundRequest, MeshError, PeerNet, Protocol, check_size,
 };
 
+/// How long a request whose peer went silent (crashed, cut off, its request or answer
+/// lost) waits before failing, when its deadline is longer: the QUIC transport's idle
+/// timeout (libp2p-quic's default `max_idle_timeout`), after which a real connection to a
+/// peer that stopped answering is closed and the request fails. A peer that is alive
+/// but slow keeps its connection (keep-alives): the request waits its whole deadline.
+pub const SILENT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The faults the network injects, each drawn per message.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FaultPlan {
@@ -335,9 +342,17 @@ impl MemoryPeer {
         if let Some(at) = route.corrupt_at {
             body[at] ^= 0x5A;
         }
+        // When a request that can no longer be answered fails: at its deadline, or when
+        // the connection's idle timeout closes it, whichever comes first.
+        let given_up_at = started + deadline.min(SILENT_PEER_TIMEOUT);
+        let silent = MeshError::Timeout {
+            peer,
+            protocol: protocol.name,
+            after: deadline.min(SILENT_PEER_TIMEOUT),
+        };
         if route.lost {
-            tokio::time::sleep(deadline).await;
-            return Err(timeout);
+            tokio::time::sleep_until(given_up_at).await;
+            return Err(silent);
         }
         if tokio::time::timeout(deadline, tokio::time::sleep(route.delay))
             .await
@@ -367,14 +382,19 @@ impl MemoryPeer {
             }
         }
         let remaining = deadline.saturating_sub(started.elapsed());
-        // Dropped unanswered (a crash), or no answer in time: a timeout either way.
-        let Ok(Ok(mut answer)) = tokio::time::timeout(remaining, answer).await else {
-            tokio::time::sleep(deadline.saturating_sub(started.elapsed())).await;
-            return Err(timeout);
+        let mut answer = match tokio::time::timeout(remaining, answer).await {
+            Ok(Ok(answer)) => answer,
+            // Dropped unanswered (a crash): the connection goes silent.
+            Ok(Err(_)) => {
+                tokio::time::sleep_until(given_up_at).await;
+                return Err(silent);
+            }
+            // Alive but no answer in time.
+            Err(_) => return Err(timeout),
         };
         let Some(delay) = self.answer_back(peer, &mut answer) else {
-            tokio::time::sleep(deadline.saturating_sub(started.elapsed())).await;
-            return Err(timeout);
+            tokio::time::sleep_until(given_up_at).await;
+            return Err(silent);
         };
         let remaining = deadline.saturating_sub(started.elapsed());
         if delay > remaining {

@@ -2,20 +2,35 @@
 //! shard placement and transfer) on the simulated network and disks, the vault's
 //! synchronous work run in lockstep with the runtime (`forge_node::lockstep`).
 //!
-//! What runs today (the first step of issue 14's group scenario): three nodes form a
-//! cluster, make a 2+1 volume group and a volume in it; one member imports a tree (its
-//! chunks' shards spread over the three through the group); every member then exports
-//! the snapshot byte-exact (reading the shards it lacks from the others), and the two
-//! others again once the third is down. Deterministic: the same seed gives the same
-//! snapshot ids, network trace and simulated time.
+//! [`smoke`]: three nodes form a cluster, make a 2+1 volume group and a volume in it; one
+//! member imports a tree (its chunks' shards spread over the three through the group);
+//! every member then exports the snapshot byte-exact (reading the shards it lacks from
+//! the others), and the two others again once the third is down.
+//!
+//! [`run`] (`forge-sim --scenario groups`): 3–7 nodes in one volume group of k+m shards
+//! (m = f, the crashes a 2f+1 group survives), a workload of imports onto two branches,
+//! snapshot deletes, exports, group gc and repair through any member, one at a time,
+//! while the nemesis partitions, crashes (power cuts: unsynced writes lost) and restarts
+//! members (at most f down at once, never the one running the operation), and damages
+//! shards at rest (at most m of a chunk between two whole repairs). Checked: members at
+//! the same applied index of a Raft group hold the same records (after every step); no
+//! export returns other bytes than were imported; after heal, within bounds of simulated
+//! time: the last operation ends, repair makes every chunk whole (each of its k+m shards
+//! intact on the member placement names, counted on the members' disks, not from
+//! repair's own report), a group gc succeeds, and every acknowledged snapshot not
+//! deleted exports byte-exact on every member, with every member's branches equal.
+//!
+//! Deterministic: the same seed gives the same snapshot ids, network trace and simulated
+//! time.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodeSecrets};
 use forge_mesh::MeshError;
-use forge_mesh::memory::{MemoryNetwork, MemoryPeer};
+use forge_mesh::memory::{FaultPlan, MemoryNetwork, MemoryPeer};
 use forge_mesh::net::{BoxFuture, PeerNet};
 use forge_node::clock::{SeededRandomness, SteppingClock};
 use forge_node::daemon::cluster::{AddressBook, ClusterNode, ClusterParts};
@@ -23,9 +38,11 @@ use forge_node::datadir::DataDir;
 use forge_node::progress::Progress;
 use forge_node::vault::export::SnapshotSelector;
 use forge_node::vault::{ExportOptions, ImportOptions, Vault, VaultParts, no_passphrase};
-use forge_store::kv::MemKv;
+use forge_store::erasure::ShardRecord;
+use forge_store::kv::{Column, Durability, KvEngine, MemKv, WriteBatch};
 
 use crate::SimRng;
+use crate::sites::{FaultSet, SitesFailure, SitesReport, Tree};
 
 /// The simulated network needs no addresses: a member is reached by its id.
 struct NoAddresses(Arc<MemoryPeer>, Vec<NodeId>);
@@ -287,6 +304,1105 @@ async fn smoke_on(seed: u64, root: &Path) -> Result<GroupsReport, String> {
         trace: network.trace(),
         simulated: started.elapsed(),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// The groups scenario under faults.
+// ---------------------------------------------------------------------------------------
+
+/// The volume group's name and its volume's, in every run.
+const GROUP: &str = "g";
+const VOLUME: &str = "data";
+/// How long after heal the operation still running may take to end: past every deadline
+/// the node code sets on one step (a repair asks members with an hour's deadline).
+const OPERATION_BOUND_AFTER_HEAL: Duration = Duration::from_secs(2 * 3600);
+/// How long after heal repair may take to make every chunk whole, and gc to succeed.
+const SETTLE_AFTER_HEAL: Duration = Duration::from_secs(600);
+
+/// What a seed chose for the groups scenario, and what the command line fixed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupsConfig {
+    /// Members of the one volume group (and of the cluster).
+    pub nodes: usize,
+    /// The group's data shards (k).
+    pub data_shards: u32,
+    /// The group's parity shards (m = f: a chunk survives the f members a 2f+1 Raft
+    /// group may lose).
+    pub parity_shards: u32,
+    /// Simulated length of the workload phase.
+    pub duration: Duration,
+    /// The faults allowed.
+    pub faults: FaultSet,
+    /// The network's per-message faults (loss, delay, duplication; no corruption: QUIC
+    /// authenticates every packet between members, so a flipped byte never arrives).
+    pub plan: FaultPlan,
+    /// Chance per step that the nemesis acts (percent).
+    pub nemesis_percent: u64,
+}
+
+impl GroupsConfig {
+    /// The configuration `seed` chooses; `nodes` fixes the member count (3 to 7).
+    #[must_use]
+    pub fn from_seed(
+        seed: u64,
+        nodes: Option<usize>,
+        faults: FaultSet,
+        duration: Duration,
+    ) -> Self {
+        let mut rng = SimRng::new(seed ^ 0x6701_6701);
+        let chosen = if rng.chance(70) { 3 } else { 5 };
+        let nodes = nodes.unwrap_or(chosen).clamp(3, 7);
+        let tolerated = (nodes - 1) / 2;
+        let parity_shards = u32::try_from(tolerated).unwrap_or(1).max(1);
+        // A spare member where the group has one: a shard whose owner is down goes to it.
+        let data_shards = if nodes > 3 {
+            u32::try_from(nodes).unwrap_or(3) - parity_shards - 1
+        } else {
+            2
+        }
+        .max(1);
+        let plan = FaultPlan {
+            loss: if faults.network {
+                rng.range(0, 4) as f64 / 100.0
+            } else {
+                0.0
+            },
+            delay_min: Duration::ZERO,
+            delay_max: if faults.network {
+                Duration::from_millis(rng.range(0, 40))
+            } else {
+                Duration::ZERO
+            },
+            duplicate: if faults.network {
+                rng.range(0, 3) as f64 / 100.0
+            } else {
+                0.0
+            },
+            corrupt_request: 0.0,
+            corrupt_response: 0.0,
+        };
+        Self {
+            nodes,
+            data_shards,
+            parity_shards,
+            duration,
+            faults,
+            plan,
+            nemesis_percent: rng.range(15, 40),
+        }
+    }
+
+    fn tolerated_down(&self) -> usize {
+        (self.nodes - 1) / 2
+    }
+
+    fn width(&self) -> usize {
+        (self.data_shards + self.parity_shards) as usize
+    }
+}
+
+/// One member: its disks (vault and Raft engines) survive a crash, its process does not.
+struct Member {
+    index: usize,
+    id: NodeId,
+    secrets: NodeSecrets,
+    kv: Arc<MemKv>,
+    raft_kv: Arc<MemKv>,
+    clock: Arc<SteppingClock>,
+    dir: PathBuf,
+    peer: Arc<MemoryPeer>,
+    everyone: Vec<NodeId>,
+    /// None while crashed.
+    running: Option<Node>,
+    boots: u64,
+}
+
+impl Member {
+    fn start(&mut self, seed: u64) -> Result<(), String> {
+        self.boots += 1;
+        let parts = VaultParts {
+            kv: self.kv.clone(),
+            metadata: None,
+            clock: self.clock.clone(),
+            // A new stream per boot: nonces are never drawn twice from one stream.
+            randomness: Arc::new(SeededRandomness::new(
+                seed ^ (self.index as u64) << 32 ^ self.boots << 48,
+            )),
+            threads: 1,
+        };
+        let vault = Arc::new(
+            Vault::from_parts(
+                &DataDir::new(self.dir.clone()),
+                NodeIdentity::from_secrets(&self.secrets),
+                parts,
+            )
+            .map_err(|error| format!("member {} did not open: {error}", self.index))?,
+        );
+        let cluster = ClusterNode::start_with(
+            vault.clone(),
+            ClusterParts {
+                net: self.peer.clone(),
+                addresses: Arc::new(NoAddresses(self.peer.clone(), self.everyone.clone())),
+                raft_kv: self.raft_kv.clone(),
+                syncer: None,
+                seed: Some(
+                    seed ^ (self.index as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)
+                        ^ self.boots << 56,
+                ),
+            },
+        )
+        .map_err(|error| format!("member {}'s cluster did not start: {error}", self.index))?;
+        self.running = Some(Node { vault, cluster });
+        Ok(())
+    }
+
+    fn node(&self) -> Result<&Node, String> {
+        self.running
+            .as_ref()
+            .ok_or_else(|| format!("member {} is down", self.index))
+    }
+
+    /// A power cut: the network drops it, its Raft groups stop, and both its engines
+    /// keep only what was durable (plus `surviving` unsynced logged batches of each). The
+    /// dead process's engines fail every later call, so a blocking task of it that still
+    /// runs writes nothing the next boot sees.
+    async fn crash(&mut self, network: &MemoryNetwork, surviving: usize) {
+        network.crash(self.id);
+        if let Some(node) = self.running.take() {
+            node.cluster.shutdown().await;
+        }
+        self.kv = Arc::new(self.kv.power_cut(surviving));
+        self.raft_kv = Arc::new(self.raft_kv.power_cut(surviving));
+    }
+}
+
+/// One workload step, run on one member while the nemesis goes on.
+#[derive(Debug, Clone)]
+enum Operation {
+    Import { branch: String, tree: Tree },
+    Delete(Cid),
+    Export(Cid),
+    Gc,
+    Repair,
+}
+
+/// How a step ended.
+#[derive(Debug)]
+enum Outcome {
+    Imported(Cid),
+    Deleted,
+    Exported(Tree),
+    Collected(u64),
+    Repaired { whole: bool, summary: String },
+    Failed(String),
+}
+
+/// The step in progress: who runs it, what it is, its task.
+struct Running {
+    member: usize,
+    operation: Operation,
+    task: tokio::task::JoinHandle<Outcome>,
+    started: tokio::time::Instant,
+}
+
+/// The run's event log, stamped with simulated time.
+#[derive(Clone)]
+struct Log {
+    started: tokio::time::Instant,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Log {
+    fn note(&self, event: impl AsRef<str>) {
+        let millis = self.started.elapsed().as_millis();
+        let line = format!("{millis:>7} ms {}", event.as_ref());
+        // A seed that runs long shows where it is as it goes.
+        if std::env::var_os("FORGE_SIM_LIVE").is_some() {
+            eprintln!("{line}");
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Runs the groups scenario for `seed`: see the module's documentation.
+///
+/// # Errors
+/// The invariant that broke, with the event log.
+pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure> {
+    let failure = move |reason: String, events: Vec<String>| SitesFailure {
+        seed,
+        reason,
+        events,
+    };
+    let scratch = tempfile::Builder::new()
+        .prefix("forge-sim-")
+        .tempdir()
+        .map_err(|error| failure(format!("no scratch directory: {error}"), Vec::new()))?;
+    let root = scratch.path().to_owned();
+    let config = config.clone();
+    // A thread of its own, marked as the simulator's: the nodes' blocking work runs in
+    // lockstep on it.
+    std::thread::spawn(move || {
+        forge_node::lockstep::simulate_on_this_thread();
+        let runtime =
+            crate::runtime(seed).map_err(|error| failure(error.to_string(), Vec::new()))?;
+        runtime.block_on(async {
+            let log = Log {
+                started: tokio::time::Instant::now(),
+                events: Arc::new(Mutex::new(Vec::new())),
+            };
+            let mut world = match GroupWorld::new(seed, &config, &root, log.clone()).await {
+                Ok(world) => world,
+                Err(reason) => return Err(failure(reason, log.snapshot())),
+            };
+            let outcome = world.run().await;
+            let mut report = std::mem::take(&mut world.report);
+            report.seed = seed;
+            report.simulated = log.started.elapsed();
+            let stats = world.network.stats();
+            report.message_faults = stats.lost + stats.duplicated + stats.corrupted;
+            report.events = log.snapshot();
+            let mut hasher = blake3::Hasher::new();
+            for event in &report.events {
+                hasher.update(event.as_bytes());
+                hasher.update(b"\n");
+            }
+            hasher.update(&world.network.trace());
+            report.trace = *hasher.finalize().as_bytes();
+            world.stop().await;
+            match outcome {
+                Ok(()) => Ok(report),
+                Err(reason) => Err(failure(reason, report.events)),
+            }
+        })
+    })
+    .join()
+    .map_err(|_| SitesFailure {
+        seed,
+        reason: "the scenario panicked".into(),
+        events: Vec::new(),
+    })?
+}
+
+struct GroupWorld {
+    seed: u64,
+    config: GroupsConfig,
+    rng: SimRng,
+    network: MemoryNetwork,
+    members: Vec<Member>,
+    scratch: PathBuf,
+    log: Log,
+    report: SitesReport,
+    /// Each branch's last acknowledged import (its snapshot and tree).
+    branches: BTreeMap<String, (Cid, Tree)>,
+    /// Every acknowledged snapshot not deleted (nor possibly deleted) since.
+    kept: BTreeMap<Cid, Tree>,
+    /// Shards damaged at rest since the last repair that made every chunk whole:
+    /// chunk → (member, shard index).
+    damaged: BTreeMap<Vec<u8>, BTreeSet<(usize, u16)>>,
+    /// Crashed members and when they come back.
+    down_until: BTreeMap<usize, tokio::time::Instant>,
+    partitioned: bool,
+    running: Option<Running>,
+    steps: u64,
+}
+
+impl GroupWorld {
+    async fn new(seed: u64, config: &GroupsConfig, root: &Path, log: Log) -> Result<Self, String> {
+        let network = MemoryNetwork::new(seed);
+        let secrets: Vec<NodeSecrets> = (0..config.nodes)
+            .map(|index| node_identity(seed, index))
+            .collect();
+        let ids: Vec<NodeId> = secrets
+            .iter()
+            .map(|secrets| NodeIdentity::from_secrets(secrets).node_id())
+            .collect();
+        let mut members = Vec::new();
+        for (index, secrets) in secrets.iter().enumerate() {
+            let dir = root.join(format!("node-{index}"));
+            std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
+            let mut member = Member {
+                index,
+                id: ids[index],
+                secrets: secrets.clone(),
+                kv: Arc::new(MemKv::new()),
+                raft_kv: Arc::new(MemKv::new()),
+                // Clock skew: each member's clock is up to a minute off, at its own pace.
+                clock: Arc::new(SteppingClock::new(
+                    1_800_000_000_000_000_000
+                        + i64::try_from(SimRng::new(seed ^ index as u64).range(0, 120))
+                            .unwrap_or(0)
+                            * 1_000_000_000,
+                    1_000_000,
+                )),
+                dir,
+                peer: network.join(ids[index]),
+                everyone: ids.clone(),
+                running: None,
+                boots: 0,
+            };
+            member.start(seed)?;
+            members.push(member);
+        }
+        let mut world = Self {
+            seed,
+            config: config.clone(),
+            rng: SimRng::new(seed ^ 0x0067_7270),
+            network,
+            members,
+            scratch: root.to_owned(),
+            log,
+            report: SitesReport::default(),
+            branches: BTreeMap::new(),
+            kept: BTreeMap::new(),
+            damaged: BTreeMap::new(),
+            down_until: BTreeMap::new(),
+            partitioned: false,
+            running: None,
+            steps: 0,
+        };
+        world.form(&secrets, &ids).await?;
+        // Faults from here on: forming the cluster is the operator's setup.
+        world.network.set_faults(config.plan);
+        Ok(world)
+    }
+
+    /// The cluster, the group and its volume, as an operator makes them.
+    async fn form(&mut self, secrets: &[NodeSecrets], ids: &[NodeId]) -> Result<(), String> {
+        for member in &self.members {
+            let node = member.node()?;
+            for (other, secrets) in secrets.iter().enumerate() {
+                if other != member.index {
+                    let keys = NodeIdentity::from_secrets(secrets).public_keys().clone();
+                    node.vault
+                        .trust_node(&keys)
+                        .and_then(|()| node.vault.set_cluster_trust(&keys.node_id(), true))
+                        .map_err(|error| error.to_string())?;
+                }
+            }
+        }
+        let first = self.members[0].node()?.cluster.clone();
+        first
+            .init()
+            .await
+            .map_err(|error| format!("cluster init: {error}"))?;
+        for member in &self.members[1..] {
+            let cluster = member.node()?.cluster.clone();
+            settle("joining the cluster", || async {
+                cluster
+                    .join(ids[0])
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+            .await?;
+        }
+        let (k, m) = (self.config.data_shards, self.config.parity_shards);
+        settle("creating the group", || async {
+            first
+                .create_group(GROUP, ids.to_vec(), k, m)
+                .await
+                .map_err(|error| error.to_string())
+        })
+        .await?;
+        settle("creating the group volume", || async {
+            first
+                .create_group_volume(VOLUME, GROUP)
+                .await
+                .map_err(|error| error.to_string())
+        })
+        .await?;
+        self.log.note(format!(
+            "{} members, group {GROUP} of {k}+{m} shards, volume {VOLUME}",
+            self.members.len()
+        ));
+        Ok(())
+    }
+
+    fn pick(&mut self, count: usize) -> usize {
+        usize::try_from(self.rng.range(0, count as u64)).unwrap_or(0)
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        let end = self.log.started + self.config.duration;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(self.rng.range(50, 1_500))).await;
+            self.steps += 1;
+            self.restart_due()?;
+            self.check_replicas()?;
+            self.collect().await?;
+            if self.rng.chance(self.config.nemesis_percent) {
+                self.nemesis().await;
+            } else if self.running.is_none() {
+                self.start_operation()?;
+            }
+        }
+        self.heal().await?;
+        self.check().await
+    }
+
+    fn restart_due(&mut self) -> Result<(), String> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<usize> = self
+            .down_until
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(index, _)| *index)
+            .collect();
+        for index in due {
+            self.down_until.remove(&index);
+            self.network.restart(self.members[index].id);
+            self.members[index].start(self.seed)?;
+            self.log.note(format!("member {index} restarted"));
+        }
+        Ok(())
+    }
+
+    /// Members at the same applied index of a Raft group hold the same records.
+    fn check_replicas(&self) -> Result<(), String> {
+        let mut seen: BTreeMap<(u64, u64), (usize, forge_consensus::ReplicaState)> =
+            BTreeMap::new();
+        for member in &self.members {
+            let Some(node) = &member.running else {
+                continue;
+            };
+            // A member whose engine is mid-restart may fail a read: not a divergence.
+            let Ok(states) = node.cluster.replica_states() else {
+                continue;
+            };
+            for (group, state) in states {
+                let Some(applied) = state.0 else { continue };
+                match seen.get(&(group, applied)) {
+                    Some((other, theirs)) if theirs.1 != state.1 => {
+                        return Err(format!(
+                            "members {other} and {} differ in Raft group {group} at applied index {applied}: {} and {} records",
+                            member.index,
+                            theirs.1.len(),
+                            state.1.len()
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert((group, applied), (member.index, state));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks the next step and starts it on a member that is up.
+    fn start_operation(&mut self) -> Result<(), String> {
+        let up: Vec<usize> = (0..self.members.len())
+            .filter(|index| self.members[*index].running.is_some())
+            .collect();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let member = up[self.pick(up.len())];
+        let operation = match self.rng.range(0, 10) {
+            0..=3 => self.next_import("main"),
+            4 => self.next_import("side"),
+            5 | 6 => match self.old_snapshot() {
+                Some(victim) if self.rng.chance(50) => Operation::Delete(victim),
+                _ => match self.kept_snapshot() {
+                    Some(snapshot) => Operation::Export(snapshot),
+                    None => self.next_import("main"),
+                },
+            },
+            7 => Operation::Gc,
+            8 => Operation::Repair,
+            _ => match self.kept_snapshot() {
+                Some(snapshot) => Operation::Export(snapshot),
+                None => Operation::Repair,
+            },
+        };
+        self.report.operations += 1;
+        self.log
+            .note(format!("member {member}: {} started", describe(&operation)));
+        let node = self.members[member].node()?;
+        let task = tokio::spawn(perform(
+            node.vault.clone(),
+            node.cluster.clone(),
+            operation.clone(),
+            self.scratch
+                .join(format!("step-{}", self.report.operations)),
+        ));
+        self.running = Some(Running {
+            member,
+            operation,
+            task,
+            started: tokio::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn next_import(&mut self, branch: &str) -> Operation {
+        let previous = self.branches.get(branch).map(|(_, tree)| tree.clone());
+        Operation::Import {
+            branch: branch.to_owned(),
+            tree: crate::sites::next_tree(&mut self.rng, previous.as_ref()),
+        }
+    }
+
+    /// A kept snapshot no branch's last acknowledged import left at its head.
+    fn old_snapshot(&mut self) -> Option<Cid> {
+        let heads: Vec<Cid> = self.branches.values().map(|(cid, _)| *cid).collect();
+        let old: Vec<Cid> = self
+            .kept
+            .keys()
+            .filter(|cid| !heads.contains(cid))
+            .copied()
+            .collect();
+        (!old.is_empty()).then(|| old[self.pick(old.len())])
+    }
+
+    fn kept_snapshot(&mut self) -> Option<Cid> {
+        let kept: Vec<Cid> = self.kept.keys().copied().collect();
+        (!kept.is_empty()).then(|| kept[self.pick(kept.len())])
+    }
+
+    /// Takes the finished step's outcome into the oracle.
+    async fn collect(&mut self) -> Result<(), String> {
+        if !self
+            .running
+            .as_ref()
+            .is_some_and(|running| running.task.is_finished())
+        {
+            return Ok(());
+        }
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        let outcome = running
+            .task
+            .await
+            .unwrap_or_else(|error| Outcome::Failed(format!("the step's task ended: {error}")));
+        self.settle_outcome(running.member, running.operation, outcome)
+    }
+
+    fn settle_outcome(
+        &mut self,
+        member: usize,
+        operation: Operation,
+        outcome: Outcome,
+    ) -> Result<(), String> {
+        let what = describe(&operation);
+        match (operation, outcome) {
+            (Operation::Import { branch, tree }, Outcome::Imported(snapshot)) => {
+                self.report.imports += 1;
+                self.log.note(format!(
+                    "member {member}: {what}: {snapshot} acknowledged ({} files)",
+                    tree.len()
+                ));
+                self.kept.insert(snapshot, tree.clone());
+                self.branches.insert(branch, (snapshot, tree));
+            }
+            (Operation::Delete(snapshot), Outcome::Deleted) => {
+                self.log.note(format!("member {member}: {what}: done"));
+                self.kept.remove(&snapshot);
+            }
+            (Operation::Delete(snapshot), Outcome::Failed(reason)) => {
+                // It may have been decided before the answer was lost: no longer required.
+                self.log
+                    .note(format!("member {member}: {what} failed: {reason}"));
+                self.kept.remove(&snapshot);
+            }
+            (Operation::Export(snapshot), Outcome::Exported(found)) => {
+                let Some(expected) = self.kept.get(&snapshot) else {
+                    return Ok(());
+                };
+                if &found != expected {
+                    return Err(format!(
+                        "member {member} exported acknowledged snapshot {snapshot} with other contents: {}",
+                        crate::sites::describe_difference(expected, &found)
+                    ));
+                }
+                self.log
+                    .note(format!("member {member}: {what}: byte-exact"));
+            }
+            (_, Outcome::Collected(epoch)) => {
+                self.log
+                    .note(format!("member {member}: {what}: swept (epoch {epoch})"));
+            }
+            (_, Outcome::Repaired { whole, summary }) => {
+                if whole {
+                    // Every chunk whole again: the damage budget is spent no more.
+                    self.damaged.clear();
+                }
+                self.log.note(format!("member {member}: {what}: {summary}"));
+            }
+            (_, Outcome::Failed(reason)) => {
+                self.log
+                    .note(format!("member {member}: {what} failed: {reason}"));
+            }
+            (operation, outcome) => {
+                return Err(format!(
+                    "{} ended with an outcome of another step: {outcome:?}",
+                    describe(&operation)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn nemesis(&mut self) {
+        let faults = self.config.faults;
+        match self.rng.range(0, 4) {
+            0 if faults.partitions => {
+                if self.partitioned {
+                    self.network.heal();
+                    self.partitioned = false;
+                    self.log.note("healed");
+                } else {
+                    let count = self.members.len();
+                    let a = self.pick(count);
+                    let b = (a + 1 + self.pick(count - 1)) % count;
+                    match self.rng.range(0, 3) {
+                        0 => {
+                            self.network
+                                .block_one_way(self.members[a].id, self.members[b].id);
+                            self.log.note(format!("partition {a}->{b} one way"));
+                        }
+                        1 => {
+                            self.network
+                                .partition(&[self.members[a].id], &[self.members[b].id]);
+                            self.log.note(format!("partition {a}|{b}"));
+                        }
+                        _ => {
+                            let others: Vec<NodeId> = self
+                                .members
+                                .iter()
+                                .filter(|member| member.index != a)
+                                .map(|member| member.id)
+                                .collect();
+                            self.network.partition(&[self.members[a].id], &others);
+                            self.log.note(format!("member {a} isolated"));
+                        }
+                    }
+                    self.partitioned = true;
+                    self.report.faults += 1;
+                }
+            }
+            1 if faults.crashes => {
+                let index = self.pick(self.members.len());
+                let busy = self.running.as_ref().map(|running| running.member);
+                if self.down_until.contains_key(&index)
+                    || busy == Some(index)
+                    || self.down_until.len() >= self.config.tolerated_down()
+                {
+                    return;
+                }
+                let surviving = usize::try_from(self.rng.range(0, 3)).unwrap_or(0);
+                self.members[index].crash(&self.network, surviving).await;
+                let back =
+                    tokio::time::Instant::now() + Duration::from_millis(self.rng.range(500, 8_000));
+                self.down_until.insert(index, back);
+                self.report.faults += 1;
+                self.log.note(format!(
+                    "member {index} crashed ({surviving} unsynced batches survive)"
+                ));
+            }
+            2 if faults.disk => self.damage_shard(),
+            _ => {}
+        }
+    }
+
+    /// Flips a byte of one shard at rest on one member, keeping every chunk within m bad
+    /// shards since the last whole repair.
+    fn damage_shard(&mut self) {
+        let index = self.pick(self.members.len());
+        let kv = self.members[index].kv.clone();
+        let Ok(shards) = kv.scan(Column::Shards, &[], None, usize::MAX) else {
+            return;
+        };
+        if shards.is_empty() {
+            return;
+        }
+        let (key, mut value) = shards[self.pick(shards.len())].clone();
+        let (Some(chunk), Some(&[high, low])) = (key.get(..32), key.get(32..34)) else {
+            return;
+        };
+        let shard = u16::from_be_bytes([high, low]);
+        let bad = self.damaged.get(chunk).map_or(0, BTreeSet::len);
+        if bad >= self.config.parity_shards as usize || value.is_empty() {
+            return;
+        }
+        let at = self.pick(value.len());
+        value[at] ^= 0x40;
+        let chunk = chunk.to_vec();
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Shards, key, value);
+        if kv.write(batch, Durability::Synced).is_ok() {
+            self.damaged
+                .entry(chunk)
+                .or_default()
+                .insert((index, shard));
+            self.report.faults += 1;
+            self.log.note(format!(
+                "member {index}: shard {shard} of a chunk damaged at rest"
+            ));
+        }
+    }
+
+    /// Everything back: partitions healed, per-message faults off, crashed members
+    /// restarted; the step in progress must then end within a bound.
+    async fn heal(&mut self) -> Result<(), String> {
+        self.network.heal();
+        self.partitioned = false;
+        self.network.set_faults(FaultPlan::NONE);
+        let indexes: Vec<usize> = self.down_until.keys().copied().collect();
+        for index in indexes {
+            self.down_until.remove(&index);
+            self.network.restart(self.members[index].id);
+            self.members[index].start(self.seed)?;
+        }
+        self.log.note("healed: every member up, no faults");
+        if let Some(running) = &self.running {
+            let deadline = tokio::time::Instant::now() + OPERATION_BOUND_AFTER_HEAL;
+            while !running.task.is_finished() {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "member {}'s {} (started {} ms in) still runs {} s (simulated) after heal",
+                        running.member,
+                        describe(&running.operation),
+                        (running.started - self.log.started).as_millis(),
+                        OPERATION_BOUND_AFTER_HEAL.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.collect().await
+    }
+
+    async fn check(&mut self) -> Result<(), String> {
+        self.check_replicas()?;
+        let cluster = self.members[0].node()?.cluster.clone();
+        let width = self.config.width() as u64;
+        // Liveness: repair makes every chunk whole within the bound.
+        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
+        loop {
+            let reply = cluster.repair_group(GROUP).await;
+            let summary = match &reply {
+                Ok(reply) => {
+                    let failed: Vec<&str> = reply
+                        .members
+                        .iter()
+                        .map(|member| member.error.as_str())
+                        .filter(|error| !error.is_empty())
+                        .collect();
+                    if failed.is_empty() && reply.shards_held == reply.chunks * width {
+                        break;
+                    }
+                    let members: Vec<String> = reply
+                        .members
+                        .iter()
+                        .map(|member| {
+                            format!(
+                                "{}: {} chunks, {} held, {} rebuilt, {} in backlog",
+                                &member.node_id[..8],
+                                member.chunks,
+                                member.held,
+                                member.rebuilt,
+                                member.backlog
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "{} of {} shards held ({}), errors: {failed:?}",
+                        reply.shards_held,
+                        reply.chunks * width,
+                        members.join("; ")
+                    )
+                }
+                Err(error) => error.to_string(),
+            };
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "repair did not make every chunk whole within {} s (simulated) of heal: {summary}; {}",
+                    SETTLE_AFTER_HEAL.as_secs(),
+                    self.diagnose()
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        self.log.note("repair reports every chunk whole");
+        // Garbage from failed imports and deleted snapshots goes; nothing reachable may.
+        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
+        loop {
+            match cluster.group_gc(GROUP).await {
+                Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
+                    break;
+                }
+                outcome => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(format!(
+                            "group gc did not succeed within {} s (simulated) of heal: {outcome:?}",
+                            SETTLE_AFTER_HEAL.as_secs()
+                        ));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        self.log.note("group gc swept");
+        self.check_placement()?;
+        self.log
+            .note("every chunk's k+m shards are intact on the members placement names");
+        // Every member agrees on the branches, each at least where its last acknowledged
+        // import left it (a later import whose answer was lost may have moved it on).
+        let mut heads: Option<Vec<(String, Cid)>> = None;
+        for member in &self.members {
+            let vault = member.node()?.vault.clone();
+            let expected = heads.clone();
+            let branches = settle("reading the branches", || {
+                let (vault, expected) = (vault.clone(), expected.clone());
+                async move {
+                    let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
+                    // The mirror catches up on its watch loop's next pass.
+                    match &expected {
+                        Some(expected) if *expected != branches => Err(format!(
+                            "{branches:?} where another member has {expected:?}"
+                        )),
+                        _ => Ok(branches),
+                    }
+                }
+            })
+            .await
+            .map_err(|reason| format!("member {}: {reason}", member.index))?;
+            heads.get_or_insert(branches);
+        }
+        let heads = heads.unwrap_or_default();
+        for (branch, (snapshot, _)) in &self.branches {
+            if !heads.iter().any(|(name, _)| name == branch) {
+                return Err(format!(
+                    "branch {branch} is gone, though an import onto it was acknowledged ({snapshot})"
+                ));
+            }
+        }
+        // Every acknowledged snapshot restores byte-exact on every member.
+        for member in &self.members {
+            let vault = member.node()?.vault.clone();
+            for (snapshot, tree) in &self.kept {
+                export_matches(member.index, &vault, *snapshot, tree, &self.scratch)
+                    .await
+                    .map_err(|reason| format!("acknowledged snapshot {snapshot}: {reason}"))?;
+            }
+        }
+        self.log.note(format!(
+            "every acknowledged snapshot ({}) restores byte-exact on every member",
+            self.kept.len()
+        ));
+        Ok(())
+    }
+
+    /// What each member holds, for a failure's report: its snapshots of the volume and
+    /// each Raft group's applied index.
+    fn diagnose(&self) -> String {
+        let mut lines = Vec::new();
+        for member in &self.members {
+            let Some(node) = &member.running else {
+                lines.push(format!("member {}: down", member.index));
+                continue;
+            };
+            let snapshots = node
+                .vault
+                .list_snapshots(VOLUME, &no_passphrase)
+                .map(|listed| listed.len().to_string())
+                .unwrap_or_else(|error| error.to_string());
+            let applied: Vec<String> = node
+                .cluster
+                .replica_states()
+                .map(|states| {
+                    states
+                        .iter()
+                        .map(|(group, state)| format!("group {group} at {:?}", state.0))
+                        .collect()
+                })
+                .unwrap_or_default();
+            lines.push(format!(
+                "member {} ({}): {snapshots} snapshots listed, {}",
+                member.index,
+                &member.id.to_hex()[..8],
+                applied.join(", ")
+            ));
+        }
+        lines.join("; ")
+    }
+
+    /// Repair's own report aside: every chunk any member holds a shard of has each of its
+    /// k+m shards intact (its record decodes, checksum and index) on the member placement
+    /// names for it.
+    fn check_placement(&self) -> Result<(), String> {
+        let nodes: Vec<NodeId> = self.members.iter().map(|member| member.id).collect();
+        let width = self.config.width();
+        let mut intact: BTreeSet<(Vec<u8>, usize, usize)> = BTreeSet::new();
+        let mut chunks: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for member in &self.members {
+            let records = member
+                .kv
+                .scan(Column::Shards, &[], None, usize::MAX)
+                .map_err(|error| error.to_string())?;
+            for (key, value) in records {
+                let (Some(chunk), Some(&[high, low])) = (key.get(..32), key.get(32..34)) else {
+                    continue;
+                };
+                let index = usize::from(u16::from_be_bytes([high, low]));
+                chunks.insert(chunk.to_vec());
+                if ShardRecord::decode(&value).is_ok_and(|record| record.index.get() == index) {
+                    intact.insert((chunk.to_vec(), index, member.index));
+                }
+            }
+        }
+        for chunk in &chunks {
+            let cid = Cid::from_slice(chunk).map_err(|error| error.to_string())?;
+            let owners = forge_store::placement::place_shards(&cid, width, &nodes);
+            for (index, owner) in owners.iter().enumerate() {
+                let Some(holder) = self.members.iter().position(|member| member.id == *owner)
+                else {
+                    return Err(format!(
+                        "placement named a node outside the group for {cid}"
+                    ));
+                };
+                if !intact.contains(&(chunk.clone(), index, holder)) {
+                    let held: Vec<String> = intact
+                        .iter()
+                        .filter(|(held, _, _)| held == chunk)
+                        .map(|(_, index, member)| format!("shard {index} on member {member}"))
+                        .collect();
+                    return Err(format!(
+                        "chunk {cid}: member {holder}, placed to hold shard {index}, has no intact copy of it after repair reported every chunk whole (intact: {})",
+                        held.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every member (the run is over).
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.task.abort();
+        }
+        for member in &mut self.members {
+            if let Some(node) = member.running.take() {
+                node.cluster.shutdown().await;
+            }
+        }
+    }
+}
+
+fn describe(operation: &Operation) -> String {
+    match operation {
+        Operation::Import { branch, .. } => format!("import onto {branch}"),
+        Operation::Delete(snapshot) => format!("delete of snapshot {snapshot}"),
+        Operation::Export(snapshot) => format!("export of snapshot {snapshot}"),
+        Operation::Gc => "group gc".into(),
+        Operation::Repair => "group repair".into(),
+    }
+}
+
+/// Runs one step on a member.
+async fn perform(
+    vault: Arc<Vault>,
+    cluster: Arc<ClusterNode>,
+    operation: Operation,
+    scratch: PathBuf,
+) -> Outcome {
+    let outcome = match operation {
+        Operation::Import { branch, tree } => {
+            let source = scratch.join("source");
+            if let Err(reason) = crate::sites::write_tree(&source, &tree) {
+                return Outcome::Failed(reason);
+            }
+            forge_node::lockstep::run(move || {
+                vault
+                    .import(
+                        VOLUME,
+                        &source,
+                        &ImportOptions {
+                            message: String::new(),
+                            branch,
+                            dna: BTreeMap::new(),
+                            atime: false,
+                        },
+                        &no_passphrase,
+                        &Progress::new("import", false),
+                    )
+                    .map(|report| Outcome::Imported(report.snapshot))
+                    .map_err(|error| error.to_string())
+            })
+            .await
+        }
+        Operation::Delete(snapshot) => forge_node::lockstep::run(move || {
+            vault
+                .delete_snapshot(VOLUME, &snapshot.to_hex())
+                .map(|_| Outcome::Deleted)
+                .map_err(|error| error.to_string())
+        })
+        .await,
+        Operation::Export(snapshot) => {
+            let out = scratch.join("out");
+            let into = out.clone();
+            let exported = forge_node::lockstep::run(move || {
+                vault
+                    .export(
+                        VOLUME,
+                        &into,
+                        &SnapshotSelector::Id(snapshot.to_hex()),
+                        &ExportOptions::default(),
+                        &no_passphrase,
+                        &Progress::new("export", false),
+                    )
+                    .map_err(|error| error.to_string())
+            })
+            .await;
+            exported.and_then(|_| crate::sites::read_tree(&out).map(Outcome::Exported))
+        }
+        Operation::Gc => cluster
+            .group_gc(GROUP)
+            .await
+            .map(|reply| Outcome::Collected(reply.epoch))
+            .map_err(|error| error.to_string()),
+        Operation::Repair => cluster
+            .repair_group(GROUP)
+            .await
+            .map(|reply| {
+                let width = u64::from(reply.data_shards + reply.parity_shards);
+                let errors = reply
+                    .members
+                    .iter()
+                    .filter(|member| !member.error.is_empty())
+                    .count();
+                Outcome::Repaired {
+                    whole: errors == 0 && reply.shards_held == reply.chunks * width,
+                    summary: format!(
+                        "{} of {} shards held by their owners, {} rebuilt, {errors} members not answering",
+                        reply.shards_held,
+                        reply.chunks * width,
+                        reply.members.iter().map(|member| member.rebuilt).sum::<u64>()
+                    ),
+                }
+            })
+            .map_err(|error| error.to_string()),
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    outcome.unwrap_or_else(Outcome::Failed)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run -p forge-sim -- --seeds 200 [--seed S] [--nodes K]
-//!     [--faults LIST] [--minutes M] [--sim-seconds T] [--scenario sites|raft]
+//!     [--faults LIST] [--minutes M] [--sim-seconds T] [--scenario sites|groups|raft]
 //!     [--inject-bug NAME] [--list-bugs] [--jobs J] [--stop-at-first]
 //! ```
 //!
@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use forge_sim::groups::GroupsConfig;
 use forge_sim::sites::{FaultSet, SitesConfig};
 
 #[derive(Debug, Clone)]
@@ -35,16 +36,18 @@ struct Options {
 }
 
 const USAGE: &str = "usage: forge-sim [--seeds N] [--seed S] [--nodes K] [--faults LIST] \
-[--minutes M] [--sim-seconds T] [--scenario sites|raft] [--inject-bug NAME] [--list-bugs] \
+[--minutes M] [--sim-seconds T] [--scenario sites|groups|raft] [--inject-bug NAME] [--list-bugs] \
 [--jobs J] [--stop-at-first] [--quiet] [--verbose]
 
   --seeds N        seeds to run (default 1 with --seed, else 20)
   --seed S         the first seed (default: drawn from the clock); --seeds 1 replays S
-  --nodes K        sites (2-9; default: the seed chooses 2-4)
+  --nodes K        sites (2-9; default: the seed chooses 2-4), or group members
+                   (groups: 3-7; default: the seed chooses 3 or 5)
   --faults LIST    network,corruption,partitions,crashes,disk | all | none (default all)
   --minutes M      stop starting seeds after M minutes of real time
   --sim-seconds T  simulated length of each seed's workload (default 60)
-  --scenario NAME  sites (whole vaults syncing; default) or raft (one Raft group)
+  --scenario NAME  sites (whole vaults syncing; default), groups (whole nodes in one
+                   volume group: shards, repair, group gc) or raft (one Raft group)
   --inject-bug B   switch on a known bug (see --list-bugs): the run should fail
   --jobs J         seeds run at once (default: the cores)
   --stop-at-first  stop at the first failing seed
@@ -105,8 +108,8 @@ fn parse() -> Result<Option<Options>, String> {
             }
             "--scenario" => {
                 let name = arguments.next().ok_or("--scenario needs a name")?;
-                if name != "sites" && name != "raft" {
-                    return Err(format!("--scenario {name:?}: sites or raft"));
+                if !["sites", "groups", "raft"].contains(&name.as_str()) {
+                    return Err(format!("--scenario {name:?}: sites, groups or raft"));
                 }
                 options.scenario = name;
             }
@@ -189,6 +192,27 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
             ),
         };
     }
+    if options.scenario == "groups" {
+        let config = GroupsConfig::from_seed(
+            seed,
+            options.nodes,
+            options.faults,
+            Duration::from_secs(options.sim_seconds),
+        );
+        return match forge_sim::groups::run(seed, &config) {
+            Ok(report) => SeedOutcome::passed(&report),
+            Err(failure) => SeedOutcome::failed(
+                seed,
+                failed_text(
+                    options,
+                    seed,
+                    &failure.reason,
+                    Some(&format!("{config:?}")),
+                    &failure.events,
+                ),
+            ),
+        };
+    }
     let config = SitesConfig::from_seed(
         seed,
         options.nodes,
@@ -196,14 +220,7 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
         Duration::from_secs(options.sim_seconds),
     );
     match forge_sim::sites::run(seed, &config) {
-        Ok(report) => SeedOutcome {
-            seed,
-            trace: Some(report.trace),
-            simulated: report.simulated,
-            operations: report.operations,
-            faults: report.faults + report.message_faults,
-            failure: None,
-        },
+        Ok(report) => SeedOutcome::passed(&report),
         Err(failure) => SeedOutcome::failed(
             seed,
             failed_text(
@@ -218,6 +235,17 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
 }
 
 impl SeedOutcome {
+    fn passed(report: &forge_sim::sites::SitesReport) -> Self {
+        Self {
+            seed: report.seed,
+            trace: Some(report.trace),
+            simulated: report.simulated,
+            operations: report.operations,
+            faults: report.faults + report.message_faults,
+            failure: None,
+        }
+    }
+
     fn failed(seed: u64, text: String) -> Self {
         Self {
             seed,

@@ -398,7 +398,7 @@ impl Site {
 }
 
 /// A tree of 1–6 files: some carried over from `previous`, some changed, some new.
-fn next_tree(rng: &mut SimRng, previous: Option<&Tree>) -> Tree {
+pub(crate) fn next_tree(rng: &mut SimRng, previous: Option<&Tree>) -> Tree {
     let mut tree = previous.cloned().unwrap_or_default();
     let changes = rng.range(1, 4);
     for _ in 0..changes {
@@ -485,7 +485,7 @@ pub(crate) fn read_tree(root: &Path) -> Result<Tree, String> {
     Ok(tree)
 }
 
-fn describe_difference(expected: &Tree, found: &Tree) -> String {
+pub(crate) fn describe_difference(expected: &Tree, found: &Tree) -> String {
     for (name, bytes) in expected {
         match found.get(name) {
             None => return format!("{name} is missing"),

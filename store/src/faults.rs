@@ -35,6 +35,11 @@ pub const KNOWN_BUGS: &[KnownBug] = &[
                  entry is appended, before it is committed (forge-sim --scenario raft)",
     },
     KnownBug {
+        name: "repair-wrong-node",
+        effect: "a volume group's repair rebuilds each shard on the member placed after \
+                 its owner, not on the owner (forge-sim --scenario groups)",
+    },
+    KnownBug {
         name: "sync-skips-cid-check",
         effect: "a sync receiver stores chunks without checking that their bytes hash to \
                  their cid",

@@ -241,6 +241,35 @@ fn mem_crash_drops_exactly_what_was_not_durable() {
 }
 
 #[test]
+fn mem_power_cut_hands_the_disk_to_the_next_boot_and_the_old_process_writes_nothing() {
+    let engine = MemKv::new();
+    let mut synced = WriteBatch::new();
+    synced.put(Column::Refs, b"kept", b"1");
+    engine.write(synced, Durability::Synced).unwrap();
+    put(&engine, Column::Meta, b"unsynced", b"2");
+    let next = engine.power_cut(0);
+    assert_eq!(
+        next.get(Column::Refs, b"kept").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(next.get(Column::Meta, b"unsynced").unwrap(), None);
+    // The dead process's late write fails, and the next boot never sees it.
+    let mut late = WriteBatch::new();
+    late.put(Column::Refs, b"late", b"3");
+    assert!(matches!(
+        engine.write(late, Durability::Synced),
+        Err(KvError::Crashed)
+    ));
+    assert!(matches!(
+        engine.get(Column::Refs, b"kept"),
+        Err(KvError::Crashed)
+    ));
+    assert_eq!(next.get(Column::Refs, b"late").unwrap(), None);
+    put(&next, Column::Meta, b"after", b"4");
+    assert!(next.get(Column::Meta, b"after").unwrap().is_some());
+}
+
+#[test]
 fn mem_crash_keeps_a_prefix_of_the_unsynced_log_and_batches_stay_atomic() {
     let engine = MemKv::new();
     for index in 0..5u8 {

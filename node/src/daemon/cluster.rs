@@ -731,6 +731,24 @@ impl ClusterNode {
         Ok((self.members()?.len(), statuses))
     }
 
+    /// Every group running here (the cluster group first, then the volume groups by id)
+    /// with its applied index and records, read at one point in time each: members at the
+    /// same applied index of a group must hold the same records (the simulator checks it).
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub fn replica_states(&self) -> Result<Vec<(u64, forge_consensus::ReplicaState)>> {
+        let mut ids = self.table.ids();
+        ids.sort_unstable();
+        let mut states = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(group) = self.table.get(id) {
+                states.push((id, group.replica_state()?));
+            }
+        }
+        Ok(states)
+    }
+
     /// Starts the watch loop (once).
     fn watch(&self) {
         let mut watching = lock(&self.watching);

@@ -923,7 +923,13 @@ impl ClusterNode {
         for cid in chunks {
             summary.chunks += 1;
             let owners = place_shards(&cid, total, &view.nodes);
-            let mine: Vec<usize> = (0..total).filter(|index| owners[*index] == me).collect();
+            let mine: Vec<usize> = if forge_store::injected_bug!("repair-wrong-node") {
+                (0..total)
+                    .filter(|index| owners[(*index + 1) % total] == me)
+                    .collect()
+            } else {
+                (0..total).filter(|index| owners[*index] == me).collect()
+            };
             let end = prefix_end(cid.as_bytes());
             let local: Vec<(usize, Vec<u8>)> = vault
                 .kv()
@@ -1363,8 +1369,19 @@ impl ClusterNode {
             ];
             match apply_with_retry(&view.handle, &updates).await {
                 Ok(()) => return Ok(key),
-                // A sweep opened, or another pin went in: look again.
-                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {}
+                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {
+                    // An earlier try may have gone in with its answer lost (the retry then
+                    // conflicts on the pin itself, every time: the simulator saw an import
+                    // spin here for good). The key is this pin's alone.
+                    if read_with_retry(&view.handle, GROUP_GC.name(), &key)
+                        .await?
+                        .is_some()
+                    {
+                        return Ok(key);
+                    }
+                    // A sweep opened, or another pin went in: look again, shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(error) => return Err(error),
             }
         }

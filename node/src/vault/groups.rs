@@ -646,7 +646,17 @@ impl Vault {
                 ));
             }
         }
-        storage.publish(&volume, group, stored, &replicated)?;
+        if let Err(error) = storage.publish(&volume, group, stored, &replicated) {
+            self.forget_unpublished_heads(&volume, updates);
+            // What it stored here is the group's to sweep: unmarked, the group's gc would
+            // never free it (only a gc of this vault alone would).
+            let mut batch = WriteBatch::new();
+            Self::mark_grouped(&mut batch, group, stored);
+            if let Err(error) = self.kv.write(batch, forge_store::kv::Durability::Logged) {
+                tracing::warn!(%error, "marking an unpublished snapshot's data for the group's gc");
+            }
+            return Err(error);
+        }
         let mut batch = WriteBatch::new();
         Self::mark_grouped(&mut batch, group, stored);
         self.kv.write(batch, forge_store::kv::Durability::Logged)?;
@@ -658,6 +668,41 @@ impl Vault {
                 mirrored
             })
             .collect())
+    }
+
+    /// After a publish the group did not take: removes here the listing, index head and
+    /// lineage of each head it would have moved a ref to, written here just before it.
+    /// Left, such a snapshot is listed on this member only: every repair here counts its
+    /// chunks, whose shards the group never got, so the group never reads as whole again,
+    /// and gc keeps them. If the group did take it (its answer lost), the watch loop's next
+    /// mirror pass lists it here again.
+    fn forget_unpublished_heads(&self, volume: &VolumeId, updates: &[RecordUpdate]) {
+        let forgotten: Vec<RecordUpdate> = updates
+            .iter()
+            .filter(|update| update.space == RecordSpace::REFS)
+            .filter_map(|update| match &update.change {
+                Change::Put(value) => Cid::from_slice(value).ok(),
+                _ => None,
+            })
+            .flat_map(|snapshot| {
+                let key = [volume.as_bytes().as_slice(), snapshot.as_bytes()].concat();
+                [
+                    RecordSpace::SNAPSHOTS,
+                    RecordSpace::INDEX_HEADS,
+                    super::peers::LINEAGE,
+                ]
+                .map(|space| RecordUpdate::new(space, key.clone(), Expected::Any, Change::Delete))
+            })
+            .collect();
+        if forgotten.is_empty() {
+            return;
+        }
+        // Under the mirror's lock: a mirror pass that read the group before this cannot
+        // write its older view over it, and one after puts back what the group holds.
+        let _epoch = self.lock_mirror_epoch();
+        if let Err(error) = self.metadata.apply(&forgotten) {
+            tracing::warn!(%error, "forgetting a snapshot the group did not take");
+        }
     }
 
     /// Every chunk the listed snapshots of group `group`'s volumes reach here (their trees
@@ -992,6 +1037,7 @@ mod tests {
     use forge_store::kv::MemKv;
 
     use super::*;
+    use crate::error::IntegrityFault;
     use crate::test_support::vault_on;
 
     /// The command that created a group volume and the watch loop that saw it in the
@@ -1031,6 +1077,88 @@ mod tests {
                 "round {round}: {adopted:?}"
             );
         }
+    }
+
+    /// A group that refuses every publish (its members unreachable), as the importer sees it.
+    struct RefusingGroup;
+
+    impl GroupStorage for RefusingGroup {
+        fn pin(&self, _group: u64, _kind: &str) -> Result<Vec<u8>> {
+            Ok(b"pin".to_vec())
+        }
+        fn read(&self, _group: u64, _space: RecordSpace, _key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn unpin(&self, _group: u64, _key: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn publish(
+            &self,
+            _volume: &VolumeId,
+            _group: u64,
+            _named: &[Cid],
+            _updates: &[RecordUpdate],
+        ) -> Result<()> {
+            Err(NodeError::Cluster {
+                reason: "too few members took their shards".into(),
+            })
+        }
+        fn apply(&self, _group: u64, _updates: &[RecordUpdate]) -> Result<()> {
+            Ok(())
+        }
+        fn group_for_new_volume(
+            &self,
+            name: &str,
+        ) -> Result<(u64, ErasureLayout, Vec<NodePublicKeys>)> {
+            Err(NodeError::Cluster {
+                reason: format!("no group {name}"),
+            })
+        }
+        fn create_volume(&self, _group: u64, _volume: &GroupVolume) -> Result<()> {
+            Ok(())
+        }
+        fn fetch_chunk(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
+            Err(IntegrityFault::MissingObject { cid: *cid }.into())
+        }
+        fn fetch_object(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
+            Err(IntegrityFault::MissingObject { cid: *cid }.into())
+        }
+    }
+
+    /// Found by the simulator (`--scenario groups --seed 2`): an import the group did not
+    /// take left its snapshot listed on the importing member only, so that member's
+    /// repair counted chunks no other member had a shard of and the group never read as
+    /// whole again.
+    #[test]
+    fn an_import_the_group_refused_leaves_no_snapshot_listed_here() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = Arc::new(vault_on(temp.path(), Arc::new(MemKv::new()), 1));
+        let members = vec![vault.identity().public_keys().clone()];
+        let volume = vault
+            .new_group_volume("data", ErasureLayout::SINGLE, &members)
+            .unwrap();
+        assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
+        vault.set_group_storage(Arc::new(RefusingGroup));
+        let source = temp.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("file"), vec![7u8; 100_000]).unwrap();
+        let refused = vault.import(
+            "data",
+            &source,
+            &crate::vault::ImportOptions {
+                message: String::new(),
+                branch: "main".into(),
+                dna: std::collections::BTreeMap::new(),
+                atime: false,
+            },
+            &crate::vault::no_passphrase,
+            &crate::progress::Progress::new("import", false),
+        );
+        assert!(refused.is_err(), "{refused:?}");
+        let listed = vault
+            .list_snapshots("data", &crate::vault::no_passphrase)
+            .unwrap();
+        assert!(listed.is_empty(), "still listed here: {listed:?}");
     }
 
     /// A refresh of the mirror that read the group's state before a publish wrote here

@@ -116,6 +116,26 @@ impl MemKv {
         state.visible_bytes = visible_bytes;
     }
 
+    /// A power cut that ends the process using this store: the store returned is the
+    /// disk as the next boot finds it (as [`MemKv::crash`] leaves it), and this one is dead
+    /// for good, every call failing with [`KvError::Crashed`]. A thread of the dead process
+    /// that is still running (the simulator cannot stop a blocking call half way) then
+    /// writes nothing the next boot sees.
+    #[must_use]
+    pub fn power_cut(&self, surviving_unsynced_logged_batches: usize) -> Self {
+        let mut state = self.lock();
+        let disk = std::mem::take(&mut *state);
+        state.dead = true;
+        // Never armed again: `dead` stays set (nothing calls `crash` on a replaced store).
+        state.writes_before_death = None;
+        drop(state);
+        let next = Self {
+            state: Mutex::new(disk),
+        };
+        next.crash(surviving_unsynced_logged_batches);
+        next
+    }
+
     /// Bytes of live keys and values.
     #[must_use]
     pub fn live_bytes(&self) -> usize {

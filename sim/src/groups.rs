@@ -479,11 +479,18 @@ impl Member {
 /// One workload step, run on one member while the nemesis goes on.
 #[derive(Debug, Clone)]
 enum Operation {
-    Import { branch: String, tree: Tree },
+    Import {
+        branch: String,
+        tree: Tree,
+    },
     Delete(Cid),
     Export(Cid),
     Gc,
     Repair,
+    /// Cluster node `.0` into the group.
+    AddMember(usize, NodeId),
+    /// Member `.0` out of the group.
+    RemoveMember(usize, NodeId),
 }
 
 /// How a step ended.
@@ -494,6 +501,7 @@ enum Outcome {
     Exported(Tree),
     Collected(u64),
     Repaired { whole: bool, summary: String },
+    Membership(Vec<String>),
     Failed(String),
 }
 
@@ -620,7 +628,8 @@ struct GroupWorld {
 impl GroupWorld {
     async fn new(seed: u64, config: &GroupsConfig, root: &Path, log: Log) -> Result<Self, String> {
         let network = MemoryNetwork::new(seed);
-        let secrets: Vec<NodeSecrets> = (0..config.nodes)
+        // One cluster node more than the group: the spare that membership changes add.
+        let secrets: Vec<NodeSecrets> = (0..=config.nodes)
             .map(|index| node_identity(seed, index))
             .collect();
         let ids: Vec<NodeId> = secrets
@@ -709,7 +718,7 @@ impl GroupWorld {
         let (k, m) = (self.config.data_shards, self.config.parity_shards);
         settle("creating the group", || async {
             first
-                .create_group(GROUP, ids.to_vec(), k, m)
+                .create_group(GROUP, ids[..self.config.nodes].to_vec(), k, m)
                 .await
                 .map_err(|error| error.to_string())
         })
@@ -722,8 +731,9 @@ impl GroupWorld {
         })
         .await?;
         self.log.note(format!(
-            "{} members, group {GROUP} of {k}+{m} shards, volume {VOLUME}",
-            self.members.len()
+            "{} nodes, group {GROUP} of {k}+{m} shards on the first {}, volume {VOLUME}",
+            self.members.len(),
+            self.config.nodes
         ));
         Ok(())
     }
@@ -747,7 +757,7 @@ impl GroupWorld {
             if self.rng.chance(self.config.nemesis_percent) {
                 self.nemesis().await;
             } else if self.running.is_none() {
-                self.start_operation()?;
+                self.start_operation().await?;
             }
         }
         self.heal().await?;
@@ -804,16 +814,35 @@ impl GroupWorld {
         Ok(())
     }
 
-    /// Picks the next step and starts it on a member that is up.
-    fn start_operation(&mut self) -> Result<(), String> {
+    /// Picks the next step and starts it on a node that is up (a member of the group, but
+    /// for membership changes, which any cluster node may ask for).
+    async fn start_operation(&mut self) -> Result<(), String> {
+        let (group, retiring) = self.membership().await;
         let up: Vec<usize> = (0..self.members.len())
-            .filter(|index| self.members[*index].running.is_some())
+            .filter(|index| self.members[*index].running.is_some() && group.contains(index))
             .collect();
         if up.is_empty() {
             return Ok(());
         }
         let member = up[self.pick(up.len())];
-        let operation = match self.rng.range(0, 10) {
+        let operation = match self.rng.range(0, 11) {
+            // Membership changes under load: the spare in, or (with it in) a member out;
+            // a removal that could not finish (a member down) is asked for again.
+            10 => {
+                let outside: Vec<usize> = (0..self.members.len())
+                    .filter(|index| !group.contains(index))
+                    .collect();
+                if let Some(index) = retiring.first().copied() {
+                    Operation::RemoveMember(index, self.members[index].id)
+                } else if group.len() > self.config.nodes {
+                    let index = group[self.pick(group.len())];
+                    Operation::RemoveMember(index, self.members[index].id)
+                } else if let Some(index) = outside.first().copied() {
+                    Operation::AddMember(index, self.members[index].id)
+                } else {
+                    Operation::Repair
+                }
+            }
             0..=3 => self.next_import("main"),
             4 => self.next_import("side"),
             5 | 6 => match self.old_snapshot() {
@@ -944,6 +973,17 @@ impl GroupWorld {
                     self.damaged.clear();
                 }
                 self.log.note(format!("member {member}: {what}: {summary}"));
+            }
+            (_, Outcome::Membership(nodes)) => {
+                let members: Vec<String> = nodes
+                    .iter()
+                    .filter_map(|node| self.position_of_hex(node))
+                    .map(|index| index.to_string())
+                    .collect();
+                self.log.note(format!(
+                    "member {member}: {what}: the group is nodes {}",
+                    members.join(", ")
+                ));
             }
             (_, Outcome::Failed(reason)) => {
                 self.log
@@ -1091,7 +1131,11 @@ impl GroupWorld {
 
     async fn check(&mut self) -> Result<(), String> {
         self.check_replicas()?;
-        let cluster = self.members[0].node()?.cluster.clone();
+        let group = self.finish_removals().await?;
+        let Some(&coordinator) = group.first() else {
+            return Err("the group has no members left".into());
+        };
+        let cluster = self.members[coordinator].node()?.cluster.clone();
         let width = self.config.width() as u64;
         // Liveness: repair makes every chunk whole within the bound.
         let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
@@ -1106,6 +1150,24 @@ impl GroupWorld {
                         .filter(|error| !error.is_empty())
                         .collect();
                     if failed.is_empty() && reply.shards_held == reply.chunks * width {
+                        let members: Vec<String> = reply
+                            .members
+                            .iter()
+                            .map(|member| {
+                                format!(
+                                    "{}: {} chunks, {} held, {} rebuilt, {} released",
+                                    self.position_of_hex(&member.node_id).map_or_else(
+                                        || member.node_id.clone(),
+                                        |index| index.to_string()
+                                    ),
+                                    member.chunks,
+                                    member.held,
+                                    member.rebuilt,
+                                    member.released
+                                )
+                            })
+                            .collect();
+                        self.log.note(format!("repair: {}", members.join("; ")));
                         break;
                     }
                     let members: Vec<String> = reply
@@ -1160,13 +1222,16 @@ impl GroupWorld {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         self.log.note("group gc swept");
-        self.check_placement()?;
+        // The members again, as every node has them now (a change may have gone in
+        // with its answer lost, and a repair in the background moved shards for it).
+        let (group, _) = self.agreed_membership().await?;
+        self.check_placement(&group)?;
         self.log
             .note("every chunk's k+m shards are intact on the members placement names");
         // Every member agrees on the branches, each at least where its last acknowledged
         // import left it (a later import whose answer was lost may have moved it on).
         let mut heads: Option<Vec<(String, Cid)>> = None;
-        for member in &self.members {
+        for member in group.iter().map(|index| &self.members[*index]) {
             let vault = member.node()?.vault.clone();
             let expected = heads.clone();
             let branches = settle("reading the branches", || {
@@ -1195,7 +1260,7 @@ impl GroupWorld {
             }
         }
         // Every acknowledged snapshot restores byte-exact on every member.
-        for member in &self.members {
+        for member in group.iter().map(|index| &self.members[*index]) {
             let vault = member.node()?.vault.clone();
             for (snapshot, tree) in &self.kept {
                 export_matches(member.index, &vault, *snapshot, tree, &self.scratch)
@@ -1208,6 +1273,111 @@ impl GroupWorld {
             self.kept.len()
         ));
         Ok(())
+    }
+
+    /// The node at position `hex` (a NodeId in hex) among the cluster's nodes.
+    fn position_of_hex(&self, hex: &str) -> Option<usize> {
+        self.members
+            .iter()
+            .position(|member| member.id.to_hex() == hex)
+    }
+
+    /// The group's members and retiring members (node positions), as the first node up
+    /// has the cluster's record applied.
+    async fn membership(&self) -> (Vec<usize>, Vec<usize>) {
+        for member in &self.members {
+            let Some(node) = &member.running else {
+                continue;
+            };
+            let Ok(status) = node.cluster.status().await else {
+                continue;
+            };
+            let Some(info) = status.groups.iter().find(|group| group.name == GROUP) else {
+                continue;
+            };
+            let positions = |nodes: &[String]| -> Vec<usize> {
+                nodes
+                    .iter()
+                    .filter_map(|node| self.position_of_hex(node))
+                    .collect()
+            };
+            return (positions(&info.nodes), positions(&info.retiring));
+        }
+        ((0..self.config.nodes).collect(), Vec::new())
+    }
+
+    /// The group's members and retiring members once every node up has applied the same
+    /// record of it (one node's view may lag a change just made).
+    async fn agreed_membership(&self) -> Result<(Vec<usize>, Vec<usize>), String> {
+        settle("agreeing on the group's members", || async {
+            let mut seen: Option<(Vec<String>, Vec<String>)> = None;
+            for member in &self.members {
+                let Some(node) = &member.running else {
+                    continue;
+                };
+                let status = node
+                    .cluster
+                    .status()
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let info = status
+                    .groups
+                    .iter()
+                    .find(|group| group.name == GROUP)
+                    .ok_or_else(|| format!("node {} does not know the group", member.index))?;
+                let view = (info.nodes.clone(), info.retiring.clone());
+                match &seen {
+                    Some(first) if *first != view => {
+                        return Err(format!("node {} has another view", member.index));
+                    }
+                    Some(_) => {}
+                    None => seen = Some(view),
+                }
+            }
+            let (nodes, retiring) = seen.ok_or("no node is up")?;
+            let positions = |nodes: &[String]| -> Vec<usize> {
+                nodes
+                    .iter()
+                    .filter_map(|node| self.position_of_hex(node))
+                    .collect()
+            };
+            Ok((positions(&nodes), positions(&retiring)))
+        })
+        .await
+    }
+
+    /// Liveness after heal: a removal left unfinished (a member was down) finishes when
+    /// asked again. Returns the group's members then.
+    async fn finish_removals(&mut self) -> Result<Vec<usize>, String> {
+        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
+        loop {
+            let (group, retiring) = self.agreed_membership().await?;
+            let Some(&index) = retiring.first() else {
+                return Ok(group);
+            };
+            let Some(&asker) = group.first() else {
+                return Err("the group has no members left".into());
+            };
+            let cluster = self.members[asker].node()?.cluster.clone();
+            let outcome = cluster
+                .remove_group_node(GROUP, self.members[index].id)
+                .await;
+            self.log.note(format!(
+                "member {asker}: finishing the removal of node {index}: {}",
+                outcome
+                    .as_ref()
+                    .map_or_else(ToString::to_string, |_| "done".to_owned())
+            ));
+            if outcome.is_err() {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "the removal of node {index} did not finish within {} s (simulated) of heal",
+                        SETTLE_AFTER_HEAL.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
     }
 
     /// What each member holds, for a failure's report: its snapshots of the volume and
@@ -1247,12 +1417,14 @@ impl GroupWorld {
     /// Repair's own report aside: every chunk any member holds a shard of has each of its
     /// k+m shards intact (its record decodes, checksum and index) on the member placement
     /// names for it.
-    fn check_placement(&self) -> Result<(), String> {
-        let nodes: Vec<NodeId> = self.members.iter().map(|member| member.id).collect();
+    fn check_placement(&self, group: &[usize]) -> Result<(), String> {
+        let nodes: Vec<NodeId> = group.iter().map(|index| self.members[*index].id).collect();
         let width = self.config.width();
         let mut intact: BTreeSet<(Vec<u8>, usize, usize)> = BTreeSet::new();
         let mut chunks: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for member in &self.members {
+        // A node out of the group keeps what it held (nothing sweeps it): only members'
+        // disks name the chunks the group must hold.
+        for member in group.iter().map(|index| &self.members[*index]) {
             let records = member
                 .kv
                 .scan(Column::Shards, &[], None, usize::MAX)
@@ -1314,6 +1486,8 @@ fn describe(operation: &Operation) -> String {
         Operation::Export(snapshot) => format!("export of snapshot {snapshot}"),
         Operation::Gc => "group gc".into(),
         Operation::Repair => "group repair".into(),
+        Operation::AddMember(index, _) => format!("adding node {index} to the group"),
+        Operation::RemoveMember(index, _) => format!("removing node {index} from the group"),
     }
 }
 
@@ -1378,6 +1552,16 @@ async fn perform(
             .group_gc(GROUP)
             .await
             .map(|reply| Outcome::Collected(reply.epoch))
+            .map_err(|error| error.to_string()),
+        Operation::AddMember(_, node) => cluster
+            .add_group_node(GROUP, node)
+            .await
+            .map(|info| Outcome::Membership(info.nodes))
+            .map_err(|error| error.to_string()),
+        Operation::RemoveMember(_, node) => cluster
+            .remove_group_node(GROUP, node)
+            .await
+            .map(|info| Outcome::Membership(info.nodes))
             .map_err(|error| error.to_string()),
         Operation::Repair => cluster
             .repair_group(GROUP)

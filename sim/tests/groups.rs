@@ -13,8 +13,12 @@ use forge_sim::sites::FaultSet;
 /// Seeds kept because they once failed: 2, an import the group refused stayed listed on
 /// its member (repair never whole) and its chunks there were never collected; 105, a
 /// write pin whose answer was lost made the import spin on its own pin for good. 1 and
-/// 110 run five members (a 2+2 layout), 110 with crashes during a repair.
-const REGRESSION_SEEDS: [u64; 4] = [1, 2, 105, 110];
+/// 110 run five members (a 2+2 layout), 110 with crashes during a repair; 415 adds the
+/// spare to the group just before heal (the checker once judged placement by a node's
+/// view that had not applied it yet); 189424362 (found by CI's random seeds): an add of a
+/// member whose key wrap went in with its answer lost stopped half done, and the group
+/// never read as whole again.
+const REGRESSION_SEEDS: [u64; 6] = [1, 2, 105, 110, 415, 189_424_362];
 
 #[test]
 fn regression_seeds_keep_every_invariant() {

@@ -1180,7 +1180,9 @@ impl ClusterNode {
     /// it as placement now says, by repair in the background.
     ///
     /// # Errors
-    /// Not a member; in the group already; this node not in it; no quorum.
+    /// Not a member; this node not in it; no quorum. Adding a node the group's record
+    /// lists already finishes what an interrupted add left undone (its keys, its place
+    /// in the Raft group) and succeeds.
     pub async fn add_group_node(
         &self,
         name: &str,
@@ -1201,7 +1203,9 @@ impl ClusterNode {
                     )));
                 }
                 if record.nodes.contains(node.as_bytes()) {
-                    return Err(cluster_error(format!("node {node} is in volume group {name} already")));
+                    // In the record already: an add interrupted after it (its keys or
+                    // its Raft membership not done, say an answer lost) finishes now.
+                    return Ok(record.clone());
                 }
                 let mut changed = record.clone();
                 changed.nodes.push(*node.as_bytes());
@@ -1211,27 +1215,56 @@ impl ClusterNode {
             .await?;
         let view = self.view_of(name.to_owned(), &record)?;
         // Its keys first: it adopts the volumes as soon as it runs the group.
-        for (_, value) in view.handle.local_records(VOLUMES.name(), b"")? {
-            let volume = GroupVolume::decode(&value)?;
-            if volume
-                .envelopes
-                .iter()
-                .any(|(holder, _)| holder == node.as_bytes())
-            {
-                continue;
-            }
-            let rewrapped = self.vault().wrap_group_volume_to(&volume, &keys[0])?;
-            let update = RecordUpdate::new(
-                VOLUMES,
-                volume.volume.name.as_bytes().to_vec(),
-                Expected::Value(value.clone()),
-                Change::Put(rewrapped.encode()),
-            );
-            apply_with_retry(&view.handle, &[update]).await?;
+        for (key, _) in view.handle.local_records(VOLUMES.name(), b"")? {
+            self.wrap_volume_to(&view, &key, &keys[0]).await?;
         }
         view.handle.add_member(&node).await?;
         self.after_membership_change(name);
         Ok(self.group_info(name, &record))
+    }
+
+    /// Adds an envelope of group volume `key`'s keys for `member` (none if it has one),
+    /// by compare-and-swap on the group's record of it, again from what it is now when
+    /// it changed meanwhile (another writer, or this one's earlier try that went in with
+    /// its answer lost: the simulator saw an add stop half done there).
+    async fn wrap_volume_to(
+        &self,
+        view: &GroupView,
+        key: &[u8],
+        member: &NodePublicKeys,
+    ) -> Result<()> {
+        let holder = member.node_id();
+        for _ in 0..20 {
+            let Some(value) = read_with_retry(&view.handle, VOLUMES.name(), key).await? else {
+                return Ok(());
+            };
+            let volume = GroupVolume::decode(&value)?;
+            if volume
+                .envelopes
+                .iter()
+                .any(|(node, _)| node == holder.as_bytes())
+            {
+                return Ok(());
+            }
+            let rewrapped = self.vault().wrap_group_volume_to(&volume, member)?;
+            let update = RecordUpdate::new(
+                VOLUMES,
+                key.to_vec(),
+                Expected::Value(value),
+                Change::Put(rewrapped.encode()),
+            );
+            match apply_with_retry(&view.handle, &[update]).await {
+                Ok(()) => return Ok(()),
+                Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(cluster_error(format!(
+            "group volume {} kept changing while its keys were wrapped to node {holder}: run the add again",
+            String::from_utf8_lossy(key)
+        )))
     }
 
     /// Takes `node` out of volume group `name`: out of placement at once (its shards get

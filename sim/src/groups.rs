@@ -621,6 +621,9 @@ struct GroupWorld {
     /// Crashed members and when they come back.
     down_until: BTreeMap<usize, tokio::time::Instant>,
     partitioned: bool,
+    /// A node lost for good (its disks gone): never restarted; the group must replace it
+    /// (the spare in, it out) and make every chunk whole without it.
+    lost: Option<usize>,
     running: Option<Running>,
     steps: u64,
 }
@@ -677,6 +680,7 @@ impl GroupWorld {
             damaged: BTreeMap::new(),
             down_until: BTreeMap::new(),
             partitioned: false,
+            lost: None,
             running: None,
             steps: 0,
         };
@@ -832,12 +836,29 @@ impl GroupWorld {
                 let outside: Vec<usize> = (0..self.members.len())
                     .filter(|index| !group.contains(index))
                     .collect();
-                if let Some(index) = retiring.first().copied() {
+                let lost_member = self.lost.filter(|lost| group.contains(lost));
+                if let Some(lost) = lost_member {
+                    // Replace it: the spare in first when the layout needs every member.
+                    match outside
+                        .iter()
+                        .copied()
+                        .find(|index| Some(*index) != self.lost)
+                    {
+                        Some(spare) if group.len() - 1 < self.config.width() => {
+                            Operation::AddMember(spare, self.members[spare].id)
+                        }
+                        _ => Operation::RemoveMember(lost, self.members[lost].id),
+                    }
+                } else if let Some(index) = retiring.first().copied() {
                     Operation::RemoveMember(index, self.members[index].id)
                 } else if group.len() > self.config.nodes {
                     let index = group[self.pick(group.len())];
                     Operation::RemoveMember(index, self.members[index].id)
-                } else if let Some(index) = outside.first().copied() {
+                } else if let Some(index) = outside
+                    .iter()
+                    .copied()
+                    .find(|index| Some(*index) != self.lost)
+                {
                     Operation::AddMember(index, self.members[index].id)
                 } else {
                     Operation::Repair
@@ -1042,7 +1063,9 @@ impl GroupWorld {
                 let busy = self.running.as_ref().map(|running| running.member);
                 if self.down_until.contains_key(&index)
                     || busy == Some(index)
-                    || self.down_until.len() >= self.config.tolerated_down()
+                    || self.lost == Some(index)
+                    || self.down_until.len() + usize::from(self.lost.is_some())
+                        >= self.config.tolerated_down()
                 {
                     return;
                 }
@@ -1057,6 +1080,27 @@ impl GroupWorld {
                 ));
             }
             2 if faults.disk => self.damage_shard(),
+            // A node lost for good, once per run, within the crash budget.
+            // (Only with no damage since the last whole repair: its shards count as bad.)
+            3 if faults.crashes
+                && self.lost.is_none()
+                && self.damaged.is_empty()
+                && self.rng.chance(20) =>
+            {
+                let index = self.pick(self.members.len());
+                let busy = self.running.as_ref().map(|running| running.member);
+                if self.down_until.contains_key(&index)
+                    || busy == Some(index)
+                    || self.down_until.len() + 1 > self.config.tolerated_down()
+                {
+                    return;
+                }
+                self.members[index].crash(&self.network, 0).await;
+                self.lost = Some(index);
+                self.report.faults += 1;
+                self.log
+                    .note(format!("node {index} lost for good (its disks gone)"));
+            }
             _ => {}
         }
     }
@@ -1077,8 +1121,10 @@ impl GroupWorld {
             return;
         };
         let shard = u16::from_be_bytes([high, low]);
+        // A node lost for good took one shard of every chunk with it: one less to damage.
+        let budget = self.config.parity_shards as usize - usize::from(self.lost.is_some());
         let bad = self.damaged.get(chunk).map_or(0, BTreeSet::len);
-        if bad >= self.config.parity_shards as usize || value.is_empty() {
+        if bad >= budget || value.is_empty() {
             return;
         }
         let at = self.pick(value.len());
@@ -1131,6 +1177,7 @@ impl GroupWorld {
 
     async fn check(&mut self) -> Result<(), String> {
         self.check_replicas()?;
+        self.replace_lost().await?;
         let group = self.finish_removals().await?;
         let Some(&coordinator) = group.first() else {
             return Err("the group has no members left".into());
@@ -1344,6 +1391,53 @@ impl GroupWorld {
             Ok((positions(&nodes), positions(&retiring)))
         })
         .await
+    }
+
+    /// Liveness after heal: a node lost for good leaves the group (the spare added first
+    /// when the layout needs every member), its shards rebuilt on the others.
+    async fn replace_lost(&mut self) -> Result<(), String> {
+        let Some(lost) = self.lost else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
+        loop {
+            let (group, retiring) = self.agreed_membership().await?;
+            if !group.contains(&lost) && !retiring.contains(&lost) {
+                self.log.note(format!("node {lost} is out of the group"));
+                return Ok(());
+            }
+            let Some(&asker) = group.iter().find(|index| **index != lost) else {
+                return Err("the group has no members but the lost node".into());
+            };
+            let cluster = self.members[asker].node()?.cluster.clone();
+            let spare =
+                (0..self.members.len()).find(|index| !group.contains(index) && *index != lost);
+            let outcome = match spare {
+                Some(spare) if group.len() - 1 < self.config.width() => cluster
+                    .add_group_node(GROUP, self.members[spare].id)
+                    .await
+                    .map(|_| format!("node {spare} added")),
+                _ => cluster
+                    .remove_group_node(GROUP, self.members[lost].id)
+                    .await
+                    .map(|_| format!("node {lost} removed")),
+            };
+            self.log.note(format!(
+                "member {asker}: replacing lost node {lost}: {}",
+                outcome
+                    .as_ref()
+                    .map_or_else(ToString::to_string, Clone::clone)
+            ));
+            if outcome.is_err() {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "lost node {lost} was not replaced within {} s (simulated) of heal",
+                        SETTLE_AFTER_HEAL.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
     }
 
     /// Liveness after heal: a removal left unfinished (a member was down) finishes when

@@ -17,8 +17,9 @@ use forge_sim::sites::FaultSet;
 /// spare to the group just before heal (the checker once judged placement by a node's
 /// view that had not applied it yet); 189424362 (found by CI's random seeds): an add of a
 /// member whose key wrap went in with its answer lost stopped half done, and the group
-/// never read as whole again.
-const REGRESSION_SEEDS: [u64; 6] = [1, 2, 105, 110, 415, 189_424_362];
+/// never read as whole again; 9002 loses a node for good and replaces it (a dead member
+/// could once never be removed: the removal waited for its own answer).
+const REGRESSION_SEEDS: [u64; 7] = [1, 2, 105, 110, 415, 9002, 189_424_362];
 
 #[test]
 fn regression_seeds_keep_every_invariant() {

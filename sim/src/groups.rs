@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodeSecrets};
@@ -42,7 +42,7 @@ use forge_store::erasure::ShardRecord;
 use forge_store::kv::{Column, Durability, KvEngine, MemKv, WriteBatch};
 
 use crate::SimRng;
-use crate::sites::{FaultSet, SitesFailure, SitesReport, Tree};
+use crate::sites::{FaultSet, Log, SitesFailure, SitesReport, Tree};
 
 /// The simulated network needs no addresses: a member is reached by its id.
 struct NoAddresses(Arc<MemoryPeer>, Vec<NodeId>);
@@ -74,48 +74,6 @@ fn node_identity(seed: u64, index: usize) -> NodeSecrets {
         *byte = rng.next_u64().to_le_bytes()[0];
     }
     NodeSecrets::from_seed_bytes(secret)
-}
-
-fn start_node(
-    seed: u64,
-    index: usize,
-    secrets: &NodeSecrets,
-    peer: Arc<MemoryPeer>,
-    everyone: Vec<NodeId>,
-    root: &Path,
-) -> Result<Node, String> {
-    let dir = root.join(format!("node-{index}"));
-    std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
-    let parts = VaultParts {
-        kv: Arc::new(MemKv::new()),
-        metadata: None,
-        clock: Arc::new(SteppingClock::new(
-            1_800_000_000_000_000_000 + i64::try_from(index).unwrap_or(0) * 1_000_000_000,
-            1_000_000,
-        )),
-        randomness: Arc::new(SeededRandomness::new(seed ^ (index as u64) << 40)),
-        threads: 1,
-    };
-    let vault = Arc::new(
-        Vault::from_parts(
-            &DataDir::new(dir),
-            NodeIdentity::from_secrets(secrets),
-            parts,
-        )
-        .map_err(|error| format!("node {index} did not open: {error}"))?,
-    );
-    let cluster = ClusterNode::start_with(
-        vault.clone(),
-        ClusterParts {
-            net: peer.clone(),
-            addresses: Arc::new(NoAddresses(peer, everyone)),
-            raft_kv: Arc::new(MemKv::new()),
-            syncer: None,
-            seed: Some(seed ^ (index as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)),
-        },
-    )
-    .map_err(|error| format!("node {index}'s cluster did not start: {error}"))?;
-    Ok(Node { vault, cluster })
 }
 
 /// What a run of the smoke scenario saw.
@@ -222,11 +180,14 @@ async fn smoke_on(seed: u64, root: &Path) -> Result<GroupsReport, String> {
         .iter()
         .map(|secrets| NodeIdentity::from_secrets(secrets).node_id())
         .collect();
-    let mut nodes = Vec::new();
+    let mut members = Vec::new();
     for (index, secrets) in secrets.iter().enumerate() {
-        let peer = network.join(ids[index]);
-        nodes.push(start_node(seed, index, secrets, peer, ids.clone(), root)?);
+        members.push(Member::new(seed, index, secrets, &network, &ids, root)?);
     }
+    let nodes = members
+        .iter()
+        .map(Member::node)
+        .collect::<Result<Vec<&Node>, String>>()?;
     // Every node knows the others' keys (as `forge peer add` would make it).
     for (index, node) in nodes.iter().enumerate() {
         for (other, secrets) in secrets.iter().enumerate() {
@@ -418,6 +379,40 @@ struct Member {
 }
 
 impl Member {
+    /// Node `index` of `everyone`, on fresh disks, started.
+    fn new(
+        seed: u64,
+        index: usize,
+        secrets: &NodeSecrets,
+        network: &MemoryNetwork,
+        everyone: &[NodeId],
+        root: &Path,
+    ) -> Result<Self, String> {
+        let dir = root.join(format!("node-{index}"));
+        std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
+        let mut member = Self {
+            index,
+            id: everyone[index],
+            secrets: secrets.clone(),
+            kv: Arc::new(MemKv::new()),
+            raft_kv: Arc::new(MemKv::new()),
+            // Clock skew: each member's clock starts up to two minutes off.
+            clock: Arc::new(SteppingClock::new(
+                1_800_000_000_000_000_000
+                    + i64::try_from(SimRng::new(seed ^ index as u64).range(0, 120)).unwrap_or(0)
+                        * 1_000_000_000,
+                1_000_000,
+            )),
+            dir,
+            peer: network.join(everyone[index]),
+            everyone: everyone.to_vec(),
+            running: None,
+            boots: 0,
+        };
+        member.start(seed)?;
+        Ok(member)
+    }
+
     fn start(&mut self, seed: u64) -> Result<(), String> {
         self.boots += 1;
         let parts = VaultParts {
@@ -513,35 +508,6 @@ struct Running {
     started: tokio::time::Instant,
 }
 
-/// The run's event log, stamped with simulated time.
-#[derive(Clone)]
-struct Log {
-    started: tokio::time::Instant,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-impl Log {
-    fn note(&self, event: impl AsRef<str>) {
-        let millis = self.started.elapsed().as_millis();
-        let line = format!("{millis:>7} ms {}", event.as_ref());
-        // A seed that runs long shows where it is as it goes.
-        if std::env::var_os("FORGE_SIM_LIVE").is_some() {
-            eprintln!("{line}");
-        }
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(line);
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
 /// Runs the groups scenario for `seed`: see the module's documentation.
 ///
 /// # Errors
@@ -565,10 +531,7 @@ pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure
         let runtime =
             crate::runtime(seed).map_err(|error| failure(error.to_string(), Vec::new()))?;
         runtime.block_on(async {
-            let log = Log {
-                started: tokio::time::Instant::now(),
-                events: Arc::new(Mutex::new(Vec::new())),
-            };
+            let log = Log::starting_now();
             let mut world = match GroupWorld::new(seed, &config, &root, log.clone()).await {
                 Ok(world) => world,
                 Err(reason) => return Err(failure(reason, log.snapshot())),
@@ -641,29 +604,7 @@ impl GroupWorld {
             .collect();
         let mut members = Vec::new();
         for (index, secrets) in secrets.iter().enumerate() {
-            let dir = root.join(format!("node-{index}"));
-            std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
-            let mut member = Member {
-                index,
-                id: ids[index],
-                secrets: secrets.clone(),
-                kv: Arc::new(MemKv::new()),
-                raft_kv: Arc::new(MemKv::new()),
-                // Clock skew: each member's clock is up to a minute off, at its own pace.
-                clock: Arc::new(SteppingClock::new(
-                    1_800_000_000_000_000_000
-                        + i64::try_from(SimRng::new(seed ^ index as u64).range(0, 120))
-                            .unwrap_or(0)
-                            * 1_000_000_000,
-                    1_000_000,
-                )),
-                dir,
-                peer: network.join(ids[index]),
-                everyone: ids.clone(),
-                running: None,
-                boots: 0,
-            };
-            member.start(seed)?;
+            let member = Member::new(seed, index, secrets, &network, &ids, root)?;
             members.push(member);
         }
         let mut world = Self {

@@ -192,34 +192,16 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
             ),
         };
     }
-    if options.scenario == "groups" {
-        let config = GroupsConfig::from_seed(
-            seed,
-            options.nodes,
-            options.faults,
-            Duration::from_secs(options.sim_seconds),
-        );
-        return match forge_sim::groups::run(seed, &config) {
-            Ok(report) => SeedOutcome::passed(&report),
-            Err(failure) => SeedOutcome::failed(
-                seed,
-                failed_text(
-                    options,
-                    seed,
-                    &failure.reason,
-                    Some(&format!("{config:?}")),
-                    &failure.events,
-                ),
-            ),
-        };
-    }
-    let config = SitesConfig::from_seed(
-        seed,
-        options.nodes,
-        options.faults,
-        Duration::from_secs(options.sim_seconds),
-    );
-    match forge_sim::sites::run(seed, &config) {
+    let sim_seconds = Duration::from_secs(options.sim_seconds);
+    // Both whole-stack scenarios report alike; the configuration is printed on failure.
+    let (outcome, config) = if options.scenario == "groups" {
+        let config = GroupsConfig::from_seed(seed, options.nodes, options.faults, sim_seconds);
+        (forge_sim::groups::run(seed, &config), format!("{config:?}"))
+    } else {
+        let config = SitesConfig::from_seed(seed, options.nodes, options.faults, sim_seconds);
+        (forge_sim::sites::run(seed, &config), format!("{config:?}"))
+    };
+    match outcome {
         Ok(report) => SeedOutcome::passed(&report),
         Err(failure) => SeedOutcome::failed(
             seed,
@@ -227,7 +209,7 @@ fn run_seed(options: &Options, seed: u64) -> SeedOutcome {
                 options,
                 seed,
                 &failure.reason,
-                Some(&format!("{config:?}")),
+                Some(&config),
                 &failure.events,
             ),
         ),

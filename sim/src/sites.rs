@@ -248,23 +248,36 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The run's event log, stamped with simulated time.
+/// The run's event log, stamped with simulated time (the groups scenario's too).
 #[derive(Clone)]
-struct Log {
-    started: tokio::time::Instant,
+pub(crate) struct Log {
+    pub(crate) started: tokio::time::Instant,
     events: Arc<Mutex<Vec<String>>>,
 }
 
 impl Log {
-    fn note(&self, event: impl AsRef<str>) {
+    /// An empty log whose times count from now.
+    pub(crate) fn starting_now() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            events: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub(crate) fn note(&self, event: impl AsRef<str>) {
         let millis = self.started.elapsed().as_millis();
+        let line = format!("{millis:>7} ms {}", event.as_ref());
+        // A seed that runs long shows where it is as it goes.
+        if std::env::var_os("FORGE_SIM_LIVE").is_some() {
+            eprintln!("{line}");
+        }
         self.events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(format!("{millis:>7} ms {}", event.as_ref()));
+            .push(line);
     }
 
-    fn snapshot(&self) -> Vec<String> {
+    pub(crate) fn snapshot(&self) -> Vec<String> {
         self.events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -559,10 +572,7 @@ pub fn run(seed: u64, config: &SitesConfig) -> Result<SitesReport, SitesFailure>
         forge_store::faults::points::arm(seed, &[("sync-sender-bitflip", 2)]);
     }
     let outcome = runtime.block_on(async {
-        let log = Log {
-            started: tokio::time::Instant::now(),
-            events: Arc::new(Mutex::new(Vec::new())),
-        };
+        let log = Log::starting_now();
         let mut world = World::new(seed, config, scratch.path(), log.clone())
             .map_err(|reason| failure(reason, log.snapshot()))?;
         let outcome = world.run().await;

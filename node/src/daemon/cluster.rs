@@ -738,8 +738,8 @@ impl ClusterNode {
     /// # Errors
     /// Engine failures.
     pub fn replica_states(&self) -> Result<Vec<(u64, forge_consensus::ReplicaState)>> {
-        let mut ids = self.table.ids();
-        ids.sort_unstable();
+        // In id order (the table is a sorted map): the cluster group, 0, first.
+        let ids = self.table.ids();
         let mut states = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(group) = self.table.get(id) {

@@ -697,9 +697,8 @@ impl Vault {
         if forgotten.is_empty() {
             return;
         }
-        // Under the mirror's lock: a mirror pass that read the group before this cannot
-        // write its older view over it, and one after puts back what the group holds.
-        let _epoch = self.lock_mirror_epoch();
+        // A mirror pass never deletes and puts back only what the group holds: no lock
+        // against it is needed.
         if let Err(error) = self.metadata.apply(&forgotten) {
             tracing::warn!(%error, "forgetting a snapshot the group did not take");
         }

@@ -89,19 +89,40 @@ pub struct GroupsReport {
 
 /// Retries `attempt` (an async step that may need the cluster to settle) every 100 ms of
 /// simulated time, for at most a minute.
-async fn settle<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, String>
+async fn settle<T, F, Fut>(what: &str, attempt: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    settle_within(
+        what,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        attempt,
+    )
+    .await
+}
+
+/// Retries `attempt` every `every` of simulated time until it succeeds, for at most
+/// `bound`; then fails with `what` and the last attempt's error.
+async fn settle_within<T, F, Fut>(
+    what: &str,
+    bound: Duration,
+    every: Duration,
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!("{what}: {error}"));
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => tokio::time::sleep(every).await,
         }
     }
 }
@@ -1126,89 +1147,56 @@ impl GroupWorld {
         let cluster = self.members[coordinator].node()?.cluster.clone();
         let width = self.config.width() as u64;
         // Liveness: repair makes every chunk whole within the bound.
-        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
-        loop {
-            let reply = cluster.repair_group(GROUP).await;
-            let summary = match &reply {
-                Ok(reply) => {
-                    let failed: Vec<&str> = reply
-                        .members
-                        .iter()
-                        .map(|member| member.error.as_str())
-                        .filter(|error| !error.is_empty())
-                        .collect();
-                    if failed.is_empty() && reply.shards_held == reply.chunks * width {
-                        let members: Vec<String> = reply
-                            .members
-                            .iter()
-                            .map(|member| {
-                                format!(
-                                    "{}: {} chunks, {} held, {} rebuilt, {} released",
-                                    self.position_of_hex(&member.node_id).map_or_else(
-                                        || member.node_id.clone(),
-                                        |index| index.to_string()
-                                    ),
-                                    member.chunks,
-                                    member.held,
-                                    member.rebuilt,
-                                    member.released
-                                )
-                            })
-                            .collect();
-                        self.log.note(format!("repair: {}", members.join("; ")));
-                        break;
-                    }
-                    let members: Vec<String> = reply
-                        .members
-                        .iter()
-                        .map(|member| {
-                            format!(
-                                "{}: {} chunks, {} held, {} rebuilt, {} in backlog",
-                                &member.node_id[..8],
-                                member.chunks,
-                                member.held,
-                                member.rebuilt,
-                                member.backlog
-                            )
-                        })
-                        .collect();
-                    format!(
+        let within = format!(
+            "within {} s (simulated) of heal",
+            SETTLE_AFTER_HEAL.as_secs()
+        );
+        let repaired = settle_within(
+            &format!("repair did not make every chunk whole {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                let reply = cluster
+                    .repair_group(GROUP)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let failed: Vec<&str> = reply
+                    .members
+                    .iter()
+                    .map(|member| member.error.as_str())
+                    .filter(|error| !error.is_empty())
+                    .collect();
+                if failed.is_empty() && reply.shards_held == reply.chunks * width {
+                    Ok(self.describe_repair(&reply))
+                } else {
+                    Err(format!(
                         "{} of {} shards held ({}), errors: {failed:?}",
                         reply.shards_held,
                         reply.chunks * width,
-                        members.join("; ")
-                    )
+                        self.describe_repair(&reply)
+                    ))
                 }
-                Err(error) => error.to_string(),
-            };
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!(
-                    "repair did not make every chunk whole within {} s (simulated) of heal: {summary}; {}",
-                    SETTLE_AFTER_HEAL.as_secs(),
-                    self.diagnose()
-                ));
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
+            },
+        )
+        .await
+        .map_err(|reason| format!("{reason}; {}", self.diagnose()))?;
+        self.log.note(format!("repair: {repaired}"));
         self.log.note("repair reports every chunk whole");
         // Garbage from failed imports and deleted snapshots goes; nothing reachable may.
-        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
-        loop {
-            match cluster.group_gc(GROUP).await {
-                Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
-                    break;
-                }
-                outcome => {
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(format!(
-                            "group gc did not succeed within {} s (simulated) of heal: {outcome:?}",
-                            SETTLE_AFTER_HEAL.as_secs()
-                        ));
+        settle_within(
+            &format!("group gc did not succeed {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                match cluster.group_gc(GROUP).await {
+                    Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
+                        Ok(())
                     }
+                    outcome => Err(format!("{outcome:?}")),
                 }
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
+            },
+        )
+        .await?;
         self.log.note("group gc swept");
         // The members again, as every node has them now (a change may have gone in
         // with its answer lost, and a repair in the background moved shards for it).
@@ -1336,83 +1324,107 @@ impl GroupWorld {
 
     /// Liveness after heal: a node lost for good leaves the group (the spare added first
     /// when the layout needs every member), its shards rebuilt on the others.
-    async fn replace_lost(&mut self) -> Result<(), String> {
+    async fn replace_lost(&self) -> Result<(), String> {
         let Some(lost) = self.lost else {
             return Ok(());
         };
-        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
-        loop {
-            let (group, retiring) = self.agreed_membership().await?;
-            if !group.contains(&lost) && !retiring.contains(&lost) {
-                self.log.note(format!("node {lost} is out of the group"));
-                return Ok(());
-            }
-            let Some(&asker) = group.iter().find(|index| **index != lost) else {
-                return Err("the group has no members but the lost node".into());
-            };
-            let cluster = self.members[asker].node()?.cluster.clone();
-            let spare =
-                (0..self.members.len()).find(|index| !group.contains(index) && *index != lost);
-            let outcome = match spare {
-                Some(spare) if group.len() - 1 < self.config.width() => cluster
-                    .add_group_node(GROUP, self.members[spare].id)
-                    .await
-                    .map(|_| format!("node {spare} added")),
-                _ => cluster
-                    .remove_group_node(GROUP, self.members[lost].id)
-                    .await
-                    .map(|_| format!("node {lost} removed")),
-            };
-            self.log.note(format!(
-                "member {asker}: replacing lost node {lost}: {}",
-                outcome
-                    .as_ref()
-                    .map_or_else(ToString::to_string, Clone::clone)
-            ));
-            if outcome.is_err() {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "lost node {lost} was not replaced within {} s (simulated) of heal",
-                        SETTLE_AFTER_HEAL.as_secs()
-                    ));
+        settle_within(
+            &format!(
+                "lost node {lost} was not replaced within {} s (simulated) of heal",
+                SETTLE_AFTER_HEAL.as_secs()
+            ),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                let (group, retiring) = self.agreed_membership().await?;
+                if !group.contains(&lost) && !retiring.contains(&lost) {
+                    self.log.note(format!("node {lost} is out of the group"));
+                    return Ok(());
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+                let Some(&asker) = group.iter().find(|index| **index != lost) else {
+                    return Err("the group has no members but the lost node".into());
+                };
+                let cluster = self.members[asker].node()?.cluster.clone();
+                let spare =
+                    (0..self.members.len()).find(|index| !group.contains(index) && *index != lost);
+                let outcome = match spare {
+                    Some(spare) if group.len() - 1 < self.config.width() => cluster
+                        .add_group_node(GROUP, self.members[spare].id)
+                        .await
+                        .map(|_| format!("node {spare} added")),
+                    _ => cluster
+                        .remove_group_node(GROUP, self.members[lost].id)
+                        .await
+                        .map(|_| format!("node {lost} removed")),
+                };
+                self.log.note(format!(
+                    "member {asker}: replacing lost node {lost}: {}",
+                    outcome
+                        .as_ref()
+                        .map_or_else(ToString::to_string, Clone::clone)
+                ));
+                // A step done: look again (the lost node may be in the group still).
+                outcome.map_err(|error| error.to_string())?;
+                Err("a step of the replacement done".into())
+            },
+        )
+        .await
     }
 
     /// Liveness after heal: a removal left unfinished (a member was down) finishes when
     /// asked again. Returns the group's members then.
-    async fn finish_removals(&mut self) -> Result<Vec<usize>, String> {
-        let deadline = tokio::time::Instant::now() + SETTLE_AFTER_HEAL;
-        loop {
-            let (group, retiring) = self.agreed_membership().await?;
-            let Some(&index) = retiring.first() else {
-                return Ok(group);
-            };
-            let Some(&asker) = group.first() else {
-                return Err("the group has no members left".into());
-            };
-            let cluster = self.members[asker].node()?.cluster.clone();
-            let outcome = cluster
-                .remove_group_node(GROUP, self.members[index].id)
-                .await;
-            self.log.note(format!(
-                "member {asker}: finishing the removal of node {index}: {}",
-                outcome
-                    .as_ref()
-                    .map_or_else(ToString::to_string, |_| "done".to_owned())
-            ));
-            if outcome.is_err() {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "the removal of node {index} did not finish within {} s (simulated) of heal",
-                        SETTLE_AFTER_HEAL.as_secs()
-                    ));
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+    async fn finish_removals(&self) -> Result<Vec<usize>, String> {
+        settle_within(
+            &format!(
+                "a removal did not finish within {} s (simulated) of heal",
+                SETTLE_AFTER_HEAL.as_secs()
+            ),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                let (group, retiring) = self.agreed_membership().await?;
+                let Some(&index) = retiring.first() else {
+                    return Ok(group);
+                };
+                let Some(&asker) = group.first() else {
+                    return Err("the group has no members left".into());
+                };
+                let cluster = self.members[asker].node()?.cluster.clone();
+                let outcome = cluster
+                    .remove_group_node(GROUP, self.members[index].id)
+                    .await;
+                self.log.note(format!(
+                    "member {asker}: finishing the removal of node {index}: {}",
+                    outcome
+                        .as_ref()
+                        .map_or_else(ToString::to_string, |_| "done".to_owned())
+                ));
+                outcome.map_err(|error| error.to_string())?;
+                Err(format!("node {index} removed: looking again"))
+            },
+        )
+        .await
+    }
+
+    /// Each member's part of a group repair, named by node position.
+    fn describe_repair(&self, reply: &forge_proto::v1::RepairGroupReply) -> String {
+        reply
+            .members
+            .iter()
+            .map(|member| {
+                format!(
+                    "{}: {} chunks, {} held, {} rebuilt, {} released, {} in backlog",
+                    self.position_of_hex(&member.node_id)
+                        .map_or_else(|| member.node_id.clone(), |index| index.to_string()),
+                    member.chunks,
+                    member.held,
+                    member.rebuilt,
+                    member.released,
+                    member.backlog
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// What each member holds, for a failure's report: its snapshots of the volume and

@@ -18,8 +18,22 @@ use forge_sim::sites::FaultSet;
 /// view that had not applied it yet); 189424362 (found by CI's random seeds): an add of a
 /// member whose key wrap went in with its answer lost stopped half done, and the group
 /// never read as whole again; 9002 loses a node for good and replaces it (a dead member
-/// could once never be removed: the removal waited for its own answer).
-const REGRESSION_SEEDS: [u64; 7] = [1, 2, 105, 110, 415, 9002, 189_424_362];
+/// could once never be removed: the removal waited for its own answer); 659422620 (CI's
+/// random seeds): the harness forgot a damaged shard after a repair that did not cover
+/// its chunk, then lost a node, leaving the chunk short of k (outside the budget);
+/// 659422654: an import's unpin failed under a partition and the pin stayed, so no
+/// group gc ran again (it is now retried in the background).
+const REGRESSION_SEEDS: [u64; 9] = [
+    1,
+    2,
+    105,
+    110,
+    415,
+    9002,
+    189_424_362,
+    659_422_620,
+    659_422_654,
+];
 
 #[test]
 fn regression_seeds_keep_every_invariant() {

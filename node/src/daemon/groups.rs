@@ -1979,7 +1979,26 @@ impl GroupStorage for DaemonGroupStorage {
         let node = self.node()?;
         let view = node.group_view(group)?;
         let update = RecordUpdate::new(GROUP_GC, key.to_vec(), Expected::Any, Change::Delete);
-        self.wait(async { apply_with_retry(&view.handle, &[update]).await })
+        let outcome = self
+            .wait(async { apply_with_retry(&view.handle, std::slice::from_ref(&update)).await });
+        if outcome.is_err() {
+            // A pin left in holds off the group's gc (found by the simulator: after a
+            // partition no gc ran again). The delete is idempotent: keep trying in the
+            // background, for up to an hour.
+            let handle = view.handle.clone();
+            self.runtime.spawn(async move {
+                for _ in 0..720 {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if apply_with_retry(&handle, std::slice::from_ref(&update))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        outcome
     }
 
     fn publish(

@@ -1344,7 +1344,7 @@ impl GroupWorld {
         let Some(lost) = self.lost else {
             return Ok(());
         };
-        settle_within(
+        let replaced = settle_within(
             &format!(
                 "lost node {lost} was not replaced within {} s (simulated) of heal",
                 SETTLE_AFTER_HEAL.as_secs()
@@ -1384,13 +1384,17 @@ impl GroupWorld {
                 Err("a step of the replacement done".into())
             },
         )
-        .await
+        .await;
+        match replaced {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(format!("{reason}; {}", self.explain_stuck().await)),
+        }
     }
 
     /// Liveness after heal: a removal left unfinished (a member was down) finishes when
     /// asked again. Returns the group's members then.
     async fn finish_removals(&self) -> Result<Vec<usize>, String> {
-        settle_within(
+        let finished = settle_within(
             &format!(
                 "a removal did not finish within {} s (simulated) of heal",
                 SETTLE_AFTER_HEAL.as_secs()
@@ -1419,7 +1423,29 @@ impl GroupWorld {
                 Err(format!("node {index} removed: looking again"))
             },
         )
-        .await
+        .await;
+        match finished {
+            Ok(group) => Ok(group),
+            Err(reason) => Err(format!("{reason}; {}", self.explain_stuck().await)),
+        }
+    }
+
+    /// Why a membership change cannot finish, for a failure's report: what each member's
+    /// repair says now (a member failing shows its reason), which chunks are short of
+    /// shards on the disks, and what each member holds.
+    async fn explain_stuck(&self) -> String {
+        let asker = self
+            .members
+            .iter()
+            .find(|member| member.running.is_some() && self.lost != Some(member.index));
+        let repair = match asker.map(Member::node) {
+            Some(Ok(node)) => match node.cluster.repair_group(GROUP).await {
+                Ok(reply) => format!("repair now: {}", self.describe_repair(&reply)),
+                Err(error) => format!("repair now: {error}"),
+            },
+            _ => "no member up to repair".to_owned(),
+        };
+        format!("{repair}; {}; {}", self.shards_not_whole(), self.diagnose())
     }
 
     /// Each member's part of a group repair, named by node position.
@@ -1428,15 +1454,15 @@ impl GroupWorld {
             .members
             .iter()
             .map(|member| {
+                let position = self
+                    .position_of_hex(&member.node_id)
+                    .map_or_else(|| member.node_id.clone(), |index| index.to_string());
+                if !member.error.is_empty() {
+                    return format!("{position}: failed: {}", member.error);
+                }
                 format!(
-                    "{}: {} chunks, {} held, {} rebuilt, {} released, {} in backlog",
-                    self.position_of_hex(&member.node_id)
-                        .map_or_else(|| member.node_id.clone(), |index| index.to_string()),
-                    member.chunks,
-                    member.held,
-                    member.rebuilt,
-                    member.released,
-                    member.backlog
+                    "{position}: {} chunks, {} held, {} rebuilt, {} released, {} in backlog",
+                    member.chunks, member.held, member.rebuilt, member.released, member.backlog
                 )
             })
             .collect::<Vec<_>>()
@@ -1475,6 +1501,59 @@ impl GroupWorld {
             ));
         }
         lines.join("; ")
+    }
+
+    /// The chunks not whole on the disks of the nodes still running (the lost node's
+    /// counted as gone): which shard each member holds intact or damaged. A failure that
+    /// repair cannot mend shows here whether the data was still recoverable.
+    fn shards_not_whole(&self) -> String {
+        let width = self.config.width();
+        let mut held: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
+        let mut intact: BTreeMap<Vec<u8>, BTreeSet<usize>> = BTreeMap::new();
+        for member in &self.members {
+            if self.lost == Some(member.index) {
+                continue;
+            }
+            let Ok(records) = member.kv.scan(Column::Shards, &[], None, usize::MAX) else {
+                continue;
+            };
+            for (key, value) in records {
+                let (Some(chunk), Some(&[high, low])) = (key.get(..32), key.get(32..34)) else {
+                    continue;
+                };
+                let index = usize::from(u16::from_be_bytes([high, low]));
+                let whole =
+                    ShardRecord::decode(&value).is_ok_and(|record| record.index.get() == index);
+                if whole {
+                    intact.entry(chunk.to_vec()).or_default().insert(index);
+                }
+                held.entry(chunk.to_vec()).or_default().push(format!(
+                    "{index}@{}{}",
+                    member.index,
+                    if whole { "" } else { " (damaged)" }
+                ));
+            }
+        }
+        let short: Vec<String> = held
+            .iter()
+            .filter(|(chunk, _)| intact.get(*chunk).map_or(0, BTreeSet::len) < width)
+            .map(|(chunk, shards)| {
+                let prefix: String = chunk
+                    .iter()
+                    .take(4)
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect();
+                format!("{prefix}: {}", shards.join(", "))
+            })
+            .collect();
+        if short.is_empty() {
+            "every chunk has all its shards intact somewhere".into()
+        } else {
+            format!(
+                "chunks short of shards (shard@member): {}",
+                short.join("; ")
+            )
+        }
     }
 
     /// Repair's own report aside: every chunk any member holds a shard of has each of its

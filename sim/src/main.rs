@@ -253,11 +253,42 @@ fn failed_text(
     if let Some(config) = config {
         text.push_str(&format!("  config: {config}\n"));
     }
+    let events = collapse_repeats(events);
     let shown = if options.verbose { events.len() } else { 30 };
     for event in events.iter().rev().take(shown).rev() {
         text.push_str(&format!("  {event}\n"));
     }
     text
+}
+
+/// Runs of the same event (a retry loop saying the same thing every few seconds) as
+/// their first line and a count, so the last lines shown are the history before it.
+fn collapse_repeats(events: &[String]) -> Vec<String> {
+    // An event is "<time> ms <what>": the same what at another time repeats it.
+    fn what(event: &str) -> &str {
+        event.split_once(" ms ").map_or(event, |(_, what)| what)
+    }
+    let mut collapsed: Vec<String> = Vec::new();
+    let mut index = 0;
+    while index < events.len() {
+        let run = events[index..]
+            .iter()
+            .take_while(|event| what(event) == what(&events[index]))
+            .count();
+        collapsed.push(events[index].clone());
+        if run > 1 {
+            let last = events[index + run - 1]
+                .split_once(" ms ")
+                .map_or("", |(time, _)| time.trim());
+            collapsed.push(format!(
+                "{:>7}    (the same {} more times, the last at {last} ms)",
+                "",
+                run - 1
+            ));
+        }
+        index += run;
+    }
+    collapsed
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -372,5 +403,35 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collapse_repeats;
+
+    #[test]
+    fn a_run_of_the_same_event_shows_once_with_its_count() {
+        let events: Vec<String> = [
+            "     10 ms healed",
+            "     20 ms member 2: retrying: busy",
+            "     30 ms member 2: retrying: busy",
+            "    400 ms member 2: retrying: busy",
+            "    500 ms member 1: done",
+            "    600 ms member 2: retrying: busy",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(
+            collapse_repeats(&events),
+            [
+                "     10 ms healed",
+                "     20 ms member 2: retrying: busy",
+                "           (the same 2 more times, the last at 400 ms)",
+                "    500 ms member 1: done",
+                "    600 ms member 2: retrying: busy",
+            ]
+        );
     }
 }

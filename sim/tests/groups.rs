@@ -22,8 +22,11 @@ use forge_sim::sites::FaultSet;
 /// random seeds): the harness forgot a damaged shard after a repair that did not cover
 /// its chunk, then lost a node, leaving the chunk short of k (outside the budget);
 /// 659422654: an import's unpin failed under a partition and the pin stayed, so no
-/// group gc ran again (it is now retried in the background).
-const REGRESSION_SEEDS: [u64; 9] = [
+/// group gc ran again (it is now retried in the background); 403395942 (CI): a node was
+/// added by a member that had not applied the volume's creation yet, so the new member
+/// never got the volume's keys and no removal could finish (the add now confirms the
+/// latest state first, and repair hands keys to a member without them).
+const REGRESSION_SEEDS: [u64; 10] = [
     1,
     2,
     105,
@@ -33,6 +36,7 @@ const REGRESSION_SEEDS: [u64; 9] = [
     189_424_362,
     659_422_620,
     659_422_654,
+    403_395_942,
 ];
 
 #[test]

@@ -1089,6 +1089,10 @@ impl ClusterNode {
     /// Unknown group, one this node is not in; this node's own repair failing.
     pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
         let (record, view) = self.current_view(name).await?;
+        // A member without a volume's keys cannot adopt it, so holds none of its shards.
+        if let Err(error) = self.hand_over_missing_keys(&view).await {
+            tracing::warn!(%error, group = %name, "repair could not hand a volume's keys to every member");
+        }
         let me = self.vault().identity().node_id();
         let this = self.weak();
         let runtime = tokio::runtime::Handle::current();
@@ -1214,7 +1218,9 @@ impl ClusterNode {
             })
             .await?;
         let view = self.view_of(name.to_owned(), &record)?;
-        // Its keys first: it adopts the volumes as soon as it runs the group.
+        // Its keys first: it adopts the volumes as soon as it runs the group. Every
+        // volume the group has, not only those applied here yet.
+        confirm_latest(&view.handle, &view.name).await?;
         for (key, _) in view.handle.local_records(VOLUMES.name(), b"")? {
             self.wrap_volume_to(&view, &key, &keys[0]).await?;
         }
@@ -1265,6 +1271,38 @@ impl ClusterNode {
             "group volume {} kept changing while its keys were wrapped to node {holder}: run the add again",
             String::from_utf8_lossy(key)
         )))
+    }
+
+    /// Wraps each of group `view`'s volumes' keys to every member that has no envelope of
+    /// them (an add that raced the volume's creation, from a node that had not applied
+    /// it yet), so that member adopts the volume. A volume whose keys this node does not
+    /// hold is left to a member that does.
+    async fn hand_over_missing_keys(&self, view: &GroupView) -> Result<()> {
+        catch_up_async(&view.handle, &view.name).await;
+        let me = self.vault().identity().node_id();
+        for (key, value) in view.handle.local_records(VOLUMES.name(), b"")? {
+            let volume = GroupVolume::decode(&value)?;
+            let has_keys = |node: &NodeId| {
+                volume
+                    .envelopes
+                    .iter()
+                    .any(|(holder, _)| holder == node.as_bytes())
+            };
+            if !has_keys(&me) {
+                continue;
+            }
+            let without: Vec<NodeId> = view
+                .nodes
+                .iter()
+                .filter(|node| !has_keys(node))
+                .copied()
+                .collect();
+            for member in self.member_keys(&without)? {
+                tracing::info!(volume = %volume.volume.name, node = %member.node_id(), "handing a group volume's keys to a member without them");
+                self.wrap_volume_to(view, &key, &member).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes `node` out of volume group `name`: out of placement at once (its shards get
@@ -1905,7 +1943,22 @@ async fn read_with_retry(group: &GroupHandle, space: &str, key: &[u8]) -> Result
 
 /// [`catch_up`] from async code.
 async fn catch_up_async(group: &GroupHandle, what: &str) {
-    let mut last = None;
+    if let Err(error) = confirm_latest(group, what).await {
+        tracing::warn!(
+            group = what,
+            %error,
+            "could not confirm the latest state with the leader: going on with the state applied here"
+        );
+    }
+}
+
+/// Waits (a read-index barrier, retried for about 20 s while a leader is elected) until
+/// `group`'s state here includes every write acknowledged before. For a change that
+/// must not act on stale state (an add listing the volumes whose keys it hands over:
+/// the simulator saw a follower that had not applied a volume's creation yet add a node
+/// that then never got the volume's keys).
+async fn confirm_latest(group: &GroupHandle, what: &str) -> Result<()> {
+    let mut last = String::new();
     for _ in 0..5 {
         match tokio::time::timeout(
             Duration::from_secs(3),
@@ -1913,17 +1966,15 @@ async fn catch_up_async(group: &GroupHandle, what: &str) {
         )
         .await
         {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => last = Some(error.to_string()),
-            Err(_) => last = Some("no answer within 3 s".to_owned()),
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => last = error.to_string(),
+            Err(_) => last = "no answer within 3 s".to_owned(),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    tracing::warn!(
-        group = what,
-        error = last.unwrap_or_default(),
-        "could not confirm the latest state with the leader: going on with the state applied here"
-    );
+    Err(cluster_error(format!(
+        "could not confirm the latest state of {what} with its leader ({last}): try again once a majority of its members is up"
+    )))
 }
 
 /// Runs `work` on the daemon's network runtime and waits for it: from a plain thread

@@ -77,6 +77,10 @@ impl Wake for FutureWaker {
 pub struct Lockstep {
     baton: Arc<Baton>,
     runtime: tokio::runtime::Handle,
+    /// The run's armed fault points: a point on the closure's thread draws from the
+    /// run's sequence (one thread runs at a time, so the order is the seed's).
+    #[cfg(feature = "simulation")]
+    faults: Option<forge_store::faults::points::Shared>,
 }
 
 thread_local! {
@@ -92,11 +96,15 @@ pub fn within<T>(lockstep: Option<Lockstep>, work: impl FnOnce() -> T) -> T {
     let Some(lockstep) = lockstep else {
         return work();
     };
+    #[cfg(feature = "simulation")]
+    let previous_faults = forge_store::faults::points::adopt(lockstep.faults.clone());
     let previous = CURRENT.with(|current| current.borrow_mut().replace(lockstep));
     let was_simulated = SIMULATED.with(|simulated| simulated.replace(true));
     let restore = Restore {
         previous,
         was_simulated,
+        #[cfg(feature = "simulation")]
+        previous_faults,
     };
     let output = work();
     drop(restore);
@@ -107,12 +115,16 @@ pub fn within<T>(lockstep: Option<Lockstep>, work: impl FnOnce() -> T) -> T {
 struct Restore {
     previous: Option<Lockstep>,
     was_simulated: bool,
+    #[cfg(feature = "simulation")]
+    previous_faults: Option<forge_store::faults::points::Shared>,
 }
 
 impl Drop for Restore {
     fn drop(&mut self) {
         CURRENT.with(|current| *current.borrow_mut() = self.previous.take());
         SIMULATED.with(|simulated| simulated.set(self.was_simulated));
+        #[cfg(feature = "simulation")]
+        forge_store::faults::points::adopt(self.previous_faults.take());
     }
 }
 
@@ -193,6 +205,8 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
     let lockstep = Lockstep {
         baton: baton.clone(),
         runtime: tokio::runtime::Handle::current(),
+        #[cfg(feature = "simulation")]
+        faults: forge_store::faults::points::shared(),
     };
     let result: Arc<Mutex<Option<std::thread::Result<T>>>> = Arc::new(Mutex::new(None));
     let slot = result.clone();
@@ -200,6 +214,8 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
         .name("forge-lockstep".into())
         .spawn(move || {
             CURRENT.with(|current| *current.borrow_mut() = Some(lockstep.clone()));
+            #[cfg(feature = "simulation")]
+            forge_store::faults::points::adopt(lockstep.faults.clone());
             simulate_on_this_thread();
             // The runtime's context for the whole closure: futures it makes (a timer, a
             // channel) belong to the simulated runtime.

@@ -320,6 +320,9 @@ pub struct GroupsConfig {
     pub plan: FaultPlan,
     /// Chance per step that the nemesis acts (percent).
     pub nemesis_percent: u64,
+    /// The fault points inside the node code armed for the run, with their odds
+    /// (percent per pass), until heal.
+    pub fault_points: Vec<(&'static str, u64)>,
 }
 
 impl GroupsConfig {
@@ -371,7 +374,26 @@ impl GroupsConfig {
             faults,
             plan,
             nemesis_percent: rng.range(15, 40),
+            fault_points: Vec::new(),
         }
+        .with_fault_points(&mut rng)
+    }
+
+    /// Arms each fault point the faults allow with even odds, at a few percent (a slow
+    /// answer more often): runs differ in which points fire, as FoundationDB's BUGGIFY.
+    fn with_fault_points(mut self, rng: &mut SimRng) -> Self {
+        let allowed = [
+            ("shard-store-fails", self.faults.disk, 5),
+            ("shard-answer-slow", self.faults.network, 10),
+            ("gather-fails", self.faults.network, 5),
+            ("publish-answer-lost", self.faults.network, 10),
+        ];
+        for (point, allowed, most) in allowed {
+            if allowed && rng.chance(50) {
+                self.fault_points.push((point, rng.range(1, most + 1)));
+            }
+        }
+        self
     }
 
     fn tolerated_down(&self) -> usize {
@@ -549,6 +571,9 @@ pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure
     // lockstep on it.
     std::thread::spawn(move || {
         forge_node::lockstep::simulate_on_this_thread();
+        // Fault points inside the node code: armed on this thread, shared with the
+        // threads that run in lockstep with it, calmed at heal.
+        forge_store::faults::points::arm(seed, &config.fault_points);
         let runtime =
             crate::runtime(seed).map_err(|error| failure(error.to_string(), Vec::new()))?;
         runtime.block_on(async {
@@ -563,6 +588,7 @@ pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure
             report.simulated = log.started.elapsed();
             let stats = world.network.stats();
             report.message_faults = stats.lost + stats.duplicated + stats.corrupted;
+            report.faults += forge_store::faults::points::disarm();
             report.events = log.snapshot();
             let mut hasher = blake3::Hasher::new();
             for event in &report.events {
@@ -1125,6 +1151,7 @@ impl GroupWorld {
     /// Everything back: partitions healed, per-message faults off, crashed members
     /// restarted; the step in progress must then end within a bound.
     async fn heal(&mut self) -> Result<(), String> {
+        forge_store::faults::points::calm();
         self.network.heal();
         self.partitioned = false;
         self.network.set_faults(FaultPlan::NONE);

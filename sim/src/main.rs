@@ -122,6 +122,11 @@ fn parse() -> Result<Option<Options>, String> {
                 for bug in forge_store::faults::KNOWN_BUGS {
                     println!("{:<22} {}", bug.name, bug.effect);
                 }
+                // Not bugs: faults the code must survive, armed by the seed (groups).
+                println!("\nfault points inside the node code (armed by each seed, not bugs):");
+                for (point, effect) in forge_store::faults::points::KNOWN_POINTS {
+                    println!("{point:<22} {effect}");
+                }
                 return Ok(None);
             }
             "--jobs" => {

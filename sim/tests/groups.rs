@@ -1,6 +1,7 @@
 //! The groups scenario (whole nodes in one volume group under faults): regression seeds
 //! in process, and, through the `forge-sim` binary, the determinism check across two
-//! processes and the proof that the harness finds a repair that writes to the wrong node.
+//! processes and the proof that the harness finds a repair that writes to the wrong node;
+//! the fault points inside the node code drawing one sequence per run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
@@ -126,5 +127,47 @@ fn the_simulator_finds_a_repair_that_writes_to_the_wrong_node() {
         text.contains("placed to hold shard")
             || text.contains("repair did not make every chunk whole"),
         "{text}"
+    );
+}
+
+/// The fault points inside the node code draw one sequence per run whichever of the
+/// run's threads (its runtime's, a lockstep closure's) reaches them, so a replay fires
+/// at the same moments; calming them (at heal) stops them on every thread.
+#[test]
+fn fault_points_fire_in_one_sequence_across_the_runs_threads_until_calmed() {
+    use forge_store::faults::points;
+    let odds = [("gather-fails", 50)];
+    points::arm(42, &odds);
+    let alone: Vec<bool> = (0..64).map(|_| points::fire("gather-fails")).collect();
+    let fired = alone.iter().filter(|fires| **fires).count() as u64;
+    assert_eq!(points::disarm(), fired);
+    assert!(fired > 0 && fired < 64, "{alone:?}");
+    // Some of the draws the closure's thread makes below fire (else it could draw none).
+    assert!(alone[32..48].contains(&true), "{alone:?}");
+
+    forge_node::lockstep::simulate_on_this_thread();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    points::arm(42, &odds);
+    let shared: Vec<bool> = runtime.block_on(async {
+        let mut drawn: Vec<bool> = (0..32).map(|_| points::fire("gather-fails")).collect();
+        let on_closure = forge_node::lockstep::run(|| {
+            let drawn: Vec<bool> = (0..16).map(|_| points::fire("gather-fails")).collect();
+            points::calm();
+            drawn
+        })
+        .await;
+        drawn.extend(on_closure);
+        drawn
+    });
+    assert_eq!(shared, alone[..48]);
+    // Calmed on the closure's thread: calm on this one too.
+    assert!((0..64).all(|_| !points::fire("gather-fails")));
+    assert_eq!(
+        points::disarm(),
+        alone[..48].iter().filter(|fires| **fires).count() as u64
     );
 }

@@ -82,18 +82,45 @@ pub fn active(name: &str) -> bool {
 
 /// Fault points (BUGGIFY): places in production code where the simulator may make
 /// something go wrong that the code must survive, each firing with the odds the run
-/// armed it with. Per thread (a seed's run is on one thread, and seeds run side by side),
-/// drawn from the run's seed, so a replay fires at the same moments.
+/// armed it with. Armed per run, drawn from the run's seed so a replay fires at the same
+/// moments: the run's runtime thread holds the state, and the threads that run in
+/// lockstep with it (one at a time: `forge_node::lockstep`) share it, so a point on a
+/// vault thread draws from the same sequence. Seeds running side by side on other
+/// threads have their own.
 pub mod points {
     use std::cell::RefCell;
     use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, PoisonError};
 
     /// Every fault point, for the simulator's listing.
-    pub const KNOWN_POINTS: &[(&str, &str)] = &[(
-        "sync-sender-bitflip",
-        "a sync sender's chunk bytes are damaged after it read and verified them (memory), \
-         beneath the wire's integrity check: the receiver's cid check must refuse them",
-    )];
+    pub const KNOWN_POINTS: &[(&str, &str)] = &[
+        (
+            "sync-sender-bitflip",
+            "a sync sender's chunk bytes are damaged after it read and verified them \
+             (memory), beneath the wire's integrity check: the receiver's cid check must \
+             refuse them",
+        ),
+        (
+            "shard-store-fails",
+            "a group member refuses to store the shards it was sent (its disk failed the \
+             write): the publish or repair that sent them must not count them",
+        ),
+        (
+            "shard-answer-slow",
+            "a group member answers a shard request 3 s late (a slow disk, a busy node)",
+        ),
+        (
+            "gather-fails",
+            "reading a chunk back from the group's shards fails at once (as if no member \
+             answered): an export retries, a repair leaves it in its backlog",
+        ),
+        (
+            "publish-answer-lost",
+            "a group publish commits, but its member is told it failed (the answer lost): \
+             the import reports an error, and what the group committed must still be \
+             whole and listed everywhere",
+        ),
+    ];
 
     struct Armed {
         state: u64,
@@ -101,45 +128,88 @@ pub mod points {
         fired: u64,
     }
 
+    /// A run's armed fault points, as handed to a thread that runs in lockstep with it.
+    #[derive(Clone)]
+    pub struct Shared(Arc<Mutex<Armed>>);
+
+    impl std::fmt::Debug for Shared {
+        fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("armed fault points")
+        }
+    }
+
     thread_local! {
-        static ARMED: RefCell<Option<Armed>> = const { RefCell::new(None) };
+        static ARMED: RefCell<Option<Shared>> = const { RefCell::new(None) };
     }
 
     /// Arms the fault points on this thread: each of `odds` (name, percent) fires with
     /// that chance, drawn from `seed`.
     pub fn arm(seed: u64, odds: &[(&'static str, u64)]) {
-        ARMED.with(|armed| {
-            *armed.borrow_mut() = Some(Armed {
-                state: seed ^ 0xb066_1f1e_d000_0001,
-                odds_percent: odds.iter().copied().collect(),
-                fired: 0,
-            });
-        });
+        let armed = Armed {
+            state: seed ^ 0xb066_1f1e_d000_0001,
+            odds_percent: odds.iter().copied().collect(),
+            fired: 0,
+        };
+        ARMED.with(|slot| *slot.borrow_mut() = Some(Shared(Arc::new(Mutex::new(armed)))));
     }
 
     /// Disarms this thread's fault points; how many times they fired.
     pub fn disarm() -> u64 {
-        ARMED.with(|armed| armed.borrow_mut().take().map_or(0, |armed| armed.fired))
+        ARMED.with(|slot| {
+            slot.borrow_mut().take().map_or(0, |shared| {
+                shared
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .fired
+            })
+        })
+    }
+
+    /// Stops every armed point of this thread's run from firing again (the run heals:
+    /// what follows checks liveness), on every thread that shares them.
+    pub fn calm() {
+        if let Some(shared) = shared() {
+            shared
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .odds_percent
+                .clear();
+        }
+    }
+
+    /// This thread's armed points, to hand to a thread that runs in lockstep with it.
+    #[must_use]
+    pub fn shared() -> Option<Shared> {
+        ARMED.with(|slot| slot.borrow().clone())
+    }
+
+    /// Makes `shared` this thread's armed points; returns what it had, to put back.
+    pub fn adopt(shared: Option<Shared>) -> Option<Shared> {
+        ARMED.with(|slot| std::mem::replace(&mut *slot.borrow_mut(), shared))
     }
 
     /// Whether fault point `name` fires now (never when unarmed).
     pub fn fire(name: &str) -> bool {
-        ARMED.with(|armed| {
-            let mut armed = armed.borrow_mut();
-            let Some(armed) = armed.as_mut() else {
-                return false;
-            };
-            let Some(&percent) = armed.odds_percent.get(name) else {
-                return false;
-            };
-            // SplitMix64.
-            armed.state = armed.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = armed.state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            let fires = (z ^ (z >> 31)) % 100 < percent;
-            armed.fired += u64::from(fires);
-            fires
-        })
+        debug_assert!(
+            KNOWN_POINTS.iter().any(|(known, _)| *known == name),
+            "a fault point must be listed in KNOWN_POINTS: {name}"
+        );
+        let Some(shared) = shared() else {
+            return false;
+        };
+        let mut armed = shared.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(&percent) = armed.odds_percent.get(name) else {
+            return false;
+        };
+        // SplitMix64.
+        armed.state = armed.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = armed.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let fires = (z ^ (z >> 31)) % 100 < percent;
+        armed.fired += u64::from(fires);
+        fires
     }
 }

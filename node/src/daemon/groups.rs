@@ -640,6 +640,11 @@ impl ClusterNode {
         cid: Cid,
         local: Vec<(usize, Vec<u8>)>,
     ) -> Result<Vec<u8>> {
+        if forge_store::fault_point!("gather-fails") {
+            return Err(cluster_error(format!(
+                "chunk {cid}: no member answered (a simulated fault)"
+            )));
+        }
         let me = self.vault().identity().node_id();
         let total = view.layout.total_shards();
         let needed = view.layout.data_shards();
@@ -1821,6 +1826,11 @@ fn serve_shard_request(vault: &Vault, group: u64, request: ShardRequest) -> Resu
             cids.sort_unstable();
             cids.dedup();
             Vault::mark_grouped(&mut batch, group, &cids);
+            if forge_store::fault_point!("shard-store-fails") {
+                return Err(cluster_error(
+                    "this member's disk refused the shards (a simulated fault)",
+                ));
+            }
             // Acknowledged only once durable.
             kv.write(batch, Durability::Synced)?;
             Ok(ShardReply::Stored {
@@ -1901,6 +1911,9 @@ pub(crate) async fn serve_shards(mut inbound: Inbound, node: Weak<ClusterNode>) 
 async fn answer(cluster: Arc<ClusterNode>, request: InboundRequest) {
     let InboundRequest { from, body, .. } = &request;
     let (from, body) = (*from, body.clone());
+    if forge_store::fault_point!("shard-answer-slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     match cluster.answer_shards(from, body).await {
         Ok(reply) => request.respond(reply),
         Err(error) => request.fail(error.to_string()),
@@ -2063,6 +2076,11 @@ impl GroupStorage for DaemonGroupStorage {
         let view = node.group_view(group)?;
         node.distribute(&self.runtime, &view, named)?;
         let outcome = self.wait(async { apply_with_retry(&view.handle, updates).await });
+        if outcome.is_ok() && forge_store::fault_point!("publish-answer-lost") {
+            return Err(cluster_error(
+                "the volume group did not confirm the publish (a simulated lost answer)",
+            ));
+        }
         match outcome {
             Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict {
                 space, ..

@@ -9,13 +9,14 @@
 //!
 //! [`run`] (`forge-sim --scenario groups`): 3–7 nodes in one volume group of k+m shards
 //! (m = f, the crashes a 2f+1 group survives), a workload of imports onto two branches,
-//! snapshot deletes, exports, group gc and repair through any member, one at a time,
-//! while the nemesis partitions, crashes (power cuts: unsynced writes lost) and restarts
-//! members (at most f down at once, never the one running the operation), and damages
-//! shards at rest (at most m of a chunk between two whole repairs). Checked: members at
+//! snapshot deletes, exports, group gc, repair and membership changes through any
+//! member, up to three at once (the seed chooses), while the nemesis partitions, crashes
+//! (power cuts: unsynced writes lost) and restarts members (at most f down at once,
+//! never one running a step), damages shards at rest (at most m of a chunk between two
+//! whole repairs), and fault points inside the node code fire. Checked: members at
 //! the same applied index of a Raft group hold the same records (after every step); no
 //! export returns other bytes than were imported; after heal, within bounds of simulated
-//! time: the last operation ends, repair makes every chunk whole (each of its k+m shards
+//! time: the steps in progress end, repair makes every chunk whole (each of its k+m shards
 //! intact on the member placement names, counted on the members' disks, not from
 //! repair's own report), a group gc succeeds, and every acknowledged snapshot not
 //! deleted exports byte-exact on every member, with every member's branches equal.
@@ -320,6 +321,9 @@ pub struct GroupsConfig {
     pub plan: FaultPlan,
     /// Chance per step that the nemesis acts (percent).
     pub nemesis_percent: u64,
+    /// Steps of the workload running at once, each through its own member (1 to 3):
+    /// imports racing imports, gc and membership changes.
+    pub concurrency: usize,
     /// The fault points inside the node code armed for the run, with their odds
     /// (percent per pass), until heal.
     pub fault_points: Vec<(&'static str, u64)>,
@@ -374,6 +378,11 @@ impl GroupsConfig {
             faults,
             plan,
             nemesis_percent: rng.range(15, 40),
+            concurrency: match rng.range(0, 10) {
+                0..=2 => 1,
+                3..=6 => 2,
+                _ => 3,
+            },
             fault_points: Vec::new(),
         }
         .with_fault_points(&mut rng)
@@ -634,7 +643,8 @@ struct GroupWorld {
     /// A node lost for good (its disks gone): never restarted; the group must replace it
     /// (the spare in, it out) and make every chunk whole without it.
     lost: Option<usize>,
-    running: Option<Running>,
+    /// The steps running (at most `config.concurrency`), in the order they started.
+    running: Vec<Running>,
     steps: u64,
 }
 
@@ -669,7 +679,7 @@ impl GroupWorld {
             down_until: BTreeMap::new(),
             partitioned: false,
             lost: None,
-            running: None,
+            running: Vec::new(),
             steps: 0,
         };
         world.form(&secrets, &ids).await?;
@@ -748,7 +758,7 @@ impl GroupWorld {
             self.collect().await?;
             if self.rng.chance(self.config.nemesis_percent) {
                 self.nemesis().await;
-            } else if self.running.is_none() {
+            } else if self.running.len() < self.config.concurrency {
                 self.start_operation().await?;
             }
         }
@@ -810,8 +820,15 @@ impl GroupWorld {
     /// for membership changes, which any cluster node may ask for).
     async fn start_operation(&mut self) -> Result<(), String> {
         let (group, retiring) = self.membership().await;
+        // Each step through a member of its own: two on one vault cannot run in lockstep
+        // (the vault's one pool thread, held by a step waiting on the group, would block
+        // the other step's thread outside the runtime's turn).
         let up: Vec<usize> = (0..self.members.len())
-            .filter(|index| self.members[*index].running.is_some() && group.contains(index))
+            .filter(|index| {
+                self.members[*index].running.is_some()
+                    && group.contains(index)
+                    && !self.running.iter().any(|running| running.member == *index)
+            })
             .collect();
         if up.is_empty() {
             return Ok(());
@@ -820,6 +837,16 @@ impl GroupWorld {
         let operation = match self.rng.range(0, 11) {
             // Membership changes under load: the spare in, or (with it in) a member out;
             // a removal that could not finish (a member down) is asked for again.
+            // One membership change at a time, as an operator would.
+            10 if self.running.iter().any(|running| {
+                matches!(
+                    running.operation,
+                    Operation::AddMember(..) | Operation::RemoveMember(..)
+                )
+            }) =>
+            {
+                Operation::Repair
+            }
             10 => {
                 let outside: Vec<usize> = (0..self.members.len())
                     .filter(|index| !group.contains(index))
@@ -879,7 +906,7 @@ impl GroupWorld {
             self.scratch
                 .join(format!("step-{}", self.report.operations)),
         ));
-        self.running = Some(Running {
+        self.running.push(Running {
             member,
             operation,
             task,
@@ -913,23 +940,22 @@ impl GroupWorld {
         (!kept.is_empty()).then(|| kept[self.pick(kept.len())])
     }
 
-    /// Takes the finished step's outcome into the oracle.
+    /// Takes the finished steps' outcomes into the oracle, in the order they started.
     async fn collect(&mut self) -> Result<(), String> {
-        if !self
-            .running
-            .as_ref()
-            .is_some_and(|running| running.task.is_finished())
-        {
-            return Ok(());
+        let mut index = 0;
+        while index < self.running.len() {
+            if !self.running[index].task.is_finished() {
+                index += 1;
+                continue;
+            }
+            let running = self.running.remove(index);
+            let outcome = running
+                .task
+                .await
+                .unwrap_or_else(|error| Outcome::Failed(format!("the step's task ended: {error}")));
+            self.settle_outcome(running.member, running.operation, outcome)?;
         }
-        let Some(running) = self.running.take() else {
-            return Ok(());
-        };
-        let outcome = running
-            .task
-            .await
-            .unwrap_or_else(|error| Outcome::Failed(format!("the step's task ended: {error}")));
-        self.settle_outcome(running.member, running.operation, outcome)
+        Ok(())
     }
 
     fn settle_outcome(
@@ -1064,9 +1090,9 @@ impl GroupWorld {
             }
             1 if faults.crashes => {
                 let index = self.pick(self.members.len());
-                let busy = self.running.as_ref().map(|running| running.member);
+                let busy = self.running.iter().any(|running| running.member == index);
                 if self.down_until.contains_key(&index)
-                    || busy == Some(index)
+                    || busy
                     || self.lost == Some(index)
                     || self.down_until.len() + usize::from(self.lost.is_some())
                         >= self.config.tolerated_down()
@@ -1092,9 +1118,9 @@ impl GroupWorld {
                 && self.rng.chance(20) =>
             {
                 let index = self.pick(self.members.len());
-                let busy = self.running.as_ref().map(|running| running.member);
+                let busy = self.running.iter().any(|running| running.member == index);
                 if self.down_until.contains_key(&index)
-                    || busy == Some(index)
+                    || busy
                     || self.down_until.len() + 1 > self.config.tolerated_down()
                 {
                     return;
@@ -1149,7 +1175,7 @@ impl GroupWorld {
     }
 
     /// Everything back: partitions healed, per-message faults off, crashed members
-    /// restarted; the step in progress must then end within a bound.
+    /// restarted; the steps in progress must then end within a bound.
     async fn heal(&mut self) -> Result<(), String> {
         forge_store::faults::points::calm();
         self.network.heal();
@@ -1162,20 +1188,22 @@ impl GroupWorld {
             self.members[index].start(self.seed)?;
         }
         self.log.note("healed: every member up, no faults");
-        if let Some(running) = &self.running {
-            let deadline = tokio::time::Instant::now() + OPERATION_BOUND_AFTER_HEAL;
-            while !running.task.is_finished() {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "member {}'s {} (started {} ms in) still runs {} s (simulated) after heal",
-                        running.member,
-                        describe(&running.operation),
-                        (running.started - self.log.started).as_millis(),
-                        OPERATION_BOUND_AFTER_HEAL.as_secs()
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = tokio::time::Instant::now() + OPERATION_BOUND_AFTER_HEAL;
+        while let Some(running) = self
+            .running
+            .iter()
+            .find(|running| !running.task.is_finished())
+        {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "member {}'s {} (started {} ms in) still runs {} s (simulated) after heal",
+                    running.member,
+                    describe(&running.operation),
+                    (running.started - self.log.started).as_millis(),
+                    OPERATION_BOUND_AFTER_HEAL.as_secs()
+                ));
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.collect().await
     }
@@ -1637,7 +1665,7 @@ impl GroupWorld {
 
     /// Stops every member (the run is over).
     async fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
+        for running in self.running.drain(..) {
             running.task.abort();
         }
         for member in &mut self.members {

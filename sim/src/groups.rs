@@ -324,6 +324,11 @@ pub struct GroupsConfig {
     /// Steps of the workload running at once, each through its own member (1 to 3):
     /// imports racing imports, gc and membership changes.
     pub concurrency: usize,
+    /// A member whose vault disk acknowledges fsyncs it never did (`MemKv::ignore_fsyncs`):
+    /// a power cut loses shards it said were stored, within the damage budget. Never the
+    /// Raft disk: a voter that forgets its vote or acknowledged log breaks Raft's safety
+    /// whatever the others do.
+    pub lying_disk: Option<usize>,
     /// The fault points inside the node code armed for the run, with their odds
     /// (percent per pass), until heal.
     pub fault_points: Vec<(&'static str, u64)>,
@@ -383,9 +388,24 @@ impl GroupsConfig {
                 3..=6 => 2,
                 _ => 3,
             },
+            lying_disk: None,
             fault_points: Vec::new(),
         }
         .with_fault_points(&mut rng)
+        .with_lying_disk(&mut rng)
+    }
+
+    /// With `--faults ...,lost-fsyncs` (and crashes), one member in three seeds gets a
+    /// vault disk that ignores fsyncs. Opt-in: seed 43 (`--faults all,lost-fsyncs`) shows
+    /// two open bugs. A power cut brings back the local listing of an import the group
+    /// refused (its forgetting was lost), so repair and gc on that member count chunks
+    /// the group never took; and the stand-in shards of that import, no longer marked
+    /// as the group's, are never swept.
+    fn with_lying_disk(mut self, rng: &mut SimRng) -> Self {
+        if self.faults.lost_fsyncs && self.faults.crashes && rng.chance(33) {
+            self.lying_disk = usize::try_from(rng.range(0, self.nodes as u64)).ok();
+        }
+        self
     }
 
     /// Arms each fault point the faults allow with even odds, at a few percent (a slow
@@ -413,6 +433,9 @@ impl GroupsConfig {
         (self.data_shards + self.parity_shards) as usize
     }
 }
+
+/// A shard a power cut took from a disk that ignored fsyncs: its chunk and index.
+type LostShard = (Vec<u8>, u16);
 
 /// One member: its disks (vault and Raft engines) survive a crash, its process does not.
 struct Member {
@@ -685,6 +708,12 @@ impl GroupWorld {
         world.form(&secrets, &ids).await?;
         // Faults from here on: forming the cluster is the operator's setup.
         world.network.set_faults(config.plan);
+        if let Some(index) = config.lying_disk {
+            world.members[index].kv.ignore_fsyncs();
+            world
+                .log
+                .note(format!("member {index}'s vault disk ignores fsyncs"));
+        }
         Ok(world)
     }
 
@@ -1099,8 +1128,29 @@ impl GroupWorld {
                 {
                     return;
                 }
-                let surviving = usize::try_from(self.rng.range(0, 3)).unwrap_or(0);
+                let mut surviving = usize::try_from(self.rng.range(0, 3)).unwrap_or(0);
+                let mut lost_shards = Vec::new();
+                if self.config.lying_disk == Some(index) {
+                    // Its disk loses what it acknowledged since its last real flush: cut
+                    // with a torn log that keeps the damage within budget, else not now.
+                    let Some((within, lost)) = self.cut_within_budget(index, surviving) else {
+                        return;
+                    };
+                    (surviving, lost_shards) = (within, lost);
+                }
                 self.members[index].crash(&self.network, surviving).await;
+                for (chunk, shard) in &lost_shards {
+                    self.damaged
+                        .entry(chunk.clone())
+                        .or_default()
+                        .insert((index, *shard));
+                }
+                if !lost_shards.is_empty() {
+                    self.log.note(format!(
+                        "member {index}'s disk lost {} shards it had acknowledged",
+                        lost_shards.len()
+                    ));
+                }
                 let back =
                     tokio::time::Instant::now() + Duration::from_millis(self.rng.range(500, 8_000));
                 self.down_until.insert(index, back);
@@ -1133,6 +1183,55 @@ impl GroupWorld {
             }
             _ => {}
         }
+    }
+
+    /// For a power cut of member `index`, whose disk ignores fsyncs: the shortest torn
+    /// log, at least `surviving` batches, whose losses fit the damage budget (the worst
+    /// such a drive may do within it), and the shards (chunk, index) the cut loses;
+    /// `None` when even the whole log would put a chunk past the budget (its unlogged
+    /// writes are lost whatever survives).
+    fn cut_within_budget(&self, index: usize, surviving: usize) -> Option<(usize, Vec<LostShard>)> {
+        let kv = &self.members[index].kv;
+        let now = kv.scan(Column::Shards, &[], None, usize::MAX).ok()?;
+        let budget = self.config.parity_shards as usize - usize::from(self.lost.is_some());
+        let losses = |candidate: usize| -> Option<Vec<LostShard>> {
+            let disk = kv.fork().power_cut(candidate);
+            let lost: Vec<LostShard> = now
+                .iter()
+                .filter(|(key, value)| {
+                    disk.get(Column::Shards, key).ok().flatten().as_ref() != Some(value)
+                })
+                .filter_map(|(key, _)| match (key.get(..32), key.get(32..34)) {
+                    (Some(chunk), Some(&[high, low])) => {
+                        Some((chunk.to_vec(), u16::from_be_bytes([high, low])))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut bad = self.damaged.clone();
+            for (chunk, shard) in &lost {
+                bad.entry(chunk.clone())
+                    .or_default()
+                    .insert((index, *shard));
+            }
+            bad.values()
+                .all(|shards| shards.len() <= budget)
+                .then_some(lost)
+        };
+        // Fewer surviving batches lose more: search the fewest that stay within budget.
+        let (mut low, mut high) = (surviving, usize::MAX);
+        let mut best = (high, losses(high)?);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match losses(middle) {
+                Some(lost) => {
+                    best = (middle, lost);
+                    high = middle;
+                }
+                None => low = middle + 1,
+            }
+        }
+        Some(best)
     }
 
     /// Flips a byte of one shard at rest on one member, keeping every chunk within m bad

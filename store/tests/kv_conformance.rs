@@ -288,6 +288,42 @@ fn mem_crash_keeps_a_prefix_of_the_unsynced_log_and_batches_stay_atomic() {
 }
 
 #[test]
+fn mem_a_disk_that_ignores_log_syncs_keeps_only_what_was_durable_and_a_prefix_of_the_log() {
+    let engine = MemKv::new();
+    let mut before = WriteBatch::new();
+    before.put(Column::Meta, b"before", b"1");
+    engine.write(before, Durability::Synced).unwrap();
+    engine.ignore_fsyncs();
+    for index in 0..4u8 {
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Shards, [b's', index], [index]);
+        engine.write(batch, Durability::Synced).unwrap();
+    }
+    let mut unlogged = WriteBatch::new();
+    unlogged.put(Column::Objects, b"o", b"x");
+    engine.write(unlogged, Durability::Unlogged).unwrap();
+    engine.flush(&[Column::Objects]).unwrap();
+    engine.sync().unwrap();
+    // What the copy's power cut shows is what the store's own leaves.
+    let preview = engine.fork().power_cut(1);
+    let disk = engine.power_cut(1);
+    for store in [&preview, &disk] {
+        assert!(store.get(Column::Meta, b"before").unwrap().is_some());
+        let kept: Vec<bool> = (0..4u8)
+            .map(|index| store.get(Column::Shards, &[b's', index]).unwrap().is_some())
+            .collect();
+        assert_eq!(kept, [true, false, false, false]);
+        // A flushed column's files still land.
+        assert!(store.get(Column::Objects, b"o").unwrap().is_some());
+    }
+    // The same drive after the restart: still no fsync.
+    let mut batch = WriteBatch::new();
+    batch.put(Column::Meta, b"after", b"2");
+    disk.write(batch, Durability::Synced).unwrap();
+    assert_eq!(disk.power_cut(0).get(Column::Meta, b"after").unwrap(), None);
+}
+
+#[test]
 fn mem_flush_of_an_older_write_never_overrides_a_newer_durable_one() {
     let engine = MemKv::new();
     let mut old = WriteBatch::new();

@@ -18,7 +18,7 @@ type Table = BTreeMap<Vec<u8>, Vec<u8>>;
 /// write durable never overwrites a newer value that a sync already made durable.
 type DurableTable = BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     visible: BTreeMap<Column, Table>,
     visible_bytes: usize,
@@ -33,9 +33,11 @@ struct State {
     writes_before_death: Option<usize>,
     /// The process died at a crash point: every call fails until [`MemKv::crash`].
     dead: bool,
+    /// The disk acknowledges syncs from its cache (see [`MemKv::ignore_fsyncs`]).
+    fsyncs_ignored: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct DurableRange {
     column: Column,
     start: Vec<u8>,
@@ -43,7 +45,7 @@ struct DurableRange {
     sequence: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PendingBatch {
     sequence: u64,
     ops: Vec<BatchOp>,
@@ -77,6 +79,25 @@ impl MemKv {
     /// until [`MemKv::crash`] restarts the store.
     pub fn die_after_writes(&self, writes: usize) {
         self.lock().writes_before_death = Some(writes);
+    }
+
+    /// Makes this store a disk whose write cache acknowledges log syncs it never did (a
+    /// drive without power-loss protection, or one that ignores barriers): a synced write
+    /// is kept only as a logged one and `sync` makes nothing durable, so a power cut keeps
+    /// what was durable before plus a prefix of the log. A flush of a column (whole
+    /// files written and closed) still lands. It stays so across power cuts (the same
+    /// drive).
+    pub fn ignore_fsyncs(&self) {
+        self.lock().fsyncs_ignored = true;
+    }
+
+    /// A copy of this store as it is now (what a reader sees and what a crash would
+    /// keep): a simulator cuts the power on the copy to see what the disk would lose.
+    #[must_use]
+    pub fn fork(&self) -> Self {
+        Self {
+            state: Mutex::new(self.lock().clone()),
+        }
     }
 
     /// Whether an armed crash point was reached.
@@ -335,6 +356,12 @@ impl KvEngine for MemKv {
                 ops: batch.ops,
                 logged: true,
             }),
+            // A disk that ignores fsyncs keeps the write in its cache, as a logged one.
+            Durability::Synced if state.fsyncs_ignored => state.pending.push(PendingBatch {
+                sequence,
+                ops: batch.ops,
+                logged: true,
+            }),
             Durability::Synced => {
                 state.sync_logged();
                 state.make_durable(sequence, &batch.ops);
@@ -408,7 +435,9 @@ impl KvEngine for MemKv {
     fn sync(&self) -> Result<(), KvError> {
         let mut state = self.lock();
         state.write_point()?;
-        state.sync_logged();
+        if !state.fsyncs_ignored {
+            state.sync_logged();
+        }
         Ok(())
     }
 

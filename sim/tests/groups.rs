@@ -26,8 +26,11 @@ use forge_sim::sites::FaultSet;
 /// group gc ran again (it is now retried in the background); 403395942 (CI): a node was
 /// added by a member that had not applied the volume's creation yet, so the new member
 /// never got the volume's keys and no removal could finish (the add now confirms the
-/// latest state first, and repair hands keys to a member without them).
-const REGRESSION_SEEDS: [u64; 10] = [
+/// latest state first, and repair hands keys to a member without them); 254823667 (CI):
+/// an add failed after the record named the node (its leader lost), leaving a member in
+/// placement but out of the Raft group, which never held a shard (repair now finishes
+/// the add).
+const REGRESSION_SEEDS: [u64; 11] = [
     1,
     2,
     105,
@@ -38,6 +41,7 @@ const REGRESSION_SEEDS: [u64; 10] = [
     659_422_620,
     659_422_654,
     403_395_942,
+    254_823_667,
 ];
 
 #[test]

@@ -1094,9 +1094,10 @@ impl ClusterNode {
     /// Unknown group, one this node is not in; this node's own repair failing.
     pub async fn repair_group(&self, name: &str) -> Result<forge_proto::v1::RepairGroupReply> {
         let (record, view) = self.current_view(name).await?;
-        // A member without a volume's keys cannot adopt it, so holds none of its shards.
-        if let Err(error) = self.hand_over_missing_keys(&view).await {
-            tracing::warn!(%error, group = %name, "repair could not hand a volume's keys to every member");
+        // A member without a volume's keys, or outside the Raft group, cannot adopt the
+        // volume, so holds none of its shards.
+        if let Err(error) = self.finish_interrupted_adds(&view).await {
+            tracing::warn!(%error, group = %name, "repair could not finish an interrupted add");
         }
         let me = self.vault().identity().node_id();
         let this = self.weak();
@@ -1278,11 +1279,14 @@ impl ClusterNode {
         )))
     }
 
-    /// Wraps each of group `view`'s volumes' keys to every member that has no envelope of
-    /// them (an add that raced the volume's creation, from a node that had not applied
-    /// it yet), so that member adopts the volume. A volume whose keys this node does not
-    /// hold is left to a member that does.
-    async fn hand_over_missing_keys(&self, view: &GroupView) -> Result<()> {
+    /// Finishes what an add left undone, so every member placement names can adopt the
+    /// group's volumes: wraps each volume's keys to every member without an envelope of
+    /// them (an add that raced the volume's creation; a volume whose keys this node does
+    /// not hold is left to a member that does), then adds to the Raft group each member
+    /// the record names but the group does not have (an add that failed after changing
+    /// the record, its leader lost: the simulator saw such a member hold no shard ever
+    /// after, so no removal could finish).
+    async fn finish_interrupted_adds(&self, view: &GroupView) -> Result<()> {
         catch_up_async(&view.handle, &view.name).await;
         let me = self.vault().identity().node_id();
         for (key, value) in view.handle.local_records(VOLUMES.name(), b"")? {
@@ -1306,6 +1310,11 @@ impl ClusterNode {
                 tracing::info!(volume = %volume.volume.name, node = %member.node_id(), "handing a group volume's keys to a member without them");
                 self.wrap_volume_to(view, &key, &member).await?;
             }
+        }
+        let voters = view.handle.status().voters;
+        for node in view.nodes.iter().filter(|node| !voters.contains(node)) {
+            tracing::info!(%node, group = %view.name, "adding a member an interrupted add left out of the Raft group");
+            view.handle.add_member(node).await?;
         }
         Ok(())
     }

@@ -29,8 +29,10 @@ use forge_sim::sites::FaultSet;
 /// latest state first, and repair hands keys to a member without them); 254823667 (CI):
 /// an add failed after the record named the node (its leader lost), leaving a member in
 /// placement but out of the Raft group, which never held a shard (repair now finishes
-/// the add).
-const REGRESSION_SEEDS: [u64; 11] = [
+/// the add); 30588678 (CI): a stand-in was released to a node that still stood in for
+/// another member, and losing that node then took two shards of the chunk (a stand-in is
+/// now released only to an owner holding no other shard of it).
+const REGRESSION_SEEDS: [u64; 12] = [
     1,
     2,
     105,
@@ -42,6 +44,7 @@ const REGRESSION_SEEDS: [u64; 11] = [
     659_422_654,
     403_395_942,
     254_823_667,
+    30_588_678,
 ];
 
 #[test]

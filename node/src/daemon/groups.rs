@@ -1056,9 +1056,13 @@ impl ClusterNode {
             let Ok(ShardReply::Held(held)) = answer else {
                 continue;
             };
+            // Only while the owner holds no other shard of the chunk: a node holding two
+            // (its own and one it stands in for) would take both with it if lost (the
+            // simulator lost a chunk so, seed 30588678: a stand-in released to a node
+            // that still stood in for a member added but not yet caught up).
             if held
                 .first()
-                .is_some_and(|indexes| indexes.iter().any(|held| usize::from(*held) == *index))
+                .is_some_and(|indexes| indexes.len() == 1 && usize::from(indexes[0]) == *index)
             {
                 let shard = forge_store::ids::ShardIdx::new(*index)
                     .map_err(forge_store::chunkstore::ChunkStoreError::from)?;

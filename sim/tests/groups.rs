@@ -31,8 +31,11 @@ use forge_sim::sites::FaultSet;
 /// placement but out of the Raft group, which never held a shard (repair now finishes
 /// the add); 30588678 (CI): a stand-in was released to a node that still stood in for
 /// another member, and losing that node then took two shards of the chunk (a stand-in is
-/// now released only to an owner holding no other shard of it).
-const REGRESSION_SEEDS: [u64; 12] = [
+/// now released only to an owner holding no other shard of it); 376960463 (a local run):
+/// a gc read the pins, then an import pinned, then the gc read the pin count and opened
+/// its sweep, which deleted the import's shards as it published (the gc now reads the
+/// count first, so such a pin makes the open conflict).
+const REGRESSION_SEEDS: [u64; 13] = [
     1,
     2,
     105,
@@ -45,6 +48,7 @@ const REGRESSION_SEEDS: [u64; 12] = [
     403_395_942,
     254_823_667,
     30_588_678,
+    376_960_463,
 ];
 
 #[test]

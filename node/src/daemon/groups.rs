@@ -1511,6 +1511,11 @@ impl ClusterNode {
         let (_, view) = self.current_view(name).await?;
         let now = self.vault().now_ns();
         let epoch = loop {
+            // The pin count before the pins: a pin that goes in after this read bumps it,
+            // so opening the sweep below conflicts. Read after the pins, a pin could slip
+            // in between unseen, and the sweep then took the shards an import was
+            // publishing (the simulator, seed 376960463).
+            let count = read_with_retry(&view.handle, GROUP_GC.name(), PIN_COUNT_KEY).await?;
             view.handle.barrier(Duration::from_secs(30)).await?;
             let mut pins = Vec::new();
             let mut stale = Vec::new();
@@ -1553,7 +1558,6 @@ impl ClusterNode {
                 // A sweep a crashed member opened: this run finishes it.
                 break epoch;
             }
-            let count = read_with_retry(&view.handle, GROUP_GC.name(), PIN_COUNT_KEY).await?;
             let updates = [
                 RecordUpdate::new(
                     GROUP_GC,

@@ -21,6 +21,7 @@
 
 pub mod announce;
 pub mod audit;
+pub mod blocking;
 mod bytes;
 pub mod hello;
 pub mod memory;

@@ -132,6 +132,9 @@ impl Drop for Restore {
 /// lockstep here. The simulator calls it on its runtime's thread before running it.
 pub fn simulate_on_this_thread() {
     SIMULATED.with(|simulated| simulated.set(true));
+    // The sync protocol's store work (a receiver's answers, a sender's reads) too: for a
+    // grouped volume it waits on the group, which only a lockstep closure can.
+    forge_mesh::blocking::install_on_this_thread(|job| Box::pin(run(job)));
 }
 
 /// Runs synchronous `closure` off the async tasks: on tokio's blocking pool in the

@@ -33,11 +33,13 @@ use forge_crypto::{Cid, NodeId, NodeIdentity, NodeSecrets};
 use forge_mesh::MeshError;
 use forge_mesh::memory::{FaultPlan, MemoryNetwork, MemoryPeer};
 use forge_mesh::net::{BoxFuture, PeerNet};
+use forge_mesh::sync::{Incoming, TransferConfig, send_volume, serve_volumes};
 use forge_node::clock::{SeededRandomness, SteppingClock};
 use forge_node::daemon::cluster::{AddressBook, ClusterNode, ClusterParts};
 use forge_node::datadir::DataDir;
 use forge_node::progress::Progress;
 use forge_node::vault::export::SnapshotSelector;
+use forge_node::vault::transfer::VaultVolumeHost;
 use forge_node::vault::{ExportOptions, ImportOptions, Vault, VaultParts, no_passphrase};
 use forge_store::erasure::ShardRecord;
 use forge_store::kv::{Column, Durability, KvEngine, MemKv, WriteBatch};
@@ -66,6 +68,55 @@ impl AddressBook for NoAddresses {
 struct Node {
     vault: Arc<Vault>,
     cluster: Arc<ClusterNode>,
+    /// The volume sync protocol, where the run has a second site.
+    volumes: Option<Volumes>,
+}
+
+/// A node's side of volume syncs: its host (sending and receiving) and the tasks serving
+/// the protocol.
+#[derive(Clone)]
+struct Volumes {
+    net: Arc<dyn PeerNet>,
+    host: Arc<VaultVolumeHost>,
+    incoming: Incoming,
+    tasks: Arc<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Volumes {
+    fn serve(vault: &Arc<Vault>, peer: &Arc<MemoryPeer>) -> Result<Self, String> {
+        let incoming = Incoming::default();
+        let host = Arc::new(VaultVolumeHost::new(vault.clone(), incoming.clone(), None));
+        let net: Arc<dyn PeerNet> = peer.clone();
+        let tasks = serve_volumes(net.clone(), host.clone(), incoming.clone(), sync_config())
+            .map_err(|error| error.to_string())?;
+        Ok(Self {
+            net,
+            host,
+            incoming,
+            tasks: Arc::new(tasks.into()),
+        })
+    }
+
+    fn stop(&self) {
+        for task in self.tasks.iter() {
+            task.abort();
+        }
+    }
+}
+
+/// The sync protocol between the sites, with short deadlines. Store work that waits on
+/// a group (a receiver's publish, a sender's reads of what its member lacks) goes through
+/// the lockstep runner; the rest of a send runs in a lockstep closure (see [`sync_to`]).
+fn sync_config() -> TransferConfig {
+    let mut config = TransferConfig {
+        control_deadline: Duration::from_secs(10),
+        receive_workers: 2,
+        ..TransferConfig::default()
+    };
+    config.push.blocking_reads = true;
+    config.push.deadline = Duration::from_secs(5);
+    config.push.attempts = 6;
+    config
 }
 
 fn node_identity(seed: u64, index: usize) -> NodeSecrets {
@@ -204,7 +255,9 @@ async fn smoke_on(seed: u64, root: &Path) -> Result<GroupsReport, String> {
         .collect();
     let mut members = Vec::new();
     for (index, secrets) in secrets.iter().enumerate() {
-        members.push(Member::new(seed, index, secrets, &network, &ids, root)?);
+        members.push(Member::new(
+            seed, index, secrets, &network, &ids, root, false,
+        )?);
     }
     let nodes = members
         .iter()
@@ -296,6 +349,10 @@ async fn smoke_on(seed: u64, root: &Path) -> Result<GroupsReport, String> {
 /// The volume group's name and its volume's, in every run.
 const GROUP: &str = "g";
 const VOLUME: &str = "data";
+/// Nodes of the second site, where a run has one (one 2+1 group).
+const REMOTE_NODES: usize = 3;
+/// Mixed into the seed of the second site's nodes.
+const REMOTE_STREAMS: u64 = 0x5173_0000_0000_0002;
 /// How long after heal the operation still running may take to end: past every deadline
 /// the node code sets on one step (a repair asks members with an hour's deadline).
 const OPERATION_BOUND_AFTER_HEAL: Duration = Duration::from_secs(2 * 3600);
@@ -332,6 +389,10 @@ pub struct GroupsConfig {
     /// The fault points inside the node code armed for the run, with their odds
     /// (percent per pass), until heal.
     pub fault_points: Vec<(&'static str, u64)>,
+    /// A second site: a cluster of its own (three nodes, one 2+1 group) that the first
+    /// site's members sync the volume to, over the same faulty network, and whose
+    /// group must end up holding it whole.
+    pub remote_site: bool,
 }
 
 impl GroupsConfig {
@@ -390,6 +451,8 @@ impl GroupsConfig {
             },
             lying_disk: None,
             fault_points: Vec::new(),
+            // Drawn apart, so that the other choices stay what they were for a seed.
+            remote_site: SimRng::new(seed ^ 0x5173_5173).chance(40),
         }
         .with_fault_points(&mut rng)
         .with_lying_disk(&mut rng)
@@ -451,6 +514,8 @@ struct Member {
     /// None while crashed.
     running: Option<Node>,
     boots: u64,
+    /// Serves the volume sync protocol (a run with a second site).
+    serves_volumes: bool,
 }
 
 impl Member {
@@ -462,6 +527,7 @@ impl Member {
         network: &MemoryNetwork,
         everyone: &[NodeId],
         root: &Path,
+        serves_volumes: bool,
     ) -> Result<Self, String> {
         let dir = root.join(format!("node-{index}"));
         std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
@@ -483,6 +549,7 @@ impl Member {
             everyone: everyone.to_vec(),
             running: None,
             boots: 0,
+            serves_volumes,
         };
         member.start(seed)?;
         Ok(member)
@@ -522,7 +589,16 @@ impl Member {
             },
         )
         .map_err(|error| format!("member {}'s cluster did not start: {error}", self.index))?;
-        self.running = Some(Node { vault, cluster });
+        let volumes = if self.serves_volumes {
+            Some(Volumes::serve(&vault, &self.peer)?)
+        } else {
+            None
+        };
+        self.running = Some(Node {
+            vault,
+            cluster,
+            volumes,
+        });
         Ok(())
     }
 
@@ -539,6 +615,9 @@ impl Member {
     async fn crash(&mut self, network: &MemoryNetwork, surviving: usize) {
         network.crash(self.id);
         if let Some(node) = self.running.take() {
+            if let Some(volumes) = &node.volumes {
+                volumes.stop();
+            }
             node.cluster.shutdown().await;
         }
         self.kv = Arc::new(self.kv.power_cut(surviving));
@@ -561,6 +640,13 @@ enum Operation {
     AddMember(usize, NodeId),
     /// Member `.0` out of the group.
     RemoveMember(usize, NodeId),
+    /// `main` sent to node `to` of the second site (its id `peer`); `head` and `tree`:
+    /// the sender's head as the step began, if an acknowledged import made it.
+    Sync {
+        to: usize,
+        peer: NodeId,
+        head: Option<(Cid, Tree)>,
+    },
 }
 
 /// How a step ended.
@@ -572,6 +658,7 @@ enum Outcome {
     Collected(u64),
     Repaired { whole: bool, summary: String },
     Membership(Vec<String>),
+    Synced(String),
     Failed(String),
 }
 
@@ -644,6 +731,91 @@ pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure
     })?
 }
 
+/// A cluster of `members` and its volume group on the first `group_size` of them, as an
+/// operator makes them.
+async fn form_cluster(
+    members: &[Member],
+    secrets: &[NodeSecrets],
+    ids: &[NodeId],
+    group_size: usize,
+    data_shards: u32,
+    parity_shards: u32,
+) -> Result<(), String> {
+    for member in members {
+        let node = member.node()?;
+        for (other, secrets) in secrets.iter().enumerate() {
+            if other != member.index {
+                let keys = NodeIdentity::from_secrets(secrets).public_keys().clone();
+                node.vault
+                    .trust_node(&keys)
+                    .and_then(|()| node.vault.set_cluster_trust(&keys.node_id(), true))
+                    .map_err(|error| error.to_string())?;
+            }
+        }
+    }
+    let first = members[0].node()?.cluster.clone();
+    first
+        .init()
+        .await
+        .map_err(|error| format!("cluster init: {error}"))?;
+    for member in &members[1..] {
+        let cluster = member.node()?.cluster.clone();
+        settle("joining the cluster", || async {
+            cluster
+                .join(ids[0])
+                .await
+                .map_err(|error| error.to_string())
+        })
+        .await?;
+    }
+    settle("creating the group", || async {
+        first
+            .create_group(
+                GROUP,
+                ids[..group_size].to_vec(),
+                data_shards,
+                parity_shards,
+            )
+            .await
+            .map_err(|error| error.to_string())
+    })
+    .await?;
+    Ok(())
+}
+
+/// `members` (of one cluster) at the same applied index of a Raft group hold the same
+/// records.
+fn replicas_agree(members: &[Member], who: &str) -> Result<(), String> {
+    let mut seen: BTreeMap<(u64, u64), (usize, forge_consensus::ReplicaState)> = BTreeMap::new();
+    for member in members {
+        let Some(node) = &member.running else {
+            continue;
+        };
+        // A member whose engine is mid-restart may fail a read: not a divergence.
+        let Ok(states) = node.cluster.replica_states() else {
+            continue;
+        };
+        for (group, state) in states {
+            let Some(applied) = state.0 else { continue };
+            match seen.get(&(group, applied)) {
+                Some((other, theirs)) if theirs.1 != state.1 => {
+                    return Err(format!(
+                        "{who} {other} and {} differ in Raft group {group} at applied index {applied}: {} and {} records",
+                        member.index,
+                        theirs.1.len(),
+                        state.1.len()
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert((group, applied), (member.index, state));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 struct GroupWorld {
     seed: u64,
     config: GroupsConfig,
@@ -669,6 +841,11 @@ struct GroupWorld {
     /// The steps running (at most `config.concurrency`), in the order they started.
     running: Vec<Running>,
     steps: u64,
+    /// The second site's nodes (empty without one): its own cluster and group.
+    remote: Vec<Member>,
+    /// Heads of `main` (acknowledged imports, with their trees) that a sync acknowledged
+    /// at the second site: each must restore there byte-exact after heal.
+    synced: BTreeMap<Cid, Tree>,
 }
 
 impl GroupWorld {
@@ -684,8 +861,42 @@ impl GroupWorld {
             .collect();
         let mut members = Vec::new();
         for (index, secrets) in secrets.iter().enumerate() {
-            let member = Member::new(seed, index, secrets, &network, &ids, root)?;
+            let member = Member::new(
+                seed,
+                index,
+                secrets,
+                &network,
+                &ids,
+                root,
+                config.remote_site,
+            )?;
             members.push(member);
+        }
+        // The second site: identities past the first's, a cluster of its own.
+        let remote_secrets: Vec<NodeSecrets> = if config.remote_site {
+            (0..REMOTE_NODES)
+                .map(|offset| node_identity(seed, config.nodes + 1 + offset))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let remote_ids: Vec<NodeId> = remote_secrets
+            .iter()
+            .map(|secrets| NodeIdentity::from_secrets(secrets).node_id())
+            .collect();
+        let mut remote = Vec::new();
+        for (offset, secrets) in remote_secrets.iter().enumerate() {
+            remote.push(Member::new(
+                // Streams of their own (nonces, election timeouts), apart from the first
+                // site's nodes at the same positions.
+                seed ^ REMOTE_STREAMS,
+                offset,
+                secrets,
+                &network,
+                &remote_ids,
+                &root.join("remote"),
+                true,
+            )?);
         }
         let mut world = Self {
             seed,
@@ -704,8 +915,24 @@ impl GroupWorld {
             lost: None,
             running: Vec::new(),
             steps: 0,
+            remote,
+            synced: BTreeMap::new(),
         };
-        world.form(&secrets, &ids).await?;
+        let (k, m) = (world.config.data_shards, world.config.parity_shards);
+        form_cluster(&world.members, &secrets, &ids, world.config.nodes, k, m).await?;
+        world.form_volume().await?;
+        if world.config.remote_site {
+            form_cluster(
+                &world.remote,
+                &remote_secrets,
+                &remote_ids,
+                REMOTE_NODES,
+                2,
+                1,
+            )
+            .await?;
+            world.connect_sites().await?;
+        }
         // Faults from here on: forming the cluster is the operator's setup.
         world.network.set_faults(config.plan);
         if let Some(index) = config.lying_disk {
@@ -717,43 +944,9 @@ impl GroupWorld {
         Ok(world)
     }
 
-    /// The cluster, the group and its volume, as an operator makes them.
-    async fn form(&mut self, secrets: &[NodeSecrets], ids: &[NodeId]) -> Result<(), String> {
-        for member in &self.members {
-            let node = member.node()?;
-            for (other, secrets) in secrets.iter().enumerate() {
-                if other != member.index {
-                    let keys = NodeIdentity::from_secrets(secrets).public_keys().clone();
-                    node.vault
-                        .trust_node(&keys)
-                        .and_then(|()| node.vault.set_cluster_trust(&keys.node_id(), true))
-                        .map_err(|error| error.to_string())?;
-                }
-            }
-        }
+    /// The group's volume, as an operator makes it.
+    async fn form_volume(&mut self) -> Result<(), String> {
         let first = self.members[0].node()?.cluster.clone();
-        first
-            .init()
-            .await
-            .map_err(|error| format!("cluster init: {error}"))?;
-        for member in &self.members[1..] {
-            let cluster = member.node()?.cluster.clone();
-            settle("joining the cluster", || async {
-                cluster
-                    .join(ids[0])
-                    .await
-                    .map_err(|error| error.to_string())
-            })
-            .await?;
-        }
-        let (k, m) = (self.config.data_shards, self.config.parity_shards);
-        settle("creating the group", || async {
-            first
-                .create_group(GROUP, ids[..self.config.nodes].to_vec(), k, m)
-                .await
-                .map_err(|error| error.to_string())
-        })
-        .await?;
         settle("creating the group volume", || async {
             first
                 .create_group_volume(VOLUME, GROUP)
@@ -761,10 +954,61 @@ impl GroupWorld {
                 .map_err(|error| error.to_string())
         })
         .await?;
+        let (k, m) = (self.config.data_shards, self.config.parity_shards);
         self.log.note(format!(
             "{} nodes, group {GROUP} of {k}+{m} shards on the first {}, volume {VOLUME}",
             self.members.len(),
             self.config.nodes
+        ));
+        Ok(())
+    }
+
+    /// The two sites introduced, as their operators do: each node of the second site
+    /// trusts each of the first to send it new volumes, which go into its group (the
+    /// first site's members author the snapshots, so each is trusted as one), and the
+    /// volume is shared with each of its nodes, to write (they keep its dedup domain).
+    async fn connect_sites(&mut self) -> Result<(), String> {
+        for receiver in &self.remote {
+            let vault = receiver.node()?.vault.clone();
+            for sender in &self.members {
+                let keys = NodeIdentity::from_secrets(&sender.secrets)
+                    .public_keys()
+                    .clone();
+                vault
+                    .add_peer(&keys, None, Some(&format!("site-a-{}", sender.index)))
+                    .and_then(|_| vault.trust_peer(&sender.id, None, false, true))
+                    .and_then(|_| vault.set_new_volume_group(&sender.id, Some(GROUP)))
+                    .map_err(|error| {
+                        format!("remote {}: trusting a sender: {error}", receiver.index)
+                    })?;
+                let keys = NodeIdentity::from_secrets(&receiver.secrets)
+                    .public_keys()
+                    .clone();
+                sender
+                    .node()?
+                    .vault
+                    .add_peer(&keys, None, Some(&format!("site-b-{}", receiver.index)))
+                    .map_err(|error| format!("member {}: adding a peer: {error}", sender.index))?;
+            }
+        }
+        let owner = self.members[0].node()?.vault.clone();
+        let receivers: Vec<NodeId> = self.remote.iter().map(|member| member.id).collect();
+        settle("sharing the volume with the second site", || {
+            let (owner, receivers) = (owner.clone(), receivers.clone());
+            async move {
+                forge_node::lockstep::run(move || {
+                    for receiver in &receivers {
+                        owner.share_volume(VOLUME, receiver, true, &no_passphrase)?;
+                    }
+                    Ok::<_, forge_node::error::NodeError>(())
+                })
+                .await
+                .map_err(|error| error.to_string())
+            }
+        })
+        .await?;
+        self.log.note(format!(
+            "a second site: {REMOTE_NODES} nodes, group {GROUP} of 2+1 shards; {VOLUME} shared with each"
         ));
         Ok(())
     }
@@ -868,35 +1112,8 @@ impl GroupWorld {
 
     /// Members at the same applied index of a Raft group hold the same records.
     fn check_replicas(&self) -> Result<(), String> {
-        let mut seen: BTreeMap<(u64, u64), (usize, forge_consensus::ReplicaState)> =
-            BTreeMap::new();
-        for member in &self.members {
-            let Some(node) = &member.running else {
-                continue;
-            };
-            // A member whose engine is mid-restart may fail a read: not a divergence.
-            let Ok(states) = node.cluster.replica_states() else {
-                continue;
-            };
-            for (group, state) in states {
-                let Some(applied) = state.0 else { continue };
-                match seen.get(&(group, applied)) {
-                    Some((other, theirs)) if theirs.1 != state.1 => {
-                        return Err(format!(
-                            "members {other} and {} differ in Raft group {group} at applied index {applied}: {} and {} records",
-                            member.index,
-                            theirs.1.len(),
-                            state.1.len()
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        seen.insert((group, applied), (member.index, state));
-                    }
-                }
-            }
-        }
-        Ok(())
+        replicas_agree(&self.members, "members")?;
+        replicas_agree(&self.remote, "the second site's nodes")
     }
 
     /// Picks the next step and starts it on a node that is up (a member of the group, but
@@ -917,7 +1134,34 @@ impl GroupWorld {
             return Ok(());
         }
         let member = up[self.pick(up.len())];
-        let operation = match self.rng.range(0, 11) {
+        let operation = if self.config.remote_site && self.rng.chance(15) {
+            self.sync_step(member)?
+        } else {
+            self.local_step(&group, &retiring)
+        };
+        self.report.operations += 1;
+        self.log
+            .note(format!("member {member}: {} started", describe(&operation)));
+        let node = self.members[member].node()?;
+        let task = tokio::spawn(perform(
+            node,
+            operation.clone(),
+            self.scratch
+                .join(format!("step-{}", self.report.operations)),
+        ));
+        self.running.push(Running {
+            member,
+            operation,
+            task,
+            started: tokio::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// A step on the first site's group: imports, deletes, exports, gc, repair, and
+    /// membership changes.
+    fn local_step(&mut self, group: &[usize], retiring: &[usize]) -> Operation {
+        match self.rng.range(0, 11) {
             // Membership changes under load: the spare in, or (with it in) a member out;
             // a removal that could not finish (a member down) is asked for again.
             // One membership change at a time, as an operator would.
@@ -977,25 +1221,42 @@ impl GroupWorld {
                 Some(snapshot) => Operation::Export(snapshot),
                 None => Operation::Repair,
             },
-        };
-        self.report.operations += 1;
-        self.log
-            .note(format!("member {member}: {} started", describe(&operation)));
-        let node = self.members[member].node()?;
-        let task = tokio::spawn(perform(
-            node.vault.clone(),
-            node.cluster.clone(),
-            operation.clone(),
-            self.scratch
-                .join(format!("step-{}", self.report.operations)),
-        ));
-        self.running.push(Running {
-            member,
-            operation,
-            task,
-            started: tokio::time::Instant::now(),
-        });
-        Ok(())
+        }
+    }
+
+    /// A sync of `main` from `member` to a node of the second site, trusted there first
+    /// to write the volume once that node holds it (the operator's `forge peer trust
+    /// NODE --volume data --write`).
+    fn sync_step(&mut self, member: usize) -> Result<Operation, String> {
+        let to = self.pick(self.remote.len());
+        let sender = self.members[member].id;
+        let receiver = self.remote[to].node()?.vault.clone();
+        if receiver
+            .volume_record(VOLUME)
+            .map_err(|error| error.to_string())?
+            .is_some()
+        {
+            receiver
+                .trust_peer(&sender, Some(VOLUME), true, false)
+                .map_err(|error| format!("remote {to}: trusting member {member}: {error}"))?;
+        }
+        let head = self.members[member]
+            .node()?
+            .vault
+            .branches(VOLUME)
+            .ok()
+            .and_then(|branches| {
+                branches
+                    .into_iter()
+                    .find(|(branch, _)| branch == "main")
+                    .map(|(_, head)| head)
+            })
+            .and_then(|head| self.kept.get(&head).map(|tree| (head, tree.clone())));
+        Ok(Operation::Sync {
+            to,
+            peer: self.remote[to].id,
+            head,
+        })
     }
 
     fn next_import(&mut self, branch: &str) -> Operation {
@@ -1119,6 +1380,14 @@ impl GroupWorld {
                     members.join(", ")
                 ));
             }
+            (Operation::Sync { head, .. }, Outcome::Synced(summary)) => {
+                self.log.note(format!("member {member}: {what}: {summary}"));
+                // The head read as the step began, or a later one (the receiver then
+                // holds it as an ancestor).
+                if let Some((snapshot, tree)) = head {
+                    self.synced.insert(snapshot, tree);
+                }
+            }
             (_, Outcome::Failed(reason)) => {
                 self.log
                     .note(format!("member {member}: {what} failed: {reason}"));
@@ -1141,6 +1410,14 @@ impl GroupWorld {
                     self.network.heal();
                     self.partitioned = false;
                     self.log.note("healed");
+                } else if self.config.remote_site && self.rng.chance(25) {
+                    // The link between the sites down: each site whole, syncs failing.
+                    let first: Vec<NodeId> = self.members.iter().map(|member| member.id).collect();
+                    let second: Vec<NodeId> = self.remote.iter().map(|member| member.id).collect();
+                    self.network.partition(&first, &second);
+                    self.log.note("the sites cut apart");
+                    self.partitioned = true;
+                    self.report.faults += 1;
                 } else {
                     let count = self.members.len();
                     let a = self.pick(count);
@@ -1471,6 +1748,130 @@ impl GroupWorld {
         self.log.note(format!(
             "every acknowledged snapshot ({}) restores byte-exact on every member",
             self.kept.len()
+        ));
+        if self.config.remote_site {
+            let head = heads
+                .iter()
+                .find(|(branch, _)| branch == "main")
+                .map(|(_, head)| *head);
+            self.check_remote(coordinator, head).await?;
+        }
+        Ok(())
+    }
+
+    /// The second site after heal: a last sync from the first converges (its group's
+    /// `main` is the first's), every head a sync acknowledged restores byte-exact on each
+    /// of its nodes, its repair finds every chunk whole, and its replicas agree.
+    async fn check_remote(&mut self, sender: usize, head: Option<Cid>) -> Result<(), String> {
+        let Some(head) = head else {
+            return Ok(());
+        };
+        let within = format!(
+            "within {} s (simulated) of heal",
+            SETTLE_AFTER_HEAL.as_secs()
+        );
+        let volumes = self.members[sender]
+            .node()?
+            .volumes
+            .clone()
+            .ok_or("the first site's members serve no syncs")?;
+        let peer = self.remote[0].id;
+        let (receiver, sender_id) = (
+            self.remote[0].node()?.vault.clone(),
+            self.members[sender].id,
+        );
+        let summary = settle_within(
+            &format!("a last sync to the second site did not succeed {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || {
+                // As the operator is told to when the receiver refuses: once the
+                // receiver holds the volume (its group may have taken it from an earlier
+                // sync), the sender is trusted to write it.
+                if receiver.volume_record(VOLUME).ok().flatten().is_some() {
+                    let _ = receiver.trust_peer(&sender_id, Some(VOLUME), true, false);
+                }
+                sync_to(&volumes, peer)
+            },
+        )
+        .await?;
+        self.log
+            .note(format!("last sync to the second site: {summary:?}"));
+        // The tree of the head: acknowledged (the oracle's), or as the first site exports it.
+        let tree = match self.kept.get(&head) {
+            Some(tree) => tree.clone(),
+            None => {
+                let vault = self.members[sender].node()?.vault.clone();
+                let out = self.scratch.join("head");
+                let into = out.clone();
+                forge_node::lockstep::run(move || {
+                    vault.export(
+                        VOLUME,
+                        &into,
+                        &SnapshotSelector::Id(head.to_hex()),
+                        &ExportOptions::default(),
+                        &no_passphrase,
+                        &Progress::new("export", false),
+                    )
+                })
+                .await
+                .map_err(|error| format!("member {sender}: exporting main's head: {error}"))?;
+                let tree = crate::sites::read_tree(&out)?;
+                let _ = std::fs::remove_dir_all(&out);
+                tree
+            }
+        };
+        let mut expected = self.synced.clone();
+        expected.insert(head, tree);
+        for (to, receiver) in self.remote.iter().enumerate() {
+            let vault = receiver.node()?.vault.clone();
+            settle_within(
+                &format!("the second site's node {to} did not see main at {head} {within}"),
+                SETTLE_AFTER_HEAL,
+                Duration::from_secs(1),
+                || {
+                    let vault = vault.clone();
+                    async move {
+                        let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
+                        match branches.iter().find(|(branch, _)| branch == "main") {
+                            Some((_, at)) if *at == head => Ok(()),
+                            other => Err(format!("main at {other:?}")),
+                        }
+                    }
+                },
+            )
+            .await?;
+            for (snapshot, tree) in &expected {
+                export_matches(100 + to, &vault, *snapshot, tree, &self.scratch)
+                    .await
+                    .map_err(|reason| {
+                        format!("the second site's node {to}, synced snapshot {snapshot}: {reason}")
+                    })?;
+            }
+        }
+        let cluster = self.remote[0].node()?.cluster.clone();
+        let repaired = settle_within(
+            &format!("the second site's repair did not make every chunk whole {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                let reply = cluster
+                    .repair_group(GROUP)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let errors = reply.members.iter().any(|member| !member.error.is_empty());
+                if !errors && reply.shards_held == reply.chunks * 3 {
+                    Ok(self.describe_repair(&reply))
+                } else {
+                    Err(self.describe_repair(&reply))
+                }
+            },
+        )
+        .await?;
+        replicas_agree(&self.remote, "the second site's nodes")?;
+        self.log.note(format!(
+            "the second site holds main at {head} and {} synced snapshot(s) byte-exact; its repair: {repaired}",
+            expected.len()
         ));
         Ok(())
     }
@@ -1821,8 +2222,11 @@ impl GroupWorld {
         for running in self.running.drain(..) {
             running.task.abort();
         }
-        for member in &mut self.members {
+        for member in self.members.iter_mut().chain(&mut self.remote) {
             if let Some(node) = member.running.take() {
+                if let Some(volumes) = &node.volumes {
+                    volumes.stop();
+                }
                 node.cluster.shutdown().await;
             }
         }
@@ -1838,13 +2242,28 @@ fn describe(operation: &Operation) -> String {
         Operation::Repair => "group repair".into(),
         Operation::AddMember(index, _) => format!("adding node {index} to the group"),
         Operation::RemoveMember(index, _) => format!("removing node {index} from the group"),
+        Operation::Sync { to, .. } => format!("sync of main to the second site's node {to}"),
     }
 }
 
 /// Runs one step on a member.
-async fn perform(
+fn perform(
+    node: &Node,
+    operation: Operation,
+    scratch: PathBuf,
+) -> impl std::future::Future<Output = Outcome> + use<> {
+    let (vault, cluster, volumes) = (
+        node.vault.clone(),
+        node.cluster.clone(),
+        node.volumes.clone(),
+    );
+    async move { perform_on(vault, cluster, volumes, operation, scratch).await }
+}
+
+async fn perform_on(
     vault: Arc<Vault>,
     cluster: Arc<ClusterNode>,
+    volumes: Option<Volumes>,
     operation: Operation,
     scratch: PathBuf,
 ) -> Outcome {
@@ -1934,9 +2353,41 @@ async fn perform(
                 }
             })
             .map_err(|error| error.to_string()),
+        Operation::Sync { peer, .. } => match volumes {
+            Some(volumes) => sync_to(&volumes, peer).await,
+            None => Err("this member serves no volume syncs".to_owned()),
+        },
     };
     let _ = std::fs::remove_dir_all(&scratch);
     outcome.unwrap_or_else(Outcome::Failed)
+}
+
+/// Sends `main` to `peer` as the daemon's `forge volume sync --peer` does.
+async fn sync_to(volumes: &Volumes, peer: NodeId) -> Result<Outcome, String> {
+    let _turn = volumes.incoming.push_turn(peer).await;
+    let (net, host) = (volumes.net.clone(), volumes.host.clone());
+    // The sender's store work (its offer, the index nodes and chunks it reads) waits on
+    // its group for what is not held here: the whole send runs in a lockstep closure,
+    // which may block.
+    forge_node::lockstep::run(move || {
+        forge_node::lockstep::block_on(send_volume(
+            net,
+            host,
+            peer,
+            VOLUME,
+            "main",
+            VOLUME,
+            &sync_config(),
+        ))
+    })
+    .await
+    .map(|summary| {
+        Outcome::Synced(format!(
+            "{:?}, {} chunks sent",
+            summary.moved, summary.chunks_sent
+        ))
+    })
+    .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

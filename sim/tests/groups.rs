@@ -34,8 +34,12 @@ use forge_sim::sites::FaultSet;
 /// now released only to an owner holding no other shard of it); 376960463 (a local run):
 /// a gc read the pins, then an import pinned, then the gc read the pin count and opened
 /// its sweep, which deleted the import's shards as it published (the gc now reads the
-/// count first, so such a pin makes the open conflict).
-const REGRESSION_SEEDS: [u64; 13] = [
+/// count first, so such a pin makes the open conflict); 692461256 (a second site): a share
+/// of a grouped volume stayed on the member that made it, so a first sync from another
+/// member was refused for want of keys (shares now go through the group); 692461257 (a
+/// second site): a receiver dropped a replaced sync session, whose group pin waits on the
+/// group, while holding the sessions' lock, and the runtime blocked on that lock.
+const REGRESSION_SEEDS: [u64; 15] = [
     1,
     2,
     105,
@@ -49,6 +53,8 @@ const REGRESSION_SEEDS: [u64; 13] = [
     254_823_667,
     30_588_678,
     376_960_463,
+    692_461_256,
+    692_461_257,
 ];
 
 #[test]

@@ -157,7 +157,7 @@ async fn run_step(
 ) -> Answered {
     let answer = match &step {
         Step::Ask(items) => exchange(&*net, peer, &Message::Have(items.clone()), &config).await,
-        Step::SendNode(node) => match store.read(&Item::Node(*node)) {
+        Step::SendNode(node) => match read_node(&store, *node, &config).await {
             Ok((_, bytes)) => exchange(&*net, peer, &Message::PutNode(*node, bytes), &config).await,
             Err(error) => Err(error),
         },
@@ -167,6 +167,24 @@ async fn run_step(
         }),
     };
     Answered { step, answer }
+}
+
+/// Reads index node `node` to send it: off the async threads when reads are
+/// (`blocking_reads`: a grouped volume's node this member lacks is fetched from its group).
+async fn read_node(
+    store: &Arc<dyn SyncStore>,
+    node: Cid,
+    config: &PushConfig,
+) -> Result<(DataKind, Vec<u8>), MeshError> {
+    if !config.blocking_reads {
+        return store.read(&Item::Node(node));
+    }
+    let store = store.clone();
+    crate::blocking::run(move || store.read(&Item::Node(node)))
+        .await
+        .map_err(|error| MeshError::Local {
+            what: format!("reading an index node to send: {error}"),
+        })?
 }
 
 /// Items of a `PutData`: each cid, its kind and its bytes.
@@ -205,7 +223,7 @@ async fn send_data(
             // network.
             let (store, owned) = (store.clone(), cids.to_vec());
             let limit = config.batch_bytes;
-            tokio::task::spawn_blocking(move || read_batch(&*store, &owned, start, limit))
+            crate::blocking::run(move || read_batch(&*store, &owned, start, limit))
                 .await
                 .map_err(|error| MeshError::Local {
                     what: format!("reading chunks to send: {error}"),
@@ -460,10 +478,10 @@ pub async fn serve_sync_resolved(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(crate::blocking::run(move || {
             let _permit = permit;
             reply(request, store);
-        });
+        }));
     }
 }
 

@@ -910,8 +910,7 @@ async fn volume_loop(
                 let answered = if config.receive_workers <= 1 {
                     Ok(answer(&*host, &incoming, from, message))
                 } else {
-                    tokio::task::spawn_blocking(move || answer(&*host, &incoming, from, message))
-                        .await
+                    crate::blocking::run(move || answer(&*host, &incoming, from, message)).await
                 };
                 match answered {
                     Ok(Ok(reply)) => request.respond(reply.encode()),
@@ -959,7 +958,11 @@ fn answer(
     match message {
         VolumeMessage::Offer(offer) => {
             let store = host.accept(from, &offer).map_err(Refusal::Rule)?;
-            incoming.lock().insert(
+            // A session this offer replaces ends after the lock is let go: its store's
+            // claims may take a while to release (a grouped volume's pin goes through
+            // its group), and every put from any sender looks up its session meanwhile
+            // (the simulator deadlocked on it, seed 692461257).
+            let replaced = incoming.lock().insert(
                 from,
                 Session {
                     offer,
@@ -970,6 +973,7 @@ fn answer(
                     }),
                 },
             );
+            drop(replaced);
             Ok(VolumeMessage::Accepted)
         }
         VolumeMessage::Finish(nonce) => {
@@ -1026,8 +1030,10 @@ fn answer(
                 ));
             }
             host.keep_proof(&proof).map_err(Refusal::Failed)?;
-            // The sync is over: its claims on the store go with the session.
-            incoming.lock().remove(&from);
+            // The sync is over: its claims on the store go with the session (released
+            // after the lock is let go, as above).
+            let ended = incoming.lock().remove(&from);
+            drop(ended);
             Ok(VolumeMessage::Kept)
         }
         VolumeMessage::Follow { on, name, branch } => host

@@ -99,8 +99,9 @@ fn expected_of(value: Option<Vec<u8>>) -> Expected {
 /// The records of a group volume the members mirror (keys start with the volume's id).
 /// Seals and contracts are read through the group where a decision depends on them (a
 /// mount's check), so a mirror's lag (or a lifted seal still mirrored) decides nothing.
-const MIRRORED: [RecordSpace; 8] = [
+const MIRRORED: [RecordSpace; 9] = [
     RecordSpace::REFS,
+    crate::vault::peers::SHARES,
     RecordSpace::SNAPSHOTS,
     RecordSpace::INDEX_HEADS,
     crate::vault::peers::LINEAGE,

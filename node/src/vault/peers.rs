@@ -318,12 +318,18 @@ impl Vault {
             }
         };
         let envelope = self.wrap_to(&keys, &contents, &super::volume_binding(&open.id))?;
-        self.refs().apply(&[RecordUpdate::new(
-            SHARES,
-            [open.id.as_bytes().as_slice(), to.as_bytes()].concat(),
-            Expected::Any,
-            Change::Put(envelope),
-        )])?;
+        // A grouped volume's share is the group's: any member may send the volume on
+        // (the simulator's second site was refused a first sync from a member other than
+        // the one that shared, seed 692461256).
+        self.apply_volume_updates(
+            &open.id,
+            &[RecordUpdate::new(
+                SHARES,
+                [open.id.as_bytes().as_slice(), to.as_bytes()].concat(),
+                Expected::Any,
+                Change::Put(envelope),
+            )],
+        )?;
         Ok(())
     }
 

@@ -987,7 +987,17 @@ fn answer(
                     })?;
                 (session.offer.clone(), session.store.clone())
             };
-            let published = host.publish(from, &offer).map_err(Refusal::Failed)?;
+            let published = match host.publish(from, &offer) {
+                Ok(published) => published,
+                Err(error) => {
+                    // Nothing of it went live: the session ends here (its claims and a
+                    // grouped volume's pin would otherwise hold off gc until this sender
+                    // syncs again; a retry offers anew).
+                    let ended = incoming.lock().remove(&from);
+                    drop(ended);
+                    return Err(Refusal::Failed(error));
+                }
+            };
             let head = offer.head_entry().ok_or_else(|| {
                 Refusal::Failed(MeshError::Local {
                     what: "an accepted offer without its head".into(),

@@ -853,7 +853,7 @@ impl ClusterNode {
             let this = self.this.clone();
             let reconciled = crate::lockstep::spawn_blocking(move || {
                 let node = this.upgrade().ok_or_else(|| cluster_error("stopping"))?;
-                node.reconcile_volumes(&view?, Some(epoch))
+                node.reconcile_volumes(&view?, Some(epoch), false)
             })
             .await;
             self.repair_in_background(record.id);

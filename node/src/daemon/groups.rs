@@ -294,11 +294,14 @@ impl ClusterNode {
     /// Adopts group `view`'s volumes into this vault and mirrors their records (the watch
     /// loop, every half second).
     /// `read_at_epoch`: the vault's mirror epoch before the group's state was brought up
-    /// to date here (None: no publish can run meanwhile, a gc sweep's fence).
+    /// to date here (None: no publish can run meanwhile, a gc sweep's fence). `confirmed`:
+    /// that state was confirmed current with the leader, so listings it lacks are this
+    /// member's alone and go (see [`Vault::forget_listings_the_group_lacks`]).
     pub(crate) fn reconcile_volumes(
         &self,
         view: &GroupView,
         read_at_epoch: Option<u64>,
+        confirmed: bool,
     ) -> Result<()> {
         let volumes = view.handle.local_records(VOLUMES.name(), b"")?;
         if volumes.is_empty() {
@@ -340,6 +343,18 @@ impl ClusterNode {
                 .collect();
             self.vault()
                 .mirror_group_records(&records, &delisted, read_at_epoch)?;
+            if confirmed {
+                let listed: BTreeSet<Vec<u8>> = records
+                    .iter()
+                    .filter(|(space, _, _)| *space == RecordSpace::SNAPSHOTS)
+                    .map(|(_, key, _)| key.clone())
+                    .collect();
+                self.vault().forget_listings_the_group_lacks(
+                    &VolumeId::from_bytes(volume.volume.id),
+                    &listed,
+                    read_at_epoch,
+                )?;
+            }
         }
         Ok(())
     }
@@ -916,13 +931,19 @@ impl ClusterNode {
         // Everything the group committed before now applied and mirrored here first, so
         // no snapshot published just before is missed.
         let epoch = vault.mirror_epoch();
-        catch_up(runtime, &view.handle, &view.name);
-        self.reconcile_volumes(&view, Some(epoch))?;
+        let confirmed = catch_up(runtime, &view.handle, &view.name);
+        self.reconcile_volumes(&view, Some(epoch), confirmed)?;
         let objects_before = vault
             .counters()
             .group_objects_fetched
             .load(std::sync::atomic::Ordering::Relaxed);
-        let chunks = vault.group_chunks(id)?;
+        let listed: BTreeSet<Vec<u8>> = view
+            .handle
+            .local_records(RecordSpace::SNAPSHOTS.name(), b"")?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        let chunks = vault.group_chunks(id, &listed)?;
         let started = tokio::time::Instant::now();
         // Owners that did not answer this run are not asked again in it.
         let mut unreachable = BTreeSet::new();
@@ -1672,7 +1693,7 @@ impl ClusterNode {
                 .upgrade()
                 .ok_or_else(|| cluster_error("the daemon is stopping"))?;
             // Writers are fenced off while a sweep is open: nothing to skip for.
-            node.reconcile_volumes(&view, None)?;
+            node.reconcile_volumes(&view, None, true)?;
             let live = node.vault().group_live(id)?;
             let (chunks, objects, bytes) = node.vault().sweep_group(id, &live)?;
             tracing::info!(group = %view.name, chunks, objects, bytes, "group gc swept");
@@ -1942,8 +1963,8 @@ async fn answer(cluster: Arc<ClusterNode>, request: InboundRequest) {
 /// acknowledged before, retrying while a new leader is elected (its old one killed, say);
 /// after about 20 s it goes on with the state as applied here, saying so: repair runs
 /// again later, and what it does is right for any state it reads.
-fn catch_up(runtime: &tokio::runtime::Handle, group: &GroupHandle, what: &str) {
-    wait(runtime, catch_up_async(group, what));
+fn catch_up(runtime: &tokio::runtime::Handle, group: &GroupHandle, what: &str) -> bool {
+    wait(runtime, catch_up_async(group, what))
 }
 
 /// A linearizable read of one record, retried for up to 30 s while the group has no
@@ -1972,14 +1993,18 @@ async fn read_with_retry(group: &GroupHandle, space: &str, key: &[u8]) -> Result
     Err(last.unwrap_or_else(|| cluster_error("no leader")))
 }
 
-/// [`catch_up`] from async code.
-async fn catch_up_async(group: &GroupHandle, what: &str) {
-    if let Err(error) = confirm_latest(group, what).await {
-        tracing::warn!(
-            group = what,
-            %error,
-            "could not confirm the latest state with the leader: going on with the state applied here"
-        );
+/// [`catch_up`] from async code. Whether the state here was confirmed current.
+async fn catch_up_async(group: &GroupHandle, what: &str) -> bool {
+    match confirm_latest(group, what).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(
+                group = what,
+                %error,
+                "could not confirm the latest state with the leader: going on with the state applied here"
+            );
+            false
+        }
     }
 }
 
@@ -2058,20 +2083,26 @@ impl GroupStorage for DaemonGroupStorage {
     }
 
     fn unpin(&self, group: u64, key: &[u8]) -> Result<()> {
-        let node = self.node()?;
-        let view = node.group_view(group)?;
         let update = RecordUpdate::new(GROUP_GC, key.to_vec(), Expected::Any, Change::Delete);
-        let outcome = self
-            .wait(async { apply_with_retry(&view.handle, std::slice::from_ref(&update)).await });
+        let outcome = self.node().and_then(|node| {
+            let view = node.group_view(group)?;
+            self.wait(async { apply_with_retry(&view.handle, std::slice::from_ref(&update)).await })
+        });
         if outcome.is_err() {
             // A pin left in holds off the group's gc (found by the simulator: after a
-            // partition no gc ran again). The delete is idempotent: keep trying in the
-            // background, for up to an hour.
-            let handle = view.handle.clone();
+            // partition no gc ran again; and a member removed while it imported, then
+            // added again, whose pin no gc took for a non-member's meanwhile). The delete
+            // is idempotent: keep trying in the background for up to an hour, finding the
+            // group anew each time (it runs here again once this node is added back).
+            let node = self.node.clone();
             self.runtime.spawn(async move {
                 for _ in 0..720 {
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    if apply_with_retry(&handle, std::slice::from_ref(&update))
+                    let Some(view) = node.upgrade().and_then(|node| node.group_view(group).ok())
+                    else {
+                        continue;
+                    };
+                    if apply_with_retry(&view.handle, std::slice::from_ref(&update))
                         .await
                         .is_ok()
                     {

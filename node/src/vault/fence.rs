@@ -174,6 +174,18 @@ impl GcFence {
         Ok(session)
     }
 
+    /// Runs `work` only while no write session is open in this vault, holding off any
+    /// that would open meanwhile; None (and `work` not run) while one is open.
+    pub(crate) fn while_idle<T>(&self, work: impl FnOnce() -> T) -> Option<T> {
+        let state = self.lock();
+        if !state.sessions.is_empty() {
+            return None;
+        }
+        let output = work();
+        drop(state);
+        Some(output)
+    }
+
     /// Starts a sweep: the epoch moves to the next odd value. Returns it.
     pub(crate) fn begin_sweep(&self) -> Result<u64> {
         {

@@ -650,16 +650,12 @@ impl Vault {
             self.forget_unpublished_heads(&volume, updates);
             // What it stored here is the group's to sweep: unmarked, the group's gc would
             // never free it (only a gc of this vault alone would).
-            let mut batch = WriteBatch::new();
-            Self::mark_grouped(&mut batch, group, stored);
-            if let Err(error) = self.kv.write(batch, forge_store::kv::Durability::Logged) {
+            if let Err(error) = self.mark_grouped_durably(group, stored) {
                 tracing::warn!(%error, "marking an unpublished snapshot's data for the group's gc");
             }
             return Err(error);
         }
-        let mut batch = WriteBatch::new();
-        Self::mark_grouped(&mut batch, group, stored);
-        self.kv.write(batch, forge_store::kv::Durability::Logged)?;
+        self.mark_grouped_durably(group, stored)?;
         Ok(updates
             .iter()
             .map(|update| {
@@ -668,6 +664,17 @@ impl Vault {
                 mirrored
             })
             .collect())
+    }
+
+    /// Marks `stored` as group `group`'s, as durably as the data it marks (flushed, as an
+    /// import flushes its chunks): a mark a power cut took while the data stayed leaves
+    /// shards no group gc ever sweeps (the simulator, with a disk that loses log syncs).
+    fn mark_grouped_durably(&self, group: u64, stored: &[Cid]) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        Self::mark_grouped(&mut batch, group, stored);
+        self.kv.write(batch, forge_store::kv::Durability::Synced)?;
+        self.kv.flush(&[Column::Meta])?;
+        Ok(())
     }
 
     /// After a publish the group did not take: removes here the listing, index head and
@@ -710,7 +717,15 @@ impl Vault {
     ///
     /// # Errors
     /// Keys that do not open; objects no member has; engine errors.
-    pub(crate) fn group_chunks(&self, group: u64) -> Result<std::collections::BTreeSet<Cid>> {
+    /// Only snapshots the group lists count (`listed`: the listing keys, volume id ‖
+    /// snapshot, from its records): one listed here alone (a sync abandoned before it
+    /// published, a refused publish a lost write brought back) has chunks the group never
+    /// took, and counting them, repair would never find the group whole.
+    pub(crate) fn group_chunks(
+        &self,
+        group: u64,
+        listed: &std::collections::BTreeSet<Vec<u8>>,
+    ) -> Result<std::collections::BTreeSet<Cid>> {
         let mut chunks = std::collections::BTreeSet::new();
         let mut walked = std::collections::BTreeSet::new();
         for record in self.list_volumes()? {
@@ -720,6 +735,9 @@ impl Vault {
             }
             let volume = self.open_volume(&record.name, &super::no_passphrase)?;
             for (snapshot, _) in self.snapshot_listings(&record)? {
+                if !listed.contains(&[record.id.as_slice(), snapshot.as_bytes()].concat()) {
+                    continue;
+                }
                 // The index nodes too: what a keyless check and a sync read.
                 self.walk_index(&record, &snapshot)?;
                 let commit = self.read_commit(&volume, &snapshot)?;
@@ -1025,6 +1043,61 @@ impl Vault {
         drop(epoch);
         Ok(updates.len())
     }
+
+    /// Drops the listings (listing, index head, lineage) of `volume`'s snapshots that the
+    /// group's records (`listed`: its listing keys, read at mirror epoch
+    /// `read_at_epoch`) lack. Such a listing is this member's alone: a publish the group
+    /// refused whose forgetting a power cut took back (a disk that lost an acknowledged
+    /// write). Left, every repair here counts chunks the group never took, so the group
+    /// never reads as whole again. Only from a state confirmed current with the group's
+    /// leader (a lagging replica lacks what others just published) and while no write is
+    /// in progress here (an import writes its listing before it publishes). Returns how
+    /// many snapshots were dropped.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn forget_listings_the_group_lacks(
+        &self,
+        volume: &VolumeId,
+        listed: &std::collections::BTreeSet<Vec<u8>>,
+        read_at_epoch: Option<u64>,
+    ) -> Result<usize> {
+        let epoch = self.lock_mirror_epoch();
+        if read_at_epoch.is_some_and(|read| read != *epoch) {
+            return Ok(0);
+        }
+        let forgotten = self.fence().while_idle(|| -> Result<usize> {
+            let unlisted: Vec<Vec<u8>> = self
+                .metadata
+                .scan_records(RecordSpace::SNAPSHOTS, volume.as_bytes())?
+                .into_iter()
+                .map(|(key, _)| key)
+                .filter(|key| !listed.contains(key))
+                .collect();
+            let updates: Vec<RecordUpdate> = unlisted
+                .iter()
+                .flat_map(|key| {
+                    [
+                        RecordSpace::SNAPSHOTS,
+                        RecordSpace::INDEX_HEADS,
+                        super::peers::LINEAGE,
+                    ]
+                    .map(|space| RecordUpdate::new(space, key.clone(), Expected::Any, Change::Delete))
+                })
+                .collect();
+            if !updates.is_empty() {
+                tracing::warn!(
+                    volume = %volume,
+                    snapshots = unlisted.len(),
+                    "dropping listings of snapshots the group does not hold (a publish it refused, brought back by a lost write)"
+                );
+                self.metadata.apply(&updates)?;
+            }
+            Ok(unlisted.len())
+        });
+        drop(epoch);
+        forgotten.unwrap_or(Ok(0))
+    }
 }
 
 #[cfg(test)]
@@ -1158,6 +1231,84 @@ mod tests {
             .list_snapshots("data", &crate::vault::no_passphrase)
             .unwrap();
         assert!(listed.is_empty(), "still listed here: {listed:?}");
+    }
+
+    /// A listing the group lacks goes (a refused publish a lost write brought back),
+    /// but not while a write is in progress here, nor from a state read before a local
+    /// publish.
+    #[test]
+    fn a_listing_the_group_lacks_is_dropped_only_while_no_write_is_in_progress() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = vault_on(temp.path(), Arc::new(MemKv::new()), 1);
+        let volume = VolumeId::from_bytes([7; 16]);
+        let listing = |snapshot: u8| [volume.as_bytes().as_slice(), &[snapshot; 32]].concat();
+        for snapshot in [1, 2] {
+            vault
+                .metadata
+                .apply(&[
+                    RecordUpdate::new(
+                        RecordSpace::SNAPSHOTS,
+                        listing(snapshot),
+                        Expected::Any,
+                        Change::Put(vec![snapshot]),
+                    ),
+                    RecordUpdate::new(
+                        RecordSpace::INDEX_HEADS,
+                        listing(snapshot),
+                        Expected::Any,
+                        Change::Put(vec![snapshot]),
+                    ),
+                ])
+                .unwrap();
+        }
+        let listed: std::collections::BTreeSet<Vec<u8>> = [listing(1)].into();
+        let session = vault.open_write_session("import", volume).unwrap();
+        let read_at = vault.mirror_epoch();
+        assert_eq!(
+            vault
+                .forget_listings_the_group_lacks(&volume, &listed, Some(read_at))
+                .unwrap(),
+            0
+        );
+        drop(session);
+        let stale = vault.mirror_epoch();
+        vault.write_decided(|| Ok(())).unwrap();
+        assert_eq!(
+            vault
+                .forget_listings_the_group_lacks(&volume, &listed, Some(stale))
+                .unwrap(),
+            0
+        );
+        assert!(
+            vault
+                .metadata
+                .get_record(RecordSpace::SNAPSHOTS, &listing(2))
+                .unwrap()
+                .is_some()
+        );
+        let read_at = vault.mirror_epoch();
+        assert_eq!(
+            vault
+                .forget_listings_the_group_lacks(&volume, &listed, Some(read_at))
+                .unwrap(),
+            1
+        );
+        for space in [RecordSpace::SNAPSHOTS, RecordSpace::INDEX_HEADS] {
+            assert!(
+                vault
+                    .metadata
+                    .get_record(space, &listing(2))
+                    .unwrap()
+                    .is_none()
+            );
+            assert!(
+                vault
+                    .metadata
+                    .get_record(space, &listing(1))
+                    .unwrap()
+                    .is_some()
+            );
+        }
     }
 
     /// A refresh of the mirror that read the group's state before a publish wrote here

@@ -458,12 +458,11 @@ impl GroupsConfig {
         .with_lying_disk(&mut rng)
     }
 
-    /// With `--faults ...,lost-fsyncs` (and crashes), one member in three seeds gets a
-    /// vault disk that ignores fsyncs. Opt-in: seed 43 (`--faults all,lost-fsyncs`) shows
-    /// two open bugs. A power cut brings back the local listing of an import the group
-    /// refused (its forgetting was lost), so repair and gc on that member count chunks
-    /// the group never took; and the stand-in shards of that import, no longer marked
-    /// as the group's, are never swept.
+    /// With `lost-fsyncs` (and crashes) among the faults, one member in three seeds gets
+    /// a vault disk that ignores fsyncs. It found that a power cut brought back the local
+    /// listing of an import the group refused (its forgetting was lost), so repair on
+    /// that member counted chunks the group never took, and that the import's stand-in
+    /// shards, their group mark lost, were never swept (both fixed).
     fn with_lying_disk(mut self, rng: &mut SimRng) -> Self {
         if self.faults.lost_fsyncs && self.faults.crashes && rng.chance(33) {
             self.lying_disk = usize::try_from(rng.range(0, self.nodes as u64)).ok();

@@ -59,8 +59,7 @@ pub struct FaultSet {
     pub crashes: bool,
     /// Shards damaged at rest (at most m of a chunk).
     pub disk: bool,
-    /// A group member's vault disk that acknowledges fsyncs it never did (groups; opt-in,
-    /// not in `all`: the bugs it found are open, see the groups scenario's documentation).
+    /// A group member's vault disk that acknowledges fsyncs it never did (groups).
     pub lost_fsyncs: bool,
 }
 
@@ -72,12 +71,11 @@ impl FaultSet {
         partitions: true,
         crashes: true,
         disk: true,
-        lost_fsyncs: false,
+        lost_fsyncs: true,
     };
 
     /// Parses `--faults`: a comma-separated list of `network`, `corruption`,
-    /// `partitions`, `crashes`, `disk`, `lost-fsyncs`, or `all` (every one but
-    /// `lost-fsyncs`) / `none`.
+    /// `partitions`, `crashes`, `disk`, `lost-fsyncs`, or `all` / `none`.
     ///
     /// # Errors
     /// An unknown name.
@@ -96,13 +94,7 @@ impl FaultSet {
             .filter(|name| !name.is_empty())
         {
             match name {
-                // Keeps an opt-in fault named before it.
-                "all" => {
-                    set = Self {
-                        lost_fsyncs: set.lost_fsyncs,
-                        ..Self::ALL
-                    }
-                }
+                "all" => set = Self::ALL,
                 "none" => {}
                 "network" => set.network = true,
                 "corruption" => set.corruption = true,

@@ -38,8 +38,16 @@ use forge_sim::sites::FaultSet;
 /// of a grouped volume stayed on the member that made it, so a first sync from another
 /// member was refused for want of keys (shares now go through the group); 692461257 (a
 /// second site): a receiver dropped a replaced sync session, whose group pin waits on the
-/// group, while holding the sessions' lock, and the runtime blocked on that lock.
-const REGRESSION_SEEDS: [u64; 15] = [
+/// group, while holding the sessions' lock, and the runtime blocked on that lock;
+/// 707210457 (lost fsyncs): a refused import's group mark was lost while its shards
+/// stayed, so no gc swept them (the mark is now flushed); 707210444 (lost fsyncs): a
+/// member removed while it imported, then added back, kept its pin for good, holding off
+/// every gc (an unpin now retries until the group runs here again); 347846477 (a second
+/// site): a sync abandoned before it published left listings on its receiver alone, whose
+/// repair then never found the group whole (repair counts what the group lists);
+/// 53774747: a sync's store dropped on the simulator's runtime thread blocked there to
+/// unpin (it now unpins in the background).
+const REGRESSION_SEEDS: [u64; 19] = [
     1,
     2,
     105,
@@ -55,6 +63,10 @@ const REGRESSION_SEEDS: [u64; 15] = [
     376_960_463,
     692_461_256,
     692_461_257,
+    707_210_457,
+    707_210_444,
+    347_846_477,
+    53_774_747,
 ];
 
 #[test]

@@ -2062,6 +2062,29 @@ impl DaemonGroupStorage {
         wait(&self.runtime, work)
     }
 
+    /// Deletes pin `update` in the background, after `first` and then every 5 s for up
+    /// to an hour (the delete is idempotent), finding the group anew each time: it runs
+    /// here again once this node is added back.
+    fn unpin_in_background(&self, group: u64, update: RecordUpdate, first: Duration) {
+        let node = self.node.clone();
+        self.runtime.spawn(async move {
+            let mut delay = first;
+            for _ in 0..720 {
+                tokio::time::sleep(delay).await;
+                delay = Duration::from_secs(5);
+                let Some(view) = node.upgrade().and_then(|node| node.group_view(group).ok()) else {
+                    continue;
+                };
+                if apply_with_retry(&view.handle, std::slice::from_ref(&update))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
     fn node(&self) -> Result<Arc<ClusterNode>> {
         self.node
             .upgrade()
@@ -2084,6 +2107,17 @@ impl GroupStorage for DaemonGroupStorage {
 
     fn unpin(&self, group: u64, key: &[u8]) -> Result<()> {
         let update = RecordUpdate::new(GROUP_GC, key.to_vec(), Expected::Any, Change::Delete);
+        // A pin dropped on a task of a runtime that cannot block (the simulator's one
+        // thread, where a sync's store can be dropped with its cancelled task) goes in
+        // the background at once.
+        let can_block = crate::lockstep::current().is_some()
+            || tokio::runtime::Handle::try_current().map_or(true, |runtime| {
+                runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            });
+        if !can_block {
+            self.unpin_in_background(group, update, Duration::ZERO);
+            return Ok(());
+        }
         let outcome = self.node().and_then(|node| {
             let view = node.group_view(group)?;
             self.wait(async { apply_with_retry(&view.handle, std::slice::from_ref(&update)).await })
@@ -2091,25 +2125,8 @@ impl GroupStorage for DaemonGroupStorage {
         if outcome.is_err() {
             // A pin left in holds off the group's gc (found by the simulator: after a
             // partition no gc ran again; and a member removed while it imported, then
-            // added again, whose pin no gc took for a non-member's meanwhile). The delete
-            // is idempotent: keep trying in the background for up to an hour, finding the
-            // group anew each time (it runs here again once this node is added back).
-            let node = self.node.clone();
-            self.runtime.spawn(async move {
-                for _ in 0..720 {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    let Some(view) = node.upgrade().and_then(|node| node.group_view(group).ok())
-                    else {
-                        continue;
-                    };
-                    if apply_with_retry(&view.handle, std::slice::from_ref(&update))
-                        .await
-                        .is_ok()
-                    {
-                        return;
-                    }
-                }
-            });
+            // added again, whose pin no gc took for a non-member's meanwhile).
+            self.unpin_in_background(group, update, Duration::from_secs(5));
         }
         outcome
     }

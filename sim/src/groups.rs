@@ -1867,9 +1867,25 @@ impl GroupWorld {
             },
         )
         .await?;
+        // Its gc too: a sync abandoned mid-way (its sender timed out) held a session, and
+        // with it a pin, until the receiver ended it as idle.
+        settle_within(
+            &format!("the second site's group gc did not succeed {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                match cluster.group_gc(GROUP).await {
+                    Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
+                        Ok(())
+                    }
+                    outcome => Err(format!("{outcome:?}")),
+                }
+            },
+        )
+        .await?;
         replicas_agree(&self.remote, "the second site's nodes")?;
         self.log.note(format!(
-            "the second site holds main at {head} and {} synced snapshot(s) byte-exact; its repair: {repaired}",
+            "the second site holds main at {head} and {} synced snapshot(s) byte-exact, and its gc swept; its repair: {repaired}",
             expected.len()
         ));
         Ok(())

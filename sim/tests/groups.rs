@@ -46,8 +46,10 @@ use forge_sim::sites::FaultSet;
 /// site): a sync abandoned before it published left listings on its receiver alone, whose
 /// repair then never found the group whole (repair counts what the group lists);
 /// 53774747: a sync's store dropped on the simulator's runtime thread blocked there to
-/// unpin (it now unpins in the background).
-const REGRESSION_SEEDS: [u64; 19] = [
+/// unpin (it now unpins in the background); 78592855 (a second site): a sync whose
+/// sender timed out kept its session, and its pin, on the receiver for good, holding off
+/// that group's gc (a session idle for 5 minutes now ends).
+const REGRESSION_SEEDS: [u64; 20] = [
     1,
     2,
     105,
@@ -67,6 +69,7 @@ const REGRESSION_SEEDS: [u64; 19] = [
     707_210_444,
     347_846_477,
     53_774_747,
+    78_592_855,
 ];
 
 #[test]

@@ -333,6 +333,13 @@ pub trait VolumeHost: Send + Sync {
     /// The store failing.
     fn keep_proof(&self, proof: &TransferProof) -> Result<(), MeshError>;
 
+    /// The sync from `from` ended without a proof (its publish failed, or it lay idle
+    /// for [`SESSION_IDLE`]): what the host holds for it goes. Called off the async
+    /// threads.
+    fn end(&self, from: NodeId) {
+        let _ = from;
+    }
+
     /// Whether `from` may pull volume `name` (read trust); the rule that refuses it.
     ///
     /// # Errors
@@ -723,7 +730,14 @@ pub async fn follow_volume(
 struct Session {
     offer: Offer,
     store: Arc<CountingStore>,
+    /// The last request of this sync (an offer, a put, a finish).
+    touched: tokio::time::Instant,
 }
+
+/// A sync session with no request for this long is taken as abandoned (its sender gone)
+/// and ends: its claims and a grouped volume's pin would otherwise hold off gc until that
+/// sender syncs again. A live sync puts a batch at least every push deadline.
+pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 
 /// The receiver's open sessions, by sender: `/forge/sync/1` puts land only in the store of
 /// an offer this vault accepted from that very peer.
@@ -755,11 +769,30 @@ impl Incoming {
     /// No session: the rule that refuses the put.
     pub fn store_for(&self, from: &NodeId) -> Result<Arc<dyn SyncStore>, String> {
         self.lock()
-            .get(from)
-            .map(|session| session.store.clone() as Arc<dyn SyncStore>)
+            .get_mut(from)
+            .map(|session| {
+                session.touched = tokio::time::Instant::now();
+                session.store.clone() as Arc<dyn SyncStore>
+            })
             .ok_or_else(|| {
                 format!("no sync from node {from} was accepted here: offer the volume first")
             })
+    }
+
+    /// Ends the sessions idle for over `idle` (see [`SESSION_IDLE`]) and returns them, to
+    /// be dropped off the async threads and outside the lock (their stores' claims may
+    /// release through a group).
+    fn end_idle(&self, idle: Duration) -> BTreeMap<NodeId, Session> {
+        let mut sessions = self.lock();
+        let idle_senders: Vec<NodeId> = sessions
+            .iter()
+            .filter(|(_, session)| session.touched.elapsed() > idle)
+            .map(|(sender, _)| *sender)
+            .collect();
+        idle_senders
+            .iter()
+            .filter_map(|sender| sessions.remove(sender).map(|session| (*sender, session)))
+            .collect()
     }
 
     /// Waits for this node's turn to push to `peer` and holds it until the guard drops:
@@ -881,7 +914,28 @@ async fn volume_loop(
     incoming: Incoming,
     config: TransferConfig,
 ) {
-    while let Some(request) = inbound.next().await {
+    let mut idle_check = tokio::time::interval(SESSION_IDLE / 5);
+    loop {
+        let request = tokio::select! {
+            request = inbound.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+            _ = idle_check.tick() => {
+                let ended = incoming.end_idle(SESSION_IDLE);
+                if !ended.is_empty() {
+                    let host = host.clone();
+                    let senders: Vec<NodeId> = ended.keys().copied().collect();
+                    tokio::spawn(crate::blocking::run(move || {
+                        drop(ended);
+                        for sender in senders {
+                            host.end(sender);
+                        }
+                    }));
+                }
+                continue;
+            }
+        };
         let Ok(message) = VolumeMessage::decode(&request.body) else {
             // Damaged: dropped, as the network drops a damaged packet; the sender repeats.
             continue;
@@ -971,6 +1025,7 @@ fn answer(
                         chunks: 0.into(),
                         bytes: 0.into(),
                     }),
+                    touched: tokio::time::Instant::now(),
                 },
             );
             drop(replaced);
@@ -995,6 +1050,7 @@ fn answer(
                     // syncs again; a retry offers anew).
                     let ended = incoming.lock().remove(&from);
                     drop(ended);
+                    host.end(from);
                     return Err(Refusal::Failed(error));
                 }
             };

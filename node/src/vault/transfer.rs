@@ -715,7 +715,10 @@ impl VolumeHost for VaultVolumeHost {
             )
             .map_err(|error| format!("this vault cannot receive now: {error}"))?,
         );
-        self.receiving().insert(from, (store.clone(), record));
+        // A session this one replaces ends after the lock is let go (its pin may
+        // release through a group).
+        let replaced = self.receiving().insert(from, (store.clone(), record));
+        drop(replaced);
         Ok(store)
     }
 
@@ -735,9 +738,15 @@ impl VolumeHost for VaultVolumeHost {
         self.vault.keep_proof(proof).map_err(local)?;
         // The receiving side is over: its session (and claims) end.
         if proof.receipt.receiver == self.vault.identity().node_id() {
-            self.receiving().remove(&proof.receipt.sender);
+            let ended = self.receiving().remove(&proof.receipt.sender);
+            drop(ended);
         }
         Ok(())
+    }
+
+    fn end(&self, from: NodeId) {
+        let ended = self.receiving().remove(&from);
+        drop(ended);
     }
 
     fn may_pull(&self, from: NodeId, name: &str) -> std::result::Result<(), String> {

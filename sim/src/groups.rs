@@ -1683,20 +1683,7 @@ impl GroupWorld {
         self.log.note(format!("repair: {repaired}"));
         self.log.note("repair reports every chunk whole");
         // Garbage from failed imports and deleted snapshots goes; nothing reachable may.
-        settle_within(
-            &format!("group gc did not succeed {within}"),
-            SETTLE_AFTER_HEAL,
-            Duration::from_secs(2),
-            || async {
-                match cluster.group_gc(GROUP).await {
-                    Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
-                        Ok(())
-                    }
-                    outcome => Err(format!("{outcome:?}")),
-                }
-            },
-        )
-        .await?;
+        gc_succeeds(&cluster, &format!("group gc did not succeed {within}")).await?;
         self.log.note("group gc swept");
         // The members again, as every node has them now (a change may have gone in
         // with its answer lost, and a repair in the background moved shards for it).
@@ -1869,18 +1856,9 @@ impl GroupWorld {
         .await?;
         // Its gc too: a sync abandoned mid-way (its sender timed out) held a session, and
         // with it a pin, until the receiver ended it as idle.
-        settle_within(
+        gc_succeeds(
+            &cluster,
             &format!("the second site's group gc did not succeed {within}"),
-            SETTLE_AFTER_HEAL,
-            Duration::from_secs(2),
-            || async {
-                match cluster.group_gc(GROUP).await {
-                    Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => {
-                        Ok(())
-                    }
-                    outcome => Err(format!("{outcome:?}")),
-                }
-            },
         )
         .await?;
         replicas_agree(&self.remote, "the second site's nodes")?;
@@ -2375,6 +2353,23 @@ async fn perform_on(
     };
     let _ = std::fs::remove_dir_all(&scratch);
     outcome.unwrap_or_else(Outcome::Failed)
+}
+
+/// Runs the group's gc through `cluster` until every member swept, within the bound
+/// after heal; `failure` says what did not happen.
+async fn gc_succeeds(cluster: &ClusterNode, failure: &str) -> Result<(), String> {
+    settle_within(
+        failure,
+        SETTLE_AFTER_HEAL,
+        Duration::from_secs(2),
+        || async {
+            match cluster.group_gc(GROUP).await {
+                Ok(reply) if reply.members.iter().all(|member| member.error.is_empty()) => Ok(()),
+                outcome => Err(format!("{outcome:?}")),
+            }
+        },
+    )
+    .await
 }
 
 /// Sends `main` to `peer` as the daemon's `forge volume sync --peer` does.

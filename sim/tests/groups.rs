@@ -72,9 +72,19 @@ const REGRESSION_SEEDS: [u64; 20] = [
     78_592_855,
 ];
 
+// Two halves, so that the test runner runs them at once (each seed runs seconds).
 #[test]
 fn regression_seeds_keep_every_invariant() {
-    for seed in REGRESSION_SEEDS {
+    run_regression_seeds(&REGRESSION_SEEDS[..REGRESSION_SEEDS.len() / 2]);
+}
+
+#[test]
+fn regression_seeds_keep_every_invariant_second_half() {
+    run_regression_seeds(&REGRESSION_SEEDS[REGRESSION_SEEDS.len() / 2..]);
+}
+
+fn run_regression_seeds(seeds: &[u64]) {
+    for &seed in seeds {
         let config = GroupsConfig::from_seed(seed, None, FaultSet::ALL, Duration::from_secs(60));
         match run(seed, &config) {
             Ok(report) => println!(

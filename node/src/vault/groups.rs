@@ -715,12 +715,13 @@ impl Vault {
     /// walked with the volumes' keys; objects and index nodes this node lacks are fetched
     /// from the group on the way and kept).
     ///
-    /// # Errors
-    /// Keys that do not open; objects no member has; engine errors.
     /// Only snapshots the group lists count (`listed`: the listing keys, volume id ‖
     /// snapshot, from its records): one listed here alone (a sync abandoned before it
     /// published, a refused publish a lost write brought back) has chunks the group never
     /// took, and counting them, repair would never find the group whole.
+    ///
+    /// # Errors
+    /// Keys that do not open; objects no member has; engine errors.
     pub(crate) fn group_chunks(
         &self,
         group: u64,

@@ -1645,41 +1645,18 @@ impl GroupWorld {
             return Err("the group has no members left".into());
         };
         let cluster = self.members[coordinator].node()?.cluster.clone();
-        let width = self.config.width() as u64;
         // Liveness: repair makes every chunk whole within the bound.
         let within = format!(
             "within {} s (simulated) of heal",
             SETTLE_AFTER_HEAL.as_secs()
         );
-        let repaired = settle_within(
-            &format!("repair did not make every chunk whole {within}"),
-            SETTLE_AFTER_HEAL,
-            Duration::from_secs(2),
-            || async {
-                let reply = cluster
-                    .repair_group(GROUP)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                let failed: Vec<&str> = reply
-                    .members
-                    .iter()
-                    .map(|member| member.error.as_str())
-                    .filter(|error| !error.is_empty())
-                    .collect();
-                if failed.is_empty() && reply.shards_held == reply.chunks * width {
-                    Ok(self.describe_repair(&reply))
-                } else {
-                    Err(format!(
-                        "{} of {} shards held ({}), errors: {failed:?}",
-                        reply.shards_held,
-                        reply.chunks * width,
-                        self.describe_repair(&reply)
-                    ))
-                }
-            },
-        )
-        .await
-        .map_err(|reason| format!("{reason}; {}", self.diagnose()))?;
+        let repaired = self
+            .repair_makes_whole(
+                &cluster,
+                &format!("repair did not make every chunk whole {within}"),
+            )
+            .await
+            .map_err(|reason| format!("{reason}; {}", self.diagnose()))?;
         self.log.note(format!("repair: {repaired}"));
         self.log.note("repair reports every chunk whole");
         // Garbage from failed imports and deleted snapshots goes; nothing reachable may.
@@ -1836,24 +1813,12 @@ impl GroupWorld {
             }
         }
         let cluster = self.remote[0].node()?.cluster.clone();
-        let repaired = settle_within(
-            &format!("the second site's repair did not make every chunk whole {within}"),
-            SETTLE_AFTER_HEAL,
-            Duration::from_secs(2),
-            || async {
-                let reply = cluster
-                    .repair_group(GROUP)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                let errors = reply.members.iter().any(|member| !member.error.is_empty());
-                if !errors && reply.shards_held == reply.chunks * 3 {
-                    Ok(self.describe_repair(&reply))
-                } else {
-                    Err(self.describe_repair(&reply))
-                }
-            },
-        )
-        .await?;
+        let repaired = self
+            .repair_makes_whole(
+                &cluster,
+                &format!("the second site's repair did not make every chunk whole {within}"),
+            )
+            .await?;
         // Its gc too: a sync abandoned mid-way (its sender timed out) held a session, and
         // with it a pin, until the receiver ended it as idle.
         gc_succeeds(
@@ -1867,6 +1832,45 @@ impl GroupWorld {
             expected.len()
         ));
         Ok(())
+    }
+
+    /// Repairs the group through `cluster` until every member answers and holds all
+    /// k+m shards of every chunk, within the bound after heal; `failure` says what did
+    /// not happen. What the last repair reported.
+    async fn repair_makes_whole(
+        &self,
+        cluster: &ClusterNode,
+        failure: &str,
+    ) -> Result<String, String> {
+        settle_within(
+            failure,
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || async {
+                let reply = cluster
+                    .repair_group(GROUP)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let width = u64::from(reply.data_shards + reply.parity_shards);
+                let failed: Vec<&str> = reply
+                    .members
+                    .iter()
+                    .map(|member| member.error.as_str())
+                    .filter(|error| !error.is_empty())
+                    .collect();
+                if failed.is_empty() && reply.shards_held == reply.chunks * width {
+                    Ok(self.describe_repair(&reply))
+                } else {
+                    Err(format!(
+                        "{} of {} shards held ({}), errors: {failed:?}",
+                        reply.shards_held,
+                        reply.chunks * width,
+                        self.describe_repair(&reply)
+                    ))
+                }
+            },
+        )
+        .await
     }
 
     /// The node at position `hex` (a NodeId in hex) among the cluster's nodes.

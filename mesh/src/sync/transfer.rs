@@ -333,11 +333,12 @@ pub trait VolumeHost: Send + Sync {
     /// The store failing.
     fn keep_proof(&self, proof: &TransferProof) -> Result<(), MeshError>;
 
-    /// The sync from `from` ended without a proof (its publish failed, or it lay idle
-    /// for [`SESSION_IDLE`]): what the host holds for it goes. Called off the async
-    /// threads.
-    fn end(&self, from: NodeId) {
-        let _ = from;
+    /// The sync from `from` of the offer with `nonce` ended without a proof (its publish
+    /// failed, or it lay idle for [`SESSION_IDLE`]): what the host holds for it goes, and
+    /// only for that offer (the sender may have offered anew meanwhile). Called off the
+    /// async threads.
+    fn end(&self, from: NodeId, nonce: &[u8; 32]) {
+        let _ = (from, nonce);
     }
 
     /// Whether `from` may pull volume `name` (read trust); the rule that refuses it.
@@ -925,11 +926,14 @@ async fn volume_loop(
                 let ended = incoming.end_idle(SESSION_IDLE);
                 if !ended.is_empty() {
                     let host = host.clone();
-                    let senders: Vec<NodeId> = ended.keys().copied().collect();
+                    let offers: Vec<(NodeId, [u8; 32])> = ended
+                        .iter()
+                        .map(|(sender, session)| (*sender, session.offer.nonce))
+                        .collect();
                     tokio::spawn(crate::blocking::run(move || {
                         drop(ended);
-                        for sender in senders {
-                            host.end(sender);
+                        for (sender, nonce) in offers {
+                            host.end(sender, &nonce);
                         }
                     }));
                 }
@@ -1048,9 +1052,19 @@ fn answer(
                     // Nothing of it went live: the session ends here (its claims and a
                     // grouped volume's pin would otherwise hold off gc until this sender
                     // syncs again; a retry offers anew).
-                    let ended = incoming.lock().remove(&from);
+                    let ended = {
+                        let mut sessions = incoming.lock();
+                        if sessions
+                            .get(&from)
+                            .is_some_and(|session| session.offer.nonce == nonce)
+                        {
+                            sessions.remove(&from)
+                        } else {
+                            None
+                        }
+                    };
                     drop(ended);
-                    host.end(from);
+                    host.end(from, &nonce);
                     return Err(Refusal::Failed(error));
                 }
             };

@@ -375,7 +375,9 @@ impl ClusterNode {
         let total = view.layout.total_shards();
         let mut window = Window::default();
         for cid in named {
-            if vault.is_grouped(cid)? {
+            // Published: the group holds it whole (a mark from a shard put alone does not
+            // say so: that publish may have been refused with members down).
+            if vault.group_mark(cid)?.is_some_and(|mark| mark.published) {
                 continue;
             }
             if let Some(bytes) = vault.kv().get(Column::Objects, cid.as_bytes())? {
@@ -1001,7 +1003,8 @@ impl ClusterNode {
                             summary.rebuilt_bytes += record.len() as u64;
                             batch.put(Column::Shards, shard_key(&cid, shard), record);
                         }
-                        Vault::mark_grouped(&mut batch, id, &[cid]);
+                        // A listed snapshot reaches it (see the upgrade below).
+                        Vault::mark_grouped(&mut batch, id, &[cid], true);
                         vault.kv().write(batch, Durability::Synced)?;
                         summary.rebuilt += missing.len() as u64;
                         summary.held += mine.len() as u64;
@@ -1020,6 +1023,14 @@ impl ClusterNode {
                 }
             } else {
                 summary.held += mine.len() as u64;
+                // A listed snapshot reaches it and this node's shards are whole: an import
+                // or sync here may skip it from now on. (Marks from shard puts alone are
+                // not published; see `GroupMark`.)
+                if !vault.group_mark(&cid)?.is_some_and(|mark| mark.published) {
+                    let mut batch = WriteBatch::new();
+                    Vault::mark_grouped(&mut batch, id, &[cid], true);
+                    vault.kv().write(batch, Durability::Logged)?;
+                }
             }
             if !stand_ins.is_empty() {
                 summary.released += self.release_stand_ins(
@@ -1864,7 +1875,15 @@ fn serve_shard_request(vault: &Vault, group: u64, request: ShardRequest) -> Resu
             }
             cids.sort_unstable();
             cids.dedup();
-            Vault::mark_grouped(&mut batch, group, &cids);
+            // Not published: the sender's publish may yet be refused. A mark already here
+            // (a publish the group took) stays.
+            let mut unmarked = Vec::with_capacity(cids.len());
+            for cid in cids {
+                if !vault.is_grouped(&cid)? {
+                    unmarked.push(cid);
+                }
+            }
+            Vault::mark_grouped(&mut batch, group, &unmarked, false);
             if forge_store::fault_point!("shard-store-fails") {
                 return Err(cluster_error(
                     "this member's disk refused the shards (a simulated fault)",

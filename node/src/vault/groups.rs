@@ -38,14 +38,59 @@ pub const DELISTED: RecordSpace = RecordSpace::new("delisted");
 /// Peers whose new volumes go into a volume group: NodeId → group name.
 pub const NEW_VOLUME_GROUPS: RecordSpace = RecordSpace::new("new-volume-groups");
 
-/// `grouped/<cid>` → group id (8 bytes, big-endian) in the `Meta` column: the chunk or
-/// object is durable on that group (written after the group acknowledged it, or when a
-/// member sent it here). Import's dedup check counts it as stored although this node may
-/// hold only its own shard; a read of it gathers from that group.
+/// `grouped/<cid>` → a [`GroupMark`] in the `Meta` column: the chunk or object is the
+/// group's (its gc sweeps it here, a read of it gathers from the group).
 const GROUPED: &[u8] = b"grouped/";
 
 fn grouped_key(cid: &Cid) -> Vec<u8> {
     [GROUPED, cid.as_bytes().as_slice()].concat()
+}
+
+/// Version byte of a [`GroupMark`]'s encoding (the first, 8-byte form had none).
+const GROUP_MARK_VERSION: u8 = 1;
+
+/// What a node knows of a cid of group `group`.
+///
+/// Two kinds, because "this node holds a shard of it" is not "the group holds it whole": a
+/// shard put from an import the group then refused (a member down) leaves shards on the
+/// members that were up and none on the others. Had that counted for dedup, a later import
+/// of the same data skipped the chunk, and the members that were down stayed short of
+/// their shards until a repair (a CI flake in the 4+2 cluster test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupMark {
+    /// The group's id.
+    pub group: u64,
+    /// A snapshot the group lists reaches it: this node's own publish was taken, or a
+    /// repair here walked it. Only then may an import or a sync skip it as stored.
+    pub published: bool,
+}
+
+impl GroupMark {
+    fn encode(self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(10);
+        value.push(GROUP_MARK_VERSION);
+        value.push(u8::from(self.published));
+        value.extend_from_slice(&self.group.to_be_bytes());
+        value
+    }
+
+    /// `None` for a value that is no mark. The first form (8 bytes, the group id alone)
+    /// reads as not published: the worst it costs is sending shards the group has.
+    fn decode(value: &[u8]) -> Option<Self> {
+        if let Ok(legacy) = <[u8; 8]>::try_from(value) {
+            return Some(Self {
+                group: u64::from_be_bytes(legacy),
+                published: false,
+            });
+        }
+        match value {
+            [GROUP_MARK_VERSION, state @ (0 | 1), group @ ..] => Some(Self {
+                group: u64::from_be_bytes(group.try_into().ok()?),
+                published: *state == 1,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A volume of a group, as the group's state machine records it (key: its name).
@@ -270,7 +315,7 @@ impl Vault {
         let (mut chunks, mut objects, mut bytes) = (0, 0, 0);
         let mut batch = WriteBatch::new();
         for (key, value) in markers {
-            if value.as_slice() != group.to_be_bytes() {
+            if GroupMark::decode(&value).is_none_or(|mark| mark.group != group) {
                 continue;
             }
             let Ok(cid) = Cid::from_slice(&key[GROUPED.len()..]) else {
@@ -321,17 +366,23 @@ impl Vault {
             .transpose()
     }
 
-    /// Whether chunk or object `cid` is stored: whole here (its first shard), or durable
-    /// on this node's group. Import's dedup check and a publish's re-check.
+    /// Whether chunk or object `cid` is stored: whole here (its first shard, and no group
+    /// mark), or on this node's group, published. Import's dedup check and a publish's
+    /// re-check. A group chunk this node only holds shards of from a publish the group
+    /// did not take is not stored: the import that meets it again stores and spreads it.
     ///
     /// # Errors
     /// Engine errors.
     pub(crate) fn chunk_stored(&self, cid: &Cid) -> Result<bool> {
-        Ok(forge_store::chunkstore::has_first_shard(&*self.kv, cid)?
-            || self.kv.contains(Column::Meta, &grouped_key(cid))?)
+        match self.kv.get(Column::Meta, &grouped_key(cid))? {
+            // A value that is no mark: not known published.
+            Some(value) => Ok(GroupMark::decode(&value).is_some_and(|mark| mark.published)),
+            None => Ok(forge_store::chunkstore::has_first_shard(&*self.kv, cid)?),
+        }
     }
 
-    /// Whether `cid` was made durable on a group (its shards spread over the members).
+    /// Whether `cid` is a group's here (any mark: its shards spread over the members, this
+    /// node holding only its own).
     ///
     /// # Errors
     /// Engine errors.
@@ -339,10 +390,24 @@ impl Vault {
         Ok(self.kv.contains(Column::Meta, &grouped_key(cid))?)
     }
 
-    /// Records `cids` as durable on `group` (in `batch`).
-    pub fn mark_grouped(batch: &mut WriteBatch, group: u64, cids: &[Cid]) {
+    /// This node's mark of `cid`, if it has one that decodes.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn group_mark(&self, cid: &Cid) -> Result<Option<GroupMark>> {
+        Ok(self
+            .kv
+            .get(Column::Meta, &grouped_key(cid))?
+            .and_then(|value| GroupMark::decode(&value)))
+    }
+
+    /// Records `cids` as group `group`'s (in `batch`), published or not (see
+    /// [`GroupMark`]). A caller writing unpublished marks leaves out cids already marked,
+    /// so as not to take back a publish.
+    pub(crate) fn mark_grouped(batch: &mut WriteBatch, group: u64, cids: &[Cid], published: bool) {
+        let value = GroupMark { group, published }.encode();
         for cid in cids {
-            batch.put(Column::Meta, grouped_key(cid), group.to_be_bytes().to_vec());
+            batch.put(Column::Meta, grouped_key(cid), value.clone());
         }
     }
 
@@ -542,7 +607,8 @@ impl Vault {
         }
         let mut batch = WriteBatch::new();
         batch.put(Column::Objects, cid.as_bytes().to_vec(), bytes.clone());
-        Self::mark_grouped(&mut batch, group, &[*cid]);
+        // From the group's records (a tree being read): a listed snapshot reaches it.
+        Self::mark_grouped(&mut batch, group, &[*cid], true);
         self.kv.write(batch, forge_store::kv::Durability::Logged)?;
         self.counters
             .group_objects_fetched
@@ -552,10 +618,7 @@ impl Vault {
 
     /// The group chunk `cid` was made durable on, if any.
     fn grouped_in(&self, cid: &Cid) -> Result<Option<u64>> {
-        Ok(self
-            .kv
-            .get(Column::Meta, &grouped_key(cid))?
-            .and_then(|value| value.as_slice().try_into().ok().map(u64::from_be_bytes)))
+        Ok(self.group_mark(cid)?.map(|mark| mark.group))
     }
 
     pub(crate) fn require_group_storage(&self, group: u64) -> Result<Arc<dyn GroupStorage>> {
@@ -650,12 +713,12 @@ impl Vault {
             self.forget_unpublished_heads(&volume, updates);
             // What it stored here is the group's to sweep: unmarked, the group's gc would
             // never free it (only a gc of this vault alone would).
-            if let Err(error) = self.mark_grouped_durably(group, stored) {
+            if let Err(error) = self.mark_grouped_durably(group, stored, false) {
                 tracing::warn!(%error, "marking an unpublished snapshot's data for the group's gc");
             }
             return Err(error);
         }
-        self.mark_grouped_durably(group, stored)?;
+        self.mark_grouped_durably(group, stored, true)?;
         Ok(updates
             .iter()
             .map(|update| {
@@ -666,12 +729,24 @@ impl Vault {
             .collect())
     }
 
-    /// Marks `stored` as group `group`'s, as durably as the data it marks (flushed, as an
-    /// import flushes its chunks): a mark a power cut took while the data stayed leaves
-    /// shards no group gc ever sweeps (the simulator, with a disk that loses log syncs).
-    fn mark_grouped_durably(&self, group: u64, stored: &[Cid]) -> Result<()> {
+    /// Marks `stored` as group `group`'s, published or not, as durably as the data it
+    /// marks (flushed, as an import flushes its chunks): a mark a power cut took while the
+    /// data stayed leaves shards no group gc ever sweeps (the simulator, with a disk that
+    /// loses log syncs). Unpublished marks leave alone what is marked already (a publish
+    /// the group took before is not taken back).
+    fn mark_grouped_durably(&self, group: u64, stored: &[Cid], published: bool) -> Result<()> {
         let mut batch = WriteBatch::new();
-        Self::mark_grouped(&mut batch, group, stored);
+        if published {
+            Self::mark_grouped(&mut batch, group, stored, true);
+        } else {
+            let mut unmarked = Vec::with_capacity(stored.len());
+            for cid in stored {
+                if !self.is_grouped(cid)? {
+                    unmarked.push(*cid);
+                }
+            }
+            Self::mark_grouped(&mut batch, group, &unmarked, false);
+        }
         self.kv.write(batch, forge_store::kv::Durability::Synced)?;
         self.kv.flush(&[Column::Meta])?;
         Ok(())
@@ -1042,7 +1117,75 @@ impl Vault {
             self.metadata.apply(&updates)?;
         }
         drop(epoch);
+        // What the group now lists is whole there: the marks of its reach here that came
+        // with shard puts are published (imports and syncs here skip it from now on).
+        for update in &updates {
+            if update.space != RecordSpace::INDEX_HEADS {
+                continue;
+            }
+            let Change::Put(value) = &update.change else {
+                continue;
+            };
+            let Ok(head) = records::decode::<records::IndexHead>("index head", value) else {
+                continue;
+            };
+            if let Err(error) = self.publish_marks_under(&Cid::from_bytes(head.root)) {
+                tracing::debug!(%error, "publishing the marks of a listed snapshot");
+            }
+        }
         Ok(updates.len())
+    }
+
+    /// Marks published the unpublished marks of the reach of reference index `root`, of
+    /// a snapshot the group lists (see [`GroupMark`]): a listed snapshot's reach is whole
+    /// on the group (its publish spread every shard, or found them published), and
+    /// repair keeps it so. The walk stops at a node already published (its reach was
+    /// done before) or not the group's here. Returns how many marks changed.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn publish_marks_under(&self, root: &Cid) -> Result<u64> {
+        const BATCH_MARKS: usize = 4096;
+        let mut pending = vec![*root];
+        let mut batch = WriteBatch::new();
+        let (mut in_batch, mut changed) = (0, 0u64);
+        while let Some(id) = pending.pop() {
+            let Some(mark) = self.group_mark(&id)? else {
+                continue;
+            };
+            if mark.published {
+                continue;
+            }
+            Self::mark_grouped(&mut batch, mark.group, &[id], true);
+            in_batch += 1;
+            if let Some(bytes) = self.kv.get(Column::Objects, id.as_bytes())?
+                && let Ok(node) = forge_store::refindex::Node::decode(&id, &bytes)
+            {
+                if node.level == 0 {
+                    for entry in node.entries {
+                        if let Some(held) = self.group_mark(&entry)?
+                            && !held.published
+                        {
+                            Self::mark_grouped(&mut batch, held.group, &[entry], true);
+                            in_batch += 1;
+                        }
+                    }
+                } else {
+                    pending.extend(node.entries);
+                }
+            }
+            if in_batch >= BATCH_MARKS {
+                self.kv.write(
+                    std::mem::take(&mut batch),
+                    forge_store::kv::Durability::Logged,
+                )?;
+                changed += in_batch as u64;
+                in_batch = 0;
+            }
+        }
+        // Logged: a lost upgrade costs sending again what the group holds, no more.
+        self.kv.write(batch, forge_store::kv::Durability::Logged)?;
+        Ok(changed + in_batch as u64)
     }
 
     /// Drops the listings (listing, index head, lineage) of `volume`'s snapshots that the
@@ -1107,7 +1250,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use forge_store::kv::MemKv;
+    use forge_store::kv::{KvEngine, MemKv};
 
     use super::*;
     use crate::error::IntegrityFault;
@@ -1154,6 +1297,223 @@ mod tests {
 
     /// A group that refuses every publish (its members unreachable), as the importer sees it.
     struct RefusingGroup;
+
+    /// A group that takes every publish, once each named chunk is one the daemon's
+    /// `distribute` can spread: stored whole on the importer (an object, or its first
+    /// shard), or published on the group already. `short` collects the others.
+    struct AcceptingGroup {
+        kv: Arc<dyn KvEngine>,
+        short: std::sync::Mutex<Vec<Cid>>,
+    }
+
+    impl GroupStorage for AcceptingGroup {
+        fn pin(&self, _group: u64, _kind: &str) -> Result<Vec<u8>> {
+            Ok(b"pin".to_vec())
+        }
+        fn read(&self, _group: u64, _space: RecordSpace, _key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn unpin(&self, _group: u64, _key: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn publish(
+            &self,
+            _volume: &VolumeId,
+            _group: u64,
+            named: &[Cid],
+            _updates: &[RecordUpdate],
+        ) -> Result<()> {
+            for cid in named {
+                let published = self
+                    .kv
+                    .get(Column::Meta, &grouped_key(cid))?
+                    .and_then(|value| GroupMark::decode(&value))
+                    .is_some_and(|mark| mark.published);
+                let whole = self.kv.contains(Column::Objects, cid.as_bytes())?
+                    || forge_store::chunkstore::has_first_shard(&*self.kv, cid)?;
+                if !published && !whole {
+                    self.short.lock().unwrap().push(*cid);
+                }
+            }
+            Ok(())
+        }
+        fn apply(&self, _group: u64, _updates: &[RecordUpdate]) -> Result<()> {
+            Ok(())
+        }
+        fn group_for_new_volume(
+            &self,
+            name: &str,
+        ) -> Result<(u64, ErasureLayout, Vec<NodePublicKeys>)> {
+            Err(NodeError::Cluster {
+                reason: format!("no group {name}"),
+            })
+        }
+        fn create_volume(&self, _group: u64, _volume: &GroupVolume) -> Result<()> {
+            Ok(())
+        }
+        fn fetch_chunk(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
+            Err(IntegrityFault::MissingObject { cid: *cid }.into())
+        }
+        fn fetch_object(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
+            Err(IntegrityFault::MissingObject { cid: *cid }.into())
+        }
+    }
+
+    fn import_options() -> crate::vault::ImportOptions {
+        crate::vault::ImportOptions {
+            message: String::new(),
+            branch: "main".into(),
+            dna: std::collections::BTreeMap::new(),
+            atime: false,
+        }
+    }
+
+    /// An import the group refused (members down) left shards on the members that were
+    /// up, each marked the group's. The next import of that data, on such a member, must
+    /// store and spread the chunks again: skipped as stored, the members that were down
+    /// never got their shards until a repair (a flake of the 4+2 cluster test, fsck
+    /// finding a chunk "missing" on a member).
+    #[test]
+    fn a_chunk_marked_only_by_a_refused_publish_is_stored_again_by_the_next_import() {
+        let temp = tempfile::tempdir().unwrap();
+        let kv: Arc<dyn KvEngine> = Arc::new(MemKv::new());
+        let vault = Arc::new(vault_on(temp.path(), kv.clone(), 1));
+        let members = vec![vault.identity().public_keys().clone()];
+        let volume = vault
+            .new_group_volume("data", ErasureLayout::SINGLE, &members)
+            .unwrap();
+        assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
+        vault.set_group_storage(Arc::new(RefusingGroup));
+        let source = temp.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(source.join("file"), &data).unwrap();
+        let progress = crate::progress::Progress::new("import", false);
+        let refused = vault.import(
+            "data",
+            &source,
+            &import_options(),
+            &crate::vault::no_passphrase,
+            &progress,
+        );
+        assert!(refused.is_err(), "{refused:?}");
+        // This node as a member that holds, of those chunks, only what a shard put left:
+        // a mark, and not the chunk whole.
+        let shards = kv.scan(Column::Shards, b"", None, usize::MAX).unwrap();
+        assert!(!shards.is_empty());
+        let mut batch = WriteBatch::new();
+        for (key, _) in shards {
+            batch.delete(Column::Shards, key);
+        }
+        kv.write(batch, forge_store::kv::Durability::Synced)
+            .unwrap();
+
+        let group = Arc::new(AcceptingGroup {
+            kv: kv.clone(),
+            short: std::sync::Mutex::new(Vec::new()),
+        });
+        vault.set_group_storage(group.clone());
+        let report = vault
+            .import(
+                "data",
+                &source,
+                &import_options(),
+                &crate::vault::no_passphrase,
+                &progress,
+            )
+            .unwrap();
+        let short = group.short.lock().unwrap().clone();
+        assert!(
+            short.is_empty(),
+            "named, neither stored here nor published: {short:?}"
+        );
+        assert!(report.new_chunks > 0, "{report:?}");
+        // Published now: the import after it dedups.
+        let again = vault
+            .import(
+                "data",
+                &source,
+                &import_options(),
+                &crate::vault::no_passphrase,
+                &progress,
+            )
+            .unwrap();
+        assert_eq!(again.new_chunks, 0, "{again:?}");
+        assert!(group.short.lock().unwrap().is_empty());
+    }
+
+    /// A snapshot the group lists is whole there: the marks its reach has here from shard
+    /// puts become published, down to what this node holds, and no further than a node
+    /// published before.
+    #[test]
+    fn the_reach_of_a_listed_index_is_marked_published() {
+        let temp = tempfile::tempdir().unwrap();
+        let kv: Arc<dyn KvEngine> = Arc::new(MemKv::new());
+        let vault = vault_on(temp.path(), kv.clone(), 1);
+        let group = 7;
+        // Enough cids for a two-level index.
+        let cids: Vec<Cid> = (0..3000u32).map(|i| Cid::of(&i.to_le_bytes())).collect();
+        let mut batch = WriteBatch::new();
+        let mut nodes = Vec::new();
+        let root = forge_store::refindex::build(&cids, |id, bytes| {
+            batch.put(Column::Objects, id.as_bytes().to_vec(), bytes);
+            nodes.push(id);
+        });
+        assert!(nodes.len() > 2, "{} nodes", nodes.len());
+        // Held from shard puts: every node, and every cid but the last (a chunk no shard
+        // of which is here).
+        Vault::mark_grouped(&mut batch, group, &nodes, false);
+        Vault::mark_grouped(&mut batch, group, &cids[..cids.len() - 1], false);
+        kv.write(batch, forge_store::kv::Durability::Synced)
+            .unwrap();
+        let marked = vault.publish_marks_under(&root).unwrap();
+        assert_eq!(marked, (nodes.len() + cids.len() - 1) as u64);
+        for cid in nodes.iter().chain(&cids[..cids.len() - 1]) {
+            assert_eq!(
+                vault.group_mark(cid).unwrap(),
+                Some(GroupMark {
+                    group,
+                    published: true
+                })
+            );
+        }
+        assert_eq!(vault.group_mark(&cids[cids.len() - 1]).unwrap(), None);
+        // Done once: a second walk stops at the root.
+        assert_eq!(vault.publish_marks_under(&root).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_group_mark_decodes_what_it_encodes_and_rejects_garbage() {
+        for mark in [
+            GroupMark {
+                group: 7,
+                published: true,
+            },
+            GroupMark {
+                group: u64::MAX,
+                published: false,
+            },
+        ] {
+            assert_eq!(GroupMark::decode(&mark.encode()), Some(mark));
+        }
+        // The first form: the group id alone, not known published.
+        assert_eq!(
+            GroupMark::decode(&9u64.to_be_bytes()),
+            Some(GroupMark {
+                group: 9,
+                published: false
+            })
+        );
+        for garbage in [
+            &[][..],
+            &[1, 1, 0][..],
+            &[2, 1, 0, 0, 0, 0, 0, 0, 0, 7][..],
+            &[1, 2, 0, 0, 0, 0, 0, 0, 0, 7][..],
+            &[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 7][..],
+        ] {
+            assert_eq!(GroupMark::decode(garbage), None, "{garbage:?}");
+        }
+    }
 
     impl GroupStorage for RefusingGroup {
         fn pin(&self, _group: u64, _kind: &str) -> Result<Vec<u8>> {

@@ -14,7 +14,7 @@ use forge_crypto::Cid;
 use forge_mesh::MeshError;
 use forge_mesh::sync::{DataKind, Item, SyncStore};
 use forge_store::VolumeId;
-use forge_store::chunkstore::{VerifiedChunk, has_chunk, stage_chunk};
+use forge_store::chunkstore::{VerifiedChunk, stage_chunk};
 use forge_store::erasure::{ErasureCoder, ErasureLayout};
 use forge_store::kv::{Column, Durability, WriteBatch};
 
@@ -27,6 +27,10 @@ pub struct VaultSyncStore {
     vault: Arc<Vault>,
     session: WriteSession,
     coder: ErasureCoder,
+    /// What this sync stored whole here over a group mark that is not published (see
+    /// `GroupMark`): held from now on, although the mark alone does not say so until
+    /// the publish.
+    stored_over_marks: std::sync::Mutex<std::collections::BTreeSet<Cid>>,
 }
 
 impl std::fmt::Debug for VaultSyncStore {
@@ -55,7 +59,25 @@ impl VaultSyncStore {
             vault,
             session,
             coder: ErasureCoder::new(layout)?,
+            stored_over_marks: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         })
+    }
+
+    fn stored_over_marks(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<Cid>> {
+        self.stored_over_marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `cid` has a group mark that is not published, and this sync did not store
+    /// it since: a group member holds it from a publish the group may not have taken.
+    fn unpublished_here(&self, cid: &Cid) -> std::result::Result<bool, MeshError> {
+        Ok(self
+            .vault
+            .group_mark(cid)
+            .map_err(store_error)?
+            .is_some_and(|mark| !mark.published)
+            && !self.stored_over_marks().contains(cid))
     }
 }
 
@@ -92,13 +114,23 @@ impl SyncStore for VaultSyncStore {
             .map_err(store_error)?
         {
             if forge_store::refindex::Node::decode(cid, &bytes).is_ok() {
-                // The sender skips what is under it: all of that is this sync's too.
+                // The sender skips what is under it, so it must all be here: an index
+                // node a group member holds from a publish the group did not take may
+                // reach chunks the group lacks. It is asked for again, and what is under
+                // it one by one.
+                if self.unpublished_here(cid)? {
+                    return Ok(false);
+                }
+                // All of that is this sync's too.
                 self.session.hold_index_node(*cid);
             }
             return Ok(true);
         }
-        Ok(has_chunk(kv, cid).map_err(store_error)?
-            || self.vault.is_grouped(cid).map_err(store_error)?)
+        if self.stored_over_marks().contains(cid) {
+            return Ok(true);
+        }
+        // A group's chunk counts only once published there (see `GroupMark`).
+        self.vault.chunk_stored(cid).map_err(store_error)
     }
 
     fn read(&self, item: &Item) -> std::result::Result<(DataKind, Vec<u8>), MeshError> {
@@ -127,9 +159,18 @@ impl SyncStore for VaultSyncStore {
 
     fn store(&self, items: Vec<(Item, DataKind, Vec<u8>)>) -> std::result::Result<(), MeshError> {
         let mut batch = WriteBatch::new();
+        let mut over_marks = Vec::new();
         for (item, kind, bytes) in &items {
             let cid = item.cid();
             self.session.claim(cid);
+            if self
+                .vault
+                .group_mark(&cid)
+                .map_err(store_error)?
+                .is_some_and(|mark| !mark.published)
+            {
+                over_marks.push(cid);
+            }
             match kind {
                 DataKind::Object => {
                     // The caller checked it; a cid is never stored over other bytes.
@@ -152,7 +193,9 @@ impl SyncStore for VaultSyncStore {
         self.vault
             .kv()
             .write(batch, Durability::Synced)
-            .map_err(store_error)
+            .map_err(store_error)?;
+        self.stored_over_marks().extend(over_marks);
+        Ok(())
     }
 }
 

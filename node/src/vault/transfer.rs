@@ -34,10 +34,20 @@ pub type TransferCounter = Arc<dyn Fn(NodeId, bool, u64, u64) + Send + Sync>;
 pub struct VaultVolumeHost {
     vault: Arc<Vault>,
     incoming: Incoming,
-    /// The syncs being received, by sender: the store (its write session publishes) and
-    /// the volume record the offer was accepted for (checked once, at the offer).
-    receiving: Mutex<BTreeMap<NodeId, (Arc<VaultSyncStore>, VolumeRecord)>>,
+    /// The syncs being received, by sender.
+    receiving: Mutex<BTreeMap<NodeId, Receiving>>,
     counter: Option<TransferCounter>,
+}
+
+/// A sync being received.
+struct Receiving {
+    /// The accepted offer's nonce: a sender that offers again replaces its session, and
+    /// what ends the old one (idle, a failed publish) must not end the new one.
+    nonce: [u8; 32],
+    /// Its store (its write session publishes).
+    store: Arc<VaultSyncStore>,
+    /// The volume record the offer was accepted for (checked once, at the offer).
+    record: VolumeRecord,
 }
 
 impl std::fmt::Debug for VaultVolumeHost {
@@ -72,9 +82,7 @@ impl VaultVolumeHost {
         }
     }
 
-    fn receiving(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, (Arc<VaultSyncStore>, VolumeRecord)>> {
+    fn receiving(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Receiving>> {
         self.receiving
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -277,15 +285,16 @@ impl VaultVolumeHost {
 
     fn publish_offer(&self, from: NodeId, offer: &Offer) -> Result<Published> {
         let vault = &*self.vault;
-        let (store, accepted) =
-            self.receiving()
-                .get(&from)
-                .cloned()
-                .ok_or_else(|| NodeError::InvalidArgument {
-                    what: "sync",
-                    value: offer.name.clone(),
-                    reason: format!("no sync from node {from} is open"),
-                })?;
+        let (store, accepted) = self
+            .receiving()
+            .get(&from)
+            .filter(|receiving| receiving.nonce == offer.nonce)
+            .map(|receiving| (receiving.store.clone(), receiving.record.clone()))
+            .ok_or_else(|| NodeError::InvalidArgument {
+                what: "sync",
+                value: offer.name.clone(),
+                reason: format!("no sync from node {from} with this offer is open"),
+            })?;
         // Everything arrived: each snapshot's commit and whole index (holding an index
         // node means holding its subtree).
         for entry in &offer.snapshots {
@@ -717,7 +726,14 @@ impl VolumeHost for VaultVolumeHost {
         );
         // A session this one replaces ends after the lock is let go (its pin may
         // release through a group).
-        let replaced = self.receiving().insert(from, (store.clone(), record));
+        let replaced = self.receiving().insert(
+            from,
+            Receiving {
+                nonce: offer.nonce,
+                store: store.clone(),
+                record,
+            },
+        );
         drop(replaced);
         Ok(store)
     }
@@ -744,8 +760,18 @@ impl VolumeHost for VaultVolumeHost {
         Ok(())
     }
 
-    fn end(&self, from: NodeId) {
-        let ended = self.receiving().remove(&from);
+    fn end(&self, from: NodeId, nonce: &[u8; 32]) {
+        let ended = {
+            let mut receiving = self.receiving();
+            if receiving
+                .get(&from)
+                .is_some_and(|receiving| &receiving.nonce == nonce)
+            {
+                receiving.remove(&from)
+            } else {
+                None
+            }
+        };
         drop(ended);
     }
 
@@ -957,6 +983,44 @@ mod tests {
     /// Found by the simulator: on a node a volume was unshared from, the snapshots made
     /// after it (sealed with a key it was not given) made gc fail for the whole vault and
     /// fsck report them as damaged.
+    /// Ending a sync (idle, or its publish failed) ends that offer's session only: the
+    /// sender may have offered anew in that moment, and its new sync must still publish.
+    #[test]
+    fn ending_an_old_offer_leaves_the_senders_new_one_open() {
+        let temp = tempfile::tempdir().unwrap();
+        let vault = Arc::new(new_vault(temp.path()));
+        let record = vault
+            .create_volume("v", &CreateVolumeOptions::default(), &no_passphrase)
+            .unwrap();
+        let host = VaultVolumeHost::new(vault.clone(), Incoming::default(), None);
+        let sender = NodeId::from_bytes([5; 32]);
+        let open = |nonce: u8| Receiving {
+            nonce: [nonce; 32],
+            store: Arc::new(
+                VaultSyncStore::open(
+                    vault.clone(),
+                    VolumeId::from_bytes(record.id),
+                    ErasureLayout::SINGLE,
+                )
+                .unwrap(),
+            ),
+            record: record.clone(),
+        };
+        host.receiving().insert(sender, open(1));
+        // The sender offers again: its new session replaces the old one.
+        host.receiving().insert(sender, open(2));
+        // What ends the old one comes late.
+        host.end(sender, &[1; 32]);
+        assert_eq!(
+            host.receiving()
+                .get(&sender)
+                .map(|receiving| receiving.nonce),
+            Some([2; 32])
+        );
+        host.end(sender, &[2; 32]);
+        assert!(host.receiving().get(&sender).is_none());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_a_volume_was_unshared_from_keeps_gc_and_fsck_working() {
         let temp = tempfile::tempdir().unwrap();

@@ -353,6 +353,13 @@ const VOLUME: &str = "data";
 const REMOTE_NODES: usize = 3;
 /// Mixed into the seed of the second site's nodes.
 const REMOTE_STREAMS: u64 = 0x5173_0000_0000_0002;
+
+/// The branch the second site writes (the first never does) and syncs back.
+const REMOTE_BRANCH: &str = "remote";
+
+/// A step on node `i` of the second site is recorded as run by "member" `REMOTE_STEP + i`
+/// (never a first-site member's index).
+const REMOTE_STEP: usize = 1_000;
 /// How long after heal the operation still running may take to end: past every deadline
 /// the node code sets on one step (a repair asks members with an hour's deadline).
 const OPERATION_BOUND_AFTER_HEAL: Duration = Duration::from_secs(2 * 3600);
@@ -391,7 +398,8 @@ pub struct GroupsConfig {
     pub fault_points: Vec<(&'static str, u64)>,
     /// A second site: a cluster of its own (three nodes, one 2+1 group) that the first
     /// site's members sync the volume to, over the same faulty network, and whose
-    /// group must end up holding it whole.
+    /// group must end up holding it whole; it imports onto a branch of its own and
+    /// syncs that back, and its nodes crash and have shards damaged.
     pub remote_site: bool,
 }
 
@@ -646,6 +654,18 @@ enum Operation {
         peer: NodeId,
         head: Option<(Cid, Tree)>,
     },
+    /// An import on a node of the second site onto its own branch ([`REMOTE_BRANCH`]).
+    RemoteImport {
+        tree: Tree,
+    },
+    /// [`REMOTE_BRANCH`] sent back from a node of the second site to member `to` of the
+    /// first (its id `peer`); `head`: the sender's head of it as the step began, if an
+    /// acknowledged import made it.
+    SyncBack {
+        to: usize,
+        peer: NodeId,
+        head: Option<(Cid, Tree)>,
+    },
 }
 
 /// How a step ended.
@@ -845,6 +865,21 @@ struct GroupWorld {
     /// Heads of `main` (acknowledged imports, with their trees) that a sync acknowledged
     /// at the second site: each must restore there byte-exact after heal.
     synced: BTreeMap<Cid, Tree>,
+    /// The second site's crashed nodes and when they come back (one of its three at a
+    /// time, its group's f).
+    remote_down_until: BTreeMap<usize, tokio::time::Instant>,
+    /// Shards damaged at rest on the second site's nodes (chunk → (node, shard index)):
+    /// at most its m (1) per chunk, for the whole run (its repair runs at the end).
+    remote_damaged: BTreeMap<Vec<u8>, BTreeSet<(usize, u16)>>,
+    /// The nemesis's draws for the second site, a stream apart: a seed without one
+    /// draws as it did before the second site had faults of its own.
+    remote_rng: SimRng,
+    /// The second site's branch: its last acknowledged import, and every one kept.
+    remote_head: Option<(Cid, Tree)>,
+    remote_kept: BTreeMap<Cid, Tree>,
+    /// Heads of the second site's branch a sync back acknowledged: each must restore on
+    /// the first site byte-exact after heal.
+    synced_back: BTreeMap<Cid, Tree>,
 }
 
 impl GroupWorld {
@@ -916,6 +951,12 @@ impl GroupWorld {
             steps: 0,
             remote,
             synced: BTreeMap::new(),
+            remote_down_until: BTreeMap::new(),
+            remote_damaged: BTreeMap::new(),
+            remote_rng: SimRng::new(seed ^ 0x0b51_7e5b),
+            remote_head: None,
+            remote_kept: BTreeMap::new(),
+            synced_back: BTreeMap::new(),
         };
         let (k, m) = (world.config.data_shards, world.config.parity_shards);
         form_cluster(&world.members, &secrets, &ids, world.config.nodes, k, m).await?;
@@ -1031,6 +1072,9 @@ impl GroupWorld {
             self.collect().await?;
             if self.rng.chance(self.config.nemesis_percent) {
                 self.nemesis().await;
+                if self.config.remote_site {
+                    self.remote_nemesis().await;
+                }
             } else if self.running.len() < self.config.concurrency {
                 self.start_operation().await?;
             }
@@ -1106,7 +1150,93 @@ impl GroupWorld {
             self.members[index].start(self.seed)?;
             self.log.note(format!("member {index} restarted"));
         }
+        let due: Vec<usize> = self
+            .remote_down_until
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(index, _)| *index)
+            .collect();
+        for index in due {
+            self.restart_remote(index)?;
+        }
         Ok(())
+    }
+
+    fn restart_remote(&mut self, index: usize) -> Result<(), String> {
+        self.remote_down_until.remove(&index);
+        self.network.restart(self.remote[index].id);
+        self.remote[index].start(self.seed)?;
+        self.log
+            .note(format!("the second site's node {index} restarted"));
+        Ok(())
+    }
+
+    /// The second site's own faults, drawn from its own stream when the nemesis acts:
+    /// a node crashes (one of three at a time), or a shard at rest there is damaged (at
+    /// most one per chunk).
+    async fn remote_nemesis(&mut self) {
+        let faults = self.config.faults;
+        match self.remote_rng.range(0, 6) {
+            0 if faults.crashes && self.remote_down_until.is_empty() => {
+                let index = usize::try_from(self.remote_rng.range(0, self.remote.len() as u64))
+                    .unwrap_or(0);
+                // As on the first site: not under a step of its own.
+                if self
+                    .running
+                    .iter()
+                    .any(|running| running.member == REMOTE_STEP + index)
+                {
+                    return;
+                }
+                let surviving = usize::try_from(self.remote_rng.range(0, 3)).unwrap_or(0);
+                self.remote[index].crash(&self.network, surviving).await;
+                let back = tokio::time::Instant::now()
+                    + Duration::from_millis(self.remote_rng.range(500, 8_000));
+                self.remote_down_until.insert(index, back);
+                self.report.faults += 1;
+                self.log.note(format!(
+                    "the second site's node {index} crashed ({surviving} unsynced batches survive)"
+                ));
+            }
+            1 if faults.disk => {
+                let index = usize::try_from(self.remote_rng.range(0, self.remote.len() as u64))
+                    .unwrap_or(0);
+                let kv = self.remote[index].kv.clone();
+                let Ok(shards) = kv.scan(Column::Shards, &[], None, usize::MAX) else {
+                    return;
+                };
+                if shards.is_empty() {
+                    return;
+                }
+                let pick =
+                    usize::try_from(self.remote_rng.range(0, shards.len() as u64)).unwrap_or(0);
+                let (key, mut value) = shards[pick].clone();
+                let (Some(chunk), Some(&[high, low])) = (key.get(..32), key.get(32..34)) else {
+                    return;
+                };
+                // Its group is 2+1: one bad shard per chunk at most.
+                if self.remote_damaged.contains_key(chunk) || value.is_empty() {
+                    return;
+                }
+                let shard = u16::from_be_bytes([high, low]);
+                let at = usize::try_from(self.remote_rng.range(0, value.len() as u64)).unwrap_or(0);
+                value[at] ^= 0x40;
+                let chunk = chunk.to_vec();
+                let mut batch = WriteBatch::new();
+                batch.put(Column::Shards, key, value);
+                if kv.write(batch, Durability::Synced).is_ok() {
+                    self.remote_damaged
+                        .entry(chunk)
+                        .or_default()
+                        .insert((index, shard));
+                    self.report.faults += 1;
+                    self.log.note(format!(
+                        "the second site's node {index}: shard {shard} of a chunk damaged at rest"
+                    ));
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Members at the same applied index of a Raft group hold the same records.
@@ -1129,6 +1259,9 @@ impl GroupWorld {
                     && !self.running.iter().any(|running| running.member == *index)
             })
             .collect();
+        if self.config.remote_site && self.remote_rng.chance(12) {
+            return self.start_remote_step(&group);
+        }
         if up.is_empty() {
             return Ok(());
         }
@@ -1150,6 +1283,93 @@ impl GroupWorld {
         ));
         self.running.push(Running {
             member,
+            operation,
+            task,
+            started: tokio::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// A step on a node of the second site (one that is up and runs no step): an import
+    /// onto its own branch, or that branch synced back to a member of the first site's
+    /// group, trusted there first to write the volume (each member's trust is its own).
+    fn start_remote_step(&mut self, group: &[usize]) -> Result<(), String> {
+        let idle: Vec<usize> = (0..self.remote.len())
+            .filter(|index| {
+                self.remote[*index].running.is_some()
+                    && !self
+                        .running
+                        .iter()
+                        .any(|running| running.member == REMOTE_STEP + *index)
+            })
+            .collect();
+        if idle.is_empty() || group.is_empty() {
+            return Ok(());
+        }
+        let at = idle[usize::try_from(self.remote_rng.range(0, idle.len() as u64)).unwrap_or(0)];
+        let operation = if self.remote_rng.chance(50) {
+            let previous = self.remote_head.as_ref().map(|(_, tree)| tree.clone());
+            Operation::RemoteImport {
+                tree: crate::sites::next_tree(&mut self.remote_rng, previous.as_ref()),
+            }
+        } else {
+            let to =
+                group[usize::try_from(self.remote_rng.range(0, group.len() as u64)).unwrap_or(0)];
+            if let Ok(node) = self.members[to].node() {
+                let receiver = node.vault.clone();
+                if receiver
+                    .volume_record(VOLUME)
+                    .map_err(|error| error.to_string())?
+                    .is_some()
+                {
+                    for remote in &self.remote {
+                        receiver
+                            .trust_peer(&remote.id, Some(VOLUME), true, false)
+                            .map_err(|error| {
+                                format!("member {to}: trusting the second site's node: {error}")
+                            })?;
+                    }
+                }
+            }
+            let head = self.remote[at]
+                .node()?
+                .vault
+                .branches(VOLUME)
+                .ok()
+                .and_then(|branches| {
+                    branches
+                        .into_iter()
+                        .find(|(branch, _)| branch == REMOTE_BRANCH)
+                        .map(|(_, head)| head)
+                })
+                .and_then(|head| self.remote_kept.get(&head).map(|tree| (head, tree.clone())));
+            Operation::SyncBack {
+                to,
+                peer: self.members[to].id,
+                head,
+            }
+        };
+        self.report.operations += 1;
+        self.log.note(format!(
+            "the second site's node {at}: {} started",
+            describe(&operation)
+        ));
+        let performed = match &operation {
+            Operation::RemoteImport { tree, .. } => Operation::Import {
+                branch: REMOTE_BRANCH.to_owned(),
+                tree: tree.clone(),
+            },
+            other => other.clone(),
+        };
+        let node = self.remote[at].node()?;
+        let task = tokio::spawn(perform(
+            node,
+            performed,
+            self.scratch
+                .join(format!("step-{}", self.report.operations)),
+        ));
+        self.running.push(Running {
+            member: REMOTE_STEP + at,
             operation,
             task,
             started: tokio::time::Instant::now(),
@@ -1229,11 +1449,13 @@ impl GroupWorld {
     fn sync_step(&mut self, member: usize) -> Result<Operation, String> {
         let to = self.pick(self.remote.len());
         let sender = self.members[member].id;
-        let receiver = self.remote[to].node()?.vault.clone();
-        if receiver
-            .volume_record(VOLUME)
-            .map_err(|error| error.to_string())?
-            .is_some()
+        // A receiver that is down fails the sync (the sender's to see).
+        if let Ok(node) = self.remote[to].node()
+            && let receiver = node.vault.clone()
+            && receiver
+                .volume_record(VOLUME)
+                .map_err(|error| error.to_string())?
+                .is_some()
         {
             receiver
                 .trust_peer(&sender, Some(VOLUME), true, false)
@@ -1308,6 +1530,38 @@ impl GroupWorld {
         outcome: Outcome,
     ) -> Result<(), String> {
         let what = describe(&operation);
+        if member >= REMOTE_STEP {
+            let at = member - REMOTE_STEP;
+            match (operation, outcome) {
+                (Operation::RemoteImport { tree, .. }, Outcome::Imported(snapshot)) => {
+                    self.report.imports += 1;
+                    self.log.note(format!(
+                        "the second site's node {at}: {what}: {snapshot} acknowledged"
+                    ));
+                    self.remote_kept.insert(snapshot, tree.clone());
+                    self.remote_head = Some((snapshot, tree));
+                }
+                (Operation::SyncBack { head, .. }, Outcome::Synced(summary)) => {
+                    self.log
+                        .note(format!("the second site's node {at}: {what}: {summary}"));
+                    if let Some((snapshot, tree)) = head {
+                        self.synced_back.insert(snapshot, tree);
+                    }
+                }
+                (_, Outcome::Failed(reason)) => {
+                    self.log.note(format!(
+                        "the second site's node {at}: {what} failed: {reason}"
+                    ));
+                }
+                (operation, outcome) => {
+                    return Err(format!(
+                        "{} ended with an outcome of another step: {outcome:?}",
+                        describe(&operation)
+                    ));
+                }
+            }
+            return Ok(());
+        }
         match (operation, outcome) {
             (Operation::Import { branch, tree }, Outcome::Imported(snapshot)) => {
                 self.report.imports += 1;
@@ -1616,6 +1870,10 @@ impl GroupWorld {
             self.network.restart(self.members[index].id);
             self.members[index].start(self.seed)?;
         }
+        let remote: Vec<usize> = self.remote_down_until.keys().copied().collect();
+        for index in remote {
+            self.restart_remote(index)?;
+        }
         self.log.note("healed: every member up, no faults");
         let deadline = tokio::time::Instant::now() + OPERATION_BOUND_AFTER_HEAL;
         while let Some(running) = self
@@ -1718,7 +1976,116 @@ impl GroupWorld {
                 .find(|(branch, _)| branch == "main")
                 .map(|(_, head)| *head);
             self.check_remote(coordinator, head).await?;
+            self.check_sync_back(&group).await?;
         }
+        Ok(())
+    }
+
+    /// The first site after heal, for the second site's branch: a last sync back from the
+    /// second site converges (every member of the first site's group has the branch at
+    /// the head sent), and every head a sync back acknowledged restores byte-exact on
+    /// each member. Nothing to check while the second site imported nothing.
+    async fn check_sync_back(&mut self, group: &[usize]) -> Result<(), String> {
+        let sender = self.remote[0].node()?;
+        let (vault, volumes) = (
+            sender.vault.clone(),
+            sender
+                .volumes
+                .clone()
+                .ok_or("the second site's nodes serve no syncs")?,
+        );
+        let Some(head) = vault.branches(VOLUME).ok().and_then(|branches| {
+            branches
+                .into_iter()
+                .find(|(branch, _)| branch == REMOTE_BRANCH)
+                .map(|(_, head)| head)
+        }) else {
+            return Ok(());
+        };
+        let within = format!(
+            "within {} s (simulated) of heal",
+            SETTLE_AFTER_HEAL.as_secs()
+        );
+        let Some(&receiver) = group.first() else {
+            return Ok(());
+        };
+        let remote_ids: Vec<NodeId> = self.remote.iter().map(|node| node.id).collect();
+        for index in group {
+            let vault = self.members[*index].node()?.vault.clone();
+            for id in &remote_ids {
+                vault
+                    .trust_peer(id, Some(VOLUME), true, false)
+                    .map_err(|error| {
+                        format!("member {index}: trusting the second site: {error}")
+                    })?;
+            }
+        }
+        let peer = self.members[receiver].id;
+        let summary = settle_within(
+            &format!("a last sync back to the first site did not succeed {within}"),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(2),
+            || sync_to(&volumes, peer, REMOTE_BRANCH),
+        )
+        .await?;
+        self.log
+            .note(format!("last sync back to the first site: {summary:?}"));
+        let tree = match self.remote_kept.get(&head) {
+            Some(tree) => tree.clone(),
+            None => {
+                let out = self.scratch.join("remote-head");
+                let into = out.clone();
+                forge_node::lockstep::run(move || {
+                    vault.export(
+                        VOLUME,
+                        &into,
+                        &SnapshotSelector::Id(head.to_hex()),
+                        &ExportOptions::default(),
+                        &no_passphrase,
+                        &Progress::new("export", false),
+                    )
+                })
+                .await
+                .map_err(|error| {
+                    format!("the second site's node 0: exporting its head: {error}")
+                })?;
+                let tree = crate::sites::read_tree(&out)?;
+                let _ = std::fs::remove_dir_all(&out);
+                tree
+            }
+        };
+        let mut expected = self.synced_back.clone();
+        expected.insert(head, tree);
+        for index in group {
+            let vault = self.members[*index].node()?.vault.clone();
+            settle_within(
+                &format!("member {index} did not see {REMOTE_BRANCH} at {head} {within}"),
+                SETTLE_AFTER_HEAL,
+                Duration::from_secs(1),
+                || {
+                    let vault = vault.clone();
+                    async move {
+                        let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
+                        match branches.iter().find(|(branch, _)| branch == REMOTE_BRANCH) {
+                            Some((_, at)) if *at == head => Ok(()),
+                            other => Err(format!("{REMOTE_BRANCH} at {other:?}")),
+                        }
+                    }
+                },
+            )
+            .await?;
+            for (snapshot, tree) in &expected {
+                export_matches(*index, &vault, *snapshot, tree, &self.scratch)
+                    .await
+                    .map_err(|reason| {
+                        format!("member {index}, snapshot {snapshot} synced back: {reason}")
+                    })?;
+            }
+        }
+        self.log.note(format!(
+            "the first site holds {REMOTE_BRANCH} at {head} and {} synced-back snapshot(s) byte-exact on every member",
+            expected.len()
+        ));
         Ok(())
     }
 
@@ -1754,7 +2121,7 @@ impl GroupWorld {
                 if receiver.volume_record(VOLUME).ok().flatten().is_some() {
                     let _ = receiver.trust_peer(&sender_id, Some(VOLUME), true, false);
                 }
-                sync_to(&volumes, peer)
+                sync_to(&volumes, peer, "main")
             },
         )
         .await?;
@@ -2162,8 +2529,8 @@ impl GroupWorld {
         }
     }
 
-    /// Repair's own report aside: every chunk any member holds a shard of has each of its
-    /// k+m shards intact (its record decodes, checksum and index) on the member placement
+    /// Repair's own report aside: every chunk of the group any member holds a shard of has
+    /// each of its k+m shards intact (its record decodes, checksum and index) on the member placement
     /// names for it.
     fn check_placement(&self, group: &[usize]) -> Result<(), String> {
         let nodes: Vec<NodeId> = group.iter().map(|index| self.members[*index].id).collect();
@@ -2171,7 +2538,20 @@ impl GroupWorld {
         let mut intact: BTreeSet<(Vec<u8>, usize, usize)> = BTreeSet::new();
         let mut chunks: BTreeSet<Vec<u8>> = BTreeSet::new();
         // A node out of the group keeps what it held (nothing sweeps it): only members'
-        // disks name the chunks the group must hold.
+        // disks name the chunks the group must hold. And only chunks some member marks as
+        // the group's: a write a crash cut off before its publish (a sync being received)
+        // leaves its chunks whole on that member, unmarked, for the vault's own gc.
+        let grouped = |chunk: &[u8]| {
+            let key = [b"grouped/".as_slice(), chunk].concat();
+            group.iter().any(|index| {
+                self.members[*index]
+                    .kv
+                    .get(Column::Meta, &key)
+                    .ok()
+                    .flatten()
+                    .is_some()
+            })
+        };
         for member in group.iter().map(|index| &self.members[*index]) {
             let records = member
                 .kv
@@ -2182,6 +2562,9 @@ impl GroupWorld {
                     continue;
                 };
                 let index = usize::from(u16::from_be_bytes([high, low]));
+                if !chunks.contains(chunk) && !grouped(chunk) {
+                    continue;
+                }
                 chunks.insert(chunk.to_vec());
                 if ShardRecord::decode(&value).is_ok_and(|record| record.index.get() == index) {
                     intact.insert((chunk.to_vec(), index, member.index));
@@ -2240,6 +2623,8 @@ fn describe(operation: &Operation) -> String {
         Operation::AddMember(index, _) => format!("adding node {index} to the group"),
         Operation::RemoveMember(index, _) => format!("removing node {index} from the group"),
         Operation::Sync { to, .. } => format!("sync of main to the second site's node {to}"),
+        Operation::RemoteImport { .. } => format!("import onto {REMOTE_BRANCH}"),
+        Operation::SyncBack { to, .. } => format!("sync of {REMOTE_BRANCH} back to member {to}"),
     }
 }
 
@@ -2351,9 +2736,16 @@ async fn perform_on(
             })
             .map_err(|error| error.to_string()),
         Operation::Sync { peer, .. } => match volumes {
-            Some(volumes) => sync_to(&volumes, peer).await,
+            Some(volumes) => sync_to(&volumes, peer, "main").await,
             None => Err("this member serves no volume syncs".to_owned()),
         },
+        Operation::SyncBack { peer, .. } => match volumes {
+            Some(volumes) => sync_to(&volumes, peer, REMOTE_BRANCH).await,
+            None => Err("this node serves no volume syncs".to_owned()),
+        },
+        Operation::RemoteImport { .. } => {
+            Err("an import of the second site runs as an import onto its branch".to_owned())
+        }
     };
     let _ = std::fs::remove_dir_all(&scratch);
     outcome.unwrap_or_else(Outcome::Failed)
@@ -2376,8 +2768,8 @@ async fn gc_succeeds(cluster: &ClusterNode, failure: &str) -> Result<(), String>
     .await
 }
 
-/// Sends `main` to `peer` as the daemon's `forge volume sync --peer` does.
-async fn sync_to(volumes: &Volumes, peer: NodeId) -> Result<Outcome, String> {
+/// Sends `branch` to `peer` as the daemon's `forge volume sync --peer` does.
+async fn sync_to(volumes: &Volumes, peer: NodeId, branch: &'static str) -> Result<Outcome, String> {
     let _turn = volumes.incoming.push_turn(peer).await;
     let (net, host) = (volumes.net.clone(), volumes.host.clone());
     // The sender's store work (its offer, the index nodes and chunks it reads) waits on
@@ -2389,7 +2781,7 @@ async fn sync_to(volumes: &Volumes, peer: NodeId) -> Result<Outcome, String> {
             host,
             peer,
             VOLUME,
-            "main",
+            branch,
             VOLUME,
             &sync_config(),
         ))

@@ -48,8 +48,14 @@ use forge_sim::sites::FaultSet;
 /// 53774747: a sync's store dropped on the simulator's runtime thread blocked there to
 /// unpin (it now unpins in the background); 78592855 (a second site): a sync whose
 /// sender timed out kept its session, and its pin, on the receiver for good, holding off
-/// that group's gc (a session idle for 5 minutes now ends).
-const REGRESSION_SEEDS: [u64; 20] = [
+/// that group's gc (a session idle for 5 minutes now ends); 940020 (the second site's
+/// nodes crash too): a node that crashed while receiving a sync came back before its
+/// replica had the pin the sync took, cleared its stale pins from that replica, and never
+/// looked again, so that group's gc was refused for good (stale pins are now read after a
+/// barrier, and cleared again every minute); 950044: a member crashed while a sync back
+/// into it stored chunks, whose leftovers (unmarked, for the vault's own gc) the harness
+/// took for the group's; 960012 syncs the second site's branch back to the first.
+const REGRESSION_SEEDS: [u64; 23] = [
     1,
     2,
     105,
@@ -70,6 +76,9 @@ const REGRESSION_SEEDS: [u64; 20] = [
     347_846_477,
     53_774_747,
     78_592_855,
+    940_020,
+    950_044,
+    960_012,
 ];
 
 // Two halves, so that the test runner runs them at once (each seed runs seconds).

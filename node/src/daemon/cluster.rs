@@ -41,6 +41,8 @@ const GROUP_IDS: RecordSpace = RecordSpace::new(cluster::GROUP_IDS);
 /// How long a join may take (the leader adds the joiner as a learner and waits for it to
 /// catch up before making it a voter).
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// How often a run clears again, in each group, the write pins its earlier runs left.
+const STALE_PIN_CLEARING: Duration = Duration::from_secs(60);
 
 /// The engine Raft's logs and state machines live in: a RocksDB of their own beside the
 /// vault's (`DATA_DIR/raft`), so a Raft append's fsync never waits behind an import's
@@ -170,8 +172,8 @@ pub struct ClusterNode {
     /// This daemon run (random): names the group write pins it takes, so that the next
     /// run knows the ones a crash left behind.
     boot: u64,
-    /// Groups whose pins left by an earlier run of this node were cleared.
-    pins_cleared: Mutex<BTreeSet<u64>>,
+    /// When this run last cleared, in each group, the pins its earlier runs left.
+    pins_cleared: Mutex<BTreeMap<u64, tokio::time::Instant>>,
     /// Members a shard request just failed to reach, and when: reads ask them last for a
     /// while (a read of a group with a member down would otherwise wait on it per chunk).
     suspects: Mutex<BTreeMap<NodeId, tokio::time::Instant>>,
@@ -239,7 +241,7 @@ impl ClusterNode {
             watching: Mutex::new(false),
             repairs: Mutex::new(BTreeMap::new()),
             boot,
-            pins_cleared: Mutex::new(BTreeSet::new()),
+            pins_cleared: Mutex::new(BTreeMap::new()),
             suspects: Mutex::new(BTreeMap::new()),
             this: this.clone(),
         });
@@ -320,9 +322,21 @@ impl ClusterNode {
         self.boot
     }
 
-    /// Whether this run cleared its node's stale pins of `group` already (marks it so).
-    pub(crate) fn first_pin_clearing(&self, group: u64) -> bool {
-        lock(&self.pins_cleared).insert(group)
+    /// Whether it is time to clear, in `group`, the pins this node's earlier runs left
+    /// (marks it done now): at the first pass of this run, then every
+    /// [`STALE_PIN_CLEARING`]. Again later, because a pin the crashed run asked for may
+    /// reach the group's log only after this run cleared (its proposal in flight at the
+    /// leader).
+    pub(crate) fn pin_clearing_due(&self, group: u64) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut cleared = lock(&self.pins_cleared);
+        match cleared.get(&group) {
+            Some(last) if now.duration_since(*last) < STALE_PIN_CLEARING => false,
+            _ => {
+                cleared.insert(group, now);
+                true
+            }
+        }
     }
 
     fn raft_allowed(&self, from: &NodeId) -> std::result::Result<(), String> {
@@ -825,9 +839,9 @@ impl ClusterNode {
                 }
             }
             // Write pins an earlier run of this node left (a crash) would keep the
-            // group's gc from ever running: cleared once per run.
+            // group's gc from ever running: cleared at the first pass, and now and then.
             if let Ok(view) = self.view_of(name.clone(), &record)
-                && self.first_pin_clearing(record.id)
+                && self.pin_clearing_due(record.id)
                 && let Err(error) = self.clear_stale_pins(&view).await
             {
                 lock(&self.pins_cleared).remove(&record.id);

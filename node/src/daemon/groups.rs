@@ -1514,7 +1514,16 @@ impl ClusterNode {
     }
 
     /// Removes pins this node's earlier runs left in group `view` (a crash).
+    ///
+    /// # Errors
+    /// The group not confirming what this replica holds is current (the caller tries
+    /// again later); no quorum.
     pub(crate) async fn clear_stale_pins(&self, view: &GroupView) -> Result<()> {
+        // Read after a barrier: a pin the group committed just before the crash may not
+        // have reached this replica's log yet. Read without, it was missed, and this run
+        // never looked again: the group's gc stayed refused for good (the simulator, a
+        // second-site node that crashed while receiving a sync, seed 940020).
+        view.handle.barrier(Duration::from_secs(5)).await?;
         let me = self.vault().identity().node_id();
         let prefix = [PIN_PREFIX, me.as_bytes().as_slice()].concat();
         let stale: Vec<RecordUpdate> = view

@@ -780,6 +780,20 @@ impl Incoming {
             })
     }
 
+    /// Takes out the session open with `from` if it is the one of the offer with `nonce`
+    /// (the sender may have offered anew since): dropped by the caller, outside the lock.
+    fn take_session(&self, from: &NodeId, nonce: &[u8; 32]) -> Option<Session> {
+        let mut sessions = self.lock();
+        if sessions
+            .get(from)
+            .is_some_and(|session| &session.offer.nonce == nonce)
+        {
+            sessions.remove(from)
+        } else {
+            None
+        }
+    }
+
     /// Ends the sessions idle for over `idle` (see [`SESSION_IDLE`]) and returns them, to
     /// be dropped off the async threads and outside the lock (their stores' claims may
     /// release through a group).
@@ -1052,18 +1066,7 @@ fn answer(
                     // Nothing of it went live: the session ends here (its claims and a
                     // grouped volume's pin would otherwise hold off gc until this sender
                     // syncs again; a retry offers anew).
-                    let ended = {
-                        let mut sessions = incoming.lock();
-                        if sessions
-                            .get(&from)
-                            .is_some_and(|session| session.offer.nonce == nonce)
-                        {
-                            sessions.remove(&from)
-                        } else {
-                            None
-                        }
-                    };
-                    drop(ended);
+                    drop(incoming.take_session(&from, &nonce));
                     host.end(from, &nonce);
                     return Err(Refusal::Failed(error));
                 }
@@ -1112,8 +1115,7 @@ fn answer(
             host.keep_proof(&proof).map_err(Refusal::Failed)?;
             // The sync is over: its claims on the store go with the session (released
             // after the lock is let go, as above).
-            let ended = incoming.lock().remove(&from);
-            drop(ended);
+            drop(incoming.take_session(&from, &proof.receipt.nonce));
             Ok(VolumeMessage::Kept)
         }
         VolumeMessage::Follow { on, name, branch } => host

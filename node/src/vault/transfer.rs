@@ -752,15 +752,15 @@ impl VolumeHost for VaultVolumeHost {
 
     fn keep_proof(&self, proof: &TransferProof) -> std::result::Result<(), MeshError> {
         self.vault.keep_proof(proof).map_err(local)?;
-        // The receiving side is over: its session (and claims) end.
+        // The receiving side is over: that offer's session (and claims) end.
         if proof.receipt.receiver == self.vault.identity().node_id() {
-            let ended = self.receiving().remove(&proof.receipt.sender);
-            drop(ended);
+            self.end(proof.receipt.sender, &proof.receipt.nonce);
         }
         Ok(())
     }
 
     fn end(&self, from: NodeId, nonce: &[u8; 32]) {
+        // Dropped after the lock is let go (its pin may release through a group).
         let ended = {
             let mut receiving = self.receiving();
             if receiving

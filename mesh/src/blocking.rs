@@ -13,13 +13,18 @@ use crate::net::BoxFuture;
 /// Runs a job off the async tasks, resolving once it has run.
 pub type Runner = fn(Box<dyn FnOnce() + Send>) -> BoxFuture<'static, ()>;
 
+/// Blocks a job's thread on a future, the runner's way (the simulator's lockstep lets its
+/// runtime run meanwhile).
+pub type BlockOn = fn(BoxFuture<'static, ()>);
+
 thread_local! {
-    static RUNNER: Cell<Option<Runner>> = const { Cell::new(None) };
+    static RUNNER: Cell<Option<(Runner, BlockOn)>> = const { Cell::new(None) };
 }
 
-/// Makes [`run`] use `runner` for the tasks of this thread (a current-thread runtime's).
-pub fn install_on_this_thread(runner: Runner) {
-    RUNNER.with(|installed| installed.set(Some(runner)));
+/// Makes [`run`] and [`run_future`] use `runner` (and `block_on` in its jobs) for the
+/// tasks of this thread (a current-thread runtime's).
+pub fn install_on_this_thread(runner: Runner, block_on: BlockOn) {
+    RUNNER.with(|installed| installed.set(Some((runner, block_on))));
 }
 
 /// Runs `work` off the async tasks and returns what it returns: on this thread's
@@ -31,7 +36,7 @@ pub async fn run<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
     match RUNNER.with(Cell::get) {
-        Some(runner) => {
+        Some((runner, _)) => {
             let (sender, receiver) = tokio::sync::oneshot::channel();
             runner(Box::new(move || {
                 let _ = sender.send(work());
@@ -44,5 +49,37 @@ pub async fn run<T: Send + 'static>(
         None => tokio::task::spawn_blocking(work)
             .await
             .map_err(|error| error.to_string()),
+    }
+}
+
+/// Runs `future` to its end in a job off the async tasks (it does store work that may
+/// block, such as a grouped volume's reads through its group) and returns its output: on
+/// this thread's installed runner, else on tokio's blocking pool, blocking that pool
+/// thread on the current runtime.
+///
+/// # Errors
+/// The job panicked (its message).
+pub async fn run_future<T: Send + 'static>(
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    match RUNNER.with(Cell::get) {
+        Some((runner, block_on)) => {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            runner(Box::new(move || {
+                block_on(Box::pin(async move {
+                    let _ = sender.send(future.await);
+                }));
+            }))
+            .await;
+            receiver
+                .await
+                .map_err(|_| "the work ended without an answer (it panicked)".to_owned())
+        }
+        None => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || runtime.block_on(future))
+                .await
+                .map_err(|error| error.to_string())
+        }
     }
 }

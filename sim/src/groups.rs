@@ -80,6 +80,9 @@ struct Volumes {
     host: Arc<VaultVolumeHost>,
     incoming: Incoming,
     tasks: Arc<Vec<tokio::task::JoinHandle<()>>>,
+    /// Following, as the daemon runs it: announcing the heads others follow here,
+    /// pulling on the announcements of what this node follows.
+    follow: Arc<forge_node::daemon::mesh::Follow>,
 }
 
 impl Volumes {
@@ -89,11 +92,19 @@ impl Volumes {
         let net: Arc<dyn PeerNet> = peer.clone();
         let tasks = serve_volumes(net.clone(), host.clone(), incoming.clone(), sync_config())
             .map_err(|error| error.to_string())?;
+        let follow = forge_node::daemon::mesh::Follow::start(
+            net.clone(),
+            None,
+            vault.clone(),
+            incoming.clone(),
+        )
+        .map_err(|error| error.to_string())?;
         Ok(Self {
             net,
             host,
             incoming,
             tasks: Arc::new(tasks.into()),
+            follow,
         })
     }
 
@@ -101,6 +112,7 @@ impl Volumes {
         for task in self.tasks.iter() {
             task.abort();
         }
+        self.follow.stop();
     }
 }
 
@@ -666,6 +678,12 @@ enum Operation {
         peer: NodeId,
         head: Option<(Cid, Tree)>,
     },
+    /// A node of the second site follows `main` at member `to` of the first (its id
+    /// `peer`): from then on it pulls each head that member announces.
+    Follow {
+        to: usize,
+        peer: NodeId,
+    },
 }
 
 /// How a step ended.
@@ -678,6 +696,7 @@ enum Outcome {
     Repaired { whole: bool, summary: String },
     Membership(Vec<String>),
     Synced(String),
+    Followed,
     Failed(String),
 }
 
@@ -880,6 +899,9 @@ struct GroupWorld {
     /// Heads of the second site's branch a sync back acknowledged: each must restore on
     /// the first site byte-exact after heal.
     synced_back: BTreeMap<Cid, Tree>,
+    /// A node of the second site that follows `main` at a member of the first:
+    /// (its index, the member's).
+    following: Option<(usize, usize)>,
 }
 
 impl GroupWorld {
@@ -957,6 +979,7 @@ impl GroupWorld {
             remote_head: None,
             remote_kept: BTreeMap::new(),
             synced_back: BTreeMap::new(),
+            following: None,
         };
         let (k, m) = (world.config.data_shards, world.config.parity_shards);
         form_cluster(&world.members, &secrets, &ids, world.config.nodes, k, m).await?;
@@ -1307,7 +1330,15 @@ impl GroupWorld {
             return Ok(());
         }
         let at = idle[usize::try_from(self.remote_rng.range(0, idle.len() as u64)).unwrap_or(0)];
-        let operation = if self.remote_rng.chance(50) {
+        let operation = if self.following.is_none() && self.remote_rng.chance(20) {
+            let to =
+                group[usize::try_from(self.remote_rng.range(0, group.len() as u64)).unwrap_or(0)];
+            self.trust_for_follow(at, to)?;
+            Operation::Follow {
+                to,
+                peer: self.members[to].id,
+            }
+        } else if self.remote_rng.chance(50) {
             let previous = self.remote_head.as_ref().map(|(_, tree)| tree.clone());
             Operation::RemoteImport {
                 tree: crate::sites::next_tree(&mut self.remote_rng, previous.as_ref()),
@@ -1374,6 +1405,37 @@ impl GroupWorld {
             task,
             started: tokio::time::Instant::now(),
         });
+        Ok(())
+    }
+
+    /// The trust following needs, as operators give it: member `to` lets node `at` of the
+    /// second site read the volume, and that node lets the member write it there (its
+    /// pushes of what it announces), each once it holds the volume.
+    fn trust_for_follow(&self, at: usize, to: usize) -> Result<(), String> {
+        let (member, remote) = (&self.members[to], &self.remote[at]);
+        for (vault, peer, who) in [
+            (
+                member.node().ok().map(|node| node.vault.clone()),
+                remote.id,
+                "member",
+            ),
+            (
+                remote.node().ok().map(|node| node.vault.clone()),
+                member.id,
+                "remote",
+            ),
+        ] {
+            let Some(vault) = vault else { continue };
+            if vault
+                .volume_record(VOLUME)
+                .map_err(|error| error.to_string())?
+                .is_some()
+            {
+                vault
+                    .trust_peer(&peer, Some(VOLUME), true, false)
+                    .map_err(|error| format!("{who}: trust for following: {error}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -1540,6 +1602,11 @@ impl GroupWorld {
                     ));
                     self.remote_kept.insert(snapshot, tree.clone());
                     self.remote_head = Some((snapshot, tree));
+                }
+                (Operation::Follow { to, .. }, Outcome::Followed) => {
+                    self.log
+                        .note(format!("the second site's node {at}: {what}: following"));
+                    self.following = Some((at, to));
                 }
                 (Operation::SyncBack { head, .. }, Outcome::Synced(summary)) => {
                     self.log
@@ -1981,6 +2048,48 @@ impl GroupWorld {
         Ok(())
     }
 
+    /// Following after heal: the node of the second site that follows `main` at a member
+    /// of the first has it at the first site's head, by the member's announcements alone
+    /// (before any last sync). Not checked when that member left the group (it mirrors
+    /// the group's records no more, so it announces a stale head).
+    async fn check_following(&mut self, head: Cid) -> Result<(), String> {
+        let Some((at, to)) = self.following else {
+            return Ok(());
+        };
+        let (group, _) = self.membership().await;
+        if !group.contains(&to) {
+            self.log.note(format!(
+                "the followed member {to} left the group: following not checked"
+            ));
+            return Ok(());
+        }
+        self.trust_for_follow(at, to)?;
+        let vault = self.remote[at].node()?.vault.clone();
+        settle_within(
+            &format!(
+                "the second site's node {at}, following main at member {to}, did not reach {head} within {} s (simulated) of heal",
+                SETTLE_AFTER_HEAL.as_secs()
+            ),
+            SETTLE_AFTER_HEAL,
+            Duration::from_secs(1),
+            || {
+                let vault = vault.clone();
+                async move {
+                    let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
+                    match branches.iter().find(|(branch, _)| branch == "main") {
+                        Some((_, found)) if *found == head => Ok(()),
+                        other => Err(format!("main at {other:?}")),
+                    }
+                }
+            },
+        )
+        .await?;
+        self.log.note(format!(
+            "the second site's node {at} follows main at member {to}: it reached {head}"
+        ));
+        Ok(())
+    }
+
     /// The first site after heal, for the second site's branch: a last sync back from the
     /// second site converges (every member of the first site's group has the branch at
     /// the head sent), and every head a sync back acknowledged restores byte-exact on
@@ -2105,6 +2214,7 @@ impl GroupWorld {
             .volumes
             .clone()
             .ok_or("the first site's members serve no syncs")?;
+        self.check_following(head).await?;
         let peer = self.remote[0].id;
         let (receiver, sender_id) = (
             self.remote[0].node()?.vault.clone(),
@@ -2625,6 +2735,7 @@ fn describe(operation: &Operation) -> String {
         Operation::Sync { to, .. } => format!("sync of main to the second site's node {to}"),
         Operation::RemoteImport { .. } => format!("import onto {REMOTE_BRANCH}"),
         Operation::SyncBack { to, .. } => format!("sync of {REMOTE_BRANCH} back to member {to}"),
+        Operation::Follow { to, .. } => format!("following main at member {to}"),
     }
 }
 
@@ -2743,6 +2854,10 @@ async fn perform_on(
             Some(volumes) => sync_to(&volumes, peer, REMOTE_BRANCH).await,
             None => Err("this node serves no volume syncs".to_owned()),
         },
+        Operation::Follow { peer, .. } => match volumes {
+            Some(volumes) => follow_main(&vault, &volumes, peer).await,
+            None => Err("this node serves no volume syncs".to_owned()),
+        },
         Operation::RemoteImport { .. } => {
             Err("an import of the second site runs as an import onto its branch".to_owned())
         }
@@ -2766,6 +2881,31 @@ async fn gc_succeeds(cluster: &ClusterNode, failure: &str) -> Result<(), String>
         },
     )
     .await
+}
+
+/// Follows `main` at `peer` as the daemon's `forge volume follow` does: asked of the
+/// peer, recorded here, and listened for.
+async fn follow_main(
+    vault: &Arc<Vault>,
+    volumes: &Volumes,
+    peer: NodeId,
+) -> Result<Outcome, String> {
+    let volume =
+        forge_mesh::sync::follow_volume(&*volumes.net, peer, VOLUME, "main", true, &sync_config())
+            .await
+            .map_err(|error| error.to_string())?;
+    let following = forge_node::vault::peers::Following {
+        volume,
+        name: VOLUME.to_owned(),
+        branch: "main".to_owned(),
+        local_name: VOLUME.to_owned(),
+    };
+    let recorder = vault.clone();
+    forge_node::lockstep::run(move || recorder.set_following(&peer, &following, true))
+        .await
+        .map_err(|error| error.to_string())?;
+    volumes.follow.listen(volume);
+    Ok(Outcome::Followed)
 }
 
 /// Sends `branch` to `peer` as the daemon's `forge volume sync --peer` does.

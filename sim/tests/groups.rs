@@ -54,8 +54,9 @@ use forge_sim::sites::FaultSet;
 /// looked again, so that group's gc was refused for good (stale pins are now read after a
 /// barrier, and cleared again every minute); 950044: a member crashed while a sync back
 /// into it stored chunks, whose leftovers (unmarked, for the vault's own gc) the harness
-/// took for the group's; 960012 syncs the second site's branch back to the first.
-const REGRESSION_SEEDS: [u64; 23] = [
+/// took for the group's; 960012 syncs the second site's branch back to the first;
+/// 990004: a node of the second site follows `main` at a member of the first.
+const REGRESSION_SEEDS: [u64; 24] = [
     1,
     2,
     105,
@@ -79,6 +80,7 @@ const REGRESSION_SEEDS: [u64; 23] = [
     940_020,
     950_044,
     960_012,
+    990_004,
 ];
 
 // Two halves, so that the test runner runs them at once (each seed runs seconds).

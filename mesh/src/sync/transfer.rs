@@ -1009,10 +1009,19 @@ async fn serve_pull(
         request.refuse(rule);
         return;
     }
-    match send_volume(net, host, from, &name, &branch, &as_name, &config).await {
-        Ok(summary) => request.respond(VolumeMessage::Pulled(summary).encode()),
-        Err(MeshError::Refused { reason, .. }) => request.refuse(reason),
-        Err(error) => request.fail(error.to_string()),
+    // The whole push in a job off the async tasks: building the offer and reading what
+    // it sends is store work, which for a grouped volume may wait on its group (a
+    // daemon's async worker would be held for it; the simulator's one thread cannot
+    // wait at all).
+    let sent = crate::blocking::run_future(async move {
+        send_volume(net, host, from, &name, &branch, &as_name, &config).await
+    })
+    .await;
+    match sent {
+        Ok(Ok(summary)) => request.respond(VolumeMessage::Pulled(summary).encode()),
+        Ok(Err(MeshError::Refused { reason, .. })) => request.refuse(reason),
+        Ok(Err(error)) => request.fail(error.to_string()),
+        Err(panicked) => request.fail(format!("the push failed: {panicked}")),
     }
 }
 

@@ -113,25 +113,18 @@ impl MeshNode {
         ));
         let shared: Arc<dyn PeerNet> = Arc::new(net.clone());
         serve_volumes(
-            shared,
+            shared.clone(),
             host.clone(),
             incoming.clone(),
             TransferConfig::default(),
         )
         .map_err(mesh_error)?;
-        let follow = Arc::new(Follow {
-            net: net.clone(),
-            vault: vault.clone(),
-            incoming: incoming.clone(),
-            pulling: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-        });
-        // Each followed volume's announcements (its topic), and the followed peers kept
-        // connected (a reconnect pulls what was missed).
-        for (_, following) in vault.followings()? {
-            follow.listen(following.volume);
-        }
-        tokio::spawn(follow.clone().keep_connected());
-        tokio::spawn(follow.clone().announce_loop());
+        let follow = Follow::start(
+            shared.clone(),
+            Some(net.clone()),
+            vault.clone(),
+            incoming.clone(),
+        )?;
         // Where each peer was reached: a request that finds no connection dials there.
         for (node, record) in vault.peers()? {
             if let Some(address) = record
@@ -156,10 +149,6 @@ impl MeshNode {
                 _ => Err(format!("node {from} is trusted with nothing here")),
             },
         ));
-        // What was announced while this daemon was down: pulled now.
-        for (peer, following) in vault.followings()? {
-            tokio::spawn(follow.clone().pull(peer, following.volume));
-        }
         let cluster = crate::daemon::cluster::ClusterNode::start(vault.clone(), net.clone())?;
         drop(_entered);
         Ok(Self {
@@ -281,20 +270,27 @@ async fn reach(net: &QuicNet, vault: &Vault, node: NodeId) -> std::result::Resul
 
 /// Following: this node announces new heads of branches others follow here (checked
 /// every [`ANNOUNCE_EVERY`]), takes announcements from the peers it follows, and pulls
-/// on each (and once when the daemon starts, for what it missed while down).
-struct Follow {
-    net: QuicNet,
+/// on each (and once when it starts, for what it missed while down). Over any
+/// [`PeerNet`] (the daemon's QUIC, the simulator's network).
+pub struct Follow {
+    net: Arc<dyn PeerNet>,
+    /// The daemon's QUIC network, which dials a followed peer it lost (gossip reaches
+    /// only connected nodes). `None`: a network that needs no dialing.
+    quic: Option<QuicNet>,
     vault: Arc<Vault>,
     incoming: Incoming,
     /// Pulls running, by (peer, volume): true when another announcement came meanwhile.
     pulling: std::sync::Mutex<std::collections::BTreeMap<(NodeId, [u8; 16]), bool>>,
+    /// Its long-running tasks (the announcing loop, the listeners), for [`Follow::stop`].
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// How often this node looks for new heads to announce.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
 /// What was announced last: (volume, branch) → (head, when).
-type Announced = std::collections::BTreeMap<([u8; 16], String), (forge_crypto::Cid, Instant)>;
+type Announced =
+    std::collections::BTreeMap<([u8; 16], String), (forge_crypto::Cid, tokio::time::Instant)>;
 
 /// How often a followed branch's unchanged head is announced again. A publish that
 /// gossipsub accepts may still miss a follower whose subscription it has not grafted yet,
@@ -305,7 +301,72 @@ const ANNOUNCE_AGAIN: Duration = Duration::from_secs(5);
 /// How often a follower checks it is still connected to the peers it follows.
 const KEEP_CONNECTED_EVERY: Duration = Duration::from_secs(10);
 
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Follow").finish_non_exhaustive()
+    }
+}
+
 impl Follow {
+    /// Starts following on `net` (from a task of the runtime it runs on): listens to each
+    /// followed volume's announcements, announces the heads others follow here, keeps
+    /// the followed peers connected (with `quic`; a reconnect pulls what was missed),
+    /// and pulls each followed branch once now, for what was announced while down.
+    /// `incoming` is the one the volume protocol's server shares (a pull's push lands
+    /// there).
+    ///
+    /// # Errors
+    /// The vault's followings cannot be read.
+    pub fn start(
+        net: Arc<dyn PeerNet>,
+        quic: Option<QuicNet>,
+        vault: Arc<Vault>,
+        incoming: Incoming,
+    ) -> Result<Arc<Self>> {
+        let followings = vault.followings()?;
+        let follow = Arc::new(Self {
+            net,
+            quic,
+            vault,
+            incoming,
+            pulling: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        for (_, following) in &followings {
+            follow.listen(following.volume);
+        }
+        if follow.quic.is_some() {
+            let task = tokio::spawn(follow.clone().keep_connected());
+            follow.keep(task);
+        }
+        let task = tokio::spawn(follow.clone().announce_loop());
+        follow.keep(task);
+        for (peer, following) in followings {
+            tokio::spawn(follow.clone().pull(peer, following.volume));
+        }
+        Ok(follow)
+    }
+
+    fn keep(&self, task: tokio::task::JoinHandle<()>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+    }
+
+    /// Stops announcing and listening (the node is going away; a pull in progress ends
+    /// on its own).
+    pub fn stop(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
     /// Publishes each followed branch's head on its volume's topic when it changes, and
     /// again every [`ANNOUNCE_AGAIN`] (gossip is best effort; a follower that already has
     /// the head does nothing with it). Not published while no follower is reachable: it
@@ -336,7 +397,7 @@ impl Follow {
                 }
                 match self.announce(volume, &branch, head).await {
                     Ok(()) => {
-                        announced.insert(key, (head, Instant::now()));
+                        announced.insert(key, (head, tokio::time::Instant::now()));
                     }
                     Err(error) => {
                         tracing::debug!(%error, "announcing a head: will try again");
@@ -376,12 +437,13 @@ impl Follow {
             time_ns: now,
         }
         .sign(self.vault.identity())?;
-        forge_mesh::announce::announce(&self.net, &volume, &signed).await
+        forge_mesh::announce::announce(&*self.net, &volume, &signed).await
     }
 
     /// Takes announcements of `volume` from the peers this vault follows it at: each new
-    /// head this vault does not have yet is pulled.
-    fn listen(self: &Arc<Self>, volume: [u8; 16]) {
+    /// head this vault does not have yet is pulled. Called when a follow is set up (from
+    /// a task of the runtime it runs on).
+    pub fn listen(self: &Arc<Self>, volume: [u8; 16]) {
         let topic = forge_mesh::announce::topic(&volume);
         let subscription = match self.net.subscribe(&topic) {
             Ok(subscription) => subscription,
@@ -391,7 +453,7 @@ impl Follow {
             }
         };
         let (keys_vault, taker) = (self.vault.clone(), self.clone());
-        tokio::spawn(forge_mesh::announce::serve_announcements(
+        let task = tokio::spawn(forge_mesh::announce::serve_announcements(
             subscription,
             // Taken only from a peer this vault follows the volume at.
             move |author| {
@@ -420,25 +482,29 @@ impl Follow {
                 }
             },
         ));
+        self.keep(task);
     }
 
     /// Keeps a connection to every peer this vault follows something at (gossip reaches
     /// only connected nodes); a peer reached again after losing it is pulled from, for
     /// what it announced meanwhile.
     async fn keep_connected(self: Arc<Self>) {
+        let Some(quic) = self.quic.clone() else {
+            return;
+        };
         loop {
             tokio::time::sleep(KEEP_CONNECTED_EVERY).await;
             let Ok(followings) = self.vault.followings() else {
                 continue;
             };
-            let Ok(connected) = self.net.connected().await else {
+            let Ok(connected) = quic.connected().await else {
                 continue;
             };
             for (peer, following) in followings {
                 if connected.contains(&peer) {
                     continue;
                 }
-                if reach(&self.net, &self.vault, peer).await.is_ok() {
+                if reach(&quic, &self.vault, peer).await.is_ok() {
                     tokio::spawn(self.clone().pull(peer, following.volume));
                 }
             }
@@ -470,10 +536,14 @@ impl Follow {
                     following.branch.as_str(),
                     following.local_name.as_str(),
                 ];
-                let pulled = match reach(&self.net, &self.vault, peer).await {
+                let reached = match &self.quic {
+                    Some(quic) => reach(quic, &self.vault, peer).await,
+                    None => Ok(()),
+                };
+                let pulled = match reached {
                     Ok(()) => {
                         let config = TransferConfig::default();
-                        pull_volume(&self.net, &self.incoming, peer, names, &config).await
+                        pull_volume(&*self.net, &self.incoming, peer, names, &config).await
                     }
                     Err(error) => Err(error),
                 };

@@ -134,10 +134,7 @@ pub fn simulate_on_this_thread() {
     SIMULATED.with(|simulated| simulated.set(true));
     // The sync protocol's store work (a receiver's answers, a sender's reads) too: for a
     // grouped volume it waits on the group, which only a lockstep closure can.
-    forge_mesh::blocking::install_on_this_thread(
-        |job| Box::pin(run(job)),
-        block_on,
-    );
+    forge_mesh::blocking::install_on_this_thread(|job| Box::pin(run(job)), block_on);
 }
 
 /// Runs synchronous `closure` off the async tasks: on tokio's blocking pool in the

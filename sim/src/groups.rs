@@ -1347,32 +1347,13 @@ impl GroupWorld {
             let to =
                 group[usize::try_from(self.remote_rng.range(0, group.len() as u64)).unwrap_or(0)];
             if let Ok(node) = self.members[to].node() {
-                let receiver = node.vault.clone();
-                if receiver
-                    .volume_record(VOLUME)
-                    .map_err(|error| error.to_string())?
-                    .is_some()
-                {
-                    for remote in &self.remote {
-                        receiver
-                            .trust_peer(&remote.id, Some(VOLUME), true, false)
-                            .map_err(|error| {
-                                format!("member {to}: trusting the second site's node: {error}")
-                            })?;
-                    }
+                for remote in &self.remote {
+                    trust_to_write(&node.vault, &remote.id).map_err(|error| {
+                        format!("member {to}: trusting the second site's node: {error}")
+                    })?;
                 }
             }
-            let head = self.remote[at]
-                .node()?
-                .vault
-                .branches(VOLUME)
-                .ok()
-                .and_then(|branches| {
-                    branches
-                        .into_iter()
-                        .find(|(branch, _)| branch == REMOTE_BRANCH)
-                        .map(|(_, head)| head)
-                })
+            let head = branch_head(&self.remote[at].node()?.vault, REMOTE_BRANCH)
                 .and_then(|head| self.remote_kept.get(&head).map(|tree| (head, tree.clone())));
             Operation::SyncBack {
                 to,
@@ -1413,26 +1394,12 @@ impl GroupWorld {
     /// pushes of what it announces), each once it holds the volume.
     fn trust_for_follow(&self, at: usize, to: usize) -> Result<(), String> {
         let (member, remote) = (&self.members[to], &self.remote[at]);
-        for (vault, peer, who) in [
-            (
-                member.node().ok().map(|node| node.vault.clone()),
-                remote.id,
-                "member",
-            ),
-            (
-                remote.node().ok().map(|node| node.vault.clone()),
-                member.id,
-                "remote",
-            ),
+        for (node, peer, who) in [
+            (member.node(), remote.id, "member"),
+            (remote.node(), member.id, "remote"),
         ] {
-            let Some(vault) = vault else { continue };
-            if vault
-                .volume_record(VOLUME)
-                .map_err(|error| error.to_string())?
-                .is_some()
-            {
-                vault
-                    .trust_peer(&peer, Some(VOLUME), true, false)
+            if let Ok(node) = node {
+                trust_to_write(&node.vault, &peer)
                     .map_err(|error| format!("{who}: trust for following: {error}"))?;
             }
         }
@@ -1512,28 +1479,11 @@ impl GroupWorld {
         let to = self.pick(self.remote.len());
         let sender = self.members[member].id;
         // A receiver that is down fails the sync (the sender's to see).
-        if let Ok(node) = self.remote[to].node()
-            && let receiver = node.vault.clone()
-            && receiver
-                .volume_record(VOLUME)
-                .map_err(|error| error.to_string())?
-                .is_some()
-        {
-            receiver
-                .trust_peer(&sender, Some(VOLUME), true, false)
+        if let Ok(node) = self.remote[to].node() {
+            trust_to_write(&node.vault, &sender)
                 .map_err(|error| format!("remote {to}: trusting member {member}: {error}"))?;
         }
-        let head = self.members[member]
-            .node()?
-            .vault
-            .branches(VOLUME)
-            .ok()
-            .and_then(|branches| {
-                branches
-                    .into_iter()
-                    .find(|(branch, _)| branch == "main")
-                    .map(|(_, head)| head)
-            })
+        let head = branch_head(&self.members[member].node()?.vault, "main")
             .and_then(|head| self.kept.get(&head).map(|tree| (head, tree.clone())));
         Ok(Operation::Sync {
             to,
@@ -2064,24 +2014,14 @@ impl GroupWorld {
             return Ok(());
         }
         self.trust_for_follow(at, to)?;
-        let vault = self.remote[at].node()?.vault.clone();
-        settle_within(
+        branch_reaches(
+            &self.remote[at].node()?.vault,
+            "main",
+            head,
             &format!(
                 "the second site's node {at}, following main at member {to}, did not reach {head} within {} s (simulated) of heal",
                 SETTLE_AFTER_HEAL.as_secs()
             ),
-            SETTLE_AFTER_HEAL,
-            Duration::from_secs(1),
-            || {
-                let vault = vault.clone();
-                async move {
-                    let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
-                    match branches.iter().find(|(branch, _)| branch == "main") {
-                        Some((_, found)) if *found == head => Ok(()),
-                        other => Err(format!("main at {other:?}")),
-                    }
-                }
-            },
         )
         .await?;
         self.log.note(format!(
@@ -2103,12 +2043,7 @@ impl GroupWorld {
                 .clone()
                 .ok_or("the second site's nodes serve no syncs")?,
         );
-        let Some(head) = vault.branches(VOLUME).ok().and_then(|branches| {
-            branches
-                .into_iter()
-                .find(|(branch, _)| branch == REMOTE_BRANCH)
-                .map(|(_, head)| head)
-        }) else {
+        let Some(head) = branch_head(&vault, REMOTE_BRANCH) else {
             return Ok(());
         };
         let within = format!(
@@ -2122,11 +2057,9 @@ impl GroupWorld {
         for index in group {
             let vault = self.members[*index].node()?.vault.clone();
             for id in &remote_ids {
-                vault
-                    .trust_peer(id, Some(VOLUME), true, false)
-                    .map_err(|error| {
-                        format!("member {index}: trusting the second site: {error}")
-                    })?;
+                trust_to_write(&vault, id).map_err(|error| {
+                    format!("member {index}: trusting the second site: {error}")
+                })?;
             }
         }
         let peer = self.members[receiver].id;
@@ -2139,48 +2072,23 @@ impl GroupWorld {
         .await?;
         self.log
             .note(format!("last sync back to the first site: {summary:?}"));
-        let tree = match self.remote_kept.get(&head) {
-            Some(tree) => tree.clone(),
-            None => {
-                let out = self.scratch.join("remote-head");
-                let into = out.clone();
-                forge_node::lockstep::run(move || {
-                    vault.export(
-                        VOLUME,
-                        &into,
-                        &SnapshotSelector::Id(head.to_hex()),
-                        &ExportOptions::default(),
-                        &no_passphrase,
-                        &Progress::new("export", false),
-                    )
-                })
-                .await
-                .map_err(|error| {
-                    format!("the second site's node 0: exporting its head: {error}")
-                })?;
-                let tree = crate::sites::read_tree(&out)?;
-                let _ = std::fs::remove_dir_all(&out);
-                tree
-            }
-        };
+        let tree = tree_of(
+            vault,
+            head,
+            self.remote_kept.get(&head),
+            &self.scratch,
+            "the second site's node 0",
+        )
+        .await?;
         let mut expected = self.synced_back.clone();
         expected.insert(head, tree);
         for index in group {
             let vault = self.members[*index].node()?.vault.clone();
-            settle_within(
+            branch_reaches(
+                &vault,
+                REMOTE_BRANCH,
+                head,
                 &format!("member {index} did not see {REMOTE_BRANCH} at {head} {within}"),
-                SETTLE_AFTER_HEAL,
-                Duration::from_secs(1),
-                || {
-                    let vault = vault.clone();
-                    async move {
-                        let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
-                        match branches.iter().find(|(branch, _)| branch == REMOTE_BRANCH) {
-                            Some((_, at)) if *at == head => Ok(()),
-                            other => Err(format!("{REMOTE_BRANCH} at {other:?}")),
-                        }
-                    }
-                },
             )
             .await?;
             for (snapshot, tree) in &expected {
@@ -2228,9 +2136,7 @@ impl GroupWorld {
                 // As the operator is told to when the receiver refuses: once the
                 // receiver holds the volume (its group may have taken it from an earlier
                 // sync), the sender is trusted to write it.
-                if receiver.volume_record(VOLUME).ok().flatten().is_some() {
-                    let _ = receiver.trust_peer(&sender_id, Some(VOLUME), true, false);
-                }
+                let _ = trust_to_write(&receiver, &sender_id);
                 sync_to(&volumes, peer, "main")
             },
         )
@@ -2238,47 +2144,23 @@ impl GroupWorld {
         self.log
             .note(format!("last sync to the second site: {summary:?}"));
         // The tree of the head: acknowledged (the oracle's), or as the first site exports it.
-        let tree = match self.kept.get(&head) {
-            Some(tree) => tree.clone(),
-            None => {
-                let vault = self.members[sender].node()?.vault.clone();
-                let out = self.scratch.join("head");
-                let into = out.clone();
-                forge_node::lockstep::run(move || {
-                    vault.export(
-                        VOLUME,
-                        &into,
-                        &SnapshotSelector::Id(head.to_hex()),
-                        &ExportOptions::default(),
-                        &no_passphrase,
-                        &Progress::new("export", false),
-                    )
-                })
-                .await
-                .map_err(|error| format!("member {sender}: exporting main's head: {error}"))?;
-                let tree = crate::sites::read_tree(&out)?;
-                let _ = std::fs::remove_dir_all(&out);
-                tree
-            }
-        };
+        let tree = tree_of(
+            self.members[sender].node()?.vault.clone(),
+            head,
+            self.kept.get(&head),
+            &self.scratch,
+            &format!("member {sender}"),
+        )
+        .await?;
         let mut expected = self.synced.clone();
         expected.insert(head, tree);
         for (to, receiver) in self.remote.iter().enumerate() {
             let vault = receiver.node()?.vault.clone();
-            settle_within(
+            branch_reaches(
+                &vault,
+                "main",
+                head,
                 &format!("the second site's node {to} did not see main at {head} {within}"),
-                SETTLE_AFTER_HEAL,
-                Duration::from_secs(1),
-                || {
-                    let vault = vault.clone();
-                    async move {
-                        let branches = vault.branches(VOLUME).map_err(|error| error.to_string())?;
-                        match branches.iter().find(|(branch, _)| branch == "main") {
-                            Some((_, at)) if *at == head => Ok(()),
-                            other => Err(format!("main at {other:?}")),
-                        }
-                    }
-                },
             )
             .await?;
             for (snapshot, tree) in &expected {
@@ -2864,6 +2746,82 @@ async fn perform_on(
     };
     let _ = std::fs::remove_dir_all(&scratch);
     outcome.unwrap_or_else(Outcome::Failed)
+}
+
+/// The head of `branch` of the volume on `vault`, if it has one.
+fn branch_head(vault: &Vault, branch: &str) -> Option<Cid> {
+    vault
+        .branches(VOLUME)
+        .ok()?
+        .into_iter()
+        .find(|(name, _)| name == branch)
+        .map(|(_, head)| head)
+}
+
+/// Waits, within the bound after heal, until `vault` has `branch` at `head`; `failure`
+/// says what did not happen.
+async fn branch_reaches(
+    vault: &Arc<Vault>,
+    branch: &'static str,
+    head: Cid,
+    failure: &str,
+) -> Result<(), String> {
+    settle_within(failure, SETTLE_AFTER_HEAL, Duration::from_secs(1), || {
+        let vault = vault.clone();
+        async move {
+            match branch_head(&vault, branch) {
+                Some(found) if found == head => Ok(()),
+                other => Err(format!("{branch} at {other:?}")),
+            }
+        }
+    })
+    .await
+}
+
+/// The tree of snapshot `head`: the oracle's (`known`), else as `vault` exports it
+/// (`who` names that node in an error).
+async fn tree_of(
+    vault: Arc<Vault>,
+    head: Cid,
+    known: Option<&Tree>,
+    scratch: &Path,
+    who: &str,
+) -> Result<Tree, String> {
+    if let Some(tree) = known {
+        return Ok(tree.clone());
+    }
+    let out = scratch.join("head");
+    let into = out.clone();
+    forge_node::lockstep::run(move || {
+        vault.export(
+            VOLUME,
+            &into,
+            &SnapshotSelector::Id(head.to_hex()),
+            &ExportOptions::default(),
+            &no_passphrase,
+            &Progress::new("export", false),
+        )
+    })
+    .await
+    .map_err(|error| format!("{who}: exporting the head {head}: {error}"))?;
+    let tree = crate::sites::read_tree(&out)?;
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(tree)
+}
+
+/// Lets `peer` write the volume on `vault` once `vault` holds it (the operator's `forge
+/// peer trust PEER --volume data --write`).
+fn trust_to_write(vault: &Vault, peer: &NodeId) -> Result<(), String> {
+    if vault
+        .volume_record(VOLUME)
+        .map_err(|error| error.to_string())?
+        .is_some()
+    {
+        vault
+            .trust_peer(peer, Some(VOLUME), true, false)
+            .map_err(|error| error.to_string())?;
+    }
+    Ok(())
 }
 
 /// Runs the group's gc through `cluster` until every member swept, within the bound

@@ -1295,18 +1295,34 @@ mod tests {
         }
     }
 
-    /// A group that refuses every publish (its members unreachable), as the importer sees it.
-    struct RefusingGroup;
-
-    /// A group that takes every publish, once each named chunk is one the daemon's
-    /// `distribute` can spread: stored whole on the importer (an object, or its first
-    /// shard), or published on the group already. `short` collects the others.
-    struct AcceptingGroup {
-        kv: Arc<dyn KvEngine>,
+    /// A volume group as the importer sees it. Refusing: every publish is refused (its
+    /// members unreachable). Accepting: every publish is taken, once each named chunk is
+    /// one the daemon's `distribute` can spread: stored whole on the importer (an object,
+    /// or its first shard), or published on the group already; `short` collects the
+    /// others.
+    struct TestGroup {
+        /// The importer's store, when the group takes publishes.
+        accepting: Option<Arc<dyn KvEngine>>,
         short: std::sync::Mutex<Vec<Cid>>,
     }
 
-    impl GroupStorage for AcceptingGroup {
+    impl TestGroup {
+        fn refusing() -> Self {
+            Self {
+                accepting: None,
+                short: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+
+        fn accepting(kv: Arc<dyn KvEngine>) -> Self {
+            Self {
+                accepting: Some(kv),
+                short: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl GroupStorage for TestGroup {
         fn pin(&self, _group: u64, _kind: &str) -> Result<Vec<u8>> {
             Ok(b"pin".to_vec())
         }
@@ -1323,14 +1339,18 @@ mod tests {
             named: &[Cid],
             _updates: &[RecordUpdate],
         ) -> Result<()> {
+            let Some(kv) = &self.accepting else {
+                return Err(NodeError::Cluster {
+                    reason: "too few members took their shards".into(),
+                });
+            };
             for cid in named {
-                let published = self
-                    .kv
+                let published = kv
                     .get(Column::Meta, &grouped_key(cid))?
                     .and_then(|value| GroupMark::decode(&value))
                     .is_some_and(|mark| mark.published);
-                let whole = self.kv.contains(Column::Objects, cid.as_bytes())?
-                    || forge_store::chunkstore::has_first_shard(&*self.kv, cid)?;
+                let whole = kv.contains(Column::Objects, cid.as_bytes())?
+                    || forge_store::chunkstore::has_first_shard(&**kv, cid)?;
                 if !published && !whole {
                     self.short.lock().unwrap().push(*cid);
                 }
@@ -1383,7 +1403,7 @@ mod tests {
             .new_group_volume("data", ErasureLayout::SINGLE, &members)
             .unwrap();
         assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
-        vault.set_group_storage(Arc::new(RefusingGroup));
+        vault.set_group_storage(Arc::new(TestGroup::refusing()));
         let source = temp.path().join("source");
         std::fs::create_dir_all(&source).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
@@ -1408,10 +1428,7 @@ mod tests {
         kv.write(batch, forge_store::kv::Durability::Synced)
             .unwrap();
 
-        let group = Arc::new(AcceptingGroup {
-            kv: kv.clone(),
-            short: std::sync::Mutex::new(Vec::new()),
-        });
+        let group = Arc::new(TestGroup::accepting(kv.clone()));
         vault.set_group_storage(group.clone());
         let report = vault
             .import(
@@ -1515,49 +1532,6 @@ mod tests {
         }
     }
 
-    impl GroupStorage for RefusingGroup {
-        fn pin(&self, _group: u64, _kind: &str) -> Result<Vec<u8>> {
-            Ok(b"pin".to_vec())
-        }
-        fn read(&self, _group: u64, _space: RecordSpace, _key: &[u8]) -> Result<Option<Vec<u8>>> {
-            Ok(None)
-        }
-        fn unpin(&self, _group: u64, _key: &[u8]) -> Result<()> {
-            Ok(())
-        }
-        fn publish(
-            &self,
-            _volume: &VolumeId,
-            _group: u64,
-            _named: &[Cid],
-            _updates: &[RecordUpdate],
-        ) -> Result<()> {
-            Err(NodeError::Cluster {
-                reason: "too few members took their shards".into(),
-            })
-        }
-        fn apply(&self, _group: u64, _updates: &[RecordUpdate]) -> Result<()> {
-            Ok(())
-        }
-        fn group_for_new_volume(
-            &self,
-            name: &str,
-        ) -> Result<(u64, ErasureLayout, Vec<NodePublicKeys>)> {
-            Err(NodeError::Cluster {
-                reason: format!("no group {name}"),
-            })
-        }
-        fn create_volume(&self, _group: u64, _volume: &GroupVolume) -> Result<()> {
-            Ok(())
-        }
-        fn fetch_chunk(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
-            Err(IntegrityFault::MissingObject { cid: *cid }.into())
-        }
-        fn fetch_object(&self, _group: u64, cid: &Cid) -> Result<Vec<u8>> {
-            Err(IntegrityFault::MissingObject { cid: *cid }.into())
-        }
-    }
-
     /// Found by the simulator (`--scenario groups --seed 2`): an import the group did not
     /// take left its snapshot listed on the importing member only, so that member's
     /// repair counted chunks no other member had a shard of and the group never read as
@@ -1571,7 +1545,7 @@ mod tests {
             .new_group_volume("data", ErasureLayout::SINGLE, &members)
             .unwrap();
         assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
-        vault.set_group_storage(Arc::new(RefusingGroup));
+        vault.set_group_storage(Arc::new(TestGroup::refusing()));
         let source = temp.path().join("source");
         std::fs::create_dir_all(&source).unwrap();
         std::fs::write(source.join("file"), vec![7u8; 100_000]).unwrap();

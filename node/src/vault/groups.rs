@@ -1409,13 +1409,16 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
         std::fs::write(source.join("file"), &data).unwrap();
         let progress = crate::progress::Progress::new("import", false);
-        let refused = vault.import(
-            "data",
-            &source,
-            &import_options(),
-            &crate::vault::no_passphrase,
-            &progress,
-        );
+        let import = || {
+            vault.import(
+                "data",
+                &source,
+                &import_options(),
+                &crate::vault::no_passphrase,
+                &progress,
+            )
+        };
+        let refused = import();
         assert!(refused.is_err(), "{refused:?}");
         // This node as a member that holds, of those chunks, only what a shard put left:
         // a mark, and not the chunk whole.
@@ -1430,15 +1433,7 @@ mod tests {
 
         let group = Arc::new(TestGroup::accepting(kv.clone()));
         vault.set_group_storage(group.clone());
-        let report = vault
-            .import(
-                "data",
-                &source,
-                &import_options(),
-                &crate::vault::no_passphrase,
-                &progress,
-            )
-            .unwrap();
+        let report = import().unwrap();
         let short = group.short.lock().unwrap().clone();
         assert!(
             short.is_empty(),
@@ -1446,15 +1441,7 @@ mod tests {
         );
         assert!(report.new_chunks > 0, "{report:?}");
         // Published now: the import after it dedups.
-        let again = vault
-            .import(
-                "data",
-                &source,
-                &import_options(),
-                &crate::vault::no_passphrase,
-                &progress,
-            )
-            .unwrap();
+        let again = import().unwrap();
         assert_eq!(again.new_chunks, 0, "{again:?}");
         assert!(group.short.lock().unwrap().is_empty());
     }

@@ -377,7 +377,7 @@ impl ClusterNode {
         for cid in named {
             // Published: the group holds it whole (a mark from a shard put alone does not
             // say so: that publish may have been refused with members down).
-            if vault.group_mark(cid)?.is_some_and(|mark| mark.published) {
+            if vault.is_published(cid)? {
                 continue;
             }
             if let Some(bytes) = vault.kv().get(Column::Objects, cid.as_bytes())? {
@@ -1026,7 +1026,7 @@ impl ClusterNode {
                 // A listed snapshot reaches it and this node's shards are whole: an import
                 // or sync here may skip it from now on. (Marks from shard puts alone are
                 // not published; see `GroupMark`.)
-                if !vault.group_mark(&cid)?.is_some_and(|mark| mark.published) {
+                if !vault.is_published(&cid)? {
                     let mut batch = WriteBatch::new();
                     Vault::mark_grouped(&mut batch, id, &[cid], true);
                     vault.kv().write(batch, Durability::Logged)?;
@@ -1884,15 +1884,8 @@ fn serve_shard_request(vault: &Vault, group: u64, request: ShardRequest) -> Resu
             }
             cids.sort_unstable();
             cids.dedup();
-            // Not published: the sender's publish may yet be refused. A mark already here
-            // (a publish the group took) stays.
-            let mut unmarked = Vec::with_capacity(cids.len());
-            for cid in cids {
-                if !vault.is_grouped(&cid)? {
-                    unmarked.push(cid);
-                }
-            }
-            Vault::mark_grouped(&mut batch, group, &unmarked, false);
+            // Not published: the sender's publish may yet be refused.
+            vault.mark_held(&mut batch, group, &cids)?;
             if forge_store::fault_point!("shard-store-fails") {
                 return Err(cluster_error(
                     "this member's disk refused the shards (a simulated fault)",

@@ -401,9 +401,35 @@ impl Vault {
             .and_then(|value| GroupMark::decode(&value)))
     }
 
+    /// Whether `cid` is marked published on its group (see [`GroupMark`]): the group
+    /// holds it whole.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn is_published(&self, cid: &Cid) -> Result<bool> {
+        Ok(self.group_mark(cid)?.is_some_and(|mark| mark.published))
+    }
+
+    /// Records, in `batch`, those of `cids` not marked yet as group `group`'s, not
+    /// published (a shard put, a refused publish): a mark already here, maybe a publish
+    /// the group took, stays.
+    ///
+    /// # Errors
+    /// Engine errors.
+    pub(crate) fn mark_held(&self, batch: &mut WriteBatch, group: u64, cids: &[Cid]) -> Result<()> {
+        let mut unmarked = Vec::with_capacity(cids.len());
+        for cid in cids {
+            if !self.is_grouped(cid)? {
+                unmarked.push(*cid);
+            }
+        }
+        Self::mark_grouped(batch, group, &unmarked, false);
+        Ok(())
+    }
+
     /// Records `cids` as group `group`'s (in `batch`), published or not (see
-    /// [`GroupMark`]). A caller writing unpublished marks leaves out cids already marked,
-    /// so as not to take back a publish.
+    /// [`GroupMark`]). Unpublished marks go through [`Vault::mark_held`], so as not to
+    /// take back a publish.
     pub(crate) fn mark_grouped(batch: &mut WriteBatch, group: u64, cids: &[Cid], published: bool) {
         let value = GroupMark { group, published }.encode();
         for cid in cids {
@@ -739,13 +765,7 @@ impl Vault {
         if published {
             Self::mark_grouped(&mut batch, group, stored, true);
         } else {
-            let mut unmarked = Vec::with_capacity(stored.len());
-            for cid in stored {
-                if !self.is_grouped(cid)? {
-                    unmarked.push(*cid);
-                }
-            }
-            Self::mark_grouped(&mut batch, group, &unmarked, false);
+            self.mark_held(&mut batch, group, stored)?;
         }
         self.kv.write(batch, forge_store::kv::Durability::Synced)?;
         self.kv.flush(&[Column::Meta])?;
@@ -1379,6 +1399,19 @@ mod tests {
         }
     }
 
+    /// A vault on `kv` holding volume `data` of group 7 (this node its one member), whose
+    /// group refuses every publish.
+    fn vault_with_a_refusing_group(root: &std::path::Path, kv: Arc<dyn KvEngine>) -> Arc<Vault> {
+        let vault = Arc::new(vault_on(root, kv, 1));
+        let members = vec![vault.identity().public_keys().clone()];
+        let volume = vault
+            .new_group_volume("data", ErasureLayout::SINGLE, &members)
+            .unwrap();
+        assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
+        vault.set_group_storage(Arc::new(TestGroup::refusing()));
+        vault
+    }
+
     fn import_options() -> crate::vault::ImportOptions {
         crate::vault::ImportOptions {
             message: String::new(),
@@ -1397,13 +1430,7 @@ mod tests {
     fn a_chunk_marked_only_by_a_refused_publish_is_stored_again_by_the_next_import() {
         let temp = tempfile::tempdir().unwrap();
         let kv: Arc<dyn KvEngine> = Arc::new(MemKv::new());
-        let vault = Arc::new(vault_on(temp.path(), kv.clone(), 1));
-        let members = vec![vault.identity().public_keys().clone()];
-        let volume = vault
-            .new_group_volume("data", ErasureLayout::SINGLE, &members)
-            .unwrap();
-        assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
-        vault.set_group_storage(Arc::new(TestGroup::refusing()));
+        let vault = vault_with_a_refusing_group(temp.path(), kv.clone());
         let source = temp.path().join("source");
         std::fs::create_dir_all(&source).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
@@ -1526,25 +1553,14 @@ mod tests {
     #[test]
     fn an_import_the_group_refused_leaves_no_snapshot_listed_here() {
         let temp = tempfile::tempdir().unwrap();
-        let vault = Arc::new(vault_on(temp.path(), Arc::new(MemKv::new()), 1));
-        let members = vec![vault.identity().public_keys().clone()];
-        let volume = vault
-            .new_group_volume("data", ErasureLayout::SINGLE, &members)
-            .unwrap();
-        assert!(vault.adopt_group_volume(7, &volume, &members).unwrap());
-        vault.set_group_storage(Arc::new(TestGroup::refusing()));
+        let vault = vault_with_a_refusing_group(temp.path(), Arc::new(MemKv::new()));
         let source = temp.path().join("source");
         std::fs::create_dir_all(&source).unwrap();
         std::fs::write(source.join("file"), vec![7u8; 100_000]).unwrap();
         let refused = vault.import(
             "data",
             &source,
-            &crate::vault::ImportOptions {
-                message: String::new(),
-                branch: "main".into(),
-                dna: std::collections::BTreeMap::new(),
-                atime: false,
-            },
+            &import_options(),
             &crate::vault::no_passphrase,
             &crate::progress::Progress::new("import", false),
         );

@@ -145,7 +145,7 @@ impl RaftLogStorage<TypeConfig> for KvLogStore {
             state_key(VOTE, self.group),
             encode(vote)?,
         );
-        self.write(batch, Durability::Synced)
+        on_the_disk(|| self.write(batch, Durability::Synced)).await
     }
 
     async fn save_committed(
@@ -192,7 +192,7 @@ impl RaftLogStorage<TypeConfig> for KvLogStore {
             Some(syncer) => syncer.after_sync(Box::new(move |outcome| {
                 callback.io_completed(outcome.map_err(io_error));
             })),
-            None => callback.io_completed(self.kv.sync().map_err(io_error)),
+            None => callback.io_completed(on_the_disk(|| self.kv.sync()).await.map_err(io_error)),
         }
         Ok(())
     }
@@ -227,6 +227,22 @@ impl RaftLogStorage<TypeConfig> for KvLogStore {
         );
         self.write(batch, Durability::Logged)
     }
+}
+
+/// Runs synchronous disk `work`; under the simulator it then waits what a slow disk made
+/// it owe (`forge_store::faults::slow_disks`): nothing is held here, openraft awaits its
+/// storage call, so a slow vote or log sync delays what waits on it and nothing else.
+pub(crate) async fn on_the_disk<T>(work: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "simulation")]
+    {
+        let (output, owed) = forge_store::faults::slow_disks::collect(work);
+        if !owed.is_zero() {
+            tokio::time::sleep(owed).await;
+        }
+        output
+    }
+    #[cfg(not(feature = "simulation"))]
+    work()
 }
 
 /// The simulator's injected bug `apply-uncommitted`: an entry's writes reach the state

@@ -307,7 +307,9 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
                 data,
             })?,
         );
-        self.kv.write(batch, Durability::Synced).map_err(io_error)
+        crate::log_store::on_the_disk(|| self.kv.write(batch, Durability::Synced))
+            .await
+            .map_err(io_error)
     }
 
     async fn get_current_snapshot(

@@ -12,7 +12,9 @@
 //!                | signature (ML-DSA-65, Announcement domain, over everything before it)
 //! ```
 //! `sequence` grows with each announcement of a (volume, branch) by its author: a follower
-//! ignores one not newer than the last it acted on (a replay, or a late duplicate).
+//! ignores one not newer than the last it acted on (a replay, or a late duplicate). An
+//! author takes it from its wall clock but never lets it go back ([`SequenceClock`]):
+//! a clock set back, or a restart, would otherwise silence it until the clock caught up.
 
 use forge_crypto::{Cid, NodeId, NodeIdentity, NodePublicKeys, Signature, SignatureDomain};
 
@@ -174,6 +176,60 @@ pub async fn announce(
     net.publish(&topic(volume), signed.to_vec()).await
 }
 
+/// An author's announcement sequences: its wall clock in nanoseconds, but always more
+/// than any sequence it gave before, also after its clock was set back and across
+/// restarts. Sans-IO: sequences are reserved ahead in blocks of [`SEQUENCE_RESERVATION_NS`]
+/// through a callback that persists the new floor, so a restart resumes above anything
+/// given out, at one write per block rather than one per announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceClock {
+    /// The last sequence given out.
+    last: u64,
+    /// Sequences up to here are reserved (persisted): one above needs a new reservation.
+    reserved: u64,
+}
+
+/// How far ahead an author reserves its sequences: an hour of its clock.
+pub const SEQUENCE_RESERVATION_NS: u64 = 3_600 * 1_000_000_000;
+
+impl SequenceClock {
+    /// Resumes from the floor persisted last (0 for an author that never announced).
+    #[must_use]
+    pub fn resume(floor: u64) -> Self {
+        Self {
+            last: floor,
+            reserved: floor,
+        }
+    }
+
+    /// The next sequence at wall time `now_ns`. When it passes the reservation, `persist`
+    /// is called with the new floor first; if that fails, no sequence is given (the
+    /// error is returned) and the next call tries again.
+    ///
+    /// # Errors
+    /// What `persist` returned.
+    pub fn next<E>(
+        &mut self,
+        now_ns: i64,
+        persist: impl FnOnce(u64) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let sequence = u64::try_from(now_ns)
+            .unwrap_or(0)
+            .max(self.last.saturating_add(1));
+        if sequence > self.reserved {
+            let floor = sequence.saturating_add(SEQUENCE_RESERVATION_NS);
+            persist(floor)?;
+            self.reserved = floor;
+        }
+        self.last = sequence;
+        debug_assert!(
+            self.last <= self.reserved,
+            "a sequence given out unreserved"
+        );
+        Ok(sequence)
+    }
+}
+
 /// The largest announcement (a branch name is at most 255 bytes).
 pub const ANNOUNCE_BYTES_MAX: usize = 8 << 10;
 
@@ -293,6 +349,42 @@ mod tests {
                 "byte {at} flipped: still valid"
             );
         }
+    }
+
+    #[test]
+    fn sequences_grow_across_a_clock_set_back_and_a_restart() {
+        let mut persisted = 0;
+        let mut clock = SequenceClock::resume(persisted);
+        let persist = |floor: u64, persisted: &mut u64| -> Result<(), ()> {
+            *persisted = floor;
+            Ok(())
+        };
+        let first = clock
+            .next(5_000, |floor| persist(floor, &mut persisted))
+            .unwrap();
+        assert_eq!(first, 5_000, "the wall clock while it moves forward");
+        assert_eq!(persisted, 5_000 + SEQUENCE_RESERVATION_NS);
+        // The clock set back an hour, then a restart with the clock further back still.
+        let second = clock
+            .next(-3, |floor| persist(floor, &mut persisted))
+            .unwrap();
+        assert!(second > first);
+        let mut restarted = SequenceClock::resume(persisted);
+        let third = restarted
+            .next(1, |floor| persist(floor, &mut persisted))
+            .unwrap();
+        assert!(third > second, "{third} after a restart, {second} before");
+        // A reservation that cannot be persisted gives no sequence, and is tried again.
+        let late: u64 = 10 * SEQUENCE_RESERVATION_NS;
+        let late_ns = i64::try_from(late).unwrap();
+        assert_eq!(
+            restarted.next(late_ns, |_| Err("disk full")),
+            Err("disk full")
+        );
+        let fourth = restarted
+            .next(late_ns, |floor| persist(floor, &mut persisted))
+            .unwrap();
+        assert_eq!((fourth, persisted), (late, late + SEQUENCE_RESERVATION_NS));
     }
 
     #[tokio::test(start_paused = true)]

@@ -81,6 +81,10 @@ pub struct Lockstep {
     /// run's sequence (one thread runs at a time, so the order is the seed's).
     #[cfg(feature = "simulation")]
     faults: Option<forge_store::faults::points::Shared>,
+    /// What the closure's slow disks cost it, paid when it ends (it holds no lock then;
+    /// see `forge_store::faults::slow_disks`).
+    #[cfg(feature = "simulation")]
+    owed: forge_store::faults::slow_disks::Owed,
 }
 
 thread_local! {
@@ -98,6 +102,8 @@ pub fn within<T>(lockstep: Option<Lockstep>, work: impl FnOnce() -> T) -> T {
     };
     #[cfg(feature = "simulation")]
     let previous_faults = forge_store::faults::points::adopt(lockstep.faults.clone());
+    #[cfg(feature = "simulation")]
+    let previous_owed = forge_store::faults::slow_disks::adopt(Some(lockstep.owed.clone()));
     let previous = CURRENT.with(|current| current.borrow_mut().replace(lockstep));
     let was_simulated = SIMULATED.with(|simulated| simulated.replace(true));
     let restore = Restore {
@@ -105,6 +111,8 @@ pub fn within<T>(lockstep: Option<Lockstep>, work: impl FnOnce() -> T) -> T {
         was_simulated,
         #[cfg(feature = "simulation")]
         previous_faults,
+        #[cfg(feature = "simulation")]
+        previous_owed,
     };
     let output = work();
     drop(restore);
@@ -117,6 +125,8 @@ struct Restore {
     was_simulated: bool,
     #[cfg(feature = "simulation")]
     previous_faults: Option<forge_store::faults::points::Shared>,
+    #[cfg(feature = "simulation")]
+    previous_owed: Option<forge_store::faults::slow_disks::Owed>,
 }
 
 impl Drop for Restore {
@@ -125,6 +135,8 @@ impl Drop for Restore {
         SIMULATED.with(|simulated| simulated.set(self.was_simulated));
         #[cfg(feature = "simulation")]
         forge_store::faults::points::adopt(self.previous_faults.take());
+        #[cfg(feature = "simulation")]
+        forge_store::faults::slow_disks::adopt(self.previous_owed.take());
     }
 }
 
@@ -210,6 +222,8 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
         runtime: tokio::runtime::Handle::current(),
         #[cfg(feature = "simulation")]
         faults: forge_store::faults::points::shared(),
+        #[cfg(feature = "simulation")]
+        owed: forge_store::faults::slow_disks::Owed::default(),
     };
     let result: Arc<Mutex<Option<std::thread::Result<T>>>> = Arc::new(Mutex::new(None));
     let slot = result.clone();
@@ -219,11 +233,22 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
             CURRENT.with(|current| *current.borrow_mut() = Some(lockstep.clone()));
             #[cfg(feature = "simulation")]
             forge_store::faults::points::adopt(lockstep.faults.clone());
+            #[cfg(feature = "simulation")]
+            forge_store::faults::slow_disks::adopt(Some(lockstep.owed.clone()));
             simulate_on_this_thread();
             // The runtime's context for the whole closure: futures it makes (a timer, a
             // channel) belong to the simulated runtime.
             let _entered = lockstep.runtime.enter();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(closure));
+            // Its slow disks' time, now that it holds nothing: what it did is done (and
+            // seen by others), its caller learns so that much later.
+            #[cfg(feature = "simulation")]
+            {
+                let owed = lockstep.owed.take();
+                if !owed.is_zero() {
+                    lockstep.block_on(tokio::time::sleep(owed));
+                }
+            }
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
             lockstep.baton.set(Turn::Finished);
         })
@@ -396,6 +421,52 @@ mod tests {
             assert!(current().is_none());
             let panicked = tokio::spawn(run(|| -> u32 { panic!("inside the closure") })).await;
             assert!(panicked.unwrap_err().is_panic());
+        });
+    }
+
+    /// A slow disk's cost is paid when the lockstep job ends, holding nothing: a job that
+    /// holds a std lock across its synced writes while another job waits on that lock
+    /// still finishes (a sleep at the write would hand the turn to the waiter, which
+    /// blocks the only thread that runs).
+    #[cfg(feature = "simulation")]
+    #[test]
+    fn a_slow_disk_delays_the_job_that_used_it_after_it_let_go_of_its_locks() {
+        use forge_store::kv::{Column, Durability, KvEngine, MemKv, WriteBatch};
+        let runtime = paused_runtime(5);
+        runtime.block_on(async {
+            let kv = Arc::new(MemKv::new());
+            kv.set_slow(Some(Duration::from_millis(300)));
+            let lock = Arc::new(Mutex::new(0u32));
+            let before = tokio::time::Instant::now();
+            let writer = {
+                let (kv, lock) = (kv.clone(), lock.clone());
+                tokio::spawn(run(move || {
+                    let mut held = lock.lock().unwrap();
+                    for key in 0..3u8 {
+                        let mut batch = WriteBatch::new();
+                        batch.put(Column::Meta, vec![key], vec![key]);
+                        kv.write(batch, Durability::Synced).unwrap();
+                        *held += 1;
+                    }
+                    tokio::time::Instant::now()
+                }))
+            };
+            let waiter = {
+                let lock = lock.clone();
+                tokio::spawn(run(move || *lock.lock().unwrap()))
+            };
+            let written_at = writer.await.unwrap();
+            assert_eq!(waiter.await.unwrap(), 3, "the waiter ran after the writer");
+            assert_eq!(written_at, before, "the writes themselves take no time");
+            assert_eq!(
+                before.elapsed(),
+                Duration::from_millis(900),
+                "three synced writes at 300 ms, paid at the end"
+            );
+            kv.set_slow(None);
+            let before = tokio::time::Instant::now();
+            run(move || kv.sync().unwrap()).await;
+            assert_eq!(before.elapsed(), Duration::ZERO, "a fast disk again");
         });
     }
 }

@@ -893,6 +893,10 @@ struct GroupWorld {
     /// The nemesis's draws for the second site, a stream apart: a seed without one
     /// draws as it did before the second site had faults of its own.
     remote_rng: SimRng,
+    /// The draws for clock jumps and slow disks, a stream apart for the same reason.
+    machine_rng: SimRng,
+    /// Nodes whose disks are slow now (as [`GroupWorld::machine`] numbers them).
+    slow_disks: BTreeSet<usize>,
     /// The second site's branch: its last acknowledged import, and every one kept.
     remote_head: Option<(Cid, Tree)>,
     remote_kept: BTreeMap<Cid, Tree>,
@@ -976,6 +980,8 @@ impl GroupWorld {
             remote_down_until: BTreeMap::new(),
             remote_damaged: BTreeMap::new(),
             remote_rng: SimRng::new(seed ^ 0x0b51_7e5b),
+            machine_rng: SimRng::new(seed ^ 0xc10c_d15c),
+            slow_disks: BTreeSet::new(),
             remote_head: None,
             remote_kept: BTreeMap::new(),
             synced_back: BTreeMap::new(),
@@ -1098,6 +1104,7 @@ impl GroupWorld {
                 if self.config.remote_site {
                     self.remote_nemesis().await;
                 }
+                self.machine_nemesis();
             } else if self.running.len() < self.config.concurrency {
                 self.start_operation().await?;
             }
@@ -1259,6 +1266,60 @@ impl GroupWorld {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Faults of a node's machine, from a stream of their own: its wall clock steps
+    /// forward or back by up to a quarter of an hour (an operator or NTP correcting it;
+    /// the vault's clock, not the runtime's timers), or its disks (vault and Raft) turn
+    /// slow, each synced write, flush and sync costing 20 ms to 1.5 s, or fast again.
+    fn machine_nemesis(&mut self) {
+        let faults = self.config.faults;
+        let nodes = self.members.len() + self.remote.len();
+        if faults.clock_jumps && self.machine_rng.chance(25) {
+            let pick = usize::try_from(self.machine_rng.range(0, nodes as u64)).unwrap_or(0);
+            let seconds = i64::try_from(self.machine_rng.range(1, 900)).unwrap_or(1);
+            let by_ns = if self.machine_rng.chance(50) {
+                -seconds
+            } else {
+                seconds
+            } * 1_000_000_000;
+            let (node, name) = self.machine(pick);
+            node.clock.jump(by_ns);
+            self.report.faults += 1;
+            self.log
+                .note(format!("{name}'s clock jumped {} s", by_ns / 1_000_000_000));
+        }
+        if faults.slow_disks && self.machine_rng.chance(25) {
+            let pick = usize::try_from(self.machine_rng.range(0, nodes as u64)).unwrap_or(0);
+            let per_sync = Duration::from_millis(self.machine_rng.range(20, 1_500));
+            let slow = !self.slow_disks.remove(&pick);
+            let (node, name) = self.machine(pick);
+            let per_sync = slow.then_some(per_sync);
+            node.kv.set_slow(per_sync);
+            node.raft_kv.set_slow(per_sync);
+            if slow {
+                self.slow_disks.insert(pick);
+                self.report.faults += 1;
+                self.log.note(format!(
+                    "{name}'s disks turned slow: {} ms a sync",
+                    per_sync.unwrap_or_default().as_millis()
+                ));
+            } else {
+                self.log.note(format!("{name}'s disks are fast again"));
+            }
+        }
+    }
+
+    /// Node `pick` of both sites (the first site's members, then the second site's
+    /// nodes), and how the log names it.
+    fn machine(&self, pick: usize) -> (&Member, String) {
+        match pick.checked_sub(self.members.len()) {
+            None => (&self.members[pick], format!("member {pick}")),
+            Some(index) => (
+                &self.remote[index],
+                format!("the second site's node {index}"),
+            ),
         }
     }
 
@@ -1878,6 +1939,11 @@ impl GroupWorld {
     /// restarted; the steps in progress must then end within a bound.
     async fn heal(&mut self) -> Result<(), String> {
         forge_store::faults::points::calm();
+        for pick in std::mem::take(&mut self.slow_disks) {
+            let (node, _) = self.machine(pick);
+            node.kv.set_slow(None);
+            node.raft_kv.set_slow(None);
+        }
         self.network.heal();
         self.partitioned = false;
         self.network.set_faults(FaultPlan::NONE);

@@ -43,8 +43,10 @@ const USAGE: &str = "usage: forge-sim [--seeds N] [--seed S] [--nodes K] [--faul
   --seed S         the first seed (default: drawn from the clock); --seeds 1 replays S
   --nodes K        sites (2-9; default: the seed chooses 2-4), or group members
                    (groups: 3-7; default: the seed chooses 3 or 5)
-  --faults LIST    network,corruption,partitions,crashes,disk,lost-fsyncs | all | none
-                   (default all; lost-fsyncs, groups only: a member's disk ignores fsyncs)
+  --faults LIST    network,corruption,partitions,crashes,disk,lost-fsyncs,clock-jumps,
+                   slow-disks | all | none (default all; groups only: lost-fsyncs, a
+                   member's disk ignores fsyncs; clock-jumps, a node's wall clock set
+                   back or forward; slow-disks, a node's syncs take up to 1.5 s)
   --minutes M      stop starting seeds after M minutes of real time
   --sim-seconds T  simulated length of each seed's workload (default 60)
   --scenario NAME  sites (whole vaults syncing; default), groups (whole nodes in one

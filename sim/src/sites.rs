@@ -61,6 +61,11 @@ pub struct FaultSet {
     pub disk: bool,
     /// A group member's vault disk that acknowledges fsyncs it never did (groups).
     pub lost_fsyncs: bool,
+    /// A node's wall clock stepped forward or back (an operator's or NTP's correction)
+    /// (groups).
+    pub clock_jumps: bool,
+    /// A node's disk that takes seconds to answer (groups).
+    pub slow_disks: bool,
 }
 
 impl FaultSet {
@@ -72,10 +77,13 @@ impl FaultSet {
         crashes: true,
         disk: true,
         lost_fsyncs: true,
+        clock_jumps: true,
+        slow_disks: true,
     };
 
     /// Parses `--faults`: a comma-separated list of `network`, `corruption`,
-    /// `partitions`, `crashes`, `disk`, `lost-fsyncs`, or `all` / `none`.
+    /// `partitions`, `crashes`, `disk`, `lost-fsyncs`, `clock-jumps`, `slow-disks`, or
+    /// `all` / `none`.
     ///
     /// # Errors
     /// An unknown name.
@@ -87,6 +95,8 @@ impl FaultSet {
             crashes: false,
             disk: false,
             lost_fsyncs: false,
+            clock_jumps: false,
+            slow_disks: false,
         };
         for name in text
             .split(',')
@@ -102,9 +112,11 @@ impl FaultSet {
                 "crashes" => set.crashes = true,
                 "disk" => set.disk = true,
                 "lost-fsyncs" => set.lost_fsyncs = true,
+                "clock-jumps" => set.clock_jumps = true,
+                "slow-disks" => set.slow_disks = true,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?}: use network, corruption, partitions, crashes, disk, lost-fsyncs, all or none"
+                        "unknown fault {other:?}: use network, corruption, partitions, crashes, disk, lost-fsyncs, clock-jumps, slow-disks, all or none"
                     ));
                 }
             }

@@ -55,8 +55,11 @@ use forge_sim::sites::FaultSet;
 /// barrier, and cleared again every minute); 950044: a member crashed while a sync back
 /// into it stored chunks, whose leftovers (unmarked, for the vault's own gc) the harness
 /// took for the group's; 960012 syncs the second site's branch back to the first;
-/// 990004: a node of the second site follows `main` at a member of the first.
-const REGRESSION_SEEDS: [u64; 24] = [
+/// 990004: a node of the second site follows `main` at a member of the first; 1200001
+/// (clock jumps): the followed member's clock was set back six minutes, and its follower
+/// ignored every announcement after (sequences were the wall clock; they now never go
+/// back, also across restarts).
+const REGRESSION_SEEDS: [u64; 25] = [
     1,
     2,
     105,
@@ -81,6 +84,7 @@ const REGRESSION_SEEDS: [u64; 24] = [
     950_044,
     960_012,
     990_004,
+    1_200_001,
 ];
 
 // Two halves, so that the test runner runs them at once (each seed runs seconds).

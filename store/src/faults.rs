@@ -213,3 +213,94 @@ pub mod points {
         fires
     }
 }
+
+/// Slow disks: a store the simulator made slow ([`crate::kv::MemKv::set_slow`]) does not
+/// sleep where it is called (the caller may hold locks, and under the simulator's
+/// lockstep only one thread runs: a sleep there hands the turn to code that may wait on
+/// that lock). It adds its cost to what the work calling it owes, and the work pays it
+/// where it holds nothing: a lockstep job when it ends, a Raft log write before it
+/// reports the write done. Work that adopted no account (plain runtime tasks) pays
+/// nothing.
+pub mod slow_disks {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// What a piece of work owes its slow disks, in nanoseconds; shared by the threads
+    /// it runs on.
+    #[derive(Debug, Clone, Default)]
+    pub struct Owed(Arc<AtomicU64>);
+
+    impl Owed {
+        /// Takes what is owed (the account is then clear).
+        #[must_use]
+        pub fn take(&self) -> Duration {
+            Duration::from_nanos(self.0.swap(0, Ordering::Relaxed))
+        }
+    }
+
+    thread_local! {
+        static ACCOUNT: RefCell<Option<Owed>> = const { RefCell::new(None) };
+    }
+
+    /// Makes `owed` this thread's account; returns the one it had, to put back.
+    pub fn adopt(owed: Option<Owed>) -> Option<Owed> {
+        ACCOUNT.with(|slot| std::mem::replace(&mut *slot.borrow_mut(), owed))
+    }
+
+    /// This thread's account, to hand to a thread that works for the same job.
+    #[must_use]
+    pub fn current() -> Option<Owed> {
+        ACCOUNT.with(|slot| slot.borrow().clone())
+    }
+
+    /// Adds `cost` to this thread's account, if it has one.
+    pub fn owe(cost: Duration) {
+        ACCOUNT.with(|slot| {
+            if let Some(owed) = &*slot.borrow() {
+                let nanos = u64::try_from(cost.as_nanos()).unwrap_or(u64::MAX);
+                owed.0.fetch_add(nanos, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Runs synchronous `work` with an account of its own: what it returns, and what it
+    /// owes (for the caller to pay once it holds nothing).
+    pub fn collect<T>(work: impl FnOnce() -> T) -> (T, Duration) {
+        /// Puts the thread's account back, also when the work panics.
+        struct Restore(Option<Owed>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                adopt(self.0.take());
+            }
+        }
+        let owed = Owed::default();
+        let restore = Restore(adopt(Some(owed.clone())));
+        let output = work();
+        drop(restore);
+        (output, owed.take())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn work_owes_what_its_slow_disks_cost_and_only_inside_its_account() {
+            owe(Duration::from_secs(9));
+            let ((), owed) = collect(|| {
+                owe(Duration::from_millis(300));
+                owe(Duration::from_millis(200));
+            });
+            assert_eq!(owed, Duration::from_millis(500));
+            assert!(current().is_none(), "the account ends with its work");
+            let ((), nothing) = collect(|| {});
+            assert_eq!(
+                nothing,
+                Duration::ZERO,
+                "owed outside an account is dropped"
+            );
+        }
+    }
+}

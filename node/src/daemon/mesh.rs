@@ -281,6 +281,9 @@ pub struct Follow {
     incoming: Incoming,
     /// Pulls running, by (peer, volume): true when another announcement came meanwhile.
     pulling: std::sync::Mutex<std::collections::BTreeMap<(NodeId, [u8; 16]), bool>>,
+    /// The sequences of this node's announcements (never going back: a follower would
+    /// ignore them).
+    sequence: std::sync::Mutex<forge_mesh::announce::SequenceClock>,
     /// Its long-running tasks (the announcing loop, the listeners), for [`Follow::stop`].
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -324,11 +327,13 @@ impl Follow {
         incoming: Incoming,
     ) -> Result<Arc<Self>> {
         let followings = vault.followings()?;
+        let sequence = forge_mesh::announce::SequenceClock::resume(vault.announcement_floor()?);
         let follow = Arc::new(Self {
             net,
             quic,
             vault,
             incoming,
+            sequence: std::sync::Mutex::new(sequence),
             pulling: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -427,13 +432,19 @@ impl Follow {
             })?;
         let index = self.vault.index_head(&record, &head).map_err(local)?;
         let now = self.vault.now_ns();
+        let sequence = self
+            .sequence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next(now, |floor| self.vault.set_announcement_floor(floor))
+            .map_err(local)?;
         let signed = forge_mesh::announce::Announcement {
             volume,
             branch: branch.to_owned(),
             head,
             index_root: forge_crypto::Cid::from_bytes(index.root),
             author: self.vault.identity().node_id(),
-            sequence: u64::try_from(now).unwrap_or_default(),
+            sequence,
             time_ns: now,
         }
         .sign(self.vault.identity())?;

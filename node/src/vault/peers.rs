@@ -36,6 +36,13 @@ pub const FOLLOWERS: RecordSpace = RecordSpace::new("followers");
 /// Branches this vault follows at peers: key = NodeId ‖ volume id, value = [`Following`].
 pub const FOLLOWING: RecordSpace = RecordSpace::new("following");
 
+/// This vault's announcements: key [`ANNOUNCEMENT_FLOOR_KEY`], value `version 1 | floor
+/// u64 BE`, the sequence its announcements are reserved up to (see
+/// `forge_mesh::announce::SequenceClock`).
+pub const ANNOUNCING: RecordSpace = RecordSpace::new("announcing");
+const ANNOUNCEMENT_FLOOR_KEY: &[u8] = b"sequence-floor";
+const ANNOUNCEMENT_FLOOR_VERSION: u8 = 1;
+
 /// A branch this vault follows at a peer: pulled when the peer announces a new head,
 /// and when the daemon starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -651,6 +658,45 @@ impl Vault {
         Ok(())
     }
 
+    /// The floor this vault's announcement sequences resume from (0: never announced).
+    ///
+    /// # Errors
+    /// Metadata errors, a corrupt record.
+    pub fn announcement_floor(&self) -> Result<u64> {
+        let Some(value) = self.refs().get_record(ANNOUNCING, ANNOUNCEMENT_FLOOR_KEY)? else {
+            return Ok(0);
+        };
+        match value.split_first() {
+            Some((&ANNOUNCEMENT_FLOOR_VERSION, floor)) => floor
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| NodeError::CorruptRecord {
+                    what: "announcement floor",
+                    reason: format!("{} bytes, not 8", floor.len()),
+                }),
+            _ => Err(NodeError::CorruptRecord {
+                what: "announcement floor",
+                reason: "an unknown version".into(),
+            }),
+        }
+    }
+
+    /// Persists the floor this vault's announcement sequences resume from.
+    ///
+    /// # Errors
+    /// Metadata errors.
+    pub fn set_announcement_floor(&self, floor: u64) -> Result<()> {
+        let mut value = vec![ANNOUNCEMENT_FLOOR_VERSION];
+        value.extend_from_slice(&floor.to_be_bytes());
+        self.refs().apply(&[RecordUpdate::new(
+            ANNOUNCING,
+            ANNOUNCEMENT_FLOOR_KEY.to_vec(),
+            Expected::Any,
+            Change::Put(value),
+        )])?;
+        Ok(())
+    }
+
     /// Every branch this vault follows: (peer, what).
     ///
     /// # Errors
@@ -732,4 +778,44 @@ pub(crate) fn opens_chain(
     sealed: &[u8],
 ) -> bool {
     open_chain(key, volume, generation, sealed).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::test_support::vault_on;
+
+    #[test]
+    fn the_announcement_floor_outlives_a_restart_and_garbage_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let kv: Arc<dyn forge_store::kv::KvEngine> = Arc::new(forge_store::kv::MemKv::new());
+        let vault = vault_on(root.path(), kv.clone(), 1);
+        assert_eq!(vault.announcement_floor().unwrap(), 0, "never announced");
+        vault.set_announcement_floor(42 << 40).unwrap();
+        drop(vault);
+        let vault = vault_on(root.path(), kv, 2);
+        assert_eq!(vault.announcement_floor().unwrap(), 42 << 40);
+        for garbage in [vec![], vec![2, 0, 0, 0, 0, 0, 0, 0, 1], vec![1, 0, 0]] {
+            vault
+                .refs()
+                .apply(&[RecordUpdate::new(
+                    ANNOUNCING,
+                    ANNOUNCEMENT_FLOOR_KEY.to_vec(),
+                    Expected::Any,
+                    Change::Put(garbage.clone()),
+                )])
+                .unwrap();
+            assert!(
+                matches!(
+                    vault.announcement_floor(),
+                    Err(NodeError::CorruptRecord { .. })
+                ),
+                "{garbage:?} read as a floor"
+            );
+        }
+    }
 }

@@ -35,6 +35,9 @@ struct State {
     dead: bool,
     /// The disk acknowledges syncs from its cache (see [`MemKv::ignore_fsyncs`]).
     fsyncs_ignored: bool,
+    /// What each synced write, flush and sync costs (see [`MemKv::set_slow`]).
+    #[cfg(feature = "simulation")]
+    slow: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +92,14 @@ impl MemKv {
     /// drive).
     pub fn ignore_fsyncs(&self) {
         self.lock().fsyncs_ignored = true;
+    }
+
+    /// Makes this store a slow disk (None: a fast one again): each synced write, flush
+    /// and sync costs `per_sync` of simulated time, owed by the work that called it and
+    /// paid where that work holds no lock (see [`crate::faults::slow_disks`]).
+    #[cfg(feature = "simulation")]
+    pub fn set_slow(&self, per_sync: Option<std::time::Duration>) {
+        self.lock().slow = per_sync;
     }
 
     /// A copy of this store as it is now (what a reader sees and what a crash would
@@ -173,6 +184,15 @@ impl MemKv {
 }
 
 impl State {
+    /// A synced write, flush or sync on a slow disk: its cost is owed (see
+    /// [`MemKv::set_slow`]).
+    fn waits_for_the_disk(&self) {
+        #[cfg(feature = "simulation")]
+        if let Some(per_sync) = self.slow {
+            crate::faults::slow_disks::owe(per_sync);
+        }
+    }
+
     /// Counts one write towards an armed crash point; fails once the process is dead.
     fn write_point(&mut self) -> Result<(), KvError> {
         if self.dead {
@@ -363,6 +383,7 @@ impl KvEngine for MemKv {
                 logged: true,
             }),
             Durability::Synced => {
+                state.waits_for_the_disk();
                 state.sync_logged();
                 state.make_durable(sequence, &batch.ops);
                 state.forget_spent_ranges();
@@ -416,6 +437,7 @@ impl KvEngine for MemKv {
     fn flush(&self, columns: &[Column]) -> Result<(), KvError> {
         let mut state = self.lock();
         state.write_point()?;
+        state.waits_for_the_disk();
         let pending = std::mem::take(&mut state.pending);
         for mut batch in pending {
             let (flushed, kept): (Vec<BatchOp>, Vec<BatchOp>) = batch
@@ -435,6 +457,7 @@ impl KvEngine for MemKv {
     fn sync(&self) -> Result<(), KvError> {
         let mut state = self.lock();
         state.write_point()?;
+        state.waits_for_the_disk();
         if !state.fsyncs_ignored {
             state.sync_logged();
         }

@@ -50,6 +50,7 @@ pub enum RaftRequest {
         /// What it covers.
         meta: SnapshotMetaOf<TypeConfig>,
         /// The encoded state.
+        #[serde(with = "forge_store::byte_fields")]
         data: Vec<u8>,
     },
     /// A client's write, forwarded to the leader. `id` (random per forwarding member,
@@ -71,6 +72,7 @@ pub enum RaftRequest {
         /// The record's space.
         space: String,
         /// Its key.
+        #[serde(with = "forge_store::byte_fields")]
         key: Vec<u8>,
     },
     /// The leader's read index (confirmed with a quorum): a follower that has applied

@@ -33,6 +33,7 @@ pub struct ShardPut {
     /// Which of its k+m shards.
     pub index: u16,
     /// The shard record (`forge_store::erasure::ShardRecord` encoding).
+    #[serde(with = "forge_store::byte_fields")]
     pub record: Vec<u8>,
 }
 
@@ -42,6 +43,7 @@ pub struct ObjectPut {
     /// Its cid (the receiver checks the bytes hash to it).
     pub cid: [u8; 32],
     /// The sealed object.
+    #[serde(with = "forge_store::byte_fields")]
     pub bytes: Vec<u8>,
 }
 

@@ -55,7 +55,7 @@ pub enum Expect {
     /// Nothing.
     Absent,
     /// Exactly these bytes.
-    Value(Vec<u8>),
+    Value(#[serde(with = "forge_store::byte_fields")] Vec<u8>),
 }
 
 /// What happens to a record (mirrors [`Change`]).
@@ -64,7 +64,7 @@ pub enum Write {
     /// Nothing: a pure condition.
     Keep,
     /// Store these bytes.
-    Put(Vec<u8>),
+    Put(#[serde(with = "forge_store::byte_fields")] Vec<u8>),
     /// Remove it.
     Delete,
 }
@@ -75,6 +75,7 @@ pub struct Update {
     /// The record space's name.
     pub space: String,
     /// The key within it.
+    #[serde(with = "forge_store::byte_fields")]
     pub key: Vec<u8>,
     /// What it must hold.
     pub expect: Expect,
@@ -128,6 +129,7 @@ pub enum Outcome {
         /// Its space.
         space: String,
         /// Its key.
+        #[serde(with = "forge_store::byte_fields")]
         key: Vec<u8>,
     },
 }

@@ -5,6 +5,7 @@
 //! records and the chunk store built on them; rendezvous placement; the object model and its
 //! codec; the `MetadataStore` trait (refs by compare-and-swap) and its local implementation.
 
+pub mod byte_fields;
 pub mod chunker;
 pub mod chunkstore;
 pub mod contract;

@@ -1440,16 +1440,21 @@ impl ClusterNode {
     }
 
     /// Pins group `view` for a writer (see [`GROUP_GC`]).
-    async fn pin_group(&self, view: &GroupView, kind: &str) -> Result<Vec<u8>> {
+    /// The key of a new pin of this node (unique in this process's run).
+    fn new_pin_key(&self) -> Vec<u8> {
         let me = self.vault().identity().node_id();
         let sequence = PIN_SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = [
+        [
             PIN_PREFIX,
             me.as_bytes().as_slice(),
             &self.boot().to_be_bytes(),
             &sequence.to_be_bytes(),
         ]
-        .concat();
+        .concat()
+    }
+
+    async fn pin_group(&self, view: &GroupView, kind: &str, key: &[u8]) -> Result<()> {
+        let me = self.vault().identity().node_id();
         let info = PinInfo {
             node: *me.as_bytes(),
             boot: self.boot(),
@@ -1488,22 +1493,22 @@ impl ClusterNode {
                 ),
                 RecordUpdate::new(
                     GROUP_GC,
-                    key.clone(),
+                    key.to_vec(),
                     Expected::Absent,
                     Change::Put(crate::vault::records::encode(&info)),
                 ),
             ];
             match apply_with_retry(&view.handle, &updates).await {
-                Ok(()) => return Ok(key),
+                Ok(()) => return Ok(()),
                 Err(NodeError::Consensus(forge_consensus::ConsensusError::Conflict { .. })) => {
                     // An earlier try may have gone in with its answer lost (the retry then
                     // conflicts on the pin itself, every time: the simulator saw an import
                     // spin here for good). The key is this pin's alone.
-                    if read_with_retry(&view.handle, GROUP_GC.name(), &key)
+                    if read_with_retry(&view.handle, GROUP_GC.name(), key)
                         .await?
                         .is_some()
                     {
-                        return Ok(key);
+                        return Ok(());
                     }
                     // A sweep opened, or another pin went in: look again, shortly.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2117,7 +2122,19 @@ impl GroupStorage for DaemonGroupStorage {
     fn pin(&self, group: u64, kind: &str) -> Result<Vec<u8>> {
         let node = self.node()?;
         let view = node.group_view(group)?;
-        self.wait(node.pin_group(&view, kind))
+        let key = node.new_pin_key();
+        match self.wait(node.pin_group(&view, kind, &key)) {
+            Ok(()) => Ok(key),
+            Err(error) => {
+                // The pin's write may have gone in with its answer lost (a timeout, a
+                // leader lost mid-write): nobody would drop it, and it would hold off the
+                // group's gc for good (the simulator, seed 1700053). Deleting a pin that
+                // never went in is harmless.
+                let update = RecordUpdate::new(GROUP_GC, key, Expected::Any, Change::Delete);
+                self.unpin_in_background(group, update, Duration::from_secs(5));
+                Err(error)
+            }
+        }
     }
 
     fn read(&self, group: u64, space: RecordSpace, key: &[u8]) -> Result<Option<Vec<u8>>> {

@@ -1439,7 +1439,6 @@ impl ClusterNode {
         });
     }
 
-    /// Pins group `view` for a writer (see [`GROUP_GC`]).
     /// The key of a new pin of this node (unique in this process's run).
     fn new_pin_key(&self) -> Vec<u8> {
         let me = self.vault().identity().node_id();
@@ -1453,6 +1452,7 @@ impl ClusterNode {
         .concat()
     }
 
+    /// Pins group `view` for a writer (see [`GROUP_GC`]) under `key`.
     async fn pin_group(&self, view: &GroupView, kind: &str, key: &[u8]) -> Result<()> {
         let me = self.vault().identity().node_id();
         let info = PinInfo {

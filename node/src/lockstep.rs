@@ -174,15 +174,51 @@ impl Lockstep {
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
         let _entered = self.runtime.enter();
         let waker = Waker::from(Arc::new(FutureWaker(self.baton.clone())));
-        let mut context = Context::from_waker(&waker);
         let mut future = std::pin::pin!(future);
         loop {
-            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            if let Poll::Ready(output) = self.poll_seeded(future.as_mut(), &waker) {
                 return output;
             }
             self.baton.set(Turn::Parked);
             self.baton.wait_while(Turn::Parked);
         }
+    }
+
+    /// Polls `future` once with tokio's per-thread random generator seeded from the
+    /// runtime's seed.
+    ///
+    /// tokio's `select!` picks the branch it polls first with that generator; on a thread
+    /// that never entered the runtime it is seeded from the operating system, so an
+    /// unbiased `select!` polled here (a shard read's hedged requests) chose differently
+    /// from run to run. Entering the runtime (`Handle::block_on`) seeds it from the
+    /// runtime's seed generator, which these polls (in lockstep order) advance in the
+    /// same order every run. Unconstrained: tokio's task budget is the runtime thread's
+    /// business, and a thread outside it had none before. A poll inside another (a
+    /// future that blocks on one of its own) polls as it is: the outer one seeded the
+    /// generator already, and a runtime cannot be entered twice.
+    fn poll_seeded<F: Future>(
+        &self,
+        mut future: std::pin::Pin<&mut F>,
+        waker: &Waker,
+    ) -> Poll<F::Output> {
+        thread_local! {
+            static POLLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        let mut poll_once = || future.as_mut().poll(&mut Context::from_waker(waker));
+        if POLLING.with(|polling| polling.replace(true)) {
+            return poll_once();
+        }
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                POLLING.with(|polling| polling.set(false));
+            }
+        }
+        let _done = Done;
+        self.runtime
+            .block_on(tokio::task::unconstrained(std::future::poll_fn(|_| {
+                Poll::Ready(poll_once())
+            })))
     }
 }
 
@@ -353,6 +389,32 @@ mod tests {
         assert_eq!(expected.len(), 13, "{expected:?}");
         for _ in 0..20 {
             assert_eq!(trace(7), expected);
+        }
+    }
+
+    /// An unbiased `select!` a closure blocks on picks its branches from the runtime's
+    /// seed: the same picks on every run (they were drawn from the operating system on
+    /// the closure's thread, seed 1700032's two traces).
+    #[test]
+    fn select_in_a_closure_picks_the_same_branches_on_every_run() {
+        let picks = |seed: u64| {
+            paused_runtime(seed).block_on(run(|| {
+                (0..64)
+                    .map(|_| {
+                        block_on(async {
+                            tokio::select! {
+                                () = std::future::ready(()) => 0u8,
+                                () = std::future::ready(()) => 1u8,
+                            }
+                        })
+                    })
+                    .collect::<Vec<u8>>()
+            }))
+        };
+        let first = picks(9);
+        assert!(first.contains(&0) && first.contains(&1), "{first:?}");
+        for _ in 0..5 {
+            assert_eq!(picks(9), first);
         }
     }
 

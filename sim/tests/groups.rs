@@ -162,6 +162,31 @@ fn the_same_seed_gives_the_same_trace_in_two_processes() {
     );
 }
 
+/// Seed 1700032 ran two ways (about one process in four took the other): a shard read's
+/// hedged `select!`, polled on a lockstep thread, picked its first branch with a
+/// generator seeded from the operating system. Eight processes, one trace.
+#[test]
+fn a_seed_that_once_ran_two_ways_gives_one_trace_in_eight_processes() {
+    let faults = "network,corruption,partitions,crashes,disk,lost-fsyncs";
+    let traces: std::collections::BTreeSet<String> = (0..8)
+        .map(|_| {
+            let (passed, text) = forge_sim(&[
+                "--scenario",
+                "groups",
+                "--seed",
+                "1700032",
+                "--faults",
+                faults,
+                "--jobs",
+                "1",
+            ]);
+            assert!(passed, "{text}");
+            trace_line(&text, 1_700_032)
+        })
+        .collect();
+    assert_eq!(traces.len(), 1, "{traces:#?}");
+}
+
 #[test]
 fn the_simulator_finds_a_repair_that_writes_to_the_wrong_node() {
     let (passed, text) = forge_sim(&[

@@ -244,7 +244,7 @@ async fn export_matches(
 /// # Errors
 /// What went wrong, in words.
 pub fn smoke(seed: u64) -> Result<GroupsReport, String> {
-    let scratch = tempfile::tempdir().map_err(|error| error.to_string())?;
+    let scratch = crate::scratch_dir().map_err(|error| error.to_string())?;
     let root: PathBuf = scratch.path().to_owned();
     // A thread of its own, marked as the simulator's: the cluster's blocking work runs
     // in lockstep on it.
@@ -718,9 +718,7 @@ pub fn run(seed: u64, config: &GroupsConfig) -> Result<SitesReport, SitesFailure
         reason,
         events,
     };
-    let scratch = tempfile::Builder::new()
-        .prefix("forge-sim-")
-        .tempdir()
+    let scratch = crate::scratch_dir()
         .map_err(|error| failure(format!("no scratch directory: {error}"), Vec::new()))?;
     let root = scratch.path().to_owned();
     let config = config.clone();

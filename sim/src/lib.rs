@@ -66,3 +66,31 @@ pub fn runtime(seed: u64) -> std::io::Result<tokio::runtime::Runtime> {
         .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
         .build()
 }
+
+/// Where a run's scratch files go (the trees it imports, the snapshots it exports to
+/// compare): `FORGE_SIM_SCRATCH` when set, else `/dev/shm` when it takes a directory,
+/// else the system's temporary directory.
+///
+/// A seed writes and deletes a few thousand files; on ext4 their inodes' allocation
+/// took a fifth of a groups run's time (sys 9 s of 31 on 24 seeds, 4.8 s on tmpfs).
+/// What a seed checks does not depend on where: the same seed gives the same trace.
+///
+/// # Errors
+/// No directory could be made in any of them.
+pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let make = |base: &std::path::Path| {
+        tempfile::Builder::new()
+            .prefix("forge-sim-")
+            .tempdir_in(base)
+    };
+    if let Some(base) = std::env::var_os("FORGE_SIM_SCRATCH") {
+        return make(std::path::Path::new(&base));
+    }
+    let memory = std::path::Path::new("/dev/shm");
+    if memory.is_dir()
+        && let Ok(dir) = make(memory)
+    {
+        return Ok(dir);
+    }
+    make(&std::env::temp_dir())
+}

@@ -580,9 +580,7 @@ pub fn run(seed: u64, config: &SitesConfig) -> Result<SitesReport, SitesFailure>
         events,
     };
     let runtime = crate::runtime(seed).map_err(|error| failure(error.to_string(), Vec::new()))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("forge-sim-")
-        .tempdir()
+    let scratch = crate::scratch_dir()
         .map_err(|error| failure(format!("no scratch directory: {error}"), Vec::new()))?;
     // Fault points inside the node code, on this thread (the run's).
     if config.faults.corruption {

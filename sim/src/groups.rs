@@ -1912,7 +1912,14 @@ impl GroupWorld {
         let shard = u16::from_be_bytes([high, low]);
         // A node lost for good took one shard of every chunk with it: one less to damage.
         let budget = self.config.parity_shards as usize - usize::from(self.lost.is_some());
-        let bad = self.damaged.get(chunk).map_or(0, BTreeSet::len);
+        // A shard missing from the member placement names now is as bad as a damaged
+        // one: a chunk whose members changed while it was published may be one short
+        // until its shards are placed again (or a repair does so).
+        let bad = self
+            .damaged
+            .get(chunk)
+            .map_or(0, BTreeSet::len)
+            .max(self.shards_missing_from_placement(chunk));
         if bad >= budget || value.is_empty() {
             return;
         }
@@ -1931,6 +1938,58 @@ impl GroupWorld {
                 "member {index}: shard {shard} of a chunk damaged at rest"
             ));
         }
+    }
+
+    /// How many of `chunk`'s shards the member that placement names for each (the group's
+    /// members as the first running member has them) does not hold intact: all of them
+    /// when no member can say.
+    fn shards_missing_from_placement(&self, chunk: &[u8]) -> usize {
+        let width = self.config.width();
+        let Ok(cid) = <[u8; 32]>::try_from(chunk).map(Cid::from_bytes) else {
+            return width;
+        };
+        let record = self
+            .members
+            .iter()
+            .filter_map(|member| member.running.as_ref())
+            .find_map(|node| node.cluster.groups().ok())
+            .and_then(|groups| {
+                groups
+                    .into_iter()
+                    .find(|(name, _)| name == GROUP)
+                    .map(|(_, record)| record)
+            });
+        let Some(record) = record else {
+            return width;
+        };
+        let nodes: Vec<NodeId> = record
+            .nodes
+            .iter()
+            .map(|node| NodeId::from_bytes(*node))
+            .collect();
+        let owners = forge_store::placement::place_shards(&cid, width, &nodes);
+        owners
+            .iter()
+            .enumerate()
+            .filter(|(index, owner)| {
+                let Some(member) = self.members.iter().find(|member| member.id == **owner) else {
+                    return true;
+                };
+                let Ok(index16) = u16::try_from(*index) else {
+                    return true;
+                };
+                let mut key = chunk.to_vec();
+                key.extend_from_slice(&index16.to_be_bytes());
+                !member
+                    .kv
+                    .get(Column::Shards, &key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|value| {
+                        ShardRecord::decode(&value).is_ok_and(|record| record.index.get() == *index)
+                    })
+            })
+            .count()
     }
 
     /// Everything back: partitions healed, per-message faults off, crashed members
@@ -1995,7 +2054,9 @@ impl GroupWorld {
                 &format!("repair did not make every chunk whole {within}"),
             )
             .await
-            .map_err(|reason| format!("{reason}; {}", self.diagnose()))?;
+            .map_err(|reason| {
+                format!("{reason}; {}; {}", self.shards_not_whole(), self.diagnose())
+            })?;
         self.log.note(format!("repair: {repaired}"));
         self.log.note("repair reports every chunk whole");
         // Garbage from failed imports and deleted snapshots goes; nothing reachable may.

@@ -60,8 +60,12 @@ use forge_sim::sites::FaultSet;
 /// ignored every announcement after (sequences were the wall clock; they now never go
 /// back, also across restarts); 1700053 (slow disks): an import's pin went into the
 /// group with its answer lost, the import failed, and nobody ever dropped the pin, which
-/// held off the group's gc for good (a failed pin is now deleted in the background).
-const REGRESSION_SEEDS: [u64; 26] = [
+/// held off the group's gc for good (a failed pin is now deleted in the background);
+/// 1800474: an import distributed while node 3 joined and published after node 0 left,
+/// one shard of a chunk left on node 0 (the publish now places its shards again when the
+/// members moved), and the nemesis then damaged another shard of that chunk (its budget
+/// now counts a shard missing from its place as bad).
+const REGRESSION_SEEDS: [u64; 27] = [
     1,
     2,
     105,
@@ -88,6 +92,7 @@ const REGRESSION_SEEDS: [u64; 26] = [
     990_004,
     1_200_001,
     1_700_053,
+    1_800_474,
 ];
 
 // Two halves, so that the test runner runs them at once (each seed runs seconds).

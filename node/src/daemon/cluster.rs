@@ -412,7 +412,10 @@ impl ClusterNode {
     }
 
     /// The volume groups, as applied here.
-    pub(crate) fn groups(&self) -> Result<Vec<(String, GroupRecord)>> {
+    ///
+    /// # Errors
+    /// A record that does not decode; engine errors.
+    pub fn groups(&self) -> Result<Vec<(String, GroupRecord)>> {
         let Some(group) = self.table.get(CLUSTER_GROUP) else {
             return Ok(Vec::new());
         };

@@ -169,6 +169,39 @@ impl GroupView {
     }
 }
 
+/// The shards of chunks being published that this node does not hold: each must be on
+/// the member placement names for it, or be rebuilt and sent there.
+#[derive(Default)]
+struct PlacementGaps {
+    /// Shards to confirm with their owners (by owner).
+    held_elsewhere: BTreeMap<NodeId, BTreeSet<(Cid, u16)>>,
+    /// Chunks to rebuild: a shard of each is owned here and missing, or its owner lacks it.
+    rebuild: BTreeSet<Cid>,
+}
+
+impl PlacementGaps {
+    /// Notes the shards of `cid` not in `here` (the indexes held on this node, `me`),
+    /// given the `owners` placement names.
+    fn note(&mut self, me: NodeId, cid: Cid, owners: &[NodeId], here: &BTreeSet<usize>) {
+        for (index, owner) in owners.iter().enumerate() {
+            if here.contains(&index) {
+                continue;
+            }
+            match u16::try_from(index) {
+                Ok(index) if *owner != me => {
+                    self.held_elsewhere
+                        .entry(*owner)
+                        .or_default()
+                        .insert((cid, index));
+                }
+                _ => {
+                    self.rebuild.insert(cid);
+                }
+            }
+        }
+    }
+}
+
 /// What one window of a publish sends: shards per member, objects to all.
 #[derive(Default)]
 struct Window {
@@ -374,6 +407,9 @@ impl ClusterNode {
         let me = vault.identity().node_id();
         let total = view.layout.total_shards();
         let mut window = Window::default();
+        // Shards of these chunks not held here: confirmed on their owners before the
+        // publish (see `restore_placement`).
+        let mut gaps = PlacementGaps::default();
         for cid in named {
             // Published: the group holds it whole (a mark from a shard put alone does not
             // say so: that publish may have been refused with members down).
@@ -396,6 +432,12 @@ impl ClusterNode {
                     return Err(NodeError::MissingWhileWriting { cid: cid.to_hex() });
                 }
                 let owners = place_shards(cid, total, &view.nodes);
+                let here: BTreeSet<usize> = stored
+                    .iter()
+                    .filter_map(|(key, _)| key.get(32..34))
+                    .map(|bytes| usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
+                    .collect();
+                gaps.note(me, *cid, &owners, &here);
                 for (key, record) in stored {
                     let Some(index) = key
                         .get(32..34)
@@ -423,7 +465,165 @@ impl ClusterNode {
             }
         }
         self.send_window(runtime, view, window)?;
-        Ok(())
+        self.restore_placement(runtime, view, gaps)
+    }
+
+    /// After a publish distributed under `distributed_on`: when the group's members are
+    /// not those any more (one added or removed while the publish waited on Raft), every
+    /// shard of `named` goes where placement names it now (see `restore_placement`).
+    fn place_again_if_moved(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        distributed_on: &GroupView,
+        named: &[Cid],
+    ) -> Result<()> {
+        let (_, view) = wait(runtime, self.current_view(&distributed_on.name))?;
+        if view.nodes == distributed_on.nodes {
+            return Ok(());
+        }
+        let vault = self.vault();
+        let me = vault.identity().node_id();
+        let total = view.layout.total_shards();
+        let mut gaps = PlacementGaps::default();
+        for cid in named {
+            if vault.kv().get(Column::Objects, cid.as_bytes())?.is_some() {
+                continue;
+            }
+            let end = prefix_end(cid.as_bytes());
+            let here: BTreeSet<usize> = vault
+                .kv()
+                .scan(Column::Shards, cid.as_bytes(), end.as_deref(), total + 1)?
+                .iter()
+                .filter_map(|(key, _)| key.get(32..34))
+                .map(|bytes| usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
+                .collect();
+            gaps.note(me, *cid, &place_shards(cid, total, &view.nodes), &here);
+        }
+        self.restore_placement(runtime, &view, gaps)
+    }
+
+    /// Makes sure each shard of a chunk being published that this node does not hold is
+    /// on the member placement names for it now, rebuilding (from any k intact shards the
+    /// members hold) and sending those that are not.
+    ///
+    /// A chunk's shards leave the importer when they land, before the publish: when the
+    /// publish fails (or its answer is lost) and is tried again, the shards are where the
+    /// members of that first attempt placed them. A member added or removed since moves
+    /// the placement, and the repair that would move them walks published snapshots only.
+    /// The simulator found a snapshot acknowledged with one shard of a chunk on a node
+    /// removed from the group meanwhile, the chunk one lost shard from gone (seed 1800474).
+    fn restore_placement(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        view: &GroupView,
+        gaps: PlacementGaps,
+    ) -> Result<()> {
+        let PlacementGaps {
+            held_elsewhere,
+            mut rebuild,
+        } = gaps;
+        if held_elsewhere.is_empty() && rebuild.is_empty() {
+            return Ok(());
+        }
+        let net = self.peer_net();
+        for (owner, expected) in held_elsewhere {
+            let expected: Vec<(Cid, u16)> = expected.into_iter().collect();
+            for part in expected.chunks(CIDS_PER_REQUEST_MAX) {
+                let cids: Vec<Cid> = part
+                    .iter()
+                    .map(|(cid, _)| *cid)
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let request = ShardRequest::Has {
+                    group: view.id,
+                    cids: cids.iter().map(|cid| *cid.as_bytes()).collect(),
+                };
+                let answer = wait(
+                    runtime,
+                    call_member(&*net, owner, &request, SHARD_DEADLINE, Retry::Idempotent),
+                );
+                // Not answering counts as not holding: the put below then fails over
+                // as any put does.
+                let held: BTreeSet<(Cid, u16)> = match answer {
+                    Ok(ShardReply::Held(held)) => cids
+                        .iter()
+                        .zip(held)
+                        .flat_map(|(cid, indexes)| indexes.into_iter().map(|index| (*cid, index)))
+                        .collect(),
+                    _ => BTreeSet::new(),
+                };
+                rebuild.extend(
+                    part.iter()
+                        .filter(|shard| !held.contains(*shard))
+                        .map(|(cid, _)| *cid),
+                );
+            }
+        }
+        if rebuild.is_empty() {
+            return Ok(());
+        }
+        let vault = self.vault();
+        let me = vault.identity().node_id();
+        let total = view.layout.total_shards();
+        let coder = forge_store::erasure::ErasureCoder::new(view.layout)?;
+        let mut window = Window::default();
+        for cid in rebuild {
+            let end = prefix_end(cid.as_bytes());
+            let local: Vec<(usize, Vec<u8>)> = vault
+                .kv()
+                .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
+                .into_iter()
+                .filter_map(|(key, record)| match key.get(32..34) {
+                    Some([high, low]) => {
+                        Some((usize::from(u16::from_be_bytes([*high, *low])), record))
+                    }
+                    _ => None,
+                })
+                .filter(|(index, record)| {
+                    ShardRecord::decode(record).is_ok_and(|decoded| decoded.index.get() == *index)
+                })
+                .collect();
+            let ciphertext = wait(runtime, self.gather_chunk(view, cid, local.clone()))?;
+            let payloads = coder.encode(&ciphertext)?;
+            let ciphertext_len = u32::try_from(ciphertext.len()).unwrap_or(u32::MAX);
+            let owners = place_shards(&cid, total, &view.nodes);
+            // Every shard not intact here goes (again) to its owner: a put of a shard the
+            // owner holds already writes the same record.
+            let mut batch = WriteBatch::new();
+            for (index, owner) in owners.iter().enumerate() {
+                if local.iter().any(|(held, _)| *held == index) {
+                    continue;
+                }
+                let shard = forge_store::ids::ShardIdx::new(index)
+                    .map_err(forge_store::chunkstore::ChunkStoreError::from)?;
+                let record = ShardRecord {
+                    layout: view.layout,
+                    index: shard,
+                    ciphertext_len,
+                    payload: payloads[index].clone(),
+                }
+                .encode();
+                // Kept here until its owner has it (a stand-in if it never takes it).
+                let key = shard_key(&cid, shard);
+                batch.put(Column::Shards, key.clone(), record.clone());
+                if *owner == me {
+                    continue;
+                }
+                window.bytes += record.len();
+                window.sent_keys.push(key);
+                window.shards.entry(*owner).or_default().push(ShardPut {
+                    cid: *cid.as_bytes(),
+                    index: u16::try_from(index).unwrap_or(u16::MAX),
+                    record,
+                });
+            }
+            vault.kv().write(batch, Durability::Synced)?;
+            if window.bytes >= WINDOW_BYTES {
+                self.send_window(runtime, view, std::mem::take(&mut window))?;
+            }
+        }
+        self.send_window(runtime, view, window)
     }
 
     /// Sends one window and waits until every shard is durable on a distinct member;
@@ -2180,6 +2380,18 @@ impl GroupStorage for DaemonGroupStorage {
         let view = node.group_view(group)?;
         node.distribute(&self.runtime, &view, named)?;
         let outcome = self.wait(async { apply_with_retry(&view.handle, updates).await });
+        if outcome.is_ok() {
+            // Published: a member added or removed while the publish waited moved the
+            // placement its shards went by (seed 1800474: a shard left on a node removed
+            // meanwhile, its chunk acknowledged one lost shard from gone).
+            node.place_again_if_moved(&self.runtime, &view, named)
+                .map_err(|error| {
+                    cluster_error(format!(
+                        "the snapshot was published while the members of volume group {} changed, and its shards could not all be placed on the members of now ({error}); `forge group repair {}` places them once the members answer",
+                        view.name, view.name
+                    ))
+                })?;
+        }
         if outcome.is_ok() && forge_store::fault_point!("publish-answer-lost") {
             return Err(cluster_error(
                 "the volume group did not confirm the publish (a simulated lost answer)",

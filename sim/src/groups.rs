@@ -211,32 +211,41 @@ async fn export_matches(
     root: &Path,
 ) -> Result<(), String> {
     let out = root.join(format!("out-{index}"));
-    settle("exporting on every member", || {
+    let exported = settle("exporting on every member", || {
         let (vault, out) = (vault.clone(), out.clone());
         async move {
-            forge_node::lockstep::run(move || {
-                let _ = std::fs::remove_dir_all(&out);
-                vault
-                    .export(
-                        "data",
-                        &out,
-                        &SnapshotSelector::Id(snapshot.to_hex()),
-                        &ExportOptions::default(),
-                        &no_passphrase,
-                        &Progress::new("export", false),
-                    )
-                    .map(|_| ())
-                    .map_err(|error| format!("node {index}: {error}"))
-            })
-            .await
+            export_tree(vault, snapshot, out)
+                .await
+                .map_err(|error| format!("node {index}: {error}"))
         }
     })
     .await?;
-    if &crate::sites::read_tree(&out)? == expected {
+    if &exported == expected {
         Ok(())
     } else {
         Err(format!("node {index} exported another tree"))
     }
+}
+
+/// Exports `snapshot` of the volume on `vault` into `out` (emptied first), in lockstep,
+/// and reads the tree back.
+async fn export_tree(vault: Arc<Vault>, snapshot: Cid, out: PathBuf) -> Result<Tree, String> {
+    let into = out.clone();
+    forge_node::lockstep::run(move || {
+        let _ = std::fs::remove_dir_all(&into);
+        vault
+            .export(
+                VOLUME,
+                &into,
+                &SnapshotSelector::Id(snapshot.to_hex()),
+                &ExportOptions::default(),
+                &no_passphrase,
+                &Progress::new("export", false),
+            )
+            .map_err(|error| error.to_string())
+    })
+    .await?;
+    crate::sites::read_tree(&out)
 }
 
 /// Runs the smoke scenario for `seed` on its own deterministic runtime.
@@ -2808,24 +2817,9 @@ async fn perform_on(
                 .map_err(|error| error.to_string())
         })
         .await,
-        Operation::Export(snapshot) => {
-            let out = scratch.join("out");
-            let into = out.clone();
-            let exported = forge_node::lockstep::run(move || {
-                vault
-                    .export(
-                        VOLUME,
-                        &into,
-                        &SnapshotSelector::Id(snapshot.to_hex()),
-                        &ExportOptions::default(),
-                        &no_passphrase,
-                        &Progress::new("export", false),
-                    )
-                    .map_err(|error| error.to_string())
-            })
-            .await;
-            exported.and_then(|_| crate::sites::read_tree(&out).map(Outcome::Exported))
-        }
+        Operation::Export(snapshot) => export_tree(vault, snapshot, scratch.join("out"))
+            .await
+            .map(Outcome::Exported),
         Operation::Gc => cluster
             .group_gc(GROUP)
             .await
@@ -2925,20 +2919,9 @@ async fn tree_of(
         return Ok(tree.clone());
     }
     let out = scratch.join("head");
-    let into = out.clone();
-    forge_node::lockstep::run(move || {
-        vault.export(
-            VOLUME,
-            &into,
-            &SnapshotSelector::Id(head.to_hex()),
-            &ExportOptions::default(),
-            &no_passphrase,
-            &Progress::new("export", false),
-        )
-    })
-    .await
-    .map_err(|error| format!("{who}: exporting the head {head}: {error}"))?;
-    let tree = crate::sites::read_tree(&out)?;
+    let tree = export_tree(vault, head, out.clone())
+        .await
+        .map_err(|error| format!("{who}: exporting the head {head}: {error}"))?;
     let _ = std::fs::remove_dir_all(&out);
     Ok(tree)
 }

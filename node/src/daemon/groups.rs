@@ -10,6 +10,9 @@
 //!   shard's rendezvous order not holding a shard of the chunk. Only when every shard of
 //!   every chunk is durable on distinct members does the ref move, by compare-and-swap
 //!   through Raft; otherwise the publish fails naming the members that did not answer.
+//!   Shards of a chunk that are no longer here (sent by an earlier try) are confirmed with
+//!   their owners, and when the members changed while the publish waited on Raft, its
+//!   shards are placed again on the members of now before it answers.
 //! - Reading a chunk this node holds too few shards of ([`ClusterNode::gather_chunk`]): the
 //!   owners of the data shards are asked first, the rest after [`HEDGE_AFTER`] or at the
 //!   first failure; any k intact shards rebuild it, and it is returned only if it hashes to

@@ -902,6 +902,10 @@ struct GroupWorld {
     remote_rng: SimRng,
     /// The draws for clock jumps and slow disks, a stream apart for the same reason.
     machine_rng: SimRng,
+    /// Whether a partition flaps, and how fast: a stream apart for the same reason.
+    flap_rng: SimRng,
+    /// The flapping partition, if one flaps (dropping it stops it).
+    flapping: Option<crate::Flapping>,
     /// Nodes whose disks are slow now (as [`GroupWorld::machine`] numbers them).
     slow_disks: BTreeSet<usize>,
     /// The second site's branch: its last acknowledged import, and every one kept.
@@ -988,6 +992,8 @@ impl GroupWorld {
             remote_damaged: BTreeMap::new(),
             remote_rng: SimRng::new(seed ^ 0x0b51_7e5b),
             machine_rng: SimRng::new(seed ^ 0xc10c_d15c),
+            flap_rng: SimRng::new(seed ^ 0xf1a9_f1a9),
+            flapping: None,
             slow_disks: BTreeSet::new(),
             remote_head: None,
             remote_kept: BTreeMap::new(),
@@ -1745,6 +1751,7 @@ impl GroupWorld {
         match self.rng.range(0, 4) {
             0 if faults.partitions => {
                 if self.partitioned {
+                    self.flapping = None;
                     self.network.heal();
                     self.partitioned = false;
                     self.log.note("healed");
@@ -1760,17 +1767,15 @@ impl GroupWorld {
                     let count = self.members.len();
                     let a = self.pick(count);
                     let b = (a + 1 + self.pick(count - 1)) % count;
-                    match self.rng.range(0, 3) {
-                        0 => {
-                            self.network
-                                .block_one_way(self.members[a].id, self.members[b].id);
-                            self.log.note(format!("partition {a}->{b} one way"));
-                        }
-                        1 => {
-                            self.network
-                                .partition(&[self.members[a].id], &[self.members[b].id]);
-                            self.log.note(format!("partition {a}|{b}"));
-                        }
+                    let (cut, what) = match self.rng.range(0, 3) {
+                        0 => (
+                            crate::Cut::OneWay(self.members[a].id, self.members[b].id),
+                            format!("partition {a}->{b} one way"),
+                        ),
+                        1 => (
+                            crate::Cut::Apart(vec![self.members[a].id], vec![self.members[b].id]),
+                            format!("partition {a}|{b}"),
+                        ),
                         _ => {
                             let others: Vec<NodeId> = self
                                 .members
@@ -1778,9 +1783,23 @@ impl GroupWorld {
                                 .filter(|member| member.index != a)
                                 .map(|member| member.id)
                                 .collect();
-                            self.network.partition(&[self.members[a].id], &others);
-                            self.log.note(format!("member {a} isolated"));
+                            (
+                                crate::Cut::Apart(vec![self.members[a].id], others),
+                                format!("member {a} isolated"),
+                            )
                         }
+                    };
+                    cut.apply(&self.network);
+                    if self.flap_rng.chance(30) {
+                        let period = self.flap_rng.range(100, 800);
+                        self.flapping = Some(crate::Flapping::start(
+                            self.network.clone(),
+                            cut,
+                            Duration::from_millis(period),
+                        ));
+                        self.log.note(format!("{what}, flapping every {period} ms"));
+                    } else {
+                        self.log.note(what);
                     }
                     self.partitioned = true;
                     self.report.faults += 1;
@@ -2010,6 +2029,7 @@ impl GroupWorld {
             node.kv.set_slow(None);
             node.raft_kv.set_slow(None);
         }
+        self.flapping = None;
         self.network.heal();
         self.partitioned = false;
         self.network.set_faults(FaultPlan::NONE);

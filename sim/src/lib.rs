@@ -94,3 +94,61 @@ pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     }
     make(&std::env::temp_dir())
 }
+
+/// A partition the nemesis makes (and a flapping one makes again).
+#[derive(Debug, Clone)]
+pub(crate) enum Cut {
+    /// Messages from the first to the second are lost; the other way works.
+    OneWay(forge_crypto::NodeId, forge_crypto::NodeId),
+    /// The two sides cannot reach each other.
+    Apart(Vec<forge_crypto::NodeId>, Vec<forge_crypto::NodeId>),
+}
+
+impl Cut {
+    pub(crate) fn apply(&self, network: &forge_mesh::memory::MemoryNetwork) {
+        match self {
+            Self::OneWay(from, to) => network.block_one_way(*from, *to),
+            Self::Apart(first, second) => network.partition(first, second),
+        }
+    }
+}
+
+/// A flapping partition: a task heals its cut and puts it back every period of
+/// simulated time, until this is dropped (the nemesis healing it, or heal).
+#[derive(Debug)]
+pub(crate) struct Flapping(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Flapping {
+    /// Starts flapping `cut` (already made) on `network`, on the current runtime.
+    pub(crate) fn start(
+        network: forge_mesh::memory::MemoryNetwork,
+        cut: Cut,
+        period: std::time::Duration,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let mut cut_now = true;
+            loop {
+                tokio::time::sleep(period).await;
+                // Checked before each toggle: nothing flaps once dropped.
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                if cut_now {
+                    network.heal();
+                } else {
+                    cut.apply(&network);
+                }
+                cut_now = !cut_now;
+            }
+        });
+        Self(stop)
+    }
+}
+
+impl Drop for Flapping {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

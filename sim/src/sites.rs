@@ -637,6 +637,10 @@ struct World<'a> {
     /// Crashed sites and when they come back.
     down_until: BTreeMap<usize, tokio::time::Instant>,
     partitioned: bool,
+    /// Whether a partition flaps, and how fast (a stream of its own).
+    flap_rng: SimRng,
+    /// The flapping partition, if one flaps (dropping it stops it).
+    flapping: Option<crate::Flapping>,
     report: SitesReport,
     trees_written: u64,
 }
@@ -702,6 +706,8 @@ impl<'a> World<'a> {
             in_flight: Vec::new(),
             down_until: BTreeMap::new(),
             partitioned: false,
+            flap_rng: SimRng::new(seed ^ 0xf1a9_f1a9),
+            flapping: None,
             report: SitesReport::default(),
             trees_written: 0,
         })
@@ -769,20 +775,37 @@ impl<'a> World<'a> {
         match choice {
             0 if faults.partitions => {
                 if self.partitioned {
+                    self.flapping = None;
                     self.network.heal();
                     self.partitioned = false;
                     self.log.note("healed");
                 } else {
                     let a = self.pick(self.sites.len());
                     let b = (a + 1 + self.pick(self.sites.len() - 1)) % self.sites.len();
-                    if self.rng.chance(50) {
-                        self.network
-                            .block_one_way(self.sites[a].id, self.sites[b].id);
-                        self.log.note(format!("partition {a}->{b} one way"));
+                    let (cut, what) = if self.rng.chance(50) {
+                        (
+                            crate::Cut::OneWay(self.sites[a].id, self.sites[b].id),
+                            format!("partition {a}->{b} one way"),
+                        )
                     } else {
-                        self.network
-                            .partition(&[self.sites[a].id], &[self.sites[b].id]);
-                        self.log.note(format!("partition {a}|{b}"));
+                        (
+                            crate::Cut::Apart(vec![self.sites[a].id], vec![self.sites[b].id]),
+                            format!("partition {a}|{b}"),
+                        )
+                    };
+                    cut.apply(&self.network);
+                    // From a stream of its own: a seed whose partitions do not flap
+                    // draws as it did before they could.
+                    if self.flap_rng.chance(30) {
+                        let period = self.flap_rng.range(100, 800);
+                        self.flapping = Some(crate::Flapping::start(
+                            self.network.clone(),
+                            cut,
+                            Duration::from_millis(period),
+                        ));
+                        self.log.note(format!("{what}, flapping every {period} ms"));
+                    } else {
+                        self.log.note(what);
                     }
                     self.partitioned = true;
                     self.report.faults += 1;
@@ -1043,6 +1066,7 @@ impl<'a> World<'a> {
     /// Everything back: partitions healed, per-message faults off, crashed sites restarted,
     /// sends in flight finished.
     async fn heal(&mut self) -> Result<(), String> {
+        self.flapping = None;
         self.network.heal();
         self.network.set_faults(FaultPlan::NONE);
         let indexes: Vec<usize> = self.down_until.keys().copied().collect();

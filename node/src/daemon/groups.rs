@@ -205,6 +205,10 @@ impl PlacementGaps {
     }
 }
 
+/// How long a publish waits for the cluster group's latest state to learn whether the
+/// group's members changed while it published.
+const PLACEMENT_CATCH_UP: Duration = Duration::from_secs(3);
+
 /// What one window of a publish sends: shards per member, objects to all.
 #[derive(Default)]
 struct Window {
@@ -396,6 +400,8 @@ impl ClusterNode {
     }
 
     /// Makes everything `named` durable on group `view` (see the module documentation).
+    /// Returns the chunks whose shards it placed (those not published before, stored as
+    /// shards), for [`Self::place_again_if_moved`].
     ///
     /// # Errors
     /// [`NodeError::Cluster`] naming members that did not take their shards; a named cid
@@ -405,11 +411,12 @@ impl ClusterNode {
         runtime: &tokio::runtime::Handle,
         view: &GroupView,
         named: &[Cid],
-    ) -> Result<()> {
+    ) -> Result<Vec<Cid>> {
         let vault = self.vault();
         let me = vault.identity().node_id();
         let total = view.layout.total_shards();
         let mut window = Window::default();
+        let mut placed = Vec::new();
         // Shards of these chunks not held here: confirmed on their owners before the
         // publish (see `restore_placement`).
         let mut gaps = PlacementGaps::default();
@@ -441,6 +448,7 @@ impl ClusterNode {
                     .map(|bytes| usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
                     .collect();
                 gaps.note(me, *cid, &owners, &here);
+                placed.push(*cid);
                 for (key, record) in stored {
                     let Some(index) = key
                         .get(32..34)
@@ -468,19 +476,38 @@ impl ClusterNode {
             }
         }
         self.send_window(runtime, view, window)?;
-        self.restore_placement(runtime, view, gaps)
+        self.restore_placement(runtime, view, gaps)?;
+        Ok(placed)
     }
 
-    /// After a publish distributed under `distributed_on`: when the group's members are
-    /// not those any more (one added or removed while the publish waited on Raft), every
-    /// shard of `named` goes where placement names it now (see `restore_placement`).
+    /// After a publish distributed the shards of `distributed` under `distributed_on`:
+    /// when the group's members are not those any more (one added or removed while the
+    /// publish waited on Raft), each of their shards goes where placement names it now
+    /// (see `restore_placement`).
     fn place_again_if_moved(
         &self,
         runtime: &tokio::runtime::Handle,
         distributed_on: &GroupView,
-        named: &[Cid],
+        distributed: &[Cid],
     ) -> Result<()> {
-        let (_, view) = wait(runtime, self.current_view(&distributed_on.name))?;
+        // The members as the cluster has them now, caught up for a moment at most: a
+        // cluster group without a leader changes no membership either, and the publish
+        // is not held up by it (the state applied here then decides).
+        if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
+            let caught_up = tokio::time::timeout(
+                PLACEMENT_CATCH_UP,
+                catch_up_async(&cluster, "the cluster group"),
+            );
+            let _ = wait(runtime, caught_up);
+        }
+        let (_, record) = self
+            .groups()?
+            .into_iter()
+            .find(|(group, _)| *group == distributed_on.name)
+            .ok_or_else(|| {
+                cluster_error(format!("no volume group named {}", distributed_on.name))
+            })?;
+        let view = self.view_of(distributed_on.name.clone(), &record)?;
         if view.nodes == distributed_on.nodes {
             return Ok(());
         }
@@ -488,10 +515,7 @@ impl ClusterNode {
         let me = vault.identity().node_id();
         let total = view.layout.total_shards();
         let mut gaps = PlacementGaps::default();
-        for cid in named {
-            if vault.kv().get(Column::Objects, cid.as_bytes())?.is_some() {
-                continue;
-            }
+        for cid in distributed {
             let end = prefix_end(cid.as_bytes());
             let here: BTreeSet<usize> = vault
                 .kv()
@@ -2381,13 +2405,13 @@ impl GroupStorage for DaemonGroupStorage {
     ) -> Result<()> {
         let node = self.node()?;
         let view = node.group_view(group)?;
-        node.distribute(&self.runtime, &view, named)?;
+        let placed = node.distribute(&self.runtime, &view, named)?;
         let outcome = self.wait(async { apply_with_retry(&view.handle, updates).await });
         if outcome.is_ok() {
             // Published: a member added or removed while the publish waited moved the
             // placement its shards went by (seed 1800474: a shard left on a node removed
             // meanwhile, its chunk acknowledged one lost shard from gone).
-            node.place_again_if_moved(&self.runtime, &view, named)
+            node.place_again_if_moved(&self.runtime, &view, &placed)
                 .map_err(|error| {
                     cluster_error(format!(
                         "the snapshot was published while the members of volume group {} changed, and its shards could not all be placed on the members of now ({error}); `forge group repair {}` places them once the members answer",

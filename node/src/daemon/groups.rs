@@ -494,11 +494,15 @@ impl ClusterNode {
         // cluster group without a leader changes no membership either, and the publish
         // is not held up by it (the state applied here then decides).
         if let Some(cluster) = self.table().get(forge_consensus::CLUSTER_GROUP) {
-            let caught_up = tokio::time::timeout(
-                PLACEMENT_CATCH_UP,
-                catch_up_async(&cluster, "the cluster group"),
-            );
-            let _ = wait(runtime, caught_up);
+            // The timer is made inside the runtime: this thread (a vault thread in the
+            // daemon) has no runtime context of its own.
+            let _ = wait(runtime, async {
+                tokio::time::timeout(
+                    PLACEMENT_CATCH_UP,
+                    catch_up_async(&cluster, "the cluster group"),
+                )
+                .await
+            });
         }
         let (_, record) = self
             .groups()?

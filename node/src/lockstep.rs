@@ -267,7 +267,7 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
     let job = move || {
         // Declared first, dropped last: the runtime's thread goes on only once this
         // thread has put everything of the job away (also when the job panics).
-        let finished = Finished(lockstep.baton.clone());
+        let done = JobDone(lockstep.baton.clone());
         let previous = CURRENT.with(|current| current.borrow_mut().replace(lockstep.clone()));
         debug_assert!(previous.is_none(), "a lockstep worker between two jobs");
         #[cfg(feature = "simulation")]
@@ -291,13 +291,8 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
             outcome
         };
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        CURRENT.with(|current| current.borrow_mut().take());
-        #[cfg(feature = "simulation")]
-        forge_store::faults::points::adopt(None);
-        #[cfg(feature = "simulation")]
-        forge_store::faults::slow_disks::adopt(None);
         drop(lockstep);
-        drop(finished);
+        drop(done);
     };
     let worker = IDLE_WORKERS
         .with(|idle| idle.borrow_mut().pop())
@@ -330,11 +325,17 @@ pub async fn run<T: Send + 'static>(closure: impl FnOnce() -> T + Send + 'static
     }
 }
 
-/// Hands the turn back for good when a job ends, however it ends.
-struct Finished(Arc<Baton>);
+/// When a job ends, however it ends: puts its lockstep state on this thread away (the
+/// thread's next job starts clean), then hands the turn back for good.
+struct JobDone(Arc<Baton>);
 
-impl Drop for Finished {
+impl Drop for JobDone {
     fn drop(&mut self) {
+        CURRENT.with(|current| current.borrow_mut().take());
+        #[cfg(feature = "simulation")]
+        forge_store::faults::points::adopt(None);
+        #[cfg(feature = "simulation")]
+        forge_store::faults::slow_disks::adopt(None);
         self.0.set(Turn::Finished);
     }
 }
@@ -386,7 +387,7 @@ impl Worker {
                     };
                     match next {
                         // A job catches its closure's panic; one escaping past that
-                        // (its bookkeeping) has set its `Finished` while unwinding.
+                        // (its bookkeeping) has run its `JobDone` while unwinding.
                         Order::Run(job) => {
                             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                         }

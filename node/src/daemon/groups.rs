@@ -600,21 +600,7 @@ impl ClusterNode {
         let coder = forge_store::erasure::ErasureCoder::new(view.layout)?;
         let mut window = Window::default();
         for cid in rebuild {
-            let end = prefix_end(cid.as_bytes());
-            let local: Vec<(usize, Vec<u8>)> = vault
-                .kv()
-                .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
-                .into_iter()
-                .filter_map(|(key, record)| match key.get(32..34) {
-                    Some([high, low]) => {
-                        Some((usize::from(u16::from_be_bytes([*high, *low])), record))
-                    }
-                    _ => None,
-                })
-                .filter(|(index, record)| {
-                    ShardRecord::decode(record).is_ok_and(|decoded| decoded.index.get() == *index)
-                })
-                .collect();
+            let local = intact_local_shards(vault, &cid)?;
             let ciphertext = wait(runtime, self.gather_chunk(view, cid, local.clone()))?;
             let payloads = coder.encode(&ciphertext)?;
             let ciphertext_len = u32::try_from(ciphertext.len()).unwrap_or(u32::MAX);
@@ -1190,21 +1176,7 @@ impl ClusterNode {
             } else {
                 (0..total).filter(|index| owners[*index] == me).collect()
             };
-            let end = prefix_end(cid.as_bytes());
-            let local: Vec<(usize, Vec<u8>)> = vault
-                .kv()
-                .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
-                .into_iter()
-                .filter_map(|(key, record)| match key.get(32..34) {
-                    Some([high, low]) => {
-                        Some((usize::from(u16::from_be_bytes([*high, *low])), record))
-                    }
-                    _ => None,
-                })
-                .filter(|(index, record)| {
-                    ShardRecord::decode(record).is_ok_and(|decoded| decoded.index.get() == *index)
-                })
-                .collect();
+            let local = intact_local_shards(vault, &cid)?;
             let missing: Vec<usize> = mine
                 .iter()
                 .copied()
@@ -2039,6 +2011,24 @@ enum Retry {
     Idempotent,
     /// Repairs, sweeps, probes: once (the caller decides what a failure means).
     Once,
+}
+
+/// The shards of `cid` held on this node whose records decode under their index, as
+/// (index, record).
+fn intact_local_shards(vault: &Vault, cid: &Cid) -> Result<Vec<(usize, Vec<u8>)>> {
+    let end = prefix_end(cid.as_bytes());
+    Ok(vault
+        .kv()
+        .scan(Column::Shards, cid.as_bytes(), end.as_deref(), 256)?
+        .into_iter()
+        .filter_map(|(key, record)| match key.get(32..34) {
+            Some([high, low]) => Some((usize::from(u16::from_be_bytes([*high, *low])), record)),
+            _ => None,
+        })
+        .filter(|(index, record)| {
+            ShardRecord::decode(record).is_ok_and(|decoded| decoded.index.get() == *index)
+        })
+        .collect())
 }
 
 /// Sends `request` to member `node` and decodes its reply.

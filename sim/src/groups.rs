@@ -227,6 +227,14 @@ async fn export_matches(
     }
 }
 
+/// Whether a sync's summary says the receiver took the head it was sent (moved to it,
+/// or had it already). A receiver ahead keeps its own head: the sent one may be only a
+/// name in its lineage, never listed there (seed 305166285: the head was deleted at the
+/// sender's site before the receiver's follow pulled a later one).
+fn receiver_took_the_head(summary: &str) -> bool {
+    !summary.starts_with("ReceiverAhead")
+}
+
 /// Exports `snapshot` of the volume on `vault` into `out` (emptied first), in lockstep,
 /// and reads the tree back.
 async fn export_tree(vault: Arc<Vault>, snapshot: Cid, out: PathBuf) -> Result<Tree, String> {
@@ -1635,7 +1643,9 @@ impl GroupWorld {
                 (Operation::SyncBack { head, .. }, Outcome::Synced(summary)) => {
                     self.log
                         .note(format!("the second site's node {at}: {what}: {summary}"));
-                    if let Some((snapshot, tree)) = head {
+                    if let Some((snapshot, tree)) = head
+                        && receiver_took_the_head(&summary)
+                    {
                         self.synced_back.insert(snapshot, tree);
                     }
                 }
@@ -1728,7 +1738,9 @@ impl GroupWorld {
                 self.log.note(format!("member {member}: {what}: {summary}"));
                 // The head read as the step began, or a later one (the receiver then
                 // holds it as an ancestor).
-                if let Some((snapshot, tree)) = head {
+                if let Some((snapshot, tree)) = head
+                    && receiver_took_the_head(&summary)
+                {
                     self.synced.insert(snapshot, tree);
                 }
             }

@@ -64,8 +64,11 @@ use forge_sim::sites::FaultSet;
 /// 1800474: an import distributed while node 3 joined and published after node 0 left,
 /// one shard of a chunk left on node 0 (the publish now places its shards again when the
 /// members moved), and the nemesis then damaged another shard of that chunk (its budget
-/// now counts a shard missing from its place as bad).
-const REGRESSION_SEEDS: [u64; 27] = [
+/// now counts a shard missing from its place as bad); 305166285 (a second site): a sync
+/// whose receiver was ahead was taken to have kept the sent head, a snapshot deleted at
+/// the sender's site and only a name in the receiver's lineage (the harness no longer
+/// counts a receiver-ahead sync as keeping it).
+const REGRESSION_SEEDS: [u64; 28] = [
     1,
     2,
     105,
@@ -93,6 +96,7 @@ const REGRESSION_SEEDS: [u64; 27] = [
     1_200_001,
     1_700_053,
     1_800_474,
+    305_166_285,
 ];
 
 // Two halves, so that the test runner runs them at once (each seed runs seconds).

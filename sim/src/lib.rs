@@ -113,6 +113,31 @@ impl Cut {
     }
 }
 
+/// Makes `cut` on `network`, flapping three times in ten (drawn from `flap_rng`, a stream
+/// of its own: a seed whose partitions do not flap draws as it did before they could).
+/// Returns the flapping, if it flaps, and the line to log (`what`, with the period).
+pub(crate) fn make_partition(
+    network: &forge_mesh::memory::MemoryNetwork,
+    flap_rng: &mut SimRng,
+    cut: Cut,
+    what: String,
+) -> (Option<Flapping>, String) {
+    cut.apply(network);
+    if !flap_rng.chance(30) {
+        return (None, what);
+    }
+    let period = flap_rng.range(100, 800);
+    let flapping = Flapping::start(
+        network.clone(),
+        cut,
+        std::time::Duration::from_millis(period),
+    );
+    (
+        Some(flapping),
+        format!("{what}, flapping every {period} ms"),
+    )
+}
+
 /// A flapping partition: a task heals its cut and puts it back every period of
 /// simulated time, until this is dropped (the nemesis healing it, or heal).
 #[derive(Debug)]

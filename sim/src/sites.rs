@@ -793,20 +793,10 @@ impl<'a> World<'a> {
                             format!("partition {a}|{b}"),
                         )
                     };
-                    cut.apply(&self.network);
-                    // From a stream of its own: a seed whose partitions do not flap
-                    // draws as it did before they could.
-                    if self.flap_rng.chance(30) {
-                        let period = self.flap_rng.range(100, 800);
-                        self.flapping = Some(crate::Flapping::start(
-                            self.network.clone(),
-                            cut,
-                            Duration::from_millis(period),
-                        ));
-                        self.log.note(format!("{what}, flapping every {period} ms"));
-                    } else {
-                        self.log.note(what);
-                    }
+                    let (flapping, line) =
+                        crate::make_partition(&self.network, &mut self.flap_rng, cut, what);
+                    self.flapping = flapping;
+                    self.log.note(line);
                     self.partitioned = true;
                     self.report.faults += 1;
                 }

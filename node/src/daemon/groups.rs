@@ -219,6 +219,19 @@ struct Window {
     bytes: usize,
 }
 
+impl Window {
+    /// Shard `index` of `cid` (`record`, under `key` here) goes to `owner`.
+    fn send(&mut self, owner: NodeId, key: Vec<u8>, cid: Cid, index: u16, record: Vec<u8>) {
+        self.bytes += record.len();
+        self.sent_keys.push(key);
+        self.shards.entry(owner).or_default().push(ShardPut {
+            cid: *cid.as_bytes(),
+            index,
+            record,
+        });
+    }
+}
+
 impl ClusterNode {
     /// Volume group `id`: it must list this node and run here.
     pub(crate) fn group_view(&self, id: u64) -> Result<GroupView> {
@@ -462,13 +475,7 @@ impl ClusterNode {
                     if *owner == me {
                         continue;
                     }
-                    window.bytes += record.len();
-                    window.sent_keys.push(key);
-                    window.shards.entry(*owner).or_default().push(ShardPut {
-                        cid: *cid.as_bytes(),
-                        index,
-                        record,
-                    });
+                    window.send(*owner, key, *cid, index, record);
                 }
             }
             if window.bytes >= WINDOW_BYTES {
@@ -627,13 +634,13 @@ impl ClusterNode {
                 if *owner == me {
                     continue;
                 }
-                window.bytes += record.len();
-                window.sent_keys.push(key);
-                window.shards.entry(*owner).or_default().push(ShardPut {
-                    cid: *cid.as_bytes(),
-                    index: u16::try_from(index).unwrap_or(u16::MAX),
+                window.send(
+                    *owner,
+                    key,
+                    cid,
+                    u16::try_from(index).unwrap_or(u16::MAX),
                     record,
-                });
+                );
             }
             vault.kv().write(batch, Durability::Synced)?;
             if window.bytes >= WINDOW_BYTES {
